@@ -1,0 +1,188 @@
+//! The HTTP API: customer lookup, health, readiness and Prometheus metrics.
+
+use crate::apply::keys::Keyspace;
+use crate::apply::Ownership;
+use crate::domain::change::{MetricsView, MoneyFormat};
+use crate::domain::{time, CustomerState};
+use crate::rules::Rules;
+use crate::telemetry::Telemetry;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use std::sync::Arc;
+
+/// What the handlers need.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Redis, for lookups and readiness.
+    pub redis: ConnectionManager,
+    /// Key names.
+    pub keyspace: Keyspace,
+    /// Number of input partitions (a customer may live in any of them).
+    pub partitions: i32,
+    /// Owned partitions and their lag.
+    pub ownership: Ownership,
+    /// Readiness lag bound.
+    pub ready_max_lag: i64,
+    /// Rules (for display names and version).
+    pub rules: Arc<Rules>,
+    /// Amount formatting.
+    pub money: MoneyFormat,
+    /// Metrics.
+    pub telemetry: Telemetry,
+}
+
+/// The router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/customers/{customer_id}", get(customer))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// `GET /v1/customers/{id}` body.
+#[derive(Debug, Serialize)]
+struct CustomerView {
+    customer_id: String,
+    tier: Option<String>,
+    tier_display_name: Option<String>,
+    tier_since: Option<String>,
+    tier_changes: u64,
+    rules_version: String,
+    metrics: MetricsView,
+    scores: serde_json::Map<String, serde_json::Value>,
+    partition: i32,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    error: &'static str,
+    message: String,
+}
+
+fn error(status: StatusCode, error: &'static str, message: String) -> Response {
+    (status, Json(ErrorBody { error, message })).into_response()
+}
+
+async fn customer(State(s): State<ApiState>, Path(customer_id): Path<String>) -> Response {
+    if customer_id.is_empty() || customer_id.chars().count() > crate::ingest::decode::MAX_ID_CHARS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            "customer_id must be 1..=128 characters".into(),
+        );
+    }
+    // The customer lives in exactly one partition; which one depends on the producer's
+    // partitioner, so look in all of them at once (one GET per partition, pipelined).
+    let mut pipe = redis::pipe();
+    for p in 0..s.partitions {
+        pipe.get(s.keyspace.partition(p).customer(&customer_id));
+    }
+    let mut conn = s.redis.clone();
+    let found: Vec<Option<Vec<u8>>> = match pipe.query_async(&mut conn).await {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "redis_unavailable",
+                e.to_string(),
+            )
+        }
+    };
+    let Some((partition, bytes)) = found
+        .into_iter()
+        .enumerate()
+        .find_map(|(p, v)| v.map(|b| (p, b)))
+    else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no customer {customer_id:?}"),
+        );
+    };
+    let state: CustomerState = match serde_json::from_slice(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "corrupt_state",
+                e.to_string(),
+            )
+        }
+    };
+    let display = state
+        .tier
+        .as_deref()
+        .and_then(|t| s.rules.tier_index(t))
+        .map(|i| {
+            s.rules.tiers()[i]
+                .display_name
+                .clone()
+                .unwrap_or_else(|| s.rules.tiers()[i].name.clone())
+        });
+    Json(CustomerView {
+        customer_id,
+        tier_display_name: display,
+        tier_since: state.tier.as_ref().map(|_| time::format_ms(state.since)),
+        tier: state.tier.clone(),
+        tier_changes: state.seq,
+        rules_version: s.rules.version().to_owned(),
+        metrics: MetricsView::of(&state, &s.money),
+        scores: serde_json::Map::new(),
+        partition: i32::try_from(partition).unwrap_or(-1),
+    })
+    .into_response()
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    let mut conn = s.redis.clone();
+    if let Err(e) = redis::cmd("PING").query_async::<String>(&mut conn).await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("redis unreachable: {e}\n"),
+        )
+            .into_response();
+    }
+    let ownership = s.ownership.read().expect("ownership lock");
+    if ownership.is_empty() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n").into_response();
+    }
+    for (p, status) in ownership.iter() {
+        match status.lag() {
+            None => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("partition {p}: lag not known yet\n"),
+                )
+                    .into_response()
+            }
+            Some(lag) if lag > s.ready_max_lag => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("partition {p}: lag {lag} > {}\n", s.ready_max_lag),
+                )
+                    .into_response()
+            }
+            Some(_) => {}
+        }
+    }
+    (
+        StatusCode::OK,
+        format!("ready: {} partitions\n", ownership.len()),
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.telemetry.render(),
+    )
+        .into_response()
+}

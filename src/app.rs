@@ -1,0 +1,246 @@
+//! Wiring: connects Redis and Kafka, checks the topics, starts the API and the consumer
+//! thread, and stops them in order when the shutdown future resolves.
+
+use crate::api::{self, ApiState};
+use crate::apply::keys::Keyspace;
+use crate::apply::{Ownership, Pipeline};
+use crate::config::Config;
+use crate::domain::change::MoneyFormat;
+use crate::domain::DedupPolicy;
+use crate::ingest::consumer::{self, Batching, IngestContext};
+use crate::ingest::decode::DecodeLimits;
+use crate::publish::publisher::Publisher;
+use crate::rules::{Rules, RulesError};
+use crate::telemetry::Telemetry;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, Producer};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::info;
+
+/// Why the service could not start (or stopped abnormally). Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The rules file is invalid.
+    #[error(transparent)]
+    Rules(#[from] RulesError),
+    /// Redis is unreachable at `redis.url`.
+    #[error("redis.url: cannot use Redis: {0}")]
+    Redis(redis::RedisError),
+    /// A Kafka client could not be created (bad pass-through property, …).
+    #[error("kafka: cannot create the {client}: {error}")]
+    KafkaClient {
+        client: &'static str,
+        error: rdkafka::error::KafkaError,
+    },
+    /// A configured topic does not exist or the cluster is unreachable.
+    #[error("{field}: {message}")]
+    Topic {
+        field: &'static str,
+        message: String,
+    },
+    /// The API cannot listen.
+    #[error("api.listen: cannot listen on {addr}: {error}")]
+    Listen { addr: String, error: std::io::Error },
+    /// A task failed.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Runs tierd until `shutdown` resolves.
+///
+/// # Errors
+/// [`StartError`] naming the configuration field to fix.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let rules = Arc::new(Rules::load(
+        &config.rules.path,
+        config.money.fraction_digits,
+    )?);
+    info!(
+        version = rules.version(),
+        tiers = rules.tiers().len(),
+        "Rules loaded."
+    );
+
+    let client = redis::Client::open(config.redis.url.as_str()).map_err(StartError::Redis)?;
+    let redis = tokio::time::timeout(
+        Duration::from_secs(10),
+        redis::aio::ConnectionManager::new(client.clone()),
+    )
+    .await
+    .map_err(|_| {
+        StartError::Redis(redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "connect timed out",
+        )))
+    })?
+    .map_err(StartError::Redis)?;
+    let claims = client
+        .get_connection_with_timeout(Duration::from_secs(10))
+        .map_err(StartError::Redis)?;
+
+    let telemetry = Telemetry::new();
+    let money = MoneyFormat {
+        currency: config.money.currency.clone(),
+        fraction_digits: config.money.fraction_digits,
+    };
+    let pipeline = Arc::new(Pipeline {
+        rules: Arc::clone(&rules),
+        limits: DecodeLimits {
+            max_message_bytes: config.ingest.max_message_bytes,
+            currency: config.money.currency.clone(),
+            fraction_digits: config.money.fraction_digits,
+            max_amount_minor: config.max_amount_minor(),
+            min_occurred_at_ms: config.min_occurred_at_ms(),
+            max_future_skew_ms: i64::try_from(config.ingest.max_future_skew_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+        },
+        dedup: DedupPolicy {
+            horizon_ms: i64::try_from(config.dedup.horizon_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            max_ids: config.dedup.max_ids_per_customer,
+        },
+        money: money.clone(),
+        input_topic: config.kafka.input_topic.clone(),
+        dead_letter_max_bytes: config.publish.dead_letter_max_bytes,
+        cache_customers: config.ingest.cache_customers_per_partition,
+        telemetry: telemetry.clone(),
+    });
+
+    let producer: FutureProducer = crate::kafka::producer_config(&config.kafka)
+        .create()
+        .map_err(|error| StartError::KafkaClient {
+            client: "producer",
+            error,
+        })?;
+    let publisher = Publisher {
+        producer: producer.clone(),
+        output_topic: config.kafka.output_topic.clone(),
+        dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+        batch_max: config.publish.batch_max,
+        interval: Duration::from_millis(config.publish.interval_ms),
+        telemetry: telemetry.clone(),
+    };
+    let keyspace = Keyspace::new(
+        &config.redis.key_prefix,
+        &config.kafka.group_id,
+        &config.kafka.input_topic,
+    );
+    let ownership = Ownership::default();
+    let context = IngestContext::new(
+        tokio::runtime::Handle::current(),
+        claims,
+        keyspace.clone(),
+        config.kafka.input_topic.clone(),
+        Arc::clone(&pipeline),
+        publisher,
+        redis.clone(),
+        Arc::clone(&ownership),
+        Batching {
+            max_events: config.ingest.batch_max_events,
+            max_wait: Duration::from_millis(config.ingest.batch_max_wait_ms),
+            queue: config.ingest.queue_batches,
+        },
+    );
+    let consumer: BaseConsumer<IngestContext> = crate::kafka::consumer_config(&config.kafka)
+        .create_with_context(context)
+        .map_err(|error| StartError::KafkaClient {
+            client: "consumer",
+            error,
+        })?;
+
+    let (consumer, partitions) = {
+        let kafka = config.kafka.clone();
+        tokio::task::spawn_blocking(move || {
+            let partitions = topic_partitions(&consumer, &kafka.input_topic, "kafka.input_topic")?;
+            topic_partitions(&consumer, &kafka.output_topic, "kafka.output_topic")?;
+            topic_partitions(
+                &consumer,
+                &kafka.dead_letter_topic,
+                "kafka.dead_letter_topic",
+            )?;
+            Ok::<_, StartError>((consumer, partitions))
+        })
+        .await
+        .map_err(|e| StartError::Internal(e.to_string()))??
+    };
+    info!(
+        topic = config.kafka.input_topic,
+        partitions, "Input topic found."
+    );
+
+    let listener = tokio::net::TcpListener::bind(&config.api.listen)
+        .await
+        .map_err(|error| StartError::Listen {
+            addr: config.api.listen.clone(),
+            error,
+        })?;
+    info!(addr = %config.api.listen, "API listening.");
+    let api_state = ApiState {
+        redis,
+        keyspace,
+        partitions,
+        ownership,
+        ready_max_lag: config.api.ready_max_lag,
+        rules,
+        money,
+        telemetry,
+    };
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api = tokio::spawn(async move {
+        axum::serve(listener, api::router(api_state))
+            .with_graceful_shutdown(async {
+                let _ = api_stopped.await;
+            })
+            .await
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ingest = {
+        let stop = Arc::clone(&stop);
+        let topic = config.kafka.input_topic.clone();
+        let commit_interval = Duration::from_millis(config.ingest.kafka_commit_interval_ms);
+        std::thread::Builder::new()
+            .name("tierd-ingest".into())
+            .spawn(move || consumer::run(consumer, &topic, &stop, commit_interval))
+            .map_err(|e| StartError::Internal(e.to_string()))?
+    };
+
+    shutdown.await;
+    info!("Shutdown requested.");
+    stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || ingest.join())
+        .await
+        .map_err(|e| StartError::Internal(e.to_string()))?
+        .map_err(|_| StartError::Internal("ingest thread panicked".into()))?;
+    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    let _ = api_stop.send(());
+    let _ = api.await;
+    info!("Stopped.");
+    Ok(())
+}
+
+/// Number of partitions of `topic`, or an error naming the config `field`.
+fn topic_partitions(
+    consumer: &BaseConsumer<IngestContext>,
+    topic: &str,
+    field: &'static str,
+) -> Result<i32, StartError> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(15))
+        .map_err(|e| StartError::Topic {
+            field,
+            message: format!("cannot read metadata of topic {topic:?}: {e}"),
+        })?;
+    match md.topics().iter().find(|t| t.name() == topic) {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+            Ok(t.partitions().len() as i32)
+        }
+        _ => Err(StartError::Topic {
+            field,
+            message: format!("topic {topic:?} does not exist; create it first"),
+        }),
+    }
+}

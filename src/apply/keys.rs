@@ -1,0 +1,73 @@
+//! Every Redis key tierd uses, in one place.
+//!
+//! All keys of one input partition share the hash tag `{<group>:<topic>:<partition>}`, so a
+//! partition's whole batch commit touches one Redis Cluster slot.
+
+/// Key namespace of one deployment (prefix, consumer group, input topic).
+#[derive(Debug, Clone)]
+pub struct Keyspace {
+    prefix: String,
+    group: String,
+    topic: String,
+}
+
+/// The keys of one partition.
+#[derive(Debug, Clone)]
+pub struct PartitionKeys {
+    /// Hash: `epoch` (owner fence, incremented on every assignment), `next_offset`.
+    pub meta: String,
+    /// Stream: tier changes and dead letters awaiting publication.
+    pub outbox: String,
+    /// Sorted set: customer → next moment their tier may change without an event.
+    pub timers: String,
+    /// Prefix of customer state keys (`<prefix><customer_id>`), each a JSON string.
+    customer_prefix: String,
+}
+
+impl Keyspace {
+    /// A keyspace; the parts are validated by config not to contain `{` or `}`.
+    pub fn new(prefix: &str, group: &str, topic: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+        }
+    }
+
+    /// The keys of `partition`.
+    pub fn partition(&self, partition: i32) -> PartitionKeys {
+        let base = format!(
+            "{}:{{{}:{}:{}}}",
+            self.prefix, self.group, self.topic, partition
+        );
+        PartitionKeys {
+            meta: format!("{base}:meta"),
+            outbox: format!("{base}:outbox"),
+            timers: format!("{base}:timers"),
+            customer_prefix: format!("{base}:c:"),
+        }
+    }
+}
+
+impl PartitionKeys {
+    /// The state key of a customer of this partition.
+    pub fn customer(&self, customer_id: &str) -> String {
+        let mut k = String::with_capacity(self.customer_prefix.len() + customer_id.len());
+        k.push_str(&self.customer_prefix);
+        k.push_str(customer_id);
+        k
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_keys_of_a_partition_share_one_hash_tag() {
+        let k = Keyspace::new("tierd", "g", "purchases").partition(3);
+        for key in [&k.meta, &k.outbox, &k.timers, &k.customer("c{1}")] {
+            assert!(key.starts_with("tierd:{g:purchases:3}:"), "{key}");
+        }
+    }
+}

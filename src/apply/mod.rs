@@ -1,0 +1,61 @@
+//! Apply: one partition's batches → customer states, tier changes and dead letters, committed
+//! to Redis atomically and fenced, in one script call per batch.
+
+pub mod keys;
+pub mod store;
+pub mod worker;
+
+use crate::domain::change::MoneyFormat;
+use crate::domain::DedupPolicy;
+use crate::ingest::decode::DecodeLimits;
+use crate::rules::Rules;
+use crate::telemetry::Telemetry;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// What every partition worker shares: rules, limits, metrics.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The tier rules.
+    pub rules: Arc<Rules>,
+    /// Input validation limits.
+    pub limits: DecodeLimits,
+    /// Duplicate detection.
+    pub dedup: DedupPolicy,
+    /// How amounts are shown.
+    pub money: MoneyFormat,
+    /// Input topic name (for causes and dead letters).
+    pub input_topic: String,
+    /// Dead-letter values are cut to this size.
+    pub dead_letter_max_bytes: usize,
+    /// LRU size of each worker's state cache.
+    pub cache_customers: usize,
+    /// Metrics.
+    pub telemetry: Telemetry,
+}
+
+/// Live status of an owned partition, shared with the API and the lag gauge.
+#[derive(Debug)]
+pub struct PartitionStatus {
+    /// Our fencing epoch.
+    pub epoch: i64,
+    /// Next offset to apply (-1 until known).
+    pub next_offset: AtomicI64,
+    /// High watermark last reported by the consumer (-1 until known).
+    pub high_watermark: AtomicI64,
+}
+
+impl PartitionStatus {
+    /// Messages not applied yet, if both ends are known.
+    pub fn lag(&self) -> Option<i64> {
+        let (next, high) = (
+            self.next_offset.load(Ordering::Relaxed),
+            self.high_watermark.load(Ordering::Relaxed),
+        );
+        (high >= 0).then(|| (high - next.max(0)).max(0))
+    }
+}
+
+/// The partitions this instance owns, by partition number.
+pub type Ownership = Arc<RwLock<BTreeMap<i32, Arc<PartitionStatus>>>>;

@@ -1,0 +1,194 @@
+//! The Redis side of one partition: claim ownership, load customer states, commit a batch.
+
+use super::keys::PartitionKeys;
+use crate::domain::CustomerState;
+use crate::publish::outbox::OutboxEntry;
+use redis::aio::ConnectionManager;
+use std::sync::LazyLock;
+
+static COMMIT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lua/commit.lua")));
+static CLAIM: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lua/claim.lua")));
+
+/// Why a partition batch could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Another consumer claimed the partition after us: stop, do not retry.
+    #[error("partition {partition} fenced: our epoch {ours}, stored epoch {stored}")]
+    Fenced {
+        partition: i32,
+        ours: i64,
+        stored: String,
+    },
+    /// The stored offset lies inside the batch: someone else applied part of it. Stop.
+    #[error(
+        "partition {partition}: stored next offset {stored} is inside batch starting at {first}"
+    )]
+    Misaligned {
+        partition: i32,
+        stored: i64,
+        first: i64,
+    },
+    /// A stored customer state is not valid JSON: data corruption, stop the partition.
+    #[error("partition {partition}: stored state of {key} is corrupt: {error}")]
+    CorruptState {
+        partition: i32,
+        key: String,
+        error: String,
+    },
+    /// Redis was unreachable or refused the call: retry with backoff.
+    #[error("redis call failed: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl ApplyError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+}
+
+/// The result of a successful commit call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Written now; the outbox holds this many entries.
+    Applied { outbox_len: u64 },
+    /// Already applied by an earlier call of ours whose reply was lost.
+    AlreadyApplied,
+}
+
+/// Where a claimed partition resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// Our fencing epoch.
+    pub epoch: i64,
+    /// The next offset to apply, `None` if nothing was ever applied.
+    pub next_offset: Option<i64>,
+}
+
+/// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
+/// consumer thread).
+///
+/// # Errors
+/// The Redis error.
+pub fn claim(
+    conn: &mut redis::Connection,
+    keys: &PartitionKeys,
+) -> Result<Claim, redis::RedisError> {
+    let (epoch, next): (i64, i64) = CLAIM.key(&keys.meta).invoke(conn)?;
+    Ok(Claim {
+        epoch,
+        next_offset: (next >= 0).then_some(next),
+    })
+}
+
+/// Loads customer states by key with one MGET (all keys share the partition's slot).
+///
+/// # Errors
+/// [`ApplyError::Redis`] or [`ApplyError::CorruptState`].
+pub async fn load(
+    conn: &mut ConnectionManager,
+    partition: i32,
+    keys: &[String],
+) -> Result<Vec<Option<CustomerState>>, ApplyError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let raw: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query_async(conn).await?;
+    raw.into_iter()
+        .zip(keys)
+        .map(|(v, key)| {
+            v.map(|bytes| serde_json::from_slice(&bytes))
+                .transpose()
+                .map_err(|e| ApplyError::CorruptState {
+                    partition,
+                    key: key.clone(),
+                    error: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// Everything one batch writes.
+#[derive(Debug, Default)]
+pub struct CommitBatch {
+    /// First offset of the batch.
+    pub first_offset: i64,
+    /// One past the last offset of the batch.
+    pub end_offset: i64,
+    /// Outbox entries in order.
+    pub outbox: Vec<OutboxEntry>,
+    /// Timer upserts (score = Unix ms, member = customer id).
+    pub timer_upserts: Vec<(i64, String)>,
+    /// Timer removals (customer ids).
+    pub timer_removals: Vec<String>,
+    /// Customer states to write: (key, JSON).
+    pub states: Vec<(String, Vec<u8>)>,
+}
+
+/// Commits a batch atomically, fenced by `epoch` and the stored next offset.
+///
+/// # Errors
+/// [`ApplyError::Fenced`] / [`ApplyError::Misaligned`] (stop the partition) or
+/// [`ApplyError::Redis`] (retry: the call is idempotent).
+pub async fn commit(
+    conn: &mut ConnectionManager,
+    keys: &PartitionKeys,
+    partition: i32,
+    epoch: i64,
+    batch: &CommitBatch,
+) -> Result<Committed, ApplyError> {
+    let mut inv = COMMIT.prepare_invoke();
+    inv.key(&keys.meta).key(&keys.outbox).key(&keys.timers);
+    for (k, _) in &batch.states {
+        inv.key(k);
+    }
+    inv.arg(epoch).arg(batch.first_offset).arg(batch.end_offset);
+    inv.arg(batch.outbox.len());
+    for e in &batch.outbox {
+        inv.arg(e.kind.code())
+            .arg(&e.key)
+            .arg(&e.value)
+            .arg(&e.headers);
+    }
+    inv.arg(batch.timer_upserts.len());
+    for (at, member) in &batch.timer_upserts {
+        inv.arg(*at).arg(member);
+    }
+    inv.arg(batch.timer_removals.len());
+    for member in &batch.timer_removals {
+        inv.arg(member);
+    }
+    for (_, v) in &batch.states {
+        inv.arg(v);
+    }
+    let reply: Vec<String> = inv.invoke_async(conn).await?;
+    let num = |i: usize| {
+        reply
+            .get(i)
+            .and_then(|s| s.parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    match reply.first().map(String::as_str) {
+        Some("OK") => Ok(Committed::Applied {
+            outbox_len: u64::try_from(num(2)).unwrap_or(0),
+        }),
+        Some("ALREADY") => Ok(Committed::AlreadyApplied),
+        Some("FENCED") => Err(ApplyError::Fenced {
+            partition,
+            ours: epoch,
+            stored: reply.get(1).cloned().unwrap_or_default(),
+        }),
+        Some("MISALIGNED") => Err(ApplyError::Misaligned {
+            partition,
+            stored: num(1),
+            first: batch.first_offset,
+        }),
+        _ => Err(ApplyError::Redis(redis::RedisError::from((
+            redis::ErrorKind::TypeError,
+            "unexpected commit script reply",
+            format!("{reply:?}"),
+        )))),
+    }
+}

@@ -1,0 +1,515 @@
+//! Service configuration: one TOML file, every field overridable by a `TIERD_…` environment
+//! variable (`TIERD_KAFKA__BROKERS` sets `kafka.brokers`; `__` separates levels), defaults that
+//! are safe, and validation that names the bad field.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A configuration error, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable could not be parsed into the schema
+    /// (the message names the key and where it came from).
+    #[error("configuration: {0}")]
+    Parse(String),
+    /// A field has a value outside its allowed range.
+    #[error("configuration field `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Kafka cluster, topics and client properties.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// Redis connection and key namespace.
+    #[serde(default)]
+    pub redis: RedisConfig,
+    /// Batching and input validation.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// The currency amounts are in.
+    #[serde(default)]
+    pub money: MoneyConfig,
+    /// Duplicate detection and allowed lateness.
+    #[serde(default)]
+    pub dedup: DedupConfig,
+    /// Which tier rules to run.
+    #[serde(default)]
+    pub rules: RulesConfig,
+    /// Outbox → Kafka publishing.
+    #[serde(default)]
+    pub publish: PublishConfig,
+    /// HTTP API.
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// Kafka settings. Nothing here is broker-specific: any Kafka-API cluster works.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated. Default `127.0.0.1:9092`.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Consumer group id; also part of every Redis key, so two groups never share state.
+    /// Default `tierd`.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Topic of purchase events (DESIGN §3). Default `purchases`.
+    #[serde(default = "default_input_topic")]
+    pub input_topic: String,
+    /// Topic tier-change events are published to. Default `tier-changes`.
+    #[serde(default = "default_output_topic")]
+    pub output_topic: String,
+    /// Topic rejected input goes to, with its original bytes. Default `purchases-dlq`.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// librdkafka consumer properties, passed through (e.g. `"security.protocol" = "SASL_SSL"`).
+    /// They override tierd's defaults (`partition.assignment.strategy = cooperative-sticky`,
+    /// `auto.offset.reset = earliest`, `session.timeout.ms = 10000`). `group.id`,
+    /// `bootstrap.servers` and `enable.auto.commit` are tierd's own and cannot be set here.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka producer properties, passed through. They override tierd's defaults
+    /// (`enable.idempotence = true`, `acks = all`, `linger.ms = 5`, `compression.type = lz4`).
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+}
+
+/// Redis settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Connection URL (`redis://`, `rediss://` for TLS, with user/password if needed).
+    /// Default `redis://127.0.0.1:6379`.
+    #[serde(default = "default_redis_url")]
+    pub url: String,
+    /// Prefix of every key tierd writes. Default `tierd`.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+/// Ingest batching and input limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// A partition's batch is applied when it holds this many messages. Default 2000.
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    /// …or when its oldest message has waited this long, milliseconds. Default 20.
+    #[serde(default = "default_batch_max_wait_ms")]
+    pub batch_max_wait_ms: u64,
+    /// Batches queued per partition before the consumer pauses (backpressure). Default 4.
+    #[serde(default = "default_queue_batches")]
+    pub queue_batches: usize,
+    /// Messages larger than this (value bytes) are dead-lettered as `oversize`. Default 65536.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Customer states cached per owned partition (LRU); misses are loaded with one MGET per
+    /// batch. Default 100000.
+    #[serde(default = "default_cache_customers")]
+    pub cache_customers_per_partition: usize,
+    /// `occurred_at` may be at most this far after the Kafka message timestamp (or the wall
+    /// clock if the message has none), seconds. Later is `timestamp_out_of_range`. Default 86400.
+    #[serde(default = "default_max_future_skew_s")]
+    pub max_future_skew_s: u64,
+    /// `occurred_at` before this RFC 3339 instant is `timestamp_out_of_range`.
+    /// Default `2000-01-01T00:00:00Z`.
+    #[serde(default = "default_min_occurred_at")]
+    pub min_occurred_at: String,
+    /// How often the applied offsets are committed to Kafka (for lag dashboards only; tierd
+    /// resumes from the offsets stored in Redis), milliseconds. Default 5000.
+    #[serde(default = "default_commit_interval_ms")]
+    pub kafka_commit_interval_ms: u64,
+}
+
+/// The one currency of this deployment: sums across currencies are not meaningful without
+/// an exchange rate, so other currencies are rejected (`unknown_currency`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoneyConfig {
+    /// ISO 4217 code; events without `currency` are in it. Default `EUR`.
+    #[serde(default = "default_currency")]
+    pub currency: String,
+    /// Fraction digits of the currency (2 for EUR/USD/CNY, 0 for JPY, 3 for KWD). Default 2.
+    #[serde(default = "default_fraction_digits")]
+    pub fraction_digits: u32,
+    /// Largest single amount accepted, in currency units (decimal string); larger is
+    /// `amount_out_of_range`. Default `"1000000000"` (one billion).
+    #[serde(default = "default_max_amount")]
+    pub max_amount: String,
+}
+
+/// Duplicate detection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// An `event_id` re-sent within this much event time of the customer's latest event is
+    /// counted once; events older than that are dead-lettered as `too_late`. Seconds.
+    /// Default 604800 (7 days).
+    #[serde(default = "default_horizon_s")]
+    pub horizon_s: u64,
+    /// Ids remembered per customer (~30 bytes each in Redis). Default 64.
+    #[serde(default = "default_max_ids")]
+    pub max_ids_per_customer: usize,
+}
+
+/// Rules selection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Path of the rules file, relative to the working directory.
+    /// Default `config/rules/b2b.toml`.
+    #[serde(default = "default_rules_path")]
+    pub path: PathBuf,
+}
+
+/// Outbox publishing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    /// Outbox entries read and produced per round. Default 2000.
+    #[serde(default = "default_publish_batch")]
+    pub batch_max: usize,
+    /// A partition's outbox is checked at least this often, milliseconds. Default 500.
+    #[serde(default = "default_publish_interval_ms")]
+    pub interval_ms: u64,
+    /// Dead-letter values are cut to this many bytes (header `tierd.truncated` says so).
+    /// Default 900000, under Kafka's default 1 MB message limit.
+    #[serde(default = "default_dlq_max_bytes")]
+    pub dead_letter_max_bytes: usize,
+}
+
+/// HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address. Default `127.0.0.1:8080` (loopback only).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// `/readyz` fails while any owned partition lags more than this many messages.
+    /// Default 10000.
+    #[serde(default = "default_ready_lag")]
+    pub ready_max_lag: i64,
+}
+
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+fn default_group_id() -> String {
+    "tierd".into()
+}
+fn default_input_topic() -> String {
+    "purchases".into()
+}
+fn default_output_topic() -> String {
+    "tier-changes".into()
+}
+fn default_dead_letter_topic() -> String {
+    "purchases-dlq".into()
+}
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379".into()
+}
+fn default_key_prefix() -> String {
+    "tierd".into()
+}
+const fn default_batch_max_events() -> usize {
+    2000
+}
+const fn default_batch_max_wait_ms() -> u64 {
+    20
+}
+const fn default_queue_batches() -> usize {
+    4
+}
+const fn default_max_message_bytes() -> usize {
+    65536
+}
+const fn default_cache_customers() -> usize {
+    100_000
+}
+const fn default_max_future_skew_s() -> u64 {
+    86_400
+}
+fn default_min_occurred_at() -> String {
+    "2000-01-01T00:00:00Z".into()
+}
+const fn default_commit_interval_ms() -> u64 {
+    5000
+}
+fn default_currency() -> String {
+    "EUR".into()
+}
+const fn default_fraction_digits() -> u32 {
+    2
+}
+fn default_max_amount() -> String {
+    "1000000000".into()
+}
+const fn default_horizon_s() -> u64 {
+    7 * 86_400
+}
+const fn default_max_ids() -> usize {
+    64
+}
+fn default_rules_path() -> PathBuf {
+    "config/rules/b2b.toml".into()
+}
+const fn default_publish_batch() -> usize {
+    2000
+}
+const fn default_publish_interval_ms() -> u64 {
+    500
+}
+const fn default_dlq_max_bytes() -> usize {
+    900_000
+}
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+const fn default_ready_lag() -> i64 {
+    10_000
+}
+
+macro_rules! default_from_serde {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                // Every field has a serde default, so an empty table deserializes.
+                toml::from_str("").expect("all fields have defaults")
+            }
+        }
+    )*};
+}
+default_from_serde!(
+    KafkaConfig,
+    RedisConfig,
+    IngestConfig,
+    MoneyConfig,
+    DedupConfig,
+    RulesConfig,
+    PublishConfig,
+    ApiConfig
+);
+
+/// Properties tierd sets itself; passing them through would break its guarantees.
+const RESERVED_CONSUMER_KEYS: [&str; 4] = [
+    "group.id",
+    "bootstrap.servers",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+];
+
+impl Config {
+    /// Loads `path` (if given) and `TIERD_…` environment overrides, then validates.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the bad field.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_figment(Self::figment(path))
+    }
+
+    /// The layered sources: the file, then the environment.
+    pub fn figment(path: Option<&Path>) -> Figment {
+        let mut f = Figment::new();
+        if let Some(p) = path {
+            f = f.merge(Toml::file_exact(p));
+        }
+        f.merge(Env::prefixed("TIERD_").split("__"))
+    }
+
+    /// Extracts and validates from any figment (tests use inline TOML).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the bad field.
+    pub fn from_figment(f: Figment) -> Result<Self, ConfigError> {
+        let cfg: Config = f.extract().map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.to_owned(),
+            })
+        };
+        let k = &self.kafka;
+        for (field, v) in [
+            ("kafka.brokers", &k.brokers),
+            ("kafka.group_id", &k.group_id),
+            ("kafka.input_topic", &k.input_topic),
+            ("kafka.output_topic", &k.output_topic),
+            ("kafka.dead_letter_topic", &k.dead_letter_topic),
+            ("redis.key_prefix", &self.redis.key_prefix),
+        ] {
+            if v.trim().is_empty() {
+                return bad(field, "must not be empty");
+            }
+            if v.contains(['{', '}']) && field != "kafka.brokers" {
+                return bad(
+                    field,
+                    "must not contain `{` or `}` (they delimit Redis Cluster hash tags)",
+                );
+            }
+        }
+        if k.input_topic == k.output_topic || k.input_topic == k.dead_letter_topic {
+            return bad(
+                "kafka.input_topic",
+                "must differ from kafka.output_topic and kafka.dead_letter_topic",
+            );
+        }
+        if let Some(key) = k
+            .consumer
+            .keys()
+            .find(|key| RESERVED_CONSUMER_KEYS.contains(&key.as_str()))
+        {
+            return Err(ConfigError::Invalid {
+                field: "kafka.consumer",
+                message: format!(
+                    "`{key}` is set by tierd itself (use kafka.group_id / kafka.brokers)"
+                ),
+            });
+        }
+        if k.producer.contains_key("transactional.id") {
+            return bad(
+                "kafka.producer",
+                "`transactional.id` is not used: exactly-once comes from the Redis outbox",
+            );
+        }
+        if !self.redis.url.starts_with("redis://")
+            && !self.redis.url.starts_with("rediss://")
+            && !self.redis.url.starts_with("unix://")
+        {
+            return bad(
+                "redis.url",
+                "must start with redis://, rediss:// or unix://",
+            );
+        }
+        let i = &self.ingest;
+        if i.batch_max_events == 0 || i.batch_max_events > 100_000 {
+            return bad("ingest.batch_max_events", "must be 1..=100000");
+        }
+        if i.queue_batches == 0 {
+            return bad("ingest.queue_batches", "must be at least 1");
+        }
+        if i.max_message_bytes < 256 {
+            return bad("ingest.max_message_bytes", "must be at least 256");
+        }
+        if i.cache_customers_per_partition == 0 {
+            return bad("ingest.cache_customers_per_partition", "must be at least 1");
+        }
+        if crate::domain::time::parse_rfc3339_ms(&i.min_occurred_at).is_err() {
+            return bad(
+                "ingest.min_occurred_at",
+                "must be an RFC 3339 timestamp with offset",
+            );
+        }
+        let m = &self.money;
+        if m.currency.len() != 3 || !m.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return bad(
+                "money.currency",
+                "must be a 3-letter upper-case ISO 4217 code",
+            );
+        }
+        if m.fraction_digits > 6 {
+            return bad("money.fraction_digits", "must be 0..=6");
+        }
+        match crate::domain::money::parse_threshold(&m.max_amount, m.fraction_digits) {
+            Ok(v) if v > 0 && v <= 1_000_000_000_000_000 => {}
+            _ => {
+                return bad(
+                    "money.max_amount",
+                    "must be a positive decimal up to 10^15 minor units",
+                )
+            }
+        }
+        if self.dedup.horizon_s == 0 {
+            return bad("dedup.horizon_s", "must be at least 1");
+        }
+        if self.dedup.max_ids_per_customer == 0 || self.dedup.max_ids_per_customer > 10_000 {
+            return bad("dedup.max_ids_per_customer", "must be 1..=10000");
+        }
+        if self.publish.batch_max == 0 {
+            return bad("publish.batch_max", "must be at least 1");
+        }
+        if self.publish.interval_ms == 0 {
+            return bad("publish.interval_ms", "must be at least 1");
+        }
+        if self.publish.dead_letter_max_bytes < 1024 {
+            return bad("publish.dead_letter_max_bytes", "must be at least 1024");
+        }
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("api.listen", "must be an IP:port socket address");
+        }
+        if self.api.ready_max_lag < 0 {
+            return bad("api.ready_max_lag", "must not be negative");
+        }
+        Ok(())
+    }
+
+    /// The largest accepted single amount in minor units (validated at load).
+    pub fn max_amount_minor(&self) -> i64 {
+        crate::domain::money::parse_threshold(&self.money.max_amount, self.money.fraction_digits)
+            .unwrap_or(i64::MAX)
+    }
+
+    /// The lower bound of `occurred_at` in Unix ms (validated at load).
+    pub fn min_occurred_at_ms(&self) -> i64 {
+        crate::domain::time::parse_rfc3339_ms(&self.ingest.min_occurred_at).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(text: &str) -> Result<Config, ConfigError> {
+        Config::from_figment(Figment::from(Toml::string(text)))
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let cfg = Config::load(Some(Path::new("config/tierd.toml"))).unwrap();
+        assert_eq!(cfg.kafka.input_topic, "purchases");
+        crate::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits).unwrap();
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let cfg = from("").unwrap();
+        assert_eq!(cfg.api.listen, "127.0.0.1:8080");
+        assert_eq!(cfg.dedup.horizon_s, 604_800);
+        assert_eq!(cfg.max_amount_minor(), 100_000_000_000);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let msg = |t: &str| from(t).unwrap_err().to_string();
+        assert!(
+            msg("[kafka]\nbrokers = 5").contains("kafka.brokers"),
+            "{}",
+            msg("[kafka]\nbrokers = 5")
+        );
+        assert!(msg("[kafka]\nbrokr = \"x\"").contains("brokr"));
+        assert!(msg("[ingest]\nbatch_max_events = 0").contains("`ingest.batch_max_events`"));
+        assert!(msg("[money]\ncurrency = \"euro\"").contains("`money.currency`"));
+        assert!(msg("[api]\nlisten = \"localhost\"").contains("`api.listen`"));
+        assert!(msg("[kafka.consumer]\n\"group.id\" = \"x\"").contains("`kafka.consumer`"));
+        assert!(
+            msg("[ingest]\nmin_occurred_at = \"yesterday\"").contains("`ingest.min_occurred_at`")
+        );
+        assert!(msg("[kafka]\ngroup_id = \"a{b}\"").contains("`kafka.group_id`"));
+    }
+}

@@ -1,0 +1,196 @@
+//! The tier-change event (DESIGN §3 output contract) and its deterministic id.
+
+use serde::Serialize;
+
+/// Namespace of tier-change event ids (UUID v5): fixed forever, so ids are stable.
+const CHANGE_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x7d1e_4c2a_9b3f_4e61_a0c8_5f2d_3b9e_1a47);
+
+/// Which way a customer moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// First placement of a new customer (`previous_tier` is null).
+    Initial,
+    /// To a better tier.
+    Up,
+    /// To a worse tier.
+    Down,
+}
+
+impl Direction {
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Initial => "initial",
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// Why a tier changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeReason {
+    /// A purchase of the customer.
+    Purchase,
+    /// A refund of the customer.
+    Refund,
+}
+
+impl ChangeReason {
+    /// Label value for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Purchase => "purchase",
+            Self::Refund => "refund",
+        }
+    }
+}
+
+/// The input event that caused a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cause {
+    /// `event_id` of the triggering input event.
+    pub event_id: String,
+    /// Input topic.
+    pub topic: String,
+    /// Input partition.
+    pub partition: i32,
+    /// Input offset.
+    pub offset: i64,
+}
+
+/// Metrics that decided a change, as published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MetricsView {
+    /// Lifetime purchases.
+    pub frequency: u64,
+    /// Lifetime net spend (purchases − refunds), decimal string in `currency`.
+    pub monetary: String,
+    /// Lifetime refunds.
+    pub refund_count: u64,
+    /// Lifetime refunded amount, decimal string.
+    pub refunded: String,
+    /// ISO 4217 code of the amounts.
+    pub currency: String,
+    /// Earliest purchase (event time), RFC 3339; null if none.
+    pub first_purchase_at: Option<String>,
+    /// Latest purchase (event time), RFC 3339; null if none.
+    pub last_purchase_at: Option<String>,
+}
+
+/// A tier-change event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TierChange {
+    /// Deterministic id: UUID v5 of (`customer_id`, `sequence`).
+    pub event_id: String,
+    /// The customer.
+    pub customer_id: String,
+    /// Per-customer change sequence, 1 for the first placement.
+    pub sequence: u64,
+    /// Tier before; null on first assignment.
+    pub previous_tier: Option<String>,
+    /// Tier after.
+    pub tier: String,
+    /// Display name of `tier`.
+    pub tier_display_name: String,
+    /// `initial`, `up` or `down`.
+    pub direction: Direction,
+    /// What moved the customer.
+    pub reason: ChangeReason,
+    /// Engine time of the change (the customer's event-time clock), RFC 3339.
+    pub occurred_at: String,
+    /// Version of the rules file that decided.
+    pub rules_version: String,
+    /// The rule that placed the customer in `tier`.
+    pub rule: String,
+    /// The metrics that decided.
+    pub metrics: MetricsView,
+    /// Scores that decided (empty for threshold schemes).
+    pub scores: serde_json::Map<String, serde_json::Value>,
+    /// The triggering input event.
+    pub cause: Option<Cause>,
+}
+
+/// The deterministic id of a customer's `sequence`-th change: the same change gets the same
+/// id across crashes and replays, so consumers can drop duplicates.
+pub fn change_id(customer_id: &str, sequence: u64) -> String {
+    let mut name = Vec::with_capacity(customer_id.len() + 9);
+    name.extend_from_slice(customer_id.as_bytes());
+    name.push(0);
+    name.extend_from_slice(&sequence.to_be_bytes());
+    uuid::Uuid::new_v5(&CHANGE_ID_NAMESPACE, &name).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_ids_are_deterministic_and_distinct() {
+        assert_eq!(change_id("c1", 1), change_id("c1", 1));
+        assert_ne!(change_id("c1", 1), change_id("c1", 2));
+        assert_ne!(change_id("c1", 1), change_id("c2", 1));
+        // Separator prevents ("c1", x) and ("c", ...) from colliding by concatenation.
+        assert_ne!(change_id("c1", 0), change_id("c", 0x31 << 56));
+    }
+}
+
+/// How amounts are shown on change events and in the API.
+#[derive(Debug, Clone)]
+pub struct MoneyFormat {
+    /// ISO 4217 code.
+    pub currency: String,
+    /// Fraction digits.
+    pub fraction_digits: u32,
+}
+
+impl MetricsView {
+    /// The published view of a customer state.
+    pub fn of(state: &super::CustomerState, money: &MoneyFormat) -> Self {
+        Self {
+            frequency: state.count,
+            monetary: super::money::format_minor(state.sum - state.refunded, money.fraction_digits),
+            refund_count: state.refunds,
+            refunded: super::money::format_minor(state.refunded, money.fraction_digits),
+            currency: money.currency.clone(),
+            first_purchase_at: state.first.map(super::time::format_ms),
+            last_purchase_at: state.last.map(super::time::format_ms),
+        }
+    }
+}
+
+impl TierChange {
+    /// The change event of a transition just applied to `state` (which is the state after it).
+    pub fn new(
+        customer_id: &str,
+        state: &super::CustomerState,
+        transition: &super::state::Transition<'_>,
+        rules: &crate::rules::Rules,
+        money: &MoneyFormat,
+        cause: Option<Cause>,
+    ) -> Self {
+        let tier = &rules.tiers()[transition.tier];
+        Self {
+            event_id: change_id(customer_id, state.seq),
+            customer_id: customer_id.to_owned(),
+            sequence: state.seq,
+            previous_tier: transition.previous.clone(),
+            tier: tier.name.clone(),
+            tier_display_name: tier
+                .display_name
+                .clone()
+                .unwrap_or_else(|| tier.name.clone()),
+            direction: transition.direction,
+            reason: transition.reason,
+            occurred_at: super::time::format_ms(state.since),
+            rules_version: rules.version().to_owned(),
+            rule: transition.rule.to_owned(),
+            metrics: MetricsView::of(state, money),
+            scores: serde_json::Map::new(),
+            cause,
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! A decoded, validated input event (DESIGN §3 input contract).
+
+/// What an input event does to a customer's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A purchase: adds to frequency and monetary, moves recency.
+    Purchase,
+    /// A refund: subtracts its amount from monetary; frequency and recency are unchanged.
+    Refund,
+}
+
+/// A valid purchase or refund.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The producer's idempotency key (1–128 chars).
+    pub event_id: String,
+    /// The customer (1–128 chars); equals the Kafka message key.
+    pub customer_id: String,
+    /// Purchase or refund.
+    pub kind: EventKind,
+    /// Amount in minor units of the configured currency, never negative.
+    pub amount_minor: i64,
+    /// Event time, Unix milliseconds.
+    pub occurred_at_ms: i64,
+}

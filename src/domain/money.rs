@@ -1,0 +1,169 @@
+//! Exact money: decimal text → integer minor units, and back, never through binary floating point.
+
+use rust_decimal::Decimal;
+use std::str::FromStr;
+
+/// Why an amount could not be turned into minor units.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoneyError {
+    /// Not a decimal number at all (or NaN/Infinity, which JSON and we do not allow).
+    #[error("not a decimal number: {0:?}")]
+    NotANumber(String),
+    /// More fraction digits than the currency has (after dropping trailing zeros).
+    #[error("{digits} fraction digits, the currency allows {allowed}")]
+    TooPrecise { digits: u32, allowed: u32 },
+    /// Larger than the configured maximum amount, or too large to represent.
+    #[error("amount exceeds the maximum of {max_minor} minor units")]
+    TooLarge { max_minor: i64 },
+}
+
+/// Parses a decimal amount (`"12.50"`, `12.5`, `1.25e3`) into minor units of a currency with
+/// `fraction_digits` digits (2 for EUR, 0 for JPY). Trailing zeros beyond the currency's
+/// digits are accepted (`"12.500"` is 1250 cents); a non-zero digit beyond them is an error.
+/// The sign is kept: negative amounts are a rule violation decided by the caller.
+///
+/// # Errors
+/// [`MoneyError`] naming what is wrong with the text.
+pub fn parse_minor(text: &str, fraction_digits: u32, max_minor: i64) -> Result<i64, MoneyError> {
+    let t = text.trim();
+    if t.is_empty() || t != text || t.starts_with('+') || t.contains('_') {
+        return Err(MoneyError::NotANumber(text.to_owned()));
+    }
+    let parsed = if t.contains(['e', 'E']) {
+        Decimal::from_scientific(t)
+    } else {
+        Decimal::from_str_exact(t)
+    };
+    let mut d = parsed.map_err(|_| MoneyError::NotANumber(text.to_owned()))?;
+    d = d.normalize();
+    if d.scale() > fraction_digits {
+        return Err(MoneyError::TooPrecise {
+            digits: d.scale(),
+            allowed: fraction_digits,
+        });
+    }
+    let scaled = d
+        .checked_mul(Decimal::from(10i64.pow(fraction_digits)))
+        .ok_or(MoneyError::TooLarge { max_minor })?;
+    let minor = i64::try_from(scaled.mantissa() / 10i128.pow(scaled.scale()))
+        .map_err(|_| MoneyError::TooLarge { max_minor })?;
+    if minor.unsigned_abs() > max_minor.unsigned_abs() {
+        return Err(MoneyError::TooLarge { max_minor });
+    }
+    Ok(minor)
+}
+
+/// Formats minor units as a decimal string with exactly `fraction_digits` digits
+/// (`1250, 2` → `"12.50"`). Exact for every `i128`.
+pub fn format_minor(minor: i128, fraction_digits: u32) -> String {
+    if fraction_digits == 0 {
+        return minor.to_string();
+    }
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    let unit = 10u128.pow(fraction_digits);
+    format!(
+        "{sign}{}.{:0width$}",
+        abs / unit,
+        abs % unit,
+        width = fraction_digits as usize
+    )
+}
+
+/// Parses a decimal threshold from configuration (`"1000000"`, `"99.5"`) into minor units.
+///
+/// # Errors
+/// As [`parse_minor`], with no upper bound beyond `i64`.
+pub fn parse_threshold(text: &str, fraction_digits: u32) -> Result<i64, MoneyError> {
+    parse_minor(text, fraction_digits, i64::MAX)
+}
+
+/// Exact decimal value of minor units, for display and comparisons in reports.
+pub fn to_decimal(minor: i128, fraction_digits: u32) -> Decimal {
+    Decimal::from_str(&format_minor(minor, fraction_digits)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MAX: i64 = 1_000_000_000_000;
+
+    #[test]
+    fn parses_plain_and_scientific_decimals() {
+        assert_eq!(parse_minor("12.50", 2, MAX), Ok(1250));
+        assert_eq!(parse_minor("12.5", 2, MAX), Ok(1250));
+        assert_eq!(parse_minor("12", 2, MAX), Ok(1200));
+        assert_eq!(parse_minor("0", 2, MAX), Ok(0));
+        assert_eq!(parse_minor("1.25e3", 2, MAX), Ok(125_000));
+        assert_eq!(parse_minor("1E-2", 2, MAX), Ok(1));
+        assert_eq!(parse_minor("-3.10", 2, MAX), Ok(-310));
+        assert_eq!(parse_minor("12.500", 2, MAX), Ok(1250));
+        assert_eq!(parse_minor("7", 0, MAX), Ok(7));
+        // 0.1 + 0.2 is exact here: no float ever touches the value.
+        assert_eq!(
+            parse_minor("0.1", 2, MAX).unwrap() + parse_minor("0.2", 2, MAX).unwrap(),
+            30
+        );
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_exact_amount() {
+        assert_eq!(
+            parse_minor("12.345", 2, MAX),
+            Err(MoneyError::TooPrecise {
+                digits: 3,
+                allowed: 2
+            })
+        );
+        assert_eq!(
+            parse_minor("1.5", 0, MAX),
+            Err(MoneyError::TooPrecise {
+                digits: 1,
+                allowed: 0
+            })
+        );
+        for bad in [
+            "", " 1", "1 ", "abc", "1,5", "NaN", "inf", "+1", "1_000", "0x10", "1.2.3",
+        ] {
+            assert!(
+                matches!(parse_minor(bad, 2, MAX), Err(MoneyError::NotANumber(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            parse_minor("10000000000.01", 2, MAX),
+            Err(MoneyError::TooLarge { max_minor: MAX })
+        );
+        assert!(parse_minor("1e40", 2, MAX).is_err());
+    }
+
+    #[test]
+    fn formats_minor_units() {
+        assert_eq!(format_minor(1250, 2), "12.50");
+        assert_eq!(format_minor(-5, 2), "-0.05");
+        assert_eq!(format_minor(0, 2), "0.00");
+        assert_eq!(format_minor(42, 0), "42");
+        assert_eq!(format_minor(1, 3), "0.001");
+    }
+
+    proptest! {
+        #[test]
+        fn format_then_parse_round_trips(minor in -MAX..=MAX, digits in 0u32..=4) {
+            let text = format_minor(minor as i128, digits);
+            prop_assert_eq!(parse_minor(&text, digits, MAX), Ok(minor));
+        }
+
+        #[test]
+        fn integer_and_fraction_parts_are_exact(units in 0i64..10_000_000, cents in 0i64..100) {
+            let text = format!("{units}.{cents:02}");
+            prop_assert_eq!(parse_minor(&text, 2, MAX), Ok(units * 100 + cents));
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(s in "\\PC{0,40}") {
+            let _ = parse_minor(&s, 2, MAX);
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! The one place Kafka client settings are decided: tierd's defaults, then the operator's
+//! pass-through librdkafka properties from `[kafka.consumer]` / `[kafka.producer]`.
+
+use crate::config::KafkaConfig;
+use rdkafka::ClientConfig;
+
+/// Consumer settings: manual offsets (Redis holds the real ones), cooperative rebalancing.
+pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", &kafka.group_id)
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "2000")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &kafka.consumer {
+        c.set(k, v);
+    }
+    // Offsets live in Redis; Kafka commits are explicit and advisory only.
+    c.set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    c
+}
+
+/// Producer settings: idempotent, fully acknowledged, ordered.
+pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.timeout.ms", "30000");
+    for (k, v) in &kafka.producer {
+        c.set(k, v);
+    }
+    c
+}

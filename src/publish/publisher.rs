@@ -1,0 +1,240 @@
+//! The outbox publisher of one partition.
+//!
+//! Reads the outbox stream from its start, produces every entry in stream order (so a
+//! customer's changes keep their order: same key → same output partition, and the idempotent
+//! producer keeps order across retries), waits for all acknowledgements, then trims up to the
+//! last acknowledged entry. A crash between produce and trim re-publishes the same entries with
+//! the same deterministic `event_id`s.
+
+use super::outbox::EntryKind;
+use crate::telemetry::Telemetry;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use redis::aio::ConnectionManager;
+use redis::streams::StreamRangeReply;
+use redis::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, warn};
+
+/// Where a partition's outbox goes.
+#[derive(Clone)]
+pub struct Publisher {
+    /// Shared idempotent producer.
+    pub producer: FutureProducer,
+    /// Topic of tier-change events.
+    pub output_topic: String,
+    /// Topic of dead letters.
+    pub dead_letter_topic: String,
+    /// Entries per round.
+    pub batch_max: usize,
+    /// Poll interval when not woken.
+    pub interval: Duration,
+    /// Metrics.
+    pub telemetry: Telemetry,
+}
+
+/// Why a publish round failed (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Reading or trimming the outbox failed.
+    #[error("outbox: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Kafka did not acknowledge a record.
+    #[error("produce: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// An outbox entry is malformed (written by an incompatible version).
+    #[error("malformed outbox entry {id}: {message}")]
+    Malformed { id: String, message: String },
+}
+
+impl Publisher {
+    /// Drains `outbox` whenever woken (or every `interval`) until `stop` turns true; then makes
+    /// a final drain attempt so a clean shutdown leaves nothing behind.
+    pub async fn run(
+        self,
+        partition: i32,
+        outbox: String,
+        mut conn: ConnectionManager,
+        wake: Arc<Notify>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let label = partition.to_string();
+        loop {
+            let stopping = *stop.borrow();
+            match self.drain(&mut conn, &outbox, &label).await {
+                Ok(()) => {}
+                Err(error) => {
+                    self.telemetry.publish_errors.inc();
+                    warn!(partition, %error, "Publishing the outbox failed; retrying.");
+                    if !stopping {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+            }
+            if stopping {
+                return;
+            }
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(self.interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    /// Publishes everything in the outbox, batch by batch.
+    ///
+    /// # Errors
+    /// [`PublishError`]; nothing is trimmed that was not acknowledged.
+    pub async fn drain(
+        &self,
+        conn: &mut ConnectionManager,
+        outbox: &str,
+        label: &str,
+    ) -> Result<(), PublishError> {
+        loop {
+            let reply: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(outbox)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(self.batch_max)
+                .query_async(conn)
+                .await?;
+            if reply.ids.is_empty() {
+                self.telemetry
+                    .outbox_depth
+                    .with_label_values(&[label])
+                    .set(0);
+                return Ok(());
+            }
+            let mut deliveries = Vec::with_capacity(reply.ids.len());
+            for entry in &reply.ids {
+                let field = |name: &str| match entry.map.get(name) {
+                    Some(Value::BulkString(b)) => Ok(b.as_slice()),
+                    _ => Err(PublishError::Malformed {
+                        id: entry.id.clone(),
+                        message: format!("field {name} missing"),
+                    }),
+                };
+                let kind =
+                    EntryKind::from_code(field("t")?).ok_or_else(|| PublishError::Malformed {
+                        id: entry.id.clone(),
+                        message: "unknown kind".into(),
+                    })?;
+                let (key, value, headers) = (field("k")?, field("v")?, field("h")?);
+                let topic = match kind {
+                    EntryKind::Change => &self.output_topic,
+                    EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => &self.dead_letter_topic,
+                };
+                let mut record: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(topic).payload(value);
+                if kind != EntryKind::DeadLetterNoKey {
+                    record = record.key(key);
+                }
+                if !headers.is_empty() {
+                    let pairs: Vec<(String, String)> =
+                        serde_json::from_slice(headers).map_err(|e| PublishError::Malformed {
+                            id: entry.id.clone(),
+                            message: e.to_string(),
+                        })?;
+                    let mut h = OwnedHeaders::new_with_capacity(pairs.len());
+                    for (k, v) in &pairs {
+                        h = h.insert(Header {
+                            key: k,
+                            value: Some(v.as_bytes()),
+                        });
+                    }
+                    record = record.headers(h);
+                }
+                // Queue in stream order; the delivery futures are awaited below.
+                deliveries.push((kind, self.producer.send_result(record)));
+            }
+            let mut first_error = None;
+            let mut counts = [0u64; 2];
+            for (kind, queued) in deliveries {
+                let outcome = match queued {
+                    Ok(delivery) => match delivery.await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err((e, _))) => Err(e),
+                        Err(_) => Err(rdkafka::error::KafkaError::Canceled),
+                    },
+                    Err((e, _)) => Err(e),
+                };
+                match outcome {
+                    Ok(()) => counts[usize::from(kind != EntryKind::Change)] += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_error {
+                if matches!(
+                    e,
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull
+                    )
+                ) {
+                    let _ = self
+                        .producer
+                        .poll(Timeout::After(Duration::from_millis(100)));
+                }
+                return Err(e.into());
+            }
+            let last = &reply.ids[reply.ids.len() - 1].id;
+            let _: i64 = redis::cmd("XTRIM")
+                .arg(outbox)
+                .arg("MINID")
+                .arg(next_stream_id(last))
+                .query_async(conn)
+                .await?;
+            self.telemetry
+                .outbox_published
+                .with_label_values(&["change"])
+                .inc_by(counts[0]);
+            self.telemetry
+                .outbox_published
+                .with_label_values(&["dead_letter"])
+                .inc_by(counts[1]);
+            debug!(
+                outbox,
+                published = reply.ids.len(),
+                "Outbox batch published."
+            );
+            if reply.ids.len() < self.batch_max {
+                let depth: i64 = redis::cmd("XLEN").arg(outbox).query_async(conn).await?;
+                self.telemetry
+                    .outbox_depth
+                    .with_label_values(&[label])
+                    .set(depth);
+                if depth == 0 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// The smallest stream id after `id` (`"5-3"` → `"5-4"`): XTRIM MINID keeps ids ≥ it.
+fn next_stream_id(id: &str) -> String {
+    match id
+        .split_once('-')
+        .and_then(|(ms, seq)| Some((ms, seq.parse::<u64>().ok()?)))
+    {
+        Some((ms, seq)) => format!("{ms}-{}", seq + 1),
+        None => id.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn next_stream_id_increments_the_sequence() {
+        assert_eq!(super::next_stream_id("1700000000000-0"), "1700000000000-1");
+        assert_eq!(super::next_stream_id("5-41"), "5-42");
+    }
+}

@@ -1,0 +1,184 @@
+//! Prometheus metrics (one registry) and the internal events that update them together with
+//! their log line, so logs and metrics never drift apart.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// All of tierd's metrics. Labels come from small fixed sets: partition, reason, tier names.
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    registry: Registry,
+    /// Input messages received from Kafka.
+    pub events_consumed: IntCounterVec,
+    /// Input events counted into customer state.
+    pub events_applied: IntCounterVec,
+    /// Input events recognised as duplicates of an already counted `event_id`.
+    pub events_deduplicated: IntCounterVec,
+    /// Input messages sent to the dead-letter topic, by reason.
+    pub events_dead_lettered: IntCounterVec,
+    /// Tier changes committed, by from/to/reason.
+    pub tier_changes: IntCounterVec,
+    /// Wall time of one batch's decode + load + commit.
+    pub batch_apply_seconds: Histogram,
+    /// Events per applied batch.
+    pub batch_events: Histogram,
+    /// Messages between the partition's high watermark and the next offset to apply.
+    pub consumer_lag: IntGaugeVec,
+    /// Outbox entries not yet acknowledged by Kafka.
+    pub outbox_depth: IntGaugeVec,
+    /// Outbox entries published and acknowledged, by kind (`change`, `dead_letter`).
+    pub outbox_published: IntCounterVec,
+    /// Publish attempts that failed and will be retried.
+    pub publish_errors: IntCounter,
+    /// Commits refused because another owner claimed the partition.
+    pub apply_fenced: IntCounter,
+    /// Redis calls that failed and were retried.
+    pub redis_errors: IntCounter,
+    /// Partitions currently owned.
+    pub partitions_assigned: IntGauge,
+    /// Offsets skipped between batches (retention or compaction gaps).
+    pub offset_gaps: IntCounter,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    /// Creates and registers every metric.
+    ///
+    /// # Panics
+    /// Never in practice: metric names are static and registered once per registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let batch_apply_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "tierd_batch_apply_duration_seconds",
+                "Time to decode, load and commit one partition batch.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(batch_apply_seconds.clone()))
+            .expect("unique metric");
+        let batch_events = Histogram::with_opts(
+            HistogramOpts::new(
+                "tierd_batch_events",
+                "Input messages per applied partition batch.",
+            )
+            .buckets(vec![1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(batch_events.clone()))
+            .expect("unique metric");
+        let partitions_assigned = IntGauge::new(
+            "tierd_partitions_assigned",
+            "Input partitions owned by this instance.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(partitions_assigned.clone()))
+            .expect("unique metric");
+
+        let t = Self {
+            events_consumed: counter_vec(
+                "tierd_events_consumed_total",
+                "Input messages received from Kafka.",
+                &["partition"],
+            ),
+            events_applied: counter_vec(
+                "tierd_events_applied_total",
+                "Input events counted into customer state.",
+                &["partition"],
+            ),
+            events_deduplicated: counter_vec(
+                "tierd_events_deduplicated_total",
+                "Input events whose event_id was already counted.",
+                &["partition"],
+            ),
+            events_dead_lettered: counter_vec(
+                "tierd_events_dead_lettered_total",
+                "Input messages sent to the dead-letter topic.",
+                &["reason"],
+            ),
+            tier_changes: counter_vec(
+                "tierd_tier_changes_total",
+                "Tier changes committed.",
+                &["from", "to", "reason"],
+            ),
+            batch_apply_seconds,
+            batch_events,
+            consumer_lag: gauge_vec(
+                "tierd_consumer_lag_messages",
+                "Messages between the high watermark and the next offset to apply.",
+                &["partition"],
+            ),
+            outbox_depth: gauge_vec(
+                "tierd_outbox_depth",
+                "Outbox entries awaiting publication.",
+                &["partition"],
+            ),
+            outbox_published: counter_vec(
+                "tierd_outbox_published_total",
+                "Outbox entries acknowledged by Kafka.",
+                &["kind"],
+            ),
+            publish_errors: counter(
+                "tierd_publish_errors_total",
+                "Failed publish attempts (retried).",
+            ),
+            apply_fenced: counter(
+                "tierd_apply_fenced_total",
+                "Commits refused because another owner claimed the partition.",
+            ),
+            redis_errors: counter("tierd_redis_errors_total", "Failed Redis calls (retried)."),
+            partitions_assigned,
+            offset_gaps: counter(
+                "tierd_offset_gaps_total",
+                "Offset gaps between applied batches.",
+            ),
+            registry,
+        };
+        for reason in crate::ingest::decode::Reason::ALL {
+            t.events_dead_lettered.with_label_values(&[reason.as_str()]);
+        }
+        t
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
