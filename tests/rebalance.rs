@@ -1,0 +1,86 @@
+//! Ownership: two tierd instances in one group split and hand over partitions without
+//! double-applying anything, and a fenced stale owner cannot write.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+use support::{purchase, Redis, Tierd, World};
+use tierd::apply::keys::Keyspace;
+use tierd::apply::store::{self, ApplyError, CommitBatch, Committed};
+
+#[test]
+fn two_instances_share_and_hand_over_partitions_without_double_applying() {
+    let world = World::start(4);
+    let a = Tierd::spawn(&world, "");
+    a.wait_partitions(4, Duration::from_secs(60));
+
+    let batch = |from: usize, to: usize| -> Vec<serde_json::Value> {
+        (from..to).map(|i| purchase(&format!("e{i}"), &format!("c{}", i % 200), "10.00", "2026-11-10T10:00:00Z")).collect()
+    };
+    let mut ends = BTreeMap::new();
+    let produce = |ends: &mut BTreeMap<i32, i64>, events: Vec<serde_json::Value>| {
+        for (p, e) in world.produce_json(&events) {
+            ends.insert(p, e);
+        }
+    };
+    produce(&mut ends, batch(0, 3_000));
+
+    // A second member joins: cooperative-sticky moves half of the partitions to it.
+    let mut b = Tierd::spawn(&world, "");
+    b.wait_partitions(2, Duration::from_secs(60));
+    a.wait_partitions(2, Duration::from_secs(60));
+    produce(&mut ends, batch(3_000, 6_000));
+    world.wait_applied(&ends, Duration::from_secs(60));
+    // The joiner's partitions were claimed again: their epoch moved past the first owner's.
+    let epochs: Vec<i64> = (0..4).map(|p| world.partition_meta(p).0).collect();
+    assert_eq!(epochs.iter().filter(|e| **e >= 2).count(), 2, "two partitions changed owner: {epochs:?}");
+
+    // The joiner leaves cleanly: the first member takes everything back.
+    assert_eq!(b.terminate(), Some(0));
+    a.wait_partitions(4, Duration::from_secs(60));
+    produce(&mut ends, batch(6_000, 9_000));
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    // Each of 200 customers got 45 purchases of 10.00, each exactly once.
+    for c in 0..200 {
+        let s = world.customer_state(&format!("c{c}")).unwrap();
+        assert_eq!((s.count, s.sum), (45, 45_000), "c{c}");
+    }
+    assert_eq!(world.read_all(&world.dlq).len(), 0);
+}
+
+#[test]
+fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
+    let redis = Redis::start();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
+    let mut sync = redis.conn();
+    let old = store::claim(&mut sync, &keys).unwrap();
+    assert_eq!(old.next_offset, None);
+    let batch = |first: i64, end: i64, value: &str| CommitBatch {
+        first_offset: first,
+        end_offset: end,
+        states: vec![(keys.customer("c1"), value.as_bytes().to_vec())],
+        ..CommitBatch::default()
+    };
+    rt.block_on(async {
+        let mut conn = redis::aio::ConnectionManager::new(redis::Client::open(redis.url.as_str()).unwrap()).await.unwrap();
+        assert_eq!(store::commit(&mut conn, &keys, 0, old.epoch, &batch(0, 10, "{\"count\":1}")).await.unwrap(), Committed::Applied { outbox_len: 0 });
+        // The same call again (a retry after a lost reply) changes nothing.
+        assert_eq!(store::commit(&mut conn, &keys, 0, old.epoch, &batch(0, 10, "{\"count\":99}")).await.unwrap(), Committed::AlreadyApplied);
+        // A batch overlapping what was applied is refused.
+        assert!(matches!(store::commit(&mut conn, &keys, 0, old.epoch, &batch(5, 15, "{}")).await, Err(ApplyError::Misaligned { stored: 10, .. })));
+
+        // A new owner claims the partition and resumes where the old one stopped.
+        let new = store::claim(&mut sync, &keys).unwrap();
+        assert_eq!((new.epoch, new.next_offset), (old.epoch + 1, Some(10)));
+        // The old owner (a zombie after a rebalance) can no longer write, even at the right offset.
+        let err = store::commit(&mut conn, &keys, 0, old.epoch, &batch(10, 20, "{\"count\":2}")).await.unwrap_err();
+        assert!(matches!(err, ApplyError::Fenced { .. }), "{err}");
+        assert!(!err.is_retriable());
+        let stored: String = redis::cmd("GET").arg(keys.customer("c1")).query_async(&mut conn).await.unwrap();
+        assert_eq!(stored, "{\"count\":1}");
+        assert_eq!(store::commit(&mut conn, &keys, 0, new.epoch, &batch(10, 20, "{\"count\":2}")).await.unwrap(), Committed::Applied { outbox_len: 0 });
+    });
+}
