@@ -15,7 +15,10 @@ fn run(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -23,31 +26,50 @@ fn bad_fields_are_named() {
     let cases: [(&str, &[(&str, &str)], &str); 7] = [
         ("[kafka]\nbrokers = 9092\n", &[], "kafka.brokers"),
         ("[kafka]\nbrokrs = \"x\"\n", &[], "brokrs"),
-        ("", &[("TIERD_INGEST__BATCH_MAX_EVENTS", "0")], "ingest.batch_max_events"),
+        (
+            "",
+            &[("TIERD_INGEST__BATCH_MAX_EVENTS", "0")],
+            "ingest.batch_max_events",
+        ),
         ("", &[("TIERD_MONEY__CURRENCY", "yuan")], "money.currency"),
         ("[api]\nlisten = \"everywhere\"\n", &[], "api.listen"),
         ("[dedup]\nhorizon_s = -1\n", &[], "dedup.horizon_s"),
-        ("[rules]\npath = \"config/tierd.toml\"\n", &[], "config/tierd.toml"),
+        (
+            "[rules]\npath = \"config/tierd.toml\"\n",
+            &[],
+            "config/tierd.toml",
+        ),
     ];
     for (config, env, field) in cases {
         let (code, stderr) = run(config, env);
         assert_ne!(code, Some(0), "{config:?} {env:?} must fail");
-        assert!(stderr.contains(field), "{config:?} {env:?}: stderr must name {field}:\n{stderr}");
+        assert!(
+            stderr.contains(field),
+            "{config:?} {env:?}: stderr must name {field}:\n{stderr}"
+        );
     }
 }
 
 #[test]
 fn unreachable_redis_and_missing_topics_are_named() {
     let port = support::free_port();
-    let (code, stderr) = run(&format!("[redis]\nurl = \"redis://127.0.0.1:{port}\"\n"), &[]);
+    let (code, stderr) = run(
+        &format!("[redis]\nurl = \"redis://127.0.0.1:{port}\"\n"),
+        &[],
+    );
     assert_ne!(code, Some(0));
     assert!(stderr.contains("redis.url"), "{stderr}");
 
     let world = support::World::start(1);
-    let config = world.config(support::free_port(), "").replace(&world.output, "no-such-topic");
+    let config = world
+        .config(support::free_port(), "")
+        .replace(&world.output, "no-such-topic");
     let (code, stderr) = run(&config, &[]);
     assert_ne!(code, Some(0));
-    assert!(stderr.contains("kafka.output_topic") && stderr.contains("no-such-topic"), "{stderr}");
+    assert!(
+        stderr.contains("kafka.output_topic") && stderr.contains("no-such-topic"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -57,6 +79,10 @@ fn check_config_accepts_the_shipped_config() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("b2b-lifetime-1"));
 }

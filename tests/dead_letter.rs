@@ -10,65 +10,204 @@ use support::{purchase, Tierd, World};
 #[test]
 fn every_bad_input_class_is_dead_lettered_with_its_reason_and_nothing_stops() {
     let world = World::start(2);
-    let tierd = Tierd::spawn(&world, "[ingest]\nmax_message_bytes = 1024\n[publish]\ndead_letter_max_bytes = 1500\n");
+    let tierd = Tierd::spawn(
+        &world,
+        "[ingest]\nmax_message_bytes = 1024\n[publish]\ndead_letter_max_bytes = 1500\n",
+    );
     tierd.wait_partitions(2, Duration::from_secs(60));
 
-    let ok = |id: &str| serde_json::to_vec(&purchase(id, "k", "1.00", "2026-11-10T10:00:00Z")).unwrap();
+    let ok =
+        |id: &str| serde_json::to_vec(&purchase(id, "k", "1.00", "2026-11-10T10:00:00Z")).unwrap();
     let text = |id: &str, body: &str| body.replace("ID", id).into_bytes();
     let k = Some("k".to_owned());
     let cases: Vec<(&str, Option<String>, Vec<u8>)> = vec![
-        ("oversize", k.clone(), format!(r#"{{"pad":"{}"}}"#, "x".repeat(3000)).into_bytes()),
+        (
+            "oversize",
+            k.clone(),
+            format!(r#"{{"pad":"{}"}}"#, "x".repeat(3000)).into_bytes(),
+        ),
         ("invalid_json", k.clone(), b"{not json".to_vec()),
         ("invalid_json", k.clone(), vec![0xff, 0xfe, 0x00]),
         ("invalid_json", k.clone(), Vec::new()),
         ("not_object", k.clone(), b"[1,2,3]".to_vec()),
-        ("missing_field", k.clone(), text("m1", r#"{"event_id":"ID","customer_id":"k","occurred_at":"2026-11-10T10:00:00Z"}"#)),
-        ("invalid_field", k.clone(), text("f1", r#"{"event_id":"ID","customer_id":"k","amount":[1],"occurred_at":"2026-11-10T10:00:00Z"}"#)),
-        ("invalid_id", k.clone(), text("", r#"{"event_id":"","customer_id":"k","amount":1,"occurred_at":"2026-11-10T10:00:00Z"}"#)),
-        ("negative_amount", k.clone(), text("n1", r#"{"event_id":"ID","customer_id":"k","amount":"-5","occurred_at":"2026-11-10T10:00:00Z"}"#)),
-        ("invalid_amount", k.clone(), text("p1", r#"{"event_id":"ID","customer_id":"k","amount":1.001,"occurred_at":"2026-11-10T10:00:00Z"}"#)),
-        ("amount_out_of_range", k.clone(), text("r1", r#"{"event_id":"ID","customer_id":"k","amount":"5000000000","occurred_at":"2026-11-10T10:00:00Z"}"#)),
-        ("unknown_currency", k.clone(), text("u1", r#"{"event_id":"ID","customer_id":"k","amount":1,"currency":"USD","occurred_at":"2026-11-10T10:00:00Z"}"#)),
-        ("invalid_timestamp", k.clone(), text("t1", r#"{"event_id":"ID","customer_id":"k","amount":1,"occurred_at":"10 Nov 2026"}"#)),
-        ("timestamp_out_of_range", k.clone(), text("t2", r#"{"event_id":"ID","customer_id":"k","amount":1,"occurred_at":"1970-01-01T00:00:00Z"}"#)),
-        ("timestamp_out_of_range", k.clone(), text("t3", r#"{"event_id":"ID","customer_id":"k","amount":1,"occurred_at":"2099-01-01T00:00:00Z"}"#)),
-        ("unknown_type", k.clone(), text("y1", r#"{"event_id":"ID","customer_id":"k","amount":1,"type":"gift","occurred_at":"2026-11-10T10:00:00Z"}"#)),
-        ("unsupported_type", k.clone(), text("y2", r#"{"event_id":"ID","customer_id":"k","amount":1,"type":"override","occurred_at":"2026-11-10T10:00:00Z"}"#)),
+        (
+            "missing_field",
+            k.clone(),
+            text(
+                "m1",
+                r#"{"event_id":"ID","customer_id":"k","occurred_at":"2026-11-10T10:00:00Z"}"#,
+            ),
+        ),
+        (
+            "invalid_field",
+            k.clone(),
+            text(
+                "f1",
+                r#"{"event_id":"ID","customer_id":"k","amount":[1],"occurred_at":"2026-11-10T10:00:00Z"}"#,
+            ),
+        ),
+        (
+            "invalid_id",
+            k.clone(),
+            text(
+                "",
+                r#"{"event_id":"","customer_id":"k","amount":1,"occurred_at":"2026-11-10T10:00:00Z"}"#,
+            ),
+        ),
+        (
+            "negative_amount",
+            k.clone(),
+            text(
+                "n1",
+                r#"{"event_id":"ID","customer_id":"k","amount":"-5","occurred_at":"2026-11-10T10:00:00Z"}"#,
+            ),
+        ),
+        (
+            "invalid_amount",
+            k.clone(),
+            text(
+                "p1",
+                r#"{"event_id":"ID","customer_id":"k","amount":1.001,"occurred_at":"2026-11-10T10:00:00Z"}"#,
+            ),
+        ),
+        (
+            "amount_out_of_range",
+            k.clone(),
+            text(
+                "r1",
+                r#"{"event_id":"ID","customer_id":"k","amount":"5000000000","occurred_at":"2026-11-10T10:00:00Z"}"#,
+            ),
+        ),
+        (
+            "unknown_currency",
+            k.clone(),
+            text(
+                "u1",
+                r#"{"event_id":"ID","customer_id":"k","amount":1,"currency":"USD","occurred_at":"2026-11-10T10:00:00Z"}"#,
+            ),
+        ),
+        (
+            "invalid_timestamp",
+            k.clone(),
+            text(
+                "t1",
+                r#"{"event_id":"ID","customer_id":"k","amount":1,"occurred_at":"10 Nov 2026"}"#,
+            ),
+        ),
+        (
+            "timestamp_out_of_range",
+            k.clone(),
+            text(
+                "t2",
+                r#"{"event_id":"ID","customer_id":"k","amount":1,"occurred_at":"1970-01-01T00:00:00Z"}"#,
+            ),
+        ),
+        (
+            "timestamp_out_of_range",
+            k.clone(),
+            text(
+                "t3",
+                r#"{"event_id":"ID","customer_id":"k","amount":1,"occurred_at":"2099-01-01T00:00:00Z"}"#,
+            ),
+        ),
+        (
+            "unknown_type",
+            k.clone(),
+            text(
+                "y1",
+                r#"{"event_id":"ID","customer_id":"k","amount":1,"type":"gift","occurred_at":"2026-11-10T10:00:00Z"}"#,
+            ),
+        ),
+        (
+            "unsupported_type",
+            k.clone(),
+            text(
+                "y2",
+                r#"{"event_id":"ID","customer_id":"k","amount":1,"type":"override","occurred_at":"2026-11-10T10:00:00Z"}"#,
+            ),
+        ),
         ("key_mismatch", Some("other".into()), ok("km1")),
         ("key_mismatch", None, ok("km2")),
     ];
     let mut records: Vec<(Option<String>, Vec<u8>)> = vec![(k.clone(), ok("good-before"))];
     records.extend(cases.iter().map(|(_, key, v)| (key.clone(), v.clone())));
     // Too late: more than the 7-day dedup horizon behind the customer's latest event.
-    records.push((k.clone(), serde_json::to_vec(&purchase("late", "k", "1.00", "2026-11-01T10:00:00Z")).unwrap()));
+    records.push((
+        k.clone(),
+        serde_json::to_vec(&purchase("late", "k", "1.00", "2026-11-01T10:00:00Z")).unwrap(),
+    ));
     records.push((k.clone(), ok("good-after")));
     let ends = world.produce(&records);
     world.wait_applied(&ends, Duration::from_secs(60));
 
     let dead = world.read_all(&world.dlq);
     let input = world.read_all(&world.input);
-    assert_eq!(dead.len(), cases.len() + 1, "one dead letter per bad message");
+    assert_eq!(
+        dead.len(),
+        cases.len() + 1,
+        "one dead letter per bad message"
+    );
     // Dead letters of one input partition keep input order; match them by original bytes.
     let mut expected: Vec<(&str, Option<String>, Vec<u8>)> = cases.clone();
     expected.push(("too_late", k.clone(), records[records.len() - 2].1.clone()));
     for (reason, key, value) in &expected {
         let record = dead
             .iter()
-            .find(|r| r.headers["tierd.reason"] == *reason && (r.value == *value || r.headers.contains_key("tierd.truncated_from") && value.starts_with(&r.value)))
-            .unwrap_or_else(|| panic!("no dead letter {reason} for {:?}", String::from_utf8_lossy(value)));
-        assert_eq!(record.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()), key.clone(), "{reason}: original key kept");
+            .find(|r| {
+                r.headers["tierd.reason"] == *reason
+                    && (r.value == *value
+                        || r.headers.contains_key("tierd.truncated_from")
+                            && value.starts_with(&r.value))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no dead letter {reason} for {:?}",
+                    String::from_utf8_lossy(value)
+                )
+            });
+        assert_eq!(
+            record
+                .key
+                .as_ref()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            key.clone(),
+            "{reason}: original key kept"
+        );
         assert_eq!(record.headers["tierd.source.topic"], world.input);
-        let (p, o): (i32, i64) = (record.headers["tierd.source.partition"].parse().unwrap(), record.headers["tierd.source.offset"].parse().unwrap());
+        let (p, o): (i32, i64) = (
+            record.headers["tierd.source.partition"].parse().unwrap(),
+            record.headers["tierd.source.offset"].parse().unwrap(),
+        );
         assert!(!record.headers["tierd.detail"].is_empty());
         // The source position points at the original message.
-        let original = input.iter().find(|r| r.partition == p && r.offset == o).unwrap();
-        assert_eq!(&original.value, value, "{reason}: source partition/offset identify the original");
+        let original = input
+            .iter()
+            .find(|r| r.partition == p && r.offset == o)
+            .unwrap();
+        assert_eq!(
+            &original.value, value,
+            "{reason}: source partition/offset identify the original"
+        );
     }
-    let oversize = dead.iter().find(|r| r.headers["tierd.reason"] == "oversize").unwrap();
-    assert_eq!(oversize.value.len(), 1500, "cut to publish.dead_letter_max_bytes");
+    let oversize = dead
+        .iter()
+        .find(|r| r.headers["tierd.reason"] == "oversize")
+        .unwrap();
+    assert_eq!(
+        oversize.value.len(),
+        1500,
+        "cut to publish.dead_letter_max_bytes"
+    );
     assert_eq!(oversize.headers["tierd.truncated_from"], "3010");
-    let detail = &dead.iter().find(|r| r.headers["tierd.reason"] == "invalid_amount").unwrap().headers["tierd.detail"];
-    assert_eq!(detail, "field `amount`: 3 fraction digits, the currency allows 2");
+    let detail = &dead
+        .iter()
+        .find(|r| r.headers["tierd.reason"] == "invalid_amount")
+        .unwrap()
+        .headers["tierd.detail"];
+    assert_eq!(
+        detail,
+        "field `amount`: 3 fraction digits, the currency allows 2"
+    );
 
     // The good events around them were applied; the bad ones changed nothing.
     let k_state = world.customer_state("k").unwrap();

@@ -20,29 +20,50 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
         purchase("a3", "alice", "300000", "2026-11-03T10:00:00Z"),    // 510000.50 → up B
         refund("ar1", "alice", "20000", "2026-11-04T10:00:00Z"),      // 490000.50 → down C (refund)
         purchase("a2", "alice", "60000.50", "2026-11-02T10:00:00Z"),  // duplicate: counted once
-        purchase("a0", "alice", "10", "2026-10-31T09:00:00+01:00"),   // out of order: 490010.50, still C
-        purchase("b1", "bob", "1000000", "2026-11-05T00:00:00Z"),     // initial A (inclusive bound)
+        purchase("a0", "alice", "10", "2026-10-31T09:00:00+01:00"), // out of order: 490010.50, still C
+        purchase("b1", "bob", "1000000", "2026-11-05T00:00:00Z"),   // initial A (inclusive bound)
         purchase("c1", "carol", "199999.99", "2026-11-05T00:00:00Z"), // initial D
-        purchase("c2", "carol", "0.01", "2026-11-06T00:00:00Z"), // exactly 200000 → up C
+        purchase("c2", "carol", "0.01", "2026-11-06T00:00:00Z"),    // exactly 200000 → up C
     ];
     let ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(60));
 
     // Customer state in Redis.
     let alice = world.customer_state("alice").expect("alice stored");
-    assert_eq!((alice.count, alice.sum, alice.refunds, alice.refunded), (4, 51_001_050, 1, 2_000_000));
+    assert_eq!(
+        (alice.count, alice.sum, alice.refunds, alice.refunded),
+        (4, 51_001_050, 1, 2_000_000)
+    );
     assert_eq!(alice.sum - alice.refunded, 49_001_050);
-    assert_eq!(alice.first, Some(parse_rfc3339_ms("2026-10-31T08:00:00Z").unwrap()));
-    assert_eq!(alice.last, Some(parse_rfc3339_ms("2026-11-03T10:00:00Z").unwrap()), "out-of-order purchase must not move last back");
+    assert_eq!(
+        alice.first,
+        Some(parse_rfc3339_ms("2026-10-31T08:00:00Z").unwrap())
+    );
+    assert_eq!(
+        alice.last,
+        Some(parse_rfc3339_ms("2026-11-03T10:00:00Z").unwrap()),
+        "out-of-order purchase must not move last back"
+    );
     assert_eq!((alice.tier.as_deref(), alice.seq), (Some("C"), 4));
     let carol = world.customer_state("carol").unwrap();
-    assert_eq!((carol.tier.as_deref(), carol.sum, carol.seq), (Some("C"), 20_000_000, 2));
+    assert_eq!(
+        (carol.tier.as_deref(), carol.sum, carol.seq),
+        (Some("C"), 20_000_000, 2)
+    );
 
     // Tier-change events: exact sequence per customer.
-    let changes: Vec<serde_json::Value> = world.read_all(&world.output).iter().map(|r| {
-        assert_eq!(r.key.as_deref(), r.json()["customer_id"].as_str().map(str::as_bytes), "keyed by customer");
-        r.json()
-    }).collect();
+    let changes: Vec<serde_json::Value> = world
+        .read_all(&world.output)
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                r.key.as_deref(),
+                r.json()["customer_id"].as_str().map(str::as_bytes),
+                "keyed by customer"
+            );
+            r.json()
+        })
+        .collect();
     let of = |c: &str| -> Vec<(u64, Option<String>, String, String, String, String)> {
         changes
             .iter()
@@ -69,13 +90,22 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
             (4, Some(s("B")), s("C"), s("down"), s("refund"), s("ar1")),
         ]
     );
-    assert_eq!(of("bob"), vec![(1, None, s("A"), s("initial"), s("purchase"), s("b1"))]);
+    assert_eq!(
+        of("bob"),
+        vec![(1, None, s("A"), s("initial"), s("purchase"), s("b1"))]
+    );
     assert_eq!(
         of("carol"),
-        vec![(1, None, s("D"), s("initial"), s("purchase"), s("c1")), (2, Some(s("D")), s("C"), s("up"), s("purchase"), s("c2"))]
+        vec![
+            (1, None, s("D"), s("initial"), s("purchase"), s("c1")),
+            (2, Some(s("D")), s("C"), s("up"), s("purchase"), s("c2"))
+        ]
     );
     assert_eq!(changes.len(), 7);
-    let down = changes.iter().find(|e| e["customer_id"] == "alice" && e["sequence"] == 4).unwrap();
+    let down = changes
+        .iter()
+        .find(|e| e["customer_id"] == "alice" && e["sequence"] == 4)
+        .unwrap();
     assert_eq!(down["event_id"], change_id("alice", 4));
     assert_eq!(down["metrics"]["monetary"], "490000.50");
     assert_eq!(down["metrics"]["frequency"], 3);
@@ -84,7 +114,10 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
     assert_eq!(down["rule"], "tiers[2]: monetary >= 200000.00");
     assert_eq!(down["occurred_at"], "2026-11-04T10:00:00.000Z");
     assert_eq!(down["cause"]["topic"], world.input.as_str());
-    let (p, o) = (down["cause"]["partition"].as_i64().unwrap(), down["cause"]["offset"].as_i64().unwrap());
+    let (p, o) = (
+        down["cause"]["partition"].as_i64().unwrap(),
+        down["cause"]["offset"].as_i64().unwrap(),
+    );
     assert!(p >= 0 && p < 3 && o >= 0, "cause names the input position");
 
     // API.
@@ -95,14 +128,21 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
     assert_eq!(v["tier_display_name"], "C: regular account");
     assert_eq!(v["metrics"]["monetary"], "490010.50");
     assert_eq!(v["metrics"]["frequency"], 4);
-    assert_eq!(v["metrics"]["first_purchase_at"], "2026-10-31T08:00:00.000Z");
+    assert_eq!(
+        v["metrics"]["first_purchase_at"],
+        "2026-10-31T08:00:00.000Z"
+    );
     assert_eq!(v["metrics"]["last_purchase_at"], "2026-11-03T10:00:00.000Z");
     assert_eq!(v["tier_since"], "2026-11-04T10:00:00.000Z");
     assert_eq!(tierd.get("/v1/customers/nobody").0, 404);
     assert_eq!(tierd.get("/healthz").0, 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while tierd.get("/readyz").0 != 200 {
-        assert!(std::time::Instant::now() < deadline, "never ready: {}", tierd.get("/readyz").1);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {}",
+            tierd.get("/readyz").1
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -111,7 +151,10 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
     assert_eq!(tierd.metric("tierd_events_deduplicated_total"), 1.0);
     assert_eq!(tierd.metric("tierd_tier_changes_total"), 7.0);
     assert_eq!(tierd.metric("tierd_events_dead_lettered_total"), 0.0);
-    assert!(tierd.get("/metrics").1.contains("tierd_batch_apply_duration_seconds_bucket"));
+    assert!(tierd
+        .get("/metrics")
+        .1
+        .contains("tierd_batch_apply_duration_seconds_bucket"));
 
     // Clean shutdown.
     assert_eq!(tierd.terminate(), Some(0));

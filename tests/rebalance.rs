@@ -16,7 +16,16 @@ fn two_instances_share_and_hand_over_partitions_without_double_applying() {
     a.wait_partitions(4, Duration::from_secs(60));
 
     let batch = |from: usize, to: usize| -> Vec<serde_json::Value> {
-        (from..to).map(|i| purchase(&format!("e{i}"), &format!("c{}", i % 200), "10.00", "2026-11-10T10:00:00Z")).collect()
+        (from..to)
+            .map(|i| {
+                purchase(
+                    &format!("e{i}"),
+                    &format!("c{}", i % 200),
+                    "10.00",
+                    "2026-11-10T10:00:00Z",
+                )
+            })
+            .collect()
     };
     let mut ends = BTreeMap::new();
     let produce = |ends: &mut BTreeMap<i32, i64>, events: Vec<serde_json::Value>| {
@@ -34,7 +43,11 @@ fn two_instances_share_and_hand_over_partitions_without_double_applying() {
     world.wait_applied(&ends, Duration::from_secs(60));
     // The joiner's partitions were claimed again: their epoch moved past the first owner's.
     let epochs: Vec<i64> = (0..4).map(|p| world.partition_meta(p).0).collect();
-    assert_eq!(epochs.iter().filter(|e| **e >= 2).count(), 2, "two partitions changed owner: {epochs:?}");
+    assert_eq!(
+        epochs.iter().filter(|e| **e >= 2).count(),
+        2,
+        "two partitions changed owner: {epochs:?}"
+    );
 
     // The joiner leaves cleanly: the first member takes everything back.
     assert_eq!(b.terminate(), Some(0));
@@ -53,7 +66,10 @@ fn two_instances_share_and_hand_over_partitions_without_double_applying() {
 #[test]
 fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
     let redis = Redis::start();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut sync = redis.conn();
     let old = store::claim(&mut sync, &keys).unwrap();
@@ -65,22 +81,73 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         ..CommitBatch::default()
     };
     rt.block_on(async {
-        let mut conn = redis::aio::ConnectionManager::new(redis::Client::open(redis.url.as_str()).unwrap()).await.unwrap();
-        assert_eq!(store::commit(&mut conn, &keys, 0, old.epoch, &batch(0, 10, "{\"count\":1}")).await.unwrap(), Committed::Applied { outbox_len: 0 });
+        let mut conn =
+            redis::aio::ConnectionManager::new(redis::Client::open(redis.url.as_str()).unwrap())
+                .await
+                .unwrap();
+        assert_eq!(
+            store::commit(
+                &mut conn,
+                &keys,
+                0,
+                old.epoch,
+                &batch(0, 10, "{\"count\":1}")
+            )
+            .await
+            .unwrap(),
+            Committed::Applied { outbox_len: 0 }
+        );
         // The same call again (a retry after a lost reply) changes nothing.
-        assert_eq!(store::commit(&mut conn, &keys, 0, old.epoch, &batch(0, 10, "{\"count\":99}")).await.unwrap(), Committed::AlreadyApplied);
+        assert_eq!(
+            store::commit(
+                &mut conn,
+                &keys,
+                0,
+                old.epoch,
+                &batch(0, 10, "{\"count\":99}")
+            )
+            .await
+            .unwrap(),
+            Committed::AlreadyApplied
+        );
         // A batch overlapping what was applied is refused.
-        assert!(matches!(store::commit(&mut conn, &keys, 0, old.epoch, &batch(5, 15, "{}")).await, Err(ApplyError::Misaligned { stored: 10, .. })));
+        assert!(matches!(
+            store::commit(&mut conn, &keys, 0, old.epoch, &batch(5, 15, "{}")).await,
+            Err(ApplyError::Misaligned { stored: 10, .. })
+        ));
 
         // A new owner claims the partition and resumes where the old one stopped.
         let new = store::claim(&mut sync, &keys).unwrap();
         assert_eq!((new.epoch, new.next_offset), (old.epoch + 1, Some(10)));
         // The old owner (a zombie after a rebalance) can no longer write, even at the right offset.
-        let err = store::commit(&mut conn, &keys, 0, old.epoch, &batch(10, 20, "{\"count\":2}")).await.unwrap_err();
+        let err = store::commit(
+            &mut conn,
+            &keys,
+            0,
+            old.epoch,
+            &batch(10, 20, "{\"count\":2}"),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ApplyError::Fenced { .. }), "{err}");
         assert!(!err.is_retriable());
-        let stored: String = redis::cmd("GET").arg(keys.customer("c1")).query_async(&mut conn).await.unwrap();
+        let stored: String = redis::cmd("GET")
+            .arg(keys.customer("c1"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         assert_eq!(stored, "{\"count\":1}");
-        assert_eq!(store::commit(&mut conn, &keys, 0, new.epoch, &batch(10, 20, "{\"count\":2}")).await.unwrap(), Committed::Applied { outbox_len: 0 });
+        assert_eq!(
+            store::commit(
+                &mut conn,
+                &keys,
+                0,
+                new.epoch,
+                &batch(10, 20, "{\"count\":2}")
+            )
+            .await
+            .unwrap(),
+            Committed::Applied { outbox_len: 0 }
+        );
     });
 }

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use tierd::domain::time;
 
 #[derive(Parser)]
-#[command(name = "tierd-dev", about = "Developer tooling: topics, generated purchases, tail of tier changes.")]
+#[command(
+    name = "tierd-dev",
+    about = "Developer tooling: topics, generated purchases, tail of tier changes."
+)]
 struct Cli {
     /// Bootstrap servers.
     #[arg(long, default_value = "127.0.0.1:9092", global = true)]
@@ -66,11 +69,22 @@ enum Command {
 }
 
 /// One generated event: (key, JSON value).
-fn generate(rng: &mut StdRng, i: u64, customers: u64, seed: u64, base_ms: i64, currency: &str) -> (String, String) {
+fn generate(
+    rng: &mut StdRng,
+    i: u64,
+    customers: u64,
+    seed: u64,
+    base_ms: i64,
+    currency: &str,
+) -> (String, String) {
     let customer = format!("cust-{:06}", rng.random_range(0..customers));
     let refund = rng.random_bool(0.03);
     // Mostly small baskets, sometimes a large B2B order: tiers A–D all get populated.
-    let yuan: u64 = if rng.random_bool(0.03) { rng.random_range(50_000..400_000) } else { rng.random_range(10..8_000) };
+    let yuan: u64 = if rng.random_bool(0.03) {
+        rng.random_range(50_000..400_000)
+    } else {
+        rng.random_range(10..8_000)
+    };
     let fen: u64 = rng.random_range(0..100);
     let at = time::format_ms(base_ms + i64::try_from(i).unwrap_or(0) * 10);
     let kind = if refund { "refund" } else { "purchase" };
@@ -85,21 +99,34 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::CreateTopics { partitions, topics } => {
-            let admin: AdminClient<DefaultClientContext> =
-                ClientConfig::new().set("bootstrap.servers", &cli.brokers).create()?;
+            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                .set("bootstrap.servers", &cli.brokers)
+                .create()?;
             let new: Vec<NewTopic<'_>> = topics
                 .iter()
-                .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)).set("retention.ms", "604800000"))
+                .map(|t| {
+                    NewTopic::new(t, partitions, TopicReplication::Fixed(1))
+                        .set("retention.ms", "604800000")
+                })
                 .collect();
             for result in admin.create_topics(&new, &AdminOptions::new()).await? {
                 match result {
                     Ok(t) => println!("created {t}"),
-                    Err((t, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => println!("exists {t}"),
+                    Err((t, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                        println!("exists {t}")
+                    }
                     Err((t, e)) => anyhow::bail!("creating topic {t}: {e}"),
                 }
             }
         }
-        Command::Produce { topic, customers, events, rate, seed, currency } => {
+        Command::Produce {
+            topic,
+            customers,
+            events,
+            rate,
+            seed,
+            currency,
+        } => {
             let producer: FutureProducer = ClientConfig::new()
                 .set("bootstrap.servers", &cli.brokers)
                 .set("enable.idempotence", "true")
@@ -111,7 +138,9 @@ async fn main() -> anyhow::Result<()> {
             let base_ms = time::now_ms() - 86_400_000;
             let started = Instant::now();
             let bar = indicatif::ProgressBar::new(events);
-            bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")?);
+            bar.set_style(indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+            )?);
             bar.set_message(format!("producing to {topic}"));
             let mut pending = std::collections::VecDeque::new();
             for i in 0..events {
@@ -122,7 +151,12 @@ async fn main() -> anyhow::Result<()> {
                             pending.push_back(delivery);
                             break;
                         }
-                        Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
+                        Err((
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull,
+                            ),
+                            _,
+                        )) => {
                             if let Some(d) = pending.pop_front() {
                                 d.await?.map_err(|(e, _)| e)?;
                             }
@@ -149,7 +183,10 @@ async fn main() -> anyhow::Result<()> {
             producer.flush(Duration::from_secs(30))?;
             bar.finish();
             let secs = started.elapsed().as_secs_f64();
-            println!("produced {events} events for {customers} customers in {secs:.2} s ({:.0}/s)", events as f64 / secs);
+            println!(
+                "produced {events} events for {customers} customers in {secs:.2} s ({:.0}/s)",
+                events as f64 / secs
+            );
         }
         Command::Tail { topic, max } => {
             let consumer: StreamConsumer = ClientConfig::new()

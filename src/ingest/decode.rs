@@ -161,23 +161,24 @@ pub fn decode(
     let event_id = id_field(&fields, "event_id")?;
     let customer_id = id_field(&fields, "customer_id")?;
 
-    let kind =
-        match optional_string(&fields, "type")?.as_deref() {
-            None | Some("purchase") => EventKind::Purchase,
-            Some("refund") => EventKind::Refund,
-            Some("override") => {
-                return Err(reject(
-                    Reason::UnsupportedType,
-                    "field `type`: \"override\" is not supported by this release",
-                ))
-            }
-            Some(other) => return Err(reject(
+    let kind = match optional_string(&fields, "type")?.as_deref() {
+        None | Some("purchase") => EventKind::Purchase,
+        Some("refund") => EventKind::Refund,
+        Some("override") => {
+            return Err(reject(
+                Reason::UnsupportedType,
+                "field `type`: \"override\" is not supported by this release",
+            ))
+        }
+        Some(other) => {
+            return Err(reject(
                 Reason::UnknownType,
                 format!(
                     "field `type`: {other:?} is not one of \"purchase\", \"refund\", \"override\""
                 ),
-            )),
-        };
+            ))
+        }
+    };
 
     let amount_raw = present(&fields, "amount")?.get();
     let amount_text: std::borrow::Cow<'_, str> = if amount_raw.starts_with('"') {

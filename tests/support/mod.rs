@@ -19,13 +19,20 @@ use std::time::{Duration, Instant};
 
 /// A free loopback TCP port (bound and released; the OS does not hand it out again soon).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_port(port: u16, what: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on port {port} within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on port {port} within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -34,8 +41,15 @@ fn wait_port(port: u16, what: &str, timeout: Duration) {
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    format!("{prefix}-{}-{nanos:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}-{}-{nanos:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A Redis server owned by the test (killed on drop), or an external one.
@@ -49,21 +63,41 @@ impl Redis {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         if let Ok(url) = std::env::var("REDIS_URL") {
-            return Self { child: None, url, _dir: dir };
+            return Self {
+                child: None,
+                url,
+                _dir: dir,
+            };
         }
         let port = free_port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .current_dir(dir.path())
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (bash scripts/test.sh installs it)");
         wait_port(port, "redis-server", Duration::from_secs(10));
-        Self { child: Some(child), url: format!("redis://127.0.0.1:{port}"), _dir: dir }
+        Self {
+            child: Some(child),
+            url: format!("redis://127.0.0.1:{port}"),
+            _dir: dir,
+        }
     }
 
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url.as_str()).unwrap().get_connection().unwrap()
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
     }
 }
 
@@ -102,10 +136,20 @@ impl Broker {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         if let Ok(addr) = std::env::var("KAFKA_HOST") {
-            return Self { child: None, port: 0, addr, dir };
+            return Self {
+                child: None,
+                port: 0,
+                addr,
+                dir,
+            };
         }
         let port = free_port();
-        let mut b = Self { child: None, port, addr: format!("127.0.0.1:{port}"), dir };
+        let mut b = Self {
+            child: None,
+            port,
+            addr: format!("127.0.0.1:{port}"),
+            dir,
+        };
         b.spawn();
         b
     }
@@ -114,7 +158,15 @@ impl Broker {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let log = std::fs::File::create(self.dir.path().join("tansu.log")).unwrap();
         let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "sqlite://tansu.db"])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "sqlite://tansu.db",
+            ])
             .current_dir(self.dir.path())
             .env("RUST_LOG", "warn")
             .stdout(log.try_clone().unwrap())
@@ -137,24 +189,39 @@ impl Broker {
 
     /// Creates topics (retention set explicitly, as Tansu requires), waiting until they exist.
     pub fn create_topics(&self, names: &[&str], partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.addr).create().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let topics: Vec<NewTopic<'_>> = names
             .iter()
-            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)).set("retention.ms", "604800000"))
+            .map(|n| {
+                NewTopic::new(n, partitions, TopicReplication::Fixed(1))
+                    .set("retention.ms", "604800000")
+            })
             .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let result = rt.block_on(admin.create_topics(&topics, &AdminOptions::new()));
             match result {
-                Ok(results) if results.iter().all(|r| match r {
-                    Ok(_) => true,
-                    Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => true,
-                    Err(_) => false,
-                }) => break,
+                Ok(results)
+                    if results.iter().all(|r| match r {
+                        Ok(_) => true,
+                        Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => true,
+                        Err(_) => false,
+                    }) =>
+                {
+                    break
+                }
                 other => {
-                    assert!(Instant::now() < deadline, "creating topics failed: {other:?}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "creating topics failed: {other:?}"
+                    );
                     std::thread::sleep(Duration::from_millis(200));
                 }
             }
@@ -191,7 +258,16 @@ impl World {
         let output = unique("changes");
         let dlq = unique("dlq");
         broker.create_topics(&[&input, &output, &dlq], partitions);
-        Self { broker, redis, input, output, dlq, group: unique("g"), prefix: unique("t"), partitions }
+        Self {
+            broker,
+            redis,
+            input,
+            output,
+            dlq,
+            group: unique("g"),
+            prefix: unique("t"),
+            partitions,
+        }
     }
 
     /// The tierd config for this world; `extra` is appended verbatim (more TOML tables).
@@ -243,12 +319,16 @@ listen = "127.0.0.1:{api_port}"
     /// Produces `(key, value)` records in order; returns the next offset per partition.
     pub fn produce(&self, records: &[(Option<String>, Vec<u8>)]) -> BTreeMap<i32, i64> {
         let producer = self.producer();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let mut ends = BTreeMap::new();
         rt.block_on(async {
             let mut pending = Vec::with_capacity(records.len());
             for (key, value) in records {
-                let mut rec: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.input).payload(value.as_slice());
+                let mut rec: FutureRecord<'_, str, [u8]> =
+                    FutureRecord::to(&self.input).payload(value.as_slice());
                 if let Some(k) = key {
                     rec = rec.key(k.as_str());
                 }
@@ -279,34 +359,60 @@ listen = "127.0.0.1:{api_port}"
     pub fn produce_json(&self, events: &[serde_json::Value]) -> BTreeMap<i32, i64> {
         let records: Vec<_> = events
             .iter()
-            .map(|e| (e["customer_id"].as_str().map(str::to_owned), serde_json::to_vec(e).unwrap()))
+            .map(|e| {
+                (
+                    e["customer_id"].as_str().map(str::to_owned),
+                    serde_json::to_vec(e).unwrap(),
+                )
+            })
             .collect();
         self.produce(&records)
     }
 
     pub fn partition_meta(&self, partition: i32) -> (i64, i64) {
-        let key = format!("{}:{{{}:{}:{}}}:meta", self.prefix, self.group, self.input, partition);
-        let (epoch, next): (Option<i64>, Option<i64>) =
-            redis::cmd("HMGET").arg(&key).arg("epoch").arg("next_offset").query(&mut self.redis.conn()).unwrap();
+        let key = format!(
+            "{}:{{{}:{}:{}}}:meta",
+            self.prefix, self.group, self.input, partition
+        );
+        let (epoch, next): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("epoch")
+            .arg("next_offset")
+            .query(&mut self.redis.conn())
+            .unwrap();
         (epoch.unwrap_or(0), next.unwrap_or(-1))
     }
 
     pub fn outbox_len(&self, partition: i32) -> i64 {
-        let key = format!("{}:{{{}:{}:{}}}:outbox", self.prefix, self.group, self.input, partition);
-        redis::cmd("XLEN").arg(&key).query(&mut self.redis.conn()).unwrap()
+        let key = format!(
+            "{}:{{{}:{}:{}}}:outbox",
+            self.prefix, self.group, self.input, partition
+        );
+        redis::cmd("XLEN")
+            .arg(&key)
+            .query(&mut self.redis.conn())
+            .unwrap()
     }
 
     /// Waits until every partition has applied up to `ends` and its outbox is empty.
     pub fn wait_applied(&self, ends: &BTreeMap<i32, i64>, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let applied = ends.iter().all(|(p, end)| self.partition_meta(*p).1 >= *end);
+            let applied = ends
+                .iter()
+                .all(|(p, end)| self.partition_meta(*p).1 >= *end);
             let published = (0..self.partitions).all(|p| self.outbox_len(p) == 0);
             if applied && published {
                 return;
             }
-            let state: Vec<_> = ends.iter().map(|(p, end)| (p, self.partition_meta(*p).1, end, self.outbox_len(*p))).collect();
-            assert!(Instant::now() < deadline, "not applied within {timeout:?}: (partition, next, end, outbox) {state:?}");
+            let state: Vec<_> = ends
+                .iter()
+                .map(|(p, end)| (p, self.partition_meta(*p).1, end, self.outbox_len(*p)))
+                .collect();
+            assert!(
+                Instant::now() < deadline,
+                "not applied within {timeout:?}: (partition, next, end, outbox) {state:?}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -315,7 +421,10 @@ listen = "127.0.0.1:{api_port}"
     pub fn customer_state(&self, customer: &str) -> Option<tierd::domain::CustomerState> {
         let mut conn = self.redis.conn();
         for p in 0..self.partitions {
-            let key = format!("{}:{{{}:{}:{}}}:c:{}", self.prefix, self.group, self.input, p, customer);
+            let key = format!(
+                "{}:{{{}:{}:{}}}:c:{}",
+                self.prefix, self.group, self.input, p, customer
+            );
             let v: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
             if let Some(v) = v {
                 return Some(serde_json::from_slice(&v).unwrap());
@@ -356,10 +465,13 @@ pub fn read_all(brokers: &str, topic: &str, partitions: i32) -> Vec<Record> {
     let mut tpl = TopicPartitionList::new();
     let mut highs = BTreeMap::new();
     for p in 0..partitions {
-        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
         if high > 0 {
             highs.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
         }
     }
     let mut out = Vec::new();
@@ -377,7 +489,14 @@ pub fn read_all(brokers: &str, topic: &str, partitions: i32) -> Vec<Record> {
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    h.value
+                                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                                        .unwrap_or_default(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -412,7 +531,10 @@ impl Tierd {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("tierd.toml");
-        std::fs::File::create(&config).unwrap().write_all(world.config(port, extra).as_bytes()).unwrap();
+        std::fs::File::create(&config)
+            .unwrap()
+            .write_all(world.config(port, extra).as_bytes())
+            .unwrap();
         let log = dir.path().join("tierd.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tierd"))
@@ -424,13 +546,22 @@ impl Tierd {
             .stderr(out)
             .spawn()
             .unwrap();
-        let mut t = Self { child: Some(child), api: format!("http://127.0.0.1:{port}"), log, _dir: dir };
+        let mut t = Self {
+            child: Some(child),
+            api: format!("http://127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = t.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("tierd exited with {status} at startup:\n{}", t.log_text());
             }
-            assert!(Instant::now() < deadline, "tierd API did not listen within 60 s:\n{}", t.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "tierd API did not listen within 60 s:\n{}",
+                t.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         t
@@ -454,14 +585,21 @@ impl Tierd {
     pub fn wait_partitions(&self, n: i64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.metric("tierd_partitions_assigned") as i64 != n {
-            assert!(Instant::now() < deadline, "tierd did not own {n} partitions in {timeout:?}; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "tierd did not own {n} partitions in {timeout:?}; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// `GET path` → (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             match reqwest::get(format!("{}{path}", self.api)).await {
                 Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
@@ -480,7 +618,10 @@ impl Tierd {
     /// SIGTERM, then waits for a clean exit; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = c.try_wait().unwrap() {
