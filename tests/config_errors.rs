@@ -4,6 +4,13 @@ mod support;
 
 use std::process::Command;
 
+/// (config file, environment, what the error must name)
+type Case = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static str,
+);
+
 fn run(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tierd.toml");
@@ -23,7 +30,7 @@ fn run(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
 
 #[test]
 fn bad_fields_are_named() {
-    let cases: [(&str, &[(&str, &str)], &str); 7] = [
+    let cases: [Case; 7] = [
         ("[kafka]\nbrokers = 9092\n", &[], "kafka.brokers"),
         ("[kafka]\nbrokrs = \"x\"\n", &[], "brokrs"),
         (

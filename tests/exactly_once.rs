@@ -12,6 +12,9 @@ use support::{purchase, refund, Tierd, World};
 use tierd::domain::{time, Applied, CustomerState, DedupPolicy, Event, EventKind};
 use tierd::rules::Rules;
 
+/// Expected changes per customer: (sequence, previous tier, tier).
+type Changes = HashMap<String, Vec<(u64, Option<String>, String)>>;
+
 /// A generated stream: the JSON events in production order.
 fn stream(n: usize, customers: u32, seed: u64) -> Vec<serde_json::Value> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -58,16 +61,13 @@ fn stream(n: usize, customers: u32, seed: u64) -> Vec<serde_json::Value> {
 fn reference(
     events: &[serde_json::Value],
     rules: &Rules,
-) -> (
-    HashMap<String, CustomerState>,
-    HashMap<String, Vec<(u64, Option<String>, String)>>,
-) {
+) -> (HashMap<String, CustomerState>, Changes) {
     let policy = DedupPolicy {
         horizon_ms: 7 * 86_400_000,
         max_ids: 64,
     };
     let mut states: HashMap<String, CustomerState> = HashMap::new();
-    let mut changes: HashMap<String, Vec<(u64, Option<String>, String)>> = HashMap::new();
+    let mut changes: Changes = HashMap::new();
     for e in events {
         let event = Event {
             event_id: e["event_id"].as_str().unwrap().into(),

@@ -118,7 +118,10 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
         down["cause"]["partition"].as_i64().unwrap(),
         down["cause"]["offset"].as_i64().unwrap(),
     );
-    assert!(p >= 0 && p < 3 && o >= 0, "cause names the input position");
+    assert!(
+        (0..3).contains(&p) && o >= 0,
+        "cause names the input position"
+    );
 
     // API.
     let (status, body) = tierd.get("/v1/customers/alice");

@@ -10,7 +10,6 @@ use super::outbox::EntryKind;
 use crate::telemetry::Telemetry;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 use redis::aio::ConnectionManager;
 use redis::streams::StreamRangeReply;
 use redis::Value;
@@ -173,16 +172,7 @@ impl Publisher {
                 }
             }
             if let Some(e) = first_error {
-                if matches!(
-                    e,
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull
-                    )
-                ) {
-                    let _ = self
-                        .producer
-                        .poll(Timeout::After(Duration::from_millis(100)));
-                }
+                // Queue full or broker errors: the caller backs off and retries the round.
                 return Err(e.into());
             }
             let last = &reply.ids[reply.ids.len() - 1].id;
