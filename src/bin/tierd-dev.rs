@@ -80,7 +80,7 @@ fn generate(
     let customer = format!("cust-{:06}", rng.random_range(0..customers));
     let refund = rng.random_bool(0.03);
     // Mostly small baskets, sometimes a large B2B order: tiers A–D all get populated.
-    let yuan: u64 = if rng.random_bool(0.03) {
+    let yuan: u64 = if !refund && rng.random_bool(0.03) {
         rng.random_range(50_000..400_000)
     } else {
         rng.random_range(10..8_000)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The whole thing on one machine: installs what is missing (redis-server, the Tansu broker),
+# starts Redis and the broker on free loopback ports, creates the topics, starts tierd with
+# config/tierd.toml, feeds it a generated purchase stream, shows tier changes live and looks a
+# customer up through the API. Ctrl-C stops everything it started.
+#
+#   bash scripts/demo.sh [EVENTS] [CUSTOMERS] [RATE]     (defaults: 20000 1000 2000/s)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EVENTS="${1:-20000}"; CUSTOMERS="${2:-1000}"; RATE="${3:-2000}"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+bash scripts/install-deps.sh
+echo "==> Building tierd (release)"
+cargo build --release --locked --bins
+BIN=target/release
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+DIR="$(mktemp -d -t tierd-demo.XXXXXX)"
+PIDS=()
+cleanup() {
+  echo; echo "==> Stopping (logs kept in $DIR)"
+  for ((i=${#PIDS[@]}-1; i>=0; i--)); do kill "${PIDS[$i]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() { for _ in $(seq 1 300); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "$2 did not start; see $DIR" >&2; exit 1; }
+
+REDIS_PORT=$(free_port); KAFKA_PORT=$(free_port); API_PORT=$(free_port)
+echo "==> Redis on 127.0.0.1:$REDIS_PORT, Tansu broker on 127.0.0.1:$KAFKA_PORT (sqlite), API on 127.0.0.1:$API_PORT"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" >"$DIR/redis.log" 2>&1 &
+PIDS+=($!)
+(cd "$DIR" && exec tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+   --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine sqlite://tansu.db) >"$DIR/tansu.log" 2>&1 &
+PIDS+=($!)
+wait_port "$REDIS_PORT" redis-server; wait_port "$KAFKA_PORT" tansu
+
+BROKERS="127.0.0.1:$KAFKA_PORT"
+$BIN/tierd-dev --brokers "$BROKERS" create-topics --partitions 4 purchases tier-changes purchases-dlq
+
+echo "==> Starting tierd (log: $DIR/tierd.log)"
+TIERD_KAFKA__BROKERS="$BROKERS" TIERD_REDIS__URL="redis://127.0.0.1:$REDIS_PORT" \
+TIERD_API__LISTEN="127.0.0.1:$API_PORT" \
+  $BIN/tierd run --config config/tierd.toml >"$DIR/tierd.log" 2>&1 &
+PIDS+=($!)
+wait_port "$API_PORT" tierd
+
+echo "==> Tier changes, live (customer, from → to, direction, reason, lifetime spend, time):"
+$BIN/tierd-dev --brokers "$BROKERS" tail --topic tier-changes &
+PIDS+=($!)
+sleep 2
+$BIN/tierd-dev --brokers "$BROKERS" produce --topic purchases --events "$EVENTS" --customers "$CUSTOMERS" --rate "$RATE" 2>"$DIR/produce.log"
+sleep 3
+
+echo; echo "==> API: GET /v1/customers/cust-000042"
+curl -s "http://127.0.0.1:$API_PORT/v1/customers/cust-000042" | python3 -m json.tool
+echo "==> GET /readyz: $(curl -s "http://127.0.0.1:$API_PORT/readyz")"
+echo "==> Metrics:"
+curl -s "http://127.0.0.1:$API_PORT/metrics" | grep -E '^tierd_(events_applied_total|events_deduplicated_total|tier_changes_total|partitions_assigned)' | head -20
+echo; echo "tierd keeps running; produce more with:"
+echo "  $BIN/tierd-dev --brokers $BROKERS produce --events 1000 --seed 2"
+echo "Press Ctrl-C to stop everything."
+wait

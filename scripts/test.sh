@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what is missing, then runs every test: formatting, lints, unit, property and
+# integration tests (the integration tests start their own redis-server and Tansu broker on
+# free loopback ports). This is the command CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo nextest run --all-targets --locked --no-fail-fast
