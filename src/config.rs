@@ -80,7 +80,7 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
     /// librdkafka producer properties, passed through. They override tierd's defaults
-    /// (`enable.idempotence = true`, `acks = all`, `linger.ms = 5`, `compression.type = lz4`).
+    /// (`enable.idempotence = true`, `acks = all`, `linger.ms = 25`, `compression.type = lz4`).
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
 }

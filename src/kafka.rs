@@ -30,7 +30,7 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &kafka.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", "25")
         .set("compression.type", "lz4")
         .set("message.timeout.ms", "30000");
     for (k, v) in &kafka.producer {

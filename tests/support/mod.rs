@@ -567,6 +567,11 @@ impl Tierd {
         t
     }
 
+    /// Process id of the running tierd.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,0 +1,144 @@
+//! End-to-end throughput bench, in one run on this machine:
+//!   (a) the raw consume ceiling: an rdkafka consumer that only reads the input topic,
+//!   (b) tierd's sustained applied throughput on the same topic and broker,
+//!   (c) tierd's peak RSS, (d) Redis memory per customer.
+//!
+//! `cargo bench --bench pipeline` (env: BENCH_EVENTS=1000000 BENCH_CUSTOMERS=100000
+//! BENCH_PARTITIONS=4). Starts its own redis-server and Tansu broker (sqlite storage).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::{Tierd, World};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Reads `n` messages of `topic` from the beginning as fast as possible; returns msgs/s and
+/// the average value size.
+fn raw_consume(brokers: &str, topic: &str, partitions: i32, n: u64) -> (f64, usize) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", support::unique("raw"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let (mut read, mut bytes) = (0u64, 0usize);
+    let mut started = None;
+    while read < n {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            started.get_or_insert_with(Instant::now);
+            bytes += m.payload().map_or(0, <[u8]>::len);
+            read += 1;
+        }
+    }
+    let secs = started.unwrap().elapsed().as_secs_f64();
+    eprintln!("raw consume: {read} messages, {bytes} bytes in {secs:.2} s");
+    (read as f64 / secs, bytes / read.max(1) as usize)
+}
+
+fn redis_used_memory(world: &World) -> i64 {
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut world.redis.conn()).unwrap();
+    info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse().unwrap()
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU seconds per thread name of a process, e.g. `rdk:broker111=1.2 tokio-rt-worker=2.0`.
+fn thread_cpu(pid: u32) -> String {
+    let mut by_name: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default().trim().to_owned();
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let tid = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+        *by_name.entry(if name.starts_with("rdk:broker") { format!("{name}/{tid}") } else { name }).or_default() += ticks;
+    }
+    by_name.iter().filter(|(_, t)| **t > 0).map(|(n, t)| format!("{n}={:.1}", *t as f64 / 100.0)).collect::<Vec<_>>().join(" ")
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --all-targets` / nextest probing the bench: nothing to list.
+    }
+    let events = env_or("BENCH_EVENTS", 1_000_000);
+    let customers = env_or("BENCH_CUSTOMERS", 100_000);
+    let partitions = env_or("BENCH_PARTITIONS", 4) as i32;
+    let world = World::start(partitions);
+    eprintln!("producing {events} events for {customers} customers into {partitions} partitions…");
+    let status = Command::new(env!("CARGO_BIN_EXE_tierd-dev"))
+        .args(["--brokers", &world.broker.addr, "produce", "--topic", &world.input])
+        .args(["--events", &events.to_string(), "--customers", &customers.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (ceiling, sample) = raw_consume(&world.broker.addr, &world.input, partitions, events);
+
+    let redis_before = redis_used_memory(&world);
+    let extra = std::env::var("BENCH_TIERD_TOML").unwrap_or_default().replace("\\n", "\n");
+    let tierd = Tierd::spawn(&world, &extra);
+    let pid = tierd.pid().unwrap();
+    let applied = || -> i64 { (0..partitions).map(|p| world.partition_meta(p).1.max(0)).sum() };
+    let mut first: Option<(Instant, i64)> = None;
+    loop {
+        let done = applied();
+        if first.is_none() && done > 0 {
+            first = Some((Instant::now(), done));
+        }
+        if done >= events as i64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (t0, at_t0) = first.unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    let throughput = (events as i64 - at_t0) as f64 / secs;
+    let ends = (0..partitions).map(|p| (p, world.partition_meta(p).1)).collect();
+    world.wait_applied(&ends, Duration::from_secs(300));
+    let rss_peak = proc_status_kib(pid, "VmHWM:");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let cpu_ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let threads = thread_cpu(pid);
+    let redis_after = redis_used_memory(&world);
+    let changes = tierd.metric("tierd_tier_changes_total");
+    let per_customer = (redis_after - redis_before) as f64 / customers as f64;
+
+    println!("## tierd pipeline bench");
+    println!();
+    println!("- scenario: {events} events (~{sample} B JSON each), {customers} customers, {partitions} partitions, broker Tansu 0.6.0 on sqlite, Redis 7 on loopback");
+    println!("- machine: {} cores", std::thread::available_parallelism().map_or(0, usize::from));
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| (a) raw consume ceiling (rdkafka, read only) | {ceiling:.0} msg/s |");
+    println!("| (b) tierd sustained applied throughput | {throughput:.0} events/s |");
+    println!("| (b)/(a) | {:.0} % |", 100.0 * throughput / ceiling);
+    println!("| (c) tierd peak RSS (VmHWM) | {:.1} MiB |", rss_peak as f64 / 1024.0);
+    println!("| (d) Redis memory per customer | {per_customer:.0} B |");
+    println!("| tier changes published | {changes:.0} |");
+    println!("| tierd CPU time (user+sys) | {:.1} s |", cpu_ticks as f64 / 100.0);
+    println!();
+    println!("tierd CPU by thread (s): {threads}");
+}
