@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use support::{Tierd, World};
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Reads `n` messages of `topic` from the beginning as fast as possible; returns msgs/s and
@@ -32,7 +35,8 @@ fn raw_consume(brokers: &str, topic: &str, partitions: i32, n: u64) -> (f64, usi
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let (mut read, mut bytes) = (0u64, 0usize);
@@ -50,8 +54,16 @@ fn raw_consume(brokers: &str, topic: &str, partitions: i32, n: u64) -> (f64, usi
 }
 
 fn redis_used_memory(world: &World) -> i64 {
-    let info: String = redis::cmd("INFO").arg("memory").query(&mut world.redis.conn()).unwrap();
-    info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse().unwrap()
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query(&mut world.redis.conn())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
@@ -66,16 +78,44 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
 /// CPU seconds per thread name of a process, e.g. `rdk:broker111=1.2 tokio-rt-worker=2.0`.
 fn thread_cpu(pid: u32) -> String {
     let mut by_name: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let path = task.path();
-        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default().trim().to_owned();
+        let name = std::fs::read_to_string(path.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
         let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
-        let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let tid = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
-        *by_name.entry(if name.starts_with("rdk:broker") { format!("{name}/{tid}") } else { name }).or_default() += ticks;
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let tid = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_owned();
+        *by_name
+            .entry(if name.starts_with("rdk:broker") {
+                format!("{name}/{tid}")
+            } else {
+                name
+            })
+            .or_default() += ticks;
     }
-    by_name.iter().filter(|(_, t)| **t > 0).map(|(n, t)| format!("{n}={:.1}", *t as f64 / 100.0)).collect::<Vec<_>>().join(" ")
+    by_name
+        .iter()
+        .filter(|(_, t)| **t > 0)
+        .map(|(n, t)| format!("{n}={:.1}", *t as f64 / 100.0))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn main() {
@@ -88,18 +128,35 @@ fn main() {
     let world = World::start(partitions);
     eprintln!("producing {events} events for {customers} customers into {partitions} partitions…");
     let status = Command::new(env!("CARGO_BIN_EXE_tierd-dev"))
-        .args(["--brokers", &world.broker.addr, "produce", "--topic", &world.input])
-        .args(["--events", &events.to_string(), "--customers", &customers.to_string()])
+        .args([
+            "--brokers",
+            &world.broker.addr,
+            "produce",
+            "--topic",
+            &world.input,
+        ])
+        .args([
+            "--events",
+            &events.to_string(),
+            "--customers",
+            &customers.to_string(),
+        ])
         .status()
         .unwrap();
     assert!(status.success());
     let (ceiling, sample) = raw_consume(&world.broker.addr, &world.input, partitions, events);
 
     let redis_before = redis_used_memory(&world);
-    let extra = std::env::var("BENCH_TIERD_TOML").unwrap_or_default().replace("\\n", "\n");
+    let extra = std::env::var("BENCH_TIERD_TOML")
+        .unwrap_or_default()
+        .replace("\\n", "\n");
     let tierd = Tierd::spawn(&world, &extra);
     let pid = tierd.pid().unwrap();
-    let applied = || -> i64 { (0..partitions).map(|p| world.partition_meta(p).1.max(0)).sum() };
+    let applied = || -> i64 {
+        (0..partitions)
+            .map(|p| world.partition_meta(p).1.max(0))
+            .sum()
+    };
     let mut first: Option<(Instant, i64)> = None;
     loop {
         let done = applied();
@@ -114,13 +171,24 @@ fn main() {
     let (t0, at_t0) = first.unwrap();
     let secs = t0.elapsed().as_secs_f64();
     let throughput = (events as i64 - at_t0) as f64 / secs;
-    let ends = (0..partitions).map(|p| (p, world.partition_meta(p).1)).collect();
+    let ends = (0..partitions)
+        .map(|p| (p, world.partition_meta(p).1))
+        .collect();
     world.wait_applied(&ends, Duration::from_secs(300));
     let rss_peak = proc_status_kib(pid, "VmHWM:");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let cpu_ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let cpu_ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     let threads = thread_cpu(pid);
+    if std::env::var("BENCH_KEEP_LOG").is_ok() {
+        let _ = std::fs::copy(&tierd.log, "/tmp/bench-tierd.log");
+    }
     let redis_after = redis_used_memory(&world);
     let changes = tierd.metric("tierd_tier_changes_total");
     let per_customer = (redis_after - redis_before) as f64 / customers as f64;
@@ -128,17 +196,26 @@ fn main() {
     println!("## tierd pipeline bench");
     println!();
     println!("- scenario: {events} events (~{sample} B JSON each), {customers} customers, {partitions} partitions, broker Tansu 0.6.0 on sqlite, Redis 7 on loopback");
-    println!("- machine: {} cores", std::thread::available_parallelism().map_or(0, usize::from));
+    println!(
+        "- machine: {} cores",
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
     println!();
     println!("| measure | value |");
     println!("|---|---|");
     println!("| (a) raw consume ceiling (rdkafka, read only) | {ceiling:.0} msg/s |");
     println!("| (b) tierd sustained applied throughput | {throughput:.0} events/s |");
     println!("| (b)/(a) | {:.0} % |", 100.0 * throughput / ceiling);
-    println!("| (c) tierd peak RSS (VmHWM) | {:.1} MiB |", rss_peak as f64 / 1024.0);
+    println!(
+        "| (c) tierd peak RSS (VmHWM) | {:.1} MiB |",
+        rss_peak as f64 / 1024.0
+    );
     println!("| (d) Redis memory per customer | {per_customer:.0} B |");
     println!("| tier changes published | {changes:.0} |");
-    println!("| tierd CPU time (user+sys) | {:.1} s |", cpu_ticks as f64 / 100.0);
+    println!(
+        "| tierd CPU time (user+sys) | {:.1} s |",
+        cpu_ticks as f64 / 100.0
+    );
     println!();
     println!("tierd CPU by thread (s): {threads}");
 }

@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         batch_max: config.publish.batch_max,
         interval: Duration::from_millis(config.publish.interval_ms),
         telemetry: telemetry.clone(),
+        lane: Arc::default(),
     };
     let keyspace = Keyspace::new(
         &config.redis.key_prefix,

@@ -325,7 +325,8 @@ impl Config {
         if let Some(p) = path {
             f = f.merge(Toml::file_exact(p));
         }
-        f.merge(Env::prefixed("TIERD_").split("__"))
+        // TIERD_LOG_FORMAT is a command-line setting (clap reads it), not a config field.
+        f.merge(Env::prefixed("TIERD_").ignore(&["LOG_FORMAT"]).split("__"))
     }
 
     /// Extracts and validates from any figment (tests use inline TOML).

@@ -10,9 +10,19 @@ use tierd::apply::keys::Keyspace;
 use tierd::apply::store::{self, ApplyError, CommitBatch, Committed};
 
 #[test]
-fn two_instances_share_and_hand_over_partitions_without_double_applying() {
+fn cooperative_rebalance_shares_and_hands_over_partitions_without_double_applying() {
+    share_and_hand_over("");
+}
+
+#[test]
+fn eager_rebalance_shares_and_hands_over_partitions_without_double_applying() {
+    share_and_hand_over("\"partition.assignment.strategy\" = \"range\"");
+}
+
+fn share_and_hand_over(consumer: &str) {
+    let eager = !consumer.is_empty();
     let world = World::start(4);
-    let a = Tierd::spawn(&world, "");
+    let a = Tierd::spawn_with(&world, consumer, "");
     a.wait_partitions(4, Duration::from_secs(60));
 
     let batch = |from: usize, to: usize| -> Vec<serde_json::Value> {
@@ -35,8 +45,9 @@ fn two_instances_share_and_hand_over_partitions_without_double_applying() {
     };
     produce(&mut ends, batch(0, 3_000));
 
-    // A second member joins: cooperative-sticky moves half of the partitions to it.
-    let mut b = Tierd::spawn(&world, "");
+    // A second member joins: half of the partitions move to it (eager: all are revoked and
+    // reassigned).
+    let mut b = Tierd::spawn_with(&world, consumer, "");
     b.wait_partitions(2, Duration::from_secs(60));
     a.wait_partitions(2, Duration::from_secs(60));
     produce(&mut ends, batch(3_000, 6_000));

@@ -272,6 +272,11 @@ impl World {
 
     /// The tierd config for this world; `extra` is appended verbatim (more TOML tables).
     pub fn config(&self, api_port: u16, extra: &str) -> String {
+        self.config_with(api_port, "", extra)
+    }
+
+    /// Like [`World::config`], with extra lines in the `[kafka.consumer]` table.
+    pub fn config_with(&self, api_port: u16, consumer: &str, extra: &str) -> String {
         let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/b2b.toml");
         format!(
             r#"
@@ -285,6 +290,7 @@ dead_letter_topic = "{}"
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
 "statistics.interval.ms" = "500"
+{consumer}
 [redis]
 url = "{}"
 key_prefix = "{}"
@@ -528,19 +534,28 @@ pub struct Tierd {
 
 impl Tierd {
     pub fn spawn(world: &World, extra: &str) -> Self {
+        Self::spawn_with(world, "", extra)
+    }
+
+    /// Spawns with extra `[kafka.consumer]` properties (e.g. an eager assignor).
+    pub fn spawn_with(world: &World, consumer: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("tierd.toml");
         std::fs::File::create(&config)
             .unwrap()
-            .write_all(world.config(port, extra).as_bytes())
+            .write_all(world.config_with(port, consumer, extra).as_bytes())
             .unwrap();
         let log = dir.path().join("tierd.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tierd"))
             .args(["run", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "info,librdkafka=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_TIERD_RUST_LOG")
+                    .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+            )
             .env("TIERD_PUBLISH__INTERVAL_MS", "100")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
