@@ -448,8 +448,11 @@ impl Config {
         if self.publish.interval_ms == 0 {
             return bad("publish.interval_ms", "must be at least 1");
         }
-        if self.publish.dead_letter_max_bytes < 1024 {
-            return bad("publish.dead_letter_max_bytes", "must be at least 1024");
+        if !(1024..=900_000).contains(&self.publish.dead_letter_max_bytes) {
+            return bad(
+                "publish.dead_letter_max_bytes",
+                "must be 1024..=900000 (key, headers and value must fit Kafka's default 1 MB record limit)",
+            );
         }
         if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("api.listen", "must be an IP:port socket address");

@@ -1,8 +1,5 @@
 //! Exact money: decimal text → integer minor units, and back, never through binary floating point.
 
-use rust_decimal::Decimal;
-use std::str::FromStr;
-
 /// Why an amount could not be turned into minor units.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MoneyError {
@@ -22,35 +19,68 @@ pub enum MoneyError {
 /// digits are accepted (`"12.500"` is 1250 cents); a non-zero digit beyond them is an error.
 /// The sign is kept: negative amounts are a rule violation decided by the caller.
 ///
+/// Exact for any length of input: digits are shifted as text, never rounded (a decimal type
+/// with 28 significant digits would silently round `1.00000000000000000000000000001`).
+///
 /// # Errors
 /// [`MoneyError`] naming what is wrong with the text.
 pub fn parse_minor(text: &str, fraction_digits: u32, max_minor: i64) -> Result<i64, MoneyError> {
-    let t = text.trim();
-    if t.is_empty() || t != text || t.starts_with('+') || t.contains('_') {
-        return Err(MoneyError::NotANumber(text.to_owned()));
-    }
-    let parsed = if t.contains(['e', 'E']) {
-        Decimal::from_scientific(t)
-    } else {
-        Decimal::from_str_exact(t)
+    let nan = || MoneyError::NotANumber(text.to_owned());
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
     };
-    let mut d = parsed.map_err(|_| MoneyError::NotANumber(text.to_owned()))?;
-    d = d.normalize();
-    if d.scale() > fraction_digits {
-        return Err(MoneyError::TooPrecise {
-            digits: d.scale(),
-            allowed: fraction_digits,
-        });
+    let (number, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((n, e)) => (n, Some(e)),
+        None => (unsigned, None),
+    };
+    let (int, frac) = match number.split_once('.') {
+        Some((i, f)) => (i, f),
+        None => (number, ""),
+    };
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || !all_digits(int) || !all_digits(frac) || (number.contains('.') && frac.is_empty()) {
+        return Err(nan());
     }
-    let scaled = d
-        .checked_mul(Decimal::from(10i64.pow(fraction_digits)))
-        .ok_or(MoneyError::TooLarge { max_minor })?;
-    let minor = i64::try_from(scaled.mantissa() / 10i128.pow(scaled.scale()))
-        .map_err(|_| MoneyError::TooLarge { max_minor })?;
-    if minor.unsigned_abs() > max_minor.unsigned_abs() {
-        return Err(MoneyError::TooLarge { max_minor });
+    // Power of ten applied to the digit string `int ++ frac`, counted in minor units.
+    let mut shift = i64::from(fraction_digits) - frac.len() as i64;
+    if let Some(e) = exponent {
+        let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+        if digits.is_empty() || !all_digits(digits) {
+            return Err(nan());
+        }
+        // Saturate absurd exponents: they end as TooLarge or TooPrecise below.
+        let magnitude = digits.parse::<i64>().unwrap_or(i64::MAX / 4).min(i64::MAX / 4);
+        shift += if e.starts_with('-') { -magnitude } else { magnitude };
     }
-    Ok(minor)
+    let mantissa = format!("{int}{frac}");
+    let mut significant = mantissa.trim_start_matches('0');
+    // Trailing zeros only move the decimal point.
+    while shift < 0 && significant.ends_with('0') {
+        significant = &significant[..significant.len() - 1];
+        shift += 1;
+    }
+    if significant.is_empty() {
+        return Ok(0);
+    }
+    if shift < 0 {
+        let digits = u32::try_from(i64::from(fraction_digits) - shift).unwrap_or(u32::MAX);
+        return Err(MoneyError::TooPrecise { digits, allowed: fraction_digits });
+    }
+    let too_large = MoneyError::TooLarge { max_minor };
+    if significant.len() as i64 + shift > 19 {
+        return Err(too_large);
+    }
+    let value = significant
+        .parse::<i128>()
+        .ok()
+        .and_then(|v| v.checked_mul(10i128.checked_pow(u32::try_from(shift).ok()?)?))
+        .ok_or(too_large.clone())?;
+    if value > i128::from(max_minor.unsigned_abs().min(i64::MAX as u64)) {
+        return Err(too_large);
+    }
+    let value = i64::try_from(value).map_err(|_| too_large)?;
+    Ok(if negative { -value } else { value })
 }
 
 /// Formats minor units as a decimal string with exactly `fraction_digits` digits
@@ -76,11 +106,6 @@ pub fn format_minor(minor: i128, fraction_digits: u32) -> String {
 /// As [`parse_minor`], with no upper bound beyond `i64`.
 pub fn parse_threshold(text: &str, fraction_digits: u32) -> Result<i64, MoneyError> {
     parse_minor(text, fraction_digits, i64::MAX)
-}
-
-/// Exact decimal value of minor units, for display and comparisons in reports.
-pub fn to_decimal(minor: i128, fraction_digits: u32) -> Decimal {
-    Decimal::from_str(&format_minor(minor, fraction_digits)).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -136,7 +161,17 @@ mod tests {
             parse_minor("10000000000.01", 2, MAX),
             Err(MoneyError::TooLarge { max_minor: MAX })
         );
-        assert!(parse_minor("1e40", 2, MAX).is_err());
+        assert_eq!(parse_minor("1e40", 2, MAX), Err(MoneyError::TooLarge { max_minor: MAX }));
+        assert_eq!(parse_minor("1e999999999999999999999", 2, MAX), Err(MoneyError::TooLarge { max_minor: MAX }));
+        assert_eq!(parse_minor("123456789012345678901234567890", 2, MAX), Err(MoneyError::TooLarge { max_minor: MAX }));
+        // More digits than a 96-bit decimal holds: still exact, so still too precise.
+        assert_eq!(
+            parse_minor("1.0000000000000000000000000001e0", 2, MAX),
+            Err(MoneyError::TooPrecise { digits: 28, allowed: 2 })
+        );
+        assert_eq!(parse_minor("1e-999999999999999999999", 2, MAX).unwrap_err(), MoneyError::TooPrecise { digits: u32::MAX, allowed: 2 });
+        assert_eq!(parse_minor("0e-50", 2, MAX), Ok(0));
+        assert_eq!(parse_minor("1.50e-1", 2, MAX), Ok(15));
     }
 
     #[test]

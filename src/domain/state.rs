@@ -150,14 +150,15 @@ impl CustomerState {
         dedup: DedupPolicy,
     ) -> Applied<'r> {
         let at = event.occurred_at_ms;
+        let id = xxhash_rust::xxh3::xxh3_64(event.event_id.as_bytes());
+        // A remembered id is a duplicate even at or below the floor.
+        if self.ids.iter().any(|&(h, _)| h == id) {
+            return Applied::Duplicate;
+        }
         if at <= self.floor {
             return Applied::TooLate {
                 floor_ms: self.floor,
             };
-        }
-        let id = xxhash_rust::xxh3::xxh3_64(event.event_id.as_bytes());
-        if self.ids.iter().any(|&(h, _)| h == id) {
-            return Applied::Duplicate;
         }
         match event.kind {
             EventKind::Purchase => {

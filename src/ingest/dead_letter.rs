@@ -20,7 +20,16 @@ pub mod headers {
     pub const TIMESTAMP: &str = "tierd.source.timestamp";
     /// Present when the value was cut to `publish.dead_letter_max_bytes`: the original length.
     pub const TRUNCATED_FROM: &str = "tierd.truncated_from";
+    /// Present when the key was cut to [`super::MAX_KEY_BYTES`]: the original length.
+    pub const KEY_TRUNCATED_FROM: &str = "tierd.key_truncated_from";
 }
+
+/// Dead-letter keys are cut to this many bytes, so key + value + headers always stay under
+/// Kafka's default 1 MB record limit (a record the broker refuses would block the outbox).
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// `tierd.detail` is cut to this many characters.
+const MAX_DETAIL_CHARS: usize = 512;
 
 /// Where a rejected message came from.
 #[derive(Debug, Clone, Copy)]
@@ -46,7 +55,7 @@ pub fn entry(
     let value = value.unwrap_or_default();
     let mut pairs: Vec<(&str, String)> = vec![
         (headers::REASON, rejection.reason.as_str().to_owned()),
-        (headers::DETAIL, rejection.detail.clone()),
+        (headers::DETAIL, rejection.detail.chars().take(MAX_DETAIL_CHARS).collect()),
         (headers::TOPIC, source.topic.to_owned()),
         (headers::PARTITION, source.partition.to_string()),
         (headers::OFFSET, source.offset.to_string()),
@@ -60,14 +69,39 @@ pub fn entry(
     } else {
         value
     };
+    let key_bytes = key.unwrap_or_default();
+    if key_bytes.len() > MAX_KEY_BYTES {
+        pairs.push((headers::KEY_TRUNCATED_FROM, key_bytes.len().to_string()));
+    }
     OutboxEntry {
         kind: if key.is_some() {
             EntryKind::DeadLetter
         } else {
             EntryKind::DeadLetterNoKey
         },
-        key: key.unwrap_or_default().to_vec(),
+        key: key_bytes[..key_bytes.len().min(MAX_KEY_BYTES)].to_vec(),
         value: kept.to_vec(),
         headers: serde_json::to_vec(&pairs).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::decode::Reason;
+
+    #[test]
+    fn key_value_and_detail_are_bounded() {
+        let source = Source { topic: "in", partition: 1, offset: 7, timestamp_ms: Some(5) };
+        let rejection = Rejection { reason: Reason::KeyMismatch, detail: "x".repeat(10_000) };
+        let e = entry(source, Some(&[b'k'; 5000]), Some(&[b'v'; 5000]), &rejection, 2000);
+        assert_eq!((e.key.len(), e.value.len()), (MAX_KEY_BYTES, 2000));
+        let headers: Vec<(String, String)> = serde_json::from_slice(&e.headers).unwrap();
+        let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get(headers::KEY_TRUNCATED_FROM).as_deref(), Some("5000"));
+        assert_eq!(get(headers::TRUNCATED_FROM).as_deref(), Some("5000"));
+        assert_eq!(get(headers::DETAIL).map(|d| d.len()), Some(MAX_DETAIL_CHARS));
+        assert_eq!(get(headers::OFFSET).as_deref(), Some("7"));
+        assert_eq!(e.kind, EntryKind::DeadLetter);
     }
 }

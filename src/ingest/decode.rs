@@ -265,7 +265,7 @@ pub fn decode(
                 Reason::KeyMismatch,
                 format!(
                     "message key {:?} differs from customer_id {customer_id:?}",
-                    String::from_utf8_lossy(k)
+                    String::from_utf8_lossy(&k[..k.len().min(MAX_ID_CHARS * 4)])
                 ),
             ))
         }
