@@ -80,7 +80,8 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
     /// librdkafka producer properties, passed through. They override tierd's defaults
-    /// (`enable.idempotence = true`, `acks = all`, `linger.ms = 25`, `compression.type = lz4`).
+    /// (`acks = all`, `linger.ms = 25`, `compression.type = lz4`, `message.timeout.ms = 0`: never
+    /// time out, which would break per-customer order); `enable.idempotence` is always true.
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
 }

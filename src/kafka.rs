@@ -32,9 +32,14 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
         .set("acks", "all")
         .set("linger.ms", "25")
         .set("compression.type", "lz4")
-        .set("message.timeout.ms", "30000");
+        // Never time a record out: a timed-out change followed by a delivered later change of
+        // the same customer would be re-published out of order. Records wait in the outbox
+        // (and the producer queue) until the broker takes them.
+        .set("message.timeout.ms", "0");
     for (k, v) in &kafka.producer {
         c.set(k, v);
     }
+    // Idempotence is what keeps order and drops broker-side duplicates on retries.
+    c.set("enable.idempotence", "true");
     c
 }

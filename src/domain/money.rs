@@ -39,7 +39,11 @@ pub fn parse_minor(text: &str, fraction_digits: u32, max_minor: i64) -> Result<i
         None => (number, ""),
     };
     let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if int.is_empty() || !all_digits(int) || !all_digits(frac) || (number.contains('.') && frac.is_empty()) {
+    if int.is_empty()
+        || !all_digits(int)
+        || !all_digits(frac)
+        || (number.contains('.') && frac.is_empty())
+    {
         return Err(nan());
     }
     // Power of ten applied to the digit string `int ++ frac`, counted in minor units.
@@ -50,8 +54,15 @@ pub fn parse_minor(text: &str, fraction_digits: u32, max_minor: i64) -> Result<i
             return Err(nan());
         }
         // Saturate absurd exponents: they end as TooLarge or TooPrecise below.
-        let magnitude = digits.parse::<i64>().unwrap_or(i64::MAX / 4).min(i64::MAX / 4);
-        shift += if e.starts_with('-') { -magnitude } else { magnitude };
+        let magnitude = digits
+            .parse::<i64>()
+            .unwrap_or(i64::MAX / 4)
+            .min(i64::MAX / 4);
+        shift += if e.starts_with('-') {
+            -magnitude
+        } else {
+            magnitude
+        };
     }
     let mantissa = format!("{int}{frac}");
     let mut significant = mantissa.trim_start_matches('0');
@@ -65,7 +76,10 @@ pub fn parse_minor(text: &str, fraction_digits: u32, max_minor: i64) -> Result<i
     }
     if shift < 0 {
         let digits = u32::try_from(i64::from(fraction_digits) - shift).unwrap_or(u32::MAX);
-        return Err(MoneyError::TooPrecise { digits, allowed: fraction_digits });
+        return Err(MoneyError::TooPrecise {
+            digits,
+            allowed: fraction_digits,
+        });
     }
     let too_large = MoneyError::TooLarge { max_minor };
     if significant.len() as i64 + shift > 19 {
@@ -161,15 +175,33 @@ mod tests {
             parse_minor("10000000000.01", 2, MAX),
             Err(MoneyError::TooLarge { max_minor: MAX })
         );
-        assert_eq!(parse_minor("1e40", 2, MAX), Err(MoneyError::TooLarge { max_minor: MAX }));
-        assert_eq!(parse_minor("1e999999999999999999999", 2, MAX), Err(MoneyError::TooLarge { max_minor: MAX }));
-        assert_eq!(parse_minor("123456789012345678901234567890", 2, MAX), Err(MoneyError::TooLarge { max_minor: MAX }));
+        assert_eq!(
+            parse_minor("1e40", 2, MAX),
+            Err(MoneyError::TooLarge { max_minor: MAX })
+        );
+        assert_eq!(
+            parse_minor("1e999999999999999999999", 2, MAX),
+            Err(MoneyError::TooLarge { max_minor: MAX })
+        );
+        assert_eq!(
+            parse_minor("123456789012345678901234567890", 2, MAX),
+            Err(MoneyError::TooLarge { max_minor: MAX })
+        );
         // More digits than a 96-bit decimal holds: still exact, so still too precise.
         assert_eq!(
             parse_minor("1.0000000000000000000000000001e0", 2, MAX),
-            Err(MoneyError::TooPrecise { digits: 28, allowed: 2 })
+            Err(MoneyError::TooPrecise {
+                digits: 28,
+                allowed: 2
+            })
         );
-        assert_eq!(parse_minor("1e-999999999999999999999", 2, MAX).unwrap_err(), MoneyError::TooPrecise { digits: u32::MAX, allowed: 2 });
+        assert_eq!(
+            parse_minor("1e-999999999999999999999", 2, MAX).unwrap_err(),
+            MoneyError::TooPrecise {
+                digits: u32::MAX,
+                allowed: 2
+            }
+        );
         assert_eq!(parse_minor("0e-50", 2, MAX), Ok(0));
         assert_eq!(parse_minor("1.50e-1", 2, MAX), Ok(15));
     }

@@ -55,7 +55,10 @@ pub fn entry(
     let value = value.unwrap_or_default();
     let mut pairs: Vec<(&str, String)> = vec![
         (headers::REASON, rejection.reason.as_str().to_owned()),
-        (headers::DETAIL, rejection.detail.chars().take(MAX_DETAIL_CHARS).collect()),
+        (
+            headers::DETAIL,
+            rejection.detail.chars().take(MAX_DETAIL_CHARS).collect(),
+        ),
         (headers::TOPIC, source.topic.to_owned()),
         (headers::PARTITION, source.partition.to_string()),
         (headers::OFFSET, source.offset.to_string()),
@@ -92,15 +95,32 @@ mod tests {
 
     #[test]
     fn key_value_and_detail_are_bounded() {
-        let source = Source { topic: "in", partition: 1, offset: 7, timestamp_ms: Some(5) };
-        let rejection = Rejection { reason: Reason::KeyMismatch, detail: "x".repeat(10_000) };
-        let e = entry(source, Some(&[b'k'; 5000]), Some(&[b'v'; 5000]), &rejection, 2000);
+        let source = Source {
+            topic: "in",
+            partition: 1,
+            offset: 7,
+            timestamp_ms: Some(5),
+        };
+        let rejection = Rejection {
+            reason: Reason::KeyMismatch,
+            detail: "x".repeat(10_000),
+        };
+        let e = entry(
+            source,
+            Some(&[b'k'; 5000]),
+            Some(&[b'v'; 5000]),
+            &rejection,
+            2000,
+        );
         assert_eq!((e.key.len(), e.value.len()), (MAX_KEY_BYTES, 2000));
         let headers: Vec<(String, String)> = serde_json::from_slice(&e.headers).unwrap();
         let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         assert_eq!(get(headers::KEY_TRUNCATED_FROM).as_deref(), Some("5000"));
         assert_eq!(get(headers::TRUNCATED_FROM).as_deref(), Some("5000"));
-        assert_eq!(get(headers::DETAIL).map(|d| d.len()), Some(MAX_DETAIL_CHARS));
+        assert_eq!(
+            get(headers::DETAIL).map(|d| d.len()),
+            Some(MAX_DETAIL_CHARS)
+        );
         assert_eq!(get(headers::OFFSET).as_deref(), Some("7"));
         assert_eq!(e.kind, EntryKind::DeadLetter);
     }

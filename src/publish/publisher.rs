@@ -11,7 +11,7 @@ use crate::telemetry::Telemetry;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::aio::ConnectionManager;
-use redis::streams::StreamRangeReply;
+use redis::streams::{StreamId, StreamRangeReply};
 use redis::Value;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +21,9 @@ use tracing::{debug, warn};
 /// Bytes produced per round at most (unless one entry alone is larger): under librdkafka's
 /// default `batch.size` (1 MB) so that a round needs one produce request per partition.
 const ROUND_MAX_BYTES: usize = 512 * 1024;
+
+/// How long a stopping publisher keeps retrying its final drain.
+const FINAL_DRAIN: Duration = Duration::from_secs(10);
 
 /// Where a partition's outbox goes.
 #[derive(Clone)]
@@ -61,8 +64,9 @@ pub enum PublishError {
 }
 
 impl Publisher {
-    /// Drains `outbox` whenever woken (or every `interval`) until `stop` turns true; then makes
-    /// a final drain attempt so a clean shutdown leaves nothing behind.
+    /// Drains `outbox` whenever woken (or every `interval`) until `stop` turns true (or its
+    /// sender is dropped); then makes final drain attempts for up to `FINAL_DRAIN` so a clean
+    /// shutdown leaves nothing behind. Whatever is left is published by the next owner.
     pub async fn run(
         self,
         partition: i32,
@@ -72,31 +76,40 @@ impl Publisher {
         mut stop: watch::Receiver<bool>,
     ) {
         let label = partition.to_string();
+        let mut stopping_since: Option<tokio::time::Instant> = None;
         loop {
-            let stopping = *stop.borrow();
+            let stopping = stopping_since.is_some();
             match self.drain(&mut conn, &outbox, &label).await {
+                Ok(()) if stopping => return,
                 Ok(()) => {}
                 Err(error) => {
                     self.telemetry.publish_errors.inc();
                     warn!(partition, %error, "Publishing the outbox failed; retrying.");
-                    if !stopping {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
+                    if stopping_since.is_some_and(|t| t.elapsed() >= FINAL_DRAIN) {
+                        warn!(
+                            partition,
+                            "Giving up the final outbox drain; the next owner publishes the rest."
+                        );
+                        return;
                     }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
                 }
-            }
-            if stopping {
-                return;
             }
             tokio::select! {
                 () = wake.notified() => {}
                 () = tokio::time::sleep(self.interval) => {}
-                _ = stop.changed() => {}
+                // A dropped sender means the partition was released: stop as well.
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        stopping_since = Some(tokio::time::Instant::now());
+                    }
+                }
             }
         }
     }
 
-    /// Publishes everything in the outbox, batch by batch.
+    /// Publishes everything in the outbox.
     ///
     /// # Errors
     /// [`PublishError`]; nothing is trimmed that was not acknowledged.
@@ -115,116 +128,14 @@ impl Publisher {
                 .arg(self.batch_max)
                 .query_async(conn)
                 .await?;
-            if reply.ids.is_empty() {
-                self.telemetry
-                    .outbox_depth
-                    .with_label_values(&[label])
-                    .set(0);
-                return Ok(());
+            let read = reply.ids.len();
+            let mut rest = reply.ids.as_slice();
+            while !rest.is_empty() {
+                let n = round_len(rest);
+                self.publish_round(conn, outbox, &rest[..n]).await?;
+                rest = &rest[n..];
             }
-            // One round stays under one produce request per partition (see `lane`).
-            let mut round_bytes = 0usize;
-            let round = reply
-                .ids
-                .iter()
-                .take_while(|entry| {
-                    let size: usize = entry
-                        .map
-                        .values()
-                        .map(|v| match v {
-                            Value::BulkString(b) => b.len(),
-                            _ => 0,
-                        })
-                        .sum();
-                    let first = round_bytes == 0;
-                    round_bytes += size;
-                    first || round_bytes <= ROUND_MAX_BYTES
-                })
-                .count();
-            let round = &reply.ids[..round];
-            let lane = self.lane.lock().await;
-            let mut deliveries = Vec::with_capacity(round.len());
-            for entry in round {
-                let field = |name: &str| match entry.map.get(name) {
-                    Some(Value::BulkString(b)) => Ok(b.as_slice()),
-                    _ => Err(PublishError::Malformed {
-                        id: entry.id.clone(),
-                        message: format!("field {name} missing"),
-                    }),
-                };
-                let kind =
-                    EntryKind::from_code(field("t")?).ok_or_else(|| PublishError::Malformed {
-                        id: entry.id.clone(),
-                        message: "unknown kind".into(),
-                    })?;
-                let (key, value, headers) = (field("k")?, field("v")?, field("h")?);
-                let topic = match kind {
-                    EntryKind::Change => &self.output_topic,
-                    EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => &self.dead_letter_topic,
-                };
-                let mut record: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(topic).payload(value);
-                if kind != EntryKind::DeadLetterNoKey {
-                    record = record.key(key);
-                }
-                if !headers.is_empty() {
-                    let pairs: Vec<(String, String)> =
-                        serde_json::from_slice(headers).map_err(|e| PublishError::Malformed {
-                            id: entry.id.clone(),
-                            message: e.to_string(),
-                        })?;
-                    let mut h = OwnedHeaders::new_with_capacity(pairs.len());
-                    for (k, v) in &pairs {
-                        h = h.insert(Header {
-                            key: k,
-                            value: Some(v.as_bytes()),
-                        });
-                    }
-                    record = record.headers(h);
-                }
-                // Queue in stream order; the delivery futures are awaited below.
-                deliveries.push((kind, self.producer.send_result(record)));
-            }
-            let mut first_error = None;
-            let mut counts = [0u64; 2];
-            for (kind, queued) in deliveries {
-                let outcome = match queued {
-                    Ok(delivery) => match delivery.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((e, _))) => Err(e),
-                        Err(_) => Err(rdkafka::error::KafkaError::Canceled),
-                    },
-                    Err((e, _)) => Err(e),
-                };
-                match outcome {
-                    Ok(()) => counts[usize::from(kind != EntryKind::Change)] += 1,
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
-                }
-            }
-            drop(lane);
-            if let Some(e) = first_error {
-                // Queue full or broker errors: the caller backs off and retries the round.
-                return Err(e.into());
-            }
-            let last = &round[round.len() - 1].id;
-            let _: i64 = redis::cmd("XTRIM")
-                .arg(outbox)
-                .arg("MINID")
-                .arg(next_stream_id(last))
-                .query_async(conn)
-                .await?;
-            self.telemetry
-                .outbox_published
-                .with_label_values(&["change"])
-                .inc_by(counts[0]);
-            self.telemetry
-                .outbox_published
-                .with_label_values(&["dead_letter"])
-                .inc_by(counts[1]);
-            debug!(outbox, published = round.len(), "Outbox batch published.");
-            if round.len() < self.batch_max {
+            if read < self.batch_max {
                 let depth: i64 = redis::cmd("XLEN").arg(outbox).query_async(conn).await?;
                 self.telemetry
                     .outbox_depth
@@ -236,6 +147,121 @@ impl Publisher {
             }
         }
     }
+
+    /// Produces one round in stream order, waits for every acknowledgement, then trims it.
+    async fn publish_round(
+        &self,
+        conn: &mut ConnectionManager,
+        outbox: &str,
+        round: &[StreamId],
+    ) -> Result<(), PublishError> {
+        let lane = self.lane.lock().await;
+        let mut deliveries = Vec::with_capacity(round.len());
+        for entry in round {
+            let field = |name: &str| match entry.map.get(name) {
+                Some(Value::BulkString(b)) => Ok(b.as_slice()),
+                _ => Err(PublishError::Malformed {
+                    id: entry.id.clone(),
+                    message: format!("field {name} missing"),
+                }),
+            };
+            let kind =
+                EntryKind::from_code(field("t")?).ok_or_else(|| PublishError::Malformed {
+                    id: entry.id.clone(),
+                    message: "unknown kind".into(),
+                })?;
+            let (key, value, headers) = (field("k")?, field("v")?, field("h")?);
+            let topic = match kind {
+                EntryKind::Change => &self.output_topic,
+                EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => &self.dead_letter_topic,
+            };
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value);
+            if kind != EntryKind::DeadLetterNoKey {
+                record = record.key(key);
+            }
+            if !headers.is_empty() {
+                let pairs: Vec<(String, String)> =
+                    serde_json::from_slice(headers).map_err(|e| PublishError::Malformed {
+                        id: entry.id.clone(),
+                        message: e.to_string(),
+                    })?;
+                let mut h = OwnedHeaders::new_with_capacity(pairs.len());
+                for (k, v) in &pairs {
+                    h = h.insert(Header {
+                        key: k,
+                        value: Some(v.as_bytes()),
+                    });
+                }
+                record = record.headers(h);
+            }
+            // Queue in stream order; the delivery futures are awaited below.
+            deliveries.push((kind, self.producer.send_result(record)));
+        }
+        let mut first_error = None;
+        let mut counts = [0u64; 2];
+        for (kind, queued) in deliveries {
+            let outcome = match queued {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(rdkafka::error::KafkaError::Canceled),
+                },
+                Err((e, _)) => Err(e),
+            };
+            match outcome {
+                Ok(()) => counts[usize::from(kind != EntryKind::Change)] += 1,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        drop(lane);
+        if let Some(e) = first_error {
+            // Queue full or broker errors: the caller backs off and retries the round.
+            return Err(e.into());
+        }
+        let last = &round[round.len() - 1].id;
+        let _: i64 = redis::cmd("XTRIM")
+            .arg(outbox)
+            .arg("MINID")
+            .arg(next_stream_id(last))
+            .query_async(conn)
+            .await?;
+        self.telemetry
+            .outbox_published
+            .with_label_values(&["change"])
+            .inc_by(counts[0]);
+        self.telemetry
+            .outbox_published
+            .with_label_values(&["dead_letter"])
+            .inc_by(counts[1]);
+        debug!(outbox, published = round.len(), "Outbox round published.");
+        Ok(())
+    }
+}
+
+/// How many leading entries form one round: at most [`ROUND_MAX_BYTES`], at least one.
+fn round_len(entries: &[StreamId]) -> usize {
+    let mut bytes = 0usize;
+    let n = entries
+        .iter()
+        .take_while(|entry| {
+            let size: usize = entry
+                .map
+                .values()
+                .map(|v| {
+                    if let Value::BulkString(b) = v {
+                        b.len()
+                    } else {
+                        0
+                    }
+                })
+                .sum();
+            bytes += size;
+            bytes <= ROUND_MAX_BYTES
+        })
+        .count();
+    n.max(1)
 }
 
 /// The smallest stream id after `id` (`"5-3"` → `"5-4"`): XTRIM MINID keeps ids ≥ it.
