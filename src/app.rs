@@ -7,7 +7,7 @@ use crate::apply::{Ownership, Pipeline};
 use crate::config::Config;
 use crate::domain::change::MoneyFormat;
 use crate::domain::DedupPolicy;
-use crate::ingest::consumer::{self, Batching, IngestContext};
+use crate::ingest::consumer::{self, Batching, IngestContext, IngestParts};
 use crate::ingest::decode::DecodeLimits;
 use crate::publish::publisher::Publisher;
 use crate::rules::{Rules, RulesError};
@@ -77,9 +77,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )))
     })?
     .map_err(StartError::Redis)?;
-    let claims = client
-        .get_connection_with_timeout(Duration::from_secs(10))
-        .map_err(StartError::Redis)?;
 
     let telemetry = Telemetry::new();
     let money = MoneyFormat {
@@ -130,21 +127,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         &config.kafka.input_topic,
     );
     let ownership = Ownership::default();
-    let context = IngestContext::new(
-        tokio::runtime::Handle::current(),
-        claims,
-        keyspace.clone(),
-        config.kafka.input_topic.clone(),
-        Arc::clone(&pipeline),
+    let stop = Arc::new(AtomicBool::new(false));
+    let context = IngestContext::new(IngestParts {
+        rt: tokio::runtime::Handle::current(),
+        redis_client: client,
+        redis: redis.clone(),
+        keyspace: keyspace.clone(),
+        topic: config.kafka.input_topic.clone(),
+        pipeline: Arc::clone(&pipeline),
         publisher,
-        redis.clone(),
-        Arc::clone(&ownership),
-        Batching {
+        ownership: Arc::clone(&ownership),
+        batching: Batching {
             max_events: config.ingest.batch_max_events,
+            max_bytes: config.ingest.batch_max_bytes,
             max_wait: Duration::from_millis(config.ingest.batch_max_wait_ms),
             queue: config.ingest.queue_batches,
         },
-    );
+        shutdown: Arc::clone(&stop),
+    });
     let consumer: BaseConsumer<IngestContext> = crate::kafka::consumer_config(&config.kafka)
         .create_with_context(context)
         .map_err(|error| StartError::KafkaClient {
@@ -198,14 +198,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .await
     });
 
-    let stop = Arc::new(AtomicBool::new(false));
     let ingest = {
-        let stop = Arc::clone(&stop);
         let topic = config.kafka.input_topic.clone();
         let commit_interval = Duration::from_millis(config.ingest.kafka_commit_interval_ms);
         std::thread::Builder::new()
             .name("tierd-ingest".into())
-            .spawn(move || consumer::run(consumer, &topic, &stop, commit_interval))
+            .spawn(move || consumer::run(consumer, &topic, commit_interval))
             .map_err(|e| StartError::Internal(e.to_string()))?
     };
 

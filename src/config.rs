@@ -106,6 +106,10 @@ pub struct IngestConfig {
     /// A partition's batch is applied when it holds this many messages. Default 2000.
     #[serde(default = "default_batch_max_events")]
     pub batch_max_events: usize,
+    /// …or when its messages (key + value bytes) reach this size, so one commit stays far
+    /// below Redis's 1 GB query-buffer limit. Default 4194304 (4 MiB).
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
     /// …or when its oldest message has waited this long, milliseconds. Default 20.
     #[serde(default = "default_batch_max_wait_ms")]
     pub batch_max_wait_ms: u64,
@@ -226,6 +230,9 @@ fn default_key_prefix() -> String {
 }
 const fn default_batch_max_events() -> usize {
     2000
+}
+const fn default_batch_max_bytes() -> usize {
+    4 * 1024 * 1024
 }
 const fn default_batch_max_wait_ms() -> u64 {
     20
@@ -402,6 +409,9 @@ impl Config {
         let i = &self.ingest;
         if i.batch_max_events == 0 || i.batch_max_events > 100_000 {
             return bad("ingest.batch_max_events", "must be 1..=100000");
+        }
+        if !(65_536..=268_435_456).contains(&i.batch_max_bytes) {
+            return bad("ingest.batch_max_bytes", "must be 65536..=268435456");
         }
         if i.queue_batches == 0 {
             return bad("ingest.queue_batches", "must be at least 1");

@@ -92,7 +92,8 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
     let mut sync = redis.conn();
     let old = store::claim(&mut sync, &keys).unwrap();
     assert_eq!(old.next_offset, None);
-    let batch = |first: i64, end: i64, value: &str| CommitBatch {
+    let batch = |expected: i64, first: i64, end: i64, value: &str| CommitBatch {
+        expected_offset: expected,
         first_offset: first,
         end_offset: end,
         states: vec![(keys.customer("c1"), value.as_bytes().to_vec())],
@@ -109,7 +110,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
                 &keys,
                 0,
                 old.epoch,
-                &batch(0, 10, "{\"count\":1}")
+                &batch(-1, 0, 10, "{\"count\":1}")
             )
             .await
             .unwrap(),
@@ -122,7 +123,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
                 &keys,
                 0,
                 old.epoch,
-                &batch(0, 10, "{\"count\":99}")
+                &batch(-1, 0, 10, "{\"count\":99}")
             )
             .await
             .unwrap(),
@@ -130,8 +131,18 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         );
         // A batch overlapping what was applied is refused.
         assert!(matches!(
-            store::commit(&mut conn, &keys, 0, old.epoch, &batch(5, 15, "{}")).await,
-            Err(ApplyError::Misaligned { stored: 10, .. })
+            store::commit(&mut conn, &keys, 0, old.epoch, &batch(10, 5, 15, "{}")).await,
+            Err(ApplyError::Diverged { stored: 10, .. })
+        ));
+        // So is a batch from an owner whose idea of the stored offset is wrong (Redis lost
+        // writes, or was restored from a backup): its cache cannot be trusted.
+        assert!(matches!(
+            store::commit(&mut conn, &keys, 0, old.epoch, &batch(7, 10, 20, "{}")).await,
+            Err(ApplyError::Diverged {
+                stored: 10,
+                expected: 7,
+                ..
+            })
         ));
 
         // A new owner claims the partition and resumes where the old one stopped.
@@ -143,7 +154,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
             &keys,
             0,
             old.epoch,
-            &batch(10, 20, "{\"count\":2}"),
+            &batch(10, 10, 20, "{\"count\":2}"),
         )
         .await
         .unwrap_err();
@@ -161,7 +172,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
                 &keys,
                 0,
                 new.epoch,
-                &batch(10, 20, "{\"count\":2}")
+                &batch(10, 10, 20, "{\"count\":2}")
             )
             .await
             .unwrap(),

@@ -21,14 +21,13 @@ pub enum ApplyError {
         ours: i64,
         stored: String,
     },
-    /// The stored offset lies inside the batch: someone else applied part of it. Stop.
-    #[error(
-        "partition {partition}: stored next offset {stored} is inside batch starting at {first}"
-    )]
-    Misaligned {
+    /// Redis does not hold the offset this owner committed last (lost writes, a restored
+    /// backup) or the batch overlaps it: drop the cache, claim again and seek to `stored`.
+    #[error("partition {partition}: stored next offset {stored}, expected {expected}")]
+    Diverged {
         partition: i32,
         stored: i64,
-        first: i64,
+        expected: i64,
     },
     /// A stored customer state is not valid JSON: data corruption, stop the partition.
     #[error("partition {partition}: stored state of {key} is corrupt: {error}")]
@@ -113,6 +112,9 @@ pub async fn load(
 /// Everything one batch writes.
 #[derive(Debug, Default)]
 pub struct CommitBatch {
+    /// The next offset the owner believes is stored (its last commit's end, or the claimed
+    /// offset; -1 if nothing was ever applied).
+    pub expected_offset: i64,
     /// First offset of the batch.
     pub first_offset: i64,
     /// One past the last offset of the batch.
@@ -130,7 +132,7 @@ pub struct CommitBatch {
 /// Commits a batch atomically, fenced by `epoch` and the stored next offset.
 ///
 /// # Errors
-/// [`ApplyError::Fenced`] / [`ApplyError::Misaligned`] (stop the partition) or
+/// [`ApplyError::Fenced`] (stop the partition), [`ApplyError::Diverged`] (reload) or
 /// [`ApplyError::Redis`] (retry: the call is idempotent).
 pub async fn commit(
     conn: &mut ConnectionManager,
@@ -144,7 +146,10 @@ pub async fn commit(
     for (k, _) in &batch.states {
         inv.key(k);
     }
-    inv.arg(epoch).arg(batch.first_offset).arg(batch.end_offset);
+    inv.arg(epoch)
+        .arg(batch.expected_offset)
+        .arg(batch.first_offset)
+        .arg(batch.end_offset);
     inv.arg(batch.outbox.len());
     for e in &batch.outbox {
         inv.arg(e.kind.code())
@@ -180,10 +185,10 @@ pub async fn commit(
             ours: epoch,
             stored: reply.get(1).cloned().unwrap_or_default(),
         }),
-        Some("MISALIGNED") => Err(ApplyError::Misaligned {
+        Some("DIVERGED") => Err(ApplyError::Diverged {
             partition,
             stored: num(1),
-            first: batch.first_offset,
+            expected: batch.expected_offset,
         }),
         _ => Err(ApplyError::Redis(redis::RedisError::from((
             redis::ErrorKind::TypeError,

@@ -23,6 +23,22 @@ use tracing::{error, info, warn};
 /// A batch of consecutive messages of one partition, in offset order.
 pub type Batch = Vec<OwnedMessage>;
 
+/// Why a partition worker stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Its queue was closed (revocation, shutdown) and every queued batch was applied.
+    Finished,
+    /// Another owner claimed the partition: let the group rebalance hand it over.
+    Fenced,
+    /// Redis holds another next offset than this owner committed: claim again, seek to it.
+    Diverged {
+        /// The next offset stored in Redis.
+        stored: i64,
+    },
+    /// A customer state in Redis is unreadable: the partition stays stopped (operator action).
+    Failed,
+}
+
 /// Applies the batches of one owned partition.
 pub struct Worker {
     partition: i32,
@@ -61,19 +77,33 @@ impl Worker {
     }
 
     /// Applies batches until the sender is dropped (revocation or shutdown) or the partition
-    /// is fenced. Redis errors are retried with backoff: a batch is never skipped.
-    pub async fn run(mut self, mut batches: mpsc::Receiver<Batch>) {
+    /// cannot go on. Redis errors are retried with backoff: a batch is never skipped.
+    pub async fn run(mut self, mut batches: mpsc::Receiver<Batch>) -> WorkerExit {
         while let Some(batch) = batches.recv().await {
             if batch.is_empty() {
                 continue;
             }
             if let Err(error) = self.apply_batch(batch).await {
-                self.pipeline.telemetry.apply_fenced.inc();
-                error!(partition = self.partition, %error, "Partition stopped: another owner took over.");
-                return;
+                let exit = match &error {
+                    ApplyError::Fenced { .. } => {
+                        self.pipeline.telemetry.apply_fenced.inc();
+                        error!(partition = self.partition, %error, "Partition stopped: another owner took over.");
+                        WorkerExit::Fenced
+                    }
+                    ApplyError::Diverged { stored, .. } => {
+                        error!(partition = self.partition, %error, "Redis diverged from this owner's state; reloading.");
+                        WorkerExit::Diverged { stored: *stored }
+                    }
+                    ApplyError::CorruptState { .. } | ApplyError::Redis(_) => {
+                        error!(partition = self.partition, %error, "Partition stopped: its state in Redis cannot be read.");
+                        WorkerExit::Failed
+                    }
+                };
+                return exit;
             }
         }
         info!(partition = self.partition, "Partition worker finished.");
+        WorkerExit::Finished
     }
 
     async fn apply_batch(&mut self, messages: Batch) -> Result<(), ApplyError> {
@@ -140,6 +170,7 @@ impl Worker {
         }
 
         let mut batch = CommitBatch {
+            expected_offset: expected,
             first_offset,
             end_offset,
             ..CommitBatch::default()

@@ -659,6 +659,19 @@ impl Tierd {
 impl Drop for Tierd {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.starts_with("  "))
+                .rev()
+                .take(40)
+                .collect();
+            eprintln!("--- last lines of tierd's log ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 

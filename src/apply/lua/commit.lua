@@ -3,28 +3,33 @@
 --
 -- KEYS[1] meta hash {epoch, next_offset}   KEYS[2] outbox stream   KEYS[3] timers zset
 -- KEYS[4..] customer state keys, one per value at the end of ARGV
--- ARGV[1] owner epoch   ARGV[2] batch first offset   ARGV[3] batch end offset (exclusive)
--- ARGV[4] n outbox entries, then n x (kind, key, value, headers)
+-- ARGV[1] owner epoch   ARGV[2] the next offset the owner believes is stored (-1: none)
+-- ARGV[3] batch first offset   ARGV[4] batch end offset (exclusive)
+-- ARGV[5] n outbox entries, then n x (kind, key, value, headers)
 -- then m timer upserts, then m x (score, member)
 -- then r timer removals, then r x member
 -- then one state value per customer key
 -- Returns {'OK', previous next_offset, outbox length} | {'ALREADY', next_offset}
---       | {'FENCED', stored epoch, next_offset} | {'MISALIGNED', next_offset}
+--       | {'FENCED', stored epoch, next_offset} | {'DIVERGED', next_offset}
 local meta = KEYS[1]
 local epoch = redis.call('HGET', meta, 'epoch')
 if epoch ~= ARGV[1] then
   return {'FENCED', epoch or '', redis.call('HGET', meta, 'next_offset') or ''}
 end
 local stored = tonumber(redis.call('HGET', meta, 'next_offset') or '-1')
-local first = tonumber(ARGV[2])
-local stop = tonumber(ARGV[3])
-if stored >= stop then
+local expected = tonumber(ARGV[2])
+local first = tonumber(ARGV[3])
+local stop = tonumber(ARGV[4])
+if stored == stop then
+  -- This very batch was applied by an earlier call whose reply was lost.
   return {'ALREADY', tostring(stored)}
 end
-if stored > first then
-  return {'MISALIGNED', tostring(stored)}
+if stored ~= expected or first < expected then
+  -- Redis no longer holds what the owner committed (lost writes, restored backup) or the
+  -- batch overlaps it: the owner's cache cannot be trusted; it must reload and seek.
+  return {'DIVERGED', tostring(stored)}
 end
-local i = 4
+local i = 5
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3])
@@ -44,5 +49,5 @@ for k = 4, #KEYS do
   redis.call('SET', KEYS[k], ARGV[i])
   i = i + 1
 end
-redis.call('HSET', meta, 'next_offset', ARGV[3])
+redis.call('HSET', meta, 'next_offset', ARGV[4])
 return {'OK', tostring(stored), tostring(redis.call('XLEN', KEYS[2]))}
