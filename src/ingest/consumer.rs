@@ -344,15 +344,18 @@ impl IngestContext {
         (full && !self.send(partition, a)).then_some(partition)
     }
 
-    /// Sends every batch that has waited long enough; returns partitions whose worker stopped.
+    /// Sends every batch that has waited long enough; returns partitions whose worker stopped
+    /// (noticed here even when no message arrives for them).
     fn flush_due(&self) -> Vec<i32> {
         let mut registry = self.registry.lock().expect("registry lock");
         let mut dead = Vec::new();
         for (p, a) in registry.iter_mut() {
-            if a.pending_since
-                .is_some_and(|t| t.elapsed() >= self.batching.max_wait)
-                && !self.send(*p, a)
-            {
+            let stopped = a.worker.is_finished()
+                || (a
+                    .pending_since
+                    .is_some_and(|t| t.elapsed() >= self.batching.max_wait)
+                    && !self.send(*p, a));
+            if stopped {
                 dead.push(*p);
             }
         }
