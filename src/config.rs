@@ -536,13 +536,28 @@ mod env_tests {
     #[test]
     fn pass_through_tables_can_be_set_from_the_environment() {
         figment::Jail::expect_with(|jail| {
-            jail.set_env("TIERD_KAFKA__CONSUMER", r#"{"security.protocol"="SASL_SSL","sasl.mechanisms"="PLAIN"}"#);
+            jail.set_env(
+                "TIERD_KAFKA__CONSUMER",
+                r#"{"security.protocol"="SASL_SSL","sasl.mechanisms"="PLAIN"}"#,
+            );
             jail.set_env("TIERD_KAFKA__BROKERS", "10.0.0.5:9092");
             jail.set_env("TIERD_LOG_FORMAT", "json");
             let cfg = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(cfg.kafka.brokers, "10.0.0.5:9092");
-            assert_eq!(cfg.kafka.consumer.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
-            assert_eq!(cfg.kafka.consumer.get("sasl.mechanisms").map(String::as_str), Some("PLAIN"));
+            assert_eq!(
+                cfg.kafka
+                    .consumer
+                    .get("security.protocol")
+                    .map(String::as_str),
+                Some("SASL_SSL")
+            );
+            assert_eq!(
+                cfg.kafka
+                    .consumer
+                    .get("sasl.mechanisms")
+                    .map(String::as_str),
+                Some("PLAIN")
+            );
             Ok(())
         });
     }
