@@ -534,6 +534,8 @@ mod env_tests {
     use super::*;
 
     #[test]
+    // figment's Jail closure must return figment's (large) error type.
+    #[allow(clippy::result_large_err)]
     fn pass_through_tables_can_be_set_from_the_environment() {
         figment::Jail::expect_with(|jail| {
             jail.set_env(
