@@ -55,42 +55,75 @@ pub fn unique(prefix: &str) -> String {
 /// A Redis server owned by the test (killed on drop), or an external one.
 pub struct Redis {
     child: Option<Child>,
+    port: u16,
     pub url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Redis {
+    /// A Redis without persistence (tests that never restart it).
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A Redis that fsyncs every write to its append-only file, so [`Redis::restart`] loses
+    /// nothing that was acknowledged.
+    pub fn start_persistent() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         if let Ok(url) = std::env::var("REDIS_URL") {
             return Self {
                 child: None,
+                port: 0,
                 url,
-                _dir: dir,
+                dir,
             };
         }
         let port = free_port();
+        let mut r = Self {
+            child: None,
+            port,
+            url: format!("redis://127.0.0.1:{port}"),
+            dir,
+        };
+        r.spawn(persistent);
+        r
+    }
+
+    fn spawn(&mut self, persistent: bool) {
+        let aof: &[&str] = if persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args([
                 "--port",
-                &port.to_string(),
+                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
-            .current_dir(dir.path())
+            .args(aof)
+            .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (bash scripts/test.sh installs it)");
-        wait_port(port, "redis-server", Duration::from_secs(10));
-        Self {
-            child: Some(child),
-            url: format!("redis://127.0.0.1:{port}"),
-            _dir: dir,
+        self.child = Some(child);
+        wait_port(self.port, "redis-server", Duration::from_secs(10));
+    }
+
+    /// Kills Redis (SIGKILL) and starts it again on the same port from its append-only file.
+    pub fn restart_persistent(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+        self.spawn(true);
     }
 
     pub fn conn(&self) -> redis::Connection {
@@ -252,8 +285,11 @@ pub struct World {
 
 impl World {
     pub fn start(partitions: i32) -> Self {
+        Self::start_with(partitions, Redis::start())
+    }
+
+    pub fn start_with(partitions: i32, redis: Redis) -> Self {
         let broker = Broker::start();
-        let redis = Redis::start();
         let input = unique("purchases");
         let output = unique("changes");
         let dlq = unique("dlq");
