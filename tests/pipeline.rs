@@ -159,7 +159,36 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
         .1
         .contains("tierd_batch_apply_duration_seconds_bucket"));
 
-    // Clean shutdown.
+    // Clean shutdown: events produced just before SIGTERM are either applied with their
+    // changes published, or left for the next owner — never applied with changes stranded.
+    let more: Vec<_> = (0..300)
+        .map(|i| {
+            purchase(
+                &format!("late-{i}"),
+                &format!("d{}", i % 30),
+                "100000",
+                "2026-11-07T00:00:00Z",
+            )
+        })
+        .collect();
+    world.produce_json(&more);
     assert_eq!(tierd.terminate(), Some(0));
     assert!(tierd.log_text().contains("Stopped."));
+    for p in 0..3 {
+        assert_eq!(
+            world.outbox_len(p),
+            0,
+            "partition {p}: outbox flushed on shutdown"
+        );
+    }
+    let published = world.read_all(&world.output).len();
+    let changed: u64 = (0..30)
+        .filter_map(|c| world.customer_state(&format!("d{c}")))
+        .map(|s| s.seq)
+        .sum();
+    assert_eq!(
+        published as u64,
+        7 + changed,
+        "every committed change was published before exit"
+    );
 }
