@@ -44,6 +44,10 @@ pub enum StartError {
     /// The API cannot listen.
     #[error("api.listen: cannot listen on {addr}: {error}")]
     Listen { addr: String, error: std::io::Error },
+    /// A component failed for good while running; tierd stopped in order and must be
+    /// restarted (nothing is lost: state, offsets and undelivered changes are in Redis).
+    #[error("fatal: {0}")]
+    Fatal(String),
     /// A task failed.
     #[error("internal: {0}")]
     Internal(String),
@@ -106,6 +110,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         telemetry: telemetry.clone(),
     });
 
+    let fatal = Arc::new(tokio::sync::Notify::new());
     let producer: FutureProducer = crate::kafka::producer_config(&config.kafka)
         .create()
         .map_err(|error| StartError::KafkaClient {
@@ -120,6 +125,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         interval: Duration::from_millis(config.publish.interval_ms),
         telemetry: telemetry.clone(),
         lane: Arc::default(),
+        fatal: Arc::clone(&fatal),
     };
     let keyspace = Keyspace::new(
         &config.redis.key_prefix,
@@ -207,8 +213,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(|e| StartError::Internal(e.to_string()))?
     };
 
-    shutdown.await;
-    info!("Shutdown requested.");
+    let outcome = tokio::select! {
+        () = shutdown => {
+            info!("Shutdown requested.");
+            Ok(())
+        }
+        () = fatal.notified() => Err(StartError::Fatal("the Kafka producer failed fatally; restart tierd".into())),
+    };
     stop.store(true, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || ingest.join())
         .await
@@ -218,7 +229,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = api_stop.send(());
     let _ = api.await;
     info!("Stopped.");
-    Ok(())
+    outcome
 }
 
 /// Number of partitions of `topic`, or an error naming the config `field`.

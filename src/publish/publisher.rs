@@ -9,14 +9,14 @@
 use super::outbox::EntryKind;
 use crate::telemetry::Telemetry;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use redis::aio::ConnectionManager;
 use redis::streams::{StreamId, StreamRangeReply};
 use redis::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 /// Bytes produced per round at most (unless one entry alone is larger): under librdkafka's
 /// default `batch.size` (1 MB) so that a round needs one produce request per partition.
@@ -47,6 +47,9 @@ pub struct Publisher {
     /// while the broker thread busy-polls (measured: one core spinning against a slow-acking
     /// broker). Whole rounds in lock-step avoid that queueing.
     pub lane: Arc<tokio::sync::Mutex<()>>,
+    /// Signalled when the producer hit a fatal error (it can never deliver again): the service
+    /// must stop and be restarted; the undelivered records stay in the outbox.
+    pub fatal: Arc<Notify>,
 }
 
 /// Why a publish round failed (it is retried).
@@ -84,6 +87,11 @@ impl Publisher {
                 Ok(()) => {}
                 Err(error) => {
                     self.telemetry.publish_errors.inc();
+                    if let Some((code, reason)) = self.producer.client().fatal_error() {
+                        error!(partition, ?code, reason, "The producer failed fatally; stopping the service (the outbox keeps every undelivered record).");
+                        self.fatal.notify_one();
+                        return;
+                    }
                     warn!(partition, %error, "Publishing the outbox failed; retrying.");
                     if stopping_since.is_some_and(|t| t.elapsed() >= FINAL_DRAIN) {
                         warn!(
