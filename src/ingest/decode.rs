@@ -3,7 +3,6 @@
 
 use crate::domain::{money, time, Event, EventKind};
 use serde_json::value::RawValue;
-use std::collections::BTreeMap;
 
 /// Why an input message was rejected. The set is fixed: it is the `reason` of dead-letter
 /// records and a label of `tierd_events_dead_lettered_total`.
@@ -150,18 +149,21 @@ pub fn decode(
     if value.is_empty() {
         return Err(reject(Reason::InvalidJson, "empty message"));
     }
-    let raw: &RawValue =
-        serde_json::from_slice(value).map_err(|e| reject(Reason::InvalidJson, e.to_string()))?;
-    if !raw.get().starts_with('{') {
-        return Err(reject(Reason::NotObject, "the value must be a JSON object"));
-    }
-    let fields: BTreeMap<String, &RawValue> =
-        serde_json::from_str(raw.get()).map_err(|e| reject(Reason::InvalidJson, e.to_string()))?;
+    // One pass: every known field is borrowed as raw JSON text, unknown fields are skipped.
+    let fields: Fields<'_> = serde_json::from_slice(value).map_err(|e| {
+        let object = value.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        match e.classify() {
+            serde_json::error::Category::Data if !object => {
+                reject(Reason::NotObject, "the value must be a JSON object")
+            }
+            _ => reject(Reason::InvalidJson, e.to_string()),
+        }
+    })?;
 
-    let event_id = id_field(&fields, "event_id")?;
-    let customer_id = id_field(&fields, "customer_id")?;
+    let event_id = id_field(fields.event_id, "event_id")?;
+    let customer_id = id_field(fields.customer_id, "customer_id")?;
 
-    let kind = match optional_string(&fields, "type")?.as_deref() {
+    let kind = match optional_string(fields.kind, "type")?.as_deref() {
         None | Some("purchase") => EventKind::Purchase,
         Some("refund") => EventKind::Refund,
         Some("override") => {
@@ -180,7 +182,7 @@ pub fn decode(
         }
     };
 
-    let amount_raw = present(&fields, "amount")?.get();
+    let amount_raw = present(fields.amount, "amount")?.get();
     let amount_text: std::borrow::Cow<'_, str> = if amount_raw.starts_with('"') {
         serde_json::from_str::<String>(amount_raw)
             .map_err(|e| reject(Reason::InvalidField, format!("field `amount`: {e}")))?
@@ -219,7 +221,7 @@ pub fn decode(
         }
     };
 
-    if let Some(currency) = optional_string(&fields, "currency")? {
+    if let Some(currency) = optional_string(fields.currency, "currency")? {
         if currency != limits.currency {
             return Err(reject(
                 Reason::UnknownCurrency,
@@ -231,7 +233,7 @@ pub fn decode(
         }
     }
 
-    let occurred_text = required_string(&fields, "occurred_at")?;
+    let occurred_text = required_string(fields.occurred_at, "occurred_at")?;
     let occurred_at_ms = time::parse_rfc3339_ms(&occurred_text).map_err(|e| {
         reject(
             Reason::InvalidTimestamp,
@@ -286,11 +288,26 @@ pub fn decode(
     })
 }
 
-fn present<'a>(
-    fields: &BTreeMap<String, &'a RawValue>,
-    name: &str,
-) -> Result<&'a RawValue, Rejection> {
-    match fields.get(name) {
+/// The contract's fields as raw JSON text (absent: `None`).
+#[derive(serde::Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    customer_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    amount: Option<&'a RawValue>,
+    #[serde(borrow)]
+    currency: Option<&'a RawValue>,
+    #[serde(borrow)]
+    occurred_at: Option<&'a RawValue>,
+    #[serde(borrow, rename = "type")]
+    kind: Option<&'a RawValue>,
+}
+
+/// A field that must be present and not null.
+fn present<'a>(field: Option<&'a RawValue>, name: &str) -> Result<&'a RawValue, Rejection> {
+    match field {
         Some(v) if v.get() != "null" => Ok(v),
         _ => Err(reject(
             Reason::MissingField,
@@ -299,8 +316,7 @@ fn present<'a>(
     }
 }
 
-fn required_string(fields: &BTreeMap<String, &RawValue>, name: &str) -> Result<String, Rejection> {
-    let raw = present(fields, name)?;
+fn string(raw: &RawValue, name: &str) -> Result<String, Rejection> {
     serde_json::from_str::<String>(raw.get()).map_err(|_| {
         reject(
             Reason::InvalidField,
@@ -309,27 +325,19 @@ fn required_string(fields: &BTreeMap<String, &RawValue>, name: &str) -> Result<S
     })
 }
 
-fn optional_string(
-    fields: &BTreeMap<String, &RawValue>,
-    name: &str,
-) -> Result<Option<String>, Rejection> {
-    match fields.get(name) {
-        Some(v) if v.get() != "null" => {
-            serde_json::from_str::<String>(v.get())
-                .map(Some)
-                .map_err(|_| {
-                    reject(
-                        Reason::InvalidField,
-                        format!("field `{name}`: must be a string"),
-                    )
-                })
-        }
+fn required_string(field: Option<&RawValue>, name: &str) -> Result<String, Rejection> {
+    string(present(field, name)?, name)
+}
+
+fn optional_string(field: Option<&RawValue>, name: &str) -> Result<Option<String>, Rejection> {
+    match field {
+        Some(v) if v.get() != "null" => string(v, name).map(Some),
         _ => Ok(None),
     }
 }
 
-fn id_field(fields: &BTreeMap<String, &RawValue>, name: &str) -> Result<String, Rejection> {
-    let id = required_string(fields, name)?;
+fn id_field(field: Option<&RawValue>, name: &str) -> Result<String, Rejection> {
+    let id = required_string(field, name)?;
     let chars = id.chars().count();
     if chars == 0 || chars > MAX_ID_CHARS {
         return Err(reject(
@@ -400,6 +408,17 @@ mod tests {
             Reason::InvalidJson
         );
         assert_eq!(reason("c1", "[1,2]"), Reason::NotObject);
+        assert_eq!(reason("c1", " \n [1,2]"), Reason::NotObject);
+        assert_eq!(reason("c1", "42"), Reason::NotObject);
+        assert_eq!(reason("c1", "[1,2"), Reason::InvalidJson);
+        // An ambiguous object (the same field twice) is refused, not resolved silently.
+        assert_eq!(
+            reason(
+                "c1",
+                &ok.replace(r#""event_id":"e1""#, r#""event_id":"e1","event_id":"e2""#)
+            ),
+            Reason::InvalidJson
+        );
         assert_eq!(reason("c1", "\"text\""), Reason::NotObject);
         assert_eq!(
             reason("c1", &with(r#""event_id":"e1","#, "")),
