@@ -97,7 +97,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             min_occurred_at_ms: config.min_occurred_at_ms(),
             max_future_skew_ms: i64::try_from(config.ingest.max_future_skew_s.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
+            tiers: rules.tiers().iter().map(|t| t.name.clone()).collect(),
         },
+        clock: config.clock.clone(),
         dedup: DedupPolicy {
             horizon_ms: i64::try_from(config.dedup.horizon_s.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
@@ -121,6 +123,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         producer: producer.clone(),
         output_topic: config.kafka.output_topic.clone(),
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
+        at_risk_topic: config
+            .kafka
+            .at_risk_topic
+            .clone()
+            .unwrap_or_else(|| config.kafka.output_topic.clone()),
         batch_max: config.publish.batch_max,
         interval: Duration::from_millis(config.publish.interval_ms),
         telemetry: telemetry.clone(),
@@ -168,6 +175,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 &kafka.dead_letter_topic,
                 "kafka.dead_letter_topic",
             )?;
+            if let Some(topic) = &kafka.at_risk_topic {
+                topic_partitions(&consumer, topic, "kafka.at_risk_topic")?;
+            }
             Ok::<_, StartError>((consumer, partitions))
         })
         .await

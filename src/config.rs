@@ -45,6 +45,10 @@ pub struct Config {
     /// Which tier rules to run.
     #[serde(default)]
     pub rules: RulesConfig,
+    /// Engine time: what "now" is when rules read recency, windows and validity, and when
+    /// timers fire.
+    #[serde(default)]
+    pub clock: ClockConfig,
     /// Outbox → Kafka publishing.
     #[serde(default)]
     pub publish: PublishConfig,
@@ -73,6 +77,10 @@ pub struct KafkaConfig {
     /// Topic rejected input goes to, with its original bytes. Default `purchases-dlq`.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// Topic of at-risk notices (rules `[policy] at_risk_days`). Default: the output topic
+    /// (notices carry `"type": "at_risk"`).
+    #[serde(default)]
+    pub at_risk_topic: Option<String>,
     /// librdkafka consumer properties, passed through (e.g. `"security.protocol" = "SASL_SSL"`).
     /// They override tierd's defaults (`partition.assignment.strategy = cooperative-sticky`,
     /// `auto.offset.reset = earliest`, `session.timeout.ms = 10000`). `group.id`,
@@ -194,6 +202,39 @@ pub struct PublishConfig {
     pub dead_letter_max_bytes: usize,
 }
 
+/// Which clock drives time-dependent rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockMode {
+    /// Live: engine time is the wall clock; timers fire at wall time.
+    Wall,
+    /// Replayable: a partition's engine time is the latest `occurred_at` it applied minus
+    /// `clock.lateness_s`; timers fire as event time passes them. Replaying the same input
+    /// gives identical tier changes (ids included), however it is batched or interrupted.
+    /// Timers of a partition with no new events do not fire.
+    Event,
+}
+
+/// Engine time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockConfig {
+    /// `wall` (default) or `event`.
+    #[serde(default = "default_clock_mode")]
+    pub mode: ClockMode,
+    /// `event` mode: how far a partition's clock trails its latest event time, seconds, so
+    /// events arriving up to this late are applied before timers due before them fire.
+    /// Default 60.
+    #[serde(default = "default_clock_lateness_s")]
+    pub lateness_s: u64,
+    /// `wall` mode: how often each partition looks for due timers, milliseconds. Default 1000.
+    #[serde(default = "default_timer_tick_ms")]
+    pub tick_ms: u64,
+    /// Timers fired per atomic commit (bounds the script's run time). Default 500.
+    #[serde(default = "default_timer_batch")]
+    pub timer_batch: usize,
+}
+
 /// HTTP API.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -282,6 +323,18 @@ const fn default_publish_interval_ms() -> u64 {
 const fn default_dlq_max_bytes() -> usize {
     900_000
 }
+const fn default_clock_mode() -> ClockMode {
+    ClockMode::Wall
+}
+const fn default_clock_lateness_s() -> u64 {
+    60
+}
+const fn default_timer_tick_ms() -> u64 {
+    1000
+}
+const fn default_timer_batch() -> usize {
+    500
+}
 fn default_listen() -> String {
     "127.0.0.1:8080".into()
 }
@@ -306,6 +359,7 @@ default_from_serde!(
     MoneyConfig,
     DedupConfig,
     RulesConfig,
+    ClockConfig,
     PublishConfig,
     ApiConfig
 );
@@ -452,6 +506,23 @@ impl Config {
         }
         if self.dedup.max_ids_per_customer == 0 || self.dedup.max_ids_per_customer > 10_000 {
             return bad("dedup.max_ids_per_customer", "must be 1..=10000");
+        }
+        if self.clock.lateness_s > 30 * 86_400 {
+            return bad("clock.lateness_s", "must be at most 2592000 (30 days)");
+        }
+        if !(10..=3_600_000).contains(&self.clock.tick_ms) {
+            return bad("clock.tick_ms", "must be 10..=3600000");
+        }
+        if !(1..=100_000).contains(&self.clock.timer_batch) {
+            return bad("clock.timer_batch", "must be 1..=100000");
+        }
+        if self
+            .kafka
+            .at_risk_topic
+            .as_deref()
+            .is_some_and(str::is_empty)
+        {
+            return bad("kafka.at_risk_topic", "must not be empty");
         }
         if self.publish.batch_max == 0 {
             return bad("publish.batch_max", "must be at least 1");

@@ -40,6 +40,14 @@ pub struct Telemetry {
     pub partitions_assigned: IntGauge,
     /// Offsets skipped between batches (retention or compaction gaps).
     pub offset_gaps: IntCounter,
+    /// Timers fired (time-driven evaluations), by cause.
+    pub timers_fired: IntCounterVec,
+    /// At-risk notices committed.
+    pub at_risk_notices: IntCounter,
+    /// Customers re-evaluated by a rules-version sweep.
+    pub rules_sweep_customers: IntCounter,
+    /// Partitions whose rules-version sweep is complete.
+    pub rules_sweep_done: IntGauge,
 }
 
 impl Default for Telemetry {
@@ -166,6 +174,30 @@ impl Telemetry {
                 "tierd_offset_gaps_total",
                 "Offset gaps between applied batches.",
             ),
+            timers_fired: counter_vec(
+                "tierd_timers_fired_total",
+                "Time-driven evaluations (timers fired).",
+                &["cause"],
+            ),
+            at_risk_notices: counter(
+                "tierd_at_risk_notices_total",
+                "At-risk notices committed to the outbox.",
+            ),
+            rules_sweep_customers: counter(
+                "tierd_rules_sweep_customers_total",
+                "Customers re-evaluated by a rules-version sweep.",
+            ),
+            rules_sweep_done: {
+                let g = IntGauge::new(
+                    "tierd_rules_sweep_partitions_done",
+                    "Owned partitions whose rules-version sweep is complete.",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             registry,
         };
         for reason in crate::ingest::decode::Reason::ALL {

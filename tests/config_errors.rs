@@ -91,5 +91,5 @@ fn check_config_accepts_the_shipped_config() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("b2b-lifetime-1"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("b2b-annual-1"));
 }

@@ -119,11 +119,11 @@ fn every_bad_input_class_is_dead_lettered_with_its_reason_and_nothing_stops() {
             ),
         ),
         (
-            "unsupported_type",
+            "invalid_override",
             k.clone(),
             text(
                 "y2",
-                r#"{"event_id":"ID","customer_id":"k","amount":1,"type":"override","occurred_at":"2026-11-10T10:00:00Z"}"#,
+                r#"{"event_id":"ID","customer_id":"k","type":"override","tier":"Z","occurred_at":"2026-11-10T10:00:00Z"}"#,
             ),
         ),
         ("key_mismatch", Some("other".into()), ok("km1")),

@@ -84,9 +84,15 @@ fn reference(
             )
             .unwrap(),
             occurred_at_ms: time::parse_rfc3339_ms(e["occurred_at"].as_str().unwrap()).unwrap(),
+            pin: None,
         };
         let state = states.entry(event.customer_id.clone()).or_default();
-        if let Applied::Counted(Some(t)) = state.apply(&event, rules, policy) {
+        let now = event.occurred_at_ms;
+        let applied = state.apply(&event, rules, policy, now);
+        if let Applied::Counted(outcome) = applied {
+            let Some(t) = outcome.transition else {
+                continue;
+            };
             changes.entry(event.customer_id.clone()).or_default().push((
                 state.seq,
                 t.previous,
@@ -104,7 +110,7 @@ fn kill_9_repeatedly_loses_nothing_and_counts_everything_once() {
     let rules = Rules::load(
         std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/config/rules/b2b.toml"
+            "/config/rules/b2b-lifetime.toml"
         )),
         2,
     )

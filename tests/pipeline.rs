@@ -11,7 +11,8 @@ use tierd::domain::time::parse_rfc3339_ms;
 #[test]
 fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_changes() {
     let world = World::start(3);
-    let mut tierd = Tierd::spawn(&world, "");
+    // Event time drives the engine, so change times are the events' times.
+    let mut tierd = Tierd::spawn(&world, "[clock]\nmode = \"event\"\nlateness_s = 0\n");
     tierd.wait_partitions(3, Duration::from_secs(60));
 
     let events = vec![
@@ -111,7 +112,9 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
     assert_eq!(down["metrics"]["frequency"], 3);
     assert_eq!(down["metrics"]["currency"], "CNY");
     assert_eq!(down["rules_version"], "b2b-lifetime-1");
-    assert_eq!(down["rule"], "tiers[2]: monetary >= 200000.00");
+    assert_eq!(down["rule"], "tiers[2] C: sum >= 200000.00");
+    assert_eq!(down["policy"], "downgrade=replace");
+    assert_eq!(down["values"]["sum"], "490000.50");
     assert_eq!(down["occurred_at"], "2026-11-04T10:00:00.000Z");
     assert_eq!(down["cause"]["topic"], world.input.as_str());
     let (p, o) = (

@@ -60,6 +60,7 @@ fn a_fatal_producer_error_stops_the_service_and_keeps_the_outbox() {
         producer,
         output_topic: "changes".into(),
         dead_letter_topic: "dlq".into(),
+        at_risk_topic: "changes".into(),
         batch_max: 100,
         interval: Duration::from_millis(50),
         telemetry: Telemetry::new(),

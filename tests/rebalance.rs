@@ -94,6 +94,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
     assert_eq!(old.next_offset, None);
     let batch = |expected: i64, first: i64, end: i64, value: &str| CommitBatch {
         expected_offset: expected,
+        expected_commits: i64::from(expected >= 0),
         first_offset: first,
         end_offset: end,
         states: vec![(keys.customer("c1"), value.as_bytes().to_vec())],
@@ -147,7 +148,10 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
 
         // A new owner claims the partition and resumes where the old one stopped.
         let new = store::claim(&mut sync, &keys).unwrap();
-        assert_eq!((new.epoch, new.next_offset), (old.epoch + 1, Some(10)));
+        assert_eq!(
+            (new.epoch, new.next_offset, new.commits),
+            (old.epoch + 1, Some(10), 1)
+        );
         // The old owner (a zombie after a rebalance) can no longer write, even at the right offset.
         let err = store::commit(
             &mut conn,

@@ -31,6 +31,8 @@ pub struct Pipeline {
     pub dead_letter_max_bytes: usize,
     /// LRU size of each worker's state cache.
     pub cache_customers: usize,
+    /// Engine time and timers.
+    pub clock: crate::config::ClockConfig,
     /// Metrics.
     pub telemetry: Telemetry,
 }

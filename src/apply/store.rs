@@ -64,6 +64,10 @@ pub struct Claim {
     pub epoch: i64,
     /// The next offset to apply, `None` if nothing was ever applied.
     pub next_offset: Option<i64>,
+    /// Commits stored so far (event batches and fired timers).
+    pub commits: i64,
+    /// The partition's event-time clock (`clock.mode = "event"`), if one was stored.
+    pub clock: Option<i64>,
 }
 
 /// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
@@ -75,10 +79,13 @@ pub fn claim(
     conn: &mut redis::Connection,
     keys: &PartitionKeys,
 ) -> Result<Claim, redis::RedisError> {
-    let (epoch, next): (i64, i64) = CLAIM.key(&keys.meta).invoke(conn)?;
+    let (epoch, next, commits, clock): (i64, i64, i64, String) =
+        CLAIM.key(&keys.meta).invoke(conn)?;
     Ok(Claim {
         epoch,
         next_offset: (next >= 0).then_some(next),
+        commits,
+        clock: clock.parse().ok(),
     })
 }
 
@@ -117,8 +124,12 @@ pub struct CommitBatch {
     pub expected_offset: i64,
     /// First offset of the batch.
     pub first_offset: i64,
-    /// One past the last offset of the batch.
+    /// One past the last offset of the batch (equal to `first_offset` for fired timers only).
     pub end_offset: i64,
+    /// Commits the owner believes are stored (its claim's count plus its own commits).
+    pub expected_commits: i64,
+    /// The partition's event-time clock after this commit, if it is tracked.
+    pub clock: Option<i64>,
     /// Outbox entries in order.
     pub outbox: Vec<OutboxEntry>,
     /// Timer upserts (score = Unix ms, member = customer id).
@@ -149,7 +160,9 @@ pub async fn commit(
     inv.arg(epoch)
         .arg(batch.expected_offset)
         .arg(batch.first_offset)
-        .arg(batch.end_offset);
+        .arg(batch.end_offset)
+        .arg(batch.expected_commits)
+        .arg(batch.clock.map(|c| c.to_string()).unwrap_or_default());
     inv.arg(batch.outbox.len());
     for e in &batch.outbox {
         inv.arg(e.kind.code())

@@ -1,10 +1,18 @@
 //! The partition worker: owns one partition between its assignment and its revocation,
-//! keeps a bounded cache of its customers, and turns each batch into one fenced commit.
+//! keeps a bounded cache of its customers, turns each batch into one fenced commit, and fires
+//! the partition's due timers through the same commit.
+//!
+//! Engine time (`clock.mode`): in `wall` mode it is the wall clock and a tick fires due
+//! timers; in `event` mode it is the partition's latest event time minus the allowed lateness,
+//! and timers due before an event's engine time fire before the event is applied — so the
+//! sequence of evaluations depends only on the input, never on batching or restarts.
 
 use super::keys::PartitionKeys;
 use super::store::{self, ApplyError, CommitBatch, Committed};
 use super::{PartitionStatus, Pipeline};
-use crate::domain::change::{Cause, TierChange};
+use crate::config::ClockMode;
+use crate::domain::change::{AtRiskNotice, Cause, TierChange};
+use crate::domain::state::{Outcome, Trigger};
 use crate::domain::{time, Applied, CustomerState};
 use crate::ingest::dead_letter::{self, Source};
 use crate::ingest::decode::{self, Reason, Rejection};
@@ -39,6 +47,26 @@ pub enum WorkerExit {
     Failed,
 }
 
+/// A customer loaded for the current batch; `dirty` if it must be written.
+struct Loaded {
+    state: CustomerState,
+    dirty: bool,
+}
+
+/// What one commit will write, accumulated while applying.
+#[derive(Default)]
+struct Draft {
+    first_offset: i64,
+    end_offset: i64,
+    messages: u64,
+    outbox: Vec<OutboxEntry>,
+    applied: u64,
+    duplicates: u64,
+    rejected: Vec<Reason>,
+    changes: Vec<(String, String, &'static str)>,
+    notices: u64,
+}
+
 /// Applies the batches of one owned partition.
 pub struct Worker {
     partition: i32,
@@ -50,10 +78,16 @@ pub struct Worker {
     status: Arc<PartitionStatus>,
     published: Arc<Notify>,
     partition_label: String,
+    /// Commits stored for this partition, as far as this owner knows.
+    commits: i64,
+    /// The partition's event-time clock (`event` mode).
+    clock: Option<i64>,
+    /// A lower bound of the earliest timer's due time (`None`: no timers).
+    min_due: Option<i64>,
 }
 
 impl Worker {
-    /// A worker for a partition we just claimed with `status.epoch`.
+    /// A worker for a partition we just claimed.
     pub fn new(
         partition: i32,
         keys: PartitionKeys,
@@ -61,6 +95,7 @@ impl Worker {
         pipeline: Arc<Pipeline>,
         status: Arc<PartitionStatus>,
         published: Arc<Notify>,
+        claim: &store::Claim,
     ) -> Self {
         let cap = NonZeroUsize::new(pipeline.cache_customers).unwrap_or(NonZeroUsize::MIN);
         Self {
@@ -73,45 +108,180 @@ impl Worker {
             status,
             published,
             partition_label: partition.to_string(),
+            commits: claim.commits,
+            clock: claim.clock,
+            min_due: Some(i64::MIN),
         }
     }
 
     /// Applies batches until the sender is dropped (revocation or shutdown) or the partition
-    /// cannot go on. Redis errors are retried with backoff: a batch is never skipped.
+    /// cannot go on; in `wall` mode fires due timers every `clock.tick_ms`. Redis errors are
+    /// retried with backoff: a batch is never skipped.
     pub async fn run(mut self, mut batches: mpsc::Receiver<Batch>) -> WorkerExit {
-        while let Some(batch) = batches.recv().await {
-            if batch.is_empty() {
-                continue;
-            }
-            if let Err(error) = self.apply_batch(batch).await {
-                let exit = match &error {
-                    ApplyError::Fenced { .. } => {
-                        self.pipeline.telemetry.apply_fenced.inc();
-                        error!(partition = self.partition, %error, "Partition stopped: another owner took over.");
-                        WorkerExit::Fenced
-                    }
-                    ApplyError::Diverged { stored, .. } => {
-                        error!(partition = self.partition, %error, "Redis diverged from this owner's state; reloading.");
-                        WorkerExit::Diverged { stored: *stored }
-                    }
-                    ApplyError::CorruptState { .. } | ApplyError::Redis(_) => {
-                        error!(partition = self.partition, %error, "Partition stopped: its state in Redis cannot be read.");
-                        WorkerExit::Failed
-                    }
-                };
-                return exit;
+        let p = Arc::clone(&self.pipeline);
+        let ticking = p.clock.mode == ClockMode::Wall && p.rules.uses_time();
+        let mut tick = tokio::time::interval(Duration::from_millis(p.clock.tick_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let result = tokio::select! {
+                batch = batches.recv() => match batch {
+                    Some(batch) if batch.is_empty() => continue,
+                    Some(batch) => self.apply_batch(batch).await,
+                    None => break,
+                },
+                _ = tick.tick(), if ticking => {
+                    let mut work = HashMap::new();
+                    let r = self.fire_due(time::now_ms(), &mut work).await;
+                    self.keep(work);
+                    r
+                }
+            };
+            if let Err(error) = result {
+                return self.exit(&error);
             }
         }
         info!(partition = self.partition, "Partition worker finished.");
         WorkerExit::Finished
     }
 
+    fn exit(&self, error: &ApplyError) -> WorkerExit {
+        match error {
+            ApplyError::Fenced { .. } => {
+                self.pipeline.telemetry.apply_fenced.inc();
+                error!(partition = self.partition, %error, "Partition stopped: another owner took over.");
+                WorkerExit::Fenced
+            }
+            ApplyError::Diverged { stored, .. } => {
+                error!(partition = self.partition, %error, "Redis diverged from this owner's state; reloading.");
+                WorkerExit::Diverged { stored: *stored }
+            }
+            ApplyError::CorruptState { .. } | ApplyError::Redis(_) => {
+                error!(partition = self.partition, %error, "Partition stopped: its state in Redis cannot be read.");
+                WorkerExit::Failed
+            }
+        }
+    }
+
+    /// Keeps a batch's customers cached (they are the committed truth).
+    fn keep(&mut self, work: HashMap<String, Loaded>) {
+        for (id, loaded) in work {
+            self.cache.put(id, loaded.state);
+        }
+    }
+
+    /// Makes sure `ids` are in `work`: from the cache, or loaded with one MGET.
+    async fn load(
+        &mut self,
+        ids: impl IntoIterator<Item = String>,
+        work: &mut HashMap<String, Loaded>,
+    ) -> Result<(), ApplyError> {
+        let mut missing: Vec<String> = Vec::new();
+        for id in ids {
+            if work.contains_key(&id) {
+                continue;
+            }
+            if let Some(state) = self.cache.pop(&id) {
+                work.insert(
+                    id,
+                    Loaded {
+                        state,
+                        dirty: false,
+                    },
+                );
+            } else {
+                work.insert(
+                    id.clone(),
+                    Loaded {
+                        state: CustomerState::default(),
+                        dirty: false,
+                    },
+                );
+                missing.push(id);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = missing.iter().map(|id| self.keys.customer(id)).collect();
+        let partition = self.partition;
+        let mut delay = Duration::from_millis(50);
+        let loaded = loop {
+            match store::load(&mut self.conn, partition, &keys).await {
+                Err(error) if error.is_retriable() => self.pause(&mut delay, &error).await,
+                other => break other?,
+            }
+        };
+        for (id, state) in missing.into_iter().zip(loaded) {
+            if let Some(state) = state {
+                work.insert(
+                    id,
+                    Loaded {
+                        state,
+                        dirty: false,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn next_offset(&self) -> i64 {
+        self.status.next_offset.load(Ordering::Relaxed)
+    }
+
+    fn new_draft(&self) -> Draft {
+        let next = self.next_offset();
+        Draft {
+            first_offset: next,
+            end_offset: next,
+            ..Draft::default()
+        }
+    }
+
+    /// Adds an evaluation's change and notice to the draft.
+    fn record(
+        &self,
+        draft: &mut Draft,
+        customer_id: &str,
+        state: &CustomerState,
+        outcome: &Outcome,
+        cause: Option<Cause>,
+    ) {
+        let p = &self.pipeline;
+        if let Some(t) = &outcome.transition {
+            let change = TierChange::new(customer_id, state, t, &p.rules, &p.money, cause);
+            draft.changes.push((
+                change
+                    .previous_tier
+                    .clone()
+                    .unwrap_or_else(|| "none".into()),
+                change.tier.clone(),
+                change.reason.as_str(),
+            ));
+            draft.outbox.push(OutboxEntry {
+                kind: EntryKind::Change,
+                key: customer_id.as_bytes().to_vec(),
+                value: serde_json::to_vec(&change).expect("change events serialize"),
+                headers: Vec::new(),
+            });
+        }
+        if let Some(n) = &outcome.notice {
+            let notice = AtRiskNotice::new(customer_id, n, &p.rules);
+            draft.notices += 1;
+            draft.outbox.push(OutboxEntry {
+                kind: EntryKind::AtRisk,
+                key: customer_id.as_bytes().to_vec(),
+                value: serde_json::to_vec(&notice).expect("notices serialize"),
+                headers: Vec::new(),
+            });
+        }
+    }
+
     async fn apply_batch(&mut self, messages: Batch) -> Result<(), ApplyError> {
         let started = Instant::now();
         let p = Arc::clone(&self.pipeline);
         let first_offset = messages[0].offset();
-        let end_offset = messages[messages.len() - 1].offset() + 1;
-        let expected = self.status.next_offset.load(Ordering::Relaxed);
+        let expected = self.next_offset();
         if expected >= 0 && first_offset > expected {
             p.telemetry.offset_gaps.inc();
             warn!(
@@ -122,63 +292,63 @@ impl Worker {
             );
         }
 
-        let now = time::now_ms();
+        let wall_now = time::now_ms();
         let decoded: Vec<Result<crate::domain::Event, Rejection>> = messages
             .iter()
             .map(|m| {
                 decode::decode(
                     m.key(),
                     m.payload(),
-                    m.timestamp().to_millis().unwrap_or(now),
+                    m.timestamp().to_millis().unwrap_or(wall_now),
                     &p.limits,
                 )
             })
             .collect();
 
-        // Customer states touched by this batch: from the cache, or loaded with one MGET.
-        let mut states: HashMap<&str, (CustomerState, bool)> = HashMap::new();
-        let mut missing: Vec<&str> = Vec::new();
-        for event in decoded.iter().flatten() {
-            let id = event.customer_id.as_str();
-            if !states.contains_key(id) {
-                match self.cache.pop(id) {
-                    Some(s) => {
-                        states.insert(id, (s, false));
-                    }
-                    None => {
-                        states.insert(id, (CustomerState::default(), false));
-                        missing.push(id);
-                    }
-                }
-            }
-        }
-        if !missing.is_empty() {
-            let keys: Vec<String> = missing.iter().map(|id| self.keys.customer(id)).collect();
-            let partition = self.partition;
-            let mut delay = Duration::from_millis(50);
-            let loaded = loop {
-                match store::load(&mut self.conn, partition, &keys).await {
-                    Err(error) if error.is_retriable() => self.pause(&mut delay, &error).await,
-                    other => break other?,
-                }
-            };
-            for (id, state) in missing.iter().zip(loaded) {
-                if let Some(s) = state {
-                    states.insert(id, (s, false));
-                }
-            }
-        }
+        let mut work: HashMap<String, Loaded> = HashMap::new();
+        let ids: Vec<String> = decoded
+            .iter()
+            .flatten()
+            .map(|e| e.customer_id.clone())
+            .collect();
+        self.load(ids, &mut work).await?;
 
-        let mut batch = CommitBatch {
-            expected_offset: expected,
+        let event_mode = p.clock.mode == ClockMode::Event;
+        let lateness = i64::try_from(p.clock.lateness_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let uses_time = p.rules.uses_time();
+        let mut draft = Draft {
             first_offset,
-            end_offset,
-            ..CommitBatch::default()
+            end_offset: first_offset,
+            ..Draft::default()
         };
-        let (mut applied, mut duplicates) = (0u64, 0u64);
-        let mut rejected: Vec<Reason> = Vec::new();
-        let mut changes: Vec<(String, String, &'static str)> = Vec::new();
         for (message, decoded) in messages.iter().zip(&decoded) {
+            if let (true, Ok(event)) = (event_mode, decoded) {
+                let t = event.occurred_at_ms.saturating_sub(lateness);
+                if self.clock.is_none_or(|c| t > c) {
+                    if uses_time && self.min_due.is_some_and(|d| d <= t) {
+                        // Timers due before this event's engine time fire first.
+                        if draft.messages > 0 {
+                            self.commit(&mut draft, &mut work).await?;
+                            draft = Draft {
+                                first_offset: message.offset(),
+                                end_offset: message.offset(),
+                                ..Draft::default()
+                            };
+                        }
+                        self.fire_due(t, &mut work).await?;
+                    }
+                    self.clock = Some(t);
+                }
+            }
+            // Events are evaluated at their own event time; in `event` mode never before the
+            // partition's clock.
+            let now = if event_mode {
+                self.clock.unwrap_or(i64::MIN)
+            } else {
+                i64::MIN
+            };
+            draft.messages += 1;
+            draft.end_offset = message.offset() + 1;
             let source = Source {
                 topic: &p.input_topic,
                 partition: self.partition,
@@ -188,37 +358,28 @@ impl Worker {
             let rejection = match decoded {
                 Err(rejection) => Some(rejection.clone()),
                 Ok(event) => {
-                    let (state, dirty) = states
+                    let loaded = work
                         .get_mut(event.customer_id.as_str())
                         .expect("loaded above");
-                    match state.apply(event, &p.rules, p.dedup) {
-                        Applied::Counted(transition) => {
-                            *dirty = true;
-                            applied += 1;
-                            if let Some(t) = transition {
-                                let cause = Cause {
-                                    event_id: event.event_id.clone(),
-                                    topic: p.input_topic.clone(),
-                                    partition: self.partition,
-                                    offset: message.offset(),
-                                };
-                                let change = TierChange::new(&event.customer_id, state, &t, &p.rules, &p.money, Some(cause));
-                                changes.push((
-                                    change.previous_tier.clone().unwrap_or_else(|| "none".into()),
-                                    change.tier.clone(),
-                                    change.reason.as_str(),
-                                ));
-                                batch.outbox.push(OutboxEntry {
-                                    kind: EntryKind::Change,
-                                    key: event.customer_id.as_bytes().to_vec(),
-                                    value: serde_json::to_vec(&change).expect("change events serialize"),
-                                    headers: Vec::new(),
-                                });
+                    match loaded.state.apply(event, &p.rules, p.dedup, now) {
+                        Applied::Counted(outcome) => {
+                            loaded.dirty = true;
+                            draft.applied += 1;
+                            if let Some((due, _)) = loaded.state.timer {
+                                self.min_due = Some(self.min_due.map_or(due, |d| d.min(due)));
                             }
+                            let cause = Cause {
+                                event_id: event.event_id.clone(),
+                                topic: p.input_topic.clone(),
+                                partition: self.partition,
+                                offset: message.offset(),
+                            };
+                            let state = loaded.state.clone();
+                            self.record(&mut draft, &event.customer_id, &state, &outcome, Some(cause));
                             None
                         }
                         Applied::Duplicate => {
-                            duplicates += 1;
+                            draft.duplicates += 1;
                             None
                         }
                         Applied::TooLate { floor_ms } => Some(Rejection {
@@ -233,62 +394,183 @@ impl Worker {
                 }
             };
             if let Some(rejection) = rejection {
-                batch.outbox.push(dead_letter::entry(
+                draft.outbox.push(dead_letter::entry(
                     source,
                     message.key(),
                     message.payload(),
                     &rejection,
                     p.dead_letter_max_bytes,
                 ));
-                rejected.push(rejection.reason);
+                draft.rejected.push(rejection.reason);
             }
         }
-        batch.states = states
-            .iter()
-            .filter(|(_, (_, dirty))| *dirty)
-            .map(|(id, (s, _))| {
-                (
-                    self.keys.customer(id),
-                    serde_json::to_vec(s).expect("state serializes"),
-                )
-            })
-            .collect();
+        self.commit(&mut draft, &mut work).await?;
+        self.keep(work);
+        let t = &p.telemetry;
+        t.events_consumed
+            .with_label_values(&[self.partition_label.as_str()])
+            .inc_by(messages.len() as u64);
+        t.batch_events.observe(messages.len() as f64);
+        t.batch_apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
 
+    /// Fires every timer due at or before `upto`, in chunks of `clock.timer_batch` per
+    /// commit. Each customer is evaluated at its own due time, so the result does not depend
+    /// on when the timer is fired.
+    async fn fire_due(
+        &mut self,
+        upto: i64,
+        work: &mut HashMap<String, Loaded>,
+    ) -> Result<(), ApplyError> {
+        if self.min_due.is_none_or(|d| d > upto) {
+            return Ok(());
+        }
+        let p = Arc::clone(&self.pipeline);
+        loop {
+            let mut delay = Duration::from_millis(50);
+            let due: Vec<(String, i64)> = loop {
+                let r: Result<Vec<(String, i64)>, redis::RedisError> = redis::cmd("ZRANGE")
+                    .arg(&self.keys.timers)
+                    .arg("-inf")
+                    .arg(upto)
+                    .arg("BYSCORE")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(p.clock.timer_batch)
+                    .arg("WITHSCORES")
+                    .query_async(&mut self.conn)
+                    .await;
+                match r {
+                    Ok(v) => break v,
+                    Err(e) => self.pause(&mut delay, &ApplyError::Redis(e)).await,
+                }
+            };
+            if due.is_empty() {
+                break;
+            }
+            self.load(due.iter().map(|(id, _)| id.clone()), work)
+                .await?;
+            let mut draft = self.new_draft();
+            for (id, at) in &due {
+                let loaded = work.get_mut(id.as_str()).expect("loaded above");
+                loaded.dirty = true;
+                match loaded.state.timer {
+                    Some((d, cause)) if d == *at => {
+                        let outcome = loaded.state.evaluate(&p.rules, d, Trigger::Time(cause));
+                        p.telemetry
+                            .timers_fired
+                            .with_label_values(&[cause_label(cause)])
+                            .inc();
+                        let state = loaded.state.clone();
+                        self.record(&mut draft, id, &state, &outcome, None);
+                    }
+                    // The index disagrees with the state (only after manual edits): rewriting
+                    // the state re-indexes its real timer.
+                    _ => {
+                        warn!(partition = self.partition, customer = %id, "Timer index out of step with the customer state; re-indexed.")
+                    }
+                }
+            }
+            self.commit(&mut draft, work).await?;
+        }
+        self.min_due = self.earliest_timer().await?;
+        Ok(())
+    }
+
+    async fn earliest_timer(&mut self) -> Result<Option<i64>, ApplyError> {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let r: Result<Vec<(String, i64)>, redis::RedisError> = redis::cmd("ZRANGE")
+                .arg(&self.keys.timers)
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES")
+                .query_async(&mut self.conn)
+                .await;
+            match r {
+                Ok(v) => return Ok(v.first().map(|(_, d)| *d)),
+                Err(e) => self.pause(&mut delay, &ApplyError::Redis(e)).await,
+            }
+        }
+    }
+
+    /// Commits a draft: dirty states, their timers, the outbox entries and the new position,
+    /// fenced and atomic. Retried on Redis errors (the script recognises its own lost reply).
+    async fn commit(
+        &mut self,
+        draft: &mut Draft,
+        work: &mut HashMap<String, Loaded>,
+    ) -> Result<(), ApplyError> {
+        let p = Arc::clone(&self.pipeline);
+        if self.min_due == Some(i64::MIN) {
+            // First commit of this owner: learn where the timers stand.
+            self.min_due = self.earliest_timer().await?;
+            for loaded in work.values().filter(|l| l.dirty) {
+                if let Some((due, _)) = loaded.state.timer {
+                    self.min_due = Some(self.min_due.map_or(due, |d| d.min(due)));
+                }
+            }
+        }
+        let uses_time = p.rules.uses_time();
+        let mut batch = CommitBatch {
+            expected_offset: self.next_offset(),
+            first_offset: draft.first_offset,
+            end_offset: draft.end_offset,
+            expected_commits: self.commits,
+            clock: self.clock.filter(|_| p.clock.mode == ClockMode::Event),
+            outbox: std::mem::take(&mut draft.outbox),
+            ..CommitBatch::default()
+        };
+        for (id, loaded) in work.iter().filter(|(_, l)| l.dirty) {
+            batch.states.push((
+                self.keys.customer(id),
+                serde_json::to_vec(&loaded.state).expect("state serializes"),
+            ));
+            if uses_time || loaded.state.timer.is_some() {
+                match loaded.state.timer {
+                    Some((due, _)) => batch.timer_upserts.push((due, id.clone())),
+                    None => batch.timer_removals.push(id.clone()),
+                }
+            }
+        }
         let (partition, epoch) = (self.partition, self.epoch);
         let mut delay = Duration::from_millis(50);
         let committed = loop {
             match store::commit(&mut self.conn, &self.keys, partition, epoch, &batch).await {
-                // Retrying is safe: the script skips a batch that an earlier, lost call applied.
+                // Retrying is safe: the script skips a commit that an earlier, lost call applied.
                 Err(error) if error.is_retriable() => self.pause(&mut delay, &error).await,
                 other => break other?,
             }
         };
-
-        // Committed: the states are now the durable truth; keep them cached.
-        for (id, (s, _)) in states {
-            self.cache.put(id.to_owned(), s);
+        self.commits += 1;
+        for loaded in work.values_mut() {
+            loaded.dirty = false;
         }
-        self.status.next_offset.store(end_offset, Ordering::Relaxed);
+        self.status
+            .next_offset
+            .store(draft.end_offset, Ordering::Relaxed);
         let t = &p.telemetry;
         let label = [self.partition_label.as_str()];
-        t.events_consumed
-            .with_label_values(&label)
-            .inc_by(messages.len() as u64);
         if let Committed::Applied { outbox_len } = committed {
-            t.events_applied.with_label_values(&label).inc_by(applied);
+            t.events_applied
+                .with_label_values(&label)
+                .inc_by(draft.applied);
             t.events_deduplicated
                 .with_label_values(&label)
-                .inc_by(duplicates);
-            for reason in rejected {
+                .inc_by(draft.duplicates);
+            for reason in &draft.rejected {
                 t.events_dead_lettered
                     .with_label_values(&[reason.as_str()])
                     .inc();
             }
-            for (from, to, reason) in &changes {
+            for (from, to, reason) in &draft.changes {
                 t.tier_changes
                     .with_label_values(&[from.as_str(), to.as_str(), reason])
                     .inc();
             }
+            t.at_risk_notices.inc_by(draft.notices);
             t.outbox_depth
                 .with_label_values(&label)
                 .set(i64::try_from(outbox_len).unwrap_or(i64::MAX));
@@ -296,9 +578,6 @@ impl Worker {
         if !batch.outbox.is_empty() {
             self.published.notify_one();
         }
-        t.batch_events.observe(messages.len() as f64);
-        t.batch_apply_seconds
-            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -308,5 +587,18 @@ impl Worker {
         warn!(partition = self.partition, %error, "Redis call failed; retrying.");
         tokio::time::sleep(*delay).await;
         *delay = (*delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn cause_label(cause: crate::rules::TimeCause) -> &'static str {
+    use crate::rules::TimeCause::*;
+    match cause {
+        Recency => "recency",
+        WindowExpiry => "window_expiry",
+        ValidityExpired => "validity_expired",
+        GraceEnded => "grace_ended",
+        MinStayEnded => "min_stay_ended",
+        ManualExpired => "manual_expired",
+        AtRisk => "at_risk",
     }
 }

@@ -37,6 +37,22 @@ pub enum ChangeReason {
     Purchase,
     /// A refund of the customer.
     Refund,
+    /// Days since the last purchase crossed a bound (recency decay).
+    Recency,
+    /// Purchases left a rolling window (or a calendar period ended).
+    WindowExpiry,
+    /// The tier's validity ended and the review did not renew it.
+    ValidityExpired,
+    /// A downgrade's grace period ended without the customer requalifying.
+    GraceEnded,
+    /// The tier's minimum stay ended (a downgrade held back by it took effect).
+    MinStayEnded,
+    /// A manual pin (`override` event) set or cleared.
+    Manual,
+    /// A manual pin lapsed.
+    ManualExpired,
+    /// A new rules version re-placed the customer.
+    RulesChanged,
 }
 
 impl ChangeReason {
@@ -45,6 +61,14 @@ impl ChangeReason {
         match self {
             Self::Purchase => "purchase",
             Self::Refund => "refund",
+            Self::Recency => "recency",
+            Self::WindowExpiry => "window_expiry",
+            Self::ValidityExpired => "validity_expired",
+            Self::GraceEnded => "grace_ended",
+            Self::MinStayEnded => "min_stay_ended",
+            Self::Manual => "manual",
+            Self::ManualExpired => "manual_expired",
+            Self::RulesChanged => "rules_changed",
         }
     }
 }
@@ -106,9 +130,14 @@ pub struct TierChange {
     pub rules_version: String,
     /// The rule that placed the customer in `tier`.
     pub rule: String,
-    /// The metrics that decided.
+    /// The policy that decided (`initial`, `upgrade`, a tier's downgrade policy such as
+    /// `downgrade=step review=days:60`, or a manual pin).
+    pub policy: String,
+    /// The lifetime metrics.
     pub metrics: MetricsView,
-    /// Scores that decided (empty for threshold schemes).
+    /// Every metric the rules read, as they were at the decision (money as decimal strings).
+    pub values: serde_json::Map<String, serde_json::Value>,
+    /// Scores at the decision (`cell` and `product` included when declared).
     pub scores: serde_json::Map<String, serde_json::Value>,
     /// The triggering input event.
     pub cause: Option<Cause>,
@@ -167,30 +196,113 @@ impl TierChange {
     pub fn new(
         customer_id: &str,
         state: &super::CustomerState,
-        transition: &super::state::Transition<'_>,
+        transition: &super::state::Transition,
         rules: &crate::rules::Rules,
         money: &MoneyFormat,
         cause: Option<Cause>,
     ) -> Self {
         let tier = &rules.tiers()[transition.tier];
+        let (values, scores) = evaluation_maps(rules, &transition.eval);
         Self {
             event_id: change_id(customer_id, state.seq),
             customer_id: customer_id.to_owned(),
             sequence: state.seq,
             previous_tier: transition.previous.clone(),
             tier: tier.name.clone(),
-            tier_display_name: tier
-                .display_name
-                .clone()
-                .unwrap_or_else(|| tier.name.clone()),
+            tier_display_name: tier.display().to_owned(),
             direction: transition.direction,
             reason: transition.reason,
-            occurred_at: super::time::format_ms(state.since),
+            occurred_at: super::time::format_ms(transition.at),
             rules_version: rules.version().to_owned(),
-            rule: transition.rule.to_owned(),
+            rule: transition.rule.clone(),
+            policy: transition.policy.clone(),
             metrics: MetricsView::of(state, money),
-            scores: serde_json::Map::new(),
+            values,
+            scores,
             cause,
+        }
+    }
+}
+
+/// Metric values and scores of an evaluation as JSON maps (for events and the API).
+pub fn evaluation_maps(
+    rules: &crate::rules::Rules,
+    eval: &crate::rules::Evaluation,
+) -> (
+    serde_json::Map<String, serde_json::Value>,
+    serde_json::Map<String, serde_json::Value>,
+) {
+    use crate::rules::operand::Operand;
+    let mut values = serde_json::Map::new();
+    let mut scores = serde_json::Map::new();
+    for (i, name) in rules.score_names().iter().enumerate() {
+        scores.insert(name.clone(), eval.scores[i].into());
+    }
+    for (op, v) in &eval.values {
+        match op {
+            Operand::Score(_) => {}
+            Operand::Cell | Operand::Product => {
+                scores.insert(rules.operand_name(*op), rules.show(*op, v));
+            }
+            _ => {
+                values.insert(rules.operand_name(*op), rules.show(*op, v));
+            }
+        }
+    }
+    if let Some(cell) = &eval.cell {
+        scores.insert("cell".into(), cell.clone().into());
+    }
+    (values, scores)
+}
+
+/// An at-risk notice (DESIGN §3): a time-driven downgrade is coming.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AtRiskNotice {
+    /// Always `"at_risk"` (tells notices from tier changes on a shared topic).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Deterministic id: UUID v5 of (`customer_id`, the downgrade moment).
+    pub event_id: String,
+    /// The customer.
+    pub customer_id: String,
+    /// Tier now.
+    pub tier: String,
+    /// Tier the customer will fall to.
+    pub falls_to: String,
+    /// When, RFC 3339 (engine time).
+    pub downgrade_at: String,
+    /// Why: `recency`, `window_expiry`, `validity_expired`, `grace_ended`, `min_stay_ended`.
+    pub cause: crate::rules::TimeCause,
+    /// What it takes to stay: each failing condition with the value it will have and, for
+    /// lower bounds on spend or counts, what is missing.
+    pub to_stay: Vec<serde_json::Value>,
+    /// Engine time of the notice, RFC 3339.
+    pub occurred_at: String,
+    /// Rules version.
+    pub rules_version: String,
+}
+
+impl AtRiskNotice {
+    /// The published notice.
+    pub fn new(
+        customer_id: &str,
+        notice: &super::state::Notice,
+        rules: &crate::rules::Rules,
+    ) -> Self {
+        let mut name = customer_id.as_bytes().to_vec();
+        name.extend_from_slice(b"\0at_risk\0");
+        name.extend_from_slice(&notice.at.to_be_bytes());
+        Self {
+            kind: "at_risk",
+            event_id: uuid::Uuid::new_v5(&CHANGE_ID_NAMESPACE, &name).to_string(),
+            customer_id: customer_id.to_owned(),
+            tier: rules.tiers()[notice.tier].name.clone(),
+            falls_to: rules.tiers()[notice.falls_to].name.clone(),
+            downgrade_at: super::time::format_ms(notice.at),
+            cause: notice.cause,
+            to_stay: notice.shortfall.clone(),
+            occurred_at: super::time::format_ms(notice.now),
+            rules_version: rules.version().to_owned(),
         }
     }
 }

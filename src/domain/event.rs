@@ -7,6 +7,8 @@ pub enum EventKind {
     Purchase,
     /// A refund: subtracts its amount from monetary; frequency and recency are unchanged.
     Refund,
+    /// A manual pin (or its removal) by a relationship manager; no amount.
+    Override,
 }
 
 /// A valid purchase or refund.
@@ -22,4 +24,6 @@ pub struct Event {
     pub amount_minor: i64,
     /// Event time, Unix milliseconds.
     pub occurred_at_ms: i64,
+    /// For `Override`: the pin to set or clear.
+    pub pin: Option<super::state::PinRequest>,
 }

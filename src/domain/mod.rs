@@ -1,5 +1,6 @@
 //! The shared nouns of tierd: events in, customer state, tier changes out, money and time.
 
+pub mod calendar;
 pub mod change;
 pub mod event;
 pub mod money;

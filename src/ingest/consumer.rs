@@ -197,6 +197,7 @@ impl IngestContext {
             Arc::clone(&self.pipeline),
             status,
             Arc::clone(&wake),
+            &claim,
         );
         let worker = self.rt.spawn(worker.run(rx));
         let publisher = self.rt.spawn(self.publisher.clone().run(

@@ -1,6 +1,7 @@
 //! Decoding and validation of one input message against the DESIGN §3 input contract.
 //! Pure: bad input is a [`Rejection`] value with a reason code, never an error or a panic.
 
+use crate::domain::state::{Pin, PinMode, PinRequest};
 use crate::domain::{money, time, Event, EventKind};
 use serde_json::value::RawValue;
 
@@ -34,8 +35,8 @@ pub enum Reason {
     TimestampOutOfRange,
     /// `type` is not one of the known types.
     UnknownType,
-    /// `type` is known to the contract but not supported by this release (`override`).
-    UnsupportedType,
+    /// An `override` names a tier the rules do not have, or an invalid `mode`/`expires_at`.
+    InvalidOverride,
     /// The Kafka key is missing or differs from `customer_id` (the customer's state would be
     /// split across partitions).
     KeyMismatch,
@@ -59,7 +60,7 @@ impl Reason {
         Self::InvalidTimestamp,
         Self::TimestampOutOfRange,
         Self::UnknownType,
-        Self::UnsupportedType,
+        Self::InvalidOverride,
         Self::KeyMismatch,
         Self::TooLate,
     ];
@@ -80,7 +81,7 @@ impl Reason {
             Self::InvalidTimestamp => "invalid_timestamp",
             Self::TimestampOutOfRange => "timestamp_out_of_range",
             Self::UnknownType => "unknown_type",
-            Self::UnsupportedType => "unsupported_type",
+            Self::InvalidOverride => "invalid_override",
             Self::KeyMismatch => "key_mismatch",
             Self::TooLate => "too_late",
         }
@@ -118,6 +119,8 @@ pub struct DecodeLimits {
     pub min_occurred_at_ms: i64,
     /// How far `occurred_at` may lie after the reference time, ms.
     pub max_future_skew_ms: i64,
+    /// Tier names of the rules (an override must name one).
+    pub tiers: Vec<String>,
 }
 
 /// Maximum length of `event_id` and `customer_id`, in characters.
@@ -166,12 +169,7 @@ pub fn decode(
     let kind = match optional_string(fields.kind, "type")?.as_deref() {
         None | Some("purchase") => EventKind::Purchase,
         Some("refund") => EventKind::Refund,
-        Some("override") => {
-            return Err(reject(
-                Reason::UnsupportedType,
-                "field `type`: \"override\" is not supported by this release",
-            ))
-        }
+        Some("override") => EventKind::Override,
         Some(other) => {
             return Err(reject(
                 Reason::UnknownType,
@@ -182,7 +180,15 @@ pub fn decode(
         }
     };
 
-    let amount_raw = present(fields.amount, "amount")?.get();
+    let pin = if kind == EventKind::Override {
+        Some(pin_request(&fields, limits)?)
+    } else {
+        None
+    };
+    let amount_raw = match (kind, fields.amount) {
+        (EventKind::Override, None) => "0",
+        (_, field) => present(field, "amount")?.get(),
+    };
     let amount_text: std::borrow::Cow<'_, str> = if amount_raw.starts_with('"') {
         serde_json::from_str::<String>(amount_raw)
             .map_err(|e| reject(Reason::InvalidField, format!("field `amount`: {e}")))?
@@ -285,7 +291,44 @@ pub fn decode(
         kind,
         amount_minor,
         occurred_at_ms,
+        pin,
     })
+}
+
+/// Reads an override's `tier`, `mode` (`floor` default, `fixed`, `clear`) and `expires_at`.
+fn pin_request(fields: &Fields<'_>, limits: &DecodeLimits) -> Result<PinRequest, Rejection> {
+    let bad = |m: String| reject(Reason::InvalidOverride, m);
+    let mode = match optional_string(fields.mode, "mode")?.as_deref() {
+        None | Some("floor") => PinMode::Floor,
+        Some("fixed") => PinMode::Fixed,
+        Some("clear") => return Ok(PinRequest::Clear),
+        Some(other) => {
+            return Err(bad(format!(
+                "field `mode`: {other:?} is not one of \"floor\", \"fixed\", \"clear\""
+            )))
+        }
+    };
+    let tier = required_string(fields.tier, "tier")?;
+    if !limits.tiers.contains(&tier) {
+        return Err(bad(format!(
+            "field `tier`: {tier:?} is not a tier of the rules ({})",
+            limits.tiers.join(", ")
+        )));
+    }
+    let until = match optional_string(fields.expires_at, "expires_at")? {
+        None => None,
+        Some(text) => Some(
+            time::parse_rfc3339_ms(&text)
+                .map_err(|e| bad(format!("field `expires_at`: {text:?}: {e}")))?,
+        ),
+    };
+    let by = id_field(fields.event_id, "event_id")?;
+    Ok(PinRequest::Set(Pin {
+        tier,
+        mode,
+        until,
+        by,
+    }))
 }
 
 /// The contract's fields as raw JSON text (absent: `None`).
@@ -303,6 +346,12 @@ struct Fields<'a> {
     occurred_at: Option<&'a RawValue>,
     #[serde(borrow, rename = "type")]
     kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tier: Option<&'a RawValue>,
+    #[serde(borrow)]
+    mode: Option<&'a RawValue>,
+    #[serde(borrow)]
+    expires_at: Option<&'a RawValue>,
 }
 
 /// A field that must be present and not null.
@@ -362,6 +411,7 @@ mod tests {
             max_amount_minor: 100_000_000_000,
             min_occurred_at_ms: 946_684_800_000,
             max_future_skew_ms: 86_400_000,
+            tiers: vec!["vip".into(), "basic".into()],
         }
     }
 
@@ -371,6 +421,33 @@ mod tests {
 
     fn reason(key: &str, value: &str) -> Reason {
         dec(key, value).unwrap_err().reason
+    }
+
+    #[test]
+    fn overrides_carry_a_pin() {
+        let e = dec(
+            "c1",
+            r#"{"event_id":"o1","customer_id":"c1","type":"override","tier":"vip","mode":"fixed","expires_at":"2026-06-01T00:00:00Z","occurred_at":"2026-05-01T10:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.kind, EventKind::Override);
+        let Some(PinRequest::Set(pin)) = e.pin else {
+            panic!("a pin")
+        };
+        assert_eq!(
+            (pin.tier.as_str(), pin.mode, pin.by.as_str()),
+            ("vip", PinMode::Fixed, "o1")
+        );
+        assert_eq!(
+            pin.until,
+            Some(time::parse_rfc3339_ms("2026-06-01T00:00:00Z").unwrap())
+        );
+        let e = dec(
+            "c1",
+            r#"{"event_id":"o2","customer_id":"c1","type":"override","mode":"clear","occurred_at":"2026-05-01T10:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.pin, Some(PinRequest::Clear));
     }
 
     #[test]
@@ -474,8 +551,35 @@ mod tests {
             Reason::UnknownType
         );
         assert_eq!(
+            reason(
+                "c1",
+                &with(r#""amount""#, r#""type":"override","tier":"gold","amount""#)
+            ),
+            Reason::InvalidOverride
+        );
+        assert_eq!(
             reason("c1", &with(r#""amount""#, r#""type":"override","amount""#)),
-            Reason::UnsupportedType
+            Reason::MissingField
+        );
+        assert_eq!(
+            reason(
+                "c1",
+                &with(
+                    r#""amount""#,
+                    r#""type":"override","tier":"vip","mode":"max","amount""#
+                )
+            ),
+            Reason::InvalidOverride
+        );
+        assert_eq!(
+            reason(
+                "c1",
+                &with(
+                    r#""amount""#,
+                    r#""type":"override","tier":"vip","expires_at":"soon","amount""#
+                )
+            ),
+            Reason::InvalidOverride
         );
         assert_eq!(reason("c2", ok), Reason::KeyMismatch);
         assert_eq!(

@@ -10,6 +10,8 @@ pub enum EntryKind {
     DeadLetter,
     /// A rejected input message that had no key.
     DeadLetterNoKey,
+    /// An at-risk notice → `kafka.at_risk_topic` (default the output topic), keyed by customer.
+    AtRisk,
 }
 
 impl EntryKind {
@@ -19,6 +21,7 @@ impl EntryKind {
             Self::Change => "c",
             Self::DeadLetter => "d",
             Self::DeadLetterNoKey => "dn",
+            Self::AtRisk => "n",
         }
     }
 
@@ -28,6 +31,7 @@ impl EntryKind {
             b"c" => Some(Self::Change),
             b"d" => Some(Self::DeadLetter),
             b"dn" => Some(Self::DeadLetterNoKey),
+            b"n" => Some(Self::AtRisk),
             _ => None,
         }
     }

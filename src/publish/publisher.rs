@@ -34,6 +34,8 @@ pub struct Publisher {
     pub output_topic: String,
     /// Topic of dead letters.
     pub dead_letter_topic: String,
+    /// Topic of at-risk notices.
+    pub at_risk_topic: String,
     /// Entries per round.
     pub batch_max: usize,
     /// Poll interval when not woken.
@@ -182,6 +184,7 @@ impl Publisher {
             let topic = match kind {
                 EntryKind::Change => &self.output_topic,
                 EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => &self.dead_letter_topic,
+                EntryKind::AtRisk => &self.at_risk_topic,
             };
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value);
             if kind != EntryKind::DeadLetterNoKey {
@@ -206,7 +209,7 @@ impl Publisher {
             deliveries.push((kind, self.producer.send_result(record)));
         }
         let mut first_error = None;
-        let mut counts = [0u64; 2];
+        let mut counts = [0u64; 3];
         for (kind, queued) in deliveries {
             let outcome = match queued {
                 Ok(delivery) => match delivery.await {
@@ -217,7 +220,13 @@ impl Publisher {
                 Err((e, _)) => Err(e),
             };
             match outcome {
-                Ok(()) => counts[usize::from(kind != EntryKind::Change)] += 1,
+                Ok(()) => {
+                    counts[match kind {
+                        EntryKind::Change => 0,
+                        EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => 1,
+                        EntryKind::AtRisk => 2,
+                    }] += 1;
+                }
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -243,6 +252,10 @@ impl Publisher {
             .outbox_published
             .with_label_values(&["dead_letter"])
             .inc_by(counts[1]);
+        self.telemetry
+            .outbox_published
+            .with_label_values(&["at_risk"])
+            .inc_by(counts[2]);
         debug!(outbox, published = round.len(), "Outbox round published.");
         Ok(())
     }

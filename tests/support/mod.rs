@@ -281,6 +281,8 @@ pub struct World {
     pub group: String,
     pub prefix: String,
     pub partitions: i32,
+    /// The rules file tierd runs (default: the B2B lifetime preset).
+    pub rules: PathBuf,
 }
 
 impl World {
@@ -303,6 +305,7 @@ impl World {
             group: unique("g"),
             prefix: unique("t"),
             partitions,
+            rules: Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/b2b-lifetime.toml"),
         }
     }
 
@@ -313,7 +316,7 @@ impl World {
 
     /// Like [`World::config`], with extra lines in the `[kafka.consumer]` table.
     pub fn config_with(&self, api_port: u16, consumer: &str, extra: &str) -> String {
-        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/b2b.toml");
+        let rules = &self.rules;
         format!(
             r#"
 [kafka]

@@ -4,8 +4,10 @@
 -- KEYS[1] meta hash {epoch, next_offset}   KEYS[2] outbox stream   KEYS[3] timers zset
 -- KEYS[4..] customer state keys, one per value at the end of ARGV
 -- ARGV[1] owner epoch   ARGV[2] the next offset the owner believes is stored (-1: none)
--- ARGV[3] batch first offset   ARGV[4] batch end offset (exclusive)
--- ARGV[5] n outbox entries, then n x (kind, key, value, headers)
+-- ARGV[3] batch first offset   ARGV[4] batch end offset (exclusive; equal to the first for a
+-- commit of fired timers only)   ARGV[5] the number of commits the owner believes are stored
+-- ARGV[6] the partition's event-time clock after this commit ('' : unchanged)
+-- ARGV[7] n outbox entries, then n x (kind, key, value, headers)
 -- then m timer upserts, then m x (score, member)
 -- then r timer removals, then r x member
 -- then one state value per customer key
@@ -17,19 +19,21 @@ if epoch ~= ARGV[1] then
   return {'FENCED', epoch or '', redis.call('HGET', meta, 'next_offset') or ''}
 end
 local stored = tonumber(redis.call('HGET', meta, 'next_offset') or '-1')
+local commits = tonumber(redis.call('HGET', meta, 'commits') or '0')
 local expected = tonumber(ARGV[2])
 local first = tonumber(ARGV[3])
 local stop = tonumber(ARGV[4])
-if stored == stop then
-  -- This very batch was applied by an earlier call whose reply was lost.
+local expected_commits = tonumber(ARGV[5])
+if commits == expected_commits + 1 and stored == stop then
+  -- This very commit was applied by an earlier call whose reply was lost.
   return {'ALREADY', tostring(stored)}
 end
-if stored ~= expected or first < expected then
+if stored ~= expected or commits ~= expected_commits or first < expected then
   -- Redis no longer holds what the owner committed (lost writes, restored backup) or the
   -- batch overlaps it: the owner's cache cannot be trusted; it must reload and seek.
   return {'DIVERGED', tostring(stored)}
 end
-local i = 5
+local i = 7
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3])
@@ -49,5 +53,8 @@ for k = 4, #KEYS do
   redis.call('SET', KEYS[k], ARGV[i])
   i = i + 1
 end
-redis.call('HSET', meta, 'next_offset', ARGV[4])
+redis.call('HSET', meta, 'next_offset', ARGV[4], 'commits', tostring(commits + 1))
+if ARGV[6] ~= '' then
+  redis.call('HSET', meta, 'clock', ARGV[6])
+end
 return {'OK', tostring(stored), tostring(redis.call('XLEN', KEYS[2]))}

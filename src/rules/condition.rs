@@ -1,0 +1,211 @@
+//! Tier conditions: `"<metric> <op> <value>"`, e.g. `"window.m12.sum >= 1000000"`,
+//! `"score.R >= 4"`, `"cell in 55?, 54?, 45?"`.
+
+use super::operand::{Operand, Type};
+use super::value::{Ratio, Value};
+
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmp {
+    /// `>=`
+    Ge,
+    /// `>`
+    Gt,
+    /// `<=`
+    Le,
+    /// `<`
+    Lt,
+    /// `==`
+    Eq,
+    /// `!=`
+    Ne,
+}
+
+impl Cmp {
+    fn symbol(self) -> &'static str {
+        match self {
+            Self::Ge => ">=",
+            Self::Gt => ">",
+            Self::Le => "<=",
+            Self::Lt => "<",
+            Self::Eq => "==",
+            Self::Ne => "!=",
+        }
+    }
+}
+
+/// A cell pattern: one entry per digit, `None` for `?`.
+pub type Pattern = Vec<Option<u8>>;
+
+/// One condition of a tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// A numeric comparison.
+    Compare {
+        /// The metric.
+        operand: Operand,
+        /// The operator.
+        cmp: Cmp,
+        /// The value compared with, exact.
+        value: Ratio,
+    },
+    /// The cell matches (or, negated, matches none of) the patterns.
+    CellIn {
+        /// Patterns, e.g. `5??`.
+        patterns: Vec<Pattern>,
+        /// `not in` / `!=`.
+        negate: bool,
+    },
+}
+
+impl Condition {
+    /// Parses a condition. `operand` resolves a metric name; `literal` reads a number for a type.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(
+        text: &str,
+        operand: &dyn Fn(&str) -> Result<Operand, String>,
+        literal: &dyn Fn(Type, &str) -> Result<Ratio, String>,
+        cell_len: usize,
+    ) -> Result<Self, String> {
+        let mut tokens = text.split_whitespace();
+        let (Some(name), Some(op)) = (tokens.next(), tokens.next()) else {
+            return Err(format!("{text:?} is not `<metric> <op> <value>`"));
+        };
+        let (op, rest): (&str, Vec<&str>) = if op == "not" && tokens.clone().next() == Some("in") {
+            tokens.next();
+            ("not in", tokens.collect())
+        } else {
+            (op, tokens.collect())
+        };
+        if rest.is_empty() {
+            return Err(format!("{text:?}: no value after {op:?}"));
+        }
+        let operand = operand(name)?;
+        if operand.kind() == Type::Cell {
+            let negate = match op {
+                "in" | "==" => false,
+                "not in" | "!=" => true,
+                _ => {
+                    return Err(format!(
+                        "{text:?}: a cell is compared with `in`, `not in`, `==` or `!=`"
+                    ))
+                }
+            };
+            let patterns = rest
+                .join(" ")
+                .split([',', ' ', '[', ']', '"', '\''])
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    if p.chars().count() != cell_len {
+                        return Err(format!(
+                            "{text:?}: pattern {p:?} has {} characters, the cell has {cell_len}",
+                            p.chars().count()
+                        ));
+                    }
+                    p.chars()
+                        .map(|c| match c {
+                            '?' => Ok(None),
+                            '1'..='9' => Ok(Some(c as u8 - b'0')),
+                            _ => Err(format!(
+                                "{text:?}: pattern {p:?} may hold digits 1-9 and `?` only"
+                            )),
+                        })
+                        .collect()
+                })
+                .collect::<Result<Vec<Pattern>, String>>()?;
+            return Ok(Self::CellIn { patterns, negate });
+        }
+        let cmp = match op {
+            ">=" => Cmp::Ge,
+            ">" => Cmp::Gt,
+            "<=" => Cmp::Le,
+            "<" => Cmp::Lt,
+            "==" => Cmp::Eq,
+            "!=" => Cmp::Ne,
+            _ => {
+                return Err(format!(
+                    "{text:?}: unknown operator {op:?} (>=, >, <=, <, ==, !=)"
+                ))
+            }
+        };
+        if rest.len() != 1 {
+            return Err(format!("{text:?}: expected one value after {op:?}"));
+        }
+        let value = literal(operand.kind(), rest[0]).map_err(|e| format!("{text:?}: {e}"))?;
+        Ok(Self::Compare {
+            operand,
+            cmp,
+            value,
+        })
+    }
+
+    /// Whether the condition holds for the metric value (undefined: false).
+    pub fn holds(&self, v: &Value) -> bool {
+        match (self, v) {
+            (Self::Compare { cmp, value, .. }, Value::Num(x)) => match cmp {
+                Cmp::Ge => x >= value,
+                Cmp::Gt => x > value,
+                Cmp::Le => x <= value,
+                Cmp::Lt => x < value,
+                Cmp::Eq => x == value || x.cmp(value).is_eq(),
+                Cmp::Ne => !x.cmp(value).is_eq(),
+            },
+            (Self::CellIn { patterns, negate }, Value::Text(cell)) => {
+                let digits: Vec<u8> = cell.bytes().map(|b| b - b'0').collect();
+                let any = patterns.iter().any(|p| {
+                    p.len() == digits.len()
+                        && p.iter()
+                            .zip(&digits)
+                            .all(|(want, got)| want.is_none_or(|w| w == *got))
+                });
+                any != *negate
+            }
+            _ => false,
+        }
+    }
+
+    /// The metric the condition reads.
+    pub fn operand(&self) -> Operand {
+        match self {
+            Self::Compare { operand, .. } => *operand,
+            Self::CellIn { .. } => Operand::Cell,
+        }
+    }
+
+    /// As a rule description, with values shown by `show`.
+    pub fn describe(&self, name: &str, show: &dyn Fn(Ratio) -> String) -> String {
+        match self {
+            Self::Compare { cmp, value, .. } => format!("{name} {} {}", cmp.symbol(), show(*value)),
+            Self::CellIn { patterns, negate } => {
+                let ps: Vec<String> = patterns
+                    .iter()
+                    .map(|p| {
+                        p.iter()
+                            .map(|d| d.map_or('?', |d| char::from(b'0' + d)))
+                            .collect()
+                    })
+                    .collect();
+                format!(
+                    "{name} {} {}",
+                    if *negate { "not in" } else { "in" },
+                    ps.join(",")
+                )
+            }
+        }
+    }
+
+    /// For integer metrics: the whole values at which the condition's truth flips.
+    pub fn flip_points(&self) -> Vec<i128> {
+        let Self::Compare { cmp, value, .. } = self else {
+            return Vec::new();
+        };
+        let ceil = value.floor() + i128::from(value.n.rem_euclid(value.d) != 0);
+        match cmp {
+            Cmp::Ge | Cmp::Lt => vec![ceil],
+            Cmp::Gt | Cmp::Le => vec![value.floor() + 1],
+            Cmp::Eq | Cmp::Ne => vec![ceil, value.floor() + 1],
+        }
+    }
+}

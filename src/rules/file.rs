@@ -1,0 +1,134 @@
+//! The rules file as written (TOML), before validation. Field docs are the file reference.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+/// A rules file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesFile {
+    /// Version label, carried on every change event and in the API. Change it whenever the
+    /// rules change: customers are re-evaluated under the new version.
+    pub version: Spanned<String>,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Scores making up the RFM cell and product, in digit order (e.g. `["R", "F", "M"]`).
+    #[serde(default)]
+    pub cell: Option<Spanned<Vec<String>>>,
+    /// Named windows (`window.<name>.…` metrics).
+    #[serde(default)]
+    pub windows: BTreeMap<String, Spanned<WindowFile>>,
+    /// Named fixed-bin scores (`score.<name>`).
+    #[serde(default)]
+    pub scores: BTreeMap<String, Spanned<ScoreFile>>,
+    /// Default downgrade policy of every tier.
+    #[serde(default)]
+    pub policy: Option<Spanned<PolicyFile>>,
+    /// Tiers, best first; the first whose conditions all hold places the customer.
+    pub tiers: Vec<Spanned<TierFile>>,
+}
+
+/// `[windows.<name>]`: either `length` (rolling) or `calendar`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowFile {
+    /// Rolling length: `"<N> days"` or `"<N> months"` (the current bucket counts as one).
+    #[serde(default)]
+    pub length: Option<String>,
+    /// Bucket granularity `"day"` or `"month"`; default: the length's unit.
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// Calendar period to date: `"month"`, `"quarter"` or `"year"`.
+    #[serde(default)]
+    pub calendar: Option<String>,
+}
+
+/// `[scores.<name>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreFile {
+    /// The metric scored (any metric but scores, `cell` and `product`).
+    pub metric: String,
+    /// Bins tried in order; the first that holds gives its score; the last has no bound.
+    pub bins: Vec<Spanned<BinFile>>,
+}
+
+/// One bin: a score and at most one bound.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BinFile {
+    /// The score (1-9).
+    pub score: u8,
+    /// `value >= min`.
+    #[serde(default)]
+    pub min: Option<toml::Value>,
+    /// `value > above`.
+    #[serde(default)]
+    pub above: Option<toml::Value>,
+    /// `value <= max`.
+    #[serde(default)]
+    pub max: Option<toml::Value>,
+    /// `value < below`.
+    #[serde(default)]
+    pub below: Option<toml::Value>,
+}
+
+/// Policy fields, in `[policy]` (defaults) or on a tier (overrides).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// `"replace"` (default), `"step"` or `"base"`.
+    #[serde(default)]
+    pub downgrade: Option<super::policy::Downgrade>,
+    /// Days a downgrade waits; cancelled if the customer requalifies. Default 0.
+    #[serde(default)]
+    pub grace_days: Option<u32>,
+    /// Days a customer stays in a tier at least. Default 0.
+    #[serde(default)]
+    pub min_stay_days: Option<u32>,
+    /// `continuous` (default), `days:N`, `month`, `quarter`, `year`, `anniversary`,
+    /// `date:MM-DD`.
+    #[serde(default)]
+    pub review: Option<String>,
+    /// Whether an upgrade starts a new validity period. Default true.
+    #[serde(default)]
+    pub upgrade_restarts_review: Option<bool>,
+    /// `[policy]` only: days before a time-driven downgrade that an `at_risk` notice is sent
+    /// (0: none).
+    #[serde(default)]
+    pub at_risk_days: Option<u32>,
+}
+
+/// `[[tiers]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierFile {
+    /// Stable identifier on change events and in the API (1-64 characters).
+    pub name: String,
+    /// Human-readable name; default `name`.
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// Entry conditions, all must hold. Omitted on the last tier only (it takes the rest).
+    #[serde(default)]
+    pub when: Option<Vec<Spanned<String>>>,
+    /// Hysteresis: conditions to keep the tier once in it (a lower bar than `when`).
+    #[serde(default)]
+    pub stay: Option<Vec<Spanned<String>>>,
+    /// Overrides `[policy].downgrade` for this tier.
+    #[serde(default)]
+    pub downgrade: Option<super::policy::Downgrade>,
+    /// Overrides `[policy].grace_days` for this tier.
+    #[serde(default)]
+    pub grace_days: Option<u32>,
+    /// Overrides `[policy].min_stay_days` for this tier.
+    #[serde(default)]
+    pub min_stay_days: Option<u32>,
+    /// Overrides `[policy].review` for this tier.
+    #[serde(default)]
+    pub review: Option<String>,
+    /// Overrides `[policy].upgrade_restarts_review` for this tier.
+    #[serde(default)]
+    pub upgrade_restarts_review: Option<bool>,
+}

@@ -1,0 +1,196 @@
+//! The metrics a rule can name, their types, and how they are read from a customer's facts.
+//!
+//! | name | type | meaning |
+//! |---|---|---|
+//! | `count` | count | lifetime purchases |
+//! | `sum` | money | lifetime purchases − refunds |
+//! | `avg` | money | `sum / count` (undefined with no purchase) |
+//! | `recency_days` | days | whole days from the last purchase to now (undefined with none) |
+//! | `window.<w>.count` / `.sum` / `.avg` | count / money | the same inside window `<w>` |
+//! | `window.<w>.monthly_avg` | money | `sum` of a month or calendar window / its months |
+//! | `score.<S>` | score | fixed-bin score `<S>` |
+//! | `cell` | cell | the scores listed in `cell` as digits, e.g. `"532"` |
+//! | `product` | score | the product of the scores listed in `cell` (R×F×M) |
+
+use super::value::{Ratio, Value};
+use super::window::Window;
+use crate::domain::calendar::{Unit, DAY_MS};
+use crate::domain::state::Bucket;
+
+/// What a window metric reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WindowField {
+    /// Purchases in the window.
+    Count,
+    /// Net spend in the window.
+    Sum,
+    /// Net spend per purchase in the window.
+    Avg,
+    /// Net spend per month of the window.
+    MonthlyAvg,
+}
+
+/// A metric a rule can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operand {
+    /// Lifetime purchases.
+    Count,
+    /// Lifetime net spend.
+    Sum,
+    /// Lifetime net spend per purchase.
+    Avg,
+    /// Whole days since the last purchase.
+    RecencyDays,
+    /// A window metric (index into the rules' windows).
+    Window(usize, WindowField),
+    /// A score (index into the rules' scores).
+    Score(usize),
+    /// The RFM cell.
+    Cell,
+    /// The product of the cell's scores.
+    Product,
+}
+
+/// The type of a metric, which decides how literals compared with it are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    /// Currency units (decimal literals, exact).
+    Money,
+    /// Whole numbers of purchases.
+    Count,
+    /// Whole days.
+    Days,
+    /// Whole-number scores.
+    Score,
+    /// Cell patterns such as `5??`.
+    Cell,
+}
+
+impl Operand {
+    /// Parses a metric name against the declared windows and scores.
+    ///
+    /// # Errors
+    /// A message naming what is unknown.
+    pub fn parse(name: &str, windows: &[Window], scores: &[String]) -> Result<Self, String> {
+        Ok(match name {
+            "count" => Self::Count,
+            "sum" => Self::Sum,
+            "avg" => Self::Avg,
+            "recency_days" => Self::RecencyDays,
+            "cell" => Self::Cell,
+            "product" => Self::Product,
+            _ => {
+                if let Some(rest) = name.strip_prefix("window.") {
+                    let (w, field) = rest.rsplit_once('.').ok_or_else(|| {
+                        format!("unknown metric {name:?}: window metrics are window.<name>.count|sum|avg|monthly_avg")
+                    })?;
+                    let index = windows.iter().position(|x| x.name == w).ok_or_else(|| {
+                        format!("unknown window {w:?} in {name:?}: declare it under [windows.{w}]")
+                    })?;
+                    let field = match field {
+                        "count" => WindowField::Count,
+                        "sum" => WindowField::Sum,
+                        "avg" => WindowField::Avg,
+                        "monthly_avg" => {
+                            if windows[index].months().is_none() {
+                                return Err(format!("{name:?}: monthly_avg needs a month or calendar window, {w:?} is in days"));
+                            }
+                            WindowField::MonthlyAvg
+                        }
+                        other => return Err(format!("unknown window metric {other:?} in {name:?}: count, sum, avg or monthly_avg")),
+                    };
+                    Self::Window(index, field)
+                } else if let Some(s) = name.strip_prefix("score.") {
+                    Self::Score(scores.iter().position(|x| x == s).ok_or_else(|| {
+                        format!("unknown score {s:?}: declare it under [scores.{s}]")
+                    })?)
+                } else {
+                    return Err(format!(
+                        "unknown metric {name:?}: one of count, sum, avg, recency_days, window.<w>.<count|sum|avg|monthly_avg>, score.<s>, cell, product"
+                    ));
+                }
+            }
+        })
+    }
+
+    /// The metric's type.
+    pub fn kind(self) -> Type {
+        match self {
+            Self::Count | Self::Window(_, WindowField::Count) => Type::Count,
+            Self::Sum | Self::Avg | Self::Window(..) => Type::Money,
+            Self::RecencyDays => Type::Days,
+            Self::Score(_) | Self::Product => Type::Score,
+            Self::Cell => Type::Cell,
+        }
+    }
+
+    /// The metric's name as written in rules files.
+    pub fn name(self, windows: &[Window], scores: &[String]) -> String {
+        match self {
+            Self::Count => "count".into(),
+            Self::Sum => "sum".into(),
+            Self::Avg => "avg".into(),
+            Self::RecencyDays => "recency_days".into(),
+            Self::Cell => "cell".into(),
+            Self::Product => "product".into(),
+            Self::Score(i) => format!("score.{}", scores[i]),
+            Self::Window(i, f) => format!(
+                "window.{}.{}",
+                windows[i].name,
+                match f {
+                    WindowField::Count => "count",
+                    WindowField::Sum => "sum",
+                    WindowField::Avg => "avg",
+                    WindowField::MonthlyAvg => "monthly_avg",
+                }
+            ),
+        }
+    }
+}
+
+/// What rules read of a customer: lifetime counters and bucketed history.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Facts<'a> {
+    /// Lifetime purchases.
+    pub count: u64,
+    /// Lifetime net spend, minor units.
+    pub sum: i128,
+    /// Latest purchase (Unix ms).
+    pub last_purchase: Option<i64>,
+    /// Day buckets (only kept when a day window is declared).
+    pub days: &'a [Bucket],
+    /// Month buckets (only kept when a month or calendar window is declared).
+    pub months: &'a [Bucket],
+}
+
+impl Facts<'_> {
+    /// Reads a base metric (not a score, cell or product) at `now`.
+    pub fn read(&self, op: Operand, windows: &[Window], now: i64) -> Value {
+        let avg = |sum: i128, count: u64| {
+            Ratio::new(sum, i128::from(count)).map_or(Value::Undefined, Value::Num)
+        };
+        match op {
+            Operand::Count => Value::Num(Ratio::int(i128::from(self.count))),
+            Operand::Sum => Value::Num(Ratio::int(self.sum)),
+            Operand::Avg => avg(self.sum, self.count),
+            Operand::RecencyDays => self.last_purchase.map_or(Value::Undefined, |last| {
+                Value::Num(Ratio::int(i128::from((now - last).max(0) / DAY_MS)))
+            }),
+            Operand::Window(i, field) => {
+                let w = &windows[i];
+                let buckets = match w.unit() {
+                    Unit::Day => self.days,
+                    Unit::Month => self.months,
+                };
+                let t = w.totals(buckets, now);
+                match field {
+                    WindowField::Count => Value::Num(Ratio::int(i128::from(t.count))),
+                    WindowField::Sum => Value::Num(Ratio::int(t.sum)),
+                    WindowField::Avg => avg(t.sum, t.count),
+                    WindowField::MonthlyAvg => avg(t.sum, u64::from(w.months().unwrap_or(1))),
+                }
+            }
+            Operand::Score(_) | Operand::Cell | Operand::Product => Value::Undefined,
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! Rules engine tests: parsing and checks, and each policy option against a customer history
+//! (each test fails without the option it tests).
+
+use super::*;
+use crate::domain::change::ChangeReason;
+use crate::domain::state::{
+    Applied, CustomerState, DedupPolicy, Outcome, Pin, PinMode, PinRequest, Trigger,
+};
+use crate::domain::time::parse_rfc3339_ms;
+use crate::domain::{Event, EventKind};
+
+const DEDUP: DedupPolicy = DedupPolicy {
+    horizon_ms: 400 * DAY_MS,
+    max_ids: 64,
+};
+
+fn at(s: &str) -> i64 {
+    parse_rfc3339_ms(s).unwrap()
+}
+
+fn rules(text: &str) -> Rules {
+    Rules::parse(text, "t.toml", 2).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    match Rules::parse(text, "t.toml", 2) {
+        Err(RulesError::Invalid { problems, .. }) => problems,
+        other => panic!("expected invalid, got {other:?}"),
+    }
+}
+
+/// A customer driven through purchases and timers in event time; records each change as
+/// (tier, reason, when).
+struct Sim<'r> {
+    rules: &'r Rules,
+    state: CustomerState,
+    n: u32,
+    log: Vec<(String, ChangeReason, String)>,
+    notices: Vec<Outcome>,
+}
+
+impl<'r> Sim<'r> {
+    fn new(rules: &'r Rules) -> Self {
+        Self {
+            rules,
+            state: CustomerState::default(),
+            n: 0,
+            log: Vec::new(),
+            notices: Vec::new(),
+        }
+    }
+
+    fn note(&mut self, o: Outcome) {
+        if let Some(t) = &o.transition {
+            self.log.push((
+                self.rules.tiers()[t.tier].name.clone(),
+                t.reason,
+                crate::domain::time::format_ms(t.at)[..10].to_owned(),
+            ));
+        }
+        if o.notice.is_some() {
+            self.notices.push(o);
+        }
+    }
+
+    /// Fires every timer due up to `until`.
+    fn advance(&mut self, until: i64) {
+        while let Some((due, cause)) = self.state.timer.filter(|(d, _)| *d <= until) {
+            let o = self.state.evaluate(self.rules, due, Trigger::Time(cause));
+            self.note(o);
+        }
+    }
+
+    fn event(&mut self, when: &str, kind: EventKind, amount: i64, pin: Option<PinRequest>) {
+        let t = at(when);
+        self.advance(t);
+        self.n += 1;
+        let e = Event {
+            event_id: format!("e{}", self.n),
+            customer_id: "c".into(),
+            kind,
+            amount_minor: amount,
+            occurred_at_ms: t,
+            pin,
+        };
+        match self.state.apply(&e, self.rules, DEDUP, t) {
+            Applied::Counted(o) => self.note(*o),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn buy(&mut self, when: &str, units: i64) {
+        self.event(when, EventKind::Purchase, units * 100, None);
+    }
+
+    fn refund(&mut self, when: &str, units: i64) {
+        self.event(when, EventKind::Refund, units * 100, None);
+    }
+
+    fn tiers(&self) -> Vec<(&str, &str, &str)> {
+        self.log
+            .iter()
+            .map(|(t, r, d)| (t.as_str(), r.as_str(), d.as_str()))
+            .collect()
+    }
+}
+
+const LADDER: &str = r#"
+version = "l1"
+[windows.d30]
+length = "30 days"
+[[tiers]]
+name = "gold"
+when = ["window.d30.sum >= 1000"]
+[[tiers]]
+name = "silver"
+when = ["window.d30.sum >= 300"]
+[[tiers]]
+name = "basic"
+"#;
+
+fn with_policy(policy: &str) -> Rules {
+    rules(&LADDER.replace(
+        "[[tiers]]\nname = \"gold\"",
+        &format!("[policy]\n{policy}\n[[tiers]]\nname = \"gold\""),
+    ))
+}
+
+#[test]
+fn every_preset_loads() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let r = Rules::load(&path, 2).unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.tiers().len() >= 2, "{}", path.display());
+        n += 1;
+    }
+    assert!(n >= 7);
+}
+
+#[test]
+fn window_expiry_downgrades_with_no_event() {
+    let r = rules(LADDER);
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T10:00:00Z", 600);
+    s.buy("2026-01-10T10:00:00Z", 500);
+    s.advance(at("2026-03-01T00:00:00Z"));
+    // 1 Jan's bucket leaves on 31 Jan (day 30 after it), 10 Jan's on 9 Feb.
+    assert_eq!(
+        s.tiers(),
+        [
+            ("silver", "purchase", "2026-01-01"),
+            ("gold", "purchase", "2026-01-10"),
+            ("silver", "window_expiry", "2026-01-31"),
+            ("basic", "window_expiry", "2026-02-09"),
+        ]
+    );
+    assert_eq!(s.state.timer, None, "nothing left to expire");
+    assert!(s.state.wd.is_empty(), "expired buckets are dropped");
+}
+
+#[test]
+fn recency_bins_move_scores_and_tiers() {
+    let r = Rules::load(
+        std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/rules/rfm-segments.toml"
+        )),
+        2,
+    )
+    .unwrap();
+    let mut s = Sim::new(&r);
+    for d in 1..=5 {
+        s.buy(&format!("2026-01-0{d}T10:00:00Z"), 1200);
+    }
+    s.advance(at("2026-12-01T00:00:00Z"));
+    // Five purchases: F = 3, M = 5 (6000). 5 Jan: cell 535 → loyal (R ≥ 3, F ≥ 3). R drops
+    // to 4 on day 8 and 3 on day 31 (still loyal), to 2 on day 61 after 5 Jan 10:00
+    // (7 Mar 10:00: at risk) and to 1 on day 121 (6 May: hibernating, cell 135).
+    assert_eq!(
+        s.tiers(),
+        [
+            ("promising", "purchase", "2026-01-01"),
+            ("loyal", "purchase", "2026-01-05"),
+            ("at_risk", "recency", "2026-03-07"),
+            ("hibernating", "recency", "2026-05-06"),
+        ]
+    );
+    assert_eq!(
+        s.state.timer.map(|(t, _)| t),
+        Some(at("2027-01-01T00:00:00Z")),
+        "next: January leaves the window"
+    );
+}
+
+#[test]
+fn grace_period_delays_and_requalifying_cancels() {
+    let r = with_policy("grace_days = 5");
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T10:00:00Z", 1000);
+    s.advance(at("2026-02-10T00:00:00Z"));
+    assert_eq!(
+        s.tiers(),
+        [
+            ("gold", "purchase", "2026-01-01"),
+            ("basic", "grace_ended", "2026-02-05")
+        ]
+    );
+    // Requalifying inside the grace period cancels the downgrade.
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T10:00:00Z", 1000);
+    s.buy("2026-02-02T10:00:00Z", 1000);
+    s.advance(at("2026-02-20T00:00:00Z"));
+    assert_eq!(s.tiers(), [("gold", "purchase", "2026-01-01")]);
+    // Without grace it would have dropped on 31 Jan.
+    let plain = rules(LADDER);
+    let mut s = Sim::new(&plain);
+    s.buy("2026-01-01T10:00:00Z", 1000);
+    s.buy("2026-02-02T10:00:00Z", 1000);
+    assert_eq!(s.tiers()[1], ("basic", "window_expiry", "2026-01-31"));
+}
+
+#[test]
+fn minimum_stay_holds_a_tier() {
+    let r = with_policy("min_stay_days = 45");
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T10:00:00Z", 1000);
+    s.advance(at("2026-04-01T00:00:00Z"));
+    assert_eq!(
+        s.tiers(),
+        [
+            ("gold", "purchase", "2026-01-01"),
+            ("basic", "min_stay_ended", "2026-02-15")
+        ]
+    );
+}
+
+#[test]
+fn hysteresis_keeps_a_tier_on_a_lower_bar() {
+    let text = LADDER.replace(
+        "when = [\"window.d30.sum >= 1000\"]",
+        "when = [\"window.d30.sum >= 1000\"]\nstay = [\"window.d30.sum >= 800\"]",
+    );
+    let r = rules(&text);
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T10:00:00Z", 200);
+    s.buy("2026-01-05T10:00:00Z", 800);
+    s.advance(at("2026-02-01T00:00:00Z"));
+    // 1 Jan's 200 leaves on 31 Jan: 800 left, enough to stay gold (not to enter it).
+    assert_eq!(
+        s.tiers(),
+        [
+            ("basic", "purchase", "2026-01-01"),
+            ("gold", "purchase", "2026-01-05")
+        ]
+    );
+    s.refund("2026-02-01T10:00:00Z", 1);
+    assert_eq!(s.tiers()[2], ("silver", "refund", "2026-02-01"));
+}
+
+#[test]
+fn downgrade_modes_step_replace_base() {
+    let three = |mode: &str| {
+        let r = rules(&format!(
+            r#"
+version = "m"
+[policy]
+downgrade = "{mode}"
+review = "days:10"
+[[tiers]]
+name = "t1"
+when = ["sum >= 300"]
+[[tiers]]
+name = "t2"
+when = ["sum >= 200"]
+[[tiers]]
+name = "t3"
+when = ["sum >= 100"]
+[[tiers]]
+name = "t4"
+"#
+        ));
+        let mut s = Sim::new(&r);
+        s.buy("2026-01-01T10:00:00Z", 300);
+        s.refund("2026-01-02T10:00:00Z", 250);
+        s.advance(at("2026-03-01T00:00:00Z"));
+        s.tiers()
+            .iter()
+            .map(|(t, r, d)| format!("{t} {r} {d}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        three("replace"),
+        ["t1 purchase 2026-01-01", "t4 validity_expired 2026-01-11"]
+    );
+    assert_eq!(
+        three("step"),
+        [
+            "t1 purchase 2026-01-01",
+            "t2 validity_expired 2026-01-11",
+            "t3 validity_expired 2026-01-21",
+            "t4 validity_expired 2026-01-31"
+        ]
+    );
+    assert_eq!(
+        three("base"),
+        ["t1 purchase 2026-01-01", "t4 validity_expired 2026-01-11"]
+    );
+}
+
+#[test]
+fn validity_renews_when_still_qualified_and_upgrades_restart_it() {
+    let r = rules(
+        r#"
+version = "v"
+[windows.d365]
+length = "365 days"
+[policy]
+review = "days:60"
+[[tiers]]
+name = "gold"
+when = ["window.d365.sum >= 5000"]
+[[tiers]]
+name = "silver"
+when = ["window.d365.sum >= 1000"]
+[[tiers]]
+name = "member"
+"#,
+    );
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T00:00:00Z", 1000); // silver until 2 Mar (60 days)
+    s.buy("2026-02-01T00:00:00Z", 4000); // gold, valid until 2 Apr
+    s.advance(at("2027-06-01T00:00:00Z"));
+    // Gold is reviewed every 60 days from 1 Feb: 2 Apr, 1 Jun, 31 Jul, 29 Sep, 28 Nov (still
+    // 5000 in the window each time: renewed, no event), 27 Jan 2027 — the 1 Jan 2026
+    // purchase left the window on 1 Jan 2027, the 4000 alone is silver. Silver's review on
+    // 28 Mar 2027 finds nothing (the 4000 left on 1 Feb 2027): member.
+    assert_eq!(
+        s.tiers(),
+        [
+            ("silver", "purchase", "2026-01-01"),
+            ("gold", "purchase", "2026-02-01"),
+            ("silver", "validity_expired", "2027-01-27"),
+            ("member", "validity_expired", "2027-03-28"),
+        ]
+    );
+    // With upgrade_restarts_review = false the gold upgrade keeps silver's review date.
+    let r2 = rules(&r_text_no_restart());
+    let mut s = Sim::new(&r2);
+    s.buy("2026-01-01T00:00:00Z", 1000);
+    s.buy("2026-02-01T00:00:00Z", 4000);
+    assert_eq!(s.state.review, Some(at("2026-03-02T00:00:00Z")));
+}
+
+fn r_text_no_restart() -> String {
+    r#"
+version = "v"
+[windows.d365]
+length = "365 days"
+[policy]
+review = "days:60"
+upgrade_restarts_review = false
+[[tiers]]
+name = "gold"
+when = ["window.d365.sum >= 5000"]
+[[tiers]]
+name = "silver"
+when = ["window.d365.sum >= 1000"]
+[[tiers]]
+name = "member"
+"#
+    .into()
+}
+
+#[test]
+fn quarterly_review_judges_the_closing_quarter() {
+    let r = rules(
+        r#"
+version = "q"
+[windows.q]
+calendar = "quarter"
+[policy]
+review = "quarter"
+[[tiers]]
+name = "vip"
+when = ["window.q.sum >= 1000"]
+[[tiers]]
+name = "normal"
+"#,
+    );
+    let mut s = Sim::new(&r);
+    s.buy("2026-02-10T00:00:00Z", 1000); // vip, reviewed 1 Apr on Q1
+    s.buy("2026-05-10T00:00:00Z", 1000); // Q2 also qualifies
+    s.advance(at("2026-12-31T00:00:00Z"));
+    // 1 Apr: Q1 had 1000 → renewed; 1 Jul: Q2 had 1000 → renewed; 1 Oct: Q3 had 0 → down.
+    assert_eq!(
+        s.tiers(),
+        [
+            ("vip", "purchase", "2026-02-10"),
+            ("normal", "validity_expired", "2026-10-01")
+        ]
+    );
+}
+
+#[test]
+fn anniversary_and_fixed_date_reviews() {
+    assert_eq!(
+        Review::parse("anniversary")
+            .unwrap()
+            .next(at("2026-05-01T00:00:00Z"), Some(at("2024-07-15T08:00:00Z"))),
+        Some(at("2026-07-15T00:00:00Z"))
+    );
+    assert_eq!(
+        Review::parse("date:04-01")
+            .unwrap()
+            .next(at("2026-05-01T00:00:00Z"), None),
+        Some(at("2027-04-01T00:00:00Z"))
+    );
+    assert!(Review::parse("date:02-30").is_err());
+    assert!(Review::parse("weekly").is_err());
+}
+
+#[test]
+fn at_risk_notice_comes_before_the_downgrade_with_what_is_missing() {
+    let r = with_policy("review = \"days:60\"\nat_risk_days = 7");
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T00:00:00Z", 1000);
+    s.advance(at("2026-03-10T00:00:00Z"));
+    assert_eq!(s.notices.len(), 1);
+    let n = s.notices[0].notice.as_ref().unwrap();
+    assert_eq!(
+        (n.at, n.now),
+        (at("2026-03-02T00:00:00Z"), at("2026-02-23T00:00:00Z"))
+    );
+    assert_eq!(
+        (
+            r.tiers()[n.tier].name.as_str(),
+            r.tiers()[n.falls_to].name.as_str()
+        ),
+        ("gold", "basic")
+    );
+    assert_eq!(n.shortfall[0]["missing"], "1000.00");
+    assert_eq!(n.shortfall[0]["condition"], "window.d30.sum >= 1000.00");
+    assert_eq!(s.tiers()[1], ("basic", "validity_expired", "2026-03-02"));
+    // Without a lead time, no notice.
+    let r = with_policy("review = \"days:60\"");
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T00:00:00Z", 1000);
+    s.advance(at("2026-03-10T00:00:00Z"));
+    assert!(s.notices.is_empty());
+}
+
+#[test]
+fn manual_pins_floor_fixed_and_expiry() {
+    let r = rules(LADDER);
+    let pin = |tier: &str, mode, until: Option<&str>| {
+        Some(PinRequest::Set(Pin {
+            tier: tier.into(),
+            mode,
+            until: until.map(at),
+            by: "rm-1".into(),
+        }))
+    };
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T00:00:00Z", 100);
+    s.event(
+        "2026-01-02T00:00:00Z",
+        EventKind::Override,
+        0,
+        pin("gold", PinMode::Floor, Some("2026-02-01T00:00:00Z")),
+    );
+    s.buy("2026-01-03T00:00:00Z", 100);
+    s.advance(at("2026-03-01T00:00:00Z"));
+    assert_eq!(
+        s.tiers(),
+        [
+            ("basic", "purchase", "2026-01-01"),
+            ("gold", "manual", "2026-01-02"),
+            ("basic", "manual_expired", "2026-02-01"),
+        ]
+    );
+    // Fixed pins hold a customer below what the rules say; clearing releases them.
+    let mut s = Sim::new(&r);
+    s.event(
+        "2026-01-01T00:00:00Z",
+        EventKind::Override,
+        0,
+        pin("silver", PinMode::Fixed, None),
+    );
+    s.buy("2026-01-02T00:00:00Z", 2000);
+    s.event(
+        "2026-01-03T00:00:00Z",
+        EventKind::Override,
+        0,
+        Some(PinRequest::Clear),
+    );
+    assert_eq!(
+        s.tiers(),
+        [
+            ("silver", "manual", "2026-01-01"),
+            ("gold", "manual", "2026-01-03")
+        ]
+    );
+}
+
+#[test]
+fn time_can_raise_when_a_refund_leaves_the_window() {
+    let r = rules(LADDER);
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T00:00:00Z", 2000);
+    s.refund("2026-01-20T00:00:00Z", 1800);
+    s.buy("2026-02-05T00:00:00Z", 400);
+    s.advance(at("2026-03-01T00:00:00Z"));
+    // The refund's bucket leaves on 19 Feb: 400 alone is silver again.
+    assert_eq!(
+        s.tiers(),
+        [
+            ("gold", "purchase", "2026-01-01"),
+            ("basic", "refund", "2026-01-20"),
+            ("silver", "window_expiry", "2026-02-19"),
+        ]
+    );
+}
+
+#[test]
+fn checks_name_file_line_and_field() {
+    let p = problems(
+        r#"version = "x"
+[windows.w]
+length = "10 days"
+bucket = "month"
+[scores.R]
+metric = "recency_days"
+bins = [
+  { score = 5, max = 7 },
+  { score = 4, max = 5 },
+  { score = 1, max = 9 },
+]
+[[tiers]]
+name = "a"
+when = ["mood >= 3"]
+[[tiers]]
+name = "b"
+when = ["sum >= 10"]
+[[tiers]]
+name = "c"
+when = ["sum >= 20"]
+[[tiers]]
+name = "d"
+when = ["sum >= 1"]
+"#,
+    );
+    let find = |field: &str| {
+        p.iter()
+            .find(|x| x.field == field)
+            .unwrap_or_else(|| panic!("no {field} in {p:?}"))
+    };
+    assert!(find("windows.w").message.contains("shorter than"));
+    assert_eq!(find("windows.w").line, Some(2));
+    assert!(find("scores.R.bins[1]").message.contains("unreachable"));
+    assert_eq!(find("scores.R.bins[1]").line, Some(9));
+    assert!(find("tiers[0].when[0]")
+        .message
+        .contains("unknown metric \"mood\""));
+    assert_eq!(find("tiers[0].when[0]").line, Some(14));
+    assert!(find("tiers[2].when")
+        .message
+        .contains("taken first by tiers[1]"));
+    assert!(find("tiers[3].when").message.contains("remove `when`"));
+    let text = Rules::parse("version = \"x\"\n[[tiers]]\nname = \"a\"\nwhen = [\"sum >= 1\"]\n[[tiers]]\nname = \"b\"\nwhen = 3\n", "f.toml", 2)
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("f.toml") && text.contains("line 7"), "{text}");
+    // Score gaps, contradictions, monthly averages over day windows, unused windows.
+    let p = problems(
+        r#"version = "x"
+[windows.d]
+length = "30 days"
+[windows.unused]
+length = "3 months"
+[scores.F]
+metric = "count"
+bins = [{ score = 5, min = 10 }, { score = 1, min = 0 }]
+[[tiers]]
+name = "a"
+when = ["sum >= 10", "sum < 5"]
+[[tiers]]
+name = "b"
+when = ["window.d.monthly_avg >= 3"]
+[[tiers]]
+name = "c"
+"#,
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.field == "scores.F.bins[1]" && x.message.contains("gap")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.field == "tiers[0].when" && x.message.contains("contradict")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.field == "tiers[1].when[0]" && x.message.contains("monthly_avg")),
+        "{p:?}"
+    );
+    assert!(p.iter().any(|x| x.field == "windows.unused"), "{p:?}");
+}
+
+#[test]
+fn averages_are_exact_and_undefined_without_purchases() {
+    let r = rules(
+        r#"
+version = "a"
+[[tiers]]
+name = "big"
+when = ["avg >= 33.34"]
+[[tiers]]
+name = "small"
+"#,
+    );
+    let mut s = Sim::new(&r);
+    s.refund("2026-01-01T00:00:00Z", 1);
+    s.event("2026-01-02T00:00:00Z", EventKind::Purchase, 3334, None);
+    s.event("2026-01-03T00:00:00Z", EventKind::Purchase, 3334, None);
+    s.event("2026-01-04T00:00:00Z", EventKind::Purchase, 3434, None);
+    // (33.34 + 33.34 + 34.34 − 1.00) / 3 = 33.34 exactly: big.
+    assert_eq!(s.tiers().last().unwrap().0, "big");
+    assert_eq!(s.tiers()[0], ("small", "refund", "2026-01-01"));
+    assert_eq!(
+        s.tiers().len(),
+        2,
+        "33.34 is reached only by the third purchase"
+    );
+}

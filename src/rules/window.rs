@@ -1,0 +1,181 @@
+//! Rolling and calendar windows over bucketed purchase history.
+
+use crate::domain::calendar::{self, Period, Unit};
+use crate::domain::state::Bucket;
+
+/// What a window covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// The current bucket and the `length - 1` before it (e.g. 12 months: this month and the
+    /// 11 before; 30 days: today and the 29 days before).
+    Rolling {
+        /// Bucket granularity.
+        unit: Unit,
+        /// Number of buckets.
+        length: u32,
+    },
+    /// The current calendar period (month-to-date, quarter-to-date, year-to-date).
+    Calendar(Period),
+}
+
+/// A declared window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Its name in the rules file (`window.<name>.sum`).
+    pub name: String,
+    /// What it covers.
+    pub span: Span,
+}
+
+/// Count and net sum inside a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Purchases.
+    pub count: u64,
+    /// Purchases minus refunds, minor units.
+    pub sum: i128,
+}
+
+impl Window {
+    /// The bucket unit this window reads.
+    pub fn unit(&self) -> Unit {
+        match self.span {
+            Span::Rolling { unit, .. } => unit,
+            Span::Calendar(_) => Unit::Month,
+        }
+    }
+
+    /// Lowest bucket index inside the window at `now`.
+    pub fn low(&self, now: i64) -> i32 {
+        match self.span {
+            Span::Rolling { unit, length } => calendar::index(unit, now)
+                .saturating_sub(i32::try_from(length).unwrap_or(i32::MAX) - 1),
+            Span::Calendar(p) => p.of_month(calendar::month_index(now)) * p.months(),
+        }
+    }
+
+    /// Highest bucket index inside the window at `now` (rolling windows include buckets
+    /// ahead of `now`, i.e. events within the allowed lateness ahead of the clock).
+    fn high(&self, now: i64) -> i32 {
+        match self.span {
+            Span::Rolling { .. } => i32::MAX,
+            Span::Calendar(p) => (p.of_month(calendar::month_index(now)) + 1) * p.months() - 1,
+        }
+    }
+
+    /// Totals at `now` over `buckets` (of this window's unit).
+    pub fn totals(&self, buckets: &[Bucket], now: i64) -> Totals {
+        let (lo, hi) = (self.low(now), self.high(now));
+        buckets
+            .iter()
+            .filter(|b| b.0 >= lo && b.0 <= hi)
+            .fold(Totals::default(), |t, b| Totals {
+                count: t.count + b.1,
+                sum: t.sum + b.2,
+            })
+    }
+
+    /// Months the window spans, for monthly averages (`None` for day windows).
+    pub fn months(&self) -> Option<u32> {
+        match self.span {
+            Span::Rolling {
+                unit: Unit::Month,
+                length,
+            } => Some(length),
+            Span::Rolling {
+                unit: Unit::Day, ..
+            } => None,
+            Span::Calendar(p) => Some(p.months().unsigned_abs()),
+        }
+    }
+
+    /// The first moment after `now` at which the window's totals change by time alone:
+    /// the oldest non-empty bucket leaving it, or a later bucket's period starting.
+    pub fn next_change(&self, buckets: &[Bucket], now: i64) -> Option<i64> {
+        let (lo, hi) = (self.low(now), self.high(now));
+        let unit = self.unit();
+        let mut next: Option<i64> = None;
+        let mut consider = |t: i64| {
+            if t > now {
+                next = Some(next.map_or(t, |n: i64| n.min(t)));
+            }
+        };
+        match self.span {
+            Span::Rolling { length, .. } => {
+                if let Some(oldest) = buckets
+                    .iter()
+                    .filter(|b| b.0 >= lo && (b.1 > 0 || b.2 != 0))
+                    .map(|b| b.0)
+                    .min()
+                {
+                    let leaves = oldest.saturating_add(i32::try_from(length).unwrap_or(i32::MAX));
+                    consider(calendar::bucket_start(unit, leaves));
+                }
+            }
+            Span::Calendar(p) => {
+                if buckets.iter().any(|b| b.0 >= lo && b.0 <= hi) {
+                    consider(p.next_start(now));
+                }
+                if let Some(ahead) = buckets.iter().filter(|b| b.0 > hi).map(|b| b.0).min() {
+                    consider(calendar::month_start(p.of_month(ahead) * p.months()));
+                }
+            }
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::calendar::{day_index, month_index, DAY_MS};
+    use crate::domain::time::parse_rfc3339_ms;
+
+    fn at(s: &str) -> i64 {
+        parse_rfc3339_ms(s).unwrap()
+    }
+
+    #[test]
+    fn rolling_day_window_expires_bucket_by_bucket() {
+        let w = Window {
+            name: "d30".into(),
+            span: Span::Rolling {
+                unit: Unit::Day,
+                length: 30,
+            },
+        };
+        let t0 = at("2026-01-10T12:00:00Z");
+        let buckets = vec![
+            Bucket(day_index(t0), 1, 100),
+            Bucket(day_index(t0) + 5, 2, 50),
+        ];
+        assert_eq!(
+            w.totals(&buckets, t0 + 5 * DAY_MS),
+            Totals { count: 3, sum: 150 }
+        );
+        // The first bucket leaves when its day + 30 starts.
+        let leaves = at("2026-02-09T00:00:00Z");
+        assert_eq!(w.next_change(&buckets, t0), Some(leaves));
+        assert_eq!(w.totals(&buckets, leaves - 1).count, 3);
+        assert_eq!(w.totals(&buckets, leaves), Totals { count: 2, sum: 50 });
+        assert_eq!(w.next_change(&buckets, leaves), Some(leaves + 5 * DAY_MS));
+        assert_eq!(w.next_change(&buckets, leaves + 5 * DAY_MS), None);
+    }
+
+    #[test]
+    fn calendar_quarter_window() {
+        let w = Window {
+            name: "q".into(),
+            span: Span::Calendar(Period::Quarter),
+        };
+        let t = at("2026-05-17T00:00:00Z");
+        let buckets = vec![
+            Bucket(month_index(at("2026-03-31T00:00:00Z")), 1, 7),
+            Bucket(month_index(t), 1, 10),
+            Bucket(month_index(at("2026-06-30T00:00:00Z")), 1, 20),
+        ];
+        assert_eq!(w.totals(&buckets, t), Totals { count: 2, sum: 30 });
+        assert_eq!(w.next_change(&buckets, t), Some(at("2026-07-01T00:00:00Z")));
+        assert_eq!(w.months(), Some(3));
+    }
+}

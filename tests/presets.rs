@@ -1,0 +1,297 @@
+//! Every rules preset in `config/rules/` replayed through the real pipeline (Tansu + Redis +
+//! tierd, `clock.mode = "event"`): a small hand-checked history per preset, and the exact
+//! tier-change sequence it must give — time-driven changes included. A last "clock" event
+//! moves the partition's event time forward so the timers due before it fire.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+use support::{purchase, refund, Tierd, World};
+
+type Log = BTreeMap<String, Vec<(String, String, String)>>;
+
+/// Runs `events` (in order, on one partition) through tierd with `preset`; returns the
+/// changes per customer as (tier, reason, date of occurred_at) and the at-risk notices.
+fn replay(preset: &str, events: &[serde_json::Value]) -> (Log, Vec<serde_json::Value>) {
+    let mut world = World::start(1);
+    world.rules = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/rules")
+        .join(preset);
+    let mut tierd = Tierd::spawn(&world, "[clock]\nmode = \"event\"\nlateness_s = 0\n");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let mut all = events.to_vec();
+    all.push(purchase("clock", "~clock", "0", "2026-11-20T00:00:00Z"));
+    let ends = world.produce_json(&all);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let version = tierd::rules::Rules::load(&world.rules, 2)
+        .unwrap()
+        .version()
+        .to_owned();
+    let mut log = Log::new();
+    let mut notices = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    for record in world.read_all(&world.output) {
+        let v = record.json();
+        assert!(
+            ids.insert(v["event_id"].as_str().unwrap().to_owned()),
+            "no duplicate: {v}"
+        );
+        if v["type"] == "at_risk" {
+            notices.push(v);
+            continue;
+        }
+        let customer = v["customer_id"].as_str().unwrap().to_owned();
+        if customer == "~clock" {
+            continue;
+        }
+        assert_eq!(v["rules_version"], version.as_str());
+        log.entry(customer).or_default().push((
+            v["tier"].as_str().unwrap().to_owned(),
+            v["reason"].as_str().unwrap().to_owned(),
+            v["occurred_at"].as_str().unwrap()[..10].to_owned(),
+        ));
+    }
+    assert_eq!(tierd.terminate(), Some(0));
+    (log, notices)
+}
+
+fn expect(log: &Log, customer: &str, want: &[(&str, &str, &str)]) {
+    let got: Vec<(&str, &str, &str)> = log
+        .get(customer)
+        .map(|v| {
+            v.iter()
+                .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(got, want, "{customer}");
+}
+
+#[test]
+fn b2b_annual_classes_fall_as_months_leave_the_window() {
+    let (log, _) = replay(
+        "b2b.toml",
+        &[
+            purchase("a1", "acme", "600000", "2025-03-10T10:00:00Z"),
+            purchase("a2", "acme", "500000", "2025-09-01T10:00:00Z"),
+            purchase("b1", "bolt", "1000000", "2026-05-01T10:00:00Z"),
+        ],
+    );
+    // March 2025 leaves the 12-month window on 1 Mar 2026, September on 1 Sep 2026.
+    expect(
+        &log,
+        "acme",
+        &[
+            ("B", "purchase", "2025-03-10"),
+            ("A", "purchase", "2025-09-01"),
+            ("B", "window_expiry", "2026-03-01"),
+            ("D", "window_expiry", "2026-09-01"),
+        ],
+    );
+    expect(&log, "bolt", &[("A", "purchase", "2026-05-01")]);
+}
+
+#[test]
+fn b2b_lifetime_classes_never_move_by_time() {
+    let (log, _) = replay(
+        "b2b-lifetime.toml",
+        &[
+            purchase("a1", "acme", "600000", "2024-03-10T10:00:00Z"),
+            purchase("a2", "acme", "500000", "2024-09-01T10:00:00Z"),
+            refund("r1", "acme", "100000.01", "2025-01-01T10:00:00Z"),
+        ],
+    );
+    expect(
+        &log,
+        "acme",
+        &[
+            ("B", "purchase", "2024-03-10"),
+            ("A", "purchase", "2024-09-01"),
+            ("B", "refund", "2025-01-01"),
+        ],
+    );
+}
+
+#[test]
+fn telecom_average_monthly_spend() {
+    let (log, _) = replay(
+        "telecom.toml",
+        &[
+            purchase("t1", "tom", "1200", "2026-01-15T10:00:00Z"),
+            purchase("t2", "tom", "700", "2026-02-10T10:00:00Z"),
+            purchase("n1", "ann", "1800", "2026-03-01T10:00:00Z"),
+        ],
+    );
+    // tom: 1200/6 = 200 VIP; 1900/6 = 316.67 platinum; January leaves on 1 Jul (700/6),
+    // February on 1 Aug. ann: exactly 300 a month is VIP, not platinum.
+    expect(
+        &log,
+        "tom",
+        &[
+            ("vip", "purchase", "2026-01-15"),
+            ("platinum_vip", "purchase", "2026-02-10"),
+            ("vip", "window_expiry", "2026-07-01"),
+            ("ordinary", "window_expiry", "2026-08-01"),
+        ],
+    );
+    expect(
+        &log,
+        "ann",
+        &[
+            ("vip", "purchase", "2026-03-01"),
+            ("ordinary", "window_expiry", "2026-09-01"),
+        ],
+    );
+}
+
+#[test]
+fn bank_cards_step_down_one_level_per_quarterly_review() {
+    let (log, _) = replay(
+        "bank.toml",
+        &[
+            // In event mode a partition's clock is its latest event time, so the history
+            // is given in time order.
+            purchase("l1", "li", "30000", "2026-01-05T10:00:00Z"),
+            purchase("w1", "wang", "1200000", "2026-01-10T10:00:00Z"),
+            refund("w2", "wang", "1150000", "2026-02-01T10:00:00Z"),
+            purchase("l2", "li", "180000", "2026-05-05T10:00:00Z"),
+        ],
+    );
+    // wang keeps black-gold until the 1 Apr review (withdrawal or not), then steps down one
+    // card per quarter to gold, where his 50,000 balance keeps him (renewed on 1 Oct).
+    expect(
+        &log,
+        "wang",
+        &[
+            ("black_gold", "purchase", "2026-01-10"),
+            ("platinum", "validity_expired", "2026-04-01"),
+            ("gold", "validity_expired", "2026-07-01"),
+        ],
+    );
+    // Upgrades are immediate.
+    expect(
+        &log,
+        "li",
+        &[
+            ("silver", "purchase", "2026-01-05"),
+            ("platinum", "purchase", "2026-05-05"),
+        ],
+    );
+}
+
+#[test]
+fn rfm_segments_follow_recency_decay() {
+    let events: Vec<serde_json::Value> = (1..=10)
+        .map(|d| {
+            purchase(
+                &format!("a{d}"),
+                "amy",
+                "600",
+                &format!("2026-01-{d:02}T10:00:00Z"),
+            )
+        })
+        .collect();
+    let (log, _) = replay("rfm-segments.toml", &events);
+    // 1 Jan cell 512 promising; 5 Jan 534 loyal; 10 Jan 545 champion; R falls to 4 on
+    // 18 Jan (445: still a champion), 3 on 10 Feb (loyal), 2 on 12 Mar (at risk), 1 on
+    // 11 May (hibernating).
+    expect(
+        &log,
+        "amy",
+        &[
+            ("promising", "purchase", "2026-01-01"),
+            ("loyal", "purchase", "2026-01-05"),
+            ("champions", "purchase", "2026-01-10"),
+            ("loyal", "recency", "2026-02-10"),
+            ("at_risk", "recency", "2026-03-12"),
+            ("hibernating", "recency", "2026-05-11"),
+        ],
+    );
+}
+
+#[test]
+fn airline_rfm_product_tiers() {
+    let mut events = vec![
+        purchase("z1", "zhao", "6000", "2026-01-05T10:00:00Z"),
+        purchase("z2", "zhao", "6000", "2026-01-20T10:00:00Z"),
+    ];
+    for d in 21..=24 {
+        events.push(purchase(
+            &format!("z{d}"),
+            "zhao",
+            "6000",
+            &format!("2026-01-{d}T10:00:00Z"),
+        ));
+    }
+    let (log, _) = replay("airline.toml", &events);
+    // R5 F1 M5 = 25 silver; F2 → 50 gold; 6 purchases F3 → 75 platinum; 30 days after the
+    // last purchase R4 → 60 gold; R3 (day 90) and R2 (day 180) keep gold (45, 30).
+    expect(
+        &log,
+        "zhao",
+        &[
+            ("silver", "purchase", "2026-01-05"),
+            ("gold", "purchase", "2026-01-20"),
+            ("platinum", "purchase", "2026-01-24"),
+            ("gold", "recency", "2026-02-23"),
+        ],
+    );
+}
+
+#[test]
+fn travel_membership_valid_60_days_with_at_risk_notices() {
+    let (log, notices) = replay(
+        "travel.toml",
+        &[
+            purchase("s1", "sun", "1200", "2025-03-01T10:00:00Z"),
+            purchase("s2", "sun", "4000", "2025-03-15T10:00:00Z"),
+        ],
+    );
+    // Gold from 15 Mar 2025, renewed every 60 days while the 365-day spend holds 5200; on
+    // the 10 Mar 2026 review the 1 Mar 2025 purchase has left the window: silver. Silver's
+    // review on 9 May 2026 finds nothing left: member.
+    expect(
+        &log,
+        "sun",
+        &[
+            ("silver", "purchase", "2025-03-01"),
+            ("gold", "purchase", "2025-03-15"),
+            ("silver", "validity_expired", "2026-03-10"),
+            ("member", "validity_expired", "2026-05-09"),
+        ],
+    );
+    let got: Vec<(String, String, String, String, String)> = notices
+        .iter()
+        .map(|n| {
+            (
+                n["tier"].as_str().unwrap().to_owned(),
+                n["falls_to"].as_str().unwrap().to_owned(),
+                n["downgrade_at"].as_str().unwrap()[..10].to_owned(),
+                n["occurred_at"].as_str().unwrap()[..10].to_owned(),
+                n["to_stay"][0]["missing"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let s = |v: &str| v.to_owned();
+    assert_eq!(
+        got,
+        [
+            (
+                s("gold"),
+                s("silver"),
+                s("2026-03-10"),
+                s("2026-03-03"),
+                s("1000.00")
+            ),
+            (
+                s("silver"),
+                s("member"),
+                s("2026-05-09"),
+                s("2026-05-02"),
+                s("1000.00")
+            ),
+        ]
+    );
+}
