@@ -636,3 +636,58 @@ name = "small"
         "33.34 is reached only by the third purchase"
     );
 }
+
+/// Per-customer state size for each preset, for a customer active every day of the longest
+/// window (the worst case for bucket counts) with a full dedup memory: bounded by the window
+/// length in buckets, never by the number of events.
+#[test]
+fn state_size_per_preset_is_bounded_by_buckets() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules");
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    for path in paths {
+        let r = Rules::load(&path, 2).unwrap();
+        let mut s = CustomerState::default();
+        let start = at("2025-01-01T10:00:00Z");
+        let days = 800;
+        for d in 0..days {
+            let t = start + d * DAY_MS;
+            let e = Event {
+                event_id: format!("order-{d:08}-{:x}", d * 7919),
+                customer_id: "customer-000123".into(),
+                kind: EventKind::Purchase,
+                amount_minor: 12_345,
+                occurred_at_ms: t,
+                pin: None,
+            };
+            s.apply(
+                &e,
+                &r,
+                DedupPolicy {
+                    horizon_ms: 7 * DAY_MS,
+                    max_ids: 64,
+                },
+                t,
+            );
+        }
+        let typical = serde_json::to_vec(&s).unwrap().len();
+        let buckets = s.wd.len() + s.wm.len();
+        let keep = (r.keep_buckets(Unit::Day) + r.keep_buckets(Unit::Month)) as usize;
+        assert!(
+            buckets <= keep,
+            "{}: {buckets} buckets > {keep}",
+            path.display()
+        );
+        eprintln!(
+            "{:<22} buckets kept {:>3} (max {:>3})  state {:>5} B  (ids {:>2})",
+            path.file_name().unwrap().to_string_lossy(),
+            buckets,
+            keep,
+            typical,
+            s.ids.len()
+        );
+    }
+}
