@@ -204,6 +204,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         rules,
         money,
         telemetry,
+        wall_clock: config.clock.mode == crate::config::ClockMode::Wall,
     };
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = tokio::spawn(async move {

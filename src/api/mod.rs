@@ -2,8 +2,8 @@
 
 use crate::apply::keys::Keyspace;
 use crate::apply::Ownership;
-use crate::domain::change::{MetricsView, MoneyFormat};
-use crate::domain::{time, CustomerState};
+use crate::domain::change::MoneyFormat;
+use crate::domain::{explain, time, CustomerState};
 use crate::rules::Rules;
 use crate::telemetry::Telemetry;
 use axum::extract::{Path, State};
@@ -34,6 +34,8 @@ pub struct ApiState {
     pub money: MoneyFormat,
     /// Metrics.
     pub telemetry: Telemetry,
+    /// Whether engine time is the wall clock (`clock.mode = "wall"`).
+    pub wall_clock: bool,
 }
 
 /// The router.
@@ -44,20 +46,6 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
-}
-
-/// `GET /v1/customers/{id}` body.
-#[derive(Debug, Serialize)]
-struct CustomerView {
-    customer_id: String,
-    tier: Option<String>,
-    tier_display_name: Option<String>,
-    tier_since: Option<String>,
-    tier_changes: u64,
-    rules_version: String,
-    metrics: MetricsView,
-    scores: serde_json::Map<String, serde_json::Value>,
-    partition: i32,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,28 +104,17 @@ async fn customer(State(s): State<ApiState>, Path(customer_id): Path<String>) ->
             )
         }
     };
-    let display = state
-        .tier
-        .as_deref()
-        .and_then(|t| s.rules.tier_index(t))
-        .map(|i| {
-            s.rules.tiers()[i]
-                .display_name
-                .clone()
-                .unwrap_or_else(|| s.rules.tiers()[i].name.clone())
-        });
-    Json(CustomerView {
-        customer_id,
-        tier_display_name: display,
-        tier_since: state.tier.as_ref().map(|_| time::format_ms(state.since)),
-        tier: state.tier.clone(),
-        tier_changes: state.seq,
-        rules_version: s.rules.version().to_owned(),
-        metrics: MetricsView::of(&state, &s.money),
-        scores: serde_json::Map::new(),
-        partition: i32::try_from(partition).unwrap_or(-1),
-    })
-    .into_response()
+    // Wall mode: as of now. Event mode: as of the customer's own engine time (the wall clock
+    // would decay a replayed history that event time has not reached).
+    let now = if s.wall_clock {
+        time::now_ms()
+    } else {
+        i64::MIN
+    };
+    let view = explain::explain(&customer_id, &state, &s.rules, &s.money, now);
+    let mut body = serde_json::to_value(view).unwrap_or_default();
+    body["partition"] = partition.into();
+    Json(body).into_response()
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {

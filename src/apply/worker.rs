@@ -51,6 +51,19 @@ pub enum WorkerExit {
 struct Loaded {
     state: CustomerState,
     dirty: bool,
+    /// The due time the partition's timer index holds for the customer.
+    indexed: Option<i64>,
+}
+
+impl Loaded {
+    fn new(state: CustomerState) -> Self {
+        let indexed = state.timer.map(|(due, _)| due);
+        Self {
+            state,
+            dirty: false,
+            indexed,
+        }
+    }
 }
 
 /// What one commit will write, accumulated while applying.
@@ -119,7 +132,9 @@ impl Worker {
     /// retried with backoff: a batch is never skipped.
     pub async fn run(mut self, mut batches: mpsc::Receiver<Batch>) -> WorkerExit {
         let p = Arc::clone(&self.pipeline);
-        let ticking = p.clock.mode == ClockMode::Wall && p.rules.uses_time();
+        // Pins can expire under any rules, so wall mode always ticks (a due check is a
+        // comparison with the earliest known timer).
+        let ticking = p.clock.mode == ClockMode::Wall;
         let mut tick = tokio::time::interval(Duration::from_millis(p.clock.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -181,21 +196,9 @@ impl Worker {
                 continue;
             }
             if let Some(state) = self.cache.pop(&id) {
-                work.insert(
-                    id,
-                    Loaded {
-                        state,
-                        dirty: false,
-                    },
-                );
+                work.insert(id, Loaded::new(state));
             } else {
-                work.insert(
-                    id.clone(),
-                    Loaded {
-                        state: CustomerState::default(),
-                        dirty: false,
-                    },
-                );
+                work.insert(id.clone(), Loaded::new(CustomerState::default()));
                 missing.push(id);
             }
         }
@@ -213,13 +216,7 @@ impl Worker {
         };
         for (id, state) in missing.into_iter().zip(loaded) {
             if let Some(state) = state {
-                work.insert(
-                    id,
-                    Loaded {
-                        state,
-                        dirty: false,
-                    },
-                );
+                work.insert(id, Loaded::new(state));
             }
         }
         Ok(())
@@ -315,7 +312,6 @@ impl Worker {
 
         let event_mode = p.clock.mode == ClockMode::Event;
         let lateness = i64::try_from(p.clock.lateness_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let uses_time = p.rules.uses_time();
         let mut draft = Draft {
             first_offset,
             end_offset: first_offset,
@@ -325,7 +321,7 @@ impl Worker {
             if let (true, Ok(event)) = (event_mode, decoded) {
                 let t = event.occurred_at_ms.saturating_sub(lateness);
                 if self.clock.is_none_or(|c| t > c) {
-                    if uses_time && self.min_due.is_some_and(|d| d <= t) {
+                    if self.min_due.is_some_and(|d| d <= t) {
                         // Timers due before this event's engine time fire first.
                         if draft.messages > 0 {
                             self.commit(&mut draft, &mut work).await?;
@@ -513,7 +509,6 @@ impl Worker {
                 }
             }
         }
-        let uses_time = p.rules.uses_time();
         let mut batch = CommitBatch {
             expected_offset: self.next_offset(),
             first_offset: draft.first_offset,
@@ -528,11 +523,11 @@ impl Worker {
                 self.keys.customer(id),
                 serde_json::to_vec(&loaded.state).expect("state serializes"),
             ));
-            if uses_time || loaded.state.timer.is_some() {
-                match loaded.state.timer {
-                    Some((due, _)) => batch.timer_upserts.push((due, id.clone())),
-                    None => batch.timer_removals.push(id.clone()),
-                }
+            match (loaded.state.timer, loaded.indexed) {
+                (Some((due, _)), Some(indexed)) if due == indexed => {}
+                (Some((due, _)), _) => batch.timer_upserts.push((due, id.clone())),
+                (None, Some(_)) => batch.timer_removals.push(id.clone()),
+                (None, None) => {}
             }
         }
         let (partition, epoch) = (self.partition, self.epoch);
@@ -546,7 +541,10 @@ impl Worker {
         };
         self.commits += 1;
         for loaded in work.values_mut() {
-            loaded.dirty = false;
+            if loaded.dirty {
+                loaded.indexed = loaded.state.timer.map(|(due, _)| due);
+                loaded.dirty = false;
+            }
         }
         self.status
             .next_offset

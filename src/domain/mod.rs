@@ -3,6 +3,7 @@
 pub mod calendar;
 pub mod change;
 pub mod event;
+pub mod explain;
 pub mod money;
 pub mod state;
 pub mod time;
