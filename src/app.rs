@@ -100,6 +100,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             tiers: rules.tiers().iter().map(|t| t.name.clone()).collect(),
         },
         clock: config.clock.clone(),
+        sweep_per_second: config.rules.sweep_per_second,
         dedup: DedupPolicy {
             horizon_ms: i64::try_from(config.dedup.horizon_s.saturating_mul(1000))
                 .unwrap_or(i64::MAX),

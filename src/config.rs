@@ -184,6 +184,11 @@ pub struct RulesConfig {
     /// Default `config/rules/b2b.toml`.
     #[serde(default = "default_rules_path")]
     pub path: PathBuf,
+    /// When the rules version changes, each partition re-evaluates its stored customers at
+    /// most this many per second (a paced sweep that interleaves with live traffic).
+    /// Default 5000.
+    #[serde(default = "default_sweep_rate")]
+    pub sweep_per_second: u32,
 }
 
 /// Outbox publishing.
@@ -310,6 +315,9 @@ const fn default_horizon_s() -> u64 {
 }
 const fn default_max_ids() -> usize {
     64
+}
+const fn default_sweep_rate() -> u32 {
+    5000
 }
 fn default_rules_path() -> PathBuf {
     "config/rules/b2b.toml".into()
@@ -506,6 +514,9 @@ impl Config {
         }
         if self.dedup.max_ids_per_customer == 0 || self.dedup.max_ids_per_customer > 10_000 {
             return bad("dedup.max_ids_per_customer", "must be 1..=10000");
+        }
+        if !(10..=1_000_000).contains(&self.rules.sweep_per_second) {
+            return bad("rules.sweep_per_second", "must be 10..=1000000");
         }
         if self.clock.lateness_s > 30 * 86_400 {
             return bad("clock.lateness_s", "must be at most 2592000 (30 days)");

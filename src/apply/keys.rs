@@ -50,6 +50,24 @@ impl Keyspace {
 }
 
 impl PartitionKeys {
+    /// SCAN pattern of this partition's customer keys (glob characters in the prefix escaped).
+    pub fn customer_pattern(&self) -> String {
+        let mut p = String::with_capacity(self.customer_prefix.len() + 1);
+        for c in self.customer_prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                p.push('\\');
+            }
+            p.push(c);
+        }
+        p.push('*');
+        p
+    }
+
+    /// The customer id of a state key of this partition.
+    pub fn customer_id<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(&self.customer_prefix)
+    }
+
     /// The state key of a customer of this partition.
     pub fn customer(&self, customer_id: &str) -> String {
         let mut k = String::with_capacity(self.customer_prefix.len() + customer_id.len());

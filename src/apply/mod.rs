@@ -33,6 +33,8 @@ pub struct Pipeline {
     pub cache_customers: usize,
     /// Engine time and timers.
     pub clock: crate::config::ClockConfig,
+    /// Customers re-evaluated per second and partition after a rules version change.
+    pub sweep_per_second: u32,
     /// Metrics.
     pub telemetry: Telemetry,
 }

@@ -68,6 +68,8 @@ pub struct Claim {
     pub commits: i64,
     /// The partition's event-time clock (`clock.mode = "event"`), if one was stored.
     pub clock: Option<i64>,
+    /// Hash of the rules version whose sweep completed on this partition.
+    pub swept_rules: Option<u32>,
 }
 
 /// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
@@ -79,13 +81,14 @@ pub fn claim(
     conn: &mut redis::Connection,
     keys: &PartitionKeys,
 ) -> Result<Claim, redis::RedisError> {
-    let (epoch, next, commits, clock): (i64, i64, i64, String) =
+    let (epoch, next, commits, clock, rules): (i64, i64, i64, String, String) =
         CLAIM.key(&keys.meta).invoke(conn)?;
     Ok(Claim {
         epoch,
         next_offset: (next >= 0).then_some(next),
         commits,
         clock: clock.parse().ok(),
+        swept_rules: rules.parse().ok(),
     })
 }
 
@@ -130,6 +133,8 @@ pub struct CommitBatch {
     pub expected_commits: i64,
     /// The partition's event-time clock after this commit, if it is tracked.
     pub clock: Option<i64>,
+    /// The rules version hash whose sweep this commit completes.
+    pub swept_rules: Option<u32>,
     /// Outbox entries in order.
     pub outbox: Vec<OutboxEntry>,
     /// Timer upserts (score = Unix ms, member = customer id).
@@ -162,7 +167,8 @@ pub async fn commit(
         .arg(batch.first_offset)
         .arg(batch.end_offset)
         .arg(batch.expected_commits)
-        .arg(batch.clock.map(|c| c.to_string()).unwrap_or_default());
+        .arg(batch.clock.map(|c| c.to_string()).unwrap_or_default())
+        .arg(batch.swept_rules.map(|c| c.to_string()).unwrap_or_default());
     inv.arg(batch.outbox.len());
     for e in &batch.outbox {
         inv.arg(e.kind.code())

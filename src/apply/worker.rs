@@ -12,7 +12,7 @@ use super::store::{self, ApplyError, CommitBatch, Committed};
 use super::{PartitionStatus, Pipeline};
 use crate::config::ClockMode;
 use crate::domain::change::{AtRiskNotice, Cause, TierChange};
-use crate::domain::state::{Outcome, Trigger};
+use crate::domain::state::{rules_hash, Outcome, Trigger};
 use crate::domain::{time, Applied, CustomerState};
 use crate::ingest::dead_letter::{self, Source};
 use crate::ingest::decode::{self, Reason, Rejection};
@@ -27,6 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tracing::{error, info, warn};
+
+/// How often a rules sweep takes its next page (`rules.sweep_per_second` / 10 customers).
+const SWEEP_TICK: Duration = Duration::from_millis(100);
 
 /// A batch of consecutive messages of one partition, in offset order.
 pub type Batch = Vec<OwnedMessage>;
@@ -78,6 +81,7 @@ struct Draft {
     rejected: Vec<Reason>,
     changes: Vec<(String, String, &'static str)>,
     notices: u64,
+    swept_rules: Option<u32>,
 }
 
 /// Applies the batches of one owned partition.
@@ -97,6 +101,8 @@ pub struct Worker {
     clock: Option<i64>,
     /// A lower bound of the earliest timer's due time (`None`: no timers).
     min_due: Option<i64>,
+    /// While a rules-version sweep is under way: its SCAN cursor.
+    sweep: Option<u64>,
 }
 
 impl Worker {
@@ -111,6 +117,7 @@ impl Worker {
         claim: &store::Claim,
     ) -> Self {
         let cap = NonZeroUsize::new(pipeline.cache_customers).unwrap_or(NonZeroUsize::MIN);
+        let sweep = (claim.swept_rules != Some(rules_hash(pipeline.rules.version()))).then_some(0);
         Self {
             partition,
             epoch: status.epoch,
@@ -124,6 +131,7 @@ impl Worker {
             commits: claim.commits,
             clock: claim.clock,
             min_due: Some(i64::MIN),
+            sweep,
         }
     }
 
@@ -137,6 +145,11 @@ impl Worker {
         let ticking = p.clock.mode == ClockMode::Wall;
         let mut tick = tokio::time::interval(Duration::from_millis(p.clock.tick_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep_tick = tokio::time::interval(SWEEP_TICK);
+        sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if self.sweep.is_none() {
+            p.telemetry.rules_sweep_done.inc();
+        }
         loop {
             let result = tokio::select! {
                 batch = batches.recv() => match batch {
@@ -150,13 +163,89 @@ impl Worker {
                     self.keep(work);
                     r
                 }
+                _ = sweep_tick.tick(), if self.sweep.is_some() => self.sweep_step().await,
             };
             if let Err(error) = result {
                 return self.exit(&error);
             }
         }
         info!(partition = self.partition, "Partition worker finished.");
+        if self.sweep.is_none() {
+            p.telemetry.rules_sweep_done.dec();
+        }
         WorkerExit::Finished
+    }
+
+    /// Re-evaluates the next page of the partition's customers under the running rules
+    /// version (those last evaluated under another version), in one commit. Restartable:
+    /// customers already evaluated under this version are skipped, so a crash mid-sweep
+    /// neither loses nor repeats a change; the completed sweep is recorded in the partition's
+    /// meta so a restart does not scan again.
+    async fn sweep_step(&mut self) -> Result<(), ApplyError> {
+        let Some(cursor) = self.sweep else {
+            return Ok(());
+        };
+        let p = Arc::clone(&self.pipeline);
+        let page = (u64::from(p.sweep_per_second) * SWEEP_TICK.as_millis() as u64 / 1000).max(1);
+        let pattern = self.keys.customer_pattern();
+        let mut delay = Duration::from_millis(50);
+        let (next, keys): (u64, Vec<String>) = loop {
+            let r = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(page)
+                .query_async(&mut self.conn)
+                .await;
+            match r {
+                Ok(v) => break v,
+                Err(e) => self.pause(&mut delay, &ApplyError::Redis(e)).await,
+            }
+        };
+        let ids: Vec<String> = keys
+            .iter()
+            .filter_map(|k| self.keys.customer_id(k).map(str::to_owned))
+            .collect();
+        let mut work = HashMap::new();
+        self.load(ids.iter().cloned(), &mut work).await?;
+        let hash = rules_hash(p.rules.version());
+        let wall = p.clock.mode == ClockMode::Wall;
+        let mut draft = self.new_draft();
+        let mut swept = 0u64;
+        for id in &ids {
+            let loaded = work.get_mut(id.as_str()).expect("loaded above");
+            if loaded.state.rv == hash {
+                continue;
+            }
+            let now = if wall {
+                time::now_ms()
+            } else {
+                self.clock.unwrap_or(i64::MIN).max(loaded.state.at)
+            };
+            let outcome = loaded.state.evaluate(&p.rules, now, Trigger::RulesChanged);
+            loaded.dirty = true;
+            swept += 1;
+            let state = loaded.state.clone();
+            self.record(&mut draft, id, &state, &outcome, None);
+        }
+        let done = next == 0;
+        if swept > 0 || done {
+            draft.swept_rules = done.then_some(hash);
+            self.commit(&mut draft, &mut work).await?;
+        }
+        self.keep(work);
+        p.telemetry.rules_sweep_customers.inc_by(swept);
+        self.sweep = (!done).then_some(next);
+        if done {
+            p.telemetry.rules_sweep_done.inc();
+            info!(
+                partition = self.partition,
+                version = p.rules.version(),
+                "Rules sweep complete."
+            );
+        }
+        Ok(())
     }
 
     fn exit(&self, error: &ApplyError) -> WorkerExit {
@@ -516,6 +605,7 @@ impl Worker {
             expected_commits: self.commits,
             clock: self.clock.filter(|_| p.clock.mode == ClockMode::Event),
             outbox: std::mem::take(&mut draft.outbox),
+            swept_rules: draft.swept_rules,
             ..CommitBatch::default()
         };
         for (id, loaded) in work.iter().filter(|(_, l)| l.dirty) {

@@ -385,6 +385,8 @@ impl CustomerState {
     #[allow(clippy::too_many_lines)]
     fn decide(&mut self, rules: &Rules, now: i64, trigger: Trigger) -> Option<Transition> {
         self.prune(rules, now);
+        // The first evaluation under a new rules version reports its change as `rules_changed`.
+        let new_rules = self.tier.is_some() && self.rv != rules_hash(rules.version());
         self.rv = rules_hash(rules.version());
         let last_tier = rules.tiers().len() - 1;
         let cur = self.tier.as_deref().and_then(|t| rules.tier_index(t));
@@ -443,6 +445,9 @@ impl CustomerState {
         };
         // A manual pin overrides the rules: fixed exactly, floor from below.
         let mut reason = ChangeReason::of(trigger);
+        if new_rules && reason != ChangeReason::Manual {
+            reason = ChangeReason::RulesChanged;
+        }
         if let Some(pin) = &self.pin {
             if pin.until.is_some_and(|u| u <= now) {
                 self.pin = None;

@@ -283,6 +283,8 @@ pub struct World {
     pub partitions: i32,
     /// The rules file tierd runs (default: the B2B lifetime preset).
     pub rules: PathBuf,
+    /// Extra lines of the `[rules]` table (e.g. `sweep_per_second = 100`).
+    pub rules_extra: String,
 }
 
 impl World {
@@ -306,6 +308,7 @@ impl World {
             prefix: unique("t"),
             partitions,
             rules: Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/b2b-lifetime.toml"),
+            rules_extra: String::new(),
         }
     }
 
@@ -337,6 +340,7 @@ key_prefix = "{}"
 currency = "CNY"
 [rules]
 path = "{}"
+{}
 [api]
 listen = "127.0.0.1:{api_port}"
 {extra}
@@ -348,7 +352,8 @@ listen = "127.0.0.1:{api_port}"
             self.dlq,
             self.redis.url,
             self.prefix,
-            rules.display()
+            rules.display(),
+            self.rules_extra
         )
     }
 

@@ -7,7 +7,8 @@
 -- ARGV[3] batch first offset   ARGV[4] batch end offset (exclusive; equal to the first for a
 -- commit of fired timers only)   ARGV[5] the number of commits the owner believes are stored
 -- ARGV[6] the partition's event-time clock after this commit ('' : unchanged)
--- ARGV[7] n outbox entries, then n x (kind, key, value, headers)
+-- ARGV[7] hash of a rules version whose sweep this commit completes ('' : none)
+-- ARGV[8] n outbox entries, then n x (kind, key, value, headers)
 -- then m timer upserts, then m x (score, member)
 -- then r timer removals, then r x member
 -- then one state value per customer key
@@ -33,7 +34,7 @@ if stored ~= expected or commits ~= expected_commits or first < expected then
   -- batch overlaps it: the owner's cache cannot be trusted; it must reload and seek.
   return {'DIVERGED', tostring(stored)}
 end
-local i = 7
+local i = 8
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3])
@@ -56,5 +57,8 @@ end
 redis.call('HSET', meta, 'next_offset', ARGV[4], 'commits', tostring(commits + 1))
 if ARGV[6] ~= '' then
   redis.call('HSET', meta, 'clock', ARGV[6])
+end
+if ARGV[7] ~= '' then
+  redis.call('HSET', meta, 'rules', ARGV[7])
 end
 return {'OK', tostring(stored), tostring(redis.call('XLEN', KEYS[2]))}

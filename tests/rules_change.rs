@@ -1,0 +1,131 @@
+//! A new rules version re-evaluates every stored customer in a paced sweep, emitting
+//! `rules_changed` changes exactly once — even when tierd is killed in the middle of it.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::time::{Duration, Instant};
+use support::{purchase, Tierd, World};
+
+const V2: &str = r#"
+version = "b2b-lifetime-2"
+[[tiers]]
+name = "A"
+when = ["sum >= 800000"]
+[[tiers]]
+name = "B"
+when = ["sum >= 300000"]
+[[tiers]]
+name = "C"
+when = ["sum >= 100000"]
+[[tiers]]
+name = "D"
+"#;
+
+fn tier(units: i64, bounds: [i64; 3]) -> &'static str {
+    ["A", "B", "C", "D"][bounds.iter().position(|&b| units >= b).unwrap_or(3)]
+}
+
+#[test]
+fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
+    let mut world = World::start(2);
+    let n = 3000i64;
+    let amount = |i: i64| (i * 7919) % 1_200_000;
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let events: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                &amount(i).to_string(),
+                "2026-11-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(120));
+    assert_eq!(tierd.terminate(), Some(0));
+    let before = world.read_all(&world.output).len();
+    assert_eq!(before as i64, n, "one initial placement each");
+
+    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    rules.write_all(V2.as_bytes()).unwrap();
+    world.rules = rules.path().to_owned();
+    // Slow sweep, killed in the middle.
+    world.rules_extra = "sweep_per_second = 300".into();
+    let mut tierd = Tierd::spawn(&world, "");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_rules_sweep_customers_total") < 600.0 {
+        assert!(
+            Instant::now() < deadline,
+            "sweep did not start:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tierd.kill9();
+    world.rules_extra = "sweep_per_second = 5000".into();
+    let tierd = Tierd::spawn(&world, "");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tierd.metric("tierd_rules_sweep_partitions_done") < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "sweep did not finish:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every stored customer is now placed by v2.
+    let hash = tierd::domain::state::rules_hash("b2b-lifetime-2");
+    let mut expected_changes = HashMap::new();
+    for i in 0..n {
+        let c = format!("c{i}");
+        let s = world.customer_state(&c).unwrap();
+        let units = amount(i);
+        let (old, new) = (
+            tier(units, [1_000_000, 500_000, 200_000]),
+            tier(units, [800_000, 300_000, 100_000]),
+        );
+        assert_eq!((s.tier.as_deref(), s.rv), (Some(new), hash), "{c}");
+        if old != new {
+            expected_changes.insert(c, (old, new));
+        }
+    }
+    assert!(
+        expected_changes.len() > 500,
+        "the new bounds move many customers"
+    );
+    // Wait for the outbox to drain, then check the published changes.
+    world.wait_applied(&BTreeMap::new(), Duration::from_secs(60));
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    for r in world.read_all(&world.output) {
+        let v = r.json();
+        if v["reason"] != "rules_changed" {
+            continue;
+        }
+        if let Some(prev) = by_id.insert(v["event_id"].as_str().unwrap().to_owned(), v.clone()) {
+            assert_eq!(prev, v, "a duplicate publication must be identical");
+        }
+    }
+    assert_eq!(
+        by_id.len(),
+        expected_changes.len(),
+        "one rules_changed change per moved customer"
+    );
+    for v in by_id.values() {
+        let c = v["customer_id"].as_str().unwrap();
+        let (old, new) = expected_changes[c];
+        assert_eq!(
+            (
+                v["previous_tier"].as_str(),
+                v["tier"].as_str(),
+                v["sequence"].as_u64(),
+                v["rules_version"].as_str()
+            ),
+            (Some(old), Some(new), Some(2), Some("b2b-lifetime-2")),
+            "{c}"
+        );
+    }
+}
