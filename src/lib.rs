@@ -13,6 +13,7 @@
 //! - [`domain`] and [`rules`]: pure state transitions and tier placement, no I/O, no clock.
 //! - [`publish`]: the Redis outbox drained to Kafka by an idempotent producer.
 //! - [`api`]: customer lookup, health, readiness, metrics.
+//! - [`tools`]: read-only operator tools (`tierd rules explain`, `tierd simulate`).
 //! - [`telemetry`], [`kafka`] (client settings), [`shutdown`], [`app`] (wiring).
 
 pub mod api;
@@ -26,3 +27,4 @@ pub mod publish;
 pub mod rules;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tools;

@@ -1,4 +1,4 @@
-//! The `tierd` command: `tierd run --config FILE`, `tierd check-config --config FILE`.
+//! The `tierd` command: `run`, `check-config`, `rules check`, `rules explain`, `simulate`.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -45,6 +45,45 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Rules files and how they place customers.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+    /// Against the live state in Redis, without changing anything: the transition matrix
+    /// (current tier × tier under NEW rules) and a sample of customers who would move.
+    Simulate {
+        /// The new rules file.
+        #[arg(long)]
+        rules: PathBuf,
+        /// Configuration file of the running deployment (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How many movers to list.
+        #[arg(long, default_value_t = 20)]
+        sample: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validate a rules file; print every problem with file, line and field.
+    Check {
+        /// The rules file.
+        file: PathBuf,
+        /// Fraction digits of the currency (money bounds are read exactly in minor units).
+        #[arg(long, default_value_t = 2)]
+        fraction_digits: u32,
+    },
+    /// A stored customer's metrics, scores, the rule that placed them, and when and why they
+    /// would move next (JSON).
+    Explain {
+        /// The customer.
+        customer_id: String,
+        /// Configuration file of the running deployment (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -79,6 +118,88 @@ fn main() -> anyhow::Result<()> {
                 rules.version(),
                 rules.tiers().len()
             );
+            Ok(())
+        }
+        Command::Rules {
+            command:
+                RulesCommand::Check {
+                    file,
+                    fraction_digits,
+                },
+        } => match tierd::rules::Rules::load(&file, fraction_digits) {
+            Ok(rules) => {
+                println!(
+                    "ok: {} version {}: {} tiers ({}){}",
+                    file.display(),
+                    rules.version(),
+                    rules.tiers().len(),
+                    rules
+                        .tiers()
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if rules.uses_time() {
+                        "; time moves tiers (timers)"
+                    } else {
+                        ""
+                    }
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
+        Command::Rules {
+            command:
+                RulesCommand::Explain {
+                    customer_id,
+                    config,
+                },
+        } => {
+            let cfg = Config::load(Some(&config))
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            let rules = tierd::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            let (partition, explanation) = tierd::tools::explain::run(&cfg, &rules, &customer_id)?;
+            let mut v = serde_json::to_value(explanation)?;
+            v["partition"] = partition.into();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Command::Simulate {
+            rules,
+            config,
+            sample,
+        } => {
+            let cfg = Config::load(Some(&config))
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            let current = tierd::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            let new = tierd::rules::Rules::load(&rules, cfg.money.fraction_digits)?;
+            for w in tierd::tools::simulate::warnings(&current, &new) {
+                eprintln!("warning: {w}");
+            }
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {pos} customers {per_sec}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            let matrix = tierd::tools::simulate::run(&cfg, &new, sample, |n| bar.set_position(n))?;
+            bar.finish_and_clear();
+            println!(
+                "Rules {} -> {} ({}), as stored in Redis:",
+                current.version(),
+                new.version(),
+                rules.display()
+            );
+            print!("{}", matrix.render(&current, &new));
+            if !matrix.movers.is_empty() {
+                println!("Sample of movers:");
+                for m in &matrix.movers {
+                    println!("  {}: {} -> {} ({})", m.customer_id, m.from, m.to, m.rule);
+                }
+            }
             Ok(())
         }
     }

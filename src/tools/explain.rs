@@ -1,0 +1,31 @@
+//! `tierd rules explain CUSTOMER_ID`: the customer's metrics, scores, the rule that placed
+//! them, and when and why they would move next — as the API shows it.
+
+use super::{Store, ToolError};
+use crate::config::{ClockMode, Config};
+use crate::domain::change::MoneyFormat;
+use crate::domain::explain::{explain, Explanation};
+use crate::rules::Rules;
+
+/// Explains one stored customer under `rules` at engine time now (wall mode) or the
+/// customer's own engine time (event mode).
+///
+/// # Errors
+/// [`ToolError`] when Redis cannot be read or the customer is unknown.
+pub fn run(
+    config: &Config,
+    rules: &Rules,
+    customer_id: &str,
+) -> Result<(i32, Explanation), ToolError> {
+    let mut store = Store::open(config)?;
+    let (partition, state) = store.customer(customer_id)?;
+    let now = match config.clock.mode {
+        ClockMode::Wall => crate::domain::time::now_ms(),
+        ClockMode::Event => i64::MIN,
+    };
+    let money = MoneyFormat {
+        currency: config.money.currency.clone(),
+        fraction_digits: config.money.fraction_digits,
+    };
+    Ok((partition, explain(customer_id, &state, rules, &money, now)))
+}
