@@ -124,7 +124,7 @@ fn telecom_average_monthly_spend() {
             purchase("n1", "ann", "1800", "2026-03-01T10:00:00Z"),
         ],
     );
-    // tom: 1200/6 = 200 VIP; 1900/6 = 316.67 platinum; January leaves on 1 Jul (700/6),
+    // tom: 1200/6 = 200 VIP; 1900/6 = 316.66… platinum; January leaves on 1 Jul (700/6),
     // February on 1 Aug. ann: exactly 300 a month is VIP, not platinum.
     expect(
         &log,

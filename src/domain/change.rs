@@ -271,7 +271,8 @@ pub struct AtRiskNotice {
     pub falls_to: String,
     /// When, RFC 3339 (engine time).
     pub downgrade_at: String,
-    /// Why: `recency`, `window_expiry`, `validity_expired`, `grace_ended`, `min_stay_ended`.
+    /// Why: `recency`, `window_expiry`, `validity_expired`, `grace_ended`, `min_stay_ended`
+    /// or `manual_expired` (the time-driven evaluation that will downgrade).
     pub cause: crate::rules::TimeCause,
     /// What it takes to stay: each failing condition with the value it will have and, for
     /// lower bounds on spend or counts, what is missing.

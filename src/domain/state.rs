@@ -63,7 +63,7 @@ pub enum PinRequest {
 /// Persistent state of one customer (stored as JSON in Redis).
 ///
 /// Memory: about 200 bytes of JSON plus ~30 bytes per remembered event id (at most
-/// `dedup.max_ids_per_customer`) plus ~15 bytes per window bucket kept, see `docs/rules.md`.
+/// `dedup.max_ids_per_customer`) plus ~16 bytes per window bucket kept, see `docs/rules.md`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustomerState {
     /// Earliest purchase, event time (Unix ms).
@@ -384,7 +384,6 @@ impl CustomerState {
 
     #[allow(clippy::too_many_lines)]
     fn decide(&mut self, rules: &Rules, now: i64, trigger: Trigger) -> Option<Transition> {
-        self.prune(rules, now);
         // The first evaluation under a new rules version reports its change as `rules_changed`.
         let new_rules = self.tier.is_some() && self.rv != rules_hash(rules.version());
         self.rv = rules_hash(rules.version());
@@ -397,6 +396,9 @@ impl CustomerState {
             }
             _ => now,
         };
+        // Drop buckets no window can read any more — as of the moment the metrics are read
+        // (a calendar review reads the closing period, before `now`).
+        self.prune(rules, eval_at);
         let eval = rules.evaluate(&self.facts(), eval_at);
         let target = eval.tier;
         let mut policy_text = "initial".to_owned();
@@ -492,10 +494,21 @@ impl CustomerState {
         let keep_review = direction == Direction::Up
             && !rules.policy(new).upgrade_restarts_review
             && self.review.is_some_and(|r| r > now);
-        if !keep_review {
+        let pinned = self.pin.is_some() && policy_text.starts_with("manual pin");
+        if pinned {
+            // A pin is not a qualification: no validity period starts, so when it lapses the
+            // customer is re-placed at once (`manual_expired`).
+            self.review = None;
+        } else if !keep_review {
             self.review = rules.policy(new).review.next(now, self.first);
         }
-        self.pending = None;
+        // A step down that still leaves the customer above their placement waits out the new
+        // tier's grace period before the next step (review and minimum stay pace it too).
+        self.pending = (direction == Direction::Down
+            && new < target
+            && rules.policy(new).grace_ms > 0
+            && !pinned)
+            .then_some(now);
         let previous = self.tier.replace(rules.tiers()[new].name.clone());
         self.seq += 1;
         self.since = now;
@@ -573,10 +586,9 @@ impl CustomerState {
                 consider(stay_end, TimeCause::MinStayEnded);
             }
         }
-        // Metric changes matter outside a validity period, and for the base tier only when a
-        // negative (refund) bucket could expire and raise the customer.
-        let negative = self.wd.iter().chain(&self.wm).any(|b| b.2 < 0);
-        if !in_validity && (!base || negative) {
+        // Metric changes matter outside a validity period (for the base tier too: time can
+        // raise a customer, e.g. when a refund leaves a window or a recency bound is crossed).
+        if !in_validity {
             if let Some((t, cause)) = rules.next_metric_change(&self.facts(), now) {
                 consider(t, cause);
             }

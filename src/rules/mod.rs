@@ -692,6 +692,21 @@ impl Rules {
                 }
             }
         }
+        if raw.cell.is_none()
+            && score_names.len() > 1
+            && operands
+                .iter()
+                .any(|o| matches!(o, Operand::Cell | Operand::Product))
+        {
+            problem(
+                None,
+                "cell".into(),
+                format!(
+                    "`cell` or `product` is used with {} scores: declare their digit order, e.g. cell = [\"R\", \"F\", \"M\"]",
+                    score_names.len()
+                ),
+            );
+        }
         // Unused windows would only cost memory.
         for (wi, w) in windows.iter().enumerate() {
             if !operands

@@ -691,3 +691,120 @@ fn state_size_per_preset_is_bounded_by_buckets() {
         );
     }
 }
+
+#[test]
+fn calendar_review_judges_the_whole_closing_period() {
+    // A purchase in the first month of the quarter still counts at the quarter's review.
+    let r = rules(
+        r#"
+version = "q"
+[windows.q]
+calendar = "quarter"
+[policy]
+review = "quarter"
+[[tiers]]
+name = "vip"
+when = ["window.q.sum >= 1000"]
+[[tiers]]
+name = "normal"
+"#,
+    );
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-10T00:00:00Z", 1000);
+    s.advance(at("2026-08-01T00:00:00Z"));
+    // Q1 qualifies (renewed 1 Apr); Q2 is empty: down on 1 Jul.
+    assert_eq!(
+        s.tiers(),
+        [
+            ("vip", "purchase", "2026-01-10"),
+            ("normal", "validity_expired", "2026-07-01")
+        ]
+    );
+}
+
+#[test]
+fn step_downgrades_paced_by_grace_keep_stepping() {
+    let r = rules(
+        r#"
+version = "g"
+[policy]
+downgrade = "step"
+grace_days = 5
+[[tiers]]
+name = "t1"
+when = ["sum >= 300"]
+[[tiers]]
+name = "t2"
+when = ["sum >= 200"]
+[[tiers]]
+name = "t3"
+when = ["sum >= 100"]
+[[tiers]]
+name = "t4"
+"#,
+    );
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T00:00:00Z", 300);
+    s.refund("2026-01-02T00:00:00Z", 300);
+    s.advance(at("2026-03-01T00:00:00Z"));
+    assert_eq!(
+        s.tiers(),
+        [
+            ("t1", "purchase", "2026-01-01"),
+            ("t2", "grace_ended", "2026-01-07"),
+            ("t3", "grace_ended", "2026-01-12"),
+            ("t4", "grace_ended", "2026-01-17"),
+        ]
+    );
+}
+
+#[test]
+fn time_can_raise_a_customer_out_of_the_base_tier() {
+    let r = rules(
+        r#"
+version = "d"
+[[tiers]]
+name = "dormant"
+when = ["recency_days >= 30"]
+[[tiers]]
+name = "active"
+"#,
+    );
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T00:00:00Z", 1);
+    s.advance(at("2026-03-01T00:00:00Z"));
+    assert_eq!(
+        s.tiers(),
+        [
+            ("active", "purchase", "2026-01-01"),
+            ("dormant", "recency", "2026-01-31")
+        ]
+    );
+}
+
+#[test]
+fn a_lapsed_pin_re_places_at_once_even_under_reviews() {
+    let r = with_policy("review = \"days:60\"");
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T00:00:00Z", 10);
+    s.event(
+        "2026-01-02T00:00:00Z",
+        EventKind::Override,
+        0,
+        Some(PinRequest::Set(Pin {
+            tier: "gold".into(),
+            mode: PinMode::Floor,
+            until: Some(at("2026-01-10T00:00:00Z")),
+            by: "rm".into(),
+        })),
+    );
+    s.advance(at("2026-03-01T00:00:00Z"));
+    assert_eq!(
+        s.tiers(),
+        [
+            ("basic", "purchase", "2026-01-01"),
+            ("gold", "manual", "2026-01-02"),
+            ("basic", "manual_expired", "2026-01-10"),
+        ]
+    );
+}
