@@ -158,3 +158,77 @@ pub fn explain(
         to_reach,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::state::DedupPolicy;
+    use crate::domain::time::parse_rfc3339_ms;
+    use crate::domain::{Event, EventKind};
+
+    #[test]
+    fn shows_the_next_move_and_what_it_takes_to_stay_or_climb() {
+        let rules = Rules::parse(
+            r#"
+version = "x"
+[windows.d30]
+length = "30 days"
+[[tiers]]
+name = "gold"
+when = ["window.d30.sum >= 1000"]
+[[tiers]]
+name = "silver"
+when = ["window.d30.sum >= 300"]
+[[tiers]]
+name = "basic"
+"#,
+            "x.toml",
+            2,
+        )
+        .unwrap();
+        let at = |s: &str| parse_rfc3339_ms(s).unwrap();
+        let mut s = CustomerState::default();
+        for (i, (when, amount)) in [
+            ("2026-01-01T00:00:00Z", 30_000),
+            ("2026-01-20T00:00:00Z", 5_000),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let e = Event {
+                event_id: format!("e{i}"),
+                customer_id: "c".into(),
+                kind: EventKind::Purchase,
+                amount_minor: *amount,
+                occurred_at_ms: at(when),
+                pin: None,
+            };
+            s.apply(
+                &e,
+                &rules,
+                DedupPolicy {
+                    horizon_ms: 1 << 40,
+                    max_ids: 8,
+                },
+                i64::MIN,
+            );
+        }
+        let money = MoneyFormat {
+            currency: "EUR".into(),
+            fraction_digits: 2,
+        };
+        let x = explain("c", &s, &rules, &money, at("2026-01-25T00:00:00Z"));
+        assert_eq!(x.tier.as_deref(), Some("silver"));
+        assert_eq!(x.values["window.d30.sum"], "350.00");
+        let next = x.next.expect("the 1 Jan purchase leaves the window");
+        assert_eq!(next.at, "2026-01-31T00:00:00.000Z");
+        assert_eq!(next.projected_tier, "basic");
+        assert_eq!(next.direction, Some(Direction::Down));
+        assert_eq!(next.to_stay[0]["missing"], "250.00");
+        let reach = x.to_reach.expect("gold is above");
+        assert_eq!(
+            (reach.tier.as_str(), &reach.missing[0]["missing"]),
+            ("gold", &serde_json::json!("650.00"))
+        );
+    }
+}
