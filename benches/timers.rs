@@ -83,7 +83,7 @@ fn main() {
         occurred_at_ms: t0,
         pin: None,
     };
-    template.apply(&event, &rules, dedup, t0);
+    template.apply(&event, &rules, dedup, t0, &Default::default());
     let json = serde_json::to_vec(&template).unwrap();
     let (due, _) = template.timer.expect("recency timer");
     for i in 0..customers {

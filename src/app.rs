@@ -87,7 +87,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         currency: config.money.currency.clone(),
         fraction_digits: config.money.fraction_digits,
     };
+    let keyspace = Keyspace::new(
+        &config.redis.key_prefix,
+        &config.kafka.group_id,
+        &config.kafka.input_topic,
+    );
     let pipeline = Arc::new(Pipeline {
+        keyspace: keyspace.clone(),
         rules: Arc::clone(&rules),
         limits: DecodeLimits {
             max_message_bytes: config.ingest.max_message_bytes,
@@ -101,6 +107,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
         clock: config.clock.clone(),
         sweep_per_second: config.rules.sweep_per_second,
+        ranks: config.ranks.clone(),
+        partitions: std::sync::atomic::AtomicI32::new(0),
         dedup: DedupPolicy {
             horizon_ms: i64::try_from(config.dedup.horizon_s.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
@@ -135,11 +143,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         lane: Arc::default(),
         fatal: Arc::clone(&fatal),
     };
-    let keyspace = Keyspace::new(
-        &config.redis.key_prefix,
-        &config.kafka.group_id,
-        &config.kafka.input_topic,
-    );
     let ownership = Ownership::default();
     let stop = Arc::new(AtomicBool::new(false));
     let context = IngestContext::new(IngestParts {
@@ -184,6 +187,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .await
         .map_err(|e| StartError::Internal(e.to_string()))??
     };
+    pipeline
+        .partitions
+        .store(partitions, std::sync::atomic::Ordering::Relaxed);
     info!(
         topic = config.kafka.input_topic,
         partitions, "Input topic found."

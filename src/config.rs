@@ -49,6 +49,9 @@ pub struct Config {
     /// timers fire.
     #[serde(default)]
     pub clock: ClockConfig,
+    /// Rank-based tiers: when cut-offs are recomputed.
+    #[serde(default)]
+    pub ranks: RanksConfig,
     /// Outbox → Kafka publishing.
     #[serde(default)]
     pub publish: PublishConfig,
@@ -240,6 +243,27 @@ pub struct ClockConfig {
     pub timer_batch: usize,
 }
 
+/// Rank cut-offs (rules with `[ranks]`): computed by the owner of input partition 0,
+/// applied by every partition owner to the customers between the old and new cut-offs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RanksConfig {
+    /// Cut-offs are recomputed at least this often, milliseconds. Default 10000.
+    #[serde(default = "default_rank_interval_ms")]
+    pub recompute_interval_ms: u64,
+    /// … and as soon as a rank's population changed by more than this fraction since the
+    /// last computation. Default 0.01.
+    #[serde(default = "default_rank_population_change")]
+    pub recompute_population_change: f64,
+    /// How often owners look for new cut-offs (and partition 0's owner for a due
+    /// recomputation), milliseconds. Default 1000.
+    #[serde(default = "default_rank_check_ms")]
+    pub check_interval_ms: u64,
+    /// Customers re-evaluated per commit when cut-offs move. Default 500.
+    #[serde(default = "default_rank_page")]
+    pub reevaluate_page: usize,
+}
+
 /// HTTP API.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -331,6 +355,18 @@ const fn default_publish_interval_ms() -> u64 {
 const fn default_dlq_max_bytes() -> usize {
     900_000
 }
+const fn default_rank_interval_ms() -> u64 {
+    10_000
+}
+const fn default_rank_population_change() -> f64 {
+    0.01
+}
+const fn default_rank_check_ms() -> u64 {
+    1000
+}
+const fn default_rank_page() -> usize {
+    500
+}
 const fn default_clock_mode() -> ClockMode {
     ClockMode::Wall
 }
@@ -368,6 +404,7 @@ default_from_serde!(
     DedupConfig,
     RulesConfig,
     ClockConfig,
+    RanksConfig,
     PublishConfig,
     ApiConfig
 );
@@ -514,6 +551,19 @@ impl Config {
         }
         if self.dedup.max_ids_per_customer == 0 || self.dedup.max_ids_per_customer > 10_000 {
             return bad("dedup.max_ids_per_customer", "must be 1..=10000");
+        }
+        let r = &self.ranks;
+        if !(100..=86_400_000).contains(&r.recompute_interval_ms) {
+            return bad("ranks.recompute_interval_ms", "must be 100..=86400000");
+        }
+        if !(0.0..=1.0).contains(&r.recompute_population_change) {
+            return bad("ranks.recompute_population_change", "must be 0..=1");
+        }
+        if !(10..=60_000).contains(&r.check_interval_ms) {
+            return bad("ranks.check_interval_ms", "must be 10..=60000");
+        }
+        if !(1..=100_000).contains(&r.reevaluate_page) {
+            return bad("ranks.reevaluate_page", "must be 1..=100000");
         }
         if !(10..=1_000_000).contains(&self.rules.sweep_per_second) {
             return bad("rules.sweep_per_second", "must be 10..=1000000");

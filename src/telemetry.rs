@@ -48,6 +48,10 @@ pub struct Telemetry {
     pub rules_sweep_customers: IntCounter,
     /// Partitions whose rules-version sweep is complete.
     pub rules_sweep_done: IntGauge,
+    /// Customers re-evaluated because rank cut-offs moved.
+    pub rank_reevaluated: IntCounter,
+    /// Time to compute rank cut-offs (partition 0's owner).
+    pub rank_recompute_seconds: Histogram,
 }
 
 impl Default for Telemetry {
@@ -187,6 +191,21 @@ impl Telemetry {
                 "tierd_rules_sweep_customers_total",
                 "Customers re-evaluated by a rules-version sweep.",
             ),
+            rank_reevaluated: counter(
+                "tierd_rank_reevaluated_total",
+                "Customers re-evaluated because rank cut-offs moved.",
+            ),
+            rank_recompute_seconds: {
+                let h = Histogram::with_opts(HistogramOpts::new(
+                    "tierd_rank_recompute_seconds",
+                    "Time to compute the rank cut-offs over all partitions.",
+                ))
+                .expect("valid metric");
+                registry
+                    .register(Box::new(h.clone()))
+                    .expect("unique metric");
+                h
+            },
             rules_sweep_done: {
                 let g = IntGauge::new(
                     "tierd_rules_sweep_partitions_done",

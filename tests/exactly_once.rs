@@ -88,7 +88,7 @@ fn reference(
         };
         let state = states.entry(event.customer_id.clone()).or_default();
         let now = event.occurred_at_ms;
-        let applied = state.apply(&event, rules, policy, now);
+        let applied = state.apply(&event, rules, policy, now, &Default::default());
         if let Applied::Counted(outcome) = applied {
             let Some(t) = outcome.transition else {
                 continue;

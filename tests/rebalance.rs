@@ -109,6 +109,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
             store::commit(
                 &mut conn,
                 &keys,
+                &[],
                 0,
                 old.epoch,
                 &batch(-1, 0, 10, "{\"count\":1}")
@@ -122,6 +123,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
             store::commit(
                 &mut conn,
                 &keys,
+                &[],
                 0,
                 old.epoch,
                 &batch(-1, 0, 10, "{\"count\":99}")
@@ -132,13 +134,13 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         );
         // A batch overlapping what was applied is refused.
         assert!(matches!(
-            store::commit(&mut conn, &keys, 0, old.epoch, &batch(10, 5, 15, "{}")).await,
+            store::commit(&mut conn, &keys, &[], 0, old.epoch, &batch(10, 5, 15, "{}")).await,
             Err(ApplyError::Diverged { stored: 10, .. })
         ));
         // So is a batch from an owner whose idea of the stored offset is wrong (Redis lost
         // writes, or was restored from a backup): its cache cannot be trusted.
         assert!(matches!(
-            store::commit(&mut conn, &keys, 0, old.epoch, &batch(7, 10, 20, "{}")).await,
+            store::commit(&mut conn, &keys, &[], 0, old.epoch, &batch(7, 10, 20, "{}")).await,
             Err(ApplyError::Diverged {
                 stored: 10,
                 expected: 7,
@@ -156,6 +158,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         let err = store::commit(
             &mut conn,
             &keys,
+            &[],
             0,
             old.epoch,
             &batch(10, 10, 20, "{\"count\":2}"),
@@ -174,6 +177,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
             store::commit(
                 &mut conn,
                 &keys,
+                &[],
                 0,
                 new.epoch,
                 &batch(10, 10, 20, "{\"count\":2}")

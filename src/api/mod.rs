@@ -42,6 +42,7 @@ pub struct ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/customers/{customer_id}", get(customer))
+        .route("/v1/tiers", get(tiers))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -111,10 +112,100 @@ async fn customer(State(s): State<ApiState>, Path(customer_id): Path<String>) ->
     } else {
         i64::MIN
     };
-    let view = explain::explain(&customer_id, &state, &s.rules, &s.money, now);
+    let zero = s.keyspace.partition(0);
+    let cutoffs = match crate::apply::store::load_cutoffs(&mut conn, &zero).await {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "redis_unavailable",
+                e.to_string(),
+            )
+        }
+    };
+    let view = explain::explain(&customer_id, &state, &s.rules, &s.money, now, &cutoffs);
     let mut body = serde_json::to_value(view).unwrap_or_default();
     body["partition"] = partition.into();
+    // The exact position in each rank: customers strictly above, summed over partitions.
+    for (r, rank) in s.rules.ranks().iter().enumerate() {
+        let Some(Some(value)) = state.rk.get(r) else {
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        for p in 0..s.partitions {
+            let key = s.keyspace.partition(p).rank(&rank.name);
+            pipe.zcount(&key, format!("({value}"), "+inf").zcard(&key);
+        }
+        if let Ok(counts) = pipe.query_async::<Vec<u64>>(&mut conn).await {
+            let above: u64 = counts.iter().step_by(2).sum();
+            let population: u64 = counts.iter().skip(1).step_by(2).sum();
+            let entry = &mut body["ranks"][rank.name.as_str()];
+            entry["position"] = (above + 1).into();
+            entry["population"] = population.into();
+            if population > 0 {
+                entry["top_percent"] =
+                    (((above + 1) as f64 * 10_000.0 / population as f64).round() / 100.0).into();
+            }
+        }
+    }
     Json(body).into_response()
+}
+
+/// `GET /v1/tiers`: the rank cut-offs in force and the number of customers in each tier.
+async fn tiers(State(s): State<ApiState>) -> Response {
+    let mut conn = s.redis.clone();
+    let mut pipe = redis::pipe();
+    for p in 0..s.partitions {
+        pipe.hgetall(s.keyspace.partition(p).tier_counts);
+    }
+    let counts: Vec<std::collections::HashMap<String, i64>> =
+        match pipe.query_async(&mut conn).await {
+            Ok(v) => v,
+            Err(e) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "redis_unavailable",
+                    e.to_string(),
+                )
+            }
+        };
+    let mut sizes = serde_json::Map::new();
+    for t in s.rules.tiers() {
+        let n: i64 = counts.iter().filter_map(|m| m.get(&t.name)).sum();
+        sizes.insert(t.name.clone(), n.into());
+    }
+    let cutoffs = crate::apply::store::load_cutoffs(&mut conn, &s.keyspace.partition(0))
+        .await
+        .ok()
+        .flatten()
+        .filter(|c| c.rules == crate::domain::state::rules_hash(s.rules.version()));
+    let points: Vec<serde_json::Value> = s
+        .rules
+        .cut_points()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            serde_json::json!({
+                "rank": s.rules.ranks()[p.rank].name,
+                "top": p.describe(),
+                "cutoff": cutoffs.as_ref().and_then(|c| c.value(i)).map(|v| v.to_string()),
+                "at_or_above": cutoffs.as_ref().and_then(|c| c.at_or_above.get(i).copied()),
+            })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "rules_version": s.rules.version(),
+        "tiers": s.rules.tiers().iter().map(|t| serde_json::json!({
+            "name": t.name, "display_name": t.display(), "customers": sizes[&t.name],
+        })).collect::<Vec<_>>(),
+        "cutoffs": {
+            "version": cutoffs.as_ref().map_or(0, |c| c.version),
+            "computed_at": cutoffs.as_ref().map(|c| time::format_ms(c.computed_at)),
+            "population": cutoffs.as_ref().map(|c| c.population.clone()),
+            "points": points,
+        },
+    }))
+    .into_response()
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {

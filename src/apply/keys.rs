@@ -20,6 +20,12 @@ pub struct PartitionKeys {
     pub outbox: String,
     /// Sorted set: customer → next moment their tier may change without an event.
     pub timers: String,
+    /// Hash: tier name → customers of this partition in it.
+    pub tier_counts: String,
+    /// Hash (meaningful on partition 0 only): the rank cut-offs in force, `version` + `data`.
+    pub cutoffs: String,
+    /// Base of the key names (`<prefix>:{<group>:<topic>:<partition>}`).
+    base: String,
     /// Prefix of customer state keys (`<prefix><customer_id>`), each a JSON string.
     customer_prefix: String,
 }
@@ -44,12 +50,20 @@ impl Keyspace {
             meta: format!("{base}:meta"),
             outbox: format!("{base}:outbox"),
             timers: format!("{base}:timers"),
+            tier_counts: format!("{base}:tiers"),
+            cutoffs: format!("{base}:cutoffs"),
             customer_prefix: format!("{base}:c:"),
+            base,
         }
     }
 }
 
 impl PartitionKeys {
+    /// Sorted set of rank `name`: customer → their ranked value.
+    pub fn rank(&self, name: &str) -> String {
+        format!("{}:rank:{name}", self.base)
+    }
+
     /// SCAN pattern of this partition's customer keys (glob characters in the prefix escaped).
     pub fn customer_pattern(&self) -> String {
         let mut p = String::with_capacity(self.customer_prefix.len() + 1);

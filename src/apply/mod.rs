@@ -2,6 +2,7 @@
 //! to Redis atomically and fenced, in one script call per batch.
 
 pub mod keys;
+pub mod ranks;
 pub mod store;
 pub mod worker;
 
@@ -35,6 +36,14 @@ pub struct Pipeline {
     pub clock: crate::config::ClockConfig,
     /// Customers re-evaluated per second and partition after a rules version change.
     pub sweep_per_second: u32,
+    /// Rank cut-off computation and application.
+    pub ranks: crate::config::RanksConfig,
+    /// Partitions of the input topic (the owner of partition 0 computes rank cut-offs over
+    /// all of them).
+    /// Key names.
+    pub keyspace: keys::Keyspace,
+    /// Set once at startup, after the topic's metadata was read.
+    pub partitions: std::sync::atomic::AtomicI32,
     /// Metrics.
     pub telemetry: Telemetry,
 }

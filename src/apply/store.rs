@@ -3,6 +3,7 @@
 use super::keys::PartitionKeys;
 use crate::domain::CustomerState;
 use crate::publish::outbox::OutboxEntry;
+use crate::rules::rank::Cutoffs;
 use redis::aio::ConnectionManager;
 use std::sync::LazyLock;
 
@@ -10,6 +11,8 @@ static COMMIT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/commit.lua")));
 static CLAIM: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("lua/claim.lua")));
+static PUBLISH_CUTOFFS: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("lua/publish_cutoffs.lua")));
 
 /// Why a partition batch could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +61,7 @@ pub enum Committed {
 }
 
 /// Where a claimed partition resumes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// Our fencing epoch.
     pub epoch: i64,
@@ -70,6 +73,8 @@ pub struct Claim {
     pub clock: Option<i64>,
     /// Hash of the rules version whose sweep completed on this partition.
     pub swept_rules: Option<u32>,
+    /// The rank cut-offs this partition last finished applying.
+    pub cutoffs: Option<Cutoffs>,
 }
 
 /// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
@@ -81,7 +86,7 @@ pub fn claim(
     conn: &mut redis::Connection,
     keys: &PartitionKeys,
 ) -> Result<Claim, redis::RedisError> {
-    let (epoch, next, commits, clock, rules): (i64, i64, i64, String, String) =
+    let (epoch, next, commits, clock, rules, cutoffs): (i64, i64, i64, String, String, String) =
         CLAIM.key(&keys.meta).invoke(conn)?;
     Ok(Claim {
         epoch,
@@ -89,6 +94,7 @@ pub fn claim(
         commits,
         clock: clock.parse().ok(),
         swept_rules: rules.parse().ok(),
+        cutoffs: serde_json::from_str(&cutoffs).ok(),
     })
 }
 
@@ -137,10 +143,14 @@ pub struct CommitBatch {
     pub swept_rules: Option<u32>,
     /// Outbox entries in order.
     pub outbox: Vec<OutboxEntry>,
-    /// Timer upserts (score = Unix ms, member = customer id).
-    pub timer_upserts: Vec<(i64, String)>,
-    /// Timer removals (customer ids).
-    pub timer_removals: Vec<String>,
+    /// Sorted-set upserts: (set, score, member); set 0 is the timer index, set 1 + r rank r.
+    pub zadd: Vec<(usize, i128, String)>,
+    /// Sorted-set removals: (set, member).
+    pub zrem: Vec<(usize, String)>,
+    /// Tier population deltas of this partition: (tier, delta).
+    pub tier_deltas: Vec<(String, i64)>,
+    /// Rank cut-offs this commit finishes applying.
+    pub applied_cutoffs: Option<String>,
     /// Customer states to write: (key, JSON).
     pub states: Vec<(String, Vec<u8>)>,
 }
@@ -150,15 +160,74 @@ pub struct CommitBatch {
 /// # Errors
 /// [`ApplyError::Fenced`] (stop the partition), [`ApplyError::Diverged`] (reload) or
 /// [`ApplyError::Redis`] (retry: the call is idempotent).
+/// Publishes rank cut-offs as the owner of partition 0 (`keys` are partition 0's); returns
+/// the new version, `None` when fenced (another owner took partition 0).
+///
+/// # Errors
+/// The Redis error.
+pub async fn publish_cutoffs(
+    conn: &mut ConnectionManager,
+    keys: &PartitionKeys,
+    epoch: i64,
+    cutoffs: &Cutoffs,
+) -> Result<Option<u64>, redis::RedisError> {
+    let json = serde_json::to_string(cutoffs).expect("cut-offs serialize");
+    let version: i64 = PUBLISH_CUTOFFS
+        .key(&keys.meta)
+        .key(&keys.cutoffs)
+        .arg(epoch)
+        .arg(json)
+        .invoke_async(conn)
+        .await?;
+    Ok(u64::try_from(version).ok())
+}
+
+/// The cut-offs in force (partition 0's hash), with their version.
+///
+/// # Errors
+/// The Redis error.
+pub async fn load_cutoffs(
+    conn: &mut ConnectionManager,
+    keys: &PartitionKeys,
+) -> Result<Option<Cutoffs>, redis::RedisError> {
+    let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+        .arg(&keys.cutoffs)
+        .arg("version")
+        .arg("data")
+        .query_async(conn)
+        .await?;
+    Ok(match (version, data) {
+        (Some(v), Some(d)) => serde_json::from_str::<Cutoffs>(&d).ok().map(|mut c| {
+            c.version = v;
+            c
+        }),
+        _ => None,
+    })
+}
+
+/// Commits a batch atomically, fenced by `epoch` and the stored next offset. `rank_keys` are
+/// the partition's rank sorted sets, in the rules' rank order.
+///
+/// # Errors
+/// [`ApplyError::Fenced`] (stop the partition), [`ApplyError::Diverged`] (reload) or
+/// [`ApplyError::Redis`] (retry: the call is idempotent).
 pub async fn commit(
     conn: &mut ConnectionManager,
     keys: &PartitionKeys,
+    rank_keys: &[String],
     partition: i32,
     epoch: i64,
     batch: &CommitBatch,
 ) -> Result<Committed, ApplyError> {
     let mut inv = COMMIT.prepare_invoke();
-    inv.key(&keys.meta).key(&keys.outbox).key(&keys.timers);
+    inv.key(&keys.meta)
+        .key(&keys.outbox)
+        .key(&keys.tier_counts)
+        .key(&keys.timers);
+    for k in rank_keys {
+        inv.key(k);
+    }
+    let first_state = 5 + rank_keys.len();
     for (k, _) in &batch.states {
         inv.key(k);
     }
@@ -168,7 +237,9 @@ pub async fn commit(
         .arg(batch.end_offset)
         .arg(batch.expected_commits)
         .arg(batch.clock.map(|c| c.to_string()).unwrap_or_default())
-        .arg(batch.swept_rules.map(|c| c.to_string()).unwrap_or_default());
+        .arg(batch.swept_rules.map(|c| c.to_string()).unwrap_or_default())
+        .arg(batch.applied_cutoffs.clone().unwrap_or_default())
+        .arg(first_state);
     inv.arg(batch.outbox.len());
     for e in &batch.outbox {
         inv.arg(e.kind.code())
@@ -176,13 +247,18 @@ pub async fn commit(
             .arg(&e.value)
             .arg(&e.headers);
     }
-    inv.arg(batch.timer_upserts.len());
-    for (at, member) in &batch.timer_upserts {
-        inv.arg(*at).arg(member);
+    // Sorted set s is KEYS[4 + s] (1-based): the timer index, then the ranks.
+    inv.arg(batch.zadd.len());
+    for (set, score, member) in &batch.zadd {
+        inv.arg(4 + set).arg(score.to_string()).arg(member);
     }
-    inv.arg(batch.timer_removals.len());
-    for member in &batch.timer_removals {
-        inv.arg(member);
+    inv.arg(batch.zrem.len());
+    for (set, member) in &batch.zrem {
+        inv.arg(4 + set).arg(member);
+    }
+    inv.arg(batch.tier_deltas.len());
+    for (tier, delta) in &batch.tier_deltas {
+        inv.arg(tier).arg(*delta);
     }
     for (_, v) in &batch.states {
         inv.arg(v);

@@ -17,6 +17,7 @@ use crate::domain::{time, Applied, CustomerState};
 use crate::ingest::dead_letter::{self, Source};
 use crate::ingest::decode::{self, Reason, Rejection};
 use crate::publish::outbox::{EntryKind, OutboxEntry};
+use crate::rules::rank::Cutoffs;
 use lru::LruCache;
 use rdkafka::message::{Message, OwnedMessage};
 use redis::aio::ConnectionManager;
@@ -56,15 +57,23 @@ struct Loaded {
     dirty: bool,
     /// The due time the partition's timer index holds for the customer.
     indexed: Option<i64>,
+    /// The values the partition's rank sorted sets hold for the customer.
+    ranked: Vec<Option<i128>>,
+    /// The tier counted for the customer in the partition's tier counts.
+    counted: Option<String>,
 }
 
 impl Loaded {
     fn new(state: CustomerState) -> Self {
         let indexed = state.timer.map(|(due, _)| due);
+        let ranked = state.rk.clone();
+        let counted = state.tier.clone();
         Self {
             state,
             dirty: false,
             indexed,
+            ranked,
+            counted,
         }
     }
 }
@@ -82,6 +91,7 @@ struct Draft {
     changes: Vec<(String, String, &'static str)>,
     notices: u64,
     swept_rules: Option<u32>,
+    applied_cutoffs: Option<String>,
 }
 
 /// Applies the batches of one owned partition.
@@ -103,6 +113,12 @@ pub struct Worker {
     min_due: Option<i64>,
     /// While a rules-version sweep is under way: its SCAN cursor.
     sweep: Option<u64>,
+    /// The rank cut-offs evaluations use.
+    cutoffs: Arc<Cutoffs>,
+    /// The partition's rank sorted sets, in the rules' rank order.
+    rank_keys: Vec<String>,
+    /// Partition 0's owner: when cut-offs were last computed, and the populations then.
+    last_compute: Option<(Instant, Vec<u64>)>,
 }
 
 impl Worker {
@@ -118,6 +134,12 @@ impl Worker {
     ) -> Self {
         let cap = NonZeroUsize::new(pipeline.cache_customers).unwrap_or(NonZeroUsize::MIN);
         let sweep = (claim.swept_rules != Some(rules_hash(pipeline.rules.version()))).then_some(0);
+        let rank_keys = pipeline
+            .rules
+            .ranks()
+            .iter()
+            .map(|r| keys.rank(&r.name))
+            .collect();
         Self {
             partition,
             epoch: status.epoch,
@@ -132,6 +154,9 @@ impl Worker {
             clock: claim.clock,
             min_due: Some(i64::MIN),
             sweep,
+            cutoffs: Arc::new(claim.cutoffs.clone().unwrap_or_default()),
+            rank_keys,
+            last_compute: None,
         }
     }
 
@@ -147,6 +172,9 @@ impl Worker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep_tick = tokio::time::interval(SWEEP_TICK);
         sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ranked = p.rules.uses_ranks();
+        let mut rank_tick = tokio::time::interval(Duration::from_millis(p.ranks.check_interval_ms));
+        rank_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if self.sweep.is_none() {
             p.telemetry.rules_sweep_done.inc();
         }
@@ -164,6 +192,7 @@ impl Worker {
                     r
                 }
                 _ = sweep_tick.tick(), if self.sweep.is_some() => self.sweep_step().await,
+                _ = rank_tick.tick(), if ranked => self.rank_step().await,
             };
             if let Err(error) = result {
                 return self.exit(&error);
@@ -174,6 +203,178 @@ impl Worker {
             p.telemetry.rules_sweep_done.dec();
         }
         WorkerExit::Finished
+    }
+
+    /// Rank cut-offs: the owner of partition 0 recomputes them when due and publishes them;
+    /// every owner applies a newer published version to its customers between the old and
+    /// the new cut-offs.
+    async fn rank_step(&mut self) -> Result<(), ApplyError> {
+        let p = Arc::clone(&self.pipeline);
+        let partitions = p.partitions.load(Ordering::Relaxed);
+        let zero = p.keyspace.partition(0);
+        if self.partition == 0 && partitions > 0 {
+            let all: Vec<_> = (0..partitions).map(|q| p.keyspace.partition(q)).collect();
+            let population = match super::ranks::populations(&mut self.conn, &all, &p.rules).await {
+                Ok(v) => v,
+                Err(e) => {
+                    self.pause(&mut Duration::from_millis(50), &ApplyError::Redis(e))
+                        .await;
+                    return Ok(());
+                }
+            };
+            let due = match &self.last_compute {
+                None => true,
+                Some((at, before)) => {
+                    at.elapsed() >= Duration::from_millis(p.ranks.recompute_interval_ms)
+                        || population.iter().zip(before).any(|(&n, &b)| {
+                            n.abs_diff(b) as f64 > p.ranks.recompute_population_change * b as f64
+                        })
+                }
+            };
+            if due {
+                let started = Instant::now();
+                match super::ranks::compute(&mut self.conn, &all, &p.rules).await {
+                    Ok(new) => {
+                        self.last_compute = Some((Instant::now(), population));
+                        let current = store::load_cutoffs(&mut self.conn, &zero)
+                            .await
+                            .ok()
+                            .flatten();
+                        let changed = current
+                            .as_ref()
+                            .is_none_or(|c| c.values != new.values || c.rules != new.rules);
+                        if changed {
+                            let version =
+                                store::publish_cutoffs(&mut self.conn, &zero, self.epoch, &new)
+                                    .await?;
+                            info!(
+                                version,
+                                seconds = started.elapsed().as_secs_f64(),
+                                "Rank cut-offs published."
+                            );
+                        }
+                        p.telemetry
+                            .rank_recompute_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    Err(e) => {
+                        self.pause(&mut Duration::from_millis(50), &ApplyError::Redis(e))
+                            .await
+                    }
+                }
+            }
+        }
+        let global = match store::load_cutoffs(&mut self.conn, &zero).await {
+            Ok(g) => g,
+            Err(e) => {
+                self.pause(&mut Duration::from_millis(50), &ApplyError::Redis(e))
+                    .await;
+                return Ok(());
+            }
+        };
+        if let Some(new) = global {
+            if new.version > self.cutoffs.version && new.rules == rules_hash(p.rules.version()) {
+                self.apply_cutoffs(new).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the partition to new cut-offs: from now on evaluations use them, and every
+    /// customer whose ranked value lies between an old and a new cut-off is re-evaluated
+    /// (reason `rank_shift`), a page per commit. The last commit records the cut-offs as
+    /// applied; a crash before that re-does the pass, which is idempotent (a customer already
+    /// moved does not move again), so no change is lost or doubled.
+    async fn apply_cutoffs(&mut self, new: Cutoffs) -> Result<(), ApplyError> {
+        let p = Arc::clone(&self.pipeline);
+        let old = std::mem::replace(&mut self.cutoffs, Arc::new(new.clone()));
+        let old_valid = old.rules == new.rules && old.values.len() == new.values.len();
+        let mut ranges: Vec<(usize, i128, Option<i128>)> = Vec::new();
+        for (i, point) in p.rules.cut_points().iter().enumerate() {
+            let before = if old_valid { old.value(i) } else { None };
+            let after = new.value(i);
+            let range = match (before, after) {
+                (Some(a), Some(b)) if a == b => None,
+                (Some(a), Some(b)) => Some((a.min(b), Some(a.max(b)))),
+                (None, Some(b)) => Some((b, None)),
+                (Some(a), None) => Some((a, None)),
+                (None, None) => None,
+            };
+            if let Some((lo, hi)) = range {
+                ranges.push((point.rank, lo, hi));
+            }
+        }
+        let page = p.ranks.reevaluate_page;
+        let wall = p.clock.mode == ClockMode::Wall;
+        let mut moved = 0u64;
+        let mut evaluated = 0u64;
+        let mut seen = std::collections::HashSet::new();
+        for (rank, lo, hi) in ranges {
+            let key = self.rank_keys[rank].clone();
+            let mut offset = 0usize;
+            loop {
+                let mut delay = Duration::from_millis(50);
+                let ids: Vec<String> = loop {
+                    let r = redis::cmd("ZRANGE")
+                        .arg(&key)
+                        .arg(lo.to_string())
+                        .arg(hi.map_or_else(|| "+inf".to_owned(), |h| h.to_string()))
+                        .arg("BYSCORE")
+                        .arg("LIMIT")
+                        .arg(offset)
+                        .arg(page)
+                        .query_async(&mut self.conn)
+                        .await;
+                    match r {
+                        Ok(v) => break v,
+                        Err(e) => self.pause(&mut delay, &ApplyError::Redis(e)).await,
+                    }
+                };
+                if ids.is_empty() {
+                    break;
+                }
+                offset += ids.len();
+                let fresh: Vec<String> = ids
+                    .into_iter()
+                    .filter(|id| seen.insert(id.clone()))
+                    .collect();
+                let mut work = HashMap::new();
+                self.load(fresh.iter().cloned(), &mut work).await?;
+                let mut draft = self.new_draft();
+                for id in &fresh {
+                    let loaded = work.get_mut(id.as_str()).expect("loaded above");
+                    let now = if wall {
+                        time::now_ms()
+                    } else {
+                        self.clock.unwrap_or(i64::MIN).max(loaded.state.at)
+                    };
+                    let outcome =
+                        loaded
+                            .state
+                            .evaluate(&p.rules, now, Trigger::RankShift, &self.cutoffs);
+                    loaded.dirty = true;
+                    evaluated += 1;
+                    moved += u64::from(outcome.transition.is_some());
+                    let state = loaded.state.clone();
+                    self.record(&mut draft, id, &state, &outcome, None);
+                }
+                self.commit(&mut draft, &mut work).await?;
+                self.keep(work);
+            }
+        }
+        // Record the cut-offs as applied (with the last page or on their own).
+        let mut draft = self.new_draft();
+        draft.applied_cutoffs = Some(serde_json::to_string(&new).expect("cut-offs serialize"));
+        self.commit(&mut draft, &mut HashMap::new()).await?;
+        p.telemetry.rank_reevaluated.inc_by(evaluated);
+        info!(
+            partition = self.partition,
+            version = new.version,
+            evaluated,
+            moved,
+            "Rank cut-offs applied."
+        );
+        Ok(())
     }
 
     /// Re-evaluates the next page of the partition's customers under the running rules
@@ -223,7 +424,10 @@ impl Worker {
             } else {
                 self.clock.unwrap_or(i64::MIN).max(loaded.state.at)
             };
-            let outcome = loaded.state.evaluate(&p.rules, now, Trigger::RulesChanged);
+            let outcome =
+                loaded
+                    .state
+                    .evaluate(&p.rules, now, Trigger::RulesChanged, &self.cutoffs);
             loaded.dirty = true;
             swept += 1;
             let state = loaded.state.clone();
@@ -400,6 +604,7 @@ impl Worker {
         self.load(ids, &mut work).await?;
 
         let event_mode = p.clock.mode == ClockMode::Event;
+        let cutoffs = Arc::clone(&self.cutoffs);
         let lateness = i64::try_from(p.clock.lateness_s.saturating_mul(1000)).unwrap_or(i64::MAX);
         let mut draft = Draft {
             first_offset,
@@ -446,7 +651,7 @@ impl Worker {
                     let loaded = work
                         .get_mut(event.customer_id.as_str())
                         .expect("loaded above");
-                    match loaded.state.apply(event, &p.rules, p.dedup, now) {
+                    match loaded.state.apply(event, &p.rules, p.dedup, now, &cutoffs) {
                         Applied::Counted(outcome) => {
                             loaded.dirty = true;
                             draft.applied += 1;
@@ -543,7 +748,10 @@ impl Worker {
                 loaded.dirty = true;
                 match loaded.state.timer {
                     Some((d, cause)) if d == *at => {
-                        let outcome = loaded.state.evaluate(&p.rules, d, Trigger::Time(cause));
+                        let outcome =
+                            loaded
+                                .state
+                                .evaluate(&p.rules, d, Trigger::Time(cause), &self.cutoffs);
                         p.telemetry
                             .timers_fired
                             .with_label_values(&[cause_label(cause)])
@@ -606,6 +814,7 @@ impl Worker {
             clock: self.clock.filter(|_| p.clock.mode == ClockMode::Event),
             outbox: std::mem::take(&mut draft.outbox),
             swept_rules: draft.swept_rules,
+            applied_cutoffs: draft.applied_cutoffs.take(),
             ..CommitBatch::default()
         };
         for (id, loaded) in work.iter().filter(|(_, l)| l.dirty) {
@@ -615,15 +824,42 @@ impl Worker {
             ));
             match (loaded.state.timer, loaded.indexed) {
                 (Some((due, _)), Some(indexed)) if due == indexed => {}
-                (Some((due, _)), _) => batch.timer_upserts.push((due, id.clone())),
-                (None, Some(_)) => batch.timer_removals.push(id.clone()),
+                (Some((due, _)), _) => batch.zadd.push((0, i128::from(due), id.clone())),
+                (None, Some(_)) => batch.zrem.push((0, id.clone())),
                 (None, None) => {}
+            }
+            for r in 0..self.rank_keys.len() {
+                let now = loaded.state.rk.get(r).copied().flatten();
+                let indexed = loaded.ranked.get(r).copied().flatten();
+                match (now, indexed) {
+                    (Some(v), Some(i)) if v == i => {}
+                    (Some(v), _) => batch.zadd.push((1 + r, v, id.clone())),
+                    (None, Some(_)) => batch.zrem.push((1 + r, id.clone())),
+                    (None, None) => {}
+                }
+            }
+            if loaded.state.tier != loaded.counted {
+                if let Some(old) = &loaded.counted {
+                    batch.tier_deltas.push((old.clone(), -1));
+                }
+                if let Some(new) = &loaded.state.tier {
+                    batch.tier_deltas.push((new.clone(), 1));
+                }
             }
         }
         let (partition, epoch) = (self.partition, self.epoch);
         let mut delay = Duration::from_millis(50);
         let committed = loop {
-            match store::commit(&mut self.conn, &self.keys, partition, epoch, &batch).await {
+            match store::commit(
+                &mut self.conn,
+                &self.keys,
+                &self.rank_keys,
+                partition,
+                epoch,
+                &batch,
+            )
+            .await
+            {
                 // Retrying is safe: the script skips a commit that an earlier, lost call applied.
                 Err(error) if error.is_retriable() => self.pause(&mut delay, &error).await,
                 other => break other?,
@@ -633,6 +869,8 @@ impl Worker {
         for loaded in work.values_mut() {
             if loaded.dirty {
                 loaded.indexed = loaded.state.timer.map(|(due, _)| due);
+                loaded.ranked.clone_from(&loaded.state.rk);
+                loaded.counted.clone_from(&loaded.state.tier);
                 loaded.dirty = false;
             }
         }

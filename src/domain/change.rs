@@ -53,6 +53,8 @@ pub enum ChangeReason {
     ManualExpired,
     /// A new rules version re-placed the customer.
     RulesChanged,
+    /// Rank cut-offs moved (others overtook the customer, or the customer overtook others).
+    RankShift,
 }
 
 impl ChangeReason {
@@ -69,6 +71,7 @@ impl ChangeReason {
             Self::Manual => "manual",
             Self::ManualExpired => "manual_expired",
             Self::RulesChanged => "rules_changed",
+            Self::RankShift => "rank_shift",
         }
     }
 }
@@ -139,6 +142,12 @@ pub struct TierChange {
     pub values: serde_json::Map<String, serde_json::Value>,
     /// Scores at the decision (`cell` and `product` included when declared).
     pub scores: serde_json::Map<String, serde_json::Value>,
+    /// Per rank: the customer's ranked value and the smallest top band they are in.
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub ranks: serde_json::Map<String, serde_json::Value>,
+    /// Version of the rank cut-offs that placed the customer (rank-based rules only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cutoffs_version: Option<u64>,
     /// The triggering input event.
     pub cause: Option<Cause>,
 }
@@ -219,6 +228,10 @@ impl TierChange {
             metrics: MetricsView::of(state, money),
             values,
             scores,
+            ranks: super::explain::rank_view(rules, &transition.eval),
+            cutoffs_version: rules
+                .uses_ranks()
+                .then_some(transition.eval.cutoffs_version),
             cause,
         }
     }
@@ -240,7 +253,7 @@ pub fn evaluation_maps(
     }
     for (op, v) in &eval.values {
         match op {
-            Operand::Score(_) => {}
+            Operand::Score(_) | Operand::Rank(_) => {}
             Operand::Cell | Operand::Product => {
                 scores.insert(rules.operand_name(*op), rules.show(*op, v));
             }

@@ -5,6 +5,7 @@ use super::change::{evaluation_maps, MetricsView, MoneyFormat};
 use super::state::{rules_hash, CustomerState, Pin, PinMode, Trigger};
 use super::time::format_ms;
 use crate::domain::change::Direction;
+use crate::rules::rank::Cutoffs;
 use crate::rules::{Rules, TimeCause};
 use serde::Serialize;
 
@@ -34,6 +35,11 @@ pub struct Explanation {
     pub values: serde_json::Map<String, serde_json::Value>,
     /// Scores at `as_of` (with `cell` and `product` when declared).
     pub scores: serde_json::Map<String, serde_json::Value>,
+    /// Per rank: the customer's ranked value and the smallest top band they are in (e.g.
+    /// `"1%"`), under the cut-offs of version `cutoffs_version`.
+    pub ranks: serde_json::Map<String, serde_json::Value>,
+    /// Version of the rank cut-offs used (0: none yet).
+    pub cutoffs_version: u64,
     /// The rule that places the customer by their metrics at `as_of` (before policy).
     pub placed_by: String,
     /// The current tier's downgrade policy.
@@ -104,6 +110,31 @@ impl From<&Pin> for PinView {
     }
 }
 
+/// Ranked values and bands of an evaluation, by rank name.
+pub fn rank_view(
+    rules: &Rules,
+    eval: &crate::rules::Evaluation,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for (r, rank) in rules.ranks().iter().enumerate() {
+        let band = rules
+            .cut_points()
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| p.rank == r && eval.in_top[*i])
+            .min_by(|a, b| a.1.pct.cmp(&b.1.pct))
+            .map(|(_, p)| p.describe());
+        out.insert(
+            rank.name.clone(),
+            serde_json::json!({
+                "value": eval.ranks[r].map(|v| v.to_string()),
+                "top": band,
+            }),
+        );
+    }
+    out
+}
+
 /// Explains `state` at engine time `now` (never before the customer's last evaluation).
 pub fn explain(
     customer_id: &str,
@@ -111,14 +142,15 @@ pub fn explain(
     rules: &Rules,
     money: &MoneyFormat,
     now: i64,
+    cutoffs: &Cutoffs,
 ) -> Explanation {
     let now = now.max(state.at).max(state.clock);
-    let eval = rules.evaluate(&state.facts(), now);
+    let eval = rules.evaluate(&state.facts(), now, cutoffs);
     let (values, scores) = evaluation_maps(rules, &eval);
     let current = state.tier.as_deref().and_then(|t| rules.tier_index(t));
     let next = state.timer.map(|(due, cause)| {
         let mut projected = state.clone();
-        let outcome = projected.evaluate(rules, due, Trigger::Time(cause));
+        let outcome = projected.evaluate(rules, due, Trigger::Time(cause), cutoffs);
         let after = projected.tier.clone().unwrap_or_default();
         let direction = outcome.transition.as_ref().map(|t| t.direction);
         let to_stay = match (&outcome.transition, current) {
@@ -149,6 +181,8 @@ pub fn explain(
         metrics: MetricsView::of(state, money),
         values,
         scores,
+        ranks: rank_view(rules, &eval),
+        cutoffs_version: eval.cutoffs_version,
         placed_by: rules.rule(eval.tier).to_owned(),
         policy: current.map(|c| rules.policy(c).text.clone()),
         valid_until: state.review.map(format_ms),
@@ -211,13 +245,21 @@ name = "basic"
                     max_ids: 8,
                 },
                 i64::MIN,
+                &Cutoffs::default(),
             );
         }
         let money = MoneyFormat {
             currency: "EUR".into(),
             fraction_digits: 2,
         };
-        let x = explain("c", &s, &rules, &money, at("2026-01-25T00:00:00Z"));
+        let x = explain(
+            "c",
+            &s,
+            &rules,
+            &money,
+            at("2026-01-25T00:00:00Z"),
+            &Cutoffs::default(),
+        );
         assert_eq!(x.tier.as_deref(), Some("silver"));
         assert_eq!(x.values["window.d30.sum"], "350.00");
         let next = x.next.expect("the 1 Jan purchase leaves the window");

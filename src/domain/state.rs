@@ -8,6 +8,7 @@ use super::change::{ChangeReason, Direction};
 use super::event::{Event, EventKind};
 use crate::rules::operand::Facts;
 use crate::rules::policy::{Downgrade, Review};
+use crate::rules::rank::Cutoffs;
 use crate::rules::{Evaluation, Rules, TimeCause};
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +115,13 @@ pub struct CustomerState {
     /// Hash of the rules version that last evaluated the customer.
     #[serde(default)]
     pub rv: u32,
+    /// The customer's value in each rank of the rules at the latest evaluation (mirrored in
+    /// the partition's rank sorted sets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rk: Vec<Option<i128>>,
+    /// Version of the rank cut-offs of the latest evaluation (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cv: u64,
     /// Engine time of the customer's latest evaluation: a customer's time never runs
     /// backwards, whatever order events and timers come in.
     #[serde(default = "floor_min", skip_serializing_if = "is_floor_min")]
@@ -152,6 +160,8 @@ impl Default for CustomerState {
             pin: None,
             rv: 0,
             at: i64::MIN,
+            rk: Vec::new(),
+            cv: 0,
             seq: 0,
             clock: i64::MIN,
             ids: Vec::new(),
@@ -162,6 +172,10 @@ impl Default for CustomerState {
 
 fn floor_min() -> i64 {
     i64::MIN
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 fn is_floor_min(v: &i64) -> bool {
@@ -196,6 +210,8 @@ pub enum Trigger {
     Time(TimeCause),
     /// A new rules version.
     RulesChanged,
+    /// New rank cut-offs.
+    RankShift,
 }
 
 /// What applying one event did.
@@ -266,6 +282,7 @@ impl ChangeReason {
             Trigger::Event(EventKind::Refund) => Self::Refund,
             Trigger::Manual | Trigger::Event(EventKind::Override) => Self::Manual,
             Trigger::RulesChanged => Self::RulesChanged,
+            Trigger::RankShift => Self::RankShift,
             Trigger::Time(c) => match c {
                 TimeCause::Recency => Self::Recency,
                 TimeCause::WindowExpiry | TimeCause::AtRisk => Self::WindowExpiry,
@@ -304,7 +321,14 @@ impl CustomerState {
     /// the customer was already evaluated later or `now` (the partition's event-time clock in
     /// `event` mode; `i64::MIN` otherwise) is later. Deterministic: the same state, event and
     /// `now` always give the same result.
-    pub fn apply(&mut self, event: &Event, rules: &Rules, dedup: DedupPolicy, now: i64) -> Applied {
+    pub fn apply(
+        &mut self,
+        event: &Event,
+        rules: &Rules,
+        dedup: DedupPolicy,
+        now: i64,
+        cutoffs: &Cutoffs,
+    ) -> Applied {
         let at = event.occurred_at_ms;
         let id = xxhash_rust::xxh3::xxh3_64(event.event_id.as_bytes());
         // A remembered id is a duplicate even at or below the floor.
@@ -341,7 +365,12 @@ impl CustomerState {
         };
         self.clock = self.clock.max(at);
         self.remember(id, at, dedup);
-        Applied::Counted(Box::new(self.evaluate(rules, now.max(self.clock), trigger)))
+        Applied::Counted(Box::new(self.evaluate(
+            rules,
+            now.max(self.clock).max(self.at),
+            trigger,
+            cutoffs,
+        )))
     }
 
     fn add_to_buckets(&mut self, rules: &Rules, at: i64, n: u64, s: i128) {
@@ -375,15 +404,27 @@ impl CustomerState {
 
     /// Evaluates the customer at engine time `now` (a timer firing, a rules change, or after
     /// an event): placement, downgrade policy, pin, next timer, at-risk notice.
-    pub fn evaluate(&mut self, rules: &Rules, now: i64, trigger: Trigger) -> Outcome {
+    pub fn evaluate(
+        &mut self,
+        rules: &Rules,
+        now: i64,
+        trigger: Trigger,
+        cutoffs: &Cutoffs,
+    ) -> Outcome {
         self.at = self.at.max(now);
-        let transition = self.decide(rules, now, trigger);
-        let notice = self.schedule(rules, now);
+        let transition = self.decide(rules, now, trigger, cutoffs);
+        let notice = self.schedule(rules, now, cutoffs);
         Outcome { transition, notice }
     }
 
     #[allow(clippy::too_many_lines)]
-    fn decide(&mut self, rules: &Rules, now: i64, trigger: Trigger) -> Option<Transition> {
+    fn decide(
+        &mut self,
+        rules: &Rules,
+        now: i64,
+        trigger: Trigger,
+        cutoffs: &Cutoffs,
+    ) -> Option<Transition> {
         // The first evaluation under a new rules version reports its change as `rules_changed`.
         let new_rules = self.tier.is_some() && self.rv != rules_hash(rules.version());
         self.rv = rules_hash(rules.version());
@@ -399,7 +440,9 @@ impl CustomerState {
         // Drop buckets no window can read any more — as of the moment the metrics are read
         // (a calendar review reads the closing period, before `now`).
         self.prune(rules, eval_at);
-        let eval = rules.evaluate(&self.facts(), eval_at);
+        let eval = rules.evaluate(&self.facts(), eval_at, cutoffs);
+        self.cv = eval.cutoffs_version;
+        self.rk.clone_from(&eval.ranks);
         let target = eval.tier;
         let mut policy_text = "initial".to_owned();
         let mut rule_tier = target;
@@ -529,7 +572,7 @@ impl CustomerState {
     }
 
     /// Sets the next timer; returns an at-risk notice when one is due now.
-    fn schedule(&mut self, rules: &Rules, now: i64) -> Option<Notice> {
+    fn schedule(&mut self, rules: &Rules, now: i64, cutoffs: &Cutoffs) -> Option<Notice> {
         self.timer = self.next_moment(rules, now);
         let lead = rules.at_risk_ms();
         let (due, cause) = self.timer?;
@@ -538,7 +581,7 @@ impl CustomerState {
         }
         // Project: what would the timer do if nothing else happened before it?
         let mut projected = self.clone();
-        let t = projected.decide(rules, due, Trigger::Time(cause))?;
+        let t = projected.decide(rules, due, Trigger::Time(cause), cutoffs)?;
         if t.direction != Direction::Down {
             return None;
         }
@@ -656,7 +699,7 @@ name = "basic"
     }
 
     fn change(s: &mut CustomerState, e: &Event, rules: &Rules) -> Option<Transition> {
-        match s.apply(e, rules, POLICY, e.occurred_at_ms) {
+        match s.apply(e, rules, POLICY, e.occurred_at_ms, &Cutoffs::default()) {
             Applied::Counted(o) => o.transition.clone(),
             other => panic!("not counted: {other:?}"),
         }
@@ -719,7 +762,9 @@ name = "basic"
     fn duplicates_count_once_and_late_events_are_refused() {
         let rules = rules();
         let mut s = CustomerState::default();
-        let apply = |s: &mut CustomerState, e: &Event| s.apply(e, &rules, POLICY, e.occurred_at_ms);
+        let apply = |s: &mut CustomerState, e: &Event| {
+            s.apply(e, &rules, POLICY, e.occurred_at_ms, &Cutoffs::default())
+        };
         apply(&mut s, &ev("a", EventKind::Purchase, 1, 10 * DAY));
         assert_eq!(
             apply(&mut s, &ev("a", EventKind::Purchase, 1, 10 * DAY)),
@@ -756,10 +801,10 @@ name = "basic"
             }).collect();
             let policy = DedupPolicy { horizon_ms: 365 * DAY, max_ids: 64 };
             let mut once = CustomerState::default();
-            for e in &events { once.apply(e, &rules, policy, 0); }
+            for e in &events { once.apply(e, &rules, policy, 0, &Cutoffs::default()); }
             let mut twice = once.clone();
             for e in &events {
-                prop_assert!(!matches!(twice.apply(e, &rules, policy, 0), Applied::Counted(_)));
+                prop_assert!(!matches!(twice.apply(e, &rules, policy, 0, &Cutoffs::default()), Applied::Counted(_)));
             }
             prop_assert_eq!(&once, &twice);
             // Each distinct id is counted exactly once.

@@ -49,6 +49,16 @@ pub enum Condition {
         /// The value compared with, exact.
         value: Ratio,
     },
+    /// The customer is (or, negated, is not) in the top band of a rank: their rank value is
+    /// at least the cut-off of the cut point.
+    InTop {
+        /// The rank.
+        rank: usize,
+        /// Index of the cut point in the rules.
+        point: usize,
+        /// `>`: not in the band.
+        negate: bool,
+    },
     /// The cell matches (or, negated, matches none of) the patterns.
     CellIn {
         /// Patterns, e.g. `5??`.
@@ -67,6 +77,7 @@ impl Condition {
         text: &str,
         operand: &dyn Fn(&str) -> Result<Operand, String>,
         literal: &dyn Fn(Type, &str) -> Result<Ratio, String>,
+        cut_point: &dyn Fn(usize, &str) -> Result<usize, String>,
         cell_len: usize,
     ) -> Result<Self, String> {
         let mut tokens = text.split_whitespace();
@@ -83,6 +94,29 @@ impl Condition {
             return Err(format!("{text:?}: no value after {op:?}"));
         }
         let operand = operand(name)?;
+        if let Operand::Rank(rank) = operand {
+            let negate = match op {
+                "<=" => false,
+                ">" => true,
+                _ => {
+                    return Err(format!(
+                        "{text:?}: a rank is compared with `<=` (in the top p%) or `>` (not in it)"
+                    ))
+                }
+            };
+            if rest.len() != 1 {
+                return Err(format!("{text:?}: expected one percentage after {op:?}"));
+            }
+            let point = cut_point(rank, rest[0]).map_err(|e| format!("{text:?}: {e}"))?;
+            return Ok(Self::InTop {
+                rank,
+                point,
+                negate,
+            });
+        }
+        if operand.kind() == Type::Time {
+            return Err(format!("{text:?}: {name} is a moment; rank it (e.g. recency quintiles) or compare recency_days"));
+        }
         if operand.kind() == Type::Cell {
             let negate = match op {
                 "in" | "==" => false,
@@ -141,9 +175,13 @@ impl Condition {
         })
     }
 
-    /// Whether the condition holds for the metric value (undefined: false).
-    pub fn holds(&self, v: &Value) -> bool {
+    /// Whether the condition holds for the metric value (undefined: false); a rank condition
+    /// compares the rank value with the cut-off in force.
+    pub fn holds(&self, v: &Value, in_top: &[bool]) -> bool {
         match (self, v) {
+            (Self::InTop { point, negate, .. }, _) => {
+                in_top.get(*point).copied().unwrap_or(false) != *negate
+            }
             (Self::Compare { cmp, value, .. }, Value::Num(x)) => match cmp {
                 Cmp::Ge => x >= value,
                 Cmp::Gt => x > value,
@@ -171,6 +209,7 @@ impl Condition {
         match self {
             Self::Compare { operand, .. } => *operand,
             Self::CellIn { .. } => Operand::Cell,
+            Self::InTop { rank, .. } => Operand::Rank(*rank),
         }
     }
 
@@ -178,6 +217,12 @@ impl Condition {
     pub fn describe(&self, name: &str, show: &dyn Fn(Ratio) -> String) -> String {
         match self {
             Self::Compare { cmp, value, .. } => format!("{name} {} {}", cmp.symbol(), show(*value)),
+            Self::InTop { negate, point, .. } => {
+                format!(
+                    "{name} {} cut point {point}",
+                    if *negate { ">" } else { "<=" }
+                )
+            }
             Self::CellIn { patterns, negate } => {
                 let ps: Vec<String> = patterns
                     .iter()

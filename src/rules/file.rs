@@ -20,9 +20,12 @@ pub struct RulesFile {
     /// Named windows (`window.<name>.…` metrics).
     #[serde(default)]
     pub windows: BTreeMap<String, Spanned<WindowFile>>,
-    /// Named fixed-bin scores (`score.<name>`).
+    /// Named fixed-bin or rank-based scores (`score.<name>`).
     #[serde(default)]
     pub scores: BTreeMap<String, Spanned<ScoreFile>>,
+    /// Named ranks (`rank.<name>`): percentile bands over a metric across all customers.
+    #[serde(default)]
+    pub ranks: BTreeMap<String, Spanned<RankFile>>,
     /// Default downgrade policy of every tier.
     #[serde(default)]
     pub policy: Option<Spanned<PolicyFile>>,
@@ -45,12 +48,25 @@ pub struct WindowFile {
     pub calendar: Option<String>,
 }
 
-/// `[scores.<name>]`.
+/// `[ranks.<name>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RankFile {
+    /// The metric ranked, highest first (money ranked at whole minor units). For recency
+    /// use `last_purchase` (the latest purchase time: most recent first).
+    pub metric: String,
+}
+
+/// `[scores.<name>]`: fixed bins over a `metric`, or rank bands of a `rank` (quintiles).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreFile {
     /// The metric scored (any metric but scores, `cell` and `product`).
-    pub metric: String,
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// The rank scored: bins give `top = "p%"` bands instead of bounds.
+    #[serde(default)]
+    pub rank: Option<String>,
     /// Bins tried in order; the first that holds gives its score; the last has no bound.
     pub bins: Vec<Spanned<BinFile>>,
 }
@@ -73,6 +89,9 @@ pub struct BinFile {
     /// `value < below`.
     #[serde(default)]
     pub below: Option<toml::Value>,
+    /// Rank scores: the customer is in the top `top` (e.g. `"20%"`) of the rank.
+    #[serde(default)]
+    pub top: Option<String>,
 }
 
 /// Policy fields, in `[policy]` (defaults) or on a tier (overrides).

@@ -11,6 +11,7 @@ pub mod condition;
 mod file;
 pub mod operand;
 pub mod policy;
+pub mod rank;
 pub mod score;
 pub mod value;
 pub mod window;
@@ -20,7 +21,9 @@ use crate::domain::money;
 use condition::Condition;
 use operand::{Facts, Operand, Type};
 use policy::{Downgrade, Review, TierPolicy};
+use rank::{CutPoint, Cutoffs, Rank};
 use score::{Bin, Bound, Score};
+use std::cell::RefCell;
 use std::path::Path;
 use toml::Spanned;
 use value::{Ratio, Value};
@@ -135,6 +138,23 @@ pub struct Evaluation {
     pub cell: Option<String>,
     /// The tier the entry conditions place the customer in (before policy).
     pub tier: usize,
+    /// The customer's value in each rank (`None`: not ranked, e.g. no purchase yet).
+    pub ranks: Vec<Option<i128>>,
+    /// Per cut point of the rules: whether the customer is in that top band.
+    pub in_top: Vec<bool>,
+    /// Version of the cut-offs used (0: none yet).
+    pub cutoffs_version: u64,
+}
+
+/// A score: fixed bins over a metric, or bands of a rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ScoreDef {
+    Fixed(Score),
+    /// (score, cut point) per bin, best first; the last bin has no cut point.
+    Ranked {
+        rank: usize,
+        bins: Vec<(u8, Option<usize>)>,
+    },
 }
 
 /// A loaded, validated rules file.
@@ -144,7 +164,10 @@ pub struct Rules {
     description: Option<String>,
     windows: Vec<Window>,
     score_names: Vec<String>,
-    scores: Vec<Score>,
+    scores: Vec<ScoreDef>,
+    rank_names: Vec<String>,
+    ranks: Vec<Rank>,
+    cut_points: Vec<CutPoint>,
     cell: Vec<usize>,
     operands: Vec<Operand>,
     tiers: Vec<Tier>,
@@ -220,6 +243,31 @@ fn literal(kind: Type, text: &str, fraction_digits: u32) -> Result<Ratio, String
             .map(|v| Ratio::int(i128::from(v)))
             .map_err(|_| format!("{text:?} is not a whole number")),
         Type::Cell => Err("a cell has no numeric value".into()),
+        Type::Time | Type::Percent => Err("not compared with literals".into()),
+    }
+}
+
+/// A condition as shown in rule texts.
+fn describe(
+    c: &Condition,
+    windows: &[Window],
+    scores: &[String],
+    ranks: &[String],
+    cut_points: &[CutPoint],
+    fraction_digits: u32,
+) -> String {
+    let op = c.operand();
+    let name = op.name(windows, scores, ranks);
+    match c {
+        Condition::InTop { point, negate, .. } => format!(
+            "{name} {} {}",
+            if *negate { ">" } else { "<=" },
+            cut_points[*point].describe()
+        ),
+        _ => c.describe(&name, &|r| match op.kind() {
+            Type::Money => money::format_minor(r.floor(), fraction_digits),
+            _ => r.floor().to_string(),
+        }),
     }
 }
 
@@ -387,6 +435,7 @@ impl Rules {
             }
         }
         let score_names: Vec<String> = raw.scores.keys().cloned().collect();
+        let rank_names: Vec<String> = raw.ranks.keys().cloned().collect();
 
         let mut operands: Vec<Operand> = Vec::new();
         let mut intern = |op: Operand| {
@@ -394,7 +443,40 @@ impl Rules {
                 operands.push(op);
             }
         };
-        let resolve = |name: &str| Operand::parse(name, &windows, &score_names);
+        let resolve = |name: &str| Operand::parse(name, &windows, &score_names, &rank_names);
+        let cut_points: RefCell<Vec<CutPoint>> = RefCell::new(Vec::new());
+        let cut_point = |rank: usize, text: &str| -> Result<usize, String> {
+            let pct = rank::parse_percent(text)?;
+            let mut points = cut_points.borrow_mut();
+            Ok(points
+                .iter()
+                .position(|c| c.rank == rank && c.pct == pct)
+                .unwrap_or_else(|| {
+                    points.push(CutPoint { rank, pct });
+                    points.len() - 1
+                }))
+        };
+
+        // Ranks.
+        let mut ranks = Vec::new();
+        for (name, r) in &raw.ranks {
+            let field = format!("ranks.{name}.metric");
+            match resolve(&r.get_ref().metric) {
+                Ok(Operand::Rank(_) | Operand::Score(_) | Operand::Cell) => problem(
+                    Some(r.span()),
+                    field,
+                    "a rank orders a metric (count, sum, a window metric, last_purchase, product …), not a score, cell or rank".into(),
+                ),
+                Ok(m) => {
+                    intern(m);
+                    ranks.push(Rank {
+                        name: name.clone(),
+                        metric: m,
+                    });
+                }
+                Err(m) => problem(Some(r.span()), field, m),
+            }
+        }
 
         // Scores.
         let mut scores = Vec::new();
@@ -402,10 +484,92 @@ impl Rules {
             let field = format!("scores.{name}");
             let span = s.span();
             let s = s.get_ref();
-            let metric = match resolve(&s.metric) {
-                Ok(m) => m,
-                Err(m) => {
-                    problem(Some(span), format!("{field}.metric"), m);
+            let metric = match (&s.metric, &s.rank) {
+                (Some(metric), None) => match resolve(metric) {
+                    Ok(m) => m,
+                    Err(m) => {
+                        problem(Some(span), format!("{field}.metric"), m);
+                        continue;
+                    }
+                },
+                (None, Some(rank)) => {
+                    let Some(r) = rank_names.iter().position(|n| n == rank) else {
+                        problem(
+                            Some(span),
+                            format!("{field}.rank"),
+                            format!("unknown rank {rank:?}: declare it under [ranks.{rank}]"),
+                        );
+                        continue;
+                    };
+                    if ranks
+                        .get(r)
+                        .is_some_and(|x: &Rank| x.metric == Operand::Product)
+                    {
+                        problem(Some(span), format!("{field}.rank"), "a score cannot band a rank of `product` (the product is made of scores)".into());
+                        continue;
+                    }
+                    let last = s.bins.len().saturating_sub(1);
+                    let mut bins = Vec::new();
+                    let mut prev: Option<Ratio> = None;
+                    for (i, b) in s.bins.iter().enumerate() {
+                        let bspan = Some(b.span());
+                        let b = b.get_ref();
+                        let f = format!("{field}.bins[{i}]");
+                        if b.min.is_some()
+                            || b.above.is_some()
+                            || b.max.is_some()
+                            || b.below.is_some()
+                        {
+                            problem(
+                                bspan.clone(),
+                                f.clone(),
+                                "rank scores give `top = \"p%\"` bands, not min/above/max/below"
+                                    .into(),
+                            );
+                        }
+                        if !(1..=9).contains(&b.score) {
+                            problem(
+                                bspan.clone(),
+                                f.clone(),
+                                "scores are single digits 1-9".into(),
+                            );
+                        }
+                        match (&b.top, i == last) {
+                            (Some(_), true) => problem(
+                                bspan,
+                                f,
+                                "the last bin takes everyone below the other bands: remove `top`"
+                                    .into(),
+                            ),
+                            (None, false) => problem(
+                                bspan,
+                                f,
+                                "`top` is required on every bin but the last".into(),
+                            ),
+                            (None, true) => bins.push((b.score, None)),
+                            (Some(top), false) => match cut_point(r, top) {
+                                Ok(point) => {
+                                    let pct = cut_points.borrow()[point].pct;
+                                    if prev.is_some_and(|p| pct <= p) {
+                                        problem(bspan, f, "bands must grow down the bins (20%, 40%, …): this one is unreachable".into());
+                                    }
+                                    prev = Some(pct);
+                                    bins.push((b.score, Some(point)));
+                                }
+                                Err(m) => problem(bspan, format!("{f}.top"), m),
+                            },
+                        }
+                    }
+                    intern(Operand::Rank(r));
+                    scores.push(ScoreDef::Ranked { rank: r, bins });
+                    continue;
+                }
+                _ => {
+                    problem(
+                        Some(span),
+                        field,
+                        "give either `metric` (fixed bins) or `rank` (rank bands)".into(),
+                    );
                     continue;
                 }
             };
@@ -458,10 +622,18 @@ impl Rules {
             if !ok {
                 continue;
             }
+            if s.bins.iter().any(|b| b.get_ref().top.is_some()) {
+                problem(
+                    Some(span),
+                    format!("{field}.bins"),
+                    "`top` bands need `rank = …` instead of `metric`".into(),
+                );
+                continue;
+            }
             match Score::new(name.clone(), metric, bins) {
                 Ok(score) => {
                     intern(metric);
-                    scores.push(score);
+                    scores.push(ScoreDef::Fixed(score));
                 }
                 Err((bin, m)) => {
                     let (span, f) = match bin {
@@ -504,11 +676,6 @@ impl Rules {
                 Review::Continuous
             }
         };
-        let show = |kind: Type, r: Ratio| match kind {
-            Type::Money => money::format_minor(r.floor(), fraction_digits),
-            _ => r.floor().to_string(),
-        };
-
         // Tiers.
         if raw.tiers.is_empty() {
             problem(None, "tiers".into(), "at least one tier is required".into());
@@ -551,6 +718,7 @@ impl Rules {
                         c.get_ref(),
                         &resolve,
                         &|k, v| literal(k, v, fraction_digits),
+                        &cut_point,
                         cell.len(),
                     ) {
                         Ok(cond) => {
@@ -634,9 +802,14 @@ impl Rules {
                 let parts: Vec<String> = when
                     .iter()
                     .map(|c| {
-                        c.describe(&c.operand().name(&windows, &score_names), &|r| {
-                            show(c.operand().kind(), r)
-                        })
+                        describe(
+                            c,
+                            &windows,
+                            &score_names,
+                            &rank_names,
+                            &cut_points.borrow(),
+                            fraction_digits,
+                        )
                     })
                     .collect();
                 format!("tiers[{i}] {}: {}", t.name, parts.join(" and "))
@@ -678,6 +851,11 @@ impl Rules {
                 let implied = !ti.when.is_empty()
                     && ti.when.iter().all(|c| match c {
                         Condition::CellIn { .. } => tj.when.contains(c),
+                        Condition::InTop { rank, point, negate: false } => {
+                            let points = cut_points.borrow();
+                            tj.when.iter().any(|d| matches!(d, Condition::InTop { rank: r2, point: q, negate: false } if r2 == rank && points[*q].pct <= points[*point].pct))
+                        }
+                        Condition::InTop { .. } => tj.when.contains(c),
                         Condition::Compare { operand, .. } => {
                             Interval::of(&tj.when, *operand).implies(c)
                         }
@@ -729,7 +907,10 @@ impl Rules {
         }
 
         let mut recency_points: Vec<i64> = Vec::new();
-        for s in scores.iter().filter(|s| s.metric == Operand::RecencyDays) {
+        for s in scores.iter().filter_map(|s| match s {
+            ScoreDef::Fixed(s) if s.metric == Operand::RecencyDays => Some(s),
+            _ => None,
+        }) {
             recency_points.extend(
                 s.bins
                     .iter()
@@ -776,6 +957,9 @@ impl Rules {
             windows,
             score_names,
             scores,
+            rank_names,
+            ranks,
+            cut_points: cut_points.into_inner(),
             cell,
             operands,
             tiers,
@@ -843,7 +1027,22 @@ impl Rules {
 
     /// The metric name of an operand.
     pub fn operand_name(&self, op: Operand) -> String {
-        op.name(&self.windows, &self.score_names)
+        op.name(&self.windows, &self.score_names, &self.rank_names)
+    }
+
+    /// The declared ranks.
+    pub fn ranks(&self) -> &[Rank] {
+        &self.ranks
+    }
+
+    /// The cut points the rules use (each needs a cut-off value).
+    pub fn cut_points(&self) -> &[CutPoint] {
+        &self.cut_points
+    }
+
+    /// Whether any tier or score is rank-based.
+    pub fn uses_ranks(&self) -> bool {
+        !self.ranks.is_empty()
     }
 
     /// Score names, in cell order first and then the rest, with their indexes.
@@ -865,12 +1064,36 @@ impl Rules {
         }
     }
 
-    /// Evaluates metrics, scores and the entry placement at `now`.
-    pub fn evaluate(&self, facts: &Facts<'_>, now: i64) -> Evaluation {
+    /// Evaluates metrics, ranks, scores and the entry placement at `now`, with the rank
+    /// cut-offs in force (ignored if they belong to another rules version).
+    pub fn evaluate(&self, facts: &Facts<'_>, now: i64, cutoffs: &Cutoffs) -> Evaluation {
+        let valid = cutoffs.rules == crate::domain::state::rules_hash(&self.version)
+            && cutoffs.values.len() == self.cut_points.len();
+        let cut = |point: usize| if valid { cutoffs.value(point) } else { None };
+        let mut ranks: Vec<Option<i128>> = self
+            .ranks
+            .iter()
+            .map(|r| match r.metric {
+                Operand::Product => None,
+                m => facts.read(m, &self.windows, now).num().map(Ratio::floor),
+            })
+            .collect();
+        let mut in_top: Vec<bool> = self
+            .cut_points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| matches!((ranks[p.rank], cut(i)), (Some(v), Some(c)) if v >= c))
+            .collect();
         let scores: Vec<u8> = self
             .scores
             .iter()
-            .map(|s| s.score(&facts.read(s.metric, &self.windows, now)))
+            .map(|s| match s {
+                ScoreDef::Fixed(s) => s.score(&facts.read(s.metric, &self.windows, now)),
+                ScoreDef::Ranked { bins, .. } => bins
+                    .iter()
+                    .find(|(_, point)| point.is_none_or(|p| in_top[p]))
+                    .map_or(1, |(score, _)| *score),
+            })
             .collect();
         let cell = (!self.cell.is_empty()).then(|| {
             self.cell
@@ -878,6 +1101,15 @@ impl Rules {
                 .map(|&i| char::from(b'0' + scores[i]))
                 .collect::<String>()
         });
+        let product: i128 = self.cell.iter().map(|&i| i128::from(scores[i])).product();
+        for (i, r) in self.ranks.iter().enumerate() {
+            if r.metric == Operand::Product {
+                ranks[i] = Some(product);
+            }
+        }
+        for (i, p) in self.cut_points.iter().enumerate() {
+            in_top[i] = matches!((ranks[p.rank], cut(i)), (Some(v), Some(c)) if v >= c);
+        }
         let values: Vec<(Operand, Value)> = self
             .operands
             .iter()
@@ -885,20 +1117,28 @@ impl Rules {
                 let v = match op {
                     Operand::Score(i) => Value::Num(Ratio::int(i128::from(scores[i]))),
                     Operand::Cell => cell.clone().map_or(Value::Undefined, Value::Text),
-                    Operand::Product => Value::Num(Ratio::int(
-                        self.cell.iter().map(|&i| i128::from(scores[i])).product(),
-                    )),
+                    Operand::Product => Value::Num(Ratio::int(product)),
+                    Operand::Rank(r) => {
+                        ranks[r].map_or(Value::Undefined, |v| Value::Num(Ratio::int(v)))
+                    }
                     base => facts.read(base, &self.windows, now),
                 };
                 (op, v)
             })
             .collect();
-        let tier = self.first_match(&values);
+        let tier = self
+            .tiers
+            .iter()
+            .position(|t| Self::all_hold(&t.when, &values, &in_top))
+            .unwrap_or(self.tiers.len() - 1);
         Evaluation {
             values,
             scores,
             cell,
             tier,
+            ranks,
+            in_top,
+            cutoffs_version: if valid { cutoffs.version } else { 0 },
         }
     }
 
@@ -909,23 +1149,16 @@ impl Rules {
             .map_or(&Value::Undefined, |(_, v)| v)
     }
 
-    fn all_hold(conds: &[Condition], values: &[(Operand, Value)]) -> bool {
+    fn all_hold(conds: &[Condition], values: &[(Operand, Value)], in_top: &[bool]) -> bool {
         conds
             .iter()
-            .all(|c| c.holds(Self::value(values, c.operand())))
-    }
-
-    fn first_match(&self, values: &[(Operand, Value)]) -> usize {
-        self.tiers
-            .iter()
-            .position(|t| Self::all_hold(&t.when, values))
-            .unwrap_or(self.tiers.len() - 1)
+            .all(|c| c.holds(Self::value(values, c.operand()), in_top))
     }
 
     /// Whether a customer in `tier` keeps it by its hysteresis (`stay`) conditions.
     pub fn stays(&self, tier: usize, eval: &Evaluation) -> bool {
         let stay = &self.tiers[tier].policy.stay;
-        !stay.is_empty() && Self::all_hold(stay, &eval.values)
+        !stay.is_empty() && Self::all_hold(stay, &eval.values, &eval.in_top)
     }
 
     /// The conditions of `tier` (its `stay` conditions if it has them, else `when`) that do
@@ -940,16 +1173,12 @@ impl Rules {
         };
         conds
             .iter()
-            .filter(|c| !c.holds(Self::value(&eval.values, c.operand())))
+            .filter(|c| !c.holds(Self::value(&eval.values, c.operand()), &eval.in_top))
             .map(|c| {
                 let op = c.operand();
-                let name = self.operand_name(op);
                 let current = Self::value(&eval.values, op);
                 let mut out = serde_json::json!({
-                    "condition": c.describe(&name, &|r| match op.kind() {
-                        Type::Money => money::format_minor(r.floor(), self.fraction_digits),
-                        _ => r.floor().to_string(),
-                    }),
+                    "condition": describe(c, &self.windows, &self.score_names, &self.rank_names, &self.cut_points, self.fraction_digits),
                     "value": self.show(op, current),
                 });
                 if let (

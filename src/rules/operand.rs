@@ -11,6 +11,8 @@
 //! | `score.<S>` | score | fixed-bin score `<S>` |
 //! | `cell` | cell | the scores listed in `cell` as digits, e.g. `"532"` |
 //! | `product` | score | the product of the scores listed in `cell` (R×F×M) |
+//! | `last_purchase` | time | the latest purchase time, Unix ms (rank it for recency quintiles) |
+//! | `rank.<r>` | percent | position in rank `<r>` from the top: `rank.value <= 1%` |
 
 use super::value::{Ratio, Value};
 use super::window::Window;
@@ -49,6 +51,10 @@ pub enum Operand {
     Cell,
     /// The product of the cell's scores.
     Product,
+    /// The latest purchase time (Unix ms).
+    LastPurchase,
+    /// A rank (index into the rules' ranks).
+    Rank(usize),
 }
 
 /// The type of a metric, which decides how literals compared with it are read.
@@ -64,6 +70,10 @@ pub enum Type {
     Score,
     /// Cell patterns such as `5??`.
     Cell,
+    /// A moment (Unix ms); only ranked, never compared with literals.
+    Time,
+    /// A share of the population from the top of a rank (`1%`).
+    Percent,
 }
 
 impl Operand {
@@ -71,7 +81,12 @@ impl Operand {
     ///
     /// # Errors
     /// A message naming what is unknown.
-    pub fn parse(name: &str, windows: &[Window], scores: &[String]) -> Result<Self, String> {
+    pub fn parse(
+        name: &str,
+        windows: &[Window],
+        scores: &[String],
+        ranks: &[String],
+    ) -> Result<Self, String> {
         Ok(match name {
             "count" => Self::Count,
             "sum" => Self::Sum,
@@ -79,6 +94,7 @@ impl Operand {
             "recency_days" => Self::RecencyDays,
             "cell" => Self::Cell,
             "product" => Self::Product,
+            "last_purchase" => Self::LastPurchase,
             _ => {
                 if let Some(rest) = name.strip_prefix("window.") {
                     let (w, field) = rest.rsplit_once('.').ok_or_else(|| {
@@ -100,13 +116,17 @@ impl Operand {
                         other => return Err(format!("unknown window metric {other:?} in {name:?}: count, sum, avg or monthly_avg")),
                     };
                     Self::Window(index, field)
+                } else if let Some(r) = name.strip_prefix("rank.") {
+                    Self::Rank(ranks.iter().position(|x| x == r).ok_or_else(|| {
+                        format!("unknown rank {r:?}: declare it under [ranks.{r}]")
+                    })?)
                 } else if let Some(s) = name.strip_prefix("score.") {
                     Self::Score(scores.iter().position(|x| x == s).ok_or_else(|| {
                         format!("unknown score {s:?}: declare it under [scores.{s}]")
                     })?)
                 } else {
                     return Err(format!(
-                        "unknown metric {name:?}: one of count, sum, avg, recency_days, window.<w>.<count|sum|avg|monthly_avg>, score.<s>, cell, product"
+                        "unknown metric {name:?}: one of count, sum, avg, recency_days, last_purchase, window.<w>.<count|sum|avg|monthly_avg>, score.<s>, cell, product, rank.<r>"
                     ));
                 }
             }
@@ -121,11 +141,13 @@ impl Operand {
             Self::RecencyDays => Type::Days,
             Self::Score(_) | Self::Product => Type::Score,
             Self::Cell => Type::Cell,
+            Self::LastPurchase => Type::Time,
+            Self::Rank(_) => Type::Percent,
         }
     }
 
     /// The metric's name as written in rules files.
-    pub fn name(self, windows: &[Window], scores: &[String]) -> String {
+    pub fn name(self, windows: &[Window], scores: &[String], ranks: &[String]) -> String {
         match self {
             Self::Count => "count".into(),
             Self::Sum => "sum".into(),
@@ -133,6 +155,8 @@ impl Operand {
             Self::RecencyDays => "recency_days".into(),
             Self::Cell => "cell".into(),
             Self::Product => "product".into(),
+            Self::LastPurchase => "last_purchase".into(),
+            Self::Rank(i) => format!("rank.{}", ranks[i]),
             Self::Score(i) => format!("score.{}", scores[i]),
             Self::Window(i, f) => format!(
                 "window.{}.{}",
@@ -190,7 +214,12 @@ impl Facts<'_> {
                     WindowField::MonthlyAvg => avg(t.sum, u64::from(w.months().unwrap_or(1))),
                 }
             }
-            Operand::Score(_) | Operand::Cell | Operand::Product => Value::Undefined,
+            Operand::LastPurchase => self
+                .last_purchase
+                .map_or(Value::Undefined, |t| Value::Num(Ratio::int(i128::from(t)))),
+            Operand::Score(_) | Operand::Cell | Operand::Product | Operand::Rank(_) => {
+                Value::Undefined
+            }
         }
     }
 }

@@ -66,7 +66,9 @@ impl<'r> Sim<'r> {
     /// Fires every timer due up to `until`.
     fn advance(&mut self, until: i64) {
         while let Some((due, cause)) = self.state.timer.filter(|(d, _)| *d <= until) {
-            let o = self.state.evaluate(self.rules, due, Trigger::Time(cause));
+            let o = self
+                .state
+                .evaluate(self.rules, due, Trigger::Time(cause), &Cutoffs::default());
             self.note(o);
         }
     }
@@ -83,7 +85,10 @@ impl<'r> Sim<'r> {
             occurred_at_ms: t,
             pin,
         };
-        match self.state.apply(&e, self.rules, DEDUP, t) {
+        match self
+            .state
+            .apply(&e, self.rules, DEDUP, t, &Cutoffs::default())
+        {
             Applied::Counted(o) => self.note(*o),
             other => panic!("{other:?}"),
         }
@@ -671,6 +676,7 @@ fn state_size_per_preset_is_bounded_by_buckets() {
                     max_ids: 64,
                 },
                 t,
+                &Cutoffs::default(),
             );
         }
         let typical = serde_json::to_vec(&s).unwrap().len();

@@ -27,5 +27,9 @@ pub fn run(
         currency: config.money.currency.clone(),
         fraction_digits: config.money.fraction_digits,
     };
-    Ok((partition, explain(customer_id, &state, rules, &money, now)))
+    let cutoffs = store.cutoffs()?;
+    Ok((
+        partition,
+        explain(customer_id, &state, rules, &money, now, &cutoffs),
+    ))
 }

@@ -104,6 +104,28 @@ impl Store {
         self.keyspace.partition(partition)
     }
 
+    /// The rank cut-offs in force (none: default).
+    ///
+    /// # Errors
+    /// [`ToolError::Redis`].
+    pub fn cutoffs(&mut self) -> Result<crate::rules::rank::Cutoffs, ToolError> {
+        let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.keys(0).cutoffs)
+            .arg("version")
+            .arg("data")
+            .query(&mut self.conn)
+            .map_err(|e| self.redis_err(e))?;
+        Ok(match (version, data) {
+            (Some(v), Some(d)) => serde_json::from_str::<crate::rules::rank::Cutoffs>(&d)
+                .map(|mut c| {
+                    c.version = v;
+                    c
+                })
+                .unwrap_or_default(),
+            _ => crate::rules::rank::Cutoffs::default(),
+        })
+    }
+
     /// Finds a customer: (partition, state).
     ///
     /// # Errors

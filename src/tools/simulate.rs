@@ -50,7 +50,13 @@ impl Matrix {
         let from = state.tier.clone().unwrap_or_else(|| "-".into());
         let mut copy = state.clone();
         let at = now.max(state.at).max(state.clock);
-        let outcome = copy.evaluate(new, at, Trigger::RulesChanged);
+        // Rank cut-offs are not simulated (they depend on the whole new population).
+        let outcome = copy.evaluate(
+            new,
+            at,
+            Trigger::RulesChanged,
+            &crate::rules::rank::Cutoffs::default(),
+        );
         let to = copy.tier.clone().unwrap_or_else(|| "-".into());
         if from != to && self.movers.len() < self.sample {
             self.movers.push(Mover {
@@ -133,6 +139,9 @@ impl Matrix {
 /// Warnings about what the stored state cannot tell the new rules.
 pub fn warnings(current: &Rules, new: &Rules) -> Vec<String> {
     let mut out = Vec::new();
+    if new.uses_ranks() {
+        out.push("the new rules have rank-based tiers or scores: rank cut-offs are not simulated, so every rank condition counts as not met".into());
+    }
     for (unit, name) in [(Unit::Day, "day"), (Unit::Month, "month")] {
         let (have, need) = (current.keep_buckets(unit), new.keep_buckets(unit));
         if need > have {

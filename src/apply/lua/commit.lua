@@ -1,16 +1,20 @@
 -- Fenced, atomic commit of one partition batch. tierd computes every state in Rust; this
 -- script only checks ownership and position, then writes. All keys share one hash tag.
 --
--- KEYS[1] meta hash {epoch, next_offset}   KEYS[2] outbox stream   KEYS[3] timers zset
--- KEYS[4..] customer state keys, one per value at the end of ARGV
+-- KEYS[1] meta hash {epoch, next_offset, commits, clock, rules, cutoffs}
+-- KEYS[2] outbox stream   KEYS[3] tier counts hash   KEYS[4..s-1] sorted sets (timers, ranks)
+-- KEYS[s..] customer state keys, one per value at the end of ARGV (s = ARGV[9])
 -- ARGV[1] owner epoch   ARGV[2] the next offset the owner believes is stored (-1: none)
 -- ARGV[3] batch first offset   ARGV[4] batch end offset (exclusive; equal to the first for a
--- commit of fired timers only)   ARGV[5] the number of commits the owner believes are stored
--- ARGV[6] the partition's event-time clock after this commit ('' : unchanged)
+-- commit of fired timers, a sweep or a re-ranking only)   ARGV[5] the number of commits the
+-- owner believes are stored   ARGV[6] the partition's event-time clock ('' : unchanged)
 -- ARGV[7] hash of a rules version whose sweep this commit completes ('' : none)
--- ARGV[8] n outbox entries, then n x (kind, key, value, headers)
--- then m timer upserts, then m x (score, member)
--- then r timer removals, then r x member
+-- ARGV[8] rank cut-offs this commit finishes applying, JSON ('' : none)
+-- ARGV[9] index s of the first state key
+-- ARGV[10] n outbox entries, then n x (kind, key, value, headers)
+-- then a sorted-set upserts, then a x (key index, score, member)
+-- then r sorted-set removals, then r x (key index, member)
+-- then c tier-count deltas, then c x (tier, delta)
 -- then one state value per customer key
 -- Returns {'OK', previous next_offset, outbox length} | {'ALREADY', next_offset}
 --       | {'FENCED', stored epoch, next_offset} | {'DIVERGED', next_offset}
@@ -34,23 +38,29 @@ if stored ~= expected or commits ~= expected_commits or first < expected then
   -- batch overlaps it: the owner's cache cannot be trusted; it must reload and seek.
   return {'DIVERGED', tostring(stored)}
 end
-local i = 8
+local first_state = tonumber(ARGV[9])
+local i = 10
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3])
   i = i + 4
 end
-local m = tonumber(ARGV[i]); i = i + 1
-for _ = 1, m do
-  redis.call('ZADD', KEYS[3], ARGV[i], ARGV[i + 1])
-  i = i + 2
+local a = tonumber(ARGV[i]); i = i + 1
+for _ = 1, a do
+  redis.call('ZADD', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+  i = i + 3
 end
 local r = tonumber(ARGV[i]); i = i + 1
 for _ = 1, r do
-  redis.call('ZREM', KEYS[3], ARGV[i])
-  i = i + 1
+  redis.call('ZREM', KEYS[tonumber(ARGV[i])], ARGV[i + 1])
+  i = i + 2
 end
-for k = 4, #KEYS do
+local c = tonumber(ARGV[i]); i = i + 1
+for _ = 1, c do
+  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for k = first_state, #KEYS do
   redis.call('SET', KEYS[k], ARGV[i])
   i = i + 1
 end
@@ -60,5 +70,8 @@ if ARGV[6] ~= '' then
 end
 if ARGV[7] ~= '' then
   redis.call('HSET', meta, 'rules', ARGV[7])
+end
+if ARGV[8] ~= '' then
+  redis.call('HSET', meta, 'cutoffs', ARGV[8])
 end
 return {'OK', tostring(stored), tostring(redis.call('XLEN', KEYS[2]))}

@@ -1,0 +1,183 @@
+//! Rank-based (relative) tiers: percentile bands over a metric across the whole population.
+//!
+//! A rank orders customers by one metric, highest first. A band "top p%" holds every customer
+//! whose value is at least the **cut-off** of p: the value of the customer at position
+//! `k = ceil(p · N)` in that order (N = customers with a value). Ties at a cut-off go to the
+//! higher band, so a band may hold slightly more than its share — exactly what a full sort
+//! gives when equal values are never split.
+//!
+//! Cut-offs are computed without sorting anyone: [`kth_largest`] searches over values with a
+//! counting oracle (in the live service, `ZCOUNT` summed over the partitions' sorted sets), so
+//! a cut-off costs O(log(value range)) count rounds of P `ZCOUNT`s, each O(log N).
+
+use super::value::Ratio;
+use serde::{Deserialize, Serialize};
+
+/// A declared rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rank {
+    /// Name (`rank.<name>`).
+    pub name: String,
+    /// The metric ranked (higher first); its value is ranked at whole minor units or counts.
+    pub metric: super::operand::Operand,
+}
+
+/// One cut point: "the top `pct` of rank `rank`".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutPoint {
+    /// Index of the rank.
+    pub rank: usize,
+    /// Share of the population from the top, 0 < pct ≤ 1.
+    pub pct: Ratio,
+}
+
+impl CutPoint {
+    /// How many customers from the top the band must hold: `ceil(pct · n)`, at least 1.
+    pub fn k(&self, n: u64) -> u64 {
+        let n = i128::from(n);
+        let k = (self.pct.n * n + self.pct.d - 1).div_euclid(self.pct.d);
+        u64::try_from(k.clamp(1, n.max(1))).unwrap_or(u64::MAX)
+    }
+
+    /// As written: `"20%"`.
+    pub fn describe(&self) -> String {
+        let hundredths = self.pct.n * 10_000 / self.pct.d;
+        if hundredths % 100 == 0 {
+            format!("{}%", hundredths / 100)
+        } else {
+            let text = format!("{}.{:02}", hundredths / 100, hundredths % 100);
+            format!("{}%", text.trim_end_matches('0'))
+        }
+    }
+}
+
+/// Parses `"20%"`, `"0.5%"`, `"100%"` into a share of 1.
+///
+/// # Errors
+/// A message when the text is not a percentage in (0, 100].
+pub fn parse_percent(text: &str) -> Result<Ratio, String> {
+    let bad = || format!("{text:?}: expected a percentage like \"20%\" (0 < p <= 100)");
+    let number = text.trim().strip_suffix('%').ok_or_else(bad)?.trim();
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    if int.is_empty() && frac.is_empty()
+        || frac.len() > 4
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let scale = 10i128.pow(u32::try_from(frac.len()).unwrap_or(0));
+    let n = int.parse::<i128>().unwrap_or(0) * scale + frac.parse::<i128>().unwrap_or(0);
+    let d = 100 * scale;
+    let g = gcd(n, d).max(1);
+    let pct = Ratio::new(n / g, d / g).ok_or_else(bad)?;
+    if pct <= Ratio::int(0) || pct > Ratio::int(1) {
+        return Err(bad());
+    }
+    Ok(pct)
+}
+
+fn gcd(a: i128, b: i128) -> i128 {
+    if b == 0 {
+        a.abs()
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The cut-offs in force: one value per cut point of the rules, computed over the whole
+/// population at one moment and versioned.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cutoffs {
+    /// Increases with every published computation (0: none yet).
+    pub version: u64,
+    /// Hash of the rules version the cut points belong to.
+    pub rules: u32,
+    /// Customers ranked, per rank.
+    pub population: Vec<u64>,
+    /// Cut-off value per cut point (`None`: nobody ranked yet).
+    pub values: Vec<Option<i128>>,
+    /// Customers at or above each cut-off when computed (the band sizes, cumulative).
+    pub at_or_above: Vec<u64>,
+    /// When computed (wall clock, Unix ms).
+    pub computed_at: i64,
+}
+
+impl Cutoffs {
+    /// The cut-off of a cut point, if known.
+    pub fn value(&self, point: usize) -> Option<i128> {
+        self.values.get(point).copied().flatten()
+    }
+}
+
+/// The largest value `v` in `[lo, hi]` with `count_ge(v) >= k`, i.e. the value at position
+/// `k` (1-based) from the top. `count_ge` must be non-increasing in `v`, with
+/// `count_ge(lo) >= k`. Calls `count_ge` O(log(hi − lo)) times.
+pub fn kth_largest(
+    k: u64,
+    mut lo: i128,
+    mut hi: i128,
+    mut count_ge: impl FnMut(i128) -> u64,
+) -> i128 {
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        if count_ge(mid) >= k {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn percentages() {
+        assert_eq!(parse_percent("20%").unwrap(), Ratio::new(1, 5).unwrap());
+        assert_eq!(parse_percent("0.5%").unwrap(), Ratio::new(1, 200).unwrap());
+        assert_eq!(parse_percent("100%").unwrap(), Ratio::int(1));
+        for bad in ["0%", "101%", "20", "x%", "1.23456%", "%"] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
+        }
+        let p = CutPoint {
+            rank: 0,
+            pct: parse_percent("1%").unwrap(),
+        };
+        assert_eq!((p.k(1), p.k(100), p.k(101), p.k(0)), (1, 1, 2, 1));
+        assert_eq!(p.describe(), "1%");
+        assert_eq!(
+            CutPoint {
+                rank: 0,
+                pct: parse_percent("12.5%").unwrap()
+            }
+            .describe(),
+            "12.5%"
+        );
+    }
+
+    proptest! {
+        /// The cut-off found by counting equals the k-th value of a full sort, over values
+        /// split across partitions, with ties; and "value >= cut-off" is exactly the band a
+        /// full sort gives when ties go to the higher band.
+        #[test]
+        fn search_equals_full_sort(parts in proptest::collection::vec(proptest::collection::vec(-50i128..50, 0..40), 1..6), pct in 1u32..=100) {
+            let all: Vec<i128> = parts.iter().flatten().copied().collect();
+            prop_assume!(!all.is_empty());
+            let point = CutPoint { rank: 0, pct: Ratio::new(i128::from(pct), 100).unwrap() };
+            let k = point.k(all.len() as u64);
+            let (lo, hi) = (*all.iter().min().unwrap(), *all.iter().max().unwrap());
+            let count_ge = |v: i128| parts.iter().map(|p| p.iter().filter(|&&x| x >= v).count() as u64).sum::<u64>();
+            let cut = kth_largest(k, lo, hi, count_ge);
+            let mut sorted = all.clone();
+            sorted.sort_unstable_by(|a, b| b.cmp(a));
+            prop_assert_eq!(cut, sorted[usize::try_from(k).unwrap() - 1]);
+            // Band by full sort: the first k, plus everyone tied with the k-th.
+            let band: usize = sorted.iter().filter(|&&x| x >= sorted[usize::try_from(k).unwrap() - 1]).count();
+            prop_assert_eq!(all.iter().filter(|&&x| x >= cut).count(), band);
+            prop_assert!(band as u64 >= k);
+        }
+    }
+}

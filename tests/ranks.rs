@@ -1,0 +1,250 @@
+//! Rank-based tiers (the pyramid) through the real pipeline: cut-offs across partitions are
+//! exact (every customer's tier equals a full sort's, ties to the higher band) and customers
+//! overtaken by others move down with reason `rank_shift`.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use support::{purchase, Tierd, World};
+use tierd::rules::rank::Cutoffs;
+
+const RANKS: &str = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n[clock]\nmode = \"event\"\nlateness_s = 0\n";
+
+fn pyramid(partitions: i32) -> World {
+    let mut world = World::start(partitions);
+    world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    world
+}
+
+fn global_cutoffs(world: &World) -> Option<Cutoffs> {
+    let key = format!(
+        "{}:{{{}:{}:0}}:cutoffs",
+        world.prefix, world.group, world.input
+    );
+    let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+        .arg(key)
+        .arg("version")
+        .arg("data")
+        .query(&mut world.redis.conn())
+        .unwrap();
+    let mut c: Cutoffs = serde_json::from_str(&data?).ok()?;
+    c.version = version?;
+    Some(c)
+}
+
+fn applied_version(world: &World, partition: i32) -> u64 {
+    let key = format!(
+        "{}:{{{}:{}:{partition}}}:meta",
+        world.prefix, world.group, world.input
+    );
+    let json: Option<String> = redis::cmd("HGET")
+        .arg(key)
+        .arg("cutoffs")
+        .query(&mut world.redis.conn())
+        .unwrap();
+    json.and_then(|j| serde_json::from_str::<Cutoffs>(&j).ok())
+        .map_or(0, |c| c.version)
+}
+
+/// Waits until cut-offs computed over `population` customers (each customer has one event,
+/// so the values are final) are applied by every partition; returns them.
+fn wait_settled(world: &World, tierd: &Tierd, population: u64) -> Cutoffs {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(c) = global_cutoffs(world) {
+            if c.population.first() == Some(&population)
+                && (0..world.partitions).all(|p| applied_version(world, p) >= c.version)
+            {
+                // Let the outboxes drain too.
+                world.wait_applied(&std::collections::BTreeMap::new(), Duration::from_secs(60));
+                return c;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cut-offs did not settle:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn changes_of(world: &World, customer: &str) -> Vec<serde_json::Value> {
+    world
+        .read_all(&world.output)
+        .iter()
+        .map(support::Record::json)
+        .filter(|v| v["customer_id"] == customer)
+        .collect()
+}
+
+#[test]
+fn overtaken_vip_moves_down_once_with_rank_shift() {
+    let world = pyramid(2);
+    let tierd = Tierd::spawn(&world, RANKS);
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let events: Vec<serde_json::Value> = (1..=100)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                &(i * 100).to_string(),
+                "2026-11-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let first = wait_settled(&world, &tierd, 100);
+    assert_eq!(
+        first.values,
+        vec![Some(1_000_000), Some(810_000), Some(510_000)],
+        "top 1 / 20 / 50 of 100"
+    );
+    assert_eq!(
+        world.customer_state("c100").unwrap().tier.as_deref(),
+        Some("vip")
+    );
+    assert_eq!(
+        world.customer_state("c81").unwrap().tier.as_deref(),
+        Some("key")
+    );
+    assert_eq!(
+        world.customer_state("c80").unwrap().tier.as_deref(),
+        Some("ordinary")
+    );
+    assert_eq!(
+        world.customer_state("c50").unwrap().tier.as_deref(),
+        Some("small")
+    );
+
+    // Two big spenders arrive: 102 customers, the top 1% is now 2 customers — both new.
+    let more = world.produce_json(&[
+        purchase("b1", "big1", "20000", "2026-11-02T10:00:00Z"),
+        purchase("b2", "big2", "30000", "2026-11-02T11:00:00Z"),
+    ]);
+    world.wait_applied(&more, Duration::from_secs(60));
+    let second = wait_settled(&world, &tierd, 102);
+    assert!(second.version > first.version);
+    let c100 = changes_of(&world, "c100");
+    let downs: Vec<&serde_json::Value> = c100.iter().filter(|v| v["direction"] == "down").collect();
+    assert_eq!(downs.len(), 1, "exactly one move down: {c100:?}");
+    let down = downs[0];
+    assert_eq!(
+        (&down["previous_tier"], &down["tier"], &down["reason"]),
+        (&"vip".into(), &"key".into(), &"rank_shift".into())
+    );
+    assert_eq!(down["cutoffs_version"], second.version);
+    assert_eq!(down["cause"], serde_json::Value::Null, "nothing c100 did");
+    assert_eq!(down["ranks"]["value"]["top"], "20%");
+    assert_eq!(
+        world.customer_state("big2").unwrap().tier.as_deref(),
+        Some("vip")
+    );
+    // The API shows the exact position and the cut-offs; /v1/tiers the sizes.
+    let v: serde_json::Value = serde_json::from_str(&tierd.get("/v1/customers/c100").1).unwrap();
+    assert_eq!(v["ranks"]["value"]["position"], 3);
+    assert_eq!(v["ranks"]["value"]["population"], 102);
+    assert_eq!(v["cutoffs_version"], second.version);
+    let t: serde_json::Value = serde_json::from_str(&tierd.get("/v1/tiers").1).unwrap();
+    let sizes: Vec<i64> = t["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["customers"].as_i64().unwrap())
+        .collect();
+    assert_eq!(sizes, vec![2, 19, 30, 51], "{t}");
+    assert_eq!(t["cutoffs"]["version"], second.version);
+}
+
+#[test]
+fn cutoffs_across_8_partitions_equal_a_full_sort() {
+    let n: i64 = std::env::var("RANK_TEST_CUSTOMERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let world = pyramid(8);
+    let tierd = Tierd::spawn(&world, RANKS);
+    tierd.wait_partitions(8, Duration::from_secs(60));
+    // Values with many ties: 20,000 distinct amounts for 200,000 customers.
+    let amount = |i: i64| (i * 7_919 + 13) % 20_000 + 1;
+    let events: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                &amount(i).to_string(),
+                "2026-11-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(600));
+    let cut = wait_settled(&world, &tierd, n as u64);
+
+    // The full sort, ties to the higher band.
+    let mut values: Vec<i64> = (0..n).map(|i| amount(i) * 100).collect();
+    values.sort_unstable_by(|a, b| b.cmp(a));
+    let kth = |pct: f64| values[((pct * n as f64).ceil() as usize).max(1) - 1];
+    let bounds = [kth(0.01), kth(0.20), kth(0.50)];
+    assert_eq!(
+        cut.values,
+        bounds
+            .iter()
+            .map(|&b| Some(i128::from(b)))
+            .collect::<Vec<_>>()
+    );
+    let expected = |v: i64| {
+        ["vip", "key", "ordinary", "small"][bounds.iter().position(|&b| v >= b).unwrap_or(3)]
+    };
+
+    let mut conn = world.redis.conn();
+    let mut checked = 0;
+    let mut sizes: HashMap<String, i64> = HashMap::new();
+    for p in 0..8 {
+        let pattern = format!(
+            "{}:{{{}:{}:{p}}}:c:*",
+            world.prefix, world.group, world.input
+        );
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(5000)
+                .query(&mut conn)
+                .unwrap();
+            if !keys.is_empty() {
+                let states: Vec<String> = redis::cmd("MGET").arg(&keys).query(&mut conn).unwrap();
+                for (key, json) in keys.iter().zip(states) {
+                    let s: tierd::domain::CustomerState = serde_json::from_str(&json).unwrap();
+                    let i: i64 = key.rsplit_once(":c:c").unwrap().1.parse().unwrap();
+                    let want = expected(amount(i) * 100);
+                    assert_eq!(
+                        s.tier.as_deref(),
+                        Some(want),
+                        "customer c{i} with {}",
+                        amount(i)
+                    );
+                    // Customers no cut-off crossed keep the version of their last evaluation.
+                    assert!(s.cv <= cut.version);
+                    *sizes.entry(want.to_owned()).or_default() += 1;
+                    checked += 1;
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    assert_eq!(checked, n);
+    // Ties make bands hold at least their share, never less.
+    assert!(sizes["vip"] >= n / 100, "{sizes:?}");
+    let reevaluated = tierd.metric("tierd_rank_reevaluated_total");
+    eprintln!("{n} customers over 8 partitions: cut-offs {:?}, sizes {sizes:?}, re-evaluated {reevaluated}", cut.values);
+}
