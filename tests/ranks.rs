@@ -248,3 +248,90 @@ fn cutoffs_across_8_partitions_equal_a_full_sort() {
     let reevaluated = tierd.metric("tierd_rank_reevaluated_total");
     eprintln!("{n} customers over 8 partitions: cut-offs {:?}, sizes {sizes:?}, re-evaluated {reevaluated}", cut.values);
 }
+
+#[test]
+fn kill_9_during_a_re_ranking_loses_and_doubles_nothing() {
+    let world = pyramid(4);
+    let config = RANKS.replace("[ranks]\n", "[ranks]\nreevaluate_page = 10\n");
+    let mut tierd = Tierd::spawn(&world, &config);
+    tierd.wait_partitions(4, Duration::from_secs(60));
+    let first: Vec<serde_json::Value> = (1..=4000)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                &i.to_string(),
+                "2026-11-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&first);
+    world.wait_applied(&ends, Duration::from_secs(120));
+    wait_settled(&world, &tierd, 4000);
+    // 2000 newcomers above everyone: every cut-off jumps, thousands of customers cross.
+    let before = tierd.metric("tierd_rank_reevaluated_total");
+    let second: Vec<serde_json::Value> = (4001..=6000)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                &(i + 10_000).to_string(),
+                "2026-11-02T10:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&second);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tierd.metric("tierd_rank_reevaluated_total") < before + 300.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no re-ranking:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tierd.kill9();
+    let tierd = Tierd::spawn(&world, &config);
+    world.wait_applied(&ends, Duration::from_secs(120));
+    let cut = wait_settled(&world, &tierd, 6000);
+
+    let value = |i: i64| if i <= 4000 { i } else { i + 10_000 } * 100;
+    let mut values: Vec<i64> = (1..=6000).map(value).collect();
+    values.sort_unstable_by(|a, b| b.cmp(a));
+    let bounds = [0.01, 0.2, 0.5].map(|p: f64| values[((p * 6000.0).ceil() as usize) - 1]);
+    assert_eq!(
+        cut.values,
+        bounds
+            .iter()
+            .map(|&b| Some(i128::from(b)))
+            .collect::<Vec<_>>()
+    );
+    let mut published: HashMap<String, serde_json::Value> = HashMap::new();
+    let mut per_customer: HashMap<String, Vec<u64>> = HashMap::new();
+    for r in world.read_all(&world.output) {
+        let v = r.json();
+        let id = v["event_id"].as_str().unwrap().to_owned();
+        if let Some(prev) = published.insert(id, v.clone()) {
+            assert_eq!(prev, v, "a duplicate publication must be identical");
+            continue;
+        }
+        per_customer
+            .entry(v["customer_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(v["sequence"].as_u64().unwrap());
+    }
+    for i in 1..=6000i64 {
+        let c = format!("c{i}");
+        let s = world.customer_state(&c).unwrap();
+        let want = ["vip", "key", "ordinary", "small"]
+            [bounds.iter().position(|&b| value(i) >= b).unwrap_or(3)];
+        assert_eq!(s.tier.as_deref(), Some(want), "{c}");
+        let mut seqs = per_customer.remove(&c).unwrap_or_default();
+        seqs.sort_unstable();
+        assert_eq!(
+            seqs,
+            (1..=s.seq).collect::<Vec<_>>(),
+            "{c}: every change published once, none missing"
+        );
+    }
+}

@@ -360,13 +360,13 @@ impl Worker {
                 }
                 self.commit(&mut draft, &mut work).await?;
                 self.keep(work);
+                p.telemetry.rank_reevaluated.inc_by(fresh.len() as u64);
             }
         }
         // Record the cut-offs as applied (with the last page or on their own).
         let mut draft = self.new_draft();
         draft.applied_cutoffs = Some(serde_json::to_string(&new).expect("cut-offs serialize"));
         self.commit(&mut draft, &mut HashMap::new()).await?;
-        p.telemetry.rank_reevaluated.inc_by(evaluated);
         info!(
             partition = self.partition,
             version = new.version,
