@@ -814,3 +814,21 @@ fn a_lapsed_pin_re_places_at_once_even_under_reviews() {
         ]
     );
 }
+
+#[test]
+fn a_late_event_is_never_evaluated_before_an_evaluation_that_already_ran() {
+    let r = rules(LADDER);
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T10:00:00Z", 1000);
+    s.advance(at("2026-02-01T00:00:00Z")); // window expiry on 31 Jan: basic
+    s.buy("2026-01-30T10:00:00Z", 1000); // arrives late, within the dedup horizon
+    assert_eq!(
+        s.tiers(),
+        [
+            ("gold", "purchase", "2026-01-01"),
+            ("basic", "window_expiry", "2026-01-31"),
+            ("gold", "purchase", "2026-01-31"),
+        ],
+        "the late purchase counts, at the customer's engine time (never backwards)"
+    );
+}
