@@ -169,7 +169,8 @@ fn rfm_quintile_cells_and_the_product_ranking() {
         })
         .collect();
     let segment = |(r, f, m): (i64, i64, i64)| {
-        if ((r == 5 && (f == 5 || f == 4)) || (r == 4 && (f == 5 || f == 4))) && m >= 4 {
+        // Cell patterns 55?, 54?, 45?, 44? with M >= 4.
+        if (r == 5 || r == 4) && (f == 5 || f == 4) && m >= 4 {
             "champions"
         } else if r >= 3 && f >= 3 {
             "loyal"
