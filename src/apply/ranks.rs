@@ -106,8 +106,14 @@ pub async fn compute(
                 hi = mid - 1;
             }
         }
-        values.push(Some(lo));
-        at_or_above.push(count_ge(conn, &keys, lo).await?);
+        let at_kth = count_ge(conn, &keys, lo).await?;
+        let value = crate::rules::rank::cutoff(lo, at_kth, k, rules.ranks()[rank].ties);
+        values.push(Some(value));
+        at_or_above.push(if value == lo {
+            at_kth
+        } else {
+            count_ge(conn, &keys, value).await?
+        });
     }
     Ok(Cutoffs {
         version: 0,

@@ -55,6 +55,11 @@ pub struct RankFile {
     /// The metric ranked, highest first (money ranked at whole minor units). For recency
     /// use `last_purchase` (the latest purchase time: most recent first).
     pub metric: String,
+    /// Customers tied at a cut-off: `"higher"` (default) all go to the higher band (a band
+    /// may hold slightly more than its share), `"lower"` all go to the lower band (a band
+    /// may hold slightly less).
+    #[serde(default)]
+    pub ties: Option<super::rank::Ties>,
 }
 
 /// `[scores.<name>]`: fixed bins over a `metric`, or rank bands of a `rank` (quintiles).

@@ -472,6 +472,7 @@ impl Rules {
                     ranks.push(Rank {
                         name: name.clone(),
                         metric: m,
+                        ties: r.get_ref().ties.unwrap_or_default(),
                     });
                 }
                 Err(m) => problem(Some(r.span()), field, m),

@@ -13,6 +13,17 @@
 use super::value::Ratio;
 use serde::{Deserialize, Serialize};
 
+/// Where customers tied at a cut-off go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ties {
+    /// All to the higher band: a band holds at least its share.
+    #[default]
+    Higher,
+    /// All to the lower band: a band holds at most its share.
+    Lower,
+}
+
 /// A declared rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rank {
@@ -20,6 +31,19 @@ pub struct Rank {
     pub name: String,
     /// The metric ranked (higher first); its value is ranked at whole minor units or counts.
     pub metric: super::operand::Operand,
+    /// The tie rule.
+    pub ties: Ties,
+}
+
+/// The cut-off of a band from the k-th largest value `kth` and the number of customers with
+/// a value at least `kth`: with [`Ties::Lower`] a tie group that does not fit in the band is
+/// left out (values are whole numbers, so "above `kth`" is "at least `kth + 1`").
+pub fn cutoff(kth: i128, at_or_above_kth: u64, k: u64, ties: Ties) -> i128 {
+    match ties {
+        Ties::Higher => kth,
+        Ties::Lower if at_or_above_kth > k => kth + 1,
+        Ties::Lower => kth,
+    }
 }
 
 /// One cut point: "the top `pct` of rank `rank`".
@@ -178,6 +202,12 @@ mod tests {
             let band: usize = sorted.iter().filter(|&&x| x >= sorted[usize::try_from(k).unwrap() - 1]).count();
             prop_assert_eq!(all.iter().filter(|&&x| x >= cut).count(), band);
             prop_assert!(band as u64 >= k);
+            // The other tie rule: the band never holds more than its share, and only a tie
+            // group that does not fit is left out.
+            let lower = cutoff(cut, count_ge(cut), k, Ties::Lower);
+            let lower_band = all.iter().filter(|&&x| x >= lower).count() as u64;
+            prop_assert!(lower_band <= k);
+            prop_assert!(lower_band == k || count_ge(cut) > k);
         }
     }
 }
