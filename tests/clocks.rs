@@ -230,3 +230,61 @@ fn event_clock_replays_identically_however_batched_or_interrupted() {
         assert_eq!(Some(v), interrupted.get(id), "change {id} differs");
     }
 }
+
+#[test]
+fn at_risk_notices_go_to_their_own_topic_when_configured() {
+    let rules = rules_file(
+        r#"
+version = "risk-1"
+[windows.d30]
+length = "30 days"
+[policy]
+at_risk_days = 5
+[[tiers]]
+name = "gold"
+when = ["window.d30.sum >= 100"]
+[[tiers]]
+name = "basic"
+"#,
+    );
+    let mut world = World::start(1);
+    world.rules = rules.path().to_owned();
+    let topic = support::unique("at-risk");
+    world.broker.create_topics(&[&topic], 1);
+    world.kafka_extra = format!("at_risk_topic = \"{topic}\"");
+    let tierd = Tierd::spawn(&world, "[clock]\nmode = \"event\"\nlateness_s = 0\n");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let ends = world.produce_json(&[
+        purchase("g1", "gina", "100", "2026-01-01T10:00:00Z"),
+        purchase("t1", "~clock", "1", "2026-03-01T00:00:00Z"),
+    ]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let notices: Vec<serde_json::Value> = world
+        .read_all(&topic)
+        .iter()
+        .map(support::Record::json)
+        .collect();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    let n = &notices[0];
+    assert_eq!(
+        (&n["type"], &n["customer_id"], &n["falls_to"]),
+        (&"at_risk".into(), &"gina".into(), &"basic".into())
+    );
+    // 1 Jan's bucket leaves the 30-day window on 31 Jan; the notice comes 5 days before.
+    assert_eq!(n["downgrade_at"], "2026-01-31T00:00:00.000Z");
+    assert_eq!(n["occurred_at"], "2026-01-26T00:00:00.000Z");
+    assert_eq!(n["to_stay"][0]["missing"], "100.00");
+    let changes: Vec<serde_json::Value> = world
+        .read_all(&world.output)
+        .iter()
+        .map(support::Record::json)
+        .collect();
+    assert!(
+        changes.iter().all(|c| c["type"] != "at_risk"),
+        "notices are not on the change topic"
+    );
+    assert!(changes
+        .iter()
+        .any(|c| c["customer_id"] == "gina" && c["reason"] == "window_expiry"));
+    assert_eq!(tierd.metric("tierd_at_risk_notices_total"), 1.0);
+}

@@ -285,6 +285,8 @@ pub struct World {
     pub rules: PathBuf,
     /// Extra lines of the `[rules]` table (e.g. `sweep_per_second = 100`).
     pub rules_extra: String,
+    /// Extra lines of the `[kafka]` table (e.g. `at_risk_topic = "…"`).
+    pub kafka_extra: String,
 }
 
 impl World {
@@ -309,6 +311,7 @@ impl World {
             partitions,
             rules: Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/b2b-lifetime.toml"),
             rules_extra: String::new(),
+            kafka_extra: String::new(),
         }
     }
 
@@ -328,6 +331,7 @@ group_id = "{}"
 input_topic = "{}"
 output_topic = "{}"
 dead_letter_topic = "{}"
+{}
 [kafka.consumer]
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
@@ -350,6 +354,7 @@ listen = "127.0.0.1:{api_port}"
             self.input,
             self.output,
             self.dlq,
+            self.kafka_extra,
             self.redis.url,
             self.prefix,
             rules.display(),
