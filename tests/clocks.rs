@@ -288,3 +288,65 @@ name = "basic"
         .any(|c| c["customer_id"] == "gina" && c["reason"] == "window_expiry"));
     assert_eq!(tierd.metric("tierd_at_risk_notices_total"), 1.0);
 }
+
+#[test]
+fn a_timer_of_a_deleted_customer_is_dropped_without_stalling_the_partition() {
+    let rules = rules_file(
+        "version = \"gone-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
+    );
+    let mut world = World::start(1);
+    world.rules = rules.path().to_owned();
+    let mut tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let bought = time::now_ms() - 86_400_000 + 3_000;
+    let ends = world.produce_json(&[purchase("d1", "dora", "10", &time::format_ms(bought))]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    // While tierd is stopped, an operator erases the customer (e.g. a deletion request) but
+    // not their timer entry. (A running owner keeps its cached copy: erase with it stopped.)
+    assert_eq!(tierd.terminate(), Some(0));
+    let key = format!(
+        "{}:{{{}:{}:0}}:c:dora",
+        world.prefix, world.group, world.input
+    );
+    let timers = format!(
+        "{}:{{{}:{}:0}}:timers",
+        world.prefix, world.group, world.input
+    );
+    let mut conn = world.redis.conn();
+    let _: () = redis::cmd("DEL").arg(&key).query(&mut conn).unwrap();
+    let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    // After the timer is due, the partition still applies new events...
+    std::thread::sleep(Duration::from_millis(4_000));
+    let more = world.produce_json(&[purchase(
+        "o1",
+        "otto",
+        "10",
+        &time::format_ms(time::now_ms()),
+    )]);
+    world.wait_applied(&more, Duration::from_secs(30));
+    // ...the stale entry is gone and no empty state was written back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&timers)
+            .arg("dora")
+            .query(&mut conn)
+            .unwrap();
+        if score.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stale timer entry kept:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let exists: bool = redis::cmd("EXISTS").arg(&key).query(&mut conn).unwrap();
+    assert!(!exists, "no state is recreated for an erased customer");
+    assert!(
+        tierd.log_text().matches("out of step").count() < 5,
+        "no spinning"
+    );
+}

@@ -129,3 +129,68 @@ fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
         );
     }
 }
+
+#[test]
+fn timers_set_by_a_rules_sweep_fire() {
+    let mut world = World::start(1);
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    // Bought a day ago minus 4 s: under v2 they are active for 4 more seconds.
+    let bought = tierd::domain::time::now_ms() - 86_400_000 + 4_000;
+    let events: Vec<serde_json::Value> = (0..6)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                "10",
+                &tierd::domain::time::format_ms(bought + i),
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    rules
+        .write_all(b"version = \"recency-2\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n")
+        .unwrap();
+    world.rules = rules.path().to_owned();
+    let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lapsed = (0..6)
+            .filter(|i| {
+                world
+                    .customer_state(&format!("c{i}"))
+                    .and_then(|s| s.tier)
+                    .as_deref()
+                    == Some("lapsed")
+            })
+            .count();
+        if lapsed == 6 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{lapsed} of 6 lapsed:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    world.wait_applied(&BTreeMap::new(), Duration::from_secs(60));
+    let reasons: Vec<String> = world
+        .read_all(&world.output)
+        .iter()
+        .map(|r| r.json()["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "rules_changed").count(),
+        6,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "recency").count(),
+        6,
+        "{reasons:?}"
+    );
+}

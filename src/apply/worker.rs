@@ -92,6 +92,8 @@ struct Draft {
     notices: u64,
     swept_rules: Option<u32>,
     applied_cutoffs: Option<String>,
+    /// Timer index entries without a stored customer, to remove.
+    orphans: Vec<String>,
 }
 
 /// Applies the batches of one owned partition.
@@ -191,7 +193,12 @@ impl Worker {
                     self.keep(work);
                     r
                 }
-                _ = sweep_tick.tick(), if self.sweep.is_some() => self.sweep_step().await,
+                // Under rank-based rules the sweep waits for cut-offs of the running rules, so
+                // it does not place everyone with no cut-offs first.
+                _ = sweep_tick.tick(), if self.sweep.is_some()
+                    && (!ranked || self.cutoffs.rules == rules_hash(p.rules.version())) => {
+                    self.sweep_step().await
+                }
                 _ = rank_tick.tick(), if ranked => self.rank_step().await,
             };
             if let Err(error) = result {
@@ -244,14 +251,24 @@ impl Worker {
                             .as_ref()
                             .is_none_or(|c| c.values != new.values || c.rules != new.rules);
                         if changed {
-                            let version =
-                                store::publish_cutoffs(&mut self.conn, &zero, self.epoch, &new)
-                                    .await?;
-                            info!(
-                                version,
-                                seconds = started.elapsed().as_secs_f64(),
-                                "Rank cut-offs published."
-                            );
+                            match store::publish_cutoffs(&mut self.conn, &zero, self.epoch, &new)
+                                .await
+                            {
+                                Ok(Some(version)) => info!(
+                                    version,
+                                    seconds = started.elapsed().as_secs_f64(),
+                                    "Rank cut-offs published."
+                                ),
+                                Ok(None) => warn!(
+                                    "Rank cut-offs not published: partition 0 has another owner now."
+                                ),
+                                Err(e) => {
+                                    // Retried at the next check (the computation is repeated).
+                                    self.last_compute = None;
+                                    self.pause(&mut Duration::from_millis(50), &ApplyError::Redis(e))
+                                        .await;
+                                }
+                            }
                         }
                         p.telemetry
                             .rank_recompute_seconds
@@ -309,6 +326,10 @@ impl Worker {
         let mut moved = 0u64;
         let mut evaluated = 0u64;
         let mut seen = std::collections::HashSet::new();
+        // First list every customer in the moved ranges (nothing is committed while listing,
+        // so offset paging over the sorted sets is stable), then re-evaluate them a page per
+        // commit: a re-evaluation can change a customer's ranked value and would shift pages.
+        let mut crossing: Vec<String> = Vec::new();
         for (rank, lo, hi) in ranges {
             let key = self.rank_keys[rank].clone();
             let mut offset = 0usize;
@@ -334,34 +355,33 @@ impl Worker {
                     break;
                 }
                 offset += ids.len();
-                let fresh: Vec<String> = ids
-                    .into_iter()
-                    .filter(|id| seen.insert(id.clone()))
-                    .collect();
-                let mut work = HashMap::new();
-                self.load(fresh.iter().cloned(), &mut work).await?;
-                let mut draft = self.new_draft();
-                for id in &fresh {
-                    let loaded = work.get_mut(id.as_str()).expect("loaded above");
-                    let now = if wall {
-                        time::now_ms()
-                    } else {
-                        self.clock.unwrap_or(i64::MIN).max(loaded.state.at)
-                    };
-                    let outcome =
-                        loaded
-                            .state
-                            .evaluate(&p.rules, now, Trigger::RankShift, &self.cutoffs);
-                    loaded.dirty = true;
-                    evaluated += 1;
-                    moved += u64::from(outcome.transition.is_some());
-                    let state = loaded.state.clone();
-                    self.record(&mut draft, id, &state, &outcome, None);
-                }
-                self.commit(&mut draft, &mut work).await?;
-                self.keep(work);
-                p.telemetry.rank_reevaluated.inc_by(fresh.len() as u64);
+                crossing.extend(ids.into_iter().filter(|id| seen.insert(id.clone())));
             }
+        }
+        for fresh in crossing.chunks(page) {
+            let mut work = HashMap::new();
+            self.load(fresh.iter().cloned(), &mut work).await?;
+            let mut draft = self.new_draft();
+            for id in fresh {
+                let loaded = work.get_mut(id.as_str()).expect("loaded above");
+                let now = if wall {
+                    time::now_ms()
+                } else {
+                    self.clock.unwrap_or(i64::MIN).max(loaded.state.at)
+                };
+                let outcome =
+                    loaded
+                        .state
+                        .evaluate(&p.rules, now, Trigger::RankShift, &self.cutoffs);
+                loaded.dirty = true;
+                evaluated += 1;
+                moved += u64::from(outcome.transition.is_some());
+                let state = loaded.state.clone();
+                self.record(&mut draft, id, &state, &outcome, None);
+            }
+            self.commit(&mut draft, &mut work).await?;
+            self.keep(work);
+            p.telemetry.rank_reevaluated.inc_by(fresh.len() as u64);
         }
         // Record the cut-offs as applied (with the last page or on their own).
         let mut draft = self.new_draft();
@@ -759,10 +779,16 @@ impl Worker {
                         let state = loaded.state.clone();
                         self.record(&mut draft, id, &state, &outcome, None);
                     }
-                    // The index disagrees with the state (only after manual edits): rewriting
-                    // the state re-indexes its real timer.
-                    _ => {
-                        warn!(partition = self.partition, customer = %id, "Timer index out of step with the customer state; re-indexed.")
+                    // The index disagrees with the state (manual edits, a deleted state):
+                    // re-index the state's real timer, or drop the entry.
+                    other => {
+                        warn!(partition = self.partition, customer = %id, indexed = at, state = ?other, "Timer index out of step with the customer state; re-indexed.");
+                        loaded.indexed = Some(*at);
+                        if loaded.state == CustomerState::default() {
+                            // No stored customer: remove the entry, write no state.
+                            loaded.dirty = false;
+                            draft.orphans.push(id.clone());
+                        }
                     }
                 }
             }
@@ -817,7 +843,15 @@ impl Worker {
             applied_cutoffs: draft.applied_cutoffs.take(),
             ..CommitBatch::default()
         };
+        for id in draft.orphans.drain(..) {
+            batch.zrem.push((0, id));
+        }
         for (id, loaded) in work.iter().filter(|(_, l)| l.dirty) {
+            // Every timer set by any evaluation (events, timers, sweeps, re-rankings) lowers
+            // the bound of the earliest due time, so none can be overlooked.
+            if let Some((due, _)) = loaded.state.timer {
+                self.min_due = Some(self.min_due.map_or(due, |d| d.min(due)));
+            }
             batch.states.push((
                 self.keys.customer(id),
                 serde_json::to_vec(&loaded.state).expect("state serializes"),

@@ -411,7 +411,10 @@ impl CustomerState {
         trigger: Trigger,
         cutoffs: &Cutoffs,
     ) -> Outcome {
-        self.at = self.at.max(now);
+        // A customer's engine time never runs backwards (e.g. a sweep at wall time for a
+        // customer whose last event was future-dated within the allowed skew).
+        let now = self.at.max(now);
+        self.at = now;
         let transition = self.decide(rules, now, trigger, cutoffs);
         let notice = self.schedule(rules, now, cutoffs);
         Outcome { transition, notice }

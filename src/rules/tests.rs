@@ -832,3 +832,24 @@ fn a_late_event_is_never_evaluated_before_an_evaluation_that_already_ran() {
         "the late purchase counts, at the customer's engine time (never backwards)"
     );
 }
+
+#[test]
+fn an_evaluation_is_never_stamped_before_the_customers_engine_time() {
+    let r1 = rules(LADDER);
+    let r2 = rules(&LADDER.replace("l1", "l2").replace(">= 1000", ">= 400"));
+    let mut s = Sim::new(&r1);
+    s.buy("2026-01-10T10:00:00Z", 500); // silver under l1
+                                        // A sweep at a wall time before the customer's (future-dated) event time.
+    let o = s.state.evaluate(
+        &r2,
+        at("2026-01-09T00:00:00Z"),
+        Trigger::RulesChanged,
+        &Cutoffs::default(),
+    );
+    let t = o.transition.expect("gold under l2");
+    assert_eq!(
+        (t.tier, t.reason, t.at),
+        (0, ChangeReason::RulesChanged, at("2026-01-10T10:00:00Z"))
+    );
+    assert_eq!(s.state.since, at("2026-01-10T10:00:00Z"));
+}
