@@ -376,8 +376,7 @@ impl Worker {
                 loaded.dirty = true;
                 evaluated += 1;
                 moved += u64::from(outcome.transition.is_some());
-                let state = loaded.state.clone();
-                self.record(&mut draft, id, &state, &outcome, None);
+                self.record(&mut draft, id, &loaded.state, &outcome, None);
             }
             self.commit(&mut draft, &mut work).await?;
             self.keep(work);
@@ -450,8 +449,7 @@ impl Worker {
                     .evaluate(&p.rules, now, Trigger::RulesChanged, &self.cutoffs);
             loaded.dirty = true;
             swept += 1;
-            let state = loaded.state.clone();
-            self.record(&mut draft, id, &state, &outcome, None);
+            self.record(&mut draft, id, &loaded.state, &outcome, None);
         }
         let done = next == 0;
         if swept > 0 || done {
@@ -678,14 +676,21 @@ impl Worker {
                             if let Some((due, _)) = loaded.state.timer {
                                 self.min_due = Some(self.min_due.map_or(due, |d| d.min(due)));
                             }
-                            let cause = Cause {
-                                event_id: event.event_id.clone(),
-                                topic: p.input_topic.clone(),
-                                partition: self.partition,
-                                offset: message.offset(),
-                            };
-                            let state = loaded.state.clone();
-                            self.record(&mut draft, &event.customer_id, &state, &outcome, Some(cause));
+                            if outcome.transition.is_some() || outcome.notice.is_some() {
+                                let cause = Cause {
+                                    event_id: event.event_id.clone(),
+                                    topic: p.input_topic.clone(),
+                                    partition: self.partition,
+                                    offset: message.offset(),
+                                };
+                                self.record(
+                                    &mut draft,
+                                    &event.customer_id,
+                                    &loaded.state,
+                                    &outcome,
+                                    Some(cause),
+                                );
+                            }
                             None
                         }
                         Applied::Duplicate => {
@@ -776,8 +781,7 @@ impl Worker {
                             .timers_fired
                             .with_label_values(&[cause_label(cause)])
                             .inc();
-                        let state = loaded.state.clone();
-                        self.record(&mut draft, id, &state, &outcome, None);
+                        self.record(&mut draft, id, &loaded.state, &outcome, None);
                     }
                     // The index disagrees with the state (manual edits, a deleted state):
                     // re-index the state's real timer, or drop the entry.

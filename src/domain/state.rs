@@ -429,8 +429,8 @@ impl CustomerState {
         cutoffs: &Cutoffs,
     ) -> Option<Transition> {
         // The first evaluation under a new rules version reports its change as `rules_changed`.
-        let new_rules = self.tier.is_some() && self.rv != rules_hash(rules.version());
-        self.rv = rules_hash(rules.version());
+        let new_rules = self.tier.is_some() && self.rv != rules.version_hash();
+        self.rv = rules.version_hash();
         let last_tier = rules.tiers().len() - 1;
         let cur = self.tier.as_deref().and_then(|t| rules.tier_index(t));
         let reviewing = cur.is_some() && self.review.is_some_and(|r| r <= now);

@@ -161,6 +161,7 @@ enum ScoreDef {
 #[derive(Debug)]
 pub struct Rules {
     version: String,
+    version_hash: u32,
     description: Option<String>,
     windows: Vec<Window>,
     score_names: Vec<String>,
@@ -953,6 +954,7 @@ impl Rules {
         }
         let tier_defs = tiers.iter().map(|t| t.def.clone()).collect();
         Ok(Self {
+            version_hash: crate::domain::state::rules_hash(raw.version.get_ref()),
             version: raw.version.into_inner(),
             description: raw.description,
             windows,
@@ -975,6 +977,11 @@ impl Rules {
     /// The rules version, carried on every change event.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The short hash of the version stored per customer.
+    pub fn version_hash(&self) -> u32 {
+        self.version_hash
     }
 
     /// Free-text description from the file.
@@ -1068,7 +1075,7 @@ impl Rules {
     /// Evaluates metrics, ranks, scores and the entry placement at `now`, with the rank
     /// cut-offs in force (ignored if they belong to another rules version).
     pub fn evaluate(&self, facts: &Facts<'_>, now: i64, cutoffs: &Cutoffs) -> Evaluation {
-        let valid = cutoffs.rules == crate::domain::state::rules_hash(&self.version)
+        let valid = cutoffs.rules == self.version_hash
             && cutoffs.values.len() == self.cut_points.len();
         let cut = |point: usize| if valid { cutoffs.value(point) } else { None };
         let mut ranks: Vec<Option<i128>> = self
