@@ -76,6 +76,16 @@ name = "basic"
     assert!(err.contains("nope.toml"), "{err}");
 }
 
+/// A row of the printed transition matrix, whitespace-normalised.
+fn matrix_row(out: &str, name: &str) -> String {
+    out.lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("no row {name}:\n{out}"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn snapshot(world: &World) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut conn = world.redis.conn();
     let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
@@ -160,14 +170,7 @@ name = "D"
     assert_eq!(code, 0, "{err}");
     // Now: D 1-19 (19), C 20-49 (30), B 50-99 (50), A 100 (1).
     // New: D 1-9, C 10-29, B 30-79, A 80-100.
-    let row = |name: &str| {
-        out.lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_else(|| panic!("no row {name}:\n{out}"))
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let row = |name: &str| matrix_row(&out, name);
     assert_eq!(
         row("A "),
         "A 1 (100.0%) 0 (0.0%) 0 (0.0%) 0 (0.0%) 1",

@@ -1075,8 +1075,8 @@ impl Rules {
     /// Evaluates metrics, ranks, scores and the entry placement at `now`, with the rank
     /// cut-offs in force (ignored if they belong to another rules version).
     pub fn evaluate(&self, facts: &Facts<'_>, now: i64, cutoffs: &Cutoffs) -> Evaluation {
-        let valid = cutoffs.rules == self.version_hash
-            && cutoffs.values.len() == self.cut_points.len();
+        let valid =
+            cutoffs.rules == self.version_hash && cutoffs.values.len() == self.cut_points.len();
         let cut = |point: usize| if valid { cutoffs.value(point) } else { None };
         let mut ranks: Vec<Option<i128>> = self
             .ranks

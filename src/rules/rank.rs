@@ -133,6 +133,41 @@ impl Cutoffs {
     }
 }
 
+/// Cut-offs computed in memory from every customer's ranked values (one list per rank, any
+/// order) by a full sort — what `tierd simulate` uses for new rules, and the reference the
+/// live computation must equal.
+pub fn cutoffs_from_values(
+    points: &[CutPoint],
+    ties: &[Ties],
+    rules_hash: u32,
+    values: &mut [Vec<i128>],
+) -> Cutoffs {
+    for v in values.iter_mut() {
+        v.sort_unstable_by(|a, b| b.cmp(a));
+    }
+    let mut out = Cutoffs {
+        rules: rules_hash,
+        population: values.iter().map(|v| v.len() as u64).collect(),
+        ..Cutoffs::default()
+    };
+    for p in points {
+        let sorted = &values[p.rank];
+        if sorted.is_empty() {
+            out.values.push(None);
+            out.at_or_above.push(0);
+            continue;
+        }
+        let n = sorted.len() as u64;
+        let k = p.k(n);
+        let kth = sorted[usize::try_from(k).unwrap_or(usize::MAX).min(sorted.len()) - 1];
+        let count_ge = |v: i128| sorted.partition_point(|&x| x >= v) as u64;
+        let value = cutoff(kth, count_ge(kth), k, ties[p.rank]);
+        out.values.push(Some(value));
+        out.at_or_above.push(count_ge(value));
+    }
+    out
+}
+
 /// The largest value `v` in `[lo, hi]` with `count_ge(v) >= k`, i.e. the value at position
 /// `k` (1-based) from the top. `count_ge` must be non-increasing in `v`, with
 /// `count_ge(lo) >= k`. Calls `count_ge` O(log(hi − lo)) times.
@@ -198,6 +233,8 @@ mod tests {
             let mut sorted = all.clone();
             sorted.sort_unstable_by(|a, b| b.cmp(a));
             prop_assert_eq!(cut, sorted[usize::try_from(k).unwrap() - 1]);
+            let in_memory = cutoffs_from_values(&[point], &[Ties::Higher], 0, &mut [all.clone()]);
+            prop_assert_eq!(in_memory.values[0], Some(cut));
             // Band by full sort: the first k, plus everyone tied with the k-th.
             let band: usize = sorted.iter().filter(|&&x| x >= sorted[usize::try_from(k).unwrap() - 1]).count();
             prop_assert_eq!(all.iter().filter(|&&x| x >= cut).count(), band);

@@ -7,6 +7,8 @@ use crate::config::{ClockMode, Config};
 use crate::domain::calendar::Unit;
 use crate::domain::state::Trigger;
 use crate::domain::CustomerState;
+use crate::rules::operand::Operand;
+use crate::rules::rank::{cutoffs_from_values, Cutoffs, Ties};
 use crate::rules::Rules;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -33,6 +35,8 @@ pub struct Matrix {
     pub total: u64,
     /// The first movers, up to the sample size.
     pub movers: Vec<Mover>,
+    /// Rank cut-offs of the new rules over the stored population (rank-based rules).
+    pub cutoffs: Cutoffs,
     sample: usize,
 }
 
@@ -50,13 +54,7 @@ impl Matrix {
         let from = state.tier.clone().unwrap_or_else(|| "-".into());
         let mut copy = state.clone();
         let at = now.max(state.at).max(state.clock);
-        // Rank cut-offs are not simulated (they depend on the whole new population).
-        let outcome = copy.evaluate(
-            new,
-            at,
-            Trigger::RulesChanged,
-            &crate::rules::rank::Cutoffs::default(),
-        );
+        let outcome = copy.evaluate(new, at, Trigger::RulesChanged, &self.cutoffs);
         let to = copy.tier.clone().unwrap_or_else(|| "-".into());
         if from != to && self.movers.len() < self.sample {
             self.movers.push(Mover {
@@ -139,9 +137,7 @@ impl Matrix {
 /// Warnings about what the stored state cannot tell the new rules.
 pub fn warnings(current: &Rules, new: &Rules) -> Vec<String> {
     let mut out = Vec::new();
-    if new.uses_ranks() {
-        out.push("the new rules have rank-based tiers or scores: rank cut-offs are not simulated, so every rank condition counts as not met".into());
-    }
+
     for (unit, name) in [(Unit::Day, "day"), (Unit::Month, "month")] {
         let (have, need) = (current.keep_buckets(unit), new.keep_buckets(unit));
         if need > have {
@@ -152,6 +148,33 @@ pub fn warnings(current: &Rules, new: &Rules) -> Vec<String> {
         }
     }
     out
+}
+
+/// The new rules' rank cut-offs over the stored population, by full sorts in memory (16 bytes
+/// per customer and rank): one pass over the customers, and a second one when a rank orders
+/// the R×F×M product (its values depend on the other ranks' cut-offs).
+fn rank_cutoffs(store: &mut Store, new: &Rules, now: i64) -> Result<Cutoffs, ToolError> {
+    let ties: Vec<Ties> = new.ranks().iter().map(|r| r.ties).collect();
+    let collect = |store: &mut Store, cutoffs: &Cutoffs| -> Result<Vec<Vec<i128>>, ToolError> {
+        let mut values = vec![Vec::new(); new.ranks().len()];
+        store.for_each_customer(1000, |_, state| {
+            let at = now.max(state.at).max(state.clock);
+            let eval = new.evaluate(&state.facts(), at, cutoffs);
+            for (r, v) in eval.ranks.iter().enumerate() {
+                if let Some(v) = v {
+                    values[r].push(*v);
+                }
+            }
+        })?;
+        Ok(values)
+    };
+    let mut values = collect(store, &Cutoffs::default())?;
+    let mut cutoffs = cutoffs_from_values(new.cut_points(), &ties, new.version_hash(), &mut values);
+    if new.ranks().iter().any(|r| r.metric == Operand::Product) {
+        let mut values = collect(store, &cutoffs)?;
+        cutoffs = cutoffs_from_values(new.cut_points(), &ties, new.version_hash(), &mut values);
+    }
+    Ok(cutoffs)
 }
 
 /// Runs the simulation over every stored customer; `progress` is called with the count so far.
@@ -170,6 +193,9 @@ pub fn run(
         ClockMode::Event => i64::MIN,
     };
     let mut matrix = Matrix::new(sample);
+    if new.uses_ranks() {
+        matrix.cutoffs = rank_cutoffs(&mut store, new, now)?;
+    }
     store.for_each_customer(1000, |id, state| {
         matrix.add(id, &state, new, now);
         if matrix.total.is_multiple_of(1000) {
