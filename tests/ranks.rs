@@ -139,6 +139,16 @@ fn overtaken_vip_moves_down_once_with_rank_shift() {
     assert_eq!(down["cutoffs_version"], second.version);
     assert_eq!(down["cause"], serde_json::Value::Null, "nothing c100 did");
     assert_eq!(down["ranks"]["value"]["top"], "20%");
+    assert_eq!(down["ranks"]["value"]["value"], "1000000");
+    assert_eq!(
+        (
+            &down["ranks"]["value"]["position"],
+            &down["ranks"]["value"]["population"]
+        ),
+        (&3.into(), &102.into()),
+        "the exact position when the change was decided"
+    );
+    assert_eq!(down["ranks"]["value"]["top_percent"], 2.94);
     assert_eq!(
         world.customer_state("big2").unwrap().tier.as_deref(),
         Some("vip")

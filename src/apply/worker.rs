@@ -94,6 +94,9 @@ struct Draft {
     applied_cutoffs: Option<String>,
     /// Timer index entries without a stored customer, to remove.
     orphans: Vec<String>,
+    /// Changes under rank-based rules awaiting their exact rank positions: (outbox index,
+    /// ranked values, change).
+    ranked: Vec<(usize, Vec<Option<i128>>, TierChange)>,
 }
 
 /// Applies the batches of one owned partition.
@@ -566,10 +569,19 @@ impl Worker {
                 change.tier.clone(),
                 change.reason.as_str(),
             ));
+            let value = if p.rules.uses_ranks() {
+                // Serialized at commit, once the exact rank positions are known.
+                draft
+                    .ranked
+                    .push((draft.outbox.len(), t.eval.ranks.clone(), change.clone()));
+                Vec::new()
+            } else {
+                serde_json::to_vec(&change).expect("change events serialize")
+            };
             draft.outbox.push(OutboxEntry {
                 kind: EntryKind::Change,
                 key: customer_id.as_bytes().to_vec(),
-                value: serde_json::to_vec(&change).expect("change events serialize"),
+                value,
                 headers: Vec::new(),
             });
         }
@@ -836,6 +848,9 @@ impl Worker {
                 }
             }
         }
+        if !draft.ranked.is_empty() {
+            self.rank_positions(draft).await?;
+        }
         let mut batch = CommitBatch {
             expected_offset: self.next_offset(),
             first_offset: draft.first_offset,
@@ -941,6 +956,62 @@ impl Worker {
         }
         if !batch.outbox.is_empty() {
             self.published.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Adds each pending rank-based change's exact position in every rank (customers with a
+    /// strictly higher value, summed over the partitions, plus one) and serializes it.
+    async fn rank_positions(&mut self, draft: &mut Draft) -> Result<(), ApplyError> {
+        let p = Arc::clone(&self.pipeline);
+        let partitions = p.partitions.load(Ordering::Relaxed).max(1);
+        let ranks = p.rules.ranks();
+        let mut pipe = redis::pipe();
+        for r in ranks {
+            for q in 0..partitions {
+                pipe.zcard(p.keyspace.partition(q).rank(&r.name));
+            }
+        }
+        for (_, values, _) in &draft.ranked {
+            for (r, rank) in ranks.iter().enumerate() {
+                if let Some(Some(v)) = values.get(r) {
+                    for q in 0..partitions {
+                        pipe.zcount(
+                            p.keyspace.partition(q).rank(&rank.name),
+                            format!("({v}"),
+                            "+inf",
+                        );
+                    }
+                }
+            }
+        }
+        let mut delay = Duration::from_millis(50);
+        let counts: Vec<u64> = loop {
+            match pipe.query_async(&mut self.conn).await {
+                Ok(v) => break v,
+                Err(e) => self.pause(&mut delay, &ApplyError::Redis(e)).await,
+            }
+        };
+        let parts = usize::try_from(partitions).unwrap_or(1);
+        let mut next = counts.chunks(parts).map(|c| c.iter().sum::<u64>());
+        let population: Vec<u64> = (0..ranks.len()).map(|_| next.next().unwrap_or(0)).collect();
+        for (index, values, mut change) in std::mem::take(&mut draft.ranked) {
+            for (r, rank) in ranks.iter().enumerate() {
+                if let Some(Some(_)) = values.get(r) {
+                    let above = next.next().unwrap_or(0);
+                    // A new customer's own value is not committed yet: count them in.
+                    let n =
+                        (population[r] + u64::from(change.previous_tier.is_none())).max(above + 1);
+                    if let Some(entry) = change.ranks.get_mut(&rank.name) {
+                        entry["position"] = (above + 1).into();
+                        entry["population"] = n.into();
+                        entry["top_percent"] =
+                            (((above + 1) as f64 * 10_000.0 / n as f64).round() / 100.0).into();
+                    }
+                }
+            }
+            draft.outbox[index].value =
+                serde_json::to_vec(&change).expect("change events serialize");
         }
         Ok(())
     }
