@@ -179,6 +179,22 @@ fn main() {
             "| {n} | {newcomers} | {recomputes} | {:.1} ms | {reevaluated} | {moved} | {initial:.1} s |",
             secs * 1000.0 / recomputes.max(1.0)
         );
+        if std::env::var("BENCH_RANK_DETAIL").is_ok() {
+            for l in
+                tierd.get("/metrics").1.lines().filter(|l| {
+                    l.starts_with("tierd_tier_changes_total") && l.contains("rank_shift")
+                })
+            {
+                eprintln!("{l}");
+            }
+            for l in tierd
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("Rank cut-offs"))
+            {
+                eprintln!("{l}");
+            }
+        }
         drop(tierd);
     }
 }

@@ -4,8 +4,11 @@
 //! the same atomic commit as their state). The value at position k from the top of the whole
 //! population is found by a binary search over values: `count_ge(v)` is the sum over the
 //! partitions of `ZCOUNT rank v +inf` (O(log N) each), so one cut-off costs
-//! O(P · log N · log(value range)) — about 50 rounds of P pipelined `ZCOUNT`s for money
-//! values — however many customers there are. Mergeable histograms would be cheaper still but
+//! O(P · log N · log(value range)) — about 50 rounds of P `ZCOUNT`s for money values —
+//! however many customers there are. The search runs inside one Lua script per cut-off, so
+//! the population and every count come from one consistent moment even while partitions keep
+//! committing (a search spread over many round trips would mix moments and place customers
+//! around the cut-off wrongly until the next computation). Mergeable histograms would be cheaper still but
 //! approximate at the cut-off; an exact band was chosen (see docs/rules.md).
 
 use super::keys::PartitionKeys;
@@ -35,6 +38,9 @@ pub async fn populations(
         .collect())
 }
 
+static CUTOFF: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/cutoff.lua")));
+
 async fn count_ge(
     conn: &mut ConnectionManager,
     keys: &[String],
@@ -48,27 +54,6 @@ async fn count_ge(
     Ok(counts.iter().sum())
 }
 
-async fn extreme(
-    conn: &mut ConnectionManager,
-    keys: &[String],
-    index: i64,
-) -> Result<Vec<i128>, redis::RedisError> {
-    let mut pipe = redis::pipe();
-    for k in keys {
-        pipe.cmd("ZRANGE")
-            .arg(k)
-            .arg(index)
-            .arg(index)
-            .arg("WITHSCORES");
-    }
-    let found: Vec<Vec<(String, f64)>> = pipe.query_async(conn).await?;
-    Ok(found
-        .into_iter()
-        .flatten()
-        .map(|(_, s)| s as i128)
-        .collect())
-}
-
 /// Computes every cut-off of the rules over all partitions.
 ///
 /// # Errors
@@ -78,38 +63,37 @@ pub async fn compute(
     partitions: &[PartitionKeys],
     rules: &Rules,
 ) -> Result<Cutoffs, redis::RedisError> {
-    let population = populations(conn, partitions, rules).await?;
+    let mut population = vec![0u64; rules.ranks().len()];
     let mut values = Vec::with_capacity(rules.cut_points().len());
     let mut at_or_above = Vec::with_capacity(rules.cut_points().len());
     for &CutPoint { rank, pct } in rules.cut_points() {
         let name = &rules.ranks()[rank].name;
         let keys: Vec<String> = partitions.iter().map(|p| p.rank(name)).collect();
-        let n = population[rank];
-        if n == 0 {
+        // One atomic script per cut-off: population, extremes and counts from one moment.
+        let mut inv = CUTOFF.prepare_invoke();
+        for k in &keys {
+            inv.key(k);
+        }
+        let reply: Vec<String> = inv
+            .arg(pct.n.to_string())
+            .arg(pct.d.to_string())
+            .invoke_async(conn)
+            .await?;
+        let num = |i: usize| reply.get(i).and_then(|s| s.parse::<i128>().ok());
+        let n = num(0).map_or(0, |n| u64::try_from(n).unwrap_or(0));
+        population[rank] = population[rank].max(n);
+        let (Some(kth), Some(at_kth), Some(k)) = (num(1), num(2), num(3)) else {
             values.push(None);
             at_or_above.push(0);
             continue;
-        }
-        let lows = extreme(conn, &keys, 0).await?;
-        let highs = extreme(conn, &keys, -1).await?;
-        let (mut lo, mut hi) = (
-            lows.into_iter().min().unwrap_or(0),
-            highs.into_iter().max().unwrap_or(0),
+        };
+        let (at_kth, k) = (
+            u64::try_from(at_kth).unwrap_or(0),
+            u64::try_from(k).unwrap_or(0),
         );
-        let k = CutPoint { rank, pct }.k(n);
-        // Binary search for the largest v with count_ge(v) >= k (see rank::kth_largest).
-        while lo < hi {
-            let mid = lo + (hi - lo + 1) / 2;
-            if count_ge(conn, &keys, mid).await? >= k {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
-        let at_kth = count_ge(conn, &keys, lo).await?;
-        let value = crate::rules::rank::cutoff(lo, at_kth, k, rules.ranks()[rank].ties);
+        let value = crate::rules::rank::cutoff(kth, at_kth, k, rules.ranks()[rank].ties);
         values.push(Some(value));
-        at_or_above.push(if value == lo {
+        at_or_above.push(if value == kth {
             at_kth
         } else {
             count_ge(conn, &keys, value).await?
@@ -117,7 +101,7 @@ pub async fn compute(
     }
     Ok(Cutoffs {
         version: 0,
-        rules: crate::domain::state::rules_hash(rules.version()),
+        rules: rules.version_hash(),
         population,
         values,
         at_or_above,
