@@ -51,7 +51,7 @@ fn applied_version(world: &World, partition: i32) -> u64 {
 /// Waits until cut-offs computed over `population` customers (each customer has one event,
 /// so the values are final) are applied by every partition; returns them.
 fn wait_settled(world: &World, tierd: &Tierd, population: u64) -> Cutoffs {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         if let Some(c) = global_cutoffs(world) {
             if c.population.first() == Some(&population)

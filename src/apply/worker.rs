@@ -250,9 +250,13 @@ impl Worker {
                             .await
                             .ok()
                             .flatten();
-                        let changed = current
-                            .as_ref()
-                            .is_none_or(|c| c.values != new.values || c.rules != new.rules);
+                        // A new population is published too (even with the same values): the
+                        // published cut-offs always say over how many customers they hold.
+                        let changed = current.as_ref().is_none_or(|c| {
+                            c.values != new.values
+                                || c.rules != new.rules
+                                || c.population != new.population
+                        });
                         if changed {
                             match store::publish_cutoffs(&mut self.conn, &zero, self.epoch, &new)
                                 .await
