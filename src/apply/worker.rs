@@ -329,7 +329,6 @@ impl Worker {
             }
         }
         let page = p.ranks.reevaluate_page;
-        let wall = p.clock.mode == ClockMode::Wall;
         let mut moved = 0u64;
         let mut evaluated = 0u64;
         let mut seen = std::collections::HashSet::new();
@@ -371,19 +370,9 @@ impl Worker {
             let mut draft = self.new_draft();
             for id in fresh {
                 let loaded = work.get_mut(id.as_str()).expect("loaded above");
-                let now = if wall {
-                    time::now_ms()
-                } else {
-                    self.clock.unwrap_or(i64::MIN).max(loaded.state.at)
-                };
-                let outcome =
-                    loaded
-                        .state
-                        .evaluate(&p.rules, now, Trigger::RankShift, &self.cutoffs);
-                loaded.dirty = true;
+                let outcome = self.reevaluate(&mut draft, id, loaded, Trigger::RankShift);
                 evaluated += 1;
                 moved += u64::from(outcome.transition.is_some());
-                self.record(&mut draft, id, &loaded.state, &outcome, None);
             }
             self.commit(&mut draft, &mut work).await?;
             self.keep(work);
@@ -437,7 +426,6 @@ impl Worker {
         let mut work = HashMap::new();
         self.load(ids.iter().cloned(), &mut work).await?;
         let hash = rules_hash(p.rules.version());
-        let wall = p.clock.mode == ClockMode::Wall;
         let mut draft = self.new_draft();
         let mut swept = 0u64;
         for id in &ids {
@@ -445,18 +433,8 @@ impl Worker {
             if loaded.state.rv == hash {
                 continue;
             }
-            let now = if wall {
-                time::now_ms()
-            } else {
-                self.clock.unwrap_or(i64::MIN).max(loaded.state.at)
-            };
-            let outcome =
-                loaded
-                    .state
-                    .evaluate(&p.rules, now, Trigger::RulesChanged, &self.cutoffs);
-            loaded.dirty = true;
+            self.reevaluate(&mut draft, id, loaded, Trigger::RulesChanged);
             swept += 1;
-            self.record(&mut draft, id, &loaded.state, &outcome, None);
         }
         let done = next == 0;
         if swept > 0 || done {
@@ -551,6 +529,27 @@ impl Worker {
             end_offset: next,
             ..Draft::default()
         }
+    }
+
+    /// Re-evaluates a stored customer for an operator-level trigger (rules sweep, new rank
+    /// cut-offs) at engine time now: the wall clock, or the partition's event-time clock
+    /// (the customer's own engine time never runs backwards, see `CustomerState::evaluate`).
+    fn reevaluate(
+        &self,
+        draft: &mut Draft,
+        id: &str,
+        loaded: &mut Loaded,
+        trigger: Trigger,
+    ) -> Outcome {
+        let p = &self.pipeline;
+        let now = match p.clock.mode {
+            ClockMode::Wall => time::now_ms(),
+            ClockMode::Event => self.clock.unwrap_or(i64::MIN),
+        };
+        let outcome = loaded.state.evaluate(&p.rules, now, trigger, &self.cutoffs);
+        loaded.dirty = true;
+        self.record(draft, id, &loaded.state, &outcome, None);
+        outcome
     }
 
     /// Adds an evaluation's change and notice to the draft.

@@ -140,6 +140,8 @@ pub struct TierFile {
     /// Hysteresis: conditions to keep the tier once in it (a lower bar than `when`).
     #[serde(default)]
     pub stay: Option<Vec<Spanned<String>>>,
+    // The policy overrides repeat `PolicyFile`'s fields because serde's `flatten` cannot be
+    // combined with `deny_unknown_fields` (a typo must stay an error).
     /// Overrides `[policy].downgrade` for this tier.
     #[serde(default)]
     pub downgrade: Option<super::policy::Downgrade>,
