@@ -4,7 +4,7 @@
 //!   (c) tierd's peak RSS, (d) Redis memory per customer.
 //!
 //! `cargo bench --bench pipeline` (env: BENCH_EVENTS=1000000 BENCH_CUSTOMERS=100000
-//! BENCH_PARTITIONS=4). Starts its own redis-server and Tansu broker (sqlite storage).
+//! BENCH_PARTITIONS=4). Starts its own redis-server and Apache Kafka broker (scripts/kafka/broker.sh).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -195,7 +195,7 @@ fn main() {
 
     println!("## tierd pipeline bench");
     println!();
-    println!("- scenario: {events} events (~{sample} B JSON each), {customers} customers, {partitions} partitions, broker Tansu 0.6.0 on sqlite, Redis 7 on loopback");
+    println!("- scenario: {events} events (~{sample} B JSON each), {customers} customers, {partitions} partitions, broker {}, Redis 7 on loopback", support::broker_description());
     println!(
         "- machine: {} cores",
         std::thread::available_parallelism().map_or(0, usize::from)

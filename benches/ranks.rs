@@ -87,6 +87,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
     println!("## tierd rank cut-off bench (pyramid 1/19/30/50 %, {partitions} partitions)");
+    println!("- broker: {}", support::broker_description());
     println!();
     println!("| customers | newcomers | recomputes | recompute time (mean) | re-evaluated | changed tier (rank_shift) | initial placement pass |");
     println!("|---|---|---|---|---|---|---|");

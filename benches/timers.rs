@@ -159,6 +159,7 @@ fn main() {
     println!("## tierd timer firing bench");
     println!();
     println!("- scenario: {customers} customers over {partitions} partitions, rules rfm-segments, all due on the same two days; event clock moved 32 days by one event per partition");
+    println!("- broker: {}", support::broker_description());
     println!("- timers fired: {expected} ({customers} recency 5→4 without change, {customers} recency 4→3 with a downgrade)");
     println!("- tier changes committed: {changes}");
     println!("- firing time (clock event produced → every timer fired and committed): {fire_secs:.1} s = {:.0} timers/s", expected / fire_secs);
@@ -170,6 +171,6 @@ fn main() {
         (rcpu1 - rcpu0) * 1e6 / expected
     );
     println!(
-        "- outbox drain after firing (publishing the changes to Tansu): {drain_secs:.1} s more"
+        "- outbox drain after firing (publishing the changes to the broker): {drain_secs:.1} s more"
     );
 }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The whole thing on one machine: installs what is missing (redis-server, the Tansu broker),
-# starts Redis and the broker on free loopback ports, creates the topics, starts tierd with
+# The whole thing on one machine: installs what is missing (redis-server, Apache Kafka from
+# Maven Central), starts Redis and a single-node Apache Kafka (KRaft, through the launcher
+# scripts/kafka/broker.sh) on free loopback ports, creates the topics, starts tierd with
 # config/tierd.toml, feeds it a generated purchase stream, shows tier changes live and looks a
 # customer up through the API. Ctrl-C stops everything it started.
+# DEMO_EXIT=1 stops after the API look-up instead of waiting (for timing a fresh machine).
 #
 #   bash scripts/demo.sh [EVENTS] [CUSTOMERS] [RATE]     (defaults: 20000 1000 2000/s)
 set -euo pipefail
@@ -11,7 +13,7 @@ EVENTS="${1:-20000}"; CUSTOMERS="${2:-1000}"; RATE="${3:-2000}"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 bash scripts/install-deps.sh
-echo "==> Building tierd (release)"
+echo "==> Building tierd (release) [${SECONDS}s since start]"
 cargo build --release --locked --bins
 BIN=target/release
 
@@ -28,17 +30,21 @@ trap 'exit 130' INT TERM
 
 wait_port() { for _ in $(seq 1 300); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "$2 did not start; see $DIR" >&2; exit 1; }
 
-REDIS_PORT=$(free_port); KAFKA_PORT=$(free_port); API_PORT=$(free_port)
-echo "==> Redis on 127.0.0.1:$REDIS_PORT, Tansu broker on 127.0.0.1:$KAFKA_PORT (sqlite), API on 127.0.0.1:$API_PORT"
+. scripts/kafka/version.sh
+REDIS_PORT=$(free_port); KAFKA_PORT=$(free_port); CONTROLLER_PORT=$(free_port); API_PORT=$(free_port)
+echo "==> Redis on 127.0.0.1:$REDIS_PORT, Apache Kafka $KAFKA_VERSION (KRaft) on 127.0.0.1:$KAFKA_PORT, API on 127.0.0.1:$API_PORT"
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$DIR" >"$DIR/redis.log" 2>&1 &
 PIDS+=($!)
-(cd "$DIR" && exec tansu broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-   --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine sqlite://tansu.db) >"$DIR/tansu.log" 2>&1 &
+bash scripts/kafka/broker.sh --dir "$DIR/kafka" --port "$KAFKA_PORT" --controller-port "$CONTROLLER_PORT" \
+  --heap 512m --watch-pid $$ &
 PIDS+=($!)
-wait_port "$REDIS_PORT" redis-server; wait_port "$KAFKA_PORT" tansu
+wait_port "$REDIS_PORT" redis-server; wait_port "$KAFKA_PORT" "Apache Kafka (log: $DIR/kafka/broker.log)"
 
 BROKERS="127.0.0.1:$KAFKA_PORT"
-$BIN/tierd-dev --brokers "$BROKERS" create-topics --partitions 4 purchases tier-changes purchases-dlq
+for i in $(seq 1 50); do
+  $BIN/tierd-dev --brokers "$BROKERS" create-topics --partitions 4 purchases tier-changes purchases-dlq && break
+  sleep 0.2
+done
 
 echo "==> Starting tierd (log: $DIR/tierd.log)"
 TIERD_KAFKA__BROKERS="$BROKERS" TIERD_REDIS__URL="redis://127.0.0.1:$REDIS_PORT" \
@@ -47,7 +53,7 @@ TIERD_API__LISTEN="127.0.0.1:$API_PORT" \
 PIDS+=($!)
 wait_port "$API_PORT" tierd
 
-echo "==> Tier changes, live (customer, from → to, direction, reason, lifetime spend, time):"
+echo "==> [${SECONDS}s since start] Tier changes, live (customer, from → to, direction, reason, lifetime spend, time):"
 $BIN/tierd-dev --brokers "$BROKERS" tail --topic tier-changes &
 PIDS+=($!)
 sleep 2
@@ -59,6 +65,7 @@ curl -s "http://127.0.0.1:$API_PORT/v1/customers/cust-000042" | python3 -m json.
 echo "==> GET /readyz: $(curl -s "http://127.0.0.1:$API_PORT/readyz")"
 echo "==> Metrics:"
 curl -s "http://127.0.0.1:$API_PORT/metrics" | grep -E '^tierd_(events_applied_total|events_deduplicated_total|tier_changes_total|partitions_assigned)' | head -20
+[ "${DEMO_EXIT:-0}" = 1 ] && exit 0
 echo; echo "tierd keeps running; produce more with:"
 echo "  $BIN/tierd-dev --brokers $BROKERS produce --events 1000 --seed 2"
 echo "Press Ctrl-C to stop everything."

@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
-# Installs what tierd's demo and tests need and this machine lacks:
-#   redis-server (Debian package) and the Kafka-API broker Tansu 0.6.0 (cargo install,
-#   ~13-35 min on 2 cores the first time; progress is shown).
+# Installs what tierd's build, demo, tests and benches need and a fresh machine lacks, each
+# only once:
+#   - Debian packages: redis-server (tests start their own), the -dev packages librdkafka's
+#     ssl/zstd/gssapi features build against, openssl (test certificates);
+#   - Apache Kafka (pinned in scripts/kafka/version.sh): the broker jars and their
+#     dependencies from Maven Central into ~/.cache/tierd/kafka-VERSION/libs (TIERD_CACHE
+#     moves the cache); nothing is built;
+#   - cargo-nextest (the test runner).
 set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/kafka/version.sh
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "==> Installing redis-server (apt)"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v keytool >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need+=(maven)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+for p in libssl-dev libzstd-dev libsasl2-dev; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> Installing Debian packages: ${need[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 redis-server --version
 
-TANSU="${TANSU_BIN:-$HOME/.cargo/bin/tansu}"
-if [ ! -x "$TANSU" ] && ! command -v tansu >/dev/null 2>&1; then
-  echo "==> Installing the Tansu broker (cargo install tansu 0.6.0; takes ~13-35 min the first time)"
-  cargo install tansu --version 0.6.0 --locked --features dynostore,libsql
+LIBS="$KAFKA_HOME_DEFAULT/libs"
+if ! ls "$LIBS"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null 2>&1; then
+  echo "==> Fetching Apache Kafka $KAFKA_VERSION and its dependencies from Maven Central into $LIBS"
+  start=$(date +%s)
+  rm -rf "$LIBS.partial"
+  mvn -B -ntp -f scripts/kafka/pom.xml -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$LIBS.partial" \
+    | grep -E 'Copying|BUILD|ERROR' | sed -u 's/^/    /' || true
+  ls "$LIBS.partial"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null 2>&1 \
+    || { echo "fetching Apache Kafka failed (see the Maven output above)" >&2; exit 1; }
+  mv "$LIBS.partial" "$LIBS"
+  echo "    done in $(( $(date +%s) - start )) s"
 fi
-echo "tansu: $(command -v tansu || echo "$TANSU")"
+echo "Apache Kafka $KAFKA_VERSION: $LIBS ($(ls "$LIBS" | wc -l) jars)"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> Installing cargo-nextest"

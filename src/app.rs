@@ -26,11 +26,14 @@ pub enum StartError {
     /// The rules file is invalid.
     #[error(transparent)]
     Rules(#[from] RulesError),
+    /// A field is invalid (a client cannot be built from it).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Redis is unreachable at `redis.url`.
     #[error("redis.url: cannot use Redis: {0}")]
     Redis(redis::RedisError),
     /// A Kafka client could not be created (bad pass-through property, …).
-    #[error("kafka: cannot create the {client}: {error}")]
+    #[error("kafka.{client}: cannot create the {client}: {error}")]
     KafkaClient {
         client: &'static str,
         error: rdkafka::error::KafkaError,
@@ -68,7 +71,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "Rules loaded."
     );
 
-    let client = redis::Client::open(config.redis.url.as_str()).map_err(StartError::Redis)?;
+    crate::kafka::check_clients(&config.kafka)?;
+    let client = crate::redis_client::client(&config.redis)?;
     let redis = tokio::time::timeout(
         Duration::from_secs(10),
         redis::aio::ConnectionManager::new(client.clone()),

@@ -108,6 +108,17 @@ pub struct RedisConfig {
     /// Prefix of every key tierd writes. Default `tierd`.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
+    /// PEM file of the certificate authority that signed the Redis server's certificate
+    /// (`rediss://` only). Default: none, the system's trust store is used.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for Redis servers that require one (`tls-auth-clients yes`);
+    /// set together with `tls_key_file`. Default: none.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`. Default: none.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// Ingest batching and input limits.

@@ -1,20 +1,31 @@
 //! The one place Kafka client settings are decided: tierd's defaults, then the operator's
 //! pass-through librdkafka properties from `[kafka.consumer]` / `[kafka.producer]`.
 
-use crate::config::KafkaConfig;
+use crate::config::{ConfigError, KafkaConfig};
 use rdkafka::ClientConfig;
 
 /// Consumer settings: manual offsets (Redis holds the real ones), cooperative rebalancing.
+///
+/// Under the classic group protocol (the default) tierd picks the cooperative-sticky assignor
+/// and its own session timing. Under KIP-848 (`group.protocol = "consumer"`, Kafka 4) the
+/// broker assigns partitions (always incrementally) and owns the session timing, so those
+/// client properties are left unset (librdkafka refuses them there).
 pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &kafka.brokers)
         .set("group.id", &kafka.group_id)
-        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "2000")
         .set("enable.partition.eof", "false");
+    let kip848 = kafka
+        .consumer
+        .get("group.protocol")
+        .is_some_and(|p| p.eq_ignore_ascii_case("consumer"));
+    if !kip848 {
+        c.set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
+    }
     for (k, v) in &kafka.consumer {
         c.set(k, v);
     }
@@ -42,4 +53,51 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     // Idempotence is what keeps order and drops broker-side duplicates on retries.
     c.set("enable.idempotence", "true");
     c
+}
+
+/// Builds both Kafka clients from the configuration without connecting, so that a property
+/// librdkafka refuses (an unknown name, `security.protocol = "SASL_SSL"` without a CA file it
+/// can read, …) stops startup naming the table to fix.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `kafka.consumer` or `kafka.producer`.
+pub fn check_clients(kafka: &KafkaConfig) -> Result<(), ConfigError> {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::producer::BaseProducer;
+    let invalid = |field, e: rdkafka::error::KafkaError| ConfigError::Invalid {
+        field,
+        message: e.to_string(),
+    };
+    consumer_config(kafka)
+        .create::<BaseConsumer>()
+        .map_err(|e| invalid("kafka.consumer", e))?;
+    producer_config(kafka)
+        .create::<BaseProducer>()
+        .map_err(|e| invalid("kafka.producer", e))?;
+    Ok(())
+}
+
+/// librdkafka's `builtin.features` as built into tierd (e.g. `ssl`, `sasl_scram`, `zstd`).
+pub fn builtin_features() -> Vec<String> {
+    ClientConfig::new()
+        .create_native_config()
+        .and_then(|c| c.get("builtin.features"))
+        .map(|f| f.split(',').map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    /// SASL_SSL with SCRAM, TLS and zstd need these in the bundled librdkafka (its crate
+    /// features `ssl` and `zstd`); a build without them could not honour the README.
+    #[test]
+    fn librdkafka_is_built_with_tls_scram_and_zstd() {
+        let features = super::builtin_features();
+        for f in ["ssl", "sasl_scram", "sasl_plain", "zstd", "lz4"] {
+            assert!(
+                features.iter().any(|x| x == f),
+                "{f} missing from {features:?}"
+            );
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //! - [`publish`]: the Redis outbox drained to Kafka by an idempotent producer.
 //! - [`api`]: customer lookup, health, readiness, metrics.
 //! - [`tools`]: read-only operator tools (`tierd rules explain`, `tierd simulate`).
-//! - [`telemetry`], [`kafka`] (client settings), [`shutdown`], [`app`] (wiring).
+//! - [`telemetry`], [`kafka`] and [`redis_client`] (client settings), [`shutdown`], [`app`] (wiring).
 
 pub mod api;
 pub mod app;
@@ -24,6 +24,7 @@ pub mod domain;
 pub mod ingest;
 pub mod kafka;
 pub mod publish;
+pub mod redis_client;
 pub mod rules;
 pub mod shutdown;
 pub mod telemetry;

@@ -111,6 +111,12 @@ fn main() -> anyhow::Result<()> {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let rules = tierd::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            // Build (without connecting) every client the service would: a property that
+            // cannot work is refused here, naming the field.
+            tierd::kafka::check_clients(&cfg.kafka)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            tierd::redis_client::client(&cfg.redis)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
             println!(
                 "ok: {} (rules {} version {}, {} tiers)",
                 config.display(),

@@ -103,24 +103,36 @@ fn reference(
     (states, changes)
 }
 
-#[test]
-fn kill_9_repeatedly_loses_nothing_and_counts_everything_once() {
-    let world = World::start(4);
-    let events = stream(30_000, 3_000, 7);
-    let rules = Rules::load(
+fn b2b_rules() -> Rules {
+    Rules::load(
         std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/config/rules/b2b-lifetime.toml"
         )),
         2,
     )
-    .unwrap();
-    let (expected_states, expected_changes) = reference(&events, &rules);
+    .unwrap()
+}
+
+#[test]
+fn kill_9_repeatedly_loses_nothing_and_counts_everything_once() {
+    kill_9_repeatedly("");
+}
+
+/// The same under the KIP-848 consumer group protocol (Kafka 4, broker-side assignment).
+#[test]
+fn kill_9_repeatedly_under_kip848_loses_nothing_and_counts_everything_once() {
+    kill_9_repeatedly("\"group.protocol\" = \"consumer\"");
+}
+
+fn kill_9_repeatedly(consumer: &str) {
+    let world = World::start(4);
+    let events = stream(30_000, 3_000, 7);
+    let (expected_states, expected_changes) = reference(&events, &b2b_rules());
 
     // Small batches so that many commits are in flight when the process dies.
     let extra = "[ingest]\nbatch_max_events = 200\n";
-    let mut tierd = Tierd::spawn(&world, extra);
-
+    let mut tierd = Tierd::spawn_with(&world, consumer, extra);
     // Produce in the background at a bounded rate while tierd is killed and restarted.
     let ends = std::thread::scope(|s| {
         let producer = s.spawn(|| {
@@ -144,7 +156,7 @@ fn kill_9_repeatedly_loses_nothing_and_counts_everything_once() {
             std::thread::sleep(Duration::from_millis(rng.random_range(100..2000)));
             tierd.kill9();
             kills += 1;
-            tierd = Tierd::spawn(&world, extra);
+            tierd = Tierd::spawn_with(&world, consumer, extra);
             assert!(
                 started.elapsed() < Duration::from_secs(300),
                 "producer did not finish"
@@ -161,12 +173,62 @@ fn kill_9_repeatedly_loses_nothing_and_counts_everything_once() {
         );
     }
 
+    assert_exact(&world, &expected_states, &expected_changes);
+}
+
+/// Leader failover of a replicated cluster: 3 Apache Kafka nodes, every topic with
+/// replication factor 3 and `min.insync.replicas = 2`. Mid-stream the leader of an input
+/// partition is killed (SIGKILL), later the leader of an output partition, and each is
+/// restarted; tierd rides through both. Final state equals the reference, every expected tier
+/// change is on the output topic in per-customer order, and any duplicate is the identical
+/// record.
+#[test]
+fn leader_failover_on_a_replicated_cluster_loses_nothing_and_doubles_nothing() {
+    let mut world = World::start_on(4, support::Redis::start(), support::Broker::cluster(3));
+    let events = stream(12_000, 1_500, 11);
+    let (expected_states, expected_changes) = reference(&events, &b2b_rules());
+    let extra = "[ingest]\nbatch_max_events = 200\n";
+    let tierd = Tierd::spawn(&world, extra);
+    tierd.wait_partitions(4, Duration::from_secs(90));
+
+    let mut ends = BTreeMap::new();
+    for (i, chunk) in events.chunks(1_000).enumerate() {
+        for (p, e) in world.produce_json(chunk) {
+            ends.insert(p, e);
+        }
+        if i == 3 {
+            let leader = world.broker.leader(&world.input, 0);
+            eprintln!("killing node {leader}, leader of input partition 0");
+            world.broker.kill_node(leader);
+            std::thread::sleep(Duration::from_secs(3));
+            world.broker.start_node(leader);
+        }
+        if i == 7 {
+            let leader = world.broker.leader(&world.output, 1);
+            eprintln!("killing node {leader}, leader of output partition 1");
+            world.broker.kill_node(leader);
+            std::thread::sleep(Duration::from_secs(3));
+            world.broker.start_node(leader);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    world.wait_applied(&ends, Duration::from_secs(180));
+    assert_exact(&world, &expected_states, &expected_changes);
+}
+
+/// After the stream: every customer's state equals the reference, every expected change was
+/// published exactly as expected and in per-customer order, duplicates are identical.
+fn assert_exact(
+    world: &World,
+    expected_states: &HashMap<String, CustomerState>,
+    expected_changes: &Changes,
+) {
     // Exact state per customer.
     assert!(
-        expected_states.len() > 2_900,
+        expected_states.len() > 1_400,
         "the stream covers the customers"
     );
-    for (customer, expected) in &expected_states {
+    for (customer, expected) in expected_states {
         let got = world
             .customer_state(customer)
             .unwrap_or_else(|| panic!("{customer} missing"));
@@ -216,7 +278,7 @@ fn kill_9_repeatedly_loses_nothing_and_counts_everything_once() {
     }
     let expected_total: usize = expected_changes.values().map(Vec::len).sum();
     assert_eq!(by_id.len(), expected_total, "distinct changes published");
-    for (customer, changes) in &expected_changes {
+    for (customer, changes) in expected_changes {
         let seqs: Vec<u64> = changes.iter().map(|c| c.0).collect();
         assert_eq!(
             first_seen.get(customer),

@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-use support::{purchase, Redis, Tierd, World};
+use support::{purchase, Broker, Redis, Tierd, World};
 
 /// Purchases of 10.00 spread over 100 customers, ids `e{from}`…, one second apart (so the
 /// bounded per-customer id memory never has to refuse one as too late).
@@ -39,7 +39,8 @@ fn assert_each_counted_once(world: &World, per_customer: u64) {
 
 #[test]
 fn broker_killed_and_restarted_mid_stream_loses_nothing() {
-    let mut world = World::start(4);
+    // A broker of its own (the shared one must not be killed); restarted on its log directory.
+    let mut world = World::start_on(4, Redis::start(), Broker::start());
     let tierd = Tierd::spawn(&world, "[ingest]\nbatch_max_events = 100\n");
     tierd.wait_partitions(4, Duration::from_secs(60));
     let mut ends = BTreeMap::new();

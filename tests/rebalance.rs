@@ -14,13 +14,19 @@ fn cooperative_rebalance_shares_and_hands_over_partitions_without_double_applyin
     share_and_hand_over("");
 }
 
+/// KIP-848: the broker assigns (incrementally) under `group.protocol = "consumer"`.
+#[test]
+fn kip848_rebalance_shares_and_hands_over_partitions_without_double_applying() {
+    share_and_hand_over("\"group.protocol\" = \"consumer\"");
+}
+
 #[test]
 fn eager_rebalance_shares_and_hands_over_partitions_without_double_applying() {
     share_and_hand_over("\"partition.assignment.strategy\" = \"range\"");
 }
 
 fn share_and_hand_over(consumer: &str) {
-    let eager = !consumer.is_empty();
+    let eager = consumer.contains("range");
     let world = World::start(4);
     let a = Tierd::spawn_with(&world, consumer, "");
     a.wait_partitions(4, Duration::from_secs(60));
@@ -63,7 +69,7 @@ fn share_and_hand_over(consumer: &str) {
     } else {
         assert_eq!(
             reclaimed, 2,
-            "cooperative: only the two moved partitions changed owner: {epochs:?}"
+            "cooperative / KIP-848: only the two moved partitions changed owner: {epochs:?}"
         );
     }
 

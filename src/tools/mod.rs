@@ -19,6 +19,9 @@ pub enum ToolError {
         /// The error.
         source: redis::RedisError,
     },
+    /// The Redis client cannot be built from the configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// A stored state is unreadable.
     #[error("stored state {key} is corrupt: {message}")]
     Corrupt {
@@ -55,7 +58,7 @@ impl Store {
             url: url.clone(),
             source,
         };
-        let client = redis::Client::open(url.as_str()).map_err(err)?;
+        let client = crate::redis_client::client(&config.redis).map_err(ToolError::Config)?;
         let mut conn = client
             .get_connection_with_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;

@@ -1,5 +1,5 @@
-//! Test harness: real `redis-server` and `tansu` broker processes on free loopback ports (or
-//! external ones through `REDIS_URL` / `KAFKA_HOST`), a unique topic set, group and key prefix
+//! Test harness: real `redis-server` and Apache Kafka (KRaft) processes on free loopback ports
+//! (or external ones through `REDIS_URL` / `KAFKA_HOST`), a unique topic set, group and key prefix
 //! per test, and the `tierd` binary driven as a user would drive it.
 #![allow(dead_code)]
 
@@ -58,6 +58,9 @@ pub struct Redis {
     port: u16,
     pub url: String,
     dir: tempfile::TempDir,
+    /// `Some((certs, user, password))`: TLS only (no plain port) and an ACL user; the default
+    /// user is disabled.
+    tls: Option<(Certs, String, String)>,
 }
 
 impl Redis {
@@ -80,6 +83,7 @@ impl Redis {
                 port: 0,
                 url,
                 dir,
+                tls: None,
             };
         }
         let port = free_port();
@@ -88,9 +92,33 @@ impl Redis {
             port,
             url: format!("redis://127.0.0.1:{port}"),
             dir,
+            tls: None,
         };
         r.spawn(persistent);
         r
+    }
+
+    /// A Redis that speaks only TLS (certificates signed by `certs`' CA) and admits only the
+    /// ACL user `user`; `url` is `rediss://user:password@127.0.0.1:port`.
+    pub fn start_tls(certs: &Certs, user: &str, password: &str) -> Self {
+        let port = free_port();
+        let mut r = Self {
+            child: None,
+            port,
+            url: format!("rediss://{user}:{password}@127.0.0.1:{port}"),
+            dir: tempfile::tempdir().unwrap(),
+            tls: Some((certs.clone(), user.to_owned(), password.to_owned())),
+        };
+        r.spawn(false);
+        r
+    }
+
+    /// The `[redis]` lines a tierd config needs beyond `url` (the CA file under TLS).
+    pub fn config_extra(&self) -> String {
+        match &self.tls {
+            Some((certs, ..)) => format!("tls_ca_file = \"{}\"\n", certs.ca.display()),
+            None => String::new(),
+        }
     }
 
     fn spawn(&mut self, persistent: bool) {
@@ -99,15 +127,36 @@ impl Redis {
         } else {
             &["--appendonly", "no"]
         };
+        let mut args: Vec<String> = vec!["--port".into(), self.port.to_string()];
+        if let Some((certs, user, password)) = &self.tls {
+            args = vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                self.port.to_string(),
+                "--tls-cert-file".into(),
+                certs.server_cert.display().to_string(),
+                "--tls-key-file".into(),
+                certs.server_key.display().to_string(),
+                "--tls-ca-cert-file".into(),
+                certs.ca.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+                "--user".into(),
+                "default".into(),
+                "off".into(),
+                "--user".into(),
+                user.clone(),
+                "on".into(),
+                format!(">{password}"),
+                "~*".into(),
+                "&*".into(),
+                "+@all".into(),
+            ];
+        }
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
+            .args(&args)
+            .args(["--bind", "127.0.0.1", "--save", ""])
             .args(aof)
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
@@ -126,11 +175,15 @@ impl Redis {
         self.spawn(true);
     }
 
+    /// The client tierd would build for this server (TLS trust included).
+    pub fn client(&self) -> redis::Client {
+        let cfg: tierd::config::RedisConfig =
+            toml::from_str(&format!("url = \"{}\"\n{}", self.url, self.config_extra())).unwrap();
+        tierd::redis_client::client(&cfg).unwrap()
+    }
+
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url.as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        self.client().get_connection().unwrap()
     }
 }
 
@@ -143,85 +196,492 @@ impl Drop for Redis {
     }
 }
 
-/// The Tansu binary: `TANSU_BIN`, else `tansu` on PATH, else `~/.cargo/bin/tansu`.
-pub fn tansu_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("TANSU_BIN") {
-        return p.into();
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cargo_bin = Path::new(&home).join(".cargo/bin/tansu");
-    if cargo_bin.exists() {
-        cargo_bin
-    } else {
-        "tansu".into()
-    }
+/// Test certificates made with `openssl`: a CA, and a server certificate for 127.0.0.1 /
+/// localhost signed by it (PEM files, plus a PKCS12 keystore for the Kafka broker).
+#[derive(Clone)]
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// PKCS12 keystore (server key + certificate chain), password [`Certs::STORE_PASSWORD`].
+    pub keystore: PathBuf,
 }
 
-/// A Kafka-API broker owned by the test (Tansu, sqlite storage), or an external one.
-pub struct Broker {
-    child: Option<Child>,
-    port: u16,
-    pub addr: String,
-    dir: tempfile::TempDir,
-}
+impl Certs {
+    pub const STORE_PASSWORD: &'static str = "tierd-test-store";
 
-impl Broker {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        if let Ok(addr) = std::env::var("KAFKA_HOST") {
-            return Self {
-                child: None,
-                port: 0,
-                addr,
-                dir,
-            };
-        }
-        let port = free_port();
-        let mut b = Self {
-            child: None,
-            port,
-            addr: format!("127.0.0.1:{port}"),
-            dir,
+    pub fn make(dir: &Path) -> Self {
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl must be installed (bash scripts/install-deps.sh)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
-        b.spawn();
-        b
+        std::fs::write(
+            dir.join("san.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tierd test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+            "-out",
+            "server.pem",
+        ]);
+        let pass = format!("pass:{}", Self::STORE_PASSWORD);
+        run(&[
+            "pkcs12",
+            "-export",
+            "-in",
+            "server.pem",
+            "-inkey",
+            "server.key",
+            "-certfile",
+            "ca.pem",
+            "-name",
+            "broker",
+            "-passout",
+            &pass,
+            "-out",
+            "server.p12",
+        ]);
+        Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            keystore: dir.join("server.p12"),
+        }
+    }
+}
+
+/// The pinned Apache Kafka version (`scripts/kafka/version.sh`), for bench reports.
+pub fn kafka_version() -> String {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka/version.sh"),
+    )
+    .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("KAFKA_VERSION="))
+        .unwrap_or("?")
+        .trim()
+        .to_owned()
+}
+
+/// How the benches describe their broker: `KAFKA_HOST`'s, or the launcher's single node.
+pub fn broker_description() -> String {
+    match std::env::var("KAFKA_HOST") {
+        Ok(h) => format!("external broker {h}"),
+        Err(_) => format!(
+            "Apache Kafka {} (KRaft, single combined node, 512 MiB heap, scripts/kafka/broker.sh)",
+            kafka_version()
+        ),
+    }
+}
+
+/// `scripts/kafka/broker.sh`: the one launcher of Apache Kafka nodes for tests, demo and benches.
+fn broker_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka/broker.sh")
+}
+
+/// One Apache Kafka node (KRaft, combined broker + controller) started by `broker.sh`.
+struct Node {
+    child: Option<Child>,
+    node_id: u32,
+    port: u16,
+    controller_port: u16,
+    dir: PathBuf,
+    /// Arguments after `--dir/--port/--controller-port/--node-id` (voters, props, heap…).
+    args: Vec<String>,
+}
+
+impl Node {
+    fn spawn(&mut self, detached: bool) {
+        let mut cmd = Command::new("bash");
+        cmd.arg(broker_script())
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--port", &self.port.to_string()])
+            .args(["--controller-port", &self.controller_port.to_string()])
+            .args(["--node-id", &self.node_id.to_string()])
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if detached {
+            // Outlives this test process: its own process group (a test runner that kills a
+            // timed-out test's group leaves it alone); stopped by the watchdog of broker.sh.
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        } else {
+            cmd.args(["--watch-pid", &std::process::id().to_string()]);
+        }
+        self.child =
+            Some(cmd.spawn().expect(
+                "bash scripts/kafka/broker.sh (bash scripts/install-deps.sh fetches Kafka)",
+            ));
     }
 
-    fn spawn(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(self.dir.path().join("tansu.log")).unwrap();
-        let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "sqlite://tansu.db",
-            ])
-            .current_dir(self.dir.path())
-            .env("RUST_LOG", "warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("tansu must be installed (bash scripts/test.sh installs it)");
-        self.child = Some(child);
-        wait_port(self.port, "tansu broker", Duration::from_secs(30));
+    fn log(&self) -> PathBuf {
+        self.dir.join("broker.log")
     }
 
-    /// Kills the broker (SIGKILL) and starts it again on the same port and storage.
-    pub fn restart(&mut self) {
-        if let Some(c) = &mut self.child {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// SIGKILL, as a crashed machine.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        std::thread::sleep(Duration::from_millis(200));
-        self.spawn();
     }
 
-    /// Creates topics (retention set explicitly, as Tansu requires), waiting until they exist.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+}
+
+/// Waits until `brokers` serves metadata listing `expect` live brokers.
+fn wait_serving(brokers: &str, expect: usize, nodes: &mut [Node], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for n in nodes.iter_mut() {
+        while TcpStream::connect(("127.0.0.1", n.port)).is_err() {
+            if let Some(status) = n.exited() {
+                panic!(
+                    "Apache Kafka node {} exited with {status}; {}:\n{}",
+                    n.node_id,
+                    n.log().display(),
+                    n.log_tail()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Apache Kafka node {} did not listen on {} within {timeout:?}; {}:\n{}",
+                n.node_id,
+                n.port,
+                n.log().display(),
+                n.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    loop {
+        match consumer.fetch_metadata(None, Duration::from_secs(5)) {
+            Ok(md) if md.brokers().len() >= expect => return,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "Apache Kafka at {brokers} did not serve {expect} brokers within {timeout:?}: {:?}",
+                    other.map(|m| m.brokers().len())
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// An Apache Kafka broker for a test: the run's shared one ([`Broker::shared`]), one owned by
+/// the test (killed on drop, restartable), a 3-node cluster, or an external one (`KAFKA_HOST`).
+pub struct Broker {
+    nodes: Vec<Node>,
+    pub addr: String,
+    /// Kept for owned brokers; the shared broker's directory outlives the test.
+    _dir: Option<tempfile::TempDir>,
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+impl Broker {
+    /// The broker every test of this run shares (unique topics and groups keep tests apart):
+    /// the first test process of a run starts it, detached, and later ones find it through a
+    /// file under the temp dir keyed by the test runner's pid; it stops once the runner
+    /// (nextest or cargo) exits. `KAFKA_HOST` names an external broker instead.
+    pub fn shared() -> Self {
+        if let Ok(addr) = std::env::var("KAFKA_HOST") {
+            return Self {
+                nodes: vec![],
+                addr,
+                _dir: None,
+            };
+        }
+        let runner = std::os::unix::process::parent_id();
+        let dir = std::env::temp_dir().join(format!("tierd-kafka-shared-{runner}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = std::fs::File::create(dir.join("lock")).unwrap();
+        lock.lock().unwrap();
+        let addr_file = dir.join("addr");
+        if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+            if TcpStream::connect(addr.trim()).is_ok() {
+                return Self {
+                    nodes: vec![],
+                    addr: addr.trim().to_owned(),
+                    _dir: None,
+                };
+            }
+        }
+        // First test of the run (or the shared broker died): start it, watched by the runner.
+        let node_dir = dir.join(format!("node-{}", std::process::id()));
+        let mut node = Node {
+            child: None,
+            node_id: 1,
+            port: free_port(),
+            controller_port: free_port(),
+            dir: node_dir,
+            args: vec![
+                "--heap".into(),
+                "512m".into(),
+                "--watch-pid".into(),
+                runner.to_string(),
+            ],
+        };
+        node.spawn(true);
+        let addr = format!("127.0.0.1:{}", node.port);
+        let mut nodes = [node];
+        wait_serving(&addr, 1, &mut nodes, START_TIMEOUT);
+        std::fs::write(&addr_file, &addr).unwrap();
+        eprintln!(
+            "shared Apache Kafka broker at {addr}; log: {}",
+            nodes[0].log().display()
+        );
+        // Not ours to kill: leave the child running when this process ends.
+        let [mut node] = nodes;
+        std::mem::forget(node.child.take());
+        Self {
+            nodes: vec![],
+            addr,
+            _dir: None,
+        }
+    }
+
+    /// A single-node broker owned by this test (for tests that kill or restart it).
+    pub fn start() -> Self {
+        Self::start_with("", &[])
+    }
+
+    /// An owned single node with extra server properties (appended to the generated ones;
+    /// `{port}` and `{controller_port}` stand for the node's PLAINTEXT and CONTROLLER ports)
+    /// and extra `StorageTool format` arguments (e.g. SCRAM credentials).
+    pub fn start_with(props: &str, format_args: &[String]) -> Self {
+        if let Ok(addr) = std::env::var("KAFKA_HOST") {
+            return Self {
+                nodes: vec![],
+                addr,
+                _dir: None,
+            };
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("tierd-kafka")
+            .tempdir()
+            .unwrap();
+        let (port, controller_port) = (free_port(), free_port());
+        let mut args: Vec<String> = vec!["--heap".into(), "384m".into()];
+        if !props.is_empty() {
+            let file = dir.path().join("extra.properties");
+            let props = props
+                .replace("{port}", &port.to_string())
+                .replace("{controller_port}", &controller_port.to_string());
+            std::fs::write(&file, props).unwrap();
+            args.extend(["--props".into(), file.display().to_string()]);
+        }
+        for a in format_args {
+            args.extend(["--format-arg".into(), a.clone()]);
+        }
+        let mut node = Node {
+            child: None,
+            node_id: 1,
+            port,
+            controller_port,
+            dir: dir.path().join("node-1"),
+            args,
+        };
+        node.spawn(false);
+        let addr = format!("127.0.0.1:{}", node.port);
+        let mut b = Self {
+            nodes: vec![node],
+            addr,
+            _dir: Some(dir),
+        };
+        wait_serving(&b.addr, 1, &mut b.nodes, START_TIMEOUT);
+        b
+    }
+
+    /// A 3-node KRaft cluster (each node broker + controller, static quorum), owned by this
+    /// test; `addr` lists all three as bootstrap servers.
+    pub fn cluster(n: u32) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("tierd-kafka")
+            .tempdir()
+            .unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let voters = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster_id = "dGllcmQtdGVzdC1jbHVzdA".to_owned(); // 16 bytes, base64url
+        let mut nodes: Vec<Node> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (p, c))| Node {
+                child: None,
+                node_id: i as u32 + 1,
+                port: *p,
+                controller_port: *c,
+                dir: dir.path().join(format!("node-{}", i + 1)),
+                args: vec![
+                    "--heap".into(),
+                    "320m".into(),
+                    "--voters".into(),
+                    voters.clone(),
+                    "--cluster-id".into(),
+                    cluster_id.clone(),
+                ],
+            })
+            .collect();
+        for node in &mut nodes {
+            node.spawn(false);
+        }
+        let addr = ports
+            .iter()
+            .map(|(p, _)| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut b = Self {
+            nodes,
+            addr,
+            _dir: Some(dir),
+        };
+        wait_serving(&b.addr, n as usize, &mut b.nodes, START_TIMEOUT);
+        b
+    }
+
+    /// Number of nodes this test owns (0 for the shared or an external broker).
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// SIGKILL of node `id` (1-based), as a crashed machine; its log directory stays.
+    pub fn kill_node(&mut self, id: i32) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.node_id as i32 == id)
+            .expect("an owned node");
+        node.kill9();
+    }
+
+    /// Starts node `id` again on its directory and ports; waits until the cluster serves it.
+    pub fn start_node(&mut self, id: i32) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.node_id as i32 == id)
+            .expect("an owned node");
+        node.spawn(false);
+        let n = self.nodes.len();
+        wait_serving(&self.addr.clone(), n, &mut self.nodes, START_TIMEOUT);
+    }
+
+    /// Kills the (single, owned) broker with SIGKILL and starts it again on the same ports
+    /// and log directory.
+    pub fn restart(&mut self) {
+        assert_eq!(
+            self.nodes.len(),
+            1,
+            "restart needs an owned single-node broker"
+        );
+        self.nodes[0].kill9();
+        std::thread::sleep(Duration::from_millis(200));
+        self.start_node(1);
+    }
+
+    /// The leader broker id of `topic`'s `partition`.
+    pub fn leader(&self, topic: &str, partition: i32) -> i32 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .unwrap();
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        md.topics()[0]
+            .partitions()
+            .iter()
+            .find(|p| p.id() == partition)
+            .expect("partition")
+            .leader()
+    }
+
+    /// Creates topics (replicated on every node of an owned cluster, at most 3, with
+    /// `min.insync.replicas` = 2 then), waiting until they exist.
     pub fn create_topics(&self, names: &[&str], partitions: i32) {
+        let rf = self.nodes.len().clamp(1, 3) as i32;
+        let isr = if rf >= 3 { "2" } else { "1" };
+        self.create_topics_with(names, partitions, rf, &[("min.insync.replicas", isr)]);
+    }
+
+    /// Creates topics with a replication factor and topic configs, waiting until they exist.
+    pub fn create_topics_with(
+        &self,
+        names: &[&str],
+        partitions: i32,
+        replication: i32,
+        configs: &[(&str, &str)],
+    ) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.addr)
             .create()
@@ -233,8 +693,10 @@ impl Broker {
         let topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|n| {
-                NewTopic::new(n, partitions, TopicReplication::Fixed(1))
-                    .set("retention.ms", "604800000")
+                configs.iter().fold(
+                    NewTopic::new(n, partitions, TopicReplication::Fixed(replication)),
+                    |t, (k, v)| t.set(k, v),
+                )
             })
             .collect();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -259,14 +721,58 @@ impl Broker {
                 }
             }
         }
+        // Wait until every partition has a leader, so the first produce does not race it.
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .unwrap();
+        for n in names {
+            loop {
+                let ready = consumer
+                    .fetch_metadata(Some(n), Duration::from_secs(5))
+                    .ok()
+                    .is_some_and(|md| {
+                        md.topics().first().is_some_and(|t| {
+                            t.error().is_none()
+                                && t.partitions().len() == partitions as usize
+                                && t.partitions().iter().all(|p| p.leader() >= 0)
+                        })
+                    });
+                if ready {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "topic {n} got no leaders");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The broker logs of the owned nodes (printed when a test fails).
+    pub fn logs(&self) -> Vec<PathBuf> {
+        self.nodes.iter().map(Node::log).collect()
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
+        let panicking = std::thread::panicking();
+        for n in &mut self.nodes {
+            n.kill9();
+            if panicking {
+                eprintln!(
+                    "--- Apache Kafka node {} log ({}) ---\n{}",
+                    n.node_id,
+                    n.log().display(),
+                    n.log_tail()
+                );
+            }
+        }
+        if panicking {
+            // Keep the logs of a failed test.
+            if let Some(d) = self._dir.take() {
+                let kept = d.keep();
+                eprintln!("broker directories kept in {}", kept.display());
+            }
         }
     }
 }
@@ -287,6 +793,11 @@ pub struct World {
     pub rules_extra: String,
     /// Extra lines of the `[kafka]` table (e.g. `at_risk_topic = "…"`).
     pub kafka_extra: String,
+    /// The bootstrap servers tierd is given (default: `broker.addr`; e.g. a SASL_SSL listener
+    /// while the test itself produces and reads on PLAINTEXT).
+    pub tierd_brokers: Option<String>,
+    /// Extra librdkafka properties of the test's own producer (e.g. `compression.type`).
+    pub producer_props: Vec<(String, String)>,
 }
 
 impl World {
@@ -295,7 +806,11 @@ impl World {
     }
 
     pub fn start_with(partitions: i32, redis: Redis) -> Self {
-        let broker = Broker::start();
+        Self::start_on(partitions, redis, Broker::shared())
+    }
+
+    /// A world on a given broker (an owned one for tests that kill it, or a cluster).
+    pub fn start_on(partitions: i32, redis: Redis, broker: Broker) -> Self {
         let input = unique("purchases");
         let output = unique("changes");
         let dlq = unique("dlq");
@@ -312,6 +827,8 @@ impl World {
             rules: Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/b2b-lifetime.toml"),
             rules_extra: String::new(),
             kafka_extra: String::new(),
+            tierd_brokers: None,
+            producer_props: Vec::new(),
         }
     }
 
@@ -323,6 +840,13 @@ impl World {
     /// Like [`World::config`], with extra lines in the `[kafka.consumer]` table.
     pub fn config_with(&self, api_port: u16, consumer: &str, extra: &str) -> String {
         let rules = &self.rules;
+        // Short sessions so a killed member's partitions move on quickly. Under KIP-848
+        // (`group.protocol = "consumer"`) the broker owns session timing (broker.sh sets it).
+        let timing = if consumer.contains("group.protocol") {
+            ""
+        } else {
+            "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\""
+        };
         format!(
             r#"
 [kafka]
@@ -333,13 +857,13 @@ output_topic = "{}"
 dead_letter_topic = "{}"
 {}
 [kafka.consumer]
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "500"
+{timing}
 "statistics.interval.ms" = "500"
 {consumer}
 [redis]
 url = "{}"
 key_prefix = "{}"
+{}
 [money]
 currency = "CNY"
 [rules]
@@ -349,7 +873,7 @@ path = "{}"
 listen = "127.0.0.1:{api_port}"
 {extra}
 "#,
-            self.broker.addr,
+            self.tierd_brokers.as_deref().unwrap_or(&self.broker.addr),
             self.group,
             self.input,
             self.output,
@@ -357,18 +881,21 @@ listen = "127.0.0.1:{api_port}"
             self.kafka_extra,
             self.redis.url,
             self.prefix,
+            self.redis.config_extra(),
             rules.display(),
             self.rules_extra
         )
     }
 
     pub fn producer(&self) -> FutureProducer {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.broker.addr)
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.broker.addr)
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create()
-            .unwrap()
+            .set("linger.ms", "5");
+        for (k, v) in &self.producer_props {
+            c.set(k, v);
+        }
+        c.create().unwrap()
     }
 
     /// Produces `(key, value)` records in order; returns the next offset per partition.

@@ -1,0 +1,90 @@
+//! The one place the Redis client is built: the URL, and for `rediss://` the TLS trust
+//! (`redis.tls_ca_file`) and an optional client certificate (`redis.tls_cert_file` +
+//! `redis.tls_key_file`). Used by the service and the operator tools alike.
+
+use crate::config::{ConfigError, RedisConfig};
+use std::path::Path;
+
+/// Builds the Redis client (no connection yet): a bad URL or an unreadable certificate file is
+/// refused here, naming the field.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `redis.url`, `redis.tls_ca_file`, `redis.tls_cert_file` or
+/// `redis.tls_key_file`.
+pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
+    // rustls needs a process-wide crypto provider; only `ring` is built in. Installing it
+    // twice is harmless (the second call reports the first and changes nothing).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let invalid = |field, message: String| ConfigError::Invalid { field, message };
+    let tls_files = cfg.tls_ca_file.is_some() || cfg.tls_cert_file.is_some();
+    if tls_files && !cfg.url.starts_with("rediss://") {
+        let field = if cfg.tls_ca_file.is_some() {
+            "redis.tls_ca_file"
+        } else {
+            "redis.tls_cert_file"
+        };
+        return Err(invalid(
+            field,
+            "is set but redis.url is not rediss:// (TLS)".into(),
+        ));
+    }
+    if cfg.tls_cert_file.is_some() != cfg.tls_key_file.is_some() {
+        return Err(invalid(
+            "redis.tls_key_file",
+            "redis.tls_cert_file and redis.tls_key_file are set together (client certificate)"
+                .into(),
+        ));
+    }
+    let read = |field, path: &Path| {
+        std::fs::read(path)
+            .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))
+    };
+    let url_error = |e: redis::RedisError| invalid("redis.url", e.to_string());
+    if !tls_files {
+        return redis::Client::open(cfg.url.as_str()).map_err(url_error);
+    }
+    let root_cert = cfg
+        .tls_ca_file
+        .as_deref()
+        .map(|p| read("redis.tls_ca_file", p))
+        .transpose()?;
+    // redis-rs trusts nothing (silently) when the file holds no PEM certificate at all.
+    if let (Some(pem), Some(path)) = (&root_cert, &cfg.tls_ca_file) {
+        if !pem
+            .windows(b"-----BEGIN CERTIFICATE-----".len())
+            .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+        {
+            return Err(invalid(
+                "redis.tls_ca_file",
+                format!("{} holds no PEM certificate", path.display()),
+            ));
+        }
+    }
+    let client_tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("redis.tls_cert_file", cert)?,
+            client_key: read("redis.tls_key_file", key)?,
+        }),
+        _ => None,
+    };
+    redis::Client::build_with_tls(
+        cfg.url.as_str(),
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| {
+        let message = e.to_string();
+        let field = if message.contains("root certificate") || message.contains("trust") {
+            "redis.tls_ca_file"
+        } else if message.contains("client certificate") {
+            "redis.tls_cert_file"
+        } else if message.contains("private key") {
+            "redis.tls_key_file"
+        } else {
+            "redis.url"
+        };
+        invalid(field, message)
+    })
+}

@@ -1,0 +1,201 @@
+//! Security that users' clusters require: tierd consumes and produces through an Apache Kafka
+//! SASL_SSL listener (SCRAM-SHA-512, a certificate made here with openssl), decodes
+//! zstd-compressed input, and keeps its state in a Redis that speaks only TLS and admits only an
+//! ACL user (`rediss://user:password@…` with `redis.tls_ca_file`). A config that cannot work is
+//! refused by `tierd check-config`, naming the field.
+
+mod support;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use std::process::Command;
+use std::time::Duration;
+use support::{purchase, Broker, Certs, Redis, Tierd, World};
+
+const SCRAM_USER: &str = "tierd";
+const SCRAM_PASSWORD: &str = "tierd-scram-secret";
+
+/// A broker with a SASL_SSL listener (SCRAM-SHA-512 credentials created at format time) next to
+/// its PLAINTEXT one; returns it and the SASL_SSL bootstrap address.
+fn sasl_ssl_broker(certs: &Certs) -> (Broker, String) {
+    let sasl_port = support::free_port();
+    let props = format!(
+        "listeners=PLAINTEXT://127.0.0.1:{{port}},CONTROLLER://127.0.0.1:{{controller_port}},SASL_SSL://127.0.0.1:{sasl_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{{port}},CONTROLLER://127.0.0.1:{{controller_port}},SASL_SSL://127.0.0.1:{sasl_port}
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location={}
+ssl.keystore.password={pw}
+ssl.key.password={pw}
+",
+        certs.keystore.display(),
+        pw = Certs::STORE_PASSWORD
+    );
+    let broker = Broker::start_with(
+        &props,
+        &[
+            "--add-scram".into(),
+            format!("SCRAM-SHA-512=[name={SCRAM_USER},password={SCRAM_PASSWORD}]"),
+        ],
+    );
+    (broker, format!("127.0.0.1:{sasl_port}"))
+}
+
+/// The librdkafka properties of a SASL_SSL client.
+fn sasl_props(certs: &Certs, password: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("security.protocol", "SASL_SSL".into()),
+        ("sasl.mechanisms", "SCRAM-SHA-512".into()),
+        ("sasl.username", SCRAM_USER.into()),
+        ("sasl.password", password.into()),
+        ("ssl.ca.location", certs.ca.display().to_string()),
+    ]
+}
+
+fn toml_table(props: &[(&str, String)]) -> String {
+    props
+        .iter()
+        .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
+        .collect()
+}
+
+#[test]
+fn tierd_runs_over_kafka_sasl_ssl_scram_and_redis_tls_with_an_acl_user_and_decodes_zstd() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(dir.path());
+    let (broker, sasl_addr) = sasl_ssl_broker(&certs);
+
+    // The listener really authenticates: a wrong password gets no metadata.
+    let mut bad = ClientConfig::new();
+    bad.set("bootstrap.servers", &sasl_addr);
+    for (k, v) in sasl_props(&certs, "wrong-password") {
+        bad.set(k, v);
+    }
+    let bad: BaseConsumer = bad.create().unwrap();
+    assert!(
+        bad.fetch_metadata(None, Duration::from_secs(5)).is_err(),
+        "a wrong SCRAM password must be refused"
+    );
+
+    let redis = Redis::start_tls(&certs, "tierd-app", "redis-acl-secret");
+    // Redis really requires TLS and the ACL user: the default user is refused.
+    let default_user = redis.url.replace("tierd-app:redis-acl-secret@", "");
+    let refused = {
+        let cfg: tierd::config::RedisConfig = toml::from_str(&format!(
+            "url = \"{default_user}\"\n{}",
+            redis.config_extra()
+        ))
+        .unwrap();
+        tierd::redis_client::client(&cfg)
+            .unwrap()
+            .get_connection()
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+    };
+    assert!(refused.is_err(), "the default user must be refused");
+
+    let mut world = World::start_on(2, redis, broker);
+    world.tierd_brokers = Some(sasl_addr);
+    // The input arrives zstd-compressed.
+    world.producer_props = vec![("compression.type".into(), "zstd".into())];
+    let props = sasl_props(&certs, SCRAM_PASSWORD);
+    let producer_table = format!("[kafka.producer]\n{}", toml_table(&props));
+    let tierd = Tierd::spawn_with(&world, &toml_table(&props), &producer_table);
+    tierd.wait_partitions(2, Duration::from_secs(90));
+
+    let events: Vec<_> = (0..40)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{}", i % 4),
+                "300000.00",
+                "2026-11-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(90));
+
+    // State went through TLS to Redis (read back over TLS as the ACL user).
+    for c in 0..4 {
+        let s = world.customer_state(&format!("c{c}")).unwrap();
+        assert_eq!((s.count, s.sum), (10, 300_000_000), "c{c}");
+    }
+    // Tier changes were produced through SASL_SSL: each customer rose to the top tier.
+    let changes = world.read_all(&world.output);
+    assert!(!changes.is_empty());
+    for c in 0..4 {
+        let last = changes
+            .iter()
+            .map(|r| r.json())
+            .rfind(|v| v["customer_id"] == format!("c{c}"))
+            .unwrap_or_else(|| panic!("no change for c{c}"));
+        assert_eq!(last["tier"], "A", "c{c}: {last}");
+    }
+    assert!(world.read_all(&world.dlq).is_empty(), "zstd input decoded");
+    let _ = world.broker.nodes();
+}
+
+fn check_config(config: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tierd.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tierd"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_builds_both_clients_and_names_what_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(dir.path());
+    let rules = "[rules]\npath = \"config/rules/b2b-lifetime.toml\"\n";
+
+    // A working SASL_SSL + rediss config is accepted.
+    let good = format!(
+        "{rules}[kafka.consumer]\n{}[kafka.producer]\n{}[redis]\nurl = \"rediss://u:p@127.0.0.1:6380\"\ntls_ca_file = \"{}\"\n",
+        toml_table(&sasl_props(&certs, "x")),
+        toml_table(&sasl_props(&certs, "x")),
+        certs.ca.display()
+    );
+    let (ok, stderr) = check_config(&good);
+    assert!(ok, "{stderr}");
+
+    // A CA file librdkafka cannot read: refused, naming the consumer table.
+    let missing = dir.path().join("missing-ca.pem").display().to_string();
+    let bad_ca = good.replacen(&certs.ca.display().to_string(), &missing, 1);
+    let (ok, stderr) = check_config(&bad_ca);
+    assert!(!ok && stderr.contains("kafka.consumer"), "{stderr}");
+
+    // The same for the producer table.
+    let bad_producer = format!(
+        "{rules}[kafka.producer]\n\"sasl.mechanisms\" = \"NO-SUCH-MECHANISM\"\n\"security.protocol\" = \"SASL_SSL\"\n"
+    );
+    let (ok, stderr) = check_config(&bad_producer);
+    assert!(!ok && stderr.contains("kafka.producer"), "{stderr}");
+
+    // Redis: an unreadable CA file, a CA file without TLS, a garbage certificate.
+    let (ok, stderr) = check_config(&format!(
+        "{rules}[redis]\nurl = \"rediss://127.0.0.1:6380\"\ntls_ca_file = \"{missing}\"\n"
+    ));
+    assert!(!ok && stderr.contains("redis.tls_ca_file"), "{stderr}");
+    let (ok, stderr) = check_config(&format!(
+        "{rules}[redis]\nurl = \"redis://127.0.0.1:6379\"\ntls_ca_file = \"{}\"\n",
+        certs.ca.display()
+    ));
+    assert!(!ok && stderr.contains("redis.tls_ca_file"), "{stderr}");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let (ok, stderr) = check_config(&format!(
+        "{rules}[redis]\nurl = \"rediss://127.0.0.1:6380\"\ntls_ca_file = \"{}\"\n",
+        garbage.display()
+    ));
+    assert!(!ok && stderr.contains("redis.tls_ca_file"), "{stderr}");
+}
