@@ -18,6 +18,7 @@
 #                         --add-scram 'SCRAM-SHA-512=[name=tierd,password=…]')
 #   --heap SIZE           JVM heap (default 512m)
 #   --watch-pid PID       stop the node (SIGKILL) once process PID has exited
+#   --drop-data           with --watch-pid: then also delete DIR/data (broker.log stays)
 #
 # The first start writes server.properties and formats DIR/data; a restart on the same DIR
 # reuses both (the log survives, like a real broker's disk). The script then `exec`s the JVM,
@@ -30,6 +31,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 LIBS="${KAFKA_LIBS:-$KAFKA_HOME_DEFAULT/libs}"
 
 DIR=""; PORT=""; CPORT=""; NODE_ID=1; VOTERS=""; CLUSTER_ID=""; PROPS=""; HEAP=512m; WATCH=""
+DROP_DATA=0
 FORMAT_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -43,6 +45,7 @@ while [ $# -gt 0 ]; do
     --format-arg) FORMAT_ARGS+=("$2"); shift 2 ;;
     --heap) HEAP="$2"; shift 2 ;;
     --watch-pid) WATCH="$2"; shift 2 ;;
+    --drop-data) DROP_DATA=1; shift ;;
     *) echo "broker.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -122,6 +125,7 @@ fi
 if [ -n "$WATCH" ]; then
   me=$$
   ( trap '' HUP; while kill -0 "$WATCH" 2>/dev/null && kill -0 "$me" 2>/dev/null; do sleep 1; done
-    kill -9 "$me" 2>/dev/null || true ) </dev/null >/dev/null 2>&1 &
+    kill -9 "$me" 2>/dev/null || true
+    if [ "$DROP_DATA" = 1 ]; then sleep 1; rm -rf "$DIR/data"; fi ) </dev/null >/dev/null 2>&1 &
 fi
 exec java "${JAVA_OPTS[@]}" -cp "$CP" kafka.Kafka "$DIR/server.properties" >>"$DIR/broker.log" 2>&1

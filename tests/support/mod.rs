@@ -485,6 +485,7 @@ impl Broker {
                 "512m".into(),
                 "--watch-pid".into(),
                 runner.to_string(),
+                "--drop-data".into(),
             ],
         };
         node.spawn(true);
