@@ -4,7 +4,7 @@
 #   - Debian packages: redis-server (tests start their own), the -dev packages librdkafka's
 #     ssl/zstd/gssapi features build against, openssl (test certificates);
 #   - Apache Kafka (pinned in scripts/kafka/version.sh): the broker jars and their
-#     dependencies from Maven Central into ~/.cache/tierd/kafka-VERSION/libs (TIERD_CACHE
+#     dependencies from Maven Central into ~/.cache/tierd/kafka-VERSION/libs (KAFKA_CACHE_DIR
 #     moves the cache); nothing is built;
 #   - cargo-nextest (the test runner).
 set -euo pipefail

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what is missing, then runs every test: formatting, lints, unit, property and
-# integration tests (the integration tests start their own redis-server and Tansu broker on
-# free loopback ports). This is the command CI runs.
+# integration tests (the integration tests start their own redis-server and Apache Kafka -- one
+# broker shared by the whole run, plus their own for tests that kill it -- on free loopback
+# ports). This is the command CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh

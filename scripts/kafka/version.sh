@@ -1,3 +1,3 @@
 # The pinned Apache Kafka release and where scripts/install-deps.sh caches its jars (sourced).
 KAFKA_VERSION=4.1.1
-KAFKA_HOME_DEFAULT="${TIERD_CACHE:-$HOME/.cache/tierd}/kafka-$KAFKA_VERSION"
+KAFKA_HOME_DEFAULT="${KAFKA_CACHE_DIR:-$HOME/.cache/tierd}/kafka-$KAFKA_VERSION"
