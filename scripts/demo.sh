@@ -41,10 +41,14 @@ PIDS+=($!)
 wait_port "$REDIS_PORT" redis-server; wait_port "$KAFKA_PORT" "Apache Kafka (log: $DIR/kafka/broker.log)"
 
 BROKERS="127.0.0.1:$KAFKA_PORT"
-for i in $(seq 1 50); do
-  $BIN/tierd-dev --brokers "$BROKERS" create-topics --partitions 4 purchases tier-changes purchases-dlq && break
+created=0
+for _ in $(seq 1 50); do
+  if $BIN/tierd-dev --brokers "$BROKERS" create-topics --partitions 4 purchases tier-changes purchases-dlq; then
+    created=1; break
+  fi
   sleep 0.2
 done
+[ "$created" = 1 ] || { echo "creating the topics failed; see $DIR/kafka/broker.log" >&2; exit 1; }
 
 echo "==> Starting tierd (log: $DIR/tierd.log)"
 TIERD_KAFKA__BROKERS="$BROKERS" TIERD_REDIS__URL="redis://127.0.0.1:$REDIS_PORT" \

@@ -2,7 +2,7 @@
 # Installs what tierd's build, demo, tests and benches need and a fresh machine lacks, each
 # only once:
 #   - Debian packages: redis-server (tests start their own), the -dev packages librdkafka's
-#     ssl/zstd/gssapi features build against, openssl (test certificates);
+#     ssl and zstd features build against, openssl (test certificates), Java 17 and Maven;
 #   - Apache Kafka (pinned in scripts/kafka/version.sh): the broker jars and their
 #     dependencies from Maven Central into ~/.cache/tierd/kafka-VERSION/libs (KAFKA_CACHE_DIR
 #     moves the cache); nothing is built;
@@ -15,10 +15,12 @@ SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
-command -v keytool >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+# Apache Kafka 4 needs Java 17 or newer.
+java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
+[ "${java_major:-0}" -ge 17 ] 2>/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
-for p in libssl-dev libzstd-dev libsasl2-dev; do
+for p in libssl-dev libzstd-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

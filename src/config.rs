@@ -84,9 +84,11 @@ pub struct KafkaConfig {
     /// (notices carry `"type": "at_risk"`).
     #[serde(default)]
     pub at_risk_topic: Option<String>,
-    /// librdkafka consumer properties, passed through (e.g. `"security.protocol" = "SASL_SSL"`).
-    /// They override tierd's defaults (`partition.assignment.strategy = cooperative-sticky`,
-    /// `auto.offset.reset = earliest`, `session.timeout.ms = 10000`). `group.id`,
+    /// librdkafka consumer properties, passed through (e.g. `"security.protocol" = "SASL_SSL"`,
+    /// `"group.protocol" = "consumer"` for KIP-848). They override tierd's defaults
+    /// (`auto.offset.reset = earliest`; under the classic group protocol also
+    /// `partition.assignment.strategy = cooperative-sticky`, `session.timeout.ms = 10000`,
+    /// `heartbeat.interval.ms = 1000`, which KIP-848 leaves to the broker). `group.id`,
     /// `bootstrap.servers` and `enable.auto.commit` are tierd's own and cannot be set here.
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,

@@ -17,7 +17,11 @@ pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let invalid = |field, message: String| ConfigError::Invalid { field, message };
     let tls_files = cfg.tls_ca_file.is_some() || cfg.tls_cert_file.is_some();
-    if tls_files && !cfg.url.starts_with("rediss://") {
+    let tls_url = cfg
+        .url
+        .get(..9)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"));
+    if tls_files && !tls_url {
         let field = if cfg.tls_ca_file.is_some() {
             "redis.tls_ca_file"
         } else {
@@ -48,12 +52,14 @@ pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
         .as_deref()
         .map(|p| read("redis.tls_ca_file", p))
         .transpose()?;
-    // redis-rs trusts nothing (silently) when the file holds no PEM certificate at all.
-    if let (Some(pem), Some(path)) = (&root_cert, &cfg.tls_ca_file) {
-        if !pem
-            .windows(b"-----BEGIN CERTIFICATE-----".len())
+    // redis-rs silently trusts nothing (or presents no certificate) when a file holds no PEM
+    // certificate at all: refuse that here rather than at the first handshake.
+    let has_pem_cert = |pem: &[u8]| {
+        pem.windows(b"-----BEGIN CERTIFICATE-----".len())
             .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-        {
+    };
+    if let (Some(pem), Some(path)) = (&root_cert, &cfg.tls_ca_file) {
+        if !has_pem_cert(pem) {
             return Err(invalid(
                 "redis.tls_ca_file",
                 format!("{} holds no PEM certificate", path.display()),
@@ -61,10 +67,19 @@ pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
         }
     }
     let client_tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
-        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-            client_cert: read("redis.tls_cert_file", cert)?,
-            client_key: read("redis.tls_key_file", key)?,
-        }),
+        (Some(cert), Some(key)) => {
+            let client_cert = read("redis.tls_cert_file", cert)?;
+            if !has_pem_cert(&client_cert) {
+                return Err(invalid(
+                    "redis.tls_cert_file",
+                    format!("{} holds no PEM certificate", cert.display()),
+                ));
+            }
+            Some(redis::ClientTlsConfig {
+                client_cert,
+                client_key: read("redis.tls_key_file", key)?,
+            })
+        }
         _ => None,
     };
     redis::Client::build_with_tls(

@@ -129,6 +129,10 @@ fn kill_9_repeatedly(consumer: &str) {
     let world = World::start(4);
     let events = stream(30_000, 3_000, 7);
     let (expected_states, expected_changes) = reference(&events, &b2b_rules());
+    assert!(
+        expected_states.len() > 2_900,
+        "the stream covers the customers"
+    );
 
     // Small batches so that many commits are in flight when the process dies.
     let extra = "[ingest]\nbatch_max_events = 200\n";
@@ -177,41 +181,68 @@ fn kill_9_repeatedly(consumer: &str) {
 }
 
 /// Leader failover of a replicated cluster: 3 Apache Kafka nodes, every topic with
-/// replication factor 3 and `min.insync.replicas = 2`. Mid-stream the leader of an input
-/// partition is killed (SIGKILL), later the leader of an output partition, and each is
-/// restarted; tierd rides through both. Final state equals the reference, every expected tier
-/// change is on the output topic in per-customer order, and any duplicate is the identical
-/// record.
+/// replication factor 3 and `min.insync.replicas = 2`. While events flow, the leader of an
+/// input partition is killed (SIGKILL); once leadership has moved and the node is back in
+/// every in-sync replica set, the leader of an output partition is killed the same way. tierd
+/// rides through both. Final state equals the reference, every expected tier change is on the
+/// output topic in per-customer order, and any duplicate is the identical record.
 #[test]
 fn leader_failover_on_a_replicated_cluster_loses_nothing_and_doubles_nothing() {
-    let mut world = World::start_on(4, support::Redis::start(), support::Broker::cluster(3));
+    let world = World::start_on(4, support::Redis::start(), support::Broker::cluster(3));
     let events = stream(12_000, 1_500, 11);
     let (expected_states, expected_changes) = reference(&events, &b2b_rules());
+    assert!(
+        expected_states.len() > 1_400,
+        "the stream covers the customers"
+    );
     let extra = "[ingest]\nbatch_max_events = 200\n";
     let tierd = Tierd::spawn(&world, extra);
     tierd.wait_partitions(4, Duration::from_secs(90));
 
-    let mut ends = BTreeMap::new();
-    for (i, chunk) in events.chunks(1_000).enumerate() {
-        for (p, e) in world.produce_json(chunk) {
-            ends.insert(p, e);
-        }
-        if i == 3 {
-            let leader = world.broker.leader(&world.input, 0);
-            eprintln!("killing node {leader}, leader of input partition 0");
+    // Produce in the background, ~400 events a second, while leaders are killed.
+    let produced = std::sync::atomic::AtomicUsize::new(0);
+    let input = world.input.clone();
+    let output = world.output.clone();
+    let (ends, kills) = std::thread::scope(|s| {
+        let producer = s.spawn(|| {
+            let mut ends = BTreeMap::new();
+            for chunk in events.chunks(400) {
+                for (p, e) in world.produce_json(chunk) {
+                    ends.insert(p, e);
+                }
+                produced.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(700));
+            }
+            ends
+        });
+        let wait_produced = |n: usize| {
+            while produced.load(std::sync::atomic::Ordering::Relaxed) < n {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let mut kills = Vec::new();
+        for (after, topic, partition) in [(1_200, &input, 0), (0, &output, 1)] {
+            wait_produced(after);
+            let leader = world.broker.leader(topic, partition);
+            assert!(
+                !producer.is_finished(),
+                "events must still flow when node {leader} dies"
+            );
+            eprintln!("killing node {leader}, leader of {topic}[{partition}]");
             world.broker.kill_node(leader);
-            std::thread::sleep(Duration::from_secs(3));
+            // Leadership moves to a surviving replica (the controller fences the dead node).
+            let moved = world
+                .broker
+                .wait_leader_other_than(topic, partition, leader);
+            eprintln!("{topic}[{partition}]: leader {leader} -> {moved}");
+            std::thread::sleep(Duration::from_secs(1));
             world.broker.start_node(leader);
+            world.broker.wait_full_isr(&[&input, &output]);
+            kills.push((leader, moved));
         }
-        if i == 7 {
-            let leader = world.broker.leader(&world.output, 1);
-            eprintln!("killing node {leader}, leader of output partition 1");
-            world.broker.kill_node(leader);
-            std::thread::sleep(Duration::from_secs(3));
-            world.broker.start_node(leader);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+        (producer.join().unwrap(), kills)
+    });
+    assert_eq!(kills.len(), 2);
     world.wait_applied(&ends, Duration::from_secs(180));
     assert_exact(&world, &expected_states, &expected_changes);
 }
@@ -224,10 +255,6 @@ fn assert_exact(
     expected_changes: &Changes,
 ) {
     // Exact state per customer.
-    assert!(
-        expected_states.len() > 1_400,
-        "the stream covers the customers"
-    );
     for (customer, expected) in expected_states {
         let got = world
             .customer_state(customer)

@@ -40,17 +40,32 @@ fn assert_each_counted_once(world: &World, per_customer: u64) {
 #[test]
 fn broker_killed_and_restarted_mid_stream_loses_nothing() {
     // A broker of its own (the shared one must not be killed); restarted on its log directory.
-    let mut world = World::start_on(4, Redis::start(), Broker::start());
-    let tierd = Tierd::spawn(&world, "[ingest]\nbatch_max_events = 100\n");
-    tierd.wait_partitions(4, Duration::from_secs(60));
+    let world = World::start_on(4, Redis::start(), Broker::start());
+    // A backlog first: 30k events waiting before tierd starts, applied 100 at a time.
     let mut ends = BTreeMap::new();
-    merge(&mut ends, world.produce_json(&events(0, 10_000)));
+    merge(&mut ends, world.produce_json(&events(0, 30_000)));
+    let tierd = Tierd::spawn(&world, "[ingest]\nbatch_max_events = 100\n");
+    let applied = |world: &World| -> i64 { (0..4).map(|p| world.partition_meta(p).1.max(0)).sum() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while applied(&world) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tierd applied nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Kill the broker while tierd is still working through the backlog.
+    let at_kill = applied(&world);
+    assert!(
+        at_kill < 30_000,
+        "the kill must land in the backlog ({at_kill} applied)"
+    );
     world.broker.restart();
-    merge(&mut ends, world.produce_json(&events(10_000, 20_000)));
+    merge(&mut ends, world.produce_json(&events(30_000, 40_000)));
     world.wait_applied(&ends, Duration::from_secs(180));
-    assert_each_counted_once(&world, 200);
+    assert_each_counted_once(&world, 400);
     assert_eq!(world.read_all(&world.dlq).len(), 0);
+    assert_eq!(tierd.metric("tierd_partitions_assigned") as i64, 4);
 }
 
 #[test]

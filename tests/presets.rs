@@ -1,4 +1,4 @@
-//! Every rules preset in `config/rules/` replayed through the real pipeline (Tansu + Redis +
+//! Every rules preset in `config/rules/` replayed through the real pipeline (Apache Kafka + Redis +
 //! tierd, `clock.mode = "event"`): a small hand-checked history per preset, and the exact
 //! tier-change sequence it must give — time-driven changes included. A last "clock" event
 //! moves the partition's event time forward so the timers due before it fire.

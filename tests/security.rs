@@ -66,15 +66,23 @@ fn tierd_runs_over_kafka_sasl_ssl_scram_and_redis_tls_with_an_acl_user_and_decod
     let certs = Certs::make(dir.path());
     let (broker, sasl_addr) = sasl_ssl_broker(&certs);
 
-    // The listener really authenticates: a wrong password gets no metadata.
-    let mut bad = ClientConfig::new();
-    bad.set("bootstrap.servers", &sasl_addr);
-    for (k, v) in sasl_props(&certs, "wrong-password") {
-        bad.set(k, v);
-    }
-    let bad: BaseConsumer = bad.create().unwrap();
+    // The listener really authenticates: with the right password a client gets metadata
+    // over TLS, with a wrong one (same listener, same CA) it gets none.
+    let client = |password: &str| -> BaseConsumer {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &sasl_addr);
+        for (k, v) in sasl_props(&certs, password) {
+            c.set(k, v);
+        }
+        c.create().unwrap()
+    };
+    client(SCRAM_PASSWORD)
+        .fetch_metadata(None, Duration::from_secs(20))
+        .expect("the SASL_SSL listener serves the right SCRAM password");
     assert!(
-        bad.fetch_metadata(None, Duration::from_secs(5)).is_err(),
+        client("wrong-password")
+            .fetch_metadata(None, Duration::from_secs(5))
+            .is_err(),
         "a wrong SCRAM password must be refused"
     );
 
@@ -133,7 +141,6 @@ fn tierd_runs_over_kafka_sasl_ssl_scram_and_redis_tls_with_an_acl_user_and_decod
         assert_eq!(last["tier"], "A", "c{c}: {last}");
     }
     assert!(world.read_all(&world.dlq).is_empty(), "zstd input decoded");
-    let _ = world.broker.nodes();
 }
 
 fn check_config(config: &str) -> (bool, String) {
@@ -174,11 +181,23 @@ fn check_config_builds_both_clients_and_names_what_cannot_work() {
     let (ok, stderr) = check_config(&bad_ca);
     assert!(!ok && stderr.contains("kafka.consumer"), "{stderr}");
 
-    // The same for the producer table.
-    let bad_producer = format!(
+    // The same for the producer table (the consumer's CA is fine), and a mechanism that
+    // does not exist.
+    let producer_ca = good
+        .rsplit_once("[kafka.producer]")
+        .map(|(head, tail)| {
+            format!(
+                "{head}[kafka.producer]{}",
+                tail.replacen(&certs.ca.display().to_string(), &missing, 1)
+            )
+        })
+        .unwrap();
+    let (ok, stderr) = check_config(&producer_ca);
+    assert!(!ok && stderr.contains("kafka.producer"), "{stderr}");
+    let bad_mechanism = format!(
         "{rules}[kafka.producer]\n\"sasl.mechanisms\" = \"NO-SUCH-MECHANISM\"\n\"security.protocol\" = \"SASL_SSL\"\n"
     );
-    let (ok, stderr) = check_config(&bad_producer);
+    let (ok, stderr) = check_config(&bad_mechanism);
     assert!(!ok && stderr.contains("kafka.producer"), "{stderr}");
 
     // Redis: an unreadable CA file, a CA file without TLS, a garbage certificate.

@@ -124,8 +124,12 @@ fi
 
 if [ -n "$WATCH" ]; then
   me=$$
+  # Only a watched process that is gone stops the node; a node that died (or was killed by a
+  # test) first ends the watchdog without touching its pid (it may be reused) or its data.
   ( trap '' HUP; while kill -0 "$WATCH" 2>/dev/null && kill -0 "$me" 2>/dev/null; do sleep 1; done
-    kill -9 "$me" 2>/dev/null || true
-    if [ "$DROP_DATA" = 1 ]; then sleep 1; rm -rf "$DIR/data"; fi ) </dev/null >/dev/null 2>&1 &
+    if ! kill -0 "$WATCH" 2>/dev/null && kill -0 "$me" 2>/dev/null; then
+      kill -9 "$me" 2>/dev/null || true
+      if [ "$DROP_DATA" = 1 ]; then sleep 1; rm -rf "$DIR/data"; fi
+    fi ) </dev/null >/dev/null 2>&1 &
 fi
 exec java "${JAVA_OPTS[@]}" -cp "$CP" kafka.Kafka "$DIR/server.properties" >>"$DIR/broker.log" 2>&1

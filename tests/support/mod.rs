@@ -329,7 +329,8 @@ fn broker_script() -> PathBuf {
 
 /// One Apache Kafka node (KRaft, combined broker + controller) started by `broker.sh`.
 struct Node {
-    child: Option<Child>,
+    /// Behind a lock so that a test can kill and restart nodes while other threads produce.
+    child: std::sync::Mutex<Option<Child>>,
     node_id: u32,
     port: u16,
     controller_port: u16,
@@ -339,7 +340,7 @@ struct Node {
 }
 
 impl Node {
-    fn spawn(&mut self, detached: bool) {
+    fn spawn(&self, detached: bool) {
         let mut cmd = Command::new("bash");
         cmd.arg(broker_script())
             .arg("--dir")
@@ -359,7 +360,7 @@ impl Node {
         } else {
             cmd.args(["--watch-pid", &std::process::id().to_string()]);
         }
-        self.child =
+        *self.child.lock().unwrap() =
             Some(cmd.spawn().expect(
                 "bash scripts/kafka/broker.sh (bash scripts/install-deps.sh fetches Kafka)",
             ));
@@ -376,24 +377,26 @@ impl Node {
     }
 
     /// SIGKILL, as a crashed machine.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
+    fn kill9(&self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    fn exited(&self) -> Option<std::process::ExitStatus> {
         self.child
+            .lock()
+            .unwrap()
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
     }
 }
 
 /// Waits until `brokers` serves metadata listing `expect` live brokers.
-fn wait_serving(brokers: &str, expect: usize, nodes: &mut [Node], timeout: Duration) {
+fn wait_serving(brokers: &str, expect: usize, nodes: &[Node], timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    for n in nodes.iter_mut() {
+    for n in nodes {
         while TcpStream::connect(("127.0.0.1", n.port)).is_err() {
             if let Some(status) = n.exited() {
                 panic!(
@@ -458,7 +461,19 @@ impl Broker {
             };
         }
         let runner = std::os::unix::process::parent_id();
-        let dir = std::env::temp_dir().join(format!("tierd-kafka-shared-{runner}"));
+        // Keyed by the runner's pid and start time, so a later run that reuses the pid never
+        // finds this run's broker (or a port something else took since).
+        let started = std::fs::read_to_string(format!("/proc/{runner}/stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(19)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let dir = std::env::temp_dir().join(format!("tierd-kafka-shared-{runner}-{started}"));
         std::fs::create_dir_all(&dir).unwrap();
         let lock = std::fs::File::create(dir.join("lock")).unwrap();
         lock.lock().unwrap();
@@ -473,13 +488,12 @@ impl Broker {
             }
         }
         // First test of the run (or the shared broker died): start it, watched by the runner.
-        let node_dir = dir.join(format!("node-{}", std::process::id()));
-        let mut node = Node {
-            child: None,
+        let node = Node {
+            child: Default::default(),
             node_id: 1,
             port: free_port(),
             controller_port: free_port(),
-            dir: node_dir,
+            dir: dir.join(format!("node-{}", std::process::id())),
             args: vec![
                 "--heap".into(),
                 "512m".into(),
@@ -490,16 +504,16 @@ impl Broker {
         };
         node.spawn(true);
         let addr = format!("127.0.0.1:{}", node.port);
-        let mut nodes = [node];
-        wait_serving(&addr, 1, &mut nodes, START_TIMEOUT);
+        let nodes = [node];
+        wait_serving(&addr, 1, &nodes, START_TIMEOUT);
         std::fs::write(&addr_file, &addr).unwrap();
         eprintln!(
             "shared Apache Kafka broker at {addr}; log: {}",
             nodes[0].log().display()
         );
         // Not ours to kill: leave the child running when this process ends.
-        let [mut node] = nodes;
-        std::mem::forget(node.child.take());
+        let [node] = nodes;
+        std::mem::forget(node.child.lock().unwrap().take());
         Self {
             nodes: vec![],
             addr,
@@ -516,13 +530,6 @@ impl Broker {
     /// `{port}` and `{controller_port}` stand for the node's PLAINTEXT and CONTROLLER ports)
     /// and extra `StorageTool format` arguments (e.g. SCRAM credentials).
     pub fn start_with(props: &str, format_args: &[String]) -> Self {
-        if let Ok(addr) = std::env::var("KAFKA_HOST") {
-            return Self {
-                nodes: vec![],
-                addr,
-                _dir: None,
-            };
-        }
         let dir = tempfile::Builder::new()
             .prefix("tierd-kafka")
             .tempdir()
@@ -540,8 +547,8 @@ impl Broker {
         for a in format_args {
             args.extend(["--format-arg".into(), a.clone()]);
         }
-        let mut node = Node {
-            child: None,
+        let node = Node {
+            child: Default::default(),
             node_id: 1,
             port,
             controller_port,
@@ -550,12 +557,12 @@ impl Broker {
         };
         node.spawn(false);
         let addr = format!("127.0.0.1:{}", node.port);
-        let mut b = Self {
+        let b = Self {
             nodes: vec![node],
             addr,
             _dir: Some(dir),
         };
-        wait_serving(&b.addr, 1, &mut b.nodes, START_TIMEOUT);
+        wait_serving(&b.addr, 1, &b.nodes, START_TIMEOUT);
         b
     }
 
@@ -574,11 +581,19 @@ impl Broker {
             .collect::<Vec<_>>()
             .join(",");
         let cluster_id = "dGllcmQtdGVzdC1jbHVzdA".to_owned(); // 16 bytes, base64url
-        let mut nodes: Vec<Node> = ports
+                                                              // The controller fences a dead broker after this long (default 9 s), so leadership
+                                                              // moves within seconds of a kill.
+        let props = dir.path().join("cluster.properties");
+        std::fs::write(
+            &props,
+            "broker.session.timeout.ms=4000\nbroker.heartbeat.interval.ms=500\n",
+        )
+        .unwrap();
+        let nodes: Vec<Node> = ports
             .iter()
             .enumerate()
             .map(|(i, (p, c))| Node {
-                child: None,
+                child: Default::default(),
                 node_id: i as u32 + 1,
                 port: *p,
                 controller_port: *c,
@@ -590,10 +605,12 @@ impl Broker {
                     voters.clone(),
                     "--cluster-id".into(),
                     cluster_id.clone(),
+                    "--props".into(),
+                    props.display().to_string(),
                 ],
             })
             .collect();
-        for node in &mut nodes {
+        for node in &nodes {
             node.spawn(false);
         }
         let addr = ports
@@ -601,12 +618,12 @@ impl Broker {
             .map(|(p, _)| format!("127.0.0.1:{p}"))
             .collect::<Vec<_>>()
             .join(",");
-        let mut b = Self {
+        let b = Self {
             nodes,
             addr,
             _dir: Some(dir),
         };
-        wait_serving(&b.addr, n as usize, &mut b.nodes, START_TIMEOUT);
+        wait_serving(&b.addr, n as usize, &b.nodes, START_TIMEOUT);
         b
     }
 
@@ -616,30 +633,76 @@ impl Broker {
     }
 
     /// SIGKILL of node `id` (1-based), as a crashed machine; its log directory stays.
-    pub fn kill_node(&mut self, id: i32) {
+    pub fn kill_node(&self, id: i32) {
         let node = self
             .nodes
-            .iter_mut()
+            .iter()
             .find(|n| n.node_id as i32 == id)
             .expect("an owned node");
         node.kill9();
     }
 
     /// Starts node `id` again on its directory and ports; waits until the cluster serves it.
-    pub fn start_node(&mut self, id: i32) {
+    pub fn start_node(&self, id: i32) {
         let node = self
             .nodes
-            .iter_mut()
+            .iter()
             .find(|n| n.node_id as i32 == id)
             .expect("an owned node");
         node.spawn(false);
-        let n = self.nodes.len();
-        wait_serving(&self.addr.clone(), n, &mut self.nodes, START_TIMEOUT);
+        wait_serving(&self.addr, self.nodes.len(), &self.nodes, START_TIMEOUT);
+    }
+
+    /// Waits until `topic[partition]` has a live leader other than `old`; returns it.
+    pub fn wait_leader_other_than(&self, topic: &str, partition: i32, old: i32) -> i32 {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let leader = self.leader(topic, partition);
+            if leader >= 0 && leader != old {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{topic}[{partition}]: leadership did not move off node {old}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until every partition of `topics` has all owned nodes in its in-sync replica set
+    /// (a restarted node has caught up).
+    pub fn wait_full_isr(&self, topics: &[&str]) {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .unwrap();
+        let deadline = Instant::now() + START_TIMEOUT;
+        for topic in topics {
+            loop {
+                let full = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .ok()
+                    .is_some_and(|md| {
+                        md.topics()[0]
+                            .partitions()
+                            .iter()
+                            .all(|p| p.isr().len() == self.nodes.len())
+                    });
+                if full {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{topic}: a restarted node did not rejoin every ISR"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
     }
 
     /// Kills the (single, owned) broker with SIGKILL and starts it again on the same ports
     /// and log directory.
-    pub fn restart(&mut self) {
+    pub fn restart(&self) {
         assert_eq!(
             self.nodes.len(),
             1,
@@ -757,7 +820,7 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         let panicking = std::thread::panicking();
-        for n in &mut self.nodes {
+        for n in &self.nodes {
             n.kill9();
             if panicking {
                 eprintln!(
