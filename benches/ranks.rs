@@ -15,11 +15,11 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::{purchase, Tierd, World};
-use tierd::apply::keys::Keyspace;
 use tierd::domain::state::{CustomerState, DedupPolicy};
 use tierd::domain::{Event, EventKind};
 use tierd::rules::rank::Cutoffs;
 use tierd::rules::Rules;
+use tierd::store::keys::Keyspace;
 
 fn metric_sum(tierd: &Tierd, name: &str, label: Option<&str>) -> f64 {
     let text = tierd.get("/metrics").1;

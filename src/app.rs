@@ -2,7 +2,6 @@
 //! thread, and stops them in order when the shutdown future resolves.
 
 use crate::api::{self, ApiState};
-use crate::apply::keys::Keyspace;
 use crate::apply::{Ownership, Pipeline};
 use crate::config::Config;
 use crate::domain::change::MoneyFormat;
@@ -11,6 +10,7 @@ use crate::ingest::consumer::{self, Batching, IngestContext, IngestParts};
 use crate::ingest::decode::DecodeLimits;
 use crate::publish::publisher::Publisher;
 use crate::rules::{Rules, RulesError};
+use crate::store::keys::Keyspace;
 use crate::telemetry::Telemetry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, Producer};
@@ -72,7 +72,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
 
     crate::kafka::check_clients(&config.kafka)?;
-    let client = crate::redis_client::client(&config.redis)?;
+    let client = crate::store::client::client(&config.redis)?;
     let redis = tokio::time::timeout(
         Duration::from_secs(10),
         redis::aio::ConnectionManager::new(client.clone()),

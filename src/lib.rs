@@ -9,12 +9,14 @@
 //! - [`ingest`]: the Kafka consumer thread ([`ingest::consumer`]), decoding and validation
 //!   ([`ingest::decode`]), dead-letter records ([`ingest::dead_letter`]).
 //! - [`apply`]: per-partition workers that turn a batch into one fenced, atomic Redis commit
-//!   ([`apply::worker`], [`apply::store`], key names in [`apply::keys`]).
+//!   ([`apply::worker`]).
 //! - [`domain`] and [`rules`]: pure state transitions and tier placement, no I/O, no clock.
 //! - [`publish`]: the Redis outbox drained to Kafka by an idempotent producer.
 //! - [`api`]: customer lookup, health, readiness, metrics.
 //! - [`tools`]: read-only operator tools (`tierd rules explain`, `tierd simulate`).
-//! - [`telemetry`], [`kafka`] and [`redis_client`] (client settings), [`shutdown`], [`app`] (wiring).
+//! - [`store`]: the only module that speaks to Redis: key layout, the client, the fenced
+//!   partition commit, rank cut-offs, the outbox, read views for the API and tools.
+//! - [`telemetry`], [`kafka`] (client settings), [`shutdown`], [`app`] (wiring).
 
 pub mod api;
 pub mod app;
@@ -24,8 +26,8 @@ pub mod domain;
 pub mod ingest;
 pub mod kafka;
 pub mod publish;
-pub mod redis_client;
 pub mod rules;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
 pub mod tools;

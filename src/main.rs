@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<()> {
             // cannot work is refused here, naming the field.
             tierd::kafka::check_clients(&cfg.kafka)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
-            tierd::redis_client::client(&cfg.redis)
+            tierd::store::client::client(&cfg.redis)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             println!(
                 "ok: {} (rules {} version {}, {} tiers)",
@@ -168,10 +168,8 @@ fn main() -> anyhow::Result<()> {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let rules = tierd::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
-            let (partition, explanation) = tierd::tools::explain::run(&cfg, &rules, &customer_id)?;
-            let mut v = serde_json::to_value(explanation)?;
-            v["partition"] = partition.into();
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            let view = tierd::tools::explain::run(&cfg, &rules, &customer_id)?;
+            println!("{}", serde_json::to_string_pretty(&view)?);
             Ok(())
         }
         Command::Simulate {

@@ -158,6 +158,24 @@ fn overtaken_vip_moves_down_once_with_rank_shift() {
     assert_eq!(v["ranks"]["value"]["position"], 3);
     assert_eq!(v["ranks"]["value"]["population"], 102);
     assert_eq!(v["cutoffs_version"], second.version);
+    // `tierd rules explain` shows the API's view of the customer, rank positions included.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tierd.toml");
+    std::fs::write(&config, world.config(support::free_port(), RANKS)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tierd"))
+        .args(["rules", "explain", "c100", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in ["ranks", "tier", "partition", "cutoffs_version", "placed_by"] {
+        assert_eq!(e[field], v[field], "{field}: explain {e} vs API {v}");
+    }
     let t: serde_json::Value = serde_json::from_str(&tierd.get("/v1/tiers").1).unwrap();
     let sizes: Vec<i64> = t["tiers"]
         .as_array()

@@ -6,8 +6,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::{purchase, Redis, Tierd, World};
-use tierd::apply::keys::Keyspace;
-use tierd::apply::store::{self, ApplyError, CommitBatch, Committed};
+use tierd::store::keys::Keyspace;
+use tierd::store::partition::{self as store, ApplyError, CommitBatch, Committed};
 
 #[test]
 fn cooperative_rebalance_shares_and_hands_over_partitions_without_double_applying() {

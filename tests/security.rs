@@ -95,7 +95,7 @@ fn tierd_runs_over_kafka_sasl_ssl_scram_and_redis_tls_with_an_acl_user_and_decod
             redis.config_extra()
         ))
         .unwrap();
-        tierd::redis_client::client(&cfg)
+        tierd::store::client::client(&cfg)
             .unwrap()
             .get_connection()
             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))

@@ -1,10 +1,11 @@
 //! The HTTP API: customer lookup, health, readiness and Prometheus metrics.
 
-use crate::apply::keys::Keyspace;
 use crate::apply::Ownership;
 use crate::domain::change::MoneyFormat;
-use crate::domain::{explain, time, CustomerState};
+use crate::domain::time;
 use crate::rules::Rules;
+use crate::store::keys::Keyspace;
+use crate::store::views::{self, ViewError};
 use crate::telemetry::Telemetry;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -67,14 +68,48 @@ async fn customer(State(s): State<ApiState>, Path(customer_id): Path<String>) ->
             "customer_id must be 1..=128 characters".into(),
         );
     }
-    // The customer lives in exactly one partition; which one depends on the producer's
-    // partitioner, so look in all of them at once (one GET per partition, pipelined).
-    let mut pipe = redis::pipe();
-    for p in 0..s.partitions {
-        pipe.get(s.keyspace.partition(p).customer(&customer_id));
-    }
+    // Wall mode: as of now. Event mode: as of the customer's own engine time (the wall clock
+    // would decay a replayed history that event time has not reached).
+    let now = if s.wall_clock {
+        time::now_ms()
+    } else {
+        i64::MIN
+    };
     let mut conn = s.redis.clone();
-    let found: Vec<Option<Vec<u8>>> = match pipe.query_async(&mut conn).await {
+    match views::explained_customer(
+        &mut conn,
+        &s.keyspace,
+        s.partitions,
+        &s.rules,
+        &s.money,
+        now,
+        &customer_id,
+    )
+    .await
+    {
+        Ok(Some(body)) => Json(body).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no customer {customer_id:?}"),
+        ),
+        Err(ViewError::Corrupt { key, message }) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "corrupt_state",
+            format!("{key}: {message}"),
+        ),
+        Err(ViewError::Redis(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redis_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+/// `GET /v1/tiers`: the rank cut-offs in force and the number of customers in each tier.
+async fn tiers(State(s): State<ApiState>) -> Response {
+    let mut conn = s.redis.clone();
+    let counts = match views::tier_sizes(&mut conn, &s.keyspace, s.partitions).await {
         Ok(v) => v,
         Err(e) => {
             return error(
@@ -84,97 +119,12 @@ async fn customer(State(s): State<ApiState>, Path(customer_id): Path<String>) ->
             )
         }
     };
-    let Some((partition, bytes)) = found
-        .into_iter()
-        .enumerate()
-        .find_map(|(p, v)| v.map(|b| (p, b)))
-    else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no customer {customer_id:?}"),
-        );
-    };
-    let state: CustomerState = match serde_json::from_slice(&bytes) {
-        Ok(s) => s,
-        Err(e) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "corrupt_state",
-                e.to_string(),
-            )
-        }
-    };
-    // Wall mode: as of now. Event mode: as of the customer's own engine time (the wall clock
-    // would decay a replayed history that event time has not reached).
-    let now = if s.wall_clock {
-        time::now_ms()
-    } else {
-        i64::MIN
-    };
-    let zero = s.keyspace.partition(0);
-    let cutoffs = match crate::apply::store::load_cutoffs(&mut conn, &zero).await {
-        Ok(c) => c.unwrap_or_default(),
-        Err(e) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "redis_unavailable",
-                e.to_string(),
-            )
-        }
-    };
-    let view = explain::explain(&customer_id, &state, &s.rules, &s.money, now, &cutoffs);
-    let mut body = serde_json::to_value(view).unwrap_or_default();
-    body["partition"] = partition.into();
-    // The exact position in each rank: customers strictly above, summed over partitions.
-    for (r, rank) in s.rules.ranks().iter().enumerate() {
-        let Some(Some(value)) = state.rk.get(r) else {
-            continue;
-        };
-        let mut pipe = redis::pipe();
-        for p in 0..s.partitions {
-            let key = s.keyspace.partition(p).rank(&rank.name);
-            pipe.zcount(&key, format!("({value}"), "+inf").zcard(&key);
-        }
-        if let Ok(counts) = pipe.query_async::<Vec<u64>>(&mut conn).await {
-            let above: u64 = counts.iter().step_by(2).sum();
-            let population: u64 = counts.iter().skip(1).step_by(2).sum();
-            let entry = &mut body["ranks"][rank.name.as_str()];
-            entry["position"] = (above + 1).into();
-            entry["population"] = population.into();
-            if population > 0 {
-                entry["top_percent"] =
-                    (((above + 1) as f64 * 10_000.0 / population as f64).round() / 100.0).into();
-            }
-        }
-    }
-    Json(body).into_response()
-}
-
-/// `GET /v1/tiers`: the rank cut-offs in force and the number of customers in each tier.
-async fn tiers(State(s): State<ApiState>) -> Response {
-    let mut conn = s.redis.clone();
-    let mut pipe = redis::pipe();
-    for p in 0..s.partitions {
-        pipe.hgetall(s.keyspace.partition(p).tier_counts);
-    }
-    let counts: Vec<std::collections::HashMap<String, i64>> =
-        match pipe.query_async(&mut conn).await {
-            Ok(v) => v,
-            Err(e) => {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "redis_unavailable",
-                    e.to_string(),
-                )
-            }
-        };
     let mut sizes = serde_json::Map::new();
     for t in s.rules.tiers() {
-        let n: i64 = counts.iter().filter_map(|m| m.get(&t.name)).sum();
+        let n: i64 = counts.get(&t.name).copied().unwrap_or(0);
         sizes.insert(t.name.clone(), n.into());
     }
-    let cutoffs = crate::apply::store::load_cutoffs(&mut conn, &s.keyspace.partition(0))
+    let cutoffs = views::cutoffs(&mut conn, &s.keyspace)
         .await
         .ok()
         .flatten()
@@ -210,7 +160,7 @@ async fn tiers(State(s): State<ApiState>) -> Response {
 
 async fn readyz(State(s): State<ApiState>) -> Response {
     let mut conn = s.redis.clone();
-    if let Err(e) = redis::cmd("PING").query_async::<String>(&mut conn).await {
+    if let Err(e) = views::ping(&mut conn).await {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("redis unreachable: {e}\n"),

@@ -1,9 +1,6 @@
 //! Apply: one partition's batches → customer states, tier changes and dead letters, committed
 //! to Redis atomically and fenced, in one script call per batch.
 
-pub mod keys;
-pub mod ranks;
-pub mod store;
 pub mod worker;
 
 use crate::domain::change::MoneyFormat;
@@ -41,7 +38,7 @@ pub struct Pipeline {
     /// Partitions of the input topic (the owner of partition 0 computes rank cut-offs over
     /// all of them).
     /// Key names.
-    pub keyspace: keys::Keyspace,
+    pub keyspace: crate::store::keys::Keyspace,
     /// Set once at startup, after the topic's metadata was read.
     pub partitions: std::sync::atomic::AtomicI32,
     /// Metrics.

@@ -7,8 +7,6 @@
 //! and timers due before an event's engine time fire before the event is applied — so the
 //! sequence of evaluations depends only on the input, never on batching or restarts.
 
-use super::keys::PartitionKeys;
-use super::store::{self, ApplyError, CommitBatch, Committed};
 use super::{PartitionStatus, Pipeline};
 use crate::config::ClockMode;
 use crate::domain::change::{AtRiskNotice, Cause, TierChange};
@@ -16,8 +14,10 @@ use crate::domain::state::{rules_hash, Outcome, Trigger};
 use crate::domain::{time, Applied, CustomerState};
 use crate::ingest::dead_letter::{self, Source};
 use crate::ingest::decode::{self, Reason, Rejection};
-use crate::publish::outbox::{EntryKind, OutboxEntry};
 use crate::rules::rank::Cutoffs;
+use crate::store::keys::PartitionKeys;
+use crate::store::outbox::{EntryKind, OutboxEntry};
+use crate::store::partition::{self as store, ApplyError, CommitBatch, Committed};
 use lru::LruCache;
 use rdkafka::message::{Message, OwnedMessage};
 use redis::aio::ConnectionManager;
@@ -224,14 +224,15 @@ impl Worker {
         let zero = p.keyspace.partition(0);
         if self.partition == 0 && partitions > 0 {
             let all: Vec<_> = (0..partitions).map(|q| p.keyspace.partition(q)).collect();
-            let population = match super::ranks::populations(&mut self.conn, &all, &p.rules).await {
-                Ok(v) => v,
-                Err(e) => {
-                    self.pause(&mut Duration::from_millis(50), &ApplyError::Redis(e))
-                        .await;
-                    return Ok(());
-                }
-            };
+            let population =
+                match crate::store::cutoffs::populations(&mut self.conn, &all, &p.rules).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.pause(&mut Duration::from_millis(50), &ApplyError::Redis(e))
+                            .await;
+                        return Ok(());
+                    }
+                };
             let due = match &self.last_compute {
                 None => true,
                 Some((at, before)) => {
@@ -243,7 +244,7 @@ impl Worker {
             };
             if due {
                 let started = Instant::now();
-                match super::ranks::compute(&mut self.conn, &all, &p.rules).await {
+                match crate::store::cutoffs::compute(&mut self.conn, &all, &p.rules).await {
                     Ok(new) => {
                         self.last_compute = Some((Instant::now(), population));
                         let current = store::load_cutoffs(&mut self.conn, &zero)

@@ -7,11 +7,11 @@
 //! committed offsets are written for lag dashboards only. On revocation the partition's
 //! in-flight batches are finished and its outbox flushed before it is released.
 
-use crate::apply::keys::Keyspace;
-use crate::apply::store;
 use crate::apply::worker::{Batch, Worker, WorkerExit};
 use crate::apply::{Ownership, PartitionStatus, Pipeline};
 use crate::publish::publisher::Publisher;
+use crate::store::keys::Keyspace;
+use crate::store::partition as store;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;

@@ -2,7 +2,7 @@
 //! and why it was rejected (the Kafka Connect convention, so standard tooling can re-drive it).
 
 use super::decode::Rejection;
-use crate::publish::outbox::{EntryKind, OutboxEntry};
+use crate::store::outbox::{EntryKind, OutboxEntry};
 
 /// Header names on dead-letter records.
 pub mod headers {

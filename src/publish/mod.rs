@@ -1,5 +1,4 @@
 //! Publish: drain each owned partition's Redis outbox to Kafka with an idempotent producer,
 //! in order, trimming only what the broker acknowledged.
 
-pub mod outbox;
 pub mod publisher;

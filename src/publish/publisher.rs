@@ -6,13 +6,11 @@
 //! last acknowledged entry. A crash between produce and trim re-publishes the same entries with
 //! the same deterministic `event_id`s.
 
-use super::outbox::EntryKind;
+use crate::store::outbox::{self, EntryKind, OutboxError, StoredEntry};
 use crate::telemetry::Telemetry;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamId, StreamRangeReply};
-use redis::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -52,6 +50,15 @@ pub struct Publisher {
     /// Signalled when the producer hit a fatal error (it can never deliver again): the service
     /// must stop and be restarted; the undelivered records stay in the outbox.
     pub fatal: Arc<Notify>,
+}
+
+impl From<OutboxError> for PublishError {
+    fn from(e: OutboxError) -> Self {
+        match e {
+            OutboxError::Redis(e) => Self::Redis(e),
+            OutboxError::Malformed { id, message } => Self::Malformed { id, message },
+        }
+    }
 }
 
 /// Why a publish round failed (it is retried).
@@ -130,23 +137,16 @@ impl Publisher {
         label: &str,
     ) -> Result<(), PublishError> {
         loop {
-            let reply: StreamRangeReply = redis::cmd("XRANGE")
-                .arg(outbox)
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(self.batch_max)
-                .query_async(conn)
-                .await?;
-            let read = reply.ids.len();
-            let mut rest = reply.ids.as_slice();
+            let entries = outbox::read(conn, outbox, self.batch_max).await?;
+            let read = entries.len();
+            let mut rest = entries.as_slice();
             while !rest.is_empty() {
                 let n = round_len(rest);
                 self.publish_round(conn, outbox, &rest[..n]).await?;
                 rest = &rest[n..];
             }
             if read < self.batch_max {
-                let depth: i64 = redis::cmd("XLEN").arg(outbox).query_async(conn).await?;
+                let depth = outbox::len(conn, outbox).await?;
                 self.telemetry
                     .outbox_depth
                     .with_label_values(&[label])
@@ -163,39 +163,27 @@ impl Publisher {
         &self,
         conn: &mut ConnectionManager,
         outbox: &str,
-        round: &[StreamId],
+        round: &[StoredEntry],
     ) -> Result<(), PublishError> {
         let lane = self.lane.lock().await;
         let mut deliveries = Vec::with_capacity(round.len());
-        for entry in round {
-            let field = |name: &str| match entry.map.get(name) {
-                Some(Value::BulkString(b)) => Ok(b.as_slice()),
-                _ => Err(PublishError::Malformed {
-                    id: entry.id.clone(),
-                    message: format!("field {name} missing"),
-                }),
-            };
-            let kind =
-                EntryKind::from_code(field("t")?).ok_or_else(|| PublishError::Malformed {
-                    id: entry.id.clone(),
-                    message: "unknown kind".into(),
-                })?;
-            let (key, value, headers) = (field("k")?, field("v")?, field("h")?);
+        for StoredEntry { id, entry } in round {
+            let kind = entry.kind;
             let topic = match kind {
                 EntryKind::Change => &self.output_topic,
                 EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => &self.dead_letter_topic,
                 EntryKind::AtRisk => &self.at_risk_topic,
             };
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value);
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).payload(&entry.value);
             if kind != EntryKind::DeadLetterNoKey {
-                record = record.key(key);
+                record = record.key(&entry.key);
             }
-            if !headers.is_empty() {
-                let pairs: Vec<(String, String)> =
-                    serde_json::from_slice(headers).map_err(|e| PublishError::Malformed {
-                        id: entry.id.clone(),
-                        message: e.to_string(),
-                    })?;
+            let pairs = entry.header_pairs().map_err(|e| PublishError::Malformed {
+                id: id.clone(),
+                message: e.to_string(),
+            })?;
+            if !pairs.is_empty() {
                 let mut h = OwnedHeaders::new_with_capacity(pairs.len());
                 for (k, v) in &pairs {
                     h = h.insert(Header {
@@ -237,13 +225,7 @@ impl Publisher {
             // Queue full or broker errors: the caller backs off and retries the round.
             return Err(e.into());
         }
-        let last = &round[round.len() - 1].id;
-        let _: i64 = redis::cmd("XTRIM")
-            .arg(outbox)
-            .arg("MINID")
-            .arg(next_stream_id(last))
-            .query_async(conn)
-            .await?;
+        outbox::trim_through(conn, outbox, &round[round.len() - 1].id).await?;
         self.telemetry
             .outbox_published
             .with_label_values(&["change"])
@@ -262,45 +244,14 @@ impl Publisher {
 }
 
 /// How many leading entries form one round: at most [`ROUND_MAX_BYTES`], at least one.
-fn round_len(entries: &[StreamId]) -> usize {
+fn round_len(entries: &[StoredEntry]) -> usize {
     let mut bytes = 0usize;
     let n = entries
         .iter()
-        .take_while(|entry| {
-            let size: usize = entry
-                .map
-                .values()
-                .map(|v| {
-                    if let Value::BulkString(b) = v {
-                        b.len()
-                    } else {
-                        0
-                    }
-                })
-                .sum();
-            bytes += size;
+        .take_while(|stored| {
+            bytes += stored.entry.size();
             bytes <= ROUND_MAX_BYTES
         })
         .count();
     n.max(1)
-}
-
-/// The smallest stream id after `id` (`"5-3"` → `"5-4"`): XTRIM MINID keeps ids ≥ it.
-fn next_stream_id(id: &str) -> String {
-    match id
-        .split_once('-')
-        .and_then(|(ms, seq)| Some((ms, seq.parse::<u64>().ok()?)))
-    {
-        Some((ms, seq)) => format!("{ms}-{}", seq + 1),
-        None => id.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn next_stream_id_increments_the_sequence() {
-        assert_eq!(super::next_stream_id("1700000000000-0"), "1700000000000-1");
-        assert_eq!(super::next_stream_id("5-41"), "5-42");
-    }
 }

@@ -6,9 +6,10 @@
 //! higher band, so a band may hold slightly more than its share — exactly what a full sort
 //! gives when equal values are never split.
 //!
-//! Cut-offs are computed without sorting anyone: [`kth_largest`] searches over values with a
-//! counting oracle (in the live service, `ZCOUNT` summed over the partitions' sorted sets), so
-//! a cut-off costs O(log(value range)) count rounds of P `ZCOUNT`s, each O(log N).
+//! The live service computes cut-offs without sorting anyone: a binary search over values with
+//! `ZCOUNT` summed over the partitions' sorted sets, inside one Lua script
+//! (`store/lua/cutoff.lua`, property-tested against [`cutoffs_from_values`] through a real
+//! Redis in `tests/cutoff_script.rs`).
 
 use super::value::Ratio;
 use serde::{Deserialize, Serialize};
@@ -168,30 +169,9 @@ pub fn cutoffs_from_values(
     out
 }
 
-/// The largest value `v` in `[lo, hi]` with `count_ge(v) >= k`, i.e. the value at position
-/// `k` (1-based) from the top. `count_ge` must be non-increasing in `v`, with
-/// `count_ge(lo) >= k`. Calls `count_ge` O(log(hi − lo)) times.
-pub fn kth_largest(
-    k: u64,
-    mut lo: i128,
-    mut hi: i128,
-    mut count_ge: impl FnMut(i128) -> u64,
-) -> i128 {
-    while lo < hi {
-        let mid = lo + (hi - lo + 1) / 2;
-        if count_ge(mid) >= k {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    lo
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     #[test]
     fn percentages() {
@@ -215,36 +195,5 @@ mod tests {
             .describe(),
             "12.5%"
         );
-    }
-
-    proptest! {
-        /// The cut-off found by counting equals the k-th value of a full sort, over values
-        /// split across partitions, with ties; and "value >= cut-off" is exactly the band a
-        /// full sort gives when ties go to the higher band.
-        #[test]
-        fn search_equals_full_sort(parts in proptest::collection::vec(proptest::collection::vec(-50i128..50, 0..40), 1..6), pct in 1u32..=100) {
-            let all: Vec<i128> = parts.iter().flatten().copied().collect();
-            prop_assume!(!all.is_empty());
-            let point = CutPoint { rank: 0, pct: Ratio::new(i128::from(pct), 100).unwrap() };
-            let k = point.k(all.len() as u64);
-            let (lo, hi) = (*all.iter().min().unwrap(), *all.iter().max().unwrap());
-            let count_ge = |v: i128| parts.iter().map(|p| p.iter().filter(|&&x| x >= v).count() as u64).sum::<u64>();
-            let cut = kth_largest(k, lo, hi, count_ge);
-            let mut sorted = all.clone();
-            sorted.sort_unstable_by(|a, b| b.cmp(a));
-            prop_assert_eq!(cut, sorted[usize::try_from(k).unwrap() - 1]);
-            let in_memory = cutoffs_from_values(&[point], &[Ties::Higher], 0, &mut [all.clone()]);
-            prop_assert_eq!(in_memory.values[0], Some(cut));
-            // Band by full sort: the first k, plus everyone tied with the k-th.
-            let band: usize = sorted.iter().filter(|&&x| x >= sorted[usize::try_from(k).unwrap() - 1]).count();
-            prop_assert_eq!(all.iter().filter(|&&x| x >= cut).count(), band);
-            prop_assert!(band as u64 >= k);
-            // The other tie rule: the band never holds more than its share, and only a tie
-            // group that does not fit is left out.
-            let lower = cutoff(cut, count_ge(cut), k, Ties::Lower);
-            let lower_band = all.iter().filter(|&&x| x >= lower).count() as u64;
-            prop_assert!(lower_band <= k);
-            prop_assert!(lower_band == k || count_ge(cut) > k);
-        }
     }
 }

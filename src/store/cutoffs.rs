@@ -41,8 +41,59 @@ pub async fn populations(
 static CUTOFF: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/cutoff.lua")));
 
-async fn count_ge(
-    conn: &mut ConnectionManager,
+/// What one run of the cut-off script found, at one atomic moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Search {
+    /// Customers ranked (over every partition).
+    pub population: u64,
+    /// The band's size by share: `ceil(pct · population)`, at least 1.
+    pub k: u64,
+    /// The value at position `k` from the top.
+    pub kth: i128,
+    /// Customers whose value is at least `kth` (more than `k` when tied at it).
+    pub at_or_above_kth: u64,
+}
+
+/// Runs the cut-off search (`lua/cutoff.lua`) over one rank's sorted sets (`keys`, one per
+/// partition) for a band of share `pct`; `None` when nobody is ranked.
+///
+/// # Errors
+/// The Redis error.
+pub async fn search<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    keys: &[String],
+    pct: crate::rules::value::Ratio,
+) -> Result<Option<Search>, redis::RedisError> {
+    let mut inv = CUTOFF.prepare_invoke();
+    for k in keys {
+        inv.key(k);
+    }
+    let reply: Vec<String> = inv
+        .arg(pct.n.to_string())
+        .arg(pct.d.to_string())
+        .invoke_async(conn)
+        .await?;
+    let num = |i: usize| reply.get(i).and_then(|s| s.parse::<i128>().ok());
+    let count = |i: usize| num(i).and_then(|n| u64::try_from(n).ok());
+    Ok(match (count(0), num(1), count(2), count(3)) {
+        (Some(population), Some(kth), Some(at_or_above_kth), Some(k)) if population > 0 => {
+            Some(Search {
+                population,
+                k,
+                kth,
+                at_or_above_kth,
+            })
+        }
+        _ => None,
+    })
+}
+
+/// Customers whose value in one rank is at least `v`, over every partition.
+///
+/// # Errors
+/// The Redis error.
+pub async fn count_at_or_above<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
     keys: &[String],
     v: i128,
 ) -> Result<u64, redis::RedisError> {
@@ -70,33 +121,23 @@ pub async fn compute(
         let name = &rules.ranks()[rank].name;
         let keys: Vec<String> = partitions.iter().map(|p| p.rank(name)).collect();
         // One atomic script per cut-off: population, extremes and counts from one moment.
-        let mut inv = CUTOFF.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
-        }
-        let reply: Vec<String> = inv
-            .arg(pct.n.to_string())
-            .arg(pct.d.to_string())
-            .invoke_async(conn)
-            .await?;
-        let num = |i: usize| reply.get(i).and_then(|s| s.parse::<i128>().ok());
-        let n = num(0).map_or(0, |n| u64::try_from(n).unwrap_or(0));
-        population[rank] = population[rank].max(n);
-        let (Some(kth), Some(at_kth), Some(k)) = (num(1), num(2), num(3)) else {
+        let Some(found) = search(conn, &keys, pct).await? else {
             values.push(None);
             at_or_above.push(0);
             continue;
         };
-        let (at_kth, k) = (
-            u64::try_from(at_kth).unwrap_or(0),
-            u64::try_from(k).unwrap_or(0),
+        population[rank] = population[rank].max(found.population);
+        let value = crate::rules::rank::cutoff(
+            found.kth,
+            found.at_or_above_kth,
+            found.k,
+            rules.ranks()[rank].ties,
         );
-        let value = crate::rules::rank::cutoff(kth, at_kth, k, rules.ranks()[rank].ties);
         values.push(Some(value));
-        at_or_above.push(if value == kth {
-            at_kth
+        at_or_above.push(if value == found.kth {
+            found.at_or_above_kth
         } else {
-            count_ge(conn, &keys, value).await?
+            count_at_or_above(conn, &keys, value).await?
         });
     }
     Ok(Cutoffs {

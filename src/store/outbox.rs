@@ -1,5 +1,9 @@
-//! Outbox entries: what the commit script appends to a partition's stream and the publisher
-//! turns into Kafka records.
+//! A partition's outbox stream: the entry codec (what the commit script appends and the
+//! publisher turns into Kafka records), and the reads and trims the publisher makes.
+
+use redis::aio::ConnectionManager;
+use redis::streams::StreamRangeReply;
+use redis::Value;
 
 /// What an outbox entry is, and so which topic it goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,4 +52,140 @@ pub struct OutboxEntry {
     pub value: Vec<u8>,
     /// Kafka headers as a JSON array of `[name, value]` string pairs (empty for none).
     pub headers: Vec<u8>,
+}
+
+impl OutboxEntry {
+    /// Key + value + header bytes (what a produce round is sized by).
+    pub fn size(&self) -> usize {
+        self.key.len() + self.value.len() + self.headers.len()
+    }
+
+    /// The Kafka headers as `(name, value)` pairs.
+    ///
+    /// # Errors
+    /// The stored header JSON is not an array of string pairs.
+    pub fn header_pairs(&self) -> Result<Vec<(String, String)>, serde_json::Error> {
+        if self.headers.is_empty() {
+            return Ok(Vec::new());
+        }
+        serde_json::from_slice(&self.headers)
+    }
+}
+
+/// An entry as stored, with its stream id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// The stream id (`ms-seq`).
+    pub id: String,
+    /// The record.
+    pub entry: OutboxEntry,
+}
+
+/// Why the outbox could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// Redis refused or was unreachable.
+    #[error("outbox: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// An entry is malformed (written by an incompatible version).
+    #[error("malformed outbox entry {id}: {message}")]
+    Malformed {
+        /// The stream id.
+        id: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The first `count` entries of `outbox`, in stream order.
+///
+/// # Errors
+/// [`OutboxError`].
+pub async fn read(
+    conn: &mut ConnectionManager,
+    outbox: &str,
+    count: usize,
+) -> Result<Vec<StoredEntry>, OutboxError> {
+    let reply: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(outbox)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await?;
+    reply
+        .ids
+        .into_iter()
+        .map(|mut stored| {
+            let mut field = |name: &str| match stored.map.remove(name) {
+                Some(Value::BulkString(b)) => Ok(b),
+                _ => Err(OutboxError::Malformed {
+                    id: stored.id.clone(),
+                    message: format!("field {name} missing"),
+                }),
+            };
+            let kind =
+                EntryKind::from_code(&field("t")?).ok_or_else(|| OutboxError::Malformed {
+                    id: stored.id.clone(),
+                    message: "unknown kind".into(),
+                })?;
+            let (key, value, headers) = (field("k")?, field("v")?, field("h")?);
+            Ok(StoredEntry {
+                id: stored.id,
+                entry: OutboxEntry {
+                    kind,
+                    key,
+                    value,
+                    headers,
+                },
+            })
+        })
+        .collect()
+}
+
+/// Entries left in `outbox`.
+///
+/// # Errors
+/// Redis errors.
+pub async fn len(conn: &mut ConnectionManager, outbox: &str) -> redis::RedisResult<i64> {
+    redis::cmd("XLEN").arg(outbox).query_async(conn).await
+}
+
+/// Removes every entry up to and including `last_id`.
+///
+/// # Errors
+/// Redis errors.
+pub async fn trim_through(
+    conn: &mut ConnectionManager,
+    outbox: &str,
+    last_id: &str,
+) -> redis::RedisResult<()> {
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(outbox)
+        .arg("MINID")
+        .arg(next_stream_id(last_id))
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// The smallest stream id after `id` (`"5-3"` → `"5-4"`): XTRIM MINID keeps ids ≥ it.
+fn next_stream_id(id: &str) -> String {
+    match id
+        .split_once('-')
+        .and_then(|(ms, seq)| Some((ms, seq.parse::<u64>().ok()?)))
+    {
+        Some((ms, seq)) => format!("{ms}-{}", seq + 1),
+        None => id.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn next_stream_id_increments_the_sequence() {
+        assert_eq!(super::next_stream_id("1700000000000-0"), "1700000000000-1");
+        assert_eq!(super::next_stream_id("5-41"), "5-42");
+    }
 }

@@ -2,8 +2,8 @@
 
 use super::keys::PartitionKeys;
 use crate::domain::CustomerState;
-use crate::publish::outbox::OutboxEntry;
 use crate::rules::rank::Cutoffs;
+use crate::store::outbox::OutboxEntry;
 use redis::aio::ConnectionManager;
 use std::sync::LazyLock;
 
@@ -155,11 +155,6 @@ pub struct CommitBatch {
     pub states: Vec<(String, Vec<u8>)>,
 }
 
-/// Commits a batch atomically, fenced by `epoch` and the stored next offset.
-///
-/// # Errors
-/// [`ApplyError::Fenced`] (stop the partition), [`ApplyError::Diverged`] (reload) or
-/// [`ApplyError::Redis`] (retry: the call is idempotent).
 /// Publishes rank cut-offs as the owner of partition 0 (`keys` are partition 0's); returns
 /// the new version, `None` when fenced (another owner took partition 0).
 ///
@@ -186,8 +181,8 @@ pub async fn publish_cutoffs(
 ///
 /// # Errors
 /// The Redis error.
-pub async fn load_cutoffs(
-    conn: &mut ConnectionManager,
+pub async fn load_cutoffs<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
     keys: &PartitionKeys,
 ) -> Result<Option<Cutoffs>, redis::RedisError> {
     let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")

@@ -4,11 +4,10 @@
 use super::{Store, ToolError};
 use crate::config::{ClockMode, Config};
 use crate::domain::change::MoneyFormat;
-use crate::domain::explain::{explain, Explanation};
 use crate::rules::Rules;
 
 /// Explains one stored customer under `rules` at engine time now (wall mode) or the
-/// customer's own engine time (event mode).
+/// customer's own engine time (event mode): the API's customer view, rank positions included.
 ///
 /// # Errors
 /// [`ToolError`] when Redis cannot be read or the customer is unknown.
@@ -16,9 +15,8 @@ pub fn run(
     config: &Config,
     rules: &Rules,
     customer_id: &str,
-) -> Result<(i32, Explanation), ToolError> {
+) -> Result<serde_json::Value, ToolError> {
     let mut store = Store::open(config)?;
-    let (partition, state) = store.customer(customer_id)?;
     let now = match config.clock.mode {
         ClockMode::Wall => crate::domain::time::now_ms(),
         ClockMode::Event => i64::MIN,
@@ -27,9 +25,5 @@ pub fn run(
         currency: config.money.currency.clone(),
         fraction_digits: config.money.fraction_digits,
     };
-    let cutoffs = store.cutoffs()?;
-    Ok((
-        partition,
-        explain(customer_id, &state, rules, &money, now, &cutoffs),
-    ))
+    store.explained_customer(rules, &money, now, customer_id)
 }

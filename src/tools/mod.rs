@@ -4,9 +4,10 @@
 pub mod explain;
 pub mod simulate;
 
-use crate::apply::keys::{Keyspace, PartitionKeys};
 use crate::config::Config;
 use crate::domain::CustomerState;
+use crate::store::keys::Keyspace;
+use crate::store::views::{self, ViewError};
 
 /// Why a tool failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +39,11 @@ pub enum ToolError {
     NoPartitions(String),
 }
 
-/// A read-only view of one deployment's stored state.
+/// A read-only view of one deployment's stored state, on the same views as the API
+/// ([`crate::store::views`]), driven by a private single-thread runtime.
 pub struct Store {
-    conn: redis::Connection,
+    runtime: tokio::runtime::Runtime,
+    conn: redis::aio::MultiplexedConnection,
     url: String,
     keyspace: Keyspace,
     /// Partitions with stored state (0..n).
@@ -58,36 +61,35 @@ impl Store {
             url: url.clone(),
             source,
         };
-        let client = crate::redis_client::client(&config.redis).map_err(ToolError::Config)?;
-        let mut conn = client
-            .get_connection_with_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        let client = crate::store::client::client(&config.redis).map_err(ToolError::Config)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| err(e.into()))?;
         let keyspace = Keyspace::new(
             &config.redis.key_prefix,
             &config.kafka.group_id,
             &config.kafka.input_topic,
         );
-        // Partitions are numbered from 0: probe meta keys in chunks until a chunk has none.
-        let mut partitions = 0;
-        let chunk = 256;
-        loop {
-            let mut pipe = redis::pipe();
-            for p in partitions..partitions + chunk {
-                pipe.exists(keyspace.partition(p).meta);
-            }
-            let found: Vec<bool> = pipe.query(&mut conn).map_err(err)?;
-            match found.iter().rposition(|&f| f) {
-                Some(last) => partitions += i32::try_from(last).unwrap_or(0) + 1,
-                None => break,
-            }
-            if found.iter().filter(|&&f| f).count() < found.len() {
-                break;
-            }
-        }
+        let (conn, partitions) = runtime
+            .block_on(async {
+                let mut conn = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    client.get_multiplexed_async_connection(),
+                )
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from((redis::ErrorKind::IoError, "connect timed out"))
+                })??;
+                let partitions = views::stored_partitions(&mut conn, &keyspace).await?;
+                Ok::<_, redis::RedisError>((conn, partitions))
+            })
+            .map_err(err)?;
         if partitions == 0 {
             return Err(ToolError::NoPartitions(keyspace.partition(0).meta));
         }
         Ok(Self {
+            runtime,
             conn,
             url,
             keyspace,
@@ -95,16 +97,14 @@ impl Store {
         })
     }
 
-    fn redis_err(&self, source: redis::RedisError) -> ToolError {
-        ToolError::Redis {
-            url: self.url.clone(),
-            source,
+    fn view_err(&self, e: ViewError) -> ToolError {
+        match e {
+            ViewError::Redis(source) => ToolError::Redis {
+                url: self.url.clone(),
+                source,
+            },
+            ViewError::Corrupt { key, message } => ToolError::Corrupt { key, message },
         }
-    }
-
-    /// The keys of a partition.
-    pub fn keys(&self, partition: i32) -> PartitionKeys {
-        self.keyspace.partition(partition)
     }
 
     /// The rank cut-offs in force (none: default).
@@ -112,45 +112,37 @@ impl Store {
     /// # Errors
     /// [`ToolError::Redis`].
     pub fn cutoffs(&mut self) -> Result<crate::rules::rank::Cutoffs, ToolError> {
-        let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-            .arg(self.keys(0).cutoffs)
-            .arg("version")
-            .arg("data")
-            .query(&mut self.conn)
-            .map_err(|e| self.redis_err(e))?;
-        Ok(match (version, data) {
-            (Some(v), Some(d)) => serde_json::from_str::<crate::rules::rank::Cutoffs>(&d)
-                .map(|mut c| {
-                    c.version = v;
-                    c
-                })
-                .unwrap_or_default(),
-            _ => crate::rules::rank::Cutoffs::default(),
-        })
+        let found = self
+            .runtime
+            .block_on(views::cutoffs(&mut self.conn, &self.keyspace));
+        Ok(found
+            .map_err(|e| self.view_err(e.into()))?
+            .unwrap_or_default())
     }
 
-    /// Finds a customer: (partition, state).
+    /// The customer as the API shows it ([`views::explained_customer`]).
     ///
     /// # Errors
     /// [`ToolError::NotFound`], [`ToolError::Corrupt`] or [`ToolError::Redis`].
-    pub fn customer(&mut self, id: &str) -> Result<(i32, CustomerState), ToolError> {
-        let mut pipe = redis::pipe();
-        for p in 0..self.partitions {
-            pipe.get(self.keys(p).customer(id));
-        }
-        let found: Vec<Option<Vec<u8>>> =
-            pipe.query(&mut self.conn).map_err(|e| self.redis_err(e))?;
-        let (p, bytes) = found
-            .into_iter()
-            .enumerate()
-            .find_map(|(p, v)| v.map(|b| (p, b)))
-            .ok_or_else(|| ToolError::NotFound(id.to_owned()))?;
-        let p = i32::try_from(p).unwrap_or(0);
-        let state = serde_json::from_slice(&bytes).map_err(|e| ToolError::Corrupt {
-            key: self.keys(p).customer(id),
-            message: e.to_string(),
-        })?;
-        Ok((p, state))
+    pub fn explained_customer(
+        &mut self,
+        rules: &crate::rules::Rules,
+        money: &crate::domain::change::MoneyFormat,
+        now: i64,
+        id: &str,
+    ) -> Result<serde_json::Value, ToolError> {
+        let found = self.runtime.block_on(views::explained_customer(
+            &mut self.conn,
+            &self.keyspace,
+            self.partitions,
+            rules,
+            money,
+            now,
+            id,
+        ));
+        found
+            .map_err(|e| self.view_err(e))?
+            .ok_or_else(|| ToolError::NotFound(id.to_owned()))
     }
 
     /// Streams every stored customer of every partition, a page at a time (bounded memory):
@@ -164,34 +156,18 @@ impl Store {
         mut each: impl FnMut(&str, CustomerState),
     ) -> Result<(), ToolError> {
         for p in 0..self.partitions {
-            let keys = self.keys(p);
-            let pattern = keys.customer_pattern();
+            let keys = self.keyspace.partition(p);
             let mut cursor: u64 = 0;
             loop {
-                let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(page)
-                    .query(&mut self.conn)
-                    .map_err(|e| self.redis_err(e))?;
-                if !found.is_empty() {
-                    let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-                        .arg(&found)
-                        .query(&mut self.conn)
-                        .map_err(|e| self.redis_err(e))?;
-                    for (key, value) in found.iter().zip(values) {
-                        let (Some(id), Some(bytes)) = (keys.customer_id(key), value) else {
-                            continue;
-                        };
-                        let state =
-                            serde_json::from_slice(&bytes).map_err(|e| ToolError::Corrupt {
-                                key: key.clone(),
-                                message: e.to_string(),
-                            })?;
-                        each(id, state);
-                    }
+                let found = self.runtime.block_on(views::scan_customers(
+                    &mut self.conn,
+                    &keys,
+                    cursor,
+                    page,
+                ));
+                let (next, customers) = found.map_err(|e| self.view_err(e))?;
+                for (id, state) in customers {
+                    each(&id, state);
                 }
                 if next == 0 {
                     break;

@@ -179,7 +179,7 @@ impl Redis {
     pub fn client(&self) -> redis::Client {
         let cfg: tierd::config::RedisConfig =
             toml::from_str(&format!("url = \"{}\"\n{}", self.url, self.config_extra())).unwrap();
-        tierd::redis_client::client(&cfg).unwrap()
+        tierd::store::client::client(&cfg).unwrap()
     }
 
     pub fn conn(&self) -> redis::Connection {

@@ -1,0 +1,250 @@
+//! Read-only views of the stored state, shared by the HTTP API and the operator tools so that
+//! both show the same thing: a customer found across partitions, their exact rank positions,
+//! the cut-offs in force, tier sizes, and a paged scan of every stored customer.
+
+use super::keys::{Keyspace, PartitionKeys};
+use crate::domain::CustomerState;
+use crate::rules::rank::Cutoffs;
+use crate::rules::Rules;
+use redis::aio::ConnectionLike;
+use std::collections::HashMap;
+
+/// Why a view could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// Redis refused or was unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A stored state is unreadable.
+    #[error("stored state {key} is corrupt: {message}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// The parser's message.
+        message: String,
+    },
+}
+
+/// A customer's place in one rank, over all partitions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankPosition {
+    /// The rank's name.
+    pub rank: String,
+    /// 1 + the customers strictly above.
+    pub position: u64,
+    /// Everyone ranked.
+    pub population: u64,
+    /// `position / population` in percent, two decimals (none for an empty population).
+    pub top_percent: Option<f64>,
+}
+
+/// Finds a customer in whichever partition holds them: `(partition, state)`. The partition
+/// depends on the producer's partitioner, so every partition is asked at once (one pipelined
+/// GET each).
+///
+/// # Errors
+/// [`ViewError`].
+pub async fn find_customer<C: ConnectionLike>(
+    conn: &mut C,
+    keyspace: &Keyspace,
+    partitions: i32,
+    customer_id: &str,
+) -> Result<Option<(i32, CustomerState)>, ViewError> {
+    let mut pipe = redis::pipe();
+    for p in 0..partitions {
+        pipe.get(keyspace.partition(p).customer(customer_id));
+    }
+    let found: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
+    let Some((p, bytes)) = found
+        .into_iter()
+        .enumerate()
+        .find_map(|(p, v)| v.map(|b| (p, b)))
+    else {
+        return Ok(None);
+    };
+    let p = i32::try_from(p).unwrap_or(0);
+    let state = serde_json::from_slice(&bytes).map_err(|e| ViewError::Corrupt {
+        key: keyspace.partition(p).customer(customer_id),
+        message: e.to_string(),
+    })?;
+    Ok(Some((p, state)))
+}
+
+/// The customer's exact position in each rank they are ranked in: customers strictly above
+/// (`ZCOUNT (value +inf`) plus one, summed over every partition's sorted set.
+///
+/// # Errors
+/// Redis errors.
+pub async fn rank_positions<C: ConnectionLike>(
+    conn: &mut C,
+    keyspace: &Keyspace,
+    partitions: i32,
+    rules: &Rules,
+    state: &CustomerState,
+) -> Result<Vec<RankPosition>, redis::RedisError> {
+    let mut out = Vec::new();
+    for (r, rank) in rules.ranks().iter().enumerate() {
+        let Some(Some(value)) = state.rk.get(r) else {
+            continue;
+        };
+        let mut pipe = redis::pipe();
+        for p in 0..partitions {
+            let key = keyspace.partition(p).rank(&rank.name);
+            pipe.zcount(&key, format!("({value}"), "+inf").zcard(&key);
+        }
+        let counts: Vec<u64> = pipe.query_async(conn).await?;
+        let above: u64 = counts.iter().step_by(2).sum();
+        let population: u64 = counts.iter().skip(1).step_by(2).sum();
+        out.push(RankPosition {
+            rank: rank.name.clone(),
+            position: above + 1,
+            population,
+            top_percent: (population > 0)
+                .then(|| ((above + 1) as f64 * 10_000.0 / population as f64).round() / 100.0),
+        });
+    }
+    Ok(out)
+}
+
+/// The cut-offs in force (partition 0's hash), with their version; `None` before the first
+/// publication.
+///
+/// # Errors
+/// Redis errors.
+pub async fn cutoffs<C: ConnectionLike>(
+    conn: &mut C,
+    keyspace: &Keyspace,
+) -> Result<Option<Cutoffs>, redis::RedisError> {
+    super::partition::load_cutoffs(conn, &keyspace.partition(0)).await
+}
+
+/// Customers per tier name, summed over partitions.
+///
+/// # Errors
+/// Redis errors.
+pub async fn tier_sizes<C: ConnectionLike>(
+    conn: &mut C,
+    keyspace: &Keyspace,
+    partitions: i32,
+) -> Result<HashMap<String, i64>, redis::RedisError> {
+    let mut pipe = redis::pipe();
+    for p in 0..partitions {
+        pipe.hgetall(keyspace.partition(p).tier_counts);
+    }
+    let counts: Vec<HashMap<String, i64>> = pipe.query_async(conn).await?;
+    let mut sizes = HashMap::new();
+    for m in counts {
+        for (tier, n) in m {
+            *sizes.entry(tier).or_insert(0) += n;
+        }
+    }
+    Ok(sizes)
+}
+
+/// How many partitions have stored state (numbered from 0: meta keys are probed in chunks
+/// until a chunk has none).
+///
+/// # Errors
+/// Redis errors.
+pub async fn stored_partitions<C: ConnectionLike>(
+    conn: &mut C,
+    keyspace: &Keyspace,
+) -> Result<i32, redis::RedisError> {
+    let mut partitions = 0;
+    let chunk = 256;
+    loop {
+        let mut pipe = redis::pipe();
+        for p in partitions..partitions + chunk {
+            pipe.exists(keyspace.partition(p).meta);
+        }
+        let found: Vec<bool> = pipe.query_async(conn).await?;
+        match found.iter().rposition(|f| *f) {
+            Some(last) => partitions += i32::try_from(last).unwrap_or(0) + 1,
+            None => return Ok(partitions),
+        }
+        if found.iter().any(|f| !f) {
+            return Ok(partitions);
+        }
+    }
+}
+
+/// One page of a partition's stored customers: the next cursor (0 when done) and the
+/// `(customer_id, state)` pairs found.
+///
+/// # Errors
+/// [`ViewError`].
+pub async fn scan_customers<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &PartitionKeys,
+    cursor: u64,
+    page: usize,
+) -> Result<(u64, Vec<(String, CustomerState)>), ViewError> {
+    let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(keys.customer_pattern())
+        .arg("COUNT")
+        .arg(page)
+        .query_async(conn)
+        .await?;
+    let mut out = Vec::with_capacity(found.len());
+    if !found.is_empty() {
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&found).query_async(conn).await?;
+        for (key, value) in found.iter().zip(values) {
+            let (Some(id), Some(bytes)) = (keys.customer_id(key), value) else {
+                continue;
+            };
+            let state = serde_json::from_slice(&bytes).map_err(|e| ViewError::Corrupt {
+                key: key.clone(),
+                message: e.to_string(),
+            })?;
+            out.push((id.to_owned(), state));
+        }
+    }
+    Ok((next, out))
+}
+
+/// The customer as the API serves it and `tierd rules explain` prints it: the explanation of
+/// their placement (metrics, scores, rule, next move) under the cut-offs in force, their
+/// partition, and their exact position in each rank.
+///
+/// # Errors
+/// [`ViewError`].
+pub async fn explained_customer<C: ConnectionLike>(
+    conn: &mut C,
+    keyspace: &Keyspace,
+    partitions: i32,
+    rules: &Rules,
+    money: &crate::domain::change::MoneyFormat,
+    now: i64,
+    customer_id: &str,
+) -> Result<Option<serde_json::Value>, ViewError> {
+    let Some((partition, state)) = find_customer(conn, keyspace, partitions, customer_id).await?
+    else {
+        return Ok(None);
+    };
+    let cutoffs = cutoffs(conn, keyspace).await?.unwrap_or_default();
+    let view = crate::domain::explain::explain(customer_id, &state, rules, money, now, &cutoffs);
+    let mut body = serde_json::to_value(view).unwrap_or_default();
+    body["partition"] = partition.into();
+    for pos in rank_positions(conn, keyspace, partitions, rules, &state).await? {
+        let entry = &mut body["ranks"][pos.rank.as_str()];
+        entry["position"] = pos.position.into();
+        entry["population"] = pos.population.into();
+        if let Some(top) = pos.top_percent {
+            entry["top_percent"] = top.into();
+        }
+    }
+    Ok(Some(body))
+}
+
+/// Whether Redis answers (readiness).
+///
+/// # Errors
+/// Redis errors.
+pub async fn ping<C: ConnectionLike>(conn: &mut C) -> Result<(), redis::RedisError> {
+    redis::cmd("PING")
+        .query_async::<String>(conn)
+        .await
+        .map(drop)
+}

@@ -1,0 +1,104 @@
+//! The rank cut-off search is the one piece of logic that lives in Lua (it must read every
+//! partition's sorted sets at one atomic moment). This property test runs that script itself,
+//! through a real redis-server, against a full sort: over values split across partitions, with
+//! ties, small and wide value ranges, every band share.
+
+mod support;
+
+use proptest::prelude::*;
+use support::Redis;
+use tierd::rules::rank::{cutoff, cutoffs_from_values, CutPoint, Ties};
+use tierd::rules::value::Ratio;
+use tierd::store::cutoffs::{count_at_or_above, search};
+
+/// Writes `parts` (one list of values per partition) as sorted sets under fresh keys.
+fn write(conn: &mut redis::Connection, parts: &[Vec<i64>]) -> Vec<String> {
+    let prefix = support::unique("rank");
+    parts
+        .iter()
+        .enumerate()
+        .map(|(p, values)| {
+            let key = format!("{prefix}:{p}");
+            for (i, v) in values.iter().enumerate() {
+                let _: () = redis::cmd("ZADD")
+                    .arg(&key)
+                    .arg(*v)
+                    .arg(format!("c{p}-{i}"))
+                    .query(conn)
+                    .unwrap();
+            }
+            key
+        })
+        .collect()
+}
+
+fn values() -> impl Strategy<Value = Vec<Vec<i64>>> {
+    prop_oneof![
+        // Small range: many ties.
+        proptest::collection::vec(proptest::collection::vec(-50i64..50, 0..40), 1..6),
+        // Wide range (money in minor units), still exact as doubles (|v| < 2^53).
+        proptest::collection::vec(
+            proptest::collection::vec(-1_000_000_000_000_000i64..1_000_000_000_000_000, 0..40),
+            1..6
+        ),
+    ]
+}
+
+/// The script's cut-off equals the k-th value of a full sort (and the in-memory cut-offs
+/// `tierd simulate` uses); "value >= cut-off" is exactly the band a full sort gives when ties
+/// go to the higher band; the lower tie rule never gives a band more than its share.
+#[test]
+fn the_cutoff_script_equals_a_full_sort() {
+    let redis = Redis::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let shared = rt
+        .block_on(redis.client().get_multiplexed_async_connection())
+        .unwrap();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(200));
+    let result = runner.run(&(values(), 1u32..=100), |(parts, pct)| {
+        let (mut conn, mut aconn) = (redis.conn(), shared.clone());
+        let keys = write(&mut conn, &parts);
+        let all: Vec<i128> = parts.iter().flatten().map(|&v| i128::from(v)).collect();
+        let point = CutPoint {
+            rank: 0,
+            pct: Ratio::new(i128::from(pct), 100).unwrap(),
+        };
+        let found = rt.block_on(search(&mut aconn, &keys, point.pct)).unwrap();
+        if all.is_empty() {
+            prop_assert!(found.is_none());
+            return Ok(());
+        }
+        let found = found.expect("a ranked population has a cut-off");
+        let k = point.k(all.len() as u64);
+        let mut sorted = all.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        let kth = sorted[usize::try_from(k).unwrap() - 1];
+        let count_ge = |v: i128| all.iter().filter(|&&x| x >= v).count() as u64;
+        prop_assert_eq!(found.population, all.len() as u64);
+        prop_assert_eq!(found.k, k);
+        prop_assert_eq!(found.kth, kth);
+        prop_assert_eq!(found.at_or_above_kth, count_ge(kth));
+        let in_memory = cutoffs_from_values(&[point], &[Ties::Higher], 0, &mut [all.clone()]);
+        prop_assert_eq!(in_memory.values[0], Some(found.kth));
+        // Band by full sort: the first k, plus everyone tied with the k-th.
+        prop_assert!(count_ge(found.kth) >= k);
+        // The other tie rule: the band never holds more than its share, and only a tie group
+        // that does not fit is left out.
+        let lower = cutoff(found.kth, found.at_or_above_kth, k, Ties::Lower);
+        let lower_band = rt
+            .block_on(count_at_or_above(&mut aconn, &keys, lower))
+            .unwrap();
+        prop_assert_eq!(lower_band, count_ge(lower));
+        prop_assert!(lower_band <= k);
+        prop_assert!(lower_band == k || found.at_or_above_kth > k);
+        let in_memory = cutoffs_from_values(&[point], &[Ties::Lower], 0, &mut [all.clone()]);
+        prop_assert_eq!(in_memory.values[0], Some(lower));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
