@@ -162,17 +162,15 @@ fn overtaken_vip_moves_down_once_with_rank_shift() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tierd.toml");
     std::fs::write(&config, world.config(support::free_port(), RANKS)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tierd"))
-        .args(["rules", "explain", "c100", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (code, out, err) = support::tierd_cli(&[
+        "rules",
+        "explain",
+        "c100",
+        "--config",
+        &config.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let e: serde_json::Value = serde_json::from_str(&out).unwrap();
     for field in ["ranks", "tier", "partition", "cutoffs_version", "placed_by"] {
         assert_eq!(e[field], v[field], "{field}: explain {e} vs API {v}");
     }

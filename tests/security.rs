@@ -8,7 +8,6 @@ mod support;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
-use std::process::Command;
 use std::time::Duration;
 use support::{purchase, Broker, Certs, Redis, Tierd, World};
 
@@ -147,16 +146,9 @@ fn check_config(config: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tierd.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tierd"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, stderr) =
+        support::tierd_cli(&["check-config", "--config", &path.display().to_string()]);
+    (code == 0, stderr)
 }
 
 #[test]

@@ -5,21 +5,11 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::process::Command;
 use std::time::Duration;
 use support::{purchase, Tierd, World};
 
 fn tierd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tierd"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    support::tierd_cli(args)
 }
 
 #[test]

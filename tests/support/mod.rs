@@ -627,29 +627,21 @@ impl Broker {
         b
     }
 
-    /// Number of nodes this test owns (0 for the shared or an external broker).
-    pub fn nodes(&self) -> usize {
-        self.nodes.len()
+    fn node(&self, id: i32) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.node_id as i32 == id)
+            .expect("an owned node")
     }
 
     /// SIGKILL of node `id` (1-based), as a crashed machine; its log directory stays.
     pub fn kill_node(&self, id: i32) {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| n.node_id as i32 == id)
-            .expect("an owned node");
-        node.kill9();
+        self.node(id).kill9();
     }
 
     /// Starts node `id` again on its directory and ports; waits until the cluster serves it.
     pub fn start_node(&self, id: i32) {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| n.node_id as i32 == id)
-            .expect("an owned node");
-        node.spawn(false);
+        self.node(id).spawn(false);
         wait_serving(&self.addr, self.nodes.len(), &self.nodes, START_TIMEOUT);
     }
 
@@ -1313,6 +1305,20 @@ impl Drop for Tierd {
             }
         }
     }
+}
+
+/// Runs the `tierd` command with `args` (from the project root): (exit code, stdout, stderr).
+pub fn tierd_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tierd"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A purchase event as JSON.
