@@ -2,12 +2,13 @@
 //! thread, and stops them in order when the shutdown future resolves.
 
 use crate::api::{self, ApiState};
-use crate::apply::{Ownership, Pipeline};
 use crate::config::Config;
 use crate::domain::change::MoneyFormat;
 use crate::domain::DedupPolicy;
-use crate::ingest::consumer::{self, Batching, IngestContext, IngestParts};
+use crate::ingest::consumer::{self, Batching, IngestContext};
 use crate::ingest::decode::DecodeLimits;
+use crate::partition::supervisor::{Supervisor, SupervisorParts};
+use crate::partition::{Ownership, Pipeline};
 use crate::publish::publisher::Publisher;
 use crate::rules::{Rules, RulesError};
 use crate::store::keys::Keyspace;
@@ -149,23 +150,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let ownership = Ownership::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let context = IngestContext::new(IngestParts {
+    let supervisor = Supervisor::new(SupervisorParts {
         rt: tokio::runtime::Handle::current(),
         redis_client: client,
         redis: redis.clone(),
-        keyspace: keyspace.clone(),
-        topic: config.kafka.input_topic.clone(),
         pipeline: Arc::clone(&pipeline),
         publisher,
         ownership: Arc::clone(&ownership),
-        batching: Batching {
+        queue: config.ingest.queue_batches,
+        shutdown: Arc::clone(&stop),
+    });
+    let context = IngestContext::new(
+        tokio::runtime::Handle::current(),
+        config.kafka.input_topic.clone(),
+        supervisor,
+        Batching {
             max_events: config.ingest.batch_max_events,
             max_bytes: config.ingest.batch_max_bytes,
             max_wait: Duration::from_millis(config.ingest.batch_max_wait_ms),
             queue: config.ingest.queue_batches,
         },
-        shutdown: Arc::clone(&stop),
-    });
+        Arc::clone(&stop),
+    );
     let consumer: BaseConsumer<IngestContext> = crate::kafka::consumer_config(&config.kafka)
         .create_with_context(context)
         .map_err(|error| StartError::KafkaClient {

@@ -8,8 +8,9 @@
 //! - [`config`]: the configuration file and its validation.
 //! - [`ingest`]: the Kafka consumer thread ([`ingest::consumer`]), decoding and validation
 //!   ([`ingest::decode`]), dead-letter records ([`ingest::dead_letter`]).
-//! - [`apply`]: per-partition workers that turn a batch into one fenced, atomic Redis commit
-//!   ([`apply::worker`]).
+//! - [`partition`]: the partition lifecycle — the supervisor claims and starts a partition, its
+//!   runner turns each trigger (batch, timers, rules sweep, rank cut-offs) into one fenced,
+//!   atomic Redis commit.
 //! - [`domain`] and [`rules`]: pure state transitions and tier placement, no I/O, no clock.
 //! - [`publish`]: the Redis outbox drained to Kafka by an idempotent producer.
 //! - [`api`]: customer lookup, health, readiness, metrics.
@@ -20,11 +21,11 @@
 
 pub mod api;
 pub mod app;
-pub mod apply;
 pub mod config;
 pub mod domain;
 pub mod ingest;
 pub mod kafka;
+pub mod partition;
 pub mod publish;
 pub mod rules;
 pub mod shutdown;

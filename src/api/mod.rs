@@ -1,8 +1,8 @@
 //! The HTTP API: customer lookup, health, readiness and Prometheus metrics.
 
-use crate::apply::Ownership;
 use crate::domain::change::MoneyFormat;
 use crate::domain::time;
+use crate::partition::Ownership;
 use crate::rules::Rules;
 use crate::store::keys::Keyspace;
 use crate::store::views::{self, ViewError};

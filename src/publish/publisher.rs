@@ -7,7 +7,7 @@
 //! the same deterministic `event_id`s.
 
 use crate::store::outbox::{self, EntryKind, OutboxError, StoredEntry};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{events, Telemetry};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use redis::aio::ConnectionManager;
@@ -95,13 +95,16 @@ impl Publisher {
                 Ok(()) if stopping => return,
                 Ok(()) => {}
                 Err(error) => {
-                    self.telemetry.publish_errors.inc();
+                    events::PublishFailed {
+                        partition,
+                        error: &error,
+                    }
+                    .emit(&self.telemetry);
                     if let Some((code, reason)) = self.producer.client().fatal_error() {
                         error!(partition, ?code, reason, "The producer failed fatally; stopping the service (the outbox keeps every undelivered record).");
                         self.fatal.notify_one();
                         return;
                     }
-                    warn!(partition, %error, "Publishing the outbox failed; retrying.");
                     if stopping_since.is_some_and(|t| t.elapsed() >= FINAL_DRAIN) {
                         warn!(
                             partition,

@@ -73,6 +73,21 @@ pub enum TimeCause {
     AtRisk,
 }
 
+impl TimeCause {
+    /// The name used in metrics and events (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Recency => "recency",
+            Self::WindowExpiry => "window_expiry",
+            Self::ValidityExpired => "validity_expired",
+            Self::GraceEnded => "grace_ended",
+            Self::MinStayEnded => "min_stay_ended",
+            Self::ManualExpired => "manual_expired",
+            Self::AtRisk => "at_risk",
+        }
+    }
+}
+
 /// A problem in a rules file: where (line, field) and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

@@ -38,6 +38,29 @@ pub struct RankPosition {
     pub top_percent: Option<f64>,
 }
 
+impl RankPosition {
+    /// The position of a customer with `above` customers strictly above them, among
+    /// `population`: the one formula the API, the tools and the tier-change events share.
+    pub fn new(rank: &str, above: u64, population: u64) -> Self {
+        Self {
+            rank: rank.to_owned(),
+            position: above + 1,
+            population,
+            top_percent: (population > 0)
+                .then(|| ((above + 1) as f64 * 10_000.0 / population as f64).round() / 100.0),
+        }
+    }
+
+    /// Writes `position`, `population` and `top_percent` into a rank's JSON entry.
+    pub fn write_to(&self, entry: &mut serde_json::Value) {
+        entry["position"] = self.position.into();
+        entry["population"] = self.population.into();
+        if let Some(top) = self.top_percent {
+            entry["top_percent"] = top.into();
+        }
+    }
+}
+
 /// Finds a customer in whichever partition holds them: `(partition, state)`. The partition
 /// depends on the producer's partitioner, so every partition is asked at once (one pipelined
 /// GET each).
@@ -95,13 +118,7 @@ pub async fn rank_positions<C: ConnectionLike>(
         let counts: Vec<u64> = pipe.query_async(conn).await?;
         let above: u64 = counts.iter().step_by(2).sum();
         let population: u64 = counts.iter().skip(1).step_by(2).sum();
-        out.push(RankPosition {
-            rank: rank.name.clone(),
-            position: above + 1,
-            population,
-            top_percent: (population > 0)
-                .then(|| ((above + 1) as f64 * 10_000.0 / population as f64).round() / 100.0),
-        });
+        out.push(RankPosition::new(&rank.name, above, population));
     }
     Ok(out)
 }
@@ -228,12 +245,7 @@ pub async fn explained_customer<C: ConnectionLike>(
     let mut body = serde_json::to_value(view).unwrap_or_default();
     body["partition"] = partition.into();
     for pos in rank_positions(conn, keyspace, partitions, rules, &state).await? {
-        let entry = &mut body["ranks"][pos.rank.as_str()];
-        entry["position"] = pos.position.into();
-        entry["population"] = pos.population.into();
-        if let Some(top) = pos.top_percent {
-            entry["top_percent"] = top.into();
-        }
+        pos.write_to(&mut body["ranks"][pos.rank.as_str()]);
     }
     Ok(Some(body))
 }

@@ -1,5 +1,7 @@
 //! Prometheus metrics (one registry) and the internal events that update them together with
-//! their log line, so logs and metrics never drift apart.
+//! their log line ([`events`]), so logs and metrics never drift apart.
+
+pub mod events;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,

@@ -1,7 +1,16 @@
-//! Apply: one partition's batches → customer states, tier changes and dead letters, committed
-//! to Redis atomically and fenced, in one script call per batch.
+//! A partition's lifecycle, from its assignment to its release. The [`supervisor`] claims a
+//! partition in Redis (raising its fencing epoch) and starts its [`runner`] and publisher; the
+//! runner owns the partition's customers and turns each trigger — an input [`batch`], due
+//! [`timers`], a rules-version [`sweep`], new rank cut-offs ([`ranks`]) — into a [`draft`],
+//! which it commits to Redis atomically, fenced, with the partition's position.
 
-pub mod worker;
+pub mod batch;
+pub mod draft;
+pub mod ranks;
+pub mod runner;
+pub mod supervisor;
+pub mod sweep;
+pub mod timers;
 
 use crate::domain::change::MoneyFormat;
 use crate::domain::DedupPolicy;
@@ -35,11 +44,10 @@ pub struct Pipeline {
     pub sweep_per_second: u32,
     /// Rank cut-off computation and application.
     pub ranks: crate::config::RanksConfig,
-    /// Partitions of the input topic (the owner of partition 0 computes rank cut-offs over
-    /// all of them).
     /// Key names.
     pub keyspace: crate::store::keys::Keyspace,
-    /// Set once at startup, after the topic's metadata was read.
+    /// Partitions of the input topic, set once at startup after the topic's metadata was read
+    /// (the owner of partition 0 computes rank cut-offs over all of them).
     pub partitions: std::sync::atomic::AtomicI32,
     /// Metrics.
     pub telemetry: Telemetry,

@@ -1,0 +1,155 @@
+//! Trigger: a batch of input messages. Each is decoded (or dead-lettered with its reason) and
+//! applied to its customer's state; the batch becomes one commit together with the partition's
+//! new position. In `event` mode, timers due before an event's engine time fire first.
+
+use super::draft::{Draft, Working};
+use super::runner::{Batch, Runner};
+use crate::config::ClockMode;
+use crate::domain::change::Cause;
+use crate::domain::{time, Applied, Event};
+use crate::ingest::dead_letter::{self, Source};
+use crate::ingest::decode::{self, Reason, Rejection};
+use crate::store::partition::ApplyError;
+use crate::telemetry::events;
+use rdkafka::message::Message;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl Runner {
+    /// Applies one batch of consecutive messages.
+    pub(super) async fn apply_batch(&mut self, messages: Batch) -> Result<(), ApplyError> {
+        let started = Instant::now();
+        let p = Arc::clone(&self.pipeline);
+        let first_offset = messages[0].offset();
+        let expected = self.next_offset();
+        if expected >= 0 && first_offset > expected {
+            events::OffsetGap {
+                partition: self.partition,
+                expected,
+                first_offset,
+            }
+            .emit(&p.telemetry);
+        }
+
+        let wall_now = time::now_ms();
+        let decoded: Vec<Result<Event, Rejection>> = messages
+            .iter()
+            .map(|m| {
+                decode::decode(
+                    m.key(),
+                    m.payload(),
+                    m.timestamp().to_millis().unwrap_or(wall_now),
+                    &p.limits,
+                )
+            })
+            .collect();
+
+        let mut work = Working::new();
+        let ids: Vec<String> = decoded
+            .iter()
+            .flatten()
+            .map(|e| e.customer_id.clone())
+            .collect();
+        self.load(ids, &mut work).await?;
+
+        let event_mode = p.clock.mode == ClockMode::Event;
+        let cutoffs = Arc::clone(&self.cutoffs);
+        let lateness = i64::try_from(p.clock.lateness_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let mut draft = Draft::at(first_offset);
+        for (message, decoded) in messages.iter().zip(&decoded) {
+            if let (true, Ok(event)) = (event_mode, decoded) {
+                let t = event.occurred_at_ms.saturating_sub(lateness);
+                if self.clock.is_none_or(|c| t > c) {
+                    if self.earliest_due.is_due(t) {
+                        // Timers due before this event's engine time fire first.
+                        if draft.messages > 0 {
+                            self.commit(&mut draft, &mut work).await?;
+                            draft = Draft::at(message.offset());
+                        }
+                        self.fire_due(t, &mut work).await?;
+                    }
+                    self.clock = Some(t);
+                }
+            }
+            // Events are evaluated at their own event time; in `event` mode never before the
+            // partition's clock.
+            let now = if event_mode {
+                self.clock.unwrap_or(i64::MIN)
+            } else {
+                i64::MIN
+            };
+            draft.messages += 1;
+            draft.end_offset = message.offset() + 1;
+            let rejection = match decoded {
+                Err(rejection) => Some(rejection.clone()),
+                Ok(event) => {
+                    let loaded = work
+                        .get_mut(event.customer_id.as_str())
+                        .expect("loaded above");
+                    match loaded.state.apply(event, &p.rules, p.dedup, now, &cutoffs) {
+                        Applied::Counted(outcome) => {
+                            loaded.dirty = true;
+                            draft.applied += 1;
+                            if let Some((due, _)) = loaded.state.timer {
+                                self.earliest_due.lower(due);
+                            }
+                            if outcome.transition.is_some() || outcome.notice.is_some() {
+                                let cause = Cause {
+                                    event_id: event.event_id.clone(),
+                                    topic: p.input_topic.clone(),
+                                    partition: self.partition,
+                                    offset: message.offset(),
+                                };
+                                draft.record(
+                                    &p,
+                                    &event.customer_id,
+                                    &loaded.state,
+                                    &outcome,
+                                    Some(cause),
+                                );
+                            }
+                            None
+                        }
+                        Applied::Duplicate => {
+                            draft.duplicates += 1;
+                            None
+                        }
+                        Applied::TooLate { floor_ms } => Some(Rejection {
+                            reason: Reason::TooLate,
+                            detail: format!(
+                                "field `occurred_at`: {} is at or before {}, the customer's dedup horizon",
+                                time::format_ms(event.occurred_at_ms),
+                                time::format_ms(floor_ms)
+                            ),
+                        }),
+                    }
+                }
+            };
+            if let Some(rejection) = rejection {
+                let source = Source {
+                    topic: &p.input_topic,
+                    partition: self.partition,
+                    offset: message.offset(),
+                    timestamp_ms: message.timestamp().to_millis(),
+                };
+                draft.outbox.push(dead_letter::entry(
+                    source,
+                    message.key(),
+                    message.payload(),
+                    &rejection,
+                    p.dead_letter_max_bytes,
+                ));
+                draft.rejected.push(rejection.reason.as_str());
+            }
+        }
+        self.commit(&mut draft, &mut work).await?;
+        self.keep(work);
+        events::BatchApplied {
+            partition: self.label(),
+            messages: messages.len(),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+        .emit(&p.telemetry);
+        Ok(())
+    }
+}

@@ -1,0 +1,363 @@
+//! What one commit will write, assembled while a trigger runs: the customers it touched (with
+//! what Redis holds for each), the outbox entries, the counters for telemetry. Turning it into
+//! a [`CommitBatch`] — which states, timer-index and rank-set entries and tier counts change —
+//! is pure, and tested here without Redis.
+
+use super::Pipeline;
+use crate::domain::change::{AtRiskNotice, Cause, TierChange};
+use crate::domain::state::Outcome;
+use crate::domain::CustomerState;
+use crate::store::keys::PartitionKeys;
+use crate::store::outbox::{EntryKind, OutboxEntry};
+use crate::store::partition::{CommitBatch, SortedSet};
+use std::collections::HashMap;
+
+/// A customer in the working set of one trigger, with what the partition's indexes in Redis
+/// hold for them (so a commit writes only what changed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The customer's state, possibly changed by the trigger.
+    pub state: CustomerState,
+    /// Whether the state must be written.
+    pub dirty: bool,
+    /// The due time the timer index holds for the customer.
+    pub indexed: Option<i64>,
+    /// The values the rank sorted sets hold for the customer, in the rules' rank order.
+    pub ranked: Vec<Option<i128>>,
+    /// The tier the partition's tier counts count the customer in.
+    pub counted: Option<String>,
+}
+
+impl Loaded {
+    /// A customer as stored (a new customer: the default state, indexed nowhere).
+    pub fn new(state: CustomerState) -> Self {
+        Self {
+            indexed: state.timer.map(|(due, _)| due),
+            ranked: state.rk.clone(),
+            counted: state.tier.clone(),
+            state,
+            dirty: false,
+        }
+    }
+
+    /// Records that the state and indexes as they are now were committed.
+    pub fn committed(&mut self) {
+        if self.dirty {
+            self.indexed = self.state.timer.map(|(due, _)| due);
+            self.ranked.clone_from(&self.state.rk);
+            self.counted.clone_from(&self.state.tier);
+            self.dirty = false;
+        }
+    }
+}
+
+/// The customers one trigger works on, by id.
+pub type Working = HashMap<String, Loaded>;
+
+/// A rank-based change waiting for its exact rank positions (known only at commit).
+#[derive(Debug)]
+pub struct PendingPositions {
+    /// Index of its outbox entry.
+    pub outbox_index: usize,
+    /// The customer's ranked values, in the rules' rank order.
+    pub values: Vec<Option<i128>>,
+    /// The change, to be serialized once annotated.
+    pub change: TierChange,
+}
+
+/// What one commit will write, accumulated while a trigger runs.
+#[derive(Debug, Default)]
+pub struct Draft {
+    /// First input offset covered (the partition's position for commits without input).
+    pub first_offset: i64,
+    /// One past the last input offset covered.
+    pub end_offset: i64,
+    /// Input messages covered.
+    pub messages: u64,
+    /// Tier changes, notices and dead letters, in order.
+    pub outbox: Vec<OutboxEntry>,
+    /// Events counted.
+    pub applied: u64,
+    /// Events recognised as duplicates.
+    pub duplicates: u64,
+    /// Reasons of the messages dead-lettered.
+    pub rejected: Vec<&'static str>,
+    /// Tier changes: (from, to, reason), for telemetry.
+    pub changes: Vec<(String, String, &'static str)>,
+    /// At-risk notices.
+    pub notices: u64,
+    /// The rules version hash whose sweep this commit completes.
+    pub swept_rules: Option<u32>,
+    /// Rank cut-offs (JSON) this commit finishes applying.
+    pub applied_cutoffs: Option<String>,
+    /// Timer index entries without a stored customer, to remove.
+    pub orphans: Vec<String>,
+    /// Changes under rank-based rules awaiting their exact rank positions.
+    pub positions: Vec<PendingPositions>,
+}
+
+impl Draft {
+    /// An empty draft at input position `offset` (nothing consumed).
+    pub fn at(offset: i64) -> Self {
+        Self {
+            first_offset: offset,
+            end_offset: offset,
+            ..Self::default()
+        }
+    }
+
+    /// Adds an evaluation's tier change and at-risk notice to the outbox. Under rank-based
+    /// rules the change is serialized at commit, once its exact rank positions are known.
+    pub fn record(
+        &mut self,
+        p: &Pipeline,
+        customer_id: &str,
+        state: &CustomerState,
+        outcome: &Outcome,
+        cause: Option<Cause>,
+    ) {
+        if let Some(t) = &outcome.transition {
+            let change = TierChange::new(customer_id, state, t, &p.rules, &p.money, cause);
+            self.changes.push((
+                change
+                    .previous_tier
+                    .clone()
+                    .unwrap_or_else(|| "none".into()),
+                change.tier.clone(),
+                change.reason.as_str(),
+            ));
+            let value = if p.rules.uses_ranks() {
+                self.positions.push(PendingPositions {
+                    outbox_index: self.outbox.len(),
+                    values: t.eval.ranks.clone(),
+                    change,
+                });
+                Vec::new()
+            } else {
+                serde_json::to_vec(&change).expect("change events serialize")
+            };
+            self.outbox.push(OutboxEntry {
+                kind: EntryKind::Change,
+                key: customer_id.as_bytes().to_vec(),
+                value,
+                headers: Vec::new(),
+            });
+        }
+        if let Some(n) = &outcome.notice {
+            let notice = AtRiskNotice::new(customer_id, n, &p.rules);
+            self.notices += 1;
+            self.outbox.push(OutboxEntry {
+                kind: EntryKind::AtRisk,
+                key: customer_id.as_bytes().to_vec(),
+                value: serde_json::to_vec(&notice).expect("notices serialize"),
+                headers: Vec::new(),
+            });
+        }
+    }
+
+    /// The commit of this draft (its outbox and markers are moved into it): every dirty
+    /// customer's state, and only the timer-index entries, rank-set entries and tier counts
+    /// that differ from what Redis holds. `ranks` is the number of ranks of the rules.
+    pub fn take_batch(
+        &mut self,
+        position: Position,
+        work: &Working,
+        keys: &PartitionKeys,
+        ranks: usize,
+    ) -> CommitBatch {
+        let mut batch = CommitBatch {
+            expected_offset: position.expected_offset,
+            expected_commits: position.expected_commits,
+            clock: position.clock,
+            first_offset: self.first_offset,
+            end_offset: self.end_offset,
+            outbox: std::mem::take(&mut self.outbox),
+            swept_rules: self.swept_rules,
+            applied_cutoffs: self.applied_cutoffs.take(),
+            ..CommitBatch::default()
+        };
+        for id in self.orphans.drain(..) {
+            batch.zrem.push((SortedSet::Timers, id));
+        }
+        for (id, loaded) in work.iter().filter(|(_, l)| l.dirty) {
+            batch.states.push((
+                keys.customer(id),
+                serde_json::to_vec(&loaded.state).expect("state serializes"),
+            ));
+            let timer = loaded.state.timer.map(|(due, _)| i128::from(due));
+            diff_entry(
+                &mut batch,
+                SortedSet::Timers,
+                id,
+                timer,
+                loaded.indexed.map(i128::from),
+            );
+            for r in 0..ranks {
+                let now = loaded.state.rk.get(r).copied().flatten();
+                let indexed = loaded.ranked.get(r).copied().flatten();
+                diff_entry(&mut batch, SortedSet::Rank(r), id, now, indexed);
+            }
+            if loaded.state.tier != loaded.counted {
+                if let Some(old) = &loaded.counted {
+                    batch.tier_deltas.push((old.clone(), -1));
+                }
+                if let Some(new) = &loaded.state.tier {
+                    batch.tier_deltas.push((new.clone(), 1));
+                }
+            }
+        }
+        batch
+    }
+}
+
+/// Where the owner believes the partition stands in Redis (the fence of the next commit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// The next offset stored (-1 if nothing was ever applied).
+    pub expected_offset: i64,
+    /// Commits stored.
+    pub expected_commits: i64,
+    /// The partition's event-time clock to store (`clock.mode = "event"`).
+    pub clock: Option<i64>,
+}
+
+/// Adds the sorted-set write that takes `set` from `indexed` to `now` for `id`, if any.
+fn diff_entry(
+    batch: &mut CommitBatch,
+    set: SortedSet,
+    id: &str,
+    now: Option<i128>,
+    indexed: Option<i128>,
+) {
+    match (now, indexed) {
+        (Some(v), Some(i)) if v == i => {}
+        (Some(v), _) => batch.zadd.push((set, v, id.to_owned())),
+        (None, Some(_)) => batch.zrem.push((set, id.to_owned())),
+        (None, None) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::TimeCause;
+    use crate::store::keys::Keyspace;
+
+    fn keys() -> PartitionKeys {
+        Keyspace::new("t", "g", "in").partition(0)
+    }
+
+    fn customer(
+        timer: Option<i64>,
+        ranked: Vec<Option<i128>>,
+        tier: Option<&str>,
+    ) -> CustomerState {
+        CustomerState {
+            timer: timer.map(|d| (d, TimeCause::Recency)),
+            rk: ranked,
+            tier: tier.map(str::to_owned),
+            ..CustomerState::default()
+        }
+    }
+
+    fn position() -> Position {
+        Position {
+            expected_offset: 10,
+            expected_commits: 3,
+            clock: None,
+        }
+    }
+
+    #[test]
+    fn a_clean_customer_writes_nothing() {
+        let mut work = Working::new();
+        work.insert(
+            "a".into(),
+            Loaded::new(customer(Some(5), vec![Some(7)], Some("vip"))),
+        );
+        let batch = Draft::at(10).take_batch(position(), &work, &keys(), 1);
+        assert!(batch.states.is_empty() && batch.zadd.is_empty() && batch.zrem.is_empty());
+        assert!(batch.tier_deltas.is_empty());
+        assert_eq!((batch.first_offset, batch.end_offset), (10, 10));
+        assert_eq!((batch.expected_offset, batch.expected_commits), (10, 3));
+    }
+
+    #[test]
+    fn only_what_changed_is_indexed_and_counted() {
+        let mut work = Working::new();
+        // Moved: timer later, rank value up, tier key → vip.
+        let mut moved = Loaded::new(customer(Some(5), vec![Some(7), Some(1)], Some("key")));
+        moved.state = customer(Some(9), vec![Some(8), Some(1)], Some("vip"));
+        moved.dirty = true;
+        work.insert("m".into(), moved);
+        // Lost their timer and their second rank; same tier.
+        let mut dropped = Loaded::new(customer(Some(5), vec![Some(7), Some(2)], Some("key")));
+        dropped.state = customer(None, vec![Some(7), None], Some("key"));
+        dropped.dirty = true;
+        work.insert("d".into(), dropped);
+        // New customer.
+        let mut new = Loaded::new(CustomerState::default());
+        new.state = customer(Some(3), vec![None, Some(4)], Some("small"));
+        new.dirty = true;
+        work.insert("n".into(), new);
+
+        let mut draft = Draft::at(10);
+        draft.orphans.push("ghost".into());
+        let batch = draft.take_batch(position(), &work, &keys(), 2);
+
+        let mut states: Vec<_> = batch.states.iter().map(|(k, _)| k.clone()).collect();
+        states.sort();
+        let k = keys();
+        assert_eq!(
+            states,
+            vec![k.customer("d"), k.customer("m"), k.customer("n")]
+        );
+        let mut zadd = batch.zadd.clone();
+        zadd.sort_by(|a, b| {
+            a.2.cmp(&b.2)
+                .then(format!("{:?}", a.0).cmp(&format!("{:?}", b.0)))
+        });
+        assert_eq!(
+            zadd,
+            vec![
+                (SortedSet::Rank(0), 8, "m".to_owned()),
+                (SortedSet::Timers, 9, "m".to_owned()),
+                (SortedSet::Rank(1), 4, "n".to_owned()),
+                (SortedSet::Timers, 3, "n".to_owned()),
+            ]
+        );
+        let mut zrem = batch.zrem.clone();
+        zrem.sort_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then(format!("{:?}", a.0).cmp(&format!("{:?}", b.0)))
+        });
+        assert_eq!(
+            zrem,
+            vec![
+                (SortedSet::Rank(1), "d".to_owned()),
+                (SortedSet::Timers, "d".to_owned()),
+                (SortedSet::Timers, "ghost".to_owned()),
+            ]
+        );
+        let mut deltas = batch.tier_deltas.clone();
+        deltas.sort();
+        assert_eq!(
+            deltas,
+            vec![("key".into(), -1), ("small".into(), 1), ("vip".into(), 1)]
+        );
+        assert!(draft.orphans.is_empty(), "orphans are taken");
+    }
+
+    #[test]
+    fn after_commit_a_customer_is_clean_and_indexed_as_its_state() {
+        let mut l = Loaded::new(customer(Some(5), vec![Some(7)], Some("key")));
+        l.state = customer(None, vec![Some(9)], Some("vip"));
+        l.dirty = true;
+        l.committed();
+        assert_eq!(l, Loaded::new(customer(None, vec![Some(9)], Some("vip"))));
+        let mut work = Working::new();
+        work.insert("a".into(), l);
+        let batch = Draft::at(0).take_batch(position(), &work, &keys(), 1);
+        assert!(batch.states.is_empty() && batch.zadd.is_empty() && batch.zrem.is_empty());
+    }
+}

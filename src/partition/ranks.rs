@@ -1,0 +1,233 @@
+//! Trigger: the rank check. The owner of partition 0 recomputes the rank cut-offs over all
+//! partitions when due (interval, or the population changed enough) and publishes them;
+//! every owner moves its partition to a newer published version, re-evaluating the customers
+//! whose ranked value lies between an old and a new cut-off. Also here: the exact rank
+//! positions a rank-based tier change carries, counted at commit.
+
+use super::draft::{Draft, Working};
+use super::runner::Runner;
+use crate::domain::state::{rules_hash, Trigger};
+use crate::rules::rank::Cutoffs;
+use crate::store::partition::{self as store, ApplyError};
+use crate::store::retry::Backoff;
+use crate::store::views::RankPosition;
+use crate::telemetry::events;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+impl Runner {
+    /// Computes (partition 0's owner) and applies (every owner) new cut-offs when due. A
+    /// failed Redis call is retried at the next check.
+    pub(super) async fn rank_step(&mut self) -> Result<(), ApplyError> {
+        let p = Arc::clone(&self.pipeline);
+        let partitions = p.partitions.load(Ordering::Relaxed);
+        let zero = p.keyspace.partition(0);
+        if self.partition == 0 && partitions > 0 && !self.compute_cutoffs(partitions).await {
+            return Ok(());
+        }
+        let global = match store::load_cutoffs(self.store.connection(), &zero).await {
+            Ok(g) => g,
+            Err(e) => {
+                self.store.failed(&mut Backoff::default(), &e).await;
+                return Ok(());
+            }
+        };
+        if let Some(new) = global {
+            if new.version > self.cutoffs.version && new.rules == rules_hash(p.rules.version()) {
+                self.apply_cutoffs(new).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Partition 0's duty: recomputes the cut-offs if due and publishes them if they changed.
+    /// Returns false if reading the populations failed (the check ends there).
+    async fn compute_cutoffs(&mut self, partitions: i32) -> bool {
+        let p = Arc::clone(&self.pipeline);
+        let zero = p.keyspace.partition(0);
+        let all: Vec<_> = (0..partitions).map(|q| p.keyspace.partition(q)).collect();
+        let conn = self.store.connection();
+        let population = match crate::store::cutoffs::populations(conn, &all, &p.rules).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.store.failed(&mut Backoff::default(), &e).await;
+                return false;
+            }
+        };
+        let due = match &self.last_compute {
+            None => true,
+            Some((at, before)) => {
+                at.elapsed() >= Duration::from_millis(p.ranks.recompute_interval_ms)
+                    || population.iter().zip(before).any(|(&n, &b)| {
+                        n.abs_diff(b) as f64 > p.ranks.recompute_population_change * b as f64
+                    })
+            }
+        };
+        if !due {
+            return true;
+        }
+        let started = Instant::now();
+        let new = match crate::store::cutoffs::compute(conn, &all, &p.rules).await {
+            Ok(new) => new,
+            Err(e) => {
+                self.store.failed(&mut Backoff::default(), &e).await;
+                return true;
+            }
+        };
+        self.last_compute = Some((Instant::now(), population));
+        let current = store::load_cutoffs(conn, &zero).await.ok().flatten();
+        // A new population is published too (even with the same values): the published
+        // cut-offs always say over how many customers they hold.
+        let changed = current.as_ref().is_none_or(|c| {
+            c.values != new.values || c.rules != new.rules || c.population != new.population
+        });
+        let mut published = None;
+        if changed {
+            match store::publish_cutoffs(conn, &zero, self.status.epoch, &new).await {
+                Ok(Some(version)) => published = Some(version),
+                Ok(None) => tracing::warn!(
+                    "Rank cut-offs not published: partition 0 has another owner now."
+                ),
+                Err(e) => {
+                    // Retried at the next check (the computation is repeated).
+                    self.last_compute = None;
+                    self.store.failed(&mut Backoff::default(), &e).await;
+                }
+            }
+        }
+        events::CutoffsComputed {
+            seconds: started.elapsed().as_secs_f64(),
+            published,
+        }
+        .emit(&p.telemetry);
+        true
+    }
+
+    /// Moves the partition to new cut-offs: from now on evaluations use them, and every
+    /// customer whose ranked value lies between an old and a new cut-off is re-evaluated
+    /// (reason `rank_shift`), a page per commit. The last commit records the cut-offs as
+    /// applied; a crash before that re-does the pass, which is idempotent (a customer already
+    /// moved does not move again), so no change is lost or doubled.
+    async fn apply_cutoffs(&mut self, new: Cutoffs) -> Result<(), ApplyError> {
+        let p = Arc::clone(&self.pipeline);
+        let old = std::mem::replace(&mut self.cutoffs, Arc::new(new.clone()));
+        let page = p.ranks.reevaluate_page;
+        // First list every customer in the moved ranges (nothing is committed while listing,
+        // so offset paging over the sorted sets is stable), then re-evaluate them a page per
+        // commit: a re-evaluation can change a customer's ranked value and would shift pages.
+        let mut seen = HashSet::new();
+        let mut crossing: Vec<String> = Vec::new();
+        for (rank, lo, hi) in moved_ranges(&p.rules, &old, &new) {
+            let mut offset = 0usize;
+            loop {
+                let ids = self
+                    .store
+                    .ranked_between(rank, lo, hi, offset, page)
+                    .await?;
+                if ids.is_empty() {
+                    break;
+                }
+                offset += ids.len();
+                crossing.extend(ids.into_iter().filter(|id| seen.insert(id.clone())));
+            }
+        }
+        let (mut evaluated, mut moved) = (0u64, 0u64);
+        for fresh in crossing.chunks(page) {
+            let mut work = Working::new();
+            self.load(fresh.iter().cloned(), &mut work).await?;
+            let mut draft = self.new_draft();
+            for id in fresh {
+                let loaded = work.get_mut(id.as_str()).expect("loaded above");
+                let outcome = self.reevaluate(&mut draft, id, loaded, Trigger::RankShift);
+                evaluated += 1;
+                moved += u64::from(outcome.transition.is_some());
+            }
+            self.commit(&mut draft, &mut work).await?;
+            self.keep(work);
+            events::RankReevaluated {
+                customers: fresh.len() as u64,
+            }
+            .emit(&p.telemetry);
+        }
+        // Record the cut-offs as applied (with the last page or on their own).
+        let mut draft = self.new_draft();
+        draft.applied_cutoffs = Some(serde_json::to_string(&new).expect("cut-offs serialize"));
+        self.commit(&mut draft, &mut Working::new()).await?;
+        events::CutoffsApplied {
+            partition: self.partition,
+            version: new.version,
+            evaluated,
+            moved,
+        }
+        .emit(&p.telemetry);
+        Ok(())
+    }
+
+    /// Adds each pending rank-based change's exact position in every rank (customers with a
+    /// strictly higher value, summed over the partitions, plus one) and serializes it.
+    pub(super) async fn annotate_positions(&mut self, draft: &mut Draft) -> Result<(), ApplyError> {
+        let p = Arc::clone(&self.pipeline);
+        let partitions = p.partitions.load(Ordering::Relaxed).max(1);
+        let ranks = p.rules.ranks();
+        let all: Vec<Vec<String>> = (0..partitions)
+            .map(|q| {
+                let keys = p.keyspace.partition(q);
+                ranks.iter().map(|r| keys.rank(&r.name)).collect()
+            })
+            .collect();
+        let queries: Vec<(usize, i128)> = draft
+            .positions
+            .iter()
+            .flat_map(|pending| {
+                (0..ranks.len())
+                    .filter_map(|r| pending.values.get(r).copied().flatten().map(|v| (r, v)))
+            })
+            .collect();
+        let (population, above) = self.store.rank_counts(&all, ranks.len(), &queries).await?;
+        let mut above = above.into_iter();
+        for mut pending in std::mem::take(&mut draft.positions) {
+            for (r, rank) in ranks.iter().enumerate() {
+                if let Some(Some(_)) = pending.values.get(r) {
+                    let above = above.next().unwrap_or(0);
+                    // A new customer's own value is not committed yet: count them in.
+                    let n = (population[r] + u64::from(pending.change.previous_tier.is_none()))
+                        .max(above + 1);
+                    if let Some(entry) = pending.change.ranks.get_mut(&rank.name) {
+                        RankPosition::new(&rank.name, above, n).write_to(entry);
+                    }
+                }
+            }
+            draft.outbox[pending.outbox_index].value =
+                serde_json::to_vec(&pending.change).expect("change events serialize");
+        }
+        Ok(())
+    }
+}
+
+/// The value ranges between the old and the new cut-offs, per cut point: `(rank, lo, hi)`,
+/// `hi = None` meaning no upper end. Old cut-offs of other rules count as absent.
+fn moved_ranges(
+    rules: &crate::rules::Rules,
+    old: &Cutoffs,
+    new: &Cutoffs,
+) -> Vec<(usize, i128, Option<i128>)> {
+    let old_valid = old.rules == new.rules && old.values.len() == new.values.len();
+    let mut ranges = Vec::new();
+    for (i, point) in rules.cut_points().iter().enumerate() {
+        let before = if old_valid { old.value(i) } else { None };
+        let after = new.value(i);
+        let range = match (before, after) {
+            (Some(a), Some(b)) if a == b => None,
+            (Some(a), Some(b)) => Some((a.min(b), Some(a.max(b)))),
+            (None, Some(b)) => Some((b, None)),
+            (Some(a), None) => Some((a, None)),
+            (None, None) => None,
+        };
+        if let Some((lo, hi)) = range {
+            ranges.push((point.rank, lo, hi));
+        }
+    }
+    ranges
+}

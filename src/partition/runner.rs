@@ -1,0 +1,309 @@
+//! The runner of one owned partition: between its assignment and its release it owns the
+//! partition's customers (a bounded cache of the committed states) and waits on its
+//! triggers — input batches, the timer tick, the rules sweep, the rank check — each of which
+//! builds a [`Draft`] that [`Runner::commit`], the only writer, commits fenced and atomic.
+//!
+//! Engine time (`clock.mode`): in `wall` mode it is the wall clock and a tick fires due
+//! timers; in `event` mode it is the partition's latest event time minus the allowed lateness,
+//! and timers due before an event's engine time fire before the event is applied — so the
+//! sequence of evaluations depends only on the input, never on batching or restarts.
+
+use super::draft::{Draft, Loaded, Position, Working};
+use super::timers::EarliestDue;
+use super::{PartitionStatus, Pipeline};
+use crate::config::ClockMode;
+use crate::domain::state::{rules_hash, Outcome, Trigger};
+use crate::domain::{time, CustomerState};
+use crate::rules::rank::Cutoffs;
+use crate::store::partition::{ApplyError, Claim, Committed, PartitionStore};
+use crate::telemetry::events::{self, StopCause};
+use lru::LruCache;
+use rdkafka::message::OwnedMessage;
+use std::num::NonZeroUsize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+use tracing::info;
+
+/// How often a rules sweep takes its next page (`rules.sweep_per_second` / 10 customers).
+pub(super) const SWEEP_TICK: Duration = Duration::from_millis(100);
+
+/// A batch of consecutive messages of one partition, in offset order.
+pub type Batch = Vec<OwnedMessage>;
+
+/// Why a runner stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerExit {
+    /// Its queue was closed (revocation, shutdown) and every queued batch was applied.
+    Finished,
+    /// Another owner claimed the partition: let the group rebalance hand it over.
+    Fenced,
+    /// Redis holds another next offset than this owner committed: claim again, seek to it.
+    Diverged {
+        /// The next offset stored in Redis.
+        stored: i64,
+    },
+    /// A customer state in Redis is unreadable: the partition stays stopped (operator action).
+    Failed,
+}
+
+/// The owner of one partition's customers and commits.
+pub struct Runner {
+    pub(super) partition: i32,
+    pub(super) store: PartitionStore,
+    cache: LruCache<String, CustomerState>,
+    pub(super) pipeline: Arc<Pipeline>,
+    pub(super) status: Arc<PartitionStatus>,
+    published: Arc<Notify>,
+    label: String,
+    /// Commits stored for this partition, as far as this owner knows.
+    commits: i64,
+    /// The partition's event-time clock (`event` mode).
+    pub(super) clock: Option<i64>,
+    /// A lower bound of the earliest timer's due time.
+    pub(super) earliest_due: EarliestDue,
+    /// While a rules-version sweep is under way: its SCAN cursor.
+    pub(super) sweep: Option<u64>,
+    /// The rank cut-offs evaluations use.
+    pub(super) cutoffs: Arc<Cutoffs>,
+    /// Partition 0's owner: when cut-offs were last computed, and the populations then.
+    pub(super) last_compute: Option<(Instant, Vec<u64>)>,
+}
+
+impl Runner {
+    /// The runner of a partition we just claimed.
+    pub fn new(
+        store: PartitionStore,
+        pipeline: Arc<Pipeline>,
+        status: Arc<PartitionStatus>,
+        published: Arc<Notify>,
+        claim: &Claim,
+        partition: i32,
+    ) -> Self {
+        let cap = NonZeroUsize::new(pipeline.cache_customers).unwrap_or(NonZeroUsize::MIN);
+        let sweep = (claim.swept_rules != Some(rules_hash(pipeline.rules.version()))).then_some(0);
+        Self {
+            partition,
+            store,
+            cache: LruCache::new(cap),
+            pipeline,
+            status,
+            published,
+            label: partition.to_string(),
+            commits: claim.commits,
+            clock: claim.clock,
+            earliest_due: EarliestDue::Unknown,
+            sweep,
+            cutoffs: Arc::new(claim.cutoffs.clone().unwrap_or_default()),
+            last_compute: None,
+        }
+    }
+
+    /// Runs the triggers until the batch sender is dropped (revocation or shutdown) or the
+    /// partition cannot go on; in `wall` mode fires due timers every `clock.tick_ms`. Redis
+    /// errors are retried with backoff: a batch is never skipped.
+    pub async fn run(mut self, mut batches: mpsc::Receiver<Batch>) -> RunnerExit {
+        let p = Arc::clone(&self.pipeline);
+        // Pins can expire under any rules, so wall mode always ticks (a due check is a
+        // comparison with the earliest known timer).
+        let ticking = p.clock.mode == ClockMode::Wall;
+        let mut tick = interval(Duration::from_millis(p.clock.tick_ms));
+        let mut sweep_tick = interval(SWEEP_TICK);
+        let ranked = p.rules.uses_ranks();
+        let mut rank_tick = interval(Duration::from_millis(p.ranks.check_interval_ms));
+        if self.sweep.is_none() {
+            p.telemetry.rules_sweep_done.inc();
+        }
+        loop {
+            let result = tokio::select! {
+                batch = batches.recv() => match batch {
+                    Some(batch) if batch.is_empty() => continue,
+                    Some(batch) => self.apply_batch(batch).await,
+                    None => break,
+                },
+                _ = tick.tick(), if ticking => {
+                    let mut work = Working::new();
+                    let r = self.fire_due(time::now_ms(), &mut work).await;
+                    self.keep(work);
+                    r
+                }
+                // Under rank-based rules the sweep waits for cut-offs of the running rules, so
+                // it does not place everyone with no cut-offs first.
+                _ = sweep_tick.tick(), if self.sweep.is_some()
+                    && (!ranked || self.cutoffs.rules == rules_hash(p.rules.version())) => {
+                    self.sweep_step().await
+                }
+                _ = rank_tick.tick(), if ranked => self.rank_step().await,
+            };
+            if let Err(error) = result {
+                return self.exit(&error);
+            }
+        }
+        info!(partition = self.partition, "Partition runner finished.");
+        if self.sweep.is_none() {
+            p.telemetry.rules_sweep_done.dec();
+        }
+        RunnerExit::Finished
+    }
+
+    fn exit(&self, error: &ApplyError) -> RunnerExit {
+        let (cause, exit) = match error {
+            ApplyError::Fenced { .. } => (StopCause::Fenced, RunnerExit::Fenced),
+            ApplyError::Diverged { stored, .. } => (
+                StopCause::Diverged,
+                RunnerExit::Diverged { stored: *stored },
+            ),
+            ApplyError::CorruptState { .. } | ApplyError::Redis(_) => {
+                (StopCause::Corrupt, RunnerExit::Failed)
+            }
+        };
+        events::PartitionStopped {
+            partition: self.partition,
+            cause,
+            error,
+        }
+        .emit(&self.pipeline.telemetry);
+        exit
+    }
+
+    /// Keeps a trigger's customers cached (they are the committed truth).
+    pub(super) fn keep(&mut self, work: Working) {
+        for (id, loaded) in work {
+            self.cache.put(id, loaded.state);
+        }
+    }
+
+    /// Makes sure `ids` are in `work`: from the cache, or loaded with one MGET.
+    pub(super) async fn load(
+        &mut self,
+        ids: impl IntoIterator<Item = String>,
+        work: &mut Working,
+    ) -> Result<(), ApplyError> {
+        let mut missing: Vec<String> = Vec::new();
+        for id in ids {
+            if work.contains_key(&id) {
+                continue;
+            }
+            if let Some(state) = self.cache.pop(&id) {
+                work.insert(id, Loaded::new(state));
+            } else {
+                work.insert(id.clone(), Loaded::new(CustomerState::default()));
+                missing.push(id);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let loaded = self.store.load(&missing).await?;
+        for (id, state) in missing.into_iter().zip(loaded) {
+            if let Some(state) = state {
+                work.insert(id, Loaded::new(state));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next input offset to apply (-1 until known).
+    pub(super) fn next_offset(&self) -> i64 {
+        self.status.next_offset.load(Ordering::Relaxed)
+    }
+
+    /// An empty draft at the partition's position.
+    pub(super) fn new_draft(&self) -> Draft {
+        Draft::at(self.next_offset())
+    }
+
+    /// Engine time now for operator-level triggers: the wall clock, or the partition's
+    /// event-time clock.
+    pub(super) fn engine_now(&self) -> i64 {
+        match self.pipeline.clock.mode {
+            ClockMode::Wall => time::now_ms(),
+            ClockMode::Event => self.clock.unwrap_or(i64::MIN),
+        }
+    }
+
+    /// Re-evaluates a stored customer for an operator-level trigger (rules sweep, new rank
+    /// cut-offs) at engine time now (the customer's own engine time never runs backwards, see
+    /// `CustomerState::evaluate`).
+    pub(super) fn reevaluate(
+        &self,
+        draft: &mut Draft,
+        id: &str,
+        loaded: &mut Loaded,
+        trigger: Trigger,
+    ) -> Outcome {
+        let p = &self.pipeline;
+        let outcome = loaded
+            .state
+            .evaluate(&p.rules, self.engine_now(), trigger, &self.cutoffs);
+        loaded.dirty = true;
+        draft.record(p, id, &loaded.state, &outcome, None);
+        outcome
+    }
+
+    /// Commits a draft: dirty states, their timers and rank entries, the outbox entries and the
+    /// new position, fenced and atomic. Redis errors are retried (the script recognises its own
+    /// lost reply).
+    pub(super) async fn commit(
+        &mut self,
+        draft: &mut Draft,
+        work: &mut Working,
+    ) -> Result<(), ApplyError> {
+        let p = Arc::clone(&self.pipeline);
+        if self.earliest_due == EarliestDue::Unknown {
+            // First commit of this owner: learn where the timers stand.
+            self.earliest_due = EarliestDue::from(self.store.earliest_timer().await?);
+        }
+        // Every timer set by any evaluation (events, timers, sweeps, re-rankings) lowers the
+        // bound of the earliest due time, so none can be overlooked.
+        for loaded in work.values().filter(|l| l.dirty) {
+            if let Some((due, _)) = loaded.state.timer {
+                self.earliest_due.lower(due);
+            }
+        }
+        if !draft.positions.is_empty() {
+            self.annotate_positions(draft).await?;
+        }
+        let position = Position {
+            expected_offset: self.next_offset(),
+            expected_commits: self.commits,
+            clock: self.clock.filter(|_| p.clock.mode == ClockMode::Event),
+        };
+        let ranks = self.store.rank_keys().len();
+        let batch = draft.take_batch(position, work, self.store.keys(), ranks);
+        let committed = self.store.commit(&batch).await?;
+        self.commits += 1;
+        work.values_mut().for_each(Loaded::committed);
+        self.status
+            .next_offset
+            .store(draft.end_offset, Ordering::Relaxed);
+        if let Committed::Applied { outbox_len } = committed {
+            events::Committed {
+                partition: &self.label,
+                applied: draft.applied,
+                duplicates: draft.duplicates,
+                rejected: &draft.rejected,
+                changes: &draft.changes,
+                notices: draft.notices,
+                outbox_len,
+            }
+            .emit(&p.telemetry);
+        }
+        if !batch.outbox.is_empty() {
+            self.published.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The partition's label for metrics.
+    pub(super) fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+fn interval(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(period);
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}

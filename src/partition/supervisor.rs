@@ -1,0 +1,306 @@
+//! The partition supervisor: claims a partition in Redis when the group assigns it (raising
+//! its fencing epoch), starts its [`Runner`] and outbox publisher, and on release lets the
+//! runner finish the batches already handed to it and the publisher drain, then forgets the
+//! partition. It knows nothing of Kafka: the consumer asks it to start and stop partitions.
+
+use super::runner::{Batch, Runner, RunnerExit};
+use super::{Ownership, PartitionStatus, Pipeline};
+use crate::publish::publisher::Publisher;
+use crate::store::partition::{self as store, Claim, PartitionStore};
+use crate::telemetry::events;
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+/// How long a release waits for a partition's in-flight batches before aborting the runner
+/// (safe: an aborted commit either happened atomically or not at all).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The tasks of a started partition.
+struct Running {
+    runner: JoinHandle<RunnerExit>,
+    publisher: JoinHandle<()>,
+    stop_publisher: watch::Sender<bool>,
+}
+
+/// A released partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// The partition.
+    pub partition: i32,
+    /// Why its runner stopped.
+    pub exit: RunnerExit,
+    /// The next offset it had applied up to (-1 if none).
+    pub next_offset: i64,
+}
+
+/// What the supervisor needs to start partitions.
+pub struct SupervisorParts {
+    /// Runtime the partition tasks run on.
+    pub rt: tokio::runtime::Handle,
+    /// Redis client (claims open their own synchronous connection from it).
+    pub redis_client: redis::Client,
+    /// Shared async connection for runners and publishers.
+    pub redis: ConnectionManager,
+    /// Rules, limits, metrics.
+    pub pipeline: Arc<Pipeline>,
+    /// Outbox publishing.
+    pub publisher: Publisher,
+    /// Owned partitions, shared with the API.
+    pub ownership: Ownership,
+    /// Batches queued per partition.
+    pub queue: usize,
+    /// Set when the service is stopping.
+    pub shutdown: Arc<AtomicBool>,
+}
+
+/// Starts and stops the partitions this instance owns.
+pub struct Supervisor {
+    parts: SupervisorParts,
+    /// Synchronous connection for claims (rebalance callbacks run on the consumer thread);
+    /// `None` after an error, reopened on the next claim.
+    claims: Mutex<Option<redis::Connection>>,
+    running: Mutex<HashMap<i32, Running>>,
+}
+
+impl Supervisor {
+    /// A supervisor owning nothing yet.
+    pub fn new(parts: SupervisorParts) -> Self {
+        Self {
+            parts,
+            claims: Mutex::new(None),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The partitions owned, shared with the API.
+    pub fn ownership(&self) -> &Ownership {
+        &self.parts.ownership
+    }
+
+    /// The shared pipeline.
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.parts.pipeline
+    }
+
+    /// Claims a partition in Redis, reconnecting and retrying until it succeeds or the
+    /// service stops (`None`).
+    pub fn claim(&self, partition: i32) -> Option<Claim> {
+        let keys = self.parts.pipeline.keyspace.partition(partition);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut slot = self.claims.lock().expect("claims lock");
+            let result = match slot.as_mut() {
+                Some(conn) => store::claim(conn, &keys),
+                None => self
+                    .parts
+                    .redis_client
+                    .get_connection_with_timeout(Duration::from_secs(5))
+                    .and_then(|mut conn| {
+                        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+                        let claim = store::claim(&mut conn, &keys);
+                        *slot = Some(conn);
+                        claim
+                    }),
+            };
+            match result {
+                Ok(claim) => return Some(claim),
+                Err(error) => {
+                    *slot = None;
+                    drop(slot);
+                    events::ClaimFailed {
+                        partition,
+                        error: &error,
+                    }
+                    .emit(&self.parts.pipeline.telemetry);
+                    if self.parts.shutdown.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Starts the runner and publisher of a claimed partition; returns the sender of its
+    /// batches. Dropping every sender lets the runner finish (see [`Self::stop`]).
+    pub fn start(&self, partition: i32, claim: &Claim) -> mpsc::Sender<Batch> {
+        let p = &self.parts;
+        let keys = p.pipeline.keyspace.partition(partition);
+        let status = Arc::new(PartitionStatus {
+            epoch: claim.epoch,
+            next_offset: AtomicI64::new(claim.next_offset.unwrap_or(-1)),
+            high_watermark: AtomicI64::new(-1),
+        });
+        let owned = {
+            let mut ownership = p.ownership.write().expect("ownership lock");
+            ownership.insert(partition, Arc::clone(&status));
+            ownership.len()
+        };
+        let (tx, rx) = mpsc::channel(p.queue);
+        let wake = Arc::new(Notify::new());
+        let (stop_publisher, stop_rx) = watch::channel(false);
+        let rank_keys = p
+            .pipeline
+            .rules
+            .ranks()
+            .iter()
+            .map(|r| keys.rank(&r.name))
+            .collect();
+        let store = PartitionStore::new(
+            p.redis.clone(),
+            keys.clone(),
+            rank_keys,
+            partition,
+            claim.epoch,
+            p.pipeline.telemetry.clone(),
+        );
+        let runner = Runner::new(
+            store,
+            Arc::clone(&p.pipeline),
+            status,
+            Arc::clone(&wake),
+            claim,
+            partition,
+        );
+        let runner = p.rt.spawn(runner.run(rx));
+        let publisher = p.rt.spawn(p.publisher.clone().run(
+            partition,
+            keys.outbox,
+            p.redis.clone(),
+            wake,
+            stop_rx,
+        ));
+        self.running.lock().expect("running lock").insert(
+            partition,
+            Running {
+                runner,
+                publisher,
+                stop_publisher,
+            },
+        );
+        events::PartitionsOwned { owned }.emit(&p.pipeline.telemetry);
+        tx
+    }
+
+    /// Partitions whose runner has stopped although they were not released.
+    pub fn stopped(&self) -> Vec<i32> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .iter()
+            .filter(|(_, r)| r.runner.is_finished())
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Every partition started and not released.
+    pub fn started(&self) -> Vec<i32> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Releases `partitions`: waits for each runner to finish the batches already handed to
+    /// it (the caller has dropped its batch senders), stops the publisher after a final
+    /// drain, and forgets the partition. Returns how each runner stopped and where.
+    pub fn stop(&self, partitions: &[i32]) -> Vec<Released> {
+        let stopping: Vec<(i32, Running)> = {
+            let mut running = self.running.lock().expect("running lock");
+            partitions
+                .iter()
+                .filter_map(|p| running.remove(p).map(|r| (*p, r)))
+                .collect()
+        };
+        if stopping.is_empty() {
+            return Vec::new();
+        }
+        let exits = self.parts.rt.block_on(async {
+            let stops = stopping.into_iter().map(|(p, r)| async move {
+                let mut runner = r.runner;
+                let exit = match tokio::time::timeout(RELEASE_TIMEOUT, &mut runner).await {
+                    Ok(Ok(exit)) => exit,
+                    Ok(Err(_)) => RunnerExit::Failed,
+                    Err(_) => {
+                        warn!(
+                            partition = p,
+                            "Partition runner did not finish in time; aborting it."
+                        );
+                        runner.abort();
+                        RunnerExit::Failed
+                    }
+                };
+                let _ = r.stop_publisher.send(true);
+                let mut publisher = r.publisher;
+                if tokio::time::timeout(RELEASE_TIMEOUT, &mut publisher)
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        partition = p,
+                        "Outbox publisher did not finish in time; aborting it."
+                    );
+                    publisher.abort();
+                }
+                (p, exit)
+            });
+            futures::future::join_all(stops).await
+        });
+        let telemetry = &self.parts.pipeline.telemetry;
+        let mut ownership = self.parts.ownership.write().expect("ownership lock");
+        let released = exits
+            .into_iter()
+            .map(|(partition, exit)| {
+                let next_offset = ownership
+                    .remove(&partition)
+                    .map_or(-1, |s| s.next_offset.load(Ordering::Relaxed));
+                events::PartitionReleased {
+                    partition,
+                    exit: &exit,
+                }
+                .emit(telemetry);
+                Released {
+                    partition,
+                    exit,
+                    next_offset,
+                }
+            })
+            .collect();
+        events::PartitionsOwned {
+            owned: ownership.len(),
+        }
+        .emit(telemetry);
+        released
+    }
+
+    /// Claims a partition again after its runner stopped on divergence; returns the claim
+    /// and the new batch sender (`None` when stopping).
+    pub fn restart(&self, partition: i32) -> Option<(Claim, mpsc::Sender<Batch>)> {
+        let claim = self.claim(partition)?;
+        info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition claimed again after divergence.");
+        let tx = self.start(partition, &claim);
+        Some((claim, tx))
+    }
+
+    /// The next offsets applied so far of the owned partitions (of `only`, unless empty).
+    pub fn applied_offsets(&self, only: &[i32]) -> Vec<(i32, i64)> {
+        self.parts
+            .ownership
+            .read()
+            .expect("ownership lock")
+            .iter()
+            .map(|(p, s)| (*p, s.next_offset.load(Ordering::Relaxed)))
+            .filter(|(p, next)| *next >= 0 && (only.is_empty() || only.contains(p)))
+            .collect()
+    }
+}

@@ -1,0 +1,323 @@
+//! Internal events, one struct each (as Vector does): `emit` writes the event's log line and
+//! updates its metrics together, so a log line never exists without its metric and the other
+//! way round. Events on the hot path (a committed batch) update metrics only.
+
+use super::Telemetry;
+use std::fmt::Display;
+use tracing::{error, info, warn};
+
+/// A Redis call failed and is retried after a backoff.
+pub struct RedisCallFailed<'a> {
+    /// The partition whose call failed.
+    pub partition: i32,
+    /// What Redis said.
+    pub error: &'a dyn Display,
+}
+
+impl RedisCallFailed<'_> {
+    /// Logs and counts it.
+    pub fn emit(self, t: &Telemetry) {
+        t.redis_errors.inc();
+        warn!(partition = self.partition, error = %self.error, "Redis call failed; retrying.");
+    }
+}
+
+/// Claiming a partition in Redis failed; the claim is retried.
+pub struct ClaimFailed<'a> {
+    /// The partition being claimed.
+    pub partition: i32,
+    /// What Redis said.
+    pub error: &'a dyn Display,
+}
+
+impl ClaimFailed<'_> {
+    /// Logs and counts it.
+    pub fn emit(self, t: &Telemetry) {
+        t.redis_errors.inc();
+        error!(partition = self.partition, error = %self.error, "Claiming the partition in Redis failed; retrying.");
+    }
+}
+
+/// Why a partition stopped processing while still assigned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    /// Another owner claimed it.
+    Fenced,
+    /// Redis holds another next offset than this owner committed.
+    Diverged,
+    /// A stored state cannot be read.
+    Corrupt,
+}
+
+/// A partition's runner stopped on an error.
+pub struct PartitionStopped<'a> {
+    /// The partition.
+    pub partition: i32,
+    /// Why.
+    pub cause: StopCause,
+    /// The error.
+    pub error: &'a dyn Display,
+}
+
+impl PartitionStopped<'_> {
+    /// Logs and counts it.
+    pub fn emit(self, t: &Telemetry) {
+        let (partition, error) = (self.partition, self.error);
+        match self.cause {
+            StopCause::Fenced => {
+                t.apply_fenced.inc();
+                error!(partition, %error, "Partition stopped: another owner took over.");
+            }
+            StopCause::Diverged => {
+                error!(partition, %error, "Redis diverged from this owner's state; reloading.");
+            }
+            StopCause::Corrupt => {
+                error!(partition, %error, "Partition stopped: its state in Redis cannot be read.");
+            }
+        }
+    }
+}
+
+/// A batch starts after an offset gap (retention or compaction removed messages).
+pub struct OffsetGap {
+    /// The partition.
+    pub partition: i32,
+    /// The offset the owner expected next.
+    pub expected: i64,
+    /// The batch's first offset.
+    pub first_offset: i64,
+}
+
+impl OffsetGap {
+    /// Logs and counts it.
+    pub fn emit(self, t: &Telemetry) {
+        t.offset_gaps.inc();
+        warn!(
+            partition = self.partition,
+            expected = self.expected,
+            first_offset = self.first_offset,
+            "Offset gap: messages were removed by retention or compaction."
+        );
+    }
+}
+
+/// A batch of input messages was decoded, applied and committed.
+pub struct BatchApplied<'a> {
+    /// The partition's label.
+    pub partition: &'a str,
+    /// Messages in the batch.
+    pub messages: usize,
+    /// Seconds from receipt to commit.
+    pub seconds: f64,
+}
+
+impl BatchApplied<'_> {
+    /// Counts it (hot path: no log line).
+    pub fn emit(self, t: &Telemetry) {
+        t.events_consumed
+            .with_label_values(&[self.partition])
+            .inc_by(self.messages as u64);
+        t.batch_events.observe(self.messages as f64);
+        t.batch_apply_seconds.observe(self.seconds);
+    }
+}
+
+/// A commit was written (events, fired timers or re-evaluations).
+pub struct Committed<'a> {
+    /// The partition's label.
+    pub partition: &'a str,
+    /// Events counted into states.
+    pub applied: u64,
+    /// Events recognised as duplicates.
+    pub duplicates: u64,
+    /// Reasons of the messages dead-lettered.
+    pub rejected: &'a [&'static str],
+    /// Tier changes: (from, to, reason).
+    pub changes: &'a [(String, String, &'static str)],
+    /// At-risk notices.
+    pub notices: u64,
+    /// Outbox length after the commit.
+    pub outbox_len: u64,
+}
+
+impl Committed<'_> {
+    /// Counts it (hot path: no log line).
+    pub fn emit(self, t: &Telemetry) {
+        let label = [self.partition];
+        t.events_applied
+            .with_label_values(&label)
+            .inc_by(self.applied);
+        t.events_deduplicated
+            .with_label_values(&label)
+            .inc_by(self.duplicates);
+        for reason in self.rejected {
+            t.events_dead_lettered.with_label_values(&[reason]).inc();
+        }
+        for (from, to, reason) in self.changes {
+            t.tier_changes
+                .with_label_values(&[from.as_str(), to.as_str(), reason])
+                .inc();
+        }
+        t.at_risk_notices.inc_by(self.notices);
+        t.outbox_depth
+            .with_label_values(&label)
+            .set(i64::try_from(self.outbox_len).unwrap_or(i64::MAX));
+    }
+}
+
+/// A due timer was evaluated.
+pub struct TimerFired {
+    /// What the timer was for (`TimeCause::as_str`).
+    pub cause: &'static str,
+}
+
+impl TimerFired {
+    /// Counts it (hot path: no log line).
+    pub fn emit(self, t: &Telemetry) {
+        t.timers_fired.with_label_values(&[self.cause]).inc();
+    }
+}
+
+/// The timer index named a due time the customer's state does not hold; it was re-indexed.
+pub struct TimerOutOfStep<'a> {
+    /// The partition.
+    pub partition: i32,
+    /// The customer.
+    pub customer: &'a str,
+    /// The due time the index held.
+    pub indexed: i64,
+    /// The state's own timer.
+    pub state: &'a dyn std::fmt::Debug,
+}
+
+impl TimerOutOfStep<'_> {
+    /// Logs it.
+    pub fn emit(self, _: &Telemetry) {
+        warn!(partition = self.partition, customer = %self.customer, indexed = self.indexed, state = ?self.state, "Timer index out of step with the customer state; re-indexed.");
+    }
+}
+
+/// A page of a rules-version sweep was re-evaluated.
+pub struct RulesSwept {
+    /// The partition.
+    pub partition: i32,
+    /// Customers re-evaluated in this page.
+    pub customers: u64,
+    /// The rules version, when this page completed the sweep.
+    pub completed: Option<String>,
+}
+
+impl RulesSwept {
+    /// Counts it; logs the sweep's completion.
+    pub fn emit(self, t: &Telemetry) {
+        t.rules_sweep_customers.inc_by(self.customers);
+        if let Some(version) = self.completed {
+            t.rules_sweep_done.inc();
+            info!(partition = self.partition, version, "Rules sweep complete.");
+        }
+    }
+}
+
+/// Rank cut-offs were computed over all partitions.
+pub struct CutoffsComputed {
+    /// Seconds the computation (and publication) took.
+    pub seconds: f64,
+    /// The published version; `None` if the values were unchanged or not published.
+    pub published: Option<u64>,
+}
+
+impl CutoffsComputed {
+    /// Measures it; logs a publication.
+    pub fn emit(self, t: &Telemetry) {
+        t.rank_recompute_seconds.observe(self.seconds);
+        if let Some(version) = self.published {
+            info!(version, seconds = self.seconds, "Rank cut-offs published.");
+        }
+    }
+}
+
+/// A page of customers between old and new cut-offs was re-evaluated.
+pub struct RankReevaluated {
+    /// Customers in the page.
+    pub customers: u64,
+}
+
+impl RankReevaluated {
+    /// Counts it.
+    pub fn emit(self, t: &Telemetry) {
+        t.rank_reevaluated.inc_by(self.customers);
+    }
+}
+
+/// A partition finished moving to new cut-offs.
+pub struct CutoffsApplied {
+    /// The partition.
+    pub partition: i32,
+    /// The cut-offs' version.
+    pub version: u64,
+    /// Customers re-evaluated.
+    pub evaluated: u64,
+    /// Of them, customers who changed tier.
+    pub moved: u64,
+}
+
+impl CutoffsApplied {
+    /// Logs it.
+    pub fn emit(self, _: &Telemetry) {
+        info!(
+            partition = self.partition,
+            version = self.version,
+            evaluated = self.evaluated,
+            moved = self.moved,
+            "Rank cut-offs applied."
+        );
+    }
+}
+
+/// The partitions this instance owns changed.
+pub struct PartitionsOwned {
+    /// How many it owns now.
+    pub owned: usize,
+}
+
+impl PartitionsOwned {
+    /// Sets the gauge.
+    pub fn emit(self, t: &Telemetry) {
+        t.partitions_assigned
+            .set(i64::try_from(self.owned).unwrap_or(i64::MAX));
+    }
+}
+
+/// A partition was released (revoked, shutting down, or stopped).
+pub struct PartitionReleased<'a> {
+    /// The partition.
+    pub partition: i32,
+    /// Why its runner stopped.
+    pub exit: &'a dyn std::fmt::Debug,
+}
+
+impl PartitionReleased<'_> {
+    /// Logs it and drops the partition's lag series.
+    pub fn emit(self, t: &Telemetry) {
+        let _ = t
+            .consumer_lag
+            .remove_label_values(&[&self.partition.to_string()]);
+        info!(partition = self.partition, exit = ?self.exit, "Partition released.");
+    }
+}
+
+/// A publish round failed; it is retried.
+pub struct PublishFailed<'a> {
+    /// The partition whose outbox was being published.
+    pub partition: i32,
+    /// The error.
+    pub error: &'a dyn Display,
+}
+
+impl PublishFailed<'_> {
+    /// Logs and counts it.
+    pub fn emit(self, t: &Telemetry) {
+        t.publish_errors.inc();
+        warn!(partition = self.partition, error = %self.error, "Publishing the outbox failed; retrying.");
+    }
+}
