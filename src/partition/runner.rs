@@ -1,7 +1,7 @@
 //! The runner of one owned partition: between its assignment and its release it owns the
 //! partition's customers (a bounded cache of the committed states) and waits on its
 //! triggers — input batches, the timer tick, the rules sweep, the rank check — each of which
-//! builds a [`Draft`] that [`Runner::commit`], the only writer, commits fenced and atomic.
+//! builds a [`Draft`] that `Runner::commit`, the only writer, commits fenced and atomic.
 //!
 //! Engine time (`clock.mode`): in `wall` mode it is the wall clock and a tick fires due
 //! timers; in `event` mode it is the partition's latest event time minus the allowed lateness,
