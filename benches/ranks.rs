@@ -15,10 +15,10 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::{purchase, Tierd, World};
-use tierd::domain::state::{CustomerState, DedupPolicy};
-use tierd::domain::{Event, EventKind};
-use tierd::rules::rank::Cutoffs;
-use tierd::rules::Rules;
+use tierd::engine::rules::rank::Cutoffs;
+use tierd::engine::rules::Rules;
+use tierd::model::state::{CustomerState, DedupPolicy};
+use tierd::model::{Event, EventKind};
 use tierd::store::keys::Keyspace;
 
 fn metric_sum(tierd: &Tierd, name: &str, label: Option<&str>) -> f64 {
@@ -97,7 +97,7 @@ fn main() {
         let rules = Rules::load(&world.rules, 2).unwrap();
         let keyspace = Keyspace::new(&world.prefix, &world.group, &world.input);
         let mut rng = rand::rngs::StdRng::seed_from_u64(n);
-        let t0 = tierd::domain::time::parse_rfc3339_ms("2026-11-01T10:00:00Z").unwrap();
+        let t0 = tierd::model::time::parse_rfc3339_ms("2026-11-01T10:00:00Z").unwrap();
         let mut conn = world.redis.conn();
         let mut pipe = redis::pipe();
         for i in 0..n {

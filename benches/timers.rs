@@ -15,10 +15,10 @@ use rdkafka::producer::{FutureRecord, Producer};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::{Tierd, World};
-use tierd::domain::state::{CustomerState, DedupPolicy};
-use tierd::domain::time::{format_ms, parse_rfc3339_ms};
-use tierd::domain::{Event, EventKind};
-use tierd::rules::Rules;
+use tierd::engine::rules::Rules;
+use tierd::model::state::{CustomerState, DedupPolicy};
+use tierd::model::time::{format_ms, parse_rfc3339_ms};
+use tierd::model::{Event, EventKind};
 use tierd::store::keys::Keyspace;
 
 fn env_or(name: &str, default: u64) -> u64 {

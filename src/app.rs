@@ -3,14 +3,14 @@
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
-use crate::domain::change::MoneyFormat;
-use crate::domain::DedupPolicy;
+use crate::engine::rules::{Rules, RulesError};
 use crate::ingest::consumer::{self, Batching, IngestContext};
 use crate::ingest::decode::DecodeLimits;
+use crate::model::change::MoneyFormat;
+use crate::model::DedupPolicy;
 use crate::partition::supervisor::{Supervisor, SupervisorParts};
 use crate::partition::{Ownership, Pipeline};
 use crate::publish::publisher::Publisher;
-use crate::rules::{Rules, RulesError};
 use crate::store::keys::Keyspace;
 use crate::telemetry::Telemetry;
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -534,7 +534,7 @@ impl Config {
         if i.cache_customers_per_partition == 0 {
             return bad("ingest.cache_customers_per_partition", "must be at least 1");
         }
-        if crate::domain::time::parse_rfc3339_ms(&i.min_occurred_at).is_err() {
+        if crate::model::time::parse_rfc3339_ms(&i.min_occurred_at).is_err() {
             return bad(
                 "ingest.min_occurred_at",
                 "must be an RFC 3339 timestamp with offset",
@@ -550,7 +550,7 @@ impl Config {
         if m.fraction_digits > 6 {
             return bad("money.fraction_digits", "must be 0..=6");
         }
-        match crate::domain::money::parse_threshold(&m.max_amount, m.fraction_digits) {
+        match crate::model::money::parse_threshold(&m.max_amount, m.fraction_digits) {
             Ok(v) if v > 0 && v <= 1_000_000_000_000_000 => {}
             _ => {
                 return bad(
@@ -621,13 +621,13 @@ impl Config {
 
     /// The largest accepted single amount in minor units (validated at load).
     pub fn max_amount_minor(&self) -> i64 {
-        crate::domain::money::parse_threshold(&self.money.max_amount, self.money.fraction_digits)
+        crate::model::money::parse_threshold(&self.money.max_amount, self.money.fraction_digits)
             .unwrap_or(i64::MAX)
     }
 
     /// The lower bound of `occurred_at` in Unix ms (validated at load).
     pub fn min_occurred_at_ms(&self) -> i64 {
-        crate::domain::time::parse_rfc3339_ms(&self.ingest.min_occurred_at).unwrap_or(0)
+        crate::model::time::parse_rfc3339_ms(&self.ingest.min_occurred_at).unwrap_or(0)
     }
 }
 
@@ -643,7 +643,7 @@ mod tests {
     fn example_config_parses() {
         let cfg = Config::load(Some(Path::new("config/tierd.toml"))).unwrap();
         assert_eq!(cfg.kafka.input_topic, "purchases");
-        crate::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits).unwrap();
+        crate::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits).unwrap();
     }
 
     #[test]

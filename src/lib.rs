@@ -4,30 +4,33 @@
 //! on a tier by configurable rules, and publishes a tier-change event whenever they move.
 //! Every purchase counts exactly once and no change is lost, across crashes and rebalances.
 //!
-//! # Layout (in data-flow order)
-//! - [`config`]: the configuration file and its validation.
-//! - [`ingest`]: the Kafka consumer thread ([`ingest::consumer`]), decoding and validation
-//!   ([`ingest::decode`]), dead-letter records ([`ingest::dead_letter`]).
-//! - [`partition`]: the partition lifecycle — the supervisor claims and starts a partition, its
-//!   runner turns each trigger (batch, timers, rules sweep, rank cut-offs) into one fenced,
-//!   atomic Redis commit.
-//! - [`domain`] and [`rules`]: pure state transitions and tier placement, no I/O, no clock.
+//! # Layout, in the order the data moves
+//! - [`config`]: the configuration file, validated once at startup; [`kafka`]: client settings.
+//! - [`ingest`]: the Kafka consumer thread that cuts each partition's messages into batches
+//!   ([`ingest::consumer`]), decoding and validation ([`ingest::decode`]), dead-letter records
+//!   ([`ingest::dead_letter`]).
+//! - [`partition`]: the partition lifecycle. The [`partition::supervisor`] claims and starts a
+//!   partition; its [`partition::runner`] turns each trigger — an input batch, due timers, a
+//!   rules sweep, new rank cut-offs — into a draft and commits it fenced and atomic.
+//! - [`engine`]: the tier rules and the pure state transition (no I/O, clock injected), over
+//!   [`model`]: the nouns (events, customer state, tier changes, money, time, calendar).
+//! - [`store`]: the only module that speaks to Redis: key layout, the client, the partition
+//!   store with its one retry policy, rank cut-offs, the outbox, read views for the API and tools.
 //! - [`publish`]: the Redis outbox drained to Kafka by an idempotent producer.
-//! - [`api`]: customer lookup, health, readiness, metrics.
-//! - [`tools`]: read-only operator tools (`tierd rules explain`, `tierd simulate`).
-//! - [`store`]: the only module that speaks to Redis: key layout, the client, the fenced
-//!   partition commit, rank cut-offs, the outbox, read views for the API and tools.
-//! - [`telemetry`], [`kafka`] (client settings), [`shutdown`], [`app`] (wiring).
+//! - [`api`]: customer lookup, health, readiness, metrics; [`tools`]: read-only operator tools
+//!   (`tierd rules explain`, `tierd simulate`).
+//! - [`telemetry`]: metrics and the internal events that log and count together; [`shutdown`];
+//!   [`app`]: the wiring.
 
 pub mod api;
 pub mod app;
 pub mod config;
-pub mod domain;
+pub mod engine;
 pub mod ingest;
 pub mod kafka;
+pub mod model;
 pub mod partition;
 pub mod publish;
-pub mod rules;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

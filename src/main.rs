@@ -110,7 +110,8 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
-            let rules = tierd::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            let rules =
+                tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
             // Build (without connecting) every client the service would: a property that
             // cannot work is refused here, naming the field.
             tierd::kafka::check_clients(&cfg.kafka)
@@ -132,7 +133,7 @@ fn main() -> anyhow::Result<()> {
                     file,
                     fraction_digits,
                 },
-        } => match tierd::rules::Rules::load(&file, fraction_digits) {
+        } => match tierd::engine::rules::Rules::load(&file, fraction_digits) {
             Ok(rules) => {
                 println!(
                     "ok: {} version {}: {} tiers ({}){}",
@@ -167,7 +168,8 @@ fn main() -> anyhow::Result<()> {
         } => {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
-            let rules = tierd::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            let rules =
+                tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
             let view = tierd::tools::explain::run(&cfg, &rules, &customer_id)?;
             println!("{}", serde_json::to_string_pretty(&view)?);
             Ok(())
@@ -179,8 +181,9 @@ fn main() -> anyhow::Result<()> {
         } => {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
-            let current = tierd::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
-            let new = tierd::rules::Rules::load(&rules, cfg.money.fraction_digits)?;
+            let current =
+                tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            let new = tierd::engine::rules::Rules::load(&rules, cfg.money.fraction_digits)?;
             for w in tierd::tools::simulate::warnings(&current, &new) {
                 eprintln!("warning: {w}");
             }

@@ -7,8 +7,8 @@ mod support;
 
 use proptest::prelude::*;
 use support::Redis;
-use tierd::rules::rank::{cutoff, cutoffs_from_values, CutPoint, Ties};
-use tierd::rules::value::Ratio;
+use tierd::engine::rules::rank::{cutoff, cutoffs_from_values, CutPoint, Ties};
+use tierd::engine::rules::value::Ratio;
 use tierd::store::cutoffs::{count_at_or_above, search};
 
 /// Writes `parts` (one list of values per partition) as sorted sets under fresh keys.

@@ -9,8 +9,9 @@ use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use support::{purchase, refund, Tierd, World};
-use tierd::domain::{time, Applied, CustomerState, DedupPolicy, Event, EventKind};
-use tierd::rules::Rules;
+use tierd::engine::rules::Rules;
+use tierd::engine::Applied;
+use tierd::model::{time, CustomerState, DedupPolicy, Event, EventKind};
 
 /// Expected changes per customer: (sequence, previous tier, tier).
 type Changes = HashMap<String, Vec<(u64, Option<String>, String)>>;
@@ -77,7 +78,7 @@ fn reference(
             } else {
                 EventKind::Purchase
             },
-            amount_minor: tierd::domain::money::parse_minor(
+            amount_minor: tierd::model::money::parse_minor(
                 e["amount"].as_str().unwrap(),
                 2,
                 i64::MAX,
@@ -313,7 +314,7 @@ fn assert_exact(
             "{customer}: changes in order, none missing"
         );
         for (seq, previous, tier) in changes {
-            let v = &by_id[&tierd::domain::change::change_id(customer, *seq)];
+            let v = &by_id[&tierd::model::change::change_id(customer, *seq)];
             assert_eq!(
                 (v["previous_tier"].as_str(), v["tier"].as_str()),
                 (previous.as_deref(), Some(tier.as_str())),

@@ -10,10 +10,10 @@ use support::{purchase, Broker, Redis, Tierd, World};
 /// Purchases of 10.00 spread over 100 customers, ids `e{from}`…, one second apart (so the
 /// bounded per-customer id memory never has to refuse one as too late).
 fn events(from: usize, to: usize) -> Vec<serde_json::Value> {
-    let base = tierd::domain::time::parse_rfc3339_ms("2026-11-10T00:00:00Z").unwrap();
+    let base = tierd::model::time::parse_rfc3339_ms("2026-11-10T00:00:00Z").unwrap();
     (from..to)
         .map(|i| {
-            let at = tierd::domain::time::format_ms(base + i as i64 * 1000);
+            let at = tierd::model::time::format_ms(base + i as i64 * 1000);
             purchase(&format!("e{i}"), &format!("c{}", i % 100), "10.00", &at)
         })
         .collect()

@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 use support::{purchase, refund, Tierd, World};
-use tierd::domain::change::change_id;
-use tierd::domain::time::parse_rfc3339_ms;
+use tierd::model::change::change_id;
+use tierd::model::time::parse_rfc3339_ms;
 
 #[test]
 fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_changes() {

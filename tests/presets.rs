@@ -25,7 +25,7 @@ fn replay(preset: &str, events: &[serde_json::Value]) -> (Log, Vec<serde_json::V
     all.push(purchase("clock", "~clock", "0", "2026-11-20T00:00:00Z"));
     let ends = world.produce_json(&all);
     world.wait_applied(&ends, Duration::from_secs(60));
-    let version = tierd::rules::Rules::load(&world.rules, 2)
+    let version = tierd::engine::rules::Rules::load(&world.rules, 2)
         .unwrap()
         .version()
         .to_owned();

@@ -8,8 +8,8 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::{purchase, Tierd, World};
-use tierd::domain::time;
-use tierd::rules::rank::Cutoffs;
+use tierd::engine::rules::rank::Cutoffs;
+use tierd::model::time;
 
 const N: i64 = 40;
 

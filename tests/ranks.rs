@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::{purchase, Tierd, World};
-use tierd::rules::rank::Cutoffs;
+use tierd::engine::rules::rank::Cutoffs;
 
 const RANKS: &str = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n[clock]\nmode = \"event\"\nlateness_s = 0\n";
 
@@ -247,7 +247,7 @@ fn cutoffs_across_8_partitions_equal_a_full_sort() {
             if !keys.is_empty() {
                 let states: Vec<String> = redis::cmd("MGET").arg(&keys).query(&mut conn).unwrap();
                 for (key, json) in keys.iter().zip(states) {
-                    let s: tierd::domain::CustomerState = serde_json::from_str(&json).unwrap();
+                    let s: tierd::model::CustomerState = serde_json::from_str(&json).unwrap();
                     let i: i64 = key.rsplit_once(":c:c").unwrap().1.parse().unwrap();
                     let want = expected(amount(i) * 100);
                     assert_eq!(

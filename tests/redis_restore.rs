@@ -116,7 +116,7 @@ fn a_redis_rollback_is_detected_and_replayed_exactly() {
         let seq = world.customer_state(&format!("c{c}")).unwrap().seq;
         for n in 1..=seq {
             assert!(
-                by_id.contains_key(&tierd::domain::change::change_id(&format!("c{c}"), n)),
+                by_id.contains_key(&tierd::model::change::change_id(&format!("c{c}"), n)),
                 "c{c} change {n} published"
             );
         }

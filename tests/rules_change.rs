@@ -78,7 +78,7 @@ fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Every stored customer is now placed by v2.
-    let hash = tierd::domain::state::rules_hash("b2b-lifetime-2");
+    let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
     let mut expected_changes = HashMap::new();
     for i in 0..n {
         let c = format!("c{i}");
@@ -136,14 +136,14 @@ fn timers_set_by_a_rules_sweep_fire() {
     let mut tierd = Tierd::spawn(&world, "");
     tierd.wait_partitions(1, Duration::from_secs(60));
     // Bought a day ago minus 4 s: under v2 they are active for 4 more seconds.
-    let bought = tierd::domain::time::now_ms() - 86_400_000 + 4_000;
+    let bought = tierd::model::time::now_ms() - 86_400_000 + 4_000;
     let events: Vec<serde_json::Value> = (0..6)
         .map(|i| {
             purchase(
                 &format!("e{i}"),
                 &format!("c{i}"),
                 "10",
-                &tierd::domain::time::format_ms(bought + i),
+                &tierd::model::time::format_ms(bought + i),
             )
         })
         .collect();

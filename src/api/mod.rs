@@ -1,9 +1,9 @@
 //! The HTTP API: customer lookup, health, readiness and Prometheus metrics.
 
-use crate::domain::change::MoneyFormat;
-use crate::domain::time;
+use crate::engine::rules::Rules;
+use crate::model::change::MoneyFormat;
+use crate::model::time;
 use crate::partition::Ownership;
-use crate::rules::Rules;
 use crate::store::keys::Keyspace;
 use crate::store::views::{self, ViewError};
 use crate::telemetry::Telemetry;
@@ -128,7 +128,7 @@ async fn tiers(State(s): State<ApiState>) -> Response {
         .await
         .ok()
         .flatten()
-        .filter(|c| c.rules == crate::domain::state::rules_hash(s.rules.version()));
+        .filter(|c| c.rules == crate::model::state::rules_hash(s.rules.version()));
     let points: Vec<serde_json::Value> = s
         .rules
         .cut_points()

@@ -11,7 +11,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use std::time::{Duration, Instant};
-use tierd::domain::time;
+use tierd::model::time;
 
 #[derive(Parser)]
 #[command(

@@ -1,8 +1,8 @@
 //! Decoding and validation of one input message against the DESIGN §3 input contract.
 //! Pure: bad input is a [`Rejection`] value with a reason code, never an error or a panic.
 
-use crate::domain::state::{Pin, PinMode, PinRequest};
-use crate::domain::{money, time, Event, EventKind};
+use crate::model::state::{Pin, PinMode, PinRequest};
+use crate::model::{money, time, Event, EventKind};
 use serde_json::value::RawValue;
 
 /// Why an input message was rejected. The set is fixed: it is the `reason` of dead-letter

@@ -5,10 +5,11 @@
 use super::draft::{Draft, Working};
 use super::runner::{Batch, Runner};
 use crate::config::ClockMode;
-use crate::domain::change::Cause;
-use crate::domain::{time, Applied, Event};
+use crate::engine::Applied;
 use crate::ingest::dead_letter::{self, Source};
 use crate::ingest::decode::{self, Reason, Rejection};
+use crate::model::change::Cause;
+use crate::model::{time, Event};
 use crate::store::partition::ApplyError;
 use crate::telemetry::events;
 use rdkafka::message::Message;

@@ -4,9 +4,9 @@
 //! is pure, and tested here without Redis.
 
 use super::Pipeline;
-use crate::domain::change::{AtRiskNotice, Cause, TierChange};
-use crate::domain::state::Outcome;
-use crate::domain::CustomerState;
+use crate::engine::Outcome;
+use crate::model::change::{AtRiskNotice, Cause, TierChange};
+use crate::model::CustomerState;
 use crate::store::keys::PartitionKeys;
 use crate::store::outbox::{EntryKind, OutboxEntry};
 use crate::store::partition::{CommitBatch, SortedSet};
@@ -240,7 +240,7 @@ fn diff_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::TimeCause;
+    use crate::engine::rules::TimeCause;
     use crate::store::keys::Keyspace;
 
     fn keys() -> PartitionKeys {

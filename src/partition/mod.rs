@@ -12,10 +12,10 @@ pub mod supervisor;
 pub mod sweep;
 pub mod timers;
 
-use crate::domain::change::MoneyFormat;
-use crate::domain::DedupPolicy;
+use crate::engine::rules::Rules;
 use crate::ingest::decode::DecodeLimits;
-use crate::rules::Rules;
+use crate::model::change::MoneyFormat;
+use crate::model::DedupPolicy;
 use crate::telemetry::Telemetry;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -6,8 +6,9 @@
 
 use super::draft::{Draft, Working};
 use super::runner::Runner;
-use crate::domain::state::{rules_hash, Trigger};
-use crate::rules::rank::Cutoffs;
+use crate::engine::rules::rank::Cutoffs;
+use crate::engine::Trigger;
+use crate::model::state::rules_hash;
 use crate::store::partition::{self as store, ApplyError};
 use crate::store::retry::Backoff;
 use crate::store::views::RankPosition;
@@ -209,7 +210,7 @@ impl Runner {
 /// The value ranges between the old and the new cut-offs, per cut point: `(rank, lo, hi)`,
 /// `hi = None` meaning no upper end. Old cut-offs of other rules count as absent.
 fn moved_ranges(
-    rules: &crate::rules::Rules,
+    rules: &crate::engine::rules::Rules,
     old: &Cutoffs,
     new: &Cutoffs,
 ) -> Vec<(usize, i128, Option<i128>)> {

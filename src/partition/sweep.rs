@@ -6,7 +6,8 @@
 
 use super::draft::Working;
 use super::runner::{Runner, SWEEP_TICK};
-use crate::domain::state::{rules_hash, Trigger};
+use crate::engine::Trigger;
+use crate::model::state::rules_hash;
 use crate::store::partition::ApplyError;
 use crate::telemetry::events;
 use std::sync::Arc;

@@ -5,8 +5,8 @@
 
 use super::draft::Working;
 use super::runner::Runner;
-use crate::domain::state::Trigger;
-use crate::domain::CustomerState;
+use crate::engine::Trigger;
+use crate::model::CustomerState;
 use crate::store::partition::ApplyError;
 use crate::telemetry::events;
 use std::sync::Arc;

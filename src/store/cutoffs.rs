@@ -12,8 +12,8 @@
 //! approximate at the cut-off; an exact band was chosen (see docs/rules.md).
 
 use super::keys::PartitionKeys;
-use crate::rules::rank::{CutPoint, Cutoffs};
-use crate::rules::Rules;
+use crate::engine::rules::rank::{CutPoint, Cutoffs};
+use crate::engine::rules::Rules;
 use redis::aio::ConnectionManager;
 
 /// Customers ranked per rank, summed over the partitions.
@@ -62,7 +62,7 @@ pub struct Search {
 pub async fn search<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     keys: &[String],
-    pct: crate::rules::value::Ratio,
+    pct: crate::engine::rules::value::Ratio,
 ) -> Result<Option<Search>, redis::RedisError> {
     let mut inv = CUTOFF.prepare_invoke();
     for k in keys {
@@ -127,7 +127,7 @@ pub async fn compute(
             continue;
         };
         population[rank] = population[rank].max(found.population);
-        let value = crate::rules::rank::cutoff(
+        let value = crate::engine::rules::rank::cutoff(
             found.kth,
             found.at_or_above_kth,
             found.k,
@@ -146,6 +146,6 @@ pub async fn compute(
         population,
         values,
         at_or_above,
-        computed_at: crate::domain::time::now_ms(),
+        computed_at: crate::model::time::now_ms(),
     })
 }

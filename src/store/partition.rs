@@ -4,8 +4,8 @@
 
 use super::keys::PartitionKeys;
 use super::retry::Backoff;
-use crate::domain::CustomerState;
-use crate::rules::rank::Cutoffs;
+use crate::engine::rules::rank::Cutoffs;
+use crate::model::CustomerState;
 use crate::store::outbox::OutboxEntry;
 use crate::telemetry::{events, Telemetry};
 use redis::aio::ConnectionManager;

@@ -3,9 +3,9 @@
 //! the cut-offs in force, tier sizes, and a paged scan of every stored customer.
 
 use super::keys::{Keyspace, PartitionKeys};
-use crate::domain::CustomerState;
-use crate::rules::rank::Cutoffs;
-use crate::rules::Rules;
+use crate::engine::rules::rank::Cutoffs;
+use crate::engine::rules::Rules;
+use crate::model::CustomerState;
 use redis::aio::ConnectionLike;
 use std::collections::HashMap;
 
@@ -232,7 +232,7 @@ pub async fn explained_customer<C: ConnectionLike>(
     keyspace: &Keyspace,
     partitions: i32,
     rules: &Rules,
-    money: &crate::domain::change::MoneyFormat,
+    money: &crate::model::change::MoneyFormat,
     now: i64,
     customer_id: &str,
 ) -> Result<Option<serde_json::Value>, ViewError> {
@@ -241,7 +241,7 @@ pub async fn explained_customer<C: ConnectionLike>(
         return Ok(None);
     };
     let cutoffs = cutoffs(conn, keyspace).await?.unwrap_or_default();
-    let view = crate::domain::explain::explain(customer_id, &state, rules, money, now, &cutoffs);
+    let view = crate::engine::explain::explain(customer_id, &state, rules, money, now, &cutoffs);
     let mut body = serde_json::to_value(view).unwrap_or_default();
     body["partition"] = partition.into();
     for pos in rank_positions(conn, keyspace, partitions, rules, &state).await? {

@@ -3,8 +3,8 @@
 
 use super::{Store, ToolError};
 use crate::config::{ClockMode, Config};
-use crate::domain::change::MoneyFormat;
-use crate::rules::Rules;
+use crate::engine::rules::Rules;
+use crate::model::change::MoneyFormat;
 
 /// Explains one stored customer under `rules` at engine time now (wall mode) or the
 /// customer's own engine time (event mode): the API's customer view, rank positions included.
@@ -18,7 +18,7 @@ pub fn run(
 ) -> Result<serde_json::Value, ToolError> {
     let mut store = Store::open(config)?;
     let now = match config.clock.mode {
-        ClockMode::Wall => crate::domain::time::now_ms(),
+        ClockMode::Wall => crate::model::time::now_ms(),
         ClockMode::Event => i64::MIN,
     };
     let money = MoneyFormat {

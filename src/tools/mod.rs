@@ -5,7 +5,7 @@ pub mod explain;
 pub mod simulate;
 
 use crate::config::Config;
-use crate::domain::CustomerState;
+use crate::model::CustomerState;
 use crate::store::keys::Keyspace;
 use crate::store::views::{self, ViewError};
 
@@ -111,7 +111,7 @@ impl Store {
     ///
     /// # Errors
     /// [`ToolError::Redis`].
-    pub fn cutoffs(&mut self) -> Result<crate::rules::rank::Cutoffs, ToolError> {
+    pub fn cutoffs(&mut self) -> Result<crate::engine::rules::rank::Cutoffs, ToolError> {
         let found = self
             .runtime
             .block_on(views::cutoffs(&mut self.conn, &self.keyspace));
@@ -126,8 +126,8 @@ impl Store {
     /// [`ToolError::NotFound`], [`ToolError::Corrupt`] or [`ToolError::Redis`].
     pub fn explained_customer(
         &mut self,
-        rules: &crate::rules::Rules,
-        money: &crate::domain::change::MoneyFormat,
+        rules: &crate::engine::rules::Rules,
+        money: &crate::model::change::MoneyFormat,
         now: i64,
         id: &str,
     ) -> Result<serde_json::Value, ToolError> {

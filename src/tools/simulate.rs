@@ -4,12 +4,12 @@
 
 use super::{Store, ToolError};
 use crate::config::{ClockMode, Config};
-use crate::domain::calendar::Unit;
-use crate::domain::state::Trigger;
-use crate::domain::CustomerState;
-use crate::rules::operand::Operand;
-use crate::rules::rank::{cutoffs_from_values, Cutoffs, Ties};
-use crate::rules::Rules;
+use crate::engine::rules::operand::Operand;
+use crate::engine::rules::rank::{cutoffs_from_values, Cutoffs, Ties};
+use crate::engine::rules::Rules;
+use crate::engine::Trigger;
+use crate::model::calendar::Unit;
+use crate::model::CustomerState;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -189,7 +189,7 @@ pub fn run(
 ) -> Result<Matrix, ToolError> {
     let mut store = Store::open(config)?;
     let now = match config.clock.mode {
-        ClockMode::Wall => crate::domain::time::now_ms(),
+        ClockMode::Wall => crate::model::time::now_ms(),
         ClockMode::Event => i64::MIN,
     };
     let mut matrix = Matrix::new(sample);

@@ -1056,7 +1056,7 @@ listen = "127.0.0.1:{api_port}"
     }
 
     /// Customer state as stored (searching every partition).
-    pub fn customer_state(&self, customer: &str) -> Option<tierd::domain::CustomerState> {
+    pub fn customer_state(&self, customer: &str) -> Option<tierd::model::CustomerState> {
         let mut conn = self.redis.conn();
         for p in 0..self.partitions {
             let key = format!(

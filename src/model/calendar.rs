@@ -124,7 +124,7 @@ pub fn month_day(ms: i64) -> (u8, u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::time::parse_rfc3339_ms;
+    use crate::model::time::parse_rfc3339_ms;
 
     fn at(s: &str) -> i64 {
         parse_rfc3339_ms(s).unwrap()

@@ -2,12 +2,11 @@
 //! (each test fails without the option it tests).
 
 use super::*;
-use crate::domain::change::ChangeReason;
-use crate::domain::state::{
-    Applied, CustomerState, DedupPolicy, Outcome, Pin, PinMode, PinRequest, Trigger,
-};
-use crate::domain::time::parse_rfc3339_ms;
-use crate::domain::{Event, EventKind};
+use crate::engine::{Applied, Outcome, Trigger};
+use crate::model::change::ChangeReason;
+use crate::model::state::{CustomerState, DedupPolicy, Pin, PinMode, PinRequest};
+use crate::model::time::parse_rfc3339_ms;
+use crate::model::{Event, EventKind};
 
 const DEDUP: DedupPolicy = DedupPolicy {
     horizon_ms: 400 * DAY_MS,
@@ -55,7 +54,7 @@ impl<'r> Sim<'r> {
             self.log.push((
                 self.rules.tiers()[t.tier].name.clone(),
                 t.reason,
-                crate::domain::time::format_ms(t.at)[..10].to_owned(),
+                crate::model::time::format_ms(t.at)[..10].to_owned(),
             ));
         }
         if o.notice.is_some() {

@@ -200,74 +200,6 @@ impl MetricsView {
     }
 }
 
-impl TierChange {
-    /// The change event of a transition just applied to `state` (which is the state after it).
-    pub fn new(
-        customer_id: &str,
-        state: &super::CustomerState,
-        transition: &super::state::Transition,
-        rules: &crate::rules::Rules,
-        money: &MoneyFormat,
-        cause: Option<Cause>,
-    ) -> Self {
-        let tier = &rules.tiers()[transition.tier];
-        let (values, scores) = evaluation_maps(rules, &transition.eval);
-        Self {
-            event_id: change_id(customer_id, state.seq),
-            customer_id: customer_id.to_owned(),
-            sequence: state.seq,
-            previous_tier: transition.previous.clone(),
-            tier: tier.name.clone(),
-            tier_display_name: tier.display().to_owned(),
-            direction: transition.direction,
-            reason: transition.reason,
-            occurred_at: super::time::format_ms(transition.at),
-            rules_version: rules.version().to_owned(),
-            rule: transition.rule.clone(),
-            policy: transition.policy.clone(),
-            metrics: MetricsView::of(state, money),
-            values,
-            scores,
-            ranks: super::explain::rank_view(rules, &transition.eval),
-            cutoffs_version: rules
-                .uses_ranks()
-                .then_some(transition.eval.cutoffs_version),
-            cause,
-        }
-    }
-}
-
-/// Metric values and scores of an evaluation as JSON maps (for events and the API).
-pub fn evaluation_maps(
-    rules: &crate::rules::Rules,
-    eval: &crate::rules::Evaluation,
-) -> (
-    serde_json::Map<String, serde_json::Value>,
-    serde_json::Map<String, serde_json::Value>,
-) {
-    use crate::rules::operand::Operand;
-    let mut values = serde_json::Map::new();
-    let mut scores = serde_json::Map::new();
-    for (i, name) in rules.score_names().iter().enumerate() {
-        scores.insert(name.clone(), eval.scores[i].into());
-    }
-    for (op, v) in &eval.values {
-        match op {
-            Operand::Score(_) | Operand::Rank(_) => {}
-            Operand::Cell | Operand::Product => {
-                scores.insert(rules.operand_name(*op), rules.show(*op, v));
-            }
-            _ => {
-                values.insert(rules.operand_name(*op), rules.show(*op, v));
-            }
-        }
-    }
-    if let Some(cell) = &eval.cell {
-        scores.insert("cell".into(), cell.clone().into());
-    }
-    (values, scores)
-}
-
 /// An at-risk notice (DESIGN §3): a time-driven downgrade is coming.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AtRiskNotice {
@@ -286,7 +218,7 @@ pub struct AtRiskNotice {
     pub downgrade_at: String,
     /// Why: `recency`, `window_expiry`, `validity_expired`, `grace_ended`, `min_stay_ended`
     /// or `manual_expired` (the time-driven evaluation that will downgrade).
-    pub cause: crate::rules::TimeCause,
+    pub cause: super::state::TimeCause,
     /// What it takes to stay: each failing condition with the value it will have and, for
     /// lower bounds on spend or counts, what is missing.
     pub to_stay: Vec<serde_json::Value>,
@@ -296,27 +228,10 @@ pub struct AtRiskNotice {
     pub rules_version: String,
 }
 
-impl AtRiskNotice {
-    /// The published notice.
-    pub fn new(
-        customer_id: &str,
-        notice: &super::state::Notice,
-        rules: &crate::rules::Rules,
-    ) -> Self {
-        let mut name = customer_id.as_bytes().to_vec();
-        name.extend_from_slice(b"\0at_risk\0");
-        name.extend_from_slice(&notice.at.to_be_bytes());
-        Self {
-            kind: "at_risk",
-            event_id: uuid::Uuid::new_v5(&CHANGE_ID_NAMESPACE, &name).to_string(),
-            customer_id: customer_id.to_owned(),
-            tier: rules.tiers()[notice.tier].name.clone(),
-            falls_to: rules.tiers()[notice.falls_to].name.clone(),
-            downgrade_at: super::time::format_ms(notice.at),
-            cause: notice.cause,
-            to_stay: notice.shortfall.clone(),
-            occurred_at: super::time::format_ms(notice.now),
-            rules_version: rules.version().to_owned(),
-        }
-    }
+/// The id of the at-risk notice of the downgrade due at `downgrade_at_ms` (UUID v5).
+pub fn at_risk_id(customer_id: &str, downgrade_at_ms: i64) -> String {
+    let mut name = customer_id.as_bytes().to_vec();
+    name.extend_from_slice(b"\0at_risk\0");
+    name.extend_from_slice(&downgrade_at_ms.to_be_bytes());
+    uuid::Uuid::new_v5(&CHANGE_ID_NAMESPACE, &name).to_string()
 }

@@ -1,7 +1,7 @@
 //! Rolling and calendar windows over bucketed purchase history.
 
-use crate::domain::calendar::{self, Period, Unit};
-use crate::domain::state::Bucket;
+use crate::model::calendar::{self, Period, Unit};
+use crate::model::state::Bucket;
 
 /// What a window covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +128,8 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::calendar::{day_index, month_index, DAY_MS};
-    use crate::domain::time::parse_rfc3339_ms;
+    use crate::model::calendar::{day_index, month_index, DAY_MS};
+    use crate::model::time::parse_rfc3339_ms;
 
     fn at(s: &str) -> i64 {
         parse_rfc3339_ms(s).unwrap()

@@ -1,12 +1,13 @@
 //! Why a customer is where they are, and what moves them next: the API's customer view and
 //! `tierd rules explain`. Pure: a state, the rules and an engine time in, a value out.
 
-use super::change::{evaluation_maps, MetricsView, MoneyFormat};
-use super::state::{rules_hash, CustomerState, Pin, PinMode, Trigger};
-use super::time::format_ms;
-use crate::domain::change::Direction;
-use crate::rules::rank::Cutoffs;
-use crate::rules::{Rules, TimeCause};
+use super::changes::evaluation_maps;
+use super::transition::Trigger;
+use crate::engine::rules::rank::Cutoffs;
+use crate::engine::rules::{Rules, TimeCause};
+use crate::model::change::{Direction, MetricsView, MoneyFormat};
+use crate::model::state::{rules_hash, CustomerState, Pin, PinMode};
+use crate::model::time::format_ms;
 use serde::Serialize;
 
 /// The explanation of one customer.
@@ -113,7 +114,7 @@ impl From<&Pin> for PinView {
 /// Ranked values and bands of an evaluation, by rank name.
 pub fn rank_view(
     rules: &Rules,
-    eval: &crate::rules::Evaluation,
+    eval: &crate::engine::rules::Evaluation,
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
     for (r, rank) in rules.ranks().iter().enumerate() {
@@ -196,9 +197,9 @@ pub fn explain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::state::DedupPolicy;
-    use crate::domain::time::parse_rfc3339_ms;
-    use crate::domain::{Event, EventKind};
+    use crate::model::state::DedupPolicy;
+    use crate::model::time::parse_rfc3339_ms;
+    use crate::model::{Event, EventKind};
 
     #[test]
     fn shows_the_next_move_and_what_it_takes_to_stay_or_climb() {

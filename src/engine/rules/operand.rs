@@ -16,8 +16,8 @@
 
 use super::value::{Ratio, Value};
 use super::window::Window;
-use crate::domain::calendar::{Unit, DAY_MS};
-use crate::domain::state::Bucket;
+use crate::model::calendar::{Unit, DAY_MS};
+use crate::model::state::Bucket;
 
 /// What a window metric reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

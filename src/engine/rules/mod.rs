@@ -16,8 +16,9 @@ pub mod score;
 pub mod value;
 pub mod window;
 
-use crate::domain::calendar::{self, Period, Unit, DAY_MS};
-use crate::domain::money;
+use crate::model::calendar::{self, Period, Unit, DAY_MS};
+use crate::model::money;
+pub use crate::model::state::TimeCause;
 use condition::Condition;
 use operand::{Facts, Operand, Type};
 use policy::{Downgrade, Review, TierPolicy};
@@ -51,41 +52,6 @@ struct Tier {
     when: Vec<Condition>,
     rule: String,
     policy: TierPolicy,
-}
-
-/// What can move a customer with no event of their own, and so the reason of such a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TimeCause {
-    /// A recency bound was crossed (days since the last purchase).
-    Recency,
-    /// A window bucket expired (or a calendar period ended).
-    WindowExpiry,
-    /// The tier's validity ended / its review date came.
-    ValidityExpired,
-    /// A downgrade's grace period ended.
-    GraceEnded,
-    /// The tier's minimum stay ended.
-    MinStayEnded,
-    /// A manual pin expired.
-    ManualExpired,
-    /// An at-risk notice is due (no tier change by itself).
-    AtRisk,
-}
-
-impl TimeCause {
-    /// The name used in metrics and events (as serialized).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Recency => "recency",
-            Self::WindowExpiry => "window_expiry",
-            Self::ValidityExpired => "validity_expired",
-            Self::GraceEnded => "grace_ended",
-            Self::MinStayEnded => "min_stay_ended",
-            Self::ManualExpired => "manual_expired",
-            Self::AtRisk => "at_risk",
-        }
-    }
 }
 
 /// A problem in a rules file: where (line, field) and what.
@@ -969,7 +935,7 @@ impl Rules {
         }
         let tier_defs = tiers.iter().map(|t| t.def.clone()).collect();
         Ok(Self {
-            version_hash: crate::domain::state::rules_hash(raw.version.get_ref()),
+            version_hash: crate::model::state::rules_hash(raw.version.get_ref()),
             version: raw.version.into_inner(),
             description: raw.description,
             windows,

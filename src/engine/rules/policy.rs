@@ -1,7 +1,7 @@
 //! Downgrade policy: how and when a customer leaves a tier (upgrades are always immediate).
 
 use super::condition::Condition;
-use crate::domain::calendar::{self, Period, DAY_MS};
+use crate::model::calendar::{self, Period, DAY_MS};
 
 /// Where a downgrade lands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

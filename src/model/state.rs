@@ -1,0 +1,237 @@
+//! A customer's stored state: RFM counters, window buckets, tier, timer, pin and dedup memory
+//! (the data only: how events and time change it is `engine::transition`).
+
+use serde::{Deserialize, Serialize};
+
+/// How duplicate `event_id`s are recognised, and how late an event may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupPolicy {
+    /// An event is deduplicated if its id was seen within this much event time before the
+    /// customer's latest event; older events are rejected as `too_late` (they could no longer
+    /// be told apart from duplicates). Milliseconds.
+    pub horizon_ms: i64,
+    /// At most this many remembered ids per customer; when more arrive within the horizon,
+    /// the oldest are forgotten and events at or before their time become `too_late`.
+    pub max_ids: usize,
+}
+
+/// One bucket of window history: (bucket index, purchases, net sum in minor units).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket(pub i32, pub u64, pub i128);
+
+/// How a manual pin holds a customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinMode {
+    /// The customer is at least in the pinned tier (rules may place them higher).
+    Floor,
+    /// The customer is exactly in the pinned tier.
+    Fixed,
+}
+
+/// A manual pin set by an `override` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// The pinned tier's name.
+    pub tier: String,
+    /// Floor or fixed.
+    pub mode: PinMode,
+    /// When the pin lapses (Unix ms); `None`: until cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<i64>,
+    /// The `event_id` of the override that set it.
+    pub by: String,
+}
+
+/// What an `override` event asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinRequest {
+    /// Pin to a tier.
+    Set(Pin),
+    /// Remove the pin.
+    Clear,
+}
+
+/// Persistent state of one customer (stored as JSON in Redis).
+///
+/// Memory: about 200 bytes of JSON plus ~30 bytes per remembered event id (at most
+/// `dedup.max_ids_per_customer`) plus ~16 bytes per window bucket kept, see `docs/rules.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerState {
+    /// Earliest purchase, event time (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<i64>,
+    /// Latest purchase, event time (Unix ms); never moves backwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<i64>,
+    /// Lifetime purchase count (F). Refunds do not change it.
+    #[serde(default)]
+    pub count: u64,
+    /// Lifetime purchase sum, minor units.
+    #[serde(default)]
+    pub sum: i128,
+    /// Lifetime refund count.
+    #[serde(default)]
+    pub refunds: u64,
+    /// Lifetime refunded sum, minor units.
+    #[serde(default)]
+    pub refunded: i128,
+    /// Day buckets (only when the rules declare a day window), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wd: Vec<Bucket>,
+    /// Month buckets (only when the rules declare a month or calendar window), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wm: Vec<Bucket>,
+    /// Current tier name (None before the first event).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// Since when the customer is in `tier` (engine time, Unix ms).
+    #[serde(default)]
+    pub since: i64,
+    /// When the tier is next reviewed (its validity ends), engine time; None: continuous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<i64>,
+    /// Since when a downgrade is pending in its grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<i64>,
+    /// The customer's next time-driven evaluation (mirrored in the partition's timer index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timer: Option<(i64, TimeCause)>,
+    /// The downgrade moment an at-risk notice was sent for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notified: Option<i64>,
+    /// A manual pin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<Pin>,
+    /// Hash of the rules version that last evaluated the customer.
+    #[serde(default)]
+    pub rv: u32,
+    /// The customer's value in each rank of the rules at the latest evaluation (mirrored in
+    /// the partition's rank sorted sets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rk: Vec<Option<i128>>,
+    /// Version of the rank cut-offs of the latest evaluation (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cv: u64,
+    /// Engine time of the customer's latest evaluation: a customer's time never runs
+    /// backwards, whatever order events and timers come in.
+    #[serde(default = "floor_min", skip_serializing_if = "is_floor_min")]
+    pub at: i64,
+    /// Number of tier changes so far; the last change's sequence.
+    #[serde(default)]
+    pub seq: u64,
+    /// The customer's event-time clock: the latest `occurred_at` of any applied event.
+    #[serde(default = "floor_min")]
+    pub clock: i64,
+    /// Remembered event ids: (xxh3-64 of `event_id`, occurred_at ms), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<(u64, i64)>,
+    /// Events with `occurred_at` at or before this (Unix ms) are `too_late`.
+    #[serde(default = "floor_min", skip_serializing_if = "is_floor_min")]
+    pub floor: i64,
+}
+
+impl Default for CustomerState {
+    fn default() -> Self {
+        Self {
+            first: None,
+            last: None,
+            count: 0,
+            sum: 0,
+            refunds: 0,
+            refunded: 0,
+            wd: Vec::new(),
+            wm: Vec::new(),
+            tier: None,
+            since: 0,
+            review: None,
+            pending: None,
+            timer: None,
+            notified: None,
+            pin: None,
+            rv: 0,
+            at: i64::MIN,
+            rk: Vec::new(),
+            cv: 0,
+            seq: 0,
+            clock: i64::MIN,
+            ids: Vec::new(),
+            floor: i64::MIN,
+        }
+    }
+}
+
+fn floor_min() -> i64 {
+    i64::MIN
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_floor_min(v: &i64) -> bool {
+    *v == i64::MIN
+}
+
+/// The short hash of a rules version stored per customer.
+pub fn rules_hash(version: &str) -> u32 {
+    // Never 0, so a state written before versions were tracked is always re-evaluated.
+    (xxhash_rust::xxh3::xxh3_64(version.as_bytes()) as u32).max(1)
+}
+
+/// The metrics rules can read, derived from a state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Lifetime purchases.
+    pub frequency: u64,
+    /// Lifetime net spend (purchases − refunds), minor units.
+    pub monetary_minor: i128,
+    /// Latest purchase time (Unix ms).
+    pub last_purchase_ms: Option<i64>,
+}
+
+impl CustomerState {
+    /// The metrics of this state.
+    pub fn metrics(&self) -> Metrics {
+        Metrics {
+            frequency: self.count,
+            monetary_minor: self.sum - self.refunded,
+            last_purchase_ms: self.last,
+        }
+    }
+}
+
+/// What can move a customer with no event of their own, and so the reason of such a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeCause {
+    /// A recency bound was crossed (days since the last purchase).
+    Recency,
+    /// A window bucket expired (or a calendar period ended).
+    WindowExpiry,
+    /// The tier's validity ended / its review date came.
+    ValidityExpired,
+    /// A downgrade's grace period ended.
+    GraceEnded,
+    /// The tier's minimum stay ended.
+    MinStayEnded,
+    /// A manual pin expired.
+    ManualExpired,
+    /// An at-risk notice is due (no tier change by itself).
+    AtRisk,
+}
+
+impl TimeCause {
+    /// The name used in metrics and events (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Recency => "recency",
+            Self::WindowExpiry => "window_expiry",
+            Self::ValidityExpired => "validity_expired",
+            Self::GraceEnded => "grace_ended",
+            Self::MinStayEnded => "min_stay_ended",
+            Self::ManualExpired => "manual_expired",
+            Self::AtRisk => "at_risk",
+        }
+    }
+}
