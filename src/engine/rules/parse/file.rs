@@ -59,7 +59,7 @@ pub struct RankFile {
     /// may hold slightly more than its share), `"lower"` all go to the lower band (a band
     /// may hold slightly less).
     #[serde(default)]
-    pub ties: Option<super::rank::Ties>,
+    pub ties: Option<crate::engine::rules::rank::Ties>,
 }
 
 /// `[scores.<name>]`: fixed bins over a `metric`, or rank bands of a `rank` (quintiles).
@@ -105,7 +105,7 @@ pub struct BinFile {
 pub struct PolicyFile {
     /// `"replace"` (default), `"step"` or `"base"`.
     #[serde(default)]
-    pub downgrade: Option<super::policy::Downgrade>,
+    pub downgrade: Option<crate::engine::rules::policy::Downgrade>,
     /// Days a downgrade waits; cancelled if the customer requalifies. Default 0.
     #[serde(default)]
     pub grace_days: Option<u32>,
@@ -144,7 +144,7 @@ pub struct TierFile {
     // combined with `deny_unknown_fields` (a typo must stay an error).
     /// Overrides `[policy].downgrade` for this tier.
     #[serde(default)]
-    pub downgrade: Option<super::policy::Downgrade>,
+    pub downgrade: Option<crate::engine::rules::policy::Downgrade>,
     /// Overrides `[policy].grace_days` for this tier.
     #[serde(default)]
     pub grace_days: Option<u32>,
