@@ -9,7 +9,7 @@ use crate::ingest::decode::DecodeLimits;
 use crate::model::change::MoneyFormat;
 use crate::model::DedupPolicy;
 use crate::partition::supervisor::{Supervisor, SupervisorParts};
-use crate::partition::{Ownership, Pipeline};
+use crate::partition::{sweep_page, Clock, Ownership, Pipeline, RankDuty};
 use crate::publish::publisher::Publisher;
 use crate::store::keys::Keyspace;
 use crate::telemetry::Telemetry;
@@ -110,9 +110,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .unwrap_or(i64::MAX),
             tiers: rules.tiers().iter().map(|t| t.name.clone()).collect(),
         },
-        clock: config.clock.clone(),
-        sweep_per_second: config.rules.sweep_per_second,
-        ranks: config.ranks.clone(),
+        clock: Clock::from(&config.clock),
+        sweep_page: sweep_page(config.rules.sweep_per_second),
+        ranks: RankDuty::from(&config.ranks),
         partitions: std::sync::atomic::AtomicI32::new(0),
         dedup: DedupPolicy {
             horizon_ms: i64::try_from(config.dedup.horizon_s.saturating_mul(1000))

@@ -88,7 +88,7 @@ fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
             tier(units, [1_000_000, 500_000, 200_000]),
             tier(units, [800_000, 300_000, 100_000]),
         );
-        assert_eq!((s.tier.as_deref(), s.rv), (Some(new), hash), "{c}");
+        assert_eq!((s.tier.as_deref(), s.rules_hash), (Some(new), hash), "{c}");
         if old != new {
             expected_changes.insert(c, (old, new));
         }

@@ -19,8 +19,8 @@ impl CustomerState {
         cutoffs: &Cutoffs,
     ) -> Option<Transition> {
         // The first evaluation under a new rules version reports its change as `rules_changed`.
-        let new_rules = self.tier.is_some() && self.rv != rules.version_hash();
-        self.rv = rules.version_hash();
+        let new_rules = self.tier.is_some() && self.rules_hash != rules.version_hash();
+        self.rules_hash = rules.version_hash();
         let last_tier = rules.tiers().len() - 1;
         let cur = self.tier.as_deref().and_then(|t| rules.tier_index(t));
         let reviewing = cur.is_some() && self.review.is_some_and(|r| r <= now);
@@ -34,8 +34,8 @@ impl CustomerState {
         // (a calendar review reads the closing period, before `now`).
         self.prune(rules, eval_at);
         let eval = rules.evaluate(&self.facts(), eval_at, cutoffs);
-        self.cv = eval.cutoffs_version;
-        self.rk.clone_from(&eval.ranks);
+        self.cutoffs_version = eval.cutoffs_version;
+        self.ranked_values.clone_from(&eval.ranks);
         let target = eval.tier;
         let mut policy_text = "initial".to_owned();
         let mut rule_tier = target;

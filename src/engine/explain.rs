@@ -177,7 +177,7 @@ pub fn explain(
         tier_since: state.tier.as_ref().map(|_| format_ms(state.since)),
         tier_changes: state.seq,
         rules_version: rules.version().to_owned(),
-        evaluated_under_current_rules: state.rv == rules_hash(rules.version()),
+        evaluated_under_current_rules: state.rules_hash == rules_hash(rules.version()),
         as_of: format_ms(now),
         metrics: MetricsView::of(state, money),
         values,

@@ -117,8 +117,8 @@ impl CustomerState {
             count: self.count,
             sum: self.sum - self.refunded,
             last_purchase: self.last,
-            days: &self.wd,
-            months: &self.wm,
+            days: &self.day_buckets,
+            months: &self.month_buckets,
         }
     }
 
@@ -180,30 +180,36 @@ impl CustomerState {
     }
 
     fn add_to_buckets(&mut self, rules: &Rules, at: i64, n: u64, s: i128) {
-        for (unit, buckets) in [(Unit::Day, &mut self.wd), (Unit::Month, &mut self.wm)] {
+        for (unit, buckets) in [
+            (Unit::Day, &mut self.day_buckets),
+            (Unit::Month, &mut self.month_buckets),
+        ] {
             if rules.keep_buckets(unit) == 0 {
                 continue;
             }
             let i = calendar::index(unit, at);
-            let pos = buckets.partition_point(|b| b.0 < i);
+            let pos = buckets.partition_point(|b| b.index < i);
             match buckets.get_mut(pos) {
-                Some(b) if b.0 == i => {
-                    b.1 += n;
-                    b.2 += s;
+                Some(b) if b.index == i => {
+                    b.purchases += n;
+                    b.net_minor += s;
                 }
-                _ => buckets.insert(pos, Bucket(i, n, s)),
+                _ => buckets.insert(pos, Bucket::from((i, n, s))),
             }
         }
     }
 
     pub(super) fn prune(&mut self, rules: &Rules, now: i64) {
-        for (unit, buckets) in [(Unit::Day, &mut self.wd), (Unit::Month, &mut self.wm)] {
+        for (unit, buckets) in [
+            (Unit::Day, &mut self.day_buckets),
+            (Unit::Month, &mut self.month_buckets),
+        ] {
             if rules.keep_buckets(unit) == 0 {
                 buckets.clear();
                 continue;
             }
             let floor = rules.bucket_floor(unit, now);
-            let expired = buckets.partition_point(|b| b.0 < floor);
+            let expired = buckets.partition_point(|b| b.index < floor);
             buckets.drain(..expired);
         }
     }
@@ -330,7 +336,10 @@ name = "basic"
         );
         assert_eq!(s.last, Some(11 * DAY), "refunds do not move recency");
         assert_eq!(s.timer, None, "lifetime rules never need a timer");
-        assert!(s.wd.is_empty() && s.wm.is_empty(), "no window, no buckets");
+        assert!(
+            s.day_buckets.is_empty() && s.month_buckets.is_empty(),
+            "no window, no buckets"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The tier-change event (DESIGN §3 output contract) and its deterministic id.
+//! The tier-change event (README "Contracts": output) and its deterministic id.
 
 use serde::Serialize;
 
@@ -200,7 +200,7 @@ impl MetricsView {
     }
 }
 
-/// An at-risk notice (DESIGN §3): a time-driven downgrade is coming.
+/// An at-risk notice (README "Contracts"): a time-driven downgrade is coming.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AtRiskNotice {
     /// Always `"at_risk"` (tells notices from tier changes on a shared topic).

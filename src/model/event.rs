@@ -1,4 +1,4 @@
-//! A decoded, validated input event (DESIGN §3 input contract).
+//! A decoded, validated input event (README "Contracts": input).
 
 /// What an input event does to a customer's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,9 +15,33 @@ pub struct DedupPolicy {
     pub max_ids: usize,
 }
 
-/// One bucket of window history: (bucket index, purchases, net sum in minor units).
+/// One bucket of window history. Stored compactly as `[index, purchases, net]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Bucket(pub i32, pub u64, pub i128);
+#[serde(from = "(i32, u64, i128)", into = "(i32, u64, i128)")]
+pub struct Bucket {
+    /// The day or month index (`calendar::index`).
+    pub index: i32,
+    /// Purchases in the bucket.
+    pub purchases: u64,
+    /// Net spend in the bucket (purchases − refunds), minor units.
+    pub net_minor: i128,
+}
+
+impl From<(i32, u64, i128)> for Bucket {
+    fn from((index, purchases, net_minor): (i32, u64, i128)) -> Self {
+        Self {
+            index,
+            purchases,
+            net_minor,
+        }
+    }
+}
+
+impl From<Bucket> for (i32, u64, i128) {
+    fn from(b: Bucket) -> Self {
+        (b.index, b.purchases, b.net_minor)
+    }
+}
 
 /// How a manual pin holds a customer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,11 +101,11 @@ pub struct CustomerState {
     #[serde(default)]
     pub refunded: i128,
     /// Day buckets (only when the rules declare a day window), oldest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub wd: Vec<Bucket>,
+    #[serde(rename = "wd", default, skip_serializing_if = "Vec::is_empty")]
+    pub day_buckets: Vec<Bucket>,
     /// Month buckets (only when the rules declare a month or calendar window), oldest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub wm: Vec<Bucket>,
+    #[serde(rename = "wm", default, skip_serializing_if = "Vec::is_empty")]
+    pub month_buckets: Vec<Bucket>,
     /// Current tier name (None before the first event).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
@@ -104,15 +128,15 @@ pub struct CustomerState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<Pin>,
     /// Hash of the rules version that last evaluated the customer.
-    #[serde(default)]
-    pub rv: u32,
+    #[serde(rename = "rv", default)]
+    pub rules_hash: u32,
     /// The customer's value in each rank of the rules at the latest evaluation (mirrored in
     /// the partition's rank sorted sets).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub rk: Vec<Option<i128>>,
+    #[serde(rename = "rk", default, skip_serializing_if = "Vec::is_empty")]
+    pub ranked_values: Vec<Option<i128>>,
     /// Version of the rank cut-offs of the latest evaluation (0: none).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub cv: u64,
+    #[serde(rename = "cv", default, skip_serializing_if = "is_zero")]
+    pub cutoffs_version: u64,
     /// Engine time of the customer's latest evaluation: a customer's time never runs
     /// backwards, whatever order events and timers come in.
     #[serde(default = "floor_min", skip_serializing_if = "is_floor_min")]
@@ -140,8 +164,8 @@ impl Default for CustomerState {
             sum: 0,
             refunds: 0,
             refunded: 0,
-            wd: Vec::new(),
-            wm: Vec::new(),
+            day_buckets: Vec::new(),
+            month_buckets: Vec::new(),
             tier: None,
             since: 0,
             review: None,
@@ -149,10 +173,10 @@ impl Default for CustomerState {
             timer: None,
             notified: None,
             pin: None,
-            rv: 0,
+            rules_hash: 0,
             at: i64::MIN,
-            rk: Vec::new(),
-            cv: 0,
+            ranked_values: Vec::new(),
+            cutoffs_version: 0,
             seq: 0,
             clock: i64::MIN,
             ids: Vec::new(),

@@ -55,7 +55,7 @@ impl Runner {
 
         let event_mode = p.clock.mode == ClockMode::Event;
         let cutoffs = Arc::clone(&self.cutoffs);
-        let lateness = i64::try_from(p.clock.lateness_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let lateness = p.clock.lateness_ms;
         let mut draft = Draft::at(first_offset);
         for (message, decoded) in messages.iter().zip(&decoded) {
             if let (true, Ok(event)) = (event_mode, decoded) {

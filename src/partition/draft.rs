@@ -33,7 +33,7 @@ impl Loaded {
     pub fn new(state: CustomerState) -> Self {
         Self {
             indexed: state.timer.map(|(due, _)| due),
-            ranked: state.rk.clone(),
+            ranked: state.ranked_values.clone(),
             counted: state.tier.clone(),
             state,
             dirty: false,
@@ -44,7 +44,7 @@ impl Loaded {
     pub fn committed(&mut self) {
         if self.dirty {
             self.indexed = self.state.timer.map(|(due, _)| due);
-            self.ranked.clone_from(&self.state.rk);
+            self.ranked.clone_from(&self.state.ranked_values);
             self.counted.clone_from(&self.state.tier);
             self.dirty = false;
         }
@@ -193,7 +193,7 @@ impl Draft {
                 loaded.indexed.map(i128::from),
             );
             for r in 0..ranks {
-                let now = loaded.state.rk.get(r).copied().flatten();
+                let now = loaded.state.ranked_values.get(r).copied().flatten();
                 let indexed = loaded.ranked.get(r).copied().flatten();
                 diff_entry(&mut batch, SortedSet::Rank(r), id, now, indexed);
             }
@@ -254,7 +254,7 @@ mod tests {
     ) -> CustomerState {
         CustomerState {
             timer: timer.map(|d| (d, TimeCause::Recency)),
-            rk: ranked,
+            ranked_values: ranked,
             tier: tier.map(str::to_owned),
             ..CustomerState::default()
         }

@@ -12,6 +12,7 @@ pub mod supervisor;
 pub mod sweep;
 pub mod timers;
 
+use crate::config::{ClockConfig, ClockMode, RanksConfig};
 use crate::engine::rules::Rules;
 use crate::ingest::decode::DecodeLimits;
 use crate::model::change::MoneyFormat;
@@ -20,6 +21,7 @@ use crate::telemetry::Telemetry;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 /// What every partition worker shares: rules, limits, metrics.
 #[derive(Debug)]
@@ -39,11 +41,12 @@ pub struct Pipeline {
     /// LRU size of each worker's state cache.
     pub cache_customers: usize,
     /// Engine time and timers.
-    pub clock: crate::config::ClockConfig,
-    /// Customers re-evaluated per second and partition after a rules version change.
-    pub sweep_per_second: u32,
+    pub clock: Clock,
+    /// Customers re-evaluated per sweep step (every [`runner::SWEEP_TICK`]) after a rules
+    /// version change.
+    pub sweep_page: u64,
     /// Rank cut-off computation and application.
-    pub ranks: crate::config::RanksConfig,
+    pub ranks: RankDuty,
     /// Key names.
     pub keyspace: crate::store::keys::Keyspace,
     /// Partitions of the input topic, set once at startup after the topic's metadata was read
@@ -51,6 +54,59 @@ pub struct Pipeline {
     pub partitions: std::sync::atomic::AtomicI32,
     /// Metrics.
     pub telemetry: Telemetry,
+}
+
+/// Engine time and timers, from `[clock]`, in the units the runners use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Wall-clock or event-time engine time.
+    pub mode: ClockMode,
+    /// `event` mode: how far a partition's clock trails its latest event time.
+    pub lateness_ms: i64,
+    /// `wall` mode: how often a runner looks for due timers.
+    pub tick: Duration,
+    /// Timers fired per commit.
+    pub timer_batch: usize,
+}
+
+impl From<&ClockConfig> for Clock {
+    fn from(c: &ClockConfig) -> Self {
+        Self {
+            mode: c.mode,
+            lateness_ms: i64::try_from(c.lateness_s.saturating_mul(1000)).unwrap_or(i64::MAX),
+            tick: Duration::from_millis(c.tick_ms),
+            timer_batch: c.timer_batch,
+        }
+    }
+}
+
+/// Rank cut-off duty, from `[ranks]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RankDuty {
+    /// How often owners look for new cut-offs (and partition 0's owner for a due computation).
+    pub check_every: Duration,
+    /// Cut-offs are recomputed at least this often…
+    pub recompute_every: Duration,
+    /// … and when a rank's population changed by more than this fraction.
+    pub recompute_population_change: f64,
+    /// Customers re-evaluated per commit when cut-offs move.
+    pub reevaluate_page: usize,
+}
+
+impl From<&RanksConfig> for RankDuty {
+    fn from(c: &RanksConfig) -> Self {
+        Self {
+            check_every: Duration::from_millis(c.check_interval_ms),
+            recompute_every: Duration::from_millis(c.recompute_interval_ms),
+            recompute_population_change: c.recompute_population_change,
+            reevaluate_page: c.reevaluate_page,
+        }
+    }
+}
+
+/// Customers per sweep step for `rules.sweep_per_second` (at least one).
+pub fn sweep_page(per_second: u32) -> u64 {
+    (u64::from(per_second) * runner::SWEEP_TICK.as_millis() as u64 / 1000).max(1)
 }
 
 /// Live status of an owned partition, shared with the API and the lag gauge.

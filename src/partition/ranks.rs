@@ -16,7 +16,7 @@ use crate::telemetry::events;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 impl Runner {
     /// Computes (partition 0's owner) and applies (every owner) new cut-offs when due. A
@@ -60,7 +60,7 @@ impl Runner {
         let due = match &self.last_compute {
             None => true,
             Some((at, before)) => {
-                at.elapsed() >= Duration::from_millis(p.ranks.recompute_interval_ms)
+                at.elapsed() >= p.ranks.recompute_every
                     || population.iter().zip(before).any(|(&n, &b)| {
                         n.abs_diff(b) as f64 > p.ranks.recompute_population_change * b as f64
                     })

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::info;
 
 /// How often a rules sweep takes its next page (`rules.sweep_per_second` / 10 customers).
-pub(super) const SWEEP_TICK: Duration = Duration::from_millis(100);
+pub const SWEEP_TICK: Duration = Duration::from_millis(100);
 
 /// A batch of consecutive messages of one partition, in offset order.
 pub type Batch = Vec<OwnedMessage>;
@@ -109,10 +109,10 @@ impl Runner {
         // Pins can expire under any rules, so wall mode always ticks (a due check is a
         // comparison with the earliest known timer).
         let ticking = p.clock.mode == ClockMode::Wall;
-        let mut tick = interval(Duration::from_millis(p.clock.tick_ms));
+        let mut tick = interval(p.clock.tick);
         let mut sweep_tick = interval(SWEEP_TICK);
         let ranked = p.rules.uses_ranks();
-        let mut rank_tick = interval(Duration::from_millis(p.ranks.check_interval_ms));
+        let mut rank_tick = interval(p.ranks.check_every);
         if self.sweep.is_none() {
             p.telemetry.rules_sweep_done.inc();
         }

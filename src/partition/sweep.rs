@@ -5,7 +5,7 @@
 //! partition's meta so a restart does not scan again.
 
 use super::draft::Working;
-use super::runner::{Runner, SWEEP_TICK};
+use super::runner::Runner;
 use crate::engine::Trigger;
 use crate::model::state::rules_hash;
 use crate::store::partition::ApplyError;
@@ -19,8 +19,7 @@ impl Runner {
             return Ok(());
         };
         let p = Arc::clone(&self.pipeline);
-        let page = (u64::from(p.sweep_per_second) * SWEEP_TICK.as_millis() as u64 / 1000).max(1);
-        let (next, ids) = self.store.scan_customer_ids(cursor, page).await?;
+        let (next, ids) = self.store.scan_customer_ids(cursor, p.sweep_page).await?;
         let mut work = Working::new();
         self.load(ids.iter().cloned(), &mut work).await?;
         let hash = rules_hash(p.rules.version());
@@ -28,7 +27,7 @@ impl Runner {
         let mut swept = 0u64;
         for id in &ids {
             let loaded = work.get_mut(id.as_str()).expect("loaded above");
-            if loaded.state.rv == hash {
+            if loaded.state.rules_hash == hash {
                 continue;
             }
             self.reevaluate(&mut draft, id, loaded, Trigger::RulesChanged);

@@ -107,7 +107,7 @@ pub async fn rank_positions<C: ConnectionLike>(
 ) -> Result<Vec<RankPosition>, redis::RedisError> {
     let mut out = Vec::new();
     for (r, rank) in rules.ranks().iter().enumerate() {
-        let Some(Some(value)) = state.rk.get(r) else {
+        let Some(Some(value)) = state.ranked_values.get(r) else {
             continue;
         };
         let mut pipe = redis::pipe();

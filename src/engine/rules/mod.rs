@@ -136,6 +136,13 @@ enum ScoreDef {
     },
 }
 
+/// How many day and month buckets a customer's state keeps (0: that unit is not used).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct BucketsKept {
+    days: u32,
+    months: u32,
+}
+
 /// A loaded, validated rules file.
 #[derive(Debug)]
 pub struct Rules {
@@ -153,7 +160,8 @@ pub struct Rules {
     tiers: Vec<Tier>,
     tier_defs: Vec<TierDef>,
     recency_points: Vec<i64>,
-    keep: [u32; 2],
+    /// Buckets the longest window of each unit needs.
+    keep: BucketsKept,
     at_risk_ms: i64,
     fraction_digits: u32,
 }
@@ -248,8 +256,8 @@ impl Rules {
     /// How many day and month buckets a customer keeps (0: that unit is not used).
     pub fn keep_buckets(&self, unit: Unit) -> u32 {
         match unit {
-            Unit::Day => self.keep[0],
-            Unit::Month => self.keep[1],
+            Unit::Day => self.keep.days,
+            Unit::Month => self.keep.months,
         }
     }
 

@@ -161,7 +161,10 @@ fn window_expiry_downgrades_with_no_event() {
         ]
     );
     assert_eq!(s.state.timer, None, "nothing left to expire");
-    assert!(s.state.wd.is_empty(), "expired buckets are dropped");
+    assert!(
+        s.state.day_buckets.is_empty(),
+        "expired buckets are dropped"
+    );
 }
 
 #[test]
@@ -679,7 +682,7 @@ fn state_size_per_preset_is_bounded_by_buckets() {
             );
         }
         let typical = serde_json::to_vec(&s).unwrap().len();
-        let buckets = s.wd.len() + s.wm.len();
+        let buckets = s.day_buckets.len() + s.month_buckets.len();
         let keep = (r.keep_buckets(Unit::Day) + r.keep_buckets(Unit::Month)) as usize;
         assert!(
             buckets <= keep,

@@ -68,10 +68,10 @@ impl Window {
         let (lo, hi) = (self.low(now), self.high(now));
         buckets
             .iter()
-            .filter(|b| b.0 >= lo && b.0 <= hi)
+            .filter(|b| b.index >= lo && b.index <= hi)
             .fold(Totals::default(), |t, b| Totals {
-                count: t.count + b.1,
-                sum: t.sum + b.2,
+                count: t.count + b.purchases,
+                sum: t.sum + b.net_minor,
             })
     }
 
@@ -104,8 +104,8 @@ impl Window {
             Span::Rolling { length, .. } => {
                 if let Some(oldest) = buckets
                     .iter()
-                    .filter(|b| b.0 >= lo && (b.1 > 0 || b.2 != 0))
-                    .map(|b| b.0)
+                    .filter(|b| b.index >= lo && (b.purchases > 0 || b.net_minor != 0))
+                    .map(|b| b.index)
                     .min()
                 {
                     let leaves = oldest.saturating_add(i32::try_from(length).unwrap_or(i32::MAX));
@@ -113,10 +113,15 @@ impl Window {
                 }
             }
             Span::Calendar(p) => {
-                if buckets.iter().any(|b| b.0 >= lo && b.0 <= hi) {
+                if buckets.iter().any(|b| b.index >= lo && b.index <= hi) {
                     consider(p.next_start(now));
                 }
-                if let Some(ahead) = buckets.iter().filter(|b| b.0 > hi).map(|b| b.0).min() {
+                if let Some(ahead) = buckets
+                    .iter()
+                    .filter(|b| b.index > hi)
+                    .map(|b| b.index)
+                    .min()
+                {
                     consider(calendar::month_start(p.of_month(ahead) * p.months()));
                 }
             }
@@ -146,8 +151,8 @@ mod tests {
         };
         let t0 = at("2026-01-10T12:00:00Z");
         let buckets = vec![
-            Bucket(day_index(t0), 1, 100),
-            Bucket(day_index(t0) + 5, 2, 50),
+            Bucket::from((day_index(t0), 1, 100)),
+            Bucket::from((day_index(t0) + 5, 2, 50)),
         ];
         assert_eq!(
             w.totals(&buckets, t0 + 5 * DAY_MS),
@@ -170,9 +175,9 @@ mod tests {
         };
         let t = at("2026-05-17T00:00:00Z");
         let buckets = vec![
-            Bucket(month_index(at("2026-03-31T00:00:00Z")), 1, 7),
-            Bucket(month_index(t), 1, 10),
-            Bucket(month_index(at("2026-06-30T00:00:00Z")), 1, 20),
+            Bucket::from((month_index(at("2026-03-31T00:00:00Z")), 1, 7)),
+            Bucket::from((month_index(t), 1, 10)),
+            Bucket::from((month_index(at("2026-06-30T00:00:00Z")), 1, 20)),
         ];
         assert_eq!(w.totals(&buckets, t), Totals { count: 2, sum: 30 });
         assert_eq!(w.next_change(&buckets, t), Some(at("2026-07-01T00:00:00Z")));

@@ -15,7 +15,7 @@ use super::operand::{Operand, Type};
 use super::rank::{CutPoint, Rank};
 use super::value::Ratio;
 use super::window::{Span, Window};
-use super::{Problem, Rules, RulesError, ScoreDef, Tier};
+use super::{BucketsKept, Problem, Rules, RulesError, ScoreDef, Tier};
 use crate::model::calendar::{Period, Unit, DAY_MS};
 use crate::model::money;
 use std::cell::RefCell;
@@ -187,21 +187,21 @@ impl Parser<'_> {
     }
 
     /// How many day and month buckets the longest window of each unit needs.
-    fn buckets_kept(&self) -> [u32; 2] {
-        let mut keep = [0u32; 2];
+    fn buckets_kept(&self) -> BucketsKept {
+        let mut keep = BucketsKept::default();
         for w in &self.windows {
             let (slot, n) = match w.span {
                 Span::Rolling {
                     unit: Unit::Day,
                     length,
-                } => (0, length),
+                } => (&mut keep.days, length),
                 Span::Rolling {
                     unit: Unit::Month,
                     length,
-                } => (1, length),
-                Span::Calendar(p) => (1, p.months().unsigned_abs()),
+                } => (&mut keep.months, length),
+                Span::Calendar(p) => (&mut keep.months, p.months().unsigned_abs()),
             };
-            keep[slot] = keep[slot].max(n);
+            *slot = (*slot).max(n);
         }
         keep
     }
