@@ -33,10 +33,7 @@ fn metric_sum(tierd: &Tierd, name: &str, label: Option<&str>) -> f64 {
 
 fn settled(world: &World, population: u64) -> Option<u64> {
     let mut conn = world.redis.conn();
-    let key = format!(
-        "{}:{{{}:{}:0}}:cutoffs",
-        world.prefix, world.group, world.input
-    );
+    let key = world.keys(0).cutoffs;
     let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
         .arg(key)
         .arg("version")
@@ -50,10 +47,7 @@ fn settled(world: &World, population: u64) -> Option<u64> {
     let version = version?;
     (0..world.partitions)
         .all(|p| {
-            let meta = format!(
-                "{}:{{{}:{}:{p}}}:meta",
-                world.prefix, world.group, world.input
-            );
+            let meta = world.keys(p).meta;
             let json: Option<String> = redis::cmd("HGET")
                 .arg(meta)
                 .arg("cutoffs")
@@ -125,8 +119,12 @@ fn main() {
             );
             pipe.set(keys.customer(&id), serde_json::to_vec(&s).unwrap())
                 .ignore();
-            pipe.zadd(keys.rank("value"), &id, s.rk[0].unwrap().to_string())
-                .ignore();
+            pipe.zadd(
+                keys.rank("value"),
+                &id,
+                s.ranked_values[0].unwrap().to_string(),
+            )
+            .ignore();
             pipe.hincr(&keys.tier_counts, s.tier.clone().unwrap(), 1)
                 .ignore();
             if i % 20_000 == 19_999 {

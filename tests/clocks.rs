@@ -304,14 +304,8 @@ fn a_timer_of_a_deleted_customer_is_dropped_without_stalling_the_partition() {
     // While tierd is stopped, an operator erases the customer (e.g. a deletion request) but
     // not their timer entry. (A running owner keeps its cached copy: erase with it stopped.)
     assert_eq!(tierd.terminate(), Some(0));
-    let key = format!(
-        "{}:{{{}:{}:0}}:c:dora",
-        world.prefix, world.group, world.input
-    );
-    let timers = format!(
-        "{}:{{{}:{}:0}}:timers",
-        world.prefix, world.group, world.input
-    );
+    let key = world.keys(0).customer("dora");
+    let timers = world.keys(0).timers;
     let mut conn = world.redis.conn();
     let _: () = redis::cmd("DEL").arg(&key).query(&mut conn).unwrap();
     let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");

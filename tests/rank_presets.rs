@@ -69,16 +69,8 @@ fn settled_tiers(preset: &str) -> Vec<String> {
     let ends = world.produce_json(&events());
     world.wait_applied(&ends, Duration::from_secs(60));
     // Settled: the published cut-offs stop changing and every partition applied them.
-    let key = format!(
-        "{}:{{{}:{}:0}}:cutoffs",
-        world.prefix, world.group, world.input
-    );
-    let meta = |p: i32| {
-        format!(
-            "{}:{{{}:{}:{p}}}:meta",
-            world.prefix, world.group, world.input
-        )
-    };
+    let key = world.keys(0).cutoffs;
+    let meta = |p: i32| world.keys(p).meta;
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = (0u64, Instant::now());
     loop {

@@ -19,10 +19,7 @@ fn pyramid(partitions: i32) -> World {
 }
 
 fn global_cutoffs(world: &World) -> Option<Cutoffs> {
-    let key = format!(
-        "{}:{{{}:{}:0}}:cutoffs",
-        world.prefix, world.group, world.input
-    );
+    let key = world.keys(0).cutoffs;
     let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
         .arg(key)
         .arg("version")
@@ -35,10 +32,7 @@ fn global_cutoffs(world: &World) -> Option<Cutoffs> {
 }
 
 fn applied_version(world: &World, partition: i32) -> u64 {
-    let key = format!(
-        "{}:{{{}:{}:{partition}}}:meta",
-        world.prefix, world.group, world.input
-    );
+    let key = world.keys(partition).meta;
     let json: Option<String> = redis::cmd("HGET")
         .arg(key)
         .arg("cutoffs")
@@ -230,10 +224,7 @@ fn cutoffs_across_8_partitions_equal_a_full_sort() {
     let mut checked = 0;
     let mut sizes: HashMap<String, i64> = HashMap::new();
     for p in 0..8 {
-        let pattern = format!(
-            "{}:{{{}:{}:{p}}}:c:*",
-            world.prefix, world.group, world.input
-        );
+        let pattern = world.keys(p).customer_pattern();
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -257,7 +248,7 @@ fn cutoffs_across_8_partitions_equal_a_full_sort() {
                         amount(i)
                     );
                     // Customers no cut-off crossed keep the version of their last evaluation.
-                    assert!(s.cv <= cut.version);
+                    assert!(s.cutoffs_version <= cut.version);
                     *sizes.entry(want.to_owned()).or_default() += 1;
                     checked += 1;
                 }

@@ -89,11 +89,10 @@ fn tierd_runs_over_kafka_sasl_ssl_scram_and_redis_tls_with_an_acl_user_and_decod
     // Redis really requires TLS and the ACL user: the default user is refused.
     let default_user = redis.url.replace("tierd-app:redis-acl-secret@", "");
     let refused = {
-        let cfg: tierd::config::RedisConfig = toml::from_str(&format!(
-            "url = \"{default_user}\"\n{}",
-            redis.config_extra()
-        ))
-        .unwrap();
+        let cfg = tierd::config::RedisConfig {
+            url: default_user,
+            ..redis.config("tierd")
+        };
         tierd::store::client::client(&cfg)
             .unwrap()
             .get_connection()

@@ -1,4 +1,4 @@
-//! Decoding and validation of one input message against the DESIGN §3 input contract.
+//! Decoding and validation of one input message against the input contract (README "Contracts").
 //! Pure: bad input is a [`Rejection`] value with a reason code, never an error or a panic.
 
 use crate::model::state::{Pin, PinMode, PinRequest};

@@ -113,11 +113,13 @@ impl Redis {
         r
     }
 
-    /// The `[redis]` lines a tierd config needs beyond `url` (the CA file under TLS).
-    pub fn config_extra(&self) -> String {
-        match &self.tls {
-            Some((certs, ..)) => format!("tls_ca_file = \"{}\"\n", certs.ca.display()),
-            None => String::new(),
+    /// The `[redis]` section tierd is given for this server (TLS trust included).
+    pub fn config(&self, key_prefix: &str) -> tierd::config::RedisConfig {
+        tierd::config::RedisConfig {
+            url: self.url.clone(),
+            key_prefix: key_prefix.to_owned(),
+            tls_ca_file: self.tls.as_ref().map(|(certs, ..)| certs.ca.clone()),
+            ..Default::default()
         }
     }
 
@@ -177,9 +179,7 @@ impl Redis {
 
     /// The client tierd would build for this server (TLS trust included).
     pub fn client(&self) -> redis::Client {
-        let cfg: tierd::config::RedisConfig =
-            toml::from_str(&format!("url = \"{}\"\n{}", self.url, self.config_extra())).unwrap();
-        tierd::store::client::client(&cfg).unwrap()
+        tierd::store::client::client(&self.config("tierd")).unwrap()
     }
 
     pub fn conn(&self) -> redis::Connection {
@@ -893,54 +893,63 @@ impl World {
         self.config_with(api_port, "", extra)
     }
 
-    /// Like [`World::config`], with extra lines in the `[kafka.consumer]` table.
+    /// Like [`World::config`], with extra lines in the `[kafka.consumer]` table. The base is
+    /// a [`tierd::config::Config`] value (field names checked by the compiler); the world's
+    /// extra lines and `extra` tables are merged over it.
     pub fn config_with(&self, api_port: u16, consumer: &str, extra: &str) -> String {
-        let rules = &self.rules;
+        use tierd::config::{ApiConfig, Config, KafkaConfig, MoneyConfig, RulesConfig};
+        let mut consumer_props =
+            BTreeMap::from([("statistics.interval.ms".to_owned(), "500".to_owned())]);
         // Short sessions so a killed member's partitions move on quickly. Under KIP-848
         // (`group.protocol = "consumer"`) the broker owns session timing (broker.sh sets it).
-        let timing = if consumer.contains("group.protocol") {
-            ""
-        } else {
-            "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\""
+        if !consumer.contains("group.protocol") {
+            consumer_props.insert("session.timeout.ms".into(), "6000".into());
+            consumer_props.insert("heartbeat.interval.ms".into(), "500".into());
+        }
+        let config = Config {
+            kafka: KafkaConfig {
+                brokers: self
+                    .tierd_brokers
+                    .clone()
+                    .unwrap_or_else(|| self.broker.addr.clone()),
+                group_id: self.group.clone(),
+                input_topic: self.input.clone(),
+                output_topic: self.output.clone(),
+                dead_letter_topic: self.dlq.clone(),
+                consumer: consumer_props,
+                ..KafkaConfig::default()
+            },
+            redis: self.redis.config(&self.prefix),
+            money: MoneyConfig {
+                currency: "CNY".into(),
+                ..MoneyConfig::default()
+            },
+            rules: RulesConfig {
+                path: self.rules.clone(),
+                ..RulesConfig::default()
+            },
+            api: ApiConfig {
+                listen: format!("127.0.0.1:{api_port}"),
+                ..ApiConfig::default()
+            },
+            ..Config::default()
         };
-        format!(
-            r#"
-[kafka]
-brokers = "{}"
-group_id = "{}"
-input_topic = "{}"
-output_topic = "{}"
-dead_letter_topic = "{}"
-{}
-[kafka.consumer]
-{timing}
-"statistics.interval.ms" = "500"
-{consumer}
-[redis]
-url = "{}"
-key_prefix = "{}"
-{}
-[money]
-currency = "CNY"
-[rules]
-path = "{}"
-{}
-[api]
-listen = "127.0.0.1:{api_port}"
-{extra}
-"#,
-            self.tierd_brokers.as_deref().unwrap_or(&self.broker.addr),
-            self.group,
-            self.input,
-            self.output,
-            self.dlq,
-            self.kafka_extra,
-            self.redis.url,
-            self.prefix,
-            self.redis.config_extra(),
-            rules.display(),
-            self.rules_extra
-        )
+        let mut table = toml::Table::try_from(&config).expect("config serializes");
+        let fragment = |text: &str| -> toml::Table { toml::from_str(text).expect("extra TOML") };
+        merge(
+            &mut table,
+            fragment(&format!("[kafka]\n{}", self.kafka_extra)),
+        );
+        merge(
+            &mut table,
+            fragment(&format!("[kafka.consumer]\n{consumer}")),
+        );
+        merge(
+            &mut table,
+            fragment(&format!("[rules]\n{}", self.rules_extra)),
+        );
+        merge(&mut table, fragment(extra));
+        toml::to_string(&table).expect("config serializes")
     }
 
     pub fn producer(&self) -> FutureProducer {
@@ -1007,11 +1016,14 @@ listen = "127.0.0.1:{api_port}"
         self.produce(&records)
     }
 
+    /// The Redis keys of `partition`, by tierd's own key layout.
+    pub fn keys(&self, partition: i32) -> tierd::store::keys::PartitionKeys {
+        tierd::store::keys::Keyspace::new(&self.prefix, &self.group, &self.input)
+            .partition(partition)
+    }
+
     pub fn partition_meta(&self, partition: i32) -> (i64, i64) {
-        let key = format!(
-            "{}:{{{}:{}:{}}}:meta",
-            self.prefix, self.group, self.input, partition
-        );
+        let key = self.keys(partition).meta;
         let (epoch, next): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
             .arg(&key)
             .arg("epoch")
@@ -1022,10 +1034,7 @@ listen = "127.0.0.1:{api_port}"
     }
 
     pub fn outbox_len(&self, partition: i32) -> i64 {
-        let key = format!(
-            "{}:{{{}:{}:{}}}:outbox",
-            self.prefix, self.group, self.input, partition
-        );
+        let key = self.keys(partition).outbox;
         redis::cmd("XLEN")
             .arg(&key)
             .query(&mut self.redis.conn())
@@ -1059,10 +1068,7 @@ listen = "127.0.0.1:{api_port}"
     pub fn customer_state(&self, customer: &str) -> Option<tierd::model::CustomerState> {
         let mut conn = self.redis.conn();
         for p in 0..self.partitions {
-            let key = format!(
-                "{}:{{{}:{}:{}}}:c:{}",
-                self.prefix, self.group, self.input, p, customer
-            );
+            let key = self.keys(p).customer(customer);
             let v: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
             if let Some(v) = v {
                 return Some(serde_json::from_slice(&v).unwrap());
@@ -1074,6 +1080,18 @@ listen = "127.0.0.1:{api_port}"
     /// Every record on `topic` from the beginning up to the current high watermarks.
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
         read_all(&self.broker.addr, topic, self.partitions)
+    }
+}
+
+/// Merges `over` into `base`, table by table; values in `over` win.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }
 
