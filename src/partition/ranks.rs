@@ -9,7 +9,8 @@ use super::runner::Runner;
 use crate::engine::rules::rank::Cutoffs;
 use crate::engine::Trigger;
 use crate::model::state::rules_hash;
-use crate::store::partition::{self as store, ApplyError};
+use crate::store::cutoffs;
+use crate::store::partition::ApplyError;
 use crate::store::retry::Backoff;
 use crate::store::views::RankPosition;
 use crate::telemetry::events;
@@ -28,7 +29,7 @@ impl Runner {
         if self.partition == 0 && partitions > 0 && !self.compute_cutoffs(partitions).await {
             return Ok(());
         }
-        let global = match store::load_cutoffs(self.store.connection(), &zero).await {
+        let global = match cutoffs::load_cutoffs(self.store.connection(), &zero).await {
             Ok(g) => g,
             Err(e) => {
                 self.store.failed(&mut Backoff::default(), &e).await;
@@ -50,7 +51,7 @@ impl Runner {
         let zero = p.keyspace.partition(0);
         let all: Vec<_> = (0..partitions).map(|q| p.keyspace.partition(q)).collect();
         let conn = self.store.connection();
-        let population = match crate::store::cutoffs::populations(conn, &all, &p.rules).await {
+        let population = match cutoffs::populations(conn, &all, &p.rules).await {
             Ok(v) => v,
             Err(e) => {
                 self.store.failed(&mut Backoff::default(), &e).await;
@@ -70,7 +71,7 @@ impl Runner {
             return true;
         }
         let started = Instant::now();
-        let new = match crate::store::cutoffs::compute(conn, &all, &p.rules).await {
+        let new = match cutoffs::compute(conn, &all, &p.rules).await {
             Ok(new) => new,
             Err(e) => {
                 self.store.failed(&mut Backoff::default(), &e).await;
@@ -78,7 +79,7 @@ impl Runner {
             }
         };
         self.last_compute = Some((Instant::now(), population));
-        let current = store::load_cutoffs(conn, &zero).await.ok().flatten();
+        let current = cutoffs::load_cutoffs(conn, &zero).await.ok().flatten();
         // A new population is published too (even with the same values): the published
         // cut-offs always say over how many customers they hold.
         let changed = current.as_ref().is_none_or(|c| {
@@ -86,7 +87,7 @@ impl Runner {
         });
         let mut published = None;
         if changed {
-            match store::publish_cutoffs(conn, &zero, self.status.epoch, &new).await {
+            match cutoffs::publish_cutoffs(conn, &zero, self.status.epoch, &new).await {
                 Ok(Some(version)) => published = Some(version),
                 Ok(None) => tracing::warn!(
                     "Rank cut-offs not published: partition 0 has another owner now."

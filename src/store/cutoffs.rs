@@ -149,3 +149,51 @@ pub async fn compute(
         computed_at: crate::model::time::now_ms(),
     })
 }
+
+static PUBLISH_CUTOFFS: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/publish_cutoffs.lua")));
+
+/// Publishes rank cut-offs as the owner of partition 0 (`keys` are partition 0's); returns
+/// the new version, `None` when fenced (another owner took partition 0).
+///
+/// # Errors
+/// The Redis error.
+pub async fn publish_cutoffs(
+    conn: &mut ConnectionManager,
+    keys: &PartitionKeys,
+    epoch: i64,
+    cutoffs: &Cutoffs,
+) -> Result<Option<u64>, redis::RedisError> {
+    let json = serde_json::to_string(cutoffs).expect("cut-offs serialize");
+    let version: i64 = PUBLISH_CUTOFFS
+        .key(&keys.meta)
+        .key(&keys.cutoffs)
+        .arg(epoch)
+        .arg(json)
+        .invoke_async(conn)
+        .await?;
+    Ok(u64::try_from(version).ok())
+}
+
+/// The cut-offs in force (partition 0's hash), with their version.
+///
+/// # Errors
+/// The Redis error.
+pub async fn load_cutoffs<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    keys: &PartitionKeys,
+) -> Result<Option<Cutoffs>, redis::RedisError> {
+    let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+        .arg(&keys.cutoffs)
+        .arg("version")
+        .arg("data")
+        .query_async(conn)
+        .await?;
+    Ok(match (version, data) {
+        (Some(v), Some(d)) => serde_json::from_str::<Cutoffs>(&d).ok().map(|mut c| {
+            c.version = v;
+            c
+        }),
+        _ => None,
+    })
+}

@@ -132,7 +132,7 @@ pub async fn cutoffs<C: ConnectionLike>(
     conn: &mut C,
     keyspace: &Keyspace,
 ) -> Result<Option<Cutoffs>, redis::RedisError> {
-    super::partition::load_cutoffs(conn, &keyspace.partition(0)).await
+    super::cutoffs::load_cutoffs(conn, &keyspace.partition(0)).await
 }
 
 /// Customers per tier name, summed over partitions.

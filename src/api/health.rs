@@ -1,0 +1,57 @@
+//! Liveness (`/healthz`, in the router), readiness (`/readyz`: Redis answers and every owned
+//! partition's lag is known and within `api.ready_max_lag`) and `/metrics`.
+
+use super::ApiState;
+use crate::store::views;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+/// Readiness, as plain text.
+pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
+    let mut conn = s.redis.clone();
+    if let Err(e) = views::ping(&mut conn).await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("redis unreachable: {e}\n"),
+        )
+            .into_response();
+    }
+    let ownership = s.ownership.read().expect("ownership lock");
+    if ownership.is_empty() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n").into_response();
+    }
+    for (p, status) in ownership.iter() {
+        match status.lag() {
+            None => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("partition {p}: lag not known yet\n"),
+                )
+                    .into_response()
+            }
+            Some(lag) if lag > s.ready_max_lag => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("partition {p}: lag {lag} > {}\n", s.ready_max_lag),
+                )
+                    .into_response()
+            }
+            Some(_) => {}
+        }
+    }
+    (
+        StatusCode::OK,
+        format!("ready: {} partitions\n", ownership.len()),
+    )
+        .into_response()
+}
+
+/// The Prometheus text exposition.
+pub(super) async fn metrics(State(s): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.telemetry.render(),
+    )
+        .into_response()
+}

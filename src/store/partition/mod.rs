@@ -1,0 +1,120 @@
+//! The Redis side of one partition: claim ownership and load customer states (here), commit a
+//! batch ([`commit`]) — one call each — and [`PartitionStore`], the owner's handle that also
+//! lists due timers and scans customers, retrying every call it cannot do without.
+
+mod commit;
+mod owned;
+
+pub use commit::{commit, CommitBatch, Committed, SortedSet};
+pub use owned::PartitionStore;
+
+use crate::engine::rules::rank::Cutoffs;
+use crate::model::CustomerState;
+use crate::store::keys::PartitionKeys;
+use redis::aio::ConnectionManager;
+use std::sync::LazyLock;
+
+static CLAIM: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("../lua/claim.lua")));
+
+/// Why a partition batch could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Another consumer claimed the partition after us: stop, do not retry.
+    #[error("partition {partition} fenced: our epoch {ours}, stored epoch {stored}")]
+    Fenced {
+        partition: i32,
+        ours: i64,
+        stored: String,
+    },
+    /// Redis does not hold the offset this owner committed last (lost writes, a restored
+    /// backup) or the batch overlaps it: drop the cache, claim again and seek to `stored`.
+    #[error("partition {partition}: stored next offset {stored}, expected {expected}")]
+    Diverged {
+        partition: i32,
+        stored: i64,
+        expected: i64,
+    },
+    /// A stored customer state is not valid JSON: data corruption, stop the partition.
+    #[error("partition {partition}: stored state of {key} is corrupt: {error}")]
+    CorruptState {
+        partition: i32,
+        key: String,
+        error: String,
+    },
+    /// Redis was unreachable or refused the call: retry with backoff.
+    #[error("redis call failed: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl ApplyError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+}
+
+/// Where a claimed partition resumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// Our fencing epoch.
+    pub epoch: i64,
+    /// The next offset to apply, `None` if nothing was ever applied.
+    pub next_offset: Option<i64>,
+    /// Commits stored so far (event batches and fired timers).
+    pub commits: i64,
+    /// The partition's event-time clock (`clock.mode = "event"`), if one was stored.
+    pub clock: Option<i64>,
+    /// Hash of the rules version whose sweep completed on this partition.
+    pub swept_rules: Option<u32>,
+    /// The rank cut-offs this partition last finished applying.
+    pub cutoffs: Option<Cutoffs>,
+}
+
+/// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
+/// consumer thread).
+///
+/// # Errors
+/// The Redis error.
+pub fn claim(
+    conn: &mut redis::Connection,
+    keys: &PartitionKeys,
+) -> Result<Claim, redis::RedisError> {
+    let (epoch, next, commits, clock, rules, cutoffs): (i64, i64, i64, String, String, String) =
+        CLAIM.key(&keys.meta).invoke(conn)?;
+    Ok(Claim {
+        epoch,
+        next_offset: (next >= 0).then_some(next),
+        commits,
+        clock: clock.parse().ok(),
+        swept_rules: rules.parse().ok(),
+        cutoffs: serde_json::from_str(&cutoffs).ok(),
+    })
+}
+
+/// Loads customer states by key with one MGET (all keys share the partition's slot).
+///
+/// # Errors
+/// [`ApplyError::Redis`] or [`ApplyError::CorruptState`].
+pub async fn load(
+    conn: &mut ConnectionManager,
+    partition: i32,
+    keys: &[String],
+) -> Result<Vec<Option<CustomerState>>, ApplyError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let raw: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query_async(conn).await?;
+    raw.into_iter()
+        .zip(keys)
+        .map(|(v, key)| {
+            v.map(|bytes| serde_json::from_slice(&bytes))
+                .transpose()
+                .map_err(|e| ApplyError::CorruptState {
+                    partition,
+                    key: key.clone(),
+                    error: e.to_string(),
+                })
+        })
+        .collect()
+}

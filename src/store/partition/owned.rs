@@ -1,0 +1,252 @@
+//! [`PartitionStore`]: a partition's store as its owner uses it, every call retried with the
+//! one [`Backoff`] policy while Redis fails.
+
+use super::{commit, load, ApplyError, CommitBatch, Committed};
+use crate::model::CustomerState;
+use crate::store::keys::PartitionKeys;
+use crate::store::retry::Backoff;
+use crate::telemetry::{events, Telemetry};
+use redis::aio::ConnectionManager;
+
+/// Evaluates `$call` (a `Result<_, ApplyError>`) until it succeeds or fails for a reason
+/// retrying cannot fix, backing off in between. (A macro rather than a function taking an
+/// async closure: futures of async closures over borrowed connections are not provably `Send`
+/// yet, and the runner's future must be.)
+macro_rules! retrying {
+    ($store:expr, $call:expr) => {{
+        let mut backoff = Backoff::default();
+        loop {
+            let result: Result<_, ApplyError> = $call;
+            match result {
+                Err(error) if error.is_retriable() => $store.failed(&mut backoff, &error).await,
+                other => break other,
+            }
+        }
+    }};
+}
+
+/// A partition's store as its owner uses it: every call is retried with [`Backoff`] while
+/// Redis fails (a batch is never skipped); fencing, divergence and corrupt states are returned
+/// at once.
+pub struct PartitionStore {
+    conn: ConnectionManager,
+    keys: PartitionKeys,
+    rank_keys: Vec<String>,
+    partition: i32,
+    epoch: i64,
+    telemetry: Telemetry,
+}
+
+impl PartitionStore {
+    /// The store of `partition`, claimed with `epoch`; `rank_keys` are its rank sorted sets in
+    /// the rules' rank order.
+    pub fn new(
+        conn: ConnectionManager,
+        keys: PartitionKeys,
+        rank_keys: Vec<String>,
+        partition: i32,
+        epoch: i64,
+        telemetry: Telemetry,
+    ) -> Self {
+        Self {
+            conn,
+            keys,
+            rank_keys,
+            partition,
+            epoch,
+            telemetry,
+        }
+    }
+
+    /// The partition's keys.
+    pub fn keys(&self) -> &PartitionKeys {
+        &self.keys
+    }
+
+    /// The partition's rank sorted sets, in the rules' rank order.
+    pub fn rank_keys(&self) -> &[String] {
+        &self.rank_keys
+    }
+
+    /// A connection for calls the owner makes once and retries at its own pace (cut-off duty).
+    pub fn connection(&mut self) -> &mut ConnectionManager {
+        &mut self.conn
+    }
+
+    /// Records a failed call and waits before it is retried.
+    pub async fn failed(&self, backoff: &mut Backoff, error: &(dyn std::fmt::Display + Sync)) {
+        events::RedisCallFailed {
+            partition: self.partition,
+            error,
+        }
+        .emit(&self.telemetry);
+        backoff.wait().await;
+    }
+
+    /// Loads the states of `ids` (`None`: not stored).
+    ///
+    /// # Errors
+    /// [`ApplyError::CorruptState`].
+    pub async fn load(&mut self, ids: &[String]) -> Result<Vec<Option<CustomerState>>, ApplyError> {
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.customer(id)).collect();
+        let partition = self.partition;
+        retrying!(self, load(&mut self.conn, partition, &keys).await)
+    }
+
+    /// Commits a batch, fenced by this owner's epoch. Retrying is safe: the script recognises
+    /// a commit that an earlier call applied although its reply was lost.
+    ///
+    /// # Errors
+    /// [`ApplyError::Fenced`] or [`ApplyError::Diverged`].
+    pub async fn commit(&mut self, batch: &CommitBatch) -> Result<Committed, ApplyError> {
+        let (partition, epoch) = (self.partition, self.epoch);
+        retrying!(
+            self,
+            commit(
+                &mut self.conn,
+                &self.keys,
+                &self.rank_keys,
+                partition,
+                epoch,
+                batch
+            )
+            .await
+        )
+    }
+
+    /// Up to `limit` timers due at or before `upto`, earliest first: `(customer_id, due)`.
+    ///
+    /// # Errors
+    /// None in practice (Redis errors are retried); the type is shared with the other calls.
+    pub async fn due_timers(
+        &mut self,
+        upto: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, i64)>, ApplyError> {
+        retrying!(self, {
+            redis::cmd("ZRANGE")
+                .arg(&self.keys.timers)
+                .arg("-inf")
+                .arg(upto)
+                .arg("BYSCORE")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .arg("WITHSCORES")
+                .query_async(&mut self.conn)
+                .await
+                .map_err(ApplyError::from)
+        })
+    }
+
+    /// The earliest due time in the timer index.
+    ///
+    /// # Errors
+    /// None in practice (Redis errors are retried).
+    pub async fn earliest_timer(&mut self) -> Result<Option<i64>, ApplyError> {
+        let first: Vec<(String, i64)> = retrying!(self, {
+            redis::cmd("ZRANGE")
+                .arg(&self.keys.timers)
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES")
+                .query_async(&mut self.conn)
+                .await
+                .map_err(ApplyError::from)
+        })?;
+        Ok(first.first().map(|(_, due)| *due))
+    }
+
+    /// One SCAN step over the partition's customer keys: the next cursor (0 when done) and
+    /// the customer ids found.
+    ///
+    /// # Errors
+    /// None in practice (Redis errors are retried).
+    pub async fn scan_customer_ids(
+        &mut self,
+        cursor: u64,
+        count: u64,
+    ) -> Result<(u64, Vec<String>), ApplyError> {
+        let pattern = self.keys.customer_pattern();
+        let (next, found): (u64, Vec<String>) = retrying!(self, {
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(ApplyError::from)
+        })?;
+        let ids = found
+            .iter()
+            .filter_map(|k| self.keys.customer_id(k).map(str::to_owned))
+            .collect();
+        Ok((next, ids))
+    }
+
+    /// Customers of rank `rank` whose value lies in `[lo, hi]` (`hi` open-ended if `None`),
+    /// `limit` of them from `offset` in score order.
+    ///
+    /// # Errors
+    /// None in practice (Redis errors are retried).
+    pub async fn ranked_between(
+        &mut self,
+        rank: usize,
+        lo: i128,
+        hi: Option<i128>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<String>, ApplyError> {
+        retrying!(self, {
+            redis::cmd("ZRANGE")
+                .arg(&self.rank_keys[rank])
+                .arg(lo.to_string())
+                .arg(hi.map_or_else(|| "+inf".to_owned(), |h| h.to_string()))
+                .arg("BYSCORE")
+                .arg("LIMIT")
+                .arg(offset)
+                .arg(limit)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(ApplyError::from)
+        })
+    }
+
+    /// For rank-position annotation, in one pipelined round trip over every partition's rank
+    /// sets (`all[q][r]`: partition q's set of rank r): each rank's population, and for each
+    /// `(rank, value)` query the customers strictly above `value`.
+    ///
+    /// # Errors
+    /// None in practice (Redis errors are retried).
+    pub async fn rank_counts(
+        &mut self,
+        all: &[Vec<String>],
+        ranks: usize,
+        queries: &[(usize, i128)],
+    ) -> Result<(Vec<u64>, Vec<u64>), ApplyError> {
+        let mut pipe = redis::pipe();
+        for r in 0..ranks {
+            for sets in all {
+                pipe.zcard(&sets[r]);
+            }
+        }
+        for (r, v) in queries {
+            for sets in all {
+                pipe.zcount(&sets[*r], format!("({v}"), "+inf");
+            }
+        }
+        let counts: Vec<u64> = retrying!(
+            self,
+            pipe.query_async(&mut self.conn)
+                .await
+                .map_err(ApplyError::from)
+        )?;
+        let mut sums = counts
+            .chunks(all.len().max(1))
+            .map(|c| c.iter().sum::<u64>());
+        let population = sums.by_ref().take(ranks).collect();
+        Ok((population, sums.collect()))
+    }
+}
