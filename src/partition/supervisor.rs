@@ -7,6 +7,7 @@ use super::runner::{Batch, Runner, RunnerExit};
 use super::{Ownership, PartitionStatus, Pipeline};
 use crate::publish::publisher::Publisher;
 use crate::store::partition::{self as store, Claim, PartitionStore};
+use crate::store::retry::Backoff;
 use crate::telemetry::events;
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
@@ -92,7 +93,7 @@ impl Supervisor {
     /// service stops (`None`).
     pub fn claim(&self, partition: i32) -> Option<Claim> {
         let keys = self.parts.pipeline.keyspace.partition(partition);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         loop {
             let mut slot = self.claims.lock().expect("claims lock");
             let result = match slot.as_mut() {
@@ -122,8 +123,8 @@ impl Supervisor {
                     if self.parts.shutdown.load(Ordering::Relaxed) {
                         return None;
                     }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    // The rebalance callback runs on the consumer thread: a blocking sleep.
+                    std::thread::sleep(backoff.next_delay());
                 }
             }
         }

@@ -8,6 +8,7 @@
 //! lower index is an upgrade.
 
 pub mod condition;
+mod evaluate;
 pub mod operand;
 mod parse;
 pub mod policy;
@@ -16,17 +17,19 @@ pub mod score;
 pub mod value;
 pub mod window;
 
-use crate::model::calendar::{self, Unit, DAY_MS};
+use crate::model::calendar::Unit;
 use crate::model::money;
 pub use crate::model::state::TimeCause;
 use condition::Condition;
-use operand::{Facts, Operand, Type};
+use operand::{Operand, Type};
 use policy::{Review, TierPolicy};
-use rank::{CutPoint, Cutoffs, Rank};
+use rank::{CutPoint, Rank};
 use score::Score;
 use std::path::Path;
-use value::{Ratio, Value};
+use value::Value;
 use window::Window;
+
+pub use evaluate::Evaluation;
 
 /// A tier as declared.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,25 +107,6 @@ fn render(file: &str, problems: &[Problem]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// The result of evaluating the rules for one customer at one moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Evaluation {
-    /// Every metric the rules reference, with its value.
-    pub values: Vec<(Operand, Value)>,
-    /// Each score, in declaration (name) order.
-    pub scores: Vec<u8>,
-    /// The cell, if `cell` is declared.
-    pub cell: Option<String>,
-    /// The tier the entry conditions place the customer in (before policy).
-    pub tier: usize,
-    /// The customer's value in each rank (`None`: not ranked, e.g. no purchase yet).
-    pub ranks: Vec<Option<i128>>,
-    /// Per cut point of the rules: whether the customer is in that top band.
-    pub in_top: Vec<bool>,
-    /// Version of the cut-offs used (0: none yet).
-    pub cutoffs_version: u64,
 }
 
 /// A score: fixed bins over a metric, or bands of a rank.
@@ -308,199 +292,6 @@ impl Rules {
                 }
                 _ => serde_json::Value::from(i64::try_from(r.floor()).unwrap_or(i64::MAX)),
             },
-        }
-    }
-
-    /// Evaluates metrics, ranks, scores and the entry placement at `now`, with the rank
-    /// cut-offs in force (ignored if they belong to another rules version).
-    pub fn evaluate(&self, facts: &Facts<'_>, now: i64, cutoffs: &Cutoffs) -> Evaluation {
-        let valid =
-            cutoffs.rules == self.version_hash && cutoffs.values.len() == self.cut_points.len();
-        let cut = |point: usize| if valid { cutoffs.value(point) } else { None };
-        let mut ranks: Vec<Option<i128>> = self
-            .ranks
-            .iter()
-            .map(|r| match r.metric {
-                Operand::Product => None,
-                m => facts.read(m, &self.windows, now).num().map(Ratio::floor),
-            })
-            .collect();
-        let mut in_top: Vec<bool> = self
-            .cut_points
-            .iter()
-            .enumerate()
-            .map(|(i, p)| matches!((ranks[p.rank], cut(i)), (Some(v), Some(c)) if v >= c))
-            .collect();
-        let scores: Vec<u8> = self
-            .scores
-            .iter()
-            .map(|s| match s {
-                ScoreDef::Fixed(s) => s.score(&facts.read(s.metric, &self.windows, now)),
-                ScoreDef::Ranked { bins, .. } => bins
-                    .iter()
-                    .find(|(_, point)| point.is_none_or(|p| in_top[p]))
-                    .map_or(1, |(score, _)| *score),
-            })
-            .collect();
-        let cell = (!self.cell.is_empty()).then(|| {
-            self.cell
-                .iter()
-                .map(|&i| char::from(b'0' + scores[i]))
-                .collect::<String>()
-        });
-        let product: i128 = self.cell.iter().map(|&i| i128::from(scores[i])).product();
-        for (i, r) in self.ranks.iter().enumerate() {
-            if r.metric == Operand::Product {
-                ranks[i] = Some(product);
-            }
-        }
-        for (i, p) in self.cut_points.iter().enumerate() {
-            in_top[i] = matches!((ranks[p.rank], cut(i)), (Some(v), Some(c)) if v >= c);
-        }
-        let values: Vec<(Operand, Value)> = self
-            .operands
-            .iter()
-            .map(|&op| {
-                let v = match op {
-                    Operand::Score(i) => Value::Num(Ratio::int(i128::from(scores[i]))),
-                    Operand::Cell => cell.clone().map_or(Value::Undefined, Value::Text),
-                    Operand::Product => Value::Num(Ratio::int(product)),
-                    Operand::Rank(r) => {
-                        ranks[r].map_or(Value::Undefined, |v| Value::Num(Ratio::int(v)))
-                    }
-                    base => facts.read(base, &self.windows, now),
-                };
-                (op, v)
-            })
-            .collect();
-        let tier = self
-            .tiers
-            .iter()
-            .position(|t| Self::all_hold(&t.when, &values, &in_top))
-            .unwrap_or(self.tiers.len() - 1);
-        Evaluation {
-            values,
-            scores,
-            cell,
-            tier,
-            ranks,
-            in_top,
-            cutoffs_version: if valid { cutoffs.version } else { 0 },
-        }
-    }
-
-    fn value(values: &[(Operand, Value)], op: Operand) -> &Value {
-        values
-            .iter()
-            .find(|(o, _)| *o == op)
-            .map_or(&Value::Undefined, |(_, v)| v)
-    }
-
-    fn all_hold(conds: &[Condition], values: &[(Operand, Value)], in_top: &[bool]) -> bool {
-        conds
-            .iter()
-            .all(|c| c.holds(Self::value(values, c.operand()), in_top))
-    }
-
-    /// Whether a customer in `tier` keeps it by its hysteresis (`stay`) conditions.
-    pub fn stays(&self, tier: usize, eval: &Evaluation) -> bool {
-        let stay = &self.tiers[tier].policy.stay;
-        !stay.is_empty() && Self::all_hold(stay, &eval.values, &eval.in_top)
-    }
-
-    /// The conditions of `tier` (its `stay` conditions if it has them, else `when`) that do
-    /// not hold in `eval`, each with its current value and, for `>=`/`>` bounds on money or
-    /// counts, how much is missing.
-    pub fn shortfall(&self, tier: usize, eval: &Evaluation) -> Vec<serde_json::Value> {
-        let t = &self.tiers[tier];
-        let conds = if t.policy.stay.is_empty() {
-            &t.when
-        } else {
-            &t.policy.stay
-        };
-        conds
-            .iter()
-            .filter(|c| !c.holds(Self::value(&eval.values, c.operand()), &eval.in_top))
-            .map(|c| {
-                let op = c.operand();
-                let current = Self::value(&eval.values, op);
-                let mut out = serde_json::json!({
-                    "condition": describe(c, &self.windows, &self.score_names, &self.rank_names, &self.cut_points, self.fraction_digits),
-                    "value": self.show(op, current),
-                });
-                if let (
-                    Condition::Compare {
-                        cmp: condition::Cmp::Ge | condition::Cmp::Gt,
-                        value,
-                        ..
-                    },
-                    Some(cur),
-                ) = (c, current.num())
-                {
-                    if matches!(
-                        op,
-                        Operand::Count
-                            | Operand::Sum
-                            | Operand::Window(
-                                _,
-                                operand::WindowField::Count | operand::WindowField::Sum
-                            )
-                    ) {
-                        let strict = matches!(
-                            c,
-                            Condition::Compare {
-                                cmp: condition::Cmp::Gt,
-                                ..
-                            }
-                        );
-                        let missing = value.floor() - cur.floor() + i128::from(strict);
-                        out["missing"] = self.show(op, &Value::Num(Ratio::int(missing)));
-                    }
-                }
-                out
-            })
-            .collect()
-    }
-
-    /// The first moment after `now` at which time alone changes a metric the rules read.
-    pub fn next_metric_change(&self, facts: &Facts<'_>, now: i64) -> Option<(i64, TimeCause)> {
-        let mut best: Option<(i64, TimeCause)> = None;
-        let mut consider = |t: i64, cause: TimeCause| {
-            if t > now && best.is_none_or(|(b, _)| t < b) {
-                best = Some((t, cause));
-            }
-        };
-        if let Some(last) = facts.last_purchase {
-            if let Some(t) = self
-                .recency_points
-                .iter()
-                .map(|&p| last.saturating_add(p.saturating_mul(DAY_MS)))
-                .find(|&t| t > now)
-            {
-                consider(t, TimeCause::Recency);
-            }
-        }
-        for w in &self.windows {
-            let buckets = match w.unit() {
-                Unit::Day => facts.days,
-                Unit::Month => facts.months,
-            };
-            if let Some(t) = w.next_change(buckets, now) {
-                consider(t, TimeCause::WindowExpiry);
-            }
-        }
-        best
-    }
-
-    /// The lowest bucket index worth keeping at `now` for a unit.
-    pub fn bucket_floor(&self, unit: Unit, now: i64) -> i32 {
-        let keep = self.keep_buckets(unit);
-        let cur = calendar::index(unit, now);
-        match unit {
-            Unit::Day => cur.saturating_sub(i32::try_from(keep).unwrap_or(i32::MAX) - 1),
-            // Calendar windows need their period's first month, which is never older than
-            // `months - 1` before the current one.
-            Unit::Month => cur.saturating_sub(i32::try_from(keep).unwrap_or(i32::MAX) - 1),
         }
     }
 }

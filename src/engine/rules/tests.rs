@@ -2,7 +2,9 @@
 //! (each test fails without the option it tests).
 
 use super::*;
+use crate::engine::rules::rank::Cutoffs;
 use crate::engine::{Applied, Outcome, Trigger};
+use crate::model::calendar::DAY_MS;
 use crate::model::change::ChangeReason;
 use crate::model::state::{CustomerState, DedupPolicy, Pin, PinMode, PinRequest};
 use crate::model::time::parse_rfc3339_ms;
