@@ -93,3 +93,43 @@ fn check_config_accepts_the_shipped_config() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("b2b-annual-1"));
 }
+
+/// The README's configuration reference names exactly the fields tierd reads: a field renamed
+/// or added in the `Config` type without the reference (which users' files follow) fails here.
+#[test]
+fn the_readme_documents_every_config_field_and_nothing_else() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("## Configuration reference")
+        .expect("reference section");
+    let end = start + readme[start..].find("### Rules file").expect("section end");
+    let mut documented: Vec<String> = readme[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .flat_map(|l| {
+            let first_column = l.split(" |").next().unwrap_or("");
+            first_column
+                .split(", ")
+                .map(|k| k.trim_matches('`').to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    documented.sort();
+    // Every field of every section, `None` options included (JSON keeps them as null).
+    let config = serde_json::to_value(tierd::config::Config::default()).unwrap();
+    let mut fields: Vec<String> = config
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(section, table)| {
+            table
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(move |field| format!("{section}.{field}"))
+        })
+        .collect();
+    fields.sort();
+    assert_eq!(documented, fields);
+}

@@ -259,3 +259,52 @@ impl TimeCause {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored JSON is data every deployment holds: its keys and shapes are pinned here
+    /// literally (Rust names may change, the stored format may not without a migration).
+    #[test]
+    fn the_stored_format_is_pinned() {
+        let state = CustomerState {
+            first: Some(1),
+            last: Some(2),
+            count: 3,
+            sum: 400,
+            refunds: 1,
+            refunded: 50,
+            day_buckets: vec![Bucket::from((20_000, 2, 350))],
+            month_buckets: vec![Bucket::from((660, 3, 400))],
+            tier: Some("vip".into()),
+            since: 5,
+            review: Some(6),
+            pending: Some(7),
+            timer: Some((8, TimeCause::GraceEnded)),
+            notified: Some(9),
+            pin: Some(Pin {
+                tier: "key".into(),
+                mode: PinMode::Floor,
+                until: Some(10),
+                by: "ov-1".into(),
+            }),
+            rules_hash: 11,
+            ranked_values: vec![Some(350), None],
+            cutoffs_version: 12,
+            at: 13,
+            seq: 14,
+            clock: 15,
+            ids: vec![(16, 17)],
+            floor: 18,
+        };
+        let json = r#"{"first":1,"last":2,"count":3,"sum":400,"refunds":1,"refunded":50,"wd":[[20000,2,350]],"wm":[[660,3,400]],"tier":"vip","since":5,"review":6,"pending":7,"timer":[8,"grace_ended"],"notified":9,"pin":{"tier":"key","mode":"floor","until":10,"by":"ov-1"},"rv":11,"rk":[350,null],"cv":12,"at":13,"seq":14,"clock":15,"ids":[[16,17]],"floor":18}"#;
+        assert_eq!(serde_json::to_string(&state).unwrap(), json);
+        assert_eq!(serde_json::from_str::<CustomerState>(json).unwrap(), state);
+        let new = r#"{"count":0,"sum":0,"refunds":0,"refunded":0,"since":0,"rv":0,"seq":0,"clock":-9223372036854775808}"#;
+        assert_eq!(
+            serde_json::to_string(&CustomerState::default()).unwrap(),
+            new
+        );
+    }
+}

@@ -102,4 +102,22 @@ mod tests {
             assert!(key.starts_with("tierd:{g:purchases:3}:"), "{key}");
         }
     }
+
+    /// The layout is stored data (and documented in the README): changing it would orphan every
+    /// stored customer on upgrade, so it is pinned here literally.
+    #[test]
+    fn the_key_layout_is_the_documented_one() {
+        let k = Keyspace::new("tierd", "g", "purchases").partition(3);
+        assert_eq!(k.meta, "tierd:{g:purchases:3}:meta");
+        assert_eq!(k.outbox, "tierd:{g:purchases:3}:outbox");
+        assert_eq!(k.timers, "tierd:{g:purchases:3}:timers");
+        assert_eq!(k.tier_counts, "tierd:{g:purchases:3}:tiers");
+        assert_eq!(k.cutoffs, "tierd:{g:purchases:3}:cutoffs");
+        assert_eq!(k.rank("value"), "tierd:{g:purchases:3}:rank:value");
+        assert_eq!(k.customer("c1"), "tierd:{g:purchases:3}:c:c1");
+        assert_eq!(k.customer_id("tierd:{g:purchases:3}:c:c1"), Some("c1"));
+        assert_eq!(k.customer_pattern(), "tierd:{g:purchases:3}:c:*");
+        let glob = Keyspace::new("t*[", "g", "in").partition(0);
+        assert_eq!(glob.customer_pattern(), "t\\*\\[:{g:in:0}:c:*");
+    }
 }
