@@ -1,0 +1,307 @@
+//! Decoding and validation of one input message against the input contract (README "Contracts").
+//! Pure: bad input is a [`Rejection`] value with a reason code, never an error or a panic.
+
+use crate::model::state::{Pin, PinMode, PinRequest};
+use crate::model::{money, time, Event, EventKind};
+use serde_json::value::RawValue;
+
+mod rejection;
+
+use rejection::reject;
+pub use rejection::{Reason, Rejection};
+
+/// Limits the decoder enforces, from configuration.
+#[derive(Debug, Clone)]
+pub struct DecodeLimits {
+    /// Largest accepted value in bytes.
+    pub max_message_bytes: usize,
+    /// The configured currency code.
+    pub currency: String,
+    /// Its fraction digits.
+    pub fraction_digits: u32,
+    /// Largest single amount, minor units.
+    pub max_amount_minor: i64,
+    /// Earliest accepted `occurred_at`, Unix ms.
+    pub min_occurred_at_ms: i64,
+    /// How far `occurred_at` may lie after the reference time, ms.
+    pub max_future_skew_ms: i64,
+    /// Tier names of the rules (an override must name one).
+    pub tiers: Vec<String>,
+}
+
+/// Maximum length of `event_id` and `customer_id`, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+
+/// Decodes one message. `reference_ms` is the Kafka message timestamp (or, if the message has
+/// none, the wall clock): `occurred_at` may not lie more than `max_future_skew_ms` after it.
+/// Using the message timestamp keeps replays deterministic.
+///
+/// # Errors
+/// A [`Rejection`] for every violation of the input contract.
+pub fn decode(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    reference_ms: i64,
+    limits: &DecodeLimits,
+) -> Result<Event, Rejection> {
+    let value = value.unwrap_or_default();
+    if value.len() > limits.max_message_bytes {
+        return Err(reject(
+            Reason::Oversize,
+            format!(
+                "{} bytes, the limit is {}",
+                value.len(),
+                limits.max_message_bytes
+            ),
+        ));
+    }
+    if value.is_empty() {
+        return Err(reject(Reason::InvalidJson, "empty message"));
+    }
+    // One pass: every known field is borrowed as raw JSON text, unknown fields are skipped.
+    let fields: Fields<'_> = serde_json::from_slice(value).map_err(|e| {
+        let object = value.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        match e.classify() {
+            serde_json::error::Category::Data if !object => {
+                reject(Reason::NotObject, "the value must be a JSON object")
+            }
+            _ => reject(Reason::InvalidJson, e.to_string()),
+        }
+    })?;
+
+    let event_id = id_field(fields.event_id, "event_id")?;
+    let customer_id = id_field(fields.customer_id, "customer_id")?;
+
+    let kind = match optional_string(fields.kind, "type")?.as_deref() {
+        None | Some("purchase") => EventKind::Purchase,
+        Some("refund") => EventKind::Refund,
+        Some("override") => EventKind::Override,
+        Some(other) => {
+            return Err(reject(
+                Reason::UnknownType,
+                format!(
+                    "field `type`: {other:?} is not one of \"purchase\", \"refund\", \"override\""
+                ),
+            ))
+        }
+    };
+
+    let pin = if kind == EventKind::Override {
+        Some(pin_request(&fields, limits)?)
+    } else {
+        None
+    };
+    let amount_raw = match (kind, fields.amount) {
+        (EventKind::Override, None) => "0",
+        (_, field) => present(field, "amount")?.get(),
+    };
+    let amount_text: std::borrow::Cow<'_, str> = if amount_raw.starts_with('"') {
+        serde_json::from_str::<String>(amount_raw)
+            .map_err(|e| reject(Reason::InvalidField, format!("field `amount`: {e}")))?
+            .into()
+    } else if amount_raw.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        amount_raw.into()
+    } else {
+        return Err(reject(
+            Reason::InvalidField,
+            "field `amount`: must be a JSON number or a decimal string",
+        ));
+    };
+    let amount_minor = match money::parse_minor(
+        &amount_text,
+        limits.fraction_digits,
+        limits.max_amount_minor,
+    ) {
+        Ok(v) if v < 0 => {
+            return Err(reject(
+                Reason::NegativeAmount,
+                format!("field `amount`: {amount_text} is negative"),
+            ))
+        }
+        Ok(v) => v,
+        Err(money::MoneyError::TooLarge { .. }) => {
+            return Err(reject(
+                Reason::AmountOutOfRange,
+                format!("field `amount`: {amount_text} is above money.max_amount"),
+            ))
+        }
+        Err(e) => {
+            return Err(reject(
+                Reason::InvalidAmount,
+                format!("field `amount`: {e}"),
+            ))
+        }
+    };
+
+    if let Some(currency) = optional_string(fields.currency, "currency")? {
+        if currency != limits.currency {
+            return Err(reject(
+                Reason::UnknownCurrency,
+                format!(
+                    "field `currency`: {currency:?}, this deployment accepts only {:?}",
+                    limits.currency
+                ),
+            ));
+        }
+    }
+
+    let occurred_text = required_string(fields.occurred_at, "occurred_at")?;
+    let occurred_at_ms = time::parse_rfc3339_ms(&occurred_text).map_err(|e| {
+        reject(
+            Reason::InvalidTimestamp,
+            format!("field `occurred_at`: {occurred_text:?}: {e}"),
+        )
+    })?;
+    if occurred_at_ms < limits.min_occurred_at_ms {
+        return Err(reject(
+            Reason::TimestampOutOfRange,
+            format!(
+                "field `occurred_at`: {occurred_text} is before {}",
+                time::format_ms(limits.min_occurred_at_ms)
+            ),
+        ));
+    }
+    if occurred_at_ms > reference_ms.saturating_add(limits.max_future_skew_ms) {
+        return Err(reject(
+            Reason::TimestampOutOfRange,
+            format!(
+                "field `occurred_at`: {occurred_text} is more than {} s after the message time {}",
+                limits.max_future_skew_ms / 1000,
+                time::format_ms(reference_ms)
+            ),
+        ));
+    }
+
+    match key {
+        Some(k) if k == customer_id.as_bytes() => {}
+        Some(k) => {
+            return Err(reject(
+                Reason::KeyMismatch,
+                format!(
+                    "message key {:?} differs from customer_id {customer_id:?}",
+                    String::from_utf8_lossy(&k[..k.len().min(MAX_ID_CHARS * 4)])
+                ),
+            ))
+        }
+        None => {
+            return Err(reject(
+                Reason::KeyMismatch,
+                "message has no key; it must be the customer_id",
+            ))
+        }
+    }
+
+    Ok(Event {
+        event_id,
+        customer_id,
+        kind,
+        amount_minor,
+        occurred_at_ms,
+        pin,
+    })
+}
+
+/// Reads an override's `tier`, `mode` (`floor` default, `fixed`, `clear`) and `expires_at`.
+fn pin_request(fields: &Fields<'_>, limits: &DecodeLimits) -> Result<PinRequest, Rejection> {
+    let bad = |m: String| reject(Reason::InvalidOverride, m);
+    let mode = match optional_string(fields.mode, "mode")?.as_deref() {
+        None | Some("floor") => PinMode::Floor,
+        Some("fixed") => PinMode::Fixed,
+        Some("clear") => return Ok(PinRequest::Clear),
+        Some(other) => {
+            return Err(bad(format!(
+                "field `mode`: {other:?} is not one of \"floor\", \"fixed\", \"clear\""
+            )))
+        }
+    };
+    let tier = required_string(fields.tier, "tier")?;
+    if !limits.tiers.contains(&tier) {
+        return Err(bad(format!(
+            "field `tier`: {tier:?} is not a tier of the rules ({})",
+            limits.tiers.join(", ")
+        )));
+    }
+    let until = match optional_string(fields.expires_at, "expires_at")? {
+        None => None,
+        Some(text) => Some(
+            time::parse_rfc3339_ms(&text)
+                .map_err(|e| bad(format!("field `expires_at`: {text:?}: {e}")))?,
+        ),
+    };
+    let by = id_field(fields.event_id, "event_id")?;
+    Ok(PinRequest::Set(Pin {
+        tier,
+        mode,
+        until,
+        by,
+    }))
+}
+
+/// The contract's fields as raw JSON text (absent: `None`).
+#[derive(serde::Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    event_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    customer_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    amount: Option<&'a RawValue>,
+    #[serde(borrow)]
+    currency: Option<&'a RawValue>,
+    #[serde(borrow)]
+    occurred_at: Option<&'a RawValue>,
+    #[serde(borrow, rename = "type")]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tier: Option<&'a RawValue>,
+    #[serde(borrow)]
+    mode: Option<&'a RawValue>,
+    #[serde(borrow)]
+    expires_at: Option<&'a RawValue>,
+}
+
+/// A field that must be present and not null.
+fn present<'a>(field: Option<&'a RawValue>, name: &str) -> Result<&'a RawValue, Rejection> {
+    match field {
+        Some(v) if v.get() != "null" => Ok(v),
+        _ => Err(reject(
+            Reason::MissingField,
+            format!("field `{name}` is required"),
+        )),
+    }
+}
+
+fn string(raw: &RawValue, name: &str) -> Result<String, Rejection> {
+    serde_json::from_str::<String>(raw.get()).map_err(|_| {
+        reject(
+            Reason::InvalidField,
+            format!("field `{name}`: must be a string"),
+        )
+    })
+}
+
+fn required_string(field: Option<&RawValue>, name: &str) -> Result<String, Rejection> {
+    string(present(field, name)?, name)
+}
+
+fn optional_string(field: Option<&RawValue>, name: &str) -> Result<Option<String>, Rejection> {
+    match field {
+        Some(v) if v.get() != "null" => string(v, name).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn id_field(field: Option<&RawValue>, name: &str) -> Result<String, Rejection> {
+    let id = required_string(field, name)?;
+    let chars = id.chars().count();
+    if chars == 0 || chars > MAX_ID_CHARS {
+        return Err(reject(
+            Reason::InvalidId,
+            format!("field `{name}`: {chars} characters, must be 1..={MAX_ID_CHARS}"),
+        ));
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests;

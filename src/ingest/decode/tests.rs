@@ -1,0 +1,208 @@
+//! Decoder tests: every reason code, each field named in the detail.
+
+use super::*;
+
+const NOW: i64 = 1_780_000_000_000; // 2026-05-28
+
+fn limits() -> DecodeLimits {
+    DecodeLimits {
+        max_message_bytes: 1024,
+        currency: "EUR".into(),
+        fraction_digits: 2,
+        max_amount_minor: 100_000_000_000,
+        min_occurred_at_ms: 946_684_800_000,
+        max_future_skew_ms: 86_400_000,
+        tiers: vec!["vip".into(), "basic".into()],
+    }
+}
+
+fn dec(key: &str, value: &str) -> Result<Event, Rejection> {
+    decode(Some(key.as_bytes()), Some(value.as_bytes()), NOW, &limits())
+}
+
+fn reason(key: &str, value: &str) -> Reason {
+    dec(key, value).unwrap_err().reason
+}
+
+#[test]
+fn overrides_carry_a_pin() {
+    let e = dec(
+        "c1",
+        r#"{"event_id":"o1","customer_id":"c1","type":"override","tier":"vip","mode":"fixed","expires_at":"2026-06-01T00:00:00Z","occurred_at":"2026-05-01T10:00:00Z"}"#,
+    )
+    .unwrap();
+    assert_eq!(e.kind, EventKind::Override);
+    let Some(PinRequest::Set(pin)) = e.pin else {
+        panic!("a pin")
+    };
+    assert_eq!(
+        (pin.tier.as_str(), pin.mode, pin.by.as_str()),
+        ("vip", PinMode::Fixed, "o1")
+    );
+    assert_eq!(
+        pin.until,
+        Some(time::parse_rfc3339_ms("2026-06-01T00:00:00Z").unwrap())
+    );
+    let e = dec(
+        "c1",
+        r#"{"event_id":"o2","customer_id":"c1","type":"override","mode":"clear","occurred_at":"2026-05-01T10:00:00Z"}"#,
+    )
+    .unwrap();
+    assert_eq!(e.pin, Some(PinRequest::Clear));
+}
+
+#[test]
+fn decodes_a_purchase_and_a_refund() {
+    let e = dec("c1", r#"{"event_id":"e1","customer_id":"c1","amount":"12.50","currency":"EUR","occurred_at":"2026-05-01T10:00:00+02:00"}"#).unwrap();
+    assert_eq!(e.amount_minor, 1250);
+    assert_eq!(e.kind, EventKind::Purchase);
+    assert_eq!(
+        e.occurred_at_ms,
+        time::parse_rfc3339_ms("2026-05-01T08:00:00Z").unwrap()
+    );
+    let e = dec("c1", r#"{"event_id":"e2","customer_id":"c1","amount":0.1,"type":"refund","occurred_at":"2026-05-01T10:00:00Z","extra":[1]}"#).unwrap();
+    assert_eq!((e.kind, e.amount_minor), (EventKind::Refund, 10));
+    // JSON numbers keep every digit: this is exact, not a float.
+    let e = dec(
+        "c1",
+        r#"{"event_id":"e3","customer_id":"c1","amount":12345678901.23,"occurred_at":"2026-05-01T10:00:00Z"}"#,
+    );
+    assert_eq!(e.unwrap_err().reason, Reason::AmountOutOfRange);
+    let e = dec("c1", r#"{"event_id":"e3","customer_id":"c1","amount":123456789.01,"occurred_at":"2026-05-01T10:00:00Z"}"#).unwrap();
+    assert_eq!(e.amount_minor, 12_345_678_901);
+}
+
+#[test]
+fn every_bad_input_class_has_its_reason() {
+    let ok = r#"{"event_id":"e1","customer_id":"c1","amount":"1.00","occurred_at":"2026-05-01T10:00:00Z"}"#;
+    let with = |from: &str, to: &str| ok.replace(from, to);
+    assert_eq!(reason("c1", &"x".repeat(2000)), Reason::Oversize);
+    assert_eq!(reason("c1", ""), Reason::InvalidJson);
+    assert_eq!(reason("c1", "{not json"), Reason::InvalidJson);
+    assert_eq!(
+        decode(Some(b"c1"), Some(&[0xff, 0xfe]), NOW, &limits())
+            .unwrap_err()
+            .reason,
+        Reason::InvalidJson
+    );
+    assert_eq!(reason("c1", "[1,2]"), Reason::NotObject);
+    assert_eq!(reason("c1", " \n [1,2]"), Reason::NotObject);
+    assert_eq!(reason("c1", "42"), Reason::NotObject);
+    assert_eq!(reason("c1", "[1,2"), Reason::InvalidJson);
+    // An ambiguous object (the same field twice) is refused, not resolved silently.
+    assert_eq!(
+        reason(
+            "c1",
+            &ok.replace(r#""event_id":"e1""#, r#""event_id":"e1","event_id":"e2""#)
+        ),
+        Reason::InvalidJson
+    );
+    assert_eq!(reason("c1", "\"text\""), Reason::NotObject);
+    assert_eq!(
+        reason("c1", &with(r#""event_id":"e1","#, "")),
+        Reason::MissingField
+    );
+    assert_eq!(
+        reason("c1", &with(r#""amount":"1.00""#, r#""amount":null"#)),
+        Reason::MissingField
+    );
+    assert_eq!(
+        reason("c1", &with(r#""event_id":"e1""#, r#""event_id":7"#)),
+        Reason::InvalidField
+    );
+    assert_eq!(
+        reason("c1", &with(r#""amount":"1.00""#, r#""amount":true"#)),
+        Reason::InvalidField
+    );
+    assert_eq!(
+        reason("c1", &with(r#""event_id":"e1""#, r#""event_id":"""#)),
+        Reason::InvalidId
+    );
+    let long = "x".repeat(129);
+    assert_eq!(reason(&long, &with("c1", &long)), Reason::InvalidId);
+    assert_eq!(reason("c1", &with("1.00", "-1.00")), Reason::NegativeAmount);
+    assert_eq!(reason("c1", &with("1.00", "1.001")), Reason::InvalidAmount);
+    assert_eq!(reason("c1", &with("1.00", "one")), Reason::InvalidAmount);
+    assert_eq!(
+        reason("c1", &with("1.00", "2000000000")),
+        Reason::AmountOutOfRange
+    );
+    assert_eq!(
+        reason("c1", &with(r#""amount""#, r#""currency":"USD","amount""#)),
+        Reason::UnknownCurrency
+    );
+    assert_eq!(
+        reason("c1", &with("2026-05-01T10:00:00Z", "yesterday")),
+        Reason::InvalidTimestamp
+    );
+    assert_eq!(
+        reason("c1", &with("2026-05-01T10:00:00Z", "2026-05-01T10:00:00")),
+        Reason::InvalidTimestamp
+    );
+    assert_eq!(
+        reason("c1", &with("2026-05-01T10:00:00Z", "1999-12-31T23:59:59Z")),
+        Reason::TimestampOutOfRange
+    );
+    assert_eq!(
+        reason("c1", &with("2026-05-01T10:00:00Z", "2026-05-30T10:00:00Z")),
+        Reason::TimestampOutOfRange
+    );
+    assert_eq!(
+        reason("c1", &with(r#""amount""#, r#""type":"gift","amount""#)),
+        Reason::UnknownType
+    );
+    assert_eq!(
+        reason(
+            "c1",
+            &with(r#""amount""#, r#""type":"override","tier":"gold","amount""#)
+        ),
+        Reason::InvalidOverride
+    );
+    assert_eq!(
+        reason("c1", &with(r#""amount""#, r#""type":"override","amount""#)),
+        Reason::MissingField
+    );
+    assert_eq!(
+        reason(
+            "c1",
+            &with(
+                r#""amount""#,
+                r#""type":"override","tier":"vip","mode":"max","amount""#
+            )
+        ),
+        Reason::InvalidOverride
+    );
+    assert_eq!(
+        reason(
+            "c1",
+            &with(
+                r#""amount""#,
+                r#""type":"override","tier":"vip","expires_at":"soon","amount""#
+            )
+        ),
+        Reason::InvalidOverride
+    );
+    assert_eq!(reason("c2", ok), Reason::KeyMismatch);
+    assert_eq!(
+        decode(None, Some(ok.as_bytes()), NOW, &limits())
+            .unwrap_err()
+            .reason,
+        Reason::KeyMismatch
+    );
+}
+
+#[test]
+fn details_name_the_field() {
+    let e = dec("c1", r#"{"event_id":"e1","customer_id":"c1","amount":"1.001","occurred_at":"2026-05-01T10:00:00Z"}"#).unwrap_err();
+    assert_eq!(
+        e.detail,
+        "field `amount`: 3 fraction digits, the currency allows 2"
+    );
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+        let _ = decode(Some(b"k"), Some(&bytes), NOW, &limits());
+    }
+}
