@@ -344,3 +344,36 @@ fn a_timer_of_a_deleted_customer_is_dropped_without_stalling_the_partition() {
         "no spinning"
     );
 }
+
+/// Customer ids come from producers: one carrying a newline or an ANSI escape must not forge
+/// or colour tierd's log lines. A timer entry of a customer with no state (an id tierd only
+/// learns from Redis) makes the runner log the id; it appears escaped on its own line.
+#[test]
+fn ids_with_control_characters_are_logged_escaped() {
+    let rules = rules_file(
+        "version = \"esc-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
+    );
+    let mut world = World::start(1);
+    world.rules = rules.path().to_owned();
+    let evil = "x\nFORGED tierd line\u{1b}[31m";
+    let _: () = redis::cmd("ZADD")
+        .arg(world.keys(0).timers)
+        .arg(1)
+        .arg(evil)
+        .query(&mut world.redis.conn())
+        .unwrap();
+    let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !tierd.log_text().contains("out of step") {
+        assert!(Instant::now() < deadline, "{}", tierd.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = tierd.log_text();
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a forged log line:\n{log}"
+    );
+    assert!(!log.contains('\u{1b}'), "a raw escape character:\n{log:?}");
+    assert!(log.contains(r"x\nFORGED tierd line\u{1b}[31m"), "{log}");
+}

@@ -32,6 +32,10 @@ fn write(conn: &mut redis::Connection, parts: &[Vec<i64>]) -> Vec<String> {
         .collect()
 }
 
+/// 2^53 - 1: the largest magnitude tierd ranks (`engine::MAX_EXACT_TOTAL`); every whole number
+/// up to one above it is exact as a sorted-set score.
+const EXACT: i64 = (1 << 53) - 1;
+
 fn values() -> impl Strategy<Value = Vec<Vec<i64>>> {
     prop_oneof![
         // Small range: many ties.
@@ -39,6 +43,21 @@ fn values() -> impl Strategy<Value = Vec<Vec<i64>>> {
         // Wide range (money in minor units), still exact as doubles (|v| < 2^53).
         proptest::collection::vec(
             proptest::collection::vec(-1_000_000_000_000_000i64..1_000_000_000_000_000, 0..40),
+            1..6
+        ),
+        // The whole ranked range, its ends included (where a bisection's midpoint is hardest
+        // to keep whole, and a cut-off one above the top value must still be exact).
+        proptest::collection::vec(
+            proptest::collection::vec(
+                prop_oneof![
+                    -EXACT..=EXACT,
+                    Just(EXACT),
+                    Just(-EXACT),
+                    Just(EXACT - 1),
+                    Just(-EXACT + 1)
+                ],
+                0..40
+            ),
             1..6
         ),
     ]
@@ -100,5 +119,39 @@ fn the_cutoff_script_equals_a_full_sort() {
     });
     if let Err(e) = result {
         panic!("{e}");
+    }
+}
+
+/// Scores beyond ±(2^53 - 1) (which tierd never writes, see `engine::MAX_EXACT_TOTAL`) are
+/// refused with an error at once. The first pair made the old search loop forever: its
+/// midpoint 2^53 + 1 rounds back to 2^53, the lower end.
+#[test]
+fn the_cutoff_script_refuses_values_beyond_2_pow_53_instead_of_hanging() {
+    let redis = Redis::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut aconn = rt
+        .block_on(redis.client().get_multiplexed_async_connection())
+        .unwrap();
+    for parts in [
+        vec![vec![EXACT + 1, EXACT + 3]],
+        vec![vec![-EXACT - 1], vec![5]],
+        vec![vec![i64::MAX / 2, 1]],
+    ] {
+        let keys = write(&mut redis.conn(), &parts);
+        let pct = Ratio::new(1, 100).unwrap();
+        let result = rt.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                search(&mut aconn, &keys, pct),
+            )
+            .await
+        });
+        let error = result
+            .expect("the search must end, not block Redis")
+            .expect_err("values beyond 2^53 are refused");
+        assert!(error.to_string().contains("beyond +-(2^53 - 1)"), "{error}");
     }
 }

@@ -352,3 +352,83 @@ fn kill_9_during_a_re_ranking_loses_and_doubles_nothing() {
         );
     }
 }
+
+/// A whale whose lifetime spend would pass 2^53 minor units: the purchase that would take it
+/// there is dead-lettered (`amount_out_of_range`, naming the total), the whale stays ranked
+/// exactly at the total below the bound, and the cut-off search over that value ends (Redis
+/// keeps answering). Before the bound, the purchase was counted: a sorted-set score above 2^53
+/// is not a whole number any more, and the search could bisect forever, blocking Redis.
+#[test]
+fn a_lifetime_total_beyond_2_pow_53_is_refused_and_ranks_stay_exact() {
+    let world = pyramid(2);
+    let tierd = Tierd::spawn(
+        &world,
+        &format!("{RANKS}[money]\nmax_amount = \"10000000000000\"\n"),
+    );
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let mut events = Vec::new();
+    for i in 0..20 {
+        events.push(purchase(
+            &format!("e{i}"),
+            &format!("c{i}"),
+            &format!("{}", i + 1),
+            &format!("2026-05-01T10:{i:02}:00Z"),
+        ));
+    }
+    // Ten purchases of 10^15 minor units (the largest single amount): nine reach 9 * 10^15,
+    // below 2^53 - 1 = 9,007,199,254,740,991; the tenth would pass it.
+    for j in 0..10 {
+        events.push(purchase(
+            &format!("w{j}"),
+            "whale",
+            "10000000000000",
+            &format!("2026-05-02T10:{j:02}:00Z"),
+        ));
+    }
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    let dead: Vec<_> = world.read_all(&world.dlq);
+    assert_eq!(
+        dead.len(),
+        1,
+        "{:?}",
+        dead.iter().map(|r| &r.headers).collect::<Vec<_>>()
+    );
+    assert_eq!(dead[0].headers["tierd.reason"], "amount_out_of_range");
+    let detail = &dead[0].headers["tierd.detail"];
+    assert!(
+        detail.contains("lifetime purchases would reach 10000000000000000 minor units"),
+        "{detail}"
+    );
+    assert_eq!(dead[0].json()["event_id"], "w9");
+    let whale = world.customer_state("whale").unwrap();
+    assert_eq!((whale.count, whale.sum), (9, 9_000_000_000_000_000));
+
+    // The top 1% of 21 customers is the whale alone, at its exact value; every partition
+    // applies those cut-offs and the whale is the VIP.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let settled = global_cutoffs(&world).filter(|c| {
+            c.values.first() == Some(&Some(9_000_000_000_000_000))
+                && (0..2).all(|p| applied_version(&world, p) >= c.version)
+        });
+        if settled.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cut-offs never settled on the whale's exact value: {:?}\n{}",
+            global_cutoffs(&world),
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    world.wait_applied(&std::collections::BTreeMap::new(), Duration::from_secs(60));
+    assert_eq!(
+        world.customer_state("whale").unwrap().tier.as_deref(),
+        Some("vip")
+    );
+    let pong: String = redis::cmd("PING").query(&mut world.redis.conn()).unwrap();
+    assert_eq!(pong, "PONG");
+}

@@ -16,4 +16,4 @@ pub mod rules;
 pub mod transition;
 
 pub use rules::Rules;
-pub use transition::{Applied, Notice, Outcome, Transition, Trigger};
+pub use transition::{Applied, Notice, Outcome, Transition, Trigger, MAX_EXACT_TOTAL};

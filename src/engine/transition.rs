@@ -41,7 +41,22 @@ pub enum Applied {
         /// The customer's floor the event fell at or below (Unix ms).
         floor_ms: i64,
     },
+    /// Counting it would take the customer's lifetime purchases or refunds beyond
+    /// [`MAX_EXACT_TOTAL`]: not counted, dead-lettered by the caller.
+    BeyondExactRange {
+        /// The total the event would have made, minor units.
+        total_minor: i128,
+        /// `"purchases"` or `"refunds"`.
+        total: &'static str,
+    },
 }
+
+/// The largest lifetime purchase total and refund total a customer may reach, in minor units:
+/// 2^53 − 1. Every money metric the rules can read (net spend, a window's net sum) then lies
+/// within ±2^53, where a Redis sorted-set score (a double) holds every whole number exactly —
+/// so ranks order customers exactly and the cut-off search always ends. In a currency with two
+/// minor digits that is about 90 trillion per customer.
+pub const MAX_EXACT_TOTAL: i128 = (1 << 53) - 1;
 
 /// The result of one evaluation: maybe a tier change, maybe an at-risk notice.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -145,6 +160,15 @@ impl CustomerState {
             return Applied::TooLate {
                 floor_ms: self.floor,
             };
+        }
+        let amount = i128::from(event.amount_minor);
+        let beyond = match event.kind {
+            EventKind::Purchase => Some((self.sum + amount, "purchases")),
+            EventKind::Refund => Some((self.refunded + amount, "refunds")),
+            EventKind::Override => None,
+        };
+        if let Some((total_minor, total)) = beyond.filter(|(t, _)| *t > MAX_EXACT_TOTAL) {
+            return Applied::BeyondExactRange { total_minor, total };
         }
         let trigger = match (&event.kind, &event.pin) {
             (EventKind::Purchase, _) => {
@@ -296,6 +320,81 @@ name = "basic"
             Applied::Counted(o) => o.transition.clone(),
             other => panic!("not counted: {other:?}"),
         }
+    }
+
+    #[test]
+    fn lifetime_totals_stop_below_2_pow_53() {
+        let rules = rules();
+        let big = 1_000_000_000_000_000; // 10^15, the largest single amount config allows
+        let mut s = CustomerState::default();
+        for i in 0..9 {
+            change(
+                &mut s,
+                &ev(&format!("p{i}"), EventKind::Purchase, big, DAY + i),
+                &rules,
+            );
+        }
+        let before = s.clone();
+        let refused = s.apply(
+            &ev("p9", EventKind::Purchase, big, DAY + 9),
+            &rules,
+            POLICY,
+            0,
+            &Cutoffs::default(),
+        );
+        assert_eq!(
+            refused,
+            Applied::BeyondExactRange {
+                total_minor: 10 * i128::from(big),
+                total: "purchases"
+            }
+        );
+        assert_eq!(
+            s, before,
+            "a refused event changes nothing (not even the dedup memory)"
+        );
+        // Exactly at the bound is still counted; one more minor unit is not.
+        let rest = i64::try_from(MAX_EXACT_TOTAL - s.sum).unwrap();
+        change(
+            &mut s,
+            &ev("p10", EventKind::Purchase, rest, DAY + 10),
+            &rules,
+        );
+        assert_eq!(s.sum, MAX_EXACT_TOTAL);
+        assert!(matches!(
+            s.apply(
+                &ev("p11", EventKind::Purchase, 1, DAY + 11),
+                &rules,
+                POLICY,
+                0,
+                &Cutoffs::default()
+            ),
+            Applied::BeyondExactRange {
+                total: "purchases",
+                ..
+            }
+        ));
+        // Refunds are bounded the same way (net spend stays within -2^53).
+        for i in 0..9 {
+            change(
+                &mut s,
+                &ev(&format!("r{i}"), EventKind::Refund, big, DAY + 20 + i),
+                &rules,
+            );
+        }
+        assert!(matches!(
+            s.apply(
+                &ev("r9", EventKind::Refund, big, DAY + 29),
+                &rules,
+                POLICY,
+                0,
+                &Cutoffs::default()
+            ),
+            Applied::BeyondExactRange {
+                total: "refunds",
+                ..
+            }
+        ));
     }
 
     #[test]

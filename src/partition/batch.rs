@@ -5,7 +5,7 @@
 use super::draft::{Draft, Working};
 use super::runner::{Batch, Runner};
 use crate::config::ClockMode;
-use crate::engine::Applied;
+use crate::engine::{Applied, MAX_EXACT_TOTAL};
 use crate::ingest::dead_letter::{self, Source};
 use crate::ingest::decode::{self, Reason, Rejection};
 use crate::model::change::Cause;
@@ -115,6 +115,12 @@ impl Runner {
                             draft.duplicates += 1;
                             None
                         }
+                        Applied::BeyondExactRange { total_minor, total } => Some(Rejection {
+                            reason: Reason::AmountOutOfRange,
+                            detail: format!(
+                                "field `amount`: the customer's lifetime {total} would reach {total_minor} minor units, above {MAX_EXACT_TOTAL} (2^53 - 1), the most ranks order exactly"
+                            ),
+                        }),
                         Applied::TooLate { floor_ms } => Some(Rejection {
                             reason: Reason::TooLate,
                             detail: format!(

@@ -16,7 +16,7 @@ pub enum ViewError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     /// A stored state is unreadable.
-    #[error("stored state {key} is corrupt: {message}")]
+    #[error("stored state {key:?} is corrupt: {message}")]
     Corrupt {
         /// The key.
         key: String,

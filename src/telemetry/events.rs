@@ -193,7 +193,9 @@ pub struct TimerOutOfStep<'a> {
 impl TimerOutOfStep<'_> {
     /// Logs it.
     pub fn emit(self, _: &Telemetry) {
-        warn!(partition = self.partition, customer = %self.customer, indexed = self.indexed, state = ?self.state, "Timer index out of step with the customer state; re-indexed.");
+        // `?`: the id comes from a producer; Debug escapes control characters (no forged
+        // lines, no terminal escapes).
+        warn!(partition = self.partition, customer = ?self.customer, indexed = self.indexed, state = ?self.state, "Timer index out of step with the customer state; re-indexed.");
     }
 }
 

@@ -24,7 +24,7 @@ pub enum ToolError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     /// A stored state is unreadable.
-    #[error("stored state {key} is corrupt: {message}")]
+    #[error("stored state {key:?} is corrupt: {message}")]
     Corrupt {
         /// The key.
         key: String,

@@ -21,7 +21,8 @@ pub enum Reason {
     InvalidAmount,
     /// A purchase or refund with a negative amount.
     NegativeAmount,
-    /// `amount` is above `money.max_amount`.
+    /// `amount` is above `money.max_amount`, or counting it would take the customer's lifetime
+    /// purchases or refunds above 2^53 − 1 minor units (the most ranks order exactly).
     AmountOutOfRange,
     /// `currency` is not the configured one.
     UnknownCurrency,

@@ -2,8 +2,10 @@
 -- population, the extremes and every count come from one consistent moment (no commit can
 -- interleave). KEYS: the rank's sorted set of every partition.
 -- ARGV[1], ARGV[2]: the band's share as numerator / denominator (top 1% = 1 / 100).
--- Returns {population, k-th largest value, customers at or above it} (values are whole
--- numbers below 2^53, exact as doubles); {0} when nobody is ranked.
+-- Returns {population, k-th largest value, customers at or above it, k} (values are whole
+-- numbers within +-(2^53 - 1), exact as doubles); {0} when nobody is ranked; an error reply
+-- if a score lies beyond. Within that range the bisection always ends: `mid` is a whole
+-- number strictly above `lo` and at most `hi`.
 local n = 0
 for i = 1, #KEYS do
   n = n + redis.call('ZCARD', KEYS[i])
@@ -24,6 +26,16 @@ for i = 1, #KEYS do
     if lo == nil or a < lo then lo = a end
     if hi == nil or b > hi then hi = b end
   end
+end
+-- Sorted-set scores are doubles: whole numbers are exact only within +-2^53, and beyond it
+-- the bisection below could round its midpoint back onto `lo` and never end (blocking Redis).
+-- tierd never writes values beyond +-(2^53 - 1) (a customer's lifetime totals stop there, so
+-- a cut-off one above a value is still exact); refuse to search over any that got there
+-- some other way instead of hanging.
+local exact = 9007199254740991
+if lo < -exact or hi > exact then
+  return redis.error_reply('ERR ranked value beyond +-(2^53 - 1) in a rank sorted set: ' ..
+    string.format('%.0f', lo) .. ' .. ' .. string.format('%.0f', hi))
 end
 local function count_ge(v)
   -- Whole numbers as text: Lua's default number formatting keeps only 14 digits.

@@ -36,7 +36,7 @@ pub enum ApplyError {
         expected: i64,
     },
     /// A stored customer state is not valid JSON: data corruption, stop the partition.
-    #[error("partition {partition}: stored state of {key} is corrupt: {error}")]
+    #[error("partition {partition}: stored state of {key:?} is corrupt: {error}")]
     CorruptState {
         partition: i32,
         key: String,
