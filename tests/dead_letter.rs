@@ -224,3 +224,87 @@ fn every_bad_input_class_is_dead_lettered_with_its_reason_and_nothing_stops() {
         assert!(metrics.contains(&line), "missing `{line}`");
     }
 }
+
+/// A producer sets both `occurred_at` and the Kafka message timestamp: one record dated 2100
+/// must not move the customer's event clock (and dedup floor) to 2100, which would refuse all
+/// their real purchases as `too_late` (and, in `event` mode, move the partition clock and fire
+/// every timer at once). The future is bounded by tierd's own clock too: the record is
+/// dead-lettered `timestamp_out_of_range`, and the customer's real purchase counts.
+#[test]
+fn a_record_dated_in_the_far_future_is_refused_against_tierds_clock() {
+    use rdkafka::producer::{FutureRecord, Producer};
+    let mut world = World::start(1);
+    // Apache Kafka 4 refuses message timestamps more than an hour ahead by default
+    // (`message.timestamp.after.max.ms`, KIP-937); before 4.0 there was no bound, and a topic
+    // may still lift it. tierd must not rely on the broker's setting.
+    let input = support::unique("purchases");
+    world.broker.create_topics_with(
+        &[&input],
+        1,
+        1,
+        &[("message.timestamp.after.max.ms", "9223372036854775807")],
+    );
+    world.input = input;
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let year_2100 = tierd::model::time::parse_rfc3339_ms("2100-01-01T00:00:00Z").unwrap();
+    let now = tierd::model::time::now_ms();
+    let producer = world.producer();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for (value, timestamp) in [
+            (
+                purchase("p1", "tara", "5.00", "2100-01-01T00:00:00Z"),
+                year_2100,
+            ),
+            (
+                purchase(
+                    "p2",
+                    "tara",
+                    "7.00",
+                    &tierd::model::time::format_ms(now - 3_600_000),
+                ),
+                now,
+            ),
+        ] {
+            let bytes = serde_json::to_vec(&value).unwrap();
+            producer
+                .send(
+                    FutureRecord::to(&world.input)
+                        .key("tara")
+                        .payload(&bytes)
+                        .timestamp(timestamp),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    producer.flush(Duration::from_secs(10)).unwrap();
+    world.wait_applied(&BTreeMap::from([(0, 2)]), Duration::from_secs(60));
+
+    let dead = world.read_all(&world.dlq);
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|r| {
+            (
+                r.json()["event_id"].clone(),
+                r.headers["tierd.reason"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![(serde_json::json!("p1"), "timestamp_out_of_range".to_owned())]
+    );
+    assert!(
+        dead[0].headers["tierd.detail"].contains("tierd's clock"),
+        "{:?}",
+        dead[0].headers
+    );
+    let tara = world.customer_state("tara").unwrap();
+    assert_eq!((tara.count, tara.sum), (1, 700), "the real purchase counts");
+}

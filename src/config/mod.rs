@@ -151,8 +151,8 @@ pub struct IngestConfig {
     /// batch. Default 100000.
     #[serde(default = "default_cache_customers")]
     pub cache_customers_per_partition: usize,
-    /// `occurred_at` may be at most this far after the Kafka message timestamp (or the wall
-    /// clock if the message has none), seconds. Later is `timestamp_out_of_range`. Default 86400.
+    /// `occurred_at` may be at most this far after the Kafka message timestamp or tierd's own
+    /// clock, whichever is earlier, seconds. Later is `timestamp_out_of_range`. Default 86400.
     #[serde(default = "default_max_future_skew_s")]
     pub max_future_skew_s: u64,
     /// `occurred_at` before this RFC 3339 instant is `timestamp_out_of_range`.

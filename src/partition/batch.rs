@@ -36,12 +36,15 @@ impl Runner {
         let decoded: Vec<Result<Event, Rejection>> = messages
             .iter()
             .map(|m| {
-                decode::decode(
-                    m.key(),
-                    m.payload(),
-                    m.timestamp().to_millis().unwrap_or(wall_now),
-                    &p.limits,
-                )
+                // The reference `occurred_at` may not run ahead of: the message timestamp (so
+                // replays decide alike), but never later than this instance's clock — the
+                // producer sets both timestamps, and one record dated 2100 must not move a
+                // customer's (or, in event mode, the partition's) clock for good.
+                let reference = m
+                    .timestamp()
+                    .to_millis()
+                    .map_or(wall_now, |t| t.min(wall_now));
+                decode::decode(m.key(), m.payload(), reference, &p.limits)
             })
             .collect();
 

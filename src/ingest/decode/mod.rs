@@ -32,9 +32,10 @@ pub struct DecodeLimits {
 /// Maximum length of `event_id` and `customer_id`, in characters.
 pub const MAX_ID_CHARS: usize = 128;
 
-/// Decodes one message. `reference_ms` is the Kafka message timestamp (or, if the message has
-/// none, the wall clock): `occurred_at` may not lie more than `max_future_skew_ms` after it.
-/// Using the message timestamp keeps replays deterministic.
+/// Decodes one message. `reference_ms` is the Kafka message timestamp, or the ingesting
+/// instance's clock if that is earlier (or the message has none): `occurred_at` may not lie
+/// more than `max_future_skew_ms` after it. The message timestamp keeps replays deterministic;
+/// the clock keeps a producer from dating a record (and its timestamp) far in the future.
 ///
 /// # Errors
 /// A [`Rejection`] for every violation of the input contract.
@@ -165,7 +166,7 @@ pub fn decode(
         return Err(reject(
             Reason::TimestampOutOfRange,
             format!(
-                "field `occurred_at`: {occurred_text} is more than {} s after the message time {}",
+                "field `occurred_at`: {occurred_text} is more than {} s after {} (the message timestamp, or tierd's clock if earlier)",
                 limits.max_future_skew_ms / 1000,
                 time::format_ms(reference_ms)
             ),
