@@ -195,3 +195,78 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
         "every committed change was published before exit"
     );
 }
+
+/// A partition whose runner stops for good (here: a customer's stored state is corrupt) stays
+/// assigned to this instance without being processed. That must be visible: `/readyz` fails
+/// naming the partition and why, and `tierd_partitions_stopped` counts it — while the other
+/// partition keeps being processed. (Before, the stopped partition simply vanished from the
+/// instance's view and `/readyz` answered 200.)
+#[test]
+fn a_partition_that_stops_is_shown_by_readyz_and_a_metric() {
+    let world = World::start(2);
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let ends = world.produce_json(&[
+        purchase("a1", "ann", "5", "2026-11-01T10:00:00Z"),
+        purchase("b1", "bob", "5", "2026-11-01T10:00:00Z"),
+    ]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tierd.get("/readyz").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            tierd.get("/readyz").1
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A state that is not JSON, for a customer no runner has cached (in both partitions: the
+    // producer's partitioner decides which one the customer's events go to).
+    let mut conn = world.redis.conn();
+    for p in 0..2 {
+        let _: () = redis::cmd("SET")
+            .arg(world.keys(p).customer("zed"))
+            .arg("{not json")
+            .query(&mut conn)
+            .unwrap();
+    }
+    let zed = world.produce_json(&[purchase("z1", "zed", "5", "2026-11-02T10:00:00Z")]);
+    let (&stopped, _) = zed.iter().next().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = tierd.get("/readyz");
+        if status == 503 && body.contains("not processed") {
+            assert!(
+                body.contains(&format!("partition {stopped}")) && body.contains("cannot be read"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopped partition is not visible: {status} {body}\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(tierd.metric("tierd_partitions_stopped"), 1.0);
+    assert_eq!(tierd.metric("tierd_partitions_assigned"), 2.0);
+    // The other partition is still processed.
+    let other = 1 - stopped;
+    let customer = ["ann", "bob", "cat", "dan", "eve", "fay", "gus", "hal"]
+        .into_iter()
+        .find(|c| {
+            let ends =
+                world.produce_json(&[purchase(&format!("{c}-2"), c, "1", "2026-11-03T10:00:00Z")]);
+            ends.contains_key(&other)
+        })
+        .expect("some customer maps to the other partition");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while world
+        .customer_state(customer)
+        .is_none_or(|s| s.last != Some(parse_rfc3339_ms("2026-11-03T10:00:00Z").unwrap()))
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", tierd.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

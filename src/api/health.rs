@@ -22,6 +22,13 @@ pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n").into_response();
     }
     for (p, status) in ownership.iter() {
+        if let Some(reason) = &status.stopped {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("partition {p}: assigned but not processed: {reason}\n"),
+            )
+                .into_response();
+        }
         match status.lag() {
             None => {
                 return (

@@ -122,6 +122,7 @@ impl IngestContext {
             }
         }
         let released = self.supervisor.stop(partitions);
+        self.supervisor.forget(partitions);
         let mut tpl = TopicPartitionList::new();
         for r in released.iter().filter(|r| r.next_offset >= 0) {
             let _ =
@@ -137,25 +138,43 @@ impl IngestContext {
 
     /// Restarts partitions whose runner stopped while we still own them: a diverged one is
     /// claimed again and the consumer seeks to the offset stored in Redis; a fenced or failed
-    /// one stays stopped until the group hands it over (or an operator intervenes).
+    /// one stays stopped — paused, and shown by `/readyz` and `tierd_partitions_stopped` —
+    /// until the group hands it over (or an operator intervenes).
     fn recover(&self, consumer: &BaseConsumer<Self>, dead: &[i32]) {
         for released in self.release(consumer, dead) {
-            if let RunnerExit::Diverged { .. } = released.exit {
-                let partition = released.partition;
-                let Some((claim, tx)) = self.supervisor.restart(partition) else {
-                    continue;
-                };
-                self.pending
-                    .lock()
-                    .expect("pending lock")
-                    .insert(partition, Pending::new(tx));
-                let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
-                if let Err(error) =
-                    consumer.seek(&self.topic, partition, offset, Duration::from_secs(10))
-                {
-                    error!(partition, %error, "Seeking after divergence failed; releasing the partition.");
-                    self.release(consumer, &[partition]);
+            let partition = released.partition;
+            let reason = match released.exit {
+                RunnerExit::Diverged { .. } => {
+                    let Some((claim, tx)) = self.supervisor.restart(partition) else {
+                        continue;
+                    };
+                    self.pending
+                        .lock()
+                        .expect("pending lock")
+                        .insert(partition, Pending::new(tx));
+                    let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
+                    match consumer.seek(&self.topic, partition, offset, Duration::from_secs(10)) {
+                        Ok(()) => continue,
+                        Err(error) => {
+                            error!(partition, %error, "Seeking after divergence failed; releasing the partition.");
+                            self.release(consumer, &[partition]);
+                            format!("seeking to the offset stored in Redis failed: {error}")
+                        }
+                    }
                 }
+                RunnerExit::Fenced => {
+                    "fenced: another owner claimed it in Redis after this instance".to_owned()
+                }
+                RunnerExit::Failed => {
+                    "failed: its state in Redis cannot be read (see the log)".to_owned()
+                }
+                RunnerExit::Finished => "its runner finished unexpectedly".to_owned(),
+            };
+            self.supervisor.mark_stopped(&released, reason);
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, partition);
+            if let Err(error) = consumer.pause(&tpl) {
+                warn!(partition, %error, "Pausing the stopped partition failed.");
             }
         }
     }

@@ -118,6 +118,9 @@ pub struct PartitionStatus {
     pub next_offset: AtomicI64,
     /// High watermark last reported by the consumer (-1 until known).
     pub high_watermark: AtomicI64,
+    /// Why the partition is assigned to this instance but not processed (its runner stopped
+    /// and was not restarted); `None` while it runs.
+    pub stopped: Option<String>,
 }
 
 impl PartitionStatus {

@@ -29,6 +29,16 @@ struct Running {
     stop_publisher: watch::Sender<bool>,
 }
 
+/// The ownership gauges' event for the current map.
+fn owned_event(
+    ownership: &std::collections::BTreeMap<i32, Arc<PartitionStatus>>,
+) -> events::PartitionsOwned {
+    events::PartitionsOwned {
+        owned: ownership.len(),
+        stopped: ownership.values().filter(|s| s.stopped.is_some()).count(),
+    }
+}
+
 /// A released partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
@@ -139,12 +149,13 @@ impl Supervisor {
             epoch: claim.epoch,
             next_offset: AtomicI64::new(claim.next_offset.unwrap_or(-1)),
             high_watermark: AtomicI64::new(-1),
+            stopped: None,
         });
-        let owned = {
+        {
             let mut ownership = p.ownership.write().expect("ownership lock");
             ownership.insert(partition, Arc::clone(&status));
-            ownership.len()
-        };
+            owned_event(&ownership).emit(&p.pipeline.telemetry);
+        }
         let (tx, rx) = mpsc::channel(p.queue);
         let wake = Arc::new(Notify::new());
         let (stop_publisher, stop_rx) = watch::channel(false);
@@ -187,7 +198,6 @@ impl Supervisor {
                 stop_publisher,
             },
         );
-        events::PartitionsOwned { owned }.emit(&p.pipeline.telemetry);
         tx
     }
 
@@ -277,11 +287,40 @@ impl Supervisor {
                 }
             })
             .collect();
-        events::PartitionsOwned {
-            owned: ownership.len(),
-        }
-        .emit(telemetry);
+        owned_event(&ownership).emit(telemetry);
         released
+    }
+
+    /// Records that a released partition stays assigned to this instance without being
+    /// processed (its runner stopped for `reason` and is not restarted): `/readyz` and
+    /// `tierd_partitions_stopped` show it until the group takes it away ([`Self::forget`]).
+    pub fn mark_stopped(&self, released: &Released, reason: String) {
+        let mut ownership = self.parts.ownership.write().expect("ownership lock");
+        events::PartitionNotProcessed {
+            partition: released.partition,
+            reason: &reason,
+        }
+        .emit(&self.parts.pipeline.telemetry);
+        ownership.insert(
+            released.partition,
+            Arc::new(PartitionStatus {
+                epoch: -1,
+                next_offset: AtomicI64::new(released.next_offset),
+                high_watermark: AtomicI64::new(-1),
+                stopped: Some(reason),
+            }),
+        );
+        owned_event(&ownership).emit(&self.parts.pipeline.telemetry);
+    }
+
+    /// Forgets partitions the group took away that were assigned but stopped.
+    pub fn forget(&self, partitions: &[i32]) {
+        let mut ownership = self.parts.ownership.write().expect("ownership lock");
+        let before = ownership.len();
+        ownership.retain(|p, s| !(partitions.contains(p) && s.stopped.is_some()));
+        if ownership.len() != before {
+            owned_event(&ownership).emit(&self.parts.pipeline.telemetry);
+        }
     }
 
     /// Claims a partition again after its runner stopped on divergence; returns the claim

@@ -276,17 +276,40 @@ impl CutoffsApplied {
     }
 }
 
-/// The partitions this instance owns changed.
+/// The partitions assigned to this instance changed.
 pub struct PartitionsOwned {
-    /// How many it owns now.
+    /// How many are assigned now (processed or not).
     pub owned: usize,
+    /// Of them, how many are not processed (their runner stopped).
+    pub stopped: usize,
 }
 
 impl PartitionsOwned {
-    /// Sets the gauge.
+    /// Sets the gauges.
     pub fn emit(self, t: &Telemetry) {
         t.partitions_assigned
             .set(i64::try_from(self.owned).unwrap_or(i64::MAX));
+        t.partitions_stopped
+            .set(i64::try_from(self.stopped).unwrap_or(i64::MAX));
+    }
+}
+
+/// A partition stays assigned to this instance but is no longer processed.
+pub struct PartitionNotProcessed<'a> {
+    /// The partition.
+    pub partition: i32,
+    /// Why.
+    pub reason: &'a str,
+}
+
+impl PartitionNotProcessed<'_> {
+    /// Logs it (the gauge is set by [`PartitionsOwned`]).
+    pub fn emit(self, _: &Telemetry) {
+        error!(
+            partition = self.partition,
+            reason = self.reason,
+            "Partition assigned to this instance but not processed; /readyz fails until the group moves it or tierd restarts."
+        );
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Telemetry {
     pub redis_errors: IntCounter,
     /// Partitions currently owned.
     pub partitions_assigned: IntGauge,
+    /// Assigned partitions that are not processed (their runner stopped).
+    pub partitions_stopped: IntGauge,
     /// Offsets skipped between batches (retention or compaction gaps).
     pub offset_gaps: IntCounter,
     /// Timers fired (time-driven evaluations), by cause.
@@ -176,6 +178,17 @@ impl Telemetry {
             ),
             redis_errors: counter("tierd_redis_errors_total", "Failed Redis calls (retried)."),
             partitions_assigned,
+            partitions_stopped: {
+                let g = IntGauge::new(
+                    "tierd_partitions_stopped",
+                    "Input partitions assigned to this instance but not processed (fenced or failed; see /readyz).",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             offset_gaps: counter(
                 "tierd_offset_gaps_total",
                 "Offset gaps between applied batches.",
