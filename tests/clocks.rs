@@ -377,3 +377,64 @@ fn ids_with_control_characters_are_logged_escaped() {
     assert!(!log.contains('\u{1b}'), "a raw escape character:\n{log:?}");
     assert!(log.contains(r"x\nFORGED tierd line\u{1b}[31m"), "{log}");
 }
+
+/// Wall mode after a restart with a backlog: a customer whose recency timer came due while
+/// tierd was down, but who bought again before it (that purchase still in the backlog), is
+/// not moved down and back up. The timer waits until the partition has applied everything
+/// that happened before its due time; once the purchase is applied there is nothing to fire.
+#[test]
+fn wall_clock_timers_wait_for_the_backlog_after_a_restart() {
+    let rules = rules_file(
+        "version = \"backlog-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
+    );
+    let mut world = World::start(1);
+    world.rules = rules.path().to_owned();
+    let config = "[clock]\nmode = \"wall\"\ntick_ms = 100\n";
+    let mut tierd = Tierd::spawn(&world, config);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    // Kim's recency bound (1 day after this purchase) comes due in 8 s.
+    let due = time::now_ms() + 8_000;
+    let ends = world.produce_json(&[purchase(
+        "k1",
+        "kim",
+        "10",
+        &time::format_ms(due - 86_400_000),
+    )]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+    // While tierd is down Kim buys again (before the bound), then the bound passes.
+    world.produce_json(&[purchase(
+        "k2",
+        "kim",
+        "10",
+        &time::format_ms(time::now_ms()),
+    )]);
+    while time::now_ms() < due + 2_000 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let tierd = Tierd::spawn(&world, config);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    world.wait_applied(&BTreeMap::from([(0, 2)]), Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(2_000)); // ticks after catching up
+    let changes: Vec<_> = world
+        .read_all(&world.output)
+        .iter()
+        .map(|r| {
+            let c = r.json();
+            (
+                c["tier"].as_str().unwrap().to_owned(),
+                c["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        vec![("active".to_owned(), "purchase".to_owned())],
+        "{}",
+        tierd.log_text()
+    );
+    assert_eq!(
+        world.customer_state("kim").unwrap().tier.as_deref(),
+        Some("active")
+    );
+}

@@ -30,7 +30,7 @@ fn run(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
 
 #[test]
 fn bad_fields_are_named() {
-    let cases: [Case; 7] = [
+    let cases: [Case; 8] = [
         ("[kafka]\nbrokers = 9092\n", &[], "kafka.brokers"),
         ("[kafka]\nbrokrs = \"x\"\n", &[], "brokrs"),
         (
@@ -41,6 +41,11 @@ fn bad_fields_are_named() {
         ("", &[("TIERD_MONEY__CURRENCY", "yuan")], "money.currency"),
         ("[api]\nlisten = \"everywhere\"\n", &[], "api.listen"),
         ("[dedup]\nhorizon_s = -1\n", &[], "dedup.horizon_s"),
+        (
+            "[kafka.consumer]\n\"statistics.interval.ms\" = \"0\"\n",
+            &[],
+            "statistics.interval.ms",
+        ),
         (
             "[rules]\npath = \"config/tierd.toml\"\n",
             &[],

@@ -60,6 +60,16 @@ impl Config {
                 ),
             });
         }
+        if k.consumer
+            .get("statistics.interval.ms")
+            .is_some_and(|v| v.trim().parse::<u64>().is_ok_and(|ms| ms == 0))
+        {
+            return bad(
+                "kafka.consumer",
+                "`statistics.interval.ms` = 0 turns off the lag reports that tell a partition it \
+                 is caught up (wall-clock timers wait for that, and /readyz needs the lag)",
+            );
+        }
         if k.producer.contains_key("transactional.id") {
             return bad(
                 "kafka.producer",

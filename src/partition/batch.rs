@@ -154,6 +154,12 @@ impl Runner {
         }
         self.commit(&mut draft, &mut work).await?;
         self.keep(work);
+        let latest = messages
+            .iter()
+            .filter_map(|m| m.timestamp().to_millis())
+            .max()
+            .map(|t| t.min(wall_now));
+        self.applied_until = self.applied_until.max(latest);
         events::BatchApplied {
             partition: self.label(),
             messages: messages.len(),

@@ -64,6 +64,9 @@ pub struct Runner {
     pub(super) clock: Option<i64>,
     /// A lower bound of the earliest timer's due time.
     pub(super) earliest_due: EarliestDue,
+    /// `wall` mode: the latest Kafka message time applied (capped at the wall clock then):
+    /// while the partition lags, everything that happened before it has been applied.
+    pub(super) applied_until: Option<i64>,
     /// While a rules-version sweep is under way: its SCAN cursor.
     pub(super) sweep: Option<u64>,
     /// The rank cut-offs evaluations use.
@@ -95,6 +98,7 @@ impl Runner {
             commits: claim.commits,
             clock: claim.clock,
             earliest_due: EarliestDue::Unknown,
+            applied_until: None,
             sweep,
             cutoffs: Arc::new(claim.cutoffs.clone().unwrap_or_default()),
             last_compute: None,
@@ -125,7 +129,8 @@ impl Runner {
                 },
                 _ = tick.tick(), if ticking => {
                     let mut work = Working::new();
-                    let r = self.fire_due(time::now_ms(), &mut work).await;
+                    let upto = self.wall_timer_horizon(time::now_ms());
+                    let r = self.fire_due(upto, &mut work).await;
                     self.keep(work);
                     r
                 }
@@ -166,6 +171,19 @@ impl Runner {
         }
         .emit(&self.pipeline.telemetry);
         exit
+    }
+
+    /// `wall` mode: the latest due time a timer may fire at now. A timer due at T fires only
+    /// once the partition has applied everything that happened before T: at once when the
+    /// partition is caught up (no lag), otherwise up to the latest message time applied — so
+    /// after a restart or an outage a customer is not moved down for lack of a purchase that
+    /// is still in the backlog (and then up again when it is applied).
+    fn wall_timer_horizon(&self, now: i64) -> i64 {
+        if self.status.lag() == Some(0) {
+            now
+        } else {
+            self.applied_until.map_or(i64::MIN, |t| t.min(now))
+        }
     }
 
     /// Keeps a trigger's customers cached (they are the committed truth).
