@@ -33,6 +33,12 @@ pub enum StartError {
     /// Redis is unreachable at `redis.url`.
     #[error("redis.url: cannot use Redis: {0}")]
     Redis(redis::RedisError),
+    /// Redis may evict tierd's keys under memory pressure.
+    #[error("redis.url: the server's maxmemory-policy is `{policy}`, which may evict tierd's keys (customer state, partition offsets, the outbox) and lose them without a trace; set maxmemory-policy to `noeviction` (or a `volatile-*` policy: tierd's keys have no TTL)")]
+    Eviction {
+        /// The server's policy.
+        policy: String,
+    },
     /// A Kafka client could not be created (bad pass-through property, …).
     #[error("kafka.{client}: cannot create the {client}: {error}")]
     KafkaClient {
@@ -86,6 +92,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )))
     })?
     .map_err(StartError::Redis)?;
+    let policy = crate::store::client::eviction_policy(&mut redis.clone())
+        .await
+        .map_err(StartError::Redis)?;
+    if crate::store::client::may_evict_tierd_keys(&policy) {
+        return Err(StartError::Eviction { policy });
+    }
 
     let telemetry = Telemetry::new();
     let money = MoneyFormat {

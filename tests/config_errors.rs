@@ -138,3 +138,29 @@ fn the_readme_documents_every_config_field_and_nothing_else() {
     fields.sort();
     assert_eq!(documented, fields);
 }
+
+/// tierd's keys carry no TTL and hold what must never vanish (customer state, offsets, the
+/// outbox): a Redis whose `maxmemory-policy` may evict any key is refused at startup, naming
+/// the setting; `volatile-*` (and `noeviction`) cannot touch them and are accepted.
+#[test]
+fn a_redis_that_may_evict_tierds_keys_is_refused_naming_maxmemory_policy() {
+    let world = support::World::start(1);
+    let set_policy = |policy: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .query(&mut world.redis.conn())
+            .unwrap();
+    };
+    set_policy("allkeys-lru");
+    let (code, stderr) = run(&world.config(support::free_port(), ""), &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("maxmemory-policy is `allkeys-lru`"),
+        "{stderr}"
+    );
+    set_policy("volatile-lru");
+    let tierd = support::Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, std::time::Duration::from_secs(60));
+}

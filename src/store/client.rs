@@ -103,3 +103,48 @@ pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
         invalid(field, message)
     })
 }
+
+/// Redis's `maxmemory-policy` (from `INFO memory`, which managed Redis services keep even when
+/// they rename or block `CONFIG`).
+///
+/// # Errors
+/// The Redis error.
+pub async fn eviction_policy<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+) -> Result<String, redis::RedisError> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned())
+}
+
+/// Whether a `maxmemory-policy` may evict tierd's keys. They carry no TTL, so `noeviction` and
+/// the `volatile-*` policies never touch them; the `allkeys-*` policies may drop a customer's
+/// state, a partition's offset or its outbox without a trace.
+pub fn may_evict_tierd_keys(policy: &str) -> bool {
+    policy.starts_with("allkeys-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_evict_tierd_keys;
+
+    #[test]
+    fn only_allkeys_policies_can_evict_keys_without_ttl() {
+        for p in ["allkeys-lru", "allkeys-lfu", "allkeys-random"] {
+            assert!(may_evict_tierd_keys(p), "{p}");
+        }
+        for p in [
+            "noeviction",
+            "volatile-lru",
+            "volatile-lfu",
+            "volatile-random",
+            "volatile-ttl",
+        ] {
+            assert!(!may_evict_tierd_keys(p), "{p}");
+        }
+    }
+}
