@@ -269,6 +269,19 @@ impl ClientContext for IngestContext {
                     status
                         .high_watermark
                         .store(part.hi_offset, Ordering::Relaxed);
+                    // Under `read_committed` only the last stable offset is readable.
+                    let end = if part.ls_offset >= 0 {
+                        part.ls_offset.min(part.hi_offset)
+                    } else {
+                        part.hi_offset
+                    };
+                    status.readable_end.store(end, Ordering::Relaxed);
+                    status
+                        .fetch_position
+                        .store(part.next_offset, Ordering::Relaxed);
+                    status
+                        .delivered_until
+                        .store(part.app_offset.max(-1), Ordering::Relaxed);
                 }
                 if let Some(lag) = status.lag() {
                     self.supervisor

@@ -118,12 +118,47 @@ pub struct PartitionStatus {
     pub next_offset: AtomicI64,
     /// High watermark last reported by the consumer (-1 until known).
     pub high_watermark: AtomicI64,
+    /// The next offset the consumer's fetcher reads, at that report (-1 until known).
+    pub fetch_position: AtomicI64,
+    /// The readable end of the log at that report (-1 until known).
+    pub readable_end: AtomicI64,
+    /// One past the last message the consumer handed to tierd at that report (-1: none yet).
+    pub delivered_until: AtomicI64,
     /// Why the partition is assigned to this instance but not processed (its runner stopped
     /// and was not restarted); `None` while it runs.
     pub stopped: Option<String>,
 }
 
 impl PartitionStatus {
+    /// A running partition's status, resuming at `next_offset` (-1: nothing applied yet).
+    pub fn new(epoch: i64, next_offset: i64, stopped: Option<String>) -> Self {
+        Self {
+            epoch,
+            next_offset: AtomicI64::new(next_offset),
+            high_watermark: AtomicI64::new(-1),
+            fetch_position: AtomicI64::new(-1),
+            readable_end: AtomicI64::new(-1),
+            delivered_until: AtomicI64::new(-1),
+            stopped,
+        }
+    }
+
+    /// Whether everything readable in the partition has been applied, as of the consumer's
+    /// last report: no lag, or the fetcher has reached the readable end and everything it
+    /// handed over is applied. (The second case covers topics written transactionally: their
+    /// commit markers take offsets that are never delivered, so the lag to the high watermark
+    /// never reaches 0.)
+    pub fn caught_up(&self) -> bool {
+        if self.lag() == Some(0) {
+            return true;
+        }
+        let next = self.next_offset.load(Ordering::Relaxed);
+        let fetch = self.fetch_position.load(Ordering::Relaxed);
+        let end = self.readable_end.load(Ordering::Relaxed);
+        let delivered = self.delivered_until.load(Ordering::Relaxed);
+        end >= 0 && fetch >= end && (delivered < 0 || next >= delivered)
+    }
+
     /// Messages not applied yet, if both ends are known.
     pub fn lag(&self) -> Option<i64> {
         let (next, high) = (
@@ -136,3 +171,38 @@ impl PartitionStatus {
 
 /// The partitions this instance owns, by partition number.
 pub type Ownership = Arc<RwLock<BTreeMap<i32, Arc<PartitionStatus>>>>;
+
+#[cfg(test)]
+mod tests {
+    use super::PartitionStatus;
+    use std::sync::atomic::Ordering;
+
+    fn status(next: i64, high: i64, fetch: i64, end: i64, delivered: i64) -> PartitionStatus {
+        let s = PartitionStatus::new(1, next, None);
+        s.high_watermark.store(high, Ordering::Relaxed);
+        s.fetch_position.store(fetch, Ordering::Relaxed);
+        s.readable_end.store(end, Ordering::Relaxed);
+        s.delivered_until.store(delivered, Ordering::Relaxed);
+        s
+    }
+
+    #[test]
+    fn caught_up_means_nothing_readable_is_left_unapplied() {
+        // Plain topic: applied up to the high watermark.
+        assert!(status(10, 10, 10, 10, 10).caught_up());
+        // Unknown watermark: not caught up.
+        assert!(!PartitionStatus::new(1, 10, None).caught_up());
+        // A message fetched and handed over but not applied yet.
+        assert!(!status(9, 10, 10, 10, 10).caught_up());
+        // The fetcher has not reached the end.
+        assert!(!status(5, 10, 6, 10, 6).caught_up());
+        // A transactional topic: offset 9 is the commit marker, never delivered; everything
+        // delivered (up to 9) is applied and the fetcher is past the marker.
+        assert!(status(9, 10, 10, 10, 9).caught_up());
+        // The same after a restart at the marker, nothing delivered since.
+        assert!(status(9, 10, 10, 10, -1).caught_up());
+        // An open transaction: readable only up to the last stable offset 7.
+        assert!(status(7, 12, 7, 7, 7).caught_up());
+        assert!(!status(6, 12, 7, 7, 7).caught_up());
+    }
+}

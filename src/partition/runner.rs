@@ -175,11 +175,12 @@ impl Runner {
 
     /// `wall` mode: the latest due time a timer may fire at now. A timer due at T fires only
     /// once the partition has applied everything that happened before T: at once when the
-    /// partition is caught up (no lag), otherwise up to the latest message time applied — so
+    /// partition is caught up (see `PartitionStatus::caught_up`), otherwise up to the latest
+    /// message time applied — so
     /// after a restart or an outage a customer is not moved down for lack of a purchase that
     /// is still in the backlog (and then up again when it is applied).
     fn wall_timer_horizon(&self, now: i64) -> i64 {
-        if self.status.lag() == Some(0) {
+        if self.status.caught_up() {
             now
         } else {
             self.applied_until.map_or(i64::MIN, |t| t.min(now))

@@ -11,7 +11,7 @@ use crate::store::retry::Backoff;
 use crate::telemetry::events;
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
@@ -145,12 +145,11 @@ impl Supervisor {
     pub fn start(&self, partition: i32, claim: &Claim) -> mpsc::Sender<Batch> {
         let p = &self.parts;
         let keys = p.pipeline.keyspace.partition(partition);
-        let status = Arc::new(PartitionStatus {
-            epoch: claim.epoch,
-            next_offset: AtomicI64::new(claim.next_offset.unwrap_or(-1)),
-            high_watermark: AtomicI64::new(-1),
-            stopped: None,
-        });
+        let status = Arc::new(PartitionStatus::new(
+            claim.epoch,
+            claim.next_offset.unwrap_or(-1),
+            None,
+        ));
         {
             let mut ownership = p.ownership.write().expect("ownership lock");
             ownership.insert(partition, Arc::clone(&status));
@@ -303,12 +302,7 @@ impl Supervisor {
         .emit(&self.parts.pipeline.telemetry);
         ownership.insert(
             released.partition,
-            Arc::new(PartitionStatus {
-                epoch: -1,
-                next_offset: AtomicI64::new(released.next_offset),
-                high_watermark: AtomicI64::new(-1),
-                stopped: Some(reason),
-            }),
+            Arc::new(PartitionStatus::new(-1, released.next_offset, Some(reason))),
         );
         owned_event(&ownership).emit(&self.parts.pipeline.telemetry);
     }
