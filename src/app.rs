@@ -19,7 +19,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Why the service could not start (or stopped abnormally). Each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -92,11 +92,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )))
     })?
     .map_err(StartError::Redis)?;
-    let policy = crate::store::client::eviction_policy(&mut redis.clone())
-        .await
-        .map_err(StartError::Redis)?;
-    if crate::store::client::may_evict_tierd_keys(&policy) {
-        return Err(StartError::Eviction { policy });
+    match crate::store::client::eviction_policy(&mut redis.clone()).await {
+        Ok(policy) if crate::store::client::may_evict_tierd_keys(&policy) => {
+            return Err(StartError::Eviction { policy });
+        }
+        Ok(_) => {}
+        // A least-privilege ACL user may not run INFO (`@dangerous`): say what to check.
+        // (Any error reply of the server, e.g. NOPERM; a connection error still stops startup.)
+        Err(error) if error.code().is_some() => {
+            warn!(%error, "Cannot read Redis's maxmemory-policy; make sure it is `noeviction` or a `volatile-*` policy (an `allkeys-*` policy may evict tierd's keys).");
+        }
+        Err(error) => return Err(StartError::Redis(error)),
     }
 
     let telemetry = Telemetry::new();

@@ -154,4 +154,26 @@ fn the_cutoff_script_refuses_values_beyond_2_pow_53_instead_of_hanging() {
             .expect_err("values beyond 2^53 are refused");
         assert!(error.to_string().contains("beyond +-(2^53 - 1)"), "{error}");
     }
+    // A fractional score (tierd writes whole numbers only): the old midpoint 0.5 + ⌊0.75⌋
+    // stayed at 0.5 for ever.
+    let key = support::unique("rank");
+    let _: () = redis::cmd("ZADD")
+        .arg(&key)
+        .arg("0.5")
+        .arg("a")
+        .arg("1")
+        .arg("b")
+        .query(&mut redis.conn())
+        .unwrap();
+    let result = rt.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            search(&mut aconn, &[key], Ratio::new(1, 100).unwrap()),
+        )
+        .await
+    });
+    let error = result
+        .expect("the search must end, not block Redis")
+        .expect_err("fractional scores are refused");
+    assert!(error.to_string().contains("not whole"), "{error}");
 }

@@ -282,6 +282,9 @@ impl ClientContext for IngestContext {
                     status
                         .delivered_until
                         .store(part.app_offset.max(-1), Ordering::Relaxed);
+                    status
+                        .fetch_queued
+                        .store(part.fetchq_cnt, Ordering::Relaxed);
                 }
                 if let Some(lag) = status.lag() {
                     self.supervisor
@@ -317,6 +320,13 @@ impl ConsumerContext for IngestContext {
                 };
                 if let Err(error) = result {
                     error!(%error, "Assigning partitions failed.");
+                }
+                // A partition this instance paused when its runner stopped stays paused through
+                // a revocation (the pause belongs to the application): given back, it must fetch.
+                if assign.count() > 0 {
+                    if let Err(error) = consumer.resume(&assign) {
+                        warn!(%error, "Resuming assigned partitions failed.");
+                    }
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {

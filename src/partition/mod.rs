@@ -124,6 +124,8 @@ pub struct PartitionStatus {
     pub readable_end: AtomicI64,
     /// One past the last message the consumer handed to tierd at that report (-1: none yet).
     pub delivered_until: AtomicI64,
+    /// Messages fetched but not yet handed to tierd, at that report.
+    pub fetch_queued: AtomicI64,
     /// Why the partition is assigned to this instance but not processed (its runner stopped
     /// and was not restarted); `None` while it runs.
     pub stopped: Option<String>,
@@ -139,6 +141,7 @@ impl PartitionStatus {
             fetch_position: AtomicI64::new(-1),
             readable_end: AtomicI64::new(-1),
             delivered_until: AtomicI64::new(-1),
+            fetch_queued: AtomicI64::new(0),
             stopped,
         }
     }
@@ -156,7 +159,8 @@ impl PartitionStatus {
         let fetch = self.fetch_position.load(Ordering::Relaxed);
         let end = self.readable_end.load(Ordering::Relaxed);
         let delivered = self.delivered_until.load(Ordering::Relaxed);
-        end >= 0 && fetch >= end && (delivered < 0 || next >= delivered)
+        let queued = self.fetch_queued.load(Ordering::Relaxed);
+        end >= 0 && fetch >= end && queued == 0 && (delivered < 0 || next >= delivered)
     }
 
     /// Messages not applied yet, if both ends are known.
@@ -178,11 +182,23 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     fn status(next: i64, high: i64, fetch: i64, end: i64, delivered: i64) -> PartitionStatus {
+        queued_status(next, high, fetch, end, delivered, 0)
+    }
+
+    fn queued_status(
+        next: i64,
+        high: i64,
+        fetch: i64,
+        end: i64,
+        delivered: i64,
+        queued: i64,
+    ) -> PartitionStatus {
         let s = PartitionStatus::new(1, next, None);
         s.high_watermark.store(high, Ordering::Relaxed);
         s.fetch_position.store(fetch, Ordering::Relaxed);
         s.readable_end.store(end, Ordering::Relaxed);
         s.delivered_until.store(delivered, Ordering::Relaxed);
+        s.fetch_queued.store(queued, Ordering::Relaxed);
         s
     }
 
@@ -201,6 +217,8 @@ mod tests {
         assert!(status(9, 10, 10, 10, 9).caught_up());
         // The same after a restart at the marker, nothing delivered since.
         assert!(status(9, 10, 10, 10, -1).caught_up());
+        // Fetched up to the end but two messages still queued in the consumer, not handed over.
+        assert!(!queued_status(7, 10, 10, 10, 7, 2).caught_up());
         // An open transaction: readable only up to the last stable offset 7.
         assert!(status(7, 12, 7, 7, 7).caught_up());
         assert!(!status(6, 12, 7, 7, 7).caught_up());

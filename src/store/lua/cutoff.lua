@@ -31,10 +31,11 @@ end
 -- the bisection below could round its midpoint back onto `lo` and never end (blocking Redis).
 -- tierd never writes values beyond +-(2^53 - 1) (a customer's lifetime totals stop there, so
 -- a cut-off one above a value is still exact); refuse to search over any that got there
--- some other way instead of hanging.
+-- some other way (or any fractional one, where the midpoint can equal `lo` as well) instead
+-- of hanging.
 local exact = 9007199254740991
-if lo < -exact or hi > exact then
-  return redis.error_reply('ERR ranked value beyond +-(2^53 - 1) in a rank sorted set: ' ..
+if lo < -exact or hi > exact or lo ~= math.floor(lo) or hi ~= math.floor(hi) then
+  return redis.error_reply('ERR ranked value beyond +-(2^53 - 1) or not whole in a rank sorted set: ' ..
     string.format('%.0f', lo) .. ' .. ' .. string.format('%.0f', hi))
 end
 local function count_ge(v)
