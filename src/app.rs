@@ -10,11 +10,11 @@ use crate::model::change::MoneyFormat;
 use crate::model::DedupPolicy;
 use crate::partition::supervisor::{Supervisor, SupervisorParts};
 use crate::partition::{sweep_page, Clock, Ownership, Pipeline, RankDuty};
+use crate::publish::position::OutboxPositions;
 use crate::publish::publisher::Publisher;
 use crate::store::keys::Keyspace;
 use crate::telemetry::Telemetry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, Producer};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -145,14 +145,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     });
 
     let fatal = Arc::new(tokio::sync::Notify::new());
-    let producer: FutureProducer = crate::kafka::producer_config(&config.kafka)
-        .create()
-        .map_err(|error| StartError::KafkaClient {
-            client: "producer",
-            error,
-        })?;
+    let producer_config = crate::kafka::producer_config(&config.kafka);
+    let positions =
+        Arc::new(
+            OutboxPositions::new(&config.kafka).map_err(|error| StartError::KafkaClient {
+                client: "consumer",
+                error,
+            })?,
+        );
     let publisher = Publisher {
-        producer: producer.clone(),
+        producer_config,
+        positions: Arc::clone(&positions),
         output_topic: config.kafka.output_topic.clone(),
         dead_letter_topic: config.kafka.dead_letter_topic.clone(),
         at_risk_topic: config
@@ -162,8 +165,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .unwrap_or_else(|| config.kafka.output_topic.clone()),
         batch_max: config.publish.batch_max,
         interval: Duration::from_millis(config.publish.interval_ms),
+        parked_retry: Duration::from_millis(config.publish.parked_retry_ms),
         telemetry: telemetry.clone(),
-        lane: Arc::default(),
         fatal: Arc::clone(&fatal),
     };
     let ownership = Ownership::default();
@@ -174,6 +177,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         redis: redis.clone(),
         pipeline: Arc::clone(&pipeline),
         publisher,
+        positions,
         ownership: Arc::clone(&ownership),
         queue: config.ingest.queue_batches,
         shutdown: Arc::clone(&stop),
@@ -264,14 +268,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             info!("Shutdown requested.");
             Ok(())
         }
-        () = fatal.notified() => Err(StartError::Fatal("the Kafka producer failed fatally; restart tierd".into())),
+        () = fatal.notified() => Err(StartError::Fatal("an outbox producer could not be created or initialised (the log says why); fix it and restart tierd".into())),
     };
     stop.store(true, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || ingest.join())
         .await
         .map_err(|e| StartError::Internal(e.to_string()))?
         .map_err(|_| StartError::Internal("ingest thread panicked".into()))?;
-    let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
     let _ = api_stop.send(());
     let _ = api.await;
     info!("Stopped.");

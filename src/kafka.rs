@@ -35,7 +35,8 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Producer settings: idempotent, fully acknowledged, ordered.
+/// Producer settings: idempotent, fully acknowledged, ordered. Each partition's publisher
+/// adds its own `transactional.id` (see [`crate::publish::producer`]).
 pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &kafka.brokers)
@@ -43,10 +44,12 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
         .set("acks", "all")
         .set("linger.ms", "25")
         .set("compression.type", "lz4")
-        // Never time a record out: a timed-out change followed by a delivered later change of
-        // the same customer would be re-published out of order. Records wait in the outbox
-        // (and the producer queue) until the broker takes them.
-        .set("message.timeout.ms", "0");
+        // A publisher that stalls mid-transaction (a paused process) holds back every
+        // read_committed consumer of the output partitions it wrote until the broker aborts
+        // the transaction: keep that short. Records time out with it (librdkafka derives
+        // message.timeout.ms from it); a timed-out round is aborted as a whole and retried,
+        // so no later change can overtake it.
+        .set("transaction.timeout.ms", "10000");
     for (k, v) in &kafka.producer {
         c.set(k, v);
     }
@@ -72,6 +75,7 @@ pub fn check_clients(kafka: &KafkaConfig) -> Result<(), ConfigError> {
         .create::<BaseConsumer>()
         .map_err(|e| invalid("kafka.consumer", e))?;
     producer_config(kafka)
+        .set("transactional.id", "tierd-config-check")
         .create::<BaseProducer>()
         .map_err(|e| invalid("kafka.producer", e))?;
     Ok(())

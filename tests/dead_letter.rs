@@ -308,3 +308,101 @@ fn a_record_dated_in_the_far_future_is_refused_against_tierds_clock() {
     let tara = world.customer_state("tara").unwrap();
     assert_eq!((tara.count, tara.sum), (1, 700), "the real purchase counts");
 }
+
+/// A dead letter the dead-letter topic refuses for good (larger than its `max.message.bytes`):
+/// it is parked with Kafka's reason, `/readyz` and `tierd_outbox_parked` say so, the records
+/// around it are published exactly once (before: the whole round was produced again every
+/// 200 ms, for ever, and the outbox never drained), and once the topic accepts it, the retry
+/// delivers it and readiness returns.
+#[test]
+fn a_dead_letter_kafka_refuses_is_parked_and_the_rest_flows_exactly_once() {
+    use rand::distr::{Alphanumeric, SampleString};
+    let world = World::start(1);
+    let dlq = support::unique("dlq-small");
+    world
+        .broker
+        .create_topics_with(&[&dlq], 1, 1, &[("max.message.bytes", "2000")]);
+    let tierd = Tierd::spawn(
+        &world,
+        &format!("[kafka]\ndead_letter_topic = \"{dlq}\"\n[publish]\nparked_retry_ms = 500\n"),
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+
+    let json = |e: serde_json::Value| serde_json::to_vec(&e).unwrap();
+    let at = "2026-11-10T10:00:00Z";
+    let mut records: Vec<(Option<String>, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let c = format!("c{i}");
+            (
+                Some(c.clone()),
+                json(purchase(&format!("a{i}"), &c, "1.00", at)),
+            )
+        })
+        .collect();
+    // Incompressible, so that even lz4 leaves it above the topic's 2000 bytes.
+    let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
+    records.push((Some("c9".into()), big.clone().into_bytes()));
+    records.extend((5..10).map(|i| {
+        let c = format!("c{i}");
+        (
+            Some(c.clone()),
+            json(purchase(&format!("a{i}"), &c, "1.00", at)),
+        )
+    }));
+    records.push((Some("c9".into()), b"{small and bad".to_vec()));
+    let ends = world.produce(&records);
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") < 1.0 || world.outbox_len(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "not parked");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, body) = tierd.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("parked"), "{body}");
+    assert!(tierd.metric("tierd_publish_refused_total") >= 1.0);
+    // Let the retries run a while: nothing around the refused record is produced again.
+    std::thread::sleep(Duration::from_secs(3));
+    let changes = world.read_all(&world.output);
+    let mut ids: Vec<String> = changes
+        .iter()
+        .map(|r| r.json()["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 10, "one first-tier change per customer");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "none published twice");
+    let letters = support::read_all(&world.broker.addr, &dlq, 1);
+    assert_eq!(letters.len(), 1, "the small dead letter went through");
+    assert_eq!(letters[0].value, b"{small and bad");
+
+    // The topic is fixed: the parked dead letter goes out on its next retry.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &world.broker.addr)
+            .create()
+            .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let alter = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&dlq))
+        .set("max.message.bytes", "1000000");
+    let result = rt
+        .block_on(admin.alter_configs(&[alter], &rdkafka::admin::AdminOptions::new()))
+        .unwrap();
+    assert!(result.iter().all(Result::is_ok), "{result:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "parked letter never delivered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let letters = support::read_all(&world.broker.addr, &dlq, 1);
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[1].value, big.as_bytes());
+    assert_eq!(world.read_all(&world.output).len(), 10);
+}

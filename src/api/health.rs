@@ -1,5 +1,6 @@
 //! Liveness (`/healthz`, in the router), readiness (`/readyz`: Redis answers and every owned
-//! partition's lag is known and within `api.ready_max_lag`) and `/metrics`.
+//! partition's lag is known and within `api.ready_max_lag`, none is stopped and
+//! every outbox flows) and `/metrics`.
 
 use super::ApiState;
 use crate::store::views;
@@ -26,6 +27,13 @@ pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("partition {p}: assigned but not processed: {reason}\n"),
+            )
+                .into_response();
+        }
+        if let Some(problem) = status.publishing.problem() {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("partition {p}: {problem}\n"),
             )
                 .into_response();
         }

@@ -78,6 +78,9 @@ pub(super) const fn default_publish_batch() -> usize {
 pub(super) const fn default_publish_interval_ms() -> u64 {
     500
 }
+pub(super) const fn default_parked_retry_ms() -> u64 {
+    30_000
+}
 pub(super) const fn default_dlq_max_bytes() -> usize {
     900_000
 }

@@ -225,6 +225,11 @@ pub struct PublishConfig {
     /// Default 900000, under Kafka's default 1 MB message limit.
     #[serde(default = "default_dlq_max_bytes")]
     pub dead_letter_max_bytes: usize,
+    /// A record Kafka refuses for good (too large for the topic, not authorized) is tried
+    /// again this often, milliseconds: a parked dead letter, or a change that blocks its
+    /// partition's outbox. Default 30000.
+    #[serde(default = "default_parked_retry_ms")]
+    pub parked_retry_ms: u64,
 }
 
 /// Which clock drives time-dependent rules.

@@ -73,7 +73,8 @@ impl Config {
         if k.producer.contains_key("transactional.id") {
             return bad(
                 "kafka.producer",
-                "`transactional.id` is not used: exactly-once comes from the Redis outbox",
+                "`transactional.id` is set by tierd: each partition's outbox has its own \
+                 (the outbox key name), which fences the partition's previous owner",
             );
         }
         if !self.redis.url.starts_with("redis://")
@@ -167,6 +168,9 @@ impl Config {
         }
         if self.publish.batch_max == 0 {
             return bad("publish.batch_max", "must be at least 1");
+        }
+        if !(100..=3_600_000).contains(&self.publish.parked_retry_ms) {
+            return bad("publish.parked_retry_ms", "must be 100..=3600000");
         }
         if self.publish.interval_ms == 0 {
             return bad("publish.interval_ms", "must be at least 1");

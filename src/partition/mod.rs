@@ -129,6 +129,8 @@ pub struct PartitionStatus {
     /// Why the partition is assigned to this instance but not processed (its runner stopped
     /// and was not restarted); `None` while it runs.
     pub stopped: Option<String>,
+    /// What keeps its outbox from flowing (a record Kafka refuses), reported by its publisher.
+    pub publishing: Arc<crate::publish::health::PublishHealth>,
 }
 
 impl PartitionStatus {
@@ -143,6 +145,7 @@ impl PartitionStatus {
             delivered_until: AtomicI64::new(-1),
             fetch_queued: AtomicI64::new(0),
             stopped,
+            publishing: Arc::default(),
         }
     }
 

@@ -5,7 +5,8 @@
 
 use super::runner::{Batch, Runner, RunnerExit};
 use super::{Ownership, PartitionStatus, Pipeline};
-use crate::publish::publisher::Publisher;
+use crate::publish::position::OutboxPositions;
+use crate::publish::publisher::{Publisher, Target};
 use crate::store::partition::{self as store, Claim, PartitionStore};
 use crate::store::retry::Backoff;
 use crate::telemetry::events;
@@ -62,6 +63,8 @@ pub struct SupervisorParts {
     pub pipeline: Arc<Pipeline>,
     /// Outbox publishing.
     pub publisher: Publisher,
+    /// How far each outbox was published (read at claim time).
+    pub positions: Arc<OutboxPositions>,
     /// Owned partitions, shared with the API.
     pub ownership: Ownership,
     /// Batches queued per partition.
@@ -100,14 +103,32 @@ impl Supervisor {
     }
 
     /// Claims a partition in Redis, reconnecting and retrying until it succeeds or the
-    /// service stops (`None`).
+    /// service stops (`None`). First reads from Kafka how far its outbox was published, so the
+    /// claim trims what went out already.
     pub fn claim(&self, partition: i32) -> Option<Claim> {
         let keys = self.parts.pipeline.keyspace.partition(partition);
+        let mut backoff = Backoff::default();
+        let published = loop {
+            match self.parts.positions.published(partition) {
+                Ok(published) => break published,
+                Err(error) => {
+                    events::PublishedPositionUnknown {
+                        partition,
+                        error: &error,
+                    }
+                    .emit(&self.parts.pipeline.telemetry);
+                    if self.parts.shutdown.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    std::thread::sleep(backoff.next_delay());
+                }
+            }
+        };
         let mut backoff = Backoff::default();
         loop {
             let mut slot = self.claims.lock().expect("claims lock");
             let result = match slot.as_mut() {
-                Some(conn) => store::claim(conn, &keys),
+                Some(conn) => store::claim(conn, &keys, published.as_deref()),
                 None => self
                     .parts
                     .redis_client
@@ -115,13 +136,18 @@ impl Supervisor {
                     .and_then(|mut conn| {
                         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
                         conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-                        let claim = store::claim(&mut conn, &keys);
+                        let claim = store::claim(&mut conn, &keys, published.as_deref());
                         *slot = Some(conn);
                         claim
                     }),
             };
             match result {
-                Ok(claim) => return Some(claim),
+                Ok(claim) => {
+                    if claim.outbox_behind {
+                        warn!(partition, published, "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
+                    }
+                    return Some(claim);
+                }
                 Err(error) => {
                     *slot = None;
                     drop(slot);
@@ -173,6 +199,7 @@ impl Supervisor {
             claim.epoch,
             p.pipeline.telemetry.clone(),
         );
+        let health = Arc::clone(&status.publishing);
         let runner = Runner::new(
             store,
             Arc::clone(&p.pipeline),
@@ -182,13 +209,17 @@ impl Supervisor {
             partition,
         );
         let runner = p.rt.spawn(runner.run(rx));
-        let publisher = p.rt.spawn(p.publisher.clone().run(
+        let target = Target {
             partition,
-            keys.outbox,
-            p.redis.clone(),
-            wake,
-            stop_rx,
-        ));
+            keys: keys.clone(),
+            epoch: claim.epoch,
+            health,
+        };
+        let publisher = p.rt.spawn(
+            p.publisher
+                .clone()
+                .run(target, p.redis.clone(), wake, stop_rx),
+        );
         self.running.lock().expect("running lock").insert(
             partition,
             Running {

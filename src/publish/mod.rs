@@ -1,4 +1,8 @@
-//! Publish: drain each owned partition's Redis outbox to Kafka with an idempotent producer,
-//! in order, trimming only what the broker acknowledged.
+//! Publish: drain each owned partition's Redis outbox to Kafka, in order, through a
+//! transactional producer per partition (fenced when the partition changes owner), trimming
+//! only what the broker committed.
 
+pub mod health;
+pub mod position;
+pub mod producer;
 pub mod publisher;

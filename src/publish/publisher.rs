@@ -1,20 +1,37 @@
 //! The outbox publisher of one partition.
 //!
-//! Reads the outbox stream from its start, produces every entry in stream order (so a
-//! customer's changes keep their order: same key → same output partition, and the idempotent
-//! producer keeps order across retries), waits for all acknowledgements, then trims up to the
-//! last acknowledged entry. A crash between produce and trim re-publishes the same entries with
-//! the same deterministic `event_id`s.
+//! Reads the outbox stream from its start and publishes it in rounds. A round is one Kafka
+//! transaction of the partition's own producer ([`TxnProducer`]): every entry produced in
+//! stream order (a customer's changes keep their order: same key → same output partition),
+//! then committed, then trimmed from the outbox. A crash between commit and trim re-publishes
+//! the same entries with the same deterministic `event_id`s; a round that fails is aborted,
+//! so `read_committed` consumers never see its records.
+//!
+//! Only the partition's current owner publishes: a new owner's producer fences the previous
+//! one at the broker, and a fenced publisher whose Redis claim is no longer current stops.
+//!
+//! A record Kafka refuses for good (too large for the topic, not authorized) is isolated: a
+//! dead letter is parked in a side stream (retried every `publish.parked_retry_ms`) so the
+//! rest flows on; a change or at-risk notice blocks its partition's outbox (its customers'
+//! order matters more than progress) and is retried alone at the same pace. Both show on
+//! `/readyz` and in metrics; neither re-sends the records around it.
 
+use super::health::PublishHealth;
+use super::position::OutboxPositions;
+use super::producer::{self, RoundPosition, TxnError, TxnProducer};
+use crate::store::keys::PartitionKeys;
 use crate::store::outbox::{self, EntryKind, OutboxError, StoredEntry};
 use crate::telemetry::{events, Telemetry};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::FutureRecord;
+use rdkafka::ClientConfig;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
-use tracing::{debug, error, warn};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
 
 /// Bytes produced per round at most (unless one entry alone is larger): under librdkafka's
 /// default `batch.size` (1 MB) so that a round needs one produce request per partition.
@@ -23,11 +40,15 @@ const ROUND_MAX_BYTES: usize = 512 * 1024;
 /// How long a stopping publisher keeps retrying its final drain.
 const FINAL_DRAIN: Duration = Duration::from_secs(10);
 
-/// Where a partition's outbox goes.
+/// Pause after a failed round or producer initialisation.
+const RETRY_DELAY: Duration = Duration::from_millis(200);
+
+/// What every partition publisher shares.
 #[derive(Clone)]
 pub struct Publisher {
-    /// Shared idempotent producer.
-    pub producer: FutureProducer,
+    /// Producer settings ([`crate::kafka::producer_config`]); each partition's producer adds
+    /// its `transactional.id` (the outbox key name).
+    pub producer_config: ClientConfig,
     /// Topic of tier-change events.
     pub output_topic: String,
     /// Topic of dead letters.
@@ -38,18 +59,28 @@ pub struct Publisher {
     pub batch_max: usize,
     /// Poll interval when not woken.
     pub interval: Duration,
+    /// How often a parked dead letter or a blocking record is tried again.
+    pub parked_retry: Duration,
+    /// Where each transaction records the last outbox id it published.
+    pub positions: Arc<OutboxPositions>,
     /// Metrics.
     pub telemetry: Telemetry,
-    /// Serialises produce rounds across partitions: one round's records are all queued, then
-    /// all acknowledged, before the next round queues anything. librdkafka 2.12's idempotent
-    /// producer compares the *message* count in flight per partition with its limit of five
-    /// *requests*: records queued behind an in-flight request wait for its acknowledgement
-    /// while the broker thread busy-polls (measured: one core spinning against a slow-acking
-    /// broker). Whole rounds in lock-step avoid that queueing.
-    pub lane: Arc<tokio::sync::Mutex<()>>,
-    /// Signalled when the producer hit a fatal error (it can never deliver again): the service
-    /// must stop and be restarted; the undelivered records stay in the outbox.
+    /// Signalled when a producer cannot even be created or initialised for a reason retrying
+    /// cannot fix (a configuration or authorization error): the service stops naming it; the
+    /// undelivered records stay in the outbox.
     pub fatal: Arc<Notify>,
+}
+
+/// The partition a publisher publishes, and as whom.
+pub struct Target {
+    /// The input partition.
+    pub partition: i32,
+    /// Its keys (outbox, parked stream, meta hash with the claim epoch).
+    pub keys: PartitionKeys,
+    /// The claim epoch this instance holds.
+    pub epoch: i64,
+    /// Where publishing problems are reported.
+    pub health: Arc<PublishHealth>,
 }
 
 impl From<OutboxError> for PublishError {
@@ -67,44 +98,117 @@ pub enum PublishError {
     /// Reading or trimming the outbox failed.
     #[error("outbox: {0}")]
     Redis(#[from] redis::RedisError),
-    /// Kafka did not acknowledge a record.
+    /// Kafka did not take a record, or the transaction failed (it was aborted).
     #[error("produce: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(#[from] KafkaError),
+    /// The producer is unusable; a new one is created on the next attempt.
+    #[error("producer: {0}")]
+    Producer(TxnError),
     /// An outbox entry is malformed (written by an incompatible version).
     #[error("malformed outbox entry {id}: {message}")]
     Malformed { id: String, message: String },
 }
 
+/// Why a publisher ends before it is told to stop.
+#[derive(Debug)]
+enum Stop {
+    /// A newer owner's producer fenced ours and our Redis claim is no longer current.
+    Fenced(TxnError),
+    /// No producer can be created (configuration, authorization).
+    Fatal(TxnError),
+}
+
+/// What a drain attempt ended with.
+enum DrainError {
+    Retry(PublishError),
+    Stop(Stop),
+}
+
+impl<E: Into<PublishError>> From<E> for DrainError {
+    fn from(e: E) -> Self {
+        Self::Retry(e.into())
+    }
+}
+
+/// How one round (one transaction) went.
+enum Round {
+    /// Committed: entries by kind (change, dead letter, at-risk).
+    Committed([u64; 3]),
+    /// Aborted because Kafka refused the entry at `index` for good.
+    Refused { index: usize, error: KafkaError },
+}
+
+/// A change or at-risk notice that Kafka refuses, holding up its outbox.
+struct Blocked {
+    id: String,
+    reason: String,
+    retry_at: Instant,
+}
+
+/// One partition's publishing state.
+struct PartitionPublisher {
+    shared: Publisher,
+    target: Target,
+    label: String,
+    conn: ConnectionManager,
+    producer: Option<TxnProducer>,
+    blocked: Option<Blocked>,
+    parked: i64,
+    parked_reason: String,
+    next_parked_try: Instant,
+    /// The last outbox id a transaction of this publisher committed.
+    published: Option<(u64, u64)>,
+}
+
 impl Publisher {
-    /// Drains `outbox` whenever woken (or every `interval`) until `stop` turns true (or its
-    /// sender is dropped); then makes final drain attempts for up to `FINAL_DRAIN` so a clean
-    /// shutdown leaves nothing behind. Whatever is left is published by the next owner.
+    /// Drains the target's outbox whenever woken (or every `interval`) until `stop` turns
+    /// true (or its sender is dropped); then makes final drain attempts for up to
+    /// `FINAL_DRAIN` so a clean shutdown leaves nothing behind. Whatever is left is published
+    /// by the next owner.
     pub async fn run(
         self,
-        partition: i32,
-        outbox: String,
-        mut conn: ConnectionManager,
+        target: Target,
+        conn: ConnectionManager,
         wake: Arc<Notify>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let label = partition.to_string();
-        let mut stopping_since: Option<tokio::time::Instant> = None;
+        let partition = target.partition;
+        let mut p = PartitionPublisher {
+            label: partition.to_string(),
+            shared: self,
+            target,
+            conn,
+            producer: None,
+            blocked: None,
+            parked: 0,
+            parked_reason: String::new(),
+            next_parked_try: Instant::now(),
+            published: None,
+        };
+        let mut stopping_since: Option<Instant> = None;
         loop {
-            let stopping = stopping_since.is_some();
-            match self.drain(&mut conn, &outbox, &label).await {
-                Ok(()) if stopping => return,
+            match p.drain().await {
+                Ok(()) if stopping_since.is_some() => return,
                 Ok(()) => {}
-                Err(error) => {
+                Err(DrainError::Stop(Stop::Fenced(error))) => {
+                    events::PublisherFenced {
+                        partition,
+                        error: &error,
+                    }
+                    .emit(&p.shared.telemetry);
+                    return;
+                }
+                Err(DrainError::Stop(Stop::Fatal(error))) => {
+                    error!(partition, %error, "No outbox producer can be created; stopping the service (the outbox keeps every undelivered record).");
+                    p.shared.fatal.notify_one();
+                    return;
+                }
+                Err(DrainError::Retry(error)) => {
                     events::PublishFailed {
                         partition,
                         error: &error,
                     }
-                    .emit(&self.telemetry);
-                    if let Some((code, reason)) = self.producer.client().fatal_error() {
-                        error!(partition, ?code, reason, "The producer failed fatally; stopping the service (the outbox keeps every undelivered record).");
-                        self.fatal.notify_one();
-                        return;
-                    }
+                    .emit(&p.shared.telemetry);
                     if stopping_since.is_some_and(|t| t.elapsed() >= FINAL_DRAIN) {
                         warn!(
                             partition,
@@ -112,47 +216,116 @@ impl Publisher {
                         );
                         return;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(RETRY_DELAY).await;
                     continue;
                 }
             }
+            if stopping_since.is_some() {
+                // Blocked by a refused record: what is left is the next owner's.
+                return;
+            }
             tokio::select! {
                 () = wake.notified() => {}
-                () = tokio::time::sleep(self.interval) => {}
+                () = tokio::time::sleep(p.shared.interval) => {}
                 // A dropped sender means the partition was released: stop as well.
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
-                        stopping_since = Some(tokio::time::Instant::now());
+                        stopping_since = Some(Instant::now());
                     }
                 }
             }
         }
     }
+}
 
-    /// Publishes everything in the outbox.
-    ///
-    /// # Errors
-    /// [`PublishError`]; nothing is trimmed that was not acknowledged.
-    pub async fn drain(
-        &self,
-        conn: &mut ConnectionManager,
-        outbox: &str,
-        label: &str,
-    ) -> Result<(), PublishError> {
+impl PartitionPublisher {
+    /// Publishes everything in the outbox (up to a blocking record), and retries the first
+    /// parked dead letter when due.
+    async fn drain(&mut self) -> Result<(), DrainError> {
+        if self.producer.is_none() {
+            self.init_producer().await?;
+            self.parked = outbox::len(&mut self.conn, &self.target.keys.parked).await?;
+            self.report();
+        }
+        if self.parked > 0 && Instant::now() >= self.next_parked_try {
+            self.retry_parked().await?;
+        }
+        let outbox_key = self.target.keys.outbox.clone();
         loop {
-            let entries = outbox::read(conn, outbox, self.batch_max).await?;
+            let entries = outbox::read(&mut self.conn, &outbox_key, self.shared.batch_max).await?;
             let read = entries.len();
             let mut rest = entries.as_slice();
-            while !rest.is_empty() {
-                let n = round_len(rest);
-                self.publish_round(conn, outbox, &rest[..n]).await?;
-                rest = &rest[n..];
+            // Entries at or before what this publisher committed can only be there again if
+            // Redis lost writes (it trims after every commit, and nothing can be appended
+            // before the partition is claimed again): they went out already, never again.
+            let stale = rest
+                .iter()
+                .take_while(|e| self.published.is_some_and(|p| stream_id(&e.id) <= Some(p)))
+                .count();
+            if stale > 0 {
+                warn!(
+                    partition = self.target.partition,
+                    entries = stale,
+                    "Outbox entries already published reappeared (Redis lost writes); trimming them."
+                );
+                outbox::trim_through(&mut self.conn, &outbox_key, &rest[stale - 1].id).await?;
+                rest = &rest[stale..];
             }
-            if read < self.batch_max {
-                let depth = outbox::len(conn, outbox).await?;
-                self.telemetry
+            // Entries the next round may take at most (a refused record's prefix, or itself).
+            let mut limit = usize::MAX;
+            while let Some(head) = rest.first() {
+                let blocking = self.blocked.as_ref().filter(|b| b.id == head.id);
+                if blocking.is_some_and(|b| Instant::now() < b.retry_at) {
+                    return Ok(());
+                }
+                let head_blocked = blocking.is_some();
+                let n = if head_blocked {
+                    1
+                } else {
+                    round_len(rest).min(limit)
+                };
+                limit = usize::MAX;
+                match self.round(&rest[..n], true).await? {
+                    Round::Committed(counts) => {
+                        self.published = stream_id(&rest[n - 1].id);
+                        outbox::trim_through(&mut self.conn, &outbox_key, &rest[n - 1].id).await?;
+                        self.count(counts);
+                        debug!(
+                            outbox = outbox_key,
+                            published = n,
+                            "Outbox round published."
+                        );
+                        if head_blocked {
+                            info!(
+                                partition = self.target.partition,
+                                id = head.id,
+                                "The refused outbox record went through; the outbox flows again."
+                            );
+                            self.blocked = None;
+                            self.report();
+                        }
+                        rest = &rest[n..];
+                    }
+                    // Publish what precedes the refused record first.
+                    Round::Refused { index, .. } if index > 0 => limit = index,
+                    // Refused within a larger round (a whole producer batch can be refused
+                    // for one record's size): try it alone before judging it.
+                    Round::Refused { .. } if n > 1 => limit = 1,
+                    Round::Refused { error, .. } => {
+                        self.refused(head, &error).await?;
+                        if self.blocked.is_some() {
+                            return Ok(());
+                        }
+                        rest = &rest[1..];
+                    }
+                }
+            }
+            if read < self.shared.batch_max {
+                let depth = outbox::len(&mut self.conn, &outbox_key).await?;
+                self.shared
+                    .telemetry
                     .outbox_depth
-                    .with_label_values(&[label])
+                    .with_label_values(&[&self.label])
                     .set(depth);
                 if depth == 0 {
                     return Ok(());
@@ -161,29 +334,53 @@ impl Publisher {
         }
     }
 
-    /// Produces one round in stream order, waits for every acknowledgement, then trims it.
-    async fn publish_round(
-        &self,
-        conn: &mut ConnectionManager,
-        outbox: &str,
+    /// Creates and initialises the partition's producer, fencing any earlier producer of this
+    /// outbox (which waits for, or aborts, that producer's open transaction).
+    async fn init_producer(&mut self) -> Result<(), DrainError> {
+        let config = self.shared.producer_config.clone();
+        let id = self.target.keys.outbox.clone();
+        let created = tokio::task::spawn_blocking(move || TxnProducer::init_blocking(&config, &id))
+            .await
+            .expect("producer init task");
+        match created {
+            Ok(p) => {
+                self.producer = Some(p);
+                Ok(())
+            }
+            Err(e @ TxnError::Fatal(_)) => Err(DrainError::Stop(Stop::Fatal(e))),
+            Err(e) => Err(DrainError::Retry(PublishError::Producer(e))),
+        }
+    }
+
+    /// Publishes `round` in one transaction; with `from_outbox`, the transaction also commits
+    /// the round's last outbox id as the published position.
+    async fn round(
+        &mut self,
         round: &[StoredEntry],
-    ) -> Result<(), PublishError> {
-        let lane = self.lane.lock().await;
+        from_outbox: bool,
+    ) -> Result<Round, DrainError> {
+        let producer = self.producer.clone().expect("producer initialised");
+        if let Err(e) = producer.begin() {
+            return Err(self.txn_failed(e).await);
+        }
         let mut deliveries = Vec::with_capacity(round.len());
-        for StoredEntry { id, entry } in round {
-            let kind = entry.kind;
-            let topic = match kind {
-                EntryKind::Change => &self.output_topic,
-                EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => &self.dead_letter_topic,
-                EntryKind::AtRisk => &self.at_risk_topic,
+        let mut failed: Option<(usize, KafkaError)> = None;
+        for (index, stored) in round.iter().enumerate() {
+            let entry = &stored.entry;
+            let topic = match entry.kind {
+                EntryKind::Change => &self.shared.output_topic,
+                EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => {
+                    &self.shared.dead_letter_topic
+                }
+                EntryKind::AtRisk => &self.shared.at_risk_topic,
             };
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(topic).payload(&entry.value);
-            if kind != EntryKind::DeadLetterNoKey {
+            if entry.kind != EntryKind::DeadLetterNoKey {
                 record = record.key(&entry.key);
             }
             let pairs = entry.header_pairs().map_err(|e| PublishError::Malformed {
-                id: id.clone(),
+                id: stored.id.clone(),
                 message: e.to_string(),
             })?;
             if !pairs.is_empty() {
@@ -197,53 +394,196 @@ impl Publisher {
                 record = record.headers(h);
             }
             // Queue in stream order; the delivery futures are awaited below.
-            deliveries.push((kind, self.producer.send_result(record)));
-        }
-        let mut first_error = None;
-        let mut counts = [0u64; 3];
-        for (kind, queued) in deliveries {
-            let outcome = match queued {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e),
-                    Err(_) => Err(rdkafka::error::KafkaError::Canceled),
-                },
-                Err((e, _)) => Err(e),
-            };
-            match outcome {
-                Ok(()) => {
-                    counts[match kind {
-                        EntryKind::Change => 0,
-                        EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => 1,
-                        EntryKind::AtRisk => 2,
-                    }] += 1;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
+            match producer.producer().send_result(record) {
+                Ok(delivery) => deliveries.push((index, entry.kind, delivery)),
+                Err((e, _)) => {
+                    failed = Some((index, e));
+                    break;
                 }
             }
         }
-        drop(lane);
-        if let Some(e) = first_error {
-            // Queue full or broker errors: the caller backs off and retries the round.
-            return Err(e.into());
+        let mut counts = [0u64; 3];
+        for (index, kind, delivery) in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => counts[kind_index(kind)] += 1,
+                Ok(Err((e, _))) => {
+                    if failed.as_ref().is_none_or(|(i, _)| index < *i) {
+                        failed = Some((index, e));
+                    }
+                }
+                Err(_) => {
+                    failed.get_or_insert((index, KafkaError::Canceled));
+                }
+            }
         }
-        outbox::trim_through(conn, outbox, &round[round.len() - 1].id).await?;
-        self.telemetry
-            .outbox_published
-            .with_label_values(&["change"])
-            .inc_by(counts[0]);
-        self.telemetry
-            .outbox_published
-            .with_label_values(&["dead_letter"])
-            .inc_by(counts[1]);
-        self.telemetry
-            .outbox_published
-            .with_label_values(&["at_risk"])
-            .inc_by(counts[2]);
-        debug!(outbox, published = round.len(), "Outbox round published.");
+        if let Some((index, error)) = failed {
+            if let Err(e) = producer.abort().await {
+                return Err(self.txn_failed(e).await);
+            }
+            if producer::is_fence(&error) {
+                return Err(self.txn_failed(TxnError::Fenced(error)).await);
+            }
+            if producer::is_permanent(&error) {
+                return Ok(Round::Refused { index, error });
+            }
+            return Err(DrainError::Retry(error.into()));
+        }
+        let position = from_outbox.then(|| RoundPosition {
+            positions: Arc::clone(&self.shared.positions),
+            partition: self.target.partition,
+            last_id: round[round.len() - 1].id.clone(),
+        });
+        if let Err(e) = producer.commit(position).await {
+            return Err(self.txn_failed(e).await);
+        }
+        Ok(Round::Committed(counts))
+    }
+
+    /// A transactional call failed: a fenced producer whose claim is gone stops; otherwise
+    /// the producer is replaced (fatal or fenced while still the owner) or the round retried.
+    async fn txn_failed(&mut self, error: TxnError) -> DrainError {
+        match error {
+            TxnError::Failed(e) => DrainError::Retry(PublishError::Kafka(e)),
+            TxnError::Fatal(_) => {
+                self.producer = None;
+                DrainError::Retry(PublishError::Producer(error))
+            }
+            TxnError::Fenced(_) => {
+                self.producer = None;
+                match outbox::owner_epoch(&mut self.conn, &self.target.keys.meta).await {
+                    Ok(epoch) if epoch != self.target.epoch => {
+                        DrainError::Stop(Stop::Fenced(error))
+                    }
+                    // Still the claimed owner (nothing newer claimed the partition): a new
+                    // producer takes over.
+                    Ok(_) => DrainError::Retry(PublishError::Producer(error)),
+                    Err(e) => DrainError::Retry(PublishError::Redis(e)),
+                }
+            }
+        }
+    }
+
+    /// `head` was refused for good on its own: park a dead letter, block on anything else.
+    async fn refused(&mut self, head: &StoredEntry, error: &KafkaError) -> Result<(), DrainError> {
+        let reason = error.to_string();
+        let kind = head.entry.kind;
+        let parks = matches!(kind, EntryKind::DeadLetter | EntryKind::DeadLetterNoKey);
+        events::PublishRefused {
+            partition: self.target.partition,
+            kind: kind_label(kind),
+            id: &head.id,
+            action: if parks {
+                "parked"
+            } else {
+                "blocking the outbox"
+            },
+            error,
+        }
+        .emit(&self.shared.telemetry);
+        if parks {
+            let keys = &self.target.keys;
+            outbox::park(&mut self.conn, &keys.outbox, &keys.parked, head, &reason).await?;
+            self.parked += 1;
+            self.parked_reason = reason;
+            if self.parked == 1 {
+                self.next_parked_try = Instant::now() + self.shared.parked_retry;
+            }
+        } else {
+            self.blocked = Some(Blocked {
+                id: head.id.clone(),
+                reason,
+                retry_at: Instant::now() + self.shared.parked_retry,
+            });
+        }
+        self.report();
         Ok(())
     }
+
+    /// Tries the oldest parked dead letter again (alone); delivered, it leaves the side stream.
+    async fn retry_parked(&mut self) -> Result<(), DrainError> {
+        self.next_parked_try = Instant::now() + self.shared.parked_retry;
+        let parked_key = self.target.keys.parked.clone();
+        let Some(stored) = outbox::read(&mut self.conn, &parked_key, 1)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            self.parked = 0;
+            self.report();
+            return Ok(());
+        };
+        match self.round(std::slice::from_ref(&stored), false).await? {
+            Round::Committed(counts) => {
+                outbox::delete(&mut self.conn, &parked_key, &stored.id).await?;
+                self.count(counts);
+                info!(
+                    partition = self.target.partition,
+                    id = stored.id,
+                    "A parked dead letter went through."
+                );
+                self.parked = outbox::len(&mut self.conn, &parked_key).await?;
+                // Drain the rest of the side stream on the next attempts without waiting.
+                if self.parked > 0 {
+                    self.next_parked_try = Instant::now();
+                }
+            }
+            Round::Refused { error, .. } => self.parked_reason = error.to_string(),
+        }
+        self.report();
+        Ok(())
+    }
+
+    /// Updates `/readyz`'s view and the gauges.
+    fn report(&self) {
+        let t = &self.shared.telemetry;
+        t.outbox_parked
+            .with_label_values(&[&self.label])
+            .set(self.parked);
+        t.outbox_blocked
+            .with_label_values(&[&self.label])
+            .set(i64::from(self.blocked.is_some()));
+        let mut problems = Vec::new();
+        if let Some(b) = &self.blocked {
+            problems.push(format!(
+                "outbox blocked at entry {}: Kafka refuses it: {}",
+                b.id, b.reason
+            ));
+        }
+        if self.parked > 0 {
+            problems.push(format!(
+                "{} dead letter(s) parked in {} (Kafka refuses them: {})",
+                self.parked, self.target.keys.parked, self.parked_reason
+            ));
+        }
+        self.target
+            .health
+            .set((!problems.is_empty()).then(|| problems.join("; ")));
+    }
+
+    fn count(&self, counts: [u64; 3]) {
+        let published = &self.shared.telemetry.outbox_published;
+        for (kind, n) in ["change", "dead_letter", "at_risk"].iter().zip(counts) {
+            published.with_label_values(&[kind]).inc_by(n);
+        }
+    }
+}
+
+/// A stream id (`ms-seq`) as a comparable pair.
+fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+fn kind_index(kind: EntryKind) -> usize {
+    match kind {
+        EntryKind::Change => 0,
+        EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => 1,
+        EntryKind::AtRisk => 2,
+    }
+}
+
+fn kind_label(kind: EntryKind) -> &'static str {
+    ["change", "dead_letter", "at_risk"][kind_index(kind)]
 }
 
 /// How many leading entries form one round: at most [`ROUND_MAX_BYTES`], at least one.

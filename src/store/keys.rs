@@ -18,6 +18,9 @@ pub struct PartitionKeys {
     pub meta: String,
     /// Stream: tier changes and dead letters awaiting publication.
     pub outbox: String,
+    /// Stream: dead letters Kafka refused permanently (too large for the topic, not
+    /// authorized, …), set aside with the reason so the rest of the outbox flows; retried.
+    pub parked: String,
     /// Sorted set: customer → next moment their tier may change without an event.
     pub timers: String,
     /// Hash: tier name → customers of this partition in it.
@@ -49,6 +52,7 @@ impl Keyspace {
         PartitionKeys {
             meta: format!("{base}:meta"),
             outbox: format!("{base}:outbox"),
+            parked: format!("{base}:parked"),
             timers: format!("{base}:timers"),
             tier_counts: format!("{base}:tiers"),
             cutoffs: format!("{base}:cutoffs"),
@@ -98,7 +102,13 @@ mod tests {
     #[test]
     fn all_keys_of_a_partition_share_one_hash_tag() {
         let k = Keyspace::new("tierd", "g", "purchases").partition(3);
-        for key in [&k.meta, &k.outbox, &k.timers, &k.customer("c{1}")] {
+        for key in [
+            &k.meta,
+            &k.outbox,
+            &k.parked,
+            &k.timers,
+            &k.customer("c{1}"),
+        ] {
             assert!(key.starts_with("tierd:{g:purchases:3}:"), "{key}");
         }
     }
@@ -110,6 +120,7 @@ mod tests {
         let k = Keyspace::new("tierd", "g", "purchases").partition(3);
         assert_eq!(k.meta, "tierd:{g:purchases:3}:meta");
         assert_eq!(k.outbox, "tierd:{g:purchases:3}:outbox");
+        assert_eq!(k.parked, "tierd:{g:purchases:3}:parked");
         assert_eq!(k.timers, "tierd:{g:purchases:3}:timers");
         assert_eq!(k.tier_counts, "tierd:{g:purchases:3}:tiers");
         assert_eq!(k.cutoffs, "tierd:{g:purchases:3}:cutoffs");

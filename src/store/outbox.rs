@@ -170,6 +170,73 @@ pub async fn trim_through(
     Ok(())
 }
 
+/// Moves the entry `stored` of `outbox` to the `parked` stream with the reason Kafka gave,
+/// atomically (both keys share the partition's hash tag): the rest of the outbox flows on, and
+/// the entry is kept until a retry delivers it.
+///
+/// # Errors
+/// Redis errors.
+pub async fn park(
+    conn: &mut ConnectionManager,
+    outbox: &str,
+    parked: &str,
+    stored: &StoredEntry,
+    reason: &str,
+) -> redis::RedisResult<()> {
+    let e = &stored.entry;
+    let _: (String, i64) = redis::pipe()
+        .atomic()
+        .cmd("XADD")
+        .arg(parked)
+        .arg("*")
+        .arg("t")
+        .arg(e.kind.code())
+        .arg("k")
+        .arg(&e.key)
+        .arg("v")
+        .arg(&e.value)
+        .arg("h")
+        .arg(&e.headers)
+        .arg("e")
+        .arg(reason)
+        .cmd("XDEL")
+        .arg(outbox)
+        .arg(&stored.id)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Removes one entry (a parked entry that was finally delivered).
+///
+/// # Errors
+/// Redis errors.
+pub async fn delete(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    id: &str,
+) -> redis::RedisResult<()> {
+    let _: i64 = redis::cmd("XDEL")
+        .arg(stream)
+        .arg(id)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// The fencing epoch currently claimed for the partition whose meta hash is `meta` (0: none).
+///
+/// # Errors
+/// Redis errors.
+pub async fn owner_epoch(conn: &mut ConnectionManager, meta: &str) -> redis::RedisResult<i64> {
+    let epoch: Option<i64> = redis::cmd("HGET")
+        .arg(meta)
+        .arg("epoch")
+        .query_async(conn)
+        .await?;
+    Ok(epoch.unwrap_or(0))
+}
+
 /// The smallest stream id after `id` (`"5-3"` → `"5-4"`): XTRIM MINID keeps ids ≥ it.
 fn next_stream_id(id: &str) -> String {
     match id

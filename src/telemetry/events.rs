@@ -30,6 +30,22 @@ pub struct ClaimFailed<'a> {
     pub error: &'a dyn Display,
 }
 
+/// Reading how far a partition's outbox was published (from Kafka) failed; the claim waits.
+pub struct PublishedPositionUnknown<'a> {
+    /// The partition being claimed.
+    pub partition: i32,
+    /// What Kafka said.
+    pub error: &'a dyn Display,
+}
+
+impl PublishedPositionUnknown<'_> {
+    /// Logs and counts it.
+    pub fn emit(self, t: &Telemetry) {
+        t.publish_errors.inc();
+        error!(partition = self.partition, error = %self.error, "Reading the published outbox position from Kafka failed; retrying the claim.");
+    }
+}
+
 impl ClaimFailed<'_> {
     /// Logs and counts it.
     pub fn emit(self, t: &Telemetry) {
@@ -344,5 +360,43 @@ impl PublishFailed<'_> {
     pub fn emit(self, t: &Telemetry) {
         t.publish_errors.inc();
         warn!(partition = self.partition, error = %self.error, "Publishing the outbox failed; retrying.");
+    }
+}
+
+/// Kafka refused an outbox record for a reason retrying cannot change.
+pub struct PublishRefused<'a> {
+    /// The partition whose outbox holds it.
+    pub partition: i32,
+    /// `change`, `dead_letter` or `at_risk`.
+    pub kind: &'static str,
+    /// Its outbox stream id.
+    pub id: &'a str,
+    /// What happens to it (`parked`, `blocking the outbox`).
+    pub action: &'static str,
+    /// Kafka's reason.
+    pub error: &'a dyn Display,
+}
+
+impl PublishRefused<'_> {
+    /// Logs and counts it.
+    pub fn emit(self, t: &Telemetry) {
+        t.publish_refused.with_label_values(&[self.kind]).inc();
+        error!(partition = self.partition, kind = self.kind, id = self.id, action = self.action, error = %self.error, "Kafka refused an outbox record permanently.");
+    }
+}
+
+/// A partition's outbox producer was fenced by a newer owner's producer: it stops publishing.
+pub struct PublisherFenced<'a> {
+    /// The partition.
+    pub partition: i32,
+    /// The fencing error.
+    pub error: &'a dyn Display,
+}
+
+impl PublisherFenced<'_> {
+    /// Logs and counts it.
+    pub fn emit(self, t: &Telemetry) {
+        t.publish_fenced.inc();
+        warn!(partition = self.partition, error = %self.error, "Outbox producer fenced by a newer owner of the partition; this instance stops publishing it.");
     }
 }

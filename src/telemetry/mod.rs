@@ -34,6 +34,14 @@ pub struct Telemetry {
     pub outbox_published: IntCounterVec,
     /// Publish attempts that failed and will be retried.
     pub publish_errors: IntCounter,
+    /// Records Kafka refused permanently (too large, not authorized, …), by kind.
+    pub publish_refused: IntCounterVec,
+    /// Dead letters set aside after a permanent refusal, awaiting a retry.
+    pub outbox_parked: IntGaugeVec,
+    /// 1 while a partition's outbox is blocked by a change Kafka refuses permanently.
+    pub outbox_blocked: IntGaugeVec,
+    /// Outbox producers that found themselves fenced by a newer owner's producer.
+    pub publish_fenced: IntCounter,
     /// Commits refused because another owner claimed the partition.
     pub apply_fenced: IntCounter,
     /// Redis calls that failed and were retried.
@@ -171,6 +179,25 @@ impl Telemetry {
             publish_errors: counter(
                 "tierd_publish_errors_total",
                 "Failed publish attempts (retried).",
+            ),
+            publish_refused: counter_vec(
+                "tierd_publish_refused_total",
+                "Outbox records Kafka refused permanently (parked or blocking; see /readyz).",
+                &["kind"],
+            ),
+            outbox_parked: gauge_vec(
+                "tierd_outbox_parked",
+                "Dead letters set aside after a permanent refusal, retried periodically.",
+                &["partition"],
+            ),
+            outbox_blocked: gauge_vec(
+                "tierd_outbox_blocked",
+                "1 while the partition's outbox waits on a change Kafka refuses permanently.",
+                &["partition"],
+            ),
+            publish_fenced: counter(
+                "tierd_publish_fenced_total",
+                "Outbox producers fenced by a newer owner of their partition.",
             ),
             apply_fenced: counter(
                 "tierd_apply_fenced_total",

@@ -1111,11 +1111,17 @@ impl Record {
     }
 }
 
+/// Everything a `read_committed` consumer (librdkafka's default, and what tierd's output
+/// contract asks of consumers) sees on `topic`, up to the end of each partition. The end is
+/// librdkafka's end-of-partition event: with transactional writes the last offsets are commit
+/// markers that are never delivered.
 pub fn read_all(brokers: &str, topic: &str, partitions: i32) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
@@ -1166,6 +1172,9 @@ pub fn read_all(brokers: &str, topic: &str, partitions: i32) -> Vec<Record> {
                 if m.offset() + 1 >= highs[&m.partition()] {
                     done.insert(m.partition(), ());
                 }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                done.insert(p, ());
             }
             Some(Err(e)) => panic!("reading {topic}: {e}"),
             None => {}
@@ -1311,6 +1320,15 @@ impl Drop for Tierd {
         self.kill9();
         if std::thread::panicking() {
             let log = self.log_text();
+            // The whole log outlives the test's temp dir, for a post-mortem.
+            let keep = std::env::temp_dir().join(format!(
+                "tierd-failed-{}-{}.log",
+                std::process::id(),
+                unique("t")
+            ));
+            if std::fs::write(&keep, &log).is_ok() {
+                eprintln!("tierd's whole log: {}", keep.display());
+            }
             let tail: Vec<&str> = log
                 .lines()
                 .filter(|l| !l.starts_with("  "))

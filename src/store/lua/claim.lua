@@ -3,11 +3,50 @@
 -- yet), the number of commits so far, the partition's event-time clock ('' if none) and the
 -- hash of the rules version whose sweep completed ('' if none) and the rank cut-offs the
 -- partition last finished applying ('' if none).
--- KEYS[1] meta hash
+--
+-- ARGV[1] is the last outbox id a committed Kafka transaction published ('' if none). The
+-- entries up to it went out already (a previous owner may have died between its Kafka commit
+-- and its trim) and are trimmed here, before anyone publishes again. If the stream's last
+-- generated id is behind it, Redis lost writes (a restored snapshot, a lagging replica): every
+-- entry left is then an old one, published already (nothing can be appended between the loss
+-- and this claim: commits check the stored offset), so they are trimmed as well, and the
+-- stream's id moves to the published one so that new entries sort after everything Kafka has.
+-- The last value returned says which case happened ('trimmed', 'behind' or '').
+-- KEYS[1] meta hash, KEYS[2] outbox stream
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local next_offset = redis.call('HGET', KEYS[1], 'next_offset') or '-1'
 local commits = redis.call('HGET', KEYS[1], 'commits') or '0'
 local clock = redis.call('HGET', KEYS[1], 'clock') or ''
 local rules = redis.call('HGET', KEYS[1], 'rules') or ''
 local cutoffs = redis.call('HGET', KEYS[1], 'cutoffs') or ''
-return {tostring(epoch), next_offset, commits, clock, rules, cutoffs}
+
+local outbox = ''
+local published = ARGV[1]
+local pms, pseq = string.match(published, '^(%d+)-(%d+)$')
+if pms then
+  local lms, lseq = '0', '0'
+  local exists = redis.call('EXISTS', KEYS[2]) == 1
+  if exists then
+    local info = redis.call('XINFO', 'STREAM', KEYS[2])
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        lms, lseq = string.match(info[i + 1], '^(%d+)-(%d+)$')
+      end
+    end
+  end
+  -- Millisecond parts have 13 digits: exact as Lua numbers.
+  local behind = tonumber(lms) < tonumber(pms)
+    or (tonumber(lms) == tonumber(pms) and tonumber(lseq) < tonumber(pseq))
+  redis.call('XTRIM', KEYS[2], 'MINID', pms .. '-' .. string.format('%d', tonumber(pseq) + 1))
+  outbox = 'trimmed'
+  if behind then
+    if exists then
+      redis.call('XSETID', KEYS[2], published)
+    else
+      redis.call('XADD', KEYS[2], published, 't', '')
+      redis.call('XDEL', KEYS[2], published)
+    end
+    outbox = 'behind'
+  end
+end
+return {tostring(epoch), next_offset, commits, clock, rules, cutoffs, outbox}

@@ -69,19 +69,35 @@ pub struct Claim {
     pub swept_rules: Option<u32>,
     /// The rank cut-offs this partition last finished applying.
     pub cutoffs: Option<Cutoffs>,
+    /// Whether the outbox was behind what Kafka has published (Redis lost writes).
+    pub outbox_behind: bool,
 }
 
 /// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
-/// consumer thread).
+/// consumer thread). `published` is the last outbox id a committed Kafka transaction holds
+/// ([`crate::publish::position`]): the entries up to it are trimmed, never published again.
 ///
 /// # Errors
 /// The Redis error.
 pub fn claim(
     conn: &mut redis::Connection,
     keys: &PartitionKeys,
+    published: Option<&str>,
 ) -> Result<Claim, redis::RedisError> {
-    let (epoch, next, commits, clock, rules, cutoffs): (i64, i64, i64, String, String, String) =
-        CLAIM.key(&keys.meta).invoke(conn)?;
+    #[allow(clippy::type_complexity)]
+    let (epoch, next, commits, clock, rules, cutoffs, outbox): (
+        i64,
+        i64,
+        i64,
+        String,
+        String,
+        String,
+        String,
+    ) = CLAIM
+        .key(&keys.meta)
+        .key(&keys.outbox)
+        .arg(published.unwrap_or(""))
+        .invoke(conn)?;
     Ok(Claim {
         epoch,
         next_offset: (next >= 0).then_some(next),
@@ -89,6 +105,7 @@ pub fn claim(
         clock: clock.parse().ok(),
         swept_rules: rules.parse().ok(),
         cutoffs: serde_json::from_str(&cutoffs).ok(),
+        outbox_behind: outbox == "behind",
     })
 }
 

@@ -1,0 +1,207 @@
+//! The transactional producer of one partition's outbox.
+//!
+//! Every owned partition publishes through its own producer whose `transactional.id` is the
+//! outbox's key name, so the broker knows one publisher per outbox. A new owner's
+//! `init_transactions` fences every earlier producer of that outbox: the old owner's open
+//! transaction is aborted and anything it still has queued or in flight (a zombie resumed
+//! after SIGSTOP, a round stuck behind a stalled broker) is refused by the broker or lands
+//! inside the aborted transaction, invisible to `read_committed` consumers. This is the
+//! broker-side half of the ownership fence; the Redis epoch is the other half (Kafka Streams
+//! fences its tasks' producers the same way).
+
+use super::position::OutboxPositions;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::ClientConfig;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long one `init_transactions`, `commit_transaction` or `abort_transaction` may block.
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a transactional call failed, as the publisher must react to it.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    /// A newer producer of the same outbox initialised: this one may never publish again.
+    #[error("fenced by a newer producer of this outbox: {0}")]
+    Fenced(KafkaError),
+    /// The producer is unusable for another reason: a new one must be created.
+    #[error("producer failed fatally: {0}")]
+    Fatal(KafkaError),
+    /// The call failed; the transaction is aborted (or was never begun) and can be retried.
+    #[error("{0}")]
+    Failed(KafkaError),
+}
+
+impl TxnError {
+    /// Classifies a librdkafka error of a transactional call.
+    pub fn classify(error: KafkaError) -> Self {
+        let fatal = matches!(&error, KafkaError::Transaction(e) if e.is_fatal());
+        if is_fence(&error) {
+            Self::Fenced(error)
+        } else if fatal {
+            Self::Fatal(error)
+        } else {
+            Self::Failed(error)
+        }
+    }
+}
+
+/// Whether `error` says a newer producer with our `transactional.id` exists.
+pub fn is_fence(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    )
+}
+
+/// Whether Kafka refused a record for a reason that retrying the same record cannot change
+/// (too large for the topic, not authorized, invalid): such a record is set aside or blocks
+/// its partition's outbox, and is never re-sent in a loop with the records around it.
+pub fn is_permanent(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::PolicyViolation
+                | RDKafkaErrorCode::UnknownTopic
+        )
+    )
+}
+
+/// One partition's transactional producer.
+#[derive(Clone)]
+pub struct TxnProducer {
+    inner: FutureProducer,
+}
+
+impl TxnProducer {
+    /// Creates the producer of the outbox `transactional_id` from the shared producer settings
+    /// and initialises it (fencing earlier producers of that outbox). Blocks: run it off the
+    /// async workers.
+    ///
+    /// # Errors
+    /// [`TxnError`]: creation refused (a configuration error: fatal) or initialisation failed.
+    pub fn init_blocking(base: &ClientConfig, transactional_id: &str) -> Result<Self, TxnError> {
+        let inner: FutureProducer = base
+            .clone()
+            .set("transactional.id", transactional_id)
+            .create()
+            .map_err(TxnError::Fatal)?;
+        inner
+            .init_transactions(TXN_CALL_TIMEOUT)
+            .map_err(TxnError::classify)?;
+        Ok(Self { inner })
+    }
+
+    /// The producer, to queue records on.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.inner
+    }
+
+    /// Begins a transaction (local, does not block).
+    ///
+    /// # Errors
+    /// [`TxnError`].
+    pub fn begin(&self) -> Result<(), TxnError> {
+        self.inner.begin_transaction().map_err(TxnError::classify)
+    }
+
+    /// Commits the open transaction (blocks until the broker took it; off the async workers),
+    /// together with the outbox position `published` when given ([`RoundPosition`]).
+    /// A retriable failure (a timeout) is retried as librdkafka requires: the transaction is
+    /// then in the middle of committing and only another commit call can finish it.
+    ///
+    /// # Errors
+    /// [`TxnError`]; on `Failed` the transaction has been aborted.
+    pub async fn commit(&self, published: Option<RoundPosition>) -> Result<(), TxnError> {
+        let p = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(at) = published {
+                let offsets = at.positions.round_offsets(at.partition, &at.last_id);
+                if let Err(e) =
+                    p.send_offsets_to_transaction(&offsets, at.positions.group(), TXN_CALL_TIMEOUT)
+                {
+                    if requires_abort(&e) || retriable(&e) {
+                        abort_blocking(&p)?;
+                        return Err(TxnError::Failed(e));
+                    }
+                    return Err(TxnError::classify(e));
+                }
+            }
+            let mut last = None;
+            for _ in 0..TXN_CALL_ATTEMPTS {
+                match p.commit_transaction(TXN_CALL_TIMEOUT) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if retriable(&e) => last = Some(e),
+                    Err(e) if requires_abort(&e) => {
+                        abort_blocking(&p)?;
+                        return Err(TxnError::Failed(e));
+                    }
+                    Err(e) => return Err(TxnError::classify(e)),
+                }
+            }
+            // Still not committed: only a new producer (whose initialisation completes or
+            // aborts this transaction) can go on.
+            Err(TxnError::Fatal(last.expect("an attempt failed")))
+        })
+        .await
+        .expect("commit task")
+    }
+
+    /// Aborts the open transaction: nothing produced in it becomes visible to
+    /// `read_committed` consumers.
+    ///
+    /// # Errors
+    /// [`TxnError`].
+    pub async fn abort(&self) -> Result<(), TxnError> {
+        let p = self.inner.clone();
+        tokio::task::spawn_blocking(move || abort_blocking(&p))
+            .await
+            .expect("abort task")
+    }
+}
+
+/// The outbox position a round's transaction commits: the last outbox id it publishes.
+pub struct RoundPosition {
+    /// Where positions are kept.
+    pub positions: Arc<OutboxPositions>,
+    /// The input partition whose outbox this is.
+    pub partition: i32,
+    /// The round's last outbox stream id.
+    pub last_id: String,
+}
+
+/// Attempts of a blocking transactional call that keeps failing retriably.
+const TXN_CALL_ATTEMPTS: usize = 5;
+
+fn retriable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_retriable())
+}
+
+fn requires_abort(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.txn_requires_abort())
+}
+
+/// Aborts, retrying retriable failures; a producer that cannot abort is unusable.
+fn abort_blocking(p: &FutureProducer) -> Result<(), TxnError> {
+    let mut last = None;
+    for _ in 0..TXN_CALL_ATTEMPTS {
+        match p.abort_transaction(TXN_CALL_TIMEOUT) {
+            Ok(()) => return Ok(()),
+            Err(e) if retriable(&e) => last = Some(e),
+            Err(e) => return Err(TxnError::classify(e)),
+        }
+    }
+    Err(TxnError::Fatal(last.expect("an attempt failed")))
+}

@@ -1,0 +1,370 @@
+//! The outbox publisher against the real broker: each partition publishes through its own
+//! transactional producer, so a newer owner's producer fences an older one at the broker.
+//! A fenced publisher whose Redis claim is gone stops (its records never become visible); one
+//! that is still the claimed owner replaces its producer and goes on; a producer that cannot
+//! be created at all stops the service instead of spinning.
+
+mod support;
+
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::ClientConfig;
+use std::sync::Arc;
+use std::time::Duration;
+use support::{Broker, Redis};
+use tierd::publish::health::PublishHealth;
+use tierd::publish::position::OutboxPositions;
+use tierd::publish::publisher::{Publisher, Target};
+use tierd::store::keys::{Keyspace, PartitionKeys};
+use tierd::telemetry::Telemetry;
+use tokio::sync::{watch, Notify};
+
+struct Setup {
+    broker: Broker,
+    redis: Redis,
+    topic: String,
+    keys: PartitionKeys,
+    publisher: Publisher,
+}
+
+fn setup(producer_config: Option<ClientConfig>) -> Setup {
+    let broker = Broker::shared();
+    let redis = Redis::start();
+    let topic = support::unique("changes");
+    broker.create_topics(&[&topic], 1);
+    let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
+    let config = producer_config.unwrap_or_else(|| {
+        let mut kafka = tierd::config::Config::default().kafka;
+        kafka.brokers = broker.addr.clone();
+        tierd::kafka::producer_config(&kafka)
+    });
+    let mut kafka = tierd::config::Config::default().kafka;
+    kafka.brokers = broker.addr.clone();
+    kafka.group_id = support::unique("g");
+    // Positions are kept per input partition: here the one partition of the test topic.
+    kafka.input_topic = topic.clone();
+    let publisher = Publisher {
+        positions: Arc::new(OutboxPositions::new(&kafka).unwrap()),
+        producer_config: config,
+        output_topic: topic.clone(),
+        dead_letter_topic: topic.clone(),
+        at_risk_topic: topic.clone(),
+        batch_max: 100,
+        interval: Duration::from_millis(50),
+        parked_retry: Duration::from_secs(1),
+        telemetry: Telemetry::new(),
+        fatal: Arc::new(Notify::new()),
+    };
+    Setup {
+        broker,
+        redis,
+        topic,
+        keys,
+        publisher,
+    }
+}
+
+fn add_change(conn: &mut redis::Connection, outbox: &str, customer: &str, body: &str) {
+    let _: String = redis::cmd("XADD")
+        .arg(outbox)
+        .arg("*")
+        .arg("t")
+        .arg("c")
+        .arg("k")
+        .arg(customer)
+        .arg("v")
+        .arg(body)
+        .arg("h")
+        .arg("")
+        .query(conn)
+        .unwrap();
+}
+
+fn set_epoch(conn: &mut redis::Connection, meta: &str, epoch: i64) {
+    let _: () = redis::cmd("HSET")
+        .arg(meta)
+        .arg("epoch")
+        .arg(epoch)
+        .query(conn)
+        .unwrap();
+}
+
+fn outbox_len(conn: &mut redis::Connection, outbox: &str) -> i64 {
+    redis::cmd("XLEN").arg(outbox).query(conn).unwrap()
+}
+
+/// Starts the publisher of partition 0 as the owner of claim `epoch`.
+fn spawn(
+    s: &Setup,
+    rt: &tokio::runtime::Runtime,
+    epoch: i64,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<Notify>,
+    watch::Sender<bool>,
+) {
+    let target = Target {
+        partition: 0,
+        keys: s.keys.clone(),
+        epoch,
+        health: Arc::new(PublishHealth::default()),
+    };
+    let wake = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let client = redis::Client::open(s.redis.url.as_str()).unwrap();
+    let publisher = s.publisher.clone();
+    let w = Arc::clone(&wake);
+    let task = rt.spawn(async move {
+        let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+        publisher.run(target, conn, w, stop_rx).await;
+    });
+    (task, wake, stop_tx)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What a read_committed consumer sees on the topic, as (key, value) strings.
+fn visible(s: &Setup) -> Vec<(String, String)> {
+    support::read_all(&s.broker.addr, &s.topic, 1)
+        .into_iter()
+        .map(|r| {
+            (
+                String::from_utf8(r.key.unwrap_or_default()).unwrap(),
+                String::from_utf8(r.value).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A newer owner claimed the partition and initialised its producer (as a new owner's
+/// publisher does): the old publisher's next round is refused by the broker, its records stay
+/// invisible and in the outbox for the new owner, and the old publisher stops.
+#[test]
+fn a_publisher_fenced_by_a_newer_owner_stops_and_its_records_never_show() {
+    let s = setup(None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = s.redis.conn();
+    set_epoch(&mut conn, &s.keys.meta, 1);
+    add_change(&mut conn, &s.keys.outbox, "alice", "first");
+    let (task, wake, _stop) = spawn(&s, &rt, 1);
+    wait_until("first change published", Duration::from_secs(30), || {
+        outbox_len(&mut conn, &s.keys.outbox) == 0
+    });
+
+    // The new owner: a claim raises the epoch, then its producer fences ours.
+    set_epoch(&mut conn, &s.keys.meta, 2);
+    let newer: FutureProducer = s
+        .publisher
+        .producer_config
+        .clone()
+        .set("transactional.id", &s.keys.outbox)
+        .create()
+        .unwrap();
+    newer.init_transactions(Duration::from_secs(30)).unwrap();
+
+    add_change(
+        &mut conn,
+        &s.keys.outbox,
+        "alice",
+        "second, written by the old owner",
+    );
+    wake.notify_one();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the fenced publisher stops")
+            .unwrap();
+    });
+    assert_eq!(
+        visible(&s),
+        vec![("alice".to_owned(), "first".to_owned())],
+        "only the first change is visible: the fenced round was aborted"
+    );
+    assert_eq!(
+        outbox_len(&mut conn, &s.keys.outbox),
+        1,
+        "left for the new owner"
+    );
+    assert_eq!(
+        tierd::telemetry::Telemetry::render(&s.publisher.telemetry)
+            .lines()
+            .find(|l| l.starts_with("tierd_publish_fenced_total"))
+            .unwrap(),
+        "tierd_publish_fenced_total 1"
+    );
+}
+
+/// Fenced while its claim is still the current one (nothing newer owns the partition, e.g. a
+/// leftover producer with the same id): the publisher replaces its producer and goes on, and
+/// every change is visible exactly once.
+#[test]
+fn a_publisher_fenced_while_still_the_owner_replaces_its_producer() {
+    let s = setup(None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = s.redis.conn();
+    set_epoch(&mut conn, &s.keys.meta, 1);
+    add_change(&mut conn, &s.keys.outbox, "bob", "1");
+    let (task, wake, stop) = spawn(&s, &rt, 1);
+    wait_until("first change published", Duration::from_secs(30), || {
+        outbox_len(&mut conn, &s.keys.outbox) == 0
+    });
+    let other: FutureProducer = s
+        .publisher
+        .producer_config
+        .clone()
+        .set("transactional.id", &s.keys.outbox)
+        .create()
+        .unwrap();
+    other.init_transactions(Duration::from_secs(30)).unwrap();
+    add_change(&mut conn, &s.keys.outbox, "bob", "2");
+    add_change(&mut conn, &s.keys.outbox, "bob", "3");
+    wake.notify_one();
+    wait_until("the rest published", Duration::from_secs(60), || {
+        outbox_len(&mut conn, &s.keys.outbox) == 0
+    });
+    assert!(!task.is_finished(), "the owner keeps publishing");
+    let _ = stop.send(true);
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await })
+        .expect("stops when told")
+        .unwrap();
+    let values: Vec<String> = visible(&s).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, ["1", "2", "3"], "each change once, in order");
+}
+
+/// A producer that cannot even be created (here: librdkafka refuses the settings) stops the
+/// service, naming the problem in the log, instead of retrying for ever; the outbox keeps the
+/// undelivered record.
+#[test]
+fn a_producer_that_cannot_be_created_stops_the_service_and_keeps_the_outbox() {
+    let mut bad = ClientConfig::new();
+    bad.set("bootstrap.servers", "127.0.0.1:1")
+        .set("transaction.timeout.ms", "5000")
+        .set("message.timeout.ms", "60000");
+    let s = setup(Some(bad));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = s.redis.conn();
+    set_epoch(&mut conn, &s.keys.meta, 1);
+    add_change(&mut conn, &s.keys.outbox, "carol", "x");
+    let fatal = Arc::clone(&s.publisher.fatal);
+    let (task, _wake, _stop) = spawn(&s, &rt, 1);
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), fatal.notified())
+            .await
+            .expect("the service is told to stop");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the publisher stops")
+            .unwrap();
+    });
+    assert_eq!(outbox_len(&mut conn, &s.keys.outbox), 1);
+}
+
+fn ids(conn: &mut redis::Connection, stream: &str) -> Vec<String> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query(conn)
+        .unwrap();
+    reply.ids.into_iter().map(|e| e.id).collect()
+}
+
+fn add_with_id(conn: &mut redis::Connection, outbox: &str, id: &str, body: &str) {
+    let _: String = redis::cmd("XADD")
+        .arg(outbox)
+        .arg(id)
+        .arg("t")
+        .arg("c")
+        .arg("k")
+        .arg("dave")
+        .arg("v")
+        .arg(body)
+        .arg("h")
+        .arg("")
+        .query(conn)
+        .unwrap();
+}
+
+/// Each publish transaction commits the round's last outbox id to Kafka with its records. A
+/// publisher that died between its Kafka commit and its trim leaves published entries in the
+/// outbox: the next claim trims them (read from Kafka) instead of publishing them again. And
+/// when Redis lost writes so that the outbox is behind what Kafka has, the claim trims what is
+/// left and moves the stream's id past the published one, so a new entry is never taken for
+/// an old one.
+#[test]
+fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
+    let s = setup(None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = s.redis.conn();
+    set_epoch(&mut conn, &s.keys.meta, 1);
+    for body in ["1", "2", "3"] {
+        add_change(&mut conn, &s.keys.outbox, "dave", body);
+    }
+    let written = ids(&mut conn, &s.keys.outbox);
+    let (task, _wake, stop) = spawn(&s, &rt, 1);
+    wait_until("published", Duration::from_secs(30), || {
+        outbox_len(&mut conn, &s.keys.outbox) == 0
+    });
+    let _ = stop.send(true);
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await })
+        .unwrap()
+        .unwrap();
+    let published = s.publisher.positions.published(0).unwrap();
+    assert_eq!(published.as_deref(), Some(written[2].as_str()));
+
+    // The trim "did not happen": the same entries are back (a crash between commit and trim).
+    let _: i64 = redis::cmd("DEL")
+        .arg(&s.keys.outbox)
+        .query(&mut conn)
+        .unwrap();
+    for (id, body) in written.iter().zip(["1", "2", "3"]) {
+        add_with_id(&mut conn, &s.keys.outbox, id, body);
+    }
+    let claim = tierd::store::partition::claim(&mut conn, &s.keys, published.as_deref()).unwrap();
+    assert!(!claim.outbox_behind);
+    assert!(
+        ids(&mut conn, &s.keys.outbox).is_empty(),
+        "published entries trimmed"
+    );
+
+    // Redis lost writes: the stream is back at the first entry, behind the published third.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&s.keys.outbox)
+        .query(&mut conn)
+        .unwrap();
+    add_with_id(&mut conn, &s.keys.outbox, &written[0], "1");
+    let claim = tierd::store::partition::claim(&mut conn, &s.keys, published.as_deref()).unwrap();
+    assert!(claim.outbox_behind);
+    assert!(ids(&mut conn, &s.keys.outbox).is_empty());
+    add_change(&mut conn, &s.keys.outbox, "dave", "4");
+    let new = ids(&mut conn, &s.keys.outbox);
+    assert!(
+        super_id(&new[0]) > super_id(&written[2]),
+        "a new entry sorts after the published ones: {new:?} vs {written:?}"
+    );
+
+    // The same happens with no stream at all (Redis lost everything).
+    let _: i64 = redis::cmd("DEL")
+        .arg(&s.keys.outbox)
+        .query(&mut conn)
+        .unwrap();
+    let claim = tierd::store::partition::claim(&mut conn, &s.keys, published.as_deref()).unwrap();
+    assert!(claim.outbox_behind);
+    add_change(&mut conn, &s.keys.outbox, "dave", "5");
+    let new = ids(&mut conn, &s.keys.outbox);
+    assert!(super_id(&new[0]) > super_id(&written[2]), "{new:?}");
+
+    // The topic holds each published change once.
+    let values: Vec<String> = visible(&s).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, ["1", "2", "3"]);
+}
+
+fn super_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap();
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
