@@ -194,3 +194,64 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         );
     });
 }
+
+/// A zombie: an instance paused (SIGSTOP) past its session timeout while events flow, so the
+/// other instance takes its partitions over and publishes; then resumed. The resumed instance
+/// still believes it owns them for a moment: its runner's commits are refused by the Redis
+/// epoch, and its publisher's transactions by the broker (the new owner's producer fenced it).
+/// Exact state, and on the output topic every change exactly once in per-customer order on
+/// every record. (Before the fencing, the resumed publisher produced the new owner's
+/// untrimmed outbox entries again after newer ones: duplicates and sequences going back.)
+#[test]
+fn a_zombie_resumed_after_its_partitions_moved_publishes_nothing() {
+    let world = World::start(2);
+    let events = support::exact::stream(24_000, 2_000, 11);
+    assert!(events.len() >= 24_000);
+    let (states, changes) = support::exact::reference(&events, &support::exact::b2b_rules());
+    let consumer = "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n";
+    // Small batches and rounds: many commits and publish rounds in flight at any moment.
+    let extra = "[ingest]\nbatch_max_events = 100\n[publish]\nbatch_max = 50\n";
+    let zombie = Tierd::spawn_with(&world, consumer, extra);
+    zombie.wait_partitions(2, Duration::from_secs(60));
+    let other = Tierd::spawn_with(&world, consumer, extra);
+    other.wait_partitions(1, Duration::from_secs(60));
+    zombie.wait_partitions(1, Duration::from_secs(60));
+    let pid = zombie.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+
+    let mut ends = BTreeMap::new();
+    let mut chunks = events.chunks(4_000);
+    let mut produce = |ends: &mut BTreeMap<i32, i64>| {
+        let Some(chunk) = chunks.next() else {
+            return false;
+        };
+        for (p, e) in world.produce_json(chunk) {
+            ends.insert(p, e);
+        }
+        true
+    };
+    for _ in 0..2 {
+        // A burst: the zombie is in the middle of applying and publishing a backlog (rounds
+        // produced and not yet trimmed, records in flight) when it is paused.
+        assert!(produce(&mut ends));
+        std::thread::sleep(Duration::from_millis(400));
+        signal("-STOP");
+        // The other instance takes both partitions over and works on them for a while.
+        other.wait_partitions(2, Duration::from_secs(60));
+        assert!(produce(&mut ends));
+        std::thread::sleep(Duration::from_secs(3));
+        signal("-CONT");
+        // The zombie rejoins and gets a partition back.
+        zombie.wait_partitions(1, Duration::from_secs(60));
+    }
+    while produce(&mut ends) {}
+    world.wait_applied(&ends, Duration::from_secs(120));
+    support::exact::assert_exact(&world, &states, &changes);
+}

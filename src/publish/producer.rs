@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long one `init_transactions`, `commit_transaction` or `abort_transaction` may block.
-const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a transactional call failed, as the publisher must react to it.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,12 @@ pub enum TxnError {
     /// The call failed; the transaction is aborted (or was never begun) and can be retried.
     #[error("{0}")]
     Failed(KafkaError),
+    /// The call did not return in time (librdkafka 2.12 can block past its timeout in
+    /// `send_offsets_to_transaction` when the group coordinator's broker went away,
+    /// confluentinc/librdkafka#5456 and #5511): the producer is abandoned and replaced; the new
+    /// one's initialisation fences it and aborts its open transaction.
+    #[error("a transactional call did not return within {0:?}; replacing the producer")]
+    Stuck(Duration),
 }
 
 impl TxnError {
@@ -126,7 +132,7 @@ impl TxnProducer {
     /// [`TxnError`]; on `Failed` the transaction has been aborted.
     pub async fn commit(&self, published: Option<RoundPosition>) -> Result<(), TxnError> {
         let p = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        within_deadline(move || {
             if let Some(at) = published {
                 let offsets = at.positions.round_offsets(at.partition, &at.last_id);
                 if let Err(e) =
@@ -143,7 +149,10 @@ impl TxnProducer {
             for _ in 0..TXN_CALL_ATTEMPTS {
                 match p.commit_transaction(TXN_CALL_TIMEOUT) {
                     Ok(()) => return Ok(()),
-                    Err(e) if retriable(&e) => last = Some(e),
+                    Err(e) if retriable(&e) => {
+                        tracing::warn!(error = %e, "Committing a publish transaction failed; retrying the commit.");
+                        last = Some(e);
+                    }
                     Err(e) if requires_abort(&e) => {
                         abort_blocking(&p)?;
                         return Err(TxnError::Failed(e));
@@ -156,7 +165,6 @@ impl TxnProducer {
             Err(TxnError::Fatal(last.expect("an attempt failed")))
         })
         .await
-        .expect("commit task")
     }
 
     /// Aborts the open transaction: nothing produced in it becomes visible to
@@ -166,9 +174,7 @@ impl TxnProducer {
     /// [`TxnError`].
     pub async fn abort(&self) -> Result<(), TxnError> {
         let p = self.inner.clone();
-        tokio::task::spawn_blocking(move || abort_blocking(&p))
-            .await
-            .expect("abort task")
+        within_deadline(move || abort_blocking(&p)).await
     }
 }
 
@@ -182,8 +188,23 @@ pub struct RoundPosition {
     pub last_id: String,
 }
 
+/// How long a blocking transactional step (with its own retries) may take before the
+/// producer is considered stuck.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(45);
+
+/// Runs a blocking transactional step off the async workers, giving up on it after
+/// [`CALL_DEADLINE`] (the thread is left to finish on its own; its producer is replaced).
+pub async fn within_deadline<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, TxnError> + Send + 'static,
+) -> Result<T, TxnError> {
+    match tokio::time::timeout(CALL_DEADLINE, tokio::task::spawn_blocking(call)).await {
+        Ok(joined) => joined.expect("transactional call task"),
+        Err(_) => Err(TxnError::Stuck(CALL_DEADLINE)),
+    }
+}
+
 /// Attempts of a blocking transactional call that keeps failing retriably.
-const TXN_CALL_ATTEMPTS: usize = 5;
+const TXN_CALL_ATTEMPTS: usize = 3;
 
 fn retriable(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(t) if t.is_retriable())
@@ -199,7 +220,10 @@ fn abort_blocking(p: &FutureProducer) -> Result<(), TxnError> {
     for _ in 0..TXN_CALL_ATTEMPTS {
         match p.abort_transaction(TXN_CALL_TIMEOUT) {
             Ok(()) => return Ok(()),
-            Err(e) if retriable(&e) => last = Some(e),
+            Err(e) if retriable(&e) => {
+                tracing::warn!(error = %e, "Aborting a publish transaction failed; retrying the abort.");
+                last = Some(e);
+            }
             Err(e) => return Err(TxnError::classify(e)),
         }
     }

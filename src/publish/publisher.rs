@@ -444,7 +444,7 @@ impl PartitionPublisher {
     async fn txn_failed(&mut self, error: TxnError) -> DrainError {
         match error {
             TxnError::Failed(e) => DrainError::Retry(PublishError::Kafka(e)),
-            TxnError::Fatal(_) => {
+            TxnError::Fatal(_) | TxnError::Stuck(_) => {
                 self.producer = None;
                 DrainError::Retry(PublishError::Producer(error))
             }

@@ -3,6 +3,8 @@
 //! per test, and the `tierd` binary driven as a user would drive it.
 #![allow(dead_code)]
 
+pub mod exact;
+
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
