@@ -270,3 +270,58 @@ fn a_partition_that_stops_is_shown_by_readyz_and_a_metric() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A stale claim cannot stop the rightful owner. An instance that lost the partition long ago
+/// (a zombie whose claim was stuck while Redis was down, say) claims it in Redis, raising the
+/// epoch: the owner's next commit is fenced. The owner, still assigned the partition by the
+/// group, shows it as stopped for a moment, claims it again and goes on from the offset in
+/// Redis; every event is counted once. (Before, the partition stayed stopped for good.)
+#[test]
+fn a_stale_claim_cannot_stop_the_rightful_owner() {
+    let world = World::start(1);
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let ends = world.produce_json(&[purchase("a1", "ann", "5", "2026-11-01T10:00:00Z")]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    // The stale claim.
+    let stale =
+        tierd::store::partition::claim(&mut world.redis.conn(), &world.keys(0), None).unwrap();
+    let ends = world.produce_json(&[
+        purchase("a2", "ann", "5", "2026-11-01T11:00:00Z"),
+        purchase("b1", "bob", "7", "2026-11-01T11:00:00Z"),
+    ]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let (epoch, _) = world.partition_meta(0);
+    assert!(epoch > stale.epoch, "claimed again after the stale claim");
+    assert_eq!(world.customer_state("ann").unwrap().count, 2);
+    assert_eq!(world.customer_state("bob").unwrap().count, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tierd.get("/readyz").0 != 200 || tierd.metric("tierd_partitions_stopped") != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            tierd.get("/readyz").1
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(tierd
+        .log_text()
+        .contains("Partition claimed again after a fence."));
+    // Published once each, in order.
+    let seqs: Vec<(String, u64)> = world
+        .read_all(&world.output)
+        .iter()
+        .map(|r| {
+            let v = r.json();
+            (
+                v["customer_id"].as_str().unwrap().to_owned(),
+                v["sequence"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), seqs.len(), "no change twice: {seqs:?}");
+}

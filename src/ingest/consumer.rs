@@ -63,7 +63,21 @@ pub struct IngestContext {
     batching: Batching,
     shutdown: Arc<AtomicBool>,
     pending: Mutex<HashMap<i32, Pending>>,
+    /// Fenced partitions this instance still holds, with when to claim them again.
+    reclaims: Mutex<HashMap<i32, Instant>>,
+    /// When each partition was last re-claimed after a fence (the recent ones).
+    fences: Mutex<HashMap<i32, Vec<Instant>>>,
 }
+
+/// How long a fenced partition waits before it is claimed again. Long enough for an instance
+/// that lost its group session without knowing (a zombie) to learn it from its next heartbeat
+/// and let go, so that it never takes a partition back from its rightful owner.
+const RECLAIM_DELAY: Duration = Duration::from_secs(3);
+
+/// Re-claims after fences allowed per partition within [`FENCE_WINDOW`]; beyond, the
+/// partition stays stopped (something keeps claiming it: visible on `/readyz`).
+const FENCES_PER_WINDOW: usize = 3;
+const FENCE_WINDOW: Duration = Duration::from_secs(60);
 
 impl IngestContext {
     /// A context for `topic` over a supervisor.
@@ -81,6 +95,8 @@ impl IngestContext {
             batching,
             shutdown,
             pending: Mutex::new(HashMap::new()),
+            reclaims: Mutex::new(HashMap::new()),
+            fences: Mutex::new(HashMap::new()),
         }
     }
 
@@ -116,6 +132,12 @@ impl IngestContext {
     /// applied offsets to Kafka for lag dashboards.
     fn release(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) -> Vec<Released> {
         {
+            let mut reclaims = self.reclaims.lock().expect("reclaims lock");
+            for p in partitions {
+                reclaims.remove(p);
+            }
+        }
+        {
             let mut pending = self.pending.lock().expect("pending lock");
             for p in partitions {
                 pending.remove(p);
@@ -137,8 +159,11 @@ impl IngestContext {
     }
 
     /// Restarts partitions whose runner stopped while we still own them: a diverged one is
-    /// claimed again and the consumer seeks to the offset stored in Redis; a fenced or failed
-    /// one stays stopped — paused, and shown by `/readyz` and `tierd_partitions_stopped` —
+    /// claimed again and the consumer seeks to the offset stored in Redis. A fenced one (a
+    /// stale claim by an instance that no longer holds it, or Redis restoring an older epoch)
+    /// is claimed again after [`RECLAIM_DELAY`] if the group still gives it to this instance,
+    /// at most [`FENCES_PER_WINDOW`] times a minute. Until then, and a failed one for good,
+    /// it stays stopped — paused, and shown by `/readyz` and `tierd_partitions_stopped` —
     /// until the group hands it over (or an operator intervenes).
     fn recover(&self, consumer: &BaseConsumer<Self>, dead: &[i32]) {
         for released in self.release(consumer, dead) {
@@ -163,7 +188,25 @@ impl IngestContext {
                     }
                 }
                 RunnerExit::Fenced => {
-                    "fenced: another owner claimed it in Redis after this instance".to_owned()
+                    let now = Instant::now();
+                    let mut fences = self.fences.lock().expect("fences lock");
+                    let recent = fences.entry(partition).or_default();
+                    recent.retain(|t| now.duration_since(*t) < FENCE_WINDOW);
+                    if recent.len() < FENCES_PER_WINDOW {
+                        self.reclaims
+                            .lock()
+                            .expect("reclaims lock")
+                            .insert(partition, now + RECLAIM_DELAY);
+                        format!(
+                            "fenced: another claim in Redis after this instance's; claiming it again in {} s if the group still assigns it here",
+                            RECLAIM_DELAY.as_secs()
+                        )
+                    } else {
+                        format!(
+                            "fenced {FENCES_PER_WINDOW} times within {} s: something keeps claiming it; left stopped",
+                            FENCE_WINDOW.as_secs()
+                        )
+                    }
                 }
                 RunnerExit::Failed => {
                     "failed: its state in Redis cannot be read (see the log)".to_owned()
@@ -175,6 +218,66 @@ impl IngestContext {
             tpl.add_partition(&self.topic, partition);
             if let Err(error) = consumer.pause(&tpl) {
                 warn!(partition, %error, "Pausing the stopped partition failed.");
+            }
+        }
+    }
+
+    /// Claims again the fenced partitions whose delay is over, if the group still assigns them
+    /// to this instance; seeks each to the offset stored in Redis and resumes it.
+    fn reclaim_due(&self, consumer: &BaseConsumer<Self>) {
+        let due: Vec<i32> = {
+            let mut reclaims = self.reclaims.lock().expect("reclaims lock");
+            let now = Instant::now();
+            let due: Vec<i32> = reclaims
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in &due {
+                reclaims.remove(p);
+            }
+            due
+        };
+        if due.is_empty() {
+            return;
+        }
+        let assigned = consumer.assignment().unwrap_or_default();
+        for partition in due {
+            if assigned.find_partition(&self.topic, partition).is_none() {
+                continue;
+            }
+            let Some((claim, tx)) = self.supervisor.restart(partition) else {
+                continue;
+            };
+            self.fences
+                .lock()
+                .expect("fences lock")
+                .entry(partition)
+                .or_default()
+                .push(Instant::now());
+            self.pending
+                .lock()
+                .expect("pending lock")
+                .insert(partition, Pending::new(tx));
+            let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, partition);
+            let resumed = consumer
+                .seek(&self.topic, partition, offset, Duration::from_secs(10))
+                .and_then(|()| consumer.resume(&tpl));
+            if let Err(error) = resumed {
+                error!(partition, %error, "Resuming the re-claimed partition failed; releasing it.");
+                for released in self.release(consumer, &[partition]) {
+                    self.supervisor.mark_stopped(
+                        &released,
+                        format!(
+                            "re-claimed after a fence, but seeking or resuming failed: {error}"
+                        ),
+                    );
+                }
+                let _ = consumer.pause(&tpl);
+            } else {
+                info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition claimed again after a fence.");
             }
         }
     }
@@ -380,6 +483,7 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
             if !dead.is_empty() {
                 ctx.recover(&consumer, &dead);
             }
+            ctx.reclaim_due(&consumer);
             last_flush_check = Instant::now();
         }
         if last_commit.elapsed() >= commit_interval {

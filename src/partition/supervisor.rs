@@ -352,7 +352,7 @@ impl Supervisor {
     /// and the new batch sender (`None` when stopping).
     pub fn restart(&self, partition: i32) -> Option<(Claim, mpsc::Sender<Batch>)> {
         let claim = self.claim(partition)?;
-        info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition claimed again after divergence.");
+        info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition claimed again.");
         let tx = self.start(partition, &claim);
         Some((claim, tx))
     }
