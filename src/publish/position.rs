@@ -31,6 +31,10 @@ impl OutboxPositions {
     pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
         let consumer: BaseConsumer = crate::kafka::consumer_config(kafka)
             .set("group.id", Self::group_id(kafka))
+            // Never polled: no statistics events may pile up in its queue.
+            .set("statistics.interval.ms", "0")
+            // Read only stable positions (a transaction still committing is waited for).
+            .set("isolation.level", "read_committed")
             .create()?;
         let group = consumer
             .group_metadata()

@@ -75,12 +75,10 @@ pub fn is_permanent(error: &KafkaError) -> bool {
             RDKafkaErrorCode::MessageSizeTooLarge
                 | RDKafkaErrorCode::MessageBatchTooLarge
                 | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidMessage
                 | RDKafkaErrorCode::InvalidRecord
                 | RDKafkaErrorCode::InvalidTopic
                 | RDKafkaErrorCode::TopicAuthorizationFailed
                 | RDKafkaErrorCode::PolicyViolation
-                | RDKafkaErrorCode::UnknownTopic
         )
     )
 }

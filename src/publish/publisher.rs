@@ -112,8 +112,8 @@ pub enum PublishError {
 /// Why a publisher ends before it is told to stop.
 #[derive(Debug)]
 enum Stop {
-    /// A newer owner's producer fenced ours and our Redis claim is no longer current.
-    Fenced(TxnError),
+    /// A newer owner's producer fenced ours, or our Redis claim is no longer current.
+    Fenced(String),
     /// No producer can be created (configuration, authorization).
     Fatal(TxnError),
 }
@@ -156,9 +156,15 @@ struct PartitionPublisher {
     parked: i64,
     parked_reason: String,
     next_parked_try: Instant,
-    /// The last outbox id a transaction of this publisher committed.
+    /// The last outbox id known published (committed by this publisher, or read from Kafka
+    /// when its producer was initialised).
     published: Option<(u64, u64)>,
+    /// Producers replaced in a row without a round committed in between.
+    producer_failures: u32,
 }
+
+/// Producers replaced in a row (fatal, stuck) before the service is stopped instead.
+const MAX_PRODUCER_FAILURES: u32 = 5;
 
 impl Publisher {
     /// Drains the target's outbox whenever woken (or every `interval`) until `stop` turns
@@ -184,6 +190,11 @@ impl Publisher {
             parked_reason: String::new(),
             next_parked_try: Instant::now(),
             published: None,
+            producer_failures: 0,
+        };
+        let _gauges = GaugeCleanup {
+            telemetry: p.shared.telemetry.clone(),
+            label: p.label.clone(),
         };
         let mut stopping_since: Option<Instant> = None;
         loop {
@@ -288,6 +299,7 @@ impl PartitionPublisher {
                 match self.round(&rest[..n], true).await? {
                     Round::Committed(counts) => {
                         self.published = stream_id(&rest[n - 1].id);
+                        self.producer_failures = 0;
                         outbox::trim_through(&mut self.conn, &outbox_key, &rest[n - 1].id).await?;
                         self.count(counts);
                         debug!(
@@ -339,17 +351,52 @@ impl PartitionPublisher {
     async fn init_producer(&mut self) -> Result<(), DrainError> {
         let config = self.shared.producer_config.clone();
         let id = self.target.keys.outbox.clone();
-        let created = tokio::task::spawn_blocking(move || TxnProducer::init_blocking(&config, &id))
-            .await
-            .expect("producer init task");
-        match created {
-            Ok(p) => {
-                self.producer = Some(p);
-                Ok(())
+        let positions = Arc::clone(&self.shared.positions);
+        let partition = self.target.partition;
+        // Initialise, then read the published position: once this producer is initialised,
+        // every earlier transaction of the outbox is either committed or aborted (one in
+        // PrepareCommit is completed, not aborted), and no earlier producer can commit again,
+        // so the position read now is final for everything before us.
+        let created = producer::within_deadline(move || {
+            let p = TxnProducer::init_blocking(&config, &id)?;
+            let published = positions.published(partition).map_err(TxnError::Failed)?;
+            Ok((p, published))
+        })
+        .await;
+        let (created, published) = match created {
+            Ok(ok) => ok,
+            Err(e @ TxnError::Fatal(_)) if self.producer_failures == 0 => {
+                return Err(DrainError::Stop(Stop::Fatal(e)))
             }
-            Err(e @ TxnError::Fatal(_)) => Err(DrainError::Stop(Stop::Fatal(e))),
-            Err(e) => Err(DrainError::Retry(PublishError::Producer(e))),
+            Err(e) => return Err(self.producer_failed(e)),
+        };
+        // Initialising fenced whoever published before; if that was the rightful owner (this
+        // instance's claim is no longer current), stand down: the owner re-initialises.
+        let epoch = outbox::owner_epoch(&mut self.conn, &self.target.keys.meta).await?;
+        if epoch != self.target.epoch {
+            return Err(DrainError::Stop(Stop::Fenced(format!(
+                "the partition was claimed again (epoch {epoch}, ours {})",
+                self.target.epoch
+            ))));
         }
+        if let Some(id) = published.as_deref().and_then(stream_id) {
+            if self.published.is_none_or(|p| p < id) {
+                self.published = Some(id);
+            }
+        }
+        self.producer = Some(created);
+        Ok(())
+    }
+
+    /// A producer could not be made or became unusable: retried, but a producer that keeps
+    /// failing (calls stuck in librdkafka, each leaving a thread behind) stops the service.
+    fn producer_failed(&mut self, error: TxnError) -> DrainError {
+        self.producer = None;
+        self.producer_failures += 1;
+        if self.producer_failures >= MAX_PRODUCER_FAILURES {
+            return DrainError::Stop(Stop::Fatal(error));
+        }
+        DrainError::Retry(PublishError::Producer(error))
     }
 
     /// Publishes `round` in one transaction; with `from_outbox`, the transaction also commits
@@ -444,15 +491,12 @@ impl PartitionPublisher {
     async fn txn_failed(&mut self, error: TxnError) -> DrainError {
         match error {
             TxnError::Failed(e) => DrainError::Retry(PublishError::Kafka(e)),
-            TxnError::Fatal(_) | TxnError::Stuck(_) => {
-                self.producer = None;
-                DrainError::Retry(PublishError::Producer(error))
-            }
+            TxnError::Fatal(_) | TxnError::Stuck(_) => self.producer_failed(error),
             TxnError::Fenced(_) => {
                 self.producer = None;
                 match outbox::owner_epoch(&mut self.conn, &self.target.keys.meta).await {
                     Ok(epoch) if epoch != self.target.epoch => {
-                        DrainError::Stop(Stop::Fenced(error))
+                        DrainError::Stop(Stop::Fenced(error.to_string()))
                     }
                     // Still the claimed owner (nothing newer claimed the partition): a new
                     // producer takes over.
@@ -565,6 +609,21 @@ impl PartitionPublisher {
         for (kind, n) in ["change", "dead_letter", "at_risk"].iter().zip(counts) {
             published.with_label_values(&[kind]).inc_by(n);
         }
+    }
+}
+
+/// Removes a released partition's publishing gauges (another instance reports it now).
+struct GaugeCleanup {
+    telemetry: Telemetry,
+    label: String,
+}
+
+impl Drop for GaugeCleanup {
+    fn drop(&mut self) {
+        let t = &self.telemetry;
+        let _ = t.outbox_parked.remove_label_values(&[&self.label]);
+        let _ = t.outbox_blocked.remove_label_values(&[&self.label]);
+        let _ = t.outbox_depth.remove_label_values(&[&self.label]);
     }
 }
 
