@@ -378,21 +378,9 @@ fn a_dead_letter_kafka_refuses_is_parked_and_the_rest_flows_exactly_once() {
     assert_eq!(letters[0].value, b"{small and bad");
 
     // The topic is fixed: the parked dead letter goes out on its next retry.
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &world.broker.addr)
-            .create()
-            .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let alter = rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&dlq))
-        .set("max.message.bytes", "1000000");
-    let result = rt
-        .block_on(admin.alter_configs(&[alter], &rdkafka::admin::AdminOptions::new()))
-        .unwrap();
-    assert!(result.iter().all(Result::is_ok), "{result:?}");
+    world
+        .broker
+        .alter_topic_config(&dlq, "max.message.bytes", "1000000");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz").0 != 200 {
         assert!(

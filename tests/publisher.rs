@@ -120,6 +120,20 @@ fn spawn(
     (task, wake, stop_tx)
 }
 
+/// Initialises another producer of the outbox, as a new owner's publisher does: it fences
+/// every earlier one.
+fn fence(s: &Setup) -> FutureProducer {
+    let newer: FutureProducer = s
+        .publisher
+        .producer_config
+        .clone()
+        .set("transactional.id", &s.keys.outbox)
+        .create()
+        .unwrap();
+    newer.init_transactions(Duration::from_secs(30)).unwrap();
+    newer
+}
+
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while !f() {
@@ -158,14 +172,7 @@ fn a_publisher_fenced_by_a_newer_owner_stops_and_its_records_never_show() {
 
     // The new owner: a claim raises the epoch, then its producer fences ours.
     set_epoch(&mut conn, &s.keys.meta, 2);
-    let newer: FutureProducer = s
-        .publisher
-        .producer_config
-        .clone()
-        .set("transactional.id", &s.keys.outbox)
-        .create()
-        .unwrap();
-    newer.init_transactions(Duration::from_secs(30)).unwrap();
+    let _newer = fence(&s);
 
     add_change(
         &mut conn,
@@ -213,14 +220,7 @@ fn a_publisher_fenced_while_still_the_owner_replaces_its_producer() {
     wait_until("first change published", Duration::from_secs(30), || {
         outbox_len(&mut conn, &s.keys.outbox) == 0
     });
-    let other: FutureProducer = s
-        .publisher
-        .producer_config
-        .clone()
-        .set("transactional.id", &s.keys.outbox)
-        .create()
-        .unwrap();
-    other.init_transactions(Duration::from_secs(30)).unwrap();
+    let _other = fence(&s);
     add_change(&mut conn, &s.keys.outbox, "bob", "2");
     add_change(&mut conn, &s.keys.outbox, "bob", "3");
     wake.notify_one();

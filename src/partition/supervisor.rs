@@ -107,59 +107,59 @@ impl Supervisor {
     /// claim trims what went out already.
     pub fn claim(&self, partition: i32) -> Option<Claim> {
         let keys = self.parts.pipeline.keyspace.partition(partition);
-        let mut backoff = Backoff::default();
-        let published = loop {
-            match self.parts.positions.published(partition) {
-                Ok(published) => break published,
-                Err(error) => {
-                    events::PublishedPositionUnknown {
-                        partition,
-                        error: &error,
-                    }
-                    .emit(&self.parts.pipeline.telemetry);
-                    if self.parts.shutdown.load(Ordering::Relaxed) {
-                        return None;
-                    }
-                    std::thread::sleep(backoff.next_delay());
+        let telemetry = &self.parts.pipeline.telemetry;
+        let published = self.retrying(
+            || self.parts.positions.published(partition),
+            |error| events::PublishedPositionUnknown { partition, error }.emit(telemetry),
+        )?;
+        let claim = self.retrying(
+            || {
+                let mut slot = self.claims.lock().expect("claims lock");
+                let result = match slot.as_mut() {
+                    Some(conn) => store::claim(conn, &keys, published.as_deref()),
+                    None => self
+                        .parts
+                        .redis_client
+                        .get_connection_with_timeout(Duration::from_secs(5))
+                        .and_then(|mut conn| {
+                            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+                            conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+                            let claim = store::claim(&mut conn, &keys, published.as_deref());
+                            *slot = Some(conn);
+                            claim
+                        }),
+                };
+                if result.is_err() {
+                    // Reconnect on the next attempt.
+                    *slot = None;
                 }
-            }
-        };
+                result
+            },
+            |error| events::ClaimFailed { partition, error }.emit(telemetry),
+        )?;
+        if claim.outbox_behind {
+            warn!(partition, published, "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
+        }
+        Some(claim)
+    }
+
+    /// Calls `attempt` until it succeeds, reporting each failure and backing off; `None` once
+    /// the service is stopping. Blocking: claims run in the rebalance callback, on the
+    /// consumer thread.
+    fn retrying<T, E: std::fmt::Display>(
+        &self,
+        mut attempt: impl FnMut() -> Result<T, E>,
+        report: impl Fn(&dyn std::fmt::Display),
+    ) -> Option<T> {
         let mut backoff = Backoff::default();
         loop {
-            let mut slot = self.claims.lock().expect("claims lock");
-            let result = match slot.as_mut() {
-                Some(conn) => store::claim(conn, &keys, published.as_deref()),
-                None => self
-                    .parts
-                    .redis_client
-                    .get_connection_with_timeout(Duration::from_secs(5))
-                    .and_then(|mut conn| {
-                        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-                        conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-                        let claim = store::claim(&mut conn, &keys, published.as_deref());
-                        *slot = Some(conn);
-                        claim
-                    }),
-            };
-            match result {
-                Ok(claim) => {
-                    if claim.outbox_behind {
-                        warn!(partition, published, "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
-                    }
-                    return Some(claim);
-                }
+            match attempt() {
+                Ok(value) => return Some(value),
                 Err(error) => {
-                    *slot = None;
-                    drop(slot);
-                    events::ClaimFailed {
-                        partition,
-                        error: &error,
-                    }
-                    .emit(&self.parts.pipeline.telemetry);
+                    report(&error);
                     if self.parts.shutdown.load(Ordering::Relaxed) {
                         return None;
                     }
-                    // The rebalance callback runs on the consumer thread: a blocking sleep.
                     std::thread::sleep(backoff.next_delay());
                 }
             }

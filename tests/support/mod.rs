@@ -732,6 +732,25 @@ impl Broker {
         self.create_topics_with(names, partitions, rf, &[("min.insync.replicas", isr)]);
     }
 
+    /// Sets one config of an existing topic.
+    pub fn alter_topic_config(&self, topic: &str, key: &str, value: &str) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let alter =
+            rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(topic))
+                .set(key, value);
+        let result = rt
+            .block_on(admin.alter_configs(&[alter], &AdminOptions::new()))
+            .unwrap();
+        assert!(result.iter().all(Result::is_ok), "{result:?}");
+    }
+
     /// Creates topics with a replication factor and topic configs, waiting until they exist.
     pub fn create_topics_with(
         &self,
