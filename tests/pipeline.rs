@@ -107,7 +107,12 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
         .iter()
         .find(|e| e["customer_id"] == "alice" && e["sequence"] == 4)
         .unwrap();
-    assert_eq!(down["event_id"], change_id("alice", 4));
+    let origin = world.customer_state("alice").unwrap().origin;
+    assert!(
+        origin.is_some(),
+        "a new customer records the event that created them"
+    );
+    assert_eq!(down["event_id"], change_id("alice", origin, 4));
     assert_eq!(down["metrics"]["monetary"], "490000.50");
     assert_eq!(down["metrics"]["frequency"], 3);
     assert_eq!(down["metrics"]["currency"], "CNY");

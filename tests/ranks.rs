@@ -439,3 +439,129 @@ fn a_lifetime_total_beyond_2_pow_53_is_refused_and_ranks_stay_exact() {
     let pong: String = redis::cmd("PING").query(&mut world.redis.conn()).unwrap();
     assert_eq!(pong, "PONG");
 }
+
+/// Issue 11, item 7: a customer erased (by an `erase` event, or by hand with tierd stopped,
+/// leaving their rank entries behind) is not brought back when moved cut-offs re-evaluate the
+/// range their old value lies in, and leaves the population.
+#[test]
+fn re_ranking_never_resurrects_an_erased_customer() {
+    let world = pyramid(2);
+    let mut tierd = Tierd::spawn(&world, RANKS);
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let events: Vec<serde_json::Value> = (1..=100)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                &(i * 100).to_string(),
+                "2026-11-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    wait_settled(&world, &tierd, 100);
+
+    // c100 (the VIP) is erased by an event: population 99, c99 is the new VIP.
+    let erase = serde_json::json!({"event_id": "x100", "customer_id": "c100", "type": "erase", "occurred_at": "2026-11-02T00:00:00Z"});
+    let ends = world.produce_json(&[erase]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let after_erase = wait_settled(&world, &tierd, 99);
+    assert_eq!(after_erase.values.first(), Some(&Some(990_000)));
+    assert_eq!(
+        world.customer_state("c99").unwrap().tier.as_deref(),
+        Some("vip")
+    );
+    let sizes = |tierd: &Tierd| -> Vec<i64> {
+        let t: serde_json::Value = serde_json::from_str(&tierd.get("/v1/tiers").1).unwrap();
+        t["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["customers"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        sizes(&tierd).iter().sum::<i64>(),
+        99,
+        "c100 left the tier counts"
+    );
+
+    // c99 is erased by hand while tierd is stopped: the state key goes, the rank entries stay.
+    assert_eq!(tierd.terminate(), Some(0));
+    for p in 0..2 {
+        let _: () = redis::cmd("DEL")
+            .arg(world.keys(p).customer("c99"))
+            .query(&mut world.redis.conn())
+            .unwrap();
+    }
+    let tierd = Tierd::spawn(&world, RANKS);
+    tierd.wait_partitions(2, Duration::from_secs(60));
+
+    // Two big spenders: the VIP cut-off moves from c99's old value (top 1% of 101 is 2
+    // customers: 2,000,000), a range holding c99's leftover entry. It is dropped, not
+    // re-evaluated into a new customer; then the top 1% of 100 is big2 alone.
+    let more = world.produce_json(&[
+        purchase("b1", "big1", "20000", "2026-11-03T10:00:00Z"),
+        purchase("b2", "big2", "30000", "2026-11-03T11:00:00Z"),
+    ]);
+    world.wait_applied(&more, Duration::from_secs(60));
+    // Once every partition applied cut-offs that moved past c99's old value...
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !global_cutoffs(&world).is_some_and(|c| {
+        c.values.first().is_some_and(|v| *v >= Some(2_000_000))
+            && (0..2).all(|p| applied_version(&world, p) >= c.version)
+    }) {
+        assert!(Instant::now() < deadline, "{}", tierd.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        world.customer_state("c99").is_none(),
+        "c99 was brought back: {:?}",
+        world.customer_state("c99")
+    );
+    // ...and the population settles without them.
+    let settled = wait_settled(&world, &tierd, 100);
+    assert_eq!(
+        settled.values.first(),
+        Some(&Some(3_000_000)),
+        "top 1% of c1..c98, big1, big2"
+    );
+    for gone in ["c99", "c100"] {
+        assert!(
+            world.customer_state(gone).is_none(),
+            "{gone} was brought back: {:?}",
+            world.customer_state(gone)
+        );
+        let records = world.read_all(&world.output);
+        let mut mine: Vec<&support::Record> = records
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(gone.as_bytes()))
+            .collect();
+        mine.sort_by_key(|r| (r.partition, r.offset));
+        let initial = mine
+            .iter()
+            .filter(|r| !r.value.is_empty() && r.json()["direction"] == "initial")
+            .count();
+        assert_eq!(initial, 1, "{gone}: placed once, never again");
+    }
+    let records = world.read_all(&world.output);
+    let last_c100 = records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(b"c100".as_slice()))
+        .max_by_key(|r| r.offset)
+        .unwrap();
+    assert!(
+        last_c100.value.is_empty(),
+        "c100's last record is its tombstone"
+    );
+    let population: u64 = redis::cmd("ZCARD")
+        .arg(world.keys(0).rank("value"))
+        .query::<u64>(&mut world.redis.conn())
+        .unwrap()
+        + redis::cmd("ZCARD")
+            .arg(world.keys(1).rank("value"))
+            .query::<u64>(&mut world.redis.conn())
+            .unwrap();
+    assert_eq!(population, 100, "c99's leftover entry is gone");
+}

@@ -113,12 +113,10 @@ fn a_redis_rollback_is_detected_and_replayed_exactly() {
         }
     }
     for c in 0..50 {
-        let seq = world.customer_state(&format!("c{c}")).unwrap().seq;
-        for n in 1..=seq {
-            assert!(
-                by_id.contains_key(&tierd::model::change::change_id(&format!("c{c}"), n)),
-                "c{c} change {n} published"
-            );
+        let state = world.customer_state(&format!("c{c}")).unwrap();
+        for n in 1..=state.seq {
+            let id = tierd::model::change::change_id(&format!("c{c}"), state.origin, n);
+            assert!(by_id.contains_key(&id), "c{c} change {n} published");
         }
     }
 }

@@ -22,7 +22,7 @@ impl TierChange {
         let tier = &rules.tiers()[transition.tier];
         let (values, scores) = evaluation_maps(rules, &transition.eval);
         Self {
-            event_id: change_id(customer_id, state.seq),
+            event_id: change_id(customer_id, state.origin, state.seq),
             customer_id: customer_id.to_owned(),
             sequence: state.seq,
             previous_tier: transition.previous.clone(),
@@ -78,11 +78,11 @@ pub fn evaluation_maps(
 }
 
 impl AtRiskNotice {
-    /// The published notice.
-    pub fn new(customer_id: &str, notice: &Notice, rules: &Rules) -> Self {
+    /// The published notice, for the incarnation `origin` of the customer.
+    pub fn new(customer_id: &str, origin: Option<u64>, notice: &Notice, rules: &Rules) -> Self {
         Self {
             kind: "at_risk",
-            event_id: at_risk_id(customer_id, notice.at),
+            event_id: at_risk_id(customer_id, origin, notice.at),
             customer_id: customer_id.to_owned(),
             tier: rules.tiers()[notice.tier].name.clone(),
             falls_to: rules.tiers()[notice.falls_to].name.clone(),

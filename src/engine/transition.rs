@@ -49,6 +49,13 @@ pub enum Applied {
         /// `"purchases"` or `"refunds"`.
         total: &'static str,
     },
+    /// An `erase` event: the state is now the default (what an absent customer loads as).
+    Erased {
+        /// The tier the customer had; None if there was nothing stored to erase.
+        tier: Option<String>,
+        /// Whether there was a customer to erase.
+        existed: bool,
+    },
 }
 
 /// The largest lifetime purchase total and refund total a customer may reach, in minor units:
@@ -110,7 +117,9 @@ impl ChangeReason {
         match trigger {
             Trigger::Event(EventKind::Purchase) => Self::Purchase,
             Trigger::Event(EventKind::Refund) => Self::Refund,
-            Trigger::Manual | Trigger::Event(EventKind::Override) => Self::Manual,
+            Trigger::Manual | Trigger::Event(EventKind::Override | EventKind::Erase) => {
+                Self::Manual
+            }
             Trigger::RulesChanged => Self::RulesChanged,
             Trigger::RankShift => Self::RankShift,
             Trigger::Time(c) => match c {
@@ -150,6 +159,13 @@ impl CustomerState {
         now: i64,
         cutoffs: &Cutoffs,
     ) -> Applied {
+        if event.kind == EventKind::Erase {
+            // A deletion request is honoured whatever the event's time or id: nothing of the
+            // customer is kept, not even the ids that would recognise a duplicate.
+            let existed = !self.is_new();
+            let tier = std::mem::take(self).tier;
+            return Applied::Erased { tier, existed };
+        }
         let at = event.occurred_at_ms;
         let id = xxhash_rust::xxh3::xxh3_64(event.event_id.as_bytes());
         // A remembered id is a duplicate even at or below the floor.
@@ -165,7 +181,7 @@ impl CustomerState {
         let beyond = match event.kind {
             EventKind::Purchase => Some((self.sum + amount, "purchases")),
             EventKind::Refund => Some((self.refunded + amount, "refunds")),
-            EventKind::Override => None,
+            EventKind::Override | EventKind::Erase => None,
         };
         if let Some((total_minor, total)) = beyond.filter(|(t, _)| *t > MAX_EXACT_TOTAL) {
             return Applied::BeyondExactRange { total_minor, total };
@@ -185,7 +201,7 @@ impl CustomerState {
                 self.add_to_buckets(rules, at, 0, -i128::from(event.amount_minor));
                 Trigger::Event(EventKind::Refund)
             }
-            (EventKind::Override, pin) => {
+            (EventKind::Override | EventKind::Erase, pin) => {
                 match pin {
                     Some(PinRequest::Set(pin)) => self.pin = Some(pin.clone()),
                     Some(PinRequest::Clear) | None => self.pin = None,

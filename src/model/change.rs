@@ -152,13 +152,19 @@ pub struct TierChange {
     pub cause: Option<Cause>,
 }
 
-/// The deterministic id of a customer's `sequence`-th change: the same change gets the same
-/// id across crashes and replays, so consumers can drop duplicates.
-pub fn change_id(customer_id: &str, sequence: u64) -> String {
-    let mut name = Vec::with_capacity(customer_id.len() + 9);
+/// The deterministic id of the `sequence`-th change of a customer's incarnation `origin`
+/// (`CustomerState::origin`): the same change gets the same id across crashes and replays, so
+/// consumers can drop duplicates; a customer erased and created again starts a new
+/// incarnation, so its sequence restarting at 1 never reuses an id for a different change.
+/// Without an origin (states created before origins existed) the id keeps its first form.
+pub fn change_id(customer_id: &str, origin: Option<u64>, sequence: u64) -> String {
+    let mut name = Vec::with_capacity(customer_id.len() + 18);
     name.extend_from_slice(customer_id.as_bytes());
     name.push(0);
     name.extend_from_slice(&sequence.to_be_bytes());
+    if let Some(origin) = origin {
+        name.extend_from_slice(&origin.to_be_bytes());
+    }
     uuid::Uuid::new_v5(&CHANGE_ID_NAMESPACE, &name).to_string()
 }
 
@@ -168,11 +174,28 @@ mod tests {
 
     #[test]
     fn change_ids_are_deterministic_and_distinct() {
-        assert_eq!(change_id("c1", 1), change_id("c1", 1));
-        assert_ne!(change_id("c1", 1), change_id("c1", 2));
-        assert_ne!(change_id("c1", 1), change_id("c2", 1));
+        assert_eq!(change_id("c1", None, 1), change_id("c1", None, 1));
+        assert_ne!(change_id("c1", None, 1), change_id("c1", None, 2));
+        assert_ne!(change_id("c1", None, 1), change_id("c2", None, 1));
         // Separator prevents ("c1", x) and ("c", ...) from colliding by concatenation.
-        assert_ne!(change_id("c1", 0), change_id("c", 0x31 << 56));
+        assert_ne!(change_id("c1", None, 0), change_id("c", None, 0x31 << 56));
+        // Ids of states without an origin are what they always were.
+        assert_eq!(
+            change_id("c1", None, 1),
+            "2e073c11-7bdc-5719-9216-026e7394448b",
+            "stored ids must not change"
+        );
+        // Each incarnation has its own ids; the same incarnation always the same.
+        assert_eq!(change_id("c1", Some(7), 1), change_id("c1", Some(7), 1));
+        assert_ne!(change_id("c1", Some(7), 1), change_id("c1", Some(8), 1));
+        assert_ne!(change_id("c1", Some(7), 1), change_id("c1", None, 1));
+    }
+
+    #[test]
+    fn notice_ids_differ_per_incarnation() {
+        assert_eq!(at_risk_id("c1", None, 5), at_risk_id("c1", None, 5));
+        assert_ne!(at_risk_id("c1", Some(1), 5), at_risk_id("c1", None, 5));
+        assert_ne!(at_risk_id("c1", Some(1), 5), at_risk_id("c1", Some(2), 5));
     }
 }
 
@@ -228,10 +251,14 @@ pub struct AtRiskNotice {
     pub rules_version: String,
 }
 
-/// The id of the at-risk notice of the downgrade due at `downgrade_at_ms` (UUID v5).
-pub fn at_risk_id(customer_id: &str, downgrade_at_ms: i64) -> String {
+/// The id of the at-risk notice of the downgrade due at `downgrade_at_ms` (UUID v5), for the
+/// customer's incarnation `origin` (see [`change_id`]).
+pub fn at_risk_id(customer_id: &str, origin: Option<u64>, downgrade_at_ms: i64) -> String {
     let mut name = customer_id.as_bytes().to_vec();
     name.extend_from_slice(b"\0at_risk\0");
     name.extend_from_slice(&downgrade_at_ms.to_be_bytes());
+    if let Some(origin) = origin {
+        name.extend_from_slice(&origin.to_be_bytes());
+    }
     uuid::Uuid::new_v5(&CHANGE_ID_NAMESPACE, &name).to_string()
 }

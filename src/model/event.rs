@@ -9,16 +9,19 @@ pub enum EventKind {
     Refund,
     /// A manual pin (or its removal) by a relationship manager; no amount.
     Override,
+    /// Erase the customer (a deletion request): their state, timers, rank entries and tier
+    /// count go, a tombstone is published; no amount.
+    Erase,
 }
 
-/// A valid purchase or refund.
+/// A valid input event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     /// The producer's idempotency key (1–128 chars).
     pub event_id: String,
     /// The customer (1–128 chars); equals the Kafka message key.
     pub customer_id: String,
-    /// Purchase or refund.
+    /// What the event does.
     pub kind: EventKind,
     /// Amount in minor units of the configured currency, never negative.
     pub amount_minor: i64,

@@ -153,6 +153,13 @@ pub struct CustomerState {
     /// Events with `occurred_at` at or before this (Unix ms) are `too_late`.
     #[serde(default = "floor_min", skip_serializing_if = "is_floor_min")]
     pub floor: i64,
+    /// Which incarnation of the customer this is: a hash of the input event that created the
+    /// state (see [`origin_of`]). Change ids include it, so a customer erased and created again
+    /// (their sequence restarting at 1) never reuses an id; a replay recreates the same
+    /// origin, hence the same ids. None for states created before it existed (their ids keep
+    /// the original form).
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<u64>,
 }
 
 impl Default for CustomerState {
@@ -181,8 +188,27 @@ impl Default for CustomerState {
             clock: i64::MIN,
             ids: Vec::new(),
             floor: i64::MIN,
+            origin: None,
         }
     }
+}
+
+impl CustomerState {
+    /// Whether this is the state of a customer never seen (or erased): what loading an absent
+    /// customer gives, and what a commit stores by deleting the key.
+    pub fn is_new(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The origin of a state created by the input event `event_id` at `offset` of its partition
+/// (a customer's partition is fixed by their key, so the pair identifies the event).
+pub fn origin_of(event_id: &str, offset: i64) -> u64 {
+    let mut bytes = Vec::with_capacity(event_id.len() + 9);
+    bytes.extend_from_slice(event_id.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(&offset.to_be_bytes());
+    xxhash_rust::xxh3::xxh3_64(&bytes)
 }
 
 fn floor_min() -> i64 {
@@ -297,8 +323,9 @@ mod tests {
             clock: 15,
             ids: vec![(16, 17)],
             floor: 18,
+            origin: Some(19),
         };
-        let json = r#"{"first":1,"last":2,"count":3,"sum":400,"refunds":1,"refunded":50,"wd":[[20000,2,350]],"wm":[[660,3,400]],"tier":"vip","since":5,"review":6,"pending":7,"timer":[8,"grace_ended"],"notified":9,"pin":{"tier":"key","mode":"floor","until":10,"by":"ov-1"},"rv":11,"rk":[350,null],"cv":12,"at":13,"seq":14,"clock":15,"ids":[[16,17]],"floor":18}"#;
+        let json = r#"{"first":1,"last":2,"count":3,"sum":400,"refunds":1,"refunded":50,"wd":[[20000,2,350]],"wm":[[660,3,400]],"tier":"vip","since":5,"review":6,"pending":7,"timer":[8,"grace_ended"],"notified":9,"pin":{"tier":"key","mode":"floor","until":10,"by":"ov-1"},"rv":11,"rk":[350,null],"cv":12,"at":13,"seq":14,"clock":15,"ids":[[16,17]],"floor":18,"o":19}"#;
         assert_eq!(serde_json::to_string(&state).unwrap(), json);
         assert_eq!(serde_json::from_str::<CustomerState>(json).unwrap(), state);
         let new = r#"{"count":0,"sum":0,"refunds":0,"refunded":0,"since":0,"rv":0,"seq":0,"clock":-9223372036854775808}"#;

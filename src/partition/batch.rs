@@ -9,6 +9,7 @@ use crate::engine::{Applied, MAX_EXACT_TOTAL};
 use crate::ingest::dead_letter::{self, Source};
 use crate::ingest::decode::{self, Reason, Rejection};
 use crate::model::change::Cause;
+use crate::model::state::origin_of;
 use crate::model::{time, Event};
 use crate::store::partition::ApplyError;
 use crate::telemetry::events;
@@ -90,8 +91,14 @@ impl Runner {
                     let loaded = work
                         .get_mut(event.customer_id.as_str())
                         .expect("loaded above");
+                    let fresh = loaded.state.is_new();
                     match loaded.state.apply(event, &p.rules, p.dedup, now, &cutoffs) {
                         Applied::Counted(outcome) => {
+                            if fresh {
+                                // A new incarnation: its change ids are its own.
+                                loaded.state.origin =
+                                    Some(origin_of(&event.event_id, message.offset()));
+                            }
                             loaded.dirty = true;
                             draft.applied += 1;
                             if let Some((due, _)) = loaded.state.timer {
@@ -116,6 +123,16 @@ impl Runner {
                         }
                         Applied::Duplicate => {
                             draft.duplicates += 1;
+                            None
+                        }
+                        Applied::Erased { tier, existed } => {
+                            draft.applied += 1;
+                            if existed {
+                                // The commit deletes the state and its index entries; the
+                                // tombstone tells consumers (and compaction) they are gone.
+                                loaded.dirty = true;
+                                draft.erase(&event.customer_id, tier);
+                            }
                             None
                         }
                         Applied::BeyondExactRange { total_minor, total } => Some(Rejection {

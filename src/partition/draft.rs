@@ -90,8 +90,8 @@ pub struct Draft {
     pub swept_rules: Option<u32>,
     /// Rank cut-offs (JSON) this commit finishes applying.
     pub applied_cutoffs: Option<String>,
-    /// Timer index entries without a stored customer, to remove.
-    pub orphans: Vec<String>,
+    /// Timer-index and rank-set entries without a stored customer, to remove.
+    pub orphans: Vec<(SortedSet, String)>,
     /// Changes under rank-based rules awaiting their exact rank positions.
     pub positions: Vec<PendingPositions>,
 }
@@ -144,7 +144,7 @@ impl Draft {
             });
         }
         if let Some(n) = &outcome.notice {
-            let notice = AtRiskNotice::new(customer_id, n, &p.rules);
+            let notice = AtRiskNotice::new(customer_id, state.origin, n, &p.rules);
             self.notices += 1;
             self.outbox.push(OutboxEntry {
                 kind: EntryKind::AtRisk,
@@ -153,6 +153,21 @@ impl Draft {
                 headers: Vec::new(),
             });
         }
+    }
+
+    /// Adds the tombstone of an erased customer (who had `tier`) to the outbox.
+    pub fn erase(&mut self, customer_id: &str, tier: Option<String>) {
+        self.changes.push((
+            tier.unwrap_or_else(|| "none".into()),
+            "erased".into(),
+            "erased",
+        ));
+        self.outbox.push(OutboxEntry {
+            kind: EntryKind::Erased,
+            key: customer_id.as_bytes().to_vec(),
+            value: Vec::new(),
+            headers: Vec::new(),
+        });
     }
 
     /// The commit of this draft (its outbox and markers are moved into it): every dirty
@@ -176,14 +191,15 @@ impl Draft {
             applied_cutoffs: self.applied_cutoffs.take(),
             ..CommitBatch::default()
         };
-        for id in self.orphans.drain(..) {
-            batch.zrem.push((SortedSet::Timers, id));
-        }
+        batch.zrem.append(&mut self.orphans);
         for (id, loaded) in work.iter().filter(|(_, l)| l.dirty) {
-            batch.states.push((
-                keys.customer(id),
-                serde_json::to_vec(&loaded.state).expect("state serializes"),
-            ));
+            // A new state (an erased customer) is stored by deleting the key: an empty value.
+            let value = if loaded.state.is_new() {
+                Vec::new()
+            } else {
+                serde_json::to_vec(&loaded.state).expect("state serializes")
+            };
+            batch.states.push((keys.customer(id), value));
             let timer = loaded.state.timer.map(|(due, _)| i128::from(due));
             diff_entry(
                 &mut batch,
@@ -300,17 +316,33 @@ mod tests {
         new.state = customer(Some(3), vec![None, Some(4)], Some("small"));
         new.dirty = true;
         work.insert("n".into(), new);
+        // Erased: back to the new state, so its key is deleted and nothing indexes it.
+        let mut erased = Loaded::new(customer(Some(6), vec![Some(5), None], Some("vip")));
+        erased.state = CustomerState::default();
+        erased.dirty = true;
+        work.insert("e".into(), erased);
 
         let mut draft = Draft::at(10);
-        draft.orphans.push("ghost".into());
+        draft.orphans.push((SortedSet::Timers, "ghost".into()));
+        draft.orphans.push((SortedSet::Rank(1), "gone".into()));
         let batch = draft.take_batch(position(), &work, &keys(), 2);
 
-        let mut states: Vec<_> = batch.states.iter().map(|(k, _)| k.clone()).collect();
+        let mut states: Vec<_> = batch
+            .states
+            .iter()
+            .map(|(k, v)| (k.clone(), v.is_empty()))
+            .collect();
         states.sort();
         let k = keys();
         assert_eq!(
             states,
-            vec![k.customer("d"), k.customer("m"), k.customer("n")]
+            vec![
+                (k.customer("d"), false),
+                (k.customer("e"), true),
+                (k.customer("m"), false),
+                (k.customer("n"), false)
+            ],
+            "an erased customer's key is deleted (an empty value)"
         );
         let mut zadd = batch.zadd.clone();
         zadd.sort_by(|a, b| {
@@ -336,14 +368,22 @@ mod tests {
             vec![
                 (SortedSet::Rank(1), "d".to_owned()),
                 (SortedSet::Timers, "d".to_owned()),
+                (SortedSet::Rank(0), "e".to_owned()),
+                (SortedSet::Timers, "e".to_owned()),
                 (SortedSet::Timers, "ghost".to_owned()),
+                (SortedSet::Rank(1), "gone".to_owned()),
             ]
         );
         let mut deltas = batch.tier_deltas.clone();
         deltas.sort();
         assert_eq!(
             deltas,
-            vec![("key".into(), -1), ("small".into(), 1), ("vip".into(), 1)]
+            vec![
+                ("key".into(), -1),
+                ("small".into(), 1),
+                ("vip".into(), -1),
+                ("vip".into(), 1)
+            ]
         );
         assert!(draft.orphans.is_empty(), "orphans are taken");
     }

@@ -10,7 +10,7 @@ use crate::engine::rules::rank::Cutoffs;
 use crate::engine::Trigger;
 use crate::model::state::rules_hash;
 use crate::store::cutoffs;
-use crate::store::partition::ApplyError;
+use crate::store::partition::{ApplyError, SortedSet};
 use crate::store::retry::Backoff;
 use crate::store::views::RankPosition;
 use crate::telemetry::events;
@@ -142,6 +142,13 @@ impl Runner {
             let mut draft = self.new_draft();
             for id in fresh {
                 let loaded = work.get_mut(id.as_str()).expect("loaded above");
+                if loaded.state.is_new() {
+                    // A rank entry without a stored customer (erased by hand): drop it, and
+                    // never evaluate (that would create the customer again).
+                    let sets = (0..p.rules.ranks().len()).map(SortedSet::Rank);
+                    draft.orphans.extend(sets.map(|set| (set, id.clone())));
+                    continue;
+                }
                 let outcome = self.reevaluate(&mut draft, id, loaded, Trigger::RankShift);
                 evaluated += 1;
                 moved += u64::from(outcome.transition.is_some());

@@ -6,8 +6,7 @@
 use super::draft::Working;
 use super::runner::Runner;
 use crate::engine::Trigger;
-use crate::model::CustomerState;
-use crate::store::partition::ApplyError;
+use crate::store::partition::{ApplyError, SortedSet};
 use crate::telemetry::events;
 use std::sync::Arc;
 
@@ -94,10 +93,10 @@ impl Runner {
                         }
                         .emit(&p.telemetry);
                         loaded.indexed = Some(*at);
-                        if loaded.state == CustomerState::default() {
+                        if loaded.state.is_new() {
                             // No stored customer: remove the entry, write no state.
                             loaded.dirty = false;
-                            draft.orphans.push(id.clone());
+                            draft.orphans.push((SortedSet::Timers, id.clone()));
                         }
                     }
                 }

@@ -415,14 +415,16 @@ impl PartitionPublisher {
         for (index, stored) in round.iter().enumerate() {
             let entry = &stored.entry;
             let topic = match entry.kind {
-                EntryKind::Change => &self.shared.output_topic,
+                EntryKind::Change | EntryKind::Erased => &self.shared.output_topic,
                 EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => {
                     &self.shared.dead_letter_topic
                 }
                 EntryKind::AtRisk => &self.shared.at_risk_topic,
             };
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(topic).payload(&entry.value);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+            if entry.kind != EntryKind::Erased {
+                record = record.payload(&entry.value);
+            }
             if entry.kind != EntryKind::DeadLetterNoKey {
                 record = record.key(&entry.key);
             }
@@ -635,7 +637,7 @@ fn stream_id(id: &str) -> Option<(u64, u64)> {
 
 fn kind_index(kind: EntryKind) -> usize {
     match kind {
-        EntryKind::Change => 0,
+        EntryKind::Change | EntryKind::Erased => 0,
         EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => 1,
         EntryKind::AtRisk => 2,
     }

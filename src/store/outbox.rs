@@ -16,6 +16,8 @@ pub enum EntryKind {
     DeadLetterNoKey,
     /// An at-risk notice → `kafka.at_risk_topic` (default the output topic), keyed by customer.
     AtRisk,
+    /// An erased customer's tombstone → `kafka.output_topic`: their key with no value.
+    Erased,
 }
 
 impl EntryKind {
@@ -26,6 +28,7 @@ impl EntryKind {
             Self::DeadLetter => "d",
             Self::DeadLetterNoKey => "dn",
             Self::AtRisk => "n",
+            Self::Erased => "e",
         }
     }
 
@@ -36,6 +39,7 @@ impl EntryKind {
             b"d" => Some(Self::DeadLetter),
             b"dn" => Some(Self::DeadLetterNoKey),
             b"n" => Some(Self::AtRisk),
+            b"e" => Some(Self::Erased),
             _ => None,
         }
     }

@@ -194,8 +194,9 @@ pub fn assert_exact(
             Some(&seqs),
             "{customer}: changes in order, none missing"
         );
+        let origin = world.customer_state(customer).and_then(|s| s.origin);
         for (seq, previous, tier) in changes {
-            let v = &by_id[&tierd::model::change::change_id(customer, *seq)];
+            let v = &by_id[&tierd::model::change::change_id(customer, origin, *seq)];
             assert_eq!(
                 (v["previous_tier"].as_str(), v["tier"].as_str()),
                 (previous.as_deref(), Some(tier.as_str())),

@@ -857,3 +857,44 @@ fn an_evaluation_is_never_stamped_before_the_customers_engine_time() {
     );
     assert_eq!(s.state.since, at("2026-01-10T10:00:00Z"));
 }
+
+#[test]
+fn erasing_leaves_nothing_of_the_customer() {
+    let r = rules(LADDER);
+    let mut state = CustomerState::default();
+    let event = |id: &str, kind: EventKind| Event {
+        event_id: id.into(),
+        customer_id: "c".into(),
+        kind,
+        amount_minor: if kind == EventKind::Erase { 0 } else { 50_000 },
+        occurred_at_ms: at("2026-05-01T10:00:00Z"),
+        pin: None,
+    };
+    let none = Cutoffs::default();
+    // Nothing stored: nothing to erase.
+    assert!(matches!(
+        state.apply(&event("x0", EventKind::Erase), &r, DEDUP, 0, &none),
+        Applied::Erased {
+            tier: None,
+            existed: false
+        }
+    ));
+    assert!(matches!(
+        state.apply(&event("p1", EventKind::Purchase), &r, DEDUP, 0, &none),
+        Applied::Counted(_)
+    ));
+    assert!(state.timer.is_some() && !state.is_new());
+    match state.apply(&event("x1", EventKind::Erase), &r, DEDUP, 0, &none) {
+        Applied::Erased { tier, existed } => {
+            assert_eq!((tier.as_deref(), existed), (Some("silver"), true));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(state.is_new(), "no metric, timer, id or sequence is kept");
+    // The same purchase id again is a new customer's first purchase (the ids went too).
+    assert!(matches!(
+        state.apply(&event("p1", EventKind::Purchase), &r, DEDUP, 0, &none),
+        Applied::Counted(_)
+    ));
+    assert_eq!(state.seq, 1);
+}

@@ -77,11 +77,12 @@ pub fn decode(
         None | Some("purchase") => EventKind::Purchase,
         Some("refund") => EventKind::Refund,
         Some("override") => EventKind::Override,
+        Some("erase") => EventKind::Erase,
         Some(other) => {
             return Err(reject(
                 Reason::UnknownType,
                 format!(
-                    "field `type`: {other:?} is not one of \"purchase\", \"refund\", \"override\""
+                    "field `type`: {other:?} is not one of \"purchase\", \"refund\", \"override\", \"erase\""
                 ),
             ))
         }
@@ -93,7 +94,7 @@ pub fn decode(
         None
     };
     let amount_raw = match (kind, fields.amount) {
-        (EventKind::Override, None) => "0",
+        (EventKind::Override | EventKind::Erase, None) => "0",
         (_, field) => present(field, "amount")?.get(),
     };
     let amount_text: std::borrow::Cow<'_, str> = if amount_raw.starts_with('"') {

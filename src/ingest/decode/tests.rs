@@ -52,6 +52,19 @@ fn overrides_carry_a_pin() {
 }
 
 #[test]
+fn erase_events_need_no_amount() {
+    let e = dec(
+        "c1",
+        r#"{"event_id":"x1","customer_id":"c1","type":"erase","occurred_at":"2026-05-01T10:00:00Z"}"#,
+    )
+    .unwrap();
+    assert_eq!((e.kind, e.amount_minor, e.pin), (EventKind::Erase, 0, None));
+    let r = dec("c1", r#"{"event_id":"x1","customer_id":"c1","type":"forget","occurred_at":"2026-05-01T10:00:00Z"}"#).unwrap_err();
+    assert_eq!(r.reason, Reason::UnknownType);
+    assert!(r.detail.contains("\"erase\""), "{}", r.detail);
+}
+
+#[test]
 fn decodes_a_purchase_and_a_refund() {
     let e = dec("c1", r#"{"event_id":"e1","customer_id":"c1","amount":"12.50","currency":"EUR","occurred_at":"2026-05-01T10:00:00+02:00"}"#).unwrap();
     assert_eq!(e.amount_minor, 1250);

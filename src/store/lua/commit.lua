@@ -15,7 +15,7 @@
 -- then a sorted-set upserts, then a x (key index, score, member)
 -- then r sorted-set removals, then r x (key index, member)
 -- then c tier-count deltas, then c x (tier, delta)
--- then one state value per customer key
+-- then one state value per customer key ('' : delete the key, the customer was erased)
 -- Returns {'OK', previous next_offset, outbox length} | {'ALREADY', next_offset}
 --       | {'FENCED', stored epoch, next_offset} | {'DIVERGED', next_offset}
 local meta = KEYS[1]
@@ -61,7 +61,11 @@ for _ = 1, c do
   i = i + 2
 end
 for k = first_state, #KEYS do
-  redis.call('SET', KEYS[k], ARGV[i])
+  if ARGV[i] == '' then
+    redis.call('DEL', KEYS[k])
+  else
+    redis.call('SET', KEYS[k], ARGV[i])
+  end
   i = i + 1
 end
 redis.call('HSET', meta, 'next_offset', ARGV[4], 'commits', tostring(commits + 1))
