@@ -290,8 +290,13 @@ fn a_stale_claim_cannot_stop_the_rightful_owner() {
     world.wait_applied(&ends, Duration::from_secs(60));
 
     // The stale claim.
-    let stale =
-        tierd::store::partition::claim(&mut world.redis.conn(), &world.keys(0), None).unwrap();
+    let stale = tierd::store::partition::claim(
+        &mut world.redis.conn(),
+        &world.keys(0),
+        None,
+        "b2b-lifetime-1",
+    )
+    .unwrap();
     let ends = world.produce_json(&[
         purchase("a2", "ann", "5", "2026-11-01T11:00:00Z"),
         purchase("b1", "bob", "7", "2026-11-01T11:00:00Z"),

@@ -96,7 +96,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         .unwrap();
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut sync = redis.conn();
-    let old = store::claim(&mut sync, &keys, None).unwrap();
+    let old = store::claim(&mut sync, &keys, None, "v1").unwrap();
     assert_eq!(old.next_offset, None);
     let batch = |expected: i64, first: i64, end: i64, value: &str| CommitBatch {
         expected_offset: expected,
@@ -155,7 +155,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         ));
 
         // A new owner claims the partition and resumes where the old one stopped.
-        let new = store::claim(&mut sync, &keys, None).unwrap();
+        let new = store::claim(&mut sync, &keys, None, "v1").unwrap();
         assert_eq!(
             (new.epoch, new.next_offset, new.commits),
             (old.epoch + 1, Some(10), 1)
@@ -254,4 +254,45 @@ fn a_zombie_resumed_after_its_partitions_moved_publishes_nothing() {
     while produce(&mut ends) {}
     world.wait_applied(&ends, Duration::from_secs(120));
     support::exact::assert_exact(&world, &states, &changes);
+}
+
+/// `claim.lua`'s rules-version fence: versions are ordered by their first claim of the
+/// partition; an older one is refused without touching the epoch; a version never seen is
+/// newer (a rollback is a new version string).
+#[test]
+fn a_claim_by_an_older_rules_version_is_refused_and_changes_nothing() {
+    let redis = Redis::start();
+    let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
+    let mut conn = redis.conn();
+    let refused = |conn: &mut redis::Connection, version: &str| match store::claim(
+        conn, &keys, None, version,
+    ) {
+        Err(store::ClaimError::OlderRules(o)) => Some(o.latest),
+        Ok(_) => None,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(refused(&mut conn, "v1"), None);
+    assert_eq!(refused(&mut conn, "v1"), None, "the same version again");
+    assert_eq!(refused(&mut conn, "v2"), None, "a new version");
+    let epoch: i64 = redis::cmd("HGET")
+        .arg(&keys.meta)
+        .arg("epoch")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(epoch, 3);
+    assert_eq!(refused(&mut conn, "v1"), Some("v2".to_owned()));
+    let after: i64 = redis::cmd("HGET")
+        .arg(&keys.meta)
+        .arg("epoch")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(after, epoch, "a refused claim fences nobody");
+    assert_eq!(refused(&mut conn, "v1-rollback"), None);
+    assert_eq!(refused(&mut conn, "v2"), Some("v1-rollback".to_owned()));
+    // Only the latest 32 versions are remembered: one that fell off counts as new again.
+    for i in 0..32 {
+        assert_eq!(refused(&mut conn, &format!("w{i}")), None);
+    }
+    assert_eq!(refused(&mut conn, "v1"), None, "forgotten");
+    assert_eq!(refused(&mut conn, "w5"), Some("v1".to_owned()));
 }

@@ -194,3 +194,101 @@ fn timers_set_by_a_rules_sweep_fire() {
         "{reasons:?}"
     );
 }
+
+/// Issue 11, item 13: a rolling restart with two rules versions. An instance on the new
+/// version takes some partitions and re-places their customers; when it leaves, the instance
+/// still on the old version is assigned them but may not claim them (that would move the
+/// customers back: a flap); it shows them as not processed until it is upgraded too.
+#[test]
+fn an_older_rules_version_cannot_take_back_a_partition_a_newer_one_ran() {
+    let mut world = World::start(4);
+    let mut old = Tierd::spawn(&world, "");
+    old.wait_partitions(4, Duration::from_secs(60));
+    // 400,000: C under v1 (C from 200,000, B from 500,000), B under v2 (B from 300,000).
+    let customers: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+    let events: Vec<serde_json::Value> = customers
+        .iter()
+        .map(|c| purchase(&format!("e-{c}"), c, "400000", "2026-11-01T10:00:00Z"))
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    rules.write_all(V2.as_bytes()).unwrap();
+    world.rules = rules.path().to_owned();
+    let mut new = Tierd::spawn(&world, "");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (o, n) = (
+            old.metric("tierd_partitions_assigned"),
+            new.metric("tierd_partitions_assigned"),
+        );
+        if n >= 1.0 && o + n == 4.0 && new.metric("tierd_rules_sweep_partitions_done") >= n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new instance did not take and sweep partitions:\n{}",
+            new.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let taken = new.metric("tierd_partitions_assigned");
+    let tier_of = |c: &str| world.customer_state(c).unwrap().tier.unwrap();
+    let upgraded: Vec<&String> = customers.iter().filter(|c| tier_of(c) == "B").collect();
+    assert!(
+        !upgraded.is_empty(),
+        "the new instance re-placed its customers"
+    );
+
+    // The new instance leaves (e.g. its rollout is paused): the old one is assigned all four.
+    assert_eq!(new.terminate(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while old.metric("tierd_partitions_assigned") < 4.0
+        || old.metric("tierd_partitions_stopped") < taken
+    {
+        // Without the fence the old instance claims them and sweeps the customers back.
+        let flapped: Vec<&&String> = upgraded.iter().filter(|c| tier_of(c) != "B").collect();
+        assert!(flapped.is_empty(), "moved back to v1: {flapped:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the old instance did not report the refused partitions:\n{}",
+            old.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for c in &upgraded {
+        assert_eq!(tier_of(c), "B", "{c} moved back to v1");
+    }
+    let (status, body) = old.get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("\"b2b-lifetime-1\" is older than \"b2b-lifetime-2\""),
+        "{body}"
+    );
+
+    // The old instance is upgraded too: every partition runs v2, everyone is B, and no
+    // customer ever moved back and forth.
+    assert_eq!(old.terminate(), Some(0));
+    let upgraded_too = Tierd::spawn(&world, "");
+    upgraded_too.wait_partitions(4, Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while customers.iter().any(|c| tier_of(c) != "B") {
+        assert!(Instant::now() < deadline, "{}", upgraded_too.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(upgraded_too.metric("tierd_partitions_stopped"), 0.0);
+    world.wait_applied(&BTreeMap::new(), Duration::from_secs(60));
+    let mut tiers: HashMap<String, Vec<String>> = HashMap::new();
+    for r in world.read_all(&world.output) {
+        let v = r.json();
+        tiers
+            .entry(v["customer_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(v["tier"].as_str().unwrap().to_owned());
+    }
+    for c in &customers {
+        assert_eq!(tiers[c], ["C", "B"], "{c}: placed, then moved once");
+    }
+}

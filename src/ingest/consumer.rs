@@ -101,16 +101,26 @@ impl IngestContext {
     }
 
     /// Claims each of our topic's partitions in `tpl` and starts it; returns the list to
-    /// assign, with each partition's start offset from Redis.
-    fn claim_all(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
+    /// assign, with each partition's start offset from Redis, and the partitions whose claim
+    /// was refused (assigned too, to be paused: visibly not processed).
+    fn claim_all(&self, tpl: &TopicPartitionList) -> (TopicPartitionList, TopicPartitionList) {
         let mut assign = TopicPartitionList::new();
+        let mut refused = TopicPartitionList::new();
         for e in tpl.elements() {
             if e.topic() != self.topic {
                 continue;
             }
             let partition = e.partition();
-            let Some(claim) = self.supervisor.claim(partition) else {
-                continue;
+            let claim = match self.supervisor.claim(partition) {
+                None => continue,
+                Some(Ok(claim)) => claim,
+                Some(Err(older)) => {
+                    self.supervisor
+                        .mark_not_processed(partition, -1, older.to_string());
+                    assign.add_partition(&self.topic, partition);
+                    refused.add_partition(&self.topic, partition);
+                    continue;
+                }
             };
             let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
             if let Err(error) = assign.add_partition_offset(&self.topic, partition, offset) {
@@ -124,7 +134,7 @@ impl IngestContext {
                 .expect("pending lock")
                 .insert(partition, Pending::new(tx));
         }
-        assign
+        (assign, refused)
     }
 
     /// Releases `partitions`: drops their unsent messages (the next owner reads them again
@@ -170,8 +180,14 @@ impl IngestContext {
             let partition = released.partition;
             let reason = match released.exit {
                 RunnerExit::Diverged { .. } => {
-                    let Some((claim, tx)) = self.supervisor.restart(partition) else {
-                        continue;
+                    let (claim, tx) = match self.supervisor.restart(partition) {
+                        None => continue,
+                        Some(Ok(claimed)) => claimed,
+                        Some(Err(older)) => {
+                            self.supervisor.mark_stopped(&released, older.to_string());
+                            self.pause(consumer, partition);
+                            continue;
+                        }
                     };
                     self.pending
                         .lock()
@@ -214,11 +230,16 @@ impl IngestContext {
                 RunnerExit::Finished => "its runner finished unexpectedly".to_owned(),
             };
             self.supervisor.mark_stopped(&released, reason);
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.topic, partition);
-            if let Err(error) = consumer.pause(&tpl) {
-                warn!(partition, %error, "Pausing the stopped partition failed.");
-            }
+            self.pause(consumer, partition);
+        }
+    }
+
+    /// Pauses a partition this instance holds but does not process.
+    fn pause(&self, consumer: &BaseConsumer<Self>, partition: i32) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, partition);
+        if let Err(error) = consumer.pause(&tpl) {
+            warn!(partition, %error, "Pausing the stopped partition failed.");
         }
     }
 
@@ -246,8 +267,14 @@ impl IngestContext {
             if assigned.find_partition(&self.topic, partition).is_none() {
                 continue;
             }
-            let Some((claim, tx)) = self.supervisor.restart(partition) else {
-                continue;
+            let (claim, tx) = match self.supervisor.restart(partition) {
+                None => continue,
+                Some(Ok(claimed)) => claimed,
+                Some(Err(older)) => {
+                    self.supervisor
+                        .mark_not_processed(partition, -1, older.to_string());
+                    continue;
+                }
             };
             self.fences
                 .lock()
@@ -415,7 +442,7 @@ impl ConsumerContext for IngestContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let assign = self.claim_all(tpl);
+                let (assign, refused) = self.claim_all(tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(&assign)
                 } else {
@@ -425,10 +452,16 @@ impl ConsumerContext for IngestContext {
                     error!(%error, "Assigning partitions failed.");
                 }
                 // A partition this instance paused when its runner stopped stays paused through
-                // a revocation (the pause belongs to the application): given back, it must fetch.
+                // a revocation (the pause belongs to the application): given back, it must fetch
+                // — unless its claim was refused.
                 if assign.count() > 0 {
                     if let Err(error) = consumer.resume(&assign) {
                         warn!(%error, "Resuming assigned partitions failed.");
+                    }
+                }
+                if refused.count() > 0 {
+                    if let Err(error) = consumer.pause(&refused) {
+                        warn!(%error, "Pausing partitions whose claim was refused failed.");
                     }
                 }
             }

@@ -7,7 +7,7 @@ use super::runner::{Batch, Runner, RunnerExit};
 use super::{Ownership, PartitionStatus, Pipeline};
 use crate::publish::position::OutboxPositions;
 use crate::publish::publisher::{Publisher, Target};
-use crate::store::partition::{self as store, Claim, PartitionStore};
+use crate::store::partition::{self as store, Claim, ClaimError, OlderRules, PartitionStore};
 use crate::store::retry::Backoff;
 use crate::telemetry::events;
 use redis::aio::ConnectionManager;
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// How long a release waits for a partition's in-flight batches before aborting the runner
 /// (safe: an aborted commit either happened atomically or not at all).
@@ -102,12 +102,22 @@ impl Supervisor {
         &self.parts.pipeline
     }
 
-    /// Claims a partition in Redis, reconnecting and retrying until it succeeds or the
-    /// service stops (`None`). First reads from Kafka how far its outbox was published, so the
-    /// claim trims what went out already.
-    pub fn claim(&self, partition: i32) -> Option<Claim> {
+    /// Claims a partition in Redis, reconnecting and retrying until it succeeds, is refused
+    /// (a newer rules version ran the partition: `Some(Err)`), or the service stops (`None`).
+    /// First reads from Kafka how far its outbox was published, so the claim trims what went
+    /// out already.
+    pub fn claim(&self, partition: i32) -> Option<Result<Claim, OlderRules>> {
         let keys = self.parts.pipeline.keyspace.partition(partition);
         let telemetry = &self.parts.pipeline.telemetry;
+        let version = self.parts.pipeline.rules.version();
+        // A refusal is an answer, not a failure to retry.
+        let claim = |conn: &mut redis::Connection, published: Option<&str>| match store::claim(
+            conn, &keys, published, version,
+        ) {
+            Ok(claim) => Ok(Ok(claim)),
+            Err(ClaimError::OlderRules(refused)) => Ok(Err(refused)),
+            Err(ClaimError::Redis(e)) => Err(e),
+        };
         let published = self.retrying(
             || self.parts.positions.published(partition),
             |error| events::PublishedPositionUnknown { partition, error }.emit(telemetry),
@@ -116,7 +126,7 @@ impl Supervisor {
             || {
                 let mut slot = self.claims.lock().expect("claims lock");
                 let result = match slot.as_mut() {
-                    Some(conn) => store::claim(conn, &keys, published.as_deref()),
+                    Some(conn) => claim(conn, published.as_deref()),
                     None => self
                         .parts
                         .redis_client
@@ -124,7 +134,7 @@ impl Supervisor {
                         .and_then(|mut conn| {
                             conn.set_read_timeout(Some(Duration::from_secs(10)))?;
                             conn.set_write_timeout(Some(Duration::from_secs(10)))?;
-                            let claim = store::claim(&mut conn, &keys, published.as_deref());
+                            let claim = claim(&mut conn, published.as_deref());
                             *slot = Some(conn);
                             claim
                         }),
@@ -137,8 +147,14 @@ impl Supervisor {
             },
             |error| events::ClaimFailed { partition, error }.emit(telemetry),
         )?;
-        if claim.outbox_behind {
-            warn!(partition, published, "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
+        match &claim {
+            Ok(claim) if claim.outbox_behind => {
+                warn!(partition, published, "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
+            }
+            Ok(_) => {}
+            Err(refused) => {
+                error!(partition, %refused, "Claim refused: the partition is left stopped.")
+            }
         }
         Some(claim)
     }
@@ -325,15 +341,21 @@ impl Supervisor {
     /// processed (its runner stopped for `reason` and is not restarted): `/readyz` and
     /// `tierd_partitions_stopped` show it until the group takes it away ([`Self::forget`]).
     pub fn mark_stopped(&self, released: &Released, reason: String) {
+        self.mark_not_processed(released.partition, released.next_offset, reason);
+    }
+
+    /// Records that `partition`, assigned to this instance, is not processed (at
+    /// `next_offset`, -1 if unknown), and why.
+    pub fn mark_not_processed(&self, partition: i32, next_offset: i64, reason: String) {
         let mut ownership = self.parts.ownership.write().expect("ownership lock");
         events::PartitionNotProcessed {
-            partition: released.partition,
+            partition,
             reason: &reason,
         }
         .emit(&self.parts.pipeline.telemetry);
         ownership.insert(
-            released.partition,
-            Arc::new(PartitionStatus::new(-1, released.next_offset, Some(reason))),
+            partition,
+            Arc::new(PartitionStatus::new(-1, next_offset, Some(reason))),
         );
         owned_event(&ownership).emit(&self.parts.pipeline.telemetry);
     }
@@ -350,11 +372,17 @@ impl Supervisor {
 
     /// Claims a partition again after its runner stopped on divergence; returns the claim
     /// and the new batch sender (`None` when stopping).
-    pub fn restart(&self, partition: i32) -> Option<(Claim, mpsc::Sender<Batch>)> {
-        let claim = self.claim(partition)?;
+    pub fn restart(
+        &self,
+        partition: i32,
+    ) -> Option<Result<(Claim, mpsc::Sender<Batch>), OlderRules>> {
+        let claim = match self.claim(partition)? {
+            Ok(claim) => claim,
+            Err(refused) => return Some(Err(refused)),
+        };
         info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition claimed again.");
         let tx = self.start(partition, &claim);
-        Some((claim, tx))
+        Some(Ok((claim, tx)))
     }
 
     /// The next offsets applied so far of the owned partitions (of `only`, unless empty).

@@ -12,7 +12,34 @@
 -- and this claim: commits check the stored offset), so they are trimmed as well, and the
 -- stream's id moves to the published one so that new entries sort after everything Kafka has.
 -- The last value returned says which case happened ('trimmed', 'behind' or '').
+--
+-- ARGV[2] is the claimant's rules version. The partition remembers, in the order they first
+-- claimed it, the rules versions that ran it (field 'versions', a JSON array of the latest
+-- 32). A version that ran the partition before the latest one is older: its claim is refused
+-- and changes nothing (not even the epoch), returning {'OLDER', latest} — otherwise a rolling
+-- restart with two versions would move customers back and forth as partitions change hands.
+-- A version never seen is newer and becomes the latest.
 -- KEYS[1] meta hash, KEYS[2] outbox stream
+local mine = ARGV[2]
+local raw = redis.call('HGET', KEYS[1], 'versions')
+local versions = {}
+if raw then
+  versions = cjson.decode(raw)
+end
+local latest = versions[#versions]
+if latest ~= mine then
+  for _, v in ipairs(versions) do
+    if v == mine then
+      return {'OLDER', latest}
+    end
+  end
+  table.insert(versions, mine)
+  if #versions > 32 then
+    table.remove(versions, 1)
+  end
+  redis.call('HSET', KEYS[1], 'versions', cjson.encode(versions))
+end
+
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local next_offset = redis.call('HGET', KEYS[1], 'next_offset') or '-1'
 local commits = redis.call('HGET', KEYS[1], 'commits') or '0'

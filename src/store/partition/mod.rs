@@ -73,39 +73,73 @@ pub struct Claim {
     pub outbox_behind: bool,
 }
 
+/// A claim refused because a newer rules version already ran the partition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this instance's rules version {ours:?} is older than {latest:?}, which ran the partition after it: upgrade this instance to the newer rules (to roll back, give the old rules a new version string)")]
+pub struct OlderRules {
+    /// Our rules version.
+    pub ours: String,
+    /// The latest version that claimed the partition.
+    pub latest: String,
+}
+
+/// Why a claim failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Refused for good (until this instance runs newer rules): leave the partition stopped.
+    #[error(transparent)]
+    OlderRules(#[from] OlderRules),
+    /// Redis was unreachable or refused the call: retry.
+    #[error("redis call failed: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
 /// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
-/// consumer thread). `published` is the last outbox id a committed Kafka transaction holds
-/// ([`crate::publish::position`]): the entries up to it are trimmed, never published again.
+/// consumer thread) for an instance running `rules_version`. `published` is the last outbox
+/// id a committed Kafka transaction holds ([`crate::publish::position`]): the entries up to it
+/// are trimmed, never published again.
 ///
 /// # Errors
-/// The Redis error.
+/// [`ClaimError::OlderRules`] if a newer rules version ran the partition after ours (nothing
+/// changed), or the Redis error.
 pub fn claim(
     conn: &mut redis::Connection,
     keys: &PartitionKeys,
     published: Option<&str>,
-) -> Result<Claim, redis::RedisError> {
-    #[allow(clippy::type_complexity)]
-    let (epoch, next, commits, clock, rules, cutoffs, outbox): (
-        i64,
-        i64,
-        i64,
-        String,
-        String,
-        String,
-        String,
-    ) = CLAIM
+    rules_version: &str,
+) -> Result<Claim, ClaimError> {
+    let reply: Vec<String> = CLAIM
         .key(&keys.meta)
         .key(&keys.outbox)
         .arg(published.unwrap_or(""))
+        .arg(rules_version)
         .invoke(conn)?;
+    let field = |i: usize| reply.get(i).map_or("", String::as_str);
+    if field(0) == "OLDER" {
+        return Err(OlderRules {
+            ours: rules_version.to_owned(),
+            latest: field(1).to_owned(),
+        }
+        .into());
+    }
+    let number = |i: usize| {
+        field(i).parse::<i64>().map_err(|_| {
+            redis::RedisError::from((
+                redis::ErrorKind::TypeError,
+                "unexpected claim reply",
+                format!("{reply:?}"),
+            ))
+        })
+    };
+    let next = number(1)?;
     Ok(Claim {
-        epoch,
+        epoch: number(0)?,
         next_offset: (next >= 0).then_some(next),
-        commits,
-        clock: clock.parse().ok(),
-        swept_rules: rules.parse().ok(),
-        cutoffs: serde_json::from_str(&cutoffs).ok(),
-        outbox_behind: outbox == "behind",
+        commits: number(2)?,
+        clock: field(3).parse().ok(),
+        swept_rules: field(4).parse().ok(),
+        cutoffs: serde_json::from_str(field(5)).ok(),
+        outbox_behind: field(6) == "behind",
     })
 }
 
