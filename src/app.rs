@@ -183,7 +183,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         shutdown: Arc::clone(&stop),
     });
     let context = IngestContext::new(
-        tokio::runtime::Handle::current(),
         config.kafka.input_topic.clone(),
         supervisor,
         Batching {

@@ -14,7 +14,6 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &kafka.brokers)
         .set("group.id", &kafka.group_id)
-        .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "2000")
         .set("enable.partition.eof", "false");
     let kip848 = kafka
@@ -31,7 +30,12 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     }
     // Offsets live in Redis; Kafka commits are explicit and advisory only.
     c.set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
+        .set("enable.auto.offset.store", "false")
+        // Every partition is assigned at an explicit offset (its stored one, or the beginning
+        // when it has none). If the log no longer holds the stored offset (records deleted
+        // before they were applied; a recreated or truncated topic), librdkafka must not jump
+        // elsewhere: it reports the error and tierd stops that partition, naming why.
+        .set("auto.offset.reset", "error");
     c
 }
 

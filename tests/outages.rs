@@ -89,3 +89,76 @@ fn redis_killed_and_restarted_mid_stream_loses_nothing() {
         "still owns its partitions"
     );
 }
+
+/// Issue 11, item 8: one partition that cannot make progress (here its Redis keys become
+/// forbidden to tierd's ACL user, as when one Redis Cluster shard is down) fills its queue.
+/// Only that partition waits (paused); the consumer keeps polling and the other partition is
+/// applied. Once its keys are allowed again it catches up, every event counted once.
+#[test]
+fn one_stuck_partition_does_not_stall_the_others() {
+    let mut redis = Redis::start();
+    let admin_url = redis.url.clone();
+    let admin = || {
+        redis::Client::open(admin_url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    };
+    let acl = |rules: &[&str]| {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("tierd")
+            .arg(rules)
+            .query(&mut admin())
+            .unwrap();
+    };
+    acl(&["on", ">pw", "~*", "&*", "+@all"]);
+    redis.url = admin_url.replacen("redis://", "redis://tierd:pw@", 1);
+    let world = World::start_with(2, redis);
+    let [a, b]: [String; 2] = world.customer_per_partition().try_into().unwrap();
+    let tierd = Tierd::spawn(
+        &world,
+        "[ingest]\nbatch_max_events = 100\nqueue_batches = 2\n",
+    );
+    tierd.wait_partitions(2, Duration::from_secs(60));
+
+    // Partition 0's keys become forbidden: its runner retries, its queue fills up.
+    let p1 = format!("{}*", world.keys(1).meta.trim_end_matches(":meta"));
+    acl(&["resetkeys", &format!("~{p1}")]);
+    // Distinct times: the bounded id memory never refuses one as too late.
+    let many: Vec<serde_json::Value> = events(0, 3000)
+        .into_iter()
+        .map(|mut e| {
+            e["customer_id"] = a.as_str().into();
+            e
+        })
+        .collect();
+    let mut ends = world.produce_json(&many);
+    std::thread::sleep(Duration::from_secs(3));
+    let more = world.produce_json(&[purchase("b1", &b, "1", "2026-11-01T10:00:00Z")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut conn = admin();
+    loop {
+        let next: Option<i64> = redis::cmd("HGET")
+            .arg(world.keys(1).meta)
+            .arg("next_offset")
+            .query(&mut conn)
+            .unwrap();
+        if next >= Some(more[&1]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partition 1 stalled behind partition 0:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Partition 0 may use its keys again: it catches up, each event once.
+    acl(&["resetkeys", "~*"]);
+    merge(&mut ends, more);
+    world.wait_applied(&ends, Duration::from_secs(120));
+    assert_eq!(world.customer_state(&a).unwrap().count, 3000);
+    assert_eq!(world.customer_state(&b).unwrap().count, 1);
+}

@@ -90,10 +90,11 @@ pub struct KafkaConfig {
     pub at_risk_topic: Option<String>,
     /// librdkafka consumer properties, passed through (e.g. `"security.protocol" = "SASL_SSL"`,
     /// `"group.protocol" = "consumer"` for KIP-848). They override tierd's defaults
-    /// (`auto.offset.reset = earliest`; under the classic group protocol also
+    /// (`statistics.interval.ms = 2000`; under the classic group protocol also
     /// `partition.assignment.strategy = cooperative-sticky`, `session.timeout.ms = 10000`,
     /// `heartbeat.interval.ms = 1000`, which KIP-848 leaves to the broker). `group.id`,
-    /// `bootstrap.servers` and `enable.auto.commit` are tierd's own and cannot be set here.
+    /// `bootstrap.servers`, `enable.auto.commit`, `enable.auto.offset.store` and
+    /// `auto.offset.reset` are tierd's own and cannot be set here.
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
     /// librdkafka producer properties, passed through. They override tierd's defaults
@@ -141,7 +142,8 @@ pub struct IngestConfig {
     /// …or when its oldest message has waited this long, milliseconds. Default 20.
     #[serde(default = "default_batch_max_wait_ms")]
     pub batch_max_wait_ms: u64,
-    /// Batches queued per partition before the consumer pauses (backpressure). Default 4.
+    /// Batches queued per partition before that partition (alone) is paused (backpressure).
+    /// Default 4.
     #[serde(default = "default_queue_batches")]
     pub queue_batches: usize,
     /// Messages larger than this (value bytes) are dead-lettered as `oversize`. Default 65536.
@@ -376,6 +378,12 @@ mod tests {
         assert!(msg("[money]\ncurrency = \"euro\"").contains("`money.currency`"));
         assert!(msg("[api]\nlisten = \"localhost\"").contains("`api.listen`"));
         assert!(msg("[kafka.consumer]\n\"group.id\" = \"x\"").contains("`kafka.consumer`"));
+        let reset = msg("[kafka.consumer]\n\"auto.offset.reset\" = \"latest\"");
+        assert!(
+            reset.contains("`kafka.consumer`")
+                && reset.contains("`auto.offset.reset` is set by tierd"),
+            "{reset}"
+        );
         assert!(
             msg("[ingest]\nmin_occurred_at = \"yesterday\"").contains("`ingest.min_occurred_at`")
         );

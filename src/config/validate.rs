@@ -4,11 +4,15 @@
 use super::{Config, ConfigError};
 
 /// Properties tierd sets itself; passing them through would break its guarantees.
-const RESERVED_CONSUMER_KEYS: [&str; 4] = [
-    "group.id",
-    "bootstrap.servers",
-    "enable.auto.commit",
-    "enable.auto.offset.store",
+const RESERVED_CONSUMER_KEYS: [(&str, &str); 5] = [
+    ("group.id", "is set by tierd itself (use kafka.group_id)"),
+    ("bootstrap.servers", "is set by tierd itself (use kafka.brokers)"),
+    ("enable.auto.commit", "is set by tierd itself (offsets live in Redis)"),
+    ("enable.auto.offset.store", "is set by tierd itself (offsets live in Redis)"),
+    (
+        "auto.offset.reset",
+        "is set by tierd itself: a new partition starts at its beginning, and a partition whose stored offset the log no longer holds is stopped with an error instead of skipping or re-reading events",
+    ),
 ];
 
 impl Config {
@@ -48,16 +52,13 @@ impl Config {
                 "must differ from kafka.output_topic and kafka.dead_letter_topic",
             );
         }
-        if let Some(key) = k
-            .consumer
-            .keys()
-            .find(|key| RESERVED_CONSUMER_KEYS.contains(&key.as_str()))
+        if let Some((key, why)) = RESERVED_CONSUMER_KEYS
+            .iter()
+            .find(|(key, _)| k.consumer.contains_key(*key))
         {
             return Err(ConfigError::Invalid {
                 field: "kafka.consumer",
-                message: format!(
-                    "`{key}` is set by tierd itself (use kafka.group_id / kafka.brokers)"
-                ),
+                message: format!("`{key}` {why}"),
             });
         }
         if k.consumer

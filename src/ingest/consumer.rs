@@ -11,6 +11,7 @@
 use crate::partition::runner::{Batch, RunnerExit};
 use crate::partition::supervisor::{Released, Supervisor};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -42,6 +43,20 @@ struct Pending {
     messages: Vec<OwnedMessage>,
     bytes: usize,
     since: Option<Instant>,
+    /// The runner's queue was full: `messages` wait for room and the partition is paused
+    /// (only this one: the others keep flowing, and the consumer keeps polling).
+    held: Held,
+}
+
+/// Whether a partition's messages are held back because its runner's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Flowing.
+    No,
+    /// Held; the partition must be paused.
+    ToPause,
+    /// Held and paused; resumed once the batch is handed over.
+    Paused,
 }
 
 impl Pending {
@@ -51,13 +66,24 @@ impl Pending {
             messages: Vec::new(),
             bytes: 0,
             since: None,
+            held: Held::No,
         }
     }
 }
 
+/// What handing a batch to a runner did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// Handed over (or dropped because the service stops).
+    Yes,
+    /// The runner's queue is full: the batch is held.
+    Held,
+    /// The runner has stopped.
+    RunnerGone,
+}
+
 /// The consumer's context: batches messages and handles rebalances through the supervisor.
 pub struct IngestContext {
-    rt: tokio::runtime::Handle,
     topic: String,
     supervisor: Supervisor,
     batching: Batching,
@@ -82,14 +108,12 @@ const FENCE_WINDOW: Duration = Duration::from_secs(60);
 impl IngestContext {
     /// A context for `topic` over a supervisor.
     pub fn new(
-        rt: tokio::runtime::Handle,
         topic: String,
         supervisor: Supervisor,
         batching: Batching,
         shutdown: Arc<AtomicBool>,
     ) -> Self {
         Self {
-            rt,
             topic,
             supervisor,
             batching,
@@ -194,7 +218,13 @@ impl IngestContext {
                         .expect("pending lock")
                         .insert(partition, Pending::new(tx));
                     let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
-                    match consumer.seek(&self.topic, partition, offset, Duration::from_secs(10)) {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&self.topic, partition);
+                    // Resumed too: it may have been paused while its queue was full.
+                    let resumed = consumer
+                        .seek(&self.topic, partition, offset, Duration::from_secs(10))
+                        .and_then(|()| consumer.resume(&tpl));
+                    match resumed {
                         Ok(()) => continue,
                         Err(error) => {
                             error!(partition, %error, "Seeking after divergence failed; releasing the partition.");
@@ -231,6 +261,67 @@ impl IngestContext {
             };
             self.supervisor.mark_stopped(&released, reason);
             self.pause(consumer, partition);
+        }
+    }
+
+    /// After librdkafka reported that a partition's fetch offset is not in its log (and
+    /// stopped fetching it: `auto.offset.reset = error`), finds the owned partitions whose
+    /// stored or fetch offset lies outside their log and stops each with the reason: records
+    /// deleted before they were applied (retention, delete-records), or an offset beyond the
+    /// log end (a recreated topic, an unclean leader election). Neither is skipped nor
+    /// re-read silently; an operator decides (see README "Operations").
+    fn stop_out_of_range(&self, consumer: &BaseConsumer<Self>) {
+        let positions = consumer.position().unwrap_or_default();
+        let mut found = false;
+        for partition in self.supervisor.started() {
+            let (low, high) =
+                match consumer.fetch_watermarks(&self.topic, partition, Duration::from_secs(10)) {
+                    Ok(w) => w,
+                    Err(error) => {
+                        warn!(partition, %error, "Reading the partition's log bounds failed.");
+                        continue;
+                    }
+                };
+            let stored = self
+                .supervisor
+                .applied_offsets(&[partition])
+                .first()
+                .map(|(_, next)| *next);
+            let fetching = positions
+                .find_partition(&self.topic, partition)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            let Some(at) = [stored, fetching]
+                .into_iter()
+                .flatten()
+                .find(|&o| o < low || o > high)
+            else {
+                continue;
+            };
+            found = true;
+            let reason = if at < low {
+                format!(
+                    "offsets {at} to {} were deleted from the topic (retention or delete-records) before tierd applied them; their events are missing from the state. Restore them to the topic, or accept the loss and move the stored offset (README \"Operating notes\": an offset outside the log)",
+                    low - 1
+                )
+            } else {
+                format!(
+                    "offset {at} is beyond the end of the partition's log ({high}): the topic was deleted and recreated, or truncated by an unclean leader election. Nothing is skipped or re-read; decide where to resume and move the stored offset (README \"Operating notes\": an offset outside the log)"
+                )
+            };
+            error!(
+                partition,
+                reason, "Partition stopped: its offset is not in the log."
+            );
+            for released in self.release(consumer, &[partition]) {
+                self.supervisor.mark_stopped(&released, reason.clone());
+            }
+            self.pause(consumer, partition);
+        }
+        if !found {
+            warn!("librdkafka reported an offset outside a partition's log, but every owned partition's offsets are within it now.");
         }
     }
 
@@ -322,7 +413,53 @@ impl IngestContext {
         b.messages.push(message);
         let full =
             b.messages.len() >= self.batching.max_events || b.bytes >= self.batching.max_bytes;
-        (full && !self.send(partition, b)).then_some(partition)
+        // A held partition's batch waits for room (see `flow`); a message fetched before its
+        // pause took effect just joins it.
+        (full && b.held == Held::No && self.send(partition, b) == Sent::RunnerGone)
+            .then_some(partition)
+    }
+
+    /// Pauses partitions whose batch was just held back (their runner's queue is full) and
+    /// hands held batches over once there is room, resuming their partition. Only the slow
+    /// partition waits: the consumer keeps polling the others (and the group), where blocking
+    /// the thread on one full queue would stall every partition and, past
+    /// `max.poll.interval.ms`, get the instance evicted from the group. Returns partitions
+    /// whose runner has stopped.
+    fn flow(&self, consumer: &BaseConsumer<Self>) -> Vec<i32> {
+        let mut dead = Vec::new();
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            for (&p, b) in pending.iter_mut() {
+                match b.held {
+                    Held::No => {}
+                    Held::ToPause => {
+                        pause.add_partition(&self.topic, p);
+                        b.held = Held::Paused;
+                    }
+                    Held::Paused => match self.try_send(b) {
+                        Sent::Yes => {
+                            resume.add_partition(&self.topic, p);
+                            b.held = Held::No;
+                        }
+                        Sent::Held => {}
+                        Sent::RunnerGone => dead.push(p),
+                    },
+                }
+            }
+        }
+        if pause.count() > 0 {
+            if let Err(error) = consumer.pause(&pause) {
+                warn!(%error, "Pausing partitions with a full queue failed.");
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(error) = consumer.resume(&resume) {
+                warn!(%error, "Resuming partitions failed.");
+            }
+        }
+        dead
     }
 
     /// Sends every batch that has waited long enough; returns partitions whose runner stopped
@@ -334,37 +471,48 @@ impl IngestContext {
             let due = b
                 .since
                 .is_some_and(|t| t.elapsed() >= self.batching.max_wait);
-            if due && !dead.contains(p) && !self.send(*p, b) {
+            if due
+                && b.held == Held::No
+                && !dead.contains(p)
+                && self.send(*p, b) == Sent::RunnerGone
+            {
                 dead.push(*p);
             }
         }
         dead
     }
 
-    /// Hands the pending batch to the runner, waiting while its queue is full (backpressure)
-    /// but giving up when the service stops. Returns false if the runner has stopped.
-    fn send(&self, partition: i32, b: &mut Pending) -> bool {
-        let batch = std::mem::take(&mut b.messages);
-        b.bytes = 0;
-        b.since = None;
-        loop {
-            // The timer must be created inside the runtime's context, i.e. in the block.
-            let reserved = self.rt.block_on(async {
-                tokio::time::timeout(Duration::from_millis(100), b.tx.reserve()).await
-            });
-            match reserved {
-                Ok(Ok(permit)) => {
-                    permit.send(batch);
-                    return true;
-                }
-                Ok(Err(_)) => {
-                    error!(partition, "Partition runner has stopped.");
-                    return false;
-                }
-                // Stopping: drop the batch; the next owner reads it again from Redis' offset.
-                Err(_) if self.shutdown.load(Ordering::Relaxed) => return true,
-                Err(_) => {}
+    /// Hands the pending batch to the runner. If its queue is full (backpressure) the batch is
+    /// held and the partition is to be paused (see [`Self::flow`]); the consumer thread never
+    /// waits for one partition.
+    fn send(&self, partition: i32, b: &mut Pending) -> Sent {
+        let sent = self.try_send(b);
+        match sent {
+            Sent::Held => b.held = Held::ToPause,
+            Sent::RunnerGone => error!(partition, "Partition runner has stopped."),
+            Sent::Yes => {}
+        }
+        sent
+    }
+
+    /// Hands the pending batch over if the runner's queue has room.
+    fn try_send(&self, b: &mut Pending) -> Sent {
+        if self.shutdown.load(Ordering::Relaxed) {
+            // Stopping: drop the batch; the next owner reads it again from Redis' offset.
+            b.messages.clear();
+            b.bytes = 0;
+            b.since = None;
+            return Sent::Yes;
+        }
+        match b.tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(std::mem::take(&mut b.messages));
+                b.bytes = 0;
+                b.since = None;
+                Sent::Yes
             }
+            Err(mpsc::error::TrySendError::Full(())) => Sent::Held,
+            Err(mpsc::error::TrySendError::Closed(())) => Sent::RunnerGone,
         }
     }
 
@@ -508,11 +656,17 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
                     ctx.recover(&consumer, &[dead]);
                 }
             }
+            Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
+                ctx.stop_out_of_range(&consumer);
+            }
             Some(Err(error)) => warn!(%error, "Consumer error."),
             None => {}
         }
         if last_flush_check.elapsed() >= Duration::from_millis(1) {
-            let dead = ctx.flush_due();
+            let mut dead = ctx.flush_due();
+            dead.extend(ctx.flow(&consumer));
+            dead.sort_unstable();
+            dead.dedup();
             if !dead.is_empty() {
                 ctx.recover(&consumer, &dead);
             }

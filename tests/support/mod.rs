@@ -984,6 +984,39 @@ impl World {
         c.create().unwrap()
     }
 
+    /// One customer id per input partition (index = partition), found by producing each
+    /// candidate key once to a scratch topic with as many partitions (the partitioner depends
+    /// only on the key and the partition count), so the input topic is left untouched.
+    pub fn customer_per_partition(&self) -> Vec<String> {
+        let scratch = unique("scratch");
+        self.broker.create_topics(&[&scratch], self.partitions);
+        let producer = self.producer();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut found: Vec<Option<String>> = vec![None; self.partitions as usize];
+        for i in 0.. {
+            let key = format!("k{i}");
+            let partition = rt
+                .block_on(
+                    producer.send(
+                        FutureRecord::<str, [u8]>::to(&scratch)
+                            .key(&key)
+                            .payload(b"".as_slice()),
+                        Duration::from_secs(30),
+                    ),
+                )
+                .unwrap()
+                .partition;
+            found[partition as usize].get_or_insert(key);
+            if found.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        found.into_iter().map(Option::unwrap).collect()
+    }
+
     /// Produces `(key, value)` records in order; returns the next offset per partition.
     pub fn produce(&self, records: &[(Option<String>, Vec<u8>)]) -> BTreeMap<i32, i64> {
         let producer = self.producer();
