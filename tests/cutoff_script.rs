@@ -177,3 +177,101 @@ fn the_cutoff_script_refuses_values_beyond_2_pow_53_instead_of_hanging() {
         .expect_err("fractional scores are refused");
     assert!(error.to_string().contains("not whole"), "{error}");
 }
+
+/// The re-ranking's pages (`lua/ranked_after.lua`, the other Lua that holds logic): paging
+/// through a value range by (value, customer) cursor returns exactly the range of a full sort,
+/// in order (ties by customer id bytes, ids with non-ASCII bytes and prefixes of each other
+/// included), whatever the page size; and re-scoring customers already passed (what a
+/// re-evaluation may do) neither skips nor repeats any other customer.
+#[test]
+fn rank_pages_by_cursor_equal_a_full_sort() {
+    let redis = Redis::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let shared = rt
+        .block_on(redis.client().get_multiplexed_async_connection())
+        .unwrap();
+    let ids = prop_oneof![
+        "[a-c]{0,3}".prop_map(|s| format!("c{s}")),
+        "[a-c\u{e9}\u{4e2d}]{1,3}",
+    ];
+    let entries = proptest::collection::btree_map(ids, -5i64..5, 0..60);
+    let strategy = (
+        entries,
+        -6i64..6,
+        proptest::option::of(-6i64..6),
+        1usize..8,
+        any::<bool>(),
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(200));
+    let result = runner.run(&strategy, |(entries, lo, hi, page, rescore)| {
+        let mut conn = redis.conn();
+        let mut aconn = shared.clone();
+        let key = support::unique("pages");
+        for (id, v) in &entries {
+            let _: () = redis::cmd("ZADD")
+                .arg(&key)
+                .arg(*v)
+                .arg(id)
+                .query(&mut conn)
+                .unwrap();
+        }
+        let in_range = |v: i64| v >= lo && hi.is_none_or(|h| v <= h);
+        let mut expected: Vec<(String, i128)> = entries
+            .iter()
+            .filter(|(_, v)| in_range(**v))
+            .map(|(id, v)| (id.clone(), i128::from(*v)))
+            .collect();
+        expected.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.as_bytes().cmp(b.0.as_bytes())));
+        let (lo, hi) = (i128::from(lo), hi.map(i128::from));
+        let mut got: Vec<(String, i128)> = Vec::new();
+        let mut cursor: Option<(i128, String)> = None;
+        let mut rescored = std::collections::BTreeSet::new();
+        loop {
+            let next = rt
+                .block_on(tierd::store::rank_pages::page(
+                    &mut aconn,
+                    &key,
+                    lo,
+                    hi,
+                    cursor.as_ref().map(|(v, c)| (*v, c.as_str())),
+                    page,
+                ))
+                .unwrap();
+            prop_assert!(next.len() <= page);
+            let Some(last) = next.last().cloned() else {
+                break;
+            };
+            cursor = Some((last.1, last.0.clone()));
+            got.extend(next);
+            if rescore && !rescored.contains(&last.0) {
+                // Move the page's last customer elsewhere in the set, as a re-evaluation can.
+                let _: () = redis::cmd("ZADD")
+                    .arg(&key)
+                    .arg(last.1 as i64 * 3 - 7)
+                    .arg(&last.0)
+                    .query(&mut conn)
+                    .unwrap();
+                rescored.insert(last.0);
+            }
+        }
+        if rescore {
+            // Everyone not re-scored exactly once, in order; a re-scored customer at most twice.
+            let keep = |e: &(String, i128)| !rescored.contains(&e.0);
+            let got_kept: Vec<_> = got.iter().filter(|e| keep(e)).cloned().collect();
+            let expected_kept: Vec<_> = expected.iter().filter(|e| keep(e)).cloned().collect();
+            prop_assert_eq!(got_kept, expected_kept);
+            for id in &rescored {
+                prop_assert!(got.iter().filter(|e| &e.0 == id).count() <= 2);
+            }
+        } else {
+            prop_assert_eq!(got, expected);
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

@@ -313,9 +313,79 @@ fn kill_9_during_a_re_ranking_loses_and_doubles_nothing() {
     let cut = wait_settled(&world, &tierd, 6000);
 
     let value = |i: i64| if i <= 4000 { i } else { i + 10_000 } * 100;
-    let mut values: Vec<i64> = (1..=6000).map(value).collect();
+    assert_pyramid_exact(&world, &cut, 6000, value);
+}
+
+/// Issue 11, item 8: the first cut-offs over an existing population re-evaluate half of it.
+/// The pass pages by (value, customer) cursor and stores its progress with each page, so an
+/// owner killed in the middle is followed by one that resumes there — it re-evaluates only
+/// what was left (before: everything again, after listing every crosser with offset paging).
+#[test]
+fn a_re_ranking_resumes_where_a_killed_owner_stopped() {
+    let world = pyramid(1);
+    // No recomputation by interval, and by population only when it more than doubles (the
+    // first check, at start, sees none of it yet; the next one all of it); small pages.
+    let config = "[ranks]\nrecompute_interval_ms = 86400000\nrecompute_population_change = 1.0\ncheck_interval_ms = 8000\nreevaluate_page = 2\n[clock]\nmode = \"event\"\nlateness_s = 0\n";
+    let n = 3000i64;
+    let events: Vec<serde_json::Value> = (1..=n)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                &i.to_string(),
+                "2026-11-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    let mut tierd = Tierd::spawn(&world, config);
+    world.wait_applied(&ends, Duration::from_secs(120));
+    // The top 50% cross the first cut-offs: 1,500 re-evaluations in pages of 2.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tierd.metric("tierd_rank_reevaluated_total") < 300.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no re-ranking:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tierd.kill9();
+    let progress: String = redis::cmd("HGET")
+        .arg(world.keys(0).meta)
+        .arg("rerank")
+        .query(&mut world.redis.conn())
+        .unwrap();
+    let progress: serde_json::Value = serde_json::from_str(&progress).unwrap();
+
+    let tierd = Tierd::spawn(&world, config);
+    let cut = wait_settled(&world, &tierd, n as u64);
+    assert_eq!(
+        progress["version"], cut.version,
+        "the same cut-offs: nothing to recompute"
+    );
+    let again = tierd.metric("tierd_rank_reevaluated_total");
+    assert!(
+        again <= 1500.0 - 300.0 + 2.0,
+        "the new owner re-evaluated {again} of 1500: it started again instead of resuming"
+    );
+    assert!(tierd.log_text().contains("Resuming the re-ranking"));
+    assert_pyramid_exact(&world, &cut, n, |i| i * 100);
+    let left: Option<String> = redis::cmd("HGET")
+        .arg(world.keys(0).meta)
+        .arg("rerank")
+        .query(&mut world.redis.conn())
+        .unwrap();
+    assert_eq!(left, None, "the finished pass removes its progress");
+}
+
+/// Every customer `c1..=cn` (ranked value `value(i)`) is in the tier a full sort gives under
+/// the settled cut-offs `cut`, and their changes are on the output topic once each, in order
+/// on every record, none missing.
+fn assert_pyramid_exact(world: &World, cut: &Cutoffs, n: i64, value: impl Fn(i64) -> i64) {
+    let mut values: Vec<i64> = (1..=n).map(&value).collect();
     values.sort_unstable_by(|a, b| b.cmp(a));
-    let bounds = [0.01, 0.2, 0.5].map(|p: f64| values[((p * 6000.0).ceil() as usize) - 1]);
+    let bounds = [0.01, 0.2, 0.5].map(|p: f64| values[((p * n as f64).ceil() as usize) - 1]);
     assert_eq!(
         cut.values,
         bounds
@@ -345,7 +415,7 @@ fn kill_9_during_a_re_ranking_loses_and_doubles_nothing() {
         );
         seqs.push(seq);
     }
-    for i in 1..=6000i64 {
+    for i in 1..=n {
         let c = format!("c{i}");
         let s = world.customer_state(&c).unwrap();
         let want = ["vip", "key", "ordinary", "small"]

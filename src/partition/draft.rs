@@ -90,6 +90,8 @@ pub struct Draft {
     pub swept_rules: Option<u32>,
     /// Rank cut-offs (JSON) this commit finishes applying.
     pub applied_cutoffs: Option<String>,
+    /// The re-ranking's progress to store with this commit (JSON; `""`: done, remove it).
+    pub rerank: Option<String>,
     /// Timer-index and rank-set entries without a stored customer, to remove.
     pub orphans: Vec<(SortedSet, String)>,
     /// Changes under rank-based rules awaiting their exact rank positions.
@@ -189,6 +191,7 @@ impl Draft {
             outbox: std::mem::take(&mut self.outbox),
             swept_rules: self.swept_rules,
             applied_cutoffs: self.applied_cutoffs.take(),
+            rerank: self.rerank.take(),
             ..CommitBatch::default()
         };
         batch.zrem.append(&mut self.orphans);

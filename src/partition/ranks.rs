@@ -109,60 +109,98 @@ impl Runner {
 
     /// Moves the partition to new cut-offs: from now on evaluations use them, and every
     /// customer whose ranked value lies between an old and a new cut-off is re-evaluated
-    /// (reason `rank_shift`), a page per commit. The last commit records the cut-offs as
-    /// applied; a crash before that re-does the pass, which is idempotent (a customer already
-    /// moved does not move again), so no change is lost or doubled.
+    /// (reason `rank_shift`), a page per commit. The pages follow a (value, customer) cursor
+    /// per moved range, and each page's commit stores how far the pass got: an owner that
+    /// takes over (after a crash or a handover) resumes there for the same cut-offs instead of
+    /// starting again. The last commit records the cut-offs as applied. A customer re-evaluated
+    /// twice (in two ranges, or a page repeated) does not move again, so no change is lost or
+    /// doubled.
     async fn apply_cutoffs(&mut self, new: Cutoffs) -> Result<(), ApplyError> {
         let p = Arc::clone(&self.pipeline);
         let old = std::mem::replace(&mut self.cutoffs, Arc::new(new.clone()));
         let page = p.ranks.reevaluate_page;
-        // First list every customer in the moved ranges (nothing is committed while listing,
-        // so offset paging over the sorted sets is stable), then re-evaluate them a page per
-        // commit: a re-evaluation can change a customer's ranked value and would shift pages.
-        let mut seen = HashSet::new();
-        let mut crossing: Vec<String> = Vec::new();
-        for (rank, lo, hi) in moved_ranges(&p.rules, &old, &new) {
-            let mut offset = 0usize;
-            loop {
-                let ids = self
-                    .store
-                    .ranked_between(rank, lo, hi, offset, page)
-                    .await?;
-                if ids.is_empty() {
-                    break;
-                }
-                offset += ids.len();
-                crossing.extend(ids.into_iter().filter(|id| seen.insert(id.clone())));
-            }
-        }
-        let (mut evaluated, mut moved) = (0u64, 0u64);
-        for fresh in crossing.chunks(page) {
-            let mut work = Working::new();
-            self.load(fresh.iter().cloned(), &mut work).await?;
-            let mut draft = self.new_draft();
-            for id in fresh {
-                let loaded = work.get_mut(id.as_str()).expect("loaded above");
-                if loaded.state.is_new() {
-                    // A rank entry without a stored customer (erased by hand): drop it, and
-                    // never evaluate (that would create the customer again).
-                    let sets = (0..p.rules.ranks().len()).map(SortedSet::Rank);
-                    draft.orphans.extend(sets.map(|set| (set, id.clone())));
-                    continue;
-                }
-                let outcome = self.reevaluate(&mut draft, id, loaded, Trigger::RankShift);
-                evaluated += 1;
-                moved += u64::from(outcome.transition.is_some());
-            }
-            self.commit(&mut draft, &mut work).await?;
-            self.keep(work);
-            events::RankReevaluated {
-                customers: fresh.len() as u64,
+        let ranges = moved_ranges(&p.rules, &old, &new);
+        let resume = self
+            .store
+            .rerank_progress()
+            .await?
+            .and_then(|json| serde_json::from_str::<Progress>(&json).ok())
+            .filter(|at| at.version == new.version && at.range < ranges.len());
+        if let Some(at) = &resume {
+            events::RerankResumed {
+                partition: self.partition,
+                version: new.version,
+                range: at.range,
             }
             .emit(&p.telemetry);
         }
-        // Record the cut-offs as applied (with the last page or on their own).
+        let (mut evaluated, mut moved) = (0u64, 0u64);
+        let mut seen = HashSet::new();
+        let first_range = resume.as_ref().map_or(0, |at| at.range);
+        for (range, &(rank, lo, hi)) in ranges.iter().enumerate().skip(first_range) {
+            let mut cursor = resume
+                .as_ref()
+                .filter(|at| at.range == range)
+                .map(|at| (at.value, at.customer.clone()));
+            loop {
+                let found = self
+                    .store
+                    .ranked_after(
+                        rank,
+                        lo,
+                        hi,
+                        cursor.as_ref().map(|(v, c)| (*v, c.as_str())),
+                        page,
+                    )
+                    .await?;
+                let Some((last, value)) = found.last().cloned() else {
+                    break;
+                };
+                cursor = Some((value, last.clone()));
+                // A customer in several moved ranges is re-evaluated once per pass here (and
+                // at worst once more after a resume, without moving again).
+                let fresh: Vec<String> = found
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .filter(|id| seen.insert(id.clone()))
+                    .collect();
+                let mut work = Working::new();
+                self.load(fresh.iter().cloned(), &mut work).await?;
+                let mut draft = self.new_draft();
+                for id in &fresh {
+                    let loaded = work.get_mut(id.as_str()).expect("loaded above");
+                    if loaded.state.is_new() {
+                        // A rank entry without a stored customer (erased by hand): drop it,
+                        // and never evaluate (that would create the customer again).
+                        let sets = (0..p.rules.ranks().len()).map(SortedSet::Rank);
+                        draft.orphans.extend(sets.map(|set| (set, id.clone())));
+                        continue;
+                    }
+                    let outcome = self.reevaluate(&mut draft, id, loaded, Trigger::RankShift);
+                    evaluated += 1;
+                    moved += u64::from(outcome.transition.is_some());
+                }
+                draft.rerank = Some(
+                    serde_json::to_string(&Progress {
+                        version: new.version,
+                        range,
+                        value,
+                        customer: last,
+                    })
+                    .expect("progress serializes"),
+                );
+                self.commit(&mut draft, &mut work).await?;
+                self.keep(work);
+                events::RankReevaluated {
+                    customers: fresh.len() as u64,
+                }
+                .emit(&p.telemetry);
+            }
+        }
+        // Record the cut-offs as applied (and the pass as done).
         let mut draft = self.new_draft();
         draft.applied_cutoffs = Some(serde_json::to_string(&new).expect("cut-offs serialize"));
+        draft.rerank = Some(String::new());
         self.commit(&mut draft, &mut Working::new()).await?;
         events::CutoffsApplied {
             partition: self.partition,
@@ -215,6 +253,16 @@ impl Runner {
     }
 }
 
+/// How far a re-ranking got (stored with each page's commit): the cut-offs version it moves
+/// to, the moved range (index into [`moved_ranges`]) and the last customer done in it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    version: u64,
+    range: usize,
+    value: i128,
+    customer: String,
+}
+
 /// The value ranges between the old and the new cut-offs, per cut point: `(rank, lo, hi)`,
 /// `hi = None` meaning no upper end. Old cut-offs of other rules count as absent.
 fn moved_ranges(
@@ -238,5 +286,50 @@ fn moved_ranges(
             ranges.push((point.rank, lo, hi));
         }
     }
-    ranges
+    merge_ranges(ranges)
+}
+
+/// The union of `ranges` as disjoint ranges, per rank in value order: a customer in several
+/// overlapping ranges (the first cut-offs over a population give `[cut, +inf)` for every cut
+/// point of a rank) is then paged through once.
+fn merge_ranges(mut ranges: Vec<(usize, i128, Option<i128>)>) -> Vec<(usize, i128, Option<i128>)> {
+    ranges.sort_by_key(|&(rank, lo, _)| (rank, lo));
+    let mut merged: Vec<(usize, i128, Option<i128>)> = Vec::with_capacity(ranges.len());
+    for (rank, lo, hi) in ranges {
+        match merged.last_mut() {
+            // Ranks hold whole numbers: [a, b] and [b + 1, c] are one range too.
+            Some((r, _, last_hi)) if *r == rank && last_hi.is_none_or(|h| lo <= h + 1) => {
+                *last_hi = match (*last_hi, hi) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+            }
+            _ => merged.push((rank, lo, hi)),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_ranges;
+
+    #[test]
+    fn overlapping_ranges_of_a_rank_are_merged() {
+        assert_eq!(
+            merge_ranges(vec![(0, 50, None), (0, 1, None), (0, 20, None)]),
+            vec![(0, 1, None)]
+        );
+        assert_eq!(
+            merge_ranges(vec![
+                (0, 10, Some(20)),
+                (1, 5, Some(6)),
+                (0, 21, Some(30)),
+                (0, 40, Some(50)),
+                (0, 15, Some(18)),
+            ]),
+            vec![(0, 10, Some(30)), (0, 40, Some(50)), (1, 5, Some(6))]
+        );
+        assert_eq!(merge_ranges(Vec::new()), Vec::new());
+    }
 }

@@ -9,5 +9,6 @@ pub mod cutoffs;
 pub mod keys;
 pub mod outbox;
 pub mod partition;
+pub mod rank_pages;
 pub mod retry;
 pub mod views;

@@ -267,6 +267,28 @@ impl RankReevaluated {
     }
 }
 
+/// An owner resumed a re-ranking a previous owner of the partition had started.
+pub struct RerankResumed {
+    /// The partition.
+    pub partition: i32,
+    /// The cut-offs version it moves to.
+    pub version: u64,
+    /// The moved range it resumes in.
+    pub range: usize,
+}
+
+impl RerankResumed {
+    /// Logs it.
+    pub fn emit(self, _t: &Telemetry) {
+        info!(
+            partition = self.partition,
+            version = self.version,
+            range = self.range,
+            "Resuming the re-ranking where the previous owner stopped."
+        );
+    }
+}
+
 /// A partition finished moving to new cut-offs.
 pub struct CutoffsApplied {
     /// The partition.

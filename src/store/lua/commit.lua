@@ -1,7 +1,7 @@
 -- Fenced, atomic commit of one partition batch. tierd computes every state in Rust; this
 -- script only checks ownership and position, then writes. All keys share one hash tag.
 --
--- KEYS[1] meta hash {epoch, next_offset, commits, clock, rules, cutoffs}
+-- KEYS[1] meta hash {epoch, next_offset, commits, clock, rules, cutoffs, rerank, versions}
 -- KEYS[2] outbox stream   KEYS[3] tier counts hash   KEYS[4..s-1] sorted sets (timers, ranks)
 -- KEYS[s..] customer state keys, one per value at the end of ARGV (s = ARGV[9])
 -- ARGV[1] owner epoch   ARGV[2] the next offset the owner believes is stored (-1: none)
@@ -11,7 +11,8 @@
 -- ARGV[7] hash of a rules version whose sweep this commit completes ('' : none)
 -- ARGV[8] rank cut-offs this commit finishes applying, JSON ('' : none)
 -- ARGV[9] index s of the first state key
--- ARGV[10] n outbox entries, then n x (kind, key, value, headers)
+-- ARGV[10] progress of the re-ranking under way, JSON ('' : unchanged, '-' : done, remove it)
+-- ARGV[11] n outbox entries, then n x (kind, key, value, headers)
 -- then a sorted-set upserts, then a x (key index, score, member)
 -- then r sorted-set removals, then r x (key index, member)
 -- then c tier-count deltas, then c x (tier, delta)
@@ -39,7 +40,7 @@ if stored ~= expected or commits ~= expected_commits or first < expected then
   return {'DIVERGED', tostring(stored)}
 end
 local first_state = tonumber(ARGV[9])
-local i = 10
+local i = 11
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3])
@@ -77,5 +78,10 @@ if ARGV[7] ~= '' then
 end
 if ARGV[8] ~= '' then
   redis.call('HSET', meta, 'cutoffs', ARGV[8])
+end
+if ARGV[10] == '-' then
+  redis.call('HDEL', meta, 'rerank')
+elseif ARGV[10] ~= '' then
+  redis.call('HSET', meta, 'rerank', ARGV[10])
 end
 return {'OK', tostring(stored), tostring(redis.call('XLEN', KEYS[2]))}

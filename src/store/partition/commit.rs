@@ -46,6 +46,8 @@ pub struct CommitBatch {
     pub tier_deltas: Vec<(String, i64)>,
     /// Rank cut-offs this commit finishes applying.
     pub applied_cutoffs: Option<String>,
+    /// The re-ranking's progress to store (JSON); `Some("")` removes it (done).
+    pub rerank: Option<String>,
     /// Customer states to write: (key, JSON).
     pub states: Vec<(String, Vec<u8>)>,
 }
@@ -104,7 +106,12 @@ pub async fn commit(
         .arg(batch.clock.map(|c| c.to_string()).unwrap_or_default())
         .arg(batch.swept_rules.map(|c| c.to_string()).unwrap_or_default())
         .arg(batch.applied_cutoffs.clone().unwrap_or_default())
-        .arg(first_state);
+        .arg(first_state)
+        .arg(match batch.rerank.as_deref() {
+            None => "",
+            Some("") => "-",
+            Some(progress) => progress,
+        });
     inv.arg(batch.outbox.len());
     for e in &batch.outbox {
         inv.arg(e.kind.code())

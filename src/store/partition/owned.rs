@@ -186,28 +186,42 @@ impl PartitionStore {
         Ok((next, ids))
     }
 
-    /// Customers of rank `rank` whose value lies in `[lo, hi]` (`hi` open-ended if `None`),
-    /// `limit` of them from `offset` in score order.
+    /// The next page of the partition's rank `rank` between `lo` and `hi` after `cursor`
+    /// (see [`crate::store::rank_pages::page`]), each customer with their ranked value.
     ///
     /// # Errors
     /// None in practice (Redis errors are retried).
-    pub async fn ranked_between(
+    pub async fn ranked_after(
         &mut self,
         rank: usize,
         lo: i128,
         hi: Option<i128>,
-        offset: usize,
+        cursor: Option<(i128, &str)>,
         limit: usize,
-    ) -> Result<Vec<String>, ApplyError> {
+    ) -> Result<Vec<(String, i128)>, ApplyError> {
         retrying!(self, {
-            redis::cmd("ZRANGE")
-                .arg(&self.rank_keys[rank])
-                .arg(lo.to_string())
-                .arg(hi.map_or_else(|| "+inf".to_owned(), |h| h.to_string()))
-                .arg("BYSCORE")
-                .arg("LIMIT")
-                .arg(offset)
-                .arg(limit)
+            crate::store::rank_pages::page(
+                &mut self.conn,
+                &self.rank_keys[rank],
+                lo,
+                hi,
+                cursor,
+                limit,
+            )
+            .await
+            .map_err(ApplyError::from)
+        })
+    }
+
+    /// The stored progress of the re-ranking under way (`None` if none).
+    ///
+    /// # Errors
+    /// None in practice (Redis errors are retried).
+    pub async fn rerank_progress(&mut self) -> Result<Option<String>, ApplyError> {
+        retrying!(self, {
+            redis::cmd("HGET")
+                .arg(&self.keys.meta)
+                .arg("rerank")
                 .query_async(&mut self.conn)
                 .await
                 .map_err(ApplyError::from)
