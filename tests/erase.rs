@@ -110,16 +110,20 @@ fn an_erased_customer_is_gone_and_a_new_one_never_reuses_an_id() {
     world.wait_applied(&ends, Duration::from_secs(60));
     assert!(world.customer_state("ann").is_none(), "no resurrection");
 
-    // Ann comes back as a new customer: her changes restart at sequence 1 with new ids.
+    // Ann comes back as a new customer: her changes restart at sequence 1 with new ids. The
+    // first erase, re-sent late (a producer retry), is about the earlier incarnation: it
+    // leaves the new one alone.
     let ends = world.produce_json(&[
         purchase("a3", "ann", "100", "2026-06-21T10:00:00Z"),
         purchase("a4", "ann", "2000", "2026-06-22T10:00:00Z"),
+        erase("x1", "ann", "2026-05-03T10:00:00Z"),
     ]);
     world.wait_applied(&ends, Duration::from_secs(60));
     let records = world.read_all(&world.output);
     let again: Vec<serde_json::Value> = of(&records, "ann")
         .into_iter()
         .skip(3)
+        .filter(|r| !r.value.is_empty())
         .map(Record::json)
         .collect();
     assert_eq!(
@@ -137,6 +141,19 @@ fn an_erased_customer_is_gone_and_a_new_one_never_reuses_an_id() {
             v["event_id"]
         );
     }
+    assert_eq!(
+        world.customer_state("ann").unwrap().count,
+        2,
+        "not erased again"
+    );
+    assert_eq!(
+        of(&records, "ann")
+            .iter()
+            .filter(|r| r.value.is_empty())
+            .count(),
+        1,
+        "still one tombstone"
+    );
     assert_eq!(
         tier_counts(&world),
         BTreeMap::from([("basic".into(), 1), ("gold".into(), 1)])

@@ -68,7 +68,23 @@ fn a_redis_rollback_is_detected_and_replayed_exactly() {
 
     world.wait_applied(&phase(&world, 0, 500), Duration::from_secs(60));
     let before = snapshot(&world);
-    let ends_b = phase(&world, 500, 1000);
+    let mut ends_b = phase(&world, 500, 1000);
+    // Customers first seen in phase B: their creation is lost too and replayed, so their
+    // change ids (which include the event that created them) must come out the same.
+    let newcomers: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            purchase(
+                &format!("n{i}"),
+                &format!("new{i}"),
+                "50000",
+                "2026-11-10T11:00:00Z",
+            )
+        })
+        .collect();
+    for (p, end) in world.produce_json(&newcomers) {
+        let e = ends_b.entry(p).or_insert(end);
+        *e = (*e).max(end);
+    }
     world.wait_applied(&ends_b, Duration::from_secs(60));
     let changes_before_rollback = world.read_all(&world.output).len();
 
@@ -105,18 +121,30 @@ fn a_redis_rollback_is_detected_and_replayed_exactly() {
     let records = world.read_all(&world.output);
     assert!(records.len() > changes_before_rollback);
     let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    let mut by_sequence: HashMap<(String, u64), String> = HashMap::new();
     for r in &records {
         let v = r.json();
         let id = v["event_id"].as_str().unwrap().to_owned();
+        let sequence = (
+            v["customer_id"].as_str().unwrap().to_owned(),
+            v["sequence"].as_u64().unwrap(),
+        );
+        if let Some(prev) = by_sequence.insert(sequence.clone(), id.clone()) {
+            assert_eq!(prev, id, "{sequence:?} re-published under another id");
+        }
         if let Some(prev) = by_id.insert(id, v.clone()) {
             assert_eq!(prev, v, "a re-published change is identical");
         }
     }
-    for c in 0..50 {
-        let state = world.customer_state(&format!("c{c}")).unwrap();
+    let customers = (0..50)
+        .map(|c| format!("c{c}"))
+        .chain((0..10).map(|i| format!("new{i}")));
+    for c in customers {
+        let state = world.customer_state(&c).unwrap();
+        assert!(state.seq >= 1 && state.origin.is_some(), "{c}: {state:?}");
         for n in 1..=state.seq {
-            let id = tierd::model::change::change_id(&format!("c{c}"), state.origin, n);
-            assert!(by_id.contains_key(&id), "c{c} change {n} published");
+            let id = tierd::model::change::change_id(&c, state.origin, n);
+            assert!(by_id.contains_key(&id), "{c} change {n} published");
         }
     }
 }

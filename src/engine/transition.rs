@@ -160,8 +160,16 @@ impl CustomerState {
         cutoffs: &Cutoffs,
     ) -> Applied {
         if event.kind == EventKind::Erase {
-            // A deletion request is honoured whatever the event's time or id: nothing of the
-            // customer is kept, not even the ids that would recognise a duplicate.
+            // An erase dated before this incarnation began is about an earlier one (a re-sent
+            // or late copy after the customer came back): it does nothing.
+            if self.born.is_some_and(|born| event.occurred_at_ms < born) {
+                return Applied::Erased {
+                    tier: None,
+                    existed: false,
+                };
+            }
+            // Otherwise nothing of the customer is kept, not even the ids that would recognise
+            // a duplicate (a re-sent erase is recognised by its date, above).
             let existed = !self.is_new();
             let tier = std::mem::take(self).tier;
             return Applied::Erased { tier, existed };

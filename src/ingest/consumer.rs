@@ -2,8 +2,8 @@
 //!
 //! One OS thread polls a [`BaseConsumer`] (so the rebalance callback may block on Redis while
 //! the [`Supervisor`] claims partitions) and cuts each partition's messages into size- and
-//! time-bounded batches for that partition's runner, waiting while its queue is full
-//! (backpressure). On assignment the consumer starts each partition at the offset stored in
+//! time-bounded batches for that partition's runner; a partition whose runner's queue is full
+//! is paused alone (backpressure) while the others flow. On assignment the consumer starts each partition at the offset stored in
 //! Redis with its claim; Kafka's committed offsets are written for lag dashboards only. On
 //! revocation the partition's in-flight batches are finished and its outbox flushed before it
 //! is released.
@@ -93,7 +93,17 @@ pub struct IngestContext {
     reclaims: Mutex<HashMap<i32, Instant>>,
     /// When each partition was last re-claimed after a fence (the recent ones).
     fences: Mutex<HashMap<i32, Vec<Instant>>>,
+    /// Since when an offset-out-of-range report is not attributed to a partition yet (the
+    /// report does not name it): the statistics then tell which partition stopped fetching.
+    offset_error: Mutex<Option<Instant>>,
+    /// While an offset error is unattributed: the owned partitions the latest statistics
+    /// showed as not fetching (librdkafka's fetch state `none`), and those shown so by two
+    /// reports in a row (to be stopped; a partition just assigned passes through `none`).
+    not_fetching: Mutex<(Vec<i32>, Vec<i32>)>,
 }
+
+/// How long an unattributed offset-out-of-range report is looked for in the statistics.
+const OFFSET_ERROR_WINDOW: Duration = Duration::from_secs(30);
 
 /// How long a fenced partition waits before it is claimed again. Long enough for an instance
 /// that lost its group session without knowing (a zombie) to learn it from its next heartbeat
@@ -121,6 +131,8 @@ impl IngestContext {
             pending: Mutex::new(HashMap::new()),
             reclaims: Mutex::new(HashMap::new()),
             fences: Mutex::new(HashMap::new()),
+            offset_error: Mutex::new(None),
+            not_fetching: Mutex::new((Vec::new(), Vec::new())),
         }
     }
 
@@ -139,10 +151,20 @@ impl IngestContext {
                 None => continue,
                 Some(Ok(claim)) => claim,
                 Some(Err(older)) => {
-                    self.supervisor
-                        .mark_not_processed(partition, -1, older.to_string());
-                    assign.add_partition(&self.topic, partition);
-                    refused.add_partition(&self.topic, partition);
+                    let next = older.next_offset;
+                    self.supervisor.mark_not_processed(
+                        partition,
+                        next.unwrap_or(-1),
+                        older.to_string(),
+                    );
+                    // Held (paused) at its stored offset, like every assigned partition.
+                    let offset = next.map_or(Offset::Beginning, Offset::Offset);
+                    if assign
+                        .add_partition_offset(&self.topic, partition, offset)
+                        .is_ok()
+                    {
+                        refused.add_partition(&self.topic, partition);
+                    }
                     continue;
                 }
             };
@@ -273,12 +295,14 @@ impl IngestContext {
     fn stop_out_of_range(&self, consumer: &BaseConsumer<Self>) {
         let positions = consumer.position().unwrap_or_default();
         let mut found = false;
+        let mut unsure = false;
         for partition in self.supervisor.started() {
             let (low, high) =
                 match consumer.fetch_watermarks(&self.topic, partition, Duration::from_secs(10)) {
                     Ok(w) => w,
                     Err(error) => {
                         warn!(partition, %error, "Reading the partition's log bounds failed.");
+                        unsure = true;
                         continue;
                     }
                 };
@@ -293,11 +317,10 @@ impl IngestContext {
                     Offset::Offset(o) => Some(o),
                     _ => None,
                 });
-            let Some(at) = [stored, fetching]
-                .into_iter()
-                .flatten()
-                .find(|&o| o < low || o > high)
-            else {
+            // Where it fetches from; before its first fetch, its stored offset. (An applied
+            // offset below the log start with the fetch position inside it is fine: those
+            // records are already in memory.)
+            let Some(at) = fetching.or(stored).filter(|&o| o < low || o > high) else {
                 continue;
             };
             found = true;
@@ -320,8 +343,36 @@ impl IngestContext {
             }
             self.pause(consumer, partition);
         }
-        if !found {
-            warn!("librdkafka reported an offset outside a partition's log, but every owned partition's offsets are within it now.");
+        if !found || unsure {
+            // E.g. a truncation detected by the leader epoch while the log has grown past the
+            // position again: the statistics will show which partition stopped fetching.
+            warn!("librdkafka reported an offset outside a partition's log that the log bounds do not explain; looking for the partition that stopped fetching.");
+            *self.offset_error.lock().expect("offset error lock") = Some(Instant::now());
+        }
+    }
+
+    /// Stops the partitions that the statistics showed as no longer fetching after an
+    /// unattributed offset-out-of-range report (see [`Self::stop_out_of_range`]).
+    fn stop_not_fetching(&self, consumer: &BaseConsumer<Self>) {
+        let partitions =
+            std::mem::take(&mut self.not_fetching.lock().expect("not fetching lock").1);
+        {
+            let mut since = self.offset_error.lock().expect("offset error lock");
+            if since.is_some_and(|t| t.elapsed() > OFFSET_ERROR_WINDOW) {
+                *since = None;
+            }
+        }
+        let started = self.supervisor.started();
+        for partition in partitions.into_iter().filter(|p| started.contains(p)) {
+            let reason = "librdkafka stopped fetching it: its offset is not in the log (truncated by an unclean leader election, or records deleted or replaced). Nothing is skipped or re-read; decide where to resume and move the stored offset (README \"Operating notes\": an offset outside the log)".to_owned();
+            error!(
+                partition,
+                reason, "Partition stopped: its offset is not in the log."
+            );
+            for released in self.release(consumer, &[partition]) {
+                self.supervisor.mark_stopped(&released, reason.clone());
+            }
+            self.pause(consumer, partition);
         }
     }
 
@@ -540,6 +591,34 @@ impl ClientContext for IngestContext {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
+        if self
+            .offset_error
+            .lock()
+            .expect("offset error lock")
+            .is_some()
+        {
+            let held: Vec<i32> = self
+                .pending
+                .lock()
+                .expect("pending lock")
+                .iter()
+                .filter(|(_, b)| b.held != Held::No)
+                .map(|(p, _)| *p)
+                .collect();
+            let started = self.supervisor.started();
+            let now: Vec<i32> = topic
+                .partitions
+                .iter()
+                .filter(|&(p, part)| {
+                    part.fetch_state == "none" && started.contains(p) && !held.contains(p)
+                })
+                .map(|(p, _)| *p)
+                .collect();
+            let mut seen = self.not_fetching.lock().expect("not fetching lock");
+            let confirmed: Vec<i32> = now.iter().copied().filter(|p| seen.0.contains(p)).collect();
+            seen.1.extend(confirmed);
+            seen.0 = now;
+        }
         let ownership = self.supervisor.ownership().read().expect("ownership lock");
         for (p, part) in &topic.partitions {
             if let Some(status) = ownership.get(p) {
@@ -671,6 +750,7 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
                 ctx.recover(&consumer, &dead);
             }
             ctx.reclaim_due(&consumer);
+            ctx.stop_not_fetching(&consumer);
             last_flush_check = Instant::now();
         }
         if last_commit.elapsed() >= commit_interval {

@@ -160,6 +160,10 @@ pub struct CustomerState {
     /// the original form).
     #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<u64>,
+    /// `occurred_at` of the event that created this incarnation (Unix ms): an `erase` dated
+    /// before it is about an earlier incarnation (a re-sent or late erase) and does nothing.
+    #[serde(rename = "b", default, skip_serializing_if = "Option::is_none")]
+    pub born: Option<i64>,
 }
 
 impl Default for CustomerState {
@@ -189,6 +193,7 @@ impl Default for CustomerState {
             ids: Vec::new(),
             floor: i64::MIN,
             origin: None,
+            born: None,
         }
     }
 }
@@ -324,8 +329,9 @@ mod tests {
             ids: vec![(16, 17)],
             floor: 18,
             origin: Some(19),
+            born: Some(20),
         };
-        let json = r#"{"first":1,"last":2,"count":3,"sum":400,"refunds":1,"refunded":50,"wd":[[20000,2,350]],"wm":[[660,3,400]],"tier":"vip","since":5,"review":6,"pending":7,"timer":[8,"grace_ended"],"notified":9,"pin":{"tier":"key","mode":"floor","until":10,"by":"ov-1"},"rv":11,"rk":[350,null],"cv":12,"at":13,"seq":14,"clock":15,"ids":[[16,17]],"floor":18,"o":19}"#;
+        let json = r#"{"first":1,"last":2,"count":3,"sum":400,"refunds":1,"refunded":50,"wd":[[20000,2,350]],"wm":[[660,3,400]],"tier":"vip","since":5,"review":6,"pending":7,"timer":[8,"grace_ended"],"notified":9,"pin":{"tier":"key","mode":"floor","until":10,"by":"ov-1"},"rv":11,"rk":[350,null],"cv":12,"at":13,"seq":14,"clock":15,"ids":[[16,17]],"floor":18,"o":19,"b":20}"#;
         assert_eq!(serde_json::to_string(&state).unwrap(), json);
         assert_eq!(serde_json::from_str::<CustomerState>(json).unwrap(), state);
         let new = r#"{"count":0,"sum":0,"refunds":0,"refunded":0,"since":0,"rv":0,"seq":0,"clock":-9223372036854775808}"#;

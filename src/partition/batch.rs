@@ -98,6 +98,7 @@ impl Runner {
                                 // A new incarnation: its change ids are its own.
                                 loaded.state.origin =
                                     Some(origin_of(&event.event_id, message.offset()));
+                                loaded.state.born = Some(event.occurred_at_ms);
                             }
                             loaded.dirty = true;
                             draft.applied += 1;

@@ -897,4 +897,18 @@ fn erasing_leaves_nothing_of_the_customer() {
         Applied::Counted(_)
     ));
     assert_eq!(state.seq, 1);
+    // An erase dated before the incarnation began (a re-sent copy of the first erase) is about
+    // the earlier one: nothing happens to this one.
+    state.born = Some(at("2026-05-01T10:00:00Z"));
+    let mut late = event("x1", EventKind::Erase);
+    late.occurred_at_ms = at("2026-04-30T10:00:00Z");
+    let before = state.clone();
+    assert!(matches!(
+        state.apply(&late, &r, DEDUP, 0, &none),
+        Applied::Erased {
+            tier: None,
+            existed: false
+        }
+    ));
+    assert_eq!(state, before);
 }

@@ -16,7 +16,7 @@
 -- ARGV[2] is the claimant's rules version. The partition remembers, in the order they first
 -- claimed it, the rules versions that ran it (field 'versions', a JSON array of the latest
 -- 32). A version that ran the partition before the latest one is older: its claim is refused
--- and changes nothing (not even the epoch), returning {'OLDER', latest} — otherwise a rolling
+-- and changes nothing (not even the epoch), returning {'OLDER', latest, next offset} — otherwise a rolling
 -- restart with two versions would move customers back and forth as partitions change hands.
 -- A version never seen is newer and becomes the latest.
 -- KEYS[1] meta hash, KEYS[2] outbox stream
@@ -30,7 +30,7 @@ local latest = versions[#versions]
 if latest ~= mine then
   for _, v in ipairs(versions) do
     if v == mine then
-      return {'OLDER', latest}
+      return {'OLDER', latest, redis.call('HGET', KEYS[1], 'next_offset') or '-1'}
     end
   end
   table.insert(versions, mine)

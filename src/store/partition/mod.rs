@@ -81,6 +81,8 @@ pub struct OlderRules {
     pub ours: String,
     /// The latest version that claimed the partition.
     pub latest: String,
+    /// The partition's stored next offset (`None`: nothing applied yet), where to hold it.
+    pub next_offset: Option<i64>,
 }
 
 /// Why a claim failed.
@@ -119,6 +121,7 @@ pub fn claim(
         return Err(OlderRules {
             ours: rules_version.to_owned(),
             latest: field(1).to_owned(),
+            next_offset: field(2).parse().ok().filter(|&o: &i64| o >= 0),
         }
         .into());
     }
