@@ -140,6 +140,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         money: money.clone(),
         input_topic: config.kafka.input_topic.clone(),
         dead_letter_max_bytes: config.publish.dead_letter_max_bytes,
+        outbox_max_entries: config.publish.outbox_max_entries,
         cache_customers: config.ingest.cache_customers_per_partition,
         telemetry: telemetry.clone(),
     });

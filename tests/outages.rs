@@ -162,3 +162,69 @@ fn one_stuck_partition_does_not_stall_the_others() {
     assert_eq!(world.customer_state(&a).unwrap().count, 3000);
     assert_eq!(world.customer_state(&b).unwrap().count, 1);
 }
+
+/// Issue 11, item 11: while publishing cannot keep up (here every change is refused by the
+/// output topic), the outbox in Redis grows only to about `publish.outbox_max_entries`: the
+/// partition then takes no input, says so on `/readyz` and `tierd_outbox_full`,
+/// and resumes when the outbox drains — every event still counted once, every change
+/// published once.
+#[test]
+fn an_outbox_that_cannot_drain_pauses_input_at_its_bound() {
+    let world = World::start(1);
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "100");
+    let tierd = Tierd::spawn(
+        &world,
+        "[publish]\noutbox_max_entries = 100\nparked_retry_ms = 300\n[ingest]\nbatch_max_events = 20\n",
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let events: Vec<serde_json::Value> = (0..1000)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                "10.00",
+                "2026-11-10T00:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = tierd.get("/readyz");
+        if status == 503 && body.contains("over publish.outbox_max_entries") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no backpressure: {body}\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tierd.metric("tierd_outbox_full"), 1.0);
+    // Bounded: the bound plus what was already on its way (the batch being applied, and
+    // messages fetched before the pause took effect), and no longer growing.
+    std::thread::sleep(Duration::from_secs(1));
+    let depth = world.outbox_len(0);
+    assert!(depth < 300, "the outbox grew to {depth}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(world.outbox_len(0), depth, "input stays paused");
+    assert!(
+        world.partition_meta(0).1 < ends[&0],
+        "input is paused before the end"
+    );
+
+    // The topic accepts the changes again: the outbox drains, input resumes.
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "1048588");
+    world.wait_applied(&ends, Duration::from_secs(120));
+    assert_eq!(tierd.metric("tierd_outbox_full"), 0.0);
+    let changes = world.read_all(&world.output);
+    assert_eq!(changes.len(), 1000, "one initial placement each, once");
+    for i in [0, 500, 999] {
+        assert_eq!(world.customer_state(&format!("c{i}")).unwrap().count, 1);
+    }
+}

@@ -30,6 +30,16 @@ pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
             )
                 .into_response();
         }
+        let full = status
+            .outbox_full
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if full > 0 {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("partition {p}: its outbox holds {full} entries, over publish.outbox_max_entries: input paused until publishing catches up (is Kafka reachable?)\n"),
+            )
+                .into_response();
+        }
         if let Some(problem) = status.publishing.problem() {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,

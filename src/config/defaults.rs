@@ -81,6 +81,9 @@ pub(super) const fn default_publish_interval_ms() -> u64 {
 pub(super) const fn default_parked_retry_ms() -> u64 {
     30_000
 }
+pub(super) const fn default_outbox_max_entries() -> u64 {
+    100_000
+}
 pub(super) const fn default_dlq_max_bytes() -> usize {
     900_000
 }

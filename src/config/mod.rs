@@ -232,6 +232,11 @@ pub struct PublishConfig {
     /// partition's outbox. Default 30000.
     #[serde(default = "default_parked_retry_ms")]
     pub parked_retry_ms: u64,
+    /// Entries a partition's outbox may hold before the partition stops taking input
+    /// (backpressure while publishing does not keep up, e.g. Kafka unreachable): it resumes
+    /// once the outbox is down to half. Bounds Redis memory. Default 100000.
+    #[serde(default = "default_outbox_max_entries")]
+    pub outbox_max_entries: u64,
 }
 
 /// Which clock drives time-dependent rules.

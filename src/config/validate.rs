@@ -173,6 +173,9 @@ impl Config {
         if !(100..=3_600_000).contains(&self.publish.parked_retry_ms) {
             return bad("publish.parked_retry_ms", "must be 100..=3600000");
         }
+        if !(100..=100_000_000).contains(&self.publish.outbox_max_entries) {
+            return bad("publish.outbox_max_entries", "must be 100..=100000000");
+        }
         if self.publish.interval_ms == 0 {
             return bad("publish.interval_ms", "must be at least 1");
         }

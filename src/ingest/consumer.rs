@@ -93,6 +93,8 @@ pub struct IngestContext {
     reclaims: Mutex<HashMap<i32, Instant>>,
     /// When each partition was last re-claimed after a fence (the recent ones).
     fences: Mutex<HashMap<i32, Vec<Instant>>>,
+    /// A partition was just held back and is to be paused (see [`Self::flow`]).
+    hold_pending: AtomicBool,
     /// Since when an offset-out-of-range report is not attributed to a partition yet (the
     /// report does not name it): the statistics then tell which partition stopped fetching.
     offset_error: Mutex<Option<Instant>>,
@@ -131,6 +133,7 @@ impl IngestContext {
             pending: Mutex::new(HashMap::new()),
             reclaims: Mutex::new(HashMap::new()),
             fences: Mutex::new(HashMap::new()),
+            hold_pending: AtomicBool::new(false),
             offset_error: Mutex::new(None),
             not_fetching: Mutex::new((Vec::new(), Vec::new())),
         }
@@ -539,7 +542,10 @@ impl IngestContext {
     fn send(&self, partition: i32, b: &mut Pending) -> Sent {
         let sent = self.try_send(b);
         match sent {
-            Sent::Held => b.held = Held::ToPause,
+            Sent::Held => {
+                b.held = Held::ToPause;
+                self.hold_pending.store(true, Ordering::Relaxed);
+            }
             Sent::RunnerGone => error!(partition, "Partition runner has stopped."),
             Sent::Yes => {}
         }
@@ -733,6 +739,14 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
             Some(Ok(message)) => {
                 if let Some(dead) = ctx.push(message.detach()) {
                     ctx.recover(&consumer, &[dead]);
+                }
+                // A partition just held back is paused at once: every message polled before
+                // the pause joins its held batch (after it, librdkafka drops what it fetched).
+                if ctx.hold_pending.swap(false, Ordering::Relaxed) {
+                    let dead = ctx.flow(&consumer);
+                    if !dead.is_empty() {
+                        ctx.recover(&consumer, &dead);
+                    }
                 }
             }
             Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {

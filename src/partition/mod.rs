@@ -19,7 +19,7 @@ use crate::model::change::MoneyFormat;
 use crate::model::DedupPolicy;
 use crate::telemetry::Telemetry;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -38,6 +38,8 @@ pub struct Pipeline {
     pub input_topic: String,
     /// Dead-letter values are cut to this size.
     pub dead_letter_max_bytes: usize,
+    /// Outbox entries past which a partition stops taking input (`publish.outbox_max_entries`).
+    pub outbox_max_entries: u64,
     /// LRU size of each worker's state cache.
     pub cache_customers: usize,
     /// Engine time and timers.
@@ -131,6 +133,9 @@ pub struct PartitionStatus {
     pub stopped: Option<String>,
     /// What keeps its outbox from flowing (a record Kafka refuses), reported by its publisher.
     pub publishing: Arc<crate::publish::health::PublishHealth>,
+    /// Entries in its outbox while it is over `publish.outbox_max_entries` and takes no input
+    /// (0 otherwise).
+    pub outbox_full: AtomicU64,
 }
 
 impl PartitionStatus {
@@ -146,6 +151,7 @@ impl PartitionStatus {
             fetch_queued: AtomicI64::new(0),
             stopped,
             publishing: Arc::default(),
+            outbox_full: AtomicU64::new(0),
         }
     }
 

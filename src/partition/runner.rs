@@ -73,6 +73,8 @@ pub struct Runner {
     pub(super) cutoffs: Arc<Cutoffs>,
     /// Partition 0's owner: when cut-offs were last computed, and the populations then.
     pub(super) last_compute: Option<(Instant, Vec<u64>)>,
+    /// Entries in the outbox after this owner's last commit (or last check).
+    outbox_len: u64,
 }
 
 impl Runner {
@@ -102,6 +104,7 @@ impl Runner {
             sweep,
             cutoffs: Arc::new(claim.cutoffs.clone().unwrap_or_default()),
             last_compute: None,
+            outbox_len: 0,
         }
     }
 
@@ -117,12 +120,16 @@ impl Runner {
         let mut sweep_tick = interval(SWEEP_TICK);
         let ranked = p.rules.uses_ranks();
         let mut rank_tick = interval(p.ranks.check_every);
+        let mut outbox_tick = interval(OUTBOX_CHECK);
         if self.sweep.is_none() {
             p.telemetry.rules_sweep_done.inc();
         }
         loop {
+            let full = self.status.outbox_full.load(Ordering::Relaxed) > 0;
             let result = tokio::select! {
-                batch = batches.recv() => match batch {
+                // Past the outbox bound no input is taken (the consumer pauses the partition
+                // once its queue fills); timers, sweeps and re-rankings add little and go on.
+                batch = batches.recv(), if !full => match batch {
                     Some(batch) if batch.is_empty() => continue,
                     Some(batch) => self.apply_batch(batch).await,
                     None => break,
@@ -141,10 +148,12 @@ impl Runner {
                     self.sweep_step().await
                 }
                 _ = rank_tick.tick(), if ranked => self.rank_step().await,
+                _ = outbox_tick.tick(), if full => self.recheck_outbox().await,
             };
             if let Err(error) = result {
                 return self.exit(&error);
             }
+            self.bound_outbox();
         }
         info!(partition = self.partition, "Partition runner finished.");
         if self.sweep.is_none() {
@@ -299,6 +308,7 @@ impl Runner {
             .next_offset
             .store(draft.end_offset, Ordering::Relaxed);
         if let Committed::Applied { outbox_len } = committed {
+            self.outbox_len = outbox_len;
             events::Committed {
                 partition: &self.label,
                 applied: draft.applied,
@@ -316,11 +326,50 @@ impl Runner {
         Ok(())
     }
 
+    /// Stops taking input while the outbox is over `publish.outbox_max_entries` (Redis memory
+    /// stays bounded while publishing cannot keep up, e.g. Kafka unreachable).
+    fn bound_outbox(&self) {
+        let max = self.pipeline.outbox_max_entries;
+        if self.outbox_len > max && self.status.outbox_full.load(Ordering::Relaxed) == 0 {
+            self.status
+                .outbox_full
+                .store(self.outbox_len, Ordering::Relaxed);
+            events::OutboxFull {
+                partition: self.partition,
+                entries: self.outbox_len,
+                max,
+            }
+            .emit(&self.pipeline.telemetry);
+        }
+    }
+
+    /// While over the bound: takes input again once the outbox is down to half of it.
+    async fn recheck_outbox(&mut self) -> Result<(), ApplyError> {
+        self.outbox_len = self.store.outbox_len().await?;
+        let max = self.pipeline.outbox_max_entries;
+        if self.outbox_len <= max / 2 {
+            self.status.outbox_full.store(0, Ordering::Relaxed);
+            events::OutboxDrained {
+                partition: self.partition,
+                entries: self.outbox_len,
+            }
+            .emit(&self.pipeline.telemetry);
+        } else {
+            self.status
+                .outbox_full
+                .store(self.outbox_len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// The partition's label for metrics.
     pub(super) fn label(&self) -> &str {
         &self.label
     }
 }
+
+/// How often an outbox over its bound is checked again.
+const OUTBOX_CHECK: Duration = Duration::from_millis(200);
 
 fn interval(period: Duration) -> tokio::time::Interval {
     let mut i = tokio::time::interval(period);

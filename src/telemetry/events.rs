@@ -267,6 +267,53 @@ impl RankReevaluated {
     }
 }
 
+/// A partition's outbox passed `publish.outbox_max_entries`: it takes no input until it drains.
+pub struct OutboxFull {
+    /// The partition.
+    pub partition: i32,
+    /// Entries in the outbox.
+    pub entries: u64,
+    /// The bound.
+    pub max: u64,
+}
+
+impl OutboxFull {
+    /// Logs and shows it.
+    pub fn emit(self, t: &Telemetry) {
+        t.outbox_full
+            .with_label_values(&[&self.partition.to_string()])
+            .set(1);
+        warn!(
+            partition = self.partition,
+            entries = self.entries,
+            max = self.max,
+            "Outbox over publish.outbox_max_entries: input paused until publishing catches up."
+        );
+    }
+}
+
+/// A partition's outbox drained to half its bound: input resumes.
+pub struct OutboxDrained {
+    /// The partition.
+    pub partition: i32,
+    /// Entries left.
+    pub entries: u64,
+}
+
+impl OutboxDrained {
+    /// Logs and shows it.
+    pub fn emit(self, t: &Telemetry) {
+        t.outbox_full
+            .with_label_values(&[&self.partition.to_string()])
+            .set(0);
+        info!(
+            partition = self.partition,
+            entries = self.entries,
+            "Outbox drained: input resumes."
+        );
+    }
+}
+
 /// An owner resumed a re-ranking a previous owner of the partition had started.
 pub struct RerankResumed {
     /// The partition.

@@ -40,6 +40,8 @@ pub struct Telemetry {
     pub outbox_parked: IntGaugeVec,
     /// 1 while a partition's outbox is blocked by a change Kafka refuses permanently.
     pub outbox_blocked: IntGaugeVec,
+    /// `tierd_outbox_full{partition}`.
+    pub outbox_full: IntGaugeVec,
     /// Outbox producers that found themselves fenced by a newer owner's producer.
     pub publish_fenced: IntCounter,
     /// Commits refused because another owner claimed the partition.
@@ -193,6 +195,11 @@ impl Telemetry {
             outbox_blocked: gauge_vec(
                 "tierd_outbox_blocked",
                 "1 while the partition's outbox waits on a change Kafka refuses permanently.",
+                &["partition"],
+            ),
+            outbox_full: gauge_vec(
+                "tierd_outbox_full",
+                "1 while the partition's outbox is over publish.outbox_max_entries and it takes no input.",
                 &["partition"],
             ),
             publish_fenced: counter(

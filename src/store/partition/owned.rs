@@ -213,6 +213,20 @@ impl PartitionStore {
         })
     }
 
+    /// Entries in the partition's outbox.
+    ///
+    /// # Errors
+    /// None in practice (Redis errors are retried).
+    pub async fn outbox_len(&mut self) -> Result<u64, ApplyError> {
+        retrying!(self, {
+            redis::cmd("XLEN")
+                .arg(&self.keys.outbox)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(ApplyError::from)
+        })
+    }
+
     /// The stored progress of the re-ranking under way (`None` if none).
     ///
     /// # Errors
