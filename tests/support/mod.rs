@@ -875,6 +875,8 @@ pub struct World {
     pub tierd_brokers: Option<String>,
     /// Extra librdkafka properties of the test's own producer (e.g. `compression.type`).
     pub producer_props: Vec<(String, String)>,
+    /// Run tierd with its own default session timing (else the tests' shorter sessions).
+    pub default_sessions: bool,
 }
 
 impl World {
@@ -906,6 +908,7 @@ impl World {
             kafka_extra: String::new(),
             tierd_brokers: None,
             producer_props: Vec::new(),
+            default_sessions: false,
         }
     }
 
@@ -923,7 +926,7 @@ impl World {
             BTreeMap::from([("statistics.interval.ms".to_owned(), "500".to_owned())]);
         // Short sessions so a killed member's partitions move on quickly. Under KIP-848
         // (`group.protocol = "consumer"`) the broker owns session timing (broker.sh sets it).
-        if !consumer.contains("group.protocol") {
+        if !consumer.contains("group.protocol") && !self.default_sessions {
             consumer_props.insert("session.timeout.ms".into(), "6000".into());
             consumer_props.insert("heartbeat.interval.ms".into(), "500".into());
         }
@@ -1178,6 +1181,24 @@ pub fn read_all(brokers: &str, topic: &str, partitions: i32) -> Vec<Record> {
         .set("enable.partition.eof", "true")
         .create()
         .unwrap();
+    // A transaction's commit markers reach its partitions shortly after the commit returns:
+    // until then its records are not readable yet (the last stable offset, which is what a
+    // read_committed consumer's watermark query answers, lags the high watermark). Wait for
+    // them, up to the producer's transaction timeout and a margin.
+    let uncommitted: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .unwrap();
+    let settled = Instant::now() + Duration::from_secs(30);
+    let stable = |p: i32| {
+        let committed = consumer.fetch_watermarks(topic, p, Duration::from_secs(10));
+        let all = uncommitted.fetch_watermarks(topic, p, Duration::from_secs(10));
+        matches!((committed, all), (Ok((_, c)), Ok((_, a))) if c == a)
+    };
+    while !(0..partitions).all(stable) && Instant::now() < settled {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut tpl = TopicPartitionList::new();
     let mut highs = BTreeMap::new();
     for p in 0..partitions {
