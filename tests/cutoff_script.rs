@@ -63,11 +63,12 @@ fn values() -> impl Strategy<Value = Vec<Vec<i64>>> {
     ]
 }
 
-/// The script's cut-off equals the k-th value of a full sort (and the in-memory cut-offs
-/// `tierd simulate` uses); "value >= cut-off" is exactly the band a full sort gives when ties
-/// go to the higher band; the lower tie rule never gives a band more than its share.
-#[test]
-fn the_cutoff_script_equals_a_full_sort() {
+/// A fresh Redis, a runtime, and one shared async connection to it.
+fn redis_and_runtime() -> (
+    Redis,
+    tokio::runtime::Runtime,
+    redis::aio::MultiplexedConnection,
+) {
     let redis = Redis::start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,6 +77,15 @@ fn the_cutoff_script_equals_a_full_sort() {
     let shared = rt
         .block_on(redis.client().get_multiplexed_async_connection())
         .unwrap();
+    (redis, rt, shared)
+}
+
+/// The script's cut-off equals the k-th value of a full sort (and the in-memory cut-offs
+/// `tierd simulate` uses); "value >= cut-off" is exactly the band a full sort gives when ties
+/// go to the higher band; the lower tie rule never gives a band more than its share.
+#[test]
+fn the_cutoff_script_equals_a_full_sort() {
+    let (redis, rt, shared) = redis_and_runtime();
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(200));
     let result = runner.run(&(values(), 1u32..=100), |(parts, pct)| {
         let (mut conn, mut aconn) = (redis.conn(), shared.clone());
@@ -185,14 +195,7 @@ fn the_cutoff_script_refuses_values_beyond_2_pow_53_instead_of_hanging() {
 /// re-evaluation may do) neither skips nor repeats any other customer.
 #[test]
 fn rank_pages_by_cursor_equal_a_full_sort() {
-    let redis = Redis::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let shared = rt
-        .block_on(redis.client().get_multiplexed_async_connection())
-        .unwrap();
+    let (redis, rt, shared) = redis_and_runtime();
     let ids = prop_oneof![
         "[a-c]{0,3}".prop_map(|s| format!("c{s}")),
         "[a-c\u{e9}\u{4e2d}]{1,3}",

@@ -5,23 +5,10 @@
 
 mod support;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 use support::{purchase, Tierd, World};
-
-fn admin(world: &World) -> (AdminClient<DefaultClientContext>, tokio::runtime::Runtime) {
-    let admin = ClientConfig::new()
-        .set("bootstrap.servers", &world.broker.addr)
-        .create()
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    (admin, rt)
-}
 
 /// Waits until `tierd` reports `n` partitions assigned but not processed; returns `/readyz`.
 fn wait_stopped(tierd: &Tierd, n: f64) -> String {
@@ -57,7 +44,7 @@ fn records_deleted_before_they_were_applied_stop_the_partition() {
         purchase("a4", &a, "100", "2026-11-01T13:00:00Z"),
     ]);
     let end = ends[&0];
-    let (admin, rt) = admin(&world);
+    let (admin, rt) = world.broker.admin();
     let mut upto = TopicPartitionList::new();
     upto.add_partition_offset(&world.input, 0, Offset::Offset(end - 1))
         .unwrap();
@@ -99,7 +86,7 @@ fn a_stored_offset_beyond_a_recreated_topics_end_stops_the_partition() {
     assert_eq!(tierd.terminate(), Some(0));
 
     // The input topic is deleted and created again; two new records.
-    let (admin, rt) = admin(&world);
+    let (admin, rt) = world.broker.admin();
     rt.block_on(admin.delete_topics(&[&world.input], &AdminOptions::new()))
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -74,24 +74,49 @@ fn changes_of(world: &World, customer: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Customers c1..c100 spending 100 × i each, applied and ranked; the settled cut-offs.
+fn hundred_ranked(world: &World, tierd: &Tierd) -> Cutoffs {
+    let ends = world.produce_json(&spenders(1..=100, |i| i * 100));
+    world.wait_applied(&ends, Duration::from_secs(60));
+    wait_settled(world, tierd, 100)
+}
+
+/// `kill -9` of `tierd` once it has re-evaluated `n` customers (by its counter).
+fn kill_after_reevaluating(tierd: &mut Tierd, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tierd.metric("tierd_rank_reevaluated_total") < n {
+        assert!(
+            Instant::now() < deadline,
+            "no re-ranking:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tierd.kill9();
+}
+
+/// One purchase each of customers `c{i}` for `i` in `ids`, of `amount(i)` units, on 1 Nov.
+fn spenders(
+    ids: std::ops::RangeInclusive<i64>,
+    amount: impl Fn(i64) -> i64,
+) -> Vec<serde_json::Value> {
+    ids.map(|i| {
+        purchase(
+            &format!("e{i}"),
+            &format!("c{i}"),
+            &amount(i).to_string(),
+            "2026-11-01T10:00:00Z",
+        )
+    })
+    .collect()
+}
+
 #[test]
 fn overtaken_vip_moves_down_once_with_rank_shift() {
     let world = pyramid(2);
     let tierd = Tierd::spawn(&world, RANKS);
     tierd.wait_partitions(2, Duration::from_secs(60));
-    let events: Vec<serde_json::Value> = (1..=100)
-        .map(|i| {
-            purchase(
-                &format!("e{i}"),
-                &format!("c{i}"),
-                &(i * 100).to_string(),
-                "2026-11-01T10:00:00Z",
-            )
-        })
-        .collect();
-    let ends = world.produce_json(&events);
-    world.wait_applied(&ends, Duration::from_secs(60));
-    let first = wait_settled(&world, &tierd, 100);
+    let first = hundred_ranked(&world, &tierd);
     assert_eq!(
         first.values,
         vec![Some(1_000_000), Some(810_000), Some(510_000)],
@@ -272,17 +297,7 @@ fn kill_9_during_a_re_ranking_loses_and_doubles_nothing() {
     let config = RANKS.replace("[ranks]\n", "[ranks]\nreevaluate_page = 10\n");
     let mut tierd = Tierd::spawn(&world, &config);
     tierd.wait_partitions(4, Duration::from_secs(60));
-    let first: Vec<serde_json::Value> = (1..=4000)
-        .map(|i| {
-            purchase(
-                &format!("e{i}"),
-                &format!("c{i}"),
-                &i.to_string(),
-                "2026-11-01T10:00:00Z",
-            )
-        })
-        .collect();
-    let ends = world.produce_json(&first);
+    let ends = world.produce_json(&spenders(1..=4000, |i| i));
     world.wait_applied(&ends, Duration::from_secs(120));
     wait_settled(&world, &tierd, 4000);
     // 2000 newcomers above everyone: every cut-off jumps, thousands of customers cross.
@@ -298,16 +313,7 @@ fn kill_9_during_a_re_ranking_loses_and_doubles_nothing() {
         })
         .collect();
     let ends = world.produce_json(&second);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while tierd.metric("tierd_rank_reevaluated_total") < before + 300.0 {
-        assert!(
-            Instant::now() < deadline,
-            "no re-ranking:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    tierd.kill9();
+    kill_after_reevaluating(&mut tierd, before + 300.0);
     let tierd = Tierd::spawn(&world, &config);
     world.wait_applied(&ends, Duration::from_secs(120));
     let cut = wait_settled(&world, &tierd, 6000);
@@ -327,30 +333,11 @@ fn a_re_ranking_resumes_where_a_killed_owner_stopped() {
     // first check, at start, sees none of it yet; the next one all of it); small pages.
     let config = "[ranks]\nrecompute_interval_ms = 86400000\nrecompute_population_change = 1.0\ncheck_interval_ms = 8000\nreevaluate_page = 2\n[clock]\nmode = \"event\"\nlateness_s = 0\n";
     let n = 3000i64;
-    let events: Vec<serde_json::Value> = (1..=n)
-        .map(|i| {
-            purchase(
-                &format!("e{i}"),
-                &format!("c{i}"),
-                &i.to_string(),
-                "2026-11-01T10:00:00Z",
-            )
-        })
-        .collect();
-    let ends = world.produce_json(&events);
+    let ends = world.produce_json(&spenders(1..=n, |i| i));
     let mut tierd = Tierd::spawn(&world, config);
     world.wait_applied(&ends, Duration::from_secs(120));
     // The top 50% cross the first cut-offs: 1,500 re-evaluations in pages of 2.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while tierd.metric("tierd_rank_reevaluated_total") < 300.0 {
-        assert!(
-            Instant::now() < deadline,
-            "no re-ranking:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    tierd.kill9();
+    kill_after_reevaluating(&mut tierd, 300.0);
     let progress: String = redis::cmd("HGET")
         .arg(world.keys(0).meta)
         .arg("rerank")
@@ -518,19 +505,7 @@ fn re_ranking_never_resurrects_an_erased_customer() {
     let world = pyramid(2);
     let mut tierd = Tierd::spawn(&world, RANKS);
     tierd.wait_partitions(2, Duration::from_secs(60));
-    let events: Vec<serde_json::Value> = (1..=100)
-        .map(|i| {
-            purchase(
-                &format!("e{i}"),
-                &format!("c{i}"),
-                &(i * 100).to_string(),
-                "2026-11-01T10:00:00Z",
-            )
-        })
-        .collect();
-    let ends = world.produce_json(&events);
-    world.wait_applied(&ends, Duration::from_secs(60));
-    wait_settled(&world, &tierd, 100);
+    hundred_ranked(&world, &tierd);
 
     // c100 (the VIP) is erased by an event: population 99, c99 is the new VIP.
     let erase = serde_json::json!({"event_id": "x100", "customer_id": "c100", "type": "erase", "occurred_at": "2026-11-02T00:00:00Z"});

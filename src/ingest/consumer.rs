@@ -337,14 +337,7 @@ impl IngestContext {
                     "offset {at} is beyond the end of the partition's log ({high}): the topic was deleted and recreated, or truncated by an unclean leader election. Nothing is skipped or re-read; decide where to resume and move the stored offset (README \"Operating notes\": an offset outside the log)"
                 )
             };
-            error!(
-                partition,
-                reason, "Partition stopped: its offset is not in the log."
-            );
-            for released in self.release(consumer, &[partition]) {
-                self.supervisor.mark_stopped(&released, reason.clone());
-            }
-            self.pause(consumer, partition);
+            self.stop_outside_log(consumer, partition, &reason);
         }
         if !found || unsure {
             // E.g. a truncation detected by the leader epoch while the log has grown past the
@@ -368,15 +361,20 @@ impl IngestContext {
         let started = self.supervisor.started();
         for partition in partitions.into_iter().filter(|p| started.contains(p)) {
             let reason = "librdkafka stopped fetching it: its offset is not in the log (truncated by an unclean leader election, or records deleted or replaced). Nothing is skipped or re-read; decide where to resume and move the stored offset (README \"Operating notes\": an offset outside the log)".to_owned();
-            error!(
-                partition,
-                reason, "Partition stopped: its offset is not in the log."
-            );
-            for released in self.release(consumer, &[partition]) {
-                self.supervisor.mark_stopped(&released, reason.clone());
-            }
-            self.pause(consumer, partition);
+            self.stop_outside_log(consumer, partition, &reason);
         }
+    }
+
+    /// Stops (releases, reports and pauses) a partition whose offset is not in its log.
+    fn stop_outside_log(&self, consumer: &BaseConsumer<Self>, partition: i32, reason: &str) {
+        error!(
+            partition,
+            reason, "Partition stopped: its offset is not in the log."
+        );
+        for released in self.release(consumer, &[partition]) {
+            self.supervisor.mark_stopped(&released, reason.to_owned());
+        }
+        self.pause(consumer, partition);
     }
 
     /// Pauses a partition this instance holds but does not process.

@@ -732,9 +732,9 @@ impl Broker {
         self.create_topics_with(names, partitions, rf, &[("min.insync.replicas", isr)]);
     }
 
-    /// Sets one config of an existing topic.
-    pub fn alter_topic_config(&self, topic: &str, key: &str, value: &str) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+    /// An admin client of this broker, with a runtime to drive its futures.
+    pub fn admin(&self) -> (AdminClient<DefaultClientContext>, tokio::runtime::Runtime) {
+        let admin = ClientConfig::new()
             .set("bootstrap.servers", &self.addr)
             .create()
             .unwrap();
@@ -742,6 +742,12 @@ impl Broker {
             .enable_all()
             .build()
             .unwrap();
+        (admin, rt)
+    }
+
+    /// Sets one config of an existing topic.
+    pub fn alter_topic_config(&self, topic: &str, key: &str, value: &str) {
+        let (admin, rt) = self.admin();
         let alter =
             rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(topic))
                 .set(key, value);
