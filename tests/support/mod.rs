@@ -765,14 +765,7 @@ impl Broker {
         replication: i32,
         configs: &[(&str, &str)],
     ) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.addr)
-            .create()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let (admin, rt) = self.admin();
         let topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|n| {
