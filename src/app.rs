@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::engine::rules::{Rules, RulesError};
 use crate::ingest::consumer::{self, Batching, IngestContext};
 use crate::ingest::decode::DecodeLimits;
+use crate::ingest::stalls::{Probe, StallAlarm, Watch};
 use crate::model::change::MoneyFormat;
 use crate::model::DedupPolicy;
 use crate::partition::supervisor::{Supervisor, SupervisorParts};
@@ -234,6 +235,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             error,
         })?;
     info!(addr = %config.api.listen, "API listening.");
+    let stall_alarm = Arc::new(StallAlarm::default());
+    let probe = Probe::new(&config.kafka).map_err(|error| StartError::KafkaClient {
+        client: "consumer",
+        error,
+    })?;
+    let watch = tokio::spawn(
+        Watch {
+            redis: redis.clone(),
+            keyspace: keyspace.clone(),
+            partitions,
+            ownership: Arc::clone(&ownership),
+            after: Duration::from_secs(config.ingest.stall_alarm_s),
+            probe,
+            alarm: Arc::clone(&stall_alarm),
+            telemetry: telemetry.clone(),
+        }
+        .run(),
+    );
     let api_state = ApiState {
         redis,
         keyspace,
@@ -244,6 +263,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         money,
         telemetry,
         wall_clock: config.clock.mode == crate::config::ClockMode::Wall,
+        stall_alarm,
     };
     let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = tokio::spawn(async move {
@@ -275,6 +295,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .await
         .map_err(|e| StartError::Internal(e.to_string()))?
         .map_err(|_| StartError::Internal("ingest thread panicked".into()))?;
+    watch.abort();
     let _ = api_stop.send(());
     let _ = api.await;
     info!("Stopped.");

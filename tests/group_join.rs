@@ -138,3 +138,138 @@ fn classic_one_of_two_instances_killed() {
 fn kip848_one_of_two_instances_killed() {
     one_of_two_killed(KIP848);
 }
+
+/// A member of tierd's group that holds the input's only partition and never processes it
+/// (what a wedged or stuck member looks like from the outside). An instance that owns nothing
+/// meanwhile must say so loudly (metric, log, `/readyz` reason), not look merely idle — and
+/// must not cry wolf once everything is applied, although a transactional producer's log ends
+/// with a commit marker that no consumer ever receives (the stored offset then stays one below
+/// the log end for good).
+#[test]
+fn an_idle_instance_says_loudly_when_the_group_leaves_partitions_unprocessed() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let world = World::start(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (joined_tx, joined) = std::sync::mpsc::channel();
+    let holder = {
+        let (brokers, group, topic, stop) = (
+            world.broker.addr.clone(),
+            world.group.clone(),
+            world.input.clone(),
+            Arc::clone(&stop),
+        );
+        std::thread::spawn(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", &group)
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("session.timeout.ms", "6000")
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            consumer.subscribe(&[&topic]).unwrap();
+            let mut told = false;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = consumer.poll(Duration::from_millis(100));
+                if !told && consumer.assignment().unwrap().count() == 1 {
+                    joined_tx.send(()).unwrap();
+                    told = true;
+                }
+            }
+            // Dropping the consumer leaves the group.
+        })
+    };
+    joined.recv_timeout(Duration::from_secs(60)).unwrap();
+
+    let tierd = Tierd::spawn(&world, "[ingest]\nstall_alarm_s = 5\n");
+    // Purchases in one transaction: the log ends with its commit marker.
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &world.broker.addr)
+        .set("transactional.id", support::unique("tx"))
+        .create()
+        .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    producer.begin_transaction().unwrap();
+    let base = tierd::model::time::parse_rfc3339_ms("2026-11-10T00:00:00Z").unwrap();
+    for i in 0..10 {
+        let at = tierd::model::time::format_ms(base + i * 1000);
+        let event =
+            serde_json::to_vec(&purchase(&format!("e{i}"), &format!("c{i}"), "1.00", &at)).unwrap();
+        producer
+            .send(
+                BaseRecord::to(&world.input)
+                    .key(&format!("c{i}"))
+                    .payload(&event),
+            )
+            .unwrap();
+    }
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+
+    // Held elsewhere and not processed: the idle instance raises the alarm.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = tierd.get("/readyz");
+        if tierd.metric("tierd_input_partitions_stalled") == 1.0
+            && status == 503
+            && body.contains("owns no partition while partitions [0] have records waiting")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no stall alarm: /readyz {status} {body:?}; log:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(tierd.metric("tierd_partitions_assigned"), 0.0);
+    assert!(tierd.log_text().contains("Input partitions stalled."));
+
+    // The holder leaves: tierd takes the partition over, applies it, and the alarm clears
+    // for good although the stored offset stays below the log end (the commit marker).
+    stop.store(true, Ordering::Relaxed);
+    holder.join().unwrap();
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.customer_state("c9").is_none_or(|s| s.count != 1) {
+        assert!(
+            Instant::now() < deadline,
+            "not applied; log:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        world.partition_meta(0).1,
+        10,
+        "ten records applied; the marker at 10 is never delivered"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tierd.metric("tierd_input_partitions_stalled") != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the alarm did not clear; log:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Well past the alarm time with the offset standing still.
+    let quiet_until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < quiet_until {
+        assert_eq!(
+            tierd.metric("tierd_input_partitions_stalled"),
+            0.0,
+            "a false alarm on a fully applied partition; log:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(tierd.get("/readyz").0, 200);
+}

@@ -1,6 +1,7 @@
 //! Liveness (`/healthz`, in the router), readiness (`/readyz`: Redis answers and every owned
 //! partition's lag is known and within `api.ready_max_lag`, none is stopped and
-//! every outbox flows) and `/metrics`.
+//! every outbox flows; an instance owning none says why, loudly when input partitions are
+//! stalled) and `/metrics`.
 
 use super::ApiState;
 use crate::store::views;
@@ -20,7 +21,11 @@ pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
     }
     let ownership = s.ownership.read().expect("ownership lock");
     if ownership.is_empty() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "no partitions assigned\n").into_response();
+        let reason = s
+            .stall_alarm
+            .reason()
+            .unwrap_or_else(|| "no partitions assigned".to_owned());
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
     }
     for (p, status) in ownership.iter() {
         if let Some(reason) = &status.stopped {

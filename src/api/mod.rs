@@ -38,6 +38,8 @@ pub struct ApiState {
     pub telemetry: Telemetry,
     /// Whether engine time is the wall clock (`clock.mode = "wall"`).
     pub wall_clock: bool,
+    /// Raised while this instance owns nothing and input partitions are stalled.
+    pub stall_alarm: Arc<crate::ingest::stalls::StallAlarm>,
 }
 
 /// The router.

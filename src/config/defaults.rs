@@ -48,6 +48,9 @@ pub(super) const fn default_max_future_skew_s() -> u64 {
 pub(super) fn default_min_occurred_at() -> String {
     "2000-01-01T00:00:00Z".into()
 }
+pub(super) const fn default_stall_alarm_s() -> u64 {
+    90
+}
 pub(super) const fn default_commit_interval_ms() -> u64 {
     5000
 }

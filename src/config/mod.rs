@@ -165,6 +165,13 @@ pub struct IngestConfig {
     /// resumes from the offsets stored in Redis), milliseconds. Default 5000.
     #[serde(default = "default_commit_interval_ms")]
     pub kafka_commit_interval_ms: u64,
+    /// A partition of the input topic whose stored offset has not moved for this long while
+    /// it holds records to apply is reported as stalled (`tierd_input_partitions_stalled`, a
+    /// log line); an instance that owns no partition while some are stalled says so on
+    /// `/readyz` (the group is not handing them to a live member). Longer than a session
+    /// timeout plus a rebalance, so a normal takeover never raises it. Seconds. Default 90.
+    #[serde(default = "default_stall_alarm_s")]
+    pub stall_alarm_s: u64,
 }
 
 /// The one currency of this deployment: sums across currencies are not meaningful without

@@ -100,6 +100,9 @@ impl Config {
         if i.max_message_bytes < 256 {
             return bad("ingest.max_message_bytes", "must be at least 256");
         }
+        if !(5..=86_400).contains(&i.stall_alarm_s) {
+            return bad("ingest.stall_alarm_s", "must be 5..=86400");
+        }
         if i.cache_customers_per_partition == 0 {
             return bad("ingest.cache_customers_per_partition", "must be at least 1");
         }

@@ -1,5 +1,7 @@
-//! Ingest: the Kafka consumer, message decoding and dead-letter records.
+//! Ingest: the Kafka consumer, message decoding, dead-letter records and the watch for input
+//! partitions nobody processes.
 
 pub mod consumer;
 pub mod dead_letter;
 pub mod decode;
+pub mod stalls;

@@ -185,6 +185,24 @@ pub async fn stored_partitions<C: ConnectionLike>(
     }
 }
 
+/// The next offset to apply stored for each of partitions `0..partitions` (none for a
+/// partition never claimed).
+///
+/// # Errors
+/// Redis errors.
+pub async fn stored_offsets<C: ConnectionLike>(
+    conn: &mut C,
+    keyspace: &Keyspace,
+    partitions: i32,
+) -> Result<Vec<Option<i64>>, redis::RedisError> {
+    let mut pipe = redis::pipe();
+    for p in 0..partitions {
+        pipe.hget(keyspace.partition(p).meta, "next_offset");
+    }
+    let stored: Vec<Option<i64>> = pipe.query_async(conn).await?;
+    Ok(stored.into_iter().map(|o| o.filter(|&o| o >= 0)).collect())
+}
+
 /// One page of a partition's stored customers: the next cursor (0 when done) and the
 /// `(customer_id, state)` pairs found.
 ///

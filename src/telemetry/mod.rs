@@ -52,6 +52,9 @@ pub struct Telemetry {
     pub partitions_assigned: IntGauge,
     /// Assigned partitions that are not processed (their runner stopped).
     pub partitions_stopped: IntGauge,
+    /// Input partitions with records to apply whose stored offset has not moved for
+    /// `ingest.stall_alarm_s` (whoever owns them, or nobody).
+    pub input_partitions_stalled: IntGauge,
     /// Offsets skipped between batches (retention or compaction gaps).
     pub offset_gaps: IntCounter,
     /// Timers fired (time-driven evaluations), by cause.
@@ -216,6 +219,17 @@ impl Telemetry {
                 let g = IntGauge::new(
                     "tierd_partitions_stopped",
                     "Input partitions assigned to this instance but not processed (fenced or failed; see /readyz).",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            input_partitions_stalled: {
+                let g = IntGauge::new(
+                    "tierd_input_partitions_stalled",
+                    "Input partitions with records to apply whose stored offset has not moved for ingest.stall_alarm_s (owned by any member of the group, or by none).",
                 )
                 .expect("valid metric");
                 registry
