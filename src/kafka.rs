@@ -39,6 +39,19 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// How long one partition claim may retry on the consumer thread: a third of
+/// `max.poll.interval.ms` (librdkafka's default 300 s), at most 30 s, so that a claim stuck
+/// while Redis is down never gets the instance evicted from its group. The partition is then
+/// held, reported as not processed, and claimed again a few seconds later.
+pub fn claim_patience(kafka: &KafkaConfig) -> std::time::Duration {
+    let max_poll_ms = kafka
+        .consumer
+        .get("max.poll.interval.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(300_000);
+    std::time::Duration::from_millis((max_poll_ms / 3).clamp(1_000, 30_000))
+}
+
 /// Producer settings: idempotent, fully acknowledged, ordered. Each partition's publisher
 /// adds its own `transactional.id` (see [`crate::publish::producer`]).
 pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {

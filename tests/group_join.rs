@@ -148,43 +148,10 @@ fn kip848_one_of_two_instances_killed() {
 #[test]
 fn an_idle_instance_says_loudly_when_the_group_leaves_partitions_unprocessed() {
     use rdkafka::config::ClientConfig;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     let world = World::start(1);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (joined_tx, joined) = std::sync::mpsc::channel();
-    let holder = {
-        let (brokers, group, topic, stop) = (
-            world.broker.addr.clone(),
-            world.group.clone(),
-            world.input.clone(),
-            Arc::clone(&stop),
-        );
-        std::thread::spawn(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .set("group.id", &group)
-                .set("partition.assignment.strategy", "cooperative-sticky")
-                .set("session.timeout.ms", "6000")
-                .set("enable.auto.commit", "false")
-                .create()
-                .unwrap();
-            consumer.subscribe(&[&topic]).unwrap();
-            let mut told = false;
-            while !stop.load(Ordering::Relaxed) {
-                let _ = consumer.poll(Duration::from_millis(100));
-                if !told && consumer.assignment().unwrap().count() == 1 {
-                    joined_tx.send(()).unwrap();
-                    told = true;
-                }
-            }
-            // Dropping the consumer leaves the group.
-        })
-    };
-    joined.recv_timeout(Duration::from_secs(60)).unwrap();
+    let holder = support::GroupHolder::join(&world);
 
     let tierd = Tierd::spawn(&world, "[ingest]\nstall_alarm_s = 5\n");
     // Purchases in one transaction: the log ends with its commit marker.
@@ -234,8 +201,7 @@ fn an_idle_instance_says_loudly_when_the_group_leaves_partitions_unprocessed() {
 
     // The holder leaves: tierd takes the partition over, applies it, and the alarm clears
     // for good although the stored offset stays below the log end (the commit marker).
-    stop.store(true, Ordering::Relaxed);
-    holder.join().unwrap();
+    holder.leave();
     tierd.wait_partitions(1, Duration::from_secs(60));
     let deadline = Instant::now() + Duration::from_secs(60);
     while world.customer_state("c9").is_none_or(|s| s.count != 1) {

@@ -70,7 +70,7 @@ fn broker_killed_and_restarted_mid_stream_loses_nothing() {
 
 #[test]
 fn redis_killed_and_restarted_mid_stream_loses_nothing() {
-    let mut world = World::start_with(4, Redis::start_persistent());
+    let world = World::start_with(4, Redis::start_persistent());
     let tierd = Tierd::spawn(&world, "[ingest]\nbatch_max_events = 100\n");
     tierd.wait_partitions(4, Duration::from_secs(60));
     let mut ends = BTreeMap::new();
@@ -233,4 +233,55 @@ fn an_outbox_that_cannot_drain_pauses_input_at_its_bound() {
     for i in [0, 500, 999] {
         assert_eq!(world.customer_state(&format!("c{i}")).unwrap().count, 1);
     }
+}
+
+/// Issue 11, item 2: partitions handed to an instance while Redis does not answer (frozen by
+/// SIGSTOP) cannot be claimed. The claim gives up after a third of `max.poll.interval.ms`, so
+/// the consumer thread keeps polling; the partitions are held and shown as assigned but not
+/// processed (before: the claim retried inside the rebalance callback for as long as Redis was
+/// away, and the partitions were nowhere to be seen: neither processed nor reported). Once
+/// Redis answers, they are claimed and every event counts once.
+#[test]
+fn partitions_assigned_while_redis_is_frozen_are_shown_and_claimed_when_it_returns() {
+    let world = World::start(4);
+    let holder = support::GroupHolder::join(&world);
+    let tierd = Tierd::spawn_with(&world, "\"max.poll.interval.ms\" = \"10000\"", "");
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let mut ends = world.produce_json(&events(0, 400));
+
+    world.redis.pause();
+    holder.leave();
+    // The holder's two partitions reach tierd, which cannot claim them: held and reported.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while (
+        tierd.metric("tierd_partitions_assigned"),
+        tierd.metric("tierd_partitions_stopped"),
+    ) != (4.0, 2.0)
+    {
+        if std::time::Instant::now() > deadline {
+            world.redis.resume();
+            panic!(
+                "the partitions handed over while Redis was frozen were not shown: {} assigned, {} not processed; log:\n{}",
+                tierd.metric("tierd_partitions_assigned"),
+                tierd.metric("tierd_partitions_stopped"),
+                tierd.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(tierd.log_text().contains("did not answer in time"));
+    // Frozen past max.poll.interval.ms.
+    std::thread::sleep(Duration::from_secs(12));
+    world.redis.resume();
+
+    merge(&mut ends, world.produce_json(&events(400, 800)));
+    world.wait_applied(&ends, Duration::from_secs(90));
+    tierd.wait_partitions(4, Duration::from_secs(30));
+    assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
+    assert_each_counted_once(&world, 8);
+    assert!(
+        !tierd.log_text().contains("maximum poll interval"),
+        "evicted from the group:\n{}",
+        tierd.log_text()
+    );
 }

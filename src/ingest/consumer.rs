@@ -9,7 +9,7 @@
 //! is released.
 
 use crate::partition::runner::{Batch, RunnerExit};
-use crate::partition::supervisor::{Released, Supervisor};
+use crate::partition::supervisor::{NotClaimed, Released, Supervisor};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
@@ -145,21 +145,23 @@ impl IngestContext {
     fn claim_all(&self, tpl: &TopicPartitionList) -> (TopicPartitionList, TopicPartitionList) {
         let mut assign = TopicPartitionList::new();
         let mut refused = TopicPartitionList::new();
+        let give_up = self.supervisor.claims_give_up_at();
         for e in tpl.elements() {
             if e.topic() != self.topic {
                 continue;
             }
             let partition = e.partition();
-            let claim = match self.supervisor.claim(partition) {
+            let claim = match self.supervisor.claim(partition, give_up) {
                 None => continue,
                 Some(Ok(claim)) => claim,
-                Some(Err(older)) => {
-                    let next = older.next_offset;
+                Some(Err(not_claimed)) => {
+                    let next = not_claimed.next_offset();
                     self.supervisor.mark_not_processed(
                         partition,
                         next.unwrap_or(-1),
-                        older.to_string(),
+                        not_claimed.to_string(),
                     );
+                    self.retry_claim_later(&not_claimed, partition);
                     // Held (paused) at its stored offset, like every assigned partition.
                     let offset = next.map_or(Offset::Beginning, Offset::Offset);
                     if assign
@@ -229,11 +231,14 @@ impl IngestContext {
             let partition = released.partition;
             let reason = match released.exit {
                 RunnerExit::Diverged { .. } => {
-                    let (claim, tx) = match self.supervisor.restart(partition) {
+                    let give_up = self.supervisor.claims_give_up_at();
+                    let (claim, tx) = match self.supervisor.restart(partition, give_up) {
                         None => continue,
                         Some(Ok(claimed)) => claimed,
-                        Some(Err(older)) => {
-                            self.supervisor.mark_stopped(&released, older.to_string());
+                        Some(Err(not_claimed)) => {
+                            self.supervisor
+                                .mark_stopped(&released, not_claimed.to_string());
+                            self.retry_claim_later(&not_claimed, partition);
                             self.pause(consumer, partition);
                             continue;
                         }
@@ -386,8 +391,20 @@ impl IngestContext {
         }
     }
 
-    /// Claims again the fenced partitions whose delay is over, if the group still assigns them
-    /// to this instance; seeks each to the offset stored in Redis and resumes it.
+    /// Schedules another claim of a partition held here whose claim found Redis or Kafka
+    /// unavailable (a refusal by rules version is final until the group moves the partition).
+    fn retry_claim_later(&self, not_claimed: &NotClaimed, partition: i32) {
+        if matches!(not_claimed, NotClaimed::Unavailable(_)) {
+            self.reclaims
+                .lock()
+                .expect("reclaims lock")
+                .insert(partition, Instant::now() + RECLAIM_DELAY);
+        }
+    }
+
+    /// Claims again the fenced partitions (and those whose claim found Redis or Kafka
+    /// unavailable) whose delay is over, if the group still assigns them to this instance;
+    /// seeks each to the offset stored in Redis and resumes it.
     fn reclaim_due(&self, consumer: &BaseConsumer<Self>) {
         let due: Vec<i32> = {
             let mut reclaims = self.reclaims.lock().expect("reclaims lock");
@@ -406,16 +423,18 @@ impl IngestContext {
             return;
         }
         let assigned = consumer.assignment().unwrap_or_default();
+        let give_up = self.supervisor.claims_give_up_at();
         for partition in due {
             if assigned.find_partition(&self.topic, partition).is_none() {
                 continue;
             }
-            let (claim, tx) = match self.supervisor.restart(partition) {
+            let (claim, tx) = match self.supervisor.restart(partition, give_up) {
                 None => continue,
                 Some(Ok(claimed)) => claimed,
-                Some(Err(older)) => {
+                Some(Err(not_claimed)) => {
                     self.supervisor
-                        .mark_not_processed(partition, -1, older.to_string());
+                        .mark_not_processed(partition, -1, not_claimed.to_string());
+                    self.retry_claim_later(&not_claimed, partition);
                     continue;
                 }
             };
@@ -447,7 +466,7 @@ impl IngestContext {
                 }
                 let _ = consumer.pause(&tpl);
             } else {
-                info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition claimed again after a fence.");
+                info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition claimed again (after a fence, or a claim Redis or Kafka did not answer).");
             }
         }
     }

@@ -14,7 +14,7 @@ use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -71,6 +71,37 @@ pub struct SupervisorParts {
     pub queue: usize,
     /// Set when the service is stopping.
     pub shutdown: Arc<AtomicBool>,
+    /// How long one claim may keep retrying: claims run on the consumer thread, which must
+    /// poll again within `max.poll.interval.ms` or the instance is evicted from the group.
+    pub claim_patience: Duration,
+}
+
+/// Why a partition was not claimed.
+#[derive(Debug, Clone)]
+pub enum NotClaimed {
+    /// A newer rules version ran the partition.
+    OlderRules(OlderRules),
+    /// Redis or Kafka did not answer within the claim's patience: to be tried again later.
+    Unavailable(String),
+}
+
+impl NotClaimed {
+    /// The offset stored in Redis, when the refusal told it.
+    pub fn next_offset(&self) -> Option<i64> {
+        match self {
+            Self::OlderRules(older) => older.next_offset,
+            Self::Unavailable(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for NotClaimed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::OlderRules(older) => older.fmt(f),
+            Self::Unavailable(why) => write!(f, "not claimed yet: {why}; trying again"),
+        }
+    }
 }
 
 /// Starts and stops the partitions this instance owns.
@@ -97,16 +128,23 @@ impl Supervisor {
         &self.parts.ownership
     }
 
+    /// When claims that start now must give up (see [`SupervisorParts::claim_patience`]): one
+    /// deadline for every claim of a rebalance callback or a round of re-claims.
+    pub fn claims_give_up_at(&self) -> Instant {
+        Instant::now() + self.parts.claim_patience
+    }
+
     /// The shared pipeline.
     pub fn pipeline(&self) -> &Arc<Pipeline> {
         &self.parts.pipeline
     }
 
     /// Claims a partition in Redis, reconnecting and retrying until it succeeds, is refused
-    /// (a newer rules version ran the partition: `Some(Err)`), or the service stops (`None`).
-    /// First reads from Kafka how far its outbox was published, so the claim trims what went
-    /// out already.
-    pub fn claim(&self, partition: i32) -> Option<Result<Claim, OlderRules>> {
+    /// (a newer rules version ran the partition), runs out of patience (Redis or Kafka down:
+    /// the caller holds the partition and tries again later, so the consumer thread keeps
+    /// polling), or the service stops (`None`). First reads from Kafka how far its outbox was
+    /// published, so the claim trims what went out already.
+    pub fn claim(&self, partition: i32, give_up: Instant) -> Option<Result<Claim, NotClaimed>> {
         let keys = self.parts.pipeline.keyspace.partition(partition);
         let telemetry = &self.parts.pipeline.telemetry;
         let version = self.parts.pipeline.rules.version();
@@ -115,25 +153,47 @@ impl Supervisor {
             conn, &keys, published, version,
         ) {
             Ok(claim) => Ok(Ok(claim)),
-            Err(ClaimError::OlderRules(refused)) => Ok(Err(refused)),
+            Err(ClaimError::OlderRules(refused)) => Ok(Err(NotClaimed::OlderRules(refused))),
             Err(ClaimError::Redis(e)) => Err(e),
         };
-        let published = self.retrying(
+        // One attempt must not run far past `give_up` either (a Redis that accepts connections
+        // but does not answer).
+        let io_timeout = || {
+            give_up
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(200), Duration::from_secs(10))
+        };
+        let unavailable = |what: &str| {
+            Some(Err(NotClaimed::Unavailable(format!(
+                "{what} did not answer in time (claims give up after {:.1} s, a third of max.poll.interval.ms)",
+                self.parts.claim_patience.as_secs_f64()
+            ))))
+        };
+        let Some(published) = self.retrying(
+            give_up,
             || self.parts.positions.published(partition),
             |error| events::PublishedPositionUnknown { partition, error }.emit(telemetry),
-        )?;
-        let claim = self.retrying(
+        )?
+        else {
+            return unavailable("Kafka (the published outbox position)");
+        };
+        let Some(claim) = self.retrying(
+            give_up,
             || {
                 let mut slot = self.claims.lock().expect("claims lock");
+                let timeout = io_timeout();
                 let result = match slot.as_mut() {
-                    Some(conn) => claim(conn, published.as_deref()),
+                    Some(conn) => conn
+                        .set_read_timeout(Some(timeout))
+                        .and_then(|()| conn.set_write_timeout(Some(timeout)))
+                        .and_then(|()| claim(conn, published.as_deref())),
                     None => self
                         .parts
                         .redis_client
-                        .get_connection_with_timeout(Duration::from_secs(5))
+                        .get_connection_with_timeout(timeout.min(Duration::from_secs(5)))
                         .and_then(|mut conn| {
-                            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-                            conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+                            conn.set_read_timeout(Some(timeout))?;
+                            conn.set_write_timeout(Some(timeout))?;
                             let claim = claim(&mut conn, published.as_deref());
                             *slot = Some(conn);
                             claim
@@ -146,7 +206,10 @@ impl Supervisor {
                 result
             },
             |error| events::ClaimFailed { partition, error }.emit(telemetry),
-        )?;
+        )?
+        else {
+            return unavailable("Redis");
+        };
         match &claim {
             Ok(claim) if claim.outbox_behind => {
                 warn!(partition, published, "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
@@ -159,24 +222,29 @@ impl Supervisor {
         Some(claim)
     }
 
-    /// Calls `attempt` until it succeeds, reporting each failure and backing off; `None` once
-    /// the service is stopping. Blocking: claims run in the rebalance callback, on the
-    /// consumer thread.
+    /// Calls `attempt` until it succeeds (`Some(Some(value))`), reporting each failure and
+    /// backing off, until `give_up` (`Some(None)`); `None` once the service is stopping.
+    /// Blocking: claims run in the rebalance callback, on the consumer thread.
     fn retrying<T, E: std::fmt::Display>(
         &self,
+        give_up: Instant,
         mut attempt: impl FnMut() -> Result<T, E>,
         report: impl Fn(&dyn std::fmt::Display),
-    ) -> Option<T> {
+    ) -> Option<Option<T>> {
         let mut backoff = Backoff::default();
         loop {
             match attempt() {
-                Ok(value) => return Some(value),
+                Ok(value) => return Some(Some(value)),
                 Err(error) => {
                     report(&error);
                     if self.parts.shutdown.load(Ordering::Relaxed) {
                         return None;
                     }
-                    std::thread::sleep(backoff.next_delay());
+                    let now = Instant::now();
+                    if now >= give_up {
+                        return Some(None);
+                    }
+                    std::thread::sleep(backoff.next_delay().min(give_up - now));
                 }
             }
         }
@@ -375,8 +443,9 @@ impl Supervisor {
     pub fn restart(
         &self,
         partition: i32,
-    ) -> Option<Result<(Claim, mpsc::Sender<Batch>), OlderRules>> {
-        let claim = match self.claim(partition)? {
+        give_up: Instant,
+    ) -> Option<Result<(Claim, mpsc::Sender<Batch>), NotClaimed>> {
+        let claim = match self.claim(partition, give_up)? {
             Ok(claim) => claim,
             Err(refused) => return Some(Err(refused)),
         };

@@ -17,6 +17,7 @@ use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A free loopback TCP port (bound and released; the OS does not hand it out again soon).
@@ -56,47 +57,57 @@ pub fn unique(prefix: &str) -> String {
 
 /// A Redis server owned by the test (killed on drop), or an external one.
 pub struct Redis {
-    child: Option<Child>,
+    child: Mutex<Option<Child>>,
     port: u16,
     pub url: String,
     dir: tempfile::TempDir,
     /// `Some((certs, user, password))`: TLS only (no plain port) and an ACL user; the default
     /// user is disabled.
     tls: Option<(Certs, String, String)>,
+    /// `appendfsync` of the append-only file, if persistent.
+    appendfsync: Option<&'static str>,
 }
 
 impl Redis {
     /// A Redis without persistence (tests that never restart it).
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(None)
     }
 
     /// A Redis that fsyncs every write to its append-only file, so [`Redis::restart`] loses
     /// nothing that was acknowledged.
     pub fn start_persistent() -> Self {
-        Self::start_with(true)
+        Self::start_with(Some("always"))
     }
 
-    fn start_with(persistent: bool) -> Self {
+    /// A Redis that fsyncs its append-only file once a second, as most deployments run it:
+    /// a `kill -9` ([`Redis::restart_persistent`]) loses the last acknowledged writes.
+    pub fn start_everysec() -> Self {
+        Self::start_with(Some("everysec"))
+    }
+
+    fn start_with(appendfsync: Option<&'static str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         if let Ok(url) = std::env::var("REDIS_URL") {
             return Self {
-                child: None,
+                child: Mutex::new(None),
                 port: 0,
                 url,
                 dir,
                 tls: None,
+                appendfsync,
             };
         }
         let port = free_port();
-        let mut r = Self {
-            child: None,
+        let r = Self {
+            child: Mutex::new(None),
             port,
             url: format!("redis://127.0.0.1:{port}"),
             dir,
             tls: None,
+            appendfsync,
         };
-        r.spawn(persistent);
+        r.spawn();
         r
     }
 
@@ -104,14 +115,15 @@ impl Redis {
     /// ACL user `user`; `url` is `rediss://user:password@127.0.0.1:port`.
     pub fn start_tls(certs: &Certs, user: &str, password: &str) -> Self {
         let port = free_port();
-        let mut r = Self {
-            child: None,
+        let r = Self {
+            child: Mutex::new(None),
             port,
             url: format!("rediss://{user}:{password}@127.0.0.1:{port}"),
             dir: tempfile::tempdir().unwrap(),
             tls: Some((certs.clone(), user.to_owned(), password.to_owned())),
+            appendfsync: None,
         };
-        r.spawn(false);
+        r.spawn();
         r
     }
 
@@ -125,11 +137,10 @@ impl Redis {
         }
     }
 
-    fn spawn(&mut self, persistent: bool) {
-        let aof: &[&str] = if persistent {
-            &["--appendonly", "yes", "--appendfsync", "always"]
-        } else {
-            &["--appendonly", "no"]
+    fn spawn(&self) {
+        let aof: Vec<&str> = match self.appendfsync {
+            Some(fsync) => vec!["--appendonly", "yes", "--appendfsync", fsync],
+            None => vec!["--appendonly", "no"],
         };
         let mut args: Vec<String> = vec!["--port".into(), self.port.to_string()];
         if let Some((certs, user, password)) = &self.tls {
@@ -166,17 +177,44 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (bash scripts/test.sh installs it)");
-        self.child = Some(child);
+        *self.child.lock().unwrap() = Some(child);
         wait_port(self.port, "redis-server", Duration::from_secs(10));
     }
 
     /// Kills Redis (SIGKILL) and starts it again on the same port from its append-only file.
-    pub fn restart_persistent(&mut self) {
-        if let Some(c) = &mut self.child {
+    /// Freezes Redis (SIGSTOP): connections stay open and nothing answers, like a stalled or
+    /// partitioned server. [`Redis::resume`] lets it go on with everything intact.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a paused Redis (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self
+            .child
+            .lock()
+            .unwrap()
+            .as_ref()
+            .expect("a Redis started by the test")
+            .id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} redis-server");
+    }
+
+    pub fn restart_persistent(&self) {
+        if let Some(c) = self.child.lock().unwrap().as_mut() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.spawn(true);
+        self.spawn();
     }
 
     /// The client tierd would build for this server (TLS trust included).
@@ -191,7 +229,7 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
+        if let Some(c) = self.child.lock().unwrap().as_mut() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -1439,4 +1477,71 @@ pub fn purchase(event_id: &str, customer: &str, amount: &str, at: &str) -> serde
 /// A refund event as JSON.
 pub fn refund(event_id: &str, customer: &str, amount: &str, at: &str) -> serde_json::Value {
     serde_json::json!({"event_id": event_id, "customer_id": customer, "amount": amount, "occurred_at": at, "type": "refund"})
+}
+
+/// A plain member of a tierd group (classic protocol, cooperative-sticky like tierd) that
+/// holds what the group gives it and never processes it: a wedged or stuck member as the
+/// others see it. Leaves the group when dropped.
+pub struct GroupHolder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GroupHolder {
+    /// Joins `world`'s group and returns once it holds at least one partition.
+    pub fn join(world: &World) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (joined_tx, joined) = std::sync::mpsc::channel();
+        let (brokers, group, topic, flag) = (
+            world.broker.addr.clone(),
+            world.group.clone(),
+            world.input.clone(),
+            std::sync::Arc::clone(&stop),
+        );
+        let thread = std::thread::spawn(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", &group)
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("session.timeout.ms", "6000")
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            consumer.subscribe(&[&topic]).unwrap();
+            let mut told = false;
+            while !flag.load(Ordering::Relaxed) {
+                let _ = consumer.poll(Duration::from_millis(100));
+                if !told && consumer.assignment().unwrap().count() > 0 {
+                    let _ = joined_tx.send(());
+                    told = true;
+                }
+            }
+        });
+        joined
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the holder joined the group");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Leaves the group (and waits until it has).
+    pub fn leave(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for GroupHolder {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
 }
