@@ -6,7 +6,9 @@
 #   - Apache Kafka (pinned in scripts/kafka/version.sh): the broker jars and their
 #     dependencies from Maven Central into ~/.cache/tierd/kafka-VERSION/libs (KAFKA_CACHE_DIR
 #     moves the cache); nothing is built;
-#   - cargo-nextest (the test runner).
+#   - cargo-nextest (the test runner);
+#   - a nightly Rust toolchain and cargo-fuzz (the fuzz targets in fuzz/, libFuzzer needs
+#     nightly's sanitizer-coverage flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/kafka/version.sh
@@ -48,4 +50,13 @@ echo "Apache Kafka $KAFKA_VERSION: $LIBS ($(ls "$LIBS" | wc -l) jars)"
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> Installing cargo-nextest"
   cargo install cargo-nextest --locked
+fi
+
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  echo "==> Installing a nightly Rust toolchain (for cargo-fuzz)"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "==> Installing cargo-fuzz"
+  cargo install cargo-fuzz --locked
 fi
