@@ -317,7 +317,7 @@ fn a_stale_claim_cannot_stop_the_rightful_owner() {
     }
     assert!(tierd
         .log_text()
-        .contains("Partition claimed again after a fence."));
+        .contains("Partition claimed again (after a fence"));
     // Published once each, in order.
     let seqs: Vec<(String, u64)> = world
         .read_all(&world.output)
