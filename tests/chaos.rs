@@ -11,7 +11,8 @@
 //! lost a window that was already published, and it was replayed).
 //!
 //! Bounded for CI by default; the long mode is documented in `docs/reliability.md`:
-//! `CHAOS_EVENTS=1000000 CHAOS_CUSTOMERS=100000 cargo nextest run --release --test chaos`.
+//! `CHAOS_EVENTS=1000000 CHAOS_CUSTOMERS=100000 CHAOS_RATE=5000 cargo test --release --test chaos -- --nocapture`
+//! (`cargo test`: no per-test timeout; nextest stops it after 20 minutes).
 
 mod support;
 
@@ -112,7 +113,11 @@ fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
                 produced.load(Ordering::Relaxed)
             );
             step += 1;
-            let fault = if step.is_multiple_of(2) { faults.next() } else { None };
+            let fault = if step.is_multiple_of(2) {
+                faults.next()
+            } else {
+                None
+            };
             match fault {
                 None => {
                     let i = rng.random_range(0..instances.len());
