@@ -39,16 +39,6 @@ enum Fault {
     RedisLoss,
 }
 
-fn signal(tierd: &Tierd, sig: &str) {
-    let pid = tierd.pid().expect("running").to_string();
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 #[test]
 fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
     let n = env_or("CHAOS_EVENTS", 30_000);
@@ -128,10 +118,10 @@ fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
                 }
                 Some(Fault::Zombie) => {
                     let i = rng.random_range(0..instances.len());
-                    signal(&instances[i], "-STOP");
+                    instances[i].signal("-STOP");
                     // Past the tests' 6 s session timeout: the group moves its partitions.
                     std::thread::sleep(Duration::from_secs(10));
-                    signal(&instances[i], "-CONT");
+                    instances[i].signal("-CONT");
                     log.push(format!(
                         "{at}: instance {i} stopped (SIGSTOP) for 10 s, resumed"
                     ));

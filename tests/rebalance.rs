@@ -216,15 +216,7 @@ fn a_zombie_resumed_after_its_partitions_moved_publishes_nothing() {
     let other = Tierd::spawn_with(&world, consumer, extra);
     other.wait_partitions(1, Duration::from_secs(60));
     zombie.wait_partitions(1, Duration::from_secs(60));
-    let pid = zombie.pid().unwrap().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
+    let signal = |sig: &str| zombie.signal(sig);
 
     let mut ends = BTreeMap::new();
     let mut chunks = events.chunks(4_000);

@@ -201,12 +201,7 @@ impl Redis {
             .as_ref()
             .expect("a Redis started by the test")
             .id();
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} redis-server");
+        signal(pid, sig);
     }
 
     pub fn restart_persistent(&self) {
@@ -1353,6 +1348,11 @@ impl Tierd {
         t
     }
 
+    /// Sends `sig` (e.g. `-STOP`, `-CONT`) to the running tierd.
+    pub fn signal(&self, sig: &str) {
+        signal(self.pid().expect("tierd is running"), sig);
+    }
+
     /// Process id of the running tierd.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -1477,6 +1477,16 @@ pub fn purchase(event_id: &str, customer: &str, amount: &str, at: &str) -> serde
 /// A refund event as JSON.
 pub fn refund(event_id: &str, customer: &str, amount: &str, at: &str) -> serde_json::Value {
     serde_json::json!({"event_id": event_id, "customer_id": customer, "amount": amount, "occurred_at": at, "type": "refund"})
+}
+
+/// Sends `sig` (e.g. `-STOP`, `-CONT`) to process `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
 }
 
 /// A plain member of a tierd group (classic protocol, cooperative-sticky like tierd) that
