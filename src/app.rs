@@ -183,7 +183,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ownership: Arc::clone(&ownership),
         queue: config.ingest.queue_batches,
         shutdown: Arc::clone(&stop),
-        claim_patience: crate::kafka::claim_patience(&config.kafka),
+        callback_patience: crate::kafka::callback_patience(&config.kafka),
     });
     let context = IngestContext::new(
         config.kafka.input_topic.clone(),

@@ -39,11 +39,13 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// How long one partition claim may retry on the consumer thread: a third of
-/// `max.poll.interval.ms` (librdkafka's default 300 s), at most 30 s, so that a claim stuck
-/// while Redis is down never gets the instance evicted from its group. The partition is then
-/// held, reported as not processed, and claimed again a few seconds later.
-pub fn claim_patience(kafka: &KafkaConfig) -> std::time::Duration {
+/// How long the partition claims of one rebalance callback may retry, and how long a release
+/// waits for a runner and then a publisher, on the consumer thread: a third of
+/// `max.poll.interval.ms` (librdkafka's default 300 s), at most 30 s, so that a claim or a
+/// release stuck while Redis is down never gets the instance evicted from its group. A
+/// partition not claimed in time is held, reported as not processed, and claimed again a few
+/// seconds later.
+pub fn callback_patience(kafka: &KafkaConfig) -> std::time::Duration {
     let max_poll_ms = kafka
         .consumer
         .get("max.poll.interval.ms")

@@ -285,3 +285,34 @@ fn partitions_assigned_while_redis_is_frozen_are_shown_and_claimed_when_it_retur
         tierd.log_text()
     );
 }
+
+/// The release side of the same edge: partitions revoked while Redis is frozen are released
+/// within a third of `max.poll.interval.ms` (their publisher, stuck on Redis, is aborted; the
+/// next owner's producer aborts its open transaction), so the instance stays in its group
+/// (before: a release waited 30 s for the runner and 30 s for the publisher, and librdkafka
+/// left the group). Every event still counts once.
+#[test]
+fn partitions_revoked_while_redis_is_frozen_are_released_in_time() {
+    let world = World::start(4);
+    let tierd = Tierd::spawn_with(&world, "\"max.poll.interval.ms\" = \"10000\"", "");
+    tierd.wait_partitions(4, Duration::from_secs(60));
+    let mut ends = world.produce_json(&events(0, 400));
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    world.redis.pause();
+    // A new member: tierd must give two partitions up while Redis does not answer.
+    let holder = support::GroupHolder::join(&world);
+    std::thread::sleep(Duration::from_secs(12));
+    world.redis.resume();
+    holder.leave();
+
+    merge(&mut ends, world.produce_json(&events(400, 800)));
+    world.wait_applied(&ends, Duration::from_secs(90));
+    tierd.wait_partitions(4, Duration::from_secs(30));
+    assert_each_counted_once(&world, 8);
+    assert!(
+        !tierd.log_text().contains("maximum poll interval"),
+        "evicted from the group:\n{}",
+        tierd.log_text()
+    );
+}

@@ -19,10 +19,6 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-/// How long a release waits for a partition's in-flight batches before aborting the runner
-/// (safe: an aborted commit either happened atomically or not at all).
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The tasks of a started partition.
 struct Running {
     runner: JoinHandle<RunnerExit>,
@@ -71,9 +67,12 @@ pub struct SupervisorParts {
     pub queue: usize,
     /// Set when the service is stopping.
     pub shutdown: Arc<AtomicBool>,
-    /// How long one claim may keep retrying: claims run on the consumer thread, which must
-    /// poll again within `max.poll.interval.ms` or the instance is evicted from the group.
-    pub claim_patience: Duration,
+    /// How long the claims of one rebalance callback may keep retrying, and how long a release
+    /// waits for a partition's runner, then for its publisher, before aborting them (safe: an
+    /// aborted commit happened atomically or not at all, and the next owner's producer aborts
+    /// an open publish transaction). Both run on the consumer thread, which must poll again
+    /// within `max.poll.interval.ms` or the instance is evicted from its group.
+    pub callback_patience: Duration,
 }
 
 /// Why a partition was not claimed.
@@ -128,10 +127,10 @@ impl Supervisor {
         &self.parts.ownership
     }
 
-    /// When claims that start now must give up (see [`SupervisorParts::claim_patience`]): one
+    /// When claims that start now must give up (see [`SupervisorParts::callback_patience`]): one
     /// deadline for every claim of a rebalance callback or a round of re-claims.
     pub fn claims_give_up_at(&self) -> Instant {
-        Instant::now() + self.parts.claim_patience
+        Instant::now() + self.parts.callback_patience
     }
 
     /// The shared pipeline.
@@ -166,7 +165,7 @@ impl Supervisor {
         let unavailable = |what: &str| {
             Some(Err(NotClaimed::Unavailable(format!(
                 "{what} did not answer in time (claims give up after {:.1} s, a third of max.poll.interval.ms)",
-                self.parts.claim_patience.as_secs_f64()
+                self.parts.callback_patience.as_secs_f64()
             ))))
         };
         let Some(published) = self.retrying(
@@ -350,10 +349,11 @@ impl Supervisor {
         if stopping.is_empty() {
             return Vec::new();
         }
+        let patience = self.parts.callback_patience;
         let exits = self.parts.rt.block_on(async {
             let stops = stopping.into_iter().map(|(p, r)| async move {
                 let mut runner = r.runner;
-                let exit = match tokio::time::timeout(RELEASE_TIMEOUT, &mut runner).await {
+                let exit = match tokio::time::timeout(patience, &mut runner).await {
                     Ok(Ok(exit)) => exit,
                     Ok(Err(_)) => RunnerExit::Failed,
                     Err(_) => {
@@ -367,7 +367,7 @@ impl Supervisor {
                 };
                 let _ = r.stop_publisher.send(true);
                 let mut publisher = r.publisher;
-                if tokio::time::timeout(RELEASE_TIMEOUT, &mut publisher)
+                if tokio::time::timeout(patience, &mut publisher)
                     .await
                     .is_err()
                 {
