@@ -610,3 +610,48 @@ fn re_ranking_never_resurrects_an_erased_customer() {
             .unwrap();
     assert_eq!(population, 100, "c99's leftover entry is gone");
 }
+
+/// The positions a change carries count the partition as its commit leaves it: an erase in
+/// the same batch no longer counts the erased customer, and a customer whose value fell is not
+/// counted above themself by their own old entry. (Before: c90 was placed 51st of 100.)
+#[test]
+fn positions_count_the_batch_they_are_committed_with() {
+    let world = pyramid(1);
+    let mut tierd = Tierd::spawn(&world, RANKS);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    hundred_ranked(&world, &tierd);
+    assert_eq!(
+        world.customer_state("c90").unwrap().tier.as_deref(),
+        Some("key")
+    );
+
+    // One batch: c100 erased, c90 refunds 4000 of its 9000 (down to small: 5000 is below
+    // the top half's cut-off, c51's 5100).
+    assert_eq!(tierd.terminate(), Some(0));
+    let ends = world.produce_json(&[
+        serde_json::json!({"event_id": "x100", "customer_id": "c100", "type": "erase", "occurred_at": "2026-11-02T00:00:00Z"}),
+        support::refund("r90", "c90", "4000", "2026-11-02T00:00:00Z"),
+    ]);
+    let tierd = Tierd::spawn(&world, RANKS);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let change = world
+        .read_all(&world.output)
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(b"c90".as_slice()))
+        .max_by_key(|r| r.offset)
+        .expect("c90 moved")
+        .json();
+    assert_eq!(change["tier"], "small", "{change}");
+    let rank = change["ranks"]
+        .as_object()
+        .and_then(|r| r.values().next())
+        .expect("a rank position")
+        .clone();
+    // Above 5000 after the batch: c51..c99 but c90 itself = 48 customers; 99 ranked.
+    assert_eq!(
+        (rank["position"].as_u64(), rank["population"].as_u64()),
+        (Some(49), Some(99)),
+        "{change}; log:\n{}",
+        tierd.log_text()
+    );
+}

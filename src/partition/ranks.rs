@@ -213,8 +213,15 @@ impl Runner {
     }
 
     /// Adds each pending rank-based change's exact position in every rank (customers with a
-    /// strictly higher value, summed over the partitions, plus one) and serializes it.
-    pub(super) async fn annotate_positions(&mut self, draft: &mut Draft) -> Result<(), ApplyError> {
+    /// strictly higher value, summed over the partitions, plus one) and serializes it. The
+    /// counts are those after this commit: Redis's sets, corrected by what this commit changes
+    /// in them (customers created, erased, or whose value moved — a customer's own old entry
+    /// is not counted above them).
+    pub(super) async fn annotate_positions(
+        &mut self,
+        draft: &mut Draft,
+        work: &Working,
+    ) -> Result<(), ApplyError> {
         let p = Arc::clone(&self.pipeline);
         let partitions = p.partitions.load(Ordering::Relaxed).max(1);
         let ranks = p.rules.ranks();
@@ -233,14 +240,13 @@ impl Runner {
             })
             .collect();
         let (population, above) = self.store.rank_counts(&all, ranks.len(), &queries).await?;
+        let pending_sets = PendingSets::of(work, ranks.len());
         let mut above = above.into_iter();
         for mut pending in std::mem::take(&mut draft.positions) {
             for (r, rank) in ranks.iter().enumerate() {
-                if let Some(Some(_)) = pending.values.get(r) {
-                    let above = above.next().unwrap_or(0);
-                    // A new customer's own value is not committed yet: count them in.
-                    let n = (population[r] + u64::from(pending.change.previous_tier.is_none()))
-                        .max(above + 1);
+                if let Some(Some(value)) = pending.values.get(r) {
+                    let above = pending_sets.above(r, *value, above.next().unwrap_or(0));
+                    let n = pending_sets.population(r, population[r]).max(above + 1);
                     if let Some(entry) = pending.change.ranks.get_mut(&rank.name) {
                         RankPosition::new(&rank.name, above, n).write_to(entry);
                     }
@@ -250,6 +256,47 @@ impl Runner {
                 serde_json::to_vec(&pending.change).expect("change events serialize");
         }
         Ok(())
+    }
+}
+
+/// What a commit changes in this partition's rank sets, per rank: the values it removes (a
+/// customer's old entry, or an erased customer's) and the values it adds, each sorted.
+struct PendingSets {
+    removed: Vec<Vec<i128>>,
+    added: Vec<Vec<i128>>,
+}
+
+impl PendingSets {
+    fn of(work: &Working, ranks: usize) -> Self {
+        let mut removed = vec![Vec::new(); ranks];
+        let mut added = vec![Vec::new(); ranks];
+        for loaded in work.values() {
+            for r in 0..ranks {
+                let held = loaded.ranked.get(r).copied().flatten();
+                let now = loaded.state.ranked_values.get(r).copied().flatten();
+                if held != now {
+                    removed[r].extend(held);
+                    added[r].extend(now);
+                }
+            }
+        }
+        removed
+            .iter_mut()
+            .chain(added.iter_mut())
+            .for_each(|v| v.sort_unstable());
+        Self { removed, added }
+    }
+
+    /// Customers strictly above `value` after the commit, given `stored` in Redis now.
+    fn above(&self, rank: usize, value: i128, stored: u64) -> u64 {
+        let over =
+            |sorted: &Vec<i128>| (sorted.len() - sorted.partition_point(|&v| v <= value)) as u64;
+        (stored + over(&self.added[rank])).saturating_sub(over(&self.removed[rank]))
+    }
+
+    /// Customers ranked after the commit, given `stored` in Redis now.
+    fn population(&self, rank: usize, stored: u64) -> u64 {
+        (stored + self.added[rank].len() as u64).saturating_sub(self.removed[rank].len() as u64)
     }
 }
 

@@ -292,7 +292,7 @@ impl Runner {
             }
         }
         if !draft.positions.is_empty() {
-            self.annotate_positions(draft).await?;
+            self.annotate_positions(draft, work).await?;
         }
         let position = Position {
             expected_offset: self.next_offset(),
