@@ -179,6 +179,22 @@ impl Redis {
             .expect("redis-server must be installed (bash scripts/test.sh installs it)");
         *self.child.lock().unwrap() = Some(child);
         wait_port(self.port, "redis-server", Duration::from_secs(10));
+        if self.appendfsync.is_some() {
+            // Restarted from its append-only file: it answers LOADING until the data is in.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while self
+                .client()
+                .get_connection()
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_err()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not load its AOF"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     /// Kills Redis (SIGKILL) and starts it again on the same port from its append-only file.
@@ -202,6 +218,40 @@ impl Redis {
             .expect("a Redis started by the test")
             .id();
         signal(pid, sig);
+    }
+
+    /// Crashes Redis the way a power loss does under `appendfsync everysec`: kills it
+    /// (SIGKILL), cuts up to `bytes` off the end of its append-only file — the writes it had
+    /// acknowledged but not yet synced to disk (a killed process alone loses nothing: its
+    /// writes are in the kernel's page cache) — and starts it again. Returns the bytes cut.
+    pub fn crash_losing_tail(&self, bytes: u64) -> u64 {
+        if let Some(c) = self.child.lock().unwrap().as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let dir = self.dir.path().join("appendonlydir");
+        let newest = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().ends_with(".incr.aof"))
+            .max_by_key(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.split('.').rev().nth(2))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .expect("an incremental AOF file");
+        let len = std::fs::metadata(&newest).unwrap().len();
+        let cut = bytes.min(len);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&newest)
+            .unwrap()
+            .set_len(len - cut)
+            .unwrap();
+        self.spawn();
+        cut
     }
 
     pub fn restart_persistent(&self) {
