@@ -315,7 +315,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         .unwrap()
         .unwrap();
     let published = s.publisher.positions.published(0).unwrap();
-    assert_eq!(published.as_deref(), Some(written[2].as_str()));
+    assert_eq!(published.last_id.as_deref(), Some(written[2].as_str()));
 
     // The trim "did not happen": the same entries are back (a crash between commit and trim).
     let restore = |conn: &mut redis::Connection| {
@@ -342,7 +342,8 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
     // A claim trims them too, before anyone publishes.
     restore(&mut conn);
     let claim =
-        tierd::store::partition::claim(&mut conn, &s.keys, published.as_deref(), "v1").unwrap();
+        tierd::store::partition::claim(&mut conn, &s.keys, published.last_id.as_deref(), "v1")
+            .unwrap();
     assert!(!claim.outbox_behind);
     assert!(
         ids(&mut conn, &s.keys.outbox).is_empty(),

@@ -24,42 +24,6 @@ fn phase(world: &World, from: usize, to: usize) -> BTreeMap<i32, i64> {
     world.produce_json(&events)
 }
 
-fn snapshot(world: &World) -> Vec<(String, Vec<u8>)> {
-    let mut conn = world.redis.conn();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*", world.prefix))
-        .query(&mut conn)
-        .unwrap();
-    keys.into_iter()
-        .map(|k| {
-            let dump: Vec<u8> = redis::cmd("DUMP").arg(&k).query(&mut conn).unwrap();
-            (k, dump)
-        })
-        .collect()
-}
-
-fn restore(world: &World, snapshot: &[(String, Vec<u8>)]) {
-    let mut conn = world.redis.conn();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*", world.prefix))
-        .query(&mut conn)
-        .unwrap();
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    for k in keys {
-        pipe.del(k).ignore();
-    }
-    for (k, dump) in snapshot {
-        pipe.cmd("RESTORE")
-            .arg(k)
-            .arg(0)
-            .arg(dump)
-            .arg("REPLACE")
-            .ignore();
-    }
-    let () = pipe.query(&mut conn).unwrap();
-}
-
 #[test]
 fn a_redis_rollback_is_detected_and_replayed_exactly() {
     let world = World::start(2);
@@ -67,7 +31,7 @@ fn a_redis_rollback_is_detected_and_replayed_exactly() {
     tierd.wait_partitions(2, Duration::from_secs(60));
 
     world.wait_applied(&phase(&world, 0, 500), Duration::from_secs(60));
-    let before = snapshot(&world);
+    let before = world.snapshot();
     let mut ends_b = phase(&world, 500, 1000);
     // Customers first seen in phase B: their creation is lost too and replayed, so their
     // change ids (which include the event that created them) must come out the same.
@@ -89,7 +53,7 @@ fn a_redis_rollback_is_detected_and_replayed_exactly() {
     let changes_before_rollback = world.read_all(&world.output).len();
 
     // Redis loses everything phase B wrote.
-    restore(&world, &before);
+    world.restore(&before);
     assert!(
         (0..2).all(|p| world.partition_meta(p).1 < ends_b[&p]),
         "rolled back"

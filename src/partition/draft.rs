@@ -54,17 +54,6 @@ impl Loaded {
 /// The customers one trigger works on, by id.
 pub type Working = HashMap<String, Loaded>;
 
-/// A rank-based change waiting for its exact rank positions (known only at commit).
-#[derive(Debug)]
-pub struct PendingPositions {
-    /// Index of its outbox entry.
-    pub outbox_index: usize,
-    /// The customer's ranked values, in the rules' rank order.
-    pub values: Vec<Option<i128>>,
-    /// The change, to be serialized once annotated.
-    pub change: TierChange,
-}
-
 /// What one commit will write, accumulated while a trigger runs.
 #[derive(Debug, Default)]
 pub struct Draft {
@@ -94,8 +83,6 @@ pub struct Draft {
     pub rerank: Option<String>,
     /// Timer-index and rank-set entries without a stored customer, to remove.
     pub orphans: Vec<(SortedSet, String)>,
-    /// Changes under rank-based rules awaiting their exact rank positions.
-    pub positions: Vec<PendingPositions>,
 }
 
 impl Draft {
@@ -108,8 +95,9 @@ impl Draft {
         }
     }
 
-    /// Adds an evaluation's tier change and at-risk notice to the outbox. Under rank-based
-    /// rules the change is serialized at commit, once its exact rank positions are known.
+    /// Adds an evaluation's tier change and at-risk notice to the outbox. A change's body is
+    /// decided by the partition's input and the cut-offs in force alone (never by other
+    /// partitions' live counts), so a replay publishes it again byte for byte.
     pub fn record(
         &mut self,
         p: &Pipeline,
@@ -128,20 +116,10 @@ impl Draft {
                 change.tier.clone(),
                 change.reason.as_str(),
             ));
-            let value = if p.rules.uses_ranks() {
-                self.positions.push(PendingPositions {
-                    outbox_index: self.outbox.len(),
-                    values: t.eval.ranks.clone(),
-                    change,
-                });
-                Vec::new()
-            } else {
-                serde_json::to_vec(&change).expect("change events serialize")
-            };
             self.outbox.push(OutboxEntry {
                 kind: EntryKind::Change,
                 key: customer_id.as_bytes().to_vec(),
-                value,
+                value: serde_json::to_vec(&change).expect("change events serialize"),
                 headers: Vec::new(),
             });
         }

@@ -1,18 +1,19 @@
 //! Trigger: the rank check. The owner of partition 0 recomputes the rank cut-offs over all
 //! partitions when due (interval, or the population changed enough) and publishes them;
 //! every owner moves its partition to a newer published version, re-evaluating the customers
-//! whose ranked value lies between an old and a new cut-off. Also here: the exact rank
-//! positions a rank-based tier change carries, counted at commit.
+//! whose ranked value lies between an old and a new cut-off. Each move is recorded with the
+//! changes it decides ([`CutoffsSwitch`]), so a replay after Redis lost writes moves at the
+//! same input offsets.
 
-use super::draft::{Draft, Working};
+use super::draft::Working;
 use super::runner::Runner;
-use crate::engine::rules::rank::Cutoffs;
+use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
 use crate::engine::Trigger;
 use crate::model::state::rules_hash;
 use crate::store::cutoffs;
+use crate::store::outbox::{EntryKind, OutboxEntry};
 use crate::store::partition::{ApplyError, SortedSet};
 use crate::store::retry::Backoff;
-use crate::store::views::RankPosition;
 use crate::telemetry::events;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -21,8 +22,12 @@ use std::time::Instant;
 
 impl Runner {
     /// Computes (partition 0's owner) and applies (every owner) new cut-offs when due. A
-    /// failed Redis call is retried at the next check.
+    /// failed Redis call is retried at the next check. While a replay still has published
+    /// switches to apply, it waits: the input decides when they apply.
     pub(super) async fn rank_step(&mut self) -> Result<(), ApplyError> {
+        if !self.replay.is_empty() {
+            return Ok(());
+        }
         let p = Arc::clone(&self.pipeline);
         let partitions = p.partitions.load(Ordering::Relaxed);
         let zero = p.keyspace.partition(0);
@@ -38,7 +43,8 @@ impl Runner {
         };
         if let Some(new) = global {
             if new.version > self.cutoffs.version && new.rules == rules_hash(p.rules.version()) {
-                self.apply_cutoffs(new).await?;
+                let (at, now) = (self.next_offset(), self.engine_now());
+                self.apply_cutoffs(new, at, now).await?;
             }
         }
         Ok(())
@@ -87,7 +93,10 @@ impl Runner {
         });
         let mut published = None;
         if changed {
-            match cutoffs::publish_cutoffs(conn, &zero, self.status.epoch, &new).await {
+            // Never below a version this partition applied: after Redis lost writes, a replay
+            // may have applied versions Redis no longer counts up to.
+            let floor = self.cutoffs.version;
+            match cutoffs::publish_cutoffs(conn, &zero, self.status.epoch, floor, &new).await {
                 Ok(Some(version)) => published = Some(version),
                 Ok(None) => tracing::warn!(
                     "Rank cut-offs not published: partition 0 has another owner now."
@@ -114,8 +123,16 @@ impl Runner {
     /// takes over (after a crash or a handover) resumes there for the same cut-offs instead of
     /// starting again. The last commit records the cut-offs as applied. A customer re-evaluated
     /// twice (in two ranges, or a page repeated) does not move again, so no change is lost or
-    /// doubled.
-    async fn apply_cutoffs(&mut self, new: Cutoffs) -> Result<(), ApplyError> {
+    /// doubled. Every re-evaluation of the pass happens at one engine time, `now` (kept with
+    /// the progress, so a resumed pass uses it too). The first commit records the switch
+    /// (`new` from input offset `at`, evaluated at `now`) in the outbox, ahead of the changes
+    /// it decides.
+    pub(super) async fn apply_cutoffs(
+        &mut self,
+        new: Cutoffs,
+        at: i64,
+        now: i64,
+    ) -> Result<(), ApplyError> {
         let p = Arc::clone(&self.pipeline);
         let old = std::mem::replace(&mut self.cutoffs, Arc::new(new.clone()));
         let page = p.ranks.reevaluate_page;
@@ -126,6 +143,18 @@ impl Runner {
             .await?
             .and_then(|json| serde_json::from_str::<Progress>(&json).ok())
             .filter(|at| at.version == new.version && at.range < ranges.len());
+        let now = resume.as_ref().and_then(|r| r.now).unwrap_or(now);
+        let mut switch = Some(OutboxEntry {
+            kind: EntryKind::Cutoffs,
+            key: Vec::new(),
+            value: serde_json::to_vec(&CutoffsSwitch {
+                offset: at,
+                cutoffs: new.clone(),
+                at_ms: now,
+            })
+            .expect("switches serialize"),
+            headers: Vec::new(),
+        });
         if let Some(at) = &resume {
             events::RerankResumed {
                 partition: self.partition,
@@ -167,6 +196,7 @@ impl Runner {
                 let mut work = Working::new();
                 self.load(fresh.iter().cloned(), &mut work).await?;
                 let mut draft = self.new_draft();
+                draft.outbox.extend(switch.take());
                 for id in &fresh {
                     let loaded = work.get_mut(id.as_str()).expect("loaded above");
                     if loaded.state.is_new() {
@@ -176,7 +206,8 @@ impl Runner {
                         draft.orphans.extend(sets.map(|set| (set, id.clone())));
                         continue;
                     }
-                    let outcome = self.reevaluate(&mut draft, id, loaded, Trigger::RankShift);
+                    let outcome =
+                        self.reevaluate_at(&mut draft, id, loaded, Trigger::RankShift, now);
                     evaluated += 1;
                     moved += u64::from(outcome.transition.is_some());
                 }
@@ -186,6 +217,7 @@ impl Runner {
                         range,
                         value,
                         customer: last,
+                        now: Some(now),
                     })
                     .expect("progress serializes"),
                 );
@@ -199,6 +231,7 @@ impl Runner {
         }
         // Record the cut-offs as applied (and the pass as done).
         let mut draft = self.new_draft();
+        draft.outbox.extend(switch.take());
         draft.applied_cutoffs = Some(serde_json::to_string(&new).expect("cut-offs serialize"));
         draft.rerank = Some(String::new());
         self.commit(&mut draft, &mut Working::new()).await?;
@@ -211,93 +244,6 @@ impl Runner {
         .emit(&p.telemetry);
         Ok(())
     }
-
-    /// Adds each pending rank-based change's exact position in every rank (customers with a
-    /// strictly higher value, summed over the partitions, plus one) and serializes it. The
-    /// counts are those after this commit: Redis's sets, corrected by what this commit changes
-    /// in them (customers created, erased, or whose value moved — a customer's own old entry
-    /// is not counted above them).
-    pub(super) async fn annotate_positions(
-        &mut self,
-        draft: &mut Draft,
-        work: &Working,
-    ) -> Result<(), ApplyError> {
-        let p = Arc::clone(&self.pipeline);
-        let partitions = p.partitions.load(Ordering::Relaxed).max(1);
-        let ranks = p.rules.ranks();
-        let all: Vec<Vec<String>> = (0..partitions)
-            .map(|q| {
-                let keys = p.keyspace.partition(q);
-                ranks.iter().map(|r| keys.rank(&r.name)).collect()
-            })
-            .collect();
-        let queries: Vec<(usize, i128)> = draft
-            .positions
-            .iter()
-            .flat_map(|pending| {
-                (0..ranks.len())
-                    .filter_map(|r| pending.values.get(r).copied().flatten().map(|v| (r, v)))
-            })
-            .collect();
-        let (population, above) = self.store.rank_counts(&all, ranks.len(), &queries).await?;
-        let pending_sets = PendingSets::of(work, ranks.len());
-        let mut above = above.into_iter();
-        for mut pending in std::mem::take(&mut draft.positions) {
-            for (r, rank) in ranks.iter().enumerate() {
-                if let Some(Some(value)) = pending.values.get(r) {
-                    let above = pending_sets.above(r, *value, above.next().unwrap_or(0));
-                    let n = pending_sets.population(r, population[r]).max(above + 1);
-                    if let Some(entry) = pending.change.ranks.get_mut(&rank.name) {
-                        RankPosition::new(&rank.name, above, n).write_to(entry);
-                    }
-                }
-            }
-            draft.outbox[pending.outbox_index].value =
-                serde_json::to_vec(&pending.change).expect("change events serialize");
-        }
-        Ok(())
-    }
-}
-
-/// What a commit changes in this partition's rank sets, per rank: the values it removes (a
-/// customer's old entry, or an erased customer's) and the values it adds, each sorted.
-struct PendingSets {
-    removed: Vec<Vec<i128>>,
-    added: Vec<Vec<i128>>,
-}
-
-impl PendingSets {
-    fn of(work: &Working, ranks: usize) -> Self {
-        let mut removed = vec![Vec::new(); ranks];
-        let mut added = vec![Vec::new(); ranks];
-        for loaded in work.values() {
-            for r in 0..ranks {
-                let held = loaded.ranked.get(r).copied().flatten();
-                let now = loaded.state.ranked_values.get(r).copied().flatten();
-                if held != now {
-                    removed[r].extend(held);
-                    added[r].extend(now);
-                }
-            }
-        }
-        removed
-            .iter_mut()
-            .chain(added.iter_mut())
-            .for_each(|v| v.sort_unstable());
-        Self { removed, added }
-    }
-
-    /// Customers strictly above `value` after the commit, given `stored` in Redis now.
-    fn above(&self, rank: usize, value: i128, stored: u64) -> u64 {
-        let over =
-            |sorted: &Vec<i128>| (sorted.len() - sorted.partition_point(|&v| v <= value)) as u64;
-        (stored + over(&self.added[rank])).saturating_sub(over(&self.removed[rank]))
-    }
-
-    /// Customers ranked after the commit, given `stored` in Redis now.
-    fn population(&self, rank: usize, stored: u64) -> u64 {
-        (stored + self.added[rank].len() as u64).saturating_sub(self.removed[rank].len() as u64)
-    }
 }
 
 /// How far a re-ranking got (stored with each page's commit): the cut-offs version it moves
@@ -308,6 +254,9 @@ struct Progress {
     range: usize,
     value: i128,
     customer: String,
+    /// The pass's engine time (absent in progress stored by older versions).
+    #[serde(default)]
+    now: Option<i64>,
 }
 
 /// The value ranges between the old and the new cut-offs, per cut point: `(rank, lo, hi)`,

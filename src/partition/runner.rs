@@ -12,14 +12,15 @@ use super::draft::{Draft, Loaded, Position, Working};
 use super::timers::EarliestDue;
 use super::{PartitionStatus, Pipeline};
 use crate::config::ClockMode;
-use crate::engine::rules::rank::Cutoffs;
+use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
 use crate::engine::{Outcome, Trigger};
 use crate::model::state::rules_hash;
 use crate::model::{time, CustomerState};
 use crate::store::partition::{ApplyError, Claim, Committed, PartitionStore};
 use crate::telemetry::events::{self, StopCause};
 use lru::LruCache;
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{Message, OwnedMessage};
+use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -75,6 +76,9 @@ pub struct Runner {
     pub(super) last_compute: Option<(Instant, Vec<u64>)>,
     /// Entries in the outbox after this owner's last commit (or last check).
     outbox_len: u64,
+    /// Cut-offs switches of changes already published from input still to be applied again
+    /// (Redis lost writes), in order: each applies before its input offset.
+    pub(super) replay: VecDeque<CutoffsSwitch>,
 }
 
 impl Runner {
@@ -105,6 +109,7 @@ impl Runner {
             cutoffs: Arc::new(claim.cutoffs.clone().unwrap_or_default()),
             last_compute: None,
             outbox_len: 0,
+            replay: claim.replay_cutoffs.iter().cloned().collect(),
         }
     }
 
@@ -124,6 +129,9 @@ impl Runner {
         if self.sweep.is_none() {
             p.telemetry.rules_sweep_done.inc();
         }
+        if let Err(error) = self.replay_switches_through(self.next_offset()).await {
+            return self.exit(&error);
+        }
         loop {
             let full = self.status.outbox_full.load(Ordering::Relaxed) > 0;
             let result = tokio::select! {
@@ -131,7 +139,7 @@ impl Runner {
                 // once its queue fills); timers, sweeps and re-rankings add little and go on.
                 batch = batches.recv(), if !full => match batch {
                     Some(batch) if batch.is_empty() => continue,
-                    Some(batch) => self.apply_batch(batch).await,
+                    Some(batch) => self.apply_input(batch).await,
                     None => break,
                 },
                 _ = tick.tick(), if ticking => {
@@ -160,6 +168,42 @@ impl Runner {
             p.telemetry.rules_sweep_done.dec();
         }
         RunnerExit::Finished
+    }
+
+    /// Applies a batch; during a replay, the published cut-offs switches it reaches apply
+    /// before their input offsets (the batch is split there), as they did the first time.
+    async fn apply_input(&mut self, mut batch: Batch) -> Result<(), ApplyError> {
+        loop {
+            let Some(at) = self.replay.front().map(|s| s.offset) else {
+                return self.apply_batch(batch).await;
+            };
+            let split = batch.partition_point(|m| m.offset() < at);
+            if split == batch.len() {
+                return self.apply_batch(batch).await;
+            }
+            let rest = batch.split_off(split);
+            if !batch.is_empty() {
+                self.apply_batch(batch).await?;
+            }
+            self.replay_switches_through(at).await?;
+            batch = rest;
+        }
+    }
+
+    /// Applies the replayed switches whose offset is at or before `offset`.
+    async fn replay_switches_through(&mut self, offset: i64) -> Result<(), ApplyError> {
+        while self.replay.front().is_some_and(|s| s.offset <= offset) {
+            let switch = self.replay.pop_front().expect("checked");
+            events::CutoffsReplayed {
+                partition: self.partition,
+                version: switch.cutoffs.version,
+                offset: switch.offset,
+            }
+            .emit(&self.pipeline.telemetry);
+            self.apply_cutoffs(switch.cutoffs, switch.offset, switch.at_ms)
+                .await?;
+        }
+        Ok(())
     }
 
     fn exit(&self, error: &ApplyError) -> RunnerExit {
@@ -262,10 +306,20 @@ impl Runner {
         loaded: &mut Loaded,
         trigger: Trigger,
     ) -> Outcome {
+        self.reevaluate_at(draft, id, loaded, trigger, self.engine_now())
+    }
+
+    /// [`Self::reevaluate`] at engine time `now`.
+    pub(super) fn reevaluate_at(
+        &self,
+        draft: &mut Draft,
+        id: &str,
+        loaded: &mut Loaded,
+        trigger: Trigger,
+        now: i64,
+    ) -> Outcome {
         let p = &self.pipeline;
-        let outcome = loaded
-            .state
-            .evaluate(&p.rules, self.engine_now(), trigger, &self.cutoffs);
+        let outcome = loaded.state.evaluate(&p.rules, now, trigger, &self.cutoffs);
         loaded.dirty = true;
         draft.record(p, id, &loaded.state, &outcome, None);
         outcome
@@ -290,9 +344,6 @@ impl Runner {
             if let Some((due, _)) = loaded.state.timer {
                 self.earliest_due.lower(due);
             }
-        }
-        if !draft.positions.is_empty() {
-            self.annotate_positions(draft, work).await?;
         }
         let position = Position {
             expected_offset: self.next_offset(),

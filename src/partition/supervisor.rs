@@ -185,7 +185,7 @@ impl Supervisor {
                     Some(conn) => conn
                         .set_read_timeout(Some(timeout))
                         .and_then(|()| conn.set_write_timeout(Some(timeout)))
-                        .and_then(|()| claim(conn, published.as_deref())),
+                        .and_then(|()| claim(conn, published.last_id.as_deref())),
                     None => self
                         .parts
                         .redis_client
@@ -193,7 +193,7 @@ impl Supervisor {
                         .and_then(|mut conn| {
                             conn.set_read_timeout(Some(timeout))?;
                             conn.set_write_timeout(Some(timeout))?;
-                            let claim = claim(&mut conn, published.as_deref());
+                            let claim = claim(&mut conn, published.last_id.as_deref());
                             *slot = Some(conn);
                             claim
                         }),
@@ -209,9 +209,22 @@ impl Supervisor {
         else {
             return unavailable("Redis");
         };
+        let mut claim = claim;
+        if let Ok(claim) = &mut claim {
+            // Changes published from input the partition will now apply again (Redis lost
+            // writes) were decided under these cut-offs: the replay applies them at the same
+            // offsets, so each is published again with the same body.
+            claim.replay_cutoffs = published.switches_from(claim.next_offset);
+            if let Some(forgotten) = published
+                .forgotten
+                .filter(|&f| f >= claim.next_offset.unwrap_or(0))
+            {
+                error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches kept in the published position: rank-based changes published before that offset may be published again with other cut-offs.");
+            }
+        }
         match &claim {
             Ok(claim) if claim.outbox_behind => {
-                warn!(partition, published, "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
+                warn!(partition, published = published.last_id, replayed_cutoffs = claim.replay_cutoffs.len(), "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
             }
             Ok(_) => {}
             Err(refused) => {

@@ -5,15 +5,107 @@
 //! knows exactly which outbox entries went out even when the previous owner died between its
 //! commit and its trim: the claim trims them instead of publishing them again, and consumers
 //! never see a change re-published after a later one.
+//!
+//! Under rank-based rules the metadata also carries the partition's latest cut-offs switches
+//! ([`CutoffsSwitch`]: which cut-offs, from which input offset): the changes already published
+//! were decided under them, so a replay after Redis lost writes applies the same cut-offs at
+//! the same offsets and re-publishes each change with the same body. The metadata is bounded
+//! (`offset.metadata.max.bytes`, 4096 by default): the oldest switches give way first, and
+//! the newest forgotten offset is kept so a replay reaching back before it is reported.
 
 use crate::config::KafkaConfig;
+use crate::engine::rules::rank::CutoffsSwitch;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// How long reading the published positions may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The metadata's size bound: Kafka's default `offset.metadata.max.bytes` is 4096.
+const METADATA_BUDGET: usize = 3500;
+
+/// What Kafka holds about a partition's published outbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// The last outbox stream id published (`None`: nothing yet).
+    #[serde(rename = "id")]
+    pub last_id: Option<String>,
+    /// The newest cut-offs switches of the published changes, oldest first.
+    #[serde(rename = "k", default, skip_serializing_if = "Vec::is_empty")]
+    pub switches: Vec<CutoffsSwitch>,
+    /// The offset of the newest switch dropped for room: a replay from before it cannot be
+    /// reproduced exactly.
+    #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
+    pub forgotten: Option<i64>,
+}
+
+impl Published {
+    /// Parses the offset metadata: a bare stream id (no switch recorded) or the JSON form.
+    pub fn parse(metadata: &str) -> Self {
+        if metadata.is_empty() {
+            return Self::default();
+        }
+        if metadata.starts_with('{') {
+            if let Ok(p) = serde_json::from_str(metadata) {
+                return p;
+            }
+        }
+        Self {
+            last_id: Some(metadata.to_owned()),
+            ..Self::default()
+        }
+    }
+
+    /// The position after a round ending at `last_id` that moved to `switches` (in order),
+    /// within the metadata budget: the oldest switches give way (remembered in `forgotten`).
+    /// A switch already known (same offset and version: a replay or a resumed pass records it
+    /// again) is kept once.
+    #[must_use]
+    pub fn after(&self, last_id: &str, switches: &[CutoffsSwitch]) -> Self {
+        let mut next = Self {
+            last_id: Some(last_id.to_owned()),
+            ..self.clone()
+        };
+        if switches.is_empty() {
+            return next;
+        }
+        for s in switches {
+            let known = next
+                .switches
+                .iter()
+                .any(|k| k.offset == s.offset && k.cutoffs.version == s.cutoffs.version);
+            if !known {
+                next.switches.push(s.clone());
+            }
+        }
+        while next.metadata().len() > METADATA_BUDGET && !next.switches.is_empty() {
+            let dropped = next.switches.remove(0);
+            next.forgotten = next.forgotten.max(Some(dropped.offset));
+        }
+        next
+    }
+
+    /// The metadata to commit: the bare id when no switch is recorded, otherwise JSON.
+    pub fn metadata(&self) -> String {
+        if self.switches.is_empty() && self.forgotten.is_none() {
+            return self.last_id.clone().unwrap_or_default();
+        }
+        serde_json::to_string(self).expect("positions serialize")
+    }
+
+    /// The switches a replay from `next_offset` must apply (those at or after it, in order).
+    pub fn switches_from(&self, next_offset: Option<i64>) -> Vec<CutoffsSwitch> {
+        let from = next_offset.unwrap_or(i64::MIN);
+        self.switches
+            .iter()
+            .filter(|s| s.offset >= from)
+            .cloned()
+            .collect()
+    }
+}
 
 /// Reads and writes the published outbox positions.
 pub struct OutboxPositions {
@@ -51,24 +143,24 @@ impl OutboxPositions {
         format!("{}.outbox", kafka.group_id)
     }
 
-    /// The last outbox stream id of `partition` that a committed transaction published, if
-    /// any. Blocks (the claim runs on the consumer thread).
+    /// What committed transactions published of `partition`'s outbox. Blocks (the claim
+    /// runs on the consumer thread).
     ///
     /// # Errors
     /// The broker did not answer.
-    pub fn published(&self, partition: i32) -> Result<Option<String>, KafkaError> {
+    pub fn published(&self, partition: i32) -> Result<Published, KafkaError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, partition);
         let committed = self.consumer.committed_offsets(tpl, READ_TIMEOUT)?;
-        let id = committed
+        Ok(committed
             .find_partition(&self.topic, partition)
-            .map(|e| e.metadata().to_owned())
-            .filter(|m| !m.is_empty());
-        Ok(id)
+            .map(|e| Published::parse(e.metadata()))
+            .unwrap_or_default())
     }
 
-    /// The offsets to commit with a round whose last outbox entry is `last_id` (`ms-seq`).
-    pub fn round_offsets(&self, partition: i32, last_id: &str) -> TopicPartitionList {
+    /// The offsets to commit with a round that leaves the outbox at `published`.
+    pub fn round_offsets(&self, partition: i32, published: &Published) -> TopicPartitionList {
+        let last_id = published.last_id.as_deref().unwrap_or_default();
         // The offset itself only needs to be valid and to grow: the id's millisecond part.
         let ms = last_id
             .split_once('-')
@@ -78,7 +170,7 @@ impl OutboxPositions {
         // Adding a partition to a fresh list cannot fail.
         let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(ms));
         if let Some(mut e) = tpl.find_partition(&self.topic, partition) {
-            e.set_metadata(last_id);
+            e.set_metadata(published.metadata());
         }
         tpl
     }
@@ -86,5 +178,64 @@ impl OutboxPositions {
     /// The group named in publish transactions.
     pub fn group(&self) -> &ConsumerGroupMetadata {
         &self.group
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::rules::rank::Cutoffs;
+
+    fn switch(offset: i64, version: u64) -> CutoffsSwitch {
+        CutoffsSwitch {
+            offset,
+            cutoffs: Cutoffs {
+                version,
+                rules: 7,
+                population: vec![1_000_000],
+                values: vec![Some(123_456_789_012), Some(98_765_432), None],
+                at_or_above: vec![10_000, 200_000, 500_000],
+                computed_at: 1_790_000_000_000,
+            },
+            at_ms: 1_790_000_000_500,
+        }
+    }
+
+    #[test]
+    fn a_bare_id_is_still_read_and_written_as_before() {
+        let p = Published::parse("1700000000000-3");
+        assert_eq!(p.last_id.as_deref(), Some("1700000000000-3"));
+        assert!(p.switches.is_empty());
+        assert_eq!(p.metadata(), "1700000000000-3");
+        assert_eq!(Published::parse(""), Published::default());
+    }
+
+    #[test]
+    fn switches_round_trip_once_each_and_filter_by_offset() {
+        let p = Published::default()
+            .after("1-0", &[switch(10, 1)])
+            .after("2-0", &[switch(10, 1), switch(20, 2)]);
+        assert_eq!(p.switches, vec![switch(10, 1), switch(20, 2)]);
+        let back = Published::parse(&p.metadata());
+        assert_eq!(back, p);
+        assert_eq!(back.last_id.as_deref(), Some("2-0"));
+        assert_eq!(back.switches_from(Some(11)), vec![switch(20, 2)]);
+        assert_eq!(back.switches_from(None).len(), 2);
+    }
+
+    #[test]
+    fn the_metadata_stays_within_kafkas_bound_forgetting_the_oldest() {
+        let mut p = Published::default();
+        for i in 0..200 {
+            p = p.after(&format!("{i}-0"), &[switch(i * 10, i as u64)]);
+        }
+        let m = p.metadata();
+        assert!(m.len() <= METADATA_BUDGET, "{}", m.len());
+        assert_eq!(p.after("200-0", &[]).metadata().len(), m.len());
+        let back = Published::parse(&m);
+        let kept = back.switches.len();
+        assert!(kept >= 8, "room for a useful history: {kept}");
+        assert_eq!(back.switches.last(), Some(&switch(1990, 199)));
+        assert_eq!(back.forgotten, Some(back.switches[0].offset - 10));
     }
 }

@@ -132,7 +132,7 @@ impl TxnProducer {
         let p = self.inner.clone();
         within_deadline(move || {
             if let Some(at) = published {
-                let offsets = at.positions.round_offsets(at.partition, &at.last_id);
+                let offsets = at.positions.round_offsets(at.partition, &at.published);
                 if let Err(e) =
                     p.send_offsets_to_transaction(&offsets, at.positions.group(), TXN_CALL_TIMEOUT)
                 {
@@ -182,8 +182,8 @@ pub struct RoundPosition {
     pub positions: Arc<OutboxPositions>,
     /// The input partition whose outbox this is.
     pub partition: i32,
-    /// The round's last outbox stream id.
-    pub last_id: String,
+    /// The position the round leaves the outbox at (its last stream id, cut-offs switches).
+    pub published: super::position::Published,
 }
 
 /// How long a blocking transactional step (with its own retries) may take before the

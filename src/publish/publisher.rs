@@ -17,8 +17,9 @@
 //! `/readyz` and in metrics; neither re-sends the records around it.
 
 use super::health::PublishHealth;
-use super::position::OutboxPositions;
+use super::position::{OutboxPositions, Published};
 use super::producer::{self, RoundPosition, TxnError, TxnProducer};
+use crate::engine::rules::rank::CutoffsSwitch;
 use crate::store::keys::PartitionKeys;
 use crate::store::outbox::{self, EntryKind, OutboxError, StoredEntry};
 use crate::telemetry::{events, Telemetry};
@@ -156,6 +157,8 @@ struct PartitionPublisher {
     parked: i64,
     parked_reason: String,
     next_parked_try: Instant,
+    /// The published position with its cut-offs switches, as committed in Kafka.
+    position: Published,
     /// The last outbox id known published (committed by this publisher, or read from Kafka
     /// when its producer was initialised).
     published: Option<(u64, u64)>,
@@ -190,6 +193,7 @@ impl Publisher {
             parked_reason: String::new(),
             next_parked_try: Instant::now(),
             published: None,
+            position: Published::default(),
             producer_failures: 0,
         };
         let _gauges = GaugeCleanup {
@@ -379,11 +383,12 @@ impl PartitionPublisher {
                 self.target.epoch
             ))));
         }
-        if let Some(id) = published.as_deref().and_then(stream_id) {
+        if let Some(id) = published.last_id.as_deref().and_then(stream_id) {
             if self.published.is_none_or(|p| p < id) {
                 self.published = Some(id);
             }
         }
+        self.position = published;
         self.producer = Some(created);
         Ok(())
     }
@@ -412,15 +417,27 @@ impl PartitionPublisher {
         }
         let mut deliveries = Vec::with_capacity(round.len());
         let mut failed: Option<(usize, KafkaError)> = None;
+        let mut switches = Vec::new();
         for (index, stored) in round.iter().enumerate() {
             let entry = &stored.entry;
-            let topic = match entry.kind {
-                EntryKind::Change | EntryKind::Erased => &self.shared.output_topic,
-                EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => {
-                    &self.shared.dead_letter_topic
-                }
-                EntryKind::AtRisk => &self.shared.at_risk_topic,
-            };
+            let topic =
+                match entry.kind {
+                    EntryKind::Change | EntryKind::Erased => &self.shared.output_topic,
+                    EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => {
+                        &self.shared.dead_letter_topic
+                    }
+                    EntryKind::AtRisk => &self.shared.at_risk_topic,
+                    EntryKind::Cutoffs => {
+                        // Not a record: it goes into the position committed with the round.
+                        let switch = serde_json::from_slice::<CutoffsSwitch>(&entry.value)
+                            .map_err(|e| PublishError::Malformed {
+                                id: stored.id.clone(),
+                                message: e.to_string(),
+                            })?;
+                        switches.push(switch);
+                        continue;
+                    }
+                };
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
             if entry.kind != EntryKind::Erased {
                 record = record.payload(&entry.value);
@@ -480,10 +497,14 @@ impl PartitionPublisher {
         let position = from_outbox.then(|| RoundPosition {
             positions: Arc::clone(&self.shared.positions),
             partition: self.target.partition,
-            last_id: round[round.len() - 1].id.clone(),
+            published: self.position.after(&round[round.len() - 1].id, &switches),
         });
+        let after = position.as_ref().map(|p| p.published.clone());
         if let Err(e) = producer.commit(position).await {
             return Err(self.txn_failed(e).await);
+        }
+        if let Some(after) = after {
+            self.position = after;
         }
         Ok(Round::Committed(counts))
     }
@@ -640,11 +661,16 @@ fn kind_index(kind: EntryKind) -> usize {
         EntryKind::Change | EntryKind::Erased => 0,
         EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => 1,
         EntryKind::AtRisk => 2,
+        // Never produced (kept in the position), so never counted.
+        EntryKind::Cutoffs => 0,
     }
 }
 
 fn kind_label(kind: EntryKind) -> &'static str {
-    ["change", "dead_letter", "at_risk"][kind_index(kind)]
+    match kind {
+        EntryKind::Cutoffs => "cutoffs",
+        other => ["change", "dead_letter", "at_risk"][kind_index(other)],
+    }
 }
 
 /// How many leading entries form one round: at most [`ROUND_MAX_BYTES`], at least one.

@@ -153,8 +153,9 @@ pub async fn compute(
 static PUBLISH_CUTOFFS: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/publish_cutoffs.lua")));
 
-/// Publishes rank cut-offs as the owner of partition 0 (`keys` are partition 0's); returns
-/// the new version, `None` when fenced (another owner took partition 0).
+/// Publishes rank cut-offs as the owner of partition 0 (`keys` are partition 0's) under a
+/// version above both the stored one and `floor`; returns the new version, `None` when fenced
+/// (another owner took partition 0).
 ///
 /// # Errors
 /// The Redis error.
@@ -162,6 +163,7 @@ pub async fn publish_cutoffs(
     conn: &mut ConnectionManager,
     keys: &PartitionKeys,
     epoch: i64,
+    floor: u64,
     cutoffs: &Cutoffs,
 ) -> Result<Option<u64>, redis::RedisError> {
     let json = serde_json::to_string(cutoffs).expect("cut-offs serialize");
@@ -170,6 +172,7 @@ pub async fn publish_cutoffs(
         .key(&keys.cutoffs)
         .arg(epoch)
         .arg(json)
+        .arg(floor)
         .invoke_async(conn)
         .await?;
     Ok(u64::try_from(version).ok())

@@ -18,6 +18,11 @@ pub enum EntryKind {
     AtRisk,
     /// An erased customer's tombstone → `kafka.output_topic`: their key with no value.
     Erased,
+    /// The partition moved to new rank cut-offs (a [`CutoffsSwitch`] as JSON): not a record;
+    /// the publisher keeps it in the published position (see `publish::position`).
+    ///
+    /// [`CutoffsSwitch`]: crate::engine::rules::rank::CutoffsSwitch
+    Cutoffs,
 }
 
 impl EntryKind {
@@ -29,6 +34,7 @@ impl EntryKind {
             Self::DeadLetterNoKey => "dn",
             Self::AtRisk => "n",
             Self::Erased => "e",
+            Self::Cutoffs => "k",
         }
     }
 
@@ -40,6 +46,7 @@ impl EntryKind {
             b"dn" => Some(Self::DeadLetterNoKey),
             b"n" => Some(Self::AtRisk),
             b"e" => Some(Self::Erased),
+            b"k" => Some(Self::Cutoffs),
             _ => None,
         }
     }

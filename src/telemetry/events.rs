@@ -336,6 +336,29 @@ impl RerankResumed {
     }
 }
 
+/// A replay applied a published cut-offs switch at its input offset again.
+pub struct CutoffsReplayed {
+    /// The partition.
+    pub partition: i32,
+    /// The cut-offs' version.
+    pub version: u64,
+    /// The input offset it applies before.
+    pub offset: i64,
+}
+
+impl CutoffsReplayed {
+    /// Counts and logs it.
+    pub fn emit(self, t: &Telemetry) {
+        t.cutoffs_replayed.inc();
+        info!(
+            partition = self.partition,
+            version = self.version,
+            offset = self.offset,
+            "Replaying: applying the published cut-offs at the input offset they applied at before."
+        );
+    }
+}
+
 /// A partition finished moving to new cut-offs.
 pub struct CutoffsApplied {
     /// The partition.

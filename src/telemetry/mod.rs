@@ -67,6 +67,8 @@ pub struct Telemetry {
     pub rules_sweep_done: IntGauge,
     /// Customers re-evaluated because rank cut-offs moved.
     pub rank_reevaluated: IntCounter,
+    /// Published cut-offs switches applied again by a replay after Redis lost writes.
+    pub cutoffs_replayed: IntCounter,
     /// Time to compute rank cut-offs (partition 0's owner).
     pub rank_recompute_seconds: Histogram,
 }
@@ -253,6 +255,10 @@ impl Telemetry {
             rules_sweep_customers: counter(
                 "tierd_rules_sweep_customers_total",
                 "Customers re-evaluated by a rules-version sweep.",
+            ),
+            cutoffs_replayed: counter(
+                "tierd_cutoffs_replayed_total",
+                "Published rank cut-offs switches applied again at their input offsets by a replay after Redis lost writes.",
             ),
             rank_reevaluated: counter(
                 "tierd_rank_reevaluated_total",

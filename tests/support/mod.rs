@@ -1180,6 +1180,49 @@ impl World {
             .unwrap()
     }
 
+    /// Every key of this world in Redis, dumped (`DUMP`) in one script, so at one moment
+    /// between tierd's atomic commits: a backup to roll back to.
+    pub fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
+        let flat: Vec<redis::Value> = redis::Script::new(
+            "local out = {} for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+             out[#out + 1] = k out[#out + 1] = redis.call('DUMP', k) end return out",
+        )
+        .arg(format!("{}:*", self.prefix))
+        .invoke(&mut self.redis.conn())
+        .unwrap();
+        flat.chunks(2)
+            .map(|kv| {
+                let key: String = redis::from_redis_value(&kv[0]).unwrap();
+                let dump: Vec<u8> = redis::from_redis_value(&kv[1]).unwrap();
+                (key, dump)
+            })
+            .collect()
+    }
+
+    /// Rolls Redis back to `snapshot` in one transaction, as a restored backup or a failover
+    /// to a lagging replica does: everything written since is lost.
+    pub fn restore(&self, snapshot: &[(String, Vec<u8>)]) {
+        let mut conn = self.redis.conn();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query(&mut conn)
+            .unwrap();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for k in keys {
+            pipe.del(k).ignore();
+        }
+        for (k, dump) in snapshot {
+            pipe.cmd("RESTORE")
+                .arg(k)
+                .arg(0)
+                .arg(dump)
+                .arg("REPLACE")
+                .ignore();
+        }
+        let () = pipe.query(&mut conn).unwrap();
+    }
+
     /// Waits until every partition has applied up to `ends` and its outbox is empty.
     pub fn wait_applied(&self, ends: &BTreeMap<i32, i64>, timeout: Duration) {
         let deadline = Instant::now() + timeout;

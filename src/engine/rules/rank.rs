@@ -134,6 +134,20 @@ impl Cutoffs {
     }
 }
 
+/// A partition moving to new cut-offs before its input offset `offset`: recorded with the
+/// changes it decides (in the outbox, then in the published position kept in Kafka), so a
+/// replay after Redis lost writes applies the same cut-offs at the same point of the input
+/// and re-publishes every change with the same body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CutoffsSwitch {
+    /// The first input offset evaluated with `cutoffs`.
+    pub offset: i64,
+    /// The cut-offs.
+    pub cutoffs: Cutoffs,
+    /// Engine time of the re-evaluations the move made (Unix ms).
+    pub at_ms: i64,
+}
+
 /// Cut-offs computed in memory from every customer's ranked values (one list per rank, any
 /// order) by a full sort — what `tierd simulate` uses for new rules, and the reference the
 /// live computation must equal.

@@ -2,10 +2,17 @@
 -- assignment decides who that is); the partition's fencing epoch keeps a stale owner from
 -- publishing. KEYS[1] partition 0 meta   KEYS[2] cut-offs hash
 -- ARGV[1] owner epoch   ARGV[2] cut-offs JSON (its version field is set here)
+-- ARGV[3] version floor: the new version is above it too (after Redis lost writes, versions
+-- already applied and published are never issued again for other values)
 -- Returns the new version, or -1 when fenced.
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
   return -1
 end
-local version = redis.call('HINCRBY', KEYS[2], 'version', 1)
-redis.call('HSET', KEYS[2], 'data', ARGV[2])
+local version = tonumber(redis.call('HGET', KEYS[2], 'version') or '0')
+local floor = tonumber(ARGV[3] or '0')
+if floor > version then
+  version = floor
+end
+version = version + 1
+redis.call('HSET', KEYS[2], 'version', version, 'data', ARGV[2])
 return version

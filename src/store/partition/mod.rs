@@ -8,7 +8,7 @@ mod owned;
 pub use commit::{commit, CommitBatch, Committed, SortedSet};
 pub use owned::PartitionStore;
 
-use crate::engine::rules::rank::Cutoffs;
+use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
 use crate::model::CustomerState;
 use crate::store::keys::PartitionKeys;
 use redis::aio::ConnectionManager;
@@ -71,6 +71,10 @@ pub struct Claim {
     pub cutoffs: Option<Cutoffs>,
     /// Whether the outbox was behind what Kafka has published (Redis lost writes).
     pub outbox_behind: bool,
+    /// Cut-offs switches of changes already published from input at or after `next_offset`
+    /// (Redis lost writes): the runner applies them at the same offsets (filled by the
+    /// supervisor from the published position).
+    pub replay_cutoffs: Vec<CutoffsSwitch>,
 }
 
 /// A claim refused because a newer rules version already ran the partition.
@@ -143,6 +147,7 @@ pub fn claim(
         swept_rules: field(4).parse().ok(),
         cutoffs: serde_json::from_str(field(5)).ok(),
         outbox_behind: field(6) == "behind",
+        replay_cutoffs: Vec::new(),
     })
 }
 

@@ -241,40 +241,4 @@ impl PartitionStore {
                 .map_err(ApplyError::from)
         })
     }
-
-    /// For rank-position annotation, in one pipelined round trip over every partition's rank
-    /// sets (`all[q][r]`: partition q's set of rank r): each rank's population, and for each
-    /// `(rank, value)` query the customers strictly above `value`.
-    ///
-    /// # Errors
-    /// None in practice (Redis errors are retried).
-    pub async fn rank_counts(
-        &mut self,
-        all: &[Vec<String>],
-        ranks: usize,
-        queries: &[(usize, i128)],
-    ) -> Result<(Vec<u64>, Vec<u64>), ApplyError> {
-        let mut pipe = redis::pipe();
-        for r in 0..ranks {
-            for sets in all {
-                pipe.zcard(&sets[r]);
-            }
-        }
-        for (r, v) in queries {
-            for sets in all {
-                pipe.zcount(&sets[*r], format!("({v}"), "+inf");
-            }
-        }
-        let counts: Vec<u64> = retrying!(
-            self,
-            pipe.query_async(&mut self.conn)
-                .await
-                .map_err(ApplyError::from)
-        )?;
-        let mut sums = counts
-            .chunks(all.len().max(1))
-            .map(|c| c.iter().sum::<u64>());
-        let population = sums.by_ref().take(ranks).collect();
-        Ok((population, sums.collect()))
-    }
 }
