@@ -12,6 +12,12 @@
 //! read_committed consumer reads, and a change read twice is the byte-identical record (Redis
 //! lost a window that was already published, and it was replayed).
 //!
+//! The same chaos runs under the pyramid (rank tiers, wall clock): there the published changes
+//! depend on when cut-offs moved, so the check is that every customer's metrics equal the
+//! reference, every tier equals a full sort of the final values, every change is published in
+//! order on every record, and a change read twice is the byte-identical record (a replay after
+//! the Redis loss applies the recorded cut-off moves again).
+//!
 //! Bounded for CI by default; the long mode is documented in `docs/reliability.md`:
 //! `CHAOS_EVENTS=1000000 CHAOS_CUSTOMERS=100000 CHAOS_RATE=5000 cargo test --release --test chaos -- --nocapture`
 //! (`cargo test`: no per-test timeout; nextest stops it after 20 minutes).
@@ -20,7 +26,7 @@ mod support;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use support::exact::{assert_exact_with, b2b_rules, reference, stream, Duplicates};
@@ -41,28 +47,35 @@ enum Fault {
     RedisLoss,
 }
 
-#[test]
-fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
-    let n = env_or("CHAOS_EVENTS", 30_000);
-    let customers = env_or("CHAOS_CUSTOMERS", 3_000) as u32;
-    let rate = env_or("CHAOS_RATE", 1_000);
-    let world = World::start_on(8, Redis::start_everysec(), Broker::cluster(3));
-    let events = stream(n, customers, 2026);
-    let (expected_states, expected_changes) = reference(&events, &b2b_rules());
-    eprintln!(
-        "{} events (with re-sent duplicates) over {} customers; {} expected changes",
-        events.len(),
-        expected_states.len(),
-        expected_changes.values().map(Vec::len).sum::<usize>()
-    );
-    let extra = "[ingest]\nbatch_max_events = 500\n";
-    let mut instances: Vec<Tierd> = (0..3).map(|_| Tierd::spawn(&world, extra)).collect();
-    let owned = |instances: &[Tierd]| -> i64 {
-        instances
-            .iter()
-            .map(|t| t.metric("tierd_partitions_assigned") as i64)
-            .sum()
-    };
+/// The instances, the faults done (one line each) and every instance's log, after the chaos
+/// over `events` and the group settled again with every event applied.
+struct Run {
+    /// Kept running until the run is dropped (the checks may need them, e.g. to settle ranks).
+    _instances: Vec<Tierd>,
+    log: Vec<String>,
+    logs: String,
+    started: Instant,
+}
+
+fn owned(instances: &[Tierd]) -> i64 {
+    instances
+        .iter()
+        .map(|t| t.metric("tierd_partitions_assigned") as i64)
+        .sum()
+}
+
+/// Three instances with config `extra` take the 8 partitions; `events` are produced at `rate`
+/// while the faults come round (a Redis crash loses up to `redis_loss` bytes of its AOF);
+/// then everything is applied and published.
+fn chaos(
+    world: &World,
+    extra: &str,
+    events: &[serde_json::Value],
+    rate: usize,
+    redis_loss: u64,
+) -> Run {
+    let n = events.len();
+    let mut instances: Vec<Tierd> = (0..3).map(|_| Tierd::spawn(world, extra)).collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     while owned(&instances) != 8 {
         assert!(Instant::now() < deadline, "the group never settled");
@@ -117,7 +130,7 @@ fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
                     let i = rng.random_range(0..instances.len());
                     instances[i].kill9();
                     logs.push_str(&instances[i].log_text());
-                    instances[i] = Tierd::spawn(&world, extra);
+                    instances[i] = Tierd::spawn(world, extra);
                     log.push(format!("{at}: kill -9 of instance {i}, restarted at once"));
                 }
                 Some(Fault::Zombie) => {
@@ -142,7 +155,7 @@ fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
                     ));
                 }
                 Some(Fault::RedisLoss) => {
-                    let cut = world.redis.crash_losing_tail(64 * 1024);
+                    let cut = world.redis.crash_losing_tail(redis_loss);
                     log.push(format!(
                         "{at}: redis crashed losing the last {cut} bytes of its append-only file (unsynced under appendfsync everysec), restarted"
                     ));
@@ -178,6 +191,35 @@ fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
         .map(|t| t.metric("tierd_partitions_stopped"))
         .sum();
     assert_eq!(stopped, 0.0, "a partition left stopped after the chaos");
+    Run {
+        _instances: instances,
+        log,
+        logs,
+        started,
+    }
+}
+
+#[test]
+fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
+    let n = env_or("CHAOS_EVENTS", 30_000);
+    let customers = env_or("CHAOS_CUSTOMERS", 3_000) as u32;
+    let rate = env_or("CHAOS_RATE", 1_000);
+    let world = World::start_on(8, Redis::start_everysec(), Broker::cluster(3));
+    let events = stream(n, customers, 2026);
+    let (expected_states, expected_changes) = reference(&events, &b2b_rules());
+    eprintln!(
+        "{} events (with re-sent duplicates) over {} customers; {} expected changes",
+        events.len(),
+        expected_states.len(),
+        expected_changes.values().map(Vec::len).sum::<usize>()
+    );
+    let run = chaos(
+        &world,
+        "[ingest]\nbatch_max_events = 500\n",
+        &events,
+        rate,
+        64 * 1024,
+    );
     assert_exact_with(
         &world,
         &expected_states,
@@ -187,9 +229,141 @@ fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
     eprintln!(
         "chaos run: {} events applied exactly in {:.0} s with {} faults; Redis divergences detected and replayed: {}; commits fenced: {}",
         events.len(),
-        started.elapsed().as_secs_f64(),
-        log.len(),
-        logs.matches("Redis diverged from this owner's state").count(),
-        logs.matches("Partition stopped: another owner took over.").count()
+        run.started.elapsed().as_secs_f64(),
+        run.log.len(),
+        run.logs.matches("Redis diverged from this owner's state").count(),
+        run.logs.matches("Partition stopped: another owner took over.").count()
+    );
+}
+
+/// The chaos under the pyramid (rank tiers, wall clock): metrics exact, tiers equal to a full
+/// sort of the final values, every change in order on every record, repeats byte-identical.
+#[test]
+fn chaos_run_under_the_pyramid_keeps_ranks_exact_and_replays_changes_identically() {
+    let n = env_or("CHAOS_EVENTS", 30_000);
+    let customers = env_or("CHAOS_CUSTOMERS", 3_000) as u32;
+    let rate = env_or("CHAOS_RATE", 1_000);
+    let mut world = World::start_on(8, Redis::start_everysec(), Broker::cluster(3));
+    world.rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    let rules = tierd::engine::rules::Rules::load(&world.rules, 2).unwrap();
+    let events = stream(n, customers, 2027);
+    // Metrics do not depend on the tiers: the reference of any rules gives them.
+    let (mut expected, _) = reference(&events, &rules);
+    let extra = "[ingest]\nbatch_max_events = 500\n[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n";
+    // A larger loss than the threshold run's (a second or two of this stream): the window
+    // lost then holds cut-off moves whose changes were published.
+    let run = chaos(&world, extra, &events, rate, 1024 * 1024);
+
+    // Settle: cut-offs over every customer, applied by every partition, twice the same.
+    let population = expected.len() as u64;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let cutoffs = loop {
+        let settled = world.cutoffs().filter(|c| {
+            c.population.first() == Some(&population)
+                && (0..8).all(|p| world.applied_cutoffs_version(p) >= c.version)
+        });
+        if let Some(c) = settled {
+            std::thread::sleep(Duration::from_secs(2));
+            if world
+                .cutoffs()
+                .is_some_and(|again| again.values == c.values)
+            {
+                world.wait_applied(&BTreeMap::new(), Duration::from_secs(60));
+                break c;
+            }
+        }
+        assert!(Instant::now() < deadline, "the cut-offs did not settle");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The cut-offs equal a full sort of the reference's values...
+    let mut values: Vec<Vec<i128>> = vec![expected
+        .values()
+        .filter_map(|s| s.ranked_values.first().copied().flatten())
+        .collect()];
+    let ties: Vec<_> = rules.ranks().iter().map(|r| r.ties).collect();
+    let sorted = tierd::engine::rules::rank::cutoffs_from_values(
+        rules.cut_points(),
+        &ties,
+        cutoffs.rules,
+        &mut values,
+    );
+    assert_eq!(cutoffs.values, sorted.values, "cut-offs equal a full sort");
+    // ...and every customer's metrics equal the reference, and their tier the one the engine
+    // gives the reference state under those cut-offs.
+    let now = tierd::model::time::now_ms();
+    let mut wrong = Vec::new();
+    for (customer, state) in &mut expected {
+        state.evaluate(&rules, now, tierd::engine::Trigger::RankShift, &cutoffs);
+        let got = world.customer_state(customer).expect("stored");
+        let key = |s: &tierd::model::CustomerState| {
+            (
+                s.count,
+                s.sum,
+                s.refunds,
+                s.refunded,
+                s.first,
+                s.last,
+                s.tier.clone(),
+            )
+        };
+        if key(&got) != key(state) {
+            wrong.push(format!(
+                "{customer}: stored {:?}, expected {:?}",
+                key(&got),
+                key(state)
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} customers differ: {:?}",
+        wrong.len(),
+        expected.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+
+    // Every change once in order on every record; a repeat is the byte-identical record.
+    let mut records = world.read_all(&world.output);
+    records.sort_by_key(|r| (r.partition, r.offset));
+    let mut bodies: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut last: HashMap<String, (u64, String)> = HashMap::new();
+    let mut repeats = 0;
+    for r in &records {
+        let v = r.json();
+        let id = v["event_id"].as_str().unwrap().to_owned();
+        if let Some(first) = bodies.get(&id) {
+            assert_eq!(
+                String::from_utf8_lossy(first),
+                String::from_utf8_lossy(&r.value),
+                "change {id} published again with another body"
+            );
+            repeats += 1;
+            continue;
+        }
+        bodies.insert(id, r.value.clone());
+        let customer = v["customer_id"].as_str().unwrap().to_owned();
+        let seq = v["sequence"].as_u64().unwrap();
+        let before = last.get(&customer).map_or(0, |l| l.0);
+        assert_eq!(seq, before + 1, "{customer}: change {seq} after {before}");
+        last.insert(customer, (seq, v["tier"].as_str().unwrap().to_owned()));
+    }
+    for customer in expected.keys() {
+        let stored = world.customer_state(customer).unwrap();
+        assert_eq!(
+            last.get(customer),
+            Some(&(stored.seq, stored.tier.clone().unwrap())),
+            "{customer}: every change published, the last one the stored tier"
+        );
+    }
+    eprintln!(
+        "pyramid chaos run: {} events, {} customers exact in {:.0} s with {} faults; {} changes, {repeats} repeated byte for byte; Redis divergences replayed: {}; cut-off moves replayed: {}",
+        events.len(),
+        expected.len(),
+        run.started.elapsed().as_secs_f64(),
+        run.log.len(),
+        bodies.len(),
+        run.logs.matches("Redis diverged from this owner's state").count(),
+        run.logs.matches("Replaying: applying the published cut-offs").count()
     );
 }

@@ -18,38 +18,14 @@ fn pyramid(partitions: i32) -> World {
     world
 }
 
-fn global_cutoffs(world: &World) -> Option<Cutoffs> {
-    let key = world.keys(0).cutoffs;
-    let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-        .arg(key)
-        .arg("version")
-        .arg("data")
-        .query(&mut world.redis.conn())
-        .unwrap();
-    let mut c: Cutoffs = serde_json::from_str(&data?).ok()?;
-    c.version = version?;
-    Some(c)
-}
-
-fn applied_version(world: &World, partition: i32) -> u64 {
-    let key = world.keys(partition).meta;
-    let json: Option<String> = redis::cmd("HGET")
-        .arg(key)
-        .arg("cutoffs")
-        .query(&mut world.redis.conn())
-        .unwrap();
-    json.and_then(|j| serde_json::from_str::<Cutoffs>(&j).ok())
-        .map_or(0, |c| c.version)
-}
-
 /// Waits until cut-offs computed over `population` customers (each customer has one event,
 /// so the values are final) are applied by every partition; returns them.
 fn wait_settled(world: &World, tierd: &Tierd, population: u64) -> Cutoffs {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        if let Some(c) = global_cutoffs(world) {
+        if let Some(c) = world.cutoffs() {
             if c.population.first() == Some(&population)
-                && (0..world.partitions).all(|p| applied_version(world, p) >= c.version)
+                && (0..world.partitions).all(|p| world.applied_cutoffs_version(p) >= c.version)
             {
                 // Let the outboxes drain too.
                 world.wait_applied(&std::collections::BTreeMap::new(), Duration::from_secs(60));
@@ -468,9 +444,9 @@ fn a_lifetime_total_beyond_2_pow_53_is_refused_and_ranks_stay_exact() {
     // applies those cut-offs and the whale is the VIP.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let settled = global_cutoffs(&world).filter(|c| {
+        let settled = world.cutoffs().filter(|c| {
             c.values.first() == Some(&Some(9_000_000_000_000_000))
-                && (0..2).all(|p| applied_version(&world, p) >= c.version)
+                && (0..2).all(|p| world.applied_cutoffs_version(p) >= c.version)
         });
         if settled.is_some() {
             break;
@@ -478,7 +454,7 @@ fn a_lifetime_total_beyond_2_pow_53_is_refused_and_ranks_stay_exact() {
         assert!(
             Instant::now() < deadline,
             "cut-offs never settled on the whale's exact value: {:?}\n{}",
-            global_cutoffs(&world),
+            world.cutoffs(),
             tierd.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -548,9 +524,9 @@ fn re_ranking_never_resurrects_an_erased_customer() {
     world.wait_applied(&more, Duration::from_secs(60));
     // Once every partition applied cut-offs that moved past c99's old value...
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !global_cutoffs(&world).is_some_and(|c| {
+    while !world.cutoffs().is_some_and(|c| {
         c.values.first().is_some_and(|v| *v >= Some(2_000_000))
-            && (0..2).all(|p| applied_version(&world, p) >= c.version)
+            && (0..2).all(|p| world.applied_cutoffs_version(p) >= c.version)
     }) {
         assert!(Instant::now() < deadline, "{}", tierd.log_text());
         std::thread::sleep(Duration::from_millis(100));

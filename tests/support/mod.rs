@@ -1180,6 +1180,32 @@ impl World {
             .unwrap()
     }
 
+    /// The rank cut-offs published in partition 0's keys, with their version.
+    pub fn cutoffs(&self) -> Option<tierd::engine::rules::rank::Cutoffs> {
+        let key = self.keys(0).cutoffs;
+        let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(key)
+            .arg("version")
+            .arg("data")
+            .query(&mut self.redis.conn())
+            .unwrap();
+        let mut c: tierd::engine::rules::rank::Cutoffs = serde_json::from_str(&data?).ok()?;
+        c.version = version?;
+        Some(c)
+    }
+
+    /// The version of the cut-offs `partition` last finished applying (0: none).
+    pub fn applied_cutoffs_version(&self, partition: i32) -> u64 {
+        let key = self.keys(partition).meta;
+        let json: Option<String> = redis::cmd("HGET")
+            .arg(key)
+            .arg("cutoffs")
+            .query(&mut self.redis.conn())
+            .unwrap();
+        json.and_then(|j| serde_json::from_str::<tierd::engine::rules::rank::Cutoffs>(&j).ok())
+            .map_or(0, |c| c.version)
+    }
+
     /// Every key of this world in Redis, dumped (`DUMP`) in one script, so at one moment
     /// between tierd's atomic commits: a backup to roll back to.
     pub fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
