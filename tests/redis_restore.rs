@@ -112,3 +112,38 @@ fn a_redis_rollback_is_detected_and_replayed_exactly() {
         }
     }
 }
+
+/// Redis loses the last writes of partitions that then receive no more input (the end of a
+/// burst, a quiet night): tierd notices by itself, without waiting for new input, and applies
+/// the lost events again. (Before: the partitions stayed behind until their next event, with
+/// the lost purchases missing from the state and the API.)
+#[test]
+fn a_rollback_of_quiet_partitions_is_replayed_without_new_input() {
+    let world = World::start(2);
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    world.wait_applied(&phase(&world, 0, 500), Duration::from_secs(60));
+    let before = world.snapshot();
+    let ends = phase(&world, 500, 1000);
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    world.restore(&before);
+    assert!(
+        (0..2).all(|p| world.partition_meta(p).1 < ends[&p]),
+        "rolled back"
+    );
+    // No new event: the partitions must find out on their own.
+    world.wait_applied(&ends, Duration::from_secs(60));
+    for c in 0..50 {
+        let s = world.customer_state(&format!("c{c}")).unwrap();
+        assert_eq!(
+            (s.count, s.sum),
+            (20, 20 * 5_000_000),
+            "c{c}: every event counted exactly once"
+        );
+    }
+    assert!(
+        tierd.log_text().contains("Redis diverged"),
+        "the divergence was detected"
+    );
+}

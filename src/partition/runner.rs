@@ -76,6 +76,8 @@ pub struct Runner {
     pub(super) last_compute: Option<(Instant, Vec<u64>)>,
     /// Entries in the outbox after this owner's last commit (or last check).
     outbox_len: u64,
+    /// When this owner last committed (or verified its position).
+    last_commit: Instant,
     /// Cut-offs switches of changes already published from input still to be applied again
     /// (Redis lost writes), in order: each applies before its input offset.
     pub(super) replay: VecDeque<CutoffsSwitch>,
@@ -110,6 +112,7 @@ impl Runner {
             last_compute: None,
             outbox_len: 0,
             replay: claim.replay_cutoffs.iter().cloned().collect(),
+            last_commit: Instant::now(),
         }
     }
 
@@ -126,6 +129,7 @@ impl Runner {
         let ranked = p.rules.uses_ranks();
         let mut rank_tick = interval(p.ranks.check_every);
         let mut outbox_tick = interval(OUTBOX_CHECK);
+        let mut verify_tick = interval(VERIFY_EVERY);
         if self.sweep.is_none() {
             p.telemetry.rules_sweep_done.inc();
         }
@@ -157,6 +161,7 @@ impl Runner {
                 }
                 _ = rank_tick.tick(), if ranked => self.rank_step().await,
                 _ = outbox_tick.tick(), if full => self.recheck_outbox().await,
+                _ = verify_tick.tick() => self.verify_if_quiet().await,
             };
             if let Err(error) = result {
                 return self.exit(&error);
@@ -168,6 +173,18 @@ impl Runner {
             p.telemetry.rules_sweep_done.dec();
         }
         RunnerExit::Finished
+    }
+
+    /// A partition that has not committed for [`VERIFY_EVERY`] checks that Redis still holds
+    /// its position (see [`PartitionStore::verify`]): lost writes are then replayed without
+    /// waiting for new input.
+    async fn verify_if_quiet(&mut self) -> Result<(), ApplyError> {
+        if self.last_commit.elapsed() < VERIFY_EVERY {
+            return Ok(());
+        }
+        self.store.verify(self.next_offset(), self.commits).await?;
+        self.last_commit = Instant::now();
+        Ok(())
     }
 
     /// Applies a batch; during a replay, the published cut-offs switches it reaches apply
@@ -354,6 +371,7 @@ impl Runner {
         let batch = draft.take_batch(position, work, self.store.keys(), ranks);
         let committed = self.store.commit(&batch).await?;
         self.commits += 1;
+        self.last_commit = Instant::now();
         work.values_mut().for_each(Loaded::committed);
         self.status
             .next_offset
@@ -418,6 +436,10 @@ impl Runner {
         &self.label
     }
 }
+
+/// How long a partition may go without a commit before it checks that Redis still holds its
+/// position.
+const VERIFY_EVERY: Duration = Duration::from_secs(2);
 
 /// How often an outbox over its bound is checked again.
 const OUTBOX_CHECK: Duration = Duration::from_millis(200);

@@ -227,6 +227,45 @@ impl PartitionStore {
         })
     }
 
+    /// Checks that Redis still holds what this owner committed: its epoch, the next offset
+    /// `expected` and `expected_commits` commits. An owner that commits learns it from the
+    /// commit script; a quiet partition (no input, no timer) would otherwise never notice that
+    /// Redis lost its last writes (a crash under `appendfsync everysec`, a failover to a lagging
+    /// replica, a restored backup) and leave those events unapplied until its next input.
+    ///
+    /// # Errors
+    /// [`ApplyError::Fenced`] or [`ApplyError::Diverged`], as a commit would return them
+    /// (Redis errors are retried).
+    pub async fn verify(&mut self, expected: i64, expected_commits: i64) -> Result<(), ApplyError> {
+        let (epoch, stored, commits): (Option<String>, Option<i64>, Option<i64>) =
+            retrying!(self, {
+                redis::cmd("HMGET")
+                    .arg(&self.keys.meta)
+                    .arg("epoch")
+                    .arg("next_offset")
+                    .arg("commits")
+                    .query_async(&mut self.conn)
+                    .await
+                    .map_err(ApplyError::from)
+            })?;
+        if epoch.as_deref() != Some(self.epoch.to_string().as_str()) {
+            return Err(ApplyError::Fenced {
+                partition: self.partition,
+                ours: self.epoch,
+                stored: epoch.unwrap_or_default(),
+            });
+        }
+        let stored = stored.unwrap_or(-1);
+        if stored != expected || commits.unwrap_or(0) != expected_commits {
+            return Err(ApplyError::Diverged {
+                partition: self.partition,
+                stored,
+                expected,
+            });
+        }
+        Ok(())
+    }
+
     /// The stored progress of the re-ranking under way (`None` if none).
     ///
     /// # Errors
