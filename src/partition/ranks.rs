@@ -22,10 +22,15 @@ use std::time::Instant;
 
 impl Runner {
     /// Computes (partition 0's owner) and applies (every owner) new cut-offs when due. A
-    /// failed Redis call is retried at the next check. While a replay still has published
-    /// switches to apply, it waits: the input decides when they apply.
+    /// failed Redis call is retried at the next check. While a replay is still inside the
+    /// published changes' input (switches to apply, or offsets below what they reach), it
+    /// waits: the first run had no other cut-offs there.
     pub(super) async fn rank_step(&mut self) -> Result<(), ApplyError> {
-        if !self.replay.is_empty() {
+        if !self.replay.is_empty()
+            || self
+                .replay_through
+                .is_some_and(|through| self.next_offset() < through)
+        {
             return Ok(());
         }
         let p = Arc::clone(&self.pipeline);

@@ -81,6 +81,9 @@ pub struct Runner {
     /// Cut-offs switches of changes already published from input still to be applied again
     /// (Redis lost writes), in order: each applies before its input offset.
     pub(super) replay: VecDeque<CutoffsSwitch>,
+    /// The input offset the changes already published reach: below it, no cut-offs but the
+    /// recorded ones apply.
+    pub(super) replay_through: Option<i64>,
 }
 
 impl Runner {
@@ -112,6 +115,7 @@ impl Runner {
             last_compute: None,
             outbox_len: 0,
             replay: claim.replay_cutoffs.iter().cloned().collect(),
+            replay_through: claim.replay_through,
             last_commit: Instant::now(),
         }
     }

@@ -214,7 +214,9 @@ impl Supervisor {
             // Changes published from input the partition will now apply again (Redis lost
             // writes) were decided under these cut-offs: the replay applies them at the same
             // offsets, so each is published again with the same body.
-            claim.replay_cutoffs = published.switches_from(claim.next_offset);
+            let applied = claim.cutoffs.as_ref().map_or(0, |c| c.version);
+            claim.replay_cutoffs = published.switches_from(claim.next_offset, applied);
+            claim.replay_through = published.through;
             if let Some(forgotten) = published
                 .forgotten
                 .filter(|&f| f >= claim.next_offset.unwrap_or(0))

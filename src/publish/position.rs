@@ -40,6 +40,10 @@ pub struct Published {
     /// reproduced exactly.
     #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
     pub forgotten: Option<i64>,
+    /// The input offset the commit of the last published entry left the partition at: a
+    /// replay must not take cut-offs the first run did not have before it gets there.
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub through: Option<i64>,
 }
 
 impl Published {
@@ -64,9 +68,10 @@ impl Published {
     /// A switch already known (same offset and version: a replay or a resumed pass records it
     /// again) is kept once.
     #[must_use]
-    pub fn after(&self, last_id: &str, switches: &[CutoffsSwitch]) -> Self {
+    pub fn after(&self, last_id: &str, through: Option<i64>, switches: &[CutoffsSwitch]) -> Self {
         let mut next = Self {
             last_id: Some(last_id.to_owned()),
+            through: through.or(self.through),
             ..self.clone()
         };
         if switches.is_empty() {
@@ -90,18 +95,21 @@ impl Published {
 
     /// The metadata to commit: the bare id when no switch is recorded, otherwise JSON.
     pub fn metadata(&self) -> String {
-        if self.switches.is_empty() && self.forgotten.is_none() {
+        if self.switches.is_empty() && self.forgotten.is_none() && self.through.is_none() {
             return self.last_id.clone().unwrap_or_default();
         }
         serde_json::to_string(self).expect("positions serialize")
     }
 
-    /// The switches a replay from `next_offset` must apply (those at or after it, in order).
-    pub fn switches_from(&self, next_offset: Option<i64>) -> Vec<CutoffsSwitch> {
+    /// The switches a replay from `next_offset` must apply: those at or after it that the
+    /// partition has not applied yet (a version above `applied`, the version its stored state
+    /// finished applying — several moves can share one offset, some of them before the state
+    /// Redis kept), in order.
+    pub fn switches_from(&self, next_offset: Option<i64>, applied: u64) -> Vec<CutoffsSwitch> {
         let from = next_offset.unwrap_or(i64::MIN);
         self.switches
             .iter()
-            .filter(|s| s.offset >= from)
+            .filter(|s| s.offset >= from && s.cutoffs.version > applied)
             .cloned()
             .collect()
     }
@@ -213,25 +221,29 @@ mod tests {
     #[test]
     fn switches_round_trip_once_each_and_filter_by_offset() {
         let p = Published::default()
-            .after("1-0", &[switch(10, 1)])
-            .after("2-0", &[switch(10, 1), switch(20, 2)]);
+            .after("1-0", Some(10), &[switch(10, 1)])
+            .after("2-0", Some(25), &[switch(10, 1), switch(20, 2)]);
         assert_eq!(p.switches, vec![switch(10, 1), switch(20, 2)]);
         let back = Published::parse(&p.metadata());
         assert_eq!(back, p);
         assert_eq!(back.last_id.as_deref(), Some("2-0"));
-        assert_eq!(back.switches_from(Some(11)), vec![switch(20, 2)]);
-        assert_eq!(back.switches_from(None).len(), 2);
+        assert_eq!(back.through, Some(25));
+        assert_eq!(back.switches_from(Some(11), 0), vec![switch(20, 2)]);
+        assert_eq!(back.switches_from(None, 0).len(), 2);
+        // Two moves at one offset, the first already in the stored state.
+        let p = Published::default().after("3-0", Some(30), &[switch(30, 3), switch(30, 4)]);
+        assert_eq!(p.switches_from(Some(30), 3), vec![switch(30, 4)]);
     }
 
     #[test]
     fn the_metadata_stays_within_kafkas_bound_forgetting_the_oldest() {
         let mut p = Published::default();
         for i in 0..200 {
-            p = p.after(&format!("{i}-0"), &[switch(i * 10, i as u64)]);
+            p = p.after(&format!("{i}-0"), Some(i * 10), &[switch(i * 10, i as u64)]);
         }
         let m = p.metadata();
         assert!(m.len() <= METADATA_BUDGET, "{}", m.len());
-        assert_eq!(p.after("200-0", &[]).metadata().len(), m.len());
+        assert_eq!(p.after("200-0", Some(1990), &[]).metadata().len(), m.len());
         let back = Published::parse(&m);
         let kept = back.switches.len();
         assert!(kept >= 8, "room for a useful history: {kept}");

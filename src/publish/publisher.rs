@@ -497,7 +497,11 @@ impl PartitionPublisher {
         let position = from_outbox.then(|| RoundPosition {
             positions: Arc::clone(&self.shared.positions),
             partition: self.target.partition,
-            published: self.position.after(&round[round.len() - 1].id, &switches),
+            published: self.position.after(
+                &round[round.len() - 1].id,
+                round[round.len() - 1].end_offset,
+                &switches,
+            ),
         });
         let after = position.as_ref().map(|p| p.published.clone());
         if let Err(e) = producer.commit(position).await {

@@ -90,6 +90,9 @@ pub struct StoredEntry {
     pub id: String,
     /// The record.
     pub entry: OutboxEntry,
+    /// The input offset the commit that wrote it left the partition at (absent in entries
+    /// written by older versions, and in parked dead letters).
+    pub end_offset: Option<i64>,
 }
 
 /// Why the outbox could not be read.
@@ -142,7 +145,11 @@ pub async fn read(
                     message: "unknown kind".into(),
                 })?;
             let (key, value, headers) = (field("k")?, field("v")?, field("h")?);
+            let end_offset = field("o")
+                .ok()
+                .and_then(|o| std::str::from_utf8(&o).ok()?.parse().ok());
             Ok(StoredEntry {
+                end_offset,
                 id: stored.id,
                 entry: OutboxEntry {
                     kind,

@@ -43,7 +43,9 @@ local first_state = tonumber(ARGV[9])
 local i = 11
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
-  redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3])
+  -- 'o': the input offset this commit leaves the partition at (a replay after Redis lost
+  -- writes knows how far the published changes reach into the input).
+  redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3], 'o', ARGV[4])
   i = i + 4
 end
 local a = tonumber(ARGV[i]); i = i + 1

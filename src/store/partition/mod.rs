@@ -75,6 +75,9 @@ pub struct Claim {
     /// (Redis lost writes): the runner applies them at the same offsets (filled by the
     /// supervisor from the published position).
     pub replay_cutoffs: Vec<CutoffsSwitch>,
+    /// The input offset the published changes reach (filled with `replay_cutoffs`): up to it a
+    /// replay keeps to the recorded cut-offs.
+    pub replay_through: Option<i64>,
 }
 
 /// A claim refused because a newer rules version already ran the partition.
@@ -148,6 +151,7 @@ pub fn claim(
         cutoffs: serde_json::from_str(field(5)).ok(),
         outbox_behind: field(6) == "behind",
         replay_cutoffs: Vec::new(),
+        replay_through: None,
     })
 }
 
