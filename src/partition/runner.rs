@@ -192,19 +192,21 @@ impl Runner {
     }
 
     /// Applies a batch; during a replay, the published cut-offs switches it reaches apply
-    /// before their input offsets (the batch is split there), as they did the first time.
+    /// before their input offsets (the batch is split there), as they did the first time —
+    /// a switch at the offset right after the batch as soon as the batch is applied (no later
+    /// message may be coming).
     async fn apply_input(&mut self, mut batch: Batch) -> Result<(), ApplyError> {
         loop {
             let Some(at) = self.replay.front().map(|s| s.offset) else {
                 return self.apply_batch(batch).await;
             };
             let split = batch.partition_point(|m| m.offset() < at);
-            if split == batch.len() {
-                return self.apply_batch(batch).await;
-            }
             let rest = batch.split_off(split);
             if !batch.is_empty() {
                 self.apply_batch(batch).await?;
+            }
+            if rest.is_empty() {
+                return self.replay_switches_through(self.next_offset()).await;
             }
             self.replay_switches_through(at).await?;
             batch = rest;
