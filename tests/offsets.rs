@@ -8,7 +8,7 @@ mod support;
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
-use support::{purchase, Tierd, World};
+use support::{purchase, unique, Broker, Redis, Tierd, World};
 
 /// Waits until `tierd` reports `n` partitions assigned but not processed; returns `/readyz`.
 fn wait_stopped(tierd: &Tierd, n: f64) -> String {
@@ -123,4 +123,117 @@ fn a_stored_offset_beyond_a_recreated_topics_end_stops_the_partition() {
         "stored offset and epoch unchanged"
     );
     assert_eq!(world.customer_state("ann").unwrap().count, 5);
+}
+
+/// A world on a 3-node cluster whose input partition lives on nodes 1 (its leader) and 2 only,
+/// with unclean leader elections allowed (node 3 keeps the controller quorum).
+fn unclean_world() -> World {
+    let mut world = World::start_on(1, Redis::start(), Broker::cluster(3));
+    world.input = unique("purchases");
+    world.broker.create_topics_on(
+        &[&world.input],
+        &[&[1, 2]],
+        &[
+            ("min.insync.replicas", "1"),
+            ("unclean.leader.election.enable", "true"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.broker.leader(&world.input, 0) != 1 {
+        assert!(Instant::now() < deadline, "node 1 did not lead the input");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    world
+}
+
+fn purchases(prefix: &str, n: usize, at: &str) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|i| purchase(&format!("{prefix}{i}"), "ann", "100", at))
+        .collect()
+}
+
+/// Node 2 dies and leaves the in-sync replicas; four purchases land on node 1 alone.
+fn write_to_the_leader_alone(world: &World) -> std::collections::BTreeMap<i32, i64> {
+    world.broker.kill_node(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.broker.isr(&world.input, 0) != [1] {
+        assert!(Instant::now() < deadline, "node 2 did not leave the ISR");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    world.produce_json(&purchases("lost", 4, "2026-11-01T11:00:00Z"))
+}
+
+/// Node 1 dies and node 2 comes back: the controller elects node 2 uncleanly, and its log
+/// ends before the four purchases only node 1 held. Six new purchases follow, so the log
+/// grows past the offset tierd applied: offsets 3–6 now hold other records.
+fn elect_uncleanly(world: &World) {
+    world.broker.kill_node(1);
+    world.broker.start_node(2);
+    world.broker.wait_leader_other_than(&world.input, 0, 1);
+    let ends = world.produce_json(&purchases("new", 6, "2026-11-02T10:00:00Z"));
+    assert_eq!(ends[&0], 9, "node 2's log: 3 old and 6 new records");
+}
+
+/// An unclean leader election truncates the log under a running tierd, and the new leader's
+/// log grows past tierd's position before tierd fetches again (here: tierd stopped with
+/// SIGSTOP meanwhile), so the log bounds do not explain the error: librdkafka detects the
+/// truncation by the leader epoch, and the partition stops with a clear reason instead of
+/// reading offsets 7 and 8 as if they followed what it applied.
+#[test]
+fn an_unclean_election_under_a_running_tierd_stops_the_partition() {
+    let world = unclean_world();
+    // A session that outlives the SIGSTOP: the partition stays with this instance.
+    let tierd = Tierd::spawn_with(&world, "\"session.timeout.ms\" = \"120000\"\n", "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let kept = world.produce_json(&purchases("kept", 3, "2026-11-01T10:00:00Z"));
+    world.wait_applied(&kept, Duration::from_secs(60));
+    let lost = write_to_the_leader_alone(&world);
+    world.wait_applied(&lost, Duration::from_secs(60));
+    assert_eq!(world.partition_meta(0).1, 7);
+
+    tierd.signal("-STOP");
+    elect_uncleanly(&world);
+    tierd.signal("-CONT");
+
+    let body = wait_stopped(&tierd, 1.0);
+    assert!(
+        body.contains("partition 0") && body.contains("librdkafka stopped fetching it"),
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        world.partition_meta(0).1,
+        7,
+        "nothing read past the truncation"
+    );
+    assert_eq!(world.customer_state("ann").unwrap().count, 7);
+}
+
+/// The same election while no instance owns the partition: tierd starts on the stored offset
+/// 7, which the new leader's log holds with other records. The stored leader epoch lets
+/// librdkafka see that offset 7 is not where the applied records ended; without it, tierd
+/// would read offsets 7 and 8 as the continuation.
+#[test]
+fn an_unclean_election_while_tierd_is_down_stops_the_partition() {
+    let world = unclean_world();
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let kept = world.produce_json(&purchases("kept", 3, "2026-11-01T10:00:00Z"));
+    world.wait_applied(&kept, Duration::from_secs(60));
+    let lost = write_to_the_leader_alone(&world);
+    world.wait_applied(&lost, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    elect_uncleanly(&world);
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let body = wait_stopped(&tierd, 1.0);
+    assert!(body.contains("partition 0"), "{body}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        world.partition_meta(0).1,
+        7,
+        "nothing read past the truncation"
+    );
+    assert_eq!(world.customer_state("ann").unwrap().count, 7);
 }

@@ -8,11 +8,13 @@
 //! revocation the partition's in-flight batches are finished and its outbox flushed before it
 //! is released.
 
+use super::record::{add_position, Record};
 use crate::partition::runner::{Batch, RunnerExit};
 use crate::partition::supervisor::{NotClaimed, Released, Supervisor};
+use crate::store::partition::Claim;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -40,7 +42,7 @@ pub struct Batching {
 /// The batch being cut for one started partition, and where to send it.
 struct Pending {
     tx: mpsc::Sender<Batch>,
-    messages: Vec<OwnedMessage>,
+    messages: Vec<Record>,
     bytes: usize,
     since: Option<Instant>,
     /// The runner's queue was full: `messages` wait for room and the partition is paused
@@ -80,6 +82,16 @@ enum Sent {
     Held,
     /// The runner has stopped.
     RunnerGone,
+}
+
+/// What [`IngestContext::claim_all`] returns.
+struct Claimed {
+    /// To assign, each at its start offset.
+    assign: TopicPartitionList,
+    /// Assigned too, but to pause: their claim was refused.
+    refused: TopicPartitionList,
+    /// Start positions with a known leader epoch, to validate by a seek.
+    validate: TopicPartitionList,
 }
 
 /// The consumer's context: batches messages and handles rebalances through the supervisor.
@@ -140,11 +152,13 @@ impl IngestContext {
     }
 
     /// Claims each of our topic's partitions in `tpl` and starts it; returns the list to
-    /// assign, with each partition's start offset from Redis, and the partitions whose claim
-    /// was refused (assigned too, to be paused: visibly not processed).
-    fn claim_all(&self, tpl: &TopicPartitionList) -> (TopicPartitionList, TopicPartitionList) {
+    /// assign, with each partition's start offset from Redis, the partitions whose claim was
+    /// refused (assigned too, to be paused: visibly not processed), and the start positions to
+    /// validate with the leader (those whose leader epoch is known; see [`add_position`]).
+    fn claim_all(&self, tpl: &TopicPartitionList) -> Claimed {
         let mut assign = TopicPartitionList::new();
         let mut refused = TopicPartitionList::new();
+        let mut validate = TopicPartitionList::new();
         let give_up = self.supervisor.claims_give_up_at();
         for e in tpl.elements() {
             if e.topic() != self.topic {
@@ -178,14 +192,45 @@ impl IngestContext {
                 error!(partition, %error, "Setting the start offset failed.");
                 continue;
             }
-            info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition assigned.");
+            if claim.next_offset.is_some() {
+                let _ = add_position(
+                    &mut validate,
+                    &self.topic,
+                    partition,
+                    offset,
+                    claim.offset_epoch,
+                );
+            }
+            info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, offset_epoch = ?claim.offset_epoch, "Partition assigned.");
             let tx = self.supervisor.start(partition, &claim);
             self.pending
                 .lock()
                 .expect("pending lock")
                 .insert(partition, Pending::new(tx));
         }
-        (assign, refused)
+        Claimed {
+            assign,
+            refused,
+            validate,
+        }
+    }
+
+    /// Seeks `partition` to where `claim` resumes it, validated with the leader when the
+    /// claim knows the leader epoch there ([`add_position`]).
+    fn seek_claimed(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partition: i32,
+        claim: &Claim,
+    ) -> KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
+        add_position(&mut tpl, &self.topic, partition, offset, claim.offset_epoch)?;
+        let sought = consumer.seek_partitions(tpl, Duration::from_secs(10))?;
+        for e in sought.elements() {
+            e.error()?;
+        }
+        Ok(())
     }
 
     /// Releases `partitions`: drops their unsent messages (the next owner reads them again
@@ -247,12 +292,11 @@ impl IngestContext {
                         .lock()
                         .expect("pending lock")
                         .insert(partition, Pending::new(tx));
-                    let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&self.topic, partition);
                     // Resumed too: it may have been paused while its queue was full.
-                    let resumed = consumer
-                        .seek(&self.topic, partition, offset, Duration::from_secs(10))
+                    let resumed = self
+                        .seek_claimed(consumer, partition, &claim)
                         .and_then(|()| consumer.resume(&tpl));
                     match resumed {
                         Ok(()) => continue,
@@ -448,11 +492,10 @@ impl IngestContext {
                 .lock()
                 .expect("pending lock")
                 .insert(partition, Pending::new(tx));
-            let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&self.topic, partition);
-            let resumed = consumer
-                .seek(&self.topic, partition, offset, Duration::from_secs(10))
+            let resumed = self
+                .seek_claimed(consumer, partition, &claim)
                 .and_then(|()| consumer.resume(&tpl));
             if let Err(error) = resumed {
                 error!(partition, %error, "Resuming the re-claimed partition failed; releasing it.");
@@ -473,7 +516,7 @@ impl IngestContext {
 
     /// Adds a message to its partition's batch, sending the batch when full. Returns the
     /// partition if its runner has stopped.
-    fn push(&self, message: OwnedMessage) -> Option<i32> {
+    fn push(&self, message: Record) -> Option<i32> {
         let partition = message.partition();
         let mut pending = self.pending.lock().expect("pending lock");
         let b = pending.get_mut(&partition)?;
@@ -692,7 +735,11 @@ impl ConsumerContext for IngestContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let (assign, refused) = self.claim_all(tpl);
+                let Claimed {
+                    assign,
+                    refused,
+                    validate,
+                } = self.claim_all(tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(&assign)
                 } else {
@@ -700,6 +747,14 @@ impl ConsumerContext for IngestContext {
                 };
                 if let Err(error) = result {
                     error!(%error, "Assigning partitions failed.");
+                }
+                // An assignment starts without validation; a seek to the same position with
+                // its leader epoch validates it (asynchronously: an offset error follows if
+                // the log was truncated under it).
+                if validate.count() > 0 {
+                    if let Err(error) = consumer.seek_partitions(validate, Duration::ZERO) {
+                        warn!(%error, "Validating the start positions failed.");
+                    }
                 }
                 // A partition this instance paused when its runner stopped stays paused through
                 // a revocation (the pause belongs to the application): given back, it must fetch
@@ -754,7 +809,7 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
     while !ctx.shutdown.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(5)) {
             Some(Ok(message)) => {
-                if let Some(dead) = ctx.push(message.detach()) {
+                if let Some(dead) = ctx.push(Record::detach(&message)) {
                     ctx.recover(&consumer, &[dead]);
                 }
                 // A partition just held back is paused at once: every message polled before

@@ -4,4 +4,5 @@
 pub mod consumer;
 pub mod dead_letter;
 pub mod decode;
+pub mod record;
 pub mod stalls;

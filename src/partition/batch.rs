@@ -85,6 +85,7 @@ impl Runner {
             };
             draft.messages += 1;
             draft.end_offset = message.offset() + 1;
+            draft.leader_epoch = message.leader_epoch;
             let rejection = match decoded {
                 Err(rejection) => Some(rejection.clone()),
                 Ok(event) => {

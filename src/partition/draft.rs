@@ -61,6 +61,8 @@ pub struct Draft {
     pub first_offset: i64,
     /// One past the last input offset covered.
     pub end_offset: i64,
+    /// The leader epoch of the last input record covered (if it has one).
+    pub leader_epoch: Option<i32>,
     /// Input messages covered.
     pub messages: u64,
     /// Tier changes, notices and dead letters, in order.
@@ -166,6 +168,7 @@ impl Draft {
             clock: position.clock,
             first_offset: self.first_offset,
             end_offset: self.end_offset,
+            leader_epoch: (self.messages > 0).then_some(self.leader_epoch),
             outbox: std::mem::take(&mut self.outbox),
             swept_rules: self.swept_rules,
             applied_cutoffs: self.applied_cutoffs.take(),

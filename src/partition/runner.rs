@@ -14,12 +14,13 @@ use super::{PartitionStatus, Pipeline};
 use crate::config::ClockMode;
 use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
 use crate::engine::{Outcome, Trigger};
+use crate::ingest::record::Record;
 use crate::model::state::rules_hash;
 use crate::model::{time, CustomerState};
 use crate::store::partition::{ApplyError, Claim, Committed, PartitionStore};
 use crate::telemetry::events::{self, StopCause};
 use lru::LruCache;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
@@ -32,7 +33,7 @@ use tracing::info;
 pub const SWEEP_TICK: Duration = Duration::from_millis(100);
 
 /// A batch of consecutive messages of one partition, in offset order.
-pub type Batch = Vec<OwnedMessage>;
+pub type Batch = Vec<Record>;
 
 /// Why a runner stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -479,9 +479,14 @@ impl Node {
 }
 
 /// Waits until `brokers` serves metadata listing `expect` live brokers.
-fn wait_serving(brokers: &str, expect: usize, nodes: &[Node], timeout: Duration) {
+fn wait_serving<N: std::borrow::Borrow<Node>>(
+    brokers: &str,
+    expect: usize,
+    nodes: &[N],
+    timeout: Duration,
+) {
     let deadline = Instant::now() + timeout;
-    for n in nodes {
+    for n in nodes.iter().map(N::borrow) {
         while TcpStream::connect(("127.0.0.1", n.port)).is_err() {
             if let Some(status) = n.exited() {
                 panic!(
@@ -724,10 +729,34 @@ impl Broker {
         self.node(id).kill9();
     }
 
-    /// Starts node `id` again on its directory and ports; waits until the cluster serves it.
+    /// Starts node `id` again on its directory and ports; waits until the cluster serves it
+    /// and every other running node.
     pub fn start_node(&self, id: i32) {
         self.node(id).spawn(false);
-        wait_serving(&self.addr, self.nodes.len(), &self.nodes, START_TIMEOUT);
+        let running: Vec<&Node> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.lock().unwrap().is_some())
+            .collect();
+        wait_serving(&self.addr, running.len(), &running, START_TIMEOUT);
+    }
+
+    /// The in-sync replicas of `topic`'s `partition` (node ids).
+    pub fn isr(&self, topic: &str, partition: i32) -> Vec<i32> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.addr)
+            .create()
+            .unwrap();
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        let mut isr = md.topics()[0]
+            .partitions()
+            .iter()
+            .find(|p| p.id() == partition)
+            .map_or(Vec::new(), |p| p.isr().to_vec());
+        isr.sort_unstable();
+        isr
     }
 
     /// Waits until `topic[partition]` has a live leader other than `old`; returns it.
@@ -799,12 +828,12 @@ impl Broker {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .unwrap();
+        // -1 also while the answering broker does not know the partition yet.
         md.topics()[0]
             .partitions()
             .iter()
             .find(|p| p.id() == partition)
-            .expect("partition")
-            .leader()
+            .map_or(-1, |p| p.leader())
     }
 
     /// Creates topics (replicated on every node of an owned cluster, at most 3, with
@@ -848,12 +877,41 @@ impl Broker {
         replication: i32,
         configs: &[(&str, &str)],
     ) {
+        self.create_replicated(names, partitions, replication, None, configs);
+    }
+
+    /// Creates topics whose partition `i` lives on the nodes `assignment[i]` (the first one
+    /// its preferred leader), with topic configs, waiting until they exist.
+    pub fn create_topics_on(
+        &self,
+        names: &[&str],
+        assignment: &[&[i32]],
+        configs: &[(&str, &str)],
+    ) {
+        let partitions = assignment.len() as i32;
+        self.create_replicated(names, partitions, 0, Some(assignment), configs);
+    }
+
+    fn create_replicated(
+        &self,
+        names: &[&str],
+        partitions: i32,
+        replication: i32,
+        assignment: Option<&[&[i32]]>,
+        configs: &[(&str, &str)],
+    ) {
         let (admin, rt) = self.admin();
         let topics: Vec<NewTopic<'_>> = names
             .iter()
             .map(|n| {
                 configs.iter().fold(
-                    NewTopic::new(n, partitions, TopicReplication::Fixed(replication)),
+                    NewTopic::new(
+                        n,
+                        partitions,
+                        assignment.map_or(TopicReplication::Fixed(replication), |a| {
+                            TopicReplication::Variable(a)
+                        }),
+                    ),
                     |t, (k, v)| t.set(k, v),
                 )
             })

@@ -1,7 +1,8 @@
 -- Fenced, atomic commit of one partition batch. tierd computes every state in Rust; this
 -- script only checks ownership and position, then writes. All keys share one hash tag.
 --
--- KEYS[1] meta hash {epoch, next_offset, commits, clock, rules, cutoffs, rerank, versions}
+-- KEYS[1] meta hash {epoch, next_offset, offset_epoch, commits, clock, rules, cutoffs, rerank,
+-- versions}
 -- KEYS[2] outbox stream   KEYS[3] tier counts hash   KEYS[4..s-1] sorted sets (timers, ranks)
 -- KEYS[s..] customer state keys, one per value at the end of ARGV (s = ARGV[9])
 -- ARGV[1] owner epoch   ARGV[2] the next offset the owner believes is stored (-1: none)
@@ -12,7 +13,9 @@
 -- ARGV[8] rank cut-offs this commit finishes applying, JSON ('' : none)
 -- ARGV[9] index s of the first state key
 -- ARGV[10] progress of the re-ranking under way, JSON ('' : unchanged, '-' : done, remove it)
--- ARGV[11] n outbox entries, then n x (kind, key, value, headers)
+-- ARGV[11] leader epoch of the batch's last input record ('-' : no input, unchanged; '' :
+-- unknown, forget the stored one)
+-- ARGV[12] n outbox entries, then n x (kind, key, value, headers)
 -- then a sorted-set upserts, then a x (key index, score, member)
 -- then r sorted-set removals, then r x (key index, member)
 -- then c tier-count deltas, then c x (tier, delta)
@@ -40,7 +43,7 @@ if stored ~= expected or commits ~= expected_commits or first < expected then
   return {'DIVERGED', tostring(stored)}
 end
 local first_state = tonumber(ARGV[9])
-local i = 11
+local i = 12
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   -- 'o': the input offset this commit leaves the partition at (a replay after Redis lost
@@ -77,6 +80,11 @@ if ARGV[6] ~= '' then
 end
 if ARGV[7] ~= '' then
   redis.call('HSET', meta, 'rules', ARGV[7])
+end
+if ARGV[11] == '' then
+  redis.call('HDEL', meta, 'offset_epoch')
+elseif ARGV[11] ~= '-' then
+  redis.call('HSET', meta, 'offset_epoch', ARGV[11])
 end
 if ARGV[8] ~= '' then
   redis.call('HSET', meta, 'cutoffs', ARGV[8])

@@ -30,6 +30,10 @@ pub struct CommitBatch {
     pub first_offset: i64,
     /// One past the last offset of the batch (equal to `first_offset` for fired timers only).
     pub end_offset: i64,
+    /// For a batch with input: the leader epoch of its last record (`Some(None)`: unknown,
+    /// forget the stored one — an older epoch must never be paired with a newer offset).
+    /// `None`: no input, the stored epoch stays.
+    pub leader_epoch: Option<Option<i32>>,
     /// Commits the owner believes are stored (its claim's count plus its own commits).
     pub expected_commits: i64,
     /// The partition's event-time clock after this commit, if it is tracked.
@@ -111,6 +115,11 @@ pub async fn commit(
             None => "",
             Some("") => "-",
             Some(progress) => progress,
+        })
+        .arg(match batch.leader_epoch {
+            None => "-".to_owned(),
+            Some(None) => String::new(),
+            Some(Some(epoch)) => epoch.to_string(),
         });
     inv.arg(batch.outbox.len());
     for e in &batch.outbox {

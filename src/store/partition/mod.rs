@@ -61,6 +61,9 @@ pub struct Claim {
     pub epoch: i64,
     /// The next offset to apply, `None` if nothing was ever applied.
     pub next_offset: Option<i64>,
+    /// The leader epoch of the record before `next_offset`, if known: a start there is
+    /// validated against the leader's log ([`crate::ingest::record::add_position`]).
+    pub offset_epoch: Option<i32>,
     /// Commits stored so far (event batches and fired timers).
     pub commits: i64,
     /// The partition's event-time clock (`clock.mode = "event"`), if one was stored.
@@ -145,6 +148,7 @@ pub fn claim(
     Ok(Claim {
         epoch: number(0)?,
         next_offset: (next >= 0).then_some(next),
+        offset_epoch: field(7).parse().ok().filter(|&e: &i32| e >= 0),
         commits: number(2)?,
         clock: field(3).parse().ok(),
         swept_rules: field(4).parse().ok(),
