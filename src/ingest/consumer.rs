@@ -103,7 +103,9 @@ pub struct IngestContext {
     pending: Mutex<HashMap<i32, Pending>>,
     /// Fenced partitions this instance still holds, with when to claim them again.
     reclaims: Mutex<HashMap<i32, Instant>>,
-    /// When each partition was last re-claimed after a fence (the recent ones).
+    /// When each partition was fenced and given a re-claim (the recent ones). Re-claims after
+    /// Redis or Kafka was unavailable are not counted: an outage must not use up the allowance
+    /// of a partition that something keeps claiming.
     fences: Mutex<HashMap<i32, Vec<Instant>>>,
     /// A partition was just held back and is to be paused (see [`Self::flow`]).
     hold_pending: AtomicBool,
@@ -313,6 +315,7 @@ impl IngestContext {
                     let recent = fences.entry(partition).or_default();
                     recent.retain(|t| now.duration_since(*t) < FENCE_WINDOW);
                     if recent.len() < FENCES_PER_WINDOW {
+                        recent.push(now);
                         self.reclaims
                             .lock()
                             .expect("reclaims lock")
@@ -482,12 +485,6 @@ impl IngestContext {
                     continue;
                 }
             };
-            self.fences
-                .lock()
-                .expect("fences lock")
-                .entry(partition)
-                .or_default()
-                .push(Instant::now());
             self.pending
                 .lock()
                 .expect("pending lock")
