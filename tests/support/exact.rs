@@ -115,6 +115,33 @@ pub fn b2b_rules() -> Rules {
     .unwrap()
 }
 
+/// What a customer's state has counted and decided: counts, sums, first and last purchase,
+/// tier and change sequence (what two runs over the same input must agree on).
+pub type Counted = (
+    u64,
+    i128,
+    u64,
+    i128,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    u64,
+);
+
+/// The [`Counted`] part of a state.
+pub fn counted(s: &CustomerState) -> Counted {
+    (
+        s.count,
+        s.sum,
+        s.refunds,
+        s.refunded,
+        s.first,
+        s.last,
+        s.tier.clone(),
+        s.seq,
+    )
+}
+
 /// After the stream: every customer's state equals the reference, every expected change was
 /// published exactly once as expected, in per-customer order on every record.
 pub fn assert_exact(
@@ -145,18 +172,7 @@ pub fn assert_exact_with(
 ) {
     // Exact state per customer; on a mismatch, every customer that differs is counted and the
     // first ones are shown with their dead letters.
-    let key = |s: &CustomerState| {
-        (
-            s.count,
-            s.sum,
-            s.refunds,
-            s.refunded,
-            s.first,
-            s.last,
-            s.tier.clone(),
-            s.seq,
-        )
-    };
+    let key = counted;
     let mut wrong: Vec<String> = Vec::new();
     for (customer, expected) in expected_states {
         let got = world.customer_state(customer);
