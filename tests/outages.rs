@@ -316,3 +316,79 @@ fn partitions_revoked_while_redis_is_frozen_are_released_in_time() {
         tierd.log_text()
     );
 }
+
+/// Waits until `cond` holds (checked every 100 ms), or fails with `what` and tierd's log.
+fn wait_for(tierd: &Tierd, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}; log:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A partition whose claim found Redis frozen is claimed again once Redis answers; that
+/// re-claim is not a fence and must not use up the partition's fence allowance (3 re-claims
+/// after fences a minute). Here the partition is then fenced three times (a stale claim
+/// raising its epoch): each time tierd claims it back; the fourth fence within the minute
+/// leaves it stopped and reported. Before, the re-claim after the outage was counted and the
+/// third fence already left the partition stopped.
+#[test]
+fn a_reclaim_after_an_outage_does_not_use_up_the_fence_allowance() {
+    let world = World::start(2);
+    let holder = support::GroupHolder::join(&world);
+    let tierd = Tierd::spawn_with(&world, "\"max.poll.interval.ms\" = \"10000\"", "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    // The partition tierd has not claimed is the holder's.
+    let p = (0..2).find(|&p| world.partition_meta(p).0 == 0).unwrap();
+
+    world.redis.pause();
+    holder.leave();
+    wait_for(
+        &tierd,
+        "the handed-over partition was not shown as not processed",
+        Duration::from_secs(40),
+        || tierd.metric("tierd_partitions_stopped") == 1.0,
+    );
+    world.redis.resume();
+    wait_for(
+        &tierd,
+        "the partition was not claimed after Redis returned",
+        Duration::from_secs(30),
+        || world.partition_meta(p).0 > 0 && tierd.metric("tierd_partitions_stopped") == 0.0,
+    );
+
+    let fence = || -> i64 {
+        redis::cmd("HINCRBY")
+            .arg(world.keys(p).meta)
+            .arg("epoch")
+            .arg(1)
+            .query(&mut world.redis.conn())
+            .unwrap()
+    };
+    for n in 1..=3 {
+        let stale = fence();
+        wait_for(
+            &tierd,
+            &format!("fence {n}: the partition was not claimed back"),
+            Duration::from_secs(20),
+            || world.partition_meta(p).0 > stale && tierd.metric("tierd_partitions_stopped") == 0.0,
+        );
+    }
+    let ends = world.produce_json(&events(0, 200));
+    world.wait_applied(&ends, Duration::from_secs(30));
+
+    fence();
+    wait_for(
+        &tierd,
+        "the fourth fence within a minute did not stop the partition",
+        Duration::from_secs(20),
+        || tierd.metric("tierd_partitions_stopped") == 1.0,
+    );
+    let (status, body) = tierd.get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("fenced 3 times within 60 s"), "{body}");
+}
