@@ -228,7 +228,10 @@ fn an_unclean_election_while_tierd_is_down_stops_the_partition() {
     let tierd = Tierd::spawn(&world, "");
     tierd.wait_partitions(1, Duration::from_secs(60));
     let body = wait_stopped(&tierd, 1.0);
-    assert!(body.contains("partition 0"), "{body}");
+    assert!(
+        body.contains("partition 0") && body.contains("librdkafka stopped fetching it"),
+        "{body}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         world.partition_meta(0).1,
@@ -236,4 +239,47 @@ fn an_unclean_election_while_tierd_is_down_stops_the_partition() {
         "nothing read past the truncation"
     );
     assert_eq!(world.customer_state("ann").unwrap().count, 7);
+}
+
+/// The stored leader epoch counts only with the offset it was stored with. An operator who
+/// moves the stored offset by hand (README "Operating notes"), or an older tierd that commits
+/// without the epoch, leaves an epoch from before: paired with the moved offset, librdkafka
+/// would see a start beyond that epoch's end and report a truncation that did not happen,
+/// stopping a healthy partition for good.
+#[test]
+fn a_stored_offset_moved_by_hand_is_not_taken_for_a_truncation() {
+    let world = unclean_world();
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let kept = world.produce_json(&purchases("kept", 3, "2026-11-01T10:00:00Z"));
+    world.wait_applied(&kept, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // A clean leader change (node 2 is in sync): a new leader epoch from offset 3 on.
+    world.broker.kill_node(1);
+    world.broker.wait_leader_other_than(&world.input, 0, 1);
+    let ends = world.produce_json(&purchases("later", 4, "2026-11-02T10:00:00Z"));
+    assert_eq!(ends[&0], 7);
+    // The operator skips offsets 3 and 4.
+    let _: () = redis::cmd("HSET")
+        .arg(world.keys(0).meta)
+        .arg("next_offset")
+        .arg(5)
+        .query(&mut world.redis.conn())
+        .unwrap();
+
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.partition_meta(0).1 < 7 {
+        assert!(
+            Instant::now() < deadline,
+            "offsets 5 and 6 not applied (readyz: {:?}):\n{}",
+            tierd.get("/readyz"),
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
+    assert_eq!(world.customer_state("ann").unwrap().count, 5, "3 kept + 2");
 }

@@ -77,5 +77,15 @@ if pms then
     outbox = 'behind'
   end
 end
-local offset_epoch = redis.call('HGET', KEYS[1], 'offset_epoch') or ''
+-- The leader epoch counts only for the offset it was stored with: a next_offset moved since
+-- (an operator's HSET, a commit by an older tierd) starts unvalidated instead of pairing with
+-- a stale epoch, which librdkafka would take for a truncation.
+local offset_epoch = ''
+local paired = redis.call('HGET', KEYS[1], 'offset_epoch')
+if paired then
+  local at, e = string.match(paired, '^(%-?%d+):(%d+)$')
+  if at == next_offset then
+    offset_epoch = e
+  end
+end
 return {tostring(epoch), next_offset, commits, clock, rules, cutoffs, outbox, offset_epoch}

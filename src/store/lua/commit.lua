@@ -14,7 +14,8 @@
 -- ARGV[9] index s of the first state key
 -- ARGV[10] progress of the re-ranking under way, JSON ('' : unchanged, '-' : done, remove it)
 -- ARGV[11] leader epoch of the batch's last input record ('-' : no input, unchanged; '' :
--- unknown, forget the stored one)
+-- unknown, forget the stored one); stored as '<next_offset>:<epoch>' so that an offset moved
+-- by anything else (an operator's HSET, an older tierd) never pairs with a stale epoch
 -- ARGV[12] n outbox entries, then n x (kind, key, value, headers)
 -- then a sorted-set upserts, then a x (key index, score, member)
 -- then r sorted-set removals, then r x (key index, member)
@@ -84,7 +85,7 @@ end
 if ARGV[11] == '' then
   redis.call('HDEL', meta, 'offset_epoch')
 elseif ARGV[11] ~= '-' then
-  redis.call('HSET', meta, 'offset_epoch', ARGV[11])
+  redis.call('HSET', meta, 'offset_epoch', ARGV[4] .. ':' .. ARGV[11])
 end
 if ARGV[8] ~= '' then
   redis.call('HSET', meta, 'cutoffs', ARGV[8])

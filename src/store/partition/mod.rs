@@ -61,7 +61,8 @@ pub struct Claim {
     pub epoch: i64,
     /// The next offset to apply, `None` if nothing was ever applied.
     pub next_offset: Option<i64>,
-    /// The leader epoch of the record before `next_offset`, if known: a start there is
+    /// The leader epoch of the record before `next_offset`, if it was stored together with
+    /// that offset (an offset moved by hand starts unvalidated): a start there is
     /// validated against the leader's log ([`crate::ingest::record::add_position`]).
     pub offset_epoch: Option<i32>,
     /// Commits stored so far (event batches and fired timers).
