@@ -12,7 +12,7 @@ use support::{purchase, unique, Broker, Redis, Tierd, World};
 
 /// Waits until `tierd` reports `n` partitions assigned but not processed; returns `/readyz`.
 fn wait_stopped(tierd: &Tierd, n: f64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     while tierd.metric("tierd_partitions_stopped") < n {
         assert!(
             Instant::now() < deadline,
@@ -282,4 +282,100 @@ fn a_stored_offset_moved_by_hand_is_not_taken_for_a_truncation() {
     }
     assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
     assert_eq!(world.customer_state("ann").unwrap().count, 5, "3 kept + 2");
+}
+
+/// Events of `partition` applied by `tierd` (0 if it never applied any).
+fn applied_on(tierd: &Tierd, partition: i32) -> f64 {
+    let label = format!("partition=\"{partition}\"");
+    tierd
+        .get("/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with("tierd_events_applied_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A start handed over while librdkafka defers the fetch start of a new assignment (here: an
+/// offset commit in flight, which the taking-over instance has almost always with
+/// `kafka_commit_interval_ms = 0`) is validated all the same. librdkafka refuses a seek
+/// (`__STATE`) until the fetch has started, so a seek issued once, right after the
+/// assignment, would be lost and the partition would start unvalidated: it would read
+/// offsets 7 and 8 of the uncleanly elected leader as the continuation of what it applied.
+#[test]
+fn a_start_deferred_by_an_offset_commit_is_still_validated() {
+    let mut world = World::start_on(2, Redis::start(), Broker::cluster(3));
+    world.input = unique("purchases");
+    // Partition 0 led by node 3 (it keeps its leader), partition 1 on nodes 1 and 2.
+    world.broker.create_topics_on(
+        &[&world.input],
+        &[&[3, 1], &[1, 2]],
+        &[
+            ("min.insync.replicas", "1"),
+            ("unclean.leader.election.enable", "true"),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.broker.leader(&world.input, 1) != 1 {
+        assert!(Instant::now() < deadline, "node 1 did not lead partition 1");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let [a, b]: [String; 2] = world.customer_per_partition().try_into().unwrap();
+    let of = |prefix: &str, n: usize, at: &str| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| purchase(&format!("{prefix}{i}"), &b, "100", at))
+            .collect()
+    };
+    // Sessions that outlast the election below; commits all the time.
+    let consumer = "\"session.timeout.ms\" = \"25000\"\n";
+    let extra = "[ingest]\nkafka_commit_interval_ms = 0\n";
+    let first = Tierd::spawn_with(&world, consumer, extra);
+    first.wait_partitions(2, Duration::from_secs(60));
+    let second = Tierd::spawn_with(&world, consumer, extra);
+    second.wait_partitions(1, Duration::from_secs(60));
+    first.wait_partitions(1, Duration::from_secs(60));
+    let ends = world.produce_json(&[purchase("a0", &a, "100", "2026-11-01T10:00:00Z")]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let kept = world.produce_json(&of("kept", 3, "2026-11-01T10:00:00Z"));
+    world.wait_applied(&kept, Duration::from_secs(60));
+    let (owner, taker) = if applied_on(&first, 1) > 0.0 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(applied_on(&owner, 1), 3.0);
+
+    // Four purchases on node 1 alone, applied by the owner (stored: offset 7, epoch 0).
+    world.broker.kill_node(2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.broker.isr(&world.input, 1) != [1] {
+        assert!(Instant::now() < deadline, "node 2 did not leave the ISR");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lost = world.produce_json(&of("lost", 4, "2026-11-01T11:00:00Z"));
+    world.wait_applied(&lost, Duration::from_secs(60));
+    assert_eq!(world.partition_meta(1).1, 7);
+
+    // The owner dies; node 2 is elected uncleanly and its log grows past offset 7 before
+    // the owner's session expires and the group hands partition 1 to the other instance.
+    owner.signal("-KILL");
+    world.broker.kill_node(1);
+    world.broker.start_node(2);
+    world.broker.wait_leader_other_than(&world.input, 1, 1);
+    let ends = world.produce_json(&of("new", 6, "2026-11-02T10:00:00Z"));
+    assert_eq!(ends[&1], 9, "node 2's log: 3 old and 6 new records");
+
+    let body = wait_stopped(&taker, 1.0);
+    assert!(
+        body.contains("partition 1") && body.contains("librdkafka stopped fetching it"),
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        world.partition_meta(1).1,
+        7,
+        "nothing read past the truncation"
+    );
+    assert_eq!(world.customer_state(&b).unwrap().count, 7);
+    drop(owner);
 }

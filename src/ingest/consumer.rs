@@ -13,7 +13,7 @@ use crate::partition::runner::{Batch, RunnerExit};
 use crate::partition::supervisor::{NotClaimed, Released, Supervisor};
 use crate::store::partition::Claim;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -90,8 +90,17 @@ struct Claimed {
     assign: TopicPartitionList,
     /// Assigned too, but to pause: their claim was refused.
     refused: TopicPartitionList,
-    /// Start positions with a known leader epoch, to validate by a seek.
-    validate: TopicPartitionList,
+}
+
+/// A partition held paused until librdkafka accepts a seek to its claimed start.
+#[derive(Debug, Clone, Copy)]
+struct Seek {
+    offset: Offset,
+    /// The leader epoch of the record before `offset`, if known: the seek then validates the
+    /// start with the leader ([`add_position`]).
+    leader_epoch: Option<i32>,
+    /// When the seek was first asked for.
+    since: Instant,
 }
 
 /// The consumer's context: batches messages and handles rebalances through the supervisor.
@@ -116,6 +125,13 @@ pub struct IngestContext {
     /// showed as not fetching (librdkafka's fetch state `none`), and those shown so by two
     /// reports in a row (to be stopped; a partition just assigned passes through `none`).
     not_fetching: Mutex<(Vec<i32>, Vec<i32>)>,
+    /// Partitions held paused until a seek to their claimed start is accepted. Only a seek
+    /// validates a start with the leader epoch (an assignment's start offset is not
+    /// validated), and librdkafka refuses a seek (`__STATE`) while it defers a new
+    /// assignment's fetch start (an offset commit in flight, revoked partitions still
+    /// stopping): the seek is retried from the poll loop, and the partition fetches nothing
+    /// before it is accepted.
+    seeks: Mutex<HashMap<i32, Seek>>,
 }
 
 /// How long an unattributed offset-out-of-range report is looked for in the statistics.
@@ -130,6 +146,13 @@ const RECLAIM_DELAY: Duration = Duration::from_secs(3);
 /// partition stays stopped (something keeps claiming it: visible on `/readyz`).
 const FENCES_PER_WINDOW: usize = 3;
 const FENCE_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long a partition waits for librdkafka to accept the seek to its claimed start before
+/// it is stopped (visibly: `/readyz`) instead of staying paused while shown as processed.
+const SEEK_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long one seek call waits for librdkafka's answer.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl IngestContext {
     /// A context for `topic` over a supervisor.
@@ -150,17 +173,17 @@ impl IngestContext {
             hold_pending: AtomicBool::new(false),
             offset_error: Mutex::new(None),
             not_fetching: Mutex::new((Vec::new(), Vec::new())),
+            seeks: Mutex::new(HashMap::new()),
         }
     }
 
     /// Claims each of our topic's partitions in `tpl` and starts it; returns the list to
     /// assign, with each partition's start offset from Redis, the partitions whose claim was
-    /// refused (assigned too, to be paused: visibly not processed), and the start positions to
-    /// validate with the leader (those whose leader epoch is known; see [`add_position`]).
+    /// refused (assigned too, to be paused: visibly not processed). Those whose start has a
+    /// known leader epoch are held for a validating seek ([`Self::seek_due`]).
     fn claim_all(&self, tpl: &TopicPartitionList) -> Claimed {
         let mut assign = TopicPartitionList::new();
         let mut refused = TopicPartitionList::new();
-        let mut validate = TopicPartitionList::new();
         let give_up = self.supervisor.claims_give_up_at();
         for e in tpl.elements() {
             if e.topic() != self.topic {
@@ -194,14 +217,8 @@ impl IngestContext {
                 error!(partition, %error, "Setting the start offset failed.");
                 continue;
             }
-            if claim.next_offset.is_some() {
-                let _ = add_position(
-                    &mut validate,
-                    &self.topic,
-                    partition,
-                    offset,
-                    claim.offset_epoch,
-                );
+            if claim.next_offset.is_some() && claim.offset_epoch.is_some() {
+                self.hold_for_seek(partition, offset, claim.offset_epoch);
             }
             info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, offset_epoch = ?claim.offset_epoch, "Partition assigned.");
             let tx = self.supervisor.start(partition, &claim);
@@ -210,29 +227,101 @@ impl IngestContext {
                 .expect("pending lock")
                 .insert(partition, Pending::new(tx));
         }
-        Claimed {
-            assign,
-            refused,
-            validate,
+        Claimed { assign, refused }
+    }
+
+    /// Holds `partition` for a seek to `offset` ([`Self::seek_due`]); the caller pauses it.
+    fn hold_for_seek(&self, partition: i32, offset: Offset, leader_epoch: Option<i32>) {
+        self.seeks.lock().expect("seeks lock").insert(
+            partition,
+            Seek {
+                offset,
+                leader_epoch,
+                since: Instant::now(),
+            },
+        );
+    }
+
+    /// Pauses `partition` and seeks it to where `claim` resumes it, validated with the leader
+    /// when the claim knows the leader epoch there; it fetches again once the seek is accepted.
+    fn seek_claimed(&self, consumer: &BaseConsumer<Self>, partition: i32, claim: &Claim) {
+        let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
+        self.hold_for_seek(partition, offset, claim.offset_epoch);
+        self.pause(consumer, partition);
+        self.seek_due(consumer);
+    }
+
+    /// Seeks every held partition to its start and resumes those librdkafka accepted. A seek
+    /// refused because the partition's fetch has not started yet (`__STATE`), is still
+    /// stopping (`__PREV_IN_PROGRESS`) or did not answer in time is tried again on the next
+    /// call; any other error, or no acceptance within [`SEEK_DEADLINE`], stops the partition.
+    fn seek_due(&self, consumer: &BaseConsumer<Self>) {
+        let due: Vec<(i32, Seek)> = self
+            .seeks
+            .lock()
+            .expect("seeks lock")
+            .iter()
+            .map(|(&p, &s)| (p, s))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, seek) in &due {
+            let added = add_position(
+                &mut tpl,
+                &self.topic,
+                *partition,
+                seek.offset,
+                seek.leader_epoch,
+            );
+            if let Err(error) = added {
+                self.stop_unsought(consumer, *partition, &error.to_string());
+            }
+        }
+        let sought = match consumer.seek_partitions(tpl, SEEK_TIMEOUT) {
+            Ok(sought) => sought,
+            Err(error) => {
+                warn!(%error, "Seeking to the claimed start offsets failed; trying again.");
+                return;
+            }
+        };
+        let mut resume = TopicPartitionList::new();
+        for e in sought.elements() {
+            let partition = e.partition();
+            match e.error() {
+                Ok(()) => {
+                    self.seeks.lock().expect("seeks lock").remove(&partition);
+                    resume.add_partition(&self.topic, partition);
+                }
+                Err(KafkaError::OffsetFetch(
+                    RDKafkaErrorCode::State
+                    | RDKafkaErrorCode::PreviousInProgress
+                    | RDKafkaErrorCode::OperationTimedOut,
+                )) if due
+                    .iter()
+                    .any(|(p, s)| *p == partition && s.since.elapsed() < SEEK_DEADLINE) => {}
+                Err(error) => self.stop_unsought(consumer, partition, &error.to_string()),
+            }
+        }
+        if resume.count() > 0 {
+            if let Err(error) = consumer.resume(&resume) {
+                warn!(%error, "Resuming partitions after their seek failed.");
+            }
         }
     }
 
-    /// Seeks `partition` to where `claim` resumes it, validated with the leader when the
-    /// claim knows the leader epoch there ([`add_position`]).
-    fn seek_claimed(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        partition: i32,
-        claim: &Claim,
-    ) -> KafkaResult<()> {
-        let mut tpl = TopicPartitionList::new();
-        let offset = claim.next_offset.map_or(Offset::Beginning, Offset::Offset);
-        add_position(&mut tpl, &self.topic, partition, offset, claim.offset_epoch)?;
-        let sought = consumer.seek_partitions(tpl, Duration::from_secs(10))?;
-        for e in sought.elements() {
-            e.error()?;
+    /// Stops (releases, reports and pauses) a partition librdkafka did not seek to its start.
+    fn stop_unsought(&self, consumer: &BaseConsumer<Self>, partition: i32, error: &str) {
+        self.seeks.lock().expect("seeks lock").remove(&partition);
+        error!(partition, %error, "Seeking to the offset stored in Redis failed; partition stopped.");
+        for released in self.release(consumer, &[partition]) {
+            self.supervisor.mark_stopped(
+                &released,
+                format!("seeking to the offset stored in Redis failed: {error}"),
+            );
         }
-        Ok(())
+        self.pause(consumer, partition);
     }
 
     /// Releases `partitions`: drops their unsent messages (the next owner reads them again
@@ -249,6 +338,12 @@ impl IngestContext {
             let mut pending = self.pending.lock().expect("pending lock");
             for p in partitions {
                 pending.remove(p);
+            }
+        }
+        {
+            let mut seeks = self.seeks.lock().expect("seeks lock");
+            for p in partitions {
+                seeks.remove(p);
             }
         }
         let released = self.supervisor.stop(partitions);
@@ -294,20 +389,9 @@ impl IngestContext {
                         .lock()
                         .expect("pending lock")
                         .insert(partition, Pending::new(tx));
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(&self.topic, partition);
-                    // Resumed too: it may have been paused while its queue was full.
-                    let resumed = self
-                        .seek_claimed(consumer, partition, &claim)
-                        .and_then(|()| consumer.resume(&tpl));
-                    match resumed {
-                        Ok(()) => continue,
-                        Err(error) => {
-                            error!(partition, %error, "Seeking after divergence failed; releasing the partition.");
-                            self.release(consumer, &[partition]);
-                            format!("seeking to the offset stored in Redis failed: {error}")
-                        }
-                    }
+                    // Resumed once sought: it may have been paused while its queue was full.
+                    self.seek_claimed(consumer, partition, &claim);
+                    continue;
                 }
                 RunnerExit::Fenced => {
                     let now = Instant::now();
@@ -489,25 +573,8 @@ impl IngestContext {
                 .lock()
                 .expect("pending lock")
                 .insert(partition, Pending::new(tx));
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.topic, partition);
-            let resumed = self
-                .seek_claimed(consumer, partition, &claim)
-                .and_then(|()| consumer.resume(&tpl));
-            if let Err(error) = resumed {
-                error!(partition, %error, "Resuming the re-claimed partition failed; releasing it.");
-                for released in self.release(consumer, &[partition]) {
-                    self.supervisor.mark_stopped(
-                        &released,
-                        format!(
-                            "re-claimed after a fence, but seeking or resuming failed: {error}"
-                        ),
-                    );
-                }
-                let _ = consumer.pause(&tpl);
-            } else {
-                info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition claimed again (after a fence, or a claim Redis or Kafka did not answer).");
-            }
+            info!(partition, epoch = claim.epoch, next_offset = ?claim.next_offset, "Partition claimed again (after a fence, or a claim Redis or Kafka did not answer).");
+            self.seek_claimed(consumer, partition, &claim);
         }
     }
 
@@ -732,11 +799,7 @@ impl ConsumerContext for IngestContext {
         );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let Claimed {
-                    assign,
-                    refused,
-                    validate,
-                } = self.claim_all(tpl);
+                let Claimed { assign, refused } = self.claim_all(tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(&assign)
                 } else {
@@ -745,22 +808,33 @@ impl ConsumerContext for IngestContext {
                 if let Err(error) = result {
                     error!(%error, "Assigning partitions failed.");
                 }
-                // An assignment starts without validation; a seek to the same position with
-                // its leader epoch validates it (asynchronously: an offset error follows if
-                // the log was truncated under it).
-                if validate.count() > 0 {
-                    if let Err(error) = consumer.seek_partitions(validate, Duration::ZERO) {
-                        warn!(%error, "Validating the start positions failed.");
-                    }
-                }
                 // A partition this instance paused when its runner stopped stays paused through
                 // a revocation (the pause belongs to the application): given back, it must fetch
-                // — unless its claim was refused.
-                if assign.count() > 0 {
-                    if let Err(error) = consumer.resume(&assign) {
+                // — unless its claim was refused, or it waits for the seek that validates its
+                // start (an assignment starts without validation; the seek makes librdkafka
+                // check the leader epoch first, and an offset error follows if the log was
+                // truncated under it).
+                let held: Vec<i32> = self
+                    .seeks
+                    .lock()
+                    .expect("seeks lock")
+                    .keys()
+                    .copied()
+                    .collect();
+                let mut resume = TopicPartitionList::new();
+                for e in assign.elements() {
+                    if held.contains(&e.partition()) {
+                        self.pause(consumer, e.partition());
+                    } else {
+                        resume.add_partition(&self.topic, e.partition());
+                    }
+                }
+                if resume.count() > 0 {
+                    if let Err(error) = consumer.resume(&resume) {
                         warn!(%error, "Resuming assigned partitions failed.");
                     }
                 }
+                self.seek_due(consumer);
                 if refused.count() > 0 {
                     if let Err(error) = consumer.pause(&refused) {
                         warn!(%error, "Pausing partitions whose claim was refused failed.");
@@ -803,6 +877,7 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
     let ctx = consumer.context();
     let mut last_flush_check = Instant::now();
     let mut last_commit = Instant::now();
+    let mut last_seek = Instant::now();
     while !ctx.shutdown.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(5)) {
             Some(Ok(message)) => {
@@ -834,6 +909,10 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
             }
             ctx.reclaim_due(&consumer);
             ctx.stop_not_fetching(&consumer);
+            if last_seek.elapsed() >= Duration::from_millis(20) {
+                ctx.seek_due(&consumer);
+                last_seek = Instant::now();
+            }
             last_flush_check = Instant::now();
         }
         if last_commit.elapsed() >= commit_interval {
