@@ -7,8 +7,9 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use support::{purchase, Tierd, World};
+use tierd::model::time;
 
 fn phase(world: &World, from: usize, to: usize) -> BTreeMap<i32, i64> {
     let events: Vec<_> = (from..to)
@@ -188,4 +189,92 @@ fn a_rollback_across_a_claim_is_replayed_exactly() {
         );
     }
     assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
+}
+
+/// Wall clock (the default): a timer fires when the partition is caught up, so which input
+/// precedes it depends on when it ran. Here Kim's recency bound fires (lapsed), then a
+/// purchase dated just before the bound arrives late (active again). Redis then loses both.
+/// The replay reads the late purchase at once, long after the bound: fired after it, the
+/// timer would find nothing to do, and the published lapse would never be decided again —
+/// its id reused for another change, the state not the one the published changes describe.
+/// tierd records each wall-clock pass (input offset, horizon) in the published position, and
+/// the replay fires it at the same offset.
+#[test]
+fn a_rollback_replays_wall_clock_timers_where_they_first_fired() {
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        rules.path(),
+        "version = \"lapse-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
+    )
+    .unwrap();
+    let mut world = World::start(1);
+    world.rules = rules.path().to_owned();
+    let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let due = time::now_ms() + 5_000;
+    let ends = world.produce_json(&[purchase(
+        "k1",
+        "kim",
+        "10",
+        &time::format_ms(due - 86_400_000),
+    )]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let before = world.snapshot();
+    let changes = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let records: Vec<serde_json::Value> = world
+                .read_all(&world.output)
+                .iter()
+                .map(support::Record::json)
+                .collect();
+            if records.len() >= n {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{records:?}\n{}",
+                tierd.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert_eq!(changes(2)[1]["tier"], "lapsed");
+    let ends = world.produce_json(&[purchase("k2", "kim", "10", &time::format_ms(due - 2_000))]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let published = changes(3);
+    assert_eq!(published.len(), 3, "{published:?}");
+    assert_eq!(published[2]["tier"], "active");
+    let live = world.customer_state("kim").unwrap();
+
+    // Redis loses the lapse and the late purchase; tierd notices by itself (no new input).
+    world.restore(&before);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.partition_meta(0).1 < ends[&0] {
+        assert!(
+            Instant::now() < deadline,
+            "not replayed:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2)); // ticks after catching up
+    let replayed = world.customer_state("kim").unwrap();
+    assert_eq!(replayed, live, "the replay ends in the live state");
+    assert!(
+        tierd
+            .log_text()
+            .contains("firing the timers of a published pass"),
+        "{}",
+        tierd.log_text()
+    );
+    // Every change id carries one body, and every change of the state is on the topic.
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    for v in changes(3) {
+        let id = v["event_id"].as_str().unwrap().to_owned();
+        if let Some(prev) = by_id.insert(id, v.clone()) {
+            assert_eq!(prev, v, "a re-published change is identical");
+        }
+    }
+    assert_eq!(by_id.len(), 3, "{by_id:?}");
 }

@@ -71,7 +71,7 @@ impl Runner {
                             self.commit(&mut draft, &mut work).await?;
                             draft = Draft::at(message.offset());
                         }
-                        self.fire_due(t, &mut work).await?;
+                        self.fire_due(t, &mut work, None).await?;
                     }
                     self.clock = Some(t);
                 }

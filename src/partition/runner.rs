@@ -17,6 +17,7 @@ use crate::engine::{Outcome, Trigger};
 use crate::ingest::record::Record;
 use crate::model::state::rules_hash;
 use crate::model::{time, CustomerState};
+use crate::store::outbox::TimerPass;
 use crate::store::partition::{ApplyError, Claim, Committed, PartitionStore};
 use crate::telemetry::events::{self, StopCause};
 use lru::LruCache;
@@ -82,6 +83,9 @@ pub struct Runner {
     /// Cut-offs switches of changes already published from input still to be applied again
     /// (Redis lost writes), in order: each applies before its input offset.
     pub(super) replay: VecDeque<CutoffsSwitch>,
+    /// Wall-clock timer passes of changes already published, still to be fired again at
+    /// their input offsets (Redis lost writes), in order.
+    replay_passes: VecDeque<TimerPass>,
     /// The input offset the changes already published reach: below it, no cut-offs but the
     /// recorded ones apply.
     pub(super) replay_through: Option<i64>,
@@ -116,6 +120,7 @@ impl Runner {
             last_compute: None,
             outbox_len: 0,
             replay: claim.replay_cutoffs.iter().cloned().collect(),
+            replay_passes: claim.replay_passes.iter().copied().collect(),
             replay_through: claim.replay_through,
             last_commit: Instant::now(),
         }
@@ -151,12 +156,11 @@ impl Runner {
                     Some(batch) => self.apply_input(batch).await,
                     None => break,
                 },
-                _ = tick.tick(), if ticking => {
-                    let mut work = Working::new();
+                // While a replay is inside the published changes' input, timers fire only at
+                // the recorded passes (see `replay_steps_through`).
+                _ = tick.tick(), if ticking && !self.replaying() => {
                     let upto = self.wall_timer_horizon(time::now_ms());
-                    let r = self.fire_due(upto, &mut work).await;
-                    self.keep(work);
-                    r
+                    self.fire_pass(upto).await
                 }
                 // Under rank-based rules the sweep waits for cut-offs of the running rules, so
                 // it does not place everyone with no cut-offs first.
@@ -192,13 +196,47 @@ impl Runner {
         Ok(())
     }
 
-    /// Applies a batch; during a replay, the published cut-offs switches it reaches apply
-    /// before their input offsets (the batch is split there), as they did the first time —
-    /// a switch at the offset right after the batch as soon as the batch is applied (no later
-    /// message may be coming).
+    /// Whether the partition is replaying input whose changes were already published (Redis
+    /// lost writes): the recorded cut-offs switches and timer passes apply there, no others.
+    pub(super) fn replaying(&self) -> bool {
+        !self.replay.is_empty()
+            || !self.replay_passes.is_empty()
+            || self
+                .replay_through
+                .is_some_and(|through| self.next_offset() < through)
+    }
+
+    /// Fires the timers due up to `upto` (a wall-clock pass), recording the pass with its
+    /// commit so that a replay fires them at the same input offset.
+    async fn fire_pass(&mut self, upto: i64) -> Result<(), ApplyError> {
+        let mut work = Working::new();
+        let pass = TimerPass {
+            offset: self.next_offset(),
+            upto,
+            cutoffs: self.cutoffs.version,
+        };
+        let r = self.fire_due(upto, &mut work, Some(pass)).await;
+        self.keep(work);
+        r
+    }
+
+    /// The input offset of the next recorded switch or pass to replay.
+    fn next_replay_offset(&self) -> Option<i64> {
+        let switch = self.replay.front().map(|s| s.offset);
+        let pass = self.replay_passes.front().map(|p| p.offset);
+        match (switch, pass) {
+            (Some(s), Some(p)) => Some(s.min(p)),
+            (s, p) => s.or(p),
+        }
+    }
+
+    /// Applies a batch; during a replay, the published cut-offs switches and timer passes it
+    /// reaches apply before their input offsets (the batch is split there), as they did the
+    /// first time — one at the offset right after the batch as soon as the batch is applied
+    /// (no later message may be coming).
     async fn apply_input(&mut self, mut batch: Batch) -> Result<(), ApplyError> {
         loop {
-            let Some(at) = self.replay.front().map(|s| s.offset) else {
+            let Some(at) = self.next_replay_offset() else {
                 return self.apply_batch(batch).await;
             };
             let split = batch.partition_point(|m| m.offset() < at);
@@ -214,9 +252,40 @@ impl Runner {
         }
     }
 
-    /// Applies the replayed switches whose offset is at or before `offset`.
+    /// Applies the replayed switches and fires the replayed timer passes whose offset is at or
+    /// before `offset`, in the order they first ran: at one offset, a pass evaluated with
+    /// cut-offs version v follows the switches up to v and precedes the later ones.
     async fn replay_switches_through(&mut self, offset: i64) -> Result<(), ApplyError> {
-        while self.replay.front().is_some_and(|s| s.offset <= offset) {
+        loop {
+            let switch = self
+                .replay
+                .front()
+                .filter(|s| s.offset <= offset)
+                .map(|s| (s.offset, s.cutoffs.version));
+            let pass = self
+                .replay_passes
+                .front()
+                .filter(|p| p.offset <= offset)
+                .copied();
+            let pass_first = match (switch, pass) {
+                (None, None) => return Ok(()),
+                (Some((at, version)), Some(p)) => {
+                    p.offset < at || (p.offset == at && version > p.cutoffs)
+                }
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+            };
+            if pass_first {
+                let pass = self.replay_passes.pop_front().expect("checked");
+                events::TimersReplayed {
+                    partition: self.partition,
+                    offset: pass.offset,
+                    upto: pass.upto,
+                }
+                .emit(&self.pipeline.telemetry);
+                self.fire_pass(pass.upto).await?;
+                continue;
+            }
             let switch = self.replay.pop_front().expect("checked");
             events::CutoffsReplayed {
                 partition: self.partition,
@@ -227,7 +296,6 @@ impl Runner {
             self.apply_cutoffs(switch.cutoffs, switch.offset, switch.at_ms)
                 .await?;
         }
-        Ok(())
     }
 
     fn exit(&self, error: &ApplyError) -> RunnerExit {

@@ -216,17 +216,18 @@ impl Supervisor {
             // offsets, so each is published again with the same body.
             let applied = claim.cutoffs.as_ref().map_or(0, |c| c.version);
             claim.replay_cutoffs = published.switches_from(claim.next_offset, applied);
+            claim.replay_passes = published.passes_from(claim.next_offset);
             claim.replay_through = published.through;
             if let Some(forgotten) = published
                 .forgotten
                 .filter(|&f| f >= claim.next_offset.unwrap_or(0))
             {
-                error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches kept in the published position: rank-based changes published before that offset may be published again with other cut-offs.");
+                error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position: rank-based and wall-clock time-driven changes published before that offset may be published again with other contents.");
             }
         }
         match &claim {
             Ok(claim) if claim.outbox_behind => {
-                warn!(partition, published = published.last_id, replayed_cutoffs = claim.replay_cutoffs.len(), "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
+                warn!(partition, published = published.last_id, replayed_cutoffs = claim.replay_cutoffs.len(), replayed_timer_passes = claim.replay_passes.len(), "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
             }
             Ok(_) => {}
             Err(refused) => {

@@ -6,6 +6,7 @@
 use super::draft::Working;
 use super::runner::Runner;
 use crate::engine::Trigger;
+use crate::store::outbox::{EntryKind, OutboxEntry, TimerPass};
 use crate::store::partition::{ApplyError, SortedSet};
 use crate::telemetry::events;
 use std::sync::Arc;
@@ -50,10 +51,13 @@ impl EarliestDue {
 
 impl Runner {
     /// Fires every timer due at or before `upto`, in chunks of `clock.timer_batch` per commit.
+    /// A wall-clock `pass` is recorded with the first commit (an outbox entry the publisher
+    /// keeps in the published position), if anything was due.
     pub(super) async fn fire_due(
         &mut self,
         upto: i64,
         work: &mut Working,
+        mut pass: Option<TimerPass>,
     ) -> Result<(), ApplyError> {
         if !self.earliest_due.is_due(upto) {
             return Ok(());
@@ -67,6 +71,14 @@ impl Runner {
             self.load(due.iter().map(|(id, _)| id.clone()), work)
                 .await?;
             let mut draft = self.new_draft();
+            if let Some(pass) = pass.take() {
+                draft.outbox.push(OutboxEntry {
+                    kind: EntryKind::TimerPass,
+                    key: Vec::new(),
+                    value: serde_json::to_vec(&pass).expect("timer passes serialize"),
+                    headers: Vec::new(),
+                });
+            }
             for (id, at) in &due {
                 let loaded = work.get_mut(id.as_str()).expect("loaded above");
                 loaded.dirty = true;

@@ -12,9 +12,15 @@
 //! the same offsets and re-publishes each change with the same body. The metadata is bounded
 //! (`offset.metadata.max.bytes`, 4096 by default): the oldest switches give way first, and
 //! the newest forgotten offset is kept so a replay reaching back before it is reported.
+//!
+//! On the wall clock it also carries the partition's latest timer passes ([`TimerPass`]:
+//! where in the input timers fired, up to which due time), for the same reason: a replay
+//! fires the timers at the same offsets and horizons, so time-driven changes come out the
+//! same although the replay runs at another time. They share the budget with the switches.
 
 use crate::config::KafkaConfig;
 use crate::engine::rules::rank::CutoffsSwitch;
+use crate::store::outbox::TimerPass;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -36,8 +42,13 @@ pub struct Published {
     /// The newest cut-offs switches of the published changes, oldest first.
     #[serde(rename = "k", default, skip_serializing_if = "Vec::is_empty")]
     pub switches: Vec<CutoffsSwitch>,
-    /// The offset of the newest switch dropped for room: a replay from before it cannot be
-    /// reproduced exactly.
+    /// The newest wall-clock timer passes of the published changes, oldest first; passes at
+    /// one offset under the same cut-offs are kept as the latest one (firing up to a later
+    /// horizon covers an earlier one: each timer is evaluated at its own due time).
+    #[serde(rename = "t", default, skip_serializing_if = "Vec::is_empty")]
+    pub passes: Vec<TimerPass>,
+    /// The offset of the newest switch or pass dropped for room: a replay from before it
+    /// cannot be reproduced exactly.
     #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
     pub forgotten: Option<i64>,
     /// The input offset the commit of the last published entry left the partition at: a
@@ -68,14 +79,28 @@ impl Published {
     /// A switch already known (same offset and version: a replay or a resumed pass records it
     /// again) is kept once.
     #[must_use]
-    pub fn after(&self, last_id: &str, through: Option<i64>, switches: &[CutoffsSwitch]) -> Self {
+    pub fn after(
+        &self,
+        last_id: &str,
+        through: Option<i64>,
+        switches: &[CutoffsSwitch],
+        passes: &[TimerPass],
+    ) -> Self {
         let mut next = Self {
             last_id: Some(last_id.to_owned()),
             through: through.or(self.through),
             ..self.clone()
         };
-        if switches.is_empty() {
+        if switches.is_empty() && passes.is_empty() {
             return next;
+        }
+        for pass in passes {
+            match next.passes.last_mut() {
+                Some(last) if last.offset == pass.offset && last.cutoffs == pass.cutoffs => {
+                    last.upto = last.upto.max(pass.upto);
+                }
+                _ => next.passes.push(*pass),
+            }
         }
         for s in switches {
             let known = next
@@ -86,16 +111,27 @@ impl Published {
                 next.switches.push(s.clone());
             }
         }
-        while next.metadata().len() > METADATA_BUDGET && !next.switches.is_empty() {
-            let dropped = next.switches.remove(0);
-            next.forgotten = next.forgotten.max(Some(dropped.offset));
+        while next.metadata().len() > METADATA_BUDGET {
+            let oldest_switch = next.switches.first().map(|s| s.offset);
+            let oldest_pass = next.passes.first().map(|p| p.offset);
+            let dropped = match (oldest_switch, oldest_pass) {
+                (Some(s), Some(p)) if p <= s => next.passes.remove(0).offset,
+                (Some(_), _) => next.switches.remove(0).offset,
+                (None, Some(_)) => next.passes.remove(0).offset,
+                (None, None) => break,
+            };
+            next.forgotten = next.forgotten.max(Some(dropped));
         }
         next
     }
 
     /// The metadata to commit: the bare id when no switch is recorded, otherwise JSON.
     pub fn metadata(&self) -> String {
-        if self.switches.is_empty() && self.forgotten.is_none() && self.through.is_none() {
+        if self.switches.is_empty()
+            && self.passes.is_empty()
+            && self.forgotten.is_none()
+            && self.through.is_none()
+        {
             return self.last_id.clone().unwrap_or_default();
         }
         serde_json::to_string(self).expect("positions serialize")
@@ -111,6 +147,18 @@ impl Published {
             .iter()
             .filter(|s| s.offset >= from && s.cutoffs.version > applied)
             .cloned()
+            .collect()
+    }
+
+    /// The timer passes a replay from `next_offset` must fire again, in order: those at or
+    /// after it (one at `next_offset` itself may be in the stored state already; firing it
+    /// again finds nothing due).
+    pub fn passes_from(&self, next_offset: Option<i64>) -> Vec<TimerPass> {
+        let from = next_offset.unwrap_or(i64::MIN);
+        self.passes
+            .iter()
+            .filter(|p| p.offset >= from)
+            .copied()
             .collect()
     }
 }
@@ -221,8 +269,8 @@ mod tests {
     #[test]
     fn switches_round_trip_once_each_and_filter_by_offset() {
         let p = Published::default()
-            .after("1-0", Some(10), &[switch(10, 1)])
-            .after("2-0", Some(25), &[switch(10, 1), switch(20, 2)]);
+            .after("1-0", Some(10), &[switch(10, 1)], &[])
+            .after("2-0", Some(25), &[switch(10, 1), switch(20, 2)], &[]);
         assert_eq!(p.switches, vec![switch(10, 1), switch(20, 2)]);
         let back = Published::parse(&p.metadata());
         assert_eq!(back, p);
@@ -231,7 +279,7 @@ mod tests {
         assert_eq!(back.switches_from(Some(11), 0), vec![switch(20, 2)]);
         assert_eq!(back.switches_from(None, 0).len(), 2);
         // Two moves at one offset, the first already in the stored state.
-        let p = Published::default().after("3-0", Some(30), &[switch(30, 3), switch(30, 4)]);
+        let p = Published::default().after("3-0", Some(30), &[switch(30, 3), switch(30, 4)], &[]);
         assert_eq!(p.switches_from(Some(30), 3), vec![switch(30, 4)]);
     }
 
@@ -239,15 +287,77 @@ mod tests {
     fn the_metadata_stays_within_kafkas_bound_forgetting_the_oldest() {
         let mut p = Published::default();
         for i in 0..200 {
-            p = p.after(&format!("{i}-0"), Some(i * 10), &[switch(i * 10, i as u64)]);
+            p = p.after(
+                &format!("{i}-0"),
+                Some(i * 10),
+                &[switch(i * 10, i as u64)],
+                &[],
+            );
         }
         let m = p.metadata();
         assert!(m.len() <= METADATA_BUDGET, "{}", m.len());
-        assert_eq!(p.after("200-0", Some(1990), &[]).metadata().len(), m.len());
+        assert_eq!(
+            p.after("200-0", Some(1990), &[], &[]).metadata().len(),
+            m.len()
+        );
         let back = Published::parse(&m);
         let kept = back.switches.len();
         assert!(kept >= 8, "room for a useful history: {kept}");
         assert_eq!(back.switches.last(), Some(&switch(1990, 199)));
         assert_eq!(back.forgotten, Some(back.switches[0].offset - 10));
+    }
+
+    fn pass(offset: i64, upto: i64, cutoffs: u64) -> TimerPass {
+        TimerPass {
+            offset,
+            upto,
+            cutoffs,
+        }
+    }
+
+    #[test]
+    fn timer_passes_round_trip_merge_per_offset_and_share_the_budget() {
+        let p = Published::default()
+            .after(
+                "1-0",
+                Some(10),
+                &[],
+                &[pass(10, 1_000, 0), pass(10, 2_000, 0)],
+            )
+            .after("2-0", Some(12), &[switch(12, 1)], &[pass(12, 3_000, 0)])
+            .after(
+                "3-0",
+                Some(12),
+                &[],
+                &[pass(12, 4_000, 1), pass(12, 4_000, 1)],
+            );
+        // One per offset and cut-offs version, at the latest horizon.
+        assert_eq!(
+            p.passes,
+            vec![pass(10, 2_000, 0), pass(12, 3_000, 0), pass(12, 4_000, 1)]
+        );
+        let back = Published::parse(&p.metadata());
+        assert_eq!(back, p);
+        assert_eq!(back.passes_from(Some(11)).len(), 2);
+        assert_eq!(back.passes_from(None).len(), 3);
+        // Passes and switches give way oldest offset first.
+        let mut p = Published::default();
+        for i in 0..400 {
+            let switches = if i % 10 == 0 {
+                vec![switch(i, i as u64)]
+            } else {
+                vec![]
+            };
+            p = p.after(
+                &format!("{i}-0"),
+                Some(i),
+                &switches,
+                &[pass(i, i * 1_000, 0)],
+            );
+        }
+        assert!(p.metadata().len() <= METADATA_BUDGET);
+        let oldest = p.passes[0].offset.min(p.switches[0].offset);
+        assert_eq!(p.forgotten, Some(oldest - 1));
+        assert_eq!(p.passes.last(), Some(&pass(399, 399_000, 0)));
     }
 }

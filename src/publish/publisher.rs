@@ -21,7 +21,7 @@ use super::position::{OutboxPositions, Published};
 use super::producer::{self, RoundPosition, TxnError, TxnProducer};
 use crate::engine::rules::rank::CutoffsSwitch;
 use crate::store::keys::PartitionKeys;
-use crate::store::outbox::{self, EntryKind, OutboxError, StoredEntry};
+use crate::store::outbox::{self, EntryKind, OutboxError, StoredEntry, TimerPass};
 use crate::telemetry::{events, Telemetry};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -418,26 +418,38 @@ impl PartitionPublisher {
         let mut deliveries = Vec::with_capacity(round.len());
         let mut failed: Option<(usize, KafkaError)> = None;
         let mut switches = Vec::new();
+        let mut passes = Vec::new();
         for (index, stored) in round.iter().enumerate() {
             let entry = &stored.entry;
-            let topic =
-                match entry.kind {
-                    EntryKind::Change | EntryKind::Erased => &self.shared.output_topic,
-                    EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => {
-                        &self.shared.dead_letter_topic
-                    }
-                    EntryKind::AtRisk => &self.shared.at_risk_topic,
-                    EntryKind::Cutoffs => {
-                        // Not a record: it goes into the position committed with the round.
-                        let switch = serde_json::from_slice::<CutoffsSwitch>(&entry.value)
-                            .map_err(|e| PublishError::Malformed {
+            let topic = match entry.kind {
+                EntryKind::Change | EntryKind::Erased => &self.shared.output_topic,
+                EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => {
+                    &self.shared.dead_letter_topic
+                }
+                EntryKind::AtRisk => &self.shared.at_risk_topic,
+                EntryKind::Cutoffs => {
+                    // Not a record: it goes into the position committed with the round.
+                    let switch =
+                        serde_json::from_slice::<CutoffsSwitch>(&entry.value).map_err(|e| {
+                            PublishError::Malformed {
                                 id: stored.id.clone(),
                                 message: e.to_string(),
-                            })?;
-                        switches.push(switch);
-                        continue;
-                    }
-                };
+                            }
+                        })?;
+                    switches.push(switch);
+                    continue;
+                }
+                EntryKind::TimerPass => {
+                    let pass = serde_json::from_slice::<TimerPass>(&entry.value).map_err(|e| {
+                        PublishError::Malformed {
+                            id: stored.id.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    passes.push(pass);
+                    continue;
+                }
+            };
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
             if entry.kind != EntryKind::Erased {
                 record = record.payload(&entry.value);
@@ -501,6 +513,7 @@ impl PartitionPublisher {
                 &round[round.len() - 1].id,
                 round[round.len() - 1].end_offset,
                 &switches,
+                &passes,
             ),
         });
         let after = position.as_ref().map(|p| p.published.clone());
@@ -666,13 +679,14 @@ fn kind_index(kind: EntryKind) -> usize {
         EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => 1,
         EntryKind::AtRisk => 2,
         // Never produced (kept in the position), so never counted.
-        EntryKind::Cutoffs => 0,
+        EntryKind::Cutoffs | EntryKind::TimerPass => 0,
     }
 }
 
 fn kind_label(kind: EntryKind) -> &'static str {
     match kind {
         EntryKind::Cutoffs => "cutoffs",
+        EntryKind::TimerPass => "timer_pass",
         other => ["change", "dead_letter", "at_risk"][kind_index(other)],
     }
 }

@@ -23,6 +23,28 @@ pub enum EntryKind {
     ///
     /// [`CutoffsSwitch`]: crate::engine::rules::rank::CutoffsSwitch
     Cutoffs,
+    /// A wall-clock timer pass (a [`TimerPass`] as JSON): not a record; the publisher keeps
+    /// it in the published position, like a cut-offs switch.
+    TimerPass,
+}
+
+/// Where, in the partition's input, a wall-clock timer pass fired, and up to which due time.
+/// On the wall clock, which input precedes a time-driven change depends on when the pass ran
+/// (how far the partition had caught up, which late events had arrived): a replay after
+/// Redis lost writes fires its timers at the recorded offsets and horizons instead, so each
+/// change already published is decided again on the same input and comes out the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TimerPass {
+    /// The partition's next input offset when the pass ran (the input before it was applied).
+    #[serde(rename = "o")]
+    pub offset: i64,
+    /// Every timer due at or before this time fired (Unix ms).
+    #[serde(rename = "u")]
+    pub upto: i64,
+    /// The version of the rank cut-offs the pass evaluated with (orders it among the cut-offs
+    /// switches at the same offset).
+    #[serde(rename = "v", default)]
+    pub cutoffs: u64,
 }
 
 impl EntryKind {
@@ -35,6 +57,7 @@ impl EntryKind {
             Self::AtRisk => "n",
             Self::Erased => "e",
             Self::Cutoffs => "k",
+            Self::TimerPass => "t",
         }
     }
 
@@ -47,6 +70,7 @@ impl EntryKind {
             b"n" => Some(Self::AtRisk),
             b"e" => Some(Self::Erased),
             b"k" => Some(Self::Cutoffs),
+            b"t" => Some(Self::TimerPass),
             _ => None,
         }
     }

@@ -359,6 +359,28 @@ impl CutoffsReplayed {
     }
 }
 
+/// A replay fires the timers of a recorded wall-clock pass at its input offset.
+pub struct TimersReplayed {
+    /// The partition.
+    pub partition: i32,
+    /// The input offset the pass ran at.
+    pub offset: i64,
+    /// Its horizon (Unix ms).
+    pub upto: i64,
+}
+
+impl TimersReplayed {
+    /// Logs it.
+    pub fn emit(self, _t: &Telemetry) {
+        info!(
+            partition = self.partition,
+            offset = self.offset,
+            upto = self.upto,
+            "Replaying: firing the timers of a published pass at the input offset it ran at before."
+        );
+    }
+}
+
 /// A partition finished moving to new cut-offs.
 pub struct CutoffsApplied {
     /// The partition.

@@ -79,8 +79,11 @@ pub struct Claim {
     /// (Redis lost writes): the runner applies them at the same offsets (filled by the
     /// supervisor from the published position).
     pub replay_cutoffs: Vec<CutoffsSwitch>,
+    /// Wall-clock timer passes of changes already published, at or after `next_offset`: the
+    /// runner fires timers at the same offsets and horizons (filled by the supervisor).
+    pub replay_passes: Vec<crate::store::outbox::TimerPass>,
     /// The input offset the published changes reach (filled with `replay_cutoffs`): up to it a
-    /// replay keeps to the recorded cut-offs.
+    /// replay keeps to the recorded cut-offs and timer passes.
     pub replay_through: Option<i64>,
 }
 
@@ -156,6 +159,7 @@ pub fn claim(
         cutoffs: serde_json::from_str(field(5)).ok(),
         outbox_behind: field(6) == "behind",
         replay_cutoffs: Vec::new(),
+        replay_passes: Vec::new(),
         replay_through: None,
     })
 }
