@@ -54,6 +54,21 @@ impl Loaded {
 /// The customers one trigger works on, by id.
 pub type Working = HashMap<String, Loaded>;
 
+/// Starting buffer sizes for the JSON written per commit: a customer state (~500–900 bytes
+/// with its dedup memory) and a change event (~300–450). Serialising into a buffer of the
+/// right size instead of an empty one saves the reallocations and copies of growing it
+/// (profiled: `serde_json::to_vec` spent ~6 % of tierd's CPU in realloc).
+const STATE_CAPACITY: usize = 1024;
+const CHANGE_CAPACITY: usize = 512;
+
+/// `value` as JSON, serialised into a buffer of `capacity` bytes to start with.
+fn to_json(value: &impl serde::Serialize, capacity: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(capacity);
+    // Writing to a Vec cannot fail, and these types have no map with non-string keys.
+    serde_json::to_writer(&mut buf, value).expect("serializes to JSON");
+    buf
+}
+
 /// What one commit will write, accumulated while a trigger runs.
 #[derive(Debug, Default)]
 pub struct Draft {
@@ -121,7 +136,7 @@ impl Draft {
             self.outbox.push(OutboxEntry {
                 kind: EntryKind::Change,
                 key: customer_id.as_bytes().to_vec(),
-                value: serde_json::to_vec(&change).expect("change events serialize"),
+                value: to_json(&change, CHANGE_CAPACITY),
                 headers: Vec::new(),
             });
         }
@@ -131,7 +146,7 @@ impl Draft {
             self.outbox.push(OutboxEntry {
                 kind: EntryKind::AtRisk,
                 key: customer_id.as_bytes().to_vec(),
-                value: serde_json::to_vec(&notice).expect("notices serialize"),
+                value: to_json(&notice, CHANGE_CAPACITY),
                 headers: Vec::new(),
             });
         }
@@ -181,7 +196,7 @@ impl Draft {
             let value = if loaded.state.is_new() {
                 Vec::new()
             } else {
-                serde_json::to_vec(&loaded.state).expect("state serializes")
+                to_json(&loaded.state, STATE_CAPACITY)
             };
             batch.states.push((keys.customer(id), value));
             let timer = loaded.state.timer.map(|(due, _)| i128::from(due));
