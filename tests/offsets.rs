@@ -174,6 +174,24 @@ fn elect_uncleanly(world: &World) {
     assert_eq!(ends[&0], 9, "node 2's log: 3 old and 6 new records");
 }
 
+/// Checks that `tierd` stopped `partition` for the truncation and read nothing past it: the
+/// stored offset stays 7 and `customer` counts the 7 purchases applied before.
+fn stopped_at_the_truncation(world: &World, tierd: &Tierd, partition: i32, customer: &str) {
+    let body = wait_stopped(tierd, 1.0);
+    assert!(
+        body.contains(&format!("partition {partition}"))
+            && body.contains("librdkafka stopped fetching it"),
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        world.partition_meta(partition).1,
+        7,
+        "nothing read past the truncation"
+    );
+    assert_eq!(world.customer_state(customer).unwrap().count, 7);
+}
+
 /// An unclean leader election truncates the log under a running tierd, and the new leader's
 /// log grows past tierd's position before tierd fetches again (here: tierd stopped with
 /// SIGSTOP meanwhile), so the log bounds do not explain the error: librdkafka detects the
@@ -195,18 +213,7 @@ fn an_unclean_election_under_a_running_tierd_stops_the_partition() {
     elect_uncleanly(&world);
     tierd.signal("-CONT");
 
-    let body = wait_stopped(&tierd, 1.0);
-    assert!(
-        body.contains("partition 0") && body.contains("librdkafka stopped fetching it"),
-        "{body}"
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        world.partition_meta(0).1,
-        7,
-        "nothing read past the truncation"
-    );
-    assert_eq!(world.customer_state("ann").unwrap().count, 7);
+    stopped_at_the_truncation(&world, &tierd, 0, "ann");
 }
 
 /// The same election while no instance owns the partition: tierd starts on the stored offset
@@ -227,18 +234,7 @@ fn an_unclean_election_while_tierd_is_down_stops_the_partition() {
     elect_uncleanly(&world);
     let tierd = Tierd::spawn(&world, "");
     tierd.wait_partitions(1, Duration::from_secs(60));
-    let body = wait_stopped(&tierd, 1.0);
-    assert!(
-        body.contains("partition 0") && body.contains("librdkafka stopped fetching it"),
-        "{body}"
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        world.partition_meta(0).1,
-        7,
-        "nothing read past the truncation"
-    );
-    assert_eq!(world.customer_state("ann").unwrap().count, 7);
+    stopped_at_the_truncation(&world, &tierd, 0, "ann");
 }
 
 /// The stored leader epoch counts only with the offset it was stored with. An operator who
@@ -365,17 +361,6 @@ fn a_start_deferred_by_an_offset_commit_is_still_validated() {
     let ends = world.produce_json(&of("new", 6, "2026-11-02T10:00:00Z"));
     assert_eq!(ends[&1], 9, "node 2's log: 3 old and 6 new records");
 
-    let body = wait_stopped(&taker, 1.0);
-    assert!(
-        body.contains("partition 1") && body.contains("librdkafka stopped fetching it"),
-        "{body}"
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        world.partition_meta(1).1,
-        7,
-        "nothing read past the truncation"
-    );
-    assert_eq!(world.customer_state(&b).unwrap().count, 7);
+    stopped_at_the_truncation(&world, &taker, 1, &b);
     drop(owner);
 }

@@ -192,8 +192,9 @@ fn a_rollback_across_a_claim_is_replayed_exactly() {
 }
 
 /// Wall clock (the default): a timer fires when the partition is caught up, so which input
-/// precedes it depends on when it ran. Here Kim's recency bound fires (lapsed), then a
-/// purchase dated just before the bound arrives late (active again). Redis then loses both.
+/// precedes it depends on when it ran. Here Kim buys, her recency bound fires (lapsed), then
+/// a purchase dated just before the bound arrives late (active again). Redis then loses all
+/// three.
 /// The replay reads the late purchase at once, long after the bound: fired after it, the
 /// timer would find nothing to do, and the published lapse would never be decided again —
 /// its id reused for another change, the state not the one the published changes describe.
@@ -211,6 +212,9 @@ fn a_rollback_replays_wall_clock_timers_where_they_first_fired() {
     world.rules = rules.path().to_owned();
     let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
     tierd.wait_partitions(1, Duration::from_secs(60));
+    // Redis will lose everything from here: the replay applies Kim's first purchase, then
+    // must fire the recorded pass at the next offset, before the late purchase.
+    let before = world.snapshot();
     let due = time::now_ms() + 5_000;
     let ends = world.produce_json(&[purchase(
         "k1",
@@ -219,7 +223,6 @@ fn a_rollback_replays_wall_clock_timers_where_they_first_fired() {
         &time::format_ms(due - 86_400_000),
     )]);
     world.wait_applied(&ends, Duration::from_secs(60));
-    let before = world.snapshot();
     let changes = |n: usize| {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

@@ -101,6 +101,8 @@ struct Seek {
     leader_epoch: Option<i32>,
     /// When the seek was first asked for.
     since: Instant,
+    /// Whether librdkafka refused it yet because the fetch had not started (logged once).
+    deferred: bool,
 }
 
 /// The consumer's context: batches messages and handles rebalances through the supervisor.
@@ -151,8 +153,11 @@ const FENCE_WINDOW: Duration = Duration::from_secs(60);
 /// it is stopped (visibly: `/readyz`) instead of staying paused while shown as processed.
 const SEEK_DEADLINE: Duration = Duration::from_secs(60);
 
-/// How long one seek call waits for librdkafka's answer.
-const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one seek call waits for librdkafka's answer (the consumer thread waits with it).
+const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often held seeks are tried again.
+const SEEK_RETRY: Duration = Duration::from_millis(100);
 
 impl IngestContext {
     /// A context for `topic` over a supervisor.
@@ -238,6 +243,7 @@ impl IngestContext {
                 offset,
                 leader_epoch,
                 since: Instant::now(),
+                deferred: false,
             },
         );
     }
@@ -254,7 +260,8 @@ impl IngestContext {
     /// Seeks every held partition to its start and resumes those librdkafka accepted. A seek
     /// refused because the partition's fetch has not started yet (`__STATE`), is still
     /// stopping (`__PREV_IN_PROGRESS`) or did not answer in time is tried again on the next
-    /// call; any other error, or no acceptance within [`SEEK_DEADLINE`], stops the partition.
+    /// call; any other error, or no acceptance within [`SEEK_DEADLINE`], stops the partition
+    /// (and claims it again after [`RECLAIM_DELAY`] if the group still assigns it here).
     fn seek_due(&self, consumer: &BaseConsumer<Self>) {
         let due: Vec<(i32, Seek)> = self
             .seeks
@@ -282,7 +289,14 @@ impl IngestContext {
         let sought = match consumer.seek_partitions(tpl, SEEK_TIMEOUT) {
             Ok(sought) => sought,
             Err(error) => {
+                // A timeout of the whole call (librdkafka reports it for the call, not per
+                // partition): the deadline still applies to each.
                 warn!(%error, "Seeking to the claimed start offsets failed; trying again.");
+                for (partition, seek) in &due {
+                    if seek.since.elapsed() >= SEEK_DEADLINE {
+                        self.stop_unsought(consumer, *partition, &error.to_string());
+                    }
+                }
                 return;
             }
         };
@@ -300,7 +314,19 @@ impl IngestContext {
                     | RDKafkaErrorCode::OperationTimedOut,
                 )) if due
                     .iter()
-                    .any(|(p, s)| *p == partition && s.since.elapsed() < SEEK_DEADLINE) => {}
+                    .any(|(p, s)| *p == partition && s.since.elapsed() < SEEK_DEADLINE) =>
+                {
+                    if let Some(seek) = self
+                        .seeks
+                        .lock()
+                        .expect("seeks lock")
+                        .get_mut(&partition)
+                        .filter(|s| !s.deferred)
+                    {
+                        seek.deferred = true;
+                        info!(partition, error = %e.error().unwrap_err(), "Seek deferred: librdkafka has not started fetching the partition yet (an offset commit in flight, or partitions still stopping); held paused and trying again.");
+                    }
+                }
                 Err(error) => self.stop_unsought(consumer, partition, &error.to_string()),
             }
         }
@@ -318,10 +344,17 @@ impl IngestContext {
         for released in self.release(consumer, &[partition]) {
             self.supervisor.mark_stopped(
                 &released,
-                format!("seeking to the offset stored in Redis failed: {error}"),
+                format!(
+                    "seeking to the offset stored in Redis failed: {error}; claiming it again in {} s if the group still assigns it here",
+                    RECLAIM_DELAY.as_secs()
+                ),
             );
         }
         self.pause(consumer, partition);
+        self.reclaims
+            .lock()
+            .expect("reclaims lock")
+            .insert(partition, Instant::now() + RECLAIM_DELAY);
     }
 
     /// Releases `partitions`: drops their unsent messages (the next owner reads them again
@@ -909,13 +942,17 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
             }
             ctx.reclaim_due(&consumer);
             ctx.stop_not_fetching(&consumer);
-            if last_seek.elapsed() >= Duration::from_millis(20) {
+            if last_seek.elapsed() >= SEEK_RETRY {
                 ctx.seek_due(&consumer);
                 last_seek = Instant::now();
             }
             last_flush_check = Instant::now();
         }
-        if last_commit.elapsed() >= commit_interval {
+        // Not while a seek is held: librdkafka defers a new assignment's fetch start (and so
+        // the seek) while an offset commit is in flight.
+        if last_commit.elapsed() >= commit_interval
+            && ctx.seeks.lock().expect("seeks lock").is_empty()
+        {
             ctx.advisory_commit(&consumer, &ctx.applied_offsets());
             last_commit = Instant::now();
         }

@@ -26,7 +26,11 @@ impl Runner {
     /// published changes' input (switches to apply, or offsets below what they reach), it
     /// waits: the first run had no other cut-offs there.
     pub(super) async fn rank_step(&mut self) -> Result<(), ApplyError> {
-        if self.replaying() {
+        if !self.replay.is_empty()
+            || self
+                .replay_through
+                .is_some_and(|through| self.next_offset() < through)
+        {
             return Ok(());
         }
         let p = Arc::clone(&self.pipeline);

@@ -86,6 +86,8 @@ pub struct Runner {
     /// Wall-clock timer passes of changes already published, still to be fired again at
     /// their input offsets (Redis lost writes), in order.
     replay_passes: VecDeque<TimerPass>,
+    /// From which input offset on the recorded passes are complete.
+    replay_passes_from: Option<i64>,
     /// The input offset the changes already published reach: below it, no cut-offs but the
     /// recorded ones apply.
     pub(super) replay_through: Option<i64>,
@@ -121,6 +123,7 @@ impl Runner {
             outbox_len: 0,
             replay: claim.replay_cutoffs.iter().cloned().collect(),
             replay_passes: claim.replay_passes.iter().copied().collect(),
+            replay_passes_from: claim.replay_passes_from,
             replay_through: claim.replay_through,
             last_commit: Instant::now(),
         }
@@ -157,8 +160,8 @@ impl Runner {
                     None => break,
                 },
                 // While a replay is inside the published changes' input, timers fire only at
-                // the recorded passes (see `replay_steps_through`).
-                _ = tick.tick(), if ticking && !self.replaying() => {
+                // the recorded passes (see `replay_switches_through`).
+                _ = tick.tick(), if ticking && !self.ticks_held() => {
                     let upto = self.wall_timer_horizon(time::now_ms());
                     self.fire_pass(upto).await
                 }
@@ -197,13 +200,14 @@ impl Runner {
     }
 
     /// Whether the partition is replaying input whose changes were already published (Redis
-    /// lost writes): the recorded cut-offs switches and timer passes apply there, no others.
-    pub(super) fn replaying(&self) -> bool {
-        !self.replay.is_empty()
-            || !self.replay_passes.is_empty()
-            || self
-                .replay_through
-                .is_some_and(|through| self.next_offset() < through)
+    /// lost writes) and whose wall-clock timer passes are all recorded: timers fire there
+    /// only at the recorded passes. Where the record is incomplete (before its first pass:
+    /// an older binary; a history cut for room) they fire as the backlog is applied.
+    fn ticks_held(&self) -> bool {
+        let next = self.next_offset();
+        self.replay_passes_from.is_some_and(|from| next >= from)
+            && (!self.replay_passes.is_empty()
+                || self.replay_through.is_some_and(|through| next < through))
     }
 
     /// Fires the timers due up to `upto` (a wall-clock pass), recording the pass with its

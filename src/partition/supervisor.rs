@@ -216,7 +216,8 @@ impl Supervisor {
             // offsets, so each is published again with the same body.
             let applied = claim.cutoffs.as_ref().map_or(0, |c| c.version);
             claim.replay_cutoffs = published.switches_from(claim.next_offset, applied);
-            claim.replay_passes = published.passes_from(claim.next_offset);
+            claim.replay_passes = published.passes_to_replay(claim.next_offset);
+            claim.replay_passes_from = published.passes_from;
             claim.replay_through = published.through;
             if let Some(forgotten) = published
                 .forgotten

@@ -33,6 +33,11 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The metadata's size bound: Kafka's default `offset.metadata.max.bytes` is 4096.
 const METADATA_BUDGET: usize = 3500;
 
+/// The part of [`METADATA_BUDGET`] timer passes may take (~30 passes), so that frequent
+/// passes never crowd out the rarer, larger cut-offs switches (about 15 moves of the pyramid
+/// fit in the rest).
+const PASSES_BUDGET: usize = 1300;
+
 /// What Kafka holds about a partition's published outbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
@@ -47,6 +52,12 @@ pub struct Published {
     /// horizon covers an earlier one: each timer is evaluated at its own due time).
     #[serde(rename = "t", default, skip_serializing_if = "Vec::is_empty")]
     pub passes: Vec<TimerPass>,
+    /// From which input offset on `passes` holds every pass that fired anything: the first
+    /// pass recorded, raised past each pass dropped for room. Below it (an older binary, a
+    /// history cut for room) a replay cannot know where timers fired, and fires them as the
+    /// backlog is applied.
+    #[serde(rename = "tc", default, skip_serializing_if = "Option::is_none")]
+    pub passes_from: Option<i64>,
     /// The offset of the newest switch or pass dropped for room: a replay from before it
     /// cannot be reproduced exactly.
     #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
@@ -95,12 +106,26 @@ impl Published {
             return next;
         }
         for pass in passes {
-            match next.passes.last_mut() {
-                Some(last) if last.offset == pass.offset && last.cutoffs == pass.cutoffs => {
-                    last.upto = last.upto.max(pass.upto);
-                }
-                _ => next.passes.push(*pass),
+            if let Some(known) = next
+                .passes
+                .iter_mut()
+                .find(|k| k.offset == pass.offset && k.cutoffs == pass.cutoffs)
+            {
+                known.upto = known.upto.max(pass.upto);
+            } else if next
+                .passes
+                .last()
+                .is_none_or(|last| last.offset <= pass.offset)
+            {
+                next.passes.push(*pass);
+                next.passes_from = next.passes_from.or(Some(pass.offset));
             }
+            // Otherwise an older pass fired again by a replay whose entry was dropped for
+            // room: it stays forgotten.
+        }
+        while serde_json::to_string(&next.passes).map_or(0, |s| s.len()) > PASSES_BUDGET {
+            let dropped = next.passes.remove(0);
+            next.passes_from = next.passes_from.max(Some(dropped.offset + 1));
         }
         for s in switches {
             let known = next
@@ -111,16 +136,9 @@ impl Published {
                 next.switches.push(s.clone());
             }
         }
-        while next.metadata().len() > METADATA_BUDGET {
-            let oldest_switch = next.switches.first().map(|s| s.offset);
-            let oldest_pass = next.passes.first().map(|p| p.offset);
-            let dropped = match (oldest_switch, oldest_pass) {
-                (Some(s), Some(p)) if p <= s => next.passes.remove(0).offset,
-                (Some(_), _) => next.switches.remove(0).offset,
-                (None, Some(_)) => next.passes.remove(0).offset,
-                (None, None) => break,
-            };
-            next.forgotten = next.forgotten.max(Some(dropped));
+        while next.metadata().len() > METADATA_BUDGET && !next.switches.is_empty() {
+            let dropped = next.switches.remove(0);
+            next.forgotten = next.forgotten.max(Some(dropped.offset));
         }
         next
     }
@@ -129,6 +147,7 @@ impl Published {
     pub fn metadata(&self) -> String {
         if self.switches.is_empty()
             && self.passes.is_empty()
+            && self.passes_from.is_none()
             && self.forgotten.is_none()
             && self.through.is_none()
         {
@@ -153,7 +172,7 @@ impl Published {
     /// The timer passes a replay from `next_offset` must fire again, in order: those at or
     /// after it (one at `next_offset` itself may be in the stored state already; firing it
     /// again finds nothing due).
-    pub fn passes_from(&self, next_offset: Option<i64>) -> Vec<TimerPass> {
+    pub fn passes_to_replay(&self, next_offset: Option<i64>) -> Vec<TimerPass> {
         let from = next_offset.unwrap_or(i64::MIN);
         self.passes
             .iter()
@@ -338,9 +357,15 @@ mod tests {
         );
         let back = Published::parse(&p.metadata());
         assert_eq!(back, p);
-        assert_eq!(back.passes_from(Some(11)).len(), 2);
-        assert_eq!(back.passes_from(None).len(), 3);
-        // Passes and switches give way oldest offset first.
+        assert_eq!(back.passes_to_replay(Some(11)).len(), 2);
+        assert_eq!(back.passes_to_replay(None).len(), 3);
+        assert_eq!(back.passes_from, Some(10));
+        // A replay fires a known pass again, and an older one whose entry was dropped: neither
+        // is added twice or out of order.
+        let again = back.after("4-0", Some(12), &[], &[pass(10, 2_000, 0), pass(9, 500, 0)]);
+        assert_eq!(again.passes, back.passes);
+        // Passes keep to their share: switches keep their room, and the passes' coverage moves
+        // past what they dropped.
         let mut p = Published::default();
         for i in 0..400 {
             let switches = if i % 10 == 0 {
@@ -356,8 +381,14 @@ mod tests {
             );
         }
         assert!(p.metadata().len() <= METADATA_BUDGET);
-        let oldest = p.passes[0].offset.min(p.switches[0].offset);
-        assert_eq!(p.forgotten, Some(oldest - 1));
+        assert!(serde_json::to_string(&p.passes).unwrap().len() <= PASSES_BUDGET);
+        assert!(
+            p.switches.len() >= 8,
+            "switches keep room: {}",
+            p.switches.len()
+        );
+        assert!(p.passes.len() >= 25, "{}", p.passes.len());
+        assert_eq!(p.passes_from, Some(p.passes[0].offset));
         assert_eq!(p.passes.last(), Some(&pass(399, 399_000, 0)));
     }
 }

@@ -82,6 +82,9 @@ pub struct Claim {
     /// Wall-clock timer passes of changes already published, at or after `next_offset`: the
     /// runner fires timers at the same offsets and horizons (filled by the supervisor).
     pub replay_passes: Vec<crate::store::outbox::TimerPass>,
+    /// From which input offset on the recorded passes are complete (see
+    /// `publish::position::Published::passes_from`).
+    pub replay_passes_from: Option<i64>,
     /// The input offset the published changes reach (filled with `replay_cutoffs`): up to it a
     /// replay keeps to the recorded cut-offs and timer passes.
     pub replay_through: Option<i64>,
@@ -160,6 +163,7 @@ pub fn claim(
         outbox_behind: field(6) == "behind",
         replay_cutoffs: Vec::new(),
         replay_passes: Vec::new(),
+        replay_passes_from: None,
         replay_through: None,
     })
 }
