@@ -99,7 +99,11 @@ impl Published {
     ) -> Self {
         let mut next = Self {
             last_id: Some(last_id.to_owned()),
-            through: through.or(self.through),
+            // Never backwards: a replay's first commits (cut-offs re-applied at the replay's
+            // start offset) are published with a lower end offset than the changes already
+            // published, and the next claim must still keep to the recorded cut-offs up to
+            // the furthest published input.
+            through: through.max(self.through),
             ..self.clone()
         };
         if switches.is_empty() && passes.is_empty() {
@@ -295,6 +299,8 @@ mod tests {
         assert_eq!(back, p);
         assert_eq!(back.last_id.as_deref(), Some("2-0"));
         assert_eq!(back.through, Some(25));
+        // A replay publishes from further back: the published input's end stays where it was.
+        assert_eq!(back.after("3-0", Some(12), &[], &[]).through, Some(25));
         assert_eq!(back.switches_from(Some(11), 0), vec![switch(20, 2)]);
         assert_eq!(back.switches_from(None, 0).len(), 2);
         // Two moves at one offset, the first already in the stored state.
