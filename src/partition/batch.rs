@@ -92,6 +92,8 @@ impl Runner {
                     let loaded = work
                         .get_mut(event.customer_id.as_str())
                         .expect("loaded above");
+                    // During a rules sweep: moved to the new rules first, as a page would have.
+                    self.sweep_first(&mut draft, &event.customer_id, loaded);
                     let fresh = loaded.state.is_new();
                     match loaded.state.apply(event, &p.rules, p.dedup, now, &cutoffs) {
                         Applied::Counted(outcome) => {

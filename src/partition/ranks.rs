@@ -211,6 +211,7 @@ impl Runner {
                         draft.orphans.extend(sets.map(|set| (set, id.clone())));
                         continue;
                     }
+                    self.sweep_first(&mut draft, id, loaded);
                     let outcome =
                         self.reevaluate_at(&mut draft, id, loaded, Trigger::RankShift, now);
                     evaluated += 1;

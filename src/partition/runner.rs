@@ -9,6 +9,7 @@
 //! sequence of evaluations depends only on the input, never on batching or restarts.
 
 use super::draft::{Draft, Loaded, Position, Working};
+use super::sweep::SweepState;
 use super::timers::EarliestDue;
 use super::{PartitionStatus, Pipeline};
 use crate::config::ClockMode;
@@ -70,8 +71,8 @@ pub struct Runner {
     /// `wall` mode: the latest Kafka message time applied (capped at the wall clock then):
     /// while the partition lags, everything that happened before it has been applied.
     pub(super) applied_until: Option<i64>,
-    /// While a rules-version sweep is under way: its SCAN cursor.
-    pub(super) sweep: Option<u64>,
+    /// The running rules version's sweep on this partition.
+    pub(super) sweep: SweepState,
     /// The rank cut-offs evaluations use.
     pub(super) cutoffs: Arc<Cutoffs>,
     /// Partition 0's owner: when cut-offs were last computed, and the populations then.
@@ -104,7 +105,11 @@ impl Runner {
         partition: i32,
     ) -> Self {
         let cap = NonZeroUsize::new(pipeline.cache_customers).unwrap_or(NonZeroUsize::MIN);
-        let sweep = (claim.swept_rules != Some(rules_hash(pipeline.rules.version()))).then_some(0);
+        let sweep = SweepState::after_claim(
+            claim,
+            rules_hash(pipeline.rules.version()),
+            Self::engine_time(pipeline.clock.mode, claim.clock),
+        );
         Self {
             partition,
             store,
@@ -143,8 +148,15 @@ impl Runner {
         let mut rank_tick = interval(p.ranks.check_every);
         let mut outbox_tick = interval(OUTBOX_CHECK);
         let mut verify_tick = interval(VERIFY_EVERY);
-        if self.sweep.is_none() {
-            p.telemetry.rules_sweep_done.inc();
+        match self.sweep {
+            SweepState::Done => p.telemetry.rules_sweep_done.inc(),
+            SweepState::Running(sweep) if sweep.record.is_none() => events::SweepResumed {
+                partition: self.partition,
+                offset: self.next_offset(),
+                at: sweep.at,
+            }
+            .emit(&p.telemetry),
+            _ => {}
         }
         if let Err(error) = self.replay_switches_through(self.next_offset()).await {
             return self.exit(&error);
@@ -165,10 +177,7 @@ impl Runner {
                     let upto = self.wall_timer_horizon(time::now_ms());
                     self.fire_pass(upto).await
                 }
-                // Under rank-based rules the sweep waits for cut-offs of the running rules, so
-                // it does not place everyone with no cut-offs first.
-                _ = sweep_tick.tick(), if self.sweep.is_some()
-                    && (!ranked || self.cutoffs.rules == rules_hash(p.rules.version())) => {
+                _ = sweep_tick.tick(), if self.sweep_running().is_some() => {
                     self.sweep_step().await
                 }
                 _ = rank_tick.tick(), if ranked => self.rank_step().await,
@@ -181,7 +190,7 @@ impl Runner {
             self.bound_outbox();
         }
         info!(partition = self.partition, "Partition runner finished.");
-        if self.sweep.is_none() {
+        if self.sweep == SweepState::Done {
             p.telemetry.rules_sweep_done.dec();
         }
         RunnerExit::Finished
@@ -224,14 +233,20 @@ impl Runner {
         r
     }
 
-    /// The input offset of the next recorded switch or pass to replay.
+    /// The input offset of the next recorded switch, pass or sweep start to replay.
     fn next_replay_offset(&self) -> Option<i64> {
-        let switch = self.replay.front().map(|s| s.offset);
-        let pass = self.replay_passes.front().map(|p| p.offset);
-        match (switch, pass) {
-            (Some(s), Some(p)) => Some(s.min(p)),
-            (s, p) => s.or(p),
-        }
+        let sweep = match self.sweep {
+            SweepState::Pending(recorded) => Some(recorded.offset),
+            _ => None,
+        };
+        [
+            self.replay.front().map(|s| s.offset),
+            self.replay_passes.front().map(|p| p.offset),
+            sweep,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Applies a batch; during a replay, the published cut-offs switches and timer passes it
@@ -260,6 +275,11 @@ impl Runner {
     /// before `offset`, in the order they first ran: at one offset, a pass evaluated with
     /// cut-offs version v follows the switches up to v and precedes the later ones.
     async fn replay_switches_through(&mut self, offset: i64) -> Result<(), ApplyError> {
+        // A recorded sweep start goes first at its offset: the owner that started it did so
+        // when it claimed the partition, before any pass or switch of its own.
+        if matches!(self.sweep, SweepState::Pending(s) if s.offset <= offset) {
+            self.resume_pending_sweep();
+        }
         loop {
             let switch = self
                 .replay
@@ -386,26 +406,20 @@ impl Runner {
     /// Engine time now for operator-level triggers: the wall clock, or the partition's
     /// event-time clock.
     pub(super) fn engine_now(&self) -> i64 {
-        match self.pipeline.clock.mode {
+        Self::engine_time(self.pipeline.clock.mode, self.clock)
+    }
+
+    /// [`Self::engine_now`] in `mode` for a partition whose event-time clock is `clock`.
+    pub(super) fn engine_time(mode: ClockMode, clock: Option<i64>) -> i64 {
+        match mode {
             ClockMode::Wall => time::now_ms(),
-            ClockMode::Event => self.clock.unwrap_or(i64::MIN),
+            ClockMode::Event => clock.unwrap_or(i64::MIN),
         }
     }
 
     /// Re-evaluates a stored customer for an operator-level trigger (rules sweep, new rank
-    /// cut-offs) at engine time now (the customer's own engine time never runs backwards, see
-    /// `CustomerState::evaluate`).
-    pub(super) fn reevaluate(
-        &self,
-        draft: &mut Draft,
-        id: &str,
-        loaded: &mut Loaded,
-        trigger: Trigger,
-    ) -> Outcome {
-        self.reevaluate_at(draft, id, loaded, trigger, self.engine_now())
-    }
-
-    /// [`Self::reevaluate`] at engine time `now`.
+    /// cut-offs) at engine time `now` (the customer's own engine time never runs backwards,
+    /// see `CustomerState::evaluate`).
     pub(super) fn reevaluate_at(
         &self,
         draft: &mut Draft,
@@ -446,6 +460,9 @@ impl Runner {
             expected_commits: self.commits,
             clock: self.clock.filter(|_| p.clock.mode == ClockMode::Event),
         };
+        if let Some(record) = self.take_sweep_record() {
+            draft.outbox.insert(0, record);
+        }
         let ranks = self.store.rank_keys().len();
         let batch = draft.take_batch(position, work, self.store.keys(), ranks);
         let committed = self.store.commit(&batch).await?;

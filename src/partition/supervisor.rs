@@ -219,6 +219,7 @@ impl Supervisor {
             claim.replay_passes = published.passes_to_replay(claim.next_offset);
             claim.replay_passes_from = published.passes_from;
             claim.replay_through = published.through;
+            claim.published_sweep = published.sweep;
             if let Some(forgotten) = published
                 .forgotten
                 .filter(|&f| f >= claim.next_offset.unwrap_or(0))

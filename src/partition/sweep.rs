@@ -3,23 +3,145 @@
 //! Restartable: customers already evaluated under this version are skipped, so a crash
 //! mid-sweep neither loses nor repeats a change; the completed sweep is recorded in the
 //! partition's meta so a restart does not scan again.
+//!
+//! Reproducible: every customer is re-evaluated at one engine time, the sweep's start
+//! ([`RulesSweep`], recorded with the first commit after it and resumed by every later owner
+//! and replay), and a customer still under another version is re-evaluated before anything
+//! else touches them — an event, a timer, a re-ranking — if no page reached them yet. So each
+//! sweep change is the same whichever comes first, and a replay after Redis lost writes
+//! publishes it again with the same body.
 
-use super::draft::Working;
+use super::draft::{Draft, Loaded, Working};
 use super::runner::Runner;
 use crate::engine::Trigger;
 use crate::model::state::rules_hash;
-use crate::store::partition::ApplyError;
+use crate::store::outbox::{EntryKind, OutboxEntry, RulesSweep};
+use crate::store::partition::{ApplyError, Claim};
 use crate::telemetry::events;
 use std::sync::Arc;
 
+/// A rules sweep under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    /// The SCAN cursor of the next page.
+    pub cursor: u64,
+    /// The engine time every customer is re-evaluated at.
+    pub at: i64,
+    /// The start to record with this owner's next commit (a sweep this owner started).
+    pub record: Option<RulesSweep>,
+}
+
+/// Where a partition stands with the running rules version's sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepState {
+    /// Done (or nothing to sweep).
+    Done,
+    /// Under way.
+    Running(Sweep),
+    /// A replay after Redis lost writes: the recorded sweep starts again when the input
+    /// reaches its offset.
+    Pending(RulesSweep),
+}
+
+impl SweepState {
+    /// The state a claim leaves the partition in, for rules version hash `rules` and engine
+    /// time `now` (a sweep started now is recorded at the claimed offset).
+    pub fn after_claim(claim: &Claim, rules: u32, now: i64) -> Self {
+        if claim.swept_rules == Some(rules) {
+            return Self::Done;
+        }
+        let of_rules = |s: Option<RulesSweep>| s.filter(|s| s.rules == rules);
+        let next_offset = claim.next_offset.unwrap_or(-1);
+        match of_rules(claim.published_sweep).or(of_rules(claim.sweep)) {
+            Some(recorded) if recorded.offset > next_offset => Self::Pending(recorded),
+            Some(recorded) => Self::Running(Sweep {
+                cursor: 0,
+                at: recorded.at,
+                record: None,
+            }),
+            None => Self::Running(Sweep {
+                cursor: 0,
+                at: now,
+                record: Some(RulesSweep {
+                    offset: next_offset,
+                    at: now,
+                    rules,
+                }),
+            }),
+        }
+    }
+}
+
 impl Runner {
+    /// The sweep under way, if it may re-evaluate customers now: under rank-based rules it
+    /// waits for cut-offs of the running rules, so it does not place everyone with no
+    /// cut-offs first.
+    pub(super) fn sweep_running(&self) -> Option<Sweep> {
+        let SweepState::Running(sweep) = self.sweep else {
+            return None;
+        };
+        let p = &self.pipeline;
+        (!p.rules.uses_ranks() || self.cutoffs.rules == rules_hash(p.rules.version()))
+            .then_some(sweep)
+    }
+
+    /// During a sweep, re-evaluates a stored customer still under another rules version at
+    /// the sweep's time, before a trigger touches them. Returns whether it did.
+    pub(super) fn sweep_first(&self, draft: &mut Draft, id: &str, loaded: &mut Loaded) -> bool {
+        let Some(sweep) = self.sweep_running() else {
+            return false;
+        };
+        let p = &self.pipeline;
+        if loaded.state.is_new() || loaded.state.rules_hash == rules_hash(p.rules.version()) {
+            return false;
+        }
+        self.reevaluate_at(draft, id, loaded, Trigger::RulesChanged, sweep.at);
+        p.telemetry.rules_sweep_customers.inc();
+        true
+    }
+
+    /// The sweep's start to commit with the next commit, if this owner started it: the
+    /// commit script keeps it in the meta, the publisher in the published position.
+    pub(super) fn take_sweep_record(&mut self) -> Option<OutboxEntry> {
+        let SweepState::Running(sweep) = &mut self.sweep else {
+            return None;
+        };
+        let record = sweep.record.take()?;
+        Some(OutboxEntry {
+            kind: EntryKind::RulesSweep,
+            key: Vec::new(),
+            value: serde_json::to_vec(&record).expect("sweeps serialize"),
+            headers: Vec::new(),
+        })
+    }
+
+    /// A replay reached the offset a recorded sweep started at: it starts again, at its time.
+    pub(super) fn resume_pending_sweep(&mut self) {
+        if let SweepState::Pending(recorded) = self.sweep {
+            events::SweepResumed {
+                partition: self.partition,
+                offset: recorded.offset,
+                at: recorded.at,
+            }
+            .emit(&self.pipeline.telemetry);
+            self.sweep = SweepState::Running(Sweep {
+                cursor: 0,
+                at: recorded.at,
+                record: None,
+            });
+        }
+    }
+
     /// Re-evaluates the next page of the sweep, if one is under way.
     pub(super) async fn sweep_step(&mut self) -> Result<(), ApplyError> {
-        let Some(cursor) = self.sweep else {
+        let Some(sweep) = self.sweep_running() else {
             return Ok(());
         };
         let p = Arc::clone(&self.pipeline);
-        let (next, ids) = self.store.scan_customer_ids(cursor, p.sweep_page).await?;
+        let (next, ids) = self
+            .store
+            .scan_customer_ids(sweep.cursor, p.sweep_page)
+            .await?;
         let mut work = Working::new();
         self.load(ids.iter().cloned(), &mut work).await?;
         let hash = rules_hash(p.rules.version());
@@ -27,10 +149,10 @@ impl Runner {
         let mut swept = 0u64;
         for id in &ids {
             let loaded = work.get_mut(id.as_str()).expect("loaded above");
-            if loaded.state.rules_hash == hash {
+            if loaded.state.is_new() || loaded.state.rules_hash == hash {
                 continue;
             }
-            self.reevaluate(&mut draft, id, loaded, Trigger::RulesChanged);
+            self.reevaluate_at(&mut draft, id, loaded, Trigger::RulesChanged, sweep.at);
             swept += 1;
         }
         let done = next == 0;
@@ -39,7 +161,12 @@ impl Runner {
             self.commit(&mut draft, &mut work).await?;
         }
         self.keep(work);
-        self.sweep = (!done).then_some(next);
+        if let SweepState::Running(s) = &mut self.sweep {
+            s.cursor = next;
+        }
+        if done {
+            self.sweep = SweepState::Done;
+        }
         events::RulesSwept {
             partition: self.partition,
             customers: swept,

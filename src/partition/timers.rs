@@ -82,6 +82,13 @@ impl Runner {
             for (id, at) in &due {
                 let loaded = work.get_mut(id.as_str()).expect("loaded above");
                 loaded.dirty = true;
+                if self.sweep_first(&mut draft, id, loaded)
+                    && loaded.state.timer.is_none_or(|(d, _)| d != *at)
+                {
+                    // Moved to the new rules first, which set another timer (or none): the
+                    // commit re-indexes it.
+                    continue;
+                }
                 match loaded.state.timer {
                     Some((d, cause)) if d == *at => {
                         let outcome =

@@ -20,7 +20,7 @@
 
 use crate::config::KafkaConfig;
 use crate::engine::rules::rank::CutoffsSwitch;
-use crate::store::outbox::TimerPass;
+use crate::store::outbox::{RulesSweep, TimerPass};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -58,6 +58,10 @@ pub struct Published {
     /// backlog is applied.
     #[serde(rename = "tc", default, skip_serializing_if = "Option::is_none")]
     pub passes_from: Option<i64>,
+    /// The latest rules sweep started (the first record of a rules version is kept: a resumed
+    /// sweep keeps its time).
+    #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<RulesSweep>,
     /// The offset of the newest switch or pass dropped for room: a replay from before it
     /// cannot be reproduced exactly.
     #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +100,7 @@ impl Published {
         through: Option<i64>,
         switches: &[CutoffsSwitch],
         passes: &[TimerPass],
+        sweep: Option<RulesSweep>,
     ) -> Self {
         let mut next = Self {
             last_id: Some(last_id.to_owned()),
@@ -106,6 +111,11 @@ impl Published {
             through: through.max(self.through),
             ..self.clone()
         };
+        if let Some(sweep) = sweep {
+            if next.sweep.is_none_or(|known| known.rules != sweep.rules) {
+                next.sweep = Some(sweep);
+            }
+        }
         if switches.is_empty() && passes.is_empty() {
             return next;
         }
@@ -152,6 +162,7 @@ impl Published {
         if self.switches.is_empty()
             && self.passes.is_empty()
             && self.passes_from.is_none()
+            && self.sweep.is_none()
             && self.forgotten.is_none()
             && self.through.is_none()
         {
@@ -292,19 +303,23 @@ mod tests {
     #[test]
     fn switches_round_trip_once_each_and_filter_by_offset() {
         let p = Published::default()
-            .after("1-0", Some(10), &[switch(10, 1)], &[])
-            .after("2-0", Some(25), &[switch(10, 1), switch(20, 2)], &[]);
+            .after("1-0", Some(10), &[switch(10, 1)], &[], None)
+            .after("2-0", Some(25), &[switch(10, 1), switch(20, 2)], &[], None);
         assert_eq!(p.switches, vec![switch(10, 1), switch(20, 2)]);
         let back = Published::parse(&p.metadata());
         assert_eq!(back, p);
         assert_eq!(back.last_id.as_deref(), Some("2-0"));
         assert_eq!(back.through, Some(25));
         // A replay publishes from further back: the published input's end stays where it was.
-        assert_eq!(back.after("3-0", Some(12), &[], &[]).through, Some(25));
+        assert_eq!(
+            back.after("3-0", Some(12), &[], &[], None).through,
+            Some(25)
+        );
         assert_eq!(back.switches_from(Some(11), 0), vec![switch(20, 2)]);
         assert_eq!(back.switches_from(None, 0).len(), 2);
         // Two moves at one offset, the first already in the stored state.
-        let p = Published::default().after("3-0", Some(30), &[switch(30, 3), switch(30, 4)], &[]);
+        let p =
+            Published::default().after("3-0", Some(30), &[switch(30, 3), switch(30, 4)], &[], None);
         assert_eq!(p.switches_from(Some(30), 3), vec![switch(30, 4)]);
     }
 
@@ -317,12 +332,15 @@ mod tests {
                 Some(i * 10),
                 &[switch(i * 10, i as u64)],
                 &[],
+                None,
             );
         }
         let m = p.metadata();
         assert!(m.len() <= METADATA_BUDGET, "{}", m.len());
         assert_eq!(
-            p.after("200-0", Some(1990), &[], &[]).metadata().len(),
+            p.after("200-0", Some(1990), &[], &[], None)
+                .metadata()
+                .len(),
             m.len()
         );
         let back = Published::parse(&m);
@@ -348,13 +366,21 @@ mod tests {
                 Some(10),
                 &[],
                 &[pass(10, 1_000, 0), pass(10, 2_000, 0)],
+                None,
             )
-            .after("2-0", Some(12), &[switch(12, 1)], &[pass(12, 3_000, 0)])
+            .after(
+                "2-0",
+                Some(12),
+                &[switch(12, 1)],
+                &[pass(12, 3_000, 0)],
+                None,
+            )
             .after(
                 "3-0",
                 Some(12),
                 &[],
                 &[pass(12, 4_000, 1), pass(12, 4_000, 1)],
+                None,
             );
         // One per offset and cut-offs version, at the latest horizon.
         assert_eq!(
@@ -368,7 +394,13 @@ mod tests {
         assert_eq!(back.passes_from, Some(10));
         // A replay fires a known pass again, and an older one whose entry was dropped: neither
         // is added twice or out of order.
-        let again = back.after("4-0", Some(12), &[], &[pass(10, 2_000, 0), pass(9, 500, 0)]);
+        let again = back.after(
+            "4-0",
+            Some(12),
+            &[],
+            &[pass(10, 2_000, 0), pass(9, 500, 0)],
+            None,
+        );
         assert_eq!(again.passes, back.passes);
         // Passes keep to their share: switches keep their room, and the passes' coverage moves
         // past what they dropped.
@@ -384,6 +416,7 @@ mod tests {
                 Some(i),
                 &switches,
                 &[pass(i, i * 1_000, 0)],
+                None,
             );
         }
         assert!(p.metadata().len() <= METADATA_BUDGET);
@@ -396,5 +429,23 @@ mod tests {
         assert!(p.passes.len() >= 25, "{}", p.passes.len());
         assert_eq!(p.passes_from, Some(p.passes[0].offset));
         assert_eq!(p.passes.last(), Some(&pass(399, 399_000, 0)));
+    }
+
+    #[test]
+    fn a_rules_sweep_keeps_its_first_record_per_rules_version() {
+        let sweep = |offset, at, rules| RulesSweep { offset, at, rules };
+        let p = Published::default().after("1-0", Some(10), &[], &[], Some(sweep(10, 1_000, 7)));
+        let back = Published::parse(&p.metadata());
+        assert_eq!(back.sweep, Some(sweep(10, 1_000, 7)));
+        // A resumed sweep recorded again (another owner, a replay) keeps the first time.
+        let again = back.after("2-0", Some(12), &[], &[], Some(sweep(12, 2_000, 7)));
+        assert_eq!(again.sweep, Some(sweep(10, 1_000, 7)));
+        assert_eq!(
+            again.after("3-0", Some(12), &[], &[], None).sweep,
+            again.sweep
+        );
+        // A newer rules version replaces it.
+        let next = again.after("4-0", Some(20), &[], &[], Some(sweep(20, 3_000, 8)));
+        assert_eq!(next.sweep, Some(sweep(20, 3_000, 8)));
     }
 }

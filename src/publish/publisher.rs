@@ -21,7 +21,7 @@ use super::position::{OutboxPositions, Published};
 use super::producer::{self, RoundPosition, TxnError, TxnProducer};
 use crate::engine::rules::rank::CutoffsSwitch;
 use crate::store::keys::PartitionKeys;
-use crate::store::outbox::{self, EntryKind, OutboxError, StoredEntry, TimerPass};
+use crate::store::outbox::{self, EntryKind, OutboxError, RulesSweep, StoredEntry, TimerPass};
 use crate::telemetry::{events, Telemetry};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -419,6 +419,7 @@ impl PartitionPublisher {
         let mut failed: Option<(usize, KafkaError)> = None;
         let mut switches = Vec::new();
         let mut passes = Vec::new();
+        let mut sweep = None;
         for (index, stored) in round.iter().enumerate() {
             let entry = &stored.entry;
             let topic = match entry.kind {
@@ -447,6 +448,20 @@ impl PartitionPublisher {
                         }
                     })?;
                     passes.push(pass);
+                    continue;
+                }
+                EntryKind::RulesSweep => {
+                    let started =
+                        serde_json::from_slice::<RulesSweep>(&entry.value).map_err(|e| {
+                            PublishError::Malformed {
+                                id: stored.id.clone(),
+                                message: e.to_string(),
+                            }
+                        })?;
+                    // The first one of a version counts (see `Published::after`).
+                    if sweep.is_none_or(|s: RulesSweep| s.rules != started.rules) {
+                        sweep = Some(started);
+                    }
                     continue;
                 }
             };
@@ -514,6 +529,7 @@ impl PartitionPublisher {
                 round[round.len() - 1].end_offset,
                 &switches,
                 &passes,
+                sweep,
             ),
         });
         let after = position.as_ref().map(|p| p.published.clone());
@@ -679,7 +695,7 @@ fn kind_index(kind: EntryKind) -> usize {
         EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => 1,
         EntryKind::AtRisk => 2,
         // Never produced (kept in the position), so never counted.
-        EntryKind::Cutoffs | EntryKind::TimerPass => 0,
+        EntryKind::Cutoffs | EntryKind::TimerPass | EntryKind::RulesSweep => 0,
     }
 }
 
@@ -687,6 +703,7 @@ fn kind_label(kind: EntryKind) -> &'static str {
     match kind {
         EntryKind::Cutoffs => "cutoffs",
         EntryKind::TimerPass => "timer_pass",
+        EntryKind::RulesSweep => "rules_sweep",
         other => ["change", "dead_letter", "at_risk"][kind_index(other)],
     }
 }

@@ -26,6 +26,9 @@ pub enum EntryKind {
     /// A wall-clock timer pass (a [`TimerPass`] as JSON): not a record; the publisher keeps
     /// it in the published position, like a cut-offs switch.
     TimerPass,
+    /// A rules sweep started (a [`RulesSweep`] as JSON): not a record; the commit script also
+    /// keeps it in the partition's meta, and the publisher in the published position.
+    RulesSweep,
 }
 
 /// Where, in the partition's input, a wall-clock timer pass fired, and up to which due time.
@@ -47,6 +50,26 @@ pub struct TimerPass {
     pub cutoffs: u64,
 }
 
+/// Where, in the partition's input, a rules-version sweep started, and the engine time every
+/// customer it re-evaluates is re-evaluated at. A sweep pages through the customers while
+/// input goes on, so which page reaches a customer when, and before or after their next event,
+/// depends on timing: instead, each customer still under another rules version is re-evaluated
+/// at `at` before anything else touches them (an event, a timer, a re-ranking) or when a page
+/// reaches them, whichever comes first — the same change either way. A resumed sweep (a
+/// restart, a handover, a replay after Redis lost writes) keeps the recorded time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RulesSweep {
+    /// The partition's next input offset when the sweep started.
+    #[serde(rename = "o")]
+    pub offset: i64,
+    /// The engine time customers are re-evaluated at (Unix ms).
+    #[serde(rename = "a")]
+    pub at: i64,
+    /// The hash of the rules version the sweep moves customers to.
+    #[serde(rename = "r")]
+    pub rules: u32,
+}
+
 impl EntryKind {
     /// The code stored in the stream's `t` field.
     pub fn code(self) -> &'static str {
@@ -58,6 +81,7 @@ impl EntryKind {
             Self::Erased => "e",
             Self::Cutoffs => "k",
             Self::TimerPass => "t",
+            Self::RulesSweep => "s",
         }
     }
 
@@ -71,6 +95,7 @@ impl EntryKind {
             b"e" => Some(Self::Erased),
             b"k" => Some(Self::Cutoffs),
             b"t" => Some(Self::TimerPass),
+            b"s" => Some(Self::RulesSweep),
             _ => None,
         }
     }

@@ -381,6 +381,29 @@ impl TimersReplayed {
     }
 }
 
+/// A rules sweep recorded earlier goes on at the engine time it started at: an owner resumes
+/// it, or a replay reached the input offset where it started.
+pub struct SweepResumed {
+    /// The partition.
+    pub partition: i32,
+    /// The input offset it goes on from.
+    pub offset: i64,
+    /// Its engine time (Unix ms).
+    pub at: i64,
+}
+
+impl SweepResumed {
+    /// Logs it.
+    pub fn emit(self, _t: &Telemetry) {
+        info!(
+            partition = self.partition,
+            offset = self.offset,
+            at = self.at,
+            "Resuming the recorded rules sweep: customers still under other rules are re-evaluated at its start time."
+        );
+    }
+}
+
 /// A partition finished moving to new cut-offs.
 pub struct CutoffsApplied {
     /// The partition.

@@ -2,8 +2,8 @@
 -- commit fails) and returns it with where to resume: the next offset (-1: nothing applied
 -- yet), the number of commits so far, the partition's event-time clock ('' if none) and the
 -- hash of the rules version whose sweep completed ('' if none) and the rank cut-offs the
--- partition last finished applying ('' if none); last, the leader epoch of the record before
--- the next offset ('' if unknown).
+-- partition last finished applying ('' if none); the leader epoch of the record before
+-- the next offset ('' if unknown); last, the latest rules sweep started ('' if none).
 --
 -- ARGV[1] is the last outbox id a committed Kafka transaction published ('' if none). The
 -- entries up to it went out already (a previous owner may have died between its Kafka commit
@@ -88,4 +88,5 @@ if paired then
     offset_epoch = e
   end
 end
-return {tostring(epoch), next_offset, commits, clock, rules, cutoffs, outbox, offset_epoch}
+local sweep = redis.call('HGET', KEYS[1], 'sweep') or ''
+return {tostring(epoch), next_offset, commits, clock, rules, cutoffs, outbox, offset_epoch, sweep}

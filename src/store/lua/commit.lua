@@ -1,8 +1,8 @@
 -- Fenced, atomic commit of one partition batch. tierd computes every state in Rust; this
 -- script only checks ownership and position, then writes. All keys share one hash tag.
 --
--- KEYS[1] meta hash {epoch, next_offset, offset_epoch, commits, clock, rules, cutoffs, rerank,
--- versions}
+-- KEYS[1] meta hash {epoch, next_offset, offset_epoch, commits, clock, rules, sweep, cutoffs,
+-- rerank, versions}
 -- KEYS[2] outbox stream   KEYS[3] tier counts hash   KEYS[4..s-1] sorted sets (timers, ranks)
 -- KEYS[s..] customer state keys, one per value at the end of ARGV (s = ARGV[9])
 -- ARGV[1] owner epoch   ARGV[2] the next offset the owner believes is stored (-1: none)
@@ -50,6 +50,10 @@ for _ = 1, n do
   -- 'o': the input offset this commit leaves the partition at (a replay after Redis lost
   -- writes knows how far the published changes reach into the input).
   redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3], 'o', ARGV[4])
+  if ARGV[i] == 's' then
+    -- A rules sweep started: a resumed sweep keeps its time (see store::outbox::RulesSweep).
+    redis.call('HSET', meta, 'sweep', ARGV[i + 2])
+  end
   i = i + 4
 end
 local a = tonumber(ARGV[i]); i = i + 1

@@ -11,6 +11,7 @@ pub use owned::PartitionStore;
 use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
 use crate::model::CustomerState;
 use crate::store::keys::PartitionKeys;
+use crate::store::outbox::RulesSweep;
 use redis::aio::ConnectionManager;
 use std::sync::LazyLock;
 
@@ -88,6 +89,11 @@ pub struct Claim {
     /// The input offset the published changes reach (filled with `replay_cutoffs`): up to it a
     /// replay keeps to the recorded cut-offs and timer passes.
     pub replay_through: Option<i64>,
+    /// The latest rules sweep started on the partition, as Redis keeps it.
+    pub sweep: Option<RulesSweep>,
+    /// The latest rules sweep started, as the published position keeps it (filled by the
+    /// supervisor): after Redis lost writes, the sweep to resume at the same time.
+    pub published_sweep: Option<RulesSweep>,
 }
 
 /// A claim refused because a newer rules version already ran the partition.
@@ -165,6 +171,8 @@ pub fn claim(
         replay_passes: Vec::new(),
         replay_passes_from: None,
         replay_through: None,
+        sweep: serde_json::from_str(field(8)).ok(),
+        published_sweep: None,
     })
 }
 
