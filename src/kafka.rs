@@ -25,6 +25,13 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000");
     }
+    // Prefetch less than librdkafka's defaults (64 MiB, and at least 100,000 messages per
+    // partition): tierd applies far slower than a broker serves, so a deeper prefetch only
+    // holds memory (peak RSS, issue 12: ~40 MiB of librdkafka buffers and per-message
+    // structures at 4 partitions); each partition also has its own queue of decoded batches
+    // (`ingest.queue_batches`). Both can be set in `[kafka.consumer]`.
+    c.set("queued.max.messages.kbytes", "16384")
+        .set("queued.min.messages", "10000");
     for (k, v) in &kafka.consumer {
         c.set(k, v);
     }

@@ -5,6 +5,12 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use tierd::config::Config;
 
+/// mimalloc instead of the system allocator: tierd allocates per event (decoded events, states,
+/// JSON buffers, Redis arguments) from several threads, and glibc malloc took ~29 % of its CPU
+/// in profiles (issue 12); see docs/performance.md for the measured difference.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tierd",
