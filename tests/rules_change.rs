@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::time::{Duration, Instant};
 use support::{purchase, Tierd, World};
+use tierd::model::time;
 
 const V2: &str = r#"
 version = "b2b-lifetime-2"
@@ -401,6 +402,149 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
         assert_eq!(&replayed, live, "c{i}: the replay ends in the live state");
     }
     // Every change id carries one body.
+    let records = world.read_all(&world.output);
+    assert!(records.len() > published, "changes were published again");
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    for r in records {
+        let v = r.json();
+        let id = v["event_id"].as_str().unwrap().to_owned();
+        if let Some(prev) = by_id.insert(id, v.clone()) {
+            assert_eq!(prev, v, "a re-published change is identical");
+        }
+    }
+}
+
+/// The same with timers: pages set new timers (here, when a customer's recency lapses under
+/// the new rules), and which timer pass would fire them depends on how far the pages got. So
+/// timers wait while a sweep runs, and a replay completes the sweep where it first completed:
+/// after Redis loses the whole sweep, every change comes out the same.
+#[test]
+fn a_rollback_during_a_rules_sweep_that_sets_timers_republishes_identically() {
+    let mut world = World::start(1);
+    let n = 300i64;
+    let wall = "[clock]\nmode = \"wall\"\ntick_ms = 100\n";
+    let mut tierd = Tierd::spawn(&world, wall);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let start = time::now_ms();
+    // Under the new rules everyone is active until 17 s from now, then lapses.
+    let bought = start - 86_400_000 + 17_000;
+    let events: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                "10",
+                &time::format_ms(bought),
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+    let before = world.snapshot();
+
+    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    rules
+        .write_all(b"version = \"recency-2\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n")
+        .unwrap();
+    world.rules = rules.path().to_owned();
+    // 300 customers at 10 per second (a page is at least one SCAN step: up to ~15 per
+    // second): the sweep runs from about 11 s to 30-40 s after `start`, and the lapses come
+    // due early in it.
+    world.rules_extra = "sweep_per_second = 10".into();
+    let until = |t: i64| {
+        let now = time::now_ms();
+        assert!(now < t, "the test's schedule slipped by {} ms", now - t);
+        std::thread::sleep(Duration::from_millis((t - now) as u64));
+    };
+    until(start + 10_000);
+    let tierd = Tierd::spawn(&world, wall);
+    // After the lapses came due: purchases of every fifth customer.
+    until(start + 19_000);
+    assert!(
+        tierd.metric("tierd_rules_sweep_partitions_done") < 1.0,
+        "the sweep is still under way"
+    );
+    let late: Vec<serde_json::Value> = (0..n)
+        .step_by(5)
+        .map(|i| {
+            purchase(
+                &format!("f{i}"),
+                &format!("c{i}"),
+                "10",
+                &time::format_ms(time::now_ms()),
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&late);
+    let lapsed = |world: &World| {
+        (0..n)
+            .filter(|i| {
+                world
+                    .customer_state(&format!("c{i}"))
+                    .is_some_and(|s| s.tier.as_deref() == Some("lapsed"))
+            })
+            .count() as i64
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tierd.metric("tierd_rules_sweep_partitions_done") < 1.0 || lapsed(&world) < n - n / 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the sweep or the lapses did not finish:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(lapsed(&world), n - n / 5, "the purchasers stay active");
+    // After the sweep: lapsed customers buy again. A replay must complete the sweep where it
+    // first completed, so that their lapse (fired after it) comes before these purchases.
+    let again: Vec<serde_json::Value> = (1..n)
+        .step_by(5)
+        .map(|i| {
+            purchase(
+                &format!("g{i}"),
+                &format!("c{i}"),
+                "10",
+                &time::format_ms(time::now_ms()),
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&again);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1)); // ticks after the last purchase
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let live: Vec<_> = (0..n)
+        .map(|i| world.customer_state(&format!("c{i}")).unwrap())
+        .collect();
+    let still_lapsed = n - 2 * (n / 5);
+    assert_eq!(lapsed(&world), still_lapsed, "the purchasers are active");
+    let published = world.read_all(&world.output).len();
+
+    world.restore(&before);
+    let hash = tierd::model::state::rules_hash("recency-2");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let replayed = world.partition_meta(0).1 >= ends[&0]
+            && lapsed(&world) == still_lapsed
+            && (0..n).all(|i| world.customer_state(&format!("c{i}")).unwrap().rules_hash == hash);
+        if replayed && world.outbox_len(0) == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not replayed:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let log = tierd.log_text();
+    assert!(log.contains("Resuming the recorded rules sweep"), "{log}");
+    for (i, live) in (0..n).zip(&live) {
+        let replayed = world.customer_state(&format!("c{i}")).unwrap();
+        assert_eq!(&replayed, live, "c{i}: the replay ends in the live state");
+    }
     let records = world.read_all(&world.output);
     assert!(records.len() > published, "changes were published again");
     let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();

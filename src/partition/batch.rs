@@ -9,6 +9,7 @@ use crate::engine::{Applied, MAX_EXACT_TOTAL};
 use crate::ingest::dead_letter::{self, Source};
 use crate::ingest::decode::{self, Reason, Rejection};
 use crate::model::change::Cause;
+use crate::model::event::EventKind;
 use crate::model::state::origin_of;
 use crate::model::{time, Event};
 use crate::store::partition::ApplyError;
@@ -65,8 +66,9 @@ impl Runner {
             if let (true, Ok(event)) = (event_mode, decoded) {
                 let t = event.occurred_at_ms.saturating_sub(lateness);
                 if self.clock.is_none_or(|c| t > c) {
-                    if self.earliest_due.is_due(t) {
-                        // Timers due before this event's engine time fire first.
+                    if self.earliest_due.is_due(t) && !self.sweep.holds_timers() {
+                        // Timers due before this event's engine time fire first (a rules
+                        // sweep under way holds them until it completes).
                         if draft.messages > 0 {
                             self.commit(&mut draft, &mut work).await?;
                             draft = Draft::at(message.offset());
@@ -92,8 +94,11 @@ impl Runner {
                     let loaded = work
                         .get_mut(event.customer_id.as_str())
                         .expect("loaded above");
-                    // During a rules sweep: moved to the new rules first, as a page would have.
-                    self.sweep_first(&mut draft, &event.customer_id, loaded);
+                    // During a rules sweep: moved to the new rules first, as a page would have
+                    // (not for an erasure: nothing of the customer may be published after it).
+                    if event.kind != EventKind::Erase {
+                        self.sweep_first(&mut draft, &event.customer_id, loaded);
+                    }
                     let fresh = loaded.state.is_new();
                     match loaded.state.apply(event, &p.rules, p.dedup, now, &cutoffs) {
                         Applied::Counted(outcome) => {

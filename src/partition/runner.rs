@@ -208,11 +208,14 @@ impl Runner {
         Ok(())
     }
 
-    /// Whether the partition is replaying input whose changes were already published (Redis
-    /// lost writes) and whose wall-clock timer passes are all recorded: timers fire there
-    /// only at the recorded passes. Where the record is incomplete (before its first pass:
+    /// Whether timers wait: for a rules sweep under way, or because the partition is replaying
+    /// input whose changes were already published (Redis lost writes) and whose wall-clock
+    /// timer passes are all recorded: timers fire there only at the recorded passes. Where the record is incomplete (before its first pass:
     /// an older binary; a history cut for room) they fire as the backlog is applied.
     fn ticks_held(&self) -> bool {
+        if self.sweep.holds_timers() {
+            return true;
+        }
         let next = self.next_offset();
         self.replay_passes_from.is_some_and(|from| next >= from)
             && (!self.replay_passes.is_empty()
@@ -237,7 +240,7 @@ impl Runner {
     fn next_replay_offset(&self) -> Option<i64> {
         let sweep = match self.sweep {
             SweepState::Pending(recorded) => Some(recorded.offset),
-            _ => None,
+            other => other.completes_at(),
         };
         [
             self.replay.front().map(|s| s.offset),
@@ -276,9 +279,14 @@ impl Runner {
     /// cut-offs version v follows the switches up to v and precedes the later ones.
     async fn replay_switches_through(&mut self, offset: i64) -> Result<(), ApplyError> {
         // A recorded sweep start goes first at its offset: the owner that started it did so
-        // when it claimed the partition, before any pass or switch of its own.
+        // when it claimed the partition, before any pass or switch of its own; no pass ran
+        // while it was under way.
         if matches!(self.sweep, SweepState::Pending(s) if s.offset <= offset) {
             self.resume_pending_sweep();
+        }
+        // Where it first completed, it completes again (before the timers it held fire).
+        if self.sweep.completes_at().is_some_and(|at| at <= offset) {
+            self.finish_sweep().await?;
         }
         loop {
             let switch = self

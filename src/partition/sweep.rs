@@ -13,6 +13,7 @@
 
 use super::draft::{Draft, Loaded, Working};
 use super::runner::Runner;
+use crate::config::ClockMode;
 use crate::engine::Trigger;
 use crate::model::state::rules_hash;
 use crate::store::outbox::{EntryKind, OutboxEntry, RulesSweep};
@@ -25,10 +26,14 @@ use std::sync::Arc;
 pub struct Sweep {
     /// The SCAN cursor of the next page.
     pub cursor: u64,
+    /// The input offset it started at.
+    pub offset: i64,
     /// The engine time every customer is re-evaluated at.
     pub at: i64,
     /// The start to record with this owner's next commit (a sweep this owner started).
     pub record: Option<RulesSweep>,
+    /// A replay: the input offset the sweep first completed at, where it completes again.
+    pub done: Option<i64>,
 }
 
 /// Where a partition stands with the running rules version's sweep.
@@ -36,7 +41,8 @@ pub struct Sweep {
 pub enum SweepState {
     /// Done (or nothing to sweep).
     Done,
-    /// Under way.
+    /// Under way. Timers wait meanwhile: pages set new timers, and which timer pass fires
+    /// them must not depend on how far the pages got.
     Running(Sweep),
     /// A replay after Redis lost writes: the recorded sweep starts again when the input
     /// reaches its offset.
@@ -54,20 +60,45 @@ impl SweepState {
         let next_offset = claim.next_offset.unwrap_or(-1);
         match of_rules(claim.published_sweep).or(of_rules(claim.sweep)) {
             Some(recorded) if recorded.offset > next_offset => Self::Pending(recorded),
-            Some(recorded) => Self::Running(Sweep {
-                cursor: 0,
-                at: recorded.at,
-                record: None,
-            }),
-            None => Self::Running(Sweep {
-                cursor: 0,
-                at: now,
-                record: Some(RulesSweep {
+            Some(recorded) => Self::Running(Sweep::resumed(recorded)),
+            None => {
+                let start = RulesSweep {
                     offset: next_offset,
                     at: now,
                     rules,
-                }),
-            }),
+                    done: None,
+                };
+                Self::Running(Sweep {
+                    record: Some(start),
+                    ..Sweep::resumed(start)
+                })
+            }
+        }
+    }
+
+    /// Whether timers wait for the sweep.
+    pub fn holds_timers(&self) -> bool {
+        matches!(self, Self::Running(_))
+    }
+
+    /// The input offset a replayed sweep completes at, if it is running.
+    pub fn completes_at(&self) -> Option<i64> {
+        match self {
+            Self::Running(sweep) => sweep.done,
+            _ => None,
+        }
+    }
+}
+
+impl Sweep {
+    /// A recorded sweep, going on from its first page.
+    fn resumed(recorded: RulesSweep) -> Self {
+        Self {
+            cursor: 0,
+            offset: recorded.offset,
+            at: recorded.at,
+            record: None,
+            done: recorded.done,
         }
     }
 }
@@ -106,13 +137,7 @@ impl Runner {
         let SweepState::Running(sweep) = &mut self.sweep else {
             return None;
         };
-        let record = sweep.record.take()?;
-        Some(OutboxEntry {
-            kind: EntryKind::RulesSweep,
-            key: Vec::new(),
-            value: serde_json::to_vec(&record).expect("sweeps serialize"),
-            headers: Vec::new(),
-        })
+        sweep.record.take().map(sweep_entry)
     }
 
     /// A replay reached the offset a recorded sweep started at: it starts again, at its time.
@@ -124,12 +149,21 @@ impl Runner {
                 at: recorded.at,
             }
             .emit(&self.pipeline.telemetry);
-            self.sweep = SweepState::Running(Sweep {
-                cursor: 0,
-                at: recorded.at,
-                record: None,
-            });
+            self.sweep = SweepState::Running(Sweep::resumed(recorded));
         }
+    }
+
+    /// A replay reached the offset the sweep first completed at: its remaining pages run now,
+    /// unpaced, so timers fire after it as they first did. If it cannot run (rank-based rules
+    /// still without the new rules' cut-offs) it goes on paced.
+    pub(super) async fn finish_sweep(&mut self) -> Result<(), ApplyError> {
+        while self.sweep_running().is_some() {
+            self.sweep_step().await?;
+        }
+        if let SweepState::Running(sweep) = &mut self.sweep {
+            sweep.done = None;
+        }
+        Ok(())
     }
 
     /// Re-evaluates the next page of the sweep, if one is under way.
@@ -156,16 +190,21 @@ impl Runner {
             swept += 1;
         }
         let done = next == 0;
+        if done {
+            draft.swept_rules = Some(hash);
+            draft.outbox.push(sweep_entry(RulesSweep {
+                offset: sweep.offset,
+                at: sweep.at,
+                rules: hash,
+                done: Some(self.next_offset()),
+            }));
+        }
         if swept > 0 || done {
-            draft.swept_rules = done.then_some(hash);
             self.commit(&mut draft, &mut work).await?;
         }
         self.keep(work);
         if let SweepState::Running(s) = &mut self.sweep {
             s.cursor = next;
-        }
-        if done {
-            self.sweep = SweepState::Done;
         }
         events::RulesSwept {
             partition: self.partition,
@@ -173,6 +212,27 @@ impl Runner {
             completed: done.then(|| p.rules.version().to_owned()),
         }
         .emit(&p.telemetry);
+        if done {
+            self.sweep = SweepState::Done;
+            // The timers that waited for the sweep: in `event` mode those due by the
+            // partition's clock fire now (in `wall` mode the next tick fires them).
+            if let (ClockMode::Event, Some(clock)) = (p.clock.mode, self.clock) {
+                let mut work = Working::new();
+                let fired = self.fire_due(clock, &mut work, None).await;
+                self.keep(work);
+                fired?;
+            }
+        }
         Ok(())
+    }
+}
+
+/// A sweep record as an outbox entry (never produced: see [`EntryKind::RulesSweep`]).
+fn sweep_entry(record: RulesSweep) -> OutboxEntry {
+    OutboxEntry {
+        kind: EntryKind::RulesSweep,
+        key: Vec::new(),
+        value: serde_json::to_vec(&record).expect("sweeps serialize"),
+        headers: Vec::new(),
     }
 }

@@ -59,7 +59,7 @@ pub struct Published {
     #[serde(rename = "tc", default, skip_serializing_if = "Option::is_none")]
     pub passes_from: Option<i64>,
     /// The latest rules sweep started (the first record of a rules version is kept: a resumed
-    /// sweep keeps its time).
+    /// sweep keeps its time), and where it completed.
     #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
     pub sweep: Option<RulesSweep>,
     /// The offset of the newest switch or pass dropped for room: a replay from before it
@@ -112,8 +112,12 @@ impl Published {
             ..self.clone()
         };
         if let Some(sweep) = sweep {
-            if next.sweep.is_none_or(|known| known.rules != sweep.rules) {
-                next.sweep = Some(sweep);
+            match &mut next.sweep {
+                // A resumed sweep keeps its first start; its completion is added.
+                Some(known) if known.rules == sweep.rules => {
+                    known.done = known.done.or(sweep.done);
+                }
+                _ => next.sweep = Some(sweep),
             }
         }
         if switches.is_empty() && passes.is_empty() {
@@ -433,7 +437,12 @@ mod tests {
 
     #[test]
     fn a_rules_sweep_keeps_its_first_record_per_rules_version() {
-        let sweep = |offset, at, rules| RulesSweep { offset, at, rules };
+        let sweep = |offset, at, rules| RulesSweep {
+            offset,
+            at,
+            rules,
+            done: None,
+        };
         let p = Published::default().after("1-0", Some(10), &[], &[], Some(sweep(10, 1_000, 7)));
         let back = Published::parse(&p.metadata());
         assert_eq!(back.sweep, Some(sweep(10, 1_000, 7)));

@@ -419,7 +419,7 @@ impl PartitionPublisher {
         let mut failed: Option<(usize, KafkaError)> = None;
         let mut switches = Vec::new();
         let mut passes = Vec::new();
-        let mut sweep = None;
+        let mut sweep: Option<RulesSweep> = None;
         for (index, stored) in round.iter().enumerate() {
             let entry = &stored.entry;
             let topic = match entry.kind {
@@ -458,9 +458,13 @@ impl PartitionPublisher {
                                 message: e.to_string(),
                             }
                         })?;
-                    // The first one of a version counts (see `Published::after`).
-                    if sweep.is_none_or(|s: RulesSweep| s.rules != started.rules) {
-                        sweep = Some(started);
+                    // The first one of a version counts, with its completion (see
+                    // `Published::after`).
+                    match &mut sweep {
+                        Some(known) if known.rules == started.rules => {
+                            known.done = known.done.or(started.done);
+                        }
+                        _ => sweep = Some(started),
                     }
                     continue;
                 }

@@ -56,7 +56,8 @@ pub struct TimerPass {
 /// depends on timing: instead, each customer still under another rules version is re-evaluated
 /// at `at` before anything else touches them (an event, a timer, a re-ranking) or when a page
 /// reaches them, whichever comes first — the same change either way. A resumed sweep (a
-/// restart, a handover, a replay after Redis lost writes) keeps the recorded time.
+/// restart, a handover, a replay after Redis lost writes) keeps the recorded time. Recorded
+/// again, with `done`, by the commit that completes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RulesSweep {
     /// The partition's next input offset when the sweep started.
@@ -68,6 +69,11 @@ pub struct RulesSweep {
     /// The hash of the rules version the sweep moves customers to.
     #[serde(rename = "r")]
     pub rules: u32,
+    /// The input offset the sweep completed at. Timers wait while a sweep runs (a page sets
+    /// new timers, and which pass would fire them must not depend on page timing): a replay
+    /// completes the sweep at this offset, then timers fire as they first did.
+    #[serde(rename = "d", default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<i64>,
 }
 
 impl EntryKind {
