@@ -495,6 +495,7 @@ fn a_rollback_during_a_rules_sweep_that_sets_timers_republishes_identically() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    world.wait_applied(&ends, Duration::from_secs(60));
     assert_eq!(lapsed(&world), n - n / 5, "the purchasers stay active");
     // After the sweep: lapsed customers buy again. A replay must complete the sweep where it
     // first completed, so that their lapse (fired after it) comes before these purchases.
