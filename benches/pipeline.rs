@@ -66,6 +66,23 @@ fn redis_used_memory(world: &World) -> i64 {
         .unwrap()
 }
 
+/// Redis's own CPU so far (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`), in seconds.
+fn redis_cpu(world: &World) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query(&mut world.redis.conn())
+        .unwrap();
+    ["used_cpu_user:", "used_cpu_sys:"]
+        .iter()
+        .map(|field| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .sum()
+}
+
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -147,6 +164,7 @@ fn main() {
     let (ceiling, sample) = raw_consume(&world.broker.addr, &world.input, partitions, events);
 
     let redis_before = redis_used_memory(&world);
+    let redis_cpu_before = redis_cpu(&world);
     let extra = std::env::var("BENCH_TIERD_TOML")
         .unwrap_or_default()
         .replace("\\n", "\n");
@@ -190,6 +208,7 @@ fn main() {
         let _ = std::fs::copy(&tierd.log, "/tmp/bench-tierd.log");
     }
     let redis_after = redis_used_memory(&world);
+    let redis_cpu_secs = redis_cpu(&world) - redis_cpu_before;
     let changes = tierd.metric("tierd_tier_changes_total");
     let per_customer = (redis_after - redis_before) as f64 / customers as f64;
 
@@ -212,9 +231,14 @@ fn main() {
     );
     println!("| (d) Redis memory per customer | {per_customer:.0} B |");
     println!("| tier changes published | {changes:.0} |");
+    let tierd_cpu = cpu_ticks as f64 / 100.0;
     println!(
-        "| tierd CPU time (user+sys) | {:.1} s |",
-        cpu_ticks as f64 / 100.0
+        "| tierd CPU time (user+sys) | {tierd_cpu:.1} s = {:.1} µs per event |",
+        tierd_cpu * 1e6 / events as f64
+    );
+    println!(
+        "| Redis CPU time (`INFO cpu`, during tierd's run) | {redis_cpu_secs:.1} s = {:.1} µs per event |",
+        redis_cpu_secs * 1e6 / events as f64
     );
     println!();
     println!("tierd CPU by thread (s): {threads}");

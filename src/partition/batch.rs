@@ -50,7 +50,7 @@ impl Runner {
             })
             .collect();
 
-        let mut work = Working::new();
+        let mut work = Working::default();
         let ids: Vec<String> = decoded
             .iter()
             .flatten()

@@ -198,7 +198,7 @@ impl Runner {
                     .map(|(id, _)| id)
                     .filter(|id| seen.insert(id.clone()))
                     .collect();
-                let mut work = Working::new();
+                let mut work = Working::default();
                 self.load(fresh.iter().cloned(), &mut work).await?;
                 let mut draft = self.new_draft();
                 draft.outbox.extend(switch.take());
@@ -240,7 +240,7 @@ impl Runner {
         draft.outbox.extend(switch.take());
         draft.applied_cutoffs = Some(serde_json::to_string(&new).expect("cut-offs serialize"));
         draft.rerank = Some(String::new());
-        self.commit(&mut draft, &mut Working::new()).await?;
+        self.commit(&mut draft, &mut Working::default()).await?;
         events::CutoffsApplied {
             partition: self.partition,
             version: new.version,

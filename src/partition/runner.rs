@@ -57,7 +57,7 @@ pub enum RunnerExit {
 pub struct Runner {
     pub(super) partition: i32,
     pub(super) store: PartitionStore,
-    cache: LruCache<String, CustomerState>,
+    cache: LruCache<String, Box<CustomerState>>,
     pub(super) pipeline: Arc<Pipeline>,
     pub(super) status: Arc<PartitionStatus>,
     published: Arc<Notify>,
@@ -225,7 +225,7 @@ impl Runner {
     /// Fires the timers due up to `upto` (a wall-clock pass), recording the pass with its
     /// commit so that a replay fires them at the same input offset.
     async fn fire_pass(&mut self, upto: i64) -> Result<(), ApplyError> {
-        let mut work = Working::new();
+        let mut work = Working::default();
         let pass = TimerPass {
             offset: self.next_offset(),
             upto,
@@ -385,7 +385,7 @@ impl Runner {
             if let Some(state) = self.cache.pop(&id) {
                 work.insert(id, Loaded::new(state));
             } else {
-                work.insert(id.clone(), Loaded::new(CustomerState::default()));
+                work.insert(id.clone(), Loaded::new(Box::default()));
                 missing.push(id);
             }
         }
@@ -395,7 +395,7 @@ impl Runner {
         let loaded = self.store.load(&missing).await?;
         for (id, state) in missing.into_iter().zip(loaded) {
             if let Some(state) = state {
-                work.insert(id, Loaded::new(state));
+                work.insert(id, Loaded::new(Box::new(state)));
             }
         }
         Ok(())

@@ -176,7 +176,7 @@ impl Runner {
             .store
             .scan_customer_ids(sweep.cursor, p.sweep_page)
             .await?;
-        let mut work = Working::new();
+        let mut work = Working::default();
         self.load(ids.iter().cloned(), &mut work).await?;
         let hash = rules_hash(p.rules.version());
         let mut draft = self.new_draft();
@@ -217,7 +217,7 @@ impl Runner {
             // The timers that waited for the sweep: in `event` mode those due by the
             // partition's clock fire now (in `wall` mode the next tick fires them).
             if let (ClockMode::Event, Some(clock)) = (p.clock.mode, self.clock) {
-                let mut work = Working::new();
+                let mut work = Working::default();
                 let fired = self.fire_due(clock, &mut work, None).await;
                 self.keep(work);
                 fired?;
