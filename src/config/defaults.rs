@@ -34,7 +34,7 @@ pub(super) const fn default_batch_max_wait_ms() -> u64 {
     20
 }
 pub(super) const fn default_queue_batches() -> usize {
-    4
+    16
 }
 pub(super) const fn default_max_message_bytes() -> usize {
     65536

@@ -143,7 +143,9 @@ pub struct IngestConfig {
     #[serde(default = "default_batch_max_wait_ms")]
     pub batch_max_wait_ms: u64,
     /// Batches queued per partition before that partition (alone) is paused (backpressure).
-    /// Default 4.
+    /// Default 16: a pause makes librdkafka drop the partition's prefetched messages and fetch
+    /// them again on resume, so a short queue that pauses often halves throughput (1M-event
+    /// bench: 44k events/s at 4, 57k at 8, 86k at 16 and 32).
     #[serde(default = "default_queue_batches")]
     pub queue_batches: usize,
     /// Messages larger than this (value bytes) are dead-lettered as `oversize`. Default 65536.
