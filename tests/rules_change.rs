@@ -28,6 +28,71 @@ fn tier(units: i64, bounds: [i64; 3]) -> &'static str {
     ["A", "B", "C", "D"][bounds.iter().position(|&b| units >= b).unwrap_or(3)]
 }
 
+/// One purchase per customer `c0..c{n-1}` (event ids `{prefix}{i}`), customer `i` spending
+/// `amount(i)` at `at`.
+fn purchases(
+    prefix: &str,
+    customers: impl Iterator<Item = i64>,
+    amount: impl Fn(i64) -> String,
+    at: &str,
+) -> Vec<serde_json::Value> {
+    customers
+        .map(|i| purchase(&format!("{prefix}{i}"), &format!("c{i}"), &amount(i), at))
+        .collect()
+}
+
+/// The stored states of `c0..c{n-1}`.
+fn states(world: &World, n: i64) -> Vec<tierd::model::CustomerState> {
+    (0..n)
+        .map(|i| world.customer_state(&format!("c{i}")).unwrap())
+        .collect()
+}
+
+/// After a Redis rollback: waits until the replay applied up to `end`, `replayed` holds and the
+/// outbox drained; then checks it ended in the `live` states and that every change id on the
+/// output topic (more than `published` records now) carries one body.
+fn assert_replayed_identically(
+    world: &World,
+    tierd: &Tierd,
+    end: i64,
+    replayed: impl Fn(&World) -> bool,
+    live: &[tierd::model::CustomerState],
+    published: usize,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while world.partition_meta(0).1 < end || !replayed(world) || world.outbox_len(0) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "not replayed:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1)); // ticks after the replay
+    world.wait_applied(&BTreeMap::from([(0, end)]), Duration::from_secs(60));
+    // The restored epoch is older than the running owner's: fenced, claimed again.
+    let log = tierd.log_text();
+    assert!(log.contains("Partition claimed again"), "{log}");
+    assert!(log.contains("Resuming the recorded rules sweep"), "{log}");
+    for (i, (replayed, live)) in states(world, live.len() as i64)
+        .iter()
+        .zip(live)
+        .enumerate()
+    {
+        assert_eq!(replayed, live, "c{i}: the replay ends in the live state");
+    }
+    let records = world.read_all(&world.output);
+    assert!(records.len() > published, "changes were published again");
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    for r in records {
+        let v = r.json();
+        let id = v["event_id"].as_str().unwrap().to_owned();
+        if let Some(prev) = by_id.insert(id, v.clone()) {
+            assert_eq!(prev, v, "a re-published change is identical");
+        }
+    }
+}
+
 #[test]
 fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
     let mut world = World::start(2);
@@ -35,16 +100,7 @@ fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
     let amount = |i: i64| (i * 7919) % 1_200_000;
     let mut tierd = Tierd::spawn(&world, "");
     tierd.wait_partitions(2, Duration::from_secs(60));
-    let events: Vec<serde_json::Value> = (0..n)
-        .map(|i| {
-            purchase(
-                &format!("e{i}"),
-                &format!("c{i}"),
-                &amount(i).to_string(),
-                "2026-11-01T10:00:00Z",
-            )
-        })
-        .collect();
+    let events = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
     let ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(120));
     assert_eq!(tierd.terminate(), Some(0));
@@ -307,16 +363,7 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
     let amount = |i: i64| (i * 7919) % 1_200_000;
     let mut tierd = Tierd::spawn(&world, "");
     tierd.wait_partitions(1, Duration::from_secs(60));
-    let events: Vec<serde_json::Value> = (0..n)
-        .map(|i| {
-            purchase(
-                &format!("e{i}"),
-                &format!("c{i}"),
-                &amount(i).to_string(),
-                "2026-11-01T10:00:00Z",
-            )
-        })
-        .collect();
+    let events = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
     let ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(120));
     assert_eq!(tierd.terminate(), Some(0));
@@ -339,17 +386,12 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Mid-sweep: purchases of every fifth customer, some of them reached by a page already.
-    let late: Vec<serde_json::Value> = (0..n)
-        .step_by(5)
-        .map(|i| {
-            purchase(
-                &format!("f{i}"),
-                &format!("c{i}"),
-                "150000",
-                "2026-11-02T10:00:00Z",
-            )
-        })
-        .collect();
+    let late = purchases(
+        "f",
+        (0..n).step_by(5),
+        |_| "150000".into(),
+        "2026-11-02T10:00:00Z",
+    );
     let ends = world.produce_json(&late);
     world.wait_applied(&ends, Duration::from_secs(60));
     let swept_before_purchases = tierd.metric("tierd_rules_sweep_customers_total");
@@ -363,9 +405,7 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
         std::thread::sleep(Duration::from_millis(100));
     }
     world.wait_applied(&ends, Duration::from_secs(60));
-    let live: Vec<_> = (0..n)
-        .map(|i| world.customer_state(&format!("c{i}")).unwrap())
-        .collect();
+    let live = states(&world, n);
     let published = world.read_all(&world.output).len();
     assert!(
         live.iter().step_by(5).all(|s| s.count == 2),
@@ -379,39 +419,8 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
     // Redis loses the whole sweep and the purchases; tierd notices by itself and replays.
     world.restore(&before);
     let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let replayed = world.partition_meta(0).1 >= ends[&0]
-            && (0..n).all(|i| world.customer_state(&format!("c{i}")).unwrap().rules_hash == hash);
-        if replayed && world.outbox_len(0) == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not replayed:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // The restored epoch is older than the running owner's: fenced, claimed again.
-    let log = tierd.log_text();
-    assert!(log.contains("Partition claimed again"), "{log}");
-    assert!(log.contains("Resuming the recorded rules sweep"), "{log}");
-    for (i, live) in (0..n).zip(&live) {
-        let replayed = world.customer_state(&format!("c{i}")).unwrap();
-        assert_eq!(&replayed, live, "c{i}: the replay ends in the live state");
-    }
-    // Every change id carries one body.
-    let records = world.read_all(&world.output);
-    assert!(records.len() > published, "changes were published again");
-    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
-    for r in records {
-        let v = r.json();
-        let id = v["event_id"].as_str().unwrap().to_owned();
-        if let Some(prev) = by_id.insert(id, v.clone()) {
-            assert_eq!(prev, v, "a re-published change is identical");
-        }
-    }
+    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    assert_replayed_identically(&world, &tierd, ends[&0], swept, &live, published);
 }
 
 /// The same with timers: pages set new timers (here, when a customer's recency lapses under
@@ -428,16 +437,7 @@ fn a_rollback_during_a_rules_sweep_that_sets_timers_republishes_identically() {
     let start = time::now_ms();
     // Under the new rules everyone is active until 17 s from now, then lapses.
     let bought = start - 86_400_000 + 17_000;
-    let events: Vec<serde_json::Value> = (0..n)
-        .map(|i| {
-            purchase(
-                &format!("e{i}"),
-                &format!("c{i}"),
-                "10",
-                &time::format_ms(bought),
-            )
-        })
-        .collect();
+    let events = purchases("e", 0..n, |_| "10".into(), &time::format_ms(bought));
     let ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(60));
     assert_eq!(tierd.terminate(), Some(0));
@@ -465,17 +465,8 @@ fn a_rollback_during_a_rules_sweep_that_sets_timers_republishes_identically() {
         tierd.metric("tierd_rules_sweep_partitions_done") < 1.0,
         "the sweep is still under way"
     );
-    let late: Vec<serde_json::Value> = (0..n)
-        .step_by(5)
-        .map(|i| {
-            purchase(
-                &format!("f{i}"),
-                &format!("c{i}"),
-                "10",
-                &time::format_ms(time::now_ms()),
-            )
-        })
-        .collect();
+    let now = time::format_ms(time::now_ms());
+    let late = purchases("f", (0..n).step_by(5), |_| "10".into(), &now);
     let ends = world.produce_json(&late);
     let lapsed = |world: &World| {
         (0..n)
@@ -499,61 +490,21 @@ fn a_rollback_during_a_rules_sweep_that_sets_timers_republishes_identically() {
     assert_eq!(lapsed(&world), n - n / 5, "the purchasers stay active");
     // After the sweep: lapsed customers buy again. A replay must complete the sweep where it
     // first completed, so that their lapse (fired after it) comes before these purchases.
-    let again: Vec<serde_json::Value> = (1..n)
-        .step_by(5)
-        .map(|i| {
-            purchase(
-                &format!("g{i}"),
-                &format!("c{i}"),
-                "10",
-                &time::format_ms(time::now_ms()),
-            )
-        })
-        .collect();
+    let now = time::format_ms(time::now_ms());
+    let again = purchases("g", (1..n).step_by(5), |_| "10".into(), &now);
     let ends = world.produce_json(&again);
     world.wait_applied(&ends, Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(1)); // ticks after the last purchase
     world.wait_applied(&ends, Duration::from_secs(60));
-    let live: Vec<_> = (0..n)
-        .map(|i| world.customer_state(&format!("c{i}")).unwrap())
-        .collect();
+    let live = states(&world, n);
     let still_lapsed = n - 2 * (n / 5);
     assert_eq!(lapsed(&world), still_lapsed, "the purchasers are active");
     let published = world.read_all(&world.output).len();
 
     world.restore(&before);
     let hash = tierd::model::state::rules_hash("recency-2");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let replayed = world.partition_meta(0).1 >= ends[&0]
-            && lapsed(&world) == still_lapsed
-            && (0..n).all(|i| world.customer_state(&format!("c{i}")).unwrap().rules_hash == hash);
-        if replayed && world.outbox_len(0) == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not replayed:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(1));
-    world.wait_applied(&ends, Duration::from_secs(60));
-    let log = tierd.log_text();
-    assert!(log.contains("Resuming the recorded rules sweep"), "{log}");
-    for (i, live) in (0..n).zip(&live) {
-        let replayed = world.customer_state(&format!("c{i}")).unwrap();
-        assert_eq!(&replayed, live, "c{i}: the replay ends in the live state");
-    }
-    let records = world.read_all(&world.output);
-    assert!(records.len() > published, "changes were published again");
-    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
-    for r in records {
-        let v = r.json();
-        let id = v["event_id"].as_str().unwrap().to_owned();
-        if let Some(prev) = by_id.insert(id, v.clone()) {
-            assert_eq!(prev, v, "a re-published change is identical");
-        }
-    }
+    let replayed = |world: &World| {
+        lapsed(world) == still_lapsed && states(world, n).iter().all(|s| s.rules_hash == hash)
+    };
+    assert_replayed_identically(&world, &tierd, ends[&0], replayed, &live, published);
 }

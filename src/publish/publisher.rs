@@ -428,36 +428,17 @@ impl PartitionPublisher {
                     &self.shared.dead_letter_topic
                 }
                 EntryKind::AtRisk => &self.shared.at_risk_topic,
+                // Not records: they go into the position committed with the round.
                 EntryKind::Cutoffs => {
-                    // Not a record: it goes into the position committed with the round.
-                    let switch =
-                        serde_json::from_slice::<CutoffsSwitch>(&entry.value).map_err(|e| {
-                            PublishError::Malformed {
-                                id: stored.id.clone(),
-                                message: e.to_string(),
-                            }
-                        })?;
-                    switches.push(switch);
+                    switches.push(position_entry::<CutoffsSwitch>(stored)?);
                     continue;
                 }
                 EntryKind::TimerPass => {
-                    let pass = serde_json::from_slice::<TimerPass>(&entry.value).map_err(|e| {
-                        PublishError::Malformed {
-                            id: stored.id.clone(),
-                            message: e.to_string(),
-                        }
-                    })?;
-                    passes.push(pass);
+                    passes.push(position_entry::<TimerPass>(stored)?);
                     continue;
                 }
                 EntryKind::RulesSweep => {
-                    let started =
-                        serde_json::from_slice::<RulesSweep>(&entry.value).map_err(|e| {
-                            PublishError::Malformed {
-                                id: stored.id.clone(),
-                                message: e.to_string(),
-                            }
-                        })?;
+                    let started = position_entry::<RulesSweep>(stored)?;
                     // The first one of a version counts, with its completion (see
                     // `Published::after`).
                     match &mut sweep {
@@ -685,6 +666,15 @@ impl Drop for GaugeCleanup {
         let _ = t.outbox_blocked.remove_label_values(&[&self.label]);
         let _ = t.outbox_depth.remove_label_values(&[&self.label]);
     }
+}
+
+/// An outbox entry the publisher keeps in the published position instead of producing it
+/// (a cut-offs switch, a timer pass, a rules sweep), decoded.
+fn position_entry<T: serde::de::DeserializeOwned>(stored: &StoredEntry) -> Result<T, PublishError> {
+    serde_json::from_slice(&stored.entry.value).map_err(|e| PublishError::Malformed {
+        id: stored.id.clone(),
+        message: e.to_string(),
+    })
 }
 
 /// A stream id (`ms-seq`) as a comparable pair.
