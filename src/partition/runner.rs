@@ -210,8 +210,9 @@ impl Runner {
 
     /// Whether timers wait: for a rules sweep under way, or because the partition is replaying
     /// input whose changes were already published (Redis lost writes) and whose wall-clock
-    /// timer passes are all recorded: timers fire there only at the recorded passes. Where the record is incomplete (before its first pass:
-    /// an older binary; a history cut for room) they fire as the backlog is applied.
+    /// timer passes are all recorded: timers fire there only at the recorded passes. Where the
+    /// record is incomplete (before its first pass: an older binary; a history cut for room)
+    /// they fire as the backlog is applied.
     fn ticks_held(&self) -> bool {
         if self.sweep.holds_timers() {
             return true;

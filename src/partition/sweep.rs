@@ -15,7 +15,6 @@ use super::draft::{Draft, Loaded, Working};
 use super::runner::Runner;
 use crate::config::ClockMode;
 use crate::engine::Trigger;
-use crate::model::state::rules_hash;
 use crate::store::outbox::{EntryKind, OutboxEntry, RulesSweep};
 use crate::store::partition::{ApplyError, Claim};
 use crate::telemetry::events;
@@ -30,6 +29,8 @@ pub struct Sweep {
     pub offset: i64,
     /// The engine time every customer is re-evaluated at.
     pub at: i64,
+    /// The hash of the rules version it moves customers to (the running one).
+    pub rules: u32,
     /// The start to record with this owner's next commit (a sweep this owner started).
     pub record: Option<RulesSweep>,
     /// A replay: the input offset the sweep first completed at, where it completes again.
@@ -97,6 +98,7 @@ impl Sweep {
             cursor: 0,
             offset: recorded.offset,
             at: recorded.at,
+            rules: recorded.rules,
             record: None,
             done: recorded.done,
         }
@@ -111,9 +113,7 @@ impl Runner {
         let SweepState::Running(sweep) = self.sweep else {
             return None;
         };
-        let p = &self.pipeline;
-        (!p.rules.uses_ranks() || self.cutoffs.rules == rules_hash(p.rules.version()))
-            .then_some(sweep)
+        (!self.pipeline.rules.uses_ranks() || self.cutoffs.rules == sweep.rules).then_some(sweep)
     }
 
     /// During a sweep, re-evaluates a stored customer still under another rules version at
@@ -122,12 +122,11 @@ impl Runner {
         let Some(sweep) = self.sweep_running() else {
             return false;
         };
-        let p = &self.pipeline;
-        if loaded.state.is_new() || loaded.state.rules_hash == rules_hash(p.rules.version()) {
+        if loaded.state.is_new() || loaded.state.rules_hash == sweep.rules {
             return false;
         }
         self.reevaluate_at(draft, id, loaded, Trigger::RulesChanged, sweep.at);
-        p.telemetry.rules_sweep_customers.inc();
+        self.pipeline.telemetry.rules_sweep_customers.inc();
         true
     }
 
@@ -178,7 +177,7 @@ impl Runner {
             .await?;
         let mut work = Working::default();
         self.load(ids.iter().cloned(), &mut work).await?;
-        let hash = rules_hash(p.rules.version());
+        let hash = sweep.rules;
         let mut draft = self.new_draft();
         let mut swept = 0u64;
         for id in &ids {
