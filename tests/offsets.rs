@@ -86,27 +86,29 @@ fn a_stored_offset_beyond_a_recreated_topics_end_stops_the_partition() {
     assert_eq!(tierd.terminate(), Some(0));
 
     // The input topic is deleted and created again; two new records.
-    let (admin, rt) = world.broker.admin();
-    rt.block_on(admin.delete_topics(&[&world.input], &AdminOptions::new()))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let topic = NewTopic::new(&world.input, 1, TopicReplication::Fixed(1));
-        let created = rt
-            .block_on(admin.create_topics(&[topic], &AdminOptions::new()))
-            .unwrap();
-        if created.iter().all(Result::is_ok) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "recreating failed: {created:?}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    world.broker.create_topics(&[&world.input], 1);
+    recreate_input(&world);
     world.produce_json(&[
         purchase("n1", "ann", "100", "2026-11-02T10:00:00Z"),
         purchase("n2", "ann", "100", "2026-11-02T11:00:00Z"),
     ]);
 
+    // The claim tells the new topic by its id.
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let body = wait_stopped(&tierd, 1.0);
+    assert!(
+        body.contains("the input topic was deleted and created again since offset 5"),
+        "{body}"
+    );
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // Without the id (the offset stored by an older tierd, which did not pair it), the log
+    // end tells: the offset is beyond it.
+    let _: () = redis::cmd("HDEL")
+        .arg(&world.keys(0).meta)
+        .arg("offset_topic")
+        .query(&mut world.redis.conn())
+        .unwrap();
     let tierd = Tierd::spawn(&world, "");
     tierd.wait_partitions(1, Duration::from_secs(60));
     let body = wait_stopped(&tierd, 1.0);
@@ -123,6 +125,83 @@ fn a_stored_offset_beyond_a_recreated_topics_end_stops_the_partition() {
         "stored offset and epoch unchanged"
     );
     assert_eq!(world.customer_state("ann").unwrap().count, 5);
+}
+
+/// Deletes the (one-partition) input topic and creates it again under the same name.
+fn recreate_input(world: &World) {
+    let (admin, rt) = world.broker.admin();
+    rt.block_on(admin.delete_topics(&[&world.input], &AdminOptions::new()))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let topic = NewTopic::new(&world.input, 1, TopicReplication::Fixed(1));
+        let created = rt
+            .block_on(admin.create_topics(&[topic], &AdminOptions::new()))
+            .unwrap();
+        if created.iter().all(Result::is_ok) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "recreating failed: {created:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    world.broker.create_topics(&[&world.input], 1);
+}
+
+/// The recreated topic is refilled past the stored offset before tierd starts again. Both
+/// logs are at leader epoch 0, so the leader-epoch validation accepts the start (before the
+/// topic id was paired with the stored offset, tierd read offsets 5–7 of the new topic as if
+/// they followed what it had applied, and skipped 0–4). The claim sees the new topic id and
+/// leaves the partition stopped; the documented way out (move the stored offset) resumes it.
+#[test]
+fn a_stored_offset_inside_a_recreated_and_refilled_topic_stops_the_partition() {
+    let world = World::start(1);
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let events: Vec<serde_json::Value> = (0..5)
+        .map(|i| purchase(&format!("e{i}"), "ann", "100", "2026-11-01T10:00:00Z"))
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    recreate_input(&world);
+    let refill: Vec<serde_json::Value> = (0..8)
+        .map(|i| purchase(&format!("n{i}"), "ann", "100", "2026-11-02T10:00:00Z"))
+        .collect();
+    let ends = world.produce_json(&refill);
+    assert_eq!(ends[&0], 8);
+
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let body = wait_stopped(&tierd, 1.0);
+    assert!(
+        body.contains("partition 0")
+            && body.contains(
+                "the input topic was deleted and created again since offset 5 was stored"
+            ),
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        world.partition_meta(0).1,
+        5,
+        "nothing read from the new topic"
+    );
+    assert_eq!(world.customer_state("ann").unwrap().count, 5);
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // The operator accepts the new topic from its beginning (README "Operating notes").
+    let _: () = redis::cmd("HSET")
+        .arg(&world.keys(0).meta)
+        .arg("next_offset")
+        .arg(0)
+        .query(&mut world.redis.conn())
+        .unwrap();
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(world.customer_state("ann").unwrap().count, 13);
+    assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
 }
 
 /// A world on a 3-node cluster whose input partition lives on nodes 1 (its leader) and 2 only,

@@ -341,9 +341,14 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
 
     // A claim trims them too, before anyone publishes.
     restore(&mut conn);
-    let claim =
-        tierd::store::partition::claim(&mut conn, &s.keys, published.last_id.as_deref(), "v1")
-            .unwrap();
+    let claim = tierd::store::partition::claim(
+        &mut conn,
+        &s.keys,
+        published.last_id.as_deref(),
+        "v1",
+        None,
+    )
+    .unwrap();
     assert!(!claim.outbox_behind);
     assert!(
         ids(&mut conn, &s.keys.outbox).is_empty(),
@@ -358,7 +363,8 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         .query(&mut conn)
         .unwrap();
     add_with_id(&mut conn, &s.keys.outbox, &written[0], "1");
-    let claim = tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1").unwrap();
+    let claim =
+        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1", None).unwrap();
     assert!(claim.outbox_behind);
     assert!(ids(&mut conn, &s.keys.outbox).is_empty());
     add_change(&mut conn, &s.keys.outbox, "dave", "4");
@@ -373,7 +379,8 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         .arg(&s.keys.outbox)
         .query(&mut conn)
         .unwrap();
-    let claim = tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1").unwrap();
+    let claim =
+        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1", None).unwrap();
     assert!(claim.outbox_behind);
     add_change(&mut conn, &s.keys.outbox, "dave", "5");
     let new = ids(&mut conn, &s.keys.outbox);

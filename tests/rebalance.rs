@@ -96,7 +96,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         .unwrap();
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut sync = redis.conn();
-    let old = store::claim(&mut sync, &keys, None, "v1").unwrap();
+    let old = store::claim(&mut sync, &keys, None, "v1", None).unwrap();
     assert_eq!(old.next_offset, None);
     let batch = |expected: i64, first: i64, end: i64, value: &str| CommitBatch {
         expected_offset: expected,
@@ -155,7 +155,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         ));
 
         // A new owner claims the partition and resumes where the old one stopped.
-        let new = store::claim(&mut sync, &keys, None, "v1").unwrap();
+        let new = store::claim(&mut sync, &keys, None, "v1", None).unwrap();
         assert_eq!(
             (new.epoch, new.next_offset, new.commits),
             (old.epoch + 1, Some(10), 1)
@@ -257,7 +257,7 @@ fn a_claim_by_an_older_rules_version_is_refused_and_changes_nothing() {
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut conn = redis.conn();
     let refused = |conn: &mut redis::Connection, version: &str| match store::claim(
-        conn, &keys, None, version,
+        conn, &keys, None, version, None,
     ) {
         Err(store::ClaimError::OlderRules(o)) => Some(o.latest),
         Ok(_) => None,

@@ -6,3 +6,4 @@ pub mod dead_letter;
 pub mod decode;
 pub mod record;
 pub mod stalls;
+pub mod topic_id;

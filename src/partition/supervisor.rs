@@ -7,7 +7,9 @@ use super::runner::{Batch, Runner, RunnerExit};
 use super::{Ownership, PartitionStatus, Pipeline};
 use crate::publish::position::OutboxPositions;
 use crate::publish::publisher::{Publisher, Target};
-use crate::store::partition::{self as store, Claim, ClaimError, OlderRules, PartitionStore};
+use crate::store::partition::{
+    self as store, Claim, ClaimError, OlderRules, PartitionStore, TopicRecreated,
+};
 use crate::store::retry::Backoff;
 use crate::telemetry::events;
 use redis::aio::ConnectionManager;
@@ -80,6 +82,8 @@ pub struct SupervisorParts {
 pub enum NotClaimed {
     /// A newer rules version ran the partition.
     OlderRules(OlderRules),
+    /// The input topic was recreated since the partition's offset was stored.
+    TopicRecreated(TopicRecreated),
     /// Redis or Kafka did not answer within the claim's patience: to be tried again later.
     Unavailable(String),
 }
@@ -89,6 +93,7 @@ impl NotClaimed {
     pub fn next_offset(&self) -> Option<i64> {
         match self {
             Self::OlderRules(older) => older.next_offset,
+            Self::TopicRecreated(recreated) => Some(recreated.next_offset),
             Self::Unavailable(_) => None,
         }
     }
@@ -98,6 +103,7 @@ impl std::fmt::Display for NotClaimed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::OlderRules(older) => older.fmt(f),
+            Self::TopicRecreated(recreated) => recreated.fmt(f),
             Self::Unavailable(why) => write!(f, "not claimed yet: {why}; trying again"),
         }
     }
@@ -148,12 +154,15 @@ impl Supervisor {
         let telemetry = &self.parts.pipeline.telemetry;
         let version = self.parts.pipeline.rules.version();
         // A refusal is an answer, not a failure to retry.
-        let claim = |conn: &mut redis::Connection, published: Option<&str>| match store::claim(
-            conn, &keys, published, version,
-        ) {
-            Ok(claim) => Ok(Ok(claim)),
-            Err(ClaimError::OlderRules(refused)) => Ok(Err(NotClaimed::OlderRules(refused))),
-            Err(ClaimError::Redis(e)) => Err(e),
+        let claim = |conn: &mut redis::Connection, published: Option<&str>, topic: Option<&str>| {
+            match store::claim(conn, &keys, published, version, topic) {
+                Ok(claim) => Ok(Ok(claim)),
+                Err(ClaimError::OlderRules(refused)) => Ok(Err(NotClaimed::OlderRules(refused))),
+                Err(ClaimError::TopicRecreated(refused)) => {
+                    Ok(Err(NotClaimed::TopicRecreated(refused)))
+                }
+                Err(ClaimError::Redis(e)) => Err(e),
+            }
         };
         // One attempt must not run far past `give_up` either (a Redis that accepts connections
         // but does not answer).
@@ -168,13 +177,21 @@ impl Supervisor {
                 self.parts.callback_patience.as_secs_f64()
             ))))
         };
-        let Some(published) = self.retrying(
+        // The input topic's id, to tell a recreated topic from the one the stored offset was
+        // read from (`None`: the broker reports none, and the claim cannot check).
+        let Some((published, topic_id)) = self.retrying(
             give_up,
-            || self.parts.positions.published(partition),
+            || {
+                let positions = &self.parts.positions;
+                Ok::<_, rdkafka::error::KafkaError>((
+                    positions.published(partition)?,
+                    positions.input_topic_id()?,
+                ))
+            },
             |error| events::PublishedPositionUnknown { partition, error }.emit(telemetry),
         )?
         else {
-            return unavailable("Kafka (the published outbox position)");
+            return unavailable("Kafka (the published outbox position and the topic id)");
         };
         let Some(claim) = self.retrying(
             give_up,
@@ -185,7 +202,13 @@ impl Supervisor {
                     Some(conn) => conn
                         .set_read_timeout(Some(timeout))
                         .and_then(|()| conn.set_write_timeout(Some(timeout)))
-                        .and_then(|()| claim(conn, published.last_id.as_deref())),
+                        .and_then(|()| {
+                            claim(
+                                conn,
+                                published.last_id.as_deref(),
+                                topic_id.as_ref().map(|t| t.0.as_str()),
+                            )
+                        }),
                     None => self
                         .parts
                         .redis_client
@@ -193,7 +216,11 @@ impl Supervisor {
                         .and_then(|mut conn| {
                             conn.set_read_timeout(Some(timeout))?;
                             conn.set_write_timeout(Some(timeout))?;
-                            let claim = claim(&mut conn, published.last_id.as_deref());
+                            let claim = claim(
+                                &mut conn,
+                                published.last_id.as_deref(),
+                                topic_id.as_ref().map(|t| t.0.as_str()),
+                            );
                             *slot = Some(conn);
                             claim
                         }),

@@ -20,6 +20,7 @@
 
 use crate::config::KafkaConfig;
 use crate::engine::rules::rank::CutoffsSwitch;
+use crate::ingest::topic_id::{topic_id, TopicId};
 use crate::store::outbox::{RulesSweep, TimerPass};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
@@ -250,6 +251,15 @@ impl OutboxPositions {
             .find_partition(&self.topic, partition)
             .map(|e| Published::parse(e.metadata()))
             .unwrap_or_default())
+    }
+
+    /// The input topic's id ([`crate::ingest::topic_id`]; `None` if the broker reports none).
+    /// Blocks, like [`Self::published`].
+    ///
+    /// # Errors
+    /// The broker did not answer, or the topic does not exist.
+    pub fn input_topic_id(&self) -> Result<Option<TopicId>, KafkaError> {
+        topic_id(self.consumer.client(), &self.topic, READ_TIMEOUT)
     }
 
     /// The offsets to commit with a round that leaves the outbox at `published`.

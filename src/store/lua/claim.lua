@@ -20,7 +20,26 @@
 -- and changes nothing (not even the epoch), returning {'OLDER', latest, next offset} — otherwise a rolling
 -- restart with two versions would move customers back and forth as partitions change hands.
 -- A version never seen is newer and becomes the latest.
+--
+-- ARGV[3] is the input topic's id now ('' : unknown, not checked). The stored offset is paired
+-- with the id of the topic it was read from (field 'offset_topic', '<next_offset>:<id>', kept
+-- paired by every commit). A pair whose offset is still the stored one and whose id differs
+-- means the topic was deleted and created again: its offsets name other records, so the
+-- claim is refused and changes nothing, returning {'RECREATED', stored id, next offset}. An
+-- offset moved by anything else (an operator's HSET, an older tierd) no longer pairs, and is
+-- paired with the current id here.
 -- KEYS[1] meta hash, KEYS[2] outbox stream
+local topic = ARGV[3]
+if topic ~= '' then
+  local at = redis.call('HGET', KEYS[1], 'next_offset') or '-1'
+  local paired = redis.call('HGET', KEYS[1], 'offset_topic')
+  if paired and at ~= '-1' then
+    local pat, id = string.match(paired, '^(%-?%d+):(.+)$')
+    if pat == at and id ~= topic then
+      return {'RECREATED', id, at}
+    end
+  end
+end
 local mine = ARGV[2]
 local raw = redis.call('HGET', KEYS[1], 'versions')
 local versions = {}
@@ -43,6 +62,9 @@ end
 
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local next_offset = redis.call('HGET', KEYS[1], 'next_offset') or '-1'
+if topic ~= '' then
+  redis.call('HSET', KEYS[1], 'offset_topic', next_offset .. ':' .. topic)
+end
 local commits = redis.call('HGET', KEYS[1], 'commits') or '0'
 local clock = redis.call('HGET', KEYS[1], 'clock') or ''
 local rules = redis.call('HGET', KEYS[1], 'rules') or ''

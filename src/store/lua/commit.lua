@@ -1,8 +1,8 @@
 -- Fenced, atomic commit of one partition batch. tierd computes every state in Rust; this
 -- script only checks ownership and position, then writes. All keys share one hash tag.
 --
--- KEYS[1] meta hash {epoch, next_offset, offset_epoch, commits, clock, rules, sweep, cutoffs,
--- rerank, versions}
+-- KEYS[1] meta hash {epoch, next_offset, offset_epoch, offset_topic, commits, clock, rules,
+-- sweep, cutoffs, rerank, versions}
 -- KEYS[2] outbox stream   KEYS[3] tier counts hash   KEYS[4..s-1] sorted sets (timers, ranks)
 -- KEYS[s..] customer state keys, one per value at the end of ARGV (s = ARGV[9])
 -- ARGV[1] owner epoch   ARGV[2] the next offset the owner believes is stored (-1: none)
@@ -80,6 +80,14 @@ for k = first_state, #KEYS do
   i = i + 1
 end
 redis.call('HSET', meta, 'next_offset', ARGV[4], 'commits', tostring(commits + 1))
+-- The topic id the offset was read from stays paired with it (see claim.lua).
+local paired = redis.call('HGET', meta, 'offset_topic')
+if paired then
+  local at, id = string.match(paired, '^(%-?%d+):(.+)$')
+  if tonumber(at) == stored then
+    redis.call('HSET', meta, 'offset_topic', ARGV[4] .. ':' .. id)
+  end
+end
 if ARGV[6] ~= '' then
   redis.call('HSET', meta, 'clock', ARGV[6])
 end

@@ -108,12 +108,29 @@ pub struct OlderRules {
     pub next_offset: Option<i64>,
 }
 
+/// A claim refused because the partition's stored offset was read from another topic of the
+/// same name: the input topic was deleted and created again since (its offsets now name other
+/// records, even where the leader-epoch validation cannot tell: both logs at epoch 0).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the input topic was deleted and created again since offset {next_offset} was stored (topic id {stored} then, {current} now): that offset names other records in the new topic. Nothing is read; decide where to resume and move the stored offset (README \"Operating notes\": an offset outside the log)")]
+pub struct TopicRecreated {
+    /// The id of the topic the stored offset was read from.
+    pub stored: String,
+    /// The topic's id now.
+    pub current: String,
+    /// The partition's stored next offset, where to hold it.
+    pub next_offset: i64,
+}
+
 /// Why a claim failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
     /// Refused for good (until this instance runs newer rules): leave the partition stopped.
     #[error(transparent)]
     OlderRules(#[from] OlderRules),
+    /// Refused for good (until an operator moves the stored offset): leave it stopped.
+    #[error(transparent)]
+    TopicRecreated(#[from] TopicRecreated),
     /// Redis was unreachable or refused the call: retry.
     #[error("redis call failed: {0}")]
     Redis(#[from] redis::RedisError),
@@ -122,24 +139,36 @@ pub enum ClaimError {
 /// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
 /// consumer thread) for an instance running `rules_version`. `published` is the last outbox
 /// id a committed Kafka transaction holds ([`crate::publish::position`]): the entries up to it
-/// are trimmed, never published again.
+/// are trimmed, never published again. `topic` is the input topic's id now (`None`: unknown,
+/// not checked); the stored offset is paired with the id it was read from.
 ///
 /// # Errors
-/// [`ClaimError::OlderRules`] if a newer rules version ran the partition after ours (nothing
-/// changed), or the Redis error.
+/// [`ClaimError::OlderRules`] if a newer rules version ran the partition after ours,
+/// [`ClaimError::TopicRecreated`] if the stored offset was read from another topic of the same
+/// name (nothing changed in either case), or the Redis error.
 pub fn claim(
     conn: &mut redis::Connection,
     keys: &PartitionKeys,
     published: Option<&str>,
     rules_version: &str,
+    topic: Option<&str>,
 ) -> Result<Claim, ClaimError> {
     let reply: Vec<String> = CLAIM
         .key(&keys.meta)
         .key(&keys.outbox)
         .arg(published.unwrap_or(""))
         .arg(rules_version)
+        .arg(topic.unwrap_or(""))
         .invoke(conn)?;
     let field = |i: usize| reply.get(i).map_or("", String::as_str);
+    if let (Some(current), "RECREATED") = (topic, field(0)) {
+        return Err(TopicRecreated {
+            stored: field(1).to_owned(),
+            current: current.to_owned(),
+            next_offset: field(2).parse().unwrap_or(-1),
+        }
+        .into());
+    }
     if field(0) == "OLDER" {
         return Err(OlderRules {
             ours: rules_version.to_owned(),
