@@ -31,7 +31,15 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     // structures at 4 partitions); each partition also has its own queue of decoded batches
     // (`ingest.queue_batches`). Both can be set in `[kafka.consumer]`.
     c.set("queued.max.messages.kbytes", "16384")
-        .set("queued.min.messages", "10000");
+        .set("queued.min.messages", "10000")
+        // With a threshold above reached, librdkafka postpones the partition's next fetch
+        // by this much (its default: 1000 ms). The threshold counts the consumer queue that
+        // all partitions share, so under steady input a short pass over it made fetches come
+        // in bursts every second: batches of ~1,700 instead of ~150 events and a median
+        // purchase-to-change latency of ~850 ms instead of ~100 ms at 20k events/s
+        // (`cargo bench --bench latency`, docs/performance.md). A re-check every 10 ms costs
+        // nothing while the queue stays full (no request is sent).
+        .set("fetch.queue.backoff.ms", "10");
     for (k, v) in &kafka.consumer {
         c.set(k, v);
     }
@@ -68,7 +76,10 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &kafka.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "25")
+        // A round's records are queued at once and the round waits for all of them: a
+        // linger only delays it (25 ms before, ~30 ms of the median purchase-to-change
+        // latency at 20k events/s); 5 ms still gathers a round into one request.
+        .set("linger.ms", "5")
         .set("compression.type", "lz4")
         // A publisher that stalls mid-transaction (a paused process) holds back every
         // read_committed consumer of the output partitions it wrote until the broker aborts

@@ -90,7 +90,9 @@ pub struct KafkaConfig {
     pub at_risk_topic: Option<String>,
     /// librdkafka consumer properties, passed through (e.g. `"security.protocol" = "SASL_SSL"`,
     /// `"group.protocol" = "consumer"` for KIP-848). They override tierd's defaults
-    /// (`statistics.interval.ms = 2000`; under the classic group protocol also
+    /// (`statistics.interval.ms = 2000`, `queued.max.messages.kbytes = 16384`,
+    /// `queued.min.messages = 10000`, `fetch.queue.backoff.ms = 10`; under the classic
+    /// group protocol also
     /// `partition.assignment.strategy = cooperative-sticky`, `session.timeout.ms = 10000`,
     /// `heartbeat.interval.ms = 1000`, which KIP-848 leaves to the broker). `group.id`,
     /// `bootstrap.servers`, `enable.auto.commit`, `enable.auto.offset.store` and
@@ -98,8 +100,8 @@ pub struct KafkaConfig {
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
     /// librdkafka producer properties, passed through. They override tierd's defaults
-    /// (`acks = all`, `linger.ms = 25`, `compression.type = lz4`, `message.timeout.ms = 0`: never
-    /// time out, which would break per-customer order); `enable.idempotence` is always true.
+    /// (`acks = all`, `linger.ms = 5`, `compression.type = lz4`, `transaction.timeout.ms =
+    /// 10000`); `enable.idempotence` is always true.
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
 }
