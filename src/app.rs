@@ -5,15 +5,11 @@ use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::engine::rules::{Rules, RulesError};
 use crate::ingest::consumer::{self, Batching, IngestContext};
-use crate::ingest::decode::DecodeLimits;
 use crate::ingest::stalls::{Probe, StallAlarm, Watch};
-use crate::model::change::MoneyFormat;
-use crate::model::DedupPolicy;
 use crate::partition::supervisor::{Supervisor, SupervisorParts};
-use crate::partition::{sweep_page, Clock, Ownership, Pipeline, RankDuty};
+use crate::partition::{Ownership, Pipeline};
 use crate::publish::position::OutboxPositions;
 use crate::publish::publisher::Publisher;
-use crate::store::keys::Keyspace;
 use crate::telemetry::Telemetry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::future::Future;
@@ -107,44 +103,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let telemetry = Telemetry::new();
-    let money = MoneyFormat {
-        currency: config.money.currency.clone(),
-        fraction_digits: config.money.fraction_digits,
-    };
-    let keyspace = Keyspace::new(
-        &config.redis.key_prefix,
-        &config.kafka.group_id,
-        &config.kafka.input_topic,
-    );
-    let pipeline = Arc::new(Pipeline {
-        keyspace: keyspace.clone(),
-        rules: Arc::clone(&rules),
-        limits: DecodeLimits {
-            max_message_bytes: config.ingest.max_message_bytes,
-            currency: config.money.currency.clone(),
-            fraction_digits: config.money.fraction_digits,
-            max_amount_minor: config.max_amount_minor(),
-            min_occurred_at_ms: config.min_occurred_at_ms(),
-            max_future_skew_ms: i64::try_from(config.ingest.max_future_skew_s.saturating_mul(1000))
-                .unwrap_or(i64::MAX),
-            tiers: rules.tiers().iter().map(|t| t.name.clone()).collect(),
-        },
-        clock: Clock::from(&config.clock),
-        sweep_page: sweep_page(config.rules.sweep_per_second),
-        ranks: RankDuty::from(&config.ranks),
-        partitions: std::sync::atomic::AtomicI32::new(0),
-        dedup: DedupPolicy {
-            horizon_ms: i64::try_from(config.dedup.horizon_s.saturating_mul(1000))
-                .unwrap_or(i64::MAX),
-            max_ids: config.dedup.max_ids_per_customer,
-        },
-        money: money.clone(),
-        input_topic: config.kafka.input_topic.clone(),
-        dead_letter_max_bytes: config.publish.dead_letter_max_bytes,
-        outbox_max_entries: config.publish.outbox_max_entries,
-        cache_customers: config.ingest.cache_customers_per_partition,
-        telemetry: telemetry.clone(),
-    });
+    let pipeline = Arc::new(Pipeline::new(
+        &config,
+        Arc::clone(&rules),
+        telemetry.clone(),
+    ));
+    let (money, keyspace) = (pipeline.money.clone(), pipeline.keyspace.clone());
 
     let fatal = Arc::new(tokio::sync::Notify::new());
     let producer_config = crate::kafka::producer_config(&config.kafka);

@@ -12,11 +12,12 @@ pub mod supervisor;
 pub mod sweep;
 pub mod timers;
 
-use crate::config::{ClockConfig, ClockMode, RanksConfig};
+use crate::config::{ClockConfig, ClockMode, Config, RanksConfig};
 use crate::engine::rules::Rules;
 use crate::ingest::decode::DecodeLimits;
 use crate::model::change::MoneyFormat;
 use crate::model::DedupPolicy;
+use crate::store::keys::Keyspace;
 use crate::telemetry::Telemetry;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -56,6 +57,50 @@ pub struct Pipeline {
     pub partitions: std::sync::atomic::AtomicI32,
     /// Metrics.
     pub telemetry: Telemetry,
+}
+
+impl Pipeline {
+    /// The pipeline of `config` under `rules` (no I/O: the runners' clients are their own).
+    pub fn new(config: &Config, rules: Arc<Rules>, telemetry: Telemetry) -> Self {
+        Self {
+            keyspace: Keyspace::new(
+                &config.redis.key_prefix,
+                &config.kafka.group_id,
+                &config.kafka.input_topic,
+            ),
+            limits: DecodeLimits {
+                max_message_bytes: config.ingest.max_message_bytes,
+                currency: config.money.currency.clone(),
+                fraction_digits: config.money.fraction_digits,
+                max_amount_minor: config.max_amount_minor(),
+                min_occurred_at_ms: config.min_occurred_at_ms(),
+                max_future_skew_ms: i64::try_from(
+                    config.ingest.max_future_skew_s.saturating_mul(1000),
+                )
+                .unwrap_or(i64::MAX),
+                tiers: rules.tiers().iter().map(|t| t.name.clone()).collect(),
+            },
+            rules,
+            clock: Clock::from(&config.clock),
+            sweep_page: sweep_page(config.rules.sweep_per_second),
+            ranks: RankDuty::from(&config.ranks),
+            partitions: std::sync::atomic::AtomicI32::new(0),
+            dedup: DedupPolicy {
+                horizon_ms: i64::try_from(config.dedup.horizon_s.saturating_mul(1000))
+                    .unwrap_or(i64::MAX),
+                max_ids: config.dedup.max_ids_per_customer,
+            },
+            money: MoneyFormat {
+                currency: config.money.currency.clone(),
+                fraction_digits: config.money.fraction_digits,
+            },
+            input_topic: config.kafka.input_topic.clone(),
+            dead_letter_max_bytes: config.publish.dead_letter_max_bytes,
+            outbox_max_entries: config.publish.outbox_max_entries,
+            cache_customers: config.ingest.cache_customers_per_partition,
+            telemetry,
+        }
+    }
 }
 
 /// Engine time and timers, from `[clock]`, in the units the runners use.

@@ -177,22 +177,17 @@ impl Supervisor {
                 self.parts.callback_patience.as_secs_f64()
             ))))
         };
-        // The input topic's id, to tell a recreated topic from the one the stored offset was
-        // read from (`None`: the broker reports none, and the claim cannot check).
-        let Some((published, topic_id)) = self.retrying(
+        let Some(published) = self.retrying(
             give_up,
-            || {
-                let positions = &self.parts.positions;
-                Ok::<_, rdkafka::error::KafkaError>((
-                    positions.published(partition)?,
-                    positions.input_topic_id()?,
-                ))
-            },
+            || self.parts.positions.published(partition),
             |error| events::PublishedPositionUnknown { partition, error }.emit(telemetry),
         )?
         else {
-            return unavailable("Kafka (the published outbox position and the topic id)");
+            return unavailable("Kafka (the published outbox position)");
         };
+        // The input topic's id, to tell a recreated topic from the one the stored offset was
+        // read from (`None`: unknown, and the claim does not compare).
+        let topic_id = self.parts.positions.input_topic_id();
         let Some(claim) = self.retrying(
             give_up,
             || {

@@ -27,9 +27,13 @@ use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use tracing::warn;
 
 /// How long reading the published positions may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a claim waits for the input topic's id (see [`OutboxPositions::input_topic_id`]).
+const TOPIC_ID_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The metadata's size bound: Kafka's default `offset.metadata.max.bytes` is 4096.
 const METADATA_BUDGET: usize = 3500;
@@ -207,6 +211,8 @@ pub struct OutboxPositions {
     consumer: BaseConsumer,
     group: ConsumerGroupMetadata,
     topic: String,
+    /// The input topic's id as last read ([`Self::input_topic_id`]).
+    topic_id: std::sync::Mutex<Option<TopicId>>,
 }
 
 impl OutboxPositions {
@@ -230,6 +236,7 @@ impl OutboxPositions {
             consumer,
             group,
             topic: kafka.input_topic.clone(),
+            topic_id: std::sync::Mutex::new(None),
         })
     }
 
@@ -253,13 +260,23 @@ impl OutboxPositions {
             .unwrap_or_default())
     }
 
-    /// The input topic's id ([`crate::ingest::topic_id`]; `None` if the broker reports none).
-    /// Blocks, like [`Self::published`].
-    ///
-    /// # Errors
-    /// The broker did not answer, or the topic does not exist.
-    pub fn input_topic_id(&self) -> Result<Option<TopicId>, KafkaError> {
-        topic_id(self.consumer.client(), &self.topic, READ_TIMEOUT)
+    /// The input topic's id ([`crate::ingest::topic_id`]), asked for at most
+    /// [`TOPIC_ID_TIMEOUT`]; if the cluster does not answer in time (a broker down: the
+    /// request may wait for that one), the last id known to this process, and `None` if there
+    /// is none or the broker reports no ids. A claim must not wait on it: it only guards
+    /// against a topic recreated while tierd was down. Blocks, like [`Self::published`].
+    pub fn input_topic_id(&self) -> Option<TopicId> {
+        let mut known = self.topic_id.lock().expect("topic id lock");
+        match topic_id(self.consumer.client(), &self.topic, TOPIC_ID_TIMEOUT) {
+            Ok(id) => {
+                known.clone_from(&id);
+                id
+            }
+            Err(error) => {
+                warn!(%error, known = ?*known, "Reading the input topic's id failed; a claim compares the stored offset's topic with the last id known to this process (none: not compared).");
+                known.clone()
+            }
+        }
     }
 
     /// The offsets to commit with a round that leaves the outbox at `published`.

@@ -1,0 +1,185 @@
+//! API latency under ingestion (issue 12): `GET /v1/customers/{id}` at a fixed rate, open
+//! loop (each lookup starts at its scheduled moment whether or not earlier ones answered, and
+//! its latency runs from that moment), while tierd ingests purchases at a fixed rate.
+//!
+//! `cargo bench --bench api` (env: BENCH_API_RATE lookups/s, default 10000; BENCH_SECS,
+//! default 20; BENCH_INGEST_RATE purchases/s during the lookups, default 20000;
+//! BENCH_CUSTOMERS, default 100000 — all of them stored before the lookups start). Starts its
+//! own redis-server, Apache Kafka broker and tierd, like the tests.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{Tierd, World};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Produces `events` generated purchases of `customers` customers at `rate` per second
+/// (0: as fast as possible) with `tierd-dev produce`.
+fn produce(
+    world: &World,
+    events: u64,
+    customers: u64,
+    rate: u64,
+    seed: u64,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_tierd-dev"))
+        .args([
+            "--brokers",
+            &world.broker.addr,
+            "produce",
+            "--topic",
+            &world.input,
+        ])
+        .args(["--events", &events.to_string()])
+        .args(["--customers", &customers.to_string()])
+        .args(["--rate", &rate.to_string()])
+        .args(["--seed", &seed.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn applied(world: &World, partitions: i32) -> i64 {
+    (0..partitions)
+        .map(|p| world.partition_meta(p).1.max(0))
+        .sum()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --all-targets` / nextest probing the bench: nothing to list.
+    }
+    let rate = env_or("BENCH_API_RATE", 10_000).max(1);
+    let secs = env_or("BENCH_SECS", 20).max(1);
+    let ingest_rate = env_or("BENCH_INGEST_RATE", 20_000);
+    let customers = env_or("BENCH_CUSTOMERS", 100_000).max(1);
+    let partitions = 4;
+    let world = World::start(partitions);
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(i64::from(partitions), Duration::from_secs(120));
+
+    // Every customer stored first (3 purchases each on average).
+    let preload = 3 * customers;
+    eprintln!("storing {customers} customers ({preload} purchases)…");
+    assert!(produce(&world, preload, customers, 0, 1)
+        .wait()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while applied(&world, partitions) < preload as i64 {
+        assert!(Instant::now() < deadline, "the preload was not applied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = applied(&world, partitions);
+
+    // Ingestion at a fixed rate for the whole measured window.
+    let mut ingest = (ingest_rate > 0)
+        .then(|| produce(&world, ingest_rate * (secs + 2), customers, ingest_rate, 2));
+    std::thread::sleep(Duration::from_secs(1));
+
+    eprintln!("{rate} lookups/s for {secs} s while ingesting {ingest_rate} purchases/s…");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .unwrap();
+    let base = Arc::new(tierd.api.clone());
+    let total = rate * secs;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let (results, behind) = rt.block_on(async move {
+        let t0 = tokio::time::Instant::now() + Duration::from_millis(50);
+        let mut tasks = Vec::with_capacity(total as usize);
+        let mut behind = Duration::ZERO;
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        for i in 0..total {
+            let scheduled = t0 + interval.mul_f64(i as f64);
+            let now = tokio::time::Instant::now();
+            if scheduled > now {
+                tokio::time::sleep_until(scheduled).await;
+            } else {
+                behind = behind.max(now - scheduled);
+            }
+            rng ^= rng >> 12;
+            rng ^= rng << 25;
+            rng ^= rng >> 27;
+            let customer = rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % customers;
+            let url = format!("{base}/v1/customers/cust-{customer:06}");
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let status = match client.get(&url).send().await {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        status
+                    }
+                    Err(_) => 0,
+                };
+                (scheduled.elapsed(), status)
+            }));
+        }
+        let mut results = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        (results, behind)
+    });
+    let elapsed = started.elapsed();
+    let ingested = applied(&world, partitions) - before;
+    if let Some(child) = ingest.as_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut latencies: Vec<Duration> = results.iter().map(|(d, _)| *d).collect();
+    latencies.sort();
+    let ok = results.iter().filter(|(_, s)| *s == 200).count();
+
+    println!("## tierd API latency under ingestion (open loop)");
+    println!();
+    println!(
+        "- scenario: GET /v1/customers/{{id}} at {rate}/s for {secs} s over {customers} stored customers, while purchases are produced at {ingest_rate}/s; broker {}, Redis 7 on loopback",
+        support::broker_description()
+    );
+    println!(
+        "- {} lookups, {ok} answered 200 (the rest: another status or no answer); the scheduler was at most {} behind; tierd applied {ingested} purchases meanwhile ({:.0}/s)",
+        results.len(),
+        ms(behind),
+        ingested as f64 / elapsed.as_secs_f64()
+    );
+    println!();
+    println!("| lookup scheduled → answer read | value |");
+    println!("|---|---|");
+    for (name, p) in [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)] {
+        println!("| {name} | {} |", ms(percentile(&latencies, p)));
+    }
+    println!(
+        "| max | {} |",
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+}
