@@ -64,7 +64,9 @@ pub fn parse_minor(text: &str, fraction_digits: u32, max_minor: i64) -> Result<i
             magnitude
         };
     }
-    let mantissa = format!("{int}{frac}");
+    let mut mantissa = String::with_capacity(int.len() + frac.len());
+    mantissa.push_str(int);
+    mantissa.push_str(frac);
     let mut significant = mantissa.trim_start_matches('0');
     // Trailing zeros only move the decimal point.
     while shift < 0 && significant.ends_with('0') {

@@ -274,7 +274,17 @@ fn present<'a>(field: Option<&'a RawValue>, name: &str) -> Result<&'a RawValue, 
 }
 
 fn string(raw: &RawValue, name: &str) -> Result<String, Rejection> {
-    serde_json::from_str::<String>(raw.get()).map_err(|_| {
+    let text = raw.get();
+    // The first pass validated the raw value as JSON: a string without escapes is the text
+    // between its quotes (parsing it again was ~13 % of the per-event instructions).
+    if let Some(inner) = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .filter(|t| !t.contains('\\'))
+    {
+        return Ok(inner.to_owned());
+    }
+    serde_json::from_str::<String>(text).map_err(|_| {
         reject(
             Reason::InvalidField,
             format!("field `{name}`: must be a string"),

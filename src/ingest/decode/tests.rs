@@ -218,4 +218,30 @@ proptest::proptest! {
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
         let _ = decode(Some(b"k"), Some(&bytes), NOW, &limits());
     }
+
+    /// A string field reads as a full JSON parse reads it, escaped or not (the decoder takes
+    /// a string without escapes straight from between its quotes).
+    #[test]
+    fn string_fields_read_as_json_parses_them(id in "\\PC{1,40}", escape_all in proptest::prelude::any::<bool>()) {
+        let json = if escape_all {
+            // Every character as a \u escape (surrogate pairs beyond the BMP).
+            let mut out = String::from('"');
+            for unit in id.encode_utf16() {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+            out.push('"');
+            out
+        } else {
+            serde_json::to_string(&id).unwrap()
+        };
+        let value = format!(r#"{{"event_id":{json},"customer_id":{json},"amount":"1.00","occurred_at":"2026-01-01T00:00:00Z"}}"#);
+        let key = id.as_bytes().to_vec();
+        match decode(Some(&key), Some(value.as_bytes()), NOW, &limits()) {
+            Ok(event) => {
+                proptest::prop_assert_eq!(&event.event_id, &id);
+                proptest::prop_assert_eq!(&event.customer_id, &id);
+            }
+            Err(rejection) => proptest::prop_assert!(id.chars().count() > 128, "{rejection:?}"),
+        }
+    }
 }
