@@ -48,6 +48,11 @@ struct Pending {
     /// The runner's queue was full: `messages` wait for room and the partition is paused
     /// (only this one: the others keep flowing, and the consumer keeps polling).
     held: Held,
+    /// One past the last offset polled for the partition since its claim (-1: none). A
+    /// statistics report is computed before the messages fetched ahead of it are polled, so
+    /// its `app_offset` can still say "nothing delivered" for a message already in a batch
+    /// here: this keeps such a partition from being taken for caught up (timers wait).
+    polled_until: i64,
 }
 
 /// Whether a partition's messages are held back because its runner's queue is full.
@@ -69,6 +74,7 @@ impl Pending {
             bytes: 0,
             since: None,
             held: Held::No,
+            polled_until: -1,
         }
     }
 }
@@ -620,6 +626,7 @@ impl IngestContext {
         if b.messages.is_empty() {
             b.since = Some(Instant::now());
         }
+        b.polled_until = b.polled_until.max(message.offset() + 1);
         b.bytes += message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
         b.messages.push(message);
         let full =
@@ -782,6 +789,13 @@ impl ClientContext for IngestContext {
             seen.1.extend(confirmed);
             seen.0 = now;
         }
+        let polled: HashMap<i32, i64> = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .iter()
+            .map(|(p, b)| (*p, b.polled_until))
+            .collect();
         let ownership = self.supervisor.ownership().read().expect("ownership lock");
         for (p, part) in &topic.partitions {
             if let Some(status) = ownership.get(p) {
@@ -799,9 +813,10 @@ impl ClientContext for IngestContext {
                     status
                         .fetch_position
                         .store(part.next_offset, Ordering::Relaxed);
+                    let polled = polled.get(p).copied().unwrap_or(-1);
                     status
                         .delivered_until
-                        .store(part.app_offset.max(-1), Ordering::Relaxed);
+                        .store(part.app_offset.max(polled).max(-1), Ordering::Relaxed);
                     status
                         .fetch_queued
                         .store(part.fetchq_cnt, Ordering::Relaxed);
