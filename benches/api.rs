@@ -158,7 +158,12 @@ fn main() {
     }
     let mut latencies: Vec<Duration> = results.iter().map(|(d, _)| *d).collect();
     latencies.sort();
-    let ok = results.iter().filter(|(_, s)| *s == 200).count();
+    let count = |f: &dyn Fn(u16) -> bool| results.iter().filter(|(_, s)| f(*s)).count();
+    let (ok, not_found, none) = (
+        count(&|s| s == 200),
+        count(&|s| s == 404),
+        count(&|s| s == 0),
+    );
 
     println!("## tierd API latency under ingestion (open loop)");
     println!();
@@ -167,8 +172,9 @@ fn main() {
         support::broker_description()
     );
     println!(
-        "- {} lookups, {ok} answered 200 (the rest: another status or no answer); the scheduler was at most {} behind; tierd applied {ingested} purchases meanwhile ({:.0}/s)",
+        "- {} lookups: {ok} answered 200, {not_found} 404 (a customer without purchases: the ids are drawn from all {customers}), {none} no answer, {} another status; the scheduler was at most {} behind; tierd applied {ingested} purchases meanwhile ({:.0}/s)",
         results.len(),
+        results.len() - ok - not_found - none,
         ms(behind),
         ingested as f64 / elapsed.as_secs_f64()
     );
