@@ -7,32 +7,16 @@
 //! BENCH_CUSTOMERS, default 100000 — all of them stored before the lookups start). Starts its
 //! own redis-server, Apache Kafka broker and tierd, like the tests.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use common::{env_or, ms, print_percentiles};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{Tierd, World};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
 
 /// Produces `events` generated purchases of `customers` customers at `rate` per second
 /// (0: as fast as possible) with `tierd-dev produce`.
@@ -179,13 +163,5 @@ fn main() {
         ingested as f64 / elapsed.as_secs_f64()
     );
     println!();
-    println!("| lookup scheduled → answer read | value |");
-    println!("|---|---|");
-    for (name, p) in [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)] {
-        println!("| {name} | {} |", ms(percentile(&latencies, p)));
-    }
-    println!(
-        "| max | {} |",
-        ms(latencies.last().copied().unwrap_or_default())
-    );
+    print_percentiles("lookup scheduled → answer read", &latencies);
 }

@@ -17,6 +17,10 @@
 //! and loading the rules are not in it, and customers' first purchases weigh as in a steady
 //! state. Needs `valgrind` (Debian package).
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{env_or, Rng};
 use figment::providers::{Format, Toml};
 use figment::Figment;
 use std::collections::HashMap;
@@ -40,25 +44,6 @@ use tierd::telemetry::Telemetry;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: u64 = 2000;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A small deterministic generator (xorshift64*): the same input every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 /// One input message: key, value, and the message timestamp (ms).
 type Message = (String, Vec<u8>, i64);

@@ -14,9 +14,12 @@
 //! BENCH_PRODUCER_LINGER_MS, default 5; BENCH_TIERD_TOML, extra tierd configuration). Starts its own redis-server, Apache Kafka
 //! broker and tierd, like the tests.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use common::{env_or, ms, percentile, print_percentiles, process_cpu, Rng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -26,13 +29,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{Tierd, World};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Reads the output topic until `stop` is set and nothing more arrives; returns each tier
 /// change's arrival time with the index of the purchase that caused it (`L<index>`).
@@ -93,18 +89,6 @@ fn read_changes(
     }
 }
 
-/// A small deterministic generator (xorshift64*): the same customers and amounts every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// A plain HTTP/1.0 GET (the body, or nothing on an error).
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
@@ -118,20 +102,6 @@ fn http_get(addr: &str, path: &str) -> String {
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default()
-}
-
-/// CPU seconds of process `pid` so far (user + sys, `/proc/<pid>/stat`).
-fn process_cpu(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    ticks as f64 / 100.0
 }
 
 /// CPU seconds so far of every process whose command name is `name`.
@@ -163,18 +133,6 @@ fn machine_cpu() -> (f64, f64) {
     let total: u64 = ticks.iter().take(8).sum();
     let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
     ((total - idle) as f64 / 100.0, total as f64 / 100.0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn main() {
@@ -375,14 +333,9 @@ fn main() {
         latencies.len()
     );
     println!();
-    println!("| purchase scheduled → its tier change read (read_committed) | value |");
-    println!("|---|---|");
-    for (name, p) in [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)] {
-        println!("| {name} | {} |", ms(percentile(&latencies, p)));
-    }
-    println!(
-        "| max | {} |",
-        ms(latencies.last().copied().unwrap_or_default())
+    print_percentiles(
+        "purchase scheduled → its tier change read (read_committed)",
+        &latencies,
     );
     // Whether the latency is steady or grows over the run (a backlog building up).
     let mut by_second: Vec<Vec<Duration>> = vec![Vec::new(); secs as usize];

@@ -6,9 +6,12 @@
 //! `cargo bench --bench pipeline` (env: BENCH_EVENTS=1000000 BENCH_CUSTOMERS=100000
 //! BENCH_PARTITIONS=4). Starts its own redis-server and Apache Kafka broker (scripts/kafka/broker.sh).
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use common::{env_or, process_cpu, stat_cpu};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -16,13 +19,6 @@ use rdkafka::ClientConfig;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::{Tierd, World};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Reads `n` messages of `topic` from the beginning as fast as possible; returns msgs/s and
 /// the average value size.
@@ -105,15 +101,9 @@ fn thread_cpu(pid: u32) -> String {
             .unwrap_or_default()
             .trim()
             .to_owned();
-        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = (stat_cpu(&std::fs::read_to_string(path.join("stat")).unwrap_or_default())
+            * 100.0)
+            .round() as u64;
         let tid = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -197,15 +187,7 @@ fn main() {
     let published_secs = t0.elapsed().as_secs_f64();
     let published_throughput = (events as i64 - at_t0) as f64 / published_secs;
     let rss_peak = proc_status_kib(pid, "VmHWM:");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let cpu_ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let tierd_cpu = process_cpu(&pid.to_string());
     let threads = thread_cpu(pid);
     if std::env::var("BENCH_KEEP_LOG").is_ok() {
         let _ = std::fs::copy(&tierd.log, "/tmp/bench-tierd.log");
@@ -237,7 +219,6 @@ fn main() {
     );
     println!("| (d) Redis memory per customer | {per_customer:.0} B |");
     println!("| tier changes published | {changes:.0} |");
-    let tierd_cpu = cpu_ticks as f64 / 100.0;
     println!(
         "| tierd CPU time (user+sys) | {tierd_cpu:.1} s = {:.1} µs per event |",
         tierd_cpu * 1e6 / events as f64

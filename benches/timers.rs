@@ -8,9 +8,12 @@
 //! `cargo bench --bench timers` (env: BENCH_TIMER_CUSTOMERS=1000000 BENCH_PARTITIONS=4).
 //! Prints the firing time, timers/s, tierd and Redis CPU, and the publish drain time.
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use common::env_or;
 use rdkafka::producer::{FutureRecord, Producer};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,13 +23,6 @@ use tierd::model::state::{CustomerState, DedupPolicy};
 use tierd::model::time::{format_ms, parse_rfc3339_ms};
 use tierd::model::{Event, EventKind};
 use tierd::store::keys::Keyspace;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

@@ -75,15 +75,7 @@ fn records_deleted_before_they_were_applied_stop_the_partition() {
 
 #[test]
 fn a_stored_offset_beyond_a_recreated_topics_end_stops_the_partition() {
-    let world = World::start(1);
-    let mut tierd = Tierd::spawn(&world, "");
-    tierd.wait_partitions(1, Duration::from_secs(60));
-    let events: Vec<serde_json::Value> = (0..5)
-        .map(|i| purchase(&format!("e{i}"), "ann", "100", "2026-11-01T10:00:00Z"))
-        .collect();
-    let ends = world.produce_json(&events);
-    world.wait_applied(&ends, Duration::from_secs(60));
-    assert_eq!(tierd.terminate(), Some(0));
+    let world = five_purchases_applied();
 
     // The input topic is deleted and created again; two new records.
     recreate_input(&world);
@@ -127,6 +119,21 @@ fn a_stored_offset_beyond_a_recreated_topics_end_stops_the_partition() {
     assert_eq!(world.customer_state("ann").unwrap().count, 5);
 }
 
+/// A one-partition world where tierd applied five purchases of `ann` (stored offset 5) and
+/// stopped.
+fn five_purchases_applied() -> World {
+    let world = World::start(1);
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let events: Vec<serde_json::Value> = (0..5)
+        .map(|i| purchase(&format!("e{i}"), "ann", "100", "2026-11-01T10:00:00Z"))
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+    world
+}
+
 /// Deletes the (one-partition) input topic and creates it again under the same name.
 fn recreate_input(world: &World) {
     let (admin, rt) = world.broker.admin();
@@ -154,15 +161,7 @@ fn recreate_input(world: &World) {
 /// leaves the partition stopped; the documented way out (move the stored offset) resumes it.
 #[test]
 fn a_stored_offset_inside_a_recreated_and_refilled_topic_stops_the_partition() {
-    let world = World::start(1);
-    let mut tierd = Tierd::spawn(&world, "");
-    tierd.wait_partitions(1, Duration::from_secs(60));
-    let events: Vec<serde_json::Value> = (0..5)
-        .map(|i| purchase(&format!("e{i}"), "ann", "100", "2026-11-01T10:00:00Z"))
-        .collect();
-    let ends = world.produce_json(&events);
-    world.wait_applied(&ends, Duration::from_secs(60));
-    assert_eq!(tierd.terminate(), Some(0));
+    let world = five_purchases_applied();
 
     recreate_input(&world);
     let refill: Vec<serde_json::Value> = (0..8)

@@ -1,0 +1,71 @@
+//! What the benches share: settings from the environment, a deterministic generator,
+//! percentiles, CPU time from `/proc`.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+/// The number in environment variable `name`, or `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A small deterministic generator (xorshift64*): the same input every run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// The `p`-th percentile of `sorted` (nearest rank).
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `d` in milliseconds, two decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Prints the p50 / p99 / p99.9 / max rows of a markdown table of sorted `latencies`, under
+/// a header naming what was measured.
+pub fn print_percentiles(what: &str, latencies: &[Duration]) {
+    println!("| {what} | value |");
+    println!("|---|---|");
+    for (name, p) in [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)] {
+        println!("| {name} | {} |", ms(percentile(latencies, p)));
+    }
+    println!(
+        "| max | {} |",
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+}
+
+/// CPU seconds of process `pid` so far (user + sys, `/proc/<pid>/stat`; `self` for this one).
+pub fn process_cpu(pid: &str) -> f64 {
+    stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default())
+}
+
+/// CPU seconds (user + sys) in the text of a `/proc/…/stat` file (of a process or a thread).
+pub fn stat_cpu(stat: &str) -> f64 {
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
