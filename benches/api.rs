@@ -12,38 +12,10 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use common::{env_or, ms, print_percentiles};
-use std::process::Command;
+use common::{env_or, ms, print_percentiles, produce};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{Tierd, World};
-
-/// Produces `events` generated purchases of `customers` customers at `rate` per second
-/// (0: as fast as possible) with `tierd-dev produce`.
-fn produce(
-    world: &World,
-    events: u64,
-    customers: u64,
-    rate: u64,
-    seed: u64,
-) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_tierd-dev"))
-        .args([
-            "--brokers",
-            &world.broker.addr,
-            "produce",
-            "--topic",
-            &world.input,
-        ])
-        .args(["--events", &events.to_string()])
-        .args(["--customers", &customers.to_string()])
-        .args(["--rate", &rate.to_string()])
-        .args(["--seed", &seed.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
 
 fn applied(world: &World, partitions: i32) -> i64 {
     (0..partitions)
@@ -67,10 +39,12 @@ fn main() {
     // Every customer stored first (3 purchases each on average).
     let preload = 3 * customers;
     eprintln!("storing {customers} customers ({preload} purchases)…");
-    assert!(produce(&world, preload, customers, 0, 1)
-        .wait()
-        .unwrap()
-        .success());
+    assert!(
+        produce(&world.broker.addr, &world.input, preload, customers, 0, 1)
+            .wait()
+            .unwrap()
+            .success()
+    );
     let deadline = Instant::now() + Duration::from_secs(600);
     while applied(&world, partitions) < preload as i64 {
         assert!(Instant::now() < deadline, "the preload was not applied");
@@ -79,8 +53,16 @@ fn main() {
     let before = applied(&world, partitions);
 
     // Ingestion at a fixed rate for the whole measured window.
-    let mut ingest = (ingest_rate > 0)
-        .then(|| produce(&world, ingest_rate * (secs + 2), customers, ingest_rate, 2));
+    let mut ingest = (ingest_rate > 0).then(|| {
+        produce(
+            &world.broker.addr,
+            &world.input,
+            ingest_rate * (secs + 2),
+            customers,
+            ingest_rate,
+            2,
+        )
+    });
     std::thread::sleep(Duration::from_secs(1));
 
     eprintln!("{rate} lookups/s for {secs} s while ingesting {ingest_rate} purchases/s…");

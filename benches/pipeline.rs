@@ -11,12 +11,11 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use common::{env_or, process_cpu, stat_cpu};
+use common::{env_or, process_cpu, produce, stat_cpu};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use support::{Tierd, World};
 
@@ -134,23 +133,8 @@ fn main() {
     let partitions = env_or("BENCH_PARTITIONS", 4) as i32;
     let world = World::start(partitions);
     eprintln!("producing {events} events for {customers} customers into {partitions} partitions…");
-    let status = Command::new(env!("CARGO_BIN_EXE_tierd-dev"))
-        .args([
-            "--brokers",
-            &world.broker.addr,
-            "produce",
-            "--topic",
-            &world.input,
-        ])
-        .args([
-            "--events",
-            &events.to_string(),
-            "--customers",
-            &customers.to_string(),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let produced = produce(&world.broker.addr, &world.input, events, customers, 0, 1).wait();
+    assert!(produced.unwrap().success());
     let (ceiling, sample) = raw_consume(&world.broker.addr, &world.input, partitions, events);
 
     let redis_before = redis_used_memory(&world);

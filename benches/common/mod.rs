@@ -69,3 +69,25 @@ pub fn stat_cpu(stat: &str) -> f64 {
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     ticks as f64 / 100.0
 }
+
+/// Starts `tierd-dev produce`: `events` generated purchases of `customers` customers into
+/// `topic` at `rate` per second (0: as fast as possible), from random seed `seed`.
+pub fn produce(
+    brokers: &str,
+    topic: &str,
+    events: u64,
+    customers: u64,
+    rate: u64,
+    seed: u64,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tierd-dev"))
+        .args(["--brokers", brokers, "produce", "--topic", topic])
+        .args(["--events", &events.to_string()])
+        .args(["--customers", &customers.to_string()])
+        .args(["--rate", &rate.to_string()])
+        .args(["--seed", &seed.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tierd-dev starts")
+}
