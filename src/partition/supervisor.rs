@@ -187,7 +187,7 @@ impl Supervisor {
         };
         // The input topic's id, to tell a recreated topic from the one the stored offset was
         // read from (`None`: unknown, and the claim does not compare).
-        let topic_id = self.parts.positions.input_topic_id();
+        let topic_id = self.parts.positions.input_topic_id(give_up);
         let Some(claim) = self.retrying(
             give_up,
             || {

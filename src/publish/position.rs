@@ -26,7 +26,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::warn;
 
 /// How long reading the published positions may take.
@@ -34,6 +34,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a claim waits for the input topic's id (see [`OutboxPositions::input_topic_id`]).
 const TOPIC_ID_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long an answer (or a failure) about the input topic's id is reused by later claims.
+const TOPIC_ID_REUSE: Duration = Duration::from_secs(10);
 
 /// The metadata's size bound: Kafka's default `offset.metadata.max.bytes` is 4096.
 const METADATA_BUDGET: usize = 3500;
@@ -211,8 +214,9 @@ pub struct OutboxPositions {
     consumer: BaseConsumer,
     group: ConsumerGroupMetadata,
     topic: String,
-    /// The input topic's id as last read ([`Self::input_topic_id`]).
-    topic_id: std::sync::Mutex<Option<TopicId>>,
+    /// When the input topic's id was last asked for, and the last id read
+    /// ([`Self::input_topic_id`]).
+    topic_id: std::sync::Mutex<(Option<Instant>, Option<TopicId>)>,
 }
 
 impl OutboxPositions {
@@ -236,7 +240,7 @@ impl OutboxPositions {
             consumer,
             group,
             topic: kafka.input_topic.clone(),
-            topic_id: std::sync::Mutex::new(None),
+            topic_id: std::sync::Mutex::new((None, None)),
         })
     }
 
@@ -260,21 +264,31 @@ impl OutboxPositions {
             .unwrap_or_default())
     }
 
-    /// The input topic's id ([`crate::ingest::topic_id`]), asked for at most
-    /// [`TOPIC_ID_TIMEOUT`]; if the cluster does not answer in time (a broker down: the
-    /// request may wait for that one), the last id known to this process, and `None` if there
-    /// is none or the broker reports no ids. A claim must not wait on it: it only guards
-    /// against a topic recreated while tierd was down. Blocks, like [`Self::published`].
-    pub fn input_topic_id(&self) -> Option<TopicId> {
+    /// The input topic's id ([`crate::ingest::topic_id`]). Asked for at most once per
+    /// [`TOPIC_ID_REUSE`] (a rebalance claims its partitions one after the other, on the
+    /// consumer thread), for at most [`TOPIC_ID_TIMEOUT`] and never past `give_up` (the
+    /// claims' own deadline); otherwise, or when the cluster does not answer (a broker down:
+    /// the request may wait for that one), the last id known to this process, and `None` if
+    /// there is none or the broker reports no ids. A claim must not wait on it: it only
+    /// guards against a topic recreated while tierd was down. Blocks, like [`Self::published`].
+    pub fn input_topic_id(&self, give_up: Instant) -> Option<TopicId> {
         let mut known = self.topic_id.lock().expect("topic id lock");
-        match topic_id(self.consumer.client(), &self.topic, TOPIC_ID_TIMEOUT) {
-            Ok(id) => {
-                known.clone_from(&id);
-                id
+        let (asked, id) = &mut *known;
+        let timeout = give_up
+            .saturating_duration_since(Instant::now())
+            .min(TOPIC_ID_TIMEOUT);
+        if asked.is_some_and(|at| at.elapsed() < TOPIC_ID_REUSE) || timeout.is_zero() {
+            return id.clone();
+        }
+        *asked = Some(Instant::now());
+        match topic_id(self.consumer.client(), &self.topic, timeout) {
+            Ok(now) => {
+                id.clone_from(&now);
+                now
             }
             Err(error) => {
-                warn!(%error, known = ?*known, "Reading the input topic's id failed; a claim compares the stored offset's topic with the last id known to this process (none: not compared).");
-                known.clone()
+                warn!(%error, known = ?*id, "Reading the input topic's id failed; a claim compares the stored offset's topic with the last id known to this process (none: not compared).");
+                id.clone()
             }
         }
     }
