@@ -2,7 +2,8 @@
 # Installs what tierd's build, demo, tests and benches need and a fresh machine lacks, each
 # only once:
 #   - Debian packages: redis-server (tests start their own), the -dev packages librdkafka's
-#     ssl and zstd features build against, openssl (test certificates), Java 17 and Maven;
+#     ssl and zstd features build against, openssl (test certificates), Java 17 and Maven,
+#     gdb (a failing test dumps the threads of a tierd still running, for the post-mortem);
 #   - Apache Kafka (pinned in scripts/kafka/version.sh): the broker jars and their
 #     dependencies from Maven Central into ~/.cache/tierd/kafka-VERSION/libs (KAFKA_CACHE_DIR
 #     moves the cache); nothing is built;
@@ -22,6 +23,7 @@ java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head
 [ "${java_major:-0}" -ge 17 ] 2>/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v gdb >/dev/null 2>&1 || need+=(gdb)
 for p in libssl-dev libzstd-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done

@@ -171,12 +171,29 @@ fn chaos(
     for line in &log {
         eprintln!("{line}");
     }
+    // The killed instances' logs, kept should the checks below fail (the running instances
+    // keep their own on failure).
+    let killed =
+        std::env::temp_dir().join(format!("tierd-chaos-killed-{}.log", std::process::id()));
+    std::fs::write(&killed, &logs).unwrap();
+    eprintln!("the killed instances' logs: {}", killed.display());
     world.wait_applied(&ends, Duration::from_secs(600));
     let deadline = Instant::now() + Duration::from_secs(120);
     while owned(&instances) != 8 {
         assert!(
             Instant::now() < deadline,
-            "the group did not settle after the chaos"
+            "the group did not settle after the chaos: {}",
+            instances
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!(
+                    "instance {i} assigned {} stopped {}, /readyz {:?}",
+                    t.metric("tierd_partitions_assigned"),
+                    t.metric("tierd_partitions_stopped"),
+                    t.get("/readyz")
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -1606,9 +1606,19 @@ impl Tierd {
 
 impl Drop for Tierd {
     fn drop(&mut self) {
+        // A test failing while this tierd still runs: what each of its threads is doing (a
+        // wedged thread is otherwise invisible once the process is killed).
+        let threads = match self.pid() {
+            Some(pid) if std::thread::panicking() => thread_dump(pid),
+            _ => String::new(),
+        };
         self.kill9();
         if std::thread::panicking() {
-            let log = self.log_text();
+            let mut log = self.log_text();
+            if !threads.is_empty() {
+                log.push_str("\n--- threads of the running tierd (gdb) ---\n");
+                log.push_str(&threads);
+            }
             // The whole log outlives the test's temp dir, for a post-mortem.
             let keep = std::env::temp_dir().join(format!(
                 "tierd-failed-{}-{}.log",
@@ -1630,6 +1640,18 @@ impl Drop for Tierd {
             }
         }
     }
+}
+
+/// Every thread's backtrace of the running process `pid`, by gdb (bounded to 30 s; empty when
+/// gdb is missing or cannot attach).
+fn thread_dump(pid: u32) -> String {
+    Command::new("timeout")
+        .args(["30", "gdb", "-p", &pid.to_string(), "-batch", "-nx"])
+        .args(["-ex", "set pagination off", "-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// Runs the `tierd` command with `args` (from the project root): (exit code, stdout, stderr).
