@@ -508,3 +508,135 @@ fn a_rollback_during_a_rules_sweep_that_sets_timers_republishes_identically() {
     };
     assert_replayed_identically(&world, &tierd, ends[&0], replayed, &live, published);
 }
+
+/// The pyramid's shares changed (rank-based rules on both sides).
+const PYRAMID_V2: &str = r#"
+version = "pyramid-2"
+[ranks.value]
+metric = "sum"
+[[tiers]]
+name = "vip"
+when = ["rank.value <= 5%"]
+[[tiers]]
+name = "key"
+when = ["rank.value <= 30%"]
+[[tiers]]
+name = "ordinary"
+when = ["rank.value <= 60%"]
+[[tiers]]
+name = "small"
+"#;
+
+/// Waits until partition 0 applied cut-offs over `population` customers under rules `rules`
+/// and they stay the same for a second: the ranking settled.
+fn wait_cutoffs_settled(world: &World, tierd: &Tierd, population: u64, rules: &str) {
+    let hash = tierd::model::state::rules_hash(rules);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let settled = world.cutoffs().filter(|c| {
+            c.rules == hash
+                && c.population.first() == Some(&population)
+                && world.applied_cutoffs_version(0) == c.version
+        });
+        if let Some(c) = settled {
+            std::thread::sleep(Duration::from_secs(1));
+            if world.cutoffs().map(|again| again.version) == Some(c.version)
+                && world.applied_cutoffs_version(0) == c.version
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cut-offs did not settle:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The same under rank-based rules (the pyramid, moved to other shares): purchases in the
+/// middle of the sweep change the ranking, so cut-offs move while it runs. After Redis loses
+/// the whole sweep the replay's pages run at other moments than the first ones did, and each
+/// must still evaluate with the cut-offs it first did: a partition stays on the new rules'
+/// first cut-offs until its sweep completes, then moves on.
+#[test]
+fn a_rollback_during_a_rank_rules_sweep_republishes_its_changes_identically() {
+    let mut world = World::start(1);
+    world.rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    let ranks = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n";
+    let n = 200i64;
+    // Distinct spends, so that ranks are not ties.
+    let amount = |i: i64| (i * 7919) % 1_200_000 + i;
+    let mut tierd = Tierd::spawn(&world, ranks);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let events = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(120));
+    wait_cutoffs_settled(&world, &tierd, n as u64, "pyramid-1");
+    assert_eq!(tierd.terminate(), Some(0));
+    // Redis will lose everything from here on.
+    let before = world.snapshot();
+
+    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    rules.write_all(PYRAMID_V2.as_bytes()).unwrap();
+    world.rules = rules.path().to_owned();
+    // 2 customers per 100 ms: the sweep takes about 10 s.
+    world.rules_extra = "sweep_per_second = 20".into();
+    let tierd = Tierd::spawn(&world, ranks);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_rules_sweep_customers_total") < 20.0 {
+        assert!(
+            Instant::now() < deadline,
+            "sweep did not start:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first = world.cutoffs().expect("cut-offs of the new rules").version;
+    // Mid-sweep: every fifth customer spends a lot, in two rounds a second apart; the
+    // ranking changes under the sweep, twice.
+    let mut ends = BTreeMap::new();
+    for (round, at) in ["2026-11-02T10:00:00Z", "2026-11-03T10:00:00Z"]
+        .into_iter()
+        .enumerate()
+    {
+        let late = purchases(
+            &format!("f{round}-"),
+            (round as i64..n).step_by(5),
+            |i| (1_500_000 + i * 1_000).to_string(),
+            at,
+        );
+        ends = world.produce_json(&late);
+        world.wait_applied(&ends, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let swept_before_purchases = tierd.metric("tierd_rules_sweep_customers_total");
+    assert!(
+        world.cutoffs().expect("cut-offs").version > first,
+        "the cut-offs moved during the sweep"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tierd.metric("tierd_rules_sweep_partitions_done") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "sweep did not finish:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_cutoffs_settled(&world, &tierd, n as u64, "pyramid-2");
+    let live = states(&world, n);
+    let published = world.read_all(&world.output).len();
+    assert!(
+        swept_before_purchases < n as f64,
+        "the purchases came while the sweep was under way"
+    );
+
+    // Redis loses the whole sweep and the purchases; tierd notices by itself and replays.
+    world.restore(&before);
+    let hash = tierd::model::state::rules_hash("pyramid-2");
+    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    assert_replayed_identically(&world, &tierd, ends[&0], swept, &live, published);
+}

@@ -39,6 +39,14 @@ impl Runner {
         if self.partition == 0 && partitions > 0 && !self.compute_cutoffs(partitions).await {
             return Ok(());
         }
+        // A rules sweep under way keeps the partition on the cut-offs its pages evaluate with
+        // (the new rules' first): its changes then carry one cut-offs version whenever a page
+        // runs, and a replay after Redis lost writes (whose pages run at other moments than the
+        // first time) publishes them again with the same body. Newer cut-offs apply once the
+        // sweep completes; partition 0 goes on computing them meanwhile for the others.
+        if self.sweep_running().is_some() {
+            return Ok(());
+        }
         let global = match cutoffs::load_cutoffs(self.store.connection(), &zero).await {
             Ok(g) => g,
             Err(e) => {
