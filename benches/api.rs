@@ -12,7 +12,7 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use common::{env_or, ms, print_percentiles, produce};
+use common::{env_or, ms, print_percentiles, process_cpu, produce, redis_cpu};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{Tierd, World};
@@ -76,6 +76,8 @@ fn main() {
         .build()
         .unwrap();
     let base = Arc::new(tierd.api.clone());
+    let tierd_pid = tierd.pid().expect("tierd runs").to_string();
+    let cpu_before = (process_cpu(&tierd_pid), redis_cpu(&mut world.redis.conn()));
     let total = rate * secs;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let started = Instant::now();
@@ -117,6 +119,10 @@ fn main() {
         (results, behind)
     });
     let elapsed = started.elapsed();
+    let cpu = (
+        process_cpu(&tierd_pid) - cpu_before.0,
+        redis_cpu(&mut world.redis.conn()) - cpu_before.1,
+    );
     let ingested = applied(&world, partitions) - before;
     if let Some(child) = ingest.as_mut() {
         let _ = child.kill();
@@ -143,6 +149,14 @@ fn main() {
         results.len() - ok - not_found - none,
         ms(behind),
         ingested as f64 / elapsed.as_secs_f64()
+    );
+    let per = |seconds: f64| seconds * 1e6 / results.len().max(1) as f64;
+    println!(
+        "- CPU while looking up: tierd {:.1} s, Redis {:.1} s; with no ingestion that is {:.0} µs of tierd and {:.0} µs of Redis per lookup",
+        cpu.0,
+        cpu.1,
+        per(cpu.0),
+        per(cpu.1)
     );
     println!();
     print_percentiles("lookup scheduled → answer read", &latencies);

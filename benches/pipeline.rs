@@ -11,7 +11,7 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use common::{env_or, process_cpu, produce, stat_cpu};
+use common::{env_or, process_cpu, produce, redis_cpu, stat_cpu};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -59,23 +59,6 @@ fn redis_used_memory(world: &World) -> i64 {
         .trim()
         .parse()
         .unwrap()
-}
-
-/// Redis's own CPU so far (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`), in seconds.
-fn redis_cpu(world: &World) -> f64 {
-    let info: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query(&mut world.redis.conn())
-        .unwrap();
-    ["used_cpu_user:", "used_cpu_sys:"]
-        .iter()
-        .map(|field| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(field))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        })
-        .sum()
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
@@ -138,7 +121,7 @@ fn main() {
     let (ceiling, sample) = raw_consume(&world.broker.addr, &world.input, partitions, events);
 
     let redis_before = redis_used_memory(&world);
-    let redis_cpu_before = redis_cpu(&world);
+    let redis_cpu_before = redis_cpu(&mut world.redis.conn());
     let extra = std::env::var("BENCH_TIERD_TOML")
         .unwrap_or_default()
         .replace("\\n", "\n");
@@ -177,7 +160,7 @@ fn main() {
         let _ = std::fs::copy(&tierd.log, "/tmp/bench-tierd.log");
     }
     let redis_after = redis_used_memory(&world);
-    let redis_cpu_secs = redis_cpu(&world) - redis_cpu_before;
+    let redis_cpu_secs = redis_cpu(&mut world.redis.conn()) - redis_cpu_before;
     let changes = tierd.metric("tierd_tier_changes_total");
     let per_customer = (redis_after - redis_before) as f64 / customers as f64;
 

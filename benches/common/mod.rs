@@ -1,5 +1,5 @@
 //! What the benches share: settings from the environment, a deterministic generator,
-//! percentiles, CPU time from `/proc`.
+//! percentiles, CPU time from `/proc` and Redis's `INFO cpu`.
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -50,6 +50,20 @@ pub fn print_percentiles(what: &str, latencies: &[Duration]) {
         "| max | {} |",
         ms(latencies.last().copied().unwrap_or_default())
     );
+}
+
+/// Redis's own CPU so far (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`), in seconds.
+pub fn redis_cpu(conn: &mut redis::Connection) -> f64 {
+    let info: String = redis::cmd("INFO").arg("cpu").query(conn).unwrap();
+    ["used_cpu_user:", "used_cpu_sys:"]
+        .iter()
+        .map(|field| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .sum()
 }
 
 /// CPU seconds of process `pid` so far (user + sys, `/proc/<pid>/stat`; `self` for this one).

@@ -7,10 +7,11 @@ use crate::model::time;
 use crate::store::views;
 use axum::extract::{Path, State};
 use axum::Json;
+use std::sync::Arc;
 
 /// The handler.
 pub(super) async fn get(
-    State(s): State<ApiState>,
+    State(s): State<Arc<ApiState>>,
     Path(customer_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if customer_id.is_empty() || customer_id.chars().count() > crate::ingest::decode::MAX_ID_CHARS {

@@ -8,9 +8,10 @@ use crate::store::views;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
 
 /// Readiness, as plain text.
-pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
+pub(super) async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
     let mut conn = s.redis.clone();
     if let Err(e) = views::ping(&mut conn).await {
         return (
@@ -78,7 +79,7 @@ pub(super) async fn readyz(State(s): State<ApiState>) -> Response {
 }
 
 /// The Prometheus text exposition.
-pub(super) async fn metrics(State(s): State<ApiState>) -> Response {
+pub(super) async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.telemetry.render(),

@@ -42,7 +42,7 @@ pub struct ApiState {
     pub stall_alarm: Arc<crate::ingest::stalls::StallAlarm>,
 }
 
-/// The router.
+/// The router. Handlers share the state behind one `Arc` (axum clones it per request).
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/customers/{customer_id}", get(customers::get))
@@ -50,5 +50,5 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .with_state(state)
+        .with_state(Arc::new(state))
 }

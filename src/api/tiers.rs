@@ -6,9 +6,12 @@ use crate::model::time;
 use crate::store::views;
 use axum::extract::State;
 use axum::Json;
+use std::sync::Arc;
 
 /// The handler: the rank cut-offs in force and the number of customers in each tier.
-pub(super) async fn get(State(s): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+pub(super) async fn get(
+    State(s): State<Arc<ApiState>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let mut conn = s.redis.clone();
     let counts = views::tier_sizes(&mut conn, &s.keyspace, s.partitions).await?;
     let mut sizes = serde_json::Map::new();

@@ -192,11 +192,13 @@ pub async fn load_cutoffs<C: redis::aio::ConnectionLike>(
         .arg("data")
         .query_async(conn)
         .await?;
-    Ok(match (version, data) {
-        (Some(v), Some(d)) => serde_json::from_str::<Cutoffs>(&d).ok().map(|mut c| {
-            c.version = v;
-            c
-        }),
-        _ => None,
-    })
+    Ok(parse_cutoffs(version, data.as_deref()))
+}
+
+/// The cut-offs from the `version` and `data` fields of their hash (`None` if either is
+/// missing or the data unreadable).
+pub fn parse_cutoffs(version: Option<u64>, data: Option<&str>) -> Option<Cutoffs> {
+    let mut c = serde_json::from_str::<Cutoffs>(data?).ok()?;
+    c.version = version?;
+    Some(c)
 }

@@ -43,12 +43,39 @@ impl Keyspace {
         }
     }
 
-    /// The keys of `partition`.
-    pub fn partition(&self, partition: i32) -> PartitionKeys {
-        let base = format!(
+    /// Base of `partition`'s key names (`<prefix>:{<group>:<topic>:<partition>}`).
+    fn base(&self, partition: i32) -> String {
+        format!(
             "{}:{{{}:{}:{}}}",
             self.prefix, self.group, self.topic, partition
-        );
+        )
+    }
+
+    /// The state key of `customer_id` in `partition`: `partition(partition).customer(id)`
+    /// without building the partition's other keys (a lookup asks every partition).
+    pub fn customer(&self, partition: i32, customer_id: &str) -> String {
+        let mut k = self.base(partition);
+        k.push_str(":c:");
+        k.push_str(customer_id);
+        k
+    }
+
+    /// `partition(partition).rank(name)`, without building the partition's other keys.
+    pub fn rank(&self, partition: i32, name: &str) -> String {
+        let mut k = self.base(partition);
+        k.push_str(":rank:");
+        k.push_str(name);
+        k
+    }
+
+    /// The hash of the rank cut-offs in force: `partition(0).cutoffs`.
+    pub fn cutoffs(&self) -> String {
+        self.base(0) + ":cutoffs"
+    }
+
+    /// The keys of `partition`.
+    pub fn partition(&self, partition: i32) -> PartitionKeys {
+        let base = self.base(partition);
         PartitionKeys {
             meta: format!("{base}:meta"),
             outbox: format!("{base}:outbox"),
@@ -128,6 +155,11 @@ mod tests {
         assert_eq!(k.customer("c1"), "tierd:{g:purchases:3}:c:c1");
         assert_eq!(k.customer_id("tierd:{g:purchases:3}:c:c1"), Some("c1"));
         assert_eq!(k.customer_pattern(), "tierd:{g:purchases:3}:c:*");
+        // The shortcuts of the keyspace name the same keys.
+        let ks = Keyspace::new("tierd", "g", "purchases");
+        assert_eq!(ks.customer(3, "c1"), k.customer("c1"));
+        assert_eq!(ks.rank(3, "value"), k.rank("value"));
+        assert_eq!(ks.cutoffs(), ks.partition(0).cutoffs);
         let glob = Keyspace::new("t*[", "g", "in").partition(0);
         assert_eq!(glob.customer_pattern(), "t\\*\\[:{g:in:0}:c:*");
     }

@@ -61,9 +61,10 @@ impl RankPosition {
     }
 }
 
-/// Finds a customer in whichever partition holds them: `(partition, state)`. The partition
-/// depends on the producer's partitioner, so every partition is asked at once (one pipelined
-/// GET each).
+/// Finds a customer in whichever partition holds them: `(partition, state)`, with the
+/// cut-offs in force when `with_cutoffs` (default ones if none were published). The partition
+/// depends on the producer's partitioner, so every partition is asked at once: one round trip,
+/// a GET per partition (and the cut-offs' HMGET) in one pipeline.
 ///
 /// # Errors
 /// [`ViewError`].
@@ -72,25 +73,38 @@ pub async fn find_customer<C: ConnectionLike>(
     keyspace: &Keyspace,
     partitions: i32,
     customer_id: &str,
-) -> Result<Option<(i32, CustomerState)>, ViewError> {
+    with_cutoffs: bool,
+) -> Result<Option<(i32, CustomerState, Cutoffs)>, ViewError> {
     let mut pipe = redis::pipe();
     for p in 0..partitions {
-        pipe.get(keyspace.partition(p).customer(customer_id));
+        pipe.get(keyspace.customer(p, customer_id));
     }
-    let found: Vec<Option<Vec<u8>>> = pipe.query_async(conn).await?;
-    let Some((p, bytes)) = found
-        .into_iter()
-        .enumerate()
-        .find_map(|(p, v)| v.map(|b| (p, b)))
-    else {
-        return Ok(None);
+    if with_cutoffs {
+        pipe.cmd("HMGET")
+            .arg(keyspace.cutoffs())
+            .arg("version")
+            .arg("data");
+    }
+    let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+    let cutoffs = if with_cutoffs {
+        let (version, data): (Option<u64>, Option<String>) =
+            redis::from_redis_value(&replies.pop().unwrap_or(redis::Value::Nil))?;
+        super::cutoffs::parse_cutoffs(version, data.as_deref())
+    } else {
+        None
     };
-    let p = i32::try_from(p).unwrap_or(0);
-    let state = serde_json::from_slice(&bytes).map_err(|e| ViewError::Corrupt {
-        key: keyspace.partition(p).customer(customer_id),
-        message: e.to_string(),
-    })?;
-    Ok(Some((p, state)))
+    for (p, reply) in replies.into_iter().enumerate() {
+        let Some(bytes) = redis::from_redis_value::<Option<Vec<u8>>>(&reply)? else {
+            continue;
+        };
+        let p = i32::try_from(p).unwrap_or(0);
+        let state = serde_json::from_slice(&bytes).map_err(|e| ViewError::Corrupt {
+            key: keyspace.customer(p, customer_id),
+            message: e.to_string(),
+        })?;
+        return Ok(Some((p, state, cutoffs.unwrap_or_default())));
+    }
+    Ok(None)
 }
 
 /// The customer's exact position in each rank they are ranked in: customers strictly above
@@ -112,7 +126,7 @@ pub async fn rank_positions<C: ConnectionLike>(
         };
         let mut pipe = redis::pipe();
         for p in 0..partitions {
-            let key = keyspace.partition(p).rank(&rank.name);
+            let key = keyspace.rank(p, &rank.name);
             pipe.zcount(&key, format!("({value}"), "+inf").zcard(&key);
         }
         let counts: Vec<u64> = pipe.query_async(conn).await?;
@@ -254,11 +268,13 @@ pub async fn explained_customer<C: ConnectionLike>(
     now: i64,
     customer_id: &str,
 ) -> Result<Option<serde_json::Value>, ViewError> {
-    let Some((partition, state)) = find_customer(conn, keyspace, partitions, customer_id).await?
+    // Rules without ranks evaluate without cut-offs.
+    let with_cutoffs = !rules.ranks().is_empty();
+    let Some((partition, state, cutoffs)) =
+        find_customer(conn, keyspace, partitions, customer_id, with_cutoffs).await?
     else {
         return Ok(None);
     };
-    let cutoffs = cutoffs(conn, keyspace).await?.unwrap_or_default();
     let view = crate::engine::explain::explain(customer_id, &state, rules, money, now, &cutoffs);
     let mut body = serde_json::to_value(view).unwrap_or_default();
     body["partition"] = partition.into();
