@@ -54,13 +54,17 @@ fn states(world: &World, n: i64) -> Vec<tierd::model::CustomerState> {
 fn assert_replayed_identically(
     world: &World,
     tierd: &Tierd,
-    end: i64,
+    ends: &BTreeMap<i32, i64>,
     replayed: impl Fn(&World) -> bool,
     live: &[tierd::model::CustomerState],
     published: usize,
 ) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while world.partition_meta(0).1 < end || !replayed(world) || world.outbox_len(0) > 0 {
+    while ends
+        .iter()
+        .any(|(&p, &end)| world.partition_meta(p).1 < end || world.outbox_len(p) > 0)
+        || !replayed(world)
+    {
         assert!(
             Instant::now() < deadline,
             "not replayed:\n{}",
@@ -69,7 +73,7 @@ fn assert_replayed_identically(
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(1)); // ticks after the replay
-    world.wait_applied(&BTreeMap::from([(0, end)]), Duration::from_secs(60));
+    world.wait_applied(ends, Duration::from_secs(60));
     // The restored epoch is older than the running owner's: fenced, claimed again.
     let log = tierd.log_text();
     assert!(log.contains("Partition claimed again"), "{log}");
@@ -420,7 +424,7 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
     world.restore(&before);
     let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
     let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
-    assert_replayed_identically(&world, &tierd, ends[&0], swept, &live, published);
+    assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
 }
 
 /// The same with timers: pages set new timers (here, when a customer's recency lapses under
@@ -506,7 +510,7 @@ fn a_rollback_during_a_rules_sweep_that_sets_timers_republishes_identically() {
     let replayed = |world: &World| {
         lapsed(world) == still_lapsed && states(world, n).iter().all(|s| s.rules_hash == hash)
     };
-    assert_replayed_identically(&world, &tierd, ends[&0], replayed, &live, published);
+    assert_replayed_identically(&world, &tierd, &ends, replayed, &live, published);
 }
 
 /// The pyramid's shares changed (rank-based rules on both sides).
@@ -527,22 +531,21 @@ when = ["rank.value <= 60%"]
 name = "small"
 "#;
 
-/// Waits until partition 0 applied cut-offs over `population` customers under rules `rules`
-/// and they stay the same for a second: the ranking settled.
+/// Waits until every partition applied cut-offs over `population` customers under rules
+/// `rules` and they stay the same for a second: the ranking settled.
 fn wait_cutoffs_settled(world: &World, tierd: &Tierd, population: u64, rules: &str) {
     let hash = tierd::model::state::rules_hash(rules);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
+        let applied = |version: u64| {
+            (0..world.partitions).all(|p| world.applied_cutoffs_version(p) == version)
+        };
         let settled = world.cutoffs().filter(|c| {
-            c.rules == hash
-                && c.population.first() == Some(&population)
-                && world.applied_cutoffs_version(0) == c.version
+            c.rules == hash && c.population.first() == Some(&population) && applied(c.version)
         });
         if let Some(c) = settled {
             std::thread::sleep(Duration::from_secs(1));
-            if world.cutoffs().map(|again| again.version) == Some(c.version)
-                && world.applied_cutoffs_version(0) == c.version
-            {
+            if world.cutoffs().map(|again| again.version) == Some(c.version) && applied(c.version) {
                 return;
             }
         }
@@ -562,7 +565,29 @@ fn wait_cutoffs_settled(world: &World, tierd: &Tierd, population: u64, rules: &s
 /// first cut-offs until its sweep completes, then moves on.
 #[test]
 fn a_rollback_during_a_rank_rules_sweep_republishes_its_changes_identically() {
-    let mut world = World::start(1);
+    rank_sweep_rolled_back(1, |_, _| true);
+}
+
+/// The same over two partitions where only partition 0's customers buy during the sweep:
+/// partition 1's sweep meets no input at all, so the new rules' first cut-offs, all its pages,
+/// its completion and the newer cut-offs are at one input offset. The replay must apply them
+/// there in that order (the first cut-offs, the pages, then the newer ones).
+#[test]
+fn a_rollback_over_a_rank_rules_sweep_without_input_republishes_identically() {
+    rank_sweep_rolled_back(2, |world, i| {
+        redis::cmd("EXISTS")
+            .arg(world.keys(0).customer(&format!("c{i}")))
+            .query::<bool>(&mut world.redis.conn())
+            .unwrap()
+    });
+}
+
+/// 200 customers over `partitions` under the pyramid; with Redis snapshotted, the rules change
+/// to other shares (a sweep of about 10 s) and the customers `buys` picks among every fifth
+/// spend a lot in the middle of it, twice; then Redis is rolled back to the snapshot and the
+/// replay must end in the live states with every change id carrying one body.
+fn rank_sweep_rolled_back(partitions: i32, buys: impl Fn(&World, i64) -> bool) {
+    let mut world = World::start(partitions);
     world.rules =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
     let ranks = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n";
@@ -570,19 +595,20 @@ fn a_rollback_during_a_rank_rules_sweep_republishes_its_changes_identically() {
     // Distinct spends, so that ranks are not ties.
     let amount = |i: i64| (i * 7919) % 1_200_000 + i;
     let mut tierd = Tierd::spawn(&world, ranks);
-    tierd.wait_partitions(1, Duration::from_secs(60));
+    tierd.wait_partitions(i64::from(partitions), Duration::from_secs(60));
     let events = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
-    let ends = world.produce_json(&events);
+    let mut ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(120));
     wait_cutoffs_settled(&world, &tierd, n as u64, "pyramid-1");
     assert_eq!(tierd.terminate(), Some(0));
     // Redis will lose everything from here on.
     let before = world.snapshot();
+    let buyers: Vec<i64> = (0..n).filter(|&i| buys(&world, i)).collect();
 
     let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     rules.write_all(PYRAMID_V2.as_bytes()).unwrap();
     world.rules = rules.path().to_owned();
-    // 2 customers per 100 ms: the sweep takes about 10 s.
+    // 2 customers per 100 ms and partition: the sweep takes about 10 s over 200 customers.
     world.rules_extra = "sweep_per_second = 20".into();
     let tierd = Tierd::spawn(&world, ranks);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -595,30 +621,29 @@ fn a_rollback_during_a_rank_rules_sweep_republishes_its_changes_identically() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let first = world.cutoffs().expect("cut-offs of the new rules").version;
-    // Mid-sweep: every fifth customer spends a lot, in two rounds a second apart; the
-    // ranking changes under the sweep, twice.
-    let mut ends = BTreeMap::new();
+    // Mid-sweep: every fifth buyer spends a lot, in two rounds a second apart; the ranking
+    // changes under the sweep, twice.
     for (round, at) in ["2026-11-02T10:00:00Z", "2026-11-03T10:00:00Z"]
         .into_iter()
         .enumerate()
     {
         let late = purchases(
             &format!("f{round}-"),
-            (round as i64..n).step_by(5),
+            buyers.iter().copied().skip(round).step_by(5),
             |i| (1_500_000 + i * 1_000).to_string(),
             at,
         );
-        ends = world.produce_json(&late);
+        ends.extend(world.produce_json(&late));
         world.wait_applied(&ends, Duration::from_secs(60));
         std::thread::sleep(Duration::from_secs(1));
     }
-    let swept_before_purchases = tierd.metric("tierd_rules_sweep_customers_total");
+    let swept_when_purchases_applied = tierd.metric("tierd_rules_sweep_customers_total");
     assert!(
         world.cutoffs().expect("cut-offs").version > first,
         "the cut-offs moved during the sweep"
     );
     let deadline = Instant::now() + Duration::from_secs(120);
-    while tierd.metric("tierd_rules_sweep_partitions_done") < 1.0 {
+    while tierd.metric("tierd_rules_sweep_partitions_done") < f64::from(partitions) {
         assert!(
             Instant::now() < deadline,
             "sweep did not finish:\n{}",
@@ -630,7 +655,7 @@ fn a_rollback_during_a_rank_rules_sweep_republishes_its_changes_identically() {
     let live = states(&world, n);
     let published = world.read_all(&world.output).len();
     assert!(
-        swept_before_purchases < n as f64,
+        swept_when_purchases_applied < n as f64,
         "the purchases came while the sweep was under way"
     );
 
@@ -638,5 +663,5 @@ fn a_rollback_during_a_rank_rules_sweep_republishes_its_changes_identically() {
     world.restore(&before);
     let hash = tierd::model::state::rules_hash("pyramid-2");
     let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
-    assert_replayed_identically(&world, &tierd, ends[&0], swept, &live, published);
+    assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
 }

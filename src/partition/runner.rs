@@ -285,8 +285,16 @@ impl Runner {
         if matches!(self.sweep, SweepState::Pending(s) if s.offset <= offset) {
             self.resume_pending_sweep();
         }
-        // Where it first completed, it completes again (before the timers it held fire).
+        // Where it first completed, it completes again (before the timers it held fire). Under
+        // rank-based rules its pages first ran once the new rules' first cut-offs were applied,
+        // which may be at this very offset (no input came between them): those apply first,
+        // and the newer ones recorded here after the completion, as they did the first time.
         if self.sweep.completes_at().is_some_and(|at| at <= offset) {
+            while self.sweep_running().is_none()
+                && self.replay.front().is_some_and(|s| s.offset <= offset)
+            {
+                self.replay_switch().await?;
+            }
             self.finish_sweep().await?;
         }
         loop {
@@ -319,16 +327,23 @@ impl Runner {
                 self.fire_pass(pass.upto).await?;
                 continue;
             }
-            let switch = self.replay.pop_front().expect("checked");
-            events::CutoffsReplayed {
-                partition: self.partition,
-                version: switch.cutoffs.version,
-                offset: switch.offset,
-            }
-            .emit(&self.pipeline.telemetry);
-            self.apply_cutoffs(switch.cutoffs, switch.offset, switch.at_ms)
-                .await?;
+            self.replay_switch().await?;
         }
+    }
+
+    /// Applies the next replayed cut-offs switch.
+    async fn replay_switch(&mut self) -> Result<(), ApplyError> {
+        let Some(switch) = self.replay.pop_front() else {
+            return Ok(());
+        };
+        events::CutoffsReplayed {
+            partition: self.partition,
+            version: switch.cutoffs.version,
+            offset: switch.offset,
+        }
+        .emit(&self.pipeline.telemetry);
+        self.apply_cutoffs(switch.cutoffs, switch.offset, switch.at_ms)
+            .await
     }
 
     fn exit(&self, error: &ApplyError) -> RunnerExit {
