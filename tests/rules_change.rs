@@ -48,6 +48,32 @@ fn states(world: &World, n: i64) -> Vec<tierd::model::CustomerState> {
         .collect()
 }
 
+/// Waits until `tierd`'s sweeps re-evaluated at least `customers` customers.
+fn wait_swept(tierd: &Tierd, customers: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_rules_sweep_customers_total") < customers {
+        assert!(
+            Instant::now() < deadline,
+            "sweep did not start:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `tierd` completed the sweep of `partitions` partitions.
+fn wait_sweeps_done(tierd: &Tierd, partitions: f64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while tierd.metric("tierd_rules_sweep_partitions_done") < partitions {
+        assert!(
+            Instant::now() < deadline,
+            "sweep did not finish:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// After a Redis rollback: waits until the replay applied up to `end`, `replayed` holds and the
 /// outbox drained; then checks it ended in the `live` states and that every change id on the
 /// output topic (more than `published` records now) carries one body.
@@ -117,27 +143,11 @@ fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
     // Slow sweep, killed in the middle.
     world.rules_extra = "sweep_per_second = 300".into();
     let mut tierd = Tierd::spawn(&world, "");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_rules_sweep_customers_total") < 600.0 {
-        assert!(
-            Instant::now() < deadline,
-            "sweep did not start:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_swept(&tierd, 600.0);
     tierd.kill9();
     world.rules_extra = "sweep_per_second = 5000".into();
     let tierd = Tierd::spawn(&world, "");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while tierd.metric("tierd_rules_sweep_partitions_done") < 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "sweep did not finish:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_sweeps_done(&tierd, 2.0);
     // Every stored customer is now placed by v2.
     let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
     let mut expected_changes = HashMap::new();
@@ -380,15 +390,7 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
     // 2 customers per 100 ms: the sweep takes about 10 s.
     world.rules_extra = "sweep_per_second = 20".into();
     let tierd = Tierd::spawn(&world, "");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_rules_sweep_customers_total") < 20.0 {
-        assert!(
-            Instant::now() < deadline,
-            "sweep did not start:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_swept(&tierd, 20.0);
     // Mid-sweep: purchases of every fifth customer, some of them reached by a page already.
     let late = purchases(
         "f",
@@ -399,15 +401,7 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
     let ends = world.produce_json(&late);
     world.wait_applied(&ends, Duration::from_secs(60));
     let swept_before_purchases = tierd.metric("tierd_rules_sweep_customers_total");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while tierd.metric("tierd_rules_sweep_partitions_done") < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "sweep did not finish:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_sweeps_done(&tierd, 1.0);
     world.wait_applied(&ends, Duration::from_secs(60));
     let live = states(&world, n);
     let published = world.read_all(&world.output).len();
@@ -611,15 +605,7 @@ fn rank_sweep_rolled_back(partitions: i32, buys: impl Fn(&World, i64) -> bool) {
     // 2 customers per 100 ms and partition: the sweep takes about 10 s over 200 customers.
     world.rules_extra = "sweep_per_second = 20".into();
     let tierd = Tierd::spawn(&world, ranks);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_rules_sweep_customers_total") < 20.0 {
-        assert!(
-            Instant::now() < deadline,
-            "sweep did not start:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_swept(&tierd, 20.0);
     let first = world.cutoffs().expect("cut-offs of the new rules").version;
     // Mid-sweep: every fifth buyer spends a lot, in two rounds a second apart; the ranking
     // changes under the sweep, twice.
@@ -642,15 +628,7 @@ fn rank_sweep_rolled_back(partitions: i32, buys: impl Fn(&World, i64) -> bool) {
         world.cutoffs().expect("cut-offs").version > first,
         "the cut-offs moved during the sweep"
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while tierd.metric("tierd_rules_sweep_partitions_done") < f64::from(partitions) {
-        assert!(
-            Instant::now() < deadline,
-            "sweep did not finish:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_sweeps_done(&tierd, f64::from(partitions));
     wait_cutoffs_settled(&world, &tierd, n as u64, "pyramid-2");
     let live = states(&world, n);
     let published = world.read_all(&world.output).len();
