@@ -111,6 +111,12 @@ fn assert_replayed_identically(
     {
         assert_eq!(replayed, live, "c{i}: the replay ends in the live state");
     }
+    assert_one_body_per_change_id(world, published);
+}
+
+/// Checks that the output topic holds more than `published` records now, and that every
+/// change id on it carries one body.
+fn assert_one_body_per_change_id(world: &World, published: usize) {
     let records = world.read_all(&world.output);
     assert!(records.len() > published, "changes were published again");
     let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
@@ -642,4 +648,173 @@ fn rank_sweep_rolled_back(partitions: i32, buys: impl Fn(&World, i64) -> bool) {
     let hash = tierd::model::state::rules_hash("pyramid-2");
     let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
     assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
+}
+
+/// Redis loses writes while partition 0's sweep still runs under the pyramid: partition 0
+/// holds the new rules' first cut-offs, while partition 1 (a few customers, its sweep done)
+/// applied and published the newer ones partition 0 computed. After the rollback Redis counts
+/// the versions from before the rules change again, and partition 0's own published history
+/// holds only the first cut-offs: numbering from there reused versions partition 1 had
+/// already applied, for other values, and partition 1 (back on its newest version by its
+/// replay) took no new cut-offs. Every version must keep its values, and the ranking must
+/// settle on every partition.
+#[test]
+fn a_rollback_during_partition_0s_rank_rules_sweep_never_reuses_a_cut_offs_version() {
+    let mut world = World::start(2);
+    world.rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    let ranks = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n";
+    // 300 customers on partition 0 (a sweep of about 15 s), 20 on partition 1 (about 1 s).
+    let candidates: Vec<String> = (0..800).map(|i| format!("c{i}")).collect();
+    let on = world.partitions_of(&candidates);
+    let pick = |partition: i32, n: usize| -> Vec<String> {
+        candidates
+            .iter()
+            .zip(&on)
+            .filter(|&(_, &p)| p == partition)
+            .map(|(c, _)| c.clone())
+            .take(n)
+            .collect()
+    };
+    let (zero, one) = (pick(0, 300), pick(1, 20));
+    assert_eq!((zero.len(), one.len()), (300, 20));
+    let population = (zero.len() + one.len()) as u64;
+    let mut tierd = Tierd::spawn(&world, ranks);
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let events: Vec<_> = zero
+        .iter()
+        .chain(&one)
+        .enumerate()
+        .map(|(i, c)| {
+            // Distinct spends, so that ranks are not ties.
+            let i = i as i64;
+            let amount = (i * 7919) % 1_200_000 + i;
+            purchase(
+                &format!("e{i}"),
+                c,
+                &amount.to_string(),
+                "2026-11-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let mut ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(120));
+    wait_cutoffs_settled(&world, &tierd, population, "pyramid-1");
+    assert_eq!(tierd.terminate(), Some(0));
+    // Redis will lose everything from here on.
+    let before = world.snapshot();
+
+    // Every version seen of the published cut-offs, with its values, all along.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        let (client, key) = (world.redis.client(), world.keys(0).cutoffs);
+        std::thread::spawn(move || {
+            let mut conn = client.get_connection().unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (version, data): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("version")
+                    .arg("data")
+                    .query(&mut conn)
+                    .unwrap();
+                if let (Some(version), Some(data)) = (version, data) {
+                    let c: tierd::engine::rules::rank::Cutoffs =
+                        serde_json::from_str(&data).unwrap();
+                    seen.lock().unwrap().push((version, c.values, c.population));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+
+    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    rules.write_all(PYRAMID_V2.as_bytes()).unwrap();
+    world.rules = rules.path().to_owned();
+    world.rules_extra = "sweep_per_second = 20".into();
+    let tierd = Tierd::spawn(&world, ranks);
+    // Both sweeps scan the whole keyspace (about 15 s). Two thirds through, partition 0's
+    // epoch moves on (as a claim elsewhere would): fenced, its owner claims it again and
+    // sweeps from the start, so partition 1 completes first.
+    wait_swept(&tierd, 200.0);
+    let _: i64 = redis::cmd("HINCRBY")
+        .arg(world.keys(0).meta)
+        .arg("epoch")
+        .arg(1)
+        .query(&mut world.redis.conn())
+        .unwrap();
+    wait_sweeps_done(&tierd, 1.0);
+    let first = world.cutoffs().expect("cut-offs of the new rules").version;
+    // Partition 1's customers jump to the top, five per round, in three rounds: each moves
+    // the cut-offs, and partition 1 applies and publishes each move.
+    for round in 0..3 {
+        let late: Vec<_> = one
+            .iter()
+            .skip(round * 5)
+            .take(5)
+            .enumerate()
+            .map(|(i, c)| {
+                let amount = 1_500_000 + (round * 5 + i) as i64 * 1_000;
+                purchase(
+                    &format!("f{round}-{i}"),
+                    c,
+                    &amount.to_string(),
+                    "2026-11-02T10:00:00Z",
+                )
+            })
+            .collect();
+        ends.extend(world.produce_json(&late));
+        world.wait_applied(&ends, Duration::from_secs(60));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while world.applied_cutoffs_version(1) != world.cutoffs().unwrap().version
+            || world.outbox_len(1) > 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "partition 1 did not move:\n{}",
+                tierd.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(
+        world.applied_cutoffs_version(1) >= first + 2,
+        "partition 1 applied newer cut-offs"
+    );
+    assert_eq!(
+        world.applied_cutoffs_version(0),
+        first,
+        "partition 0 still holds the first cut-offs: its sweep runs"
+    );
+    assert!(tierd.metric("tierd_rules_sweep_partitions_done") < 2.0);
+    let published = world.read_all(&world.output).len();
+
+    // Redis loses the sweeps, the purchases and every cut-offs move since the rules change.
+    let claims = tierd.log_text().matches("Partition claimed again").count();
+    world.restore(&before);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tierd.log_text().matches("Partition claimed again").count() < claims + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "not claimed again:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    world.wait_applied(&ends, Duration::from_secs(60));
+    wait_cutoffs_settled(&world, &tierd, population, "pyramid-2");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    poller.join().unwrap();
+    let mut values = BTreeMap::new();
+    for (version, cutoffs, population) in seen.lock().unwrap().iter() {
+        if let Some(known) = values.insert(*version, (cutoffs, population)) {
+            assert_eq!(
+                known,
+                (cutoffs, population),
+                "cut-offs version {version} published twice, with other values"
+            );
+        }
+    }
+    assert_one_body_per_change_id(&world, published);
 }

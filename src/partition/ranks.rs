@@ -106,9 +106,11 @@ impl Runner {
         });
         let mut published = None;
         if changed {
-            // Never below a version this partition applied: after Redis lost writes, a replay
-            // may have applied versions Redis no longer counts up to.
-            let floor = self.cutoffs.version;
+            // Never at or below a version any partition applied and published: after Redis
+            // lost writes, the replays apply versions Redis no longer counts up to. This
+            // partition's own may be older than the others' (it holds the new rules' first
+            // cut-offs while its sweep runs), so the claim read them all from Kafka.
+            let floor = self.cutoffs.version.max(self.cutoffs_floor);
             match cutoffs::publish_cutoffs(conn, &zero, self.status.epoch, floor, &new).await {
                 Ok(Some(version)) => published = Some(version),
                 Ok(None) => tracing::warn!(

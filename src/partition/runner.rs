@@ -92,6 +92,9 @@ pub struct Runner {
     /// The input offset the changes already published reach: below it, no cut-offs but the
     /// recorded ones apply.
     pub(super) replay_through: Option<i64>,
+    /// The newest cut-offs version published changes of any partition carry (partition 0):
+    /// cut-offs computed here are numbered above it.
+    pub(super) cutoffs_floor: u64,
 }
 
 impl Runner {
@@ -130,6 +133,7 @@ impl Runner {
             replay_passes: claim.replay_passes.iter().copied().collect(),
             replay_passes_from: claim.replay_passes_from,
             replay_through: claim.replay_through,
+            cutoffs_floor: claim.cutoffs_floor,
             last_commit: Instant::now(),
         }
     }

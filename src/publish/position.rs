@@ -196,6 +196,17 @@ impl Published {
             .collect()
     }
 
+    /// The newest cut-offs version the published changes of a partition were decided under
+    /// (0: none recorded). Kafka keeps it when Redis loses writes: cut-offs are never numbered
+    /// at or below it again.
+    pub fn newest_cutoffs_version(&self) -> u64 {
+        self.switches
+            .iter()
+            .map(|s| s.cutoffs.version)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The timer passes a replay from `next_offset` must fire again, in order: those at or
     /// after it (one at `next_offset` itself may be in the stored state already; firing it
     /// again finds nothing due).
@@ -255,13 +266,28 @@ impl OutboxPositions {
     /// # Errors
     /// The broker did not answer.
     pub fn published(&self, partition: i32) -> Result<Published, KafkaError> {
+        Ok(self.published_all(&[partition])?.remove(0))
+    }
+
+    /// The same for each of `partitions` (in that order), with one request. Blocks.
+    ///
+    /// # Errors
+    /// The broker did not answer.
+    pub fn published_all(&self, partitions: &[i32]) -> Result<Vec<Published>, KafkaError> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.topic, partition);
+        for &partition in partitions {
+            tpl.add_partition(&self.topic, partition);
+        }
         let committed = self.consumer.committed_offsets(tpl, READ_TIMEOUT)?;
-        Ok(committed
-            .find_partition(&self.topic, partition)
-            .map(|e| Published::parse(e.metadata()))
-            .unwrap_or_default())
+        Ok(partitions
+            .iter()
+            .map(|&partition| {
+                committed
+                    .find_partition(&self.topic, partition)
+                    .map(|e| Published::parse(e.metadata()))
+                    .unwrap_or_default()
+            })
+            .collect())
     }
 
     /// The input topic's id ([`crate::ingest::topic_id`]). Asked for at most once per

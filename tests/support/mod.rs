@@ -1160,6 +1160,29 @@ impl World {
         found.into_iter().map(Option::unwrap).collect()
     }
 
+    /// The input partition of each key, found the same way (the input topic is left
+    /// untouched).
+    pub fn partitions_of(&self, keys: &[String]) -> Vec<i32> {
+        let scratch = unique("scratch");
+        self.broker.create_topics(&[&scratch], self.partitions);
+        let producer = self.producer();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(futures::future::join_all(keys.iter().map(|key| {
+            producer.send(
+                FutureRecord::<str, [u8]>::to(&scratch)
+                    .key(key)
+                    .payload(b"".as_slice()),
+                Duration::from_secs(30),
+            )
+        })))
+        .into_iter()
+        .map(|sent| sent.unwrap().partition)
+        .collect()
+    }
+
     /// Produces `(key, value)` records in order; returns the next offset per partition.
     pub fn produce(&self, records: &[(Option<String>, Vec<u8>)]) -> BTreeMap<i32, i64> {
         let producer = self.producer();
