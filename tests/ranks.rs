@@ -693,3 +693,142 @@ fn a_redis_rollback_republishes_rank_changes_identically() {
         tierd.log_text()
     );
 }
+
+/// Whether `tierd`'s log shows it holding `partition` now (assigned more often than released).
+fn owns(tierd: &Tierd, partition: i32) -> bool {
+    let log = tierd.log_text();
+    let count = |what: &str| {
+        log.matches(&format!("{what} partition={partition} "))
+            .count()
+    };
+    count("Partition assigned.") > count("Partition released.")
+}
+
+/// Issue 11, item 9: the owner of partition 1 dies in the middle of a re-ranking pass, before
+/// the pass's switch was published, and partition 0's owner (another instance) publishes
+/// newer cut-offs meanwhile. The next owner must finish the pass with the cut-offs it moves
+/// to (stored with its progress) before anything else, as it first ran (one step at its
+/// input offset), and only then move to the newer ones. A replay applies the recorded
+/// switches whole: taking the newest at once decided the rest of the pass's customers under
+/// other cut-offs than the replay does. After Redis loses everything, every change id is
+/// published again with the same body.
+#[test]
+fn a_re_ranking_pass_taken_over_is_finished_with_its_own_cut_offs() {
+    let world = pyramid(2);
+    // 10,000 customers on partition 1 (re-ranked a page of one at a time) and up to 1,000
+    // newcomers on partition 0, found by the partitioner.
+    let candidates: Vec<String> = (0..24_000).map(|i| format!("c{i}")).collect();
+    let on = world.partitions_of(&candidates);
+    let pick = |partition: i32, n: usize| -> Vec<String> {
+        candidates
+            .iter()
+            .zip(&on)
+            .filter(|&(_, &p)| p == partition)
+            .map(|(c, _)| c.clone())
+            .take(n)
+            .collect()
+    };
+    let (zero, one) = (pick(0, 1_000), pick(1, 10_000));
+    assert_eq!((zero.len(), one.len()), (1_000, 10_000));
+    let buy = |prefix: &str, customers: &[String], amount: &dyn Fn(i64) -> i64| {
+        customers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let i = i as i64;
+                let at = "2026-11-01T10:00:00Z";
+                purchase(&format!("{prefix}{i}"), c, &amount(i).to_string(), at)
+            })
+            .collect::<Vec<_>>()
+    };
+    let config = "[ranks]\nrecompute_interval_ms = 1000\ncheck_interval_ms = 500\nreevaluate_page = 1\n[clock]\nmode = \"event\"\nlateness_s = 0\n";
+    let a = Tierd::spawn(&world, config);
+    a.wait_partitions(2, Duration::from_secs(60));
+    let b = Tierd::spawn(&world, config);
+    b.wait_partitions(1, Duration::from_secs(60));
+    a.wait_partitions(1, Duration::from_secs(60));
+    let (mut victim, survivor) = if owns(&a, 1) { (a, b) } else { (b, a) };
+    assert!(owns(&victim, 1) && owns(&survivor, 0), "one partition each");
+    // Redis will lose everything from here on.
+    let before = world.snapshot();
+
+    let mut ends = world.produce_json(&buy("e", &one, &|i| 2 * i + 2));
+    // Partition 1's owner is frozen as soon as a pass has committed its first page (the
+    // page's commit holds the switch; its publishing takes a Kafka transaction, longer).
+    let progress = |world: &World| -> Option<u64> {
+        let json: Option<String> = redis::cmd("HGET")
+            .arg(world.keys(1).meta)
+            .arg("rerank")
+            .query(&mut world.redis.conn())
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json?).unwrap();
+        v["version"].as_u64()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pass = loop {
+        assert!(Instant::now() < deadline, "no pass:\n{}", victim.log_text());
+        if progress(&world).is_some() {
+            victim.signal("-STOP");
+            if let Some(version) = progress(&world) {
+                break version;
+            }
+            victim.signal("-CONT");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    // Partition 0's newcomers: its owner publishes newer cut-offs.
+    ends.extend(world.produce_json(&buy("f", &zero, &|i| 2 * i + 1)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.cutoffs().is_none_or(|c| c.version <= pass) {
+        assert!(
+            Instant::now() < deadline,
+            "no newer cut-offs:\n{}",
+            survivor.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    victim.kill9();
+    survivor.wait_partitions(2, Duration::from_secs(60));
+    let population = (zero.len() + one.len()) as u64;
+    world.wait_applied(&ends, Duration::from_secs(120));
+    wait_settled(&world, &survivor, population);
+    assert!(
+        !survivor.log_text().contains(&format!(
+            "they applied at before. partition=1 version={pass} "
+        )),
+        "the pass's switch was published before its owner froze (timing): nothing tested"
+    );
+    let everyone: Vec<&String> = zero.iter().chain(&one).collect();
+    let states =
+        |world: &World| -> Vec<_> { everyone.iter().map(|c| world.customer_state(c)).collect() };
+    let live = states(&world);
+    let published = world.read_all(&world.output).len();
+
+    // Redis loses everything; the replay applies the recorded switches at their offsets.
+    let claims = survivor
+        .log_text()
+        .matches("Partition claimed again")
+        .count();
+    world.restore(&before);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while survivor
+        .log_text()
+        .matches("Partition claimed again")
+        .count()
+        < claims + 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not claimed again:\n{}",
+            survivor.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    world.wait_applied(&ends, Duration::from_secs(120));
+    wait_settled(&world, &survivor, population);
+    for (c, (replayed, live)) in everyone.iter().zip(states(&world).iter().zip(&live)) {
+        assert_eq!(replayed, live, "{c}: the replay ends in the live state");
+    }
+    let records = world.assert_one_body_per_change_id();
+    assert!(records.len() > published, "changes were published again");
+}

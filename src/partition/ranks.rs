@@ -10,15 +10,22 @@ use super::runner::Runner;
 use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
 use crate::engine::Trigger;
 use crate::model::state::rules_hash;
+use crate::publish::position::Published;
 use crate::store::cutoffs;
 use crate::store::outbox::{EntryKind, OutboxEntry};
 use crate::store::partition::{ApplyError, SortedSet};
 use crate::store::retry::Backoff;
+use crate::store::views;
 use crate::telemetry::events;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+
+/// How long partition 0 waits for the published positions before a computation (Kafka not
+/// answering: the computation waits for the next check).
+const PUBLISHED_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Runner {
     /// Computes (partition 0's owner) and applies (every owner) new cut-offs when due. A
@@ -63,6 +70,40 @@ impl Runner {
         Ok(())
     }
 
+    /// Finishes a re-ranking pass the previous owner left half done (its progress is stored
+    /// with the cut-offs it moves to), before anything else: it first ran as one step at its
+    /// input offset, with no input, timer or other cut-offs between its pages, so a replay
+    /// (which applies its recorded switch whole) gives the same changes. Moving straight to
+    /// the newest cut-offs instead would decide the rest of its customers under other
+    /// cut-offs than a replay does. A replay that applies the same switch itself is left to.
+    pub(super) async fn finish_stored_pass(&mut self) -> Result<(), ApplyError> {
+        let p = Arc::clone(&self.pipeline);
+        if !p.rules.uses_ranks() {
+            return Ok(());
+        }
+        let Some(json) = self.store.rerank_progress().await? else {
+            return Ok(());
+        };
+        let Some((target, now)) = serde_json::from_str::<Progress>(&json)
+            .ok()
+            .and_then(|at| Some((at.cutoffs?, at.now?)))
+        else {
+            return Ok(());
+        };
+        let replayed = self
+            .replay
+            .iter()
+            .any(|s| s.cutoffs.version == target.version);
+        if target.version <= self.cutoffs.version
+            || target.rules != rules_hash(p.rules.version())
+            || replayed
+        {
+            return Ok(());
+        }
+        let at = self.next_offset();
+        self.apply_cutoffs(target, at, now).await
+    }
+
     /// Partition 0's duty: recomputes the cut-offs if due and publishes them if they changed.
     /// Returns false if reading the populations failed (the check ends there).
     async fn compute_cutoffs(&mut self, partitions: i32) -> bool {
@@ -89,6 +130,11 @@ impl Runner {
         if !due {
             return true;
         }
+        let Some(floor) = self.published_floor(partitions).await else {
+            // Retried at the next check (still due).
+            return true;
+        };
+        let conn = self.store.connection();
         let started = Instant::now();
         let new = match cutoffs::compute(conn, &all, &p.rules).await {
             Ok(new) => new,
@@ -106,11 +152,9 @@ impl Runner {
         });
         let mut published = None;
         if changed {
-            // Never at or below a version any partition applied and published: after Redis
-            // lost writes, the replays apply versions Redis no longer counts up to. This
-            // partition's own may be older than the others' (it holds the new rules' first
-            // cut-offs while its sweep runs), so the claim read them all from Kafka.
-            let floor = self.cutoffs.version.max(self.cutoffs_floor);
+            // Never at or below a version this or any partition applied and published: after
+            // Redis lost writes, the replays apply versions Redis no longer counts up to.
+            let floor = self.cutoffs.version.max(floor);
             match cutoffs::publish_cutoffs(conn, &zero, self.status.epoch, floor, &new).await {
                 Ok(Some(version)) => published = Some(version),
                 Ok(None) => tracing::warn!(
@@ -129,6 +173,65 @@ impl Runner {
         }
         .emit(&p.telemetry);
         true
+    }
+
+    /// Before partition 0 computes new cut-offs: what Kafka holds of every partition's
+    /// published changes (Redis may have lost it). `None` (the computation waits for the next
+    /// check) while a partition has not applied again all the input its published changes
+    /// came from — Redis lost writes and it is replaying: cut-offs over part of its customers
+    /// would move others' customers up and back down again once it has replayed — or while
+    /// Kafka or Redis do not answer. Otherwise the newest cut-offs version those changes
+    /// carry: new cut-offs are numbered above it, so a version another partition applied is
+    /// never issued again for other values (this partition may hold older cut-offs than the
+    /// others — during its rules sweep — or not have published its own switch yet).
+    async fn published_floor(&mut self, partitions: i32) -> Option<u64> {
+        let p = Arc::clone(&self.pipeline);
+        let positions = Arc::clone(&self.positions);
+        let all: Vec<i32> = (0..partitions).collect();
+        let read =
+            tokio::task::spawn_blocking(move || positions.published_all(&all, PUBLISHED_TIMEOUT))
+                .await;
+        let published = match read {
+            Ok(Ok(published)) => published,
+            Ok(Err(error)) => {
+                warn!(%error, "Rank cut-offs not computed: reading the published outbox positions from Kafka failed; retried at the next check.");
+                return None;
+            }
+            Err(error) => {
+                warn!(%error, "Rank cut-offs not computed: reading the published outbox positions failed; retried at the next check.");
+                return None;
+            }
+        };
+        let stored =
+            match views::stored_offsets(self.store.connection(), &p.keyspace, partitions).await {
+                Ok(stored) => stored,
+                Err(e) => {
+                    self.store.failed(&mut Backoff::default(), &e).await;
+                    return None;
+                }
+            };
+        let replaying = published
+            .iter()
+            .zip(&stored)
+            .position(|(published, stored)| {
+                published
+                    .through
+                    .is_some_and(|through| stored.unwrap_or(-1) < through)
+            });
+        if let Some(partition) = replaying {
+            debug!(
+                partition,
+                "Rank cut-offs wait: the partition is applying its published input again."
+            );
+            return None;
+        }
+        Some(
+            published
+                .iter()
+                .map(Published::newest_cutoffs_version)
+                .max()
+                .unwrap_or(0),
+        )
     }
 
     /// Moves the partition to new cut-offs: from now on evaluations use them, and every
@@ -234,6 +337,7 @@ impl Runner {
                         value,
                         customer: last,
                         now: Some(now),
+                        cutoffs: Some(new.clone()),
                     })
                     .expect("progress serializes"),
                 );
@@ -273,6 +377,10 @@ struct Progress {
     /// The pass's engine time (absent in progress stored by older versions).
     #[serde(default)]
     now: Option<i64>,
+    /// The cut-offs the pass moves to (absent in progress stored by older versions): the next
+    /// owner finishes the pass with them even when newer ones were published since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cutoffs: Option<Cutoffs>,
 }
 
 /// The value ranges between the old and the new cut-offs, per cut point: `(rank, lo, hi)`,

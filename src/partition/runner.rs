@@ -18,6 +18,7 @@ use crate::engine::{Outcome, Trigger};
 use crate::ingest::record::Record;
 use crate::model::state::rules_hash;
 use crate::model::{time, CustomerState};
+use crate::publish::position::OutboxPositions;
 use crate::store::outbox::TimerPass;
 use crate::store::partition::{ApplyError, Claim, Committed, PartitionStore};
 use crate::telemetry::events::{self, StopCause};
@@ -92,9 +93,9 @@ pub struct Runner {
     /// The input offset the changes already published reach: below it, no cut-offs but the
     /// recorded ones apply.
     pub(super) replay_through: Option<i64>,
-    /// The newest cut-offs version published changes of any partition carry (partition 0):
-    /// cut-offs computed here are numbered above it.
-    pub(super) cutoffs_floor: u64,
+    /// What Kafka holds of every partition's published outbox (read by partition 0 before it
+    /// publishes new cut-offs).
+    pub(super) positions: Arc<OutboxPositions>,
 }
 
 impl Runner {
@@ -104,6 +105,7 @@ impl Runner {
         pipeline: Arc<Pipeline>,
         status: Arc<PartitionStatus>,
         published: Arc<Notify>,
+        positions: Arc<OutboxPositions>,
         claim: &Claim,
         partition: i32,
     ) -> Self {
@@ -133,7 +135,7 @@ impl Runner {
             replay_passes: claim.replay_passes.iter().copied().collect(),
             replay_passes_from: claim.replay_passes_from,
             replay_through: claim.replay_through,
-            cutoffs_floor: claim.cutoffs_floor,
+            positions,
             last_commit: Instant::now(),
         }
     }
@@ -161,6 +163,9 @@ impl Runner {
             }
             .emit(&p.telemetry),
             _ => {}
+        }
+        if let Err(error) = self.finish_stored_pass().await {
+            return self.exit(&error);
         }
         if let Err(error) = self.replay_switches_through(self.next_offset()).await {
             return self.exit(&error);

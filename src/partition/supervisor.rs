@@ -5,7 +5,7 @@
 
 use super::runner::{Batch, Runner, RunnerExit};
 use super::{Ownership, PartitionStatus, Pipeline};
-use crate::publish::position::{OutboxPositions, Published};
+use crate::publish::position::OutboxPositions;
 use crate::publish::publisher::{Publisher, Target};
 use crate::store::partition::{
     self as store, Claim, ClaimError, OlderRules, PartitionStore, TopicRecreated,
@@ -177,33 +177,14 @@ impl Supervisor {
                 self.parts.callback_patience.as_secs_f64()
             ))))
         };
-        // Partition 0's owner numbers the rank cut-offs: it reads every partition's position
-        // (one request) for the newest version any published change was decided under.
-        let asked: Vec<i32> = if partition == 0 {
-            (0..self
-                .parts
-                .pipeline
-                .partitions
-                .load(Ordering::Relaxed)
-                .max(1))
-                .collect()
-        } else {
-            vec![partition]
-        };
-        let Some(mut all) = self.retrying(
+        let Some(published) = self.retrying(
             give_up,
-            || self.parts.positions.published_all(&asked),
+            || self.parts.positions.published(partition),
             |error| events::PublishedPositionUnknown { partition, error }.emit(telemetry),
         )?
         else {
             return unavailable("Kafka (the published outbox position)");
         };
-        let cutoffs_floor = all
-            .iter()
-            .map(Published::newest_cutoffs_version)
-            .max()
-            .unwrap_or(0);
-        let published = all.swap_remove(0);
         // The input topic's id, to tell a recreated topic from the one the stored offset was
         // read from (`None`: unknown, and the claim does not compare).
         let topic_id = self.parts.positions.input_topic_id(give_up);
@@ -261,7 +242,6 @@ impl Supervisor {
             claim.replay_passes_from = published.passes_from;
             claim.replay_through = published.through;
             claim.published_sweep = published.sweep;
-            claim.cutoffs_floor = cutoffs_floor;
             if let Some(forgotten) = published
                 .forgotten
                 .filter(|&f| f >= claim.next_offset.unwrap_or(0))
@@ -348,6 +328,7 @@ impl Supervisor {
             Arc::clone(&p.pipeline),
             status,
             Arc::clone(&wake),
+            Arc::clone(&p.positions),
             claim,
             partition,
         );

@@ -266,19 +266,24 @@ impl OutboxPositions {
     /// # Errors
     /// The broker did not answer.
     pub fn published(&self, partition: i32) -> Result<Published, KafkaError> {
-        Ok(self.published_all(&[partition])?.remove(0))
+        Ok(self.published_all(&[partition], READ_TIMEOUT)?.remove(0))
     }
 
-    /// The same for each of `partitions` (in that order), with one request. Blocks.
+    /// The same for each of `partitions` (in that order), with one request of at most
+    /// `timeout`. Blocks.
     ///
     /// # Errors
     /// The broker did not answer.
-    pub fn published_all(&self, partitions: &[i32]) -> Result<Vec<Published>, KafkaError> {
+    pub fn published_all(
+        &self,
+        partitions: &[i32],
+        timeout: Duration,
+    ) -> Result<Vec<Published>, KafkaError> {
         let mut tpl = TopicPartitionList::new();
         for &partition in partitions {
             tpl.add_partition(&self.topic, partition);
         }
-        let committed = self.consumer.committed_offsets(tpl, READ_TIMEOUT)?;
+        let committed = self.consumer.committed_offsets(tpl, timeout)?;
         Ok(partitions
             .iter()
             .map(|&partition| {

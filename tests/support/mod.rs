@@ -12,7 +12,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -1259,6 +1259,21 @@ impl World {
             .arg(&key)
             .query(&mut self.redis.conn())
             .unwrap()
+    }
+
+    /// Reads the output topic and checks that every change id on it carries one body (a
+    /// change published again, after Redis lost writes, is identical); returns the records.
+    pub fn assert_one_body_per_change_id(&self) -> Vec<Record> {
+        let records = self.read_all(&self.output);
+        let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+        for r in &records {
+            let v = r.json();
+            let id = v["event_id"].as_str().unwrap().to_owned();
+            if let Some(prev) = by_id.insert(id, v.clone()) {
+                assert_eq!(prev, v, "a change published again is identical");
+            }
+        }
+        records
     }
 
     /// The rank cut-offs published in partition 0's keys, with their version.

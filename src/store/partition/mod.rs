@@ -94,11 +94,6 @@ pub struct Claim {
     /// The latest rules sweep started, as the published position keeps it (filled by the
     /// supervisor): after Redis lost writes, the sweep to resume at the same time.
     pub published_sweep: Option<RulesSweep>,
-    /// The newest cut-offs version a published change of any partition was decided under
-    /// (filled by the supervisor for partition 0, whose owner numbers the cut-offs): after
-    /// Redis lost writes, new cut-offs are numbered above it, never reusing a version another
-    /// partition applied and published (see [`crate::partition`]'s rank check).
-    pub cutoffs_floor: u64,
 }
 
 /// A claim refused because a newer rules version already ran the partition.
@@ -207,7 +202,6 @@ pub fn claim(
         replay_through: None,
         sweep: serde_json::from_str(field(8)).ok(),
         published_sweep: None,
-        cutoffs_floor: 0,
     })
 }
 
