@@ -5,6 +5,7 @@ pub mod calendar;
 pub mod change;
 pub mod event;
 pub mod money;
+pub mod packed_ids;
 pub mod state;
 pub mod time;
 

@@ -147,8 +147,13 @@ pub struct CustomerState {
     /// The customer's event-time clock: the latest `occurred_at` of any applied event.
     #[serde(default = "floor_min")]
     pub clock: i64,
-    /// Remembered event ids: (xxh3-64 of `event_id`, occurred_at ms), oldest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Remembered event ids: (xxh3-64 of `event_id`, occurred_at ms), oldest first. Stored
+    /// packed ([`super::packed_ids`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "super::packed_ids"
+    )]
     pub ids: Vec<(u64, i64)>,
     /// Events with `occurred_at` at or before this (Unix ms) are `too_late`.
     #[serde(default = "floor_min", skip_serializing_if = "is_floor_min")]
@@ -331,9 +336,15 @@ mod tests {
             origin: Some(19),
             born: Some(20),
         };
-        let json = r#"{"first":1,"last":2,"count":3,"sum":400,"refunds":1,"refunded":50,"wd":[[20000,2,350]],"wm":[[660,3,400]],"tier":"vip","since":5,"review":6,"pending":7,"timer":[8,"grace_ended"],"notified":9,"pin":{"tier":"key","mode":"floor","until":10,"by":"ov-1"},"rv":11,"rk":[350,null],"cv":12,"at":13,"seq":14,"clock":15,"ids":[[16,17]],"floor":18,"o":19,"b":20}"#;
+        let json = r#"{"first":1,"last":2,"count":3,"sum":400,"refunds":1,"refunded":50,"wd":[[20000,2,350]],"wm":[[660,3,400]],"tier":"vip","since":5,"review":6,"pending":7,"timer":[8,"grace_ended"],"notified":9,"pin":{"tier":"key","mode":"floor","until":10,"by":"ov-1"},"rv":11,"rk":[350,null],"cv":12,"at":13,"seq":14,"clock":15,"ids":"EAAAAAAAAAAi","floor":18,"o":19,"b":20}"#;
         assert_eq!(serde_json::to_string(&state).unwrap(), json);
         assert_eq!(serde_json::from_str::<CustomerState>(json).unwrap(), state);
+        // States stored before the ids were packed still read the same.
+        let before = json.replace(r#""ids":"EAAAAAAAAAAi""#, r#""ids":[[16,17]]"#);
+        assert_eq!(
+            serde_json::from_str::<CustomerState>(&before).unwrap(),
+            state
+        );
         let new = r#"{"count":0,"sum":0,"refunds":0,"refunded":0,"since":0,"rv":0,"seq":0,"clock":-9223372036854775808}"#;
         assert_eq!(
             serde_json::to_string(&CustomerState::default()).unwrap(),
