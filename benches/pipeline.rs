@@ -61,6 +61,40 @@ fn redis_used_memory(world: &World) -> i64 {
         .unwrap()
 }
 
+/// Where a customer's Redis bytes are: the mean `MEMORY USAGE` and value length of up to 500
+/// of partition 0's customer state keys (the rest of the per-customer figure is the timer
+/// and rank sorted-set entries, tier counts and the outbox).
+fn state_key_sample(world: &World) -> (f64, f64) {
+    let pattern = world.keys(0).customer_pattern();
+    let mut conn = world.redis.conn();
+    let (_, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("MATCH")
+        .arg(&pattern)
+        .arg("COUNT")
+        .arg(5000)
+        .query(&mut conn)
+        .unwrap();
+    let keys = &keys[..keys.len().min(500)];
+    let (mut usage, mut len) = (0i64, 0i64);
+    for key in keys {
+        let u: Option<i64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query(&mut conn)
+            .unwrap();
+        usage += u.unwrap_or(0);
+        len += redis::cmd("STRLEN")
+            .arg(key)
+            .query::<i64>(&mut conn)
+            .unwrap();
+    }
+    let n = keys.len().max(1) as f64;
+    (usage as f64 / n, len as f64 / n)
+}
+
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -163,6 +197,7 @@ fn main() {
     let redis_cpu_secs = redis_cpu(&mut world.redis.conn()) - redis_cpu_before;
     let changes = tierd.metric("tierd_tier_changes_total");
     let per_customer = (redis_after - redis_before) as f64 / customers as f64;
+    let (state_key, state_value) = state_key_sample(&world);
 
     println!("## tierd pipeline bench");
     println!();
@@ -185,6 +220,9 @@ fn main() {
         rss_peak as f64 / 1024.0
     );
     println!("| (d) Redis memory per customer | {per_customer:.0} B |");
+    println!(
+        "| (d) of which the state key (`MEMORY USAGE`, sample) | {state_key:.0} B, its JSON value {state_value:.0} B |"
+    );
     println!("| tier changes published | {changes:.0} |");
     println!(
         "| tierd CPU time (user+sys) | {tierd_cpu:.1} s = {:.1} µs per event |",
