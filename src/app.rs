@@ -60,6 +60,25 @@ pub enum StartError {
     Internal(String),
 }
 
+/// `publish.position_metadata_bytes` must be below the brokers' `offset.metadata.max.bytes`:
+/// every publish round commits a position of up to that size, and the brokers would refuse
+/// them all. Not checked (a warning) when the cluster does not say.
+async fn check_position_budget(config: &Config) -> Result<(), StartError> {
+    let budget = config.publish.position_metadata_bytes;
+    match crate::kafka::offset_metadata_max_bytes(&config.kafka).await {
+        Ok(max) if budget >= max => Err(crate::config::ConfigError::Invalid {
+            field: "publish.position_metadata_bytes",
+            message: format!("{budget} is not below the brokers' offset.metadata.max.bytes ({max}): they would refuse every publish round; lower it, or raise the brokers' setting first"),
+        }
+        .into()),
+        Ok(_) => Ok(()),
+        Err(error) => {
+            warn!(%error, budget, "Cannot read the brokers' offset.metadata.max.bytes: make sure publish.position_metadata_bytes is below it, or publishing will be refused.");
+            Ok(())
+        }
+    }
+}
+
 /// Runs tierd until `shutdown` resolves.
 ///
 /// # Errors
@@ -112,13 +131,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let fatal = Arc::new(tokio::sync::Notify::new());
     let producer_config = crate::kafka::producer_config(&config.kafka);
-    let positions =
-        Arc::new(
-            OutboxPositions::new(&config.kafka).map_err(|error| StartError::KafkaClient {
+    let positions = Arc::new(
+        OutboxPositions::new(&config.kafka, config.publish.position_metadata_bytes).map_err(
+            |error| StartError::KafkaClient {
                 client: "consumer",
                 error,
-            })?,
-        );
+            },
+        )?,
+    );
     let publisher = Publisher {
         producer_config,
         positions: Arc::clone(&positions),
@@ -185,6 +205,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .await
         .map_err(|e| StartError::Internal(e.to_string()))??
     };
+    check_position_budget(&config).await?;
     pipeline
         .partitions
         .store(partitions, std::sync::atomic::Ordering::Relaxed);

@@ -127,6 +127,52 @@ pub fn builtin_features() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The brokers' `offset.metadata.max.bytes`, as the first broker of the cluster's metadata
+/// reports it (DescribeConfigs): what a committed offset's metadata may take.
+///
+/// # Errors
+/// The cluster did not answer, refused the request (no `DescribeConfigs` permission), or did
+/// not report the setting.
+pub async fn offset_metadata_max_bytes(kafka: &KafkaConfig) -> Result<usize, String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    use std::time::Duration;
+    let admin: AdminClient<DefaultClientContext> =
+        producer_config(kafka).create().map_err(|e| e.to_string())?;
+    let admin = std::sync::Arc::new(admin);
+    let broker = {
+        let admin = std::sync::Arc::clone(&admin);
+        tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map_err(|e| e.to_string())?
+                .brokers()
+                .first()
+                .map(rdkafka::metadata::MetadataBroker::id)
+                .ok_or_else(|| "no broker in the metadata".to_owned())
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Broker(broker)], &options)
+        .await
+        .map_err(|e| e.to_string())?;
+    let resource = described
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no answer".to_owned())?
+        .map_err(|e| e.to_string())?;
+    resource
+        .get("offset.metadata.max.bytes")
+        .and_then(|entry| entry.value.as_deref())
+        .ok_or_else(|| "offset.metadata.max.bytes not reported".to_owned())?
+        .parse()
+        .map_err(|e: std::num::ParseIntError| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     /// SASL_SSL with SCRAM, TLS and zstd need these in the bundled librdkafka (its crate

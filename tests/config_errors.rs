@@ -164,3 +164,26 @@ fn a_redis_that_may_evict_tierds_keys_is_refused_naming_maxmemory_policy() {
     let tierd = support::Tierd::spawn(&world, "");
     tierd.wait_partitions(1, std::time::Duration::from_secs(60));
 }
+
+/// Every publish round commits the published position with up to
+/// `publish.position_metadata_bytes` of offset metadata: a budget the brokers'
+/// `offset.metadata.max.bytes` (4096 here, Kafka's default) cannot hold would make them refuse
+/// every round. Startup refuses it, naming the field and the brokers' limit; below it, tierd
+/// starts.
+#[test]
+fn a_position_budget_the_brokers_cannot_hold_is_refused_naming_the_field() {
+    let world = support::World::start(1);
+    let config = world.config(
+        support::free_port(),
+        "[publish]\nposition_metadata_bytes = 5000\n",
+    );
+    let (code, stderr) = run(&config, &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("publish.position_metadata_bytes")
+            && stderr.contains("offset.metadata.max.bytes (4096)"),
+        "{stderr}"
+    );
+    let tierd = support::Tierd::spawn(&world, "[publish]\nposition_metadata_bytes = 4000\n");
+    tierd.wait_partitions(1, std::time::Duration::from_secs(60));
+}

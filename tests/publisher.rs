@@ -43,7 +43,7 @@ fn setup(producer_config: Option<ClientConfig>) -> Setup {
     // Positions are kept per input partition: here the one partition of the test topic.
     kafka.input_topic = topic.clone();
     let publisher = Publisher {
-        positions: Arc::new(OutboxPositions::new(&kafka).unwrap()),
+        positions: Arc::new(OutboxPositions::new(&kafka, 3500).unwrap()),
         producer_config: config,
         output_topic: topic.clone(),
         dead_letter_topic: topic.clone(),

@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::{purchase, Tierd, World};
+use support::{purchase, Broker, Redis, Tierd, World};
 use tierd::engine::rules::rank::Cutoffs;
 
 const RANKS: &str = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n[clock]\nmode = \"event\"\nlateness_s = 0\n";
@@ -587,18 +587,50 @@ fn re_ranking_never_resurrects_an_erased_customer() {
 /// input offset and engine time, so every change published again carries the same body.
 #[test]
 fn a_redis_rollback_republishes_rank_changes_identically() {
-    let world = pyramid(2);
-    let config = "[ranks]\nrecompute_interval_ms = 200\ncheck_interval_ms = 50\n";
-    let tierd = Tierd::spawn(&world, config);
+    let tierd = rollback_over_cutoff_moves(&pyramid(2), "", 5);
+    assert!(
+        tierd.metric("tierd_cutoffs_replayed_total") >= 2.0,
+        "published switches were replayed:\n{}",
+        tierd.log_text()
+    );
+}
+
+/// `publish.position_metadata_bytes`, raised with the brokers' `offset.metadata.max.bytes`,
+/// reaches further back: a rollback over 30 cut-off moves — twice what the default keeps —
+/// re-publishes every change id with its body (with the default budget the oldest moves are
+/// forgotten, logged as an error at the claim, and changes come back with other bodies).
+#[test]
+fn a_larger_position_budget_replays_thirty_cut_off_moves_identically() {
+    let mut world = World::start_on(
+        2,
+        Redis::start(),
+        Broker::start_with("offset.metadata.max.bytes=20000\n", &[]),
+    );
+    world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    let tierd =
+        rollback_over_cutoff_moves(&world, "[publish]\nposition_metadata_bytes = 19000\n", 30);
+    let log = tierd.log_text();
+    assert!(!log.contains("Redis lost writes further back"), "{log}");
+    assert!(
+        tierd.metric("tierd_cutoffs_replayed_total") >= 30.0,
+        "{log}"
+    );
+}
+
+/// 100 ranked customers, then, with Redis snapshotted, `waves` waves of newcomers that each
+/// move the cut-offs; Redis is rolled back to the snapshot and the replay must re-publish
+/// every change id with the body it first had. Returns the running tierd.
+fn rollback_over_cutoff_moves(world: &World, extra: &str, waves: i64) -> Tierd {
+    let config = format!("[ranks]\nrecompute_interval_ms = 200\ncheck_interval_ms = 50\n{extra}");
+    let tierd = Tierd::spawn(world, &config);
     tierd.wait_partitions(2, Duration::from_secs(60));
     let ends = world.produce_json(&spenders(1..=100, |i| i * 100));
     world.wait_applied(&ends, Duration::from_secs(60));
-    wait_settled(&world, &tierd, 100);
+    wait_settled(world, &tierd, 100);
     let before = world.snapshot();
 
-    // Five waves of newcomers, each above everyone so far: every wave moves the cut-offs
+    // Waves of newcomers, each above everyone so far: every wave moves the cut-offs
     // (a switch per partition, `rank_shift` moves) and places its newcomers with them.
-    let waves = 5;
     for wave in 0..waves {
         let events: Vec<serde_json::Value> = (0..20)
             .map(|j| {
@@ -613,7 +645,7 @@ fn a_redis_rollback_republishes_rank_changes_identically() {
             .collect();
         let ends = world.produce_json(&events);
         world.wait_applied(&ends, Duration::from_secs(60));
-        wait_settled(&world, &tierd, 100 + 20 * (wave as u64 + 1));
+        wait_settled(world, &tierd, 100 + 20 * (wave as u64 + 1));
     }
     let first_run: HashMap<String, serde_json::Value> = world
         .read_all(&world.output)
@@ -632,7 +664,7 @@ fn a_redis_rollback_republishes_rank_changes_identically() {
     // Redis loses everything the waves wrote, and no more input comes: the partitions find
     // out on their own, and the last wave's moves (at the end of their input) apply too.
     world.restore(&before);
-    wait_settled(&world, &tierd, 100 + 20 * waves as u64);
+    wait_settled(world, &tierd, 100 + 20 * waves as u64);
     assert!(
         tierd.log_text().contains("Redis diverged"),
         "the divergence was detected"
@@ -669,16 +701,14 @@ fn a_redis_rollback_republishes_rank_changes_identically() {
             by_id.insert(id, v);
         }
     }
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        let id = r.json()["event_id"].as_str().unwrap().to_owned();
+        *copies.entry(id).or_default() += 1;
+    }
     let republished_shifts = first_run
         .iter()
-        .filter(|(id, v)| {
-            v["reason"] == "rank_shift"
-                && records
-                    .iter()
-                    .filter(|r| r.json()["event_id"] == id.as_str())
-                    .count()
-                    > 1
-        })
+        .filter(|(id, v)| v["reason"] == "rank_shift" && copies[id.as_str()] > 1)
         .count();
     assert!(
         republished > 0 && republished_shifts > 0,
@@ -687,11 +717,7 @@ fn a_redis_rollback_republishes_rank_changes_identically() {
     for (id, v) in &first_run {
         assert_eq!(by_id.get(id), Some(v), "{id} still published");
     }
-    assert!(
-        tierd.metric("tierd_cutoffs_replayed_total") >= 2.0,
-        "published switches were replayed:\n{}",
-        tierd.log_text()
-    );
+    tierd
 }
 
 /// Whether `tierd`'s log shows it holding `partition` now (assigned more often than released).

@@ -87,6 +87,9 @@ pub(super) const fn default_parked_retry_ms() -> u64 {
 pub(super) const fn default_outbox_max_entries() -> u64 {
     100_000
 }
+pub(super) const fn default_position_metadata_bytes() -> usize {
+    3500
+}
 pub(super) const fn default_dlq_max_bytes() -> usize {
     900_000
 }

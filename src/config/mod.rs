@@ -248,6 +248,15 @@ pub struct PublishConfig {
     /// once the outbox is down to half. Bounds Redis memory. Default 100000.
     #[serde(default = "default_outbox_max_entries")]
     pub outbox_max_entries: u64,
+    /// Bytes the published position's offset metadata may take (committed with every publish
+    /// round): it keeps the latest rank cut-off moves and wall-clock timer passes, which a
+    /// replay after Redis lost writes needs to publish changes again with the same bodies.
+    /// The default holds about 15 moves of the pyramid and 30 timer passes. It must stay
+    /// below the brokers' `offset.metadata.max.bytes` (4096 by default; startup checks it when
+    /// the broker's configuration is readable): raise both together to reach further back.
+    /// Default 3500 (1000..=1000000).
+    #[serde(default = "default_position_metadata_bytes")]
+    pub position_metadata_bytes: usize,
 }
 
 /// Which clock drives time-dependent rules.

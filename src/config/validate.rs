@@ -179,6 +179,9 @@ impl Config {
         if !(100..=100_000_000).contains(&self.publish.outbox_max_entries) {
             return bad("publish.outbox_max_entries", "must be 100..=100000000");
         }
+        if !(1000..=1_000_000).contains(&self.publish.position_metadata_bytes) {
+            return bad("publish.position_metadata_bytes", "must be 1000..=1000000");
+        }
         if self.publish.interval_ms == 0 {
             return bad("publish.interval_ms", "must be at least 1");
         }

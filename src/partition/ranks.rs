@@ -21,11 +21,17 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// How long partition 0 waits for the published positions before a computation (Kafka not
 /// answering: the computation waits for the next check).
-const PUBLISHED_TIMEOUT: Duration = Duration::from_secs(5);
+const PUBLISHED_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long partition 0 holds new cut-offs back for another partition's replay after Redis
+/// lost writes (see [`Runner::published_floor`]): a replay normally takes seconds, but a
+/// partition that cannot finish it (stopped: its input deleted meanwhile) or whose stored
+/// offset an operator moved back must not freeze everyone's ranks for good.
+const REPLAY_WAIT_MAX: Duration = Duration::from_secs(300);
 
 impl Runner {
     /// Computes (partition 0's owner) and applies (every owner) new cut-offs when due. A
@@ -179,8 +185,8 @@ impl Runner {
     /// published changes (Redis may have lost it). `None` (the computation waits for the next
     /// check) while a partition has not applied again all the input its published changes
     /// came from — Redis lost writes and it is replaying: cut-offs over part of its customers
-    /// would move others' customers up and back down again once it has replayed — or while
-    /// Kafka or Redis do not answer. Otherwise the newest cut-offs version those changes
+    /// would move others' customers up and back down again once it has replayed; for at most
+    /// [`REPLAY_WAIT_MAX`] — or while Kafka or Redis do not answer. Otherwise the newest cut-offs version those changes
     /// carry: new cut-offs are numbered above it, so a version another partition applied is
     /// never issued again for other values (this partition may hold older cut-offs than the
     /// others — during its rules sweep — or not have published its own switch yet).
@@ -189,7 +195,7 @@ impl Runner {
         let positions = Arc::clone(&self.positions);
         let all: Vec<i32> = (0..partitions).collect();
         let read =
-            tokio::task::spawn_blocking(move || positions.published_all(&all, PUBLISHED_TIMEOUT))
+            tokio::task::spawn_blocking(move || positions.last_published(&all, PUBLISHED_TIMEOUT))
                 .await;
         let published = match read {
             Ok(Ok(published)) => published,
@@ -218,12 +224,27 @@ impl Runner {
                     .through
                     .is_some_and(|through| stored.unwrap_or(-1) < through)
             });
-        if let Some(partition) = replaying {
-            debug!(
-                partition,
-                "Rank cut-offs wait: the partition is applying its published input again."
-            );
-            return None;
+        match (replaying, self.replay_wait) {
+            (Some(partition), None) => {
+                warn!(partition, "Rank cut-offs wait: the partition is applying its published input again (Redis lost writes); computed once it is through.");
+                self.replay_wait = Some(Instant::now());
+                return None;
+            }
+            (Some(partition), Some(since)) if since.elapsed() < REPLAY_WAIT_MAX => {
+                debug!(
+                    partition,
+                    "Rank cut-offs still wait for the partition's replay."
+                );
+                return None;
+            }
+            (Some(partition), Some(_)) => {
+                warn!(partition, waited_s = REPLAY_WAIT_MAX.as_secs(), "Rank cut-offs computed although the partition has not applied its published input again yet (stopped? its stored offset moved back by hand?): customers of other partitions may move and move back once it has.");
+            }
+            (None, Some(_)) => {
+                info!("Every partition applied its published input again: rank cut-offs computed again.");
+                self.replay_wait = None;
+            }
+            (None, None) => {}
         }
         Some(
             published

@@ -96,6 +96,8 @@ pub struct Runner {
     /// What Kafka holds of every partition's published outbox (read by partition 0 before it
     /// publishes new cut-offs).
     pub(super) positions: Arc<OutboxPositions>,
+    /// Since when partition 0 holds new cut-offs back for another partition's replay.
+    pub(super) replay_wait: Option<Instant>,
 }
 
 impl Runner {
@@ -136,6 +138,7 @@ impl Runner {
             replay_passes_from: claim.replay_passes_from,
             replay_through: claim.replay_through,
             positions,
+            replay_wait: None,
             last_commit: Instant::now(),
         }
     }

@@ -38,13 +38,17 @@ const TOPIC_ID_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an answer (or a failure) about the input topic's id is reused by later claims.
 const TOPIC_ID_REUSE: Duration = Duration::from_secs(10);
 
-/// The metadata's size bound: Kafka's default `offset.metadata.max.bytes` is 4096.
+/// The metadata's default size bound (`publish.position_metadata_bytes`): Kafka's default
+/// `offset.metadata.max.bytes` is 4096.
+#[cfg(test)]
 const METADATA_BUDGET: usize = 3500;
 
-/// The part of [`METADATA_BUDGET`] timer passes may take (~30 passes), so that frequent
-/// passes never crowd out the rarer, larger cut-offs switches (about 15 moves of the pyramid
-/// fit in the rest).
-const PASSES_BUDGET: usize = 1300;
+/// The part of a metadata budget timer passes may take (13/35: ~30 passes of the default),
+/// so that frequent passes never crowd out the rarer, larger cut-offs switches (about 15
+/// moves of the pyramid fit in the rest of the default).
+fn passes_budget(budget: usize) -> usize {
+    budget * 13 / 35
+}
 
 /// What Kafka holds about a partition's published outbox.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,7 +102,8 @@ impl Published {
     }
 
     /// The position after a round ending at `last_id` that moved to `switches` (in order),
-    /// within the metadata budget: the oldest switches give way (remembered in `forgotten`).
+    /// within `budget` bytes of metadata: the oldest switches give way (remembered in
+    /// `forgotten`).
     /// A switch already known (same offset and version: a replay or a resumed pass records it
     /// again) is kept once.
     #[must_use]
@@ -109,6 +114,7 @@ impl Published {
         switches: &[CutoffsSwitch],
         passes: &[TimerPass],
         sweep: Option<RulesSweep>,
+        budget: usize,
     ) -> Self {
         let mut next = Self {
             last_id: Some(last_id.to_owned()),
@@ -149,7 +155,7 @@ impl Published {
             // Otherwise an older pass fired again by a replay whose entry was dropped for
             // room: it stays forgotten.
         }
-        while serde_json::to_string(&next.passes).map_or(0, |s| s.len()) > PASSES_BUDGET {
+        while serde_json::to_string(&next.passes).map_or(0, |s| s.len()) > passes_budget(budget) {
             let dropped = next.passes.remove(0);
             next.passes_from = next.passes_from.max(Some(dropped.offset + 1));
         }
@@ -162,7 +168,7 @@ impl Published {
                 next.switches.push(s.clone());
             }
         }
-        while next.metadata().len() > METADATA_BUDGET && !next.switches.is_empty() {
+        while next.metadata().len() > budget && !next.switches.is_empty() {
             let dropped = next.switches.remove(0);
             next.forgotten = next.forgotten.max(Some(dropped.offset));
         }
@@ -223,11 +229,16 @@ impl Published {
 /// Reads and writes the published outbox positions.
 pub struct OutboxPositions {
     consumer: BaseConsumer,
+    /// The same group read without waiting for transactions in flight
+    /// ([`Self::last_published`]).
+    unstable: BaseConsumer,
     group: ConsumerGroupMetadata,
     topic: String,
     /// When the input topic's id was last asked for, and the last id read
     /// ([`Self::input_topic_id`]).
     topic_id: std::sync::Mutex<(Option<Instant>, Option<TopicId>)>,
+    /// `publish.position_metadata_bytes`.
+    budget: usize,
 }
 
 impl OutboxPositions {
@@ -236,7 +247,7 @@ impl OutboxPositions {
     ///
     /// # Errors
     /// librdkafka refused the settings.
-    pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
+    pub fn new(kafka: &KafkaConfig, budget: usize) -> Result<Self, KafkaError> {
         let consumer: BaseConsumer = crate::kafka::consumer_config(kafka)
             .set("group.id", Self::group_id(kafka))
             // Never polled: no statistics events may pile up in its queue.
@@ -244,15 +255,27 @@ impl OutboxPositions {
             // Read only stable positions (a transaction still committing is waited for).
             .set("isolation.level", "read_committed")
             .create()?;
+        let unstable: BaseConsumer = crate::kafka::consumer_config(kafka)
+            .set("group.id", Self::group_id(kafka))
+            .set("statistics.interval.ms", "0")
+            .set("isolation.level", "read_uncommitted")
+            .create()?;
         let group = consumer
             .group_metadata()
             .ok_or(KafkaError::Global(rdkafka::types::RDKafkaErrorCode::Fail))?;
         Ok(Self {
             consumer,
+            unstable,
             group,
             topic: kafka.input_topic.clone(),
             topic_id: std::sync::Mutex::new((None, None)),
+            budget,
         })
+    }
+
+    /// The bytes a position's metadata may take (`publish.position_metadata_bytes`).
+    pub fn budget(&self) -> usize {
+        self.budget
     }
 
     /// The consumer group the positions are committed for.
@@ -266,16 +289,29 @@ impl OutboxPositions {
     /// # Errors
     /// The broker did not answer.
     pub fn published(&self, partition: i32) -> Result<Published, KafkaError> {
-        Ok(self.published_all(&[partition], READ_TIMEOUT)?.remove(0))
+        Ok(self
+            .read(&self.consumer, &[partition], READ_TIMEOUT)?
+            .remove(0))
     }
 
-    /// The same for each of `partitions` (in that order), with one request of at most
-    /// `timeout`. Blocks.
+    /// What committed transactions last published of each of `partitions`' outboxes (in that
+    /// order), with one request of at most `timeout`, not waiting for transactions in flight
+    /// (a stable read waits while any of the partitions has one, which under steady
+    /// publishing is nearly always). Blocks.
     ///
     /// # Errors
     /// The broker did not answer.
-    pub fn published_all(
+    pub fn last_published(
         &self,
+        partitions: &[i32],
+        timeout: Duration,
+    ) -> Result<Vec<Published>, KafkaError> {
+        self.read(&self.unstable, partitions, timeout)
+    }
+
+    fn read(
+        &self,
+        consumer: &BaseConsumer,
         partitions: &[i32],
         timeout: Duration,
     ) -> Result<Vec<Published>, KafkaError> {
@@ -283,7 +319,7 @@ impl OutboxPositions {
         for &partition in partitions {
             tpl.add_partition(&self.topic, partition);
         }
-        let committed = self.consumer.committed_offsets(tpl, timeout)?;
+        let committed = consumer.committed_offsets(tpl, timeout)?;
         Ok(partitions
             .iter()
             .map(|&partition| {
@@ -379,8 +415,22 @@ mod tests {
     #[test]
     fn switches_round_trip_once_each_and_filter_by_offset() {
         let p = Published::default()
-            .after("1-0", Some(10), &[switch(10, 1)], &[], None)
-            .after("2-0", Some(25), &[switch(10, 1), switch(20, 2)], &[], None);
+            .after(
+                "1-0",
+                Some(10),
+                &[switch(10, 1)],
+                &[],
+                None,
+                METADATA_BUDGET,
+            )
+            .after(
+                "2-0",
+                Some(25),
+                &[switch(10, 1), switch(20, 2)],
+                &[],
+                None,
+                METADATA_BUDGET,
+            );
         assert_eq!(p.switches, vec![switch(10, 1), switch(20, 2)]);
         let back = Published::parse(&p.metadata());
         assert_eq!(back, p);
@@ -388,14 +438,21 @@ mod tests {
         assert_eq!(back.through, Some(25));
         // A replay publishes from further back: the published input's end stays where it was.
         assert_eq!(
-            back.after("3-0", Some(12), &[], &[], None).through,
+            back.after("3-0", Some(12), &[], &[], None, METADATA_BUDGET)
+                .through,
             Some(25)
         );
         assert_eq!(back.switches_from(Some(11), 0), vec![switch(20, 2)]);
         assert_eq!(back.switches_from(None, 0).len(), 2);
         // Two moves at one offset, the first already in the stored state.
-        let p =
-            Published::default().after("3-0", Some(30), &[switch(30, 3), switch(30, 4)], &[], None);
+        let p = Published::default().after(
+            "3-0",
+            Some(30),
+            &[switch(30, 3), switch(30, 4)],
+            &[],
+            None,
+            METADATA_BUDGET,
+        );
         assert_eq!(p.switches_from(Some(30), 3), vec![switch(30, 4)]);
     }
 
@@ -409,12 +466,13 @@ mod tests {
                 &[switch(i * 10, i as u64)],
                 &[],
                 None,
+                METADATA_BUDGET,
             );
         }
         let m = p.metadata();
         assert!(m.len() <= METADATA_BUDGET, "{}", m.len());
         assert_eq!(
-            p.after("200-0", Some(1990), &[], &[], None)
+            p.after("200-0", Some(1990), &[], &[], None, METADATA_BUDGET)
                 .metadata()
                 .len(),
             m.len()
@@ -443,6 +501,7 @@ mod tests {
                 &[],
                 &[pass(10, 1_000, 0), pass(10, 2_000, 0)],
                 None,
+                METADATA_BUDGET,
             )
             .after(
                 "2-0",
@@ -450,6 +509,7 @@ mod tests {
                 &[switch(12, 1)],
                 &[pass(12, 3_000, 0)],
                 None,
+                METADATA_BUDGET,
             )
             .after(
                 "3-0",
@@ -457,6 +517,7 @@ mod tests {
                 &[],
                 &[pass(12, 4_000, 1), pass(12, 4_000, 1)],
                 None,
+                METADATA_BUDGET,
             );
         // One per offset and cut-offs version, at the latest horizon.
         assert_eq!(
@@ -476,6 +537,7 @@ mod tests {
             &[],
             &[pass(10, 2_000, 0), pass(9, 500, 0)],
             None,
+            METADATA_BUDGET,
         );
         assert_eq!(again.passes, back.passes);
         // Passes keep to their share: switches keep their room, and the passes' coverage moves
@@ -493,10 +555,11 @@ mod tests {
                 &switches,
                 &[pass(i, i * 1_000, 0)],
                 None,
+                METADATA_BUDGET,
             );
         }
         assert!(p.metadata().len() <= METADATA_BUDGET);
-        assert!(serde_json::to_string(&p.passes).unwrap().len() <= PASSES_BUDGET);
+        assert!(serde_json::to_string(&p.passes).unwrap().len() <= passes_budget(METADATA_BUDGET));
         assert!(
             p.switches.len() >= 8,
             "switches keep room: {}",
@@ -515,18 +578,41 @@ mod tests {
             rules,
             done: None,
         };
-        let p = Published::default().after("1-0", Some(10), &[], &[], Some(sweep(10, 1_000, 7)));
+        let p = Published::default().after(
+            "1-0",
+            Some(10),
+            &[],
+            &[],
+            Some(sweep(10, 1_000, 7)),
+            METADATA_BUDGET,
+        );
         let back = Published::parse(&p.metadata());
         assert_eq!(back.sweep, Some(sweep(10, 1_000, 7)));
         // A resumed sweep recorded again (another owner, a replay) keeps the first time.
-        let again = back.after("2-0", Some(12), &[], &[], Some(sweep(12, 2_000, 7)));
+        let again = back.after(
+            "2-0",
+            Some(12),
+            &[],
+            &[],
+            Some(sweep(12, 2_000, 7)),
+            METADATA_BUDGET,
+        );
         assert_eq!(again.sweep, Some(sweep(10, 1_000, 7)));
         assert_eq!(
-            again.after("3-0", Some(12), &[], &[], None).sweep,
+            again
+                .after("3-0", Some(12), &[], &[], None, METADATA_BUDGET)
+                .sweep,
             again.sweep
         );
         // A newer rules version replaces it.
-        let next = again.after("4-0", Some(20), &[], &[], Some(sweep(20, 3_000, 8)));
+        let next = again.after(
+            "4-0",
+            Some(20),
+            &[],
+            &[],
+            Some(sweep(20, 3_000, 8)),
+            METADATA_BUDGET,
+        );
         assert_eq!(next.sweep, Some(sweep(20, 3_000, 8)));
     }
 }

@@ -515,6 +515,7 @@ impl PartitionPublisher {
                 &switches,
                 &passes,
                 sweep,
+                self.shared.positions.budget(),
             ),
         });
         let after = position.as_ref().map(|p| p.published.clone());
