@@ -246,7 +246,7 @@ impl Supervisor {
                 .forgotten
                 .filter(|&f| f >= claim.next_offset.unwrap_or(0))
             {
-                error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position: rank-based and wall-clock time-driven changes published before that offset may be published again with other contents.");
+                error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position: rank-based and wall-clock time-driven changes published before that offset may be published again with other contents. To keep more, raise publish.position_metadata_bytes together with the brokers' offset.metadata.max.bytes.");
             }
         }
         match &claim {
