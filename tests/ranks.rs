@@ -743,19 +743,10 @@ fn a_re_ranking_pass_taken_over_is_finished_with_its_own_cut_offs() {
     let world = pyramid(2);
     // 10,000 customers on partition 1 (re-ranked a page of one at a time) and up to 1,000
     // newcomers on partition 0, found by the partitioner.
-    let candidates: Vec<String> = (0..24_000).map(|i| format!("c{i}")).collect();
-    let on = world.partitions_of(&candidates);
-    let pick = |partition: i32, n: usize| -> Vec<String> {
-        candidates
-            .iter()
-            .zip(&on)
-            .filter(|&(_, &p)| p == partition)
-            .map(|(c, _)| c.clone())
-            .take(n)
-            .collect()
-    };
-    let (zero, one) = (pick(0, 1_000), pick(1, 10_000));
-    assert_eq!((zero.len(), one.len()), (1_000, 10_000));
+    let [zero, one]: [Vec<String>; 2] = world
+        .customers_per_partition("c", &[1_000, 10_000])
+        .try_into()
+        .unwrap();
     let buy = |prefix: &str, customers: &[String], amount: &dyn Fn(i64) -> i64| {
         customers
             .iter()

@@ -657,19 +657,10 @@ fn a_rollback_during_partition_0s_rank_rules_sweep_never_reuses_a_cut_offs_versi
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
     let ranks = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n";
     // 300 customers on partition 0 (a sweep of about 15 s), 20 on partition 1 (about 1 s).
-    let candidates: Vec<String> = (0..800).map(|i| format!("c{i}")).collect();
-    let on = world.partitions_of(&candidates);
-    let pick = |partition: i32, n: usize| -> Vec<String> {
-        candidates
-            .iter()
-            .zip(&on)
-            .filter(|&(_, &p)| p == partition)
-            .map(|(c, _)| c.clone())
-            .take(n)
-            .collect()
-    };
-    let (zero, one) = (pick(0, 300), pick(1, 20));
-    assert_eq!((zero.len(), one.len()), (300, 20));
+    let [zero, one]: [Vec<String>; 2] = world
+        .customers_per_partition("c", &[300, 20])
+        .try_into()
+        .unwrap();
     let population = (zero.len() + one.len()) as u64;
     let mut tierd = Tierd::spawn(&world, ranks);
     tierd.wait_partitions(2, Duration::from_secs(60));

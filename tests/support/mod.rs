@@ -1127,41 +1127,38 @@ impl World {
         c.create().unwrap()
     }
 
-    /// One customer id per input partition (index = partition), found by producing each
-    /// candidate key once to a scratch topic with as many partitions (the partitioner depends
-    /// only on the key and the partition count), so the input topic is left untouched.
+    /// One customer id per input partition (index = partition); see [`Self::partitions_of`].
     pub fn customer_per_partition(&self) -> Vec<String> {
-        let scratch = unique("scratch");
-        self.broker.create_topics(&[&scratch], self.partitions);
-        let producer = self.producer();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut found: Vec<Option<String>> = vec![None; self.partitions as usize];
-        for i in 0.. {
-            let key = format!("k{i}");
-            let partition = rt
-                .block_on(
-                    producer.send(
-                        FutureRecord::<str, [u8]>::to(&scratch)
-                            .key(&key)
-                            .payload(b"".as_slice()),
-                        Duration::from_secs(30),
-                    ),
-                )
-                .unwrap()
-                .partition;
-            found[partition as usize].get_or_insert(key);
-            if found.iter().all(Option::is_some) {
-                break;
-            }
-        }
-        found.into_iter().map(Option::unwrap).collect()
+        let wanted = vec![1; self.partitions as usize];
+        self.customers_per_partition("k", &wanted)
+            .into_iter()
+            .map(|mut ids| ids.remove(0))
+            .collect()
     }
 
-    /// The input partition of each key, found the same way (the input topic is left
-    /// untouched).
+    /// Customer ids `{prefix}0`, `{prefix}1`, … picked per input partition: the first
+    /// `wanted[p]` of them that fall on partition `p` (index = partition).
+    pub fn customers_per_partition(&self, prefix: &str, wanted: &[usize]) -> Vec<Vec<String>> {
+        let mut found: Vec<Vec<String>> = vec![Vec::new(); wanted.len()];
+        let mut next = 0usize;
+        while found.iter().zip(wanted).any(|(f, &w)| f.len() < w) {
+            let keys: Vec<String> = (next..next + 1000)
+                .map(|i| format!("{prefix}{i}"))
+                .collect();
+            next += 1000;
+            for (key, p) in keys.iter().zip(self.partitions_of(&keys)) {
+                let p = p as usize;
+                if p < wanted.len() && found[p].len() < wanted[p] {
+                    found[p].push(key.clone());
+                }
+            }
+        }
+        found
+    }
+
+    /// The input partition of each key, found by producing each once to a scratch topic
+    /// with as many partitions (the partitioner depends only on the key and the partition
+    /// count), so the input topic is left untouched.
     pub fn partitions_of(&self, keys: &[String]) -> Vec<i32> {
         let scratch = unique("scratch");
         self.broker.create_topics(&[&scratch], self.partitions);
