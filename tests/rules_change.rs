@@ -656,7 +656,7 @@ fn a_rollback_during_partition_0s_rank_rules_sweep_never_reuses_a_cut_offs_versi
     world.rules =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
     let ranks = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n";
-    // 300 customers on partition 0 (a sweep of about 15 s), 20 on partition 1 (about 1 s).
+    // 300 customers on partition 0, 20 on partition 1.
     let [zero, one]: [Vec<String>; 2] = world
         .customers_per_partition("c", &[300, 20])
         .try_into()
@@ -715,11 +715,12 @@ fn a_rollback_during_partition_0s_rank_rules_sweep_never_reuses_a_cut_offs_versi
     let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     rules.write_all(PYRAMID_V2.as_bytes()).unwrap();
     world.rules = rules.path().to_owned();
-    world.rules_extra = "sweep_per_second = 20".into();
+    // Slow sweeps (about 30 s each: both scan the whole keyspace), so the purchases below
+    // fall well inside partition 0's second one.
+    world.rules_extra = "sweep_per_second = 10".into();
     let tierd = Tierd::spawn(&world, ranks);
-    // Both sweeps scan the whole keyspace (about 15 s). Two thirds through, partition 0's
-    // epoch moves on (as a claim elsewhere would): fenced, its owner claims it again and
-    // sweeps from the start, so partition 1 completes first.
+    // Two thirds through, partition 0's epoch moves on (as a claim elsewhere would): fenced,
+    // its owner claims it again and sweeps from the start, so partition 1 completes first.
     wait_swept(&tierd, 200.0);
     let _: i64 = redis::cmd("HINCRBY")
         .arg(world.keys(0).meta)
