@@ -295,6 +295,7 @@ fn a_stale_claim_cannot_stop_the_rightful_owner() {
         &world.keys(0),
         None,
         "b2b-lifetime-1",
+        "",
         None,
     )
     .unwrap();

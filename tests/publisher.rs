@@ -346,6 +346,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         &s.keys,
         published.last_id.as_deref(),
         "v1",
+        "",
         None,
     )
     .unwrap();
@@ -364,7 +365,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         .unwrap();
     add_with_id(&mut conn, &s.keys.outbox, &written[0], "1");
     let claim =
-        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1", None).unwrap();
+        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1", "", None).unwrap();
     assert!(claim.outbox_behind);
     assert!(ids(&mut conn, &s.keys.outbox).is_empty());
     add_change(&mut conn, &s.keys.outbox, "dave", "4");
@@ -380,7 +381,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         .query(&mut conn)
         .unwrap();
     let claim =
-        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1", None).unwrap();
+        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1", "", None).unwrap();
     assert!(claim.outbox_behind);
     add_change(&mut conn, &s.keys.outbox, "dave", "5");
     let new = ids(&mut conn, &s.keys.outbox);

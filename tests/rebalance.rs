@@ -96,7 +96,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         .unwrap();
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut sync = redis.conn();
-    let old = store::claim(&mut sync, &keys, None, "v1", None).unwrap();
+    let old = store::claim(&mut sync, &keys, None, "v1", "", None).unwrap();
     assert_eq!(old.next_offset, None);
     let batch = |expected: i64, first: i64, end: i64, value: &str| CommitBatch {
         expected_offset: expected,
@@ -155,7 +155,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         ));
 
         // A new owner claims the partition and resumes where the old one stopped.
-        let new = store::claim(&mut sync, &keys, None, "v1", None).unwrap();
+        let new = store::claim(&mut sync, &keys, None, "v1", "", None).unwrap();
         assert_eq!(
             (new.epoch, new.next_offset, new.commits),
             (old.epoch + 1, Some(10), 1)
@@ -257,7 +257,12 @@ fn a_claim_by_an_older_rules_version_is_refused_and_changes_nothing() {
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut conn = redis.conn();
     let refused = |conn: &mut redis::Connection, version: &str| match store::claim(
-        conn, &keys, None, version, None,
+        conn,
+        &keys,
+        None,
+        version,
+        &format!("text of {version}"),
+        None,
     ) {
         Err(store::ClaimError::OlderRules(o)) => Some(o.latest),
         Ok(_) => None,
@@ -287,4 +292,35 @@ fn a_claim_by_an_older_rules_version_is_refused_and_changes_nothing() {
     }
     assert_eq!(refused(&mut conn, "v1"), None, "forgotten");
     assert_eq!(refused(&mut conn, "w5"), Some("v1".to_owned()));
+}
+
+/// Each partition keeps the text of its latest rules version and of the one before it; a claim
+/// returns the one before (what a replay from before the latest rules change runs under).
+#[test]
+fn a_claim_returns_the_rules_text_the_partition_ran_before_its_latest_version() {
+    let redis = Redis::start();
+    let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
+    let mut conn = redis.conn();
+    let mut prior = |version: &str, text: &str| {
+        store::claim(&mut conn, &keys, None, version, text, None)
+            .unwrap()
+            .prior_rules
+    };
+    assert_eq!(
+        prior("v1", "one"),
+        None,
+        "the first version has none before it"
+    );
+    assert_eq!(prior("v1", "one again"), None);
+    assert_eq!(
+        prior("v2", "two").as_deref(),
+        Some("one"),
+        "the first text kept"
+    );
+    assert_eq!(
+        prior("v2", "two").as_deref(),
+        Some("one"),
+        "kept across the new version's later claims"
+    );
+    assert_eq!(prior("v3", "three").as_deref(), Some("two"));
 }

@@ -419,6 +419,139 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
     assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
 }
 
+/// A rollback to before the rules change itself: the input the earlier rules applied is lost
+/// with it. The partition keeps the earlier rules' text, so the replay applies that input under
+/// them, then resumes the sweep at the offset (and time) it first started, then the input
+/// after it: every change comes out as it first did, its `rules_version` included.
+#[test]
+fn a_rollback_to_before_a_rules_change_replays_the_earlier_input_under_the_earlier_rules() {
+    let mut world = World::start(1);
+    let n = 120i64;
+    let amount = |i: i64| (i * 7919) % 1_200_000;
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let first = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
+    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
+    // Redis will lose everything from here on, the input below included.
+    let before = world.snapshot();
+    // Half the customers buy again under the earlier rules: some cross one of their bounds
+    // (200,000 / 500,000 / 1,000,000), which are not the new ones.
+    let second = purchases(
+        "g",
+        (0..n).step_by(2),
+        |_| "150000".into(),
+        "2026-11-01T12:00:00Z",
+    );
+    let ends = world.produce_json(&second);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let moved_under_v1 = world
+        .read_all(&world.output)
+        .iter()
+        .map(support::Record::json)
+        .filter(|c| {
+            c["cause"]["event_id"]
+                .as_str()
+                .is_some_and(|e| e.starts_with('g'))
+        })
+        .count();
+    assert!(moved_under_v1 > 0, "the second purchases moved customers");
+    assert_eq!(tierd.terminate(), Some(0));
+
+    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    rules.write_all(V2.as_bytes()).unwrap();
+    world.rules = rules.path().to_owned();
+    let tierd = Tierd::spawn(&world, "");
+    wait_sweeps_done(&tierd, 1.0);
+    let third = purchases(
+        "f",
+        (0..n).step_by(5),
+        |_| "150000".into(),
+        "2026-11-02T10:00:00Z",
+    );
+    let ends = world.produce_json(&third);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let live = states(&world, n);
+    let published = world.read_all(&world.output).len();
+
+    world.restore(&before);
+    let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
+    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
+    let log = tierd.log_text();
+    assert!(
+        log.contains(
+            "Replaying the input before the rules change under the rules it first ran under"
+        ),
+        "{log}"
+    );
+}
+
+/// The same in `wall` mode, with a timer the earlier rules fired after their last input: at
+/// the offset the new rules took over at, the replay fires it (under the earlier rules) before
+/// the sweep starts again, as it first ran.
+#[test]
+fn a_rollback_to_before_a_rules_change_fires_the_earlier_rules_timers_where_they_first_fired() {
+    let mut world = World::start(1);
+    let n = 50i64;
+    let wall = "[clock]\nmode = \"wall\"\ntick_ms = 100\n";
+    let recency = |version: &str, days: u32| {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        write!(file, "version = \"{version}\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < {days}\"]\n[[tiers]]\nname = \"lapsed\"\n").unwrap();
+        file
+    };
+    let v1 = recency("recency-1", 1);
+    world.rules = v1.path().to_owned();
+    let mut tierd = Tierd::spawn(&world, wall);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let now = time::format_ms(time::now_ms());
+    world.wait_applied(
+        &world.produce_json(&[purchase("w0", "w", "10", &now)]),
+        Duration::from_secs(60),
+    );
+    // Redis will lose everything from here on.
+    let before = world.snapshot();
+    // Active under the earlier rules until 4 s from now, then lapsed: a timer pass after the
+    // last input.
+    let bought = time::now_ms() - 86_400_000 + 4_000;
+    let events = purchases("e", 0..n, |_| "10".into(), &time::format_ms(bought));
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let lapsed = |world: &World| {
+        (0..n)
+            .filter(|i| {
+                world
+                    .customer_state(&format!("c{i}"))
+                    .is_some_and(|s| s.tier.as_deref() == Some("lapsed"))
+            })
+            .count() as i64
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lapsed(&world) < n {
+        assert!(Instant::now() < deadline, "no lapse:\n{}", tierd.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // Under the new rules they are active again (a `rules_changed` move of the sweep).
+    let v2 = recency("recency-2", 3);
+    world.rules = v2.path().to_owned();
+    let tierd = Tierd::spawn(&world, wall);
+    wait_sweeps_done(&tierd, 1.0);
+    std::thread::sleep(Duration::from_secs(1)); // ticks after the sweep
+    assert_eq!(lapsed(&world), 0, "active under the new rules");
+    let live = states(&world, n);
+    assert!(
+        live.iter().all(|s| s.seq == 3),
+        "placed, lapsed, active again"
+    );
+    let published = world.read_all(&world.output).len();
+
+    world.restore(&before);
+    let hash = tierd::model::state::rules_hash("recency-2");
+    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
+}
+
 /// The same with timers: pages set new timers (here, when a customer's recency lapses under
 /// the new rules), and which timer pass would fire them depends on how far the pages got. So
 /// timers wait while a sweep runs, and a replay completes the sweep where it first completed:

@@ -100,7 +100,7 @@ impl Runner {
                         self.sweep_first(&mut draft, &event.customer_id, loaded);
                     }
                     let fresh = loaded.state.is_new();
-                    match loaded.state.apply(event, &p.rules, p.dedup, now, &cutoffs) {
+                    match loaded.state.apply(event, self.rules(), p.dedup, now, &cutoffs) {
                         Applied::Counted(outcome) => {
                             if fresh {
                                 // A new incarnation: its change ids are its own.
@@ -122,6 +122,7 @@ impl Runner {
                                 };
                                 draft.record(
                                     &p,
+                                    self.rules(),
                                     &event.customer_id,
                                     &loaded.state,
                                     &outcome,

@@ -4,6 +4,7 @@
 //! is pure, and tested here without Redis.
 
 use super::Pipeline;
+use crate::engine::rules::Rules;
 use crate::engine::Outcome;
 use crate::model::change::{AtRiskNotice, Cause, TierChange};
 use crate::model::CustomerState;
@@ -121,13 +122,14 @@ impl Draft {
     pub fn record(
         &mut self,
         p: &Pipeline,
+        rules: &Rules,
         customer_id: &str,
         state: &CustomerState,
         outcome: &Outcome,
         cause: Option<Cause>,
     ) {
         if let Some(t) = &outcome.transition {
-            let change = TierChange::new(customer_id, state, t, &p.rules, &p.money, cause);
+            let change = TierChange::new(customer_id, state, t, rules, &p.money, cause);
             self.changes.push((
                 change
                     .previous_tier
@@ -144,7 +146,7 @@ impl Draft {
             });
         }
         if let Some(n) = &outcome.notice {
-            let notice = AtRiskNotice::new(customer_id, state.origin, n, &p.rules);
+            let notice = AtRiskNotice::new(customer_id, state.origin, n, rules);
             self.notices += 1;
             self.outbox.push(OutboxEntry {
                 kind: EntryKind::AtRisk,

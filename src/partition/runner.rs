@@ -14,6 +14,7 @@ use super::timers::EarliestDue;
 use super::{PartitionStatus, Pipeline};
 use crate::config::ClockMode;
 use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
+use crate::engine::rules::Rules;
 use crate::engine::{Outcome, Trigger};
 use crate::ingest::record::Record;
 use crate::model::state::rules_hash;
@@ -31,6 +32,41 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tracing::info;
+
+/// The rules the input before a pending rules sweep's `offset` first ran under, if the
+/// partition kept them and a replay can use them: the restored partition had completed their
+/// sweep (its customers are all under them), and they do not rank customers (a replay
+/// under older rank rules would need their rank sets and cut-offs too: not yet).
+fn prior_rules(
+    pipeline: &Pipeline,
+    claim: &Claim,
+    partition: i32,
+    offset: i64,
+) -> Option<Arc<Rules>> {
+    let running = &pipeline.rules;
+    let prior = match claim.prior_rules.as_deref() {
+        None => Err("the partition kept no earlier rules text (it was claimed by an older tierd)".to_owned()),
+        Some(text) => match Rules::parse(text, "the earlier rules kept in Redis", running.fraction_digits()) {
+            Err(error) => Err(format!("the earlier rules kept in Redis are invalid now: {error}")),
+            Ok(prior) if claim.swept_rules != Some(prior.version_hash()) => Err(format!(
+                "the restored partition had not completed the sweep of {:?}, the rules before the running ones",
+                prior.version()
+            )),
+            Ok(prior) if prior.uses_ranks() => Err(format!(
+                "the earlier rules {:?} rank customers: replays under earlier rank-based rules are not supported yet",
+                prior.version()
+            )),
+            Ok(prior) => Ok(Arc::new(prior)),
+        },
+    };
+    events::ReplayBeforeRulesChange {
+        partition,
+        offset,
+        under: prior.as_ref().map(|r| r.version()).map_err(String::as_str),
+    }
+    .emit(&pipeline.telemetry);
+    prior.ok()
+}
 
 /// How often a rules sweep takes its next page (`rules.sweep_per_second` / 10 customers).
 pub const SWEEP_TICK: Duration = Duration::from_millis(100);
@@ -98,6 +134,9 @@ pub struct Runner {
     pub(super) positions: Arc<OutboxPositions>,
     /// Since when partition 0 holds new cut-offs back for another partition's replay.
     pub(super) replay_wait: Option<Instant>,
+    /// A replay from before the latest rules change (the sweep is pending): the rules the
+    /// input up to the change first ran under, in force until the sweep starts again.
+    pub(super) prior_rules: Option<Arc<Rules>>,
 }
 
 impl Runner {
@@ -117,6 +156,12 @@ impl Runner {
             rules_hash(pipeline.rules.version()),
             Self::engine_time(pipeline.clock.mode, claim.clock),
         );
+        let prior_rules = match sweep {
+            SweepState::Pending(recorded) => {
+                prior_rules(&pipeline, claim, partition, recorded.offset)
+            }
+            _ => None,
+        };
         Self {
             partition,
             store,
@@ -139,7 +184,17 @@ impl Runner {
             replay_through: claim.replay_through,
             positions,
             replay_wait: None,
+            prior_rules,
             last_commit: Instant::now(),
+        }
+    }
+
+    /// The rules evaluations are under now: the running ones, except in a replay of input
+    /// applied before the latest rules change (see [`Claim::prior_rules`]).
+    pub(super) fn rules(&self) -> &Rules {
+        match (&self.sweep, &self.prior_rules) {
+            (SweepState::Pending(_), Some(prior)) => prior,
+            _ => &self.pipeline.rules,
         }
     }
 
@@ -294,8 +349,24 @@ impl Runner {
         // A recorded sweep start goes first at its offset: the owner that started it did so
         // when it claimed the partition, before any pass or switch of its own; no pass ran
         // while it was under way.
-        if matches!(self.sweep, SweepState::Pending(s) if s.offset <= offset) {
-            self.resume_pending_sweep();
+        if let SweepState::Pending(start) = self.sweep {
+            if start.offset <= offset {
+                // Except the timer passes the previous owner fired there after its last input,
+                // under the earlier rules: they ran before the sweep's start, so their horizon
+                // is earlier than its time (the new owner's passes come after its sweep, later
+                // than that time; this assumes the two hosts' clocks agree to the millisecond
+                // order of a restart).
+                while let Some(pass) = self
+                    .replay_passes
+                    .front()
+                    .filter(|p| p.offset == start.offset && p.upto < start.at)
+                    .copied()
+                {
+                    self.replay_passes.pop_front();
+                    self.replay_pass(pass).await?;
+                }
+                self.resume_pending_sweep();
+            }
         }
         // Where it first completed, it completes again (before the timers it held fire). Under
         // rank-based rules its pages first ran once the new rules' first cut-offs were applied,
@@ -330,17 +401,22 @@ impl Runner {
             };
             if pass_first {
                 let pass = self.replay_passes.pop_front().expect("checked");
-                events::TimersReplayed {
-                    partition: self.partition,
-                    offset: pass.offset,
-                    upto: pass.upto,
-                }
-                .emit(&self.pipeline.telemetry);
-                self.fire_pass(pass.upto).await?;
+                self.replay_pass(pass).await?;
                 continue;
             }
             self.replay_switch().await?;
         }
+    }
+
+    /// Fires a recorded wall-clock timer pass again.
+    async fn replay_pass(&mut self, pass: TimerPass) -> Result<(), ApplyError> {
+        events::TimersReplayed {
+            partition: self.partition,
+            offset: pass.offset,
+            upto: pass.upto,
+        }
+        .emit(&self.pipeline.telemetry);
+        self.fire_pass(pass.upto).await
     }
 
     /// Applies the next replayed cut-offs switch.
@@ -464,10 +540,10 @@ impl Runner {
         trigger: Trigger,
         now: i64,
     ) -> Outcome {
-        let p = &self.pipeline;
-        let outcome = loaded.state.evaluate(&p.rules, now, trigger, &self.cutoffs);
+        let rules = self.rules();
+        let outcome = loaded.state.evaluate(rules, now, trigger, &self.cutoffs);
         loaded.dirty = true;
-        draft.record(p, id, &loaded.state, &outcome, None);
+        draft.record(&self.pipeline, rules, id, &loaded.state, &outcome, None);
         outcome
     }
 

@@ -153,9 +153,10 @@ impl Supervisor {
         let keys = self.parts.pipeline.keyspace.partition(partition);
         let telemetry = &self.parts.pipeline.telemetry;
         let version = self.parts.pipeline.rules.version();
+        let text = self.parts.pipeline.rules.text();
         // A refusal is an answer, not a failure to retry.
         let claim = |conn: &mut redis::Connection, published: Option<&str>, topic: Option<&str>| {
-            match store::claim(conn, &keys, published, version, topic) {
+            match store::claim(conn, &keys, published, version, text, topic) {
                 Ok(claim) => Ok(Ok(claim)),
                 Err(ClaimError::OlderRules(refused)) => Ok(Err(NotClaimed::OlderRules(refused))),
                 Err(ClaimError::TopicRecreated(refused)) => {

@@ -142,6 +142,8 @@ impl Runner {
     /// A replay reached the offset a recorded sweep started at: it starts again, at its time.
     pub(super) fn resume_pending_sweep(&mut self) {
         if let SweepState::Pending(recorded) = self.sweep {
+            // The running rules take over here, as they did the first time.
+            self.prior_rules = None;
             events::SweepResumed {
                 partition: self.partition,
                 offset: recorded.offset,

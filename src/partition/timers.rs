@@ -91,15 +91,16 @@ impl Runner {
                 }
                 match loaded.state.timer {
                     Some((d, cause)) if d == *at => {
+                        let rules = self.rules();
                         let outcome =
                             loaded
                                 .state
-                                .evaluate(&p.rules, d, Trigger::Time(cause), &self.cutoffs);
+                                .evaluate(rules, d, Trigger::Time(cause), &self.cutoffs);
                         events::TimerFired {
                             cause: cause.as_str(),
                         }
                         .emit(&p.telemetry);
-                        draft.record(&p, id, &loaded.state, &outcome, None);
+                        draft.record(&p, rules, id, &loaded.state, &outcome, None);
                     }
                     // The index disagrees with the state (manual edits, a deleted state):
                     // re-index the state's real timer, or drop the entry.

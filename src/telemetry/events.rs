@@ -404,6 +404,38 @@ impl SweepResumed {
     }
 }
 
+/// A replay after Redis lost writes starts before the latest rules change: the input up to
+/// the change is applied under the rules it first ran under, if the partition kept them.
+pub struct ReplayBeforeRulesChange<'a> {
+    /// The partition.
+    pub partition: i32,
+    /// The input offset the running rules took over at.
+    pub offset: i64,
+    /// The rules version the input before it is replayed under, or why the running rules
+    /// replay it instead.
+    pub under: Result<&'a str, &'a str>,
+}
+
+impl ReplayBeforeRulesChange<'_> {
+    /// Logs it.
+    pub fn emit(self, _t: &Telemetry) {
+        match self.under {
+            Ok(version) => info!(
+                partition = self.partition,
+                offset = self.offset,
+                version,
+                "Replaying the input before the rules change under the rules it first ran under."
+            ),
+            Err(reason) => warn!(
+                partition = self.partition,
+                offset = self.offset,
+                reason,
+                "Replaying the input before the rules change under the running rules: its changes are published again under the running rules version."
+            ),
+        }
+    }
+}
+
 /// A partition finished moving to new cut-offs.
 pub struct CutoffsApplied {
     /// The partition.

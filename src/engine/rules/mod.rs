@@ -148,6 +148,9 @@ pub struct Rules {
     keep: BucketsKept,
     at_risk_ms: i64,
     fraction_digits: u32,
+    /// The text it was parsed from: each partition keeps it in Redis, so that a replay of
+    /// input applied before a rules change can run under the rules it first ran under.
+    text: String,
 }
 
 /// A condition as shown in rule texts.
@@ -200,6 +203,16 @@ impl Rules {
     /// The rules version, carried on every change event.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The text the rules were parsed from.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The currency's minor-unit exponent the rules were read with.
+    pub fn fraction_digits(&self) -> u32 {
+        self.fraction_digits
     }
 
     /// The short hash of the version stored per customer.

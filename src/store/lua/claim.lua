@@ -21,6 +21,12 @@
 -- restart with two versions would move customers back and forth as partitions change hands.
 -- A version never seen is newer and becomes the latest.
 --
+-- ARGV[4] is the claimant's rules text. The partition keeps the text of its latest version
+-- (field 'rules_text') and of the one before it ('prior_rules_text', moved there when a newer
+-- version first claims): after Redis lost writes back to before a rules change, the input
+-- applied before the change is replayed under the rules it first ran under. The prior text is
+-- returned last ('' if none).
+--
 -- ARGV[3] is the input topic's id now ('' : unknown, not checked). The stored offset is paired
 -- with the id of the topic it was read from (field 'offset_topic', '<next_offset>:<id>', kept
 -- paired by every commit). A pair whose offset is still the stored one and whose id differs
@@ -58,6 +64,16 @@ if latest ~= mine then
     table.remove(versions, 1)
   end
   redis.call('HSET', KEYS[1], 'versions', cjson.encode(versions))
+  local text = redis.call('HGET', KEYS[1], 'rules_text')
+  if text then
+    redis.call('HSET', KEYS[1], 'prior_rules_text', text)
+  else
+    redis.call('HDEL', KEYS[1], 'prior_rules_text')
+  end
+  redis.call('HSET', KEYS[1], 'rules_text', ARGV[4])
+elseif redis.call('HEXISTS', KEYS[1], 'rules_text') == 0 then
+  -- Kept since this version first claimed, or (a partition an older tierd ran) from now on.
+  redis.call('HSET', KEYS[1], 'rules_text', ARGV[4])
 end
 
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
@@ -111,4 +127,6 @@ if paired then
   end
 end
 local sweep = redis.call('HGET', KEYS[1], 'sweep') or ''
-return {tostring(epoch), next_offset, commits, clock, rules, cutoffs, outbox, offset_epoch, sweep}
+local prior = redis.call('HGET', KEYS[1], 'prior_rules_text') or ''
+return {tostring(epoch), next_offset, commits, clock, rules, cutoffs, outbox, offset_epoch, sweep,
+  prior}

@@ -94,6 +94,10 @@ pub struct Claim {
     /// The latest rules sweep started, as the published position keeps it (filled by the
     /// supervisor): after Redis lost writes, the sweep to resume at the same time.
     pub published_sweep: Option<RulesSweep>,
+    /// The text of the rules version that ran the partition before its latest one, if the
+    /// partition kept it: a replay from before the latest rules change applies the input up
+    /// to the change under it.
+    pub prior_rules: Option<String>,
 }
 
 /// A claim refused because a newer rules version already ran the partition.
@@ -139,7 +143,8 @@ pub enum ClaimError {
 /// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
 /// consumer thread) for an instance running `rules_version`. `published` is the last outbox
 /// id a committed Kafka transaction holds ([`crate::publish::position`]): the entries up to it
-/// are trimmed, never published again. `topic` is the input topic's id now (`None`: unknown,
+/// are trimmed, never published again. `rules_text` is the text of the rules named
+/// `rules_version` (kept with the partition, see [`Claim::prior_rules`]). `topic` is the input topic's id now (`None`: unknown,
 /// not checked); the stored offset is paired with the id it was read from.
 ///
 /// # Errors
@@ -151,6 +156,7 @@ pub fn claim(
     keys: &PartitionKeys,
     published: Option<&str>,
     rules_version: &str,
+    rules_text: &str,
     topic: Option<&str>,
 ) -> Result<Claim, ClaimError> {
     let reply: Vec<String> = CLAIM
@@ -159,6 +165,7 @@ pub fn claim(
         .arg(published.unwrap_or(""))
         .arg(rules_version)
         .arg(topic.unwrap_or(""))
+        .arg(rules_text)
         .invoke(conn)?;
     let field = |i: usize| reply.get(i).map_or("", String::as_str);
     if let (Some(current), "RECREATED") = (topic, field(0)) {
@@ -202,6 +209,7 @@ pub fn claim(
         replay_through: None,
         sweep: serde_json::from_str(field(8)).ok(),
         published_sweep: None,
+        prior_rules: Some(field(9)).filter(|t| !t.is_empty()).map(str::to_owned),
     })
 }
 

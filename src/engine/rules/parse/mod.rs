@@ -108,6 +108,7 @@ pub(super) fn parse(text: &str, file: &str, fraction_digits: u32) -> Result<Rule
         keep,
         at_risk_ms: i64::from(defaults.at_risk_days.unwrap_or(0)) * DAY_MS,
         fraction_digits,
+        text: text.to_owned(),
     })
 }
 
