@@ -116,7 +116,14 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
                     partition: 0,
                     offset,
                 };
-                draft.record(p, &event.customer_id, &loaded.state, &outcome, Some(cause));
+                draft.record(
+                    p,
+                    &p.rules,
+                    &event.customer_id,
+                    &loaded.state,
+                    &outcome,
+                    Some(cause),
+                );
             }
         }
     }
