@@ -301,26 +301,36 @@ fn a_claim_returns_the_rules_text_the_partition_ran_before_its_latest_version() 
     let redis = Redis::start();
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut conn = redis.conn();
-    let mut prior = |version: &str, text: &str| {
-        store::claim(&mut conn, &keys, None, version, text, None)
+    let prior = |conn: &mut redis::Connection, version: &str, text: &str| {
+        store::claim(conn, &keys, None, version, text, None)
             .unwrap()
             .prior_rules
     };
     assert_eq!(
-        prior("v1", "one"),
+        prior(&mut conn, "v1", "one"),
         None,
         "the first version has none before it"
     );
-    assert_eq!(prior("v1", "one again"), None);
+    assert_eq!(prior(&mut conn, "v1", "one again"), None);
     assert_eq!(
-        prior("v2", "two").as_deref(),
+        prior(&mut conn, "v2", "two").as_deref(),
         Some("one"),
         "the first text kept"
     );
     assert_eq!(
-        prior("v2", "two").as_deref(),
+        prior(&mut conn, "v2", "two").as_deref(),
         Some("one"),
         "kept across the new version's later claims"
     );
-    assert_eq!(prior("v3", "three").as_deref(), Some("two"));
+    assert_eq!(prior(&mut conn, "v3", "three").as_deref(), Some("two"));
+    // A text that is not the latest version's (an older tierd claimed that version without
+    // keeping its text) is never handed on as the version before the next one.
+    let _: () = redis::cmd("HSET")
+        .arg(&keys.meta)
+        .arg("rules_text_of")
+        .arg("v2")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(prior(&mut conn, "v4", "four"), None);
+    assert_eq!(prior(&mut conn, "v5", "five").as_deref(), Some("four"));
 }

@@ -486,6 +486,58 @@ fn a_rollback_to_before_a_rules_change_replays_the_earlier_input_under_the_earli
     );
 }
 
+/// A rollback over two rules changes: the text the partition kept is the first version's, but
+/// the sweep being replayed moved customers from the second. The replay must not take the one
+/// for the other: it warns and replays under the running rules (README "Not yet").
+#[test]
+fn a_rollback_over_two_rules_changes_does_not_replay_under_the_wrong_earlier_rules() {
+    let mut world = World::start(1);
+    let n = 40i64;
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let first = purchases(
+        "e",
+        0..n,
+        |i| (i * 29_989).to_string(),
+        "2026-11-01T10:00:00Z",
+    );
+    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
+    let before = world.snapshot();
+    // Input the rollback loses, so that the replay starts before the latest sweep's start.
+    let second = purchases("g", 0..n, |_| "1".into(), "2026-11-01T12:00:00Z");
+    world.wait_applied(&world.produce_json(&second), Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+    let mut files = Vec::new();
+    for version in ["b2b-lifetime-2", "b2b-lifetime-3"] {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        file.write_all(V2.replace("b2b-lifetime-2", version).as_bytes())
+            .unwrap();
+        world.rules = file.path().to_owned();
+        files.push(file);
+        let mut tierd = Tierd::spawn(&world, "");
+        wait_sweeps_done(&tierd, 1.0);
+        assert_eq!(tierd.terminate(), Some(0));
+    }
+    let tierd = Tierd::spawn(&world, "");
+    wait_sweeps_done(&tierd, 1.0);
+    world.restore(&before);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !tierd
+        .log_text()
+        .contains("not the ones the sweep moved customers from")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no warning:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!tierd
+        .log_text()
+        .contains("under the rules it first ran under"));
+}
+
 /// The same in `wall` mode, with a timer the earlier rules fired after their last input: at
 /// the offset the new rules took over at, the replay fires it (under the earlier rules) before
 /// the sweep starts again, as it first ran.

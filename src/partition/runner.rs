@@ -20,7 +20,7 @@ use crate::ingest::record::Record;
 use crate::model::state::rules_hash;
 use crate::model::{time, CustomerState};
 use crate::publish::position::OutboxPositions;
-use crate::store::outbox::TimerPass;
+use crate::store::outbox::{RulesSweep, TimerPass};
 use crate::store::partition::{ApplyError, Claim, Committed, PartitionStore};
 use crate::telemetry::events::{self, StopCause};
 use lru::LruCache;
@@ -33,22 +33,28 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tracing::info;
 
-/// The rules the input before a pending rules sweep's `offset` first ran under, if the
-/// partition kept them and a replay can use them: the restored partition had completed their
-/// sweep (its customers are all under them), and they do not rank customers (a replay
-/// under older rank rules would need their rank sets and cut-offs too: not yet).
+/// The rules the input before a pending rules sweep's start first ran under, if the partition
+/// kept them and a replay can use them: they are the version the sweep moved customers from
+/// (its record says which), the restored partition had completed their sweep (its customers
+/// are all under them), and they do not rank customers (a replay under earlier rank-based
+/// rules would need their rank sets and cut-offs too: not yet).
 fn prior_rules(
     pipeline: &Pipeline,
     claim: &Claim,
     partition: i32,
-    offset: i64,
+    sweep: RulesSweep,
 ) -> Option<Arc<Rules>> {
     let running = &pipeline.rules;
-    let prior = match claim.prior_rules.as_deref() {
-        None => Err("the partition kept no earlier rules text (it was claimed by an older tierd)".to_owned()),
-        Some(text) => match Rules::parse(text, "the earlier rules kept in Redis", running.fraction_digits()) {
+    let prior = match (claim.prior_rules.as_deref(), sweep.from) {
+        (_, None) => Err("the rules sweep's record does not say which rules it moved customers from (recorded by an older tierd)".to_owned()),
+        (None, _) => Err("the partition kept no earlier rules text (it was claimed by an older tierd)".to_owned()),
+        (Some(text), Some(from)) => match Rules::parse(text, "the earlier rules kept in Redis", running.fraction_digits()) {
             Err(error) => Err(format!("the earlier rules kept in Redis are invalid now: {error}")),
-            Ok(prior) if claim.swept_rules != Some(prior.version_hash()) => Err(format!(
+            Ok(prior) if prior.version_hash() != from => Err(format!(
+                "the earlier rules kept in Redis ({:?}) are not the ones the sweep moved customers from: the replay reaches back over more than one rules change",
+                prior.version()
+            )),
+            Ok(prior) if claim.swept_rules != Some(from) => Err(format!(
                 "the restored partition had not completed the sweep of {:?}, the rules before the running ones",
                 prior.version()
             )),
@@ -61,7 +67,7 @@ fn prior_rules(
     };
     events::ReplayBeforeRulesChange {
         partition,
-        offset,
+        offset: sweep.offset,
         under: prior.as_ref().map(|r| r.version()).map_err(String::as_str),
     }
     .emit(&pipeline.telemetry);
@@ -157,9 +163,7 @@ impl Runner {
             Self::engine_time(pipeline.clock.mode, claim.clock),
         );
         let prior_rules = match sweep {
-            SweepState::Pending(recorded) => {
-                prior_rules(&pipeline, claim, partition, recorded.offset)
-            }
+            SweepState::Pending(recorded) => prior_rules(&pipeline, claim, partition, recorded),
             _ => None,
         };
         Self {

@@ -31,6 +31,8 @@ pub struct Sweep {
     pub at: i64,
     /// The hash of the rules version it moves customers to (the running one).
     pub rules: u32,
+    /// The hash of the rules version it moves customers from (see [`RulesSweep::from`]).
+    pub from: Option<u32>,
     /// The start to record with this owner's next commit (a sweep this owner started).
     pub record: Option<RulesSweep>,
     /// A replay: the input offset the sweep first completed at, where it completes again.
@@ -67,6 +69,7 @@ impl SweepState {
                     offset: next_offset,
                     at: now,
                     rules,
+                    from: claim.swept_rules,
                     done: None,
                 };
                 Self::Running(Sweep {
@@ -99,6 +102,7 @@ impl Sweep {
             offset: recorded.offset,
             at: recorded.at,
             rules: recorded.rules,
+            from: recorded.from,
             record: None,
             done: recorded.done,
         }
@@ -197,6 +201,7 @@ impl Runner {
                 offset: sweep.offset,
                 at: sweep.at,
                 rules: hash,
+                from: sweep.from,
                 done: Some(self.next_offset()),
             }));
         }

@@ -137,12 +137,19 @@ impl Published {
         if switches.is_empty() && passes.is_empty() {
             return next;
         }
+        // At the offset a rules sweep started, the previous owner's passes (before the sweep's
+        // time, under the earlier rules) and the new owner's (after its sweep) stay apart: a
+        // replay fires the first before the sweep starts again, the others after it.
+        let sweep = next.sweep;
+        let side = |p: &TimerPass| {
+            sweep
+                .filter(|s| s.offset == p.offset)
+                .map(|s| p.upto < s.at)
+        };
         for pass in passes {
-            if let Some(known) = next
-                .passes
-                .iter_mut()
-                .find(|k| k.offset == pass.offset && k.cutoffs == pass.cutoffs)
-            {
+            if let Some(known) = next.passes.iter_mut().find(|k| {
+                k.offset == pass.offset && k.cutoffs == pass.cutoffs && side(k) == side(pass)
+            }) {
                 known.upto = known.upto.max(pass.upto);
             } else if next
                 .passes
@@ -576,6 +583,7 @@ mod tests {
             offset,
             at,
             rules,
+            from: Some(3),
             done: None,
         };
         let p = Published::default().after(
@@ -614,5 +622,47 @@ mod tests {
             METADATA_BUDGET,
         );
         assert_eq!(next.sweep, Some(sweep(20, 3_000, 8)));
+    }
+
+    #[test]
+    fn passes_on_either_side_of_a_sweep_start_at_one_offset_stay_apart() {
+        let start = RulesSweep {
+            offset: 10,
+            at: 5_000,
+            rules: 8,
+            from: Some(7),
+            done: None,
+        };
+        // The previous owner's pass at offset 10 (under the earlier rules), then the new
+        // owner's sweep start there and, after its sweep, its own pass at the same offset.
+        let p = Published::default()
+            .after(
+                "1-0",
+                Some(10),
+                &[],
+                &[pass(10, 4_000, 0)],
+                None,
+                METADATA_BUDGET,
+            )
+            .after("2-0", Some(10), &[], &[], Some(start), METADATA_BUDGET)
+            .after(
+                "3-0",
+                Some(10),
+                &[],
+                &[pass(10, 6_000, 0)],
+                None,
+                METADATA_BUDGET,
+            );
+        assert_eq!(p.passes, vec![pass(10, 4_000, 0), pass(10, 6_000, 0)]);
+        // Fired again by a replay: each merges with its own side.
+        let again = p.after(
+            "4-0",
+            Some(10),
+            &[],
+            &[pass(10, 4_000, 0), pass(10, 6_500, 0)],
+            None,
+            METADATA_BUDGET,
+        );
+        assert_eq!(again.passes, vec![pass(10, 4_000, 0), pass(10, 6_500, 0)]);
     }
 }

@@ -69,6 +69,12 @@ pub struct RulesSweep {
     /// The hash of the rules version the sweep moves customers to.
     #[serde(rename = "r")]
     pub rules: u32,
+    /// The hash of the rules version whose sweep the partition had completed when this one
+    /// started (the rules the input before `offset` ran under), if any: a replay from before
+    /// `offset` uses the earlier rules the partition kept only if they are this version.
+    /// Absent in records of older binaries.
+    #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u32>,
     /// The input offset the sweep completed at. Timers wait while a sweep runs (a page sets
     /// new timers, and which pass would fire them must not depend on page timing): a replay
     /// completes the sweep at this offset, then timers fire as they first did.

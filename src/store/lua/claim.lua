@@ -22,8 +22,9 @@
 -- A version never seen is newer and becomes the latest.
 --
 -- ARGV[4] is the claimant's rules text. The partition keeps the text of its latest version
--- (field 'rules_text') and of the one before it ('prior_rules_text', moved there when a newer
--- version first claims): after Redis lost writes back to before a rules change, the input
+-- (field 'rules_text', with the version it is of in 'rules_text_of') and of the one before it
+-- ('prior_rules_text', moved there when a newer version first claims; none if the text kept
+-- was not the latest version's): after Redis lost writes back to before a rules change, the input
 -- applied before the change is replayed under the rules it first ran under. The prior text is
 -- returned last ('' if none).
 --
@@ -65,15 +66,16 @@ if latest ~= mine then
   end
   redis.call('HSET', KEYS[1], 'versions', cjson.encode(versions))
   local text = redis.call('HGET', KEYS[1], 'rules_text')
-  if text then
+  if text and redis.call('HGET', KEYS[1], 'rules_text_of') == latest then
     redis.call('HSET', KEYS[1], 'prior_rules_text', text)
   else
     redis.call('HDEL', KEYS[1], 'prior_rules_text')
   end
-  redis.call('HSET', KEYS[1], 'rules_text', ARGV[4])
-elseif redis.call('HEXISTS', KEYS[1], 'rules_text') == 0 then
-  -- Kept since this version first claimed, or (a partition an older tierd ran) from now on.
-  redis.call('HSET', KEYS[1], 'rules_text', ARGV[4])
+  redis.call('HSET', KEYS[1], 'rules_text', ARGV[4], 'rules_text_of', mine)
+elseif redis.call('HGET', KEYS[1], 'rules_text_of') ~= mine then
+  -- Kept since this version first claimed, or (a version an older tierd first ran here) from
+  -- now on.
+  redis.call('HSET', KEYS[1], 'rules_text', ARGV[4], 'rules_text_of', mine)
 end
 
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
