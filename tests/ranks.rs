@@ -232,9 +232,9 @@ fn cutoffs_across_8_partitions_equal_a_full_sort() {
                 .query(&mut conn)
                 .unwrap();
             if !keys.is_empty() {
-                let states: Vec<String> = redis::cmd("MGET").arg(&keys).query(&mut conn).unwrap();
-                for (key, json) in keys.iter().zip(states) {
-                    let s: tierd::model::CustomerState = serde_json::from_str(&json).unwrap();
+                let states: Vec<Vec<u8>> = redis::cmd("MGET").arg(&keys).query(&mut conn).unwrap();
+                for (key, stored) in keys.iter().zip(states) {
+                    let s = tierd::model::stored::decode(&stored).unwrap();
                     let i: i64 = key.rsplit_once(":c:c").unwrap().1.parse().unwrap();
                     let want = expected(amount(i) * 100);
                     assert_eq!(

@@ -79,6 +79,10 @@ fuzz_target!(|data: &[u8]| {
                 "a timer due at or before the evaluation that set it"
             );
         }
+        // The stored form (binary), and the JSON form older binaries stored.
+        let stored = tierd::model::stored::to_vec(&state);
+        let back = tierd::model::stored::decode(&stored).expect("stored state reads back");
+        assert_eq!(back, state, "state changed through its stored form: {stored:?}");
         let json = serde_json::to_string(&state).expect("state serializes");
         let back: CustomerState = serde_json::from_str(&json).expect("state parses back");
         assert_eq!(back, state, "state changed through its JSON: {json}");

@@ -7,6 +7,7 @@ pub mod event;
 pub mod money;
 pub mod packed_ids;
 pub mod state;
+pub mod stored;
 pub mod time;
 
 pub use change::{Cause, ChangeReason, Direction, TierChange};

@@ -26,6 +26,13 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u64, i64)>, D
 /// The packed form (see the module documentation).
 pub fn encode(ids: &[(u64, i64)]) -> String {
     let mut bytes = Vec::with_capacity(ids.len() * 13);
+    encode_bytes(ids, &mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The packed bytes (before base64), appended to `bytes`: the binary state form stores them
+/// as they are ([`super::stored`]).
+pub fn encode_bytes(ids: &[(u64, i64)], bytes: &mut Vec<u8>) {
     let mut previous = 0i64;
     for &(hash, at) in ids {
         bytes.extend_from_slice(&hash.to_le_bytes());
@@ -42,7 +49,6 @@ pub fn encode(ids: &[(u64, i64)]) -> String {
         }
         previous = at;
     }
-    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Why a packed string is not one.
@@ -67,8 +73,16 @@ pub fn decode(packed: &str) -> Result<Vec<(u64, i64)>, PackedIdsError> {
     let bytes = URL_SAFE_NO_PAD
         .decode(packed)
         .map_err(|e| PackedIdsError::Base64(e.to_string()))?;
+    decode_bytes(&bytes)
+}
+
+/// Reads the packed bytes (see [`encode_bytes`]).
+///
+/// # Errors
+/// [`PackedIdsError`] naming what is wrong.
+pub fn decode_bytes(bytes: &[u8]) -> Result<Vec<(u64, i64)>, PackedIdsError> {
     let mut ids = Vec::with_capacity(bytes.len() / 12);
-    let mut rest = bytes.as_slice();
+    let mut rest = bytes;
     let mut previous = 0i64;
     while !rest.is_empty() {
         let n = ids.len();

@@ -76,10 +76,12 @@ pub enum PinRequest {
     Clear,
 }
 
-/// Persistent state of one customer (stored as JSON in Redis).
+/// Persistent state of one customer, stored in Redis in a binary form ([`super::stored`]; the
+/// serde attributes here are its JSON form, which older binaries stored and which is still
+/// read).
 ///
-/// Memory: about 200 bytes of JSON plus ~30 bytes per remembered event id (at most
-/// `dedup.max_ids_per_customer`) plus ~16 bytes per window bucket kept, see `docs/rules.md`.
+/// Memory: about 60–90 bytes plus ~11 bytes per remembered event id (at most
+/// `dedup.max_ids_per_customer`) plus ~6–12 bytes per window bucket kept, see `docs/rules.md`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CustomerState {
     /// Earliest purchase, event time (Unix ms).

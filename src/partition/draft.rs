@@ -58,11 +58,9 @@ impl Loaded {
 /// CPU, and these keys are customer ids of our own input, hashed once per event).
 pub type Working = HashMap<String, Loaded, foldhash::fast::RandomState>;
 
-/// Starting buffer sizes for the JSON written per commit: a customer state (~500–900 bytes
-/// with its dedup memory) and a change event (~300–450). Serialising into a buffer of the
-/// right size instead of an empty one saves the reallocations and copies of growing it
-/// (profiled: `serde_json::to_vec` spent ~6 % of tierd's CPU in realloc).
-const STATE_CAPACITY: usize = 1024;
+/// Starting buffer size for the JSON of a change event (~300–450 bytes). Serialising into a
+/// buffer of the right size instead of an empty one saves the reallocations and copies of
+/// growing it (profiled: `serde_json::to_vec` spent ~6 % of tierd's CPU in realloc).
 const CHANGE_CAPACITY: usize = 512;
 
 /// `value` as JSON, serialised into a buffer of `capacity` bytes to start with.
@@ -201,7 +199,7 @@ impl Draft {
             let value = if loaded.state.is_new() {
                 Vec::new()
             } else {
-                to_json(&loaded.state, STATE_CAPACITY)
+                crate::model::stored::to_vec(&loaded.state)
             };
             batch.states.push((keys.customer(id), value));
             let timer = loaded.state.timer.map(|(due, _)| i128::from(due));

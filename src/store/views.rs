@@ -98,7 +98,7 @@ pub async fn find_customer<C: ConnectionLike>(
             continue;
         };
         let p = i32::try_from(p).unwrap_or(0);
-        let state = serde_json::from_slice(&bytes).map_err(|e| ViewError::Corrupt {
+        let state = crate::model::stored::decode(&bytes).map_err(|e| ViewError::Corrupt {
             key: keyspace.customer(p, customer_id),
             message: e.to_string(),
         })?;
@@ -243,7 +243,7 @@ pub async fn scan_customers<C: ConnectionLike>(
             let (Some(id), Some(bytes)) = (keys.customer_id(key), value) else {
                 continue;
             };
-            let state = serde_json::from_slice(&bytes).map_err(|e| ViewError::Corrupt {
+            let state = crate::model::stored::decode(&bytes).map_err(|e| ViewError::Corrupt {
                 key: key.clone(),
                 message: e.to_string(),
             })?;

@@ -1372,7 +1372,7 @@ impl World {
             let key = self.keys(p).customer(customer);
             let v: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
             if let Some(v) = v {
-                return Some(serde_json::from_slice(&v).unwrap());
+                return Some(tierd::model::stored::decode(&v).unwrap());
             }
         }
         None

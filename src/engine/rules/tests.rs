@@ -683,7 +683,7 @@ fn state_size_per_preset_is_bounded_by_buckets() {
                 &Cutoffs::default(),
             );
         }
-        let typical = serde_json::to_vec(&s).unwrap().len();
+        let typical = crate::model::stored::to_vec(&s).len();
         let buckets = s.day_buckets.len() + s.month_buckets.len();
         let keep = (r.keep_buckets(Unit::Day) + r.keep_buckets(Unit::Month)) as usize;
         assert!(

@@ -36,7 +36,8 @@ pub enum ApplyError {
         stored: i64,
         expected: i64,
     },
-    /// A stored customer state is not valid JSON: data corruption, stop the partition.
+    /// A stored customer state is unreadable (see [`crate::model::stored`]): data corruption,
+    /// stop the partition.
     #[error("partition {partition}: stored state of {key:?} is corrupt: {error}")]
     CorruptState {
         partition: i32,
@@ -229,7 +230,7 @@ pub async fn load(
     raw.into_iter()
         .zip(keys)
         .map(|(v, key)| {
-            v.map(|bytes| serde_json::from_slice(&bytes))
+            v.map(|bytes| crate::model::stored::decode(&bytes))
                 .transpose()
                 .map_err(|e| ApplyError::CorruptState {
                     partition,

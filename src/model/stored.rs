@@ -1,0 +1,290 @@
+//! The stored form of a customer state in Redis: a version byte, then the state in
+//! [postcard](https://docs.rs/postcard) (varints, no field names). Times are stored as
+//! differences to the customer's event clock (most are minutes or days apart, 1–4 bytes
+//! instead of 6), the remembered event ids as their packed bytes ([`super::packed_ids`]).
+//!
+//! Why not JSON (the form before): a state is read and written once per batch a customer
+//! appears in, and is most of Redis's memory. On the pipeline bench the binary form is about
+//! half the bytes and parses several times faster (issue 12; docs/performance.md).
+//!
+//! States stored as JSON (by an older tierd) are still read, and written in this form the next
+//! time the customer changes. An older tierd cannot read this form: roll binaries forward only.
+
+use super::packed_ids::{self, PackedIdsError};
+use super::state::{Bucket, CustomerState, Pin, PinMode, TimeCause};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The first byte of the binary form, version 1 (a JSON state starts with `{`).
+const V1: u8 = 1;
+
+/// Why stored bytes are not a customer state.
+#[derive(Debug, thiserror::Error)]
+pub enum StoredStateError {
+    /// JSON (the older form) that is not a state.
+    #[error("stored JSON state: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The binary form, damaged.
+    #[error("stored binary state (version {V1}): {0}")]
+    Binary(#[from] postcard::Error),
+    /// Its remembered ids, damaged.
+    #[error("stored binary state (version {V1}): {0}")]
+    Ids(#[from] PackedIdsError),
+    /// Neither form: empty, or a version this binary does not know (a newer tierd wrote it).
+    #[error("stored state starts with byte {0:?}: neither JSON nor a binary form this tierd knows (written by a newer tierd?)")]
+    Unknown(Option<u8>),
+}
+
+/// The state's bytes as stored, appended to `out`.
+pub fn encode(state: &CustomerState, out: &mut Vec<u8>) {
+    let clock = state.clock;
+    let rel = |t: i64| t.wrapping_sub(clock);
+    let mut ids = Vec::with_capacity(state.ids.len() * 12);
+    packed_ids::encode_bytes(&state.ids, &mut ids);
+    let v1 = StateV1 {
+        clock,
+        first: state.first.map(rel),
+        last: state.last.map(rel),
+        count: state.count,
+        sum: state.sum,
+        refunds: state.refunds,
+        refunded: state.refunded,
+        day_buckets: &state.day_buckets,
+        month_buckets: &state.month_buckets,
+        tier: state.tier.as_deref(),
+        since: rel(state.since),
+        review: state.review.map(rel),
+        pending: state.pending.map(rel),
+        timer: state.timer.map(|(t, cause)| (rel(t), cause)),
+        notified: state.notified.map(rel),
+        pin: state.pin.as_ref().map(|p| PinV1 {
+            tier: p.tier.as_str(),
+            mode: p.mode,
+            until: p.until.map(rel),
+            by: p.by.as_str(),
+        }),
+        rules_hash: state.rules_hash,
+        ranked_values: &state.ranked_values,
+        cutoffs_version: state.cutoffs_version,
+        at: rel(state.at),
+        seq: state.seq,
+        ids: Bytes(&ids),
+        floor: rel(state.floor),
+        origin: state.origin.map(u64::to_le_bytes),
+        born: state.born.map(rel),
+    };
+    out.push(V1);
+    // Writing into a Vec cannot fail, and every field has a postcard form.
+    *out = postcard::to_extend(&v1, std::mem::take(out)).expect("states encode");
+}
+
+/// The state's bytes as stored (see [`encode`]).
+pub fn to_vec(state: &CustomerState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + state.ids.len() * 12);
+    encode(state, &mut out);
+    out
+}
+
+/// Reads a stored state, binary or JSON.
+///
+/// # Errors
+/// [`StoredStateError`] naming what is wrong.
+pub fn decode(bytes: &[u8]) -> Result<CustomerState, StoredStateError> {
+    match bytes.first() {
+        Some(&V1) => {
+            let v1: StateV1<'_, String, Vec<Bucket>, Vec<Option<i128>>> =
+                postcard::from_bytes(&bytes[1..])?;
+            let clock = v1.clock;
+            let abs = |d: i64| d.wrapping_add(clock);
+            Ok(CustomerState {
+                first: v1.first.map(abs),
+                last: v1.last.map(abs),
+                count: v1.count,
+                sum: v1.sum,
+                refunds: v1.refunds,
+                refunded: v1.refunded,
+                day_buckets: v1.day_buckets,
+                month_buckets: v1.month_buckets,
+                tier: v1.tier,
+                since: abs(v1.since),
+                review: v1.review.map(abs),
+                pending: v1.pending.map(abs),
+                timer: v1.timer.map(|(d, cause)| (abs(d), cause)),
+                notified: v1.notified.map(abs),
+                pin: v1.pin.map(|p| Pin {
+                    tier: p.tier,
+                    mode: p.mode,
+                    until: p.until.map(abs),
+                    by: p.by,
+                }),
+                rules_hash: v1.rules_hash,
+                ranked_values: v1.ranked_values,
+                cutoffs_version: v1.cutoffs_version,
+                at: abs(v1.at),
+                seq: v1.seq,
+                clock,
+                ids: packed_ids::decode_bytes(v1.ids.0)?,
+                floor: abs(v1.floor),
+                origin: v1.origin.map(u64::from_le_bytes),
+                born: v1.born.map(abs),
+            })
+        }
+        Some(b'{') => Ok(serde_json::from_slice(bytes)?),
+        other => Err(StoredStateError::Unknown(other.copied())),
+    }
+}
+
+/// Version 1, field by field (postcard keeps the order, not the names: append new fields
+/// only in a new version). `S`, `B` and `R` are borrowed when encoding, owned when decoding.
+#[derive(Serialize, Deserialize)]
+struct StateV1<'a, S, B, R> {
+    clock: i64,
+    first: Option<i64>,
+    last: Option<i64>,
+    count: u64,
+    sum: i128,
+    refunds: u64,
+    refunded: i128,
+    day_buckets: B,
+    month_buckets: B,
+    tier: Option<S>,
+    since: i64,
+    review: Option<i64>,
+    pending: Option<i64>,
+    timer: Option<(i64, TimeCause)>,
+    notified: Option<i64>,
+    pin: Option<PinV1<S>>,
+    rules_hash: u32,
+    ranked_values: R,
+    cutoffs_version: u64,
+    at: i64,
+    seq: u64,
+    #[serde(borrow)]
+    ids: Bytes<'a>,
+    floor: i64,
+    origin: Option<[u8; 8]>,
+    born: Option<i64>,
+}
+
+/// A pin, its times relative to the clock.
+#[derive(Serialize, Deserialize)]
+struct PinV1<S> {
+    tier: S,
+    mode: PinMode,
+    until: Option<i64>,
+    by: S,
+}
+
+/// Bytes written as one length-prefixed run (a `&[u8]` would go through serde byte by byte).
+struct Bytes<'a>(&'a [u8]);
+
+impl Serialize for Bytes<'_> {
+    fn serialize<Z: Serializer>(&self, s: Z) -> Result<Z::Ok, Z::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Bytes<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'de [u8]>::deserialize(d).map(Bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> CustomerState {
+        CustomerState {
+            first: Some(1_793_527_200_000),
+            last: Some(1_796_338_323_000),
+            count: 12,
+            sum: 123_456_789,
+            refunds: 1,
+            refunded: 5_000,
+            day_buckets: vec![Bucket::from((20_400, 2, 3_000))],
+            month_buckets: vec![Bucket::from((670, 5, -i128::MAX))],
+            tier: Some("vip".into()),
+            since: 1_796_000_000_000,
+            review: Some(1_800_000_000_000),
+            pending: None,
+            timer: Some((1_796_597_523_000, TimeCause::Recency)),
+            notified: Some(1_796_500_000_000),
+            pin: Some(Pin {
+                tier: "key".into(),
+                mode: PinMode::Floor,
+                until: None,
+                by: "ovr-1".into(),
+            }),
+            rules_hash: 0xdead_beef,
+            ranked_values: vec![Some(i128::MIN), None, Some(7)],
+            cutoffs_version: 9,
+            at: 1_796_338_323_000,
+            seq: 4,
+            clock: 1_796_338_323_000,
+            ids: vec![(u64::MAX, 1_796_338_323_000), (3, 1_796_338_000_000)],
+            floor: 1_795_733_522_999,
+            origin: Some(0x0123_4567_89ab_cdef),
+            born: Some(1_793_527_200_000),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_is_under_half_the_json() {
+        let state = sample();
+        let bytes = to_vec(&state);
+        assert_eq!(decode(&bytes).unwrap(), state);
+        let json = serde_json::to_vec(&state).unwrap();
+        assert!(
+            bytes.len() * 2 < json.len(),
+            "{} vs {} B",
+            bytes.len(),
+            json.len()
+        );
+        let empty = CustomerState::default();
+        assert_eq!(decode(&to_vec(&empty)).unwrap(), empty);
+    }
+
+    #[test]
+    fn json_states_of_older_binaries_are_read() {
+        let state = sample();
+        let json = serde_json::to_vec(&state).unwrap();
+        assert_eq!(decode(&json).unwrap(), state);
+    }
+
+    #[test]
+    fn damaged_bytes_are_errors_naming_the_form() {
+        let bytes = to_vec(&sample());
+        for cut in 1..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(matches!(decode(b""), Err(StoredStateError::Unknown(None))));
+        assert!(matches!(
+            decode(&[2, 0]),
+            Err(StoredStateError::Unknown(Some(2)))
+        ));
+        assert!(matches!(
+            decode(b"{not json"),
+            Err(StoredStateError::Json(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn any_times_round_trip(
+            clock in any::<i64>(), first in any::<Option<i64>>(), at in any::<i64>(),
+            floor in any::<i64>(), until in any::<Option<i64>>(), sum in any::<i128>(),
+            ids in proptest::collection::vec(any::<(u64, i64)>(), 0..20),
+        ) {
+            let mut state = sample();
+            state.clock = clock;
+            state.first = first;
+            state.at = at;
+            state.floor = floor;
+            state.sum = sum;
+            state.ids = ids;
+            state.pin.as_mut().unwrap().until = until;
+            prop_assert_eq!(decode(&to_vec(&state)).unwrap(), state);
+        }
+    }
+}
