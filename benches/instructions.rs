@@ -132,6 +132,13 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
         expected_commits: part.commits,
         clock: None,
     };
+    // Every input event is a new purchase: a bench that measured rejections instead (its
+    // currency not the deployment's, as it once did) fails here.
+    assert_eq!(
+        draft.applied as usize,
+        messages.len(),
+        "every purchase is applied"
+    );
     let batch = draft.take_batch(position, &work, &part.keys, p.rules.ranks().len());
     part.commits += 1;
     for (id, mut loaded) in work {
@@ -146,7 +153,7 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
 /// returns the bytes written (so that nothing is optimised away).
 fn workload(events: u64, customers: u64, rules_path: &str) -> usize {
     let config = Config::from_figment(Figment::from(Toml::string(&format!(
-        "[rules]\npath = {rules_path:?}\n"
+        "[rules]\npath = {rules_path:?}\n[money]\ncurrency = \"CNY\"\n"
     ))))
     .expect("configuration");
     let rules = Arc::new(
