@@ -221,7 +221,7 @@ fn main() {
     );
     println!("| (d) Redis memory per customer | {per_customer:.0} B |");
     println!(
-        "| (d) of which the state key (`MEMORY USAGE`, sample) | {state_key:.0} B, its JSON value {state_value:.0} B |"
+        "| (d) of which the state key (`MEMORY USAGE`, sample) | {state_key:.0} B, its stored value {state_value:.0} B |"
     );
     println!("| tier changes published | {changes:.0} |");
     println!(

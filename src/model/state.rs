@@ -209,7 +209,10 @@ impl CustomerState {
     /// Whether this is the state of a customer never seen (or erased): what loading an absent
     /// customer gives, and what a commit stores by deleting the key.
     pub fn is_new(&self) -> bool {
-        *self == Self::default()
+        // Most states asked are not new, and differ in their clock, count or sequence: decided
+        // there without building and comparing a whole default state (profiled: ~3 % of
+        // tierd's CPU when every call compared everything).
+        self.clock == i64::MIN && self.count == 0 && self.seq == 0 && *self == Self::default()
     }
 }
 
