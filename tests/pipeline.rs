@@ -337,3 +337,41 @@ fn a_stale_claim_cannot_stop_the_rightful_owner() {
     sorted.dedup();
     assert_eq!(sorted.len(), seqs.len(), "no change twice: {seqs:?}");
 }
+
+/// A state an older tierd stored as JSON is read as it is (the purchase counts on top of it)
+/// and written back in the binary form with the customer's next change.
+#[test]
+fn a_state_stored_as_json_by_an_older_tierd_is_read_and_written_back_binary() {
+    let world = World::start(1);
+    // Kim's state as an older binary left it: two purchases of 300,000.00 EUR, tier B, with
+    // their ids remembered in the JSON array form.
+    let at = parse_rfc3339_ms("2026-11-01T10:00:00Z").unwrap();
+    let json = serde_json::json!({
+        "first": at, "last": at, "count": 2, "sum": 60_000_000, "refunds": 0, "refunded": 0,
+        "tier": "B", "since": at, "rv": tierd::model::state::rules_hash("b2b-lifetime-1"),
+        "at": at, "seq": 1, "clock": at, "ids": [[1, at], [2, at]]
+    });
+    let key = world.keys(0).customer("kim");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(serde_json::to_vec(&json).unwrap())
+        .query(&mut world.redis.conn())
+        .unwrap();
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let ends = world.produce_json(&[purchase("k3", "kim", "250000", "2026-11-02T10:00:00Z")]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query(&mut world.redis.conn())
+        .unwrap();
+    assert_eq!(stored.first(), Some(&1), "written back in the binary form");
+    let kim = world.customer_state("kim").unwrap();
+    assert_eq!(
+        (kim.count, kim.sum),
+        (3, 85_000_000),
+        "counted on top of the JSON state"
+    );
+    assert_eq!(kim.tier.as_deref(), Some("B"), "850,000.00: still B");
+    assert_eq!(kim.ids.len(), 3, "the remembered ids kept");
+}
