@@ -117,7 +117,7 @@ fn main() {
                 t0,
                 &Cutoffs::default(),
             );
-            pipe.set(keys.customer(&id), serde_json::to_vec(&s).unwrap())
+            pipe.set(keys.customer(&id), tierd::model::stored::to_vec(&s))
                 .ignore();
             pipe.zadd(
                 keys.rank("value"),

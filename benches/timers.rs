@@ -80,7 +80,7 @@ fn main() {
         pin: None,
     };
     template.apply(&event, &rules, dedup, t0, &Default::default());
-    let json = serde_json::to_vec(&template).unwrap();
+    let json = tierd::model::stored::to_vec(&template);
     let (due, _) = template.timer.expect("recency timer");
     for i in 0..customers {
         let p = (i % partitions as u64) as i32;

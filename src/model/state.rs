@@ -43,7 +43,8 @@ impl From<Bucket> for (i32, u64, i128) {
     }
 }
 
-/// How a manual pin holds a customer.
+/// How a manual pin holds a customer. The binary state form stores the variant's position:
+/// append new variants, never reorder (pinned by `model::stored`'s tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PinMode {
@@ -267,6 +268,8 @@ impl CustomerState {
 }
 
 /// What can move a customer with no event of their own, and so the reason of such a change.
+/// The binary state form stores the variant's position: append new variants, never reorder
+/// (pinned by `model::stored`'s tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TimeCause {
@@ -305,8 +308,10 @@ impl TimeCause {
 mod tests {
     use super::*;
 
-    /// The stored JSON is data every deployment holds: its keys and shapes are pinned here
-    /// literally (Rust names may change, the stored format may not without a migration).
+    /// The JSON form (what older binaries stored, still read: `model::stored`) is data
+    /// deployments hold: its keys and shapes are pinned here literally (Rust names may
+    /// change, the stored format may not without a migration). The binary form is pinned in
+    /// `model::stored`.
     #[test]
     fn the_stored_format_is_pinned() {
         let state = CustomerState {

@@ -29,7 +29,7 @@ pub struct PartitionKeys {
     pub cutoffs: String,
     /// Base of the key names (`<prefix>:{<group>:<topic>:<partition>}`).
     base: String,
-    /// Prefix of customer state keys (`<prefix><customer_id>`), each a JSON string.
+    /// Prefix of customer state keys (`<prefix><customer_id>`), each one state in its stored form (`model::stored`).
     customer_prefix: String,
 }
 

@@ -52,7 +52,7 @@ pub struct CommitBatch {
     pub applied_cutoffs: Option<String>,
     /// The re-ranking's progress to store (JSON); `Some("")` removes it (done).
     pub rerank: Option<String>,
-    /// Customer states to write: (key, JSON).
+    /// Customer states to write: (key, stored form; empty: delete the key).
     pub states: Vec<(String, Vec<u8>)>,
 }
 
