@@ -24,6 +24,17 @@ when = ["sum >= 100000"]
 name = "D"
 "#;
 
+/// Recency rules: active within a day of the last purchase, lapsed after.
+const RECENCY_2: &str = "version = \"recency-2\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n";
+
+/// Writes `text` to a rules file `world`'s next tierd runs (kept while the file lives).
+fn use_rules(world: &mut World, text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    world.rules = file.path().to_owned();
+    file
+}
+
 fn tier(units: i64, bounds: [i64; 3]) -> &'static str {
     ["A", "B", "C", "D"][bounds.iter().position(|&b| units >= b).unwrap_or(3)]
 }
@@ -135,9 +146,7 @@ fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
     let before = world.read_all(&world.output).len();
     assert_eq!(before as i64, n, "one initial placement each");
 
-    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rules.write_all(V2.as_bytes()).unwrap();
-    world.rules = rules.path().to_owned();
+    let _rules = use_rules(&mut world, V2);
     // Slow sweep, killed in the middle.
     world.rules_extra = "sweep_per_second = 300".into();
     let mut tierd = Tierd::spawn(&world, "");
@@ -219,11 +228,7 @@ fn timers_set_by_a_rules_sweep_fire() {
     let ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(60));
     assert_eq!(tierd.terminate(), Some(0));
-    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rules
-        .write_all(b"version = \"recency-2\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n")
-        .unwrap();
-    world.rules = rules.path().to_owned();
+    let _rules = use_rules(&mut world, RECENCY_2);
     let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -282,9 +287,7 @@ fn an_older_rules_version_cannot_take_back_a_partition_a_newer_one_ran() {
     let ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(60));
 
-    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rules.write_all(V2.as_bytes()).unwrap();
-    world.rules = rules.path().to_owned();
+    let _rules = use_rules(&mut world, V2);
     let mut new = Tierd::spawn(&world, "");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -382,9 +385,7 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
     // Redis will lose everything from here on.
     let before = world.snapshot();
 
-    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rules.write_all(V2.as_bytes()).unwrap();
-    world.rules = rules.path().to_owned();
+    let _rules = use_rules(&mut world, V2);
     // 2 customers per 100 ms: the sweep takes about 10 s.
     world.rules_extra = "sweep_per_second = 20".into();
     let tierd = Tierd::spawn(&world, "");
@@ -457,9 +458,7 @@ fn a_rollback_to_before_a_rules_change_replays_the_earlier_input_under_the_earli
     assert!(moved_under_v1 > 0, "the second purchases moved customers");
     assert_eq!(tierd.terminate(), Some(0));
 
-    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rules.write_all(V2.as_bytes()).unwrap();
-    world.rules = rules.path().to_owned();
+    let _rules = use_rules(&mut world, V2);
     let tierd = Tierd::spawn(&world, "");
     wait_sweeps_done(&tierd, 1.0);
     let third = purchases(
@@ -509,11 +508,10 @@ fn a_rollback_over_two_rules_changes_does_not_replay_under_the_wrong_earlier_rul
     assert_eq!(tierd.terminate(), Some(0));
     let mut files = Vec::new();
     for version in ["b2b-lifetime-2", "b2b-lifetime-3"] {
-        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        file.write_all(V2.replace("b2b-lifetime-2", version).as_bytes())
-            .unwrap();
-        world.rules = file.path().to_owned();
-        files.push(file);
+        files.push(use_rules(
+            &mut world,
+            &V2.replace("b2b-lifetime-2", version),
+        ));
         let mut tierd = Tierd::spawn(&world, "");
         wait_sweeps_done(&tierd, 1.0);
         assert_eq!(tierd.terminate(), Some(0));
@@ -547,12 +545,9 @@ fn a_rollback_to_before_a_rules_change_fires_the_earlier_rules_timers_where_they
     let n = 50i64;
     let wall = "[clock]\nmode = \"wall\"\ntick_ms = 100\n";
     let recency = |version: &str, days: u32| {
-        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        write!(file, "version = \"{version}\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < {days}\"]\n[[tiers]]\nname = \"lapsed\"\n").unwrap();
-        file
+        format!("version = \"{version}\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < {days}\"]\n[[tiers]]\nname = \"lapsed\"\n")
     };
-    let v1 = recency("recency-1", 1);
-    world.rules = v1.path().to_owned();
+    let _v1 = use_rules(&mut world, &recency("recency-1", 1));
     let mut tierd = Tierd::spawn(&world, wall);
     tierd.wait_partitions(1, Duration::from_secs(60));
     let now = time::format_ms(time::now_ms());
@@ -585,8 +580,7 @@ fn a_rollback_to_before_a_rules_change_fires_the_earlier_rules_timers_where_they
     assert_eq!(tierd.terminate(), Some(0));
 
     // Under the new rules they are active again (a `rules_changed` move of the sweep).
-    let v2 = recency("recency-2", 3);
-    world.rules = v2.path().to_owned();
+    let _v2 = use_rules(&mut world, &recency("recency-2", 3));
     let tierd = Tierd::spawn(&world, wall);
     wait_sweeps_done(&tierd, 1.0);
     std::thread::sleep(Duration::from_secs(1)); // ticks after the sweep
@@ -624,11 +618,7 @@ fn a_rollback_during_a_rules_sweep_that_sets_timers_republishes_identically() {
     assert_eq!(tierd.terminate(), Some(0));
     let before = world.snapshot();
 
-    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rules
-        .write_all(b"version = \"recency-2\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n")
-        .unwrap();
-    world.rules = rules.path().to_owned();
+    let _rules = use_rules(&mut world, RECENCY_2);
     // 300 customers at 10 per second (a page is at least one SCAN step: up to ~15 per
     // second): the sweep runs from about 11 s to 30-40 s after `start`, and the lapses come
     // due early in it.
@@ -782,9 +772,7 @@ fn rank_sweep_rolled_back(partitions: i32, buys: impl Fn(&World, i64) -> bool) {
     let before = world.snapshot();
     let buyers: Vec<i64> = (0..n).filter(|&i| buys(&world, i)).collect();
 
-    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rules.write_all(PYRAMID_V2.as_bytes()).unwrap();
-    world.rules = rules.path().to_owned();
+    let _rules = use_rules(&mut world, PYRAMID_V2);
     // 2 customers per 100 ms and partition: the sweep takes about 10 s over 200 customers.
     world.rules_extra = "sweep_per_second = 20".into();
     let tierd = Tierd::spawn(&world, ranks);
@@ -897,9 +885,7 @@ fn a_rollback_during_partition_0s_rank_rules_sweep_never_reuses_a_cut_offs_versi
         })
     };
 
-    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    rules.write_all(PYRAMID_V2.as_bytes()).unwrap();
-    world.rules = rules.path().to_owned();
+    let _rules = use_rules(&mut world, PYRAMID_V2);
     // Slow sweeps (about 30 s each: both scan the whole keyspace), so the purchases below
     // fall well inside partition 0's second one.
     world.rules_extra = "sweep_per_second = 10".into();
