@@ -14,7 +14,6 @@ use crate::model::state::origin_of;
 use crate::model::{time, Event};
 use crate::store::partition::ApplyError;
 use crate::telemetry::events;
-use rdkafka::message::Message;
 use std::sync::Arc;
 use std::time::Instant;
 

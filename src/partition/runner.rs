@@ -24,7 +24,6 @@ use crate::store::outbox::{RulesSweep, TimerPass};
 use crate::store::partition::{ApplyError, Claim, Committed, PartitionStore};
 use crate::telemetry::events::{self, StopCause};
 use lru::LruCache;
-use rdkafka::message::Message;
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
