@@ -6,7 +6,8 @@
 //! each message (`ingest::decode`), apply it to its customer's state (the engine), record the
 //! tier changes as outbox entries (`Draft::record`: the change events' JSON), and turn the
 //! batch into a commit (`Draft::take_batch`: every touched customer's state serialised, the
-//! index and tier-count differences). States stay in memory between batches, as in the
+//! index and tier-count differences). States stay in memory between batches in their stored
+//! form, as in the
 //! runner's cache. Redis, Kafka and tokio are not in it: their costs show in the pipeline
 //! bench's CPU figures.
 //!
@@ -33,7 +34,6 @@ use tierd::engine::Applied;
 use tierd::ingest::decode;
 use tierd::model::change::Cause;
 use tierd::model::state::origin_of;
-use tierd::model::CustomerState;
 use tierd::partition::draft::{Draft, Loaded, Position, Working};
 use tierd::partition::Pipeline;
 use tierd::store::keys::PartitionKeys;
@@ -75,7 +75,7 @@ struct Partition {
     p: Pipeline,
     keys: PartitionKeys,
     cutoffs: Cutoffs,
-    cache: HashMap<String, Box<CustomerState>>,
+    cache: HashMap<String, Box<[u8]>>,
     commits: i64,
 }
 
@@ -94,9 +94,11 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
             continue;
         };
         let cache = &mut part.cache;
-        let loaded = work
-            .entry(event.customer_id.clone())
-            .or_insert_with(|| Loaded::new(cache.remove(&event.customer_id).unwrap_or_default()));
+        let loaded = work.entry(event.customer_id.clone()).or_insert_with(|| {
+            // As the runner's cache: the stored form, decoded on a hit.
+            let stored = cache.remove(&event.customer_id).unwrap_or_default();
+            Loaded::from_stored(stored).expect("a stored state")
+        });
         let fresh = loaded.state.is_new();
         if let Applied::Counted(outcome) =
             loaded
@@ -139,11 +141,11 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
         messages.len(),
         "every purchase is applied"
     );
-    let batch = draft.take_batch(position, &work, &part.keys, p.rules.ranks().len());
+    let batch = draft.take_batch(position, &mut work, &part.keys, p.rules.ranks().len());
     part.commits += 1;
     for (id, mut loaded) in work {
         loaded.committed();
-        part.cache.insert(id, loaded.state);
+        part.cache.insert(id, loaded.into_stored());
     }
     batch.states.iter().map(|(_, v)| v.len()).sum::<usize>()
         + batch.outbox.iter().map(|e| e.value.len()).sum::<usize>()

@@ -9,7 +9,6 @@ pub use commit::{commit, CommitBatch, Committed, SortedSet};
 pub use owned::PartitionStore;
 
 use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
-use crate::model::CustomerState;
 use crate::store::keys::PartitionKeys;
 use crate::store::outbox::RulesSweep;
 use redis::aio::ConnectionManager;
@@ -214,29 +213,17 @@ pub fn claim(
     })
 }
 
-/// Loads customer states by key with one MGET (all keys share the partition's slot).
+/// Reads customer states by key with one MGET (all keys share the partition's slot), in
+/// their stored form (`None`: not stored); [`crate::model::stored::decode`] reads them.
 ///
 /// # Errors
-/// [`ApplyError::Redis`] or [`ApplyError::CorruptState`].
+/// [`ApplyError::Redis`].
 pub async fn load(
     conn: &mut ConnectionManager,
-    partition: i32,
     keys: &[String],
-) -> Result<Vec<Option<CustomerState>>, ApplyError> {
+) -> Result<Vec<Option<Vec<u8>>>, ApplyError> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let raw: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(keys).query_async(conn).await?;
-    raw.into_iter()
-        .zip(keys)
-        .map(|(v, key)| {
-            v.map(|bytes| crate::model::stored::decode(&bytes))
-                .transpose()
-                .map_err(|e| ApplyError::CorruptState {
-                    partition,
-                    key: key.clone(),
-                    error: e.to_string(),
-                })
-        })
-        .collect()
+    Ok(redis::cmd("MGET").arg(keys).query_async(conn).await?)
 }

@@ -2,7 +2,6 @@
 //! one [`Backoff`] policy while Redis fails.
 
 use super::{commit, load, ApplyError, CommitBatch, Committed};
-use crate::model::CustomerState;
 use crate::store::keys::PartitionKeys;
 use crate::store::retry::Backoff;
 use crate::telemetry::{events, Telemetry};
@@ -83,14 +82,10 @@ impl PartitionStore {
         backoff.wait().await;
     }
 
-    /// Loads the states of `ids` (`None`: not stored).
-    ///
-    /// # Errors
-    /// [`ApplyError::CorruptState`].
-    pub async fn load(&mut self, ids: &[String]) -> Result<Vec<Option<CustomerState>>, ApplyError> {
+    /// Reads the states of `ids` in their stored form (`None`: not stored).
+    pub async fn load(&mut self, ids: &[String]) -> Result<Vec<Option<Vec<u8>>>, ApplyError> {
         let keys: Vec<String> = ids.iter().map(|id| self.keys.customer(id)).collect();
-        let partition = self.partition;
-        retrying!(self, load(&mut self.conn, partition, &keys).await)
+        retrying!(self, load(&mut self.conn, &keys).await)
     }
 
     /// Commits a batch, fenced by this owner's epoch. Retrying is safe: the script recognises
