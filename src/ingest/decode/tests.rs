@@ -98,6 +98,12 @@ fn every_bad_input_class_has_its_reason() {
             .reason,
         Reason::InvalidJson
     );
+    // Not UTF-8 anywhere, also in a field outside the contract: JSON is UTF-8.
+    let mut bytes = br#"{"x":"?","event_id":"e1","customer_id":"c1","amount":"1.00","occurred_at":"2026-05-01T10:00:00Z"}"#.to_vec();
+    bytes[6] = 0xff;
+    let e = decode(Some(b"c1"), Some(&bytes), NOW, &limits()).unwrap_err();
+    assert_eq!(e.reason, Reason::InvalidJson);
+    assert!(e.detail.starts_with("not UTF-8"), "{}", e.detail);
     assert_eq!(reason("c1", "[1,2]"), Reason::NotObject);
     assert_eq!(reason("c1", " \n [1,2]"), Reason::NotObject);
     assert_eq!(reason("c1", "42"), Reason::NotObject);
@@ -127,6 +133,54 @@ fn every_bad_input_class_has_its_reason() {
         reason("c1", &with(r#""amount":"1.00""#, r#""amount":true"#)),
         Reason::InvalidField
     );
+    // Every other JSON type where a string belongs is refused naming the field (the
+    // object or array read whole), and a null string field is absent.
+    for other in [
+        "7",
+        "-1.5e3",
+        "1.7e308",
+        "true",
+        "{\"a\":[1,{}]}",
+        "[\"e1\"]",
+    ] {
+        let e = dec(
+            "c1",
+            &with(
+                r#""amount":"1.00""#,
+                &format!(r#""amount":"1.00","currency":{other}"#),
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.reason, e.detail.as_str()),
+            (Reason::InvalidField, "field `currency`: must be a string"),
+            "{other}"
+        );
+    }
+    assert!(dec(
+        "c1",
+        &with(r#""amount":"1.00""#, r#""amount":"1.00","currency":null"#)
+    )
+    .is_ok());
+    assert_eq!(
+        reason(
+            "c1",
+            &with(
+                r#""occurred_at":"2026-05-01T10:00:00Z""#,
+                r#""occurred_at":null"#
+            )
+        ),
+        Reason::MissingField
+    );
+    // Fields outside the contract are skipped, whatever they hold.
+    assert!(dec(
+        "c1",
+        &with(
+            r#""event_id":"e1","#,
+            r#""event_id":"e1","x":{"y":[1,"\"",null]},"z":1e999,"#
+        )
+    )
+    .is_ok());
     assert_eq!(
         reason("c1", &with(r#""event_id":"e1""#, r#""event_id":"""#)),
         Reason::InvalidId
