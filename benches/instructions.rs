@@ -96,8 +96,11 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
         let cache = &mut part.cache;
         let loaded = work.entry(event.customer_id.clone()).or_insert_with(|| {
             // As the runner's cache: the stored form, decoded on a hit.
-            let stored = cache.remove(&event.customer_id).unwrap_or_default();
-            Loaded::from_stored(stored).expect("a stored state")
+            match cache.get(&event.customer_id) {
+                Some(stored) => Loaded::from_cache(stored),
+                None => Loaded::from_redis(Box::default()),
+            }
+            .expect("a stored state")
         });
         let fresh = loaded.state.is_new();
         if let Applied::Counted(outcome) =
@@ -145,7 +148,9 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
     part.commits += 1;
     for (id, mut loaded) in work {
         loaded.committed();
-        part.cache.insert(id, loaded.into_stored());
+        if let Some(stored) = loaded.into_cache() {
+            part.cache.insert(id, stored);
+        }
     }
     batch.states.iter().map(|(_, v)| v.len()).sum::<usize>()
         + batch.outbox.iter().map(|e| e.value.len()).sum::<usize>()

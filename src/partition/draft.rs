@@ -30,10 +30,9 @@ pub struct Loaded {
     pub ranked: Vec<Option<i128>>,
     /// The tier the partition's tier counts count the customer in.
     pub counted: Option<String>,
-    /// The state's stored form as Redis holds it (empty: not stored), when known: read from
-    /// Redis or the cache, or written by the last commit. Only meaningful while the state is
-    /// not `dirty`; the runner's cache keeps it instead of the decoded state, which takes 3–4
-    /// times the memory (see [`Self::into_stored`]).
+    /// The state's stored form (empty: not stored) when the runner's cache does not hold it
+    /// yet: read from Redis, or written by the last commit. The cache keeps customers in this
+    /// form rather than decoded, which takes 3–4 times the memory (see [`Self::into_cache`]).
     pub stored: Option<Box<[u8]>>,
 }
 
@@ -50,28 +49,40 @@ impl Loaded {
         }
     }
 
-    /// A customer from its stored form (empty: not stored, the default state).
+    /// A customer from its stored form (empty: not stored, the default state) as the cache
+    /// holds it.
     ///
     /// # Errors
     /// The stored form cannot be read.
-    pub fn from_stored(stored: Box<[u8]>) -> Result<Self, StoredStateError> {
+    pub fn from_cache(stored: &[u8]) -> Result<Self, StoredStateError> {
         let state = if stored.is_empty() {
             CustomerState::default()
         } else {
-            stored::decode(&stored)?
+            stored::decode(stored)?
         };
-        let mut loaded = Self::new(Box::new(state));
+        Ok(Self::new(Box::new(state)))
+    }
+
+    /// A customer from its stored form as read from Redis (the cache is to keep it).
+    ///
+    /// # Errors
+    /// The stored form cannot be read.
+    pub fn from_redis(stored: Box<[u8]>) -> Result<Self, StoredStateError> {
+        let mut loaded = Self::from_cache(&stored)?;
         loaded.stored = Some(stored);
         Ok(loaded)
     }
 
-    /// The state's stored form (empty for a state that is not stored): the one known when
-    /// the state is unchanged since, encoded otherwise.
+    /// What the cache is to be given for this customer: the stored form of a state changed
+    /// (encoded here unless a commit wrote it), or read from Redis; `None` for a state taken
+    /// from the cache and unchanged (the cache holds it already, or dropped it meanwhile to
+    /// make room: the next read is from Redis).
     #[must_use]
-    pub fn into_stored(self) -> Box<[u8]> {
-        match self.stored {
-            Some(stored) if !self.dirty => stored,
-            _ => encode(&self.state).into_boxed_slice(),
+    pub fn into_cache(self) -> Option<Box<[u8]>> {
+        if self.dirty {
+            Some(encode(&self.state).into_boxed_slice())
+        } else {
+            self.stored
         }
     }
 
@@ -458,35 +469,43 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_keeps_the_stored_form_of_what_was_committed() {
+    fn the_cache_is_given_the_stored_form_of_what_was_committed() {
         let before = customer(Some(5), vec![Some(7)], Some("key"));
         let stored: Box<[u8]> = stored::to_vec(&before).into_boxed_slice();
-        let mut l = Loaded::from_stored(stored.clone()).expect("decodes");
+
+        // Read from Redis: the cache is to keep the bytes read, as they are.
+        let l = Loaded::from_redis(stored.clone()).expect("decodes");
         assert_eq!(*l.state, before);
         assert_eq!(l.indexed, Some(5), "indexed as stored");
-        // Unchanged: the bytes read are kept as they are.
-        assert_eq!(l.clone().into_stored(), stored);
+        assert_eq!(l.into_cache(), Some(stored.clone()));
 
-        // Changed and not committed: the bytes read are stale and never kept.
+        // Taken from the cache and unchanged: nothing to give back.
+        let mut l = Loaded::from_cache(&stored).expect("decodes");
+        assert_eq!(*l.state, before);
+        assert_eq!(l.clone().into_cache(), None);
+
+        // Changed and not committed: encoded as it is now.
         let after = customer(Some(9), vec![Some(8)], Some("vip"));
         *l.state = after.clone();
         l.dirty = true;
-        let encoded = l.clone().into_stored();
-        assert_ne!(encoded, stored);
+        let encoded = l.clone().into_cache().expect("changed");
         assert_eq!(stored::decode(&encoded).expect("decodes"), after);
 
-        // Committed: the cache keeps exactly what the commit wrote.
+        // Committed: the cache is given exactly what the commit wrote.
         let mut work = Working::default();
         work.insert("a".into(), l);
         let batch = Draft::at(0).take_batch(position(), &mut work, &keys(), 1);
         let mut l = work.remove("a").expect("kept");
         l.committed();
-        assert_eq!(&*l.into_stored(), batch.states[0].1.as_slice());
+        assert_eq!(
+            l.into_cache().as_deref(),
+            Some(batch.states[0].1.as_slice())
+        );
 
-        // Not stored: the empty form, read back as a new customer.
-        let new = Loaded::from_stored(Box::default()).expect("decodes");
+        // Read from Redis and absent: the empty form, read back as a new customer.
+        let new = Loaded::from_redis(Box::default()).expect("decodes");
         assert!(new.state.is_new());
-        assert!(new.into_stored().is_empty());
-        assert!(Loaded::from_stored(vec![7, 1, 2].into_boxed_slice()).is_err());
+        assert_eq!(new.into_cache().as_deref(), Some(&[][..]));
+        assert!(Loaded::from_cache(&[7, 1, 2]).is_err());
     }
 }

@@ -18,6 +18,7 @@ use crate::engine::rules::Rules;
 use crate::engine::{Outcome, Trigger};
 use crate::ingest::record::Record;
 use crate::model::state::rules_hash;
+use crate::model::stored::StoredStateError;
 use crate::model::time;
 use crate::publish::position::OutboxPositions;
 use crate::store::outbox::{RulesSweep, TimerPass};
@@ -477,7 +478,10 @@ impl Runner {
     /// Keeps a trigger's customers cached (they are the committed truth).
     pub(super) fn keep(&mut self, work: Working) {
         for (id, loaded) in work {
-            self.cache.put(id, loaded.into_stored());
+            if let Some(stored) = loaded.into_cache() {
+                // In place when the customer is cached already (no entry freed and made).
+                self.cache.put(id, stored);
+            }
         }
     }
 
@@ -492,8 +496,10 @@ impl Runner {
             if work.contains_key(&id) {
                 continue;
             }
-            if let Some(stored) = self.cache.pop(&id) {
-                let loaded = self.decode(&id, stored)?;
+            // Taken by reference: the entry stays (no entry freed and made again for a
+            // customer touched once more), `keep` replaces its value if the state changed.
+            if let Some(decoded) = self.cache.get(&id).map(|stored| Loaded::from_cache(stored)) {
+                let loaded = decoded.map_err(|e| self.corrupt(&id, &e))?;
                 work.insert(id, loaded);
             } else {
                 missing.push(id);
@@ -504,19 +510,20 @@ impl Runner {
         }
         let loaded = self.store.load(&missing).await?;
         for (id, stored) in missing.into_iter().zip(loaded) {
-            let loaded = self.decode(&id, stored.unwrap_or_default().into_boxed_slice())?;
+            let loaded = Loaded::from_redis(stored.unwrap_or_default().into_boxed_slice())
+                .map_err(|e| self.corrupt(&id, &e))?;
             work.insert(id, loaded);
         }
         Ok(())
     }
 
-    /// A customer from its stored form (empty: not stored).
-    fn decode(&self, id: &str, stored: Box<[u8]>) -> Result<Loaded, ApplyError> {
-        Loaded::from_stored(stored).map_err(|e| ApplyError::CorruptState {
+    /// A customer's stored state that cannot be read.
+    fn corrupt(&self, id: &str, error: &StoredStateError) -> ApplyError {
+        ApplyError::CorruptState {
             partition: self.partition,
             key: self.store.keys().customer(id),
-            error: e.to_string(),
-        })
+            error: error.to_string(),
+        }
     }
 
     /// The next input offset to apply (-1 until known).
