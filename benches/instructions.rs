@@ -98,7 +98,7 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
             // As the runner's cache: the stored form, decoded on a hit.
             match cache.get(&event.customer_id) {
                 Some(stored) => Loaded::from_cache(stored),
-                None => Loaded::from_redis(Box::default()),
+                None => Loaded::from_redis(None),
             }
             .expect("a stored state")
         });

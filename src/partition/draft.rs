@@ -63,13 +63,17 @@ impl Loaded {
         Ok(Self::new(Box::new(state)))
     }
 
-    /// A customer from its stored form as read from Redis (the cache is to keep it).
+    /// A customer as read from Redis (`None`: not stored; the cache is to keep it either way).
     ///
     /// # Errors
-    /// The stored form cannot be read.
-    pub fn from_redis(stored: Box<[u8]>) -> Result<Self, StoredStateError> {
-        let mut loaded = Self::from_cache(&stored)?;
-        loaded.stored = Some(stored);
+    /// The stored form cannot be read — also an empty value: the commit deletes the key of a
+    /// customer it stores as new, so an empty value is damage, not absence.
+    pub fn from_redis(stored: Option<Vec<u8>>) -> Result<Self, StoredStateError> {
+        let mut loaded = match &stored {
+            None => Self::new(Box::default()),
+            Some(bytes) => Self::new(Box::new(stored::decode(bytes)?)),
+        };
+        loaded.stored = Some(stored.unwrap_or_default().into_boxed_slice());
         Ok(loaded)
     }
 
@@ -474,7 +478,7 @@ mod tests {
         let stored: Box<[u8]> = stored::to_vec(&before).into_boxed_slice();
 
         // Read from Redis: the cache is to keep the bytes read, as they are.
-        let l = Loaded::from_redis(stored.clone()).expect("decodes");
+        let l = Loaded::from_redis(Some(stored.to_vec())).expect("decodes");
         assert_eq!(*l.state, before);
         assert_eq!(l.indexed, Some(5), "indexed as stored");
         assert_eq!(l.into_cache(), Some(stored.clone()));
@@ -502,10 +506,14 @@ mod tests {
             Some(batch.states[0].1.as_slice())
         );
 
-        // Read from Redis and absent: the empty form, read back as a new customer.
-        let new = Loaded::from_redis(Box::default()).expect("decodes");
+        // Absent in Redis: a new customer, cached as the empty form (read back as new).
+        let new = Loaded::from_redis(None).expect("decodes");
         assert!(new.state.is_new());
-        assert_eq!(new.into_cache().as_deref(), Some(&[][..]));
+        let cached = new.into_cache().expect("cached");
+        assert!(cached.is_empty());
+        assert!(Loaded::from_cache(&cached).expect("decodes").state.is_new());
+        // Damage: an empty value in Redis (the commit deletes keys instead), unknown bytes.
+        assert!(Loaded::from_redis(Some(Vec::new())).is_err());
         assert!(Loaded::from_cache(&[7, 1, 2]).is_err());
     }
 }

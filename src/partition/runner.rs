@@ -306,9 +306,9 @@ impl Runner {
             upto,
             cutoffs: self.cutoffs.version,
         };
-        let r = self.fire_due(upto, &mut work, Some(pass)).await;
+        self.fire_due(upto, &mut work, Some(pass)).await?;
         self.keep(work);
-        r
+        Ok(())
     }
 
     /// The input offset of the next recorded switch, pass or sweep start to replay.
@@ -499,9 +499,12 @@ impl Runner {
             // Taken by reference: the entry stays (no entry freed and made again for a
             // customer touched once more), `keep` replaces its value if the state changed.
             if let Some(decoded) = self.cache.get(&id).map(|stored| Loaded::from_cache(stored)) {
-                let loaded = decoded.map_err(|e| self.corrupt(&id, &e))?;
+                let loaded = decoded.map_err(|e| self.corrupt(&id, "cached", &e))?;
                 work.insert(id, loaded);
             } else {
+                // A placeholder until the MGET: a customer with several events in the batch
+                // is read once.
+                work.insert(id.clone(), Loaded::new(Box::default()));
                 missing.push(id);
             }
         }
@@ -510,19 +513,18 @@ impl Runner {
         }
         let loaded = self.store.load(&missing).await?;
         for (id, stored) in missing.into_iter().zip(loaded) {
-            let loaded = Loaded::from_redis(stored.unwrap_or_default().into_boxed_slice())
-                .map_err(|e| self.corrupt(&id, &e))?;
+            let loaded = Loaded::from_redis(stored).map_err(|e| self.corrupt(&id, "stored", &e))?;
             work.insert(id, loaded);
         }
         Ok(())
     }
 
-    /// A customer's stored state that cannot be read.
-    fn corrupt(&self, id: &str, error: &StoredStateError) -> ApplyError {
+    /// A customer's state that cannot be read (`what`: "stored" in Redis, or "cached").
+    fn corrupt(&self, id: &str, what: &str, error: &StoredStateError) -> ApplyError {
         ApplyError::CorruptState {
             partition: self.partition,
             key: self.store.keys().customer(id),
-            error: error.to_string(),
+            error: format!("{what}: {error}"),
         }
     }
 

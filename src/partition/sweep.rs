@@ -224,9 +224,8 @@ impl Runner {
             // partition's clock fire now (in `wall` mode the next tick fires them).
             if let (ClockMode::Event, Some(clock)) = (p.clock.mode, self.clock) {
                 let mut work = Working::default();
-                let fired = self.fire_due(clock, &mut work, None).await;
+                self.fire_due(clock, &mut work, None).await?;
                 self.keep(work);
-                fired?;
             }
         }
         Ok(())
