@@ -12,8 +12,10 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use common::{env_or, ms, print_percentiles, process_cpu, produce, redis_cpu};
-use std::sync::Arc;
+use common::{
+    env_or, http_load, machine_cpu, ms, print_percentiles, process_cpu, processes_cpu, produce,
+    redis_cpu,
+};
 use std::time::{Duration, Instant};
 use support::{Tierd, World};
 
@@ -21,6 +23,11 @@ fn applied(world: &World, partitions: i32) -> i64 {
     (0..partitions)
         .map(|p| world.partition_meta(p).1.max(0))
         .sum()
+}
+
+/// This process's CPU time (the load generator's thread is most of it while it runs).
+fn own_cpu() -> f64 {
+    process_cpu(&std::process::id().to_string())
 }
 
 fn main() {
@@ -66,62 +73,38 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
 
     eprintln!("{rate} lookups/s for {secs} s while ingesting {ingest_rate} purchases/s…");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .build()
-        .unwrap();
-    let base = Arc::new(tierd.api.clone());
+    let api: std::net::SocketAddr = tierd
+        .api
+        .trim_start_matches("http://")
+        .parse()
+        .expect("the API's address");
     let tierd_pid = tierd.pid().expect("tierd runs").to_string();
-    let cpu_before = (process_cpu(&tierd_pid), redis_cpu(&mut world.redis.conn()));
-    let total = rate * secs;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let cpu_before = (
+        process_cpu(&tierd_pid),
+        redis_cpu(&mut world.redis.conn()),
+        own_cpu(),
+        processes_cpu("java"),
+        machine_cpu(),
+    );
+    let total = (rate * secs) as usize;
     let started = Instant::now();
-    let (results, behind) = rt.block_on(async move {
-        let t0 = tokio::time::Instant::now() + Duration::from_millis(50);
-        let mut tasks = Vec::with_capacity(total as usize);
-        let mut behind = Duration::ZERO;
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        for i in 0..total {
-            let scheduled = t0 + interval.mul_f64(i as f64);
-            let now = tokio::time::Instant::now();
-            if scheduled > now {
-                tokio::time::sleep_until(scheduled).await;
-            } else {
-                behind = behind.max(now - scheduled);
-            }
-            rng ^= rng >> 12;
-            rng ^= rng << 25;
-            rng ^= rng >> 27;
-            let customer = rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % customers;
-            let url = format!("{base}/v1/customers/cust-{customer:06}");
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                let status = match client.get(&url).send().await {
-                    Ok(r) => {
-                        let status = r.status().as_u16();
-                        let _ = r.bytes().await;
-                        status
-                    }
-                    Err(_) => 0,
-                };
-                (scheduled.elapsed(), status)
-            }));
-        }
-        let mut results = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            results.push(t.await.unwrap());
-        }
-        (results, behind)
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let load = http_load::open_loop(api, rate, total, Duration::from_secs(30), |_| {
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        let customer = rng.wrapping_mul(0x2545_f491_4f6c_dd1d) % customers;
+        format!("/v1/customers/cust-{customer:06}")
     });
+    let (results, behind) = (load.results, load.behind);
     let elapsed = started.elapsed();
     let cpu = (
         process_cpu(&tierd_pid) - cpu_before.0,
         redis_cpu(&mut world.redis.conn()) - cpu_before.1,
+        own_cpu() - cpu_before.2,
+        processes_cpu("java") - cpu_before.3,
+        machine_cpu().0 - cpu_before.4 .0,
+        machine_cpu().1 - cpu_before.4 .1,
     );
     let ingested = applied(&world, partitions) - before;
     if let Some(child) = ingest.as_mut() {
@@ -152,9 +135,15 @@ fn main() {
     );
     let per = |seconds: f64| seconds * 1e6 / results.len().max(1) as f64;
     println!(
-        "- CPU while looking up: tierd {:.1} s, Redis {:.1} s; with no ingestion that is {:.0} µs of tierd and {:.0} µs of Redis per lookup",
+        "- CPU while looking up: machine {:.0} % busy ({:.1} of {:.1} core-seconds); tierd {:.1} s, Redis {:.1} s, the broker (java) {:.1} s, the load generator {:.1} s ({} connections); with no ingestion that is {:.0} µs of tierd and {:.0} µs of Redis per lookup",
+        100.0 * cpu.4 / cpu.5.max(1e-9),
+        cpu.4,
+        cpu.5,
         cpu.0,
         cpu.1,
+        cpu.3,
+        cpu.2,
+        load.connections,
         per(cpu.0),
         per(cpu.1)
     );

@@ -96,18 +96,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     crate::kafka::check_clients(&config.kafka)?;
     let client = crate::store::client::client(&config.redis)?;
-    let redis = tokio::time::timeout(
-        Duration::from_secs(10),
-        redis::aio::ConnectionManager::new(client.clone()),
-    )
-    .await
-    .map_err(|_| {
-        StartError::Redis(redis::RedisError::from((
-            redis::ErrorKind::IoError,
-            "connect timed out",
-        )))
-    })?
-    .map_err(StartError::Redis)?;
+    let redis = connect(client.clone()).await?;
     match crate::store::client::eviction_policy(&mut redis.clone()).await {
         Ok(policy) if crate::store::client::may_evict_tierd_keys(&policy) => {
             return Err(StartError::Eviction { policy });
@@ -159,7 +148,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let stop = Arc::new(AtomicBool::new(false));
     let supervisor = Supervisor::new(SupervisorParts {
         rt: tokio::runtime::Handle::current(),
-        redis_client: client,
+        redis_client: client.clone(),
         redis: redis.clone(),
         pipeline: Arc::clone(&pipeline),
         publisher,
@@ -239,26 +228,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         .run(),
     );
-    let api_state = ApiState {
+    let (ready_max_lag, wall_clock) = (
+        config.api.ready_max_lag,
+        config.clock.mode == crate::config::ClockMode::Wall,
+    );
+    let api = ApiThread::start(listener, client, move |redis| ApiState {
         redis,
         keyspace,
         partitions,
         ownership,
-        ready_max_lag: config.api.ready_max_lag,
+        ready_max_lag,
         rules,
         money,
         telemetry,
-        wall_clock: config.clock.mode == crate::config::ClockMode::Wall,
+        wall_clock,
         stall_alarm,
-    };
-    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let api = tokio::spawn(async move {
-        axum::serve(listener, api::router(api_state))
-            .with_graceful_shutdown(async {
-                let _ = api_stopped.await;
-            })
-            .await
-    });
+    })
+    .await?;
 
     let ingest = {
         let topic = config.kafka.input_topic.clone();
@@ -282,10 +268,111 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| StartError::Internal(e.to_string()))?
         .map_err(|_| StartError::Internal("ingest thread panicked".into()))?;
     watch.abort();
-    let _ = api_stop.send(());
-    let _ = api.await;
+    api.stop().await;
     info!("Stopped.");
     outcome
+}
+
+/// A connection to Redis (multiplexed, reconnecting), made on the calling runtime: its I/O
+/// driver runs there.
+async fn connect(client: redis::Client) -> Result<redis::aio::ConnectionManager, StartError> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        redis::aio::ConnectionManager::new(client),
+    )
+    .await
+    .map_err(|_| {
+        StartError::Redis(redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "connect timed out",
+        )))
+    })?
+    .map_err(StartError::Redis)
+}
+
+/// The API, served on a thread of its own (a single-threaded runtime) with a Redis
+/// connection of its own. A lookup then never waits behind the work of the partition runners:
+/// not for a worker thread busy applying a batch, and not behind their commit scripts queued
+/// on the shared connection (one multiplexed connection answers in order, so a lookup's GET
+/// would come back only after every commit sent before it).
+struct ApiThread {
+    thread: std::thread::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ApiThread {
+    /// Starts serving on `listener` (bound on the caller's runtime) once the thread's Redis
+    /// connection is made; `state` builds the handlers' state around it.
+    async fn start(
+        listener: tokio::net::TcpListener,
+        client: redis::Client,
+        state: impl FnOnce(redis::aio::ConnectionManager) -> ApiState + Send + 'static,
+    ) -> Result<Self, StartError> {
+        use axum::serve::ListenerExt;
+        let listener = listener
+            .into_std()
+            .map_err(|e| StartError::Internal(format!("api listener: {e}")))?;
+        let (started, started_rx) = tokio::sync::oneshot::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tierd-api".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ =
+                            started.send(Err(StartError::Internal(format!("api runtime: {e}"))));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let setup = async {
+                        let redis = connect(client).await?;
+                        let listener = tokio::net::TcpListener::from_std(listener)
+                            .map_err(|e| StartError::Internal(format!("api listener: {e}")))?;
+                        Ok::<_, StartError>((redis, listener))
+                    };
+                    let (redis, listener) = match setup.await {
+                        Ok(parts) => parts,
+                        Err(e) => {
+                            let _ = started.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = started.send(Ok(()));
+                    // Answers are written whole: no Nagle delay waiting for an ACK.
+                    let listener = listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    let served = axum::serve(listener, api::router(state(redis)))
+                        .with_graceful_shutdown(async {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                    if let Err(error) = served {
+                        warn!(%error, "The API stopped serving.");
+                    }
+                });
+            })
+            .map_err(|e| StartError::Internal(format!("api thread: {e}")))?;
+        match started_rx.await {
+            Ok(Ok(())) => Ok(Self { thread, stop }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StartError::Internal(
+                "api thread ended while starting".into(),
+            )),
+        }
+    }
+
+    /// Stops serving (in-flight requests finish) and waits for the thread.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
 }
 
 /// Number of partitions of `topic`, or an error naming the config `field`.

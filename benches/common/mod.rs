@@ -2,6 +2,8 @@
 //! percentiles, CPU time from `/proc` and Redis's `INFO cpu`.
 #![allow(dead_code)]
 
+pub mod http_load;
+
 use std::time::Duration;
 
 /// The number in environment variable `name`, or `default`.
@@ -104,4 +106,35 @@ pub fn produce(
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("tierd-dev starts")
+}
+
+/// CPU seconds so far of every process whose command name is `name`.
+pub fn processes_cpu(name: &str) -> f64 {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .map(|pid| process_cpu(&pid))
+        .sum()
+}
+
+/// The machine's (busy, total) CPU seconds so far, over all cores (`/proc/stat`).
+pub fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    ((total - idle) as f64 / 100.0, total as f64 / 100.0)
 }
