@@ -4,7 +4,9 @@
 //!
 //! `cargo bench --bench api` (env: BENCH_API_RATE lookups/s, default 10000; BENCH_SECS,
 //! default 20; BENCH_INGEST_RATE purchases/s during the lookups, default 20000;
-//! BENCH_CUSTOMERS, default 100000 — all of them stored before the lookups start). Starts its
+//! BENCH_CUSTOMERS, default 100000 — all of them stored before the lookups start;
+//! BENCH_API_PATH, to request that one path instead, e.g. `/healthz` for the floor of HTTP
+//! on the machine without Redis). Starts its
 //! own redis-server, Apache Kafka broker and tierd, like the tests.
 
 #[path = "common/mod.rs"]
@@ -13,8 +15,7 @@ mod common;
 mod support;
 
 use common::{
-    env_or, http_load, machine_cpu, ms, print_percentiles, process_cpu, processes_cpu, produce,
-    redis_cpu,
+    env_or, http_load, ms, print_percentiles, process_cpu, processes_cpu, produce, redis_cpu,
 };
 use std::time::{Duration, Instant};
 use support::{Tierd, World};
@@ -84,12 +85,15 @@ fn main() {
         redis_cpu(&mut world.redis.conn()),
         own_cpu(),
         processes_cpu("java"),
-        machine_cpu(),
     );
     let total = (rate * secs) as usize;
     let started = Instant::now();
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let fixed_path = std::env::var("BENCH_API_PATH").ok();
     let load = http_load::open_loop(api, rate, total, Duration::from_secs(30), |_| {
+        if let Some(path) = &fixed_path {
+            return path.clone();
+        }
         rng ^= rng >> 12;
         rng ^= rng << 25;
         rng ^= rng >> 27;
@@ -103,8 +107,6 @@ fn main() {
         redis_cpu(&mut world.redis.conn()) - cpu_before.1,
         own_cpu() - cpu_before.2,
         processes_cpu("java") - cpu_before.3,
-        machine_cpu().0 - cpu_before.4 .0,
-        machine_cpu().1 - cpu_before.4 .1,
     );
     let ingested = applied(&world, partitions) - before;
     if let Some(child) = ingest.as_mut() {
@@ -135,10 +137,8 @@ fn main() {
     );
     let per = |seconds: f64| seconds * 1e6 / results.len().max(1) as f64;
     println!(
-        "- CPU while looking up: machine {:.0} % busy ({:.1} of {:.1} core-seconds); tierd {:.1} s, Redis {:.1} s, the broker (java) {:.1} s, the load generator {:.1} s ({} connections); with no ingestion that is {:.0} µs of tierd and {:.0} µs of Redis per lookup",
-        100.0 * cpu.4 / cpu.5.max(1e-9),
-        cpu.4,
-        cpu.5,
+        "- CPU while looking up ({:.1} s): tierd {:.1} s, Redis {:.1} s, the broker (java) {:.1} s, the load generator {:.1} s ({} connections); with no ingestion that is {:.0} µs of tierd and {:.0} µs of Redis per lookup",
+        elapsed.as_secs_f64(),
         cpu.0,
         cpu.1,
         cpu.3,
