@@ -5,6 +5,7 @@
 //! `cargo bench --bench api` (env: BENCH_API_RATE lookups/s, default 10000; BENCH_SECS,
 //! default 20; BENCH_INGEST_RATE purchases/s during the lookups, default 20000;
 //! BENCH_CUSTOMERS, default 100000 — all of them stored before the lookups start;
+//! BENCH_WARMUP_SECS of ingestion before the lookups, default 60 (none without ingestion);
 //! BENCH_API_PATH, to request that one path instead, e.g. `/healthz` for the floor of HTTP
 //! on the machine without Redis). Starts its
 //! own redis-server, Apache Kafka broker and tierd, like the tests.
@@ -58,20 +59,29 @@ fn main() {
         assert!(Instant::now() < deadline, "the preload was not applied");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let before = applied(&world, partitions);
-
-    // Ingestion at a fixed rate for the whole measured window.
+    // Ingestion at a fixed rate for the warm-up and the whole measured window. The broker is
+    // a fresh JVM: its JIT compiler takes about half a core for its first ~30 s of load, so
+    // the lookups start after a warm-up of ingestion (see benches/latency.rs).
+    let warmup = if ingest_rate > 0 {
+        env_or("BENCH_WARMUP_SECS", 60)
+    } else {
+        0
+    };
     let mut ingest = (ingest_rate > 0).then(|| {
         produce(
             &world.broker.addr,
             &world.input,
-            ingest_rate * (secs + 2),
+            ingest_rate * (warmup + secs + 2),
             customers,
             ingest_rate,
             2,
         )
     });
-    std::thread::sleep(Duration::from_secs(1));
+    if warmup > 0 {
+        eprintln!("warming up: ingesting {ingest_rate} purchases/s for {warmup} s…");
+    }
+    std::thread::sleep(Duration::from_secs(warmup.max(1)));
+    let before = applied(&world, partitions);
 
     eprintln!("{rate} lookups/s for {secs} s while ingesting {ingest_rate} purchases/s…");
     let api: std::net::SocketAddr = tierd

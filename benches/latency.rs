@@ -7,9 +7,12 @@
 //!
 //! `cargo bench --bench latency` (env: BENCH_RATE events/s, default 40000 — about half of
 //! tierd's measured maximum on the development machine, see docs/performance.md;
-//! BENCH_SECS measured, default 20, after BENCH_WARMUP_SECS, default 10, at the same rate
+//! BENCH_SECS measured, default 20, after BENCH_WARMUP_SECS, default 60, at the same rate
 //! and left out of the figures (most purchases of the first seconds are customers' first,
-//! each with an `initial` change, and the caches are cold); BENCH_CUSTOMERS, default 100000;
+//! each with an `initial` change, and the caches are cold; above all the broker is a fresh
+//! JVM: its JIT compiler took half a core for the first ~30 s, and with a 10 s warm-up the
+//! broker's CPU over the measured 20 s was 19–22 s instead of ~11 s, its p99 twice as long);
+//! BENCH_CUSTOMERS, default 100000;
 //! BENCH_PARTITIONS, default 4; BENCH_MAX_AMOUNT, default 100000 CNY;
 //! BENCH_PRODUCER_LINGER_MS, default 5; BENCH_TIERD_TOML, extra tierd configuration). Starts its own redis-server, Apache Kafka
 //! broker and tierd, like the tests.
@@ -114,7 +117,7 @@ fn main() {
     let secs = env_or("BENCH_SECS", 20).max(1);
     let customers = env_or("BENCH_CUSTOMERS", 100_000).max(1);
     let partitions = env_or("BENCH_PARTITIONS", 4) as i32;
-    let warmup = env_or("BENCH_WARMUP_SECS", 10);
+    let warmup = env_or("BENCH_WARMUP_SECS", 60);
     // Amounts up to 100,000 CNY: under the default rules (B2B classes by lifetime spend, from
     // 200,000 CNY for C to 1,000,000 for A) customers keep moving up through the run, so the
     // measured window has upgrades, not only first placements.
