@@ -244,7 +244,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         wall_clock,
         stall_alarm,
     })
-    .await?;
+    .await
+    .inspect_err(|_| watch.abort())?;
 
     let ingest = {
         let topic = config.kafka.input_topic.clone();
@@ -289,6 +290,9 @@ async fn connect(client: redis::Client) -> Result<redis::aio::ConnectionManager,
     })?
     .map_err(StartError::Redis)
 }
+
+/// How long a stopping API may take to finish its requests in flight.
+const API_STOP_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The API, served on a thread of its own (a single-threaded runtime) with a Redis
 /// connection of its own. A lookup then never waits behind the work of the partition runners:
@@ -368,10 +372,22 @@ impl ApiThread {
     }
 
     /// Stops serving (in-flight requests finish) and waits for the thread.
+    /// Not longer than `API_STOP_PATIENCE`: a client that keeps a connection open, or a lookup
+    /// waiting for an unresponsive Redis, must not hold up the shutdown.
     async fn stop(self) {
         let _ = self.stop.send(());
         let thread = self.thread;
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        let joined = tokio::time::timeout(
+            API_STOP_PATIENCE,
+            tokio::task::spawn_blocking(move || thread.join()),
+        )
+        .await;
+        if joined.is_err() {
+            warn!(
+                seconds = API_STOP_PATIENCE.as_secs(),
+                "The API did not stop in time (a connection still open, or a lookup waiting for Redis); not waiting for it."
+            );
+        }
     }
 }
 

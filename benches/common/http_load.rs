@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 /// What a run measured.
 pub struct LoadReport {
     /// Per request: latency from its scheduled moment, and the HTTP status (0: no answer —
-    /// the connection failed or the run's deadline passed first).
+    /// the connection failed or the run's deadline passed first; its latency is then the time
+    /// until it was given up, a lower bound).
     pub results: Vec<(Duration, u16)>,
     /// The most a request was sent after its scheduled moment (the generator's own lag).
     pub behind: Duration,
@@ -82,9 +83,19 @@ pub fn open_loop(
         // that they wait for a connection (their latency still runs from their schedule).
         while let Some(&i) = waiting.front() {
             let c = match idle.pop() {
+                // Closed by the server while idle: gone.
+                Some(c) if conns[c].is_none() => continue,
                 Some(c) => c,
                 None if open < MAX_CONNECTIONS => {
-                    let stream = TcpStream::connect(addr).expect("connect to the API");
+                    // Bounded, so that a server that stops accepting cannot hold the loop.
+                    let left = (last_due + patience).saturating_duration_since(now);
+                    let timeout = left.clamp(Duration::from_millis(1), Duration::from_secs(5));
+                    let Ok(stream) = TcpStream::connect_timeout(&addr, timeout) else {
+                        waiting.pop_front();
+                        results[i] = (Instant::now() - due(i), 0);
+                        done += 1;
+                        continue;
+                    };
                     stream.set_nodelay(true).expect("TCP_NODELAY");
                     let mut ev = libc::epoll_event {
                         events: libc::EPOLLIN as u32,
@@ -110,7 +121,7 @@ pub fn open_loop(
             let request = format!("GET {} HTTP/1.1\r\nHost: {addr}\r\n\r\n", path(i));
             // A blocking socket: a request this small goes out at once.
             if conn.stream.write_all(request.as_bytes()).is_err() {
-                results[i] = (now - due(i), 0);
+                results[i] = (Instant::now() - due(i), 0);
                 done += 1;
                 conns[c] = None;
                 open -= 1;
@@ -119,7 +130,17 @@ pub fn open_loop(
             }
         }
         if now > last_due + patience {
-            break; // what is still in flight stays "no answer"
+            // What is still in flight or waiting gets no answer, and at least this latency
+            // (so that lost requests raise the percentiles instead of counting as instant).
+            let unanswered = conns
+                .iter()
+                .flatten()
+                .filter_map(|c| c.in_flight.map(|(_, i)| i))
+                .chain(waiting.iter().copied());
+            for i in unanswered {
+                results[i] = (now - due(i), 0);
+            }
+            break;
         }
         let wait = if next < total {
             due(next).saturating_duration_since(Instant::now())
