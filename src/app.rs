@@ -295,10 +295,11 @@ async fn connect(client: redis::Client) -> Result<redis::aio::ConnectionManager,
 const API_STOP_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The API, served on a thread of its own (a single-threaded runtime) with a Redis
-/// connection of its own. A lookup then never waits behind the work of the partition runners:
-/// not for a worker thread busy applying a batch, and not behind their commit scripts queued
-/// on the shared connection (one multiplexed connection answers in order, so a lookup's GET
-/// would come back only after every commit sent before it).
+/// connection of its own. A lookup then does not queue behind the partition runners' work:
+/// not for a worker thread busy applying a batch, nor behind their commit scripts queued on
+/// the shared connection (one multiplexed connection answers in order, so a lookup's GET
+/// would come back only after every commit sent before it). Redis still runs one command at
+/// a time: a lookup arriving during a commit script waits for that script.
 struct ApiThread {
     thread: std::thread::JoinHandle<()>,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -371,9 +372,9 @@ impl ApiThread {
         }
     }
 
-    /// Stops serving (in-flight requests finish) and waits for the thread.
-    /// Not longer than `API_STOP_PATIENCE`: a client that keeps a connection open, or a lookup
-    /// waiting for an unresponsive Redis, must not hold up the shutdown.
+    /// Stops serving (in-flight requests finish) and waits for the thread, at most
+    /// `API_STOP_PATIENCE`: a client that keeps a connection open, or a lookup waiting for an
+    /// unresponsive Redis, must not hold up the shutdown.
     async fn stop(self) {
         let _ = self.stop.send(());
         let thread = self.thread;
