@@ -150,6 +150,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         rt: tokio::runtime::Handle::current(),
         redis_client: client.clone(),
         redis: redis.clone(),
+        duty_redis: connect(client.clone()).await?,
         pipeline: Arc::clone(&pipeline),
         publisher,
         positions,

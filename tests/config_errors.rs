@@ -30,7 +30,7 @@ fn run(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
 
 #[test]
 fn bad_fields_are_named() {
-    let cases: [Case; 8] = [
+    let cases: [Case; 9] = [
         ("[kafka]\nbrokers = 9092\n", &[], "kafka.brokers"),
         ("[kafka]\nbrokrs = \"x\"\n", &[], "brokrs"),
         (
@@ -39,6 +39,7 @@ fn bad_fields_are_named() {
             "ingest.batch_max_events",
         ),
         ("", &[("TIERD_MONEY__CURRENCY", "yuan")], "money.currency"),
+        ("[ingest]\ncache_bytes = 4096\n", &[], "ingest.cache_bytes"),
         ("[api]\nlisten = \"everywhere\"\n", &[], "api.listen"),
         ("[dedup]\nhorizon_s = -1\n", &[], "dedup.horizon_s"),
         (

@@ -42,6 +42,9 @@ pub(super) const fn default_max_message_bytes() -> usize {
 pub(super) const fn default_cache_customers() -> usize {
     100_000
 }
+pub(super) const fn default_cache_bytes() -> usize {
+    64 * 1024 * 1024
+}
 pub(super) const fn default_max_future_skew_s() -> u64 {
     86_400
 }

@@ -157,6 +157,13 @@ pub struct IngestConfig {
     /// batch. Default 100000.
     #[serde(default = "default_cache_customers")]
     pub cache_customers_per_partition: usize,
+    /// Memory for all the partitions' state caches together, bytes: shared evenly by the
+    /// partitions this instance runs, so the instance's cache takes the same memory whatever it
+    /// owns. Each cached customer costs its id, its stored state (~70–350 B, see README
+    /// "Memory") and ~128 B of the cache's own. Default 67108864 (64 MiB: ~200k customers of
+    /// ~200 B).
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: usize,
     /// `occurred_at` may be at most this far after the Kafka message timestamp or tierd's own
     /// clock, whichever is earlier, seconds. Later is `timestamp_out_of_range`. Default 86400.
     #[serde(default = "default_max_future_skew_s")]

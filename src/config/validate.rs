@@ -106,6 +106,9 @@ impl Config {
         if i.cache_customers_per_partition == 0 {
             return bad("ingest.cache_customers_per_partition", "must be at least 1");
         }
+        if i.cache_bytes < 1024 * 1024 {
+            return bad("ingest.cache_bytes", "must be at least 1048576 (1 MiB)");
+        }
         if crate::model::time::parse_rfc3339_ms(&i.min_occurred_at).is_err() {
             return bad(
                 "ingest.min_occurred_at",

@@ -5,6 +5,7 @@
 //! which it commits to Redis atomically, fenced, with the partition's position.
 
 pub mod batch;
+pub mod cache;
 pub mod draft;
 pub mod ranks;
 pub mod runner;
@@ -43,6 +44,8 @@ pub struct Pipeline {
     pub outbox_max_entries: u64,
     /// LRU size of each worker's state cache.
     pub cache_customers: usize,
+    /// The memory all the workers' state caches share (`ingest.cache_bytes`).
+    pub cache_budget: Arc<cache::CacheBudget>,
     /// Engine time and timers.
     pub clock: Clock,
     /// Customers re-evaluated per sweep step (every [`runner::SWEEP_TICK`]) after a rules
@@ -98,6 +101,7 @@ impl Pipeline {
             dead_letter_max_bytes: config.publish.dead_letter_max_bytes,
             outbox_max_entries: config.publish.outbox_max_entries,
             cache_customers: config.ingest.cache_customers_per_partition,
+            cache_budget: cache::CacheBudget::new(config.ingest.cache_bytes),
             telemetry,
         }
     }

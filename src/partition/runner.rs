@@ -8,6 +8,7 @@
 //! and timers due before an event's engine time fire before the event is applied — so the
 //! sequence of evaluations depends only on the input, never on batching or restarts.
 
+use super::cache::StateCache;
 use super::draft::{Draft, Loaded, Position, Working};
 use super::sweep::SweepState;
 use super::timers::EarliestDue;
@@ -24,9 +25,7 @@ use crate::publish::position::OutboxPositions;
 use crate::store::outbox::{RulesSweep, TimerPass};
 use crate::store::partition::{ApplyError, Claim, Committed, PartitionStore};
 use crate::telemetry::events::{self, StopCause};
-use lru::LruCache;
 use std::collections::VecDeque;
-use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,7 +102,7 @@ pub struct Runner {
     /// The partition's customers as committed, in their stored form (empty: not stored): a
     /// decoded state takes 3–4 times the memory, and a hit costs one decode (a miss costs a
     /// Redis read and the same decode).
-    cache: LruCache<String, Box<[u8]>>,
+    cache: StateCache,
     pub(super) pipeline: Arc<Pipeline>,
     pub(super) status: Arc<PartitionStatus>,
     published: Arc<Notify>,
@@ -159,7 +158,6 @@ impl Runner {
         claim: &Claim,
         partition: i32,
     ) -> Self {
-        let cap = NonZeroUsize::new(pipeline.cache_customers).unwrap_or(NonZeroUsize::MIN);
         let sweep = SweepState::after_claim(
             claim,
             rules_hash(pipeline.rules.version()),
@@ -172,7 +170,7 @@ impl Runner {
         Self {
             partition,
             store,
-            cache: LruCache::new(cap),
+            cache: StateCache::new(pipeline.cache_customers, Arc::clone(&pipeline.cache_budget)),
             pipeline,
             status,
             published,
@@ -498,7 +496,7 @@ impl Runner {
             }
             // Taken by reference: the entry stays (no entry freed and made again for a
             // customer touched once more), `keep` replaces its value if the state changed.
-            if let Some(decoded) = self.cache.get(&id).map(|stored| Loaded::from_cache(stored)) {
+            if let Some(decoded) = self.cache.get(&id).map(Loaded::from_cache) {
                 let loaded = decoded.map_err(|e| self.corrupt(&id, "cached", &e))?;
                 work.insert(id, loaded);
             } else {

@@ -29,6 +29,8 @@ macro_rules! retrying {
 /// at once.
 pub struct PartitionStore {
     conn: ConnectionManager,
+    /// The cut-off duty's connection (see [`Self::connection`]).
+    duty: ConnectionManager,
     keys: PartitionKeys,
     rank_keys: Vec<String>,
     partition: i32,
@@ -41,6 +43,7 @@ impl PartitionStore {
     /// the rules' rank order.
     pub fn new(
         conn: ConnectionManager,
+        duty: ConnectionManager,
         keys: PartitionKeys,
         rank_keys: Vec<String>,
         partition: i32,
@@ -49,6 +52,7 @@ impl PartitionStore {
     ) -> Self {
         Self {
             conn,
+            duty,
             keys,
             rank_keys,
             partition,
@@ -67,9 +71,10 @@ impl PartitionStore {
         &self.rank_keys
     }
 
-    /// A connection for calls the owner makes once and retries at its own pace (cut-off duty).
+    /// A connection for calls the owner makes once and retries at its own pace (cut-off
+    /// duty): not the commits' connection, so that they do not wait behind its commits.
     pub fn connection(&mut self) -> &mut ConnectionManager {
-        &mut self.conn
+        &mut self.duty
     }
 
     /// Records a failed call and waits before it is retried.
