@@ -134,7 +134,7 @@ fn main() {
         }
         pipe.query::<()>(&mut conn).unwrap();
         world.rules_extra = "sweep_per_second = 1000000".into();
-        let tierd = Tierd::spawn(&world, "[ranks]\nrecompute_interval_ms = 1000\ncheck_interval_ms = 100\nreevaluate_page = 1000\n[ingest]\ncache_customers_per_partition = 300000\n");
+        let tierd = Tierd::spawn(&world, "[ranks]\nrecompute_interval_ms = 1000\ncheck_interval_ms = 100\nreevaluate_page = 1000\n[ingest]\ncache_customers_per_partition = 300000\ncache_bytes = 1073741824\n");
         tierd.wait_partitions(i64::from(partitions), Duration::from_secs(60));
         let start = Instant::now();
         wait_settled(&world, n);

@@ -102,7 +102,7 @@ fn main() {
     );
 
     world.rules_extra = "sweep_per_second = 1000000".into();
-    let tierd = Tierd::spawn(&world, "[clock]\nmode = \"event\"\nlateness_s = 0\n[ingest]\ncache_customers_per_partition = 100000\n");
+    let tierd = Tierd::spawn(&world, "[clock]\nmode = \"event\"\nlateness_s = 0\n[ingest]\ncache_customers_per_partition = 100000\ncache_bytes = 1073741824\n");
     tierd.wait_partitions(i64::from(partitions), Duration::from_secs(60));
     // The rules sweep reads every customer once after start (they were written without a
     // rules version): wait for it, so the firing below is measured alone.

@@ -375,3 +375,47 @@ fn a_state_stored_as_json_by_an_older_tierd_is_read_and_written_back_binary() {
     assert_eq!(kim.tier.as_deref(), Some("B"), "850,000.00: still B");
     assert_eq!(kim.ids.len(), 3, "the remembered ids kept");
 }
+
+/// The state caches hold at most `ingest.cache_bytes` for the whole instance (here the 1 MiB
+/// minimum over two partitions, against ~2.5 MB of customers), and a customer the cache let go
+/// is read back from Redis exactly: every second purchase counts on the first.
+#[test]
+fn the_state_caches_stay_within_the_instance_budget_and_evicted_customers_count_exactly() {
+    const BUDGET: f64 = 1_048_576.0;
+    const CUSTOMERS: usize = 12_000;
+    let world = World::start(2);
+    let tierd = Tierd::spawn(&world, "[ingest]\ncache_bytes = 1048576\n");
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    for round in 0..2 {
+        let events: Vec<serde_json::Value> = (0..CUSTOMERS)
+            .map(|i| {
+                purchase(
+                    &format!("r{round}-{i}"),
+                    &format!("customer-{i:05}"),
+                    "100",
+                    "2026-11-01T10:00:00Z",
+                )
+            })
+            .collect();
+        let ends = world.produce_json(&events);
+        world.wait_applied(&ends, Duration::from_secs(120));
+        let (bytes, cached) = (
+            tierd.metric("tierd_state_cache_bytes"),
+            tierd.metric("tierd_state_cache_customers"),
+        );
+        // One entry may go over (the one just put stays), in each of the two caches.
+        assert!(
+            bytes <= BUDGET + 2.0 * 512.0,
+            "round {round}: the caches hold {bytes} B over a budget of {BUDGET}"
+        );
+        assert!(
+            cached > 1000.0 && cached < CUSTOMERS as f64 / 2.0,
+            "round {round}: {cached} customers cached"
+        );
+    }
+    for i in 0..CUSTOMERS {
+        let id = format!("customer-{i:05}");
+        let state = world.customer_state(&id).expect("stored");
+        assert_eq!((state.count, state.sum), (2, 20_000), "{id}");
+    }
+}

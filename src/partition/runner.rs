@@ -481,6 +481,15 @@ impl Runner {
                 self.cache.put(id, stored);
             }
         }
+        let t = &self.pipeline.telemetry;
+        let bytes = i64::try_from(self.cache.bytes()).unwrap_or(i64::MAX);
+        let customers = i64::try_from(self.cache.len()).unwrap_or(i64::MAX);
+        t.state_cache_bytes
+            .with_label_values(&[&self.label])
+            .set(bytes);
+        t.state_cache_customers
+            .with_label_values(&[&self.label])
+            .set(customers);
     }
 
     /// Makes sure `ids` are in `work`: from the cache, or loaded with one MGET.

@@ -507,11 +507,12 @@ pub struct PartitionReleased<'a> {
 }
 
 impl PartitionReleased<'_> {
-    /// Logs it and drops the partition's lag series.
+    /// Logs it and drops the partition's lag and cache series.
     pub fn emit(self, t: &Telemetry) {
-        let _ = t
-            .consumer_lag
-            .remove_label_values(&[&self.partition.to_string()]);
+        let label = self.partition.to_string();
+        let _ = t.consumer_lag.remove_label_values(&[&label]);
+        let _ = t.state_cache_bytes.remove_label_values(&[&label]);
+        let _ = t.state_cache_customers.remove_label_values(&[&label]);
         info!(partition = self.partition, exit = ?self.exit, "Partition released.");
     }
 }

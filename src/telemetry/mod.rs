@@ -42,6 +42,10 @@ pub struct Telemetry {
     pub outbox_blocked: IntGaugeVec,
     /// `tierd_outbox_full{partition}`.
     pub outbox_full: IntGaugeVec,
+    /// What a partition's state cache holds, bytes as counted against `ingest.cache_bytes`.
+    pub state_cache_bytes: IntGaugeVec,
+    /// Customers in a partition's state cache.
+    pub state_cache_customers: IntGaugeVec,
     /// Outbox producers that found themselves fenced by a newer owner's producer.
     pub publish_fenced: IntCounter,
     /// Commits refused because another owner claimed the partition.
@@ -205,6 +209,16 @@ impl Telemetry {
             outbox_full: gauge_vec(
                 "tierd_outbox_full",
                 "1 while the partition's outbox is over publish.outbox_max_entries and it takes no input.",
+                &["partition"],
+            ),
+            state_cache_bytes: gauge_vec(
+                "tierd_state_cache_bytes",
+                "Bytes the partition's customer state cache holds, as counted against ingest.cache_bytes (ids, stored states and ~128 B per entry).",
+                &["partition"],
+            ),
+            state_cache_customers: gauge_vec(
+                "tierd_state_cache_customers",
+                "Customers in the partition's state cache.",
                 &["partition"],
             ),
             publish_fenced: counter(
