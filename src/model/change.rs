@@ -165,7 +165,25 @@ pub fn change_id(customer_id: &str, origin: Option<u64>, sequence: u64) -> Strin
     if let Some(origin) = origin {
         name.extend_from_slice(&origin.to_be_bytes());
     }
-    uuid::Uuid::new_v5(&CHANGE_ID_NAMESPACE, &name).to_string()
+    v5(&name)
+}
+
+/// The UUID v5 (RFC 9562 §5.5) of `name` in [`CHANGE_ID_NAMESPACE`], hyphenated. The same
+/// value as `uuid::Uuid::new_v5` (tested), hashed with RustCrypto's `sha1`, which uses the
+/// CPU's SHA extensions where it has them (detected at run time): `new_v5` hashes with a
+/// portable SHA-1 (`sha1_smol`), and an id is made for every change and notice.
+fn v5(name: &[u8]) -> String {
+    use sha1::{Digest, Sha1};
+    let mut hasher = Sha1::new();
+    hasher.update(CHANGE_ID_NAMESPACE.as_bytes());
+    hasher.update(name);
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 #[cfg(test)]
@@ -189,6 +207,16 @@ mod tests {
         assert_eq!(change_id("c1", Some(7), 1), change_id("c1", Some(7), 1));
         assert_ne!(change_id("c1", Some(7), 1), change_id("c1", Some(8), 1));
         assert_ne!(change_id("c1", Some(7), 1), change_id("c1", None, 1));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ids_are_the_uuid_crates_v5(name in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            proptest::prop_assert_eq!(
+                v5(&name),
+                uuid::Uuid::new_v5(&CHANGE_ID_NAMESPACE, &name).to_string()
+            );
+        }
     }
 
     #[test]
@@ -260,5 +288,5 @@ pub fn at_risk_id(customer_id: &str, origin: Option<u64>, downgrade_at_ms: i64) 
     if let Some(origin) = origin {
         name.extend_from_slice(&origin.to_be_bytes());
     }
-    uuid::Uuid::new_v5(&CHANGE_ID_NAMESPACE, &name).to_string()
+    v5(&name)
 }
