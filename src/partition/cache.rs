@@ -75,13 +75,12 @@ impl StateCache {
     /// recently used entries while the cache is over its share of the budget.
     pub fn put(&mut self, id: String, stored: Box<[u8]>) {
         let added = cost(&id, &stored);
-        if let Some(entry) = self.lru.get_mut(&id) {
-            // In place: no entry freed and made.
-            self.bytes = self.bytes + stored.len() - entry.len();
-            *entry = stored;
-        } else {
-            self.bytes += added;
-            self.lru.push(id, stored);
+        let len = stored.len();
+        // Unbounded in the crate's terms, `push` gives back only a replaced entry (in place:
+        // no entry freed and made).
+        match self.lru.push(id, stored) {
+            Some((_, replaced)) => self.bytes = self.bytes + len - replaced.len(),
+            None => self.bytes += added,
         }
         let share = self.budget.share();
         // The entry just put stays even when it alone exceeds the share.
