@@ -58,6 +58,20 @@ fn share_and_hand_over(consumer: &str) {
     a.wait_partitions(2, Duration::from_secs(60));
     produce(&mut ends, batch(3_000, 6_000));
     world.wait_applied(&ends, Duration::from_secs(60));
+    // Each instance shows a state cache for the partitions it runs, and none for those it
+    // gave away (their series leave with them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (on_a, on_b) = (cache_partitions(&a), cache_partitions(&b));
+        if on_a.len() == 2 && on_b.len() == 2 && on_a.iter().all(|p| !on_b.contains(p)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cache series: first instance {on_a:?}, joiner {on_b:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The joiner's partitions were claimed again: their epoch moved past the first owner's.
     let epochs: Vec<i64> = (0..4).map(|p| world.partition_meta(p).0).collect();
     let reclaimed = epochs.iter().filter(|e| **e >= 2).count();
@@ -85,6 +99,18 @@ fn share_and_hand_over(consumer: &str) {
         assert_eq!((s.count, s.sum), (45, 45_000), "c{c}");
     }
     assert_eq!(world.read_all(&world.dlq).len(), 0);
+}
+
+/// The partitions `tierd` shows a state cache for (`tierd_state_cache_customers{partition}`).
+fn cache_partitions(tierd: &Tierd) -> Vec<String> {
+    tierd
+        .get("/metrics")
+        .1
+        .lines()
+        .filter_map(|l| l.strip_prefix("tierd_state_cache_customers{partition=\""))
+        .filter_map(|l| l.split('"').next())
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]

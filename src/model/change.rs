@@ -170,8 +170,9 @@ pub fn change_id(customer_id: &str, origin: Option<u64>, sequence: u64) -> Strin
 
 /// The UUID v5 (RFC 9562 §5.5) of `name` in [`CHANGE_ID_NAMESPACE`], hyphenated. The same
 /// value as `uuid::Uuid::new_v5` (tested), hashed with RustCrypto's `sha1`, which uses the
-/// CPU's SHA extensions where it has them (detected at run time): `new_v5` hashes with a
-/// portable SHA-1 (`sha1_smol`), and an id is made for every change and notice.
+/// SHA extensions of an x86-64 CPU that has them (detected at run time; elsewhere its portable
+/// code): `new_v5` hashes with a portable SHA-1 (`sha1_smol`), and an id is made for every
+/// change and notice.
 fn v5(name: &[u8]) -> String {
     use sha1::{Digest, Sha1};
     let mut hasher = Sha1::new();
@@ -201,6 +202,16 @@ mod tests {
         assert_eq!(
             change_id("c1", None, 1),
             "2e073c11-7bdc-5719-9216-026e7394448b",
+            "stored ids must not change"
+        );
+        assert_eq!(
+            change_id("c1", Some(7), 1),
+            "cf1bb23d-e712-58a2-a0f1-79a16d8ebfe2",
+            "stored ids must not change"
+        );
+        assert_eq!(
+            at_risk_id("c1", Some(7), 1_764_000_000_000),
+            "cb4503f4-de28-57d6-8869-b6d2b59a612b",
             "stored ids must not change"
         );
         // Each incarnation has its own ids; the same incarnation always the same.

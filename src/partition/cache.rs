@@ -4,12 +4,14 @@
 //! or sixty-four.
 
 use lru::LruCache;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// What an entry costs besides its key and state bytes: the LRU's node (key and value headers,
 /// two links: 56 B), its hash-table slot, and the allocator's rounding of three allocations.
-/// An estimate: the budget bounds the cache's memory, not the process's to the byte.
+/// An estimate: the budget bounds the cache's memory, not the process's to the byte (the hash
+/// table keeps the slots of its largest size, and freed memory stays with the allocator).
 pub const ENTRY_OVERHEAD: usize = 128;
 
 /// The instance's cache memory, shared by the partitions it runs.
@@ -77,13 +79,22 @@ impl StateCache {
         let added = cost(&id, &stored);
         let len = stored.len();
         // Unbounded in the crate's terms, `push` gives back only a replaced entry (in place:
-        // no entry freed and made).
+        // no entry freed and made); a bounded one would give back an evicted entry of another
+        // id, which this accounting does not expect.
+        debug_assert_eq!(self.lru.cap(), NonZeroUsize::MAX);
         match self.lru.push(id, stored) {
             Some((_, replaced)) => self.bytes = self.bytes + len - replaced.len(),
             None => self.bytes += added,
         }
+        self.trim();
+    }
+
+    /// Evicts the least recently used entries while the cache is over its count or its
+    /// share of the budget (which shrinks when partitions start: a quiet cache is trimmed by
+    /// its runner's periodic check). The most recent entry stays even when it alone exceeds
+    /// the share.
+    pub fn trim(&mut self) {
         let share = self.budget.share();
-        // The entry just put stays even when it alone exceeds the share.
         while (self.bytes > share || self.lru.len() > self.max_customers) && self.lru.len() > 1 {
             match self.lru.pop_lru() {
                 Some((id, stored)) => self.bytes -= cost(&id, &stored),
@@ -200,6 +211,25 @@ mod tests {
             budget.caches.load(Ordering::Relaxed),
             1,
             "a dropped cache leaves"
+        );
+    }
+
+    #[test]
+    fn a_quiet_cache_gives_back_its_share_when_trimmed() {
+        let one = 100 * (ENTRY_OVERHEAD + 3 + 20);
+        let budget = CacheBudget::new(2 * one);
+        let mut a = StateCache::new(usize::MAX, Arc::clone(&budget));
+        for i in 0..200 {
+            a.put(format!("a{i:02}"), state(20));
+        }
+        let _b = StateCache::new(usize::MAX, Arc::clone(&budget));
+        assert!(a.bytes() > one, "nothing put since: still the old share");
+        a.trim();
+        assert!(
+            a.bytes() <= one && a.len() >= 90,
+            "{} B, {}",
+            a.bytes(),
+            a.len()
         );
     }
 

@@ -254,7 +254,13 @@ impl Runner {
                 }
                 _ = rank_tick.tick(), if ranked => self.rank_step().await,
                 _ = outbox_tick.tick(), if full => self.recheck_outbox().await,
-                _ = verify_tick.tick() => self.verify_if_quiet().await,
+                _ = verify_tick.tick() => {
+                    // A quiet partition gives back what its share lost to partitions started
+                    // since (it trims itself only when it caches a customer).
+                    self.cache.trim();
+                    self.metric_cache();
+                    self.verify_if_quiet().await
+                }
             };
             if let Err(error) = result {
                 return self.exit(&error);
@@ -481,6 +487,11 @@ impl Runner {
                 self.cache.put(id, stored);
             }
         }
+        self.metric_cache();
+    }
+
+    /// Shows what the cache holds (`tierd_state_cache_bytes`, `tierd_state_cache_customers`).
+    fn metric_cache(&self) {
         let t = &self.pipeline.telemetry;
         let bytes = i64::try_from(self.cache.bytes()).unwrap_or(i64::MAX);
         let customers = i64::try_from(self.cache.len()).unwrap_or(i64::MAX);
