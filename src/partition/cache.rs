@@ -32,8 +32,9 @@ impl CacheBudget {
         })
     }
 
-    /// One cache's share now. A cache started later shrinks the others at their next insert:
-    /// until then the instance may hold up to their earlier shares.
+    /// One cache's share now. A cache started later shrinks the others at their next insert
+    /// or their runner's periodic trim: until then the instance may hold up to their earlier
+    /// shares.
     fn share(&self) -> usize {
         self.total / self.caches.load(Ordering::Relaxed).max(1)
     }
@@ -134,10 +135,19 @@ mod tests {
     }
 
     /// What the cache's entries cost, counted from scratch.
-    fn recount(c: &mut StateCache, ids: &[String]) -> usize {
+    fn recount(c: &StateCache, ids: &[String]) -> usize {
         ids.iter()
             .filter_map(|id| c.lru.peek(id).map(|s| cost(id, s)))
             .sum()
+    }
+
+    /// A cache over `budget` with 200 entries of 20 bytes put (ids `a000`…).
+    fn filled(budget: &Arc<CacheBudget>) -> StateCache {
+        let mut c = StateCache::new(usize::MAX, Arc::clone(budget));
+        for i in 0..200 {
+            c.put(format!("a{i:03}"), state(20));
+        }
+        c
     }
 
     #[test]
@@ -163,15 +173,15 @@ mod tests {
             budget.share()
         );
         assert!(c.get("c00").is_some(), "the entry just put stays");
-        assert_eq!(c.bytes(), recount(&mut c, &ids));
+        assert_eq!(c.bytes(), recount(&c, &ids));
         // Shrinking in place frees its bytes.
         c.put(ids[0].clone(), state(1));
-        assert_eq!(c.bytes(), recount(&mut c, &ids));
+        assert_eq!(c.bytes(), recount(&c, &ids));
         for id in &ids[11..] {
             c.put(id.clone(), state(49));
             assert!(c.bytes() <= budget.share());
         }
-        assert_eq!(c.bytes(), recount(&mut c, &ids));
+        assert_eq!(c.bytes(), recount(&c, &ids));
     }
 
     #[test]
@@ -184,17 +194,14 @@ mod tests {
         }
         assert_eq!(c.len(), 3);
         assert_eq!(c.bytes(), 3 * cost("c0", &state(10)));
-        assert_eq!(c.bytes(), recount(&mut c, &ids));
+        assert_eq!(c.bytes(), recount(&c, &ids));
     }
 
     #[test]
     fn partitions_share_the_instance_budget_evenly() {
-        let one = 100 * (ENTRY_OVERHEAD + 3 + 20);
+        let one = 100 * (ENTRY_OVERHEAD + 4 + 20);
         let budget = CacheBudget::new(2 * one);
-        let mut a = StateCache::new(usize::MAX, Arc::clone(&budget));
-        for i in 0..200 {
-            a.put(format!("a{i:02}"), state(20));
-        }
+        let mut a = filled(&budget);
         assert!(
             a.len() >= 190 && a.bytes() <= 2 * one,
             "alone: the whole budget"
@@ -216,12 +223,9 @@ mod tests {
 
     #[test]
     fn a_quiet_cache_gives_back_its_share_when_trimmed() {
-        let one = 100 * (ENTRY_OVERHEAD + 3 + 20);
+        let one = 100 * (ENTRY_OVERHEAD + 4 + 20);
         let budget = CacheBudget::new(2 * one);
-        let mut a = StateCache::new(usize::MAX, Arc::clone(&budget));
-        for i in 0..200 {
-            a.put(format!("a{i:02}"), state(20));
-        }
+        let mut a = filled(&budget);
         let _b = StateCache::new(usize::MAX, Arc::clone(&budget));
         assert!(a.bytes() > one, "nothing put since: still the old share");
         a.trim();
