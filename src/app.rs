@@ -171,6 +171,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Arc::clone(&stop),
     );
     let consumer: BaseConsumer<IngestContext> = crate::kafka::consumer_config(&config.kafka)
+        // Reports of a partition's end tell wall-clock timers the backlog is applied
+        // (`PartitionStatus::caught_up`); not left to `[kafka.consumer]`.
+        .set("enable.partition.eof", "true")
         .create_with_context(context)
         .map_err(|error| StartError::KafkaClient {
             client: "consumer",

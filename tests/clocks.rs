@@ -378,6 +378,83 @@ fn ids_with_control_characters_are_logged_escaped() {
     assert!(log.contains(r"x\nFORGED tierd line\u{1b}[31m"), "{log}");
 }
 
+/// Wall mode on an input written by a transactional producer: its log ends with a commit
+/// marker that is never delivered, so the lag to the high watermark never reaches 0. The
+/// partition still counts as caught up (librdkafka reports its end, and everything handed
+/// over is applied), so a timer fires when it comes due instead of waiting for the next
+/// purchase.
+#[test]
+fn wall_clock_timers_fire_on_a_transactionally_written_input() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let rules = rules_file(
+        "version = \"tx-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
+    );
+    let mut world = World::start(1);
+    world.rules = rules.path().to_owned();
+    let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &world.broker.addr)
+        .set("transactional.id", support::unique("tx"))
+        .create()
+        .unwrap();
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    producer.begin_transaction().unwrap();
+    // Tina's recency bound (1 day after this purchase) comes due in 5 s.
+    let due = time::now_ms() + 5_000;
+    let event = serde_json::to_vec(&purchase(
+        "t1",
+        "tina",
+        "10",
+        &time::format_ms(due - 86_400_000),
+    ))
+    .unwrap();
+    producer
+        .send(BaseRecord::to(&world.input).key("tina").payload(&event))
+        .unwrap();
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let changes = loop {
+        let changes: Vec<(String, String)> = world
+            .read_all(&world.output)
+            .iter()
+            .map(|r| {
+                let c = r.json();
+                (
+                    c["tier"].as_str().unwrap().to_owned(),
+                    c["reason"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        if changes.len() >= 2 {
+            break changes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no time-driven change on a transactional input: {changes:?}\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        time::now_ms() >= due,
+        "the timer must not fire before it is due"
+    );
+    assert_eq!(
+        changes,
+        vec![
+            ("active".to_owned(), "purchase".to_owned()),
+            ("lapsed".to_owned(), "recency".to_owned())
+        ]
+    );
+    // The log does end with the marker: the lag stays 1.
+    assert_eq!(tierd.metric("tierd_consumer_lag_messages"), 1.0);
+}
+
 /// Wall mode after a restart with a backlog: a customer whose recency timer came due while
 /// tierd was down, but who bought again before it (that purchase still in the backlog), is
 /// not moved down and back up. The timer waits until the partition has applied everything

@@ -95,8 +95,8 @@ pub struct KafkaConfig {
     /// group protocol also
     /// `partition.assignment.strategy = cooperative-sticky`, `session.timeout.ms = 10000`,
     /// `heartbeat.interval.ms = 1000`, which KIP-848 leaves to the broker). `group.id`,
-    /// `bootstrap.servers`, `enable.auto.commit`, `enable.auto.offset.store` and
-    /// `auto.offset.reset` are tierd's own and cannot be set here.
+    /// `bootstrap.servers`, `enable.auto.commit`, `enable.auto.offset.store`,
+    /// `auto.offset.reset` and `enable.partition.eof` are tierd's own and cannot be set here.
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
     /// librdkafka producer properties, passed through. They override tierd's defaults
@@ -410,6 +410,11 @@ mod tests {
         assert!(msg("[money]\ncurrency = \"euro\"").contains("`money.currency`"));
         assert!(msg("[api]\nlisten = \"localhost\"").contains("`api.listen`"));
         assert!(msg("[kafka.consumer]\n\"group.id\" = \"x\"").contains("`kafka.consumer`"));
+        let eof = msg("[kafka.consumer]\n\"enable.partition.eof\" = \"false\"");
+        assert!(
+            eof.contains("`enable.partition.eof` is set by tierd"),
+            "{eof}"
+        );
         let reset = msg("[kafka.consumer]\n\"auto.offset.reset\" = \"latest\"");
         assert!(
             reset.contains("`kafka.consumer`")

@@ -4,7 +4,7 @@
 use super::{Config, ConfigError};
 
 /// Properties tierd sets itself; passing them through would break its guarantees.
-const RESERVED_CONSUMER_KEYS: [(&str, &str); 5] = [
+const RESERVED_CONSUMER_KEYS: [(&str, &str); 6] = [
     ("group.id", "is set by tierd itself (use kafka.group_id)"),
     ("bootstrap.servers", "is set by tierd itself (use kafka.brokers)"),
     ("enable.auto.commit", "is set by tierd itself (offsets live in Redis)"),
@@ -12,6 +12,10 @@ const RESERVED_CONSUMER_KEYS: [(&str, &str); 5] = [
     (
         "auto.offset.reset",
         "is set by tierd itself: a new partition starts at its beginning, and a partition whose stored offset the log no longer holds is stopped with an error instead of skipping or re-reading events",
+    ),
+    (
+        "enable.partition.eof",
+        "is set by tierd itself: its reports of a partition's end tell wall-clock timers that the backlog is applied",
     ),
 ];
 

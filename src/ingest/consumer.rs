@@ -11,6 +11,7 @@
 use super::record::{add_position, Record};
 use crate::partition::runner::{Batch, RunnerExit};
 use crate::partition::supervisor::{NotClaimed, Released, Supervisor};
+use crate::partition::NOT_DRAINED;
 use crate::store::partition::Claim;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -47,11 +48,12 @@ struct Pending {
     /// The runner's queue was full: `messages` wait for room and the partition is paused
     /// (only this one: the others keep flowing, and the consumer keeps polling).
     held: Held,
-    /// One past the last offset polled for the partition since its claim (-1: none). A
-    /// statistics report is computed before the messages fetched ahead of it are polled, so
-    /// its `app_offset` can still say "nothing delivered" for a message already in a batch
-    /// here: this keeps such a partition from being taken for caught up (timers wait).
+    /// One past the last offset polled for the partition since its claim (-1: none): how far
+    /// it is drained when librdkafka reports its end.
     polled_until: i64,
+    /// librdkafka reported the partition's end and no message was polled since (so the
+    /// partition's `drained_until` is set and the next message clears it).
+    drained: bool,
 }
 
 /// Whether a partition's messages are held back because its runner's queue is full.
@@ -74,6 +76,7 @@ impl Pending {
             since: None,
             held: Held::No,
             polled_until: -1,
+            drained: false,
         }
     }
 }
@@ -626,6 +629,10 @@ impl IngestContext {
             b.since = Some(Instant::now());
         }
         b.polled_until = b.polled_until.max(message.offset() + 1);
+        if std::mem::take(&mut b.drained) {
+            // Before the message can reach its runner: it is past the reported end.
+            self.set_drained(partition, NOT_DRAINED);
+        }
         b.bytes += message.payload().map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
         b.messages.push(message);
         let full =
@@ -634,6 +641,31 @@ impl IngestContext {
         // pause took effect just joins it.
         (full && b.held == Held::No && self.send(partition, b) == Sent::RunnerGone)
             .then_some(partition)
+    }
+
+    /// librdkafka reported that the fetcher reached `partition`'s readable end: everything
+    /// before it has been polled (the report is queued behind those messages). Records how
+    /// far, for [`crate::partition::PartitionStatus::caught_up`].
+    fn reached_end(&self, partition: i32) {
+        let until = {
+            let mut pending = self.pending.lock().expect("pending lock");
+            let Some(b) = pending.get_mut(&partition) else {
+                return;
+            };
+            b.drained = true;
+            b.polled_until
+        };
+        self.set_drained(partition, until);
+    }
+
+    /// Sets the partition's `drained_until` (the pending lock may be held: nothing takes it
+    /// while holding the ownership lock).
+    fn set_drained(&self, partition: i32, until: i64) {
+        let ownership = self.supervisor.ownership().read().expect("ownership lock");
+        if let Some(status) = ownership.get(&partition) {
+            // Release: a runner that sees it also sees the polls before it.
+            status.drained_until.store(until, Ordering::Release);
+        }
     }
 
     /// Pauses partitions whose batch was just held back (their runner's queue is full) and
@@ -788,13 +820,6 @@ impl ClientContext for IngestContext {
             seen.1.extend(confirmed);
             seen.0 = now;
         }
-        let polled: HashMap<i32, i64> = self
-            .pending
-            .lock()
-            .expect("pending lock")
-            .iter()
-            .map(|(p, b)| (*p, b.polled_until))
-            .collect();
         let ownership = self.supervisor.ownership().read().expect("ownership lock");
         for (p, part) in &topic.partitions {
             if let Some(status) = ownership.get(p) {
@@ -812,13 +837,6 @@ impl ClientContext for IngestContext {
                     status
                         .fetch_position
                         .store(part.next_offset, Ordering::Relaxed);
-                    let polled = polled.get(p).copied().unwrap_or(-1);
-                    status
-                        .delivered_until
-                        .store(part.app_offset.max(polled).max(-1), Ordering::Relaxed);
-                    status
-                        .fetch_queued
-                        .store(part.fetchq_cnt, Ordering::Relaxed);
                 }
                 if let Some(lag) = status.lag() {
                     self.supervisor
@@ -940,6 +958,7 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
                     }
                 }
             }
+            Some(Err(KafkaError::PartitionEOF(partition))) => ctx.reached_end(partition),
             Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset))) => {
                 ctx.stop_out_of_range(&consumer);
             }

@@ -160,6 +160,9 @@ pub fn sweep_page(per_second: u32) -> u64 {
     (u64::from(per_second) * runner::SWEEP_TICK.as_millis() as u64 / 1000).max(1)
 }
 
+/// [`PartitionStatus::drained_until`] when no report of the partition's end stands.
+pub const NOT_DRAINED: i64 = i64::MIN;
+
 /// Live status of an owned partition, shared with the API and the lag gauge.
 #[derive(Debug)]
 pub struct PartitionStatus {
@@ -173,10 +176,13 @@ pub struct PartitionStatus {
     pub fetch_position: AtomicI64,
     /// The readable end of the log at that report (-1 until known).
     pub readable_end: AtomicI64,
-    /// One past the last message the consumer handed to tierd at that report (-1: none yet).
-    pub delivered_until: AtomicI64,
-    /// Messages fetched but not yet handed to tierd, at that report.
-    pub fetch_queued: AtomicI64,
+    /// Set when librdkafka reported the partition's end (`PARTITION_EOF`): one past the last
+    /// offset the consumer had handed to tierd by then (-1: none since the claim). Cleared
+    /// ([`NOT_DRAINED`]) by the next message handed over. librdkafka queues that report behind
+    /// every message it fetched before it, and drops it with them when a pause or seek makes
+    /// them outdated; so, unlike the statistics' fetch position, it proves that everything
+    /// readable up to the end was handed over.
+    pub drained_until: AtomicI64,
     /// Why the partition is assigned to this instance but not processed (its runner stopped
     /// and was not restarted); `None` while it runs.
     pub stopped: Option<String>,
@@ -196,8 +202,7 @@ impl PartitionStatus {
             high_watermark: AtomicI64::new(-1),
             fetch_position: AtomicI64::new(-1),
             readable_end: AtomicI64::new(-1),
-            delivered_until: AtomicI64::new(-1),
-            fetch_queued: AtomicI64::new(0),
+            drained_until: AtomicI64::new(NOT_DRAINED),
             stopped,
             publishing: Arc::default(),
             outbox_full: AtomicU64::new(0),
@@ -205,20 +210,32 @@ impl PartitionStatus {
     }
 
     /// Whether everything readable in the partition has been applied, as of the consumer's
-    /// last report: no lag, or the fetcher has reached the readable end and everything it
-    /// handed over is applied. (The second case covers topics written transactionally: their
-    /// commit markers take offsets that are never delivered, so the lag to the high watermark
-    /// never reaches 0.)
+    /// last report: no lag, or librdkafka reported the partition's end with nothing handed
+    /// over since, everything handed over is applied, and the statistics show no record
+    /// beyond where the fetcher stands. (The second case covers topics written
+    /// transactionally: their commit markers take offsets that are never delivered, so the
+    /// lag to the high watermark never reaches 0.)
+    ///
+    /// The statistics alone cannot say it: a report is a snapshot that can predate a pause
+    /// or a seek, whose fetch position counts messages librdkafka then dropped as outdated
+    /// (and fetches again), and its fetch queue count stays 0 because that queue forwards to
+    /// the consumer's. A restart's first report could so call a partition caught up before
+    /// its backlog was even handed over, and a wall-clock timer fired ahead of a purchase
+    /// still in the backlog (issue 11, item 3).
     pub fn caught_up(&self) -> bool {
         if self.lag() == Some(0) {
             return true;
         }
+        // Acquire: pairs with the consumer's release, so `next` below is compared with the
+        // hand-over the report of the end was made at.
+        let drained = self.drained_until.load(Ordering::Acquire);
+        if drained == NOT_DRAINED {
+            return false;
+        }
         let next = self.next_offset.load(Ordering::Relaxed);
         let fetch = self.fetch_position.load(Ordering::Relaxed);
         let end = self.readable_end.load(Ordering::Relaxed);
-        let delivered = self.delivered_until.load(Ordering::Relaxed);
-        let queued = self.fetch_queued.load(Ordering::Relaxed);
-        end >= 0 && fetch >= end && queued == 0 && (delivered < 0 || next >= delivered)
+        next >= drained && end >= 0 && fetch >= end
     }
 
     /// Messages not applied yet, if both ends are known.
@@ -236,49 +253,51 @@ pub type Ownership = Arc<RwLock<BTreeMap<i32, Arc<PartitionStatus>>>>;
 
 #[cfg(test)]
 mod tests {
-    use super::PartitionStatus;
+    use super::{PartitionStatus, NOT_DRAINED};
     use std::sync::atomic::Ordering;
 
-    fn status(next: i64, high: i64, fetch: i64, end: i64, delivered: i64) -> PartitionStatus {
-        queued_status(next, high, fetch, end, delivered, 0)
-    }
-
-    fn queued_status(
-        next: i64,
-        high: i64,
-        fetch: i64,
-        end: i64,
-        delivered: i64,
-        queued: i64,
-    ) -> PartitionStatus {
+    /// A status as the consumer leaves it: `next` applied, the statistics' high watermark,
+    /// fetch position and readable end, and `drained` from the last report of the end.
+    fn status(next: i64, high: i64, fetch: i64, end: i64, drained: i64) -> PartitionStatus {
         let s = PartitionStatus::new(1, next, None);
         s.high_watermark.store(high, Ordering::Relaxed);
         s.fetch_position.store(fetch, Ordering::Relaxed);
         s.readable_end.store(end, Ordering::Relaxed);
-        s.delivered_until.store(delivered, Ordering::Relaxed);
-        s.fetch_queued.store(queued, Ordering::Relaxed);
+        s.drained_until.store(drained, Ordering::Relaxed);
         s
     }
 
     #[test]
     fn caught_up_means_nothing_readable_is_left_unapplied() {
         // Plain topic: applied up to the high watermark.
-        assert!(status(10, 10, 10, 10, 10).caught_up());
+        assert!(status(10, 10, 10, 10, NOT_DRAINED).caught_up());
         // Unknown watermark: not caught up.
         assert!(!PartitionStatus::new(1, 10, None).caught_up());
-        // A message fetched and handed over but not applied yet.
+        // A message handed over but not applied yet.
         assert!(!status(9, 10, 10, 10, 10).caught_up());
         // The fetcher has not reached the end.
         assert!(!status(5, 10, 6, 10, 6).caught_up());
         // A transactional topic: offset 9 is the commit marker, never delivered; everything
-        // delivered (up to 9) is applied and the fetcher is past the marker.
+        // handed over (up to 9) is applied and the end was reported.
         assert!(status(9, 10, 10, 10, 9).caught_up());
-        // The same after a restart at the marker, nothing delivered since.
+        // The same after a restart at the marker, nothing handed over since.
         assert!(status(9, 10, 10, 10, -1).caught_up());
-        // Fetched up to the end but two messages still queued in the consumer, not handed over.
-        assert!(!queued_status(7, 10, 10, 10, 7, 2).caught_up());
         // An open transaction: readable only up to the last stable offset 7.
         assert!(status(7, 12, 7, 7, 7).caught_up());
         assert!(!status(6, 12, 7, 7, 7).caught_up());
+        // Records appended after the end was reported (the statistics show them unfetched).
+        assert!(!status(9, 12, 10, 12, 9).caught_up());
+    }
+
+    /// The CI failure of `wall_clock_timers_wait_for_the_backlog_after_a_restart`: restarted
+    /// at offset 1 with offset 1 in the backlog, the fetcher read it before the claim's pause
+    /// and seek made it outdated; a report taken then shows the fetch position at the end
+    /// (2) and nothing handed over. Without a report of the end since, that is not caught up.
+    #[test]
+    fn a_fetch_position_at_the_end_is_not_caught_up_before_the_end_is_reported() {
+        assert!(!status(1, 2, 2, 2, NOT_DRAINED).caught_up());
+        // Once the message is handed over and applied, and the end reported after it (here
+        // the log also ends with a commit marker at 2, so the lag stays 1).
+        assert!(status(2, 3, 3, 3, 2).caught_up());
     }
 }
