@@ -417,9 +417,8 @@ fn wall_clock_timers_fire_on_a_transactionally_written_input() {
     producer
         .commit_transaction(Duration::from_secs(30))
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let changes = loop {
-        let changes: Vec<(String, String)> = world
+    let read = || -> Vec<(String, String)> {
+        world
             .read_all(&world.output)
             .iter()
             .map(|r| {
@@ -429,7 +428,25 @@ fn wall_clock_timers_fire_on_a_transactionally_written_input() {
                     c["reason"].as_str().unwrap().to_owned(),
                 )
             })
-            .collect();
+            .collect()
+    };
+    // Not before it is due: only the purchase's change in any read that ended before then.
+    loop {
+        let changes = read();
+        let read_by = time::now_ms();
+        if read_by >= due {
+            break;
+        }
+        assert!(
+            changes.len() <= 1,
+            "a change {} ms before the due time: {changes:?}",
+            due - read_by
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let changes = loop {
+        let changes = read();
         if changes.len() >= 2 {
             break changes;
         }

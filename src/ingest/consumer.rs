@@ -556,6 +556,7 @@ impl IngestContext {
 
     /// Pauses a partition this instance holds but does not process.
     fn pause(&self, consumer: &BaseConsumer<Self>, partition: i32) {
+        self.undrain(&[partition]);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, partition);
         if let Err(error) = consumer.pause(&tpl) {
@@ -658,12 +659,25 @@ impl IngestContext {
         self.set_drained(partition, until);
     }
 
+    /// Withdraws the reports of the end of `partitions` (all held here if empty): a pause or
+    /// seek, and librdkafka's own pause of the assignment while a rebalance runs, drop the
+    /// messages fetched past the polls, which the fetcher then reads again.
+    fn undrain(&self, partitions: &[i32]) {
+        let mut pending = self.pending.lock().expect("pending lock");
+        for (&p, b) in pending.iter_mut() {
+            if (partitions.is_empty() || partitions.contains(&p)) && std::mem::take(&mut b.drained)
+            {
+                self.set_drained(p, NOT_DRAINED);
+            }
+        }
+    }
+
     /// Sets the partition's `drained_until` (the pending lock may be held: nothing takes it
     /// while holding the ownership lock).
     fn set_drained(&self, partition: i32, until: i64) {
         let ownership = self.supervisor.ownership().read().expect("ownership lock");
         if let Some(status) = ownership.get(&partition) {
-            // Release: a runner that sees it also sees the polls before it.
+            // Release, with the runner's acquire: published after the polls it counts.
             status.drained_until.store(until, Ordering::Release);
         }
     }
@@ -686,6 +700,11 @@ impl IngestContext {
                     Held::ToPause => {
                         pause.add_partition(&self.topic, p);
                         b.held = Held::Paused;
+                        // The pause drops what librdkafka fetched past the polls: a report of
+                        // the end before it no longer stands.
+                        if std::mem::take(&mut b.drained) {
+                            self.set_drained(p, NOT_DRAINED);
+                        }
                     }
                     Held::Paused => match self.try_send(b) {
                         Sent::Yes => {
@@ -862,6 +881,9 @@ impl ConsumerContext for IngestContext {
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
         );
+        // librdkafka paused the whole assignment for the rebalance (until the assignment
+        // below): what it fetched and tierd has not polled is dropped and fetched again.
+        self.undrain(&[]);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let Claimed { assign, refused } = self.claim_all(tpl);

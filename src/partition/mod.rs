@@ -218,10 +218,11 @@ impl PartitionStatus {
     ///
     /// The statistics alone cannot say it: a report is a snapshot that can predate a pause
     /// or a seek, whose fetch position counts messages librdkafka then dropped as outdated
-    /// (and fetches again), and its fetch queue count stays 0 because that queue forwards to
-    /// the consumer's. A restart's first report could so call a partition caught up before
-    /// its backlog was even handed over, and a wall-clock timer fired ahead of a purchase
-    /// still in the backlog (issue 11, item 3).
+    /// (and fetches again); and its fetch queue count is of the queue all partitions share
+    /// (the partition's forwards to the consumer's). A restart's first report could so call
+    /// a partition caught up before its backlog was even handed over, and a wall-clock timer
+    /// fired ahead of a purchase still in the backlog (issue 11, item 3). For the same reason
+    /// the consumer withdraws a report of the end at every pause and rebalance.
     pub fn caught_up(&self) -> bool {
         if self.lag() == Some(0) {
             return true;
