@@ -232,9 +232,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         .run(),
     );
-    let (ready_max_lag, wall_clock) = (
+    let (ready_max_lag, wall_clock, redis_timeout) = (
         config.api.ready_max_lag,
         config.clock.mode == crate::config::ClockMode::Wall,
+        Duration::from_millis(config.api.redis_timeout_ms),
     );
     let api = ApiThread::start(listener, client, move |redis| ApiState {
         redis,
@@ -242,6 +243,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         partitions,
         ownership,
         ready_max_lag,
+        redis_timeout,
         rules,
         money,
         telemetry,

@@ -30,7 +30,7 @@ fn run(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
 
 #[test]
 fn bad_fields_are_named() {
-    let cases: [Case; 9] = [
+    let cases: [Case; 11] = [
         ("[kafka]\nbrokers = 9092\n", &[], "kafka.brokers"),
         ("[kafka]\nbrokrs = \"x\"\n", &[], "brokrs"),
         (
@@ -39,8 +39,11 @@ fn bad_fields_are_named() {
             "ingest.batch_max_events",
         ),
         ("", &[("TIERD_MONEY__CURRENCY", "yuan")], "money.currency"),
+        // An unknown variable is an error too, as an unknown key in the file is.
+        ("", &[("TIERD_KAFKA__BROKRS", "x")], "brokrs"),
         ("[ingest]\ncache_bytes = 4096\n", &[], "ingest.cache_bytes"),
         ("[api]\nlisten = \"everywhere\"\n", &[], "api.listen"),
+        ("[api]\nredis_timeout_ms = 0\n", &[], "api.redis_timeout_ms"),
         ("[dedup]\nhorizon_s = -1\n", &[], "dedup.horizon_s"),
         (
             "[kafka.consumer]\n\"statistics.interval.ms\" = \"0\"\n",

@@ -27,7 +27,7 @@ pub(super) async fn get(
         i64::MIN
     };
     let mut conn = s.redis.clone();
-    views::explained_customer(
+    s.within(views::explained_customer(
         &mut conn,
         &s.keyspace,
         s.partitions,
@@ -35,7 +35,7 @@ pub(super) async fn get(
         &s.money,
         now,
         &customer_id,
-    )
+    ))
     .await?
     .map(Json)
     .ok_or_else(|| ApiError::NotFound(format!("no customer {customer_id:?}")))

@@ -13,7 +13,7 @@ use std::sync::Arc;
 /// Readiness, as plain text.
 pub(super) async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
     let mut conn = s.redis.clone();
-    if let Err(e) = views::ping(&mut conn).await {
+    if let Err(e) = s.within(views::ping(&mut conn)).await {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("redis unreachable: {e}\n"),

@@ -7,6 +7,7 @@ pub mod error;
 mod health;
 mod tiers;
 
+use crate::api::error::ApiError;
 use crate::engine::rules::Rules;
 use crate::model::change::MoneyFormat;
 use crate::partition::Ownership;
@@ -30,6 +31,8 @@ pub struct ApiState {
     pub ownership: Ownership,
     /// Readiness lag bound.
     pub ready_max_lag: i64,
+    /// How long a request waits for Redis (`api.redis_timeout_ms`).
+    pub redis_timeout: std::time::Duration,
     /// Rules (for display names and version).
     pub rules: Arc<Rules>,
     /// Amount formatting.
@@ -40,6 +43,26 @@ pub struct ApiState {
     pub wall_clock: bool,
     /// Raised while this instance owns nothing and input partitions are stalled.
     pub stall_alarm: Arc<crate::ingest::stalls::StallAlarm>,
+}
+
+impl ApiState {
+    /// Awaits a read from Redis for at most `redis_timeout`: a frozen or unreachable Redis
+    /// is answered 503 `redis_unavailable` in bounded time instead of holding the caller.
+    ///
+    /// # Errors
+    /// The read's own error, or [`ApiError::RedisUnavailable`] when it takes too long.
+    pub async fn within<T, E: Into<ApiError>>(
+        &self,
+        read: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, ApiError> {
+        match tokio::time::timeout(self.redis_timeout, read).await {
+            Ok(result) => result.map_err(Into::into),
+            Err(_) => Err(ApiError::RedisUnavailable(format!(
+                "Redis did not answer within {} ms",
+                self.redis_timeout.as_millis()
+            ))),
+        }
+    }
 }
 
 /// The router. Handlers share the state behind one `Arc` (axum clones it per request).

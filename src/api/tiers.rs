@@ -13,13 +13,16 @@ pub(super) async fn get(
     State(s): State<Arc<ApiState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let mut conn = s.redis.clone();
-    let counts = views::tier_sizes(&mut conn, &s.keyspace, s.partitions).await?;
+    let counts = s
+        .within(views::tier_sizes(&mut conn, &s.keyspace, s.partitions))
+        .await?;
     let mut sizes = serde_json::Map::new();
     for t in s.rules.tiers() {
         let n: i64 = counts.get(&t.name).copied().unwrap_or(0);
         sizes.insert(t.name.clone(), n.into());
     }
-    let cutoffs = views::cutoffs(&mut conn, &s.keyspace)
+    let cutoffs = s
+        .within(views::cutoffs(&mut conn, &s.keyspace))
         .await
         .ok()
         .flatten()

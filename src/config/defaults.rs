@@ -126,6 +126,9 @@ pub(super) fn default_listen() -> String {
 pub(super) const fn default_ready_lag() -> i64 {
     10_000
 }
+pub(super) const fn default_api_redis_timeout_ms() -> u64 {
+    1000
+}
 
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(

@@ -331,6 +331,11 @@ pub struct ApiConfig {
     /// Default 10000.
     #[serde(default = "default_ready_lag")]
     pub ready_max_lag: i64,
+    /// How long a request waits for Redis, milliseconds: a lookup (or the readiness check)
+    /// that gets no answer in time is answered 503 `redis_unavailable` (a frozen or
+    /// partitioned Redis must not hold a caller that routes on the answer). Default 1000.
+    #[serde(default = "default_api_redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
 }
 
 impl Config {

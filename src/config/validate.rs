@@ -204,6 +204,9 @@ impl Config {
         if self.api.ready_max_lag < 0 {
             return bad("api.ready_max_lag", "must not be negative");
         }
+        if !(10..=60_000).contains(&self.api.redis_timeout_ms) {
+            return bad("api.redis_timeout_ms", "must be 10..=60000");
+        }
         Ok(())
     }
 }
