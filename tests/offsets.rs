@@ -442,3 +442,55 @@ fn a_start_deferred_by_an_offset_commit_is_still_validated() {
     stopped_at_the_truncation(&world, &taker, 1, &b);
     drop(owner);
 }
+
+/// Kafka's committed offsets of tierd's group follow the offsets applied in Redis (every
+/// `ingest.kafka_commit_interval_ms`), so the lag tools and dashboards that read a group's
+/// commits (`kafka-consumer-groups.sh`, exporters) see tierd's real position.
+#[test]
+fn the_groups_committed_offsets_follow_the_applied_ones_for_lag_dashboards() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let world = World::start(2);
+    let tierd = Tierd::spawn_with(&world, "", "[ingest]\nkafka_commit_interval_ms = 200\n");
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let [a, b]: [String; 2] = world.customer_per_partition().try_into().unwrap();
+    let events: Vec<serde_json::Value> = (0..5)
+        .map(|i| purchase(&format!("a{i}"), &a, "10", "2026-11-01T10:00:00Z"))
+        .chain((0..3).map(|i| purchase(&format!("b{i}"), &b, "10", "2026-11-01T10:00:00Z")))
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    let reader: BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &world.broker.addr)
+        .set("group.id", &world.group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&world.input, 0);
+    tpl.add_partition(&world.input, 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = reader
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .unwrap();
+        let got: Vec<Option<i64>> = (0..2)
+            .map(
+                |p| match committed.find_partition(&world.input, p)?.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+            )
+            .collect();
+        let stored: Vec<Option<i64>> = (0..2).map(|p| Some(world.partition_meta(p).1)).collect();
+        if got == stored {
+            assert_eq!(got, vec![Some(ends[&0]), Some(ends[&1])]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed {got:?}, applied (Redis) {stored:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
