@@ -209,3 +209,39 @@ fn check_config_builds_both_clients_and_names_what_cannot_work() {
     ));
     assert!(!ok && stderr.contains("redis.tls_ca_file"), "{stderr}");
 }
+
+/// A Redis that admits only clients presenting a certificate signed by its CA
+/// (`tls-auth-clients yes`): tierd connects with `redis.tls_cert_file` / `redis.tls_key_file`
+/// and runs the pipeline; the same settings without the client certificate are refused by
+/// Redis.
+#[test]
+fn tierd_presents_its_client_certificate_to_a_redis_that_requires_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(dir.path());
+    let redis = Redis::start_mutual_tls(&certs, "tierd-app", "redis-acl-secret");
+    let ping = |cfg: &tierd::config::RedisConfig| {
+        tierd::store::client::client(cfg)
+            .unwrap()
+            .get_connection()
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+    };
+    let with_cert = redis.config("tierd");
+    assert!(with_cert.tls_cert_file.is_some() && with_cert.tls_key_file.is_some());
+    assert_eq!(ping(&with_cert).unwrap(), "PONG");
+    let without_cert = tierd::config::RedisConfig {
+        tls_cert_file: None,
+        tls_key_file: None,
+        ..with_cert
+    };
+    assert!(
+        ping(&without_cert).is_err(),
+        "Redis must refuse a client without a certificate"
+    );
+
+    let world = World::start_on(1, redis, Broker::shared());
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let ends = world.produce_json(&[purchase("m1", "mia", "10", "2026-11-01T10:00:00Z")]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(world.customer_state("mia").unwrap().count, 1);
+}

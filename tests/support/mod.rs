@@ -64,6 +64,8 @@ pub struct Redis {
     /// `Some((certs, user, password))`: TLS only (no plain port) and an ACL user; the default
     /// user is disabled.
     tls: Option<(Certs, String, String)>,
+    /// Clients must present a certificate signed by the CA (`tls-auth-clients yes`).
+    client_certs: bool,
     /// `appendfsync` of the append-only file, if persistent.
     appendfsync: Option<&'static str>,
 }
@@ -95,6 +97,7 @@ impl Redis {
                 url,
                 dir,
                 tls: None,
+                client_certs: false,
                 appendfsync,
             };
         }
@@ -105,6 +108,7 @@ impl Redis {
             url: format!("redis://127.0.0.1:{port}"),
             dir,
             tls: None,
+            client_certs: false,
             appendfsync,
         };
         r.spawn();
@@ -121,6 +125,24 @@ impl Redis {
             url: format!("rediss://{user}:{password}@127.0.0.1:{port}"),
             dir: tempfile::tempdir().unwrap(),
             tls: Some((certs.clone(), user.to_owned(), password.to_owned())),
+            client_certs: false,
+            appendfsync: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// [`Redis::start_tls`] that also requires a client certificate signed by the CA
+    /// (`tls-auth-clients yes`); [`Redis::config`] then names `certs`' client certificate.
+    pub fn start_mutual_tls(certs: &Certs, user: &str, password: &str) -> Self {
+        let port = free_port();
+        let r = Self {
+            child: Mutex::new(None),
+            port,
+            url: format!("rediss://{user}:{password}@127.0.0.1:{port}"),
+            dir: tempfile::tempdir().unwrap(),
+            tls: Some((certs.clone(), user.to_owned(), password.to_owned())),
+            client_certs: true,
             appendfsync: None,
         };
         r.spawn();
@@ -133,6 +155,16 @@ impl Redis {
             url: self.url.clone(),
             key_prefix: key_prefix.to_owned(),
             tls_ca_file: self.tls.as_ref().map(|(certs, ..)| certs.ca.clone()),
+            tls_cert_file: self
+                .tls
+                .as_ref()
+                .filter(|_| self.client_certs)
+                .map(|(certs, ..)| certs.client_cert.clone()),
+            tls_key_file: self
+                .tls
+                .as_ref()
+                .filter(|_| self.client_certs)
+                .map(|(certs, ..)| certs.client_key.clone()),
             ..Default::default()
         }
     }
@@ -156,7 +188,7 @@ impl Redis {
                 "--tls-ca-cert-file".into(),
                 certs.ca.display().to_string(),
                 "--tls-auth-clients".into(),
-                "no".into(),
+                if self.client_certs { "yes" } else { "no" }.into(),
                 "--user".into(),
                 "default".into(),
                 "off".into(),
@@ -288,6 +320,9 @@ pub struct Certs {
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// A client certificate (and its key) signed by the CA, for `tls-auth-clients yes`.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
     /// PKCS12 keystore (server key + certificate chain), password [`Certs::STORE_PASSWORD`].
     pub keystore: PathBuf,
 }
@@ -357,6 +392,40 @@ impl Certs {
             "-out",
             "server.pem",
         ]);
+        std::fs::write(
+            dir.join("client.cnf"),
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=tierd test client",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "client.cnf",
+            "-out",
+            "client.pem",
+        ]);
         let pass = format!("pass:{}", Self::STORE_PASSWORD);
         run(&[
             "pkcs12",
@@ -378,6 +447,8 @@ impl Certs {
             ca: dir.join("ca.pem"),
             server_cert: dir.join("server.pem"),
             server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
             keystore: dir.join("server.p12"),
         }
     }
