@@ -165,7 +165,6 @@ impl Redis {
                 .as_ref()
                 .filter(|_| self.client_certs)
                 .map(|(certs, ..)| certs.client_key.clone()),
-            ..Default::default()
         }
     }
 
