@@ -470,6 +470,9 @@ fn wall_clock_timers_fire_on_a_transactionally_written_input() {
     );
     // The log does end with the marker: the lag stays 1.
     assert_eq!(tierd.metric("tierd_consumer_lag_messages"), 1.0);
+    // The reports of the partition's end are expected, not logged as errors.
+    let log = tierd.log_text();
+    assert!(!log.contains("PartitionEOF"), "{log}");
 }
 
 /// Wall mode after a restart with a backlog: a customer whose recency timer came due while

@@ -394,3 +394,113 @@ fn a_dead_letter_kafka_refuses_is_parked_and_the_rest_flows_exactly_once() {
     assert_eq!(letters[1].value, big.as_bytes());
     assert_eq!(world.read_all(&world.output).len(), 10);
 }
+
+/// A tier change the output topic refuses for good (here: larger than its `max.message.bytes`)
+/// holds its partition's outbox: the changes before it are published once, the one after it
+/// waits (a customer's order matters more than progress), `tierd_outbox_blocked`,
+/// `tierd_publish_refused_total` and `/readyz` say so; once the topic accepts it, it and the
+/// held change go out in order, and nothing is published twice.
+#[test]
+fn a_change_kafka_refuses_holds_the_outbox_in_order_and_nothing_is_sent_twice() {
+    use rand::distr::{Alphanumeric, SampleString};
+    let world = World::start(1);
+    // Uncompressed, so that the record batch's size is known from the records.
+    let tierd = Tierd::spawn_with(
+        &world,
+        "",
+        "[kafka.producer]\n\"compression.type\" = \"none\"\n[publish]\nparked_retry_ms = 300\n",
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let at = "2026-11-10T10:00:00Z";
+    let ends = world.produce_json(&[purchase("a1", "ann", "1.00", at)]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        if let Some(r) = world.read_all(&world.output).into_iter().next() {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ann's change not published"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // A batch holding one change like ann's fits (batch header 61 B, record framing and
+    // header names well under 100 B); one whose customer id and event id are 128 random
+    // characters (~250 B more, twice in the record) does not.
+    let size = first.key.as_ref().map_or(0, Vec::len)
+        + first.value.len()
+        + first
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
+    let limit = size + 61 + 100 + 120;
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", &limit.to_string());
+
+    let long = Alphanumeric.sample_string(&mut rand::rng(), 128);
+    let long_event = Alphanumeric.sample_string(&mut rand::rng(), 128);
+    let ends = world.produce_json(&[
+        purchase(&long_event, &long, "1.00", at),
+        purchase("b1", "bob", "1.00", at),
+    ]);
+    // Applied (the outbox cannot drain: `wait_applied` would wait for that too).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while world.partition_meta(0).1 < ends[&0] {
+        assert!(std::time::Instant::now() < deadline, "not applied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_blocked") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox was never reported blocked: {}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, body) = tierd.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("outbox blocked at entry"), "{body}");
+    assert!(tierd.metric("tierd_publish_refused_total") >= 1.0);
+    // Retries run meanwhile (each an aborted transaction: its abort marker keeps the log end
+    // moving, so the output is read once the outbox flows again): bob's change stays in the
+    // outbox behind the refused one.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        world.outbox_len(0),
+        2,
+        "the refused change and bob's after it"
+    );
+    let customers = |records: &[support::Record]| -> Vec<String> {
+        records
+            .iter()
+            .map(|r| r.json()["customer_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "1048588");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_blocked") > 0.0 || tierd.get("/readyz").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox never flowed again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = customers(&world.read_all(&world.output));
+        if got.len() >= 3 {
+            // In order, each once: ann's was not published again by the retries.
+            assert_eq!(got, vec!["ann".to_owned(), long.clone(), "bob".to_owned()]);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "published: {got:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

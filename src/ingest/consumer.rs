@@ -807,6 +807,15 @@ impl IngestContext {
 }
 
 impl ClientContext for IngestContext {
+    /// librdkafka's errors, logged as rust-rdkafka does, except its reports of a partition's
+    /// end: those are expected (tierd asks for them, see `reached_end`), and rust-rdkafka
+    /// passes every consumer error through here before the poll returns it.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            error!("librdkafka: {error}: {reason}");
+        }
+    }
+
     fn stats(&self, statistics: Statistics) {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
