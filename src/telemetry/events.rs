@@ -4,7 +4,7 @@
 
 use super::Telemetry;
 use std::fmt::Display;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// A Redis call failed and is retried after a backoff.
 pub struct RedisCallFailed<'a> {
@@ -94,7 +94,11 @@ impl PartitionStopped<'_> {
     }
 }
 
-/// A batch starts after an offset gap (retention or compaction removed messages).
+/// A batch starts after an offset gap: offsets the consumer never delivers. A gap of one is
+/// the commit marker of a transactional producer's transaction (one per partition it wrote
+/// to); a longer one an aborted transaction's records and its marker, or records removed by
+/// compaction. (Records deleted by retention before they were applied are not a gap: the
+/// stored offset is then outside the log and the partition stops, see the consumer.)
 pub struct OffsetGap {
     /// The partition.
     pub partition: i32,
@@ -108,12 +112,21 @@ impl OffsetGap {
     /// Logs and counts it.
     pub fn emit(self, t: &Telemetry) {
         t.offset_gaps.inc();
-        warn!(
-            partition = self.partition,
-            expected = self.expected,
-            first_offset = self.first_offset,
-            "Offset gap: messages were removed by retention or compaction."
-        );
+        if self.first_offset - self.expected == 1 {
+            // Every transaction of a transactional producer: not worth a warning each.
+            debug!(
+                partition = self.partition,
+                offset = self.expected,
+                "Offset gap of one: a transaction's commit marker."
+            );
+        } else {
+            warn!(
+                partition = self.partition,
+                expected = self.expected,
+                first_offset = self.first_offset,
+                "Offset gap: offsets not delivered (an aborted transaction's records and its marker, or records removed by compaction)."
+            );
+        }
     }
 }
 

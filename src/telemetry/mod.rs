@@ -59,7 +59,8 @@ pub struct Telemetry {
     /// Input partitions with records to apply whose stored offset has not moved for
     /// `ingest.stall_alarm_s` (whoever owns them, or nobody).
     pub input_partitions_stalled: IntGauge,
-    /// Offsets skipped between batches (retention or compaction gaps).
+    /// Offsets skipped between batches (transaction markers, aborted transactions' records,
+    /// compaction).
     pub offset_gaps: IntCounter,
     /// Timers fired (time-driven evaluations), by cause.
     pub timers_fired: IntCounterVec,
