@@ -89,6 +89,19 @@ fn an_erased_customer_is_gone_and_a_new_one_never_reuses_an_id() {
     );
     assert!(world.customer_state("nobody").is_none(), "nothing created");
     assert_eq!(tierd.get("/v1/customers/ann").0, 404);
+    // Counted as a move to "erased" (once: the re-sent erase is a duplicate).
+    let erased: f64 = tierd
+        .get("/metrics")
+        .1
+        .lines()
+        .filter(|l| {
+            l.starts_with("tierd_tier_changes_total{")
+                && l.contains("reason=\"erased\"")
+                && l.contains("to=\"erased\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(erased, 1.0);
     let records = world.read_all(&world.output);
     let anns = of(&records, "ann");
     let first_ids: Vec<String> = anns

@@ -162,10 +162,21 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
     assert_eq!(tierd.metric("tierd_events_deduplicated_total"), 1.0);
     assert_eq!(tierd.metric("tierd_tier_changes_total"), 7.0);
     assert_eq!(tierd.metric("tierd_events_dead_lettered_total"), 0.0);
-    assert!(tierd
-        .get("/metrics")
-        .1
-        .contains("tierd_batch_apply_duration_seconds_bucket"));
+    // Every input record consumed (the duplicate too), every change published, none left.
+    let produced: i64 = ends.values().sum();
+    assert_eq!(tierd.metric("tierd_events_consumed_total"), produced as f64);
+    let metrics = tierd.get("/metrics").1;
+    assert!(
+        metrics.contains("tierd_outbox_published_total{kind=\"change\"} 7"),
+        "{metrics}"
+    );
+    assert_eq!(tierd.metric("tierd_outbox_depth"), 0.0);
+    assert_eq!(
+        tierd.metric("tierd_batch_events_sum"),
+        produced as f64,
+        "{metrics}"
+    );
+    assert!(metrics.contains("tierd_batch_apply_duration_seconds_bucket"));
 
     // Clean shutdown: events produced just before SIGTERM are either applied with their
     // changes published, or left for the next owner — never applied with changes stranded.
@@ -320,6 +331,7 @@ fn a_stale_claim_cannot_stop_the_rightful_owner() {
     assert!(tierd
         .log_text()
         .contains("Partition claimed again (after a fence"));
+    assert_eq!(tierd.metric("tierd_apply_fenced_total"), 1.0);
     // Published once each, in order.
     let seqs: Vec<(String, u64)> = world
         .read_all(&world.output)

@@ -98,6 +98,8 @@ fn overtaken_vip_moves_down_once_with_rank_shift() {
         vec![Some(1_000_000), Some(810_000), Some(510_000)],
         "top 1 / 20 / 50 of 100"
     );
+    // The recompute that found them is timed (the cut-off duty runs on this instance).
+    assert!(tierd.metric("tierd_rank_recompute_seconds_count") >= 1.0);
     assert_eq!(
         world.customer_state("c100").unwrap().tier.as_deref(),
         Some("vip")
