@@ -504,3 +504,97 @@ fn a_change_kafka_refuses_holds_the_outbox_in_order_and_nothing_is_sent_twice() 
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `occurred_at` is bounded by the Kafka message timestamp (not only by tierd's clock) and by
+/// `ingest.min_occurred_at`, both as configured: a record whose timestamp is ten days old and
+/// whose event time lies two hours after it (but still in the past) is refused under
+/// `max_future_skew_s = 3600`, one thirty minutes after it is applied; an event before the
+/// configured floor is refused, one after it applied.
+#[test]
+fn occurred_at_is_bounded_by_the_message_timestamp_and_the_configured_floor() {
+    use rdkafka::producer::{FutureRecord, Producer};
+    use tierd::model::time::{format_ms, now_ms, parse_rfc3339_ms};
+    let world = World::start(1);
+    let tierd = Tierd::spawn(
+        &world,
+        "[ingest]\nmax_future_skew_s = 3600\nmin_occurred_at = \"2020-01-01T00:00:00Z\"\n",
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let now = now_ms();
+    let ten_days_ago = now - 10 * 86_400_000;
+    let floor = parse_rfc3339_ms("2020-01-01T00:00:00Z").unwrap();
+    // (Two customers: an event years before another one of the same customer would be
+    // `too_late` for its dedup horizon.)
+    let records = [
+        (
+            "r1",
+            "uma",
+            format_ms(ten_days_ago + 2 * 3_600_000),
+            ten_days_ago,
+        ),
+        (
+            "r2",
+            "uma",
+            format_ms(ten_days_ago + 1_800_000),
+            ten_days_ago,
+        ),
+        ("r3", "vic", format_ms(floor - 86_400_000), now),
+        ("r4", "vic", format_ms(floor + 86_400_000), now),
+    ];
+    let producer = world.producer();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for (id, customer, at, timestamp) in &records {
+            let bytes = serde_json::to_vec(&purchase(id, customer, "5.00", at)).unwrap();
+            producer
+                .send(
+                    FutureRecord::to(&world.input)
+                        .key(*customer)
+                        .payload(&bytes)
+                        .timestamp(*timestamp),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    producer.flush(Duration::from_secs(10)).unwrap();
+    world.wait_applied(&BTreeMap::from([(0, 4)]), Duration::from_secs(60));
+
+    let dead: Vec<(String, String, String)> = world
+        .read_all(&world.dlq)
+        .iter()
+        .map(|r| {
+            (
+                r.json()["event_id"].as_str().unwrap().to_owned(),
+                r.headers["tierd.reason"].clone(),
+                r.headers["tierd.detail"].clone(),
+            )
+        })
+        .collect();
+    let ids: Vec<(&str, &str)> = dead
+        .iter()
+        .map(|(id, reason, _)| (id.as_str(), reason.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            ("r1", "timestamp_out_of_range"),
+            ("r3", "timestamp_out_of_range")
+        ]
+    );
+    assert!(
+        dead[0].2.contains("more than 3600 s after")
+            && dead[0].2.contains(&format_ms(ten_days_ago)),
+        "measured from the message timestamp: {}",
+        dead[0].2
+    );
+    assert!(dead[1].2.contains("is before 2020-01-01"), "{}", dead[1].2);
+    let uma = world.customer_state("uma").unwrap();
+    assert_eq!((uma.count, uma.sum), (1, 500), "r2 counts");
+    let vic = world.customer_state("vic").unwrap();
+    assert_eq!((vic.count, vic.sum), (1, 500), "r4 counts");
+}
