@@ -191,3 +191,41 @@ fn a_position_budget_the_brokers_cannot_hold_is_refused_naming_the_field() {
     let tierd = support::Tierd::spawn(&world, "[publish]\nposition_metadata_bytes = 4000\n");
     tierd.wait_partitions(1, std::time::Duration::from_secs(60));
 }
+
+/// A least-privilege Redis user without the `@dangerous` commands (no `INFO`, no `CONFIG`)
+/// cannot read `maxmemory-policy`: tierd starts with a warning that names what to check, and
+/// the whole pipeline runs under that user.
+#[test]
+fn a_redis_user_without_info_gets_a_warning_and_the_pipeline_runs() {
+    let mut world = support::World::start(1);
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("tierd-app")
+        .arg("on")
+        .arg(">app-secret")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-@dangerous")
+        .query(&mut world.redis.conn())
+        .unwrap();
+    world.redis.url = world
+        .redis
+        .url
+        .replacen("redis://", "redis://tierd-app:app-secret@", 1);
+    let refused: redis::RedisResult<String> = redis::cmd("INFO")
+        .arg("memory")
+        .query(&mut world.redis.conn());
+    assert!(refused.is_err(), "the user must not run INFO");
+
+    let tierd = support::Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, std::time::Duration::from_secs(60));
+    let ends = world.produce_json(&[support::purchase("l1", "lia", "10", "2026-11-01T10:00:00Z")]);
+    world.wait_applied(&ends, std::time::Duration::from_secs(60));
+    assert_eq!(world.customer_state("lia").unwrap().count, 1);
+    let log = tierd.log_text();
+    assert!(
+        log.contains("Cannot read Redis's maxmemory-policy; make sure it is `noeviction`"),
+        "{log}"
+    );
+}
