@@ -190,6 +190,36 @@ name = "D"
         5,
         "sample of 5 movers:\n{out}"
     );
+    // Rank-based rules: the pyramid's cut-offs over the stored population (1 / 19 / 30 / 50 %
+    // of the 100 by sum).
+    let pyramid = format!("{}/config/rules/pyramid.toml", env!("CARGO_MANIFEST_DIR"));
+    let (code, out, err) = tierd(&["simulate", "--rules", &pyramid, "--config", &config]);
+    assert_eq!(code, 0, "{err}");
+    // Now A is c100, B c50-c99, C c20-c49, D c1-c19; the pyramid: vip c100, key c81-c99,
+    // ordinary c51-c80, small c1-c50.
+    assert_eq!(
+        matrix_row(&out, "A "),
+        "A 1 (100.0%) 0 (0.0%) 0 (0.0%) 0 (0.0%) 1",
+        "{out}"
+    );
+    assert_eq!(
+        matrix_row(&out, "B "),
+        "B 0 (0.0%) 19 (38.0%) 30 (60.0%) 1 (2.0%) 50",
+        "{out}"
+    );
+    assert_eq!(
+        matrix_row(&out, "C "),
+        "C 0 (0.0%) 0 (0.0%) 0 (0.0%) 30 (100.0%) 30",
+        "{out}"
+    );
+    // Rules that read 24 monthly buckets the running rules never kept: a warning.
+    let airline = format!("{}/config/rules/airline.toml", env!("CARGO_MANIFEST_DIR"));
+    let (code, out, err) = tierd(&["simulate", "--rules", &airline, "--config", &config]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning: the new rules read 24 month buckets; stored customers keep 0 (under b2b-lifetime-1)"),
+        "{out}\n{err}"
+    );
     assert_eq!(
         snapshot(&world),
         before,
