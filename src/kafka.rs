@@ -2,7 +2,9 @@
 //! pass-through librdkafka properties from `[kafka.consumer]` / `[kafka.producer]`.
 
 use crate::config::{ConfigError, KafkaConfig};
-use rdkafka::ClientConfig;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{ClientConfig, ClientContext};
 
 /// Consumer settings: manual offsets (Redis holds the real ones), cooperative rebalancing.
 ///
@@ -188,3 +190,25 @@ mod tests {
         }
     }
 }
+
+/// Logs a librdkafka error as rust-rdkafka's default context does (same target), except a
+/// report of a partition's end: tierd's consumers that ask for those
+/// (`enable.partition.eof`) expect them, and rust-rdkafka passes every consumer error
+/// through the context's error callback before the poll returns it.
+pub fn log_client_error(error: &KafkaError, reason: &str) {
+    if !matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+        tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+    }
+}
+
+/// The context of a plain consumer that asks for reports of a partition's end.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EofExpected;
+
+impl ClientContext for EofExpected {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(&error, reason);
+    }
+}
+
+impl ConsumerContext for EofExpected {}

@@ -402,8 +402,9 @@ fn wall_clock_timers_fire_on_a_transactionally_written_input() {
         .unwrap();
     producer.init_transactions(Duration::from_secs(30)).unwrap();
     producer.begin_transaction().unwrap();
-    // Tina's recency bound (1 day after this purchase) comes due in 5 s.
-    let due = time::now_ms() + 5_000;
+    // Tina's recency bound (1 day after this purchase) comes due in 10 s (time for the
+    // transaction and its apply on a loaded machine).
+    let due = time::now_ms() + 10_000;
     let event = serde_json::to_vec(&purchase(
         "t1",
         "tina",

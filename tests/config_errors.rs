@@ -198,6 +198,13 @@ fn a_position_budget_the_brokers_cannot_hold_is_refused_naming_the_field() {
 #[test]
 fn a_redis_user_without_info_gets_a_warning_and_the_pipeline_runs() {
     let mut world = support::World::start(1);
+    if !world.redis.url.starts_with("redis://") || world.redis.url.contains('@') {
+        eprintln!(
+            "skipped: REDIS_URL {} has credentials or is not redis://",
+            world.redis.url
+        );
+        return;
+    }
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg("tierd-app")
@@ -209,6 +216,7 @@ fn a_redis_user_without_info_gets_a_warning_and_the_pipeline_runs() {
         .arg("-@dangerous")
         .query(&mut world.redis.conn())
         .unwrap();
+    // tierd and this test's reads go through the restricted user (they need no more).
     world.redis.url = world
         .redis
         .url

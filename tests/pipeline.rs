@@ -162,21 +162,23 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
     assert_eq!(tierd.metric("tierd_events_deduplicated_total"), 1.0);
     assert_eq!(tierd.metric("tierd_tier_changes_total"), 7.0);
     assert_eq!(tierd.metric("tierd_events_dead_lettered_total"), 0.0);
-    // Every input record consumed (the duplicate too), every change published, none left.
-    let produced: i64 = ends.values().sum();
-    assert_eq!(tierd.metric("tierd_events_consumed_total"), produced as f64);
-    let metrics = tierd.get("/metrics").1;
-    assert!(
-        metrics.contains("tierd_outbox_published_total{kind=\"change\"} 7"),
-        "{metrics}"
-    );
-    assert_eq!(tierd.metric("tierd_outbox_depth"), 0.0);
-    assert_eq!(
-        tierd.metric("tierd_batch_events_sum"),
-        produced as f64,
-        "{metrics}"
-    );
-    assert!(metrics.contains("tierd_batch_apply_duration_seconds_bucket"));
+    // Every input record consumed (the duplicate too), every change published, none left
+    // (the publisher counts and measures after its trim, which `wait_applied` sees: settle).
+    let produced = ends.values().sum::<i64>() as f64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = tierd.get("/metrics").1;
+        let settled = tierd.metric("tierd_events_consumed_total") == produced
+            && tierd.metric("tierd_batch_events_sum") == produced
+            && metrics.contains("tierd_outbox_published_total{kind=\"change\"} 7")
+            && tierd.metric("tierd_outbox_depth") == 0.0
+            && metrics.contains("tierd_batch_apply_duration_seconds_bucket");
+        if settled {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Clean shutdown: events produced just before SIGTERM are either applied with their
     // changes published, or left for the next owner — never applied with changes stranded.

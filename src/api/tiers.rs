@@ -13,20 +13,33 @@ pub(super) async fn get(
     State(s): State<Arc<ApiState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let mut conn = s.redis.clone();
-    let counts = s
-        .within(views::tier_sizes(&mut conn, &s.keyspace, s.partitions))
+    // Both reads within one `api.redis_timeout_ms`.
+    let (counts, cutoffs) = s
+        .within(async {
+            let counts = views::tier_sizes(&mut conn, &s.keyspace, s.partitions).await?;
+            let cutoffs = match views::cutoffs(&mut conn, &s.keyspace).await {
+                Ok(cutoffs) => cutoffs,
+                // Redis unreachable: 503, as for the counts.
+                Err(e)
+                    if e.is_io_error()
+                        || e.is_connection_dropped()
+                        || e.is_connection_refusal()
+                        || e.is_timeout() =>
+                {
+                    return Err(e)
+                }
+                // Cut-offs that cannot be read are shown as none.
+                Err(_) => None,
+            };
+            Ok::<_, redis::RedisError>((counts, cutoffs))
+        })
         .await?;
     let mut sizes = serde_json::Map::new();
     for t in s.rules.tiers() {
         let n: i64 = counts.get(&t.name).copied().unwrap_or(0);
         sizes.insert(t.name.clone(), n.into());
     }
-    let cutoffs = s
-        .within(views::cutoffs(&mut conn, &s.keyspace))
-        .await
-        .ok()
-        .flatten()
-        .filter(|c| c.rules == crate::model::state::rules_hash(s.rules.version()));
+    let cutoffs = cutoffs.filter(|c| c.rules == crate::model::state::rules_hash(s.rules.version()));
     let points: Vec<serde_json::Value> = s
         .rules
         .cut_points()

@@ -556,7 +556,7 @@ impl IngestContext {
 
     /// Pauses a partition this instance holds but does not process.
     fn pause(&self, consumer: &BaseConsumer<Self>, partition: i32) {
-        self.undrain(&[partition]);
+        self.undrain(Some(partition));
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.topic, partition);
         if let Err(error) = consumer.pause(&tpl) {
@@ -659,14 +659,13 @@ impl IngestContext {
         self.set_drained(partition, until);
     }
 
-    /// Withdraws the reports of the end of `partitions` (all held here if empty): a pause or
-    /// seek, and librdkafka's own pause of the assignment while a rebalance runs, drop the
-    /// messages fetched past the polls, which the fetcher then reads again.
-    fn undrain(&self, partitions: &[i32]) {
+    /// Withdraws the report of `partition`'s end (`None`: of every partition held here): a
+    /// pause or seek, and librdkafka's own pause of the assignment while a rebalance runs,
+    /// drop the messages fetched past the polls, which the fetcher then reads again.
+    fn undrain(&self, partition: Option<i32>) {
         let mut pending = self.pending.lock().expect("pending lock");
         for (&p, b) in pending.iter_mut() {
-            if (partitions.is_empty() || partitions.contains(&p)) && std::mem::take(&mut b.drained)
-            {
+            if partition.is_none_or(|only| only == p) && std::mem::take(&mut b.drained) {
                 self.set_drained(p, NOT_DRAINED);
             }
         }
@@ -811,9 +810,7 @@ impl ClientContext for IngestContext {
     /// end: those are expected (tierd asks for them, see `reached_end`), and rust-rdkafka
     /// passes every consumer error through here before the poll returns it.
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
-            error!("librdkafka: {error}: {reason}");
-        }
+        crate::kafka::log_client_error(&error, reason);
     }
 
     fn stats(&self, statistics: Statistics) {
@@ -892,7 +889,7 @@ impl ConsumerContext for IngestContext {
         );
         // librdkafka paused the whole assignment for the rebalance (until the assignment
         // below): what it fetched and tierd has not polled is dropped and fetched again.
-        self.undrain(&[]);
+        self.undrain(None);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let Claimed { assign, refused } = self.claim_all(tpl);

@@ -56,7 +56,7 @@ impl StallTracker {
 
 /// Reads the input topic outside the group, to tell whether records wait after an offset.
 pub struct Probe {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<crate::kafka::EofExpected>,
     topic: String,
 }
 
@@ -66,13 +66,14 @@ impl Probe {
     /// # Errors
     /// librdkafka refused the settings.
     pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
-        let consumer: BaseConsumer = crate::kafka::consumer_config(kafka)
-            .set("group.id", format!("{}.watch", kafka.group_id))
-            .set("statistics.interval.ms", "0")
-            .set("enable.partition.eof", "true")
-            // What tierd itself would read: aborted records are not waiting work.
-            .set("isolation.level", "read_committed")
-            .create()?;
+        let consumer: BaseConsumer<crate::kafka::EofExpected> =
+            crate::kafka::consumer_config(kafka)
+                .set("group.id", format!("{}.watch", kafka.group_id))
+                .set("statistics.interval.ms", "0")
+                .set("enable.partition.eof", "true")
+                // What tierd itself would read: aborted records are not waiting work.
+                .set("isolation.level", "read_committed")
+                .create_with_context(crate::kafka::EofExpected)?;
         Ok(Self {
             consumer,
             topic: kafka.input_topic.clone(),

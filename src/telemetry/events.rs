@@ -124,7 +124,7 @@ impl OffsetGap {
                 partition = self.partition,
                 expected = self.expected,
                 first_offset = self.first_offset,
-                "Offset gap: offsets not delivered (an aborted transaction's records and its marker, or records removed by compaction)."
+                "Offset gap: offsets not delivered (transaction markers, an aborted transaction's records, or records removed by compaction)."
             );
         }
     }
