@@ -107,26 +107,10 @@ fn lookups_are_answered_in_bounded_time_also_while_redis_is_frozen() {
 /// here shows, until a plain record follows it.)
 #[test]
 fn readiness_names_a_lag_over_the_bound() {
-    use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-
     let world = World::start(1);
     let tierd = Tierd::spawn(&world, "[api]\nready_max_lag = 0\n");
     tierd.wait_partitions(1, Duration::from_secs(60));
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &world.broker.addr)
-        .set("transactional.id", support::unique("tx"))
-        .create()
-        .unwrap();
-    producer.init_transactions(Duration::from_secs(30)).unwrap();
-    producer.begin_transaction().unwrap();
-    let event = serde_json::to_vec(&purchase("t1", "tom", "10", "2026-11-01T10:00:00Z")).unwrap();
-    producer
-        .send(BaseRecord::to(&world.input).key("tom").payload(&event))
-        .unwrap();
-    producer
-        .commit_transaction(Duration::from_secs(30))
-        .unwrap();
+    world.produce_in_transaction(&[purchase("t1", "tom", "10", "2026-11-01T10:00:00Z")]);
 
     let wait_for = |want: u16, text: &str| {
         let deadline = Instant::now() + Duration::from_secs(60);

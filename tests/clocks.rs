@@ -385,9 +385,6 @@ fn ids_with_control_characters_are_logged_escaped() {
 /// purchase.
 #[test]
 fn wall_clock_timers_fire_on_a_transactionally_written_input() {
-    use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-
     let rules = rules_file(
         "version = \"tx-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
     );
@@ -395,45 +392,18 @@ fn wall_clock_timers_fire_on_a_transactionally_written_input() {
     world.rules = rules.path().to_owned();
     let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
     tierd.wait_partitions(1, Duration::from_secs(60));
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &world.broker.addr)
-        .set("transactional.id", support::unique("tx"))
-        .create()
-        .unwrap();
-    producer.init_transactions(Duration::from_secs(30)).unwrap();
-    producer.begin_transaction().unwrap();
     // Tina's recency bound (1 day after this purchase) comes due in 10 s (time for the
     // transaction and its apply on a loaded machine).
     let due = time::now_ms() + 10_000;
-    let event = serde_json::to_vec(&purchase(
+    world.produce_in_transaction(&[purchase(
         "t1",
         "tina",
         "10",
         &time::format_ms(due - 86_400_000),
-    ))
-    .unwrap();
-    producer
-        .send(BaseRecord::to(&world.input).key("tina").payload(&event))
-        .unwrap();
-    producer
-        .commit_transaction(Duration::from_secs(30))
-        .unwrap();
-    let read = || -> Vec<(String, String)> {
-        world
-            .read_all(&world.output)
-            .iter()
-            .map(|r| {
-                let c = r.json();
-                (
-                    c["tier"].as_str().unwrap().to_owned(),
-                    c["reason"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect()
-    };
+    )]);
     // Not before it is due: only the purchase's change in any read that ended before then.
     loop {
-        let changes = read();
+        let changes = world.tiers_and_reasons();
         let read_by = time::now_ms();
         if read_by >= due {
             break;
@@ -447,7 +417,7 @@ fn wall_clock_timers_fire_on_a_transactionally_written_input() {
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let changes = loop {
-        let changes = read();
+        let changes = world.tiers_and_reasons();
         if changes.len() >= 2 {
             break changes;
         }
@@ -514,17 +484,7 @@ fn wall_clock_timers_wait_for_the_backlog_after_a_restart() {
     tierd.wait_partitions(1, Duration::from_secs(60));
     world.wait_applied(&BTreeMap::from([(0, 2)]), Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(2_000)); // ticks after catching up
-    let changes: Vec<_> = world
-        .read_all(&world.output)
-        .iter()
-        .map(|r| {
-            let c = r.json();
-            (
-                c["tier"].as_str().unwrap().to_owned(),
-                c["reason"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let changes = world.tiers_and_reasons();
     assert_eq!(
         changes,
         vec![("active".to_owned(), "purchase".to_owned())],

@@ -147,37 +147,19 @@ fn kip848_one_of_two_instances_killed() {
 /// the log end for good).
 #[test]
 fn an_idle_instance_says_loudly_when_the_group_leaves_partitions_unprocessed() {
-    use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-
     let world = World::start(1);
     let holder = support::GroupHolder::join(&world);
 
     let tierd = Tierd::spawn(&world, "[ingest]\nstall_alarm_s = 5\n");
     // Purchases in one transaction: the log ends with its commit marker.
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &world.broker.addr)
-        .set("transactional.id", support::unique("tx"))
-        .create()
-        .unwrap();
-    producer.init_transactions(Duration::from_secs(30)).unwrap();
-    producer.begin_transaction().unwrap();
     let base = tierd::model::time::parse_rfc3339_ms("2026-11-10T00:00:00Z").unwrap();
-    for i in 0..10 {
-        let at = tierd::model::time::format_ms(base + i * 1000);
-        let event =
-            serde_json::to_vec(&purchase(&format!("e{i}"), &format!("c{i}"), "1.00", &at)).unwrap();
-        producer
-            .send(
-                BaseRecord::to(&world.input)
-                    .key(&format!("c{i}"))
-                    .payload(&event),
-            )
-            .unwrap();
-    }
-    producer
-        .commit_transaction(Duration::from_secs(30))
-        .unwrap();
+    let events: Vec<serde_json::Value> = (0..10)
+        .map(|i| {
+            let at = tierd::model::time::format_ms(base + i * 1000);
+            purchase(&format!("e{i}"), &format!("c{i}"), "1.00", &at)
+        })
+        .collect();
+    world.produce_in_transaction(&events);
 
     // Held elsewhere and not processed: the idle instance raises the alarm.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -118,23 +118,16 @@ impl Redis {
     /// A Redis that speaks only TLS (certificates signed by `certs`' CA) and admits only the
     /// ACL user `user`; `url` is `rediss://user:password@127.0.0.1:port`.
     pub fn start_tls(certs: &Certs, user: &str, password: &str) -> Self {
-        let port = free_port();
-        let r = Self {
-            child: Mutex::new(None),
-            port,
-            url: format!("rediss://{user}:{password}@127.0.0.1:{port}"),
-            dir: tempfile::tempdir().unwrap(),
-            tls: Some((certs.clone(), user.to_owned(), password.to_owned())),
-            client_certs: false,
-            appendfsync: None,
-        };
-        r.spawn();
-        r
+        Self::start_tls_with(certs, user, password, false)
     }
 
     /// [`Redis::start_tls`] that also requires a client certificate signed by the CA
     /// (`tls-auth-clients yes`); [`Redis::config`] then names `certs`' client certificate.
     pub fn start_mutual_tls(certs: &Certs, user: &str, password: &str) -> Self {
+        Self::start_tls_with(certs, user, password, true)
+    }
+
+    fn start_tls_with(certs: &Certs, user: &str, password: &str, client_certs: bool) -> Self {
         let port = free_port();
         let r = Self {
             child: Mutex::new(None),
@@ -142,7 +135,7 @@ impl Redis {
             url: format!("rediss://{user}:{password}@127.0.0.1:{port}"),
             dir: tempfile::tempdir().unwrap(),
             tls: Some((certs.clone(), user.to_owned(), password.to_owned())),
-            client_certs: true,
+            client_certs,
             appendfsync: None,
         };
         r.spawn();
@@ -342,11 +335,6 @@ impl Certs {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
-        std::fs::write(
-            dir.join("san.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-        )
-        .unwrap();
         run(&[
             "req",
             "-x509",
@@ -362,69 +350,47 @@ impl Certs {
             "-out",
             "ca.pem",
         ]);
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
+        // `name`.key and `name`.pem, signed by the CA with the extensions `ext`.
+        let issue = |name: &str, subject: &str, ext: &str| {
+            let cnf = format!("{name}.cnf");
+            std::fs::write(dir.join(&cnf), ext).unwrap();
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            run(&[
+                "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out",
+                &csr,
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &cnf,
+                "-out",
+                &pem,
+            ]);
+        };
+        issue(
+            "server",
             "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.cnf",
-            "-out",
-            "server.pem",
-        ]);
-        std::fs::write(
-            dir.join("client.cnf"),
-            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-        )
-        .unwrap();
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        );
+        issue(
+            "client",
             "/CN=tierd test client",
-            "-keyout",
-            "client.key",
-            "-out",
-            "client.csr",
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "client.cnf",
-            "-out",
-            "client.pem",
-        ]);
+            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+        );
         let pass = format!("pass:{}", Self::STORE_PASSWORD);
         run(&[
             "pkcs12",
@@ -1301,6 +1267,45 @@ impl World {
             })
             .collect();
         self.produce(&records)
+    }
+
+    /// Produces JSON events keyed by their `customer_id` in one committed transaction of a
+    /// transactional producer: each partition written to then ends with a commit marker,
+    /// an offset no `read_committed` consumer receives.
+    pub fn produce_in_transaction(&self, events: &[serde_json::Value]) {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.broker.addr)
+            .set("transactional.id", unique("tx"))
+            .create()
+            .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        for e in events {
+            let key = e["customer_id"].as_str().unwrap_or_default().to_owned();
+            let value = serde_json::to_vec(e).unwrap();
+            producer
+                .send(BaseRecord::to(&self.input).key(&key).payload(&value))
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .unwrap();
+    }
+
+    /// The changes on the output topic as (tier, reason), in order.
+    pub fn tiers_and_reasons(&self) -> Vec<(String, String)> {
+        self.read_all(&self.output)
+            .iter()
+            .map(|r| {
+                let c = r.json();
+                (
+                    c["tier"].as_str().unwrap_or_default().to_owned(),
+                    c["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
     }
 
     /// The Redis keys of `partition`, by tierd's own key layout.
