@@ -79,6 +79,27 @@ async fn check_position_budget(config: &Config) -> Result<(), StartError> {
     }
 }
 
+/// Refuses an input topic that Kafka compacts: compaction keeps only the latest record of
+/// each key, so a customer's earlier purchases could be removed before tierd applied them —
+/// skipped without a trace (a batch would merely start after a gap). A cluster that does not
+/// say (no `DescribeConfigs` permission) gets a warning instead.
+async fn check_input_cleanup(config: &Config) -> Result<(), StartError> {
+    match crate::kafka::input_cleanup_policy(&config.kafka).await {
+        Ok(policy) if policy.contains("compact") => Err(StartError::Topic {
+            field: "kafka.input_topic",
+            message: format!(
+                "topic {:?} has cleanup.policy={policy}: compaction keeps only each customer's latest record and could remove purchases before tierd applies them; use cleanup.policy=delete (retention) for the input",
+                config.kafka.input_topic
+            ),
+        }),
+        Ok(_) => Ok(()),
+        Err(error) => {
+            warn!(%error, topic = config.kafka.input_topic, "Cannot read the input topic's cleanup.policy: make sure it is `delete` (compaction could remove purchases before they are applied).");
+            Ok(())
+        }
+    }
+}
+
 /// Runs tierd until `shutdown` resolves.
 ///
 /// # Errors
@@ -199,6 +220,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| StartError::Internal(e.to_string()))??
     };
     check_position_budget(&config).await?;
+    check_input_cleanup(&config).await?;
     pipeline
         .partitions
         .store(partitions, std::sync::atomic::Ordering::Relaxed);

@@ -129,37 +129,49 @@ pub fn builtin_features() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The brokers' `offset.metadata.max.bytes`, as the first broker of the cluster's metadata
-/// reports it (DescribeConfigs): what a committed offset's metadata may take.
+/// One resource's configuration entries (DescribeConfigs), read with the producer's client
+/// settings: the first broker of the cluster's metadata, or a topic.
 ///
 /// # Errors
-/// The cluster did not answer, refused the request (no `DescribeConfigs` permission), or did
-/// not report the setting.
-pub async fn offset_metadata_max_bytes(kafka: &KafkaConfig) -> Result<usize, String> {
+/// The cluster did not answer, or refused the request (no `DescribeConfigs` permission).
+async fn describe(
+    kafka: &KafkaConfig,
+    topic: Option<&str>,
+) -> Result<std::collections::HashMap<String, Option<String>>, String> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
     use std::time::Duration;
     let admin: AdminClient<DefaultClientContext> =
         producer_config(kafka).create().map_err(|e| e.to_string())?;
     let admin = std::sync::Arc::new(admin);
-    let broker = {
-        let admin = std::sync::Arc::clone(&admin);
-        tokio::task::spawn_blocking(move || {
-            admin
-                .inner()
-                .fetch_metadata(None, Duration::from_secs(10))
-                .map_err(|e| e.to_string())?
-                .brokers()
-                .first()
-                .map(rdkafka::metadata::MetadataBroker::id)
-                .ok_or_else(|| "no broker in the metadata".to_owned())
-        })
-        .await
-        .map_err(|e| e.to_string())??
+    let broker = match topic {
+        Some(_) => None,
+        None => {
+            let admin = std::sync::Arc::clone(&admin);
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    admin
+                        .inner()
+                        .fetch_metadata(None, Duration::from_secs(10))
+                        .map_err(|e| e.to_string())?
+                        .brokers()
+                        .first()
+                        .map(rdkafka::metadata::MetadataBroker::id)
+                        .ok_or_else(|| "no broker in the metadata".to_owned())
+                })
+                .await
+                .map_err(|e| e.to_string())??,
+            )
+        }
+    };
+    let resource = match (topic, broker) {
+        (Some(topic), _) => ResourceSpecifier::Topic(topic),
+        (None, Some(broker)) => ResourceSpecifier::Broker(broker),
+        (None, None) => unreachable!("a broker id is read when no topic is given"),
     };
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let described = admin
-        .describe_configs(&[ResourceSpecifier::Broker(broker)], &options)
+        .describe_configs(&[resource], &options)
         .await
         .map_err(|e| e.to_string())?;
     let resource = described
@@ -167,12 +179,39 @@ pub async fn offset_metadata_max_bytes(kafka: &KafkaConfig) -> Result<usize, Str
         .next()
         .ok_or_else(|| "no answer".to_owned())?
         .map_err(|e| e.to_string())?;
-    resource
-        .get("offset.metadata.max.bytes")
-        .and_then(|entry| entry.value.as_deref())
+    Ok(resource
+        .entries
+        .into_iter()
+        .map(|entry| (entry.name, entry.value))
+        .collect())
+}
+
+/// The brokers' `offset.metadata.max.bytes`, as the first broker of the cluster's metadata
+/// reports it (DescribeConfigs): what a committed offset's metadata may take.
+///
+/// # Errors
+/// The cluster did not answer, refused the request (no `DescribeConfigs` permission), or did
+/// not report the setting.
+pub async fn offset_metadata_max_bytes(kafka: &KafkaConfig) -> Result<usize, String> {
+    describe(kafka, None)
+        .await?
+        .remove("offset.metadata.max.bytes")
+        .flatten()
         .ok_or_else(|| "offset.metadata.max.bytes not reported".to_owned())?
         .parse()
         .map_err(|e: std::num::ParseIntError| e.to_string())
+}
+
+/// The input topic's `cleanup.policy` (DescribeConfigs).
+///
+/// # Errors
+/// The cluster did not answer, refused the request, or did not report the setting.
+pub async fn input_cleanup_policy(kafka: &KafkaConfig) -> Result<String, String> {
+    describe(kafka, Some(&kafka.input_topic))
+        .await?
+        .remove("cleanup.policy")
+        .flatten()
+        .ok_or_else(|| "cleanup.policy not reported".to_owned())
 }
 
 #[cfg(test)]

@@ -15,17 +15,34 @@ fn run(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tierd.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tierd"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tierd"))
         .args(["run", "--config"])
         .arg(&path)
         .envs(env.iter().copied())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    // A start that should have been refused but runs is a failure, not a hung test.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    if status.is_none() {
+        stderr.push_str("\n(still running after 60 s: killed)");
+    }
+    (status, stderr)
 }
 
 #[test]
@@ -235,5 +252,24 @@ fn a_redis_user_without_info_gets_a_warning_and_the_pipeline_runs() {
     assert!(
         log.contains("Cannot read Redis's maxmemory-policy; make sure it is `noeviction`"),
         "{log}"
+    );
+}
+
+/// An input topic that Kafka compacts could lose a customer's earlier purchases before
+/// tierd applies them (compaction keeps each key's latest record): startup refuses it,
+/// naming `kafka.input_topic` and the policy.
+#[test]
+fn a_compacted_input_topic_is_refused_naming_cleanup_policy() {
+    let mut world = support::World::start(1);
+    let input = support::unique("purchases-compacted");
+    world
+        .broker
+        .create_topics_with(&[&input], 1, 1, &[("cleanup.policy", "compact")]);
+    world.input = input;
+    let (code, stderr) = run(&world.config(support::free_port(), ""), &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("kafka.input_topic") && stderr.contains("cleanup.policy=compact"),
+        "{stderr}"
     );
 }
