@@ -494,3 +494,59 @@ fn the_groups_committed_offsets_follow_the_applied_ones_for_lag_dashboards() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Offset commits for lag dashboards wait for the previous one's answer. Sent on a timer
+/// regardless, they pile up while the group coordinator is slow: librdkafka completes a
+/// rebalance only at a moment with no commit in flight, and the coordinator answers one
+/// request of a connection at a time, so the heartbeats queue behind the commits until the
+/// session expires (seen in CI: an instance lost its partitions and was not given them back
+/// for minutes). Here the broker is frozen while tierd commits as often as it can.
+#[test]
+fn offset_commits_wait_for_the_previous_answer_while_the_coordinator_is_frozen() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let world = World::start_on(1, Redis::start(), Broker::start());
+    let tierd = Tierd::spawn_with(&world, "", "[ingest]\nkafka_commit_interval_ms = 0\n");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let [a]: [String; 1] = world.customer_per_partition().try_into().unwrap();
+    let ends = world.produce_json(&[purchase("a1", &a, "10", "2026-11-01T10:00:00Z")]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    world.broker.freeze_node(1);
+    let mut most = 0.0_f64;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        most = most.max(tierd.metric("tierd_kafka_offset_commits_in_flight"));
+    }
+    world.broker.thaw_node(1);
+    assert_eq!(most, 1.0, "commits in flight while the coordinator was frozen");
+
+    // Commits go on once it answers: the group's committed offset follows a new purchase.
+    let ends = world.produce_json(&[purchase("a2", &a, "10", "2026-11-01T11:00:00Z")]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let reader: BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &world.broker.addr)
+        .set("group.id", &world.group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&world.input, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = reader
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .unwrap();
+        let got = committed.find_partition(&world.input, 0).unwrap().offset();
+        if got == Offset::Offset(ends[&0]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed {got:?}, applied {}:\n{}",
+            ends[&0],
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
+}

@@ -13,18 +13,18 @@ use crate::partition::runner::{Batch, RunnerExit};
 use crate::partition::supervisor::{NotClaimed, Released, Supervisor};
 use crate::partition::NOT_DRAINED;
 use crate::store::partition::Claim;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Batching limits.
 #[derive(Debug, Clone, Copy)]
@@ -142,6 +142,12 @@ pub struct IngestContext {
     /// stopping): the seek is retried from the poll loop, and the partition fetches nothing
     /// before it is accepted.
     seeks: Mutex<HashMap<i32, Seek>>,
+    /// Offset commits sent and not answered yet. A periodic commit waits for the previous
+    /// one's answer: librdkafka completes a rebalance only at a moment with no commit in
+    /// flight, and the coordinator answers a connection's requests one at a time (a commit
+    /// waits for the offsets topic's replicas), so commits sent on a timer regardless would
+    /// starve the rebalance and queue the heartbeats behind them until the session expires.
+    commits_in_flight: AtomicUsize,
 }
 
 /// How long an unattributed offset-out-of-range report is looked for in the statistics.
@@ -187,6 +193,7 @@ impl IngestContext {
             offset_error: Mutex::new(None),
             not_fetching: Mutex::new((Vec::new(), Vec::new())),
             seeks: Mutex::new(HashMap::new()),
+            commits_in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -786,13 +793,38 @@ impl IngestContext {
         }
     }
 
-    /// Commits the applied offsets in `tpl` to Kafka (for lag dashboards only).
+    /// Commits the applied offsets in `tpl` to Kafka (for lag dashboards only); answered in
+    /// [`ConsumerContext::commit_callback`].
     fn advisory_commit(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         if tpl.count() > 0 {
-            if let Err(error) = consumer.commit(tpl, CommitMode::Async) {
-                warn!(%error, "Advisory offset commit failed (lag dashboards only).");
+            match commit_answered(consumer, tpl) {
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR => self.count_commit(true),
+                code => {
+                    let error = KafkaError::ConsumerCommit(code.into());
+                    warn!(%error, "Advisory offset commit failed (lag dashboards only).");
+                }
             }
         }
+    }
+
+    /// Counts a commit sent (`true`) or answered (`false`).
+    fn count_commit(&self, sent: bool) {
+        let update = |n: usize| Some(if sent { n + 1 } else { n.saturating_sub(1) });
+        let before = self
+            .commits_in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, update)
+            .unwrap_or(0);
+        let now = update(before).unwrap_or(0);
+        self.supervisor
+            .pipeline()
+            .telemetry
+            .kafka_commits_in_flight
+            .set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+
+    /// Whether a periodic commit may be sent now: no commit is waiting for its answer.
+    fn commit_idle(&self) -> bool {
+        self.commits_in_flight.load(Ordering::Relaxed) == 0
     }
 
     /// The next offsets applied so far of every owned partition.
@@ -877,6 +909,14 @@ impl ClientContext for IngestContext {
 }
 
 impl ConsumerContext for IngestContext {
+    /// The answer to an offset commit (served by the poll): the next periodic commit may go.
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        self.count_commit(false);
+        if let Err(error) = result {
+            debug!(%error, "Advisory offset commit not accepted (lag dashboards only).");
+        }
+    }
+
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -960,6 +1000,26 @@ impl ConsumerContext for IngestContext {
     }
 }
 
+/// Commits `tpl` asynchronously with its answer delivered to the consumer's poll
+/// ([`ConsumerContext::commit_callback`]). rust-rdkafka's `commit(.., Async)` calls
+/// `rd_kafka_commit` without a reply queue, and librdkafka then reports the answer only to a
+/// callback set on the configuration, which rust-rdkafka's event-based consumer does not set:
+/// the answer is dropped. `rd_kafka_commit_queue` with the main queue (forwarded to the
+/// consumer queue by rust-rdkafka) and no callback turns it into the OFFSET_COMMIT event the
+/// poll serves, as librdkafka's own auto-commit does.
+fn commit_answered(consumer: &BaseConsumer<IngestContext>, tpl: &TopicPartitionList) -> RDKafkaRespErr {
+    use rdkafka::bindings as rd;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` and `tpl` are live for the calls (librdkafka copies the list); the main
+    // queue handle is released after the call, the commit keeps its own reference to it.
+    unsafe {
+        let queue = rd::rd_kafka_queue_get_main(rk);
+        let code = rd::rd_kafka_commit_queue(rk, tpl.ptr(), queue, None, std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(queue);
+        code
+    }
+}
+
 /// Polls until the context's shutdown flag is set, then finishes in-flight work and leaves
 /// the group.
 pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: Duration) {
@@ -1012,6 +1072,7 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
         // Not while a seek is held: librdkafka defers a new assignment's fetch start (and so
         // the seek) while an offset commit is in flight.
         if last_commit.elapsed() >= commit_interval
+            && ctx.commit_idle()
             && ctx.seeks.lock().expect("seeks lock").is_empty()
         {
             ctx.advisory_commit(&consumer, &ctx.applied_offsets());

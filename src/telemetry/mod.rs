@@ -62,6 +62,9 @@ pub struct Telemetry {
     /// Offsets skipped between batches (transaction markers, aborted transactions' records,
     /// compaction).
     pub offset_gaps: IntCounter,
+    /// Offset commits to Kafka (for lag dashboards) sent and not answered yet: at most one
+    /// (a commit that stays in flight means the group coordinator does not answer).
+    pub kafka_commits_in_flight: IntGauge,
     /// Timers fired (time-driven evaluations), by cause.
     pub timers_fired: IntCounterVec,
     /// At-risk notices committed.
@@ -247,6 +250,17 @@ impl Telemetry {
                 let g = IntGauge::new(
                     "tierd_input_partitions_stalled",
                     "Input partitions with records to apply whose stored offset has not moved for ingest.stall_alarm_s (owned by any member of the group, or by none).",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
+            kafka_commits_in_flight: {
+                let g = IntGauge::new(
+                    "tierd_kafka_offset_commits_in_flight",
+                    "Offset commits to Kafka (for lag dashboards) not answered yet.",
                 )
                 .expect("valid metric");
                 registry

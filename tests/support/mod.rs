@@ -505,6 +505,11 @@ impl Node {
         }
     }
 
+    fn signal(&self, sig: &str) {
+        let pid = self.child.lock().unwrap().as_ref().expect("a running node").id();
+        signal(pid, sig);
+    }
+
     fn exited(&self) -> Option<std::process::ExitStatus> {
         self.child
             .lock()
@@ -763,6 +768,17 @@ impl Broker {
     /// SIGKILL of node `id` (1-based), as a crashed machine; its log directory stays.
     pub fn kill_node(&self, id: i32) {
         self.node(id).kill9();
+    }
+
+    /// Freezes node `id` (SIGSTOP): its connections stay open and nothing answers, like a
+    /// stalled machine. [`Broker::thaw_node`] lets it go on.
+    pub fn freeze_node(&self, id: i32) {
+        self.node(id).signal("-STOP");
+    }
+
+    /// Resumes a frozen node (SIGCONT).
+    pub fn thaw_node(&self, id: i32) {
+        self.node(id).signal("-CONT");
     }
 
     /// Starts node `id` again on its directory and ports; waits until the cluster serves it
