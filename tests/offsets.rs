@@ -519,7 +519,10 @@ fn offset_commits_wait_for_the_previous_answer_while_the_coordinator_is_frozen()
         most = most.max(tierd.metric("tierd_kafka_offset_commits_in_flight"));
     }
     world.broker.thaw_node(1);
-    assert_eq!(most, 1.0, "commits in flight while the coordinator was frozen");
+    assert_eq!(
+        most, 1.0,
+        "commits in flight while the coordinator was frozen"
+    );
 
     // Commits go on once it answers: the group's committed offset follows a new purchase.
     let ends = world.produce_json(&[purchase("a2", &a, "10", "2026-11-01T11:00:00Z")]);

@@ -1007,7 +1007,10 @@ impl ConsumerContext for IngestContext {
 /// the answer is dropped. `rd_kafka_commit_queue` with the main queue (forwarded to the
 /// consumer queue by rust-rdkafka) and no callback turns it into the OFFSET_COMMIT event the
 /// poll serves, as librdkafka's own auto-commit does.
-fn commit_answered(consumer: &BaseConsumer<IngestContext>, tpl: &TopicPartitionList) -> RDKafkaRespErr {
+fn commit_answered(
+    consumer: &BaseConsumer<IngestContext>,
+    tpl: &TopicPartitionList,
+) -> RDKafkaRespErr {
     use rdkafka::bindings as rd;
     let rk = consumer.client().native_ptr();
     // SAFETY: `rk` and `tpl` are live for the calls (librdkafka copies the list); the main

@@ -506,7 +506,13 @@ impl Node {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.lock().unwrap().as_ref().expect("a running node").id();
+        let pid = self
+            .child
+            .lock()
+            .unwrap()
+            .as_ref()
+            .expect("a running node")
+            .id();
         signal(pid, sig);
     }
 
