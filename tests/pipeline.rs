@@ -438,3 +438,64 @@ fn the_state_caches_stay_within_the_instance_budget_and_evicted_customers_count_
         assert_eq!((state.count, state.sum), (2, 20_000), "{id}");
     }
 }
+
+/// The budget is shared among the partitions an instance runs *now*: when a rebalance hands
+/// a full instance more partitions, the caches it already had shrink to their new share even
+/// while their partitions get no input, so the new partitions fill within the budget. Two
+/// instances each fill two of four partitions (1 MiB each: 512 KiB per cache); one leaves;
+/// then only the partitions it had get input. Without the quiet caches' trim the survivor
+/// would hold ~1.5 MiB.
+#[test]
+fn a_full_instance_given_more_partitions_stays_within_its_cache_budget() {
+    const BUDGET: f64 = 1_048_576.0;
+    let world = World::start(4);
+    let extra = "[ingest]\ncache_bytes = 1048576\n";
+    let survivor = Tierd::spawn(&world, extra);
+    survivor.wait_partitions(4, Duration::from_secs(60));
+    let mut leaver = Tierd::spawn(&world, extra);
+    leaver.wait_partitions(2, Duration::from_secs(60));
+    survivor.wait_partitions(2, Duration::from_secs(60));
+    // ~6,000 customers per partition (~1.2 MB of cached states each): every cache fills.
+    let customers = world.customers_per_partition("c", &[6_000; 4]);
+    let fill = |round: &str, partitions: &[usize]| {
+        let events: Vec<serde_json::Value> = partitions
+            .iter()
+            .flat_map(|&p| &customers[p])
+            .map(|c| purchase(&format!("{round}-{c}"), c, "100", "2026-11-01T10:00:00Z"))
+            .collect();
+        let ends = world.produce_json(&events);
+        world.wait_applied(&ends, Duration::from_secs(120));
+    };
+    fill("r1", &[0, 1, 2, 3]);
+    let owned_by = |t: &Tierd| -> Vec<usize> {
+        t.get("/metrics")
+            .1
+            .lines()
+            .filter(|l| l.starts_with("tierd_state_cache_bytes{"))
+            .filter_map(|l| l.split('"').nth(1)?.parse().ok())
+            .collect()
+    };
+    let settled = |t: &Tierd, what: &str| -> f64 {
+        // The caches report what they hold every 2 s.
+        std::thread::sleep(Duration::from_secs(5));
+        let bytes = t.metric("tierd_state_cache_bytes");
+        assert!(
+            bytes <= BUDGET && bytes >= BUDGET - 4.0 * 1024.0,
+            "{what}: the caches hold {bytes} B of a budget of {BUDGET}"
+        );
+        bytes
+    };
+    settled(&survivor, "two partitions each");
+    let mut kept = owned_by(&survivor);
+    kept.sort_unstable();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+
+    assert_eq!(leaver.terminate(), Some(0));
+    survivor.wait_partitions(4, Duration::from_secs(60));
+    let handed: Vec<usize> = (0..4).filter(|p| !kept.contains(p)).collect();
+    fill("r2", &handed);
+    settled(
+        &survivor,
+        "four partitions, input on the two handed over only",
+    );
+}
