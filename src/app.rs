@@ -100,6 +100,19 @@ async fn check_input_cleanup(config: &Config) -> Result<(), StartError> {
     }
 }
 
+/// The rules versions of `rules.history`.
+///
+/// # Errors
+/// [`RulesError`] naming the file that is unreadable or invalid.
+pub fn load_history(config: &Config) -> Result<Vec<Rules>, RulesError> {
+    config
+        .rules
+        .history
+        .iter()
+        .map(|path| Rules::load(path, config.money.fraction_digits))
+        .collect()
+}
+
 /// Runs tierd until `shutdown` resolves.
 ///
 /// # Errors
@@ -114,6 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tiers = rules.tiers().len(),
         "Rules loaded."
     );
+    let history = load_history(&config)?;
 
     crate::kafka::check_clients(&config.kafka)?;
     let client = crate::store::client::client(&config.redis)?;
@@ -137,6 +151,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Arc::clone(&rules),
         telemetry.clone(),
     ));
+    for rules in history {
+        pipeline.know_rules(rules);
+    }
     let (money, keyspace) = (pipeline.money.clone(), pipeline.keyspace.clone());
 
     let fatal = Arc::new(tokio::sync::Notify::new());

@@ -126,6 +126,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let rules =
                 tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            tierd::app::load_history(&cfg)?;
             // Build (without connecting) every client the service would: a property that
             // cannot work is refused here, naming the field.
             tierd::kafka::check_clients(&cfg.kafka)

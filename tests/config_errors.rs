@@ -47,7 +47,7 @@ fn run(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
 
 #[test]
 fn bad_fields_are_named() {
-    let cases: [Case; 11] = [
+    let cases: [Case; 12] = [
         ("[kafka]\nbrokers = 9092\n", &[], "kafka.brokers"),
         ("[kafka]\nbrokrs = \"x\"\n", &[], "brokrs"),
         (
@@ -69,6 +69,11 @@ fn bad_fields_are_named() {
         ),
         (
             "[rules]\npath = \"config/tierd.toml\"\n",
+            &[],
+            "config/tierd.toml",
+        ),
+        (
+            "[rules]\nhistory = [\"config/rules/b2b.toml\", \"config/tierd.toml\"]\n",
             &[],
             "config/tierd.toml",
         ),

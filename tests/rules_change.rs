@@ -96,6 +96,20 @@ fn assert_replayed_identically(
     live: &[tierd::model::CustomerState],
     published: usize,
 ) {
+    assert_replayed_identically_by(world, tierd, ends, replayed, live, published, true);
+}
+
+/// [`assert_replayed_identically`] by `tierd` running when Redis lost the writes (`reclaimed`:
+/// fenced by the restored epoch, it claims the partition again) or started after.
+fn assert_replayed_identically_by(
+    world: &World,
+    tierd: &Tierd,
+    ends: &BTreeMap<i32, i64>,
+    replayed: impl Fn(&World) -> bool,
+    live: &[tierd::model::CustomerState],
+    published: usize,
+    reclaimed: bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while ends
         .iter()
@@ -113,7 +127,10 @@ fn assert_replayed_identically(
     world.wait_applied(ends, Duration::from_secs(60));
     // The restored epoch is older than the running owner's: fenced, claimed again.
     let log = tierd.log_text();
-    assert!(log.contains("Partition claimed again"), "{log}");
+    assert!(
+        !reclaimed || log.contains("Partition claimed again"),
+        "{log}"
+    );
     assert!(log.contains("Resuming the recorded rules sweep"), "{log}");
     for (i, (replayed, live)) in states(world, live.len() as i64)
         .iter()
@@ -485,45 +502,158 @@ fn a_rollback_to_before_a_rules_change_replays_the_earlier_input_under_the_earli
     );
 }
 
-/// A rollback over two rules changes: the text the partition kept is the first version's, but
-/// the sweep being replayed moved customers from the second. The replay must not take the one
-/// for the other: it warns and replays under the running rules (README "Not yet").
-#[test]
-fn a_rollback_over_two_rules_changes_does_not_replay_under_the_wrong_earlier_rules() {
-    let mut world = World::start(1);
-    let n = 40i64;
-    let mut tierd = Tierd::spawn(&world, "");
+/// A third rules version: other bounds again.
+fn v3() -> String {
+    V2.replace("b2b-lifetime-2", "b2b-lifetime-3")
+        .replace("800000", "600000")
+        .replace("300000", "250000")
+        .replace("100000", "50000")
+}
+
+/// Input under three rules versions, each change followed by purchases that cross the bounds of
+/// the version they run under; a snapshot taken under the first. Returns the snapshot, the
+/// live states, the number of records published and the last input ends, with `tierd`
+/// (running `b2b-lifetime-3`) and the rules files.
+struct ThreeVersions {
+    before: Vec<(String, Vec<u8>)>,
+    live: Vec<tierd::model::CustomerState>,
+    published: usize,
+    ends: BTreeMap<i32, i64>,
+    tierd: Tierd,
+    files: Vec<tempfile::NamedTempFile>,
+}
+
+const N: i64 = 120;
+
+fn three_versions(world: &mut World) -> ThreeVersions {
+    let amount = |i: i64| (i * 7919) % 1_200_000;
+    let mut tierd = Tierd::spawn(world, "");
     tierd.wait_partitions(1, Duration::from_secs(60));
-    let first = purchases(
-        "e",
-        0..n,
-        |i| (i * 29_989).to_string(),
-        "2026-11-01T10:00:00Z",
-    );
+    let first = purchases("e", 0..N, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
     world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
+    // Redis will lose everything from here on.
     let before = world.snapshot();
-    // Input the rollback loses, so that the replay starts before the latest sweep's start.
-    let second = purchases("g", 0..n, |_| "1".into(), "2026-11-01T12:00:00Z");
-    world.wait_applied(&world.produce_json(&second), Duration::from_secs(60));
+    let under_v1 = purchases(
+        "g",
+        (0..N).step_by(2),
+        |_| "150000".into(),
+        "2026-11-01T12:00:00Z",
+    );
+    world.wait_applied(&world.produce_json(&under_v1), Duration::from_secs(60));
     assert_eq!(tierd.terminate(), Some(0));
     let mut files = Vec::new();
-    for version in ["b2b-lifetime-2", "b2b-lifetime-3"] {
-        files.push(use_rules(
-            &mut world,
-            &V2.replace("b2b-lifetime-2", version),
-        ));
-        let mut tierd = Tierd::spawn(&world, "");
-        wait_sweeps_done(&tierd, 1.0);
-        assert_eq!(tierd.terminate(), Some(0));
+    let mut tierd = None;
+    for (version, text, prefix) in [("2", V2.to_owned(), "f"), ("3", v3(), "h")] {
+        files.push(use_rules(world, &text));
+        let t = Tierd::spawn(world, "");
+        wait_sweeps_done(&t, 1.0);
+        let more = purchases(
+            prefix,
+            (0..N).step_by(3),
+            |_| "120000".into(),
+            &format!("2026-11-0{version}T10:00:00Z"),
+        );
+        let ends = world.produce_json(&more);
+        world.wait_applied(&ends, Duration::from_secs(60));
+        let moved = world
+            .read_all(&world.output)
+            .iter()
+            .map(support::Record::json)
+            .filter(|c| {
+                c["rules_version"] == format!("b2b-lifetime-{version}") && c["reason"] == "purchase"
+            })
+            .count();
+        assert!(
+            moved > 0,
+            "purchases under b2b-lifetime-{version} moved customers"
+        );
+        if version == "2" {
+            let mut t = t;
+            assert_eq!(t.terminate(), Some(0));
+        } else {
+            tierd = Some((t, ends));
+        }
     }
+    let (tierd, ends) = tierd.expect("the third version runs");
+    ThreeVersions {
+        before,
+        live: states(world, N),
+        published: world.read_all(&world.output).len(),
+        ends,
+        tierd,
+        files,
+    }
+}
+
+/// The replay went through both recorded rules changes: every customer is under the third.
+fn swept_to_v3(world: &World) -> bool {
+    let hash = tierd::model::state::rules_hash("b2b-lifetime-3");
+    states(world, N).iter().all(|s| s.rules_hash == hash)
+}
+
+/// A rollback over two rules changes (a snapshot under the first version, then a change to
+/// the second and one to the third, each with input that crosses its own bounds): the replay
+/// applies each stretch of input under the rules it first ran under and starts each sweep
+/// again where and when it first started, so every change comes out as it first did. The
+/// partition keeps only the first version's text by then; the running process remembers the
+/// second's from its first claim.
+#[test]
+fn a_rollback_over_two_rules_changes_replays_each_stretch_under_its_own_rules() {
+    let mut world = World::start(1);
+    let run = three_versions(&mut world);
+    world.restore(&run.before);
+    assert_replayed_identically(
+        &world,
+        &run.tierd,
+        &run.ends,
+        swept_to_v3,
+        &run.live,
+        run.published,
+    );
+    let log = run.tierd.log_text();
+    assert!(log.contains("changes=2"), "{log}");
+    drop(run.files);
+}
+
+/// The same after tierd itself restarted: the new process never saw the second version, and the
+/// restored partition keeps only the first's text; with the second version's file in
+/// `rules.history` every change comes out as it first did.
+#[test]
+fn after_a_restart_rules_history_supplies_the_rules_a_replay_needs() {
+    let mut world = World::start(1);
+    let mut run = three_versions(&mut world);
+    assert_eq!(run.tierd.terminate(), Some(0));
+    world.restore(&run.before);
+    let v2 = run.files[0].path().display().to_string();
+    let tierd = Tierd::spawn(&world, &format!("[rules]\nhistory = [{v2:?}]\n"));
+    assert_replayed_identically_by(
+        &world,
+        &tierd,
+        &run.ends,
+        swept_to_v3,
+        &run.live,
+        run.published,
+        false,
+    );
+    assert!(
+        tierd.log_text().contains("changes=2"),
+        "{}",
+        tierd.log_text()
+    );
+    drop(run.files);
+}
+
+/// Without the middle version's text anywhere, the replay must not take another version for it:
+/// it warns, naming `rules.history`, and replays under the running rules.
+#[test]
+fn a_replay_missing_a_middle_rules_version_warns_naming_rules_history() {
+    let mut world = World::start(1);
+    let mut run = three_versions(&mut world);
+    assert_eq!(run.tierd.terminate(), Some(0));
+    world.restore(&run.before);
     let tierd = Tierd::spawn(&world, "");
-    wait_sweeps_done(&tierd, 1.0);
-    world.restore(&before);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !tierd
-        .log_text()
-        .contains("not the ones the sweep moved customers from")
-    {
+    while !tierd.log_text().contains("list its file in rules.history") {
         assert!(
             Instant::now() < deadline,
             "no warning:\n{}",
@@ -534,6 +664,7 @@ fn a_rollback_over_two_rules_changes_does_not_replay_under_the_wrong_earlier_rul
     assert!(!tierd
         .log_text()
         .contains("under the rules it first ran under"));
+    drop(run.files);
 }
 
 /// The same in `wall` mode, with a timer the earlier rules fired after their last input: at

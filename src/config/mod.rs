@@ -229,6 +229,14 @@ pub struct RulesConfig {
     /// Default 5000.
     #[serde(default = "default_sweep_rate")]
     pub sweep_per_second: u32,
+    /// Files of rules versions that ran before the current one (any order). A replay after
+    /// Redis lost writes reaching back over several rules changes applies each stretch of
+    /// input under the rules it first ran under; the partition keeps the text of its previous
+    /// version and tierd remembers every version it saw claimed since it started, so these are
+    /// needed only for versions older than that (e.g. after tierd itself restarted).
+    /// Default none.
+    #[serde(default)]
+    pub history: Vec<PathBuf>,
 }
 
 /// Outbox publishing.

@@ -60,6 +60,10 @@ pub struct Pipeline {
     pub partitions: std::sync::atomic::AtomicI32,
     /// Metrics.
     pub telemetry: Telemetry,
+    /// Earlier rules versions by version hash (`rules.history`, and every version a claim
+    /// returned the text of): a replay over several rules changes applies each stretch of
+    /// input under its own.
+    pub known_rules: std::sync::Mutex<std::collections::HashMap<u32, Arc<Rules>>>,
 }
 
 impl Pipeline {
@@ -103,7 +107,27 @@ impl Pipeline {
             cache_customers: config.ingest.cache_customers_per_partition,
             cache_budget: cache::CacheBudget::new(config.ingest.cache_bytes),
             telemetry,
+            known_rules: std::sync::Mutex::default(),
         }
+    }
+
+    /// Remembers an earlier rules version (one that ranks customers is never used for a
+    /// replay, but is kept to say so).
+    pub fn know_rules(&self, rules: Rules) {
+        self.known_rules
+            .lock()
+            .expect("known rules lock")
+            .entry(rules.version_hash())
+            .or_insert_with(|| Arc::new(rules));
+    }
+
+    /// The earlier rules version with this hash, if known.
+    pub fn known_rules(&self, hash: u32) -> Option<Arc<Rules>> {
+        self.known_rules
+            .lock()
+            .expect("known rules lock")
+            .get(&hash)
+            .cloned()
     }
 }
 

@@ -32,45 +32,89 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tracing::info;
 
-/// The rules the input before a pending rules sweep's start first ran under, if the partition
-/// kept them and a replay can use them: they are the version the sweep moved customers from
-/// (its record says which), the restored partition had completed their sweep (its customers
-/// are all under them), and they do not rank customers (a replay under earlier rank-based
-/// rules would need their rank sets and cut-offs too: not yet).
-fn prior_rules(
+/// A recorded rules sweep a replay starts again, with the rules it moves customers to
+/// (`None`: the running ones).
+pub(super) type ReplayLink = (RulesSweep, Option<Arc<Rules>>);
+
+/// A replay from before `last`, the pending sweep of the running rules: the rules the input
+/// before the first sweep to start again ran under, and the sweeps to start again, oldest
+/// first — each stretch of input between two of them under the rules it first ran under.
+/// The chain goes back through the sweeps the published position keeps to the rules the
+/// restored partition had completed; every version on it must be known (the partition's
+/// previous text, `rules.history`, or one a claim returned since this process started) and
+/// must not rank customers (a replay under earlier rank-based rules would need their rank
+/// sets and cut-offs too: not yet). Otherwise the running rules replay everything before
+/// `last`, as the warning says.
+fn replay_chain(
     pipeline: &Pipeline,
     claim: &Claim,
     partition: i32,
-    sweep: RulesSweep,
-) -> Option<Arc<Rules>> {
-    let running = &pipeline.rules;
-    let prior = match (claim.prior_rules.as_deref(), sweep.from) {
-        (_, None) => Err("the rules sweep's record does not say which rules it moved customers from (recorded by an older tierd)".to_owned()),
-        (None, _) => Err("the partition kept no earlier rules text (it was claimed by an older tierd)".to_owned()),
-        (Some(text), Some(from)) => match Rules::parse(text, "the earlier rules kept in Redis", running.fraction_digits()) {
-            Err(error) => Err(format!("the earlier rules kept in Redis are invalid now: {error}")),
-            Ok(prior) if prior.version_hash() != from => Err(format!(
-                "the earlier rules kept in Redis ({:?}) are not the ones the sweep moved customers from: the replay reaches back over more than one rules change",
-                prior.version()
-            )),
-            Ok(prior) if claim.swept_rules != Some(from) => Err(format!(
-                "the restored partition had not completed the sweep of {:?}, the rules before the running ones",
-                prior.version()
-            )),
-            Ok(prior) if prior.uses_ranks() => Err(format!(
-                "the earlier rules {:?} rank customers: replays under earlier rank-based rules are not supported yet",
-                prior.version()
-            )),
-            Ok(prior) => Ok(Arc::new(prior)),
-        },
+    last: RulesSweep,
+) -> (Option<Arc<Rules>>, VecDeque<ReplayLink>) {
+    let next_offset = claim.next_offset.unwrap_or(-1);
+    let mut chain: VecDeque<ReplayLink> = VecDeque::from([(last, None)]);
+    let usable = |rules: Option<Arc<Rules>>, from: u32, until: i64| {
+        match rules {
+        None => Err(format!(
+            "the rules version the input before offset {until} first ran under (version hash {from:08x}) is not known to this process: the partition no longer keeps its text; list its file in rules.history"
+        )),
+        Some(r) if r.uses_ranks() => Err(format!(
+            "the earlier rules {:?} rank customers: replays under earlier rank-based rules are not supported yet",
+            r.version()
+        )),
+        Some(r) => Ok(r),
+    }
+    };
+    let first = loop {
+        let sweep = chain.front().expect("the chain ends with `last`").0;
+        let Some(from) = sweep.from else {
+            break Err("the rules sweep's record does not say which rules it moved customers from (recorded by an older tierd)".to_owned());
+        };
+        let rules = pipeline.known_rules(from);
+        if claim.swept_rules == Some(from) {
+            // The restored partition had completed the sweep of `from`: the input before
+            // this sweep ran under it.
+            break usable(rules, from, sweep.offset);
+        }
+        match claim
+            .published_earlier_sweeps
+            .iter()
+            .rev()
+            .find(|e| e.rules == from)
+        {
+            Some(earlier) if earlier.offset > next_offset => {
+                match usable(rules, from, sweep.offset) {
+                    Ok(r) => chain.push_front((*earlier, Some(r))),
+                    Err(reason) => break Err(reason),
+                }
+            }
+            Some(_) => {
+                break Err(format!(
+                    "the restored partition had not completed the sweep of {}, the rules before the change at offset {}",
+                    rules.map_or_else(|| format!("version hash {from:08x}"), |r| format!("{:?}", r.version())),
+                    sweep.offset
+                ))
+            }
+            None => {
+                break Err(format!(
+                    "the published position keeps no record of the sweep to the rules before the change at offset {} (a replay reaches back over at most {} rules changes)",
+                    sweep.offset,
+                    crate::publish::position::EARLIER_SWEEPS + 1
+                ))
+            }
+        }
     };
     events::ReplayBeforeRulesChange {
         partition,
-        offset: sweep.offset,
-        under: prior.as_ref().map(|r| r.version()).map_err(String::as_str),
+        offset: chain.front().expect("non-empty").0.offset,
+        changes: chain.len(),
+        under: first.as_ref().map(|r| r.version()).map_err(String::as_str),
     }
     .emit(&pipeline.telemetry);
-    prior.ok()
+    match first {
+        Ok(first) => (Some(first), chain),
+        Err(_) => (None, VecDeque::from([(last, None)])),
+    }
 }
 
 /// How often a rules sweep takes its next page (`rules.sweep_per_second` / 10 customers).
@@ -142,9 +186,13 @@ pub struct Runner {
     pub(super) positions: Arc<OutboxPositions>,
     /// Since when partition 0 holds new cut-offs back for another partition's replay.
     pub(super) replay_wait: Option<Instant>,
-    /// A replay from before the latest rules change (the sweep is pending): the rules the
-    /// input up to the change first ran under, in force until the sweep starts again.
-    pub(super) prior_rules: Option<Arc<Rules>>,
+    /// During a replay from before a rules change: the rules in force instead of the running
+    /// ones (those the input being replayed first ran under), until the running rules' sweep
+    /// starts again.
+    pub(super) replay_rules: Option<Arc<Rules>>,
+    /// During a replay from before a rules change: the recorded sweeps still to start again
+    /// (the front one pending or running), oldest first.
+    pub(super) replay_chain: VecDeque<ReplayLink>,
 }
 
 impl Runner {
@@ -163,9 +211,24 @@ impl Runner {
             rules_hash(pipeline.rules.version()),
             Self::engine_time(pipeline.clock.mode, claim.clock),
         );
-        let prior_rules = match sweep {
-            SweepState::Pending(recorded) => prior_rules(&pipeline, claim, partition, recorded),
-            _ => None,
+        if let Some(text) = claim.prior_rules.as_deref() {
+            // Kept for a later replay over more than one rules change (after the next
+            // rollback the partition may no longer keep it).
+            if let Ok(prior) = Rules::parse(
+                text,
+                "the earlier rules kept in Redis",
+                pipeline.rules.fraction_digits(),
+            ) {
+                pipeline.know_rules(prior);
+            }
+        }
+        let (replay_rules, replay_chain, sweep) = match sweep {
+            SweepState::Pending(recorded) => {
+                let (rules, chain) = replay_chain(&pipeline, claim, partition, recorded);
+                let first = SweepState::Pending(chain.front().expect("non-empty").0);
+                (rules, chain, first)
+            }
+            other => (None, VecDeque::new(), other),
         };
         Self {
             partition,
@@ -189,18 +252,16 @@ impl Runner {
             replay_through: claim.replay_through,
             positions,
             replay_wait: None,
-            prior_rules,
+            replay_rules,
+            replay_chain,
             last_commit: Instant::now(),
         }
     }
 
     /// The rules evaluations are under now: the running ones, except in a replay of input
-    /// applied before the latest rules change (see [`Claim::prior_rules`]).
+    /// applied before a rules change (see [`replay_chain`]).
     pub(super) fn rules(&self) -> &Rules {
-        match (&self.sweep, &self.prior_rules) {
-            (SweepState::Pending(_), Some(prior)) => prior,
-            _ => &self.pipeline.rules,
-        }
+        self.replay_rules.as_deref().unwrap_or(&self.pipeline.rules)
     }
 
     /// Runs the triggers until the batch sender is dropped (revocation or shutdown) or the
@@ -357,39 +418,46 @@ impl Runner {
     /// before `offset`, in the order they first ran: at one offset, a pass evaluated with
     /// cut-offs version v follows the switches up to v and precedes the later ones.
     async fn replay_switches_through(&mut self, offset: i64) -> Result<(), ApplyError> {
-        // A recorded sweep start goes first at its offset: the owner that started it did so
-        // when it claimed the partition, before any pass or switch of its own; no pass ran
-        // while it was under way.
-        if let SweepState::Pending(start) = self.sweep {
-            if start.offset <= offset {
-                // Except the timer passes the previous owner fired there after its last input,
-                // under the earlier rules: they ran before the sweep's start, so their horizon
-                // is earlier than its time (the new owner's passes come after its sweep, later
-                // than that time; this assumes the two hosts' clocks agree to the millisecond
-                // order of a restart).
-                while let Some(pass) = self
-                    .replay_passes
-                    .front()
-                    .filter(|p| p.offset == start.offset && p.upto < start.at)
-                    .copied()
+        loop {
+            // Where a running sweep first completed, it completes again (before the timers it
+            // held fire, and before the next rules change recorded at the same offset). Under
+            // rank-based rules its pages first ran once the new rules' first cut-offs were
+            // applied, which may be at this very offset (no input came between them): those
+            // apply first, and the newer ones recorded here after the completion, as they did
+            // the first time.
+            if self.sweep.completes_at().is_some_and(|at| at <= offset) {
+                while self.sweep_running().is_none()
+                    && self.replay.front().is_some_and(|s| s.offset <= offset)
                 {
-                    self.replay_passes.pop_front();
-                    self.replay_pass(pass).await?;
+                    self.replay_switch().await?;
                 }
-                self.resume_pending_sweep();
+                self.finish_sweep().await?;
+                continue;
             }
-        }
-        // Where it first completed, it completes again (before the timers it held fire). Under
-        // rank-based rules its pages first ran once the new rules' first cut-offs were applied,
-        // which may be at this very offset (no input came between them): those apply first,
-        // and the newer ones recorded here after the completion, as they did the first time.
-        if self.sweep.completes_at().is_some_and(|at| at <= offset) {
-            while self.sweep_running().is_none()
-                && self.replay.front().is_some_and(|s| s.offset <= offset)
+            // A recorded sweep start goes first at its offset: the owner that started it did
+            // so when it claimed the partition, before any pass or switch of its own; no pass
+            // ran while it was under way.
+            let SweepState::Pending(start) = self.sweep else {
+                break;
+            };
+            if start.offset > offset {
+                break;
+            }
+            // Except the timer passes the previous owner fired there after its last input,
+            // under the earlier rules: they ran before the sweep's start, so their horizon is
+            // earlier than its time (the new owner's passes come after its sweep, later than
+            // that time; this assumes the two hosts' clocks agree to the millisecond order of
+            // a restart).
+            while let Some(pass) = self
+                .replay_passes
+                .front()
+                .filter(|p| p.offset == start.offset && p.upto < start.at)
+                .copied()
             {
-                self.replay_switch().await?;
+                self.replay_passes.pop_front();
+                self.replay_pass(pass).await?;
             }
-            self.finish_sweep().await?;
+            self.resume_pending_sweep();
         }
         loop {
             let switch = self

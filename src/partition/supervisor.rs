@@ -248,6 +248,7 @@ impl Supervisor {
             claim.replay_passes_from = published.passes_from;
             claim.replay_through = published.through;
             claim.published_sweep = published.sweep;
+            claim.published_earlier_sweeps = published.earlier_sweeps.clone();
             if let Some(forgotten) = published
                 .forgotten
                 .filter(|&f| f >= claim.next_offset.unwrap_or(0))

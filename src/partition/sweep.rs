@@ -117,7 +117,7 @@ impl Runner {
         let SweepState::Running(sweep) = self.sweep else {
             return None;
         };
-        (!self.pipeline.rules.uses_ranks() || self.cutoffs.rules == sweep.rules).then_some(sweep)
+        (!self.rules().uses_ranks() || self.cutoffs.rules == sweep.rules).then_some(sweep)
     }
 
     /// During a sweep, re-evaluates a stored customer still under another rules version at
@@ -146,8 +146,11 @@ impl Runner {
     /// A replay reached the offset a recorded sweep started at: it starts again, at its time.
     pub(super) fn resume_pending_sweep(&mut self) {
         if let SweepState::Pending(recorded) = self.sweep {
-            // The running rules take over here, as they did the first time.
-            self.prior_rules = None;
+            // The sweep's rules take over here, as they did the first time.
+            self.replay_rules = self
+                .replay_chain
+                .front()
+                .and_then(|(_, rules)| rules.clone());
             events::SweepResumed {
                 partition: self.partition,
                 offset: recorded.offset,
@@ -215,11 +218,19 @@ impl Runner {
         events::RulesSwept {
             partition: self.partition,
             customers: swept,
-            completed: done.then(|| p.rules.version().to_owned()),
+            // The running rules' sweep (not one replayed on the way to it).
+            completed: (done && self.replay_rules.is_none())
+                .then(|| self.rules().version().to_owned()),
         }
         .emit(&p.telemetry);
         if done {
-            self.sweep = SweepState::Done;
+            // In a replay over several rules changes the next recorded sweep is pending now;
+            // its rules take over where it first started.
+            self.replay_chain.pop_front();
+            self.sweep = match self.replay_chain.front() {
+                Some((next, _)) => SweepState::Pending(*next),
+                None => SweepState::Done,
+            };
             // The timers that waited for the sweep: in `event` mode those due by the
             // partition's clock fire now (in `wall` mode the next tick fires them).
             if let (ClockMode::Event, Some(clock)) = (p.clock.mode, self.clock) {

@@ -38,6 +38,10 @@ const TOPIC_ID_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an answer (or a failure) about the input topic's id is reused by later claims.
 const TOPIC_ID_REUSE: Duration = Duration::from_secs(10);
 
+/// Rules sweeps kept before the latest one: a replay reaches back over this many rules
+/// changes and one more (each ~70 bytes of metadata).
+pub const EARLIER_SWEEPS: usize = 3;
+
 /// The metadata's default size bound (`publish.position_metadata_bytes`): Kafka's default
 /// `offset.metadata.max.bytes` is 4096.
 #[cfg(test)]
@@ -74,6 +78,11 @@ pub struct Published {
     /// sweep keeps its time), and where it completed.
     #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
     pub sweep: Option<RulesSweep>,
+    /// The sweeps before `sweep`, oldest first (at most [`EARLIER_SWEEPS`]): a replay reaching
+    /// back over several rules changes applies each stretch of input under the rules it first
+    /// ran under, and starts each sweep again where (and at the time) it first started.
+    #[serde(rename = "se", default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_sweeps: Vec<RulesSweep>,
     /// The offset of the newest switch or pass dropped for room: a replay from before it
     /// cannot be reproduced exactly.
     #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
@@ -126,12 +135,24 @@ impl Published {
             ..self.clone()
         };
         if let Some(sweep) = sweep {
-            match &mut next.sweep {
-                // A resumed sweep keeps its first start; its completion is added.
-                Some(known) if known.rules == sweep.rules => {
-                    known.done = known.done.or(sweep.done);
+            // A resumed sweep (another owner, a replay of an earlier one) keeps its first
+            // start; its completion is added. Each rules version runs a partition once (an
+            // older one is refused at the claim), so the version names the sweep.
+            match next
+                .earlier_sweeps
+                .iter_mut()
+                .chain(next.sweep.as_mut())
+                .find(|known| known.rules == sweep.rules)
+            {
+                Some(known) => known.done = known.done.or(sweep.done),
+                None => {
+                    if let Some(latest) = next.sweep.replace(sweep) {
+                        next.earlier_sweeps.push(latest);
+                    }
+                    if next.earlier_sweeps.len() > EARLIER_SWEEPS {
+                        next.earlier_sweeps.remove(0);
+                    }
                 }
-                _ => next.sweep = Some(sweep),
             }
         }
         if switches.is_empty() && passes.is_empty() {
@@ -140,10 +161,11 @@ impl Published {
         // At the offset a rules sweep started, the previous owner's passes (before the sweep's
         // time, under the earlier rules) and the new owner's (after its sweep) stay apart: a
         // replay fires the first before the sweep starts again, the others after it.
-        let sweep = next.sweep;
+        let sweeps: Vec<RulesSweep> = next.sweeps().collect();
         let side = |p: &TimerPass| {
-            sweep
-                .filter(|s| s.offset == p.offset)
+            sweeps
+                .iter()
+                .find(|s| s.offset == p.offset)
                 .map(|s| p.upto < s.at)
         };
         for pass in passes {
@@ -179,7 +201,15 @@ impl Published {
             let dropped = next.switches.remove(0);
             next.forgotten = next.forgotten.max(Some(dropped.offset));
         }
+        while next.metadata().len() > budget && !next.earlier_sweeps.is_empty() {
+            next.earlier_sweeps.remove(0);
+        }
         next
+    }
+
+    /// Every sweep kept, oldest first.
+    pub fn sweeps(&self) -> impl Iterator<Item = RulesSweep> + '_ {
+        self.earlier_sweeps.iter().chain(&self.sweep).copied()
     }
 
     /// The metadata to commit: the bare id when no switch is recorded, otherwise JSON.
@@ -188,6 +218,7 @@ impl Published {
             && self.passes.is_empty()
             && self.passes_from.is_none()
             && self.sweep.is_none()
+            && self.earlier_sweeps.is_empty()
             && self.forgotten.is_none()
             && self.through.is_none()
         {
@@ -622,6 +653,55 @@ mod tests {
             METADATA_BUDGET,
         );
         assert_eq!(next.sweep, Some(sweep(20, 3_000, 8)));
+        assert_eq!(next.earlier_sweeps, vec![sweep(10, 1_000, 7)]);
+    }
+
+    #[test]
+    fn earlier_sweeps_are_kept_for_replays_over_several_rules_changes() {
+        let sweep = |offset, rules| RulesSweep {
+            offset,
+            at: offset * 1_000,
+            rules,
+            from: Some(rules - 1),
+            done: None,
+        };
+        let mut p = Published::default();
+        for v in 1..=6u32 {
+            let o = i64::from(v) * 10;
+            p = p.after(
+                &format!("{v}-0"),
+                Some(o),
+                &[],
+                &[],
+                Some(sweep(o, v)),
+                METADATA_BUDGET,
+            );
+        }
+        let p = Published::parse(&p.metadata());
+        assert_eq!(p.sweep, Some(sweep(60, 6)));
+        assert_eq!(
+            p.earlier_sweeps,
+            vec![sweep(30, 3), sweep(40, 4), sweep(50, 5)]
+        );
+        // A replay completing an earlier sweep records it again: it completes that one, the
+        // latest stays the latest.
+        let replayed = p.after(
+            "7-0",
+            Some(45),
+            &[],
+            &[],
+            Some(RulesSweep {
+                done: Some(45),
+                ..sweep(40, 4)
+            }),
+            METADATA_BUDGET,
+        );
+        assert_eq!(replayed.sweep, Some(sweep(60, 6)));
+        assert_eq!(replayed.earlier_sweeps[1].done, Some(45));
+        assert_eq!(
+            replayed.sweeps().map(|s| s.rules).collect::<Vec<_>>(),
+            vec![3, 4, 5, 6]
+        );
     }
 
     #[test]

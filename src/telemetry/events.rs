@@ -422,8 +422,10 @@ impl SweepResumed {
 pub struct ReplayBeforeRulesChange<'a> {
     /// The partition.
     pub partition: i32,
-    /// The input offset the running rules took over at.
+    /// The input offset the first rules change to replay took effect at.
     pub offset: i64,
+    /// The rules changes the replay goes through (1: the latest only).
+    pub changes: usize,
     /// The rules version the input before it is replayed under, or why the running rules
     /// replay it instead.
     pub under: Result<&'a str, &'a str>,
@@ -437,7 +439,8 @@ impl ReplayBeforeRulesChange<'_> {
                 partition = self.partition,
                 offset = self.offset,
                 version,
-                "Replaying the input before the rules change under the rules it first ran under."
+                changes = self.changes,
+                "Replaying the input before the rules change under the rules it first ran under (and each stretch after it under its own, through every recorded change)."
             ),
             Err(reason) => warn!(
                 partition = self.partition,

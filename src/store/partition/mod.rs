@@ -94,6 +94,9 @@ pub struct Claim {
     /// The latest rules sweep started, as the published position keeps it (filled by the
     /// supervisor): after Redis lost writes, the sweep to resume at the same time.
     pub published_sweep: Option<RulesSweep>,
+    /// The sweeps before it the published position keeps, oldest first: a replay over several
+    /// rules changes starts each again where it first started.
+    pub published_earlier_sweeps: Vec<RulesSweep>,
     /// The text of the rules version that ran the partition before its latest one, if the
     /// partition kept it: a replay from before the latest rules change applies the input up
     /// to the change under it.
@@ -209,6 +212,7 @@ pub fn claim(
         replay_through: None,
         sweep: serde_json::from_str(field(8)).ok(),
         published_sweep: None,
+        published_earlier_sweeps: Vec::new(),
         prior_rules: Some(field(9)).filter(|t| !t.is_empty()).map(str::to_owned),
     })
 }
