@@ -266,7 +266,7 @@ fn chaos_run_under_the_pyramid_keeps_ranks_exact_and_replays_changes_identically
     let rules = tierd::engine::rules::Rules::load(&world.rules, 2).unwrap();
     let events = stream(n, customers, 2027);
     // Metrics do not depend on the tiers: the reference of any rules gives them.
-    let (mut expected, _) = reference(&events, &rules);
+    let (expected, _) = reference(&events, &rules);
     let extra = "[ingest]\nbatch_max_events = 500\n[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n";
     // A larger loss than the threshold run's (a second or two of this stream): the window
     // lost then holds cut-off moves whose changes were published.
@@ -308,30 +308,13 @@ fn chaos_run_under_the_pyramid_keeps_ranks_exact_and_replays_changes_identically
     assert_eq!(cutoffs.values, sorted.values, "cut-offs equal a full sort");
     // ...and every customer's metrics equal the reference, and their tier the one the engine
     // gives the reference state under those cut-offs.
-    let now = tierd::model::time::now_ms();
-    let mut wrong = Vec::new();
-    for (customer, state) in &mut expected {
-        state.evaluate(&rules, now, tierd::engine::Trigger::RankShift, &cutoffs);
-        let got = world.customer_state(customer).expect("stored");
-        let key = |s: &tierd::model::CustomerState| {
-            (
-                s.count,
-                s.sum,
-                s.refunds,
-                s.refunded,
-                s.first,
-                s.last,
-                s.tier.clone(),
-            )
-        };
-        if key(&got) != key(state) {
-            wrong.push(format!(
-                "{customer}: stored {:?}, expected {:?}",
-                key(&got),
-                key(state)
-            ));
-        }
-    }
+    let wrong = differing(
+        &world,
+        &expected,
+        &rules,
+        tierd::model::time::now_ms(),
+        &cutoffs,
+    );
     assert!(
         wrong.is_empty(),
         "{} of {} customers differ: {:?}",
@@ -360,6 +343,42 @@ fn chaos_run_under_the_pyramid_keeps_ranks_exact_and_replays_changes_identically
         run.logs.matches("Redis diverged from this owner's state").count(),
         run.logs.matches("Replaying: applying the published cut-offs").count()
     );
+}
+
+/// The customers whose stored metrics or tier differ from the reference state evaluated by
+/// the engine at `now` under `cutoffs` (one line each).
+fn differing(
+    world: &World,
+    reference: &HashMap<String, tierd::model::CustomerState>,
+    rules: &tierd::engine::rules::Rules,
+    now: i64,
+    cutoffs: &tierd::engine::rules::rank::Cutoffs,
+) -> Vec<String> {
+    let key = |s: &tierd::model::CustomerState| {
+        (
+            s.count,
+            s.sum,
+            s.refunds,
+            s.refunded,
+            s.first,
+            s.last,
+            s.tier.clone(),
+        )
+    };
+    let mut wrong = Vec::new();
+    for (customer, state) in reference {
+        let mut want = state.clone();
+        want.evaluate(rules, now, tierd::engine::Trigger::RankShift, cutoffs);
+        let got = world.customer_state(customer).expect("stored");
+        if key(&got) != key(&want) {
+            wrong.push(format!(
+                "{customer}: stored {:?}, expected {:?}",
+                key(&got),
+                key(&want)
+            ));
+        }
+    }
+    wrong
 }
 
 /// The distinct changes on a world's output topic, read as a read_committed consumer reads
@@ -593,17 +612,6 @@ fn chaos_run_on_the_wall_clock_fires_every_timer_once_and_replays_identically() 
     );
 
     // Every timer due has fired once the wall clock is past the last one (and a tick).
-    let key = |s: &tierd::model::CustomerState| {
-        (
-            s.count,
-            s.sum,
-            s.refunds,
-            s.refunded,
-            s.first,
-            s.last,
-            s.tier.clone(),
-        )
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
     let (wrong, now) = loop {
         let wait = last_due + 3_000 - tierd::model::time::now_ms();
@@ -611,24 +619,7 @@ fn chaos_run_on_the_wall_clock_fires_every_timer_once_and_replays_identically() 
             std::thread::sleep(Duration::from_millis(wait as u64));
         }
         let now = tierd::model::time::now_ms();
-        let mut wrong = Vec::new();
-        for (customer, state) in &reference {
-            let mut want = state.clone();
-            want.evaluate(
-                &rules,
-                now,
-                tierd::engine::Trigger::RankShift,
-                &tierd::engine::rules::rank::Cutoffs::default(),
-            );
-            let got = world.customer_state(customer).expect("stored");
-            if key(&got) != key(&want) {
-                wrong.push(format!(
-                    "{customer}: stored {:?}, expected {:?}",
-                    key(&got),
-                    key(&want)
-                ));
-            }
-        }
+        let wrong = differing(&world, &reference, &rules, now, &Default::default());
         if wrong.is_empty() || Instant::now() > deadline {
             break (wrong, now);
         }

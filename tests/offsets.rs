@@ -443,13 +443,50 @@ fn a_start_deferred_by_an_offset_commit_is_still_validated() {
     drop(owner);
 }
 
+/// Waits until the group's committed offsets of the input's partitions equal `want`
+/// (partition order).
+fn wait_committed(world: &World, want: &[i64]) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let reader: BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &world.broker.addr)
+        .set("group.id", &world.group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..want.len() as i32 {
+        tpl.add_partition(&world.input, p);
+    }
+    let want: Vec<Option<i64>> = want.iter().copied().map(Some).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let committed = reader
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .unwrap();
+        let got: Vec<Option<i64>> = (0..want.len() as i32)
+            .map(
+                |p| match committed.find_partition(&world.input, p)?.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+            )
+            .collect();
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed {got:?}, expected {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Kafka's committed offsets of tierd's group follow the offsets applied in Redis (every
 /// `ingest.kafka_commit_interval_ms`), so the lag tools and dashboards that read a group's
 /// commits (`kafka-consumer-groups.sh`, exporters) see tierd's real position.
 #[test]
 fn the_groups_committed_offsets_follow_the_applied_ones_for_lag_dashboards() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-
     let world = World::start(2);
     let tierd = Tierd::spawn_with(&world, "", "[ingest]\nkafka_commit_interval_ms = 200\n");
     tierd.wait_partitions(2, Duration::from_secs(60));
@@ -461,38 +498,10 @@ fn the_groups_committed_offsets_follow_the_applied_ones_for_lag_dashboards() {
     let ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(60));
 
-    let reader: BaseConsumer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", &world.broker.addr)
-        .set("group.id", &world.group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&world.input, 0);
-    tpl.add_partition(&world.input, 1);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let committed = reader
-            .committed_offsets(tpl.clone(), Duration::from_secs(10))
-            .unwrap();
-        let got: Vec<Option<i64>> = (0..2)
-            .map(
-                |p| match committed.find_partition(&world.input, p)?.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                },
-            )
-            .collect();
-        let stored: Vec<Option<i64>> = (0..2).map(|p| Some(world.partition_meta(p).1)).collect();
-        if got == stored {
-            assert_eq!(got, vec![Some(ends[&0]), Some(ends[&1])]);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "committed {got:?}, applied (Redis) {stored:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // The applied offsets Redis holds, committed to Kafka.
+    let stored: Vec<i64> = (0..2).map(|p| world.partition_meta(p).1).collect();
+    assert_eq!(stored, vec![ends[&0], ends[&1]]);
+    wait_committed(&world, &stored);
 }
 
 /// Offset commits for lag dashboards wait for the previous one's answer. Sent on a timer
@@ -503,8 +512,6 @@ fn the_groups_committed_offsets_follow_the_applied_ones_for_lag_dashboards() {
 /// for minutes). Here the broker is frozen while tierd commits as often as it can.
 #[test]
 fn offset_commits_wait_for_the_previous_answer_while_the_coordinator_is_frozen() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-
     let world = World::start_on(1, Redis::start(), Broker::start());
     let tierd = Tierd::spawn_with(&world, "", "[ingest]\nkafka_commit_interval_ms = 0\n");
     tierd.wait_partitions(1, Duration::from_secs(60));
@@ -527,29 +534,6 @@ fn offset_commits_wait_for_the_previous_answer_while_the_coordinator_is_frozen()
     // Commits go on once it answers: the group's committed offset follows a new purchase.
     let ends = world.produce_json(&[purchase("a2", &a, "10", "2026-11-01T11:00:00Z")]);
     world.wait_applied(&ends, Duration::from_secs(60));
-    let reader: BaseConsumer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", &world.broker.addr)
-        .set("group.id", &world.group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&world.input, 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let committed = reader
-            .committed_offsets(tpl.clone(), Duration::from_secs(10))
-            .unwrap();
-        let got = committed.find_partition(&world.input, 0).unwrap().offset();
-        if got == Offset::Offset(ends[&0]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "committed {got:?}, applied {}:\n{}",
-            ends[&0],
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_committed(&world, &[ends[&0]]);
     assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
 }
