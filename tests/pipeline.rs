@@ -498,4 +498,11 @@ fn a_full_instance_given_more_partitions_stays_within_its_cache_budget() {
         &survivor,
         "four partitions, input on the two handed over only",
     );
+    // Each cache within its share now: a quarter of the budget (and one entry).
+    for line in survivor.get("/metrics").1.lines() {
+        if let Some(rest) = line.strip_prefix("tierd_state_cache_bytes{") {
+            let bytes: f64 = rest.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(bytes <= BUDGET / 4.0 + 1024.0, "{line}");
+        }
+    }
 }

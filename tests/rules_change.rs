@@ -664,7 +664,89 @@ fn a_replay_missing_a_middle_rules_version_warns_naming_rules_history() {
     assert!(!tierd
         .log_text()
         .contains("under the rules it first ran under"));
+    // The replay under the running rules completes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !swept_to_v3(&world) || world.partition_meta(0).1 < run.ends[&0] {
+        assert!(
+            Instant::now() < deadline,
+            "not replayed:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
     drop(run.files);
+}
+
+/// A rules sweep still under way when the next version took over (`b2b-lifetime-2` stopped
+/// mid-sweep, then `-3`, whose sweep starts from `-1`, the version the partition had
+/// completed): the input between the two starts ran under a mix of `-1` and `-2`, which no
+/// replay can reproduce. The chain must not skip the unfinished sweep and replay that input
+/// under `-1`: it warns and replays under the running rules.
+#[test]
+fn a_replay_over_an_unfinished_rules_sweep_warns_instead_of_skipping_it() {
+    let mut world = World::start(1);
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let first = purchases(
+        "e",
+        0..N,
+        |i| ((i * 7919) % 1_200_000).to_string(),
+        "2026-11-01T10:00:00Z",
+    );
+    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
+    let before = world.snapshot();
+    let lost = purchases(
+        "g",
+        (0..N).step_by(2),
+        |_| "150000".into(),
+        "2026-11-01T12:00:00Z",
+    );
+    world.wait_applied(&world.produce_json(&lost), Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // `-2` sweeps 10 customers a second: stopped after its first pages.
+    let _v2 = use_rules(&mut world, V2);
+    world.rules_extra = "sweep_per_second = 10".into();
+    let mut tierd = Tierd::spawn(&world, "");
+    wait_swept(&tierd, 4.0);
+    let during = purchases(
+        "f",
+        (0..N).step_by(3),
+        |_| "120000".into(),
+        "2026-11-02T10:00:00Z",
+    );
+    world.wait_applied(&world.produce_json(&during), Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+    assert!(
+        states(&world, N)
+            .iter()
+            .any(|s| s.rules_hash != tierd::model::state::rules_hash("b2b-lifetime-2")),
+        "the sweep of b2b-lifetime-2 is unfinished"
+    );
+
+    let _v3 = use_rules(&mut world, &v3());
+    world.rules_extra = String::new();
+    let tierd = Tierd::spawn(&world, "");
+    wait_sweeps_done(&tierd, 1.0);
+    // Its sweep published (the published position records it) before Redis loses it all.
+    world.wait_applied(&BTreeMap::new(), Duration::from_secs(60));
+    world.restore(&before);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !tierd
+        .log_text()
+        .contains("was still under way when the next rules version took over")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no warning:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!tierd
+        .log_text()
+        .contains("under the rules it first ran under"));
 }
 
 /// The same in `wall` mode, with a timer the earlier rules fired after their last input: at

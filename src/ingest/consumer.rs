@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 /// Batching limits.
 #[derive(Debug, Clone, Copy)]
@@ -148,7 +148,14 @@ pub struct IngestContext {
     /// waits for the offsets topic's replicas), so commits sent on a timer regardless would
     /// starve the rebalance and queue the heartbeats behind them until the session expires.
     commits_in_flight: AtomicUsize,
+    /// When the latest commit was sent (see [`COMMIT_ANSWER_DEADLINE`]).
+    commit_sent: Mutex<Option<Instant>>,
 }
+
+/// librdkafka answers every offset commit within the session and socket timeouts; one still
+/// unanswered after this long is taken as lost (a warning), so that commits for the lag
+/// dashboards do not stop for good.
+const COMMIT_ANSWER_DEADLINE: Duration = Duration::from_secs(300);
 
 /// How long an unattributed offset-out-of-range report is looked for in the statistics.
 const OFFSET_ERROR_WINDOW: Duration = Duration::from_secs(30);
@@ -194,6 +201,7 @@ impl IngestContext {
             not_fetching: Mutex::new((Vec::new(), Vec::new())),
             seeks: Mutex::new(HashMap::new()),
             commits_in_flight: AtomicUsize::new(0),
+            commit_sent: Mutex::new(None),
         }
     }
 
@@ -809,22 +817,42 @@ impl IngestContext {
 
     /// Counts a commit sent (`true`) or answered (`false`).
     fn count_commit(&self, sent: bool) {
+        if sent {
+            *self.commit_sent.lock().expect("commit sent lock") = Some(Instant::now());
+        }
         let update = |n: usize| Some(if sent { n + 1 } else { n.saturating_sub(1) });
         let before = self
             .commits_in_flight
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, update)
             .unwrap_or(0);
-        let now = update(before).unwrap_or(0);
+        self.show_commits_in_flight(update(before).unwrap_or(0));
+    }
+
+    fn show_commits_in_flight(&self, n: usize) {
         self.supervisor
             .pipeline()
             .telemetry
             .kafka_commits_in_flight
-            .set(i64::try_from(now).unwrap_or(i64::MAX));
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    /// Whether a periodic commit may be sent now: no commit is waiting for its answer.
+    /// Whether a periodic commit may be sent now: no commit is waiting for its answer (or
+    /// the one waiting is taken as lost, see [`COMMIT_ANSWER_DEADLINE`]).
     fn commit_idle(&self) -> bool {
-        self.commits_in_flight.load(Ordering::Relaxed) == 0
+        if self.commits_in_flight.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        let sent = *self.commit_sent.lock().expect("commit sent lock");
+        if sent.is_some_and(|at| at.elapsed() >= COMMIT_ANSWER_DEADLINE) {
+            warn!(
+                deadline_s = COMMIT_ANSWER_DEADLINE.as_secs(),
+                "An offset commit for the lag dashboards has had no answer: taken as lost, committing again."
+            );
+            self.commits_in_flight.store(0, Ordering::Relaxed);
+            self.show_commits_in_flight(0);
+            return true;
+        }
+        false
     }
 
     /// The next offsets applied so far of every owned partition.
@@ -913,7 +941,7 @@ impl ConsumerContext for IngestContext {
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         self.count_commit(false);
         if let Err(error) = result {
-            debug!(%error, "Advisory offset commit not accepted (lag dashboards only).");
+            warn!(%error, "Advisory offset commit not accepted (lag dashboards only).");
         }
     }
 

@@ -112,13 +112,13 @@ impl Pipeline {
     }
 
     /// Remembers an earlier rules version (one that ranks customers is never used for a
-    /// replay, but is kept to say so).
+    /// replay, but is kept to say so). A text a claim returned is what ran the partition: it
+    /// replaces a `rules.history` file of the same version.
     pub fn know_rules(&self, rules: Rules) {
         self.known_rules
             .lock()
             .expect("known rules lock")
-            .entry(rules.version_hash())
-            .or_insert_with(|| Arc::new(rules));
+            .insert(rules.version_hash(), Arc::new(rules));
     }
 
     /// The earlier rules version with this hash, if known.

@@ -53,6 +53,53 @@ fn replay_chain(
 ) -> (Option<Arc<Rules>>, VecDeque<ReplayLink>) {
     let next_offset = claim.next_offset.unwrap_or(-1);
     let mut chain: VecDeque<ReplayLink> = VecDeque::from([(last, None)]);
+    let first = chain_first(pipeline, claim, next_offset, &mut chain).and_then(|first| {
+        // Every sweep recorded after the restored offset must be on the chain (one still under
+        // way when the next version took over is not: its stretch of input ran under a mix),
+        // and the restored partition must not be in the middle of an earlier sweep.
+        if let Some(skipped) = claim
+            .published_earlier_sweeps
+            .iter()
+            .find(|e| e.offset > next_offset && !chain.iter().any(|(c, _)| c.rules == e.rules))
+        {
+            return Err(format!(
+                "the rules sweep that started at offset {} was still under way when the next rules version took over",
+                skipped.offset
+            ));
+        }
+        match claim.sweep {
+            Some(s) if s.rules != last.rules && Some(s.rules) != claim.swept_rules => Err(format!(
+                "the restored partition was in the middle of the rules sweep that started at offset {}",
+                s.offset
+            )),
+            _ => Ok(first),
+        }
+    });
+    let (offset, changes) = match &first {
+        Ok(_) => (chain.front().expect("non-empty").0.offset, chain.len()),
+        Err(_) => (last.offset, 1),
+    };
+    events::ReplayBeforeRulesChange {
+        partition,
+        offset,
+        changes,
+        under: first.as_ref().map(|r| r.version()).map_err(String::as_str),
+    }
+    .emit(&pipeline.telemetry);
+    match first {
+        Ok(first) => (Some(first), chain),
+        Err(_) => (None, VecDeque::from([(last, None)])),
+    }
+}
+
+/// Builds `chain` back from its last link through the recorded sweeps to the rules the
+/// restored partition had completed; returns those rules (see [`replay_chain`]).
+fn chain_first(
+    pipeline: &Pipeline,
+    claim: &Claim,
+    next_offset: i64,
+    chain: &mut VecDeque<ReplayLink>,
+) -> Result<Arc<Rules>, String> {
     let usable = |rules: Option<Arc<Rules>>, from: u32, until: i64| {
         match rules {
         None => Err(format!(
@@ -65,16 +112,16 @@ fn replay_chain(
         Some(r) => Ok(r),
     }
     };
-    let first = loop {
+    loop {
         let sweep = chain.front().expect("the chain ends with `last`").0;
         let Some(from) = sweep.from else {
-            break Err("the rules sweep's record does not say which rules it moved customers from (recorded by an older tierd)".to_owned());
+            return Err("the rules sweep's record does not say which rules it moved customers from (recorded by an older tierd)".to_owned());
         };
         let rules = pipeline.known_rules(from);
         if claim.swept_rules == Some(from) {
             // The restored partition had completed the sweep of `from`: the input before
             // this sweep ran under it.
-            break usable(rules, from, sweep.offset);
+            return usable(rules, from, sweep.offset);
         }
         match claim
             .published_earlier_sweeps
@@ -85,35 +132,24 @@ fn replay_chain(
             Some(earlier) if earlier.offset > next_offset => {
                 match usable(rules, from, sweep.offset) {
                     Ok(r) => chain.push_front((*earlier, Some(r))),
-                    Err(reason) => break Err(reason),
+                    Err(reason) => return Err(reason),
                 }
             }
             Some(_) => {
-                break Err(format!(
+                return Err(format!(
                     "the restored partition had not completed the sweep of {}, the rules before the change at offset {}",
                     rules.map_or_else(|| format!("version hash {from:08x}"), |r| format!("{:?}", r.version())),
                     sweep.offset
                 ))
             }
             None => {
-                break Err(format!(
+                return Err(format!(
                     "the published position keeps no record of the sweep to the rules before the change at offset {} (a replay reaches back over at most {} rules changes)",
                     sweep.offset,
                     crate::publish::position::EARLIER_SWEEPS + 1
                 ))
             }
         }
-    };
-    events::ReplayBeforeRulesChange {
-        partition,
-        offset: chain.front().expect("non-empty").0.offset,
-        changes: chain.len(),
-        under: first.as_ref().map(|r| r.version()).map_err(String::as_str),
-    }
-    .emit(&pipeline.telemetry);
-    match first {
-        Ok(first) => (Some(first), chain),
-        Err(_) => (None, VecDeque::from([(last, None)])),
     }
 }
 
@@ -214,12 +250,15 @@ impl Runner {
         if let Some(text) = claim.prior_rules.as_deref() {
             // Kept for a later replay over more than one rules change (after the next
             // rollback the partition may no longer keep it).
-            if let Ok(prior) = Rules::parse(
+            match Rules::parse(
                 text,
                 "the earlier rules kept in Redis",
                 pipeline.rules.fraction_digits(),
             ) {
-                pipeline.know_rules(prior);
+                Ok(prior) => pipeline.know_rules(prior),
+                Err(error) => {
+                    tracing::warn!(partition, %error, "The earlier rules text the partition keeps is invalid now: a replay cannot use it.");
+                }
             }
         }
         let (replay_rules, replay_chain, sweep) = match sweep {

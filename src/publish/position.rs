@@ -145,14 +145,27 @@ impl Published {
                 .find(|known| known.rules == sweep.rules)
             {
                 Some(known) => known.done = known.done.or(sweep.done),
-                None => {
-                    if let Some(latest) = next.sweep.replace(sweep) {
-                        next.earlier_sweeps.push(latest);
+                // A newer version's sweep; or an older one a replay records again after it
+                // was dropped for room: it goes back in its place, never before the latest.
+                None => match next.sweep {
+                    Some(latest) if sweep.offset < latest.offset => {
+                        let at = next
+                            .earlier_sweeps
+                            .partition_point(|e| e.offset <= sweep.offset);
+                        next.earlier_sweeps.insert(at, sweep);
                     }
-                    if next.earlier_sweeps.len() > EARLIER_SWEEPS {
-                        next.earlier_sweeps.remove(0);
+                    _ => {
+                        if let Some(latest) = next.sweep.replace(sweep) {
+                            next.earlier_sweeps.push(latest);
+                        }
                     }
-                }
+                },
+            }
+            while next.earlier_sweeps.len() > EARLIER_SWEEPS {
+                next.earlier_sweeps.remove(0);
+            }
+            while next.metadata().len() > budget && !next.earlier_sweeps.is_empty() {
+                next.earlier_sweeps.remove(0);
             }
         }
         if switches.is_empty() && passes.is_empty() {
@@ -160,13 +173,13 @@ impl Published {
         }
         // At the offset a rules sweep started, the previous owner's passes (before the sweep's
         // time, under the earlier rules) and the new owner's (after its sweep) stay apart: a
-        // replay fires the first before the sweep starts again, the others after it.
+        // replay fires the first before the sweep starts again, the others after it. Several
+        // sweeps may start at one offset (a quiet partition): a pass is placed by how many of
+        // them started at or before its horizon.
         let sweeps: Vec<RulesSweep> = next.sweeps().collect();
         let side = |p: &TimerPass| {
-            sweeps
-                .iter()
-                .find(|s| s.offset == p.offset)
-                .map(|s| p.upto < s.at)
+            let here: Vec<&RulesSweep> = sweeps.iter().filter(|s| s.offset == p.offset).collect();
+            (!here.is_empty()).then(|| here.iter().filter(|s| s.at <= p.upto).count())
         };
         for pass in passes {
             if let Some(known) = next.passes.iter_mut().find(|k| {
@@ -702,6 +715,62 @@ mod tests {
             replayed.sweeps().map(|s| s.rules).collect::<Vec<_>>(),
             vec![3, 4, 5, 6]
         );
+        // An older sweep dropped for room and recorded again by a replay goes back in its
+        // place: the latest stays the latest.
+        let mut trimmed = replayed.clone();
+        trimmed.earlier_sweeps.remove(1);
+        let back = trimmed.after(
+            "8-0",
+            Some(46),
+            &[],
+            &[],
+            Some(sweep(40, 4)),
+            METADATA_BUDGET,
+        );
+        assert_eq!(back.sweep, Some(sweep(60, 6)));
+        assert_eq!(
+            back.sweeps().map(|s| s.rules).collect::<Vec<_>>(),
+            vec![3, 4, 5, 6]
+        );
+    }
+
+    #[test]
+    fn passes_between_two_sweeps_started_at_one_offset_stay_apart() {
+        // A quiet partition: v2's sweep starts at offset 10 (time 1,000), v3's at the same
+        // offset (time 3,000); a pass v2 fired between them and one v3 fired after its own.
+        let sweep = |at, rules| RulesSweep {
+            offset: 10,
+            at,
+            rules,
+            from: Some(rules - 1),
+            done: Some(10),
+        };
+        let p = Published::default()
+            .after(
+                "1-0",
+                Some(10),
+                &[],
+                &[],
+                Some(sweep(1_000, 2)),
+                METADATA_BUDGET,
+            )
+            .after(
+                "2-0",
+                Some(10),
+                &[],
+                &[pass(10, 2_000, 0)],
+                Some(sweep(3_000, 3)),
+                METADATA_BUDGET,
+            )
+            .after(
+                "3-0",
+                Some(10),
+                &[],
+                &[pass(10, 4_000, 0)],
+                None,
+                METADATA_BUDGET,
+            );
+        assert_eq!(p.passes, vec![pass(10, 2_000, 0), pass(10, 4_000, 0)]);
     }
 
     #[test]

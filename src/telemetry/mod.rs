@@ -62,8 +62,9 @@ pub struct Telemetry {
     /// Offsets skipped between batches (transaction markers, aborted transactions' records,
     /// compaction).
     pub offset_gaps: IntCounter,
-    /// Offset commits to Kafka (for lag dashboards) sent and not answered yet: at most one
-    /// (a commit that stays in flight means the group coordinator does not answer).
+    /// Offset commits to Kafka (for lag dashboards) sent and not answered yet: one periodic
+    /// commit at most, plus one at a revocation (a commit that stays in flight means the group
+    /// coordinator does not answer).
     pub kafka_commits_in_flight: IntGauge,
     /// Timers fired (time-driven evaluations), by cause.
     pub timers_fired: IntCounterVec,
