@@ -502,6 +502,76 @@ fn a_rollback_to_before_a_rules_change_replays_the_earlier_input_under_the_earli
     );
 }
 
+#[test]
+fn a_rollback_before_the_new_rules_published_anything_replays_under_the_earlier_rules() {
+    // Redis loses writes whose changes were published under v1, and v2 takes over before
+    // anything of it was published (a failover during a rolling upgrade): the published
+    // position records no sweep of v2, yet those changes must come out again as they were.
+    let mut world = World::start(1);
+    let n = 120i64;
+    let amount = |i: i64| (i * 7919) % 1_200_000;
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let first = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
+    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
+    let before = world.snapshot();
+    let second = purchases(
+        "g",
+        (0..n).step_by(2),
+        |_| "150000".into(),
+        "2026-11-01T12:00:00Z",
+    );
+    let ends = world.produce_json(&second);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let published_v1 = world.read_all(&world.output);
+    let moved_under_v1 = published_v1
+        .iter()
+        .map(support::Record::json)
+        .filter(|c| {
+            c["cause"]["event_id"]
+                .as_str()
+                .is_some_and(|e| e.starts_with('g'))
+        })
+        .count();
+    assert!(moved_under_v1 > 0, "the second purchases moved customers");
+    assert_eq!(tierd.terminate(), Some(0));
+
+    world.restore(&before);
+    let _rules = use_rules(&mut world, V2);
+    let tierd = Tierd::spawn(&world, "");
+    wait_sweeps_done(&tierd, 1.0);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.outbox_len(0) > 0 {
+        assert!(Instant::now() < deadline, "{}", tierd.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every change is published again with its first body, then the sweep moves everyone to
+    // v2's tier of their spend.
+    let records = world.assert_one_body_per_change_id();
+    let log = tierd.log_text();
+    assert!(
+        log.contains(
+            "Replaying the input before the rules change under the rules it first ran under"
+        ),
+        "{log}"
+    );
+    assert!(
+        records.len() > published_v1.len(),
+        "the sweep published changes"
+    );
+    let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
+    for (i, state) in states(&world, n).iter().enumerate() {
+        assert_eq!(state.rules_hash, hash, "c{i} swept to v2");
+        let spent = amount(i as i64) + if i % 2 == 0 { 150_000 } else { 0 };
+        assert_eq!(
+            state.tier.as_deref(),
+            Some(tier(spent, [800_000, 300_000, 100_000])),
+            "c{i} is in v2's tier of {spent}"
+        );
+    }
+}
+
 /// A third rules version: other bounds again.
 fn v3() -> String {
     V2.replace("b2b-lifetime-2", "b2b-lifetime-3")
@@ -747,6 +817,78 @@ fn a_replay_over_an_unfinished_rules_sweep_warns_instead_of_skipping_it() {
     assert!(!tierd
         .log_text()
         .contains("under the rules it first ran under"));
+}
+
+/// Redis restored into the middle of `b2b-lifetime-2`'s sweep (its pages had reached some
+/// customers), after which the sweep completed, purchases crossed `-2`'s bounds, and `-3` took
+/// over with its own sweep and purchases: the replay goes on with `-2`'s sweep from the
+/// restored point, completes it where it first completed, then replays the rest under each
+/// version as it first ran — every change comes out as it first did.
+#[test]
+fn a_rollback_into_the_middle_of_an_earlier_rules_sweep_resumes_that_sweep() {
+    let mut world = World::start(1);
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let first = purchases(
+        "e",
+        0..N,
+        |i| ((i * 7919) % 1_200_000).to_string(),
+        "2026-11-01T10:00:00Z",
+    );
+    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // `-2` sweeps 20 customers a second; Redis is snapshotted after its first pages.
+    let mut files = vec![use_rules(&mut world, V2)];
+    world.rules_extra = "sweep_per_second = 20".into();
+    let mut tierd = Tierd::spawn(&world, "");
+    wait_swept(&tierd, 10.0);
+    let before = world.snapshot();
+    let v2 = tierd::model::state::rules_hash("b2b-lifetime-2");
+    let restored = states(&world, N);
+    assert!(
+        restored.iter().any(|s| s.rules_hash == v2) && restored.iter().any(|s| s.rules_hash != v2),
+        "the snapshot is in the middle of the sweep"
+    );
+    // Purchases while the sweep runs (some reach customers before its pages do), then after.
+    let during = purchases(
+        "f",
+        (0..N).step_by(3),
+        |_| "120000".into(),
+        "2026-11-02T10:00:00Z",
+    );
+    world.wait_applied(&world.produce_json(&during), Duration::from_secs(60));
+    wait_sweeps_done(&tierd, 1.0);
+    let after = purchases(
+        "g",
+        (1..N).step_by(3),
+        |_| "150000".into(),
+        "2026-11-02T12:00:00Z",
+    );
+    world.wait_applied(&world.produce_json(&after), Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    files.push(use_rules(&mut world, &v3()));
+    world.rules_extra = String::new();
+    let tierd = Tierd::spawn(&world, "");
+    wait_sweeps_done(&tierd, 1.0);
+    let under_v3 = purchases(
+        "h",
+        (2..N).step_by(3),
+        |_| "120000".into(),
+        "2026-11-03T10:00:00Z",
+    );
+    let ends = world.produce_json(&under_v3);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let live = states(&world, N);
+    let published = world.read_all(&world.output).len();
+
+    world.restore(&before);
+    assert_replayed_identically(&world, &tierd, &ends, swept_to_v3, &live, published);
+    let log = tierd.log_text();
+    assert!(log.contains("changes=2"), "{log}");
+    assert!(!log.contains("under the running rules"), "{log}");
+    drop(files);
 }
 
 /// The same in `wall` mode, with a timer the earlier rules fired after their last input: at

@@ -10,7 +10,7 @@
 
 use super::cache::StateCache;
 use super::draft::{Draft, Loaded, Position, Working};
-use super::sweep::SweepState;
+use super::sweep::{Sweep, SweepState};
 use super::timers::EarliestDue;
 use super::{PartitionStatus, Pipeline};
 use crate::config::ClockMode;
@@ -57,9 +57,7 @@ fn replay_chain(
         // Every sweep recorded after the restored offset must be on the chain (one still under
         // way when the next version took over is not: its stretch of input ran under a mix),
         // and the restored partition must not be in the middle of an earlier sweep.
-        if let Some(skipped) = claim
-            .published_earlier_sweeps
-            .iter()
+        if let Some(skipped) = published_sweeps(claim)
             .find(|e| e.offset > next_offset && !chain.iter().any(|(c, _)| c.rules == e.rules))
         {
             return Err(format!(
@@ -68,10 +66,15 @@ fn replay_chain(
             ));
         }
         match claim.sweep {
-            Some(s) if s.rules != last.rules && Some(s.rules) != claim.swept_rules => Err(format!(
+            Some(s)
+                if !chain.iter().any(|(c, _)| c.rules == s.rules)
+                    && Some(s.rules) != claim.swept_rules =>
+            {
+                Err(format!(
                 "the restored partition was in the middle of the rules sweep that started at offset {}",
                 s.offset
-            )),
+            ))
+            }
             _ => Ok(first),
         }
     });
@@ -90,6 +93,14 @@ fn replay_chain(
         Ok(first) => (Some(first), chain),
         Err(_) => (None, VecDeque::from([(last, None)])),
     }
+}
+
+/// The rules sweeps the published position keeps, oldest first.
+fn published_sweeps(claim: &Claim) -> impl DoubleEndedIterator<Item = &RulesSweep> {
+    claim
+        .published_earlier_sweeps
+        .iter()
+        .chain(&claim.published_sweep)
 }
 
 /// Builds `chain` back from its last link through the recorded sweeps to the rules the
@@ -123,17 +134,25 @@ fn chain_first(
             // this sweep ran under it.
             return usable(rules, from, sweep.offset);
         }
-        match claim
-            .published_earlier_sweeps
-            .iter()
-            .rev()
-            .find(|e| e.rules == from)
-        {
+        match published_sweeps(claim).rev().find(|e| e.rules == from) {
             Some(earlier) if earlier.offset > next_offset => {
                 match usable(rules, from, sweep.offset) {
                     Ok(r) => chain.push_front((*earlier, Some(r))),
                     Err(reason) => return Err(reason),
                 }
+            }
+            // The restored partition was in the middle of that sweep, which first completed
+            // before the next change: it goes on (its pages skip the customers it already
+            // re-evaluated) under its rules and completes where it first completed.
+            Some(earlier)
+                if earlier.done.is_some()
+                    && claim
+                        .sweep
+                        .is_some_and(|s| s.rules == from && s.offset == earlier.offset) =>
+            {
+                let r = usable(rules, from, sweep.offset)?;
+                chain.push_front((*earlier, Some(Arc::clone(&r))));
+                return Ok(r);
             }
             Some(_) => {
                 return Err(format!(
@@ -229,6 +248,9 @@ pub struct Runner {
     /// During a replay from before a rules change: the recorded sweeps still to start again
     /// (the front one pending or running), oldest first.
     pub(super) replay_chain: VecDeque<ReplayLink>,
+    /// During a replay: the running rules' sweep (the chain's last link) was never published,
+    /// so it starts afresh where the published changes end (see `SweepState::after_claim`).
+    pub(super) sweep_afresh: bool,
 }
 
 impl Runner {
@@ -242,7 +264,7 @@ impl Runner {
         claim: &Claim,
         partition: i32,
     ) -> Self {
-        let sweep = SweepState::after_claim(
+        let (sweep, sweep_afresh) = SweepState::after_claim(
             claim,
             rules_hash(pipeline.rules.version()),
             Self::engine_time(pipeline.clock.mode, claim.clock),
@@ -264,7 +286,13 @@ impl Runner {
         let (replay_rules, replay_chain, sweep) = match sweep {
             SweepState::Pending(recorded) => {
                 let (rules, chain) = replay_chain(&pipeline, claim, partition, recorded);
-                let first = SweepState::Pending(chain.front().expect("non-empty").0);
+                let front = chain.front().expect("non-empty").0;
+                // A sweep the restored partition was in the middle of goes on at once.
+                let first = if front.offset <= claim.next_offset.unwrap_or(-1) {
+                    SweepState::Running(Sweep::resumed(front))
+                } else {
+                    SweepState::Pending(front)
+                };
                 (rules, chain, first)
             }
             other => (None, VecDeque::new(), other),
@@ -293,6 +321,7 @@ impl Runner {
             replay_wait: None,
             replay_rules,
             replay_chain,
+            sweep_afresh,
             last_commit: Instant::now(),
         }
     }

@@ -54,16 +54,17 @@ pub enum SweepState {
 
 impl SweepState {
     /// The state a claim leaves the partition in, for rules version hash `rules` and engine
-    /// time `now` (a sweep started now is recorded at the claimed offset).
-    pub fn after_claim(claim: &Claim, rules: u32, now: i64) -> Self {
+    /// time `now` (a sweep started now is recorded at the claimed offset), and whether the
+    /// sweep is to start afresh once a replay reaches it ([`Runner::resume_pending_sweep`]).
+    pub fn after_claim(claim: &Claim, rules: u32, now: i64) -> (Self, bool) {
         if claim.swept_rules == Some(rules) {
-            return Self::Done;
+            return (Self::Done, false);
         }
         let of_rules = |s: Option<RulesSweep>| s.filter(|s| s.rules == rules);
         let next_offset = claim.next_offset.unwrap_or(-1);
         match of_rules(claim.published_sweep).or(of_rules(claim.sweep)) {
-            Some(recorded) if recorded.offset > next_offset => Self::Pending(recorded),
-            Some(recorded) => Self::Running(Sweep::resumed(recorded)),
+            Some(recorded) if recorded.offset > next_offset => (Self::Pending(recorded), false),
+            Some(recorded) => (Self::Running(Sweep::resumed(recorded)), false),
             None => {
                 let start = RulesSweep {
                     offset: next_offset,
@@ -72,10 +73,31 @@ impl SweepState {
                     from: claim.swept_rules,
                     done: None,
                 };
-                Self::Running(Sweep {
-                    record: Some(start),
-                    ..Sweep::resumed(start)
-                })
+                match claim
+                    .replay_through
+                    .filter(|&through| through > next_offset)
+                {
+                    // Redis lost writes whose changes were published, none of them under these
+                    // rules (a sweep's start is committed with its first changes and published
+                    // ahead of them): they ran under the rules of the latest sweep published,
+                    // and the replay applies their input under those. This sweep starts where
+                    // the published changes end, as if it had been claimed there.
+                    Some(through) => (
+                        Self::Pending(RulesSweep {
+                            offset: through,
+                            from: claim.published_sweep.map(|s| s.rules).or(claim.swept_rules),
+                            ..start
+                        }),
+                        true,
+                    ),
+                    None => (
+                        Self::Running(Sweep {
+                            record: Some(start),
+                            ..Sweep::resumed(start)
+                        }),
+                        false,
+                    ),
+                }
             }
         }
     }
@@ -96,7 +118,7 @@ impl SweepState {
 
 impl Sweep {
     /// A recorded sweep, going on from its first page.
-    fn resumed(recorded: RulesSweep) -> Self {
+    pub(super) fn resumed(recorded: RulesSweep) -> Self {
         Self {
             cursor: 0,
             offset: recorded.offset,
@@ -144,6 +166,8 @@ impl Runner {
     }
 
     /// A replay reached the offset a recorded sweep started at: it starts again, at its time.
+    /// The running rules' sweep if no published change recorded it (`sweep_afresh`) starts
+    /// here for the first time, at the engine time now, and is recorded with the next commit.
     pub(super) fn resume_pending_sweep(&mut self) {
         if let SweepState::Pending(recorded) = self.sweep {
             // The sweep's rules take over here, as they did the first time.
@@ -151,6 +175,18 @@ impl Runner {
                 .replay_chain
                 .front()
                 .and_then(|(_, rules)| rules.clone());
+            if self.sweep_afresh && self.replay_chain.len() <= 1 {
+                self.sweep_afresh = false;
+                let start = RulesSweep {
+                    at: Self::engine_time(self.pipeline.clock.mode, self.clock),
+                    ..recorded
+                };
+                self.sweep = SweepState::Running(Sweep {
+                    record: Some(start),
+                    ..Sweep::resumed(start)
+                });
+                return;
+            }
             events::SweepResumed {
                 partition: self.partition,
                 offset: recorded.offset,
