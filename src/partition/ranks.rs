@@ -275,7 +275,8 @@ impl Runner {
         let p = Arc::clone(&self.pipeline);
         let old = std::mem::replace(&mut self.cutoffs, Arc::new(new.clone()));
         let page = p.ranks.reevaluate_page;
-        let ranges = moved_ranges(&p.rules, &old, &new);
+        // The rules in force (in a replay, those the input first ran under).
+        let ranges = moved_ranges(self.rules(), &old, &new);
         let resume = self
             .store
             .rerank_progress()
@@ -341,7 +342,7 @@ impl Runner {
                     if loaded.state.is_new() {
                         // A rank entry without a stored customer (erased by hand): drop it,
                         // and never evaluate (that would create the customer again).
-                        let sets = (0..p.rules.ranks().len()).map(SortedSet::Rank);
+                        let sets = (0..self.rules().ranks().len()).map(SortedSet::Rank);
                         draft.orphans.extend(sets.map(|set| (set, id.clone())));
                         continue;
                     }

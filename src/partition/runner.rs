@@ -116,8 +116,11 @@ fn chain_first(
         None => Err(format!(
             "the rules version the input before offset {until} first ran under (version hash {from:08x}) is not known to this process: the partition no longer keeps its text; list its file in rules.history"
         )),
-        Some(r) if r.uses_ranks() => Err(format!(
-            "the earlier rules {:?} rank customers: replays under earlier rank-based rules are not supported yet",
+        // The rank sets hold one value per customer and rank of the running rules: earlier
+        // rules may rank only as they do (the same ranks, metrics and ties) for a replay
+        // under them to keep those sets as the first run did.
+        Some(r) if r.ranks() != pipeline.rules.ranks() => Err(format!(
+            "the earlier rules {:?} rank customers other than the running rules do: replays under earlier rules with other ranks are not supported yet",
             r.version()
         )),
         Some(r) => Ok(r),
@@ -511,19 +514,34 @@ impl Runner {
             if start.offset > offset {
                 break;
             }
-            // Except the timer passes the previous owner fired there after its last input,
-            // under the earlier rules: they ran before the sweep's start, so their horizon is
-            // earlier than its time (the new owner's passes come after its sweep, later than
-            // that time; this assumes the two hosts' clocks agree to the millisecond order of
-            // a restart).
-            while let Some(pass) = self
-                .replay_passes
-                .front()
-                .filter(|p| p.offset == start.offset && p.upto < start.at)
-                .copied()
-            {
-                self.replay_passes.pop_front();
-                self.replay_pass(pass).await?;
+            // Except what the previous owner did there after its last input, under the
+            // earlier rules, in the order it did: the timer passes it fired (they ran before
+            // the sweep's start, so their horizon is earlier than its time; the new owner's
+            // passes come after its sweep, later than that time; this assumes the two hosts'
+            // clocks agree to the millisecond order of a restart) and the cut-offs it moved
+            // to (of the earlier rules: the new owner applies only its own rules' cut-offs).
+            loop {
+                let switch = self
+                    .replay
+                    .front()
+                    .filter(|s| s.offset == start.offset && s.cutoffs.rules != start.rules)
+                    .map(|s| s.cutoffs.version);
+                let pass = self
+                    .replay_passes
+                    .front()
+                    .filter(|p| p.offset == start.offset && p.upto < start.at)
+                    .copied();
+                match (switch, pass) {
+                    (None, None) => break,
+                    (Some(version), Some(pass)) if version <= pass.cutoffs => {
+                        self.replay_switch().await?
+                    }
+                    (None, Some(pass)) | (Some(_), Some(pass)) => {
+                        self.replay_passes.pop_front();
+                        self.replay_pass(pass).await?;
+                    }
+                    (Some(_), None) => self.replay_switch().await?,
+                }
             }
             self.resume_pending_sweep();
         }
