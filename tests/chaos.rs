@@ -55,6 +55,10 @@ struct Run {
     log: Vec<String>,
     logs: String,
     started: Instant,
+    /// The events produced.
+    events: Vec<serde_json::Value>,
+    /// When their production began (wall clock, ms).
+    production_start: i64,
 }
 
 fn owned(instances: &[Tierd]) -> i64 {
@@ -74,13 +78,27 @@ fn chaos(
     rate: usize,
     redis_loss: u64,
 ) -> Run {
-    let n = events.len();
+    chaos_from(world, extra, |_| events.to_vec(), rate, redis_loss)
+}
+
+/// [`chaos`] over the events `events` returns given the wall-clock moment (ms) their
+/// production begins, once the group has settled.
+fn chaos_from(
+    world: &World,
+    extra: &str,
+    events: impl FnOnce(i64) -> Vec<serde_json::Value>,
+    rate: usize,
+    redis_loss: u64,
+) -> Run {
     let mut instances: Vec<Tierd> = (0..3).map(|_| Tierd::spawn(world, extra)).collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     while owned(&instances) != 8 {
         assert!(Instant::now() < deadline, "the group never settled");
         std::thread::sleep(Duration::from_millis(200));
     }
+    let production_start = tierd::model::time::now_ms();
+    let events = events(production_start);
+    let n = events.len();
 
     let produced = AtomicUsize::new(0);
     // The logs of killed instances (each instance's log dies with it).
@@ -213,6 +231,8 @@ fn chaos(
         log,
         logs,
         started,
+        events,
+        production_start,
     }
 }
 
@@ -583,33 +603,35 @@ fn chaos_run_on_the_wall_clock_fires_every_timer_once_and_replays_identically() 
     let mut world = World::start_on(8, Redis::start_everysec(), Broker::cluster(3));
     world.rules = rules_file.path().to_owned();
 
-    // Event i is produced about i / rate seconds after the instances own the partitions
-    // (~15 s from here); it is dated 2 days minus 8 s before that, and one in ten up to 6 s
+    // Event i is produced about i / rate seconds after the instances own the partitions and
+    // production starts; it is dated 2 days minus 8 s before that, and one in ten up to 6 s
     // earlier still (late, within the default lateness of 60 s): its recency timer (2 days
     // after the latest purchase) comes due ~8 s after it is produced.
     const DAY: i64 = 86_400_000;
-    let start = tierd::model::time::now_ms() + 15_000;
-    let mut rng = StdRng::seed_from_u64(2029);
-    let mut events = stream(n, customers, 2029);
-    for (i, e) in events.iter_mut().enumerate() {
-        let late = if rng.random_bool(0.1) {
-            rng.random_range(0..6_000)
-        } else {
-            0
-        };
-        let at = start - 2 * DAY + 8_000 + (i as i64 * 1000) / rate as i64 - late;
-        e["occurred_at"] = tierd::model::time::format_ms(at).into();
-    }
-    let (reference, _) = reference(&events, &rules);
-    let last_due = start + 8_000 + (n as i64 * 1000) / rate as i64;
-
-    let run = chaos(
+    let dated = |start: i64| {
+        let mut rng = StdRng::seed_from_u64(2029);
+        let mut events = stream(n, customers, 2029);
+        for (i, e) in events.iter_mut().enumerate() {
+            let late = if rng.random_bool(0.1) {
+                rng.random_range(0..6_000)
+            } else {
+                0
+            };
+            let at = start - 2 * DAY + 8_000 + (i as i64 * 1000) / rate as i64 - late;
+            e["occurred_at"] = tierd::model::time::format_ms(at).into();
+        }
+        events
+    };
+    let run = chaos_from(
         &world,
         "[ingest]\nbatch_max_events = 500\n",
-        &events,
+        dated,
         rate,
         64 * 1024,
     );
+    let events = &run.events;
+    let (reference, _) = reference(events, &rules);
+    let last_due = run.production_start + 8_000 + (n as i64 * 1000) / rate as i64;
 
     // Every timer due has fired once the wall clock is past the last one (and a tick).
     let deadline = Instant::now() + Duration::from_secs(120);
