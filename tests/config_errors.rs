@@ -278,3 +278,31 @@ fn a_compacted_input_topic_is_refused_naming_cleanup_policy() {
         "{stderr}"
     );
 }
+
+/// A fatal producer error stops the binary with exit code 1, naming it in the log: here the
+/// brokers refuse the outbox producer's transactions (`transaction.timeout.ms` above their
+/// `transaction.max.timeout.ms`, 15 minutes) once a partition is claimed and has something to
+/// publish. The outbox keeps the undelivered change.
+#[test]
+fn a_fatal_producer_error_stops_the_binary_with_exit_code_1() {
+    let world = support::World::start(1);
+    let config = world.config(
+        support::free_port(),
+        "[kafka.producer]\n\"transaction.timeout.ms\" = \"1000000\"\n",
+    );
+    world.produce_json(&[support::purchase(
+        "e1",
+        "alice",
+        "100.00",
+        "2026-11-01T10:00:00Z",
+    )]);
+    let (code, stderr) = run(&config, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("an outbox producer could not be created or initialised"),
+        "{stderr}"
+    );
+    // Nothing was published; the change (with the rules sweep's records) stays in the outbox.
+    assert!(world.read_all(&world.output).is_empty());
+    assert!(world.outbox_len(0) >= 1, "the change stays in the outbox");
+}
