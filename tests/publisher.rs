@@ -15,6 +15,7 @@ use tierd::publish::health::PublishHealth;
 use tierd::publish::position::OutboxPositions;
 use tierd::publish::publisher::{Publisher, Target};
 use tierd::store::keys::{Keyspace, PartitionKeys};
+use tierd::store::outbox::RulesSweep;
 use tierd::telemetry::Telemetry;
 use tokio::sync::{watch, Notify};
 
@@ -262,6 +263,57 @@ fn a_producer_that_cannot_be_created_stops_the_service_and_keeps_the_outbox() {
             .unwrap();
     });
     assert_eq!(outbox_len(&mut conn, &s.keys.outbox), 1);
+}
+
+/// Adds a rules-sweep record (never produced: it goes into the published position).
+fn add_sweep(conn: &mut redis::Connection, outbox: &str, sweep: &RulesSweep) {
+    let _: String = redis::cmd("XADD")
+        .arg(outbox)
+        .arg("*")
+        .arg("t")
+        .arg("s")
+        .arg("k")
+        .arg("")
+        .arg("v")
+        .arg(serde_json::to_string(sweep).unwrap())
+        .arg("h")
+        .arg("")
+        .query(conn)
+        .unwrap();
+}
+
+/// One rules version's completion and the next one's start published in one round (an owner
+/// killed after its completing commit, the next version's owner publishing both): the
+/// published position keeps both, the completion with the earlier sweep. It kept only the
+/// later one, and a replay over them could not tell the earlier sweep had completed.
+#[test]
+fn a_sweeps_completion_and_the_next_start_published_together_are_both_recorded() {
+    let s = setup(None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = s.redis.conn();
+    set_epoch(&mut conn, &s.keys.meta, 1);
+    let sweep = |offset, rules, done| RulesSweep {
+        offset,
+        at: 1_000,
+        rules,
+        from: Some(3),
+        done,
+    };
+    add_sweep(&mut conn, &s.keys.outbox, &sweep(10, 7, Some(25)));
+    add_change(&mut conn, &s.keys.outbox, "alice", "1");
+    add_sweep(&mut conn, &s.keys.outbox, &sweep(30, 8, None));
+    add_change(&mut conn, &s.keys.outbox, "bob", "2");
+    let (task, _wake, stop) = spawn(&s, &rt, 1);
+    wait_until("published", Duration::from_secs(60), || {
+        outbox_len(&mut conn, &s.keys.outbox) == 0
+    });
+    let _ = stop.send(true);
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await })
+        .expect("stops when told")
+        .unwrap();
+    let published = s.publisher.positions.published(0).unwrap();
+    assert_eq!(published.earlier_sweeps, vec![sweep(10, 7, Some(25))]);
+    assert_eq!(published.sweep, Some(sweep(30, 8, None)));
 }
 
 fn ids(conn: &mut redis::Connection, stream: &str) -> Vec<String> {

@@ -220,6 +220,29 @@ impl Published {
         next
     }
 
+    /// [`Self::after`] for a round that recorded several rules sweeps (in order): one
+    /// version's completion and the next one's start may be published together.
+    #[must_use]
+    pub fn after_sweeps(
+        &self,
+        last_id: &str,
+        through: Option<i64>,
+        switches: &[CutoffsSwitch],
+        passes: &[TimerPass],
+        sweeps: &[RulesSweep],
+        budget: usize,
+    ) -> Self {
+        let (last, first) = match sweeps.split_last() {
+            Some((last, first)) => (Some(*last), first),
+            None => (None, &[][..]),
+        };
+        let mut next = self.clone();
+        for sweep in first {
+            next = next.after(last_id, through, &[], &[], Some(*sweep), budget);
+        }
+        next.after(last_id, through, switches, passes, last, budget)
+    }
+
     /// Every sweep kept, oldest first.
     pub fn sweeps(&self) -> impl Iterator<Item = RulesSweep> + '_ {
         self.earlier_sweeps.iter().chain(&self.sweep).copied()
@@ -667,6 +690,36 @@ mod tests {
         );
         assert_eq!(next.sweep, Some(sweep(20, 3_000, 8)));
         assert_eq!(next.earlier_sweeps, vec![sweep(10, 1_000, 7)]);
+    }
+
+    #[test]
+    fn a_sweeps_completion_and_the_next_ones_start_in_one_round_are_both_kept() {
+        let sweep = |offset, rules, done| RulesSweep {
+            offset,
+            at: 1_000,
+            rules,
+            from: Some(3),
+            done,
+        };
+        let p = Published::default().after(
+            "1-0",
+            Some(10),
+            &[],
+            &[],
+            Some(sweep(10, 7, None)),
+            METADATA_BUDGET,
+        );
+        let both = p.after_sweeps(
+            "2-0",
+            Some(30),
+            &[],
+            &[],
+            &[sweep(10, 7, Some(25)), sweep(30, 8, None)],
+            METADATA_BUDGET,
+        );
+        assert_eq!(both.earlier_sweeps, vec![sweep(10, 7, Some(25))]);
+        assert_eq!(both.sweep, Some(sweep(30, 8, None)));
+        assert_eq!(both.through, Some(30));
     }
 
     #[test]

@@ -419,7 +419,7 @@ impl PartitionPublisher {
         let mut failed: Option<(usize, KafkaError)> = None;
         let mut switches = Vec::new();
         let mut passes = Vec::new();
-        let mut sweep: Option<RulesSweep> = None;
+        let mut sweeps: Vec<RulesSweep> = Vec::new();
         for (index, stored) in round.iter().enumerate() {
             let entry = &stored.entry;
             let topic = match entry.kind {
@@ -440,12 +440,11 @@ impl PartitionPublisher {
                 EntryKind::RulesSweep => {
                     let started = position_entry::<RulesSweep>(stored)?;
                     // The first one of a version counts, with its completion (see
-                    // `Published::after`).
-                    match &mut sweep {
-                        Some(known) if known.rules == started.rules => {
-                            known.done = known.done.or(started.done);
-                        }
-                        _ => sweep = Some(started),
+                    // `Published::after`); one version's completion and the next one's start
+                    // may share a round.
+                    match sweeps.iter_mut().find(|known| known.rules == started.rules) {
+                        Some(known) => known.done = known.done.or(started.done),
+                        None => sweeps.push(started),
                     }
                     continue;
                 }
@@ -509,12 +508,12 @@ impl PartitionPublisher {
         let position = from_outbox.then(|| RoundPosition {
             positions: Arc::clone(&self.shared.positions),
             partition: self.target.partition,
-            published: self.position.after(
+            published: self.position.after_sweeps(
                 &round[round.len() - 1].id,
                 round[round.len() - 1].end_offset,
                 &switches,
                 &passes,
-                sweep,
+                &sweeps,
                 self.shared.positions.budget(),
             ),
         });
