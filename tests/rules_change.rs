@@ -1053,6 +1053,21 @@ when = ["rank.value <= 60%"]
 name = "small"
 "#;
 
+/// The pyramid in three bands, ranking as `pyramid-1` does.
+const PYRAMID_THREE_BANDS: &str = r#"
+version = "pyramid-3-bands"
+[ranks.value]
+metric = "sum"
+[[tiers]]
+name = "vip"
+when = ["rank.value <= 10%"]
+[[tiers]]
+name = "key"
+when = ["rank.value <= 40%"]
+[[tiers]]
+name = "small"
+"#;
+
 /// Waits until every partition applied cut-offs over `population` customers under rules
 /// `rules` and they stay the same for a second: the ranking settled.
 fn wait_cutoffs_settled(world: &World, tierd: &Tierd, population: u64, rules: &str) {
@@ -1170,15 +1185,17 @@ fn rank_sweep_rolled_back(partitions: i32, buys: impl Fn(&World, i64) -> bool) {
     assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
 }
 
-/// Redis rolled back to before a change of the pyramid's shares, with purchases under the
+/// Redis rolled back to before a change of the pyramid's bands, with purchases under the
 /// earlier shares after the snapshot (they move customers and the cut-offs): the replay
 /// applies them under `pyramid-1` with the cut-offs recorded then (those `pyramid-1`'s owner
-/// moved to after its last input before the ones of `pyramid-2`), starts `pyramid-2`'s sweep
+/// moved to after its last input before the new rules' own), starts the new rules' sweep
 /// where it first started, and every change comes out as it first did.
 #[test]
 fn a_rollback_to_before_a_rank_rules_change_replays_under_the_earlier_rank_rules() {
-    let run = rank_rules_change_rolled_back(PYRAMID_V2);
-    let hash = tierd::model::state::rules_hash("pyramid-2");
+    // Three bands instead of four: the earlier cut-offs' moves must be paged with the earlier
+    // rules' cut points.
+    let run = rank_rules_change_rolled_back(PYRAMID_THREE_BANDS);
+    let hash = tierd::model::state::rules_hash("pyramid-3-bands");
     let n = run.live.len() as i64;
     let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
     assert_replayed_identically(
@@ -1214,6 +1231,121 @@ fn a_replay_under_earlier_rules_that_rank_otherwise_warns() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The pyramid's owner dies in the middle of a re-ranking pass whose switch (with its first
+/// pages) was published, and the next owner runs rules that rank alike (three bands): it
+/// finishes `pyramid-1`'s pass under `pyramid-1` before its own sweep starts, as a replay from
+/// before the change does (it applies the recorded switch whole, under the earlier rules,
+/// ahead of the sweep's start). After Redis loses everything, every change comes out as it
+/// first did.
+#[test]
+fn an_earlier_rules_re_ranking_pass_left_half_done_is_finished_under_them_before_the_sweep() {
+    let mut world = World::start(1);
+    world.rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    // The first cut-offs come once the input is applied (every customer moves: a long pass).
+    let config =
+        "[ranks]\nrecompute_interval_ms = 8000\ncheck_interval_ms = 500\nreevaluate_page = 1\n";
+    let n = 10_000i64;
+    let mut tierd = Tierd::spawn(&world, config);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    wait_sweeps_done(&tierd, 1.0);
+    // Redis will lose everything from here on.
+    let before = world.snapshot();
+    let events = purchases(
+        "e",
+        0..n,
+        |i| ((i * 7919) % 1_200_000 + i).to_string(),
+        "2026-11-01T10:00:00Z",
+    );
+    let ends = world.produce_json(&events);
+    // The first cut-offs' pass (a page of one customer per commit) is under way and its
+    // switch published: it is killed in the middle.
+    let progress = |world: &World| -> Option<u64> {
+        let json: Option<String> = redis::cmd("HGET")
+            .arg(world.keys(0).meta)
+            .arg("rerank")
+            .query(&mut world.redis.conn())
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json?).ok()?;
+        v["version"].as_u64()
+    };
+    let kafka = toml::from_str::<tierd::config::Config>(&world.config(0, ""))
+        .unwrap()
+        .kafka;
+    let positions = tierd::publish::position::OutboxPositions::new(&kafka, 4096).unwrap();
+    let switch_published = |version: u64| {
+        positions
+            .published(0)
+            .is_ok_and(|p| p.switches.iter().any(|s| s.cutoffs.version == version))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "no pass:\n{}", tierd.log_text());
+        if progress(&world).is_some_and(switch_published) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    tierd.kill9();
+    assert!(
+        progress(&world).is_some(),
+        "the pass completed before the kill (timing): nothing tested"
+    );
+
+    let _rules = use_rules(&mut world, PYRAMID_THREE_BANDS);
+    let tierd = Tierd::spawn(&world, config);
+    wait_sweeps_done(&tierd, 1.0);
+    wait_cutoffs_settled(&world, &tierd, n as u64, "pyramid-3-bands");
+    let live = states(&world, n);
+    let published = world.read_all(&world.output).len();
+
+    world.restore(&before);
+    let hash = tierd::model::state::rules_hash("pyramid-3-bands");
+    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
+}
+
+/// Redis rolled back to before a change from threshold rules to the pyramid: the earlier
+/// rules rank no one (they wrote no rank values), so the replay applies the lost purchases
+/// under them, then the pyramid's sweep and recorded cut-offs, and every change comes out as
+/// it first did.
+#[test]
+fn a_rollback_to_before_a_change_to_rank_rules_replays_under_the_earlier_threshold_rules() {
+    let mut world = World::start(1);
+    let ranks = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n";
+    let n = 120i64;
+    let amount = |i: i64| (i * 7919) % 1_200_000 + i;
+    let mut tierd = Tierd::spawn(&world, ranks);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let first = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
+    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
+    let before = world.snapshot();
+    let second = purchases(
+        "g",
+        (0..n).step_by(2),
+        |_| "150000".into(),
+        "2026-11-01T12:00:00Z",
+    );
+    let ends = world.produce_json(&second);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    world.rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    let tierd = Tierd::spawn(&world, ranks);
+    wait_sweeps_done(&tierd, 1.0);
+    wait_cutoffs_settled(&world, &tierd, n as u64, "pyramid-1");
+    let live = states(&world, n);
+    let published = world.read_all(&world.output).len();
+
+    world.restore(&before);
+    let hash = tierd::model::state::rules_hash("pyramid-1");
+    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
+    let log = tierd.log_text();
+    assert!(!log.contains("under the running rules"), "{log}");
 }
 
 /// A running `v2` (the pyramid's rules changed) and what it published, just after Redis was

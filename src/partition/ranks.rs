@@ -7,6 +7,7 @@
 
 use super::draft::Working;
 use super::runner::Runner;
+use super::sweep::SweepState;
 use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
 use crate::engine::Trigger;
 use crate::model::state::rules_hash;
@@ -39,7 +40,9 @@ impl Runner {
     /// published changes' input (switches to apply, or offsets below what they reach), it
     /// waits: the first run had no other cut-offs there.
     pub(super) async fn rank_step(&mut self) -> Result<(), ApplyError> {
+        // (A replay under earlier rules takes only their recorded cut-offs.)
         if !self.replay.is_empty()
+            || self.replay_rules.is_some()
             || self
                 .replay_through
                 .is_some_and(|through| self.next_offset() < through)
@@ -82,6 +85,8 @@ impl Runner {
     /// (which applies its recorded switch whole) gives the same changes. Moving straight to
     /// the newest cut-offs instead would decide the rest of its customers under other
     /// cut-offs than a replay does. A replay that applies the same switch itself is left to.
+    /// A pass of earlier rules (the previous owner ran them) is finished under those rules,
+    /// before this owner's sweep starts, as a replay from before the change applies it.
     pub(super) async fn finish_stored_pass(&mut self) -> Result<(), ApplyError> {
         let p = Arc::clone(&self.pipeline);
         if !p.rules.uses_ranks() {
@@ -100,14 +105,50 @@ impl Runner {
             .replay
             .iter()
             .any(|s| s.cutoffs.version == target.version);
-        if target.version <= self.cutoffs.version
-            || target.rules != rules_hash(p.rules.version())
-            || replayed
-        {
+        if target.version <= self.cutoffs.version || replayed {
             return Ok(());
         }
         let at = self.next_offset();
-        self.apply_cutoffs(target, at, now).await
+        if target.rules == rules_hash(p.rules.version()) {
+            return self.apply_cutoffs(target, at, now).await;
+        }
+        // Earlier rules' pass (unknown ones, or ones that rank otherwise, leave it).
+        if self.earlier_rules_of(&target).is_none() {
+            return Ok(());
+        }
+        self.apply_cutoffs_of(target, at, now).await
+    }
+
+    /// The known rules `cutoffs` were computed under if they are not the rules in force and
+    /// rank as the running rules do (the rank sets hold the same values).
+    fn earlier_rules_of(&self, cutoffs: &Cutoffs) -> Option<Arc<crate::engine::rules::Rules>> {
+        let p = &self.pipeline;
+        (cutoffs.rules != rules_hash(self.rules().version()))
+            .then(|| p.known_rules(cutoffs.rules))
+            .flatten()
+            .filter(|r| r.ranks() == p.rules.ranks())
+    }
+
+    /// [`Self::apply_cutoffs`] under the rules `cutoffs` were computed under: cut-offs of
+    /// earlier rules (a pass their owner left half done, or its switch published and applied
+    /// again at the offset the next version took over) are applied under those rules, ahead
+    /// of the next version's sweep — its record waits for the next commit after the pass — as
+    /// a replay from before the change applies them (see `replay_switches_through`).
+    pub(super) async fn apply_cutoffs_of(
+        &mut self,
+        cutoffs: Cutoffs,
+        at: i64,
+        now: i64,
+    ) -> Result<(), ApplyError> {
+        let Some(earlier) = self.earlier_rules_of(&cutoffs) else {
+            return self.apply_cutoffs(cutoffs, at, now).await;
+        };
+        let sweep = std::mem::replace(&mut self.sweep, SweepState::Done);
+        let running = self.replay_rules.replace(earlier);
+        let applied = self.apply_cutoffs(cutoffs, at, now).await;
+        self.replay_rules = running;
+        self.sweep = sweep;
+        applied
     }
 
     /// Partition 0's duty: recomputes the cut-offs if due and publishes them if they changed.

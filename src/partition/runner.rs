@@ -117,9 +117,10 @@ fn chain_first(
             "the rules version the input before offset {until} first ran under (version hash {from:08x}) is not known to this process: the partition no longer keeps its text; list its file in rules.history"
         )),
         // The rank sets hold one value per customer and rank of the running rules: earlier
-        // rules may rank only as they do (the same ranks, metrics and ties) for a replay
-        // under them to keep those sets as the first run did.
-        Some(r) if r.ranks() != pipeline.rules.ranks() => Err(format!(
+        // rules that rank may rank only as they do (the same ranks, metrics and ties) for a
+        // replay under them to keep those sets as the first run did (rules that rank no one
+        // write none, as they first did).
+        Some(r) if r.uses_ranks() && r.ranks() != pipeline.rules.ranks() => Err(format!(
             "the earlier rules {:?} rank customers other than the running rules do: replays under earlier rules with other ranks are not supported yet",
             r.version()
         )),
@@ -267,11 +268,11 @@ impl Runner {
         claim: &Claim,
         partition: i32,
     ) -> Self {
-        let (sweep, sweep_afresh) = SweepState::after_claim(
-            claim,
+        let (running, now) = (
             rules_hash(pipeline.rules.version()),
             Self::engine_time(pipeline.clock.mode, claim.clock),
         );
+        let (sweep, mut sweep_afresh) = SweepState::after_claim(claim, running, now);
         if let Some(text) = claim.prior_rules.as_deref() {
             // Kept for a later replay over more than one rules change (after the next
             // rollback the partition may no longer keep it).
@@ -289,14 +290,25 @@ impl Runner {
         let (replay_rules, replay_chain, sweep) = match sweep {
             SweepState::Pending(recorded) => {
                 let (rules, chain) = replay_chain(&pipeline, claim, partition, recorded);
-                let front = chain.front().expect("non-empty").0;
-                // A sweep the restored partition was in the middle of goes on at once.
-                let first = if front.offset <= claim.next_offset.unwrap_or(-1) {
-                    SweepState::Running(Sweep::resumed(front))
+                if sweep_afresh && rules.is_none() {
+                    // The fallback: the running rules replay the input from the claimed
+                    // offset, and their sweep (never published) starts there.
+                    sweep_afresh = false;
+                    (
+                        None,
+                        VecDeque::new(),
+                        SweepState::started(claim, running, now),
+                    )
                 } else {
-                    SweepState::Pending(front)
-                };
-                (rules, chain, first)
+                    let front = chain.front().expect("non-empty").0;
+                    // A sweep the restored partition was in the middle of goes on at once.
+                    let first = if front.offset <= claim.next_offset.unwrap_or(-1) {
+                        SweepState::Running(Sweep::resumed(front))
+                    } else {
+                        SweepState::Pending(front)
+                    };
+                    (rules, chain, first)
+                }
             }
             other => (None, VecDeque::new(), other),
         };
@@ -595,7 +607,7 @@ impl Runner {
             offset: switch.offset,
         }
         .emit(&self.pipeline.telemetry);
-        self.apply_cutoffs(switch.cutoffs, switch.offset, switch.at_ms)
+        self.apply_cutoffs_of(switch.cutoffs, switch.offset, switch.at_ms)
             .await
     }
 

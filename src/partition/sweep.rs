@@ -65,41 +65,53 @@ impl SweepState {
         match of_rules(claim.published_sweep).or(of_rules(claim.sweep)) {
             Some(recorded) if recorded.offset > next_offset => (Self::Pending(recorded), false),
             Some(recorded) => (Self::Running(Sweep::resumed(recorded)), false),
-            None => {
-                let start = RulesSweep {
-                    offset: next_offset,
-                    at: now,
-                    rules,
-                    from: claim.swept_rules,
-                    done: None,
-                };
-                match claim
-                    .replay_through
-                    .filter(|&through| through > next_offset)
-                {
-                    // Redis lost writes whose changes were published, none of them under these
-                    // rules (a sweep's start is committed with its first changes and published
-                    // ahead of them): they ran under the rules of the latest sweep published,
-                    // and the replay applies their input under those. This sweep starts where
-                    // the published changes end, as if it had been claimed there.
-                    Some(through) => (
-                        Self::Pending(RulesSweep {
-                            offset: through,
-                            from: claim.published_sweep.map(|s| s.rules).or(claim.swept_rules),
-                            ..start
-                        }),
-                        true,
-                    ),
-                    None => (
-                        Self::Running(Sweep {
-                            record: Some(start),
-                            ..Sweep::resumed(start)
-                        }),
-                        false,
-                    ),
-                }
-            }
+            None => match claim
+                .replay_through
+                .filter(|&through| through > next_offset)
+            {
+                // Redis lost writes whose changes were published, none of them under these
+                // rules (a sweep's start is committed with its first changes and published
+                // ahead of them): they ran under the rules of the latest sweep published if it
+                // had completed (if not, the replay chain finds it unfinished and falls back,
+                // see `Self::started`), and the replay applies their input under those. This
+                // sweep starts where the published changes end, as if it had been claimed
+                // there. A position without any sweep (written by an older binary) says
+                // nothing of the rules: started now.
+                Some(through) if claim.published_sweep.is_some() => (
+                    Self::Pending(RulesSweep {
+                        offset: through,
+                        at: now,
+                        rules,
+                        from: claim
+                            .published_sweep
+                            .filter(|s| s.done.is_some())
+                            .map(|s| s.rules)
+                            .or(claim.swept_rules),
+                        done: None,
+                    }),
+                    true,
+                ),
+                _ => (Self::started(claim, rules, now), false),
+            },
         }
+    }
+
+    /// The sweep of rules version hash `rules` started now, at the claimed offset, at engine
+    /// time `now` (recorded with the next commit). Also the fallback of a replay that cannot
+    /// reproduce the rules the published changes ran under: the running rules replay the input
+    /// from the claimed offset.
+    pub fn started(claim: &Claim, rules: u32, now: i64) -> Self {
+        let start = RulesSweep {
+            offset: claim.next_offset.unwrap_or(-1),
+            at: now,
+            rules,
+            from: claim.swept_rules,
+            done: None,
+        };
+        Self::Running(Sweep {
+            record: Some(start),
+            ..Sweep::resumed(start)
+        })
     }
 
     /// Whether timers wait for the sweep.
@@ -286,5 +298,109 @@ fn sweep_entry(record: RulesSweep) -> OutboxEntry {
         key: Vec::new(),
         value: serde_json::to_vec(&record).expect("sweeps serialize"),
         headers: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A claim restored at offset 100 under rules 1, the published changes reaching `through`
+    /// with `published` the latest sweep they record.
+    fn claim(through: Option<i64>, published: Option<RulesSweep>) -> Claim {
+        Claim {
+            epoch: 2,
+            next_offset: Some(100),
+            offset_epoch: None,
+            commits: 10,
+            clock: None,
+            swept_rules: Some(1),
+            cutoffs: None,
+            outbox_behind: through.is_some(),
+            replay_cutoffs: Vec::new(),
+            replay_passes: Vec::new(),
+            replay_passes_from: None,
+            replay_through: through,
+            sweep: None,
+            published_sweep: published,
+            published_earlier_sweeps: Vec::new(),
+            prior_rules: None,
+        }
+    }
+
+    fn sweep(offset: i64, rules: u32, done: Option<i64>) -> RulesSweep {
+        RulesSweep {
+            offset,
+            at: 5,
+            rules,
+            from: Some(0),
+            done,
+        }
+    }
+
+    fn started_at(offset: i64, from: Option<u32>) -> SweepState {
+        let start = RulesSweep {
+            offset,
+            at: 9,
+            rules: 3,
+            from,
+            done: None,
+        };
+        SweepState::Running(Sweep {
+            record: Some(start),
+            ..Sweep::resumed(start)
+        })
+    }
+
+    #[test]
+    fn without_a_replay_a_new_version_sweeps_from_the_claimed_offset() {
+        assert_eq!(
+            SweepState::after_claim(&claim(None, Some(sweep(50, 1, Some(60)))), 3, 9),
+            (started_at(100, Some(1)), false)
+        );
+    }
+
+    #[test]
+    fn a_version_no_published_change_ran_under_starts_where_the_published_changes_end() {
+        // The published changes reach offset 150 under rules 2, whose sweep completed.
+        let (state, afresh) =
+            SweepState::after_claim(&claim(Some(150), Some(sweep(120, 2, Some(130)))), 3, 9);
+        assert!(afresh);
+        assert_eq!(
+            state,
+            SweepState::Pending(RulesSweep {
+                offset: 150,
+                at: 9,
+                rules: 3,
+                from: Some(2),
+                done: None,
+            })
+        );
+        // Rules 2's sweep unfinished as far as published: its own rules are not inferred
+        // (the replay chain finds it unfinished and falls back).
+        let (state, _) =
+            SweepState::after_claim(&claim(Some(150), Some(sweep(120, 2, None))), 3, 9);
+        assert!(matches!(state, SweepState::Pending(s) if s.from == Some(1)));
+        // A position without any sweep (an older binary): started now, as before.
+        assert_eq!(
+            SweepState::after_claim(&claim(Some(150), None), 3, 9),
+            (started_at(100, Some(1)), false)
+        );
+    }
+
+    #[test]
+    fn a_recorded_sweep_of_the_running_rules_is_resumed_where_it_started() {
+        let (state, afresh) =
+            SweepState::after_claim(&claim(Some(150), Some(sweep(120, 3, None))), 3, 9);
+        assert_eq!(
+            (state, afresh),
+            (SweepState::Pending(sweep(120, 3, None)), false)
+        );
+        let mut done = claim(Some(150), None);
+        done.swept_rules = Some(3);
+        assert_eq!(
+            SweepState::after_claim(&done, 3, 9),
+            (SweepState::Done, false)
+        );
     }
 }
