@@ -59,6 +59,13 @@ fn states(world: &World, n: i64) -> Vec<tierd::model::CustomerState> {
         .collect()
 }
 
+/// Whether every one of `c0..c{n-1}` is under rules `version` (the replay went through its
+/// sweep).
+fn swept_to(version: &str, n: i64) -> impl Fn(&World) -> bool {
+    let hash = tierd::model::state::rules_hash(version);
+    move |world| states(world, n).iter().all(|s| s.rules_hash == hash)
+}
+
 /// Waits until `tierd`'s sweeps re-evaluated at least `customers` customers.
 fn wait_swept(tierd: &Tierd, customers: f64) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -432,31 +439,37 @@ fn a_rollback_during_a_rules_sweep_republishes_its_changes_identically() {
 
     // Redis loses the whole sweep and the purchases; tierd notices by itself and replays.
     world.restore(&before);
-    let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
-    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    let swept = swept_to("b2b-lifetime-2", n);
     assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
 }
 
-/// A rollback to before the rules change itself: the input the earlier rules applied is lost
-/// with it. The partition keeps the earlier rules' text, so the replay applies that input under
-/// them, then resumes the sweep at the offset (and time) it first started, then the input
-/// after it: every change comes out as it first did, its `rules_version` included.
-#[test]
-fn a_rollback_to_before_a_rules_change_replays_the_earlier_input_under_the_earlier_rules() {
-    let mut world = World::start(1);
-    let n = 120i64;
-    let amount = |i: i64| (i * 7919) % 1_200_000;
-    let mut tierd = Tierd::spawn(&world, "");
+/// Redis's keys as `World::snapshot` dumps them.
+type Snapshot = Vec<(String, Vec<u8>)>;
+
+/// Customer `i`'s first purchase in [`lost_under_b2b_1`].
+fn first_spend(i: i64) -> i64 {
+    (i * 7919) % 1_200_000
+}
+
+/// Under `b2b-lifetime-1` (tierd with config `extra`): `c0..c{N-1}` placed, Redis
+/// snapshotted, then every other customer buys again, some crossing its bounds (200,000 /
+/// 500,000 / 1,000,000, not the later versions'); tierd stopped. Returns the snapshot and the
+/// input's ends.
+fn lost_under_b2b_1(world: &World, extra: &str) -> (Snapshot, BTreeMap<i32, i64>) {
+    let mut tierd = Tierd::spawn(world, extra);
     tierd.wait_partitions(1, Duration::from_secs(60));
-    let first = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
+    let first = purchases(
+        "e",
+        0..N,
+        |i| first_spend(i).to_string(),
+        "2026-11-01T10:00:00Z",
+    );
     world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
     // Redis will lose everything from here on, the input below included.
     let before = world.snapshot();
-    // Half the customers buy again under the earlier rules: some cross one of their bounds
-    // (200,000 / 500,000 / 1,000,000), which are not the new ones.
     let second = purchases(
         "g",
-        (0..n).step_by(2),
+        (0..N).step_by(2),
         |_| "150000".into(),
         "2026-11-01T12:00:00Z",
     );
@@ -474,6 +487,18 @@ fn a_rollback_to_before_a_rules_change_replays_the_earlier_input_under_the_earli
         .count();
     assert!(moved_under_v1 > 0, "the second purchases moved customers");
     assert_eq!(tierd.terminate(), Some(0));
+    (before, ends)
+}
+
+/// A rollback to before the rules change itself: the input the earlier rules applied is lost
+/// with it. The partition keeps the earlier rules' text, so the replay applies that input under
+/// them, then resumes the sweep at the offset (and time) it first started, then the input
+/// after it: every change comes out as it first did, its `rules_version` included.
+#[test]
+fn a_rollback_to_before_a_rules_change_replays_the_earlier_input_under_the_earlier_rules() {
+    let mut world = World::start(1);
+    let n = N;
+    let (before, _) = lost_under_b2b_1(&world, "");
 
     let _rules = use_rules(&mut world, V2);
     let tierd = Tierd::spawn(&world, "");
@@ -490,8 +515,7 @@ fn a_rollback_to_before_a_rules_change_replays_the_earlier_input_under_the_earli
     let published = world.read_all(&world.output).len();
 
     world.restore(&before);
-    let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
-    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    let swept = swept_to("b2b-lifetime-2", n);
     assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
     let log = tierd.log_text();
     assert!(
@@ -508,33 +532,9 @@ fn a_rollback_before_the_new_rules_published_anything_replays_under_the_earlier_
     // anything of it was published (a failover during a rolling upgrade): the published
     // position records no sweep of v2, yet those changes must come out again as they were.
     let mut world = World::start(1);
-    let n = 120i64;
-    let amount = |i: i64| (i * 7919) % 1_200_000;
-    let mut tierd = Tierd::spawn(&world, "");
-    tierd.wait_partitions(1, Duration::from_secs(60));
-    let first = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
-    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
-    let before = world.snapshot();
-    let second = purchases(
-        "g",
-        (0..n).step_by(2),
-        |_| "150000".into(),
-        "2026-11-01T12:00:00Z",
-    );
-    let ends = world.produce_json(&second);
-    world.wait_applied(&ends, Duration::from_secs(60));
+    let n = N;
+    let (before, ends) = lost_under_b2b_1(&world, "");
     let published_v1 = world.read_all(&world.output);
-    let moved_under_v1 = published_v1
-        .iter()
-        .map(support::Record::json)
-        .filter(|c| {
-            c["cause"]["event_id"]
-                .as_str()
-                .is_some_and(|e| e.starts_with('g'))
-        })
-        .count();
-    assert!(moved_under_v1 > 0, "the second purchases moved customers");
-    assert_eq!(tierd.terminate(), Some(0));
 
     world.restore(&before);
     let _rules = use_rules(&mut world, V2);
@@ -563,7 +563,7 @@ fn a_rollback_before_the_new_rules_published_anything_replays_under_the_earlier_
     let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
     for (i, state) in states(&world, n).iter().enumerate() {
         assert_eq!(state.rules_hash, hash, "c{i} swept to v2");
-        let spent = amount(i as i64) + if i % 2 == 0 { 150_000 } else { 0 };
+        let spent = first_spend(i as i64) + if i % 2 == 0 { 150_000 } else { 0 };
         assert_eq!(
             state.tier.as_deref(),
             Some(tier(spent, [800_000, 300_000, 100_000])),
@@ -948,8 +948,7 @@ fn a_rollback_to_before_a_rules_change_fires_the_earlier_rules_timers_where_they
     let published = world.read_all(&world.output).len();
 
     world.restore(&before);
-    let hash = tierd::model::state::rules_hash("recency-2");
-    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    let swept = swept_to("recency-2", n);
     assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
 }
 
@@ -1180,8 +1179,7 @@ fn rank_sweep_rolled_back(partitions: i32, buys: impl Fn(&World, i64) -> bool) {
 
     // Redis loses the whole sweep and the purchases; tierd notices by itself and replays.
     world.restore(&before);
-    let hash = tierd::model::state::rules_hash("pyramid-2");
-    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    let swept = swept_to("pyramid-2", n);
     assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
 }
 
@@ -1195,9 +1193,8 @@ fn a_rollback_to_before_a_rank_rules_change_replays_under_the_earlier_rank_rules
     // Three bands instead of four: the earlier cut-offs' moves must be paged with the earlier
     // rules' cut points.
     let run = rank_rules_change_rolled_back(PYRAMID_THREE_BANDS);
-    let hash = tierd::model::state::rules_hash("pyramid-3-bands");
     let n = run.live.len() as i64;
-    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    let swept = swept_to("pyramid-3-bands", n);
     assert_replayed_identically(
         &run.world,
         &run.tierd,
@@ -1302,8 +1299,7 @@ fn an_earlier_rules_re_ranking_pass_left_half_done_is_finished_under_them_before
     let published = world.read_all(&world.output).len();
 
     world.restore(&before);
-    let hash = tierd::model::state::rules_hash("pyramid-3-bands");
-    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    let swept = swept_to("pyramid-3-bands", n);
     assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
 }
 
@@ -1315,22 +1311,8 @@ fn an_earlier_rules_re_ranking_pass_left_half_done_is_finished_under_them_before
 fn a_rollback_to_before_a_change_to_rank_rules_replays_under_the_earlier_threshold_rules() {
     let mut world = World::start(1);
     let ranks = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n";
-    let n = 120i64;
-    let amount = |i: i64| (i * 7919) % 1_200_000 + i;
-    let mut tierd = Tierd::spawn(&world, ranks);
-    tierd.wait_partitions(1, Duration::from_secs(60));
-    let first = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
-    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
-    let before = world.snapshot();
-    let second = purchases(
-        "g",
-        (0..n).step_by(2),
-        |_| "150000".into(),
-        "2026-11-01T12:00:00Z",
-    );
-    let ends = world.produce_json(&second);
-    world.wait_applied(&ends, Duration::from_secs(60));
-    assert_eq!(tierd.terminate(), Some(0));
+    let n = N;
+    let (before, ends) = lost_under_b2b_1(&world, ranks);
 
     world.rules =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
@@ -1341,8 +1323,7 @@ fn a_rollback_to_before_a_change_to_rank_rules_replays_under_the_earlier_thresho
     let published = world.read_all(&world.output).len();
 
     world.restore(&before);
-    let hash = tierd::model::state::rules_hash("pyramid-1");
-    let swept = |world: &World| states(world, n).iter().all(|s| s.rules_hash == hash);
+    let swept = swept_to("pyramid-1", n);
     assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
     let log = tierd.log_text();
     assert!(!log.contains("under the running rules"), "{log}");

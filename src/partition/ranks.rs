@@ -73,7 +73,7 @@ impl Runner {
         if let Some(new) = global {
             if new.version > self.cutoffs.version && new.rules == rules_hash(p.rules.version()) {
                 let (at, now) = (self.next_offset(), self.engine_now());
-                self.apply_cutoffs(new, at, now).await?;
+                self.apply_cutoffs(new, at, now, None).await?;
             }
         }
         Ok(())
@@ -110,7 +110,7 @@ impl Runner {
         }
         let at = self.next_offset();
         if target.rules == rules_hash(p.rules.version()) {
-            return self.apply_cutoffs(target, at, now).await;
+            return self.apply_cutoffs(target, at, now, None).await;
         }
         // Earlier rules' pass (unknown ones, or ones that rank otherwise, leave it).
         if self.earlier_rules_of(&target).is_none() {
@@ -141,11 +141,14 @@ impl Runner {
         now: i64,
     ) -> Result<(), ApplyError> {
         let Some(earlier) = self.earlier_rules_of(&cutoffs) else {
-            return self.apply_cutoffs(cutoffs, at, now).await;
+            return self.apply_cutoffs(cutoffs, at, now, None).await;
         };
         let sweep = std::mem::replace(&mut self.sweep, SweepState::Done);
         let running = self.replay_rules.replace(earlier);
-        let applied = self.apply_cutoffs(cutoffs, at, now).await;
+        // Only the customers still under those rules: one a later version already placed
+        // (an event after a fallback, or a binary that left the pass) is not moved back.
+        let only = cutoffs.rules;
+        let applied = self.apply_cutoffs(cutoffs, at, now, Some(only)).await;
         self.replay_rules = running;
         self.sweep = sweep;
         applied
@@ -306,12 +309,14 @@ impl Runner {
     /// doubled. Every re-evaluation of the pass happens at one engine time, `now` (kept with
     /// the progress, so a resumed pass uses it too). The first commit records the switch
     /// (`new` from input offset `at`, evaluated at `now`) in the outbox, ahead of the changes
-    /// it decides.
+    /// it decides. With `only_under`, only customers under that rules version hash are
+    /// re-evaluated (see [`Self::apply_cutoffs_of`]).
     pub(super) async fn apply_cutoffs(
         &mut self,
         new: Cutoffs,
         at: i64,
         now: i64,
+        only_under: Option<u32>,
     ) -> Result<(), ApplyError> {
         let p = Arc::clone(&self.pipeline);
         let old = std::mem::replace(&mut self.cutoffs, Arc::new(new.clone()));
@@ -385,6 +390,9 @@ impl Runner {
                         // and never evaluate (that would create the customer again).
                         let sets = (0..self.rules().ranks().len()).map(SortedSet::Rank);
                         draft.orphans.extend(sets.map(|set| (set, id.clone())));
+                        continue;
+                    }
+                    if only_under.is_some_and(|rules| loaded.state.rules_hash != rules) {
                         continue;
                     }
                     self.sweep_first(&mut draft, id, loaded);

@@ -57,9 +57,7 @@ fn replay_chain(
         // Every sweep recorded after the restored offset must be on the chain (one still under
         // way when the next version took over is not: its stretch of input ran under a mix),
         // and the restored partition must not be in the middle of an earlier sweep.
-        if let Some(skipped) = published_sweeps(claim)
-            .find(|e| e.offset > next_offset && !chain.iter().any(|(c, _)| c.rules == e.rules))
-        {
+        if let Some(skipped) = off_chain_sweep(claim, &chain) {
             return Err(format!(
                 "the rules sweep that started at offset {} was still under way when the next rules version took over",
                 skipped.offset
@@ -93,6 +91,18 @@ fn replay_chain(
         Ok(first) => (Some(first), chain),
         Err(_) => (None, VecDeque::from([(last, None)])),
     }
+}
+
+/// A published sweep a replay from `claim` would skip with `chain`: one started at or after
+/// the restored offset (one started right there counts too, unless the restored partition
+/// completed it) that is not on the chain.
+fn off_chain_sweep<'c>(claim: &'c Claim, chain: &VecDeque<ReplayLink>) -> Option<&'c RulesSweep> {
+    let next_offset = claim.next_offset.unwrap_or(-1);
+    published_sweeps(claim).find(|e| {
+        e.offset >= next_offset
+            && Some(e.rules) != claim.swept_rules
+            && !chain.iter().any(|(c, _)| c.rules == e.rules)
+    })
 }
 
 /// The rules sweeps the published position keeps, oldest first.
@@ -863,4 +873,68 @@ fn interval(period: Duration) -> tokio::time::Interval {
     let mut i = tokio::time::interval(period);
     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     i
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sweep(offset: i64, rules: u32, done: Option<i64>) -> RulesSweep {
+        RulesSweep {
+            offset,
+            at: 5,
+            rules,
+            from: Some(1),
+            done,
+        }
+    }
+
+    /// A claim restored at offset 100 under completed rules 1, the published position keeping
+    /// `published` as its latest sweep.
+    fn claim(published: RulesSweep) -> Claim {
+        Claim {
+            epoch: 2,
+            next_offset: Some(100),
+            offset_epoch: None,
+            commits: 10,
+            clock: None,
+            swept_rules: Some(1),
+            cutoffs: None,
+            outbox_behind: true,
+            replay_cutoffs: Vec::new(),
+            replay_passes: Vec::new(),
+            replay_passes_from: None,
+            replay_through: Some(150),
+            sweep: Some(sweep(40, 1, Some(50))),
+            published_sweep: Some(published),
+            published_earlier_sweeps: Vec::new(),
+            prior_rules: None,
+        }
+    }
+
+    #[test]
+    fn an_unfinished_sweep_started_at_the_restored_offset_is_not_skipped() {
+        // Rules 2's sweep started right where Redis was restored to and never completed; the
+        // next version's sweep (3) starts where the published changes end.
+        let chain = VecDeque::from([(sweep(150, 3, None), None)]);
+        let at_restored = claim(sweep(100, 2, None));
+        assert_eq!(
+            off_chain_sweep(&at_restored, &chain),
+            Some(&sweep(100, 2, None))
+        );
+        let after = claim(sweep(120, 2, None));
+        assert_eq!(off_chain_sweep(&after, &chain), Some(&sweep(120, 2, None)));
+        // On the chain, before the restored offset, or completed by the restored partition:
+        // not skipped.
+        let on_chain = VecDeque::from([
+            (sweep(120, 2, Some(130)), None),
+            (sweep(150, 3, None), None),
+        ]);
+        assert_eq!(off_chain_sweep(&after, &on_chain), None);
+        assert_eq!(off_chain_sweep(&claim(sweep(90, 2, None)), &chain), None);
+        assert_eq!(
+            off_chain_sweep(&claim(sweep(100, 1, Some(100))), &chain),
+            None
+        );
+    }
 }
