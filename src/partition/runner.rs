@@ -877,38 +877,15 @@ fn interval(period: Duration) -> tokio::time::Interval {
 
 #[cfg(test)]
 mod tests {
+    use super::super::sweep::tests::{claim as restored, sweep};
     use super::*;
 
-    fn sweep(offset: i64, rules: u32, done: Option<i64>) -> RulesSweep {
-        RulesSweep {
-            offset,
-            at: 5,
-            rules,
-            from: Some(1),
-            done,
-        }
-    }
-
-    /// A claim restored at offset 100 under completed rules 1, the published position keeping
-    /// `published` as its latest sweep.
+    /// A claim restored at offset 100 under completed rules 1 (its sweep recorded), the
+    /// published changes reaching offset 150 with `published` the latest sweep they record.
     fn claim(published: RulesSweep) -> Claim {
         Claim {
-            epoch: 2,
-            next_offset: Some(100),
-            offset_epoch: None,
-            commits: 10,
-            clock: None,
-            swept_rules: Some(1),
-            cutoffs: None,
-            outbox_behind: true,
-            replay_cutoffs: Vec::new(),
-            replay_passes: Vec::new(),
-            replay_passes_from: None,
-            replay_through: Some(150),
             sweep: Some(sweep(40, 1, Some(50))),
-            published_sweep: Some(published),
-            published_earlier_sweeps: Vec::new(),
-            prior_rules: None,
+            ..restored(Some(150), Some(published))
         }
     }
 

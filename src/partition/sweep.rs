@@ -302,12 +302,15 @@ fn sweep_entry(record: RulesSweep) -> OutboxEntry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// A claim restored at offset 100 under rules 1, the published changes reaching `through`
     /// with `published` the latest sweep they record.
-    fn claim(through: Option<i64>, published: Option<RulesSweep>) -> Claim {
+    pub(in crate::partition) fn claim(
+        through: Option<i64>,
+        published: Option<RulesSweep>,
+    ) -> Claim {
         Claim {
             epoch: 2,
             next_offset: Some(100),
@@ -328,7 +331,7 @@ mod tests {
         }
     }
 
-    fn sweep(offset: i64, rules: u32, done: Option<i64>) -> RulesSweep {
+    pub(in crate::partition) fn sweep(offset: i64, rules: u32, done: Option<i64>) -> RulesSweep {
         RulesSweep {
             offset,
             at: 5,
