@@ -43,7 +43,7 @@ wait_port "$REDIS_PORT" redis-server; wait_port "$KAFKA_PORT" "Apache Kafka (log
 BROKERS="127.0.0.1:$KAFKA_PORT"
 created=0
 for _ in $(seq 1 50); do
-  if $BIN/tierd-dev --brokers "$BROKERS" create-topics --partitions 4 purchases tier-changes purchases-dlq; then
+  if $BIN/tierd-dev --brokers "$BROKERS" create-topics --partitions 4 purchases tier-changes purchases-dlq tier-history; then
     created=1; break
   fi
   sleep 0.2

@@ -81,23 +81,39 @@ async fn check_position_budget(config: &Config) -> Result<(), StartError> {
 
 /// Refuses an input topic that Kafka compacts: compaction keeps only the latest record of
 /// each key, so a customer's earlier purchases could be removed before tierd applied them —
-/// skipped without a trace (a batch would merely start after a gap). A cluster that does not
+/// skipped without a trace (a batch would merely start after a gap). Likewise a compacted
+/// history topic: it would keep only each partition's latest round. A cluster that does not
 /// say (no `DescribeConfigs` permission) gets a warning instead.
-async fn check_input_cleanup(config: &Config) -> Result<(), StartError> {
-    match crate::kafka::input_cleanup_policy(&config.kafka).await {
-        Ok(policy) if policy.contains("compact") => Err(StartError::Topic {
-            field: "kafka.input_topic",
-            message: format!(
-                "topic {:?} has cleanup.policy={policy}: compaction keeps only each customer's latest record and could remove purchases before tierd applies them; use cleanup.policy=delete (retention) for the input",
-                config.kafka.input_topic
-            ),
-        }),
-        Ok(_) => Ok(()),
-        Err(error) => {
-            warn!(%error, topic = config.kafka.input_topic, "Cannot read the input topic's cleanup.policy: make sure it is `delete` (compaction could remove purchases before they are applied).");
-            Ok(())
+async fn check_cleanup(config: &Config) -> Result<(), StartError> {
+    let mut topics = vec![(
+        "kafka.input_topic",
+        &config.kafka.input_topic,
+        "compaction keeps only each customer's latest record and could remove purchases before tierd applies them",
+    )];
+    if !config.kafka.history_topic.is_empty() {
+        topics.push((
+            "kafka.history_topic",
+            &config.kafka.history_topic,
+            "compaction keeps only each input partition's latest round, and a replay needs them all",
+        ));
+    }
+    for (field, topic, why) in topics {
+        match crate::kafka::cleanup_policy(&config.kafka, topic).await {
+            Ok(policy) if policy.contains("compact") => {
+                return Err(StartError::Topic {
+                    field,
+                    message: format!(
+                        "topic {topic:?} has cleanup.policy={policy}: {why}; use cleanup.policy=delete (retention)"
+                    ),
+                })
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(%error, topic, field, "Cannot read the topic's cleanup.policy: make sure it is `delete`.");
+            }
         }
     }
+    Ok(())
 }
 
 /// The rules versions of `rules.history`.
@@ -191,7 +207,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         duty_redis: connect(client.clone()).await?,
         pipeline: Arc::clone(&pipeline),
         publisher,
-        positions,
+        positions: Arc::clone(&positions),
         ownership: Arc::clone(&ownership),
         queue: config.ingest.queue_batches,
         shutdown: Arc::clone(&stop),
@@ -220,6 +236,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let (consumer, partitions) = {
         let kafka = config.kafka.clone();
+        let positions = Arc::clone(&positions);
         tokio::task::spawn_blocking(move || {
             let partitions = topic_partitions(&consumer, &kafka.input_topic, "kafka.input_topic")?;
             topic_partitions(&consumer, &kafka.output_topic, "kafka.output_topic")?;
@@ -231,13 +248,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             if let Some(topic) = &kafka.at_risk_topic {
                 topic_partitions(&consumer, topic, "kafka.at_risk_topic")?;
             }
+            if !kafka.history_topic.is_empty() {
+                positions.set_history_partitions(topic_partitions(
+                    &consumer,
+                    &kafka.history_topic,
+                    "kafka.history_topic",
+                )?);
+            }
             Ok::<_, StartError>((consumer, partitions))
         })
         .await
         .map_err(|e| StartError::Internal(e.to_string()))??
     };
     check_position_budget(&config).await?;
-    check_input_cleanup(&config).await?;
+    check_cleanup(&config).await?;
     pipeline
         .partitions
         .store(partitions, std::sync::atomic::Ordering::Relaxed);

@@ -202,12 +202,12 @@ pub async fn offset_metadata_max_bytes(kafka: &KafkaConfig) -> Result<usize, Str
         .map_err(|e: std::num::ParseIntError| e.to_string())
 }
 
-/// The input topic's `cleanup.policy` (DescribeConfigs).
+/// A topic's `cleanup.policy` (DescribeConfigs).
 ///
 /// # Errors
 /// The cluster did not answer, refused the request, or did not report the setting.
-pub async fn input_cleanup_policy(kafka: &KafkaConfig) -> Result<String, String> {
-    describe(kafka, Some(&kafka.input_topic))
+pub async fn cleanup_policy(kafka: &KafkaConfig, topic: &str) -> Result<String, String> {
+    describe(kafka, Some(topic))
         .await?
         .remove("cleanup.policy")
         .flatten()

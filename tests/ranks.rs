@@ -619,6 +619,30 @@ fn a_larger_position_budget_replays_thirty_cut_off_moves_identically() {
     );
 }
 
+/// Issue 11, item 9, beyond the offset metadata: with the smallest position budget (about
+/// five moves of the pyramid) a rollback over twelve cut-off moves still re-publishes every
+/// change id with its body — the claim reads the moves the metadata dropped from the history
+/// topic (`kafka.history_topic`). Without it the oldest moves were forgotten (an error at the
+/// claim) and changes came back with other bodies.
+#[test]
+fn a_rollback_beyond_the_positions_metadata_replays_the_moves_from_the_history_topic() {
+    let tierd = rollback_over_cutoff_moves(
+        &pyramid(2),
+        "[publish]\nposition_metadata_bytes = 1000\n",
+        12,
+    );
+    let log = tierd.log_text();
+    assert!(!log.contains("Redis lost writes further back"), "{log}");
+    assert!(
+        log.contains("Read the partition's replay history from the history topic"),
+        "{log}"
+    );
+    assert!(
+        tierd.metric("tierd_cutoffs_replayed_total") >= 12.0,
+        "{log}"
+    );
+}
+
 /// 100 ranked customers, then, with Redis snapshotted, `waves` waves of newcomers that each
 /// move the cut-offs; Redis is rolled back to the snapshot and the replay must re-publish
 /// every change id with the body it first had. Returns the running tierd.

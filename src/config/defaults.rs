@@ -18,6 +18,9 @@ pub(super) fn default_output_topic() -> String {
 pub(super) fn default_dead_letter_topic() -> String {
     "purchases-dlq".into()
 }
+pub(super) fn default_history_topic() -> String {
+    "tier-history".into()
+}
 pub(super) fn default_redis_url() -> String {
     "redis://127.0.0.1:6379".into()
 }

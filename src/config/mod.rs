@@ -84,6 +84,18 @@ pub struct KafkaConfig {
     /// Topic rejected input goes to, with its original bytes. Default `purchases-dlq`.
     #[serde(default = "default_dead_letter_topic")]
     pub dead_letter_topic: String,
+    /// Topic of the partitions' replay history: each publish round that moved rank cut-offs,
+    /// fired wall-clock timers or started a rules sweep writes them there, in its
+    /// transaction. The published position's offset metadata keeps only the newest
+    /// (`publish.position_metadata_bytes`); when Redis loses more than that (a backup
+    /// restored from long ago), the replay reads the rest here, so changes published before
+    /// come out again with the same bodies. An input partition's records go to the partition
+    /// of that number modulo this topic's partition count (do not add partitions to it
+    /// later); `cleanup.policy` must be `delete`, and its retention as long as the oldest
+    /// Redis backup you may restore. `""` turns it off (the replay reaches as far as the
+    /// metadata). Default `tier-history`.
+    #[serde(default = "default_history_topic")]
+    pub history_topic: String,
     /// Topic of at-risk notices (rules `[policy] at_risk_days`). Default: the output topic
     /// (notices carry `"type": "at_risk"`).
     #[serde(default)]

@@ -50,6 +50,26 @@ impl Config {
                 );
             }
         }
+        if !k.history_topic.is_empty() {
+            if k.history_topic.trim().is_empty() {
+                return bad(
+                    "kafka.history_topic",
+                    "must be a topic name, or \"\" for none",
+                );
+            }
+            let others = [
+                Some(&k.input_topic),
+                Some(&k.output_topic),
+                Some(&k.dead_letter_topic),
+                k.at_risk_topic.as_ref(),
+            ];
+            if others.into_iter().flatten().any(|t| *t == k.history_topic) {
+                return bad(
+                    "kafka.history_topic",
+                    "must differ from the input, output, dead-letter and at-risk topics",
+                );
+            }
+        }
         if k.input_topic == k.output_topic || k.input_topic == k.dead_letter_topic {
             return bad(
                 "kafka.input_topic",

@@ -238,7 +238,25 @@ impl Supervisor {
             return unavailable("Redis");
         };
         let mut claim = claim;
+        let mut published = published;
         if let Ok(claim) = &mut claim {
+            // A replay from further back than the metadata keeps reads the rest from the
+            // history topic.
+            if published.reach_exceeded(claim.next_offset) {
+                match self
+                    .parts
+                    .positions
+                    .with_history(partition, &published, give_up)
+                {
+                    Ok(full) => {
+                        info!(partition, next_offset = ?claim.next_offset, switches = full.switches.len(), passes = full.passes.len(), "Read the partition's replay history from the history topic.");
+                        published = full;
+                    }
+                    Err(error) => {
+                        warn!(partition, %error, "Cannot read the partition's replay history from the history topic; the replay reaches as far as the published position's metadata.");
+                    }
+                }
+            }
             // Changes published from input the partition will now apply again (Redis lost
             // writes) were decided under these cut-offs: the replay applies them at the same
             // offsets, so each is published again with the same body.
@@ -253,7 +271,7 @@ impl Supervisor {
                 .forgotten
                 .filter(|&f| f >= claim.next_offset.unwrap_or(0))
             {
-                error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position: rank-based and wall-clock time-driven changes published before that offset may be published again with other contents. To keep more, raise publish.position_metadata_bytes together with the brokers' offset.metadata.max.bytes.");
+                error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position and the history topic: rank-based and wall-clock time-driven changes published before that offset may be published again with other contents. Keep the history topic (kafka.history_topic) as long as the oldest Redis backup you may restore.");
             }
         }
         match &claim {

@@ -24,8 +24,10 @@ use crate::ingest::topic_id::{topic_id, TopicId};
 use crate::store::outbox::{RulesSweep, TimerPass};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 use tracing::warn;
 
@@ -51,7 +53,43 @@ const METADATA_BUDGET: usize = 3500;
 /// so that frequent passes never crowd out the rarer, larger cut-offs switches (about 15
 /// moves of the pyramid fit in the rest of the default).
 fn passes_budget(budget: usize) -> usize {
-    budget * 13 / 35
+    budget.saturating_mul(13) / 35
+}
+
+/// One publish round's cut-offs switches, timer passes and rules sweeps, as written to the
+/// history topic (`kafka.history_topic`) in the round's transaction: the offset metadata
+/// keeps only the newest of them, the topic every one (within its retention), so a replay
+/// reaching back further than the metadata still re-publishes each change with its body.
+/// Keyed by the input partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    /// The input offset the round's last entry left the partition at.
+    #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
+    pub through: Option<i64>,
+    /// The round's cut-offs switches, in order.
+    #[serde(rename = "k", default, skip_serializing_if = "Vec::is_empty")]
+    pub switches: Vec<CutoffsSwitch>,
+    /// The round's timer passes, in order.
+    #[serde(rename = "t", default, skip_serializing_if = "Vec::is_empty")]
+    pub passes: Vec<TimerPass>,
+    /// The round's rules sweeps, in order.
+    #[serde(rename = "s", default, skip_serializing_if = "Vec::is_empty")]
+    pub sweeps: Vec<RulesSweep>,
+}
+
+impl HistoryRecord {
+    /// Whether the round recorded anything a replay needs.
+    pub fn is_empty(&self) -> bool {
+        self.switches.is_empty() && self.passes.is_empty() && self.sweeps.is_empty()
+    }
+
+    /// The lowest input offset the record names.
+    fn first_offset(&self) -> Option<i64> {
+        let switches = self.switches.iter().map(|s| s.offset);
+        let passes = self.passes.iter().map(|p| p.offset);
+        let sweeps = self.sweeps.iter().map(|s| s.offset);
+        switches.chain(passes).chain(sweeps).min()
+    }
 }
 
 /// What Kafka holds about a partition's published outbox.
@@ -243,6 +281,75 @@ impl Published {
         next.after(last_id, through, switches, passes, last, budget)
     }
 
+    /// Whether a replay from `next_offset` (`None`: from the partition's start) reaches
+    /// further back than the metadata keeps: a cut-off switch or a timer pass it needs may
+    /// have been dropped for room (a pass only in the history topic, or none at all).
+    pub fn reach_exceeded(&self, next_offset: Option<i64>) -> bool {
+        let from = next_offset.unwrap_or(i64::MIN);
+        self.forgotten.is_some_and(|f| f >= from) || self.passes_from.is_some_and(|f| f > from)
+    }
+
+    /// This position with the switches and timer passes the metadata dropped for room put
+    /// back from `history` (the partition's history records, oldest first; `trimmed`: the
+    /// topic's retention deleted older ones). The history is aligned with the metadata at the
+    /// metadata's oldest entry: when it does not reach that far (its newest rounds not read
+    /// yet), the metadata is kept as it is for what it lacks.
+    #[must_use]
+    pub fn with_history(&self, history: &[HistoryRecord], trimmed: bool) -> Self {
+        let mut full = Self::default();
+        for record in history {
+            full = full.after_sweeps(
+                "",
+                record.through,
+                &record.switches,
+                &record.passes,
+                &record.sweeps,
+                usize::MAX,
+            );
+        }
+        // Records before the first one kept are gone: a replay from at or before its
+        // offsets cannot know what they held.
+        let lost = if trimmed {
+            history.iter().find_map(HistoryRecord::first_offset)
+        } else {
+            None
+        };
+        let mut merged = self.clone();
+        let switch_at = match self.switches.first() {
+            None => Some(full.switches.len()),
+            Some(first) => full.switches.iter().position(|s| {
+                s.offset == first.offset && s.cutoffs.version == first.cutoffs.version
+            }),
+        };
+        if let Some(at) = switch_at {
+            merged.switches = full.switches[..at]
+                .iter()
+                .chain(&self.switches)
+                .cloned()
+                .collect();
+            merged.forgotten = lost;
+        }
+        let pass_at = match self.passes.first() {
+            None => Some(full.passes.len()),
+            Some(first) => full
+                .passes
+                .iter()
+                .position(|p| p.offset == first.offset && p.cutoffs == first.cutoffs),
+        };
+        if let Some(at) = pass_at {
+            merged.passes = full.passes[..at]
+                .iter()
+                .chain(&self.passes)
+                .copied()
+                .collect();
+            merged.passes_from = match (full.passes_from.or(self.passes_from), lost) {
+                (Some(from), Some(lost)) => Some(from.max(lost + 1)),
+                (from, _) => from,
+            };
+        }
+        merged
+    }
+
     /// Every sweep kept, oldest first.
     pub fn sweeps(&self) -> impl Iterator<Item = RulesSweep> + '_ {
         self.earlier_sweeps.iter().chain(&self.sweep).copied()
@@ -313,6 +420,29 @@ pub struct OutboxPositions {
     topic_id: std::sync::Mutex<(Option<Instant>, Option<TopicId>)>,
     /// `publish.position_metadata_bytes`.
     budget: usize,
+    /// The history topic, if one is configured.
+    history: Option<HistoryTopic>,
+}
+
+/// The history topic (`kafka.history_topic`): an input partition's records go to the
+/// partition of that number modulo the topic's partition count, keyed by the input partition.
+struct HistoryTopic {
+    /// Reads it (assigned on demand, never subscribed, never commits).
+    consumer: BaseConsumer<crate::kafka::EofExpected>,
+    topic: String,
+    /// Its partition count, once startup read it (0 until then: nothing is written).
+    partitions: AtomicI32,
+}
+
+/// Where an input partition's history records go, or are read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryTarget<'a> {
+    /// The history topic.
+    pub topic: &'a str,
+    /// Its partition holding the input partition's records.
+    pub partition: i32,
+    /// The records' key: the input partition's number.
+    pub key: String,
 }
 
 impl OutboxPositions {
@@ -337,6 +467,20 @@ impl OutboxPositions {
         let group = consumer
             .group_metadata()
             .ok_or(KafkaError::Global(rdkafka::types::RDKafkaErrorCode::Fail))?;
+        let history = match kafka.history_topic.as_str() {
+            "" => None,
+            topic => Some(HistoryTopic {
+                consumer: crate::kafka::consumer_config(kafka)
+                    .set("group.id", format!("{}.history", kafka.group_id))
+                    .set("statistics.interval.ms", "0")
+                    .set("enable.partition.eof", "true")
+                    // Rounds aborted (a fenced owner, a retried round) never happened.
+                    .set("isolation.level", "read_committed")
+                    .create_with_context(crate::kafka::EofExpected)?,
+                topic: topic.to_owned(),
+                partitions: AtomicI32::new(0),
+            }),
+        };
         Ok(Self {
             consumer,
             unstable,
@@ -344,7 +488,90 @@ impl OutboxPositions {
             topic: kafka.input_topic.clone(),
             topic_id: std::sync::Mutex::new((None, None)),
             budget,
+            history,
         })
+    }
+
+    /// Records the history topic's partition count (read at startup).
+    pub fn set_history_partitions(&self, partitions: i32) {
+        if let Some(history) = &self.history {
+            history.partitions.store(partitions, Ordering::Relaxed);
+        }
+    }
+
+    /// Where `partition`'s history records go (`None`: no history topic).
+    pub fn history_target(&self, partition: i32) -> Option<HistoryTarget<'_>> {
+        let history = self.history.as_ref()?;
+        let count = history.partitions.load(Ordering::Relaxed);
+        (count > 0).then(|| HistoryTarget {
+            topic: &history.topic,
+            partition: partition.rem_euclid(count),
+            key: partition.to_string(),
+        })
+    }
+
+    /// `published` with what its metadata dropped for room put back from the history topic
+    /// (see [`Published::with_history`]), reading `partition`'s records until `give_up` at
+    /// the latest. Blocks (the claim runs on the consumer thread).
+    ///
+    /// # Errors
+    /// No history topic is configured, the broker did not answer in time, or a record of
+    /// the partition is not a history record.
+    pub fn with_history(
+        &self,
+        partition: i32,
+        published: &Published,
+        give_up: Instant,
+    ) -> Result<Published, String> {
+        let Some(target) = self.history_target(partition) else {
+            return Err("no kafka.history_topic".to_owned());
+        };
+        let history = self.history.as_ref().expect("a target has a topic");
+        let consumer = &history.consumer;
+        let left = || give_up.saturating_duration_since(Instant::now());
+        let (low, high) = consumer
+            .fetch_watermarks(target.topic, target.partition, left())
+            .map_err(|e| format!("reading the watermarks of {}: {e}", target.topic))?;
+        let mut records = Vec::new();
+        if high > low {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(target.topic, target.partition, Offset::Offset(low))
+                .map_err(|e| e.to_string())?;
+            consumer.assign(&tpl).map_err(|e| e.to_string())?;
+            let read = loop {
+                if left().is_zero() {
+                    break Err(format!(
+                        "{} partition {} not read to its end in time ({} records read)",
+                        target.topic,
+                        target.partition,
+                        records.len()
+                    ));
+                }
+                match consumer.poll(left().min(Duration::from_millis(200))) {
+                    Some(Ok(m)) if m.key() == Some(target.key.as_bytes()) => {
+                        match serde_json::from_slice::<HistoryRecord>(m.payload().unwrap_or(b"")) {
+                            Ok(record) => records.push(record),
+                            Err(e) => {
+                                break Err(format!(
+                                    "{} partition {} offset {}: not a history record: {e}",
+                                    target.topic,
+                                    target.partition,
+                                    m.offset()
+                                ))
+                            }
+                        }
+                    }
+                    Some(Err(KafkaError::PartitionEOF(p))) if p == target.partition => break Ok(()),
+                    Some(Err(e)) => {
+                        warn!(error = %e, topic = target.topic, "Reading the history topic.")
+                    }
+                    _ => {}
+                }
+            };
+            let _ = consumer.unassign();
+            read?;
+        }
+        Ok(published.with_history(&records, low > 0))
     }
 
     /// The bytes a position's metadata may take (`publish.position_metadata_bytes`).

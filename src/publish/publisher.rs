@@ -17,7 +17,7 @@
 //! `/readyz` and in metrics; neither re-sends the records around it.
 
 use super::health::PublishHealth;
-use super::position::{OutboxPositions, Published};
+use super::position::{HistoryRecord, HistoryTarget, OutboxPositions, Published};
 use super::producer::{self, RoundPosition, TxnError, TxnProducer};
 use crate::engine::rules::rank::CutoffsSwitch;
 use crate::store::keys::PartitionKeys;
@@ -108,6 +108,10 @@ pub enum PublishError {
     /// An outbox entry is malformed (written by an incompatible version).
     #[error("malformed outbox entry {id}: {message}")]
     Malformed { id: String, message: String },
+    /// The round's history record (`kafka.history_topic`) was not taken; the round was
+    /// aborted.
+    #[error("history topic (kafka.history_topic): {0}")]
+    History(KafkaError),
 }
 
 /// Why a publisher ends before it is told to stop.
@@ -479,6 +483,30 @@ impl PartitionPublisher {
                 }
             }
         }
+        // What a replay needs of this round goes to the history topic too, in the same
+        // transaction (`HistoryRecord`): the metadata below keeps only the newest of it.
+        let history = match (from_outbox, &failed) {
+            (true, None) => self.history_record(round, &switches, &passes, &sweeps),
+            _ => None,
+        };
+        let history = match history {
+            Some((target, value)) => {
+                let record = FutureRecord::<[u8], [u8]>::to(target.topic)
+                    .partition(target.partition)
+                    .key(target.key.as_bytes())
+                    .payload(&value);
+                match producer.producer().send_result(record) {
+                    Ok(delivery) => Some(delivery),
+                    Err((e, _)) => {
+                        if let Err(e) = producer.abort().await {
+                            return Err(self.txn_failed(e).await);
+                        }
+                        return Err(DrainError::Retry(PublishError::History(e)));
+                    }
+                }
+            }
+            None => None,
+        };
         let mut counts = [0u64; 3];
         for (index, kind, delivery) in deliveries {
             match delivery.await {
@@ -492,6 +520,25 @@ impl PartitionPublisher {
                     failed.get_or_insert((index, KafkaError::Canceled));
                 }
             }
+        }
+        let history_failed = match history {
+            Some(delivery) => match delivery.await {
+                Ok(Ok(_)) => None,
+                Ok(Err((e, _))) => Some(e),
+                Err(_) => Some(KafkaError::Canceled),
+            },
+            None => None,
+        };
+        if let (None, Some(error)) = (&failed, history_failed) {
+            // Not a record of the round's own: nothing to isolate. The round is tried again
+            // whole (a history topic that refuses for good holds the outbox, reported).
+            if let Err(e) = producer.abort().await {
+                return Err(self.txn_failed(e).await);
+            }
+            if producer::is_fence(&error) {
+                return Err(self.txn_failed(TxnError::Fenced(error)).await);
+            }
+            return Err(DrainError::Retry(PublishError::History(error)));
         }
         if let Some((index, error)) = failed {
             if let Err(e) = producer.abort().await {
@@ -525,6 +572,32 @@ impl PartitionPublisher {
             self.position = after;
         }
         Ok(Round::Committed(counts))
+    }
+
+    /// The history record of a round that recorded `switches`, `passes` or `sweeps`, with
+    /// where it goes (`None`: nothing to record, or no history topic).
+    fn history_record(
+        &self,
+        round: &[StoredEntry],
+        switches: &[CutoffsSwitch],
+        passes: &[TimerPass],
+        sweeps: &[RulesSweep],
+    ) -> Option<(HistoryTarget<'_>, Vec<u8>)> {
+        let record = HistoryRecord {
+            through: round.last().and_then(|e| e.end_offset),
+            switches: switches.to_vec(),
+            passes: passes.to_vec(),
+            sweeps: sweeps.to_vec(),
+        };
+        if record.is_empty() {
+            return None;
+        }
+        let target = self
+            .shared
+            .positions
+            .history_target(self.target.partition)?;
+        let value = serde_json::to_vec(&record).expect("history records serialize");
+        Some((target, value))
     }
 
     /// A transactional call failed: a fenced producer whose claim is gone stops; otherwise

@@ -1059,6 +1059,8 @@ pub struct World {
     pub input: String,
     pub output: String,
     pub dlq: String,
+    /// The history topic (`kafka.history_topic`).
+    pub history: String,
     pub group: String,
     pub prefix: String,
     pub partitions: i32,
@@ -1091,13 +1093,15 @@ impl World {
         let input = unique("purchases");
         let output = unique("changes");
         let dlq = unique("dlq");
-        broker.create_topics(&[&input, &output, &dlq], partitions);
+        let history = unique("history");
+        broker.create_topics(&[&input, &output, &dlq, &history], partitions);
         Self {
             broker,
             redis,
             input,
             output,
             dlq,
+            history,
             group: unique("g"),
             prefix: unique("t"),
             partitions,
@@ -1138,6 +1142,7 @@ impl World {
                 input_topic: self.input.clone(),
                 output_topic: self.output.clone(),
                 dead_letter_topic: self.dlq.clone(),
+                history_topic: self.history.clone(),
                 consumer: consumer_props,
                 ..KafkaConfig::default()
             },
