@@ -281,3 +281,94 @@ fn a_rollback_replays_wall_clock_timers_where_they_first_fired() {
     }
     assert_eq!(by_id.len(), 3, "{by_id:?}");
 }
+
+/// The same beyond the offset metadata: with the smallest position budget (about ten timer
+/// passes) sixteen customers lapse one after the other, each bought again by a purchase dated
+/// before their bound that arrives after the lapse; then Redis loses everything. The passes
+/// the metadata dropped are read back from the history topic (`kafka.history_topic`), so
+/// each lapse is decided again where it first was and every change id keeps its body.
+/// Without them the replay applied the late purchases before the early timers fired: no lapse,
+/// and change ids carried other bodies.
+#[test]
+fn a_rollback_beyond_the_positions_metadata_replays_timer_passes_from_the_history_topic() {
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        rules.path(),
+        "version = \"lapse-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
+    )
+    .unwrap();
+    let mut world = World::start(1);
+    world.rules = rules.path().to_owned();
+    let tierd = Tierd::spawn(
+        &world,
+        "[clock]\nmode = \"wall\"\ntick_ms = 100\n[publish]\nposition_metadata_bytes = 1000\n",
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let before = world.snapshot();
+    let changes = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let records: Vec<serde_json::Value> = world
+                .read_all(&world.output)
+                .iter()
+                .map(support::Record::json)
+                .collect();
+            if records.len() >= n {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{records:?}\n{}",
+                tierd.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    const CUSTOMERS: usize = 16;
+    let mut ends = BTreeMap::new();
+    for i in 0..CUSTOMERS {
+        let customer = format!("k{i}");
+        let due = time::now_ms() + 1_000;
+        let bought = |id: &str, at: i64| purchase(id, &customer, "10", &time::format_ms(at));
+        world.produce_json(&[bought(&format!("{customer}a"), due - 86_400_000)]);
+        let lapsed = changes(3 * i + 2);
+        assert_eq!(lapsed[3 * i + 1]["tier"], "lapsed", "{lapsed:?}");
+        ends = world.produce_json(&[bought(&format!("{customer}b"), due - 500)]);
+        assert_eq!(changes(3 * i + 3)[3 * i + 2]["tier"], "active");
+    }
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let live: Vec<_> = (0..CUSTOMERS)
+        .map(|i| world.customer_state(&format!("k{i}")).unwrap())
+        .collect();
+    let published = changes(3 * CUSTOMERS);
+
+    // Redis loses everything; tierd notices by itself (no new input).
+    world.restore(&before);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.partition_meta(0).1 < ends[&0] {
+        assert!(
+            Instant::now() < deadline,
+            "not replayed:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2)); // ticks after catching up
+    let log = tierd.log_text();
+    assert!(
+        log.contains("Read the partition's replay history from the history topic"),
+        "{log}"
+    );
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    for v in world.read_all(&world.output).iter().map(support::Record::json) {
+        let id = v["event_id"].as_str().unwrap().to_owned();
+        if let Some(prev) = by_id.insert(id, v.clone()) {
+            assert_eq!(prev, v, "a re-published change is identical");
+        }
+    }
+    assert_eq!(by_id.len(), published.len(), "no other change: {by_id:?}");
+    for (i, live) in live.iter().enumerate() {
+        let replayed = world.customer_state(&format!("k{i}")).unwrap();
+        assert_eq!(&replayed, live, "k{i}: the replay ends in the live state");
+    }
+}
