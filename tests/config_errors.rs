@@ -279,6 +279,31 @@ fn a_compacted_input_topic_is_refused_naming_cleanup_policy() {
     );
 }
 
+/// The history topic too: compaction would keep only each input partition's latest round
+/// of replay history. And a history topic that does not exist is named at startup.
+#[test]
+fn a_compacted_or_missing_history_topic_is_refused_naming_it() {
+    let mut world = support::World::start(1);
+    let history = support::unique("history-compacted");
+    world
+        .broker
+        .create_topics_with(&[&history], 1, 1, &[("cleanup.policy", "compact")]);
+    world.history = history;
+    let (code, stderr) = run(&world.config(support::free_port(), ""), &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("kafka.history_topic") && stderr.contains("cleanup.policy=compact"),
+        "{stderr}"
+    );
+    world.history = support::unique("history-missing");
+    let (code, stderr) = run(&world.config(support::free_port(), ""), &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("kafka.history_topic") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+}
+
 /// A fatal producer error stops the binary with exit code 1, naming it in the log: here the
 /// brokers refuse the outbox producer's transactions (`transaction.timeout.ms` above their
 /// `transaction.max.timeout.ms`, 15 minutes) once a partition is claimed and has something to

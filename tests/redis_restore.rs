@@ -360,7 +360,11 @@ fn a_rollback_beyond_the_positions_metadata_replays_timer_passes_from_the_histor
         "{log}"
     );
     let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
-    for v in world.read_all(&world.output).iter().map(support::Record::json) {
+    for v in world
+        .read_all(&world.output)
+        .iter()
+        .map(support::Record::json)
+    {
         let id = v["event_id"].as_str().unwrap().to_owned();
         if let Some(prev) = by_id.insert(id, v.clone()) {
             assert_eq!(prev, v, "a re-published change is identical");

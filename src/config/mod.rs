@@ -450,6 +450,21 @@ mod tests {
             msg("[ingest]\nmin_occurred_at = \"yesterday\"").contains("`ingest.min_occurred_at`")
         );
         assert!(msg("[kafka]\ngroup_id = \"a{b}\"").contains("`kafka.group_id`"));
+        for same in ["purchases", "tier-changes", "purchases-dlq"] {
+            let m = msg(&format!("[kafka]\nhistory_topic = \"{same}\""));
+            assert!(m.contains("`kafka.history_topic`"), "{m}");
+        }
+        let m = msg("[kafka]\nhistory_topic = \"a\"\nat_risk_topic = \"a\"");
+        assert!(m.contains("`kafka.history_topic`"), "{m}");
+        assert!(msg("[kafka]\nhistory_topic = \" \"").contains("`kafka.history_topic`"));
+        assert_eq!(from("").unwrap().kafka.history_topic, "tier-history");
+        assert_eq!(
+            from("[kafka]\nhistory_topic = \"\"")
+                .unwrap()
+                .kafka
+                .history_topic,
+            ""
+        );
     }
 }
 

@@ -163,15 +163,31 @@ impl Published {
         sweep: Option<RulesSweep>,
         budget: usize,
     ) -> Self {
-        let mut next = Self {
-            last_id: Some(last_id.to_owned()),
-            // Never backwards: a replay's first commits (cut-offs re-applied at the replay's
-            // start offset) are published with a lower end offset than the changes already
-            // published, and the next claim must still keep to the recorded cut-offs up to
-            // the furthest published input.
-            through: through.max(self.through),
-            ..self.clone()
-        };
+        let mut next = self.clone();
+        next.add(last_id, through, switches, passes, sweep, Some(budget));
+        next
+    }
+
+    /// [`Self::after`] in place; with no `budget`, nothing is dropped for room, and (the
+    /// history topic's fold, [`Self::with_history`]) `switches` must hold only switches not
+    /// recorded yet — checking that here would make the fold quadratic.
+    fn add(
+        &mut self,
+        last_id: &str,
+        through: Option<i64>,
+        switches: &[CutoffsSwitch],
+        passes: &[TimerPass],
+        sweep: Option<RulesSweep>,
+        budget: Option<usize>,
+    ) {
+        let next = self;
+        next.last_id = Some(last_id.to_owned());
+        // Never backwards: a replay's first commits (cut-offs re-applied at the replay's
+        // start offset) are published with a lower end offset than the changes already
+        // published, and the next claim must still keep to the recorded cut-offs up to the
+        // furthest published input.
+        next.through = through.max(next.through);
+        let over = |next: &Self| budget.is_some_and(|budget| next.metadata().len() > budget);
         if let Some(sweep) = sweep {
             // A resumed sweep (another owner, a replay of an earlier one) keeps its first
             // start; its completion is added. Each rules version runs a partition once (an
@@ -202,12 +218,12 @@ impl Published {
             while next.earlier_sweeps.len() > EARLIER_SWEEPS {
                 next.earlier_sweeps.remove(0);
             }
-            while next.metadata().len() > budget && !next.earlier_sweeps.is_empty() {
+            while over(next) && !next.earlier_sweeps.is_empty() {
                 next.earlier_sweeps.remove(0);
             }
         }
         if switches.is_empty() && passes.is_empty() {
-            return next;
+            return;
         }
         // At the offset a rules sweep started, the previous owner's passes (before the sweep's
         // time, under the earlier rules) and the new owner's (after its sweep) stay apart: a
@@ -220,9 +236,16 @@ impl Published {
             (!here.is_empty()).then(|| here.iter().filter(|s| s.at <= p.upto).count())
         };
         for pass in passes {
-            if let Some(known) = next.passes.iter_mut().find(|k| {
-                k.offset == pass.offset && k.cutoffs == pass.cutoffs && side(k) == side(pass)
-            }) {
+            // Passes are kept in offset order: a known one is among the last.
+            if let Some(known) = next
+                .passes
+                .iter_mut()
+                .rev()
+                .take_while(|k| k.offset >= pass.offset)
+                .find(|k| {
+                    k.offset == pass.offset && k.cutoffs == pass.cutoffs && side(k) == side(pass)
+                })
+            {
                 known.upto = known.upto.max(pass.upto);
             } else if next
                 .passes
@@ -235,27 +258,30 @@ impl Published {
             // Otherwise an older pass fired again by a replay whose entry was dropped for
             // room: it stays forgotten.
         }
-        while serde_json::to_string(&next.passes).map_or(0, |s| s.len()) > passes_budget(budget) {
-            let dropped = next.passes.remove(0);
-            next.passes_from = next.passes_from.max(Some(dropped.offset + 1));
+        if let Some(budget) = budget {
+            while serde_json::to_string(&next.passes).map_or(0, |s| s.len()) > passes_budget(budget)
+            {
+                let dropped = next.passes.remove(0);
+                next.passes_from = next.passes_from.max(Some(dropped.offset + 1));
+            }
         }
         for s in switches {
-            let known = next
-                .switches
-                .iter()
-                .any(|k| k.offset == s.offset && k.cutoffs.version == s.cutoffs.version);
+            let known = budget.is_some()
+                && next
+                    .switches
+                    .iter()
+                    .any(|k| k.offset == s.offset && k.cutoffs.version == s.cutoffs.version);
             if !known {
                 next.switches.push(s.clone());
             }
         }
-        while next.metadata().len() > budget && !next.switches.is_empty() {
+        while over(next) && !next.switches.is_empty() {
             let dropped = next.switches.remove(0);
             next.forgotten = next.forgotten.max(Some(dropped.offset));
         }
-        while next.metadata().len() > budget && !next.earlier_sweeps.is_empty() {
+        while over(next) && !next.earlier_sweeps.is_empty() {
             next.earlier_sweeps.remove(0);
         }
-        next
     }
 
     /// [`Self::after`] for a round that recorded several rules sweeps (in order): one
@@ -270,15 +296,29 @@ impl Published {
         sweeps: &[RulesSweep],
         budget: usize,
     ) -> Self {
+        let mut next = self.clone();
+        next.add_round(last_id, through, switches, passes, sweeps, Some(budget));
+        next
+    }
+
+    /// [`Self::after_sweeps`] in place (see [`Self::add`] for no `budget`).
+    fn add_round(
+        &mut self,
+        last_id: &str,
+        through: Option<i64>,
+        switches: &[CutoffsSwitch],
+        passes: &[TimerPass],
+        sweeps: &[RulesSweep],
+        budget: Option<usize>,
+    ) {
         let (last, first) = match sweeps.split_last() {
             Some((last, first)) => (Some(*last), first),
             None => (None, &[][..]),
         };
-        let mut next = self.clone();
         for sweep in first {
-            next = next.after(last_id, through, &[], &[], Some(*sweep), budget);
+            self.add(last_id, through, &[], &[], Some(*sweep), budget);
         }
-        next.after(last_id, through, switches, passes, last, budget)
+        self.add(last_id, through, switches, passes, last, budget);
     }
 
     /// Whether a replay from `next_offset` (`None`: from the partition's start) reaches
@@ -296,15 +336,23 @@ impl Published {
     /// yet), the metadata is kept as it is for what it lacks.
     #[must_use]
     pub fn with_history(&self, history: &[HistoryRecord], trimmed: bool) -> Self {
+        // A replay records switches again: each is kept once.
+        let mut seen = std::collections::HashSet::new();
         let mut full = Self::default();
         for record in history {
-            full = full.after_sweeps(
+            let switches: Vec<CutoffsSwitch> = record
+                .switches
+                .iter()
+                .filter(|s| seen.insert((s.offset, s.cutoffs.version)))
+                .cloned()
+                .collect();
+            full.add_round(
                 "",
                 record.through,
-                &record.switches,
+                &switches,
                 &record.passes,
                 &record.sweeps,
-                usize::MAX,
+                None,
             );
         }
         // Records before the first one kept are gone: a replay from at or before its
@@ -702,6 +750,62 @@ mod tests {
             },
             at_ms: 1_790_000_000_500,
         }
+    }
+
+    /// The history topic's records put back what the metadata dropped for room: folded with
+    /// no budget and aligned at the metadata's oldest entry, they give every switch and pass;
+    /// a history that does not reach the metadata's oldest entry changes nothing; a history
+    /// its retention trimmed reports the replay from before its first record as forgotten.
+    #[test]
+    fn the_history_puts_back_what_the_metadata_dropped() {
+        let mut inline = Published::default();
+        let mut history = Vec::new();
+        for i in 0..60 {
+            let record = HistoryRecord {
+                through: Some(i * 10 + 5),
+                switches: vec![switch(i * 10, i as u64 + 1)],
+                passes: vec![pass(i * 10 + 1, 1_000 + i, i as u64 + 1)],
+                sweeps: Vec::new(),
+            };
+            inline = inline.after(
+                &format!("{i}-0"),
+                record.through,
+                &record.switches,
+                &record.passes,
+                None,
+                1000,
+            );
+            history.push(record);
+        }
+        assert!(inline.switches.len() < 60 && inline.passes.len() < 60);
+        assert!(inline.reach_exceeded(Some(0)));
+        assert!(!inline.reach_exceeded(Some(595)));
+
+        let full = inline.with_history(&history, false);
+        assert_eq!(full.switches.len(), 60);
+        assert_eq!(full.passes.len(), 60);
+        assert_eq!(full.forgotten, None);
+        assert_eq!(full.passes_from, Some(1));
+        assert_eq!(full.switches_from(Some(0), 0).len(), 60);
+        assert_eq!(full.passes_to_replay(Some(0)).len(), 60);
+        // The metadata's own part and position stay as they are.
+        assert_eq!(full.last_id, inline.last_id);
+        assert_eq!(
+            full.switches[60 - inline.switches.len()..],
+            inline.switches[..]
+        );
+        assert!(!full.reach_exceeded(Some(1)));
+
+        // Only the oldest ten rounds read: nothing to align with.
+        assert_eq!(inline.with_history(&history[..10], false), inline);
+
+        // Retention deleted the first twenty rounds.
+        let trimmed = inline.with_history(&history[20..], true);
+        assert_eq!(trimmed.switches.len(), 40);
+        assert_eq!(trimmed.forgotten, Some(200));
+        assert_eq!(trimmed.passes_from, Some(201));
+        assert!(trimmed.reach_exceeded(Some(150)));
+        assert!(!trimmed.reach_exceeded(Some(201)));
     }
 
     #[test]
