@@ -596,6 +596,26 @@ struct ThreeVersions {
 const N: i64 = 120;
 
 fn three_versions(world: &mut World) -> ThreeVersions {
+    versions(world, 3)
+}
+
+/// Rules version `b2b-lifetime-{version}` (2 or more): [`V2`] with its own name, and the
+/// bounds of [`v3`] for odd versions.
+fn version_text(version: u32) -> String {
+    let text = if version % 2 == 1 {
+        v3()
+    } else {
+        V2.to_owned()
+    };
+    text.replace(
+        &format!("b2b-lifetime-{}", 2 + version % 2),
+        &format!("b2b-lifetime-{version}"),
+    )
+}
+
+/// [`three_versions`] over `b2b-lifetime-1` to `-{last}`; the last tierd runs with the files
+/// of the versions before it in `rules.history` (it saw only its predecessor's claimed).
+fn versions(world: &mut World, last: u32) -> ThreeVersions {
     let amount = |i: i64| (i * 7919) % 1_200_000;
     let mut tierd = Tierd::spawn(world, "");
     tierd.wait_partitions(1, Duration::from_secs(60));
@@ -613,12 +633,22 @@ fn three_versions(world: &mut World) -> ThreeVersions {
     assert_eq!(tierd.terminate(), Some(0));
     let mut files = Vec::new();
     let mut tierd = None;
-    for (version, text, prefix) in [("2", V2.to_owned(), "f"), ("3", v3(), "h")] {
-        files.push(use_rules(world, &text));
-        let t = Tierd::spawn(world, "");
+    for version in 2..=last {
+        let history: Vec<String> = files
+            .iter()
+            .map(|f: &tempfile::NamedTempFile| format!("{:?}", f.path().display().to_string()))
+            .collect();
+        files.push(use_rules(world, &version_text(version)));
+        let prefix = format!("v{version}-");
+        let extra = if version == last && last > 3 {
+            format!("[rules]\nhistory = [{}]\n", history.join(", "))
+        } else {
+            String::new()
+        };
+        let t = Tierd::spawn(world, &extra);
         wait_sweeps_done(&t, 1.0);
         let more = purchases(
-            prefix,
+            &prefix,
             (0..N).step_by(3),
             |_| "120000".into(),
             &format!("2026-11-0{version}T10:00:00Z"),
@@ -637,7 +667,7 @@ fn three_versions(world: &mut World) -> ThreeVersions {
             moved > 0,
             "purchases under b2b-lifetime-{version} moved customers"
         );
-        if version == "2" {
+        if version < last {
             let mut t = t;
             assert_eq!(t.terminate(), Some(0));
         } else {
@@ -682,6 +712,32 @@ fn a_rollback_over_two_rules_changes_replays_each_stretch_under_its_own_rules() 
     );
     let log = run.tierd.log_text();
     assert!(log.contains("changes=2"), "{log}");
+    drop(run.files);
+}
+
+/// Over five rules changes, one more than the published position's metadata keeps sweeps
+/// of: the claim reads the oldest sweep from the history topic (`kafka.history_topic`), and
+/// every stretch runs under its own rules again. Before the history topic the chain stopped
+/// at four changes and replayed the rest under the running rules, with a warning.
+#[test]
+fn a_rollback_over_five_rules_changes_reads_the_oldest_sweep_from_the_history_topic() {
+    let mut world = World::start(1);
+    let run = versions(&mut world, 6);
+    world.restore(&run.before);
+    assert_replayed_identically(
+        &world,
+        &run.tierd,
+        &run.ends,
+        swept_to("b2b-lifetime-6", N),
+        &run.live,
+        run.published,
+    );
+    let log = run.tierd.log_text();
+    assert!(log.contains("changes=5"), "{log}");
+    assert!(
+        log.contains("Read the partition's replay history from the history topic"),
+        "{log}"
+    );
     drop(run.files);
 }
 

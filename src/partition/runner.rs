@@ -177,7 +177,7 @@ fn chain_first(
             }
             None => {
                 return Err(format!(
-                    "the published position keeps no record of the sweep to the rules before the change at offset {} (a replay reaches back over at most {} rules changes)",
+                    "neither the published position nor the history topic keeps a record of the sweep to the rules before the change at offset {} (the position keeps the last {} sweeps; the history topic the others within its retention, when kafka.history_topic is set and could be read)",
                     sweep.offset,
                     crate::publish::position::EARLIER_SWEEPS + 1
                 ))

@@ -215,7 +215,7 @@ impl Published {
                     }
                 },
             }
-            while next.earlier_sweeps.len() > EARLIER_SWEEPS {
+            while budget.is_some() && next.earlier_sweeps.len() > EARLIER_SWEEPS {
                 next.earlier_sweeps.remove(0);
             }
             while over(next) && !next.earlier_sweeps.is_empty() {
@@ -322,11 +322,17 @@ impl Published {
     }
 
     /// Whether a replay from `next_offset` (`None`: from the partition's start) reaches
-    /// further back than the metadata keeps: a cut-off switch or a timer pass it needs may
-    /// have been dropped for room (a pass only in the history topic, or none at all).
+    /// further back than the metadata keeps: a cut-off switch, a timer pass or a rules sweep
+    /// it needs may have been dropped for room (then only the history topic has it — or
+    /// there was none: the first pass recorded, the partition's first rules).
     pub fn reach_exceeded(&self, next_offset: Option<i64>) -> bool {
         let from = next_offset.unwrap_or(i64::MIN);
-        self.forgotten.is_some_and(|f| f >= from) || self.passes_from.is_some_and(|f| f > from)
+        self.forgotten.is_some_and(|f| f >= from)
+            || self.passes_from.is_some_and(|f| f > from)
+            || self
+                .sweeps()
+                .next()
+                .is_some_and(|oldest| oldest.offset > from)
     }
 
     /// This position with the switches and timer passes the metadata dropped for room put
@@ -394,6 +400,17 @@ impl Published {
                 (Some(from), Some(lost)) => Some(from.max(lost + 1)),
                 (from, _) => from,
             };
+        }
+        // Sweeps: the metadata keeps the last few; the history every one.
+        if let Some(oldest) = self.sweeps().next() {
+            let all: Vec<RulesSweep> = full.sweeps().collect();
+            if let Some(at) = all.iter().position(|s| s.rules == oldest.rules) {
+                merged.earlier_sweeps = all[..at]
+                    .iter()
+                    .chain(&self.earlier_sweeps)
+                    .copied()
+                    .collect();
+            }
         }
         merged
     }
@@ -1079,6 +1096,22 @@ mod tests {
         assert_eq!(
             p.earlier_sweeps,
             vec![sweep(30, 3), sweep(40, 4), sweep(50, 5)]
+        );
+        // The history topic has the two the metadata dropped: a replay from before the
+        // oldest kept one reads it, and gets all six.
+        assert!(p.reach_exceeded(Some(25)) && !p.reach_exceeded(Some(30)));
+        let history: Vec<HistoryRecord> = (1..=6u32)
+            .map(|v| HistoryRecord {
+                through: Some(i64::from(v) * 10),
+                sweeps: vec![sweep(i64::from(v) * 10, v)],
+                ..HistoryRecord::default()
+            })
+            .collect();
+        let full = p.with_history(&history, false);
+        assert_eq!(full.sweep, p.sweep);
+        assert_eq!(
+            full.earlier_sweeps,
+            (1..=5).map(|v| sweep(v * 10, v as u32)).collect::<Vec<_>>()
         );
         // A replay completing an earlier sweep records it again: it completes that one, the
         // latest stays the latest.
