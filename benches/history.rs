@@ -16,11 +16,15 @@ mod support;
 
 use common::env_or;
 use rdkafka::producer::{FutureRecord, Producer};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 use support::World;
 use tierd::config::KafkaConfig;
 use tierd::engine::rules::rank::{Cutoffs, CutoffsSwitch};
-use tierd::publish::position::{HistoryRecord, OutboxPositions, Published};
+use tierd::publish::position::{OutboxPositions, Published};
+
+/// The partition's outbox key, which keys its history records.
+const KEY: &str = "tierd:{g:purchases:0}:outbox";
 use tierd::store::outbox::TimerPass;
 
 fn main() {
@@ -35,31 +39,29 @@ fn main() {
     let mut deliveries = Vec::new();
     for i in 0..n {
         let offset = i * 20;
-        let record = HistoryRecord {
-            through: Some(offset + 19),
-            switches: if i % 10 == 0 {
-                vec![CutoffsSwitch {
-                    offset,
-                    cutoffs: Cutoffs {
-                        version: i as u64 / 10 + 1,
-                        rules: 7,
-                        population: vec![1_000_000 + i as u64],
-                        values: vec![Some(123_456_789 + i as i128), Some(98_765 + i as i128)],
-                        at_or_above: vec![10_000, 200_000],
-                        computed_at: 1_790_000_000_000 + i * 1_000,
-                    },
-                    at_ms: 1_790_000_000_500 + i * 1_000,
-                }]
-            } else {
-                Vec::new()
-            },
-            passes: vec![TimerPass {
-                offset: offset + 1,
-                upto: 1_790_000_000_000 + i * 1_000,
-                cutoffs: i as u64 / 10 + 1,
-            }],
-            sweeps: Vec::new(),
+        let switches = if i % 10 == 0 {
+            vec![CutoffsSwitch {
+                offset,
+                cutoffs: Cutoffs {
+                    version: i as u64 / 10 + 1,
+                    rules: 7,
+                    population: vec![1_000_000 + i as u64],
+                    values: vec![Some(123_456_789 + i as i128), Some(98_765 + i as i128)],
+                    at_or_above: vec![10_000, 200_000],
+                    computed_at: 1_790_000_000_000 + i * 1_000,
+                },
+                at_ms: 1_790_000_000_500 + i * 1_000,
+            }]
+        } else {
+            Vec::new()
         };
+        let passes = [TimerPass {
+            offset: offset + 1,
+            upto: 1_790_000_000_000 + i * 1_000,
+            cutoffs: i as u64 / 10 + 1,
+        }];
+        // As the publisher writes them.
+        let record = metadata.history_record(Some(offset + 19), &switches, &passes, &[]);
         metadata = metadata.after(
             &format!("{i}-0"),
             record.through,
@@ -68,12 +70,13 @@ fn main() {
             None,
             3500,
         );
+        metadata.history_records = record.n;
         let value = serde_json::to_vec(&record).unwrap();
         bytes += value.len();
         let send = producer.send_result(
             FutureRecord::to(&world.history)
                 .partition(0)
-                .key("0")
+                .key(KEY)
                 .payload(&value),
         );
         deliveries.push(send.unwrap_or_else(|(e, _)| panic!("{e}")));
@@ -103,7 +106,13 @@ fn main() {
     for _ in 0..3 {
         let t = Instant::now();
         full = positions
-            .with_history(0, &metadata, Instant::now() + Duration::from_secs(300))
+            .with_history(
+                0,
+                KEY,
+                &metadata,
+                Instant::now() + Duration::from_secs(300),
+                &AtomicBool::new(false),
+            )
             .unwrap();
         best = best.min(t.elapsed());
     }

@@ -626,11 +626,13 @@ fn a_larger_position_budget_replays_thirty_cut_off_moves_identically() {
 /// claim) and changes came back with other bodies.
 #[test]
 fn a_rollback_beyond_the_positions_metadata_replays_the_moves_from_the_history_topic() {
-    let tierd = rollback_over_cutoff_moves(
-        &pyramid(2),
-        "[publish]\nposition_metadata_bytes = 1000\n",
-        12,
-    );
+    // Both input partitions' records share the history topic's one partition (told apart
+    // by their key).
+    let mut world = pyramid(2);
+    world.history = support::unique("history-shared");
+    world.broker.create_topics(&[&world.history], 1);
+    let tierd =
+        rollback_over_cutoff_moves(&world, "[publish]\nposition_metadata_bytes = 1000\n", 12);
     let log = tierd.log_text();
     assert!(!log.contains("Redis lost writes further back"), "{log}");
     assert!(
@@ -641,6 +643,55 @@ fn a_rollback_beyond_the_positions_metadata_replays_the_moves_from_the_history_t
         tierd.metric("tierd_cutoffs_replayed_total") >= 12.0,
         "{log}"
     );
+}
+
+/// A history topic that refuses the partition's history record for good (here: a message
+/// size limit below it) holds the outbox at the round that needs it — no change decided under
+/// a cut-off move goes out without its history — and says so (`/readyz`,
+/// `tierd_outbox_blocked`) instead of retrying unseen; once the topic takes it, everything
+/// flows and the record is there.
+#[test]
+fn a_history_topic_that_refuses_the_record_holds_the_outbox_visibly() {
+    let world = pyramid(1);
+    world
+        .broker
+        .alter_topic_config(&world.history, "max.message.bytes", "100");
+    let tierd = Tierd::spawn_with(
+        &world,
+        "",
+        &format!("{RANKS}[kafka.producer]\n\"compression.type\" = \"none\"\n[publish]\nparked_retry_ms = 300\n"),
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let ends = world.produce_json(&spenders(1..=20, |i| i * 100));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_blocked") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the outbox was never reported blocked:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, body) = tierd.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("kafka.history_topic"), "{body}");
+    assert!(world.outbox_len(0) > 0, "the outbox holds");
+
+    world
+        .broker
+        .alter_topic_config(&world.history, "max.message.bytes", "1048588");
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_blocked") > 0.0 || tierd.get("/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the outbox never flowed again:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!world.read_all(&world.history).is_empty());
+    wait_settled(&world, &tierd, 20);
 }
 
 /// 100 ranked customers, then, with Redis snapshotted, `waves` waves of newcomers that each

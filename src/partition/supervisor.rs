@@ -5,7 +5,7 @@
 
 use super::runner::{Batch, Runner, RunnerExit};
 use super::{Ownership, PartitionStatus, Pipeline};
-use crate::publish::position::OutboxPositions;
+use crate::publish::position::{OutboxPositions, Published};
 use crate::publish::publisher::{Publisher, Target};
 use crate::store::partition::{
     self as store, Claim, ClaimError, OlderRules, PartitionStore, TopicRecreated,
@@ -121,6 +121,9 @@ pub struct Supervisor {
     /// `None` after an error, reopened on the next claim.
     claims: Mutex<Option<redis::Connection>>,
     running: Mutex<HashMap<i32, Running>>,
+    /// Published positions of claimed partitions whose replay reaches further back than
+    /// their metadata keeps, for [`Self::start`] to complete from the history topic.
+    histories: Mutex<HashMap<i32, Published>>,
 }
 
 impl Supervisor {
@@ -130,6 +133,7 @@ impl Supervisor {
             parts,
             claims: Mutex::new(None),
             running: Mutex::new(HashMap::new()),
+            histories: Mutex::new(HashMap::new()),
         }
     }
 
@@ -155,6 +159,11 @@ impl Supervisor {
     /// polling), or the service stops (`None`). First reads from Kafka how far its outbox was
     /// published, so the claim trims what went out already.
     pub fn claim(&self, partition: i32, give_up: Instant) -> Option<Result<Claim, NotClaimed>> {
+        // A position left by an earlier claim that was never started is not this claim's.
+        self.histories
+            .lock()
+            .expect("histories lock")
+            .remove(&partition);
         let keys = self.parts.pipeline.keyspace.partition(partition);
         let telemetry = &self.parts.pipeline.telemetry;
         let version = self.parts.pipeline.rules.version();
@@ -238,40 +247,23 @@ impl Supervisor {
             return unavailable("Redis");
         };
         let mut claim = claim;
-        let mut published = published;
         if let Ok(claim) = &mut claim {
-            // A replay from further back than the metadata keeps reads the rest from the
-            // history topic.
-            if published.reach_exceeded(claim.next_offset) {
-                match self
+            if published.reach_exceeded(claim.next_offset)
+                && self
                     .parts
                     .positions
-                    .with_history(partition, &published, give_up)
-                {
-                    Ok(full) => {
-                        info!(partition, next_offset = ?claim.next_offset, switches = full.switches.len(), passes = full.passes.len(), "Read the partition's replay history from the history topic.");
-                        published = full;
-                    }
-                    Err(error) => {
-                        warn!(partition, %error, "Cannot read the partition's replay history from the history topic; the replay reaches as far as the published position's metadata.");
-                    }
-                }
-            }
-            // Changes published from input the partition will now apply again (Redis lost
-            // writes) were decided under these cut-offs: the replay applies them at the same
-            // offsets, so each is published again with the same body.
-            let applied = claim.cutoffs.as_ref().map_or(0, |c| c.version);
-            claim.replay_cutoffs = published.switches_from(claim.next_offset, applied);
-            claim.replay_passes = published.passes_to_replay(claim.next_offset);
-            claim.replay_passes_from = published.passes_from;
-            claim.replay_through = published.through;
-            claim.published_sweep = published.sweep;
-            claim.published_earlier_sweeps = published.earlier_sweeps.clone();
-            if let Some(forgotten) = published
-                .forgotten
-                .filter(|&f| f >= claim.next_offset.unwrap_or(0))
+                    .history_target(partition, &keys.outbox)
+                    .is_some()
             {
-                error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position and the history topic: rank-based and wall-clock time-driven changes published before that offset may be published again with other contents. Keep the history topic (kafka.history_topic) as long as the oldest Redis backup you may restore.");
+                // The replay reaches further back than the metadata keeps: the runner reads
+                // the rest from the history topic before it starts (not here: claims run on
+                // the consumer thread, one deadline for all of a rebalance's claims).
+                self.histories
+                    .lock()
+                    .expect("histories lock")
+                    .insert(partition, published.clone());
+            } else {
+                fill_replay(partition, claim, &published);
             }
         }
         match &claim {
@@ -349,20 +341,39 @@ impl Supervisor {
             p.pipeline.telemetry.clone(),
         );
         let health = Arc::clone(&status.publishing);
-        let runner = Runner::new(
-            store,
+        let history = self
+            .histories
+            .lock()
+            .expect("histories lock")
+            .remove(&partition);
+        let (pipeline, positions, wake_runner) = (
             Arc::clone(&p.pipeline),
-            status,
-            Arc::clone(&wake),
             Arc::clone(&p.positions),
-            claim,
-            partition,
+            Arc::clone(&wake),
         );
-        let runner = p.rt.spawn(runner.run(rx));
+        let epoch = claim.epoch;
+        let mut claim = claim.clone();
+        let outbox_key = keys.outbox.clone();
+        let runner = p.rt.spawn(async move {
+            if let Some(published) = history {
+                let full = read_history(&positions, partition, &outbox_key, &published, &rx).await;
+                fill_replay(partition, &mut claim, full.as_ref().unwrap_or(&published));
+            }
+            let runner = Runner::new(
+                store,
+                pipeline,
+                status,
+                wake_runner,
+                positions,
+                &claim,
+                partition,
+            );
+            runner.run(rx).await
+        });
         let target = Target {
             partition,
             keys: keys.clone(),
-            epoch: claim.epoch,
+            epoch,
             health,
         };
         let publisher = p.rt.spawn(
@@ -531,5 +542,96 @@ impl Supervisor {
             .map(|(p, s)| (*p, s.next_offset.load(Ordering::Relaxed)))
             .filter(|(p, next)| *next >= 0 && (only.is_empty() || only.contains(p)))
             .collect()
+    }
+}
+
+/// How long one read of a partition's history may take.
+const HISTORY_READ_LIMIT: Duration = Duration::from_secs(300);
+
+/// Reads of a partition's history tried before its replay goes on without it.
+const HISTORY_READ_ATTEMPTS: u32 = 3;
+
+/// The pause between two reads of a partition's history.
+const HISTORY_READ_RETRY: Duration = Duration::from_secs(5);
+
+/// `published` completed from the history topic ([`OutboxPositions::with_history`]), on a
+/// blocking thread; tried [`HISTORY_READ_ATTEMPTS`] times, then `None` (logged as an error:
+/// the replay reaches as far as the metadata). Stops early once `batches` is closed (the
+/// partition was released).
+async fn read_history(
+    positions: &Arc<OutboxPositions>,
+    partition: i32,
+    key: &str,
+    published: &Published,
+    batches: &mpsc::Receiver<Batch>,
+) -> Option<Published> {
+    let mut error = String::new();
+    for attempt in 1..=HISTORY_READ_ATTEMPTS {
+        let abort = Arc::new(AtomicBool::new(false));
+        let read = tokio::task::spawn_blocking({
+            let (positions, key, published, abort) = (
+                Arc::clone(positions),
+                key.to_owned(),
+                published.clone(),
+                Arc::clone(&abort),
+            );
+            move || {
+                let give_up = Instant::now() + HISTORY_READ_LIMIT;
+                positions.with_history(partition, &key, &published, give_up, &abort)
+            }
+        });
+        tokio::pin!(read);
+        let result = loop {
+            tokio::select! {
+                done = &mut read => break done.unwrap_or_else(|e| Err(e.to_string())),
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if batches.is_closed() {
+                        abort.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(full) => {
+                info!(
+                    partition,
+                    switches = full.switches.len(),
+                    passes = full.passes.len(),
+                    sweeps = full.sweeps().count(),
+                    "Read the partition's replay history from the history topic."
+                );
+                return Some(full);
+            }
+            Err(e) => error = e,
+        }
+        if batches.is_closed() {
+            return None;
+        }
+        warn!(partition, attempt, %error, "Reading the partition's replay history from the history topic failed; trying again.");
+        if attempt < HISTORY_READ_ATTEMPTS {
+            tokio::time::sleep(HISTORY_READ_RETRY).await;
+        }
+    }
+    error!(partition, %error, "Cannot read the partition's replay history from the history topic (kafka.history_topic): the replay reaches only as far as the published position's metadata.");
+    None
+}
+
+/// Fills `claim`'s replay fields from the published position: changes published from input
+/// the partition will apply again (Redis lost writes) were decided under these cut-offs,
+/// timer passes and rules sweeps, and the replay applies them at the same offsets, so each
+/// change is published again with the same body.
+fn fill_replay(partition: i32, claim: &mut Claim, published: &Published) {
+    let applied = claim.cutoffs.as_ref().map_or(0, |c| c.version);
+    claim.replay_cutoffs = published.switches_from(claim.next_offset, applied);
+    claim.replay_passes = published.passes_to_replay(claim.next_offset);
+    claim.replay_passes_from = published.passes_from;
+    claim.replay_through = published.through;
+    claim.published_sweep = published.sweep;
+    claim.published_earlier_sweeps = published.earlier_sweeps.clone();
+    if let Some(forgotten) = published
+        .forgotten
+        .filter(|&f| f >= claim.next_offset.unwrap_or(0))
+    {
+        error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position and the history topic: rank-based and wall-clock time-driven changes published before that offset may be published again with other contents. Keep the history topic (kafka.history_topic) as long as the oldest Redis backup you may restore.");
     }
 }

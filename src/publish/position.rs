@@ -27,7 +27,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 use tracing::warn;
 
@@ -60,9 +60,24 @@ fn passes_budget(budget: usize) -> usize {
 /// history topic (`kafka.history_topic`) in the round's transaction: the offset metadata
 /// keeps only the newest of them, the topic every one (within its retention), so a replay
 /// reaching back further than the metadata still re-publishes each change with its body.
-/// Keyed by the input partition.
+/// Keyed by the partition's outbox key (prefix, group, topic and partition).
+///
+/// Records are numbered per partition (`n`, 1, 2, …; the published position keeps the last,
+/// [`Published::history_records`]), and each says what was recorded before it (`pk`, `pp`):
+/// a reader knows whether it holds every record since a point and what came before that
+/// point, whatever retention deleted, whenever the topic was first used.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryRecord {
+    /// Its number among the partition's records (a run restarts at 1 after rounds that
+    /// wrote none: an older binary, no history topic).
+    pub n: u64,
+    /// The newest input offset of a cut-offs switch recorded before this record (kept in
+    /// the position or dropped from it), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pk: Option<i64>,
+    /// The same for timer passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pp: Option<i64>,
     /// The input offset the round's last entry left the partition at.
     #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
     pub through: Option<i64>,
@@ -81,14 +96,6 @@ impl HistoryRecord {
     /// Whether the round recorded anything a replay needs.
     pub fn is_empty(&self) -> bool {
         self.switches.is_empty() && self.passes.is_empty() && self.sweeps.is_empty()
-    }
-
-    /// The lowest input offset the record names.
-    fn first_offset(&self) -> Option<i64> {
-        let switches = self.switches.iter().map(|s| s.offset);
-        let passes = self.passes.iter().map(|p| p.offset);
-        let sweeps = self.sweeps.iter().map(|s| s.offset);
-        switches.chain(passes).chain(sweeps).min()
     }
 }
 
@@ -129,6 +136,14 @@ pub struct Published {
     /// replay must not take cut-offs the first run did not have before it gets there.
     #[serde(rename = "o", default, skip_serializing_if = "Option::is_none")]
     pub through: Option<i64>,
+    /// How many history records in a row the partition's rounds wrote, up to this position
+    /// (0: the last round with anything to record wrote none; see [`HistoryRecord`]).
+    #[serde(rename = "hn", default, skip_serializing_if = "is_zero")]
+    pub history_records: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Published {
@@ -321,31 +336,92 @@ impl Published {
         self.add(last_id, through, switches, passes, last, budget);
     }
 
-    /// Whether a replay from `next_offset` (`None`: from the partition's start) reaches
-    /// further back than the metadata keeps: a cut-off switch, a timer pass or a rules sweep
-    /// it needs may have been dropped for room (then only the history topic has it — or
-    /// there was none: the first pass recorded, the partition's first rules).
+    /// Whether a replay from `next_offset` (`None`: nothing applied) re-applies published
+    /// input further back than the metadata keeps: a cut-off switch, a timer pass or a rules
+    /// sweep it needs may have been dropped for room (then only the history topic has it —
+    /// or there was none: the first pass recorded, the partition's first rules). Only a
+    /// replay counts (Redis lost writes: its offset is below what the published changes
+    /// reach); a claim that applied everything published reads nothing.
     pub fn reach_exceeded(&self, next_offset: Option<i64>) -> bool {
-        let from = next_offset.unwrap_or(i64::MIN);
-        self.forgotten.is_some_and(|f| f >= from)
-            || self.passes_from.is_some_and(|f| f > from)
-            || self
-                .sweeps()
-                .next()
-                .is_some_and(|oldest| oldest.offset > from)
+        let from = next_offset.unwrap_or(-1);
+        self.through.is_some_and(|through| from < through)
+            && (self.forgotten.is_some_and(|f| f >= from)
+                || self.passes_from.is_some_and(|f| f > from)
+                || self
+                    .sweeps()
+                    .next()
+                    .is_some_and(|oldest| oldest.offset > from))
     }
 
-    /// This position with the switches and timer passes the metadata dropped for room put
-    /// back from `history` (the partition's history records, oldest first; `trimmed`: the
-    /// topic's retention deleted older ones). The history is aligned with the metadata at the
-    /// metadata's oldest entry: when it does not reach that far (its newest rounds not read
-    /// yet), the metadata is kept as it is for what it lacks.
-    #[must_use]
-    pub fn with_history(&self, history: &[HistoryRecord], trimmed: bool) -> Self {
+    /// The history record of a round that records `switches`, `passes` and `sweeps` on top
+    /// of this position (the next number; what was recorded before it).
+    pub fn history_record(
+        &self,
+        through: Option<i64>,
+        switches: &[CutoffsSwitch],
+        passes: &[TimerPass],
+        sweeps: &[RulesSweep],
+    ) -> HistoryRecord {
+        HistoryRecord {
+            n: self.history_records + 1,
+            pk: self
+                .switches
+                .iter()
+                .map(|s| s.offset)
+                .max()
+                .max(self.forgotten),
+            pp: self
+                .passes
+                .iter()
+                .map(|p| p.offset)
+                .max()
+                .or(self.passes_from.map(|from| from - 1)),
+            through,
+            switches: switches.to_vec(),
+            passes: passes.to_vec(),
+            sweeps: sweeps.to_vec(),
+        }
+    }
+
+    /// This position with what its metadata dropped for room put back from `history` (the
+    /// partition's history records as read, oldest first).
+    ///
+    /// The records used are the last unbroken run of numbers, which must end at this
+    /// position's last record (otherwise the read is incomplete: an error). Folded with no
+    /// budget, they hold every switch, pass and sweep recorded since the run's first record;
+    /// what the metadata keeps from before that record stays in front. What neither holds is
+    /// reported as before: a switch recorded before the run and no longer kept sets
+    /// `forgotten` (the run's first record says where the newest was), and passes count as
+    /// complete only after the newest such pass.
+    ///
+    /// # Errors
+    /// The records read end before this position's last one.
+    pub fn with_history(&self, history: &[HistoryRecord]) -> Result<Self, String> {
+        if self.history_records == 0 {
+            // The last rounds wrote no history (an older binary, no history topic).
+            return Ok(self.clone());
+        }
+        let mut start = history.len();
+        while start > 0 && (start == history.len() || history[start - 1].n + 1 == history[start].n)
+        {
+            start -= 1;
+        }
+        let run = &history[start..];
+        match run.last() {
+            Some(last) if last.n == self.history_records => {}
+            last => {
+                return Err(format!(
+                    "the history topic holds the partition's records up to number {}, the published position names {}",
+                    last.map_or(0, |r| r.n),
+                    self.history_records
+                ))
+            }
+        }
+        let first = &run[0];
         // A replay records switches again: each is kept once.
         let mut seen = std::collections::HashSet::new();
         let mut full = Self::default();
-        for record in history {
+        for record in run {
             let switches: Vec<CutoffsSwitch> = record
                 .switches
                 .iter()
@@ -361,58 +437,57 @@ impl Published {
                 None,
             );
         }
-        // Records before the first one kept are gone: a replay from at or before its
-        // offsets cannot know what they held.
-        let lost = if trimmed {
-            history.iter().find_map(HistoryRecord::first_offset)
-        } else {
-            None
-        };
         let mut merged = self.clone();
-        let switch_at = match self.switches.first() {
-            None => Some(full.switches.len()),
-            Some(first) => full.switches.iter().position(|s| {
-                s.offset == first.offset && s.cutoffs.version == first.cutoffs.version
-            }),
+        // What the metadata keeps from before the run goes first.
+        let before: Vec<CutoffsSwitch> = self
+            .switches
+            .iter()
+            .filter(|s| !seen.contains(&(s.offset, s.cutoffs.version)))
+            .cloned()
+            .collect();
+        // The metadata drops its oldest first: if it keeps any switch from before the run,
+        // every switch it dropped is from before the run, and its `forgotten` stands.
+        // Otherwise what it dropped after the run began is in the run, and before it the
+        // newest switch recorded is the first record's.
+        merged.forgotten = if before.is_empty() {
+            first.pk
+        } else {
+            self.forgotten
         };
-        if let Some(at) = switch_at {
-            merged.switches = full.switches[..at]
+        merged.switches = before
+            .into_iter()
+            .chain(full.switches.iter().cloned())
+            .collect();
+        let in_run = |p: &TimerPass| {
+            full.passes
                 .iter()
-                .chain(&self.switches)
-                .cloned()
-                .collect();
-            merged.forgotten = lost;
-        }
-        let pass_at = match self.passes.first() {
-            None => Some(full.passes.len()),
-            Some(first) => full
-                .passes
-                .iter()
-                .position(|p| p.offset == first.offset && p.cutoffs == first.cutoffs),
+                .any(|f| f.offset == p.offset && f.cutoffs == p.cutoffs)
         };
-        if let Some(at) = pass_at {
-            merged.passes = full.passes[..at]
-                .iter()
-                .chain(&self.passes)
-                .copied()
-                .collect();
-            merged.passes_from = match (full.passes_from.or(self.passes_from), lost) {
-                (Some(from), Some(lost)) => Some(from.max(lost + 1)),
-                (from, _) => from,
-            };
-        }
-        // Sweeps: the metadata keeps the last few; the history every one.
-        if let Some(oldest) = self.sweeps().next() {
-            let all: Vec<RulesSweep> = full.sweeps().collect();
-            if let Some(at) = all.iter().position(|s| s.rules == oldest.rules) {
-                merged.earlier_sweeps = all[..at]
-                    .iter()
-                    .chain(&self.earlier_sweeps)
-                    .copied()
-                    .collect();
+        let before: Vec<TimerPass> = self.passes.iter().filter(|p| !in_run(p)).copied().collect();
+        merged.passes_from = if before.is_empty() {
+            match first.pp {
+                // Complete after the newest pass recorded before the run.
+                Some(newest) => Some(newest + 1),
+                None => full.passes_from,
             }
+        } else {
+            self.passes_from
+        };
+        merged.passes = before
+            .into_iter()
+            .chain(full.passes.iter().copied())
+            .collect();
+        merged.passes.sort_by_key(|p| p.offset);
+        let all: Vec<RulesSweep> = self
+            .sweeps()
+            .filter(|s| !full.sweeps().any(|f| f.rules == s.rules))
+            .chain(full.sweeps())
+            .collect();
+        if let Some((latest, earlier)) = all.split_last() {
+            merged.sweep = Some(*latest);
+            merged.earlier_sweeps = earlier.to_vec();
         }
-        merged
+        Ok(merged)
     }
 
     /// Every sweep kept, oldest first.
@@ -429,6 +504,7 @@ impl Published {
             && self.earlier_sweeps.is_empty()
             && self.forgotten.is_none()
             && self.through.is_none()
+            && self.history_records == 0
         {
             return self.last_id.clone().unwrap_or_default();
         }
@@ -490,10 +566,12 @@ pub struct OutboxPositions {
 }
 
 /// The history topic (`kafka.history_topic`): an input partition's records go to the
-/// partition of that number modulo the topic's partition count, keyed by the input partition.
+/// partition of that number modulo the topic's partition count, keyed by the partition's
+/// outbox key.
 struct HistoryTopic {
-    /// Reads it (assigned on demand, never subscribed, never commits).
-    consumer: BaseConsumer<crate::kafka::EofExpected>,
+    /// The settings of its readers (one per read: reads of several partitions may run at
+    /// once; assigned, never subscribed, never committing).
+    reader: rdkafka::ClientConfig,
     topic: String,
     /// Its partition count, once startup read it (0 until then: nothing is written).
     partitions: AtomicI32,
@@ -506,8 +584,8 @@ pub struct HistoryTarget<'a> {
     pub topic: &'a str,
     /// Its partition holding the input partition's records.
     pub partition: i32,
-    /// The records' key: the input partition's number.
-    pub key: String,
+    /// The records' key: the partition's outbox key.
+    pub key: &'a str,
 }
 
 impl OutboxPositions {
@@ -535,13 +613,15 @@ impl OutboxPositions {
         let history = match kafka.history_topic.as_str() {
             "" => None,
             topic => Some(HistoryTopic {
-                consumer: crate::kafka::consumer_config(kafka)
+                reader: crate::kafka::consumer_config(kafka)
                     .set("group.id", format!("{}.history", kafka.group_id))
                     .set("statistics.interval.ms", "0")
                     .set("enable.partition.eof", "true")
+                    // Records deleted by retention under the reader: an error, not a jump.
+                    .set("auto.offset.reset", "error")
                     // Rounds aborted (a fenced owner, a retried round) never happened.
                     .set("isolation.level", "read_committed")
-                    .create_with_context(crate::kafka::EofExpected)?,
+                    .clone(),
                 topic: topic.to_owned(),
                 partitions: AtomicI32::new(0),
             }),
@@ -564,35 +644,43 @@ impl OutboxPositions {
         }
     }
 
-    /// Where `partition`'s history records go (`None`: no history topic).
-    pub fn history_target(&self, partition: i32) -> Option<HistoryTarget<'_>> {
+    /// Where `partition`'s history records go (`None`: no history topic); `key` is the
+    /// partition's outbox key.
+    pub fn history_target<'a>(&'a self, partition: i32, key: &'a str) -> Option<HistoryTarget<'a>> {
         let history = self.history.as_ref()?;
         let count = history.partitions.load(Ordering::Relaxed);
         (count > 0).then(|| HistoryTarget {
             topic: &history.topic,
             partition: partition.rem_euclid(count),
-            key: partition.to_string(),
+            key,
         })
     }
 
     /// `published` with what its metadata dropped for room put back from the history topic
-    /// (see [`Published::with_history`]), reading `partition`'s records until `give_up` at
-    /// the latest. Blocks (the claim runs on the consumer thread).
+    /// (see [`Published::with_history`]): reads the records of the partition whose outbox
+    /// key is `key` from the start of their history partition to its end, until `give_up`
+    /// at the latest or until `abort` is set. Blocks.
     ///
     /// # Errors
-    /// No history topic is configured, the broker did not answer in time, or a record of
-    /// the partition is not a history record.
+    /// No history topic is configured, the broker did not answer in time or reported an
+    /// error, the read was aborted, or the records read end before the position's last.
     pub fn with_history(
         &self,
         partition: i32,
+        key: &str,
         published: &Published,
         give_up: Instant,
+        abort: &AtomicBool,
     ) -> Result<Published, String> {
-        let Some(target) = self.history_target(partition) else {
+        let (Some(history), Some(target)) =
+            (self.history.as_ref(), self.history_target(partition, key))
+        else {
             return Err("no kafka.history_topic".to_owned());
         };
-        let history = self.history.as_ref().expect("a target has a topic");
-        let consumer = &history.consumer;
+        let consumer: BaseConsumer<crate::kafka::EofExpected> = history
+            .reader
+            .create_with_context(crate::kafka::EofExpected)
+            .map_err(|e| format!("creating a reader: {e}"))?;
         let left = || give_up.saturating_duration_since(Instant::now());
         let (low, high) = consumer
             .fetch_watermarks(target.topic, target.partition, left())
@@ -603,10 +691,19 @@ impl OutboxPositions {
             tpl.add_partition_offset(target.topic, target.partition, Offset::Offset(low))
                 .map_err(|e| e.to_string())?;
             consumer.assign(&tpl).map_err(|e| e.to_string())?;
-            let read = loop {
+            let at = |offset: i64| {
+                format!(
+                    "{} partition {} offset {offset}",
+                    target.topic, target.partition
+                )
+            };
+            loop {
+                if abort.load(Ordering::Relaxed) {
+                    return Err("aborted (the partition was released)".to_owned());
+                }
                 if left().is_zero() {
-                    break Err(format!(
-                        "{} partition {} not read to its end in time ({} records read)",
+                    return Err(format!(
+                        "{} partition {} not read to its end in time ({} records of this partition read)",
                         target.topic,
                         target.partition,
                         records.len()
@@ -617,26 +714,20 @@ impl OutboxPositions {
                         match serde_json::from_slice::<HistoryRecord>(m.payload().unwrap_or(b"")) {
                             Ok(record) => records.push(record),
                             Err(e) => {
-                                break Err(format!(
-                                    "{} partition {} offset {}: not a history record: {e}",
-                                    target.topic,
-                                    target.partition,
-                                    m.offset()
+                                return Err(format!(
+                                    "{}: not a history record: {e}",
+                                    at(m.offset())
                                 ))
                             }
                         }
                     }
-                    Some(Err(KafkaError::PartitionEOF(p))) if p == target.partition => break Ok(()),
-                    Some(Err(e)) => {
-                        warn!(error = %e, topic = target.topic, "Reading the history topic.")
-                    }
-                    _ => {}
+                    Some(Ok(_)) | None => {}
+                    Some(Err(KafkaError::PartitionEOF(p))) if p == target.partition => break,
+                    Some(Err(e)) => return Err(format!("reading {}: {e}", target.topic)),
                 }
-            };
-            let _ = consumer.unassign();
-            read?;
+            }
         }
-        Ok(published.with_history(&records, low > 0))
+        published.with_history(&records)
     }
 
     /// The bytes a position's metadata may take (`publish.position_metadata_bytes`).
@@ -769,40 +860,57 @@ mod tests {
         }
     }
 
-    /// The history topic's records put back what the metadata dropped for room: folded with
-    /// no budget and aligned at the metadata's oldest entry, they give every switch and pass;
-    /// a history that does not reach the metadata's oldest entry changes nothing; a history
-    /// its retention trimmed reports the replay from before its first record as forgotten.
-    #[test]
-    fn the_history_puts_back_what_the_metadata_dropped() {
-        let mut inline = Published::default();
-        let mut history = Vec::new();
-        for i in 0..60 {
-            let record = HistoryRecord {
-                through: Some(i * 10 + 5),
-                switches: vec![switch(i * 10, i as u64 + 1)],
-                passes: vec![pass(i * 10 + 1, 1_000 + i, i as u64 + 1)],
-                sweeps: Vec::new(),
-            };
-            inline = inline.after(
+    /// Rounds `rounds` as the publisher records them: a switch and a pass per round, the
+    /// metadata within 1000 bytes; with `history`, each round's record is written too.
+    fn publish_rounds(
+        mut p: Published,
+        rounds: std::ops::Range<i64>,
+        history: Option<&mut Vec<HistoryRecord>>,
+    ) -> Published {
+        let mut written = Vec::new();
+        for i in rounds {
+            let (switches, passes) = (
+                vec![switch(i * 10, i as u64 + 1)],
+                vec![pass(i * 10 + 1, 1_000 + i, i as u64 + 1)],
+            );
+            let record = p.history_record(Some(i * 10 + 5), &switches, &passes, &[]);
+            p = p.after(
                 &format!("{i}-0"),
-                record.through,
-                &record.switches,
-                &record.passes,
+                Some(i * 10 + 5),
+                &switches,
+                &passes,
                 None,
                 1000,
             );
-            history.push(record);
+            p.history_records = if history.is_some() { record.n } else { 0 };
+            written.push(record);
         }
-        assert!(inline.switches.len() < 60 && inline.passes.len() < 60);
-        assert!(inline.reach_exceeded(Some(0)));
-        assert!(!inline.reach_exceeded(Some(595)));
+        if let Some(history) = history {
+            history.extend(written);
+        }
+        p
+    }
 
-        let full = inline.with_history(&history, false);
+    /// The history topic's records put back what the metadata dropped for room: the last
+    /// unbroken run of record numbers, folded with no budget, gives every switch and pass
+    /// since its first record, and that record says what came before it (retention deleted
+    /// records, or the topic was first used later); a read that does not reach the
+    /// position's last record is refused.
+    #[test]
+    fn the_history_puts_back_what_the_metadata_dropped() {
+        let mut history = Vec::new();
+        let inline = publish_rounds(Published::default(), 0..60, Some(&mut history));
+        assert_eq!(inline.history_records, 60);
+        assert!(inline.switches.len() < 60 && inline.passes.len() < 60);
+        // Only a replay of published input reads the history.
+        assert!(inline.reach_exceeded(Some(0)) && inline.reach_exceeded(None));
+        assert!(!inline.reach_exceeded(Some(595)));
+        assert!(!inline.reach_exceeded(Some(700)));
+
+        let full = inline.with_history(&history).unwrap();
         assert_eq!(full.switches.len(), 60);
         assert_eq!(full.passes.len(), 60);
-        assert_eq!(full.forgotten, None);
-        assert_eq!(full.passes_from, Some(1));
+        assert_eq!((full.forgotten, full.passes_from), (None, Some(1)));
         assert_eq!(full.switches_from(Some(0), 0).len(), 60);
         assert_eq!(full.passes_to_replay(Some(0)).len(), 60);
         // The metadata's own part and position stay as they are.
@@ -813,16 +921,46 @@ mod tests {
         );
         assert!(!full.reach_exceeded(Some(1)));
 
-        // Only the oldest ten rounds read: nothing to align with.
-        assert_eq!(inline.with_history(&history[..10], false), inline);
+        // A read that ends before the position's last record.
+        assert!(inline.with_history(&history[..59]).is_err());
 
-        // Retention deleted the first twenty rounds.
-        let trimmed = inline.with_history(&history[20..], true);
+        // Retention deleted the first twenty records: before the rest, the newest switch
+        // recorded was at 190, the newest pass at 191.
+        let trimmed = inline.with_history(&history[20..]).unwrap();
         assert_eq!(trimmed.switches.len(), 40);
-        assert_eq!(trimmed.forgotten, Some(200));
-        assert_eq!(trimmed.passes_from, Some(201));
+        assert_eq!(
+            (trimmed.forgotten, trimmed.passes_from),
+            (Some(190), Some(192))
+        );
         assert!(trimmed.reach_exceeded(Some(150)));
-        assert!(!trimmed.reach_exceeded(Some(201)));
+        assert!(!trimmed.reach_exceeded(Some(192)));
+
+        // Records of another run before (an older incarnation, a run cut by rounds without
+        // a history topic) count for nothing.
+        let mut two_runs = history[..10].to_vec();
+        two_runs.extend(history.iter().cloned());
+        assert_eq!(inline.with_history(&two_runs).unwrap(), full);
+
+        // The topic first used after thirty rounds: what the metadata dropped before then is
+        // reported forgotten, as without the topic.
+        let mut later = Vec::new();
+        let before = publish_rounds(Published::default(), 0..30, None);
+        let inline = publish_rounds(before, 30..60, Some(&mut later));
+        assert_eq!(
+            (later[0].n, later[0].pk, later[0].pp),
+            (1, Some(290), Some(291))
+        );
+        let merged = inline.with_history(&later).unwrap();
+        assert_eq!(merged.switches.len(), 30);
+        assert_eq!(
+            (merged.forgotten, merged.passes_from),
+            (Some(290), Some(292))
+        );
+
+        // No record written since the last round (no history topic): the metadata alone.
+        let mut off = inline.clone();
+        off.history_records = 0;
+        assert_eq!(off.with_history(&later).unwrap(), off);
     }
 
     #[test]
@@ -1102,12 +1240,15 @@ mod tests {
         assert!(p.reach_exceeded(Some(25)) && !p.reach_exceeded(Some(30)));
         let history: Vec<HistoryRecord> = (1..=6u32)
             .map(|v| HistoryRecord {
+                n: u64::from(v),
                 through: Some(i64::from(v) * 10),
                 sweeps: vec![sweep(i64::from(v) * 10, v)],
                 ..HistoryRecord::default()
             })
             .collect();
-        let full = p.with_history(&history, false);
+        let mut p = p;
+        p.history_records = 6;
+        let full = p.with_history(&history).unwrap();
         assert_eq!(full.sweep, p.sweep);
         assert_eq!(
             full.earlier_sweeps,

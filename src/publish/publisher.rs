@@ -17,7 +17,7 @@
 //! `/readyz` and in metrics; neither re-sends the records around it.
 
 use super::health::PublishHealth;
-use super::position::{HistoryRecord, HistoryTarget, OutboxPositions, Published};
+use super::position::{OutboxPositions, Published};
 use super::producer::{self, RoundPosition, TxnError, TxnProducer};
 use crate::engine::rules::rank::CutoffsSwitch;
 use crate::store::keys::PartitionKeys;
@@ -141,6 +141,8 @@ enum Round {
     Committed([u64; 3]),
     /// Aborted because Kafka refused the entry at `index` for good.
     Refused { index: usize, error: KafkaError },
+    /// Aborted because Kafka refused the round's history record for good.
+    HistoryRefused(KafkaError),
 }
 
 /// A change or at-risk notice that Kafka refuses, holding up its outbox.
@@ -331,6 +333,21 @@ impl PartitionPublisher {
                     // Refused within a larger round (a whole producer batch can be refused
                     // for one record's size): try it alone before judging it.
                     Round::Refused { .. } if n > 1 => limit = 1,
+                    // The history topic refuses what the replay history needs: the outbox holds
+                    // here (no change may go out without it), retried and reported like a
+                    // refused change.
+                    Round::HistoryRefused(error) => {
+                        error!(partition = self.target.partition, %error, "The history topic (kafka.history_topic) refuses this partition's history record: its outbox is held until it takes it.");
+                        self.blocked = Some(Blocked {
+                            id: head.id.clone(),
+                            reason: format!(
+                                "the history topic (kafka.history_topic) refuses the round's history record: {error}"
+                            ),
+                            retry_at: Instant::now() + self.shared.parked_retry,
+                        });
+                        self.report();
+                        return Ok(());
+                    }
                     Round::Refused { error, .. } => {
                         self.refused(head, &error).await?;
                         if self.blocked.is_some() {
@@ -485,12 +502,21 @@ impl PartitionPublisher {
         }
         // What a replay needs of this round goes to the history topic too, in the same
         // transaction (`HistoryRecord`): the metadata below keeps only the newest of it.
-        let history = match (from_outbox, &failed) {
-            (true, None) => self.history_record(round, &switches, &passes, &sweeps),
-            _ => None,
-        };
-        let history = match history {
-            Some((target, value)) => {
+        let record = self.position.history_record(
+            round[round.len() - 1].end_offset,
+            &switches,
+            &passes,
+            &sweeps,
+        );
+        let target = self
+            .shared
+            .positions
+            .history_target(self.target.partition, &self.target.keys.outbox)
+            .filter(|_| from_outbox && failed.is_none() && !record.is_empty());
+        let written = target.is_some();
+        let history = match target {
+            Some(target) => {
+                let value = serde_json::to_vec(&record).expect("history records serialize");
                 let record = FutureRecord::<[u8], [u8]>::to(target.topic)
                     .partition(target.partition)
                     .key(target.key.as_bytes())
@@ -531,12 +557,15 @@ impl PartitionPublisher {
         };
         if let (None, Some(error)) = (&failed, history_failed) {
             // Not a record of the round's own: nothing to isolate. The round is tried again
-            // whole (a history topic that refuses for good holds the outbox, reported).
+            // whole; a history topic that refuses for good holds the outbox, reported.
             if let Err(e) = producer.abort().await {
                 return Err(self.txn_failed(e).await);
             }
             if producer::is_fence(&error) {
                 return Err(self.txn_failed(TxnError::Fenced(error)).await);
+            }
+            if producer::is_permanent(&error) {
+                return Ok(Round::HistoryRefused(error));
             }
             return Err(DrainError::Retry(PublishError::History(error)));
         }
@@ -552,17 +581,26 @@ impl PartitionPublisher {
             }
             return Err(DrainError::Retry(error.into()));
         }
-        let position = from_outbox.then(|| RoundPosition {
-            positions: Arc::clone(&self.shared.positions),
-            partition: self.target.partition,
-            published: self.position.after_sweeps(
+        let position = from_outbox.then(|| {
+            let mut published = self.position.after_sweeps(
                 &round[round.len() - 1].id,
                 round[round.len() - 1].end_offset,
                 &switches,
                 &passes,
                 &sweeps,
                 self.shared.positions.budget(),
-            ),
+            );
+            if written {
+                published.history_records = record.n;
+            } else if !record.is_empty() {
+                // Recorded without a history record: the next one starts a new run.
+                published.history_records = 0;
+            }
+            RoundPosition {
+                positions: Arc::clone(&self.shared.positions),
+                partition: self.target.partition,
+                published,
+            }
         });
         let after = position.as_ref().map(|p| p.published.clone());
         if let Err(e) = producer.commit(position).await {
@@ -572,32 +610,6 @@ impl PartitionPublisher {
             self.position = after;
         }
         Ok(Round::Committed(counts))
-    }
-
-    /// The history record of a round that recorded `switches`, `passes` or `sweeps`, with
-    /// where it goes (`None`: nothing to record, or no history topic).
-    fn history_record(
-        &self,
-        round: &[StoredEntry],
-        switches: &[CutoffsSwitch],
-        passes: &[TimerPass],
-        sweeps: &[RulesSweep],
-    ) -> Option<(HistoryTarget<'_>, Vec<u8>)> {
-        let record = HistoryRecord {
-            through: round.last().and_then(|e| e.end_offset),
-            switches: switches.to_vec(),
-            passes: passes.to_vec(),
-            sweeps: sweeps.to_vec(),
-        };
-        if record.is_empty() {
-            return None;
-        }
-        let target = self
-            .shared
-            .positions
-            .history_target(self.target.partition)?;
-        let value = serde_json::to_vec(&record).expect("history records serialize");
-        Some((target, value))
     }
 
     /// A transactional call failed: a fenced producer whose claim is gone stops; otherwise
@@ -685,7 +697,10 @@ impl PartitionPublisher {
                     self.next_parked_try = Instant::now();
                 }
             }
-            Round::Refused { error, .. } => self.parked_reason = error.to_string(),
+            // Parked dead letters are not from the outbox: their rounds write no history.
+            Round::Refused { error, .. } | Round::HistoryRefused(error) => {
+                self.parked_reason = error.to_string();
+            }
         }
         self.report();
         Ok(())
