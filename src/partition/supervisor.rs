@@ -249,6 +249,7 @@ impl Supervisor {
         let mut claim = claim;
         if let Ok(claim) = &mut claim {
             if published.reach_exceeded(claim.next_offset)
+                && published.history_records > 0
                 && self
                     .parts
                     .positions
@@ -357,6 +358,10 @@ impl Supervisor {
         let runner = p.rt.spawn(async move {
             if let Some(published) = history {
                 let full = read_history(&positions, partition, &outbox_key, &published, &rx).await;
+                if rx.is_closed() {
+                    // Released while reading: nothing to apply, nothing to commit.
+                    return RunnerExit::Finished;
+                }
                 fill_replay(partition, &mut claim, full.as_ref().unwrap_or(&published));
             }
             let runner = Runner::new(
@@ -586,7 +591,9 @@ async fn read_history(
                 done = &mut read => break done.unwrap_or_else(|e| Err(e.to_string())),
                 () = tokio::time::sleep(Duration::from_millis(200)) => {
                     if batches.is_closed() {
+                        // The blocking read sees it within a poll and ends on its own.
                         abort.store(true, Ordering::Relaxed);
+                        return None;
                     }
                 }
             }

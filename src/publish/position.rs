@@ -31,6 +31,11 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 use tracing::warn;
 
+/// How long a history read goes on polling after reaching the partition's end without the
+/// position's last record (a transaction of another partition's round still open before it;
+/// they time out after `transaction.timeout.ms`, 10 s by default).
+const HISTORY_END_GRACE: Duration = Duration::from_secs(30);
+
 /// How long reading the published positions may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -401,22 +406,21 @@ impl Published {
             // The last rounds wrote no history (an older binary, no history topic).
             return Ok(self.clone());
         }
-        let mut start = history.len();
-        while start > 0 && (start == history.len() || history[start - 1].n + 1 == history[start].n)
-        {
+        // The run ends at this position's last record (the partition's publisher may have
+        // written newer ones since: they are not this position's).
+        let Some(end) = history.iter().rposition(|r| r.n == self.history_records) else {
+            return Err(format!(
+                "the history topic does not hold the partition's record number {} (read {} of its records, the last numbered {})",
+                self.history_records,
+                history.len(),
+                history.last().map_or(0, |r| r.n)
+            ));
+        };
+        let mut start = end;
+        while start > 0 && history[start - 1].n + 1 == history[start].n {
             start -= 1;
         }
-        let run = &history[start..];
-        match run.last() {
-            Some(last) if last.n == self.history_records => {}
-            last => {
-                return Err(format!(
-                    "the history topic holds the partition's records up to number {}, the published position names {}",
-                    last.map_or(0, |r| r.n),
-                    self.history_records
-                ))
-            }
-        }
+        let run = &history[start..=end];
         let first = &run[0];
         // A replay records switches again: each is kept once.
         let mut seen = std::collections::HashSet::new();
@@ -450,7 +454,8 @@ impl Published {
         // Otherwise what it dropped after the run began is in the run, and before it the
         // newest switch recorded is the first record's.
         merged.forgotten = if before.is_empty() {
-            first.pk
+            // Both bound what is missing (the merge holds all the metadata holds): the lower.
+            first.pk.zip(self.forgotten).map(|(a, b)| a.min(b))
         } else {
             self.forgotten
         };
@@ -458,17 +463,46 @@ impl Published {
             .into_iter()
             .chain(full.switches.iter().cloned())
             .collect();
+        // A replay in the run may have recorded an older switch again after newer ones.
+        merged
+            .switches
+            .sort_by_key(|s| (s.offset, s.cutoffs.version));
+        let mut all: Vec<RulesSweep> = self
+            .sweeps()
+            .filter(|s| !full.sweeps().any(|f| f.rules == s.rules))
+            .chain(full.sweeps())
+            .collect();
+        // In the order they started (a replay in the run may have recorded an earlier
+        // sweep's completion again).
+        all.sort_by_key(|s| (s.offset, s.at));
+        if let Some((latest, earlier)) = all.split_last() {
+            merged.sweep = Some(*latest);
+            merged.earlier_sweeps = earlier.to_vec();
+        }
+        // Passes at an offset where sweeps started are told apart by the side of them they
+        // fired on (as in `add`).
+        let side = |p: &TimerPass| {
+            let here = all.iter().filter(|s| s.offset == p.offset);
+            let (count, before) =
+                here.fold((0, 0), |(n, b), s| (n + 1, b + usize::from(s.at <= p.upto)));
+            (count > 0).then_some(before)
+        };
         let in_run = |p: &TimerPass| {
             full.passes
                 .iter()
-                .any(|f| f.offset == p.offset && f.cutoffs == p.cutoffs)
+                .any(|f| f.offset == p.offset && f.cutoffs == p.cutoffs && side(f) == side(p))
         };
         let before: Vec<TimerPass> = self.passes.iter().filter(|p| !in_run(p)).copied().collect();
         merged.passes_from = if before.is_empty() {
-            match first.pp {
+            let from_run = match first.pp {
                 // Complete after the newest pass recorded before the run.
                 Some(newest) => Some(newest + 1),
                 None => full.passes_from,
+            };
+            // Both are complete from their bound (the merge holds all the metadata holds).
+            match (from_run, self.passes_from) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             }
         } else {
             self.passes_from
@@ -478,15 +512,6 @@ impl Published {
             .chain(full.passes.iter().copied())
             .collect();
         merged.passes.sort_by_key(|p| p.offset);
-        let all: Vec<RulesSweep> = self
-            .sweeps()
-            .filter(|s| !full.sweeps().any(|f| f.rules == s.rules))
-            .chain(full.sweeps())
-            .collect();
-        if let Some((latest, earlier)) = all.split_last() {
-            merged.sweep = Some(*latest);
-            merged.earlier_sweeps = earlier.to_vec();
-        }
         Ok(merged)
     }
 
@@ -517,11 +542,16 @@ impl Published {
     /// Redis kept), in order.
     pub fn switches_from(&self, next_offset: Option<i64>, applied: u64) -> Vec<CutoffsSwitch> {
         let from = next_offset.unwrap_or(i64::MIN);
-        self.switches
+        let mut switches: Vec<CutoffsSwitch> = self
+            .switches
             .iter()
             .filter(|s| s.offset >= from && s.cutoffs.version > applied)
             .cloned()
-            .collect()
+            .collect();
+        // In the order the replay meets them (a dropped switch recorded again by a replay is
+        // appended after newer ones).
+        switches.sort_by_key(|s| (s.offset, s.cutoffs.version));
+        switches
     }
 
     /// The newest cut-offs version the published changes of a partition were decided under
@@ -683,7 +713,11 @@ impl OutboxPositions {
             .map_err(|e| format!("creating a reader: {e}"))?;
         let left = || give_up.saturating_duration_since(Instant::now());
         let (low, high) = consumer
-            .fetch_watermarks(target.topic, target.partition, left())
+            .fetch_watermarks(
+                target.topic,
+                target.partition,
+                left().min(Duration::from_secs(10)),
+            )
             .map_err(|e| format!("reading the watermarks of {}: {e}", target.topic))?;
         let mut records = Vec::new();
         if high > low {
@@ -691,6 +725,10 @@ impl OutboxPositions {
             tpl.add_partition_offset(target.topic, target.partition, Offset::Offset(low))
                 .map_err(|e| e.to_string())?;
             consumer.assign(&tpl).map_err(|e| e.to_string())?;
+            // The end a read_committed reader sees is the first transaction still open: one of
+            // another partition's rounds may hide this position's last record for a moment.
+            let mut end_seen: Option<Instant> = None;
+            let last = published.history_records;
             let at = |offset: i64| {
                 format!(
                     "{} partition {} offset {offset}",
@@ -722,7 +760,18 @@ impl OutboxPositions {
                         }
                     }
                     Some(Ok(_)) | None => {}
-                    Some(Err(KafkaError::PartitionEOF(p))) if p == target.partition => break,
+                    Some(Err(KafkaError::PartitionEOF(p))) if p == target.partition => {
+                        if records.iter().any(|r| r.n == last) {
+                            break;
+                        }
+                        let since = *end_seen.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= HISTORY_END_GRACE {
+                            return Err(format!(
+                                "{} partition {}: its end reached without the partition's record number {last}",
+                                target.topic, target.partition
+                            ));
+                        }
+                    }
                     Some(Err(e)) => return Err(format!("reading {}: {e}", target.topic)),
                 }
             }
@@ -923,6 +972,20 @@ mod tests {
 
         // A read that ends before the position's last record.
         assert!(inline.with_history(&history[..59]).is_err());
+        // Records the partition's new publisher wrote after this position are not its.
+        let mut newer = history.clone();
+        let after = publish_rounds(inline.clone(), 60..62, Some(&mut newer));
+        assert_eq!(after.history_records, 62);
+        assert_eq!(inline.with_history(&newer).unwrap(), full);
+        // A switch a replay recorded again after newer ones is replayed in its place.
+        let mut replayed = full.clone();
+        replayed.switches.push(switch(5, 900));
+        let order: Vec<i64> = replayed
+            .switches_from(Some(0), 0)
+            .iter()
+            .map(|s| s.offset)
+            .collect();
+        assert_eq!(order[..3], [0, 5, 10]);
 
         // Retention deleted the first twenty records: before the rest, the newest switch
         // recorded was at 190, the newest pass at 191.
