@@ -202,14 +202,7 @@ fn a_rollback_across_a_claim_is_replayed_exactly() {
 /// the replay fires it at the same offset.
 #[test]
 fn a_rollback_replays_wall_clock_timers_where_they_first_fired() {
-    let rules = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        rules.path(),
-        "version = \"lapse-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
-    )
-    .unwrap();
-    let mut world = World::start(1);
-    world.rules = rules.path().to_owned();
+    let (world, _rules) = lapse_world();
     let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
     tierd.wait_partitions(1, Duration::from_secs(60));
     // Redis will lose everything from here: the replay applies Kim's first purchase, then
@@ -223,25 +216,7 @@ fn a_rollback_replays_wall_clock_timers_where_they_first_fired() {
         &time::format_ms(due - 86_400_000),
     )]);
     world.wait_applied(&ends, Duration::from_secs(60));
-    let changes = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let records: Vec<serde_json::Value> = world
-                .read_all(&world.output)
-                .iter()
-                .map(support::Record::json)
-                .collect();
-            if records.len() >= n {
-                return records;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{records:?}\n{}",
-                tierd.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let changes = |n: usize| changes_at_least(&world, &tierd, n);
     assert_eq!(changes(2)[1]["tier"], "lapsed");
     let ends = world.produce_json(&[purchase("k2", "kim", "10", &time::format_ms(due - 2_000))]);
     world.wait_applied(&ends, Duration::from_secs(60));
@@ -252,16 +227,7 @@ fn a_rollback_replays_wall_clock_timers_where_they_first_fired() {
 
     // Redis loses the lapse and the late purchase; tierd notices by itself (no new input).
     world.restore(&before);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while world.partition_meta(0).1 < ends[&0] {
-        assert!(
-            Instant::now() < deadline,
-            "not replayed:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(2)); // ticks after catching up
+    wait_replayed(&world, &tierd, ends[&0]);
     let replayed = world.customer_state("kim").unwrap();
     assert_eq!(replayed, live, "the replay ends in the live state");
     assert!(
@@ -291,39 +257,14 @@ fn a_rollback_replays_wall_clock_timers_where_they_first_fired() {
 /// and change ids carried other bodies.
 #[test]
 fn a_rollback_beyond_the_positions_metadata_replays_timer_passes_from_the_history_topic() {
-    let rules = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        rules.path(),
-        "version = \"lapse-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
-    )
-    .unwrap();
-    let mut world = World::start(1);
-    world.rules = rules.path().to_owned();
+    let (world, _rules) = lapse_world();
     let tierd = Tierd::spawn(
         &world,
         "[clock]\nmode = \"wall\"\ntick_ms = 100\n[publish]\nposition_metadata_bytes = 1000\n",
     );
     tierd.wait_partitions(1, Duration::from_secs(60));
     let before = world.snapshot();
-    let changes = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let records: Vec<serde_json::Value> = world
-                .read_all(&world.output)
-                .iter()
-                .map(support::Record::json)
-                .collect();
-            if records.len() >= n {
-                return records;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{records:?}\n{}",
-                tierd.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let changes = |n: usize| changes_at_least(&world, &tierd, n);
     const CUSTOMERS: usize = 16;
     let mut ends = BTreeMap::new();
     for i in 0..CUSTOMERS {
@@ -344,16 +285,7 @@ fn a_rollback_beyond_the_positions_metadata_replays_timer_passes_from_the_histor
 
     // Redis loses everything; tierd notices by itself (no new input).
     world.restore(&before);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while world.partition_meta(0).1 < ends[&0] {
-        assert!(
-            Instant::now() < deadline,
-            "not replayed:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(2)); // ticks after catching up
+    wait_replayed(&world, &tierd, ends[&0]);
     let log = tierd.log_text();
     assert!(
         log.contains("Read the partition's replay history from the history topic"),
@@ -375,4 +307,53 @@ fn a_rollback_beyond_the_positions_metadata_replays_timer_passes_from_the_histor
         let replayed = world.customer_state(&format!("k{i}")).unwrap();
         assert_eq!(&replayed, live, "k{i}: the replay ends in the live state");
     }
+}
+
+/// One partition running `lapse-1` on the wall clock: `active` within a day of the latest
+/// purchase, `lapsed` after. Keep the file while the world runs.
+fn lapse_world() -> (World, tempfile::NamedTempFile) {
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        rules.path(),
+        "version = \"lapse-1\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n",
+    )
+    .unwrap();
+    let mut world = World::start(1);
+    world.rules = rules.path().to_owned();
+    (world, rules)
+}
+
+/// The changes on the output topic once there are at least `n`.
+fn changes_at_least(world: &World, tierd: &Tierd, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let records: Vec<serde_json::Value> = world
+            .read_all(&world.output)
+            .iter()
+            .map(support::Record::json)
+            .collect();
+        if records.len() >= n {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{records:?}\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until partition 0's stored offset is back at `end`, then for ticks after it.
+fn wait_replayed(world: &World, tierd: &Tierd, end: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.partition_meta(0).1 < end {
+        assert!(
+            Instant::now() < deadline,
+            "not replayed:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2)); // ticks after catching up
 }
