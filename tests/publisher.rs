@@ -13,6 +13,7 @@ use std::time::Duration;
 use support::{Broker, Redis};
 use tierd::publish::health::PublishHealth;
 use tierd::publish::position::OutboxPositions;
+use tierd::publish::producer::{TxnError, TxnProducer};
 use tierd::publish::publisher::{Publisher, Target};
 use tierd::store::keys::{Keyspace, PartitionKeys};
 use tierd::store::outbox::RulesSweep;
@@ -443,4 +444,30 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
 fn super_id(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap();
     (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// A transactional call that fails in a way neither a retry nor an abort handles (librdkafka's
+/// `__STATE` here: a commit with no transaction begun, a begin inside an open one) leaves the
+/// transaction's state unknown. The producer must be replaced (fatal: a new producer's
+/// initialisation ends whatever is open), never reused as if its transaction were aborted.
+#[test]
+fn a_transactional_call_failing_in_an_unknown_state_replaces_the_producer() {
+    let broker = Broker::shared();
+    let mut kafka = tierd::config::Config::default().kafka;
+    kafka.brokers = broker.addr.clone();
+    let config = tierd::kafka::producer_config(&kafka);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let producer = TxnProducer::init_blocking(&config, &support::unique("txn")).unwrap();
+
+    let committed = runtime.block_on(producer.commit(None));
+    assert!(
+        matches!(committed, Err(TxnError::Fatal(_))),
+        "a commit with no transaction begun: {committed:?}"
+    );
+    producer.begin().unwrap();
+    let begun = producer.begin();
+    assert!(
+        matches!(begun, Err(TxnError::Fatal(_))),
+        "a begin inside an open transaction: {begun:?}"
+    );
 }

@@ -51,6 +51,19 @@ impl TxnError {
             Self::Failed(error)
         }
     }
+
+    /// Classifies an error of a call made inside a transaction (begin, send offsets, commit,
+    /// abort) that neither a retry nor an abort handled: the transaction may still be open
+    /// (librdkafka's `__STATE`, `__INVALID_ARG`, ...), so the producer cannot simply begin
+    /// again. Only a new producer, whose initialisation ends (commits or aborts) the open
+    /// transaction, can go on: fatal unless it says we were fenced.
+    pub fn unfinished(error: KafkaError) -> Self {
+        if is_fence(&error) {
+            Self::Fenced(error)
+        } else {
+            Self::Fatal(error)
+        }
+    }
 }
 
 /// Whether `error` says a newer producer with our `transactional.id` exists.
@@ -118,7 +131,7 @@ impl TxnProducer {
     /// # Errors
     /// [`TxnError`].
     pub fn begin(&self) -> Result<(), TxnError> {
-        self.inner.begin_transaction().map_err(TxnError::classify)
+        self.inner.begin_transaction().map_err(TxnError::unfinished)
     }
 
     /// Commits the open transaction (blocks until the broker took it; off the async workers),
@@ -127,7 +140,8 @@ impl TxnProducer {
     /// then in the middle of committing and only another commit call can finish it.
     ///
     /// # Errors
-    /// [`TxnError`]; on `Failed` the transaction has been aborted.
+    /// [`TxnError`]; on `Failed` the transaction has been aborted; on `Fatal` it may still be
+    /// open (only a new producer ends it).
     pub async fn commit(&self, published: Option<RoundPosition>) -> Result<(), TxnError> {
         let p = self.inner.clone();
         within_deadline(move || {
@@ -140,7 +154,7 @@ impl TxnProducer {
                         abort_blocking(&p)?;
                         return Err(TxnError::Failed(e));
                     }
-                    return Err(TxnError::classify(e));
+                    return Err(TxnError::unfinished(e));
                 }
             }
             let mut last = None;
@@ -155,7 +169,7 @@ impl TxnProducer {
                         abort_blocking(&p)?;
                         return Err(TxnError::Failed(e));
                     }
-                    Err(e) => return Err(TxnError::classify(e)),
+                    Err(e) => return Err(TxnError::unfinished(e)),
                 }
             }
             // Still not committed: only a new producer (whose initialisation completes or
@@ -222,7 +236,7 @@ fn abort_blocking(p: &FutureProducer) -> Result<(), TxnError> {
                 tracing::warn!(error = %e, "Aborting a publish transaction failed; retrying the abort.");
                 last = Some(e);
             }
-            Err(e) => return Err(TxnError::classify(e)),
+            Err(e) => return Err(TxnError::unfinished(e)),
         }
     }
     Err(TxnError::Fatal(last.expect("an attempt failed")))
