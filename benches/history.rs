@@ -113,7 +113,8 @@ fn main() {
                 Instant::now() + Duration::from_secs(300),
                 &AtomicBool::new(false),
             )
-            .unwrap();
+            .unwrap()
+            .published;
         best = best.min(t.elapsed());
     }
     println!(

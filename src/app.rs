@@ -195,6 +195,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         batch_max: config.publish.batch_max,
         interval: Duration::from_millis(config.publish.interval_ms),
         parked_retry: Duration::from_millis(config.publish.parked_retry_ms),
+        rules_text: {
+            let pipeline = Arc::clone(&pipeline);
+            Arc::new(move |hash| {
+                if pipeline.rules.version_hash() == hash {
+                    return Some(pipeline.rules.text().to_owned());
+                }
+                pipeline.known_rules(hash).map(|r| r.text().to_owned())
+            })
+        },
         telemetry: telemetry.clone(),
         fatal: Arc::clone(&fatal),
     };

@@ -53,6 +53,7 @@ fn setup(producer_config: Option<ClientConfig>) -> Setup {
         batch_max: 100,
         interval: Duration::from_millis(50),
         parked_retry: Duration::from_secs(1),
+        rules_text: Arc::new(|_| None),
         telemetry: Telemetry::new(),
         fatal: Arc::new(Notify::new()),
     };

@@ -769,15 +769,41 @@ fn after_a_restart_rules_history_supplies_the_rules_a_replay_needs() {
     drop(run.files);
 }
 
-/// Without the middle version's text anywhere, the replay must not take another version for it:
-/// it warns, naming `rules.history`, and replays under the running rules.
+/// The same with no `rules.history` at all: each sweep's record in the history topic carries
+/// the texts of its rules, and the claim reads the middle version's from there. Before, the
+/// replay warned (naming `rules.history`) and ran under the running rules.
+#[test]
+fn after_a_restart_the_history_topic_supplies_the_rules_a_replay_needs() {
+    let mut world = World::start(1);
+    let mut run = three_versions(&mut world);
+    assert_eq!(run.tierd.terminate(), Some(0));
+    world.restore(&run.before);
+    let tierd = Tierd::spawn(&world, "");
+    assert_replayed_identically_by(
+        &world,
+        &tierd,
+        &run.ends,
+        swept_to_v3,
+        &run.live,
+        run.published,
+        false,
+    );
+    let log = tierd.log_text();
+    assert!(log.contains("changes=2"), "{log}");
+    assert!(log.contains("rules_texts="), "{log}");
+    drop(run.files);
+}
+
+/// Without the middle version's text anywhere (no history topic, no `rules.history`), the
+/// replay must not take another version for it: it warns, naming `rules.history`, and replays
+/// under the running rules.
 #[test]
 fn a_replay_missing_a_middle_rules_version_warns_naming_rules_history() {
     let mut world = World::start(1);
     let mut run = three_versions(&mut world);
     assert_eq!(run.tierd.terminate(), Some(0));
     world.restore(&run.before);
-    let tierd = Tierd::spawn(&world, "");
+    let tierd = Tierd::spawn(&world, "[kafka]\nhistory_topic = \"\"\n");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !tierd.log_text().contains("list its file in rules.history") {
         assert!(

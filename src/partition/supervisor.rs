@@ -5,7 +5,8 @@
 
 use super::runner::{Batch, Runner, RunnerExit};
 use super::{Ownership, PartitionStatus, Pipeline};
-use crate::publish::position::{OutboxPositions, Published};
+use crate::engine::rules::Rules;
+use crate::publish::position::{History, OutboxPositions, Published};
 use crate::publish::publisher::{Publisher, Target};
 use crate::store::partition::{
     self as store, Claim, ClaimError, OlderRules, PartitionStore, TopicRecreated,
@@ -13,7 +14,7 @@ use crate::store::partition::{
 use crate::store::retry::Backoff;
 use crate::telemetry::events;
 use redis::aio::ConnectionManager;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -248,7 +249,8 @@ impl Supervisor {
         };
         let mut claim = claim;
         if let Ok(claim) = &mut claim {
-            if published.reach_exceeded(claim.next_offset)
+            if (published.reach_exceeded(claim.next_offset)
+                || self.needs_rules_texts(claim, &published))
                 && published.history_records > 0
                 && self
                     .parts
@@ -256,9 +258,10 @@ impl Supervisor {
                     .history_target(partition, &keys.outbox)
                     .is_some()
             {
-                // The replay reaches further back than the metadata keeps: the runner reads
-                // the rest from the history topic before it starts (not here: claims run on
-                // the consumer thread, one deadline for all of a rebalance's claims).
+                // The replay reaches further back than the metadata keeps, or over a rules
+                // version this process has no text of: the runner reads the rest from the
+                // history topic before it starts (not here: claims run on the consumer
+                // thread, one deadline for all of a rebalance's claims).
                 self.histories
                     .lock()
                     .expect("histories lock")
@@ -277,6 +280,20 @@ impl Supervisor {
             }
         }
         Some(claim)
+    }
+
+    /// Whether a replay from `claim` goes over a rules sweep naming a version (moved to or
+    /// from) this process has no text of: the history topic has the text
+    /// ([`crate::publish::position::HistoryRecord::rules`]).
+    fn needs_rules_texts(&self, claim: &Claim, published: &Published) -> bool {
+        let pipeline = &self.parts.pipeline;
+        let unknown = |hash: u32| {
+            hash != pipeline.rules.version_hash() && pipeline.known_rules(hash).is_none()
+        };
+        published
+            .sweeps()
+            .filter(|s| s.offset >= claim.next_offset.unwrap_or(-1))
+            .any(|s| unknown(s.rules) || s.from.is_some_and(unknown))
     }
 
     /// Calls `attempt` until it succeeds (`Some(Some(value))`), reporting each failure and
@@ -362,6 +379,10 @@ impl Supervisor {
                     // Released while reading: nothing to apply, nothing to commit.
                     return RunnerExit::Finished;
                 }
+                if let Some(history) = &full {
+                    know_rules_texts(&pipeline, partition, &history.rules);
+                }
+                let full = full.map(|h| h.published);
                 fill_replay(partition, &mut claim, full.as_ref().unwrap_or(&published));
             }
             let runner = Runner::new(
@@ -569,7 +590,7 @@ async fn read_history(
     key: &str,
     published: &Published,
     batches: &mpsc::Receiver<Batch>,
-) -> Option<Published> {
+) -> Option<History> {
     let mut error = String::new();
     for attempt in 1..=HISTORY_READ_ATTEMPTS {
         let abort = Arc::new(AtomicBool::new(false));
@@ -602,9 +623,10 @@ async fn read_history(
             Ok(full) => {
                 info!(
                     partition,
-                    switches = full.switches.len(),
-                    passes = full.passes.len(),
-                    sweeps = full.sweeps().count(),
+                    switches = full.published.switches.len(),
+                    passes = full.published.passes.len(),
+                    sweeps = full.published.sweeps().count(),
+                    rules_texts = full.rules.len(),
                     "Read the partition's replay history from the history topic."
                 );
                 return Some(full);
@@ -621,6 +643,29 @@ async fn read_history(
     }
     error!(partition, %error, "Cannot read the partition's replay history from the history topic (kafka.history_topic): the replay reaches only as far as the published position's metadata.");
     None
+}
+
+/// Makes the rules texts read from the history topic known to `pipeline` for a replay
+/// (the running rules are not shadowed; a text that no longer parses is reported).
+fn know_rules_texts(pipeline: &Pipeline, partition: i32, texts: &BTreeMap<u32, String>) {
+    for (&hash, text) in texts {
+        if hash == pipeline.rules.version_hash() {
+            continue;
+        }
+        match Rules::parse(
+            text,
+            "a rules version read from the history topic",
+            pipeline.rules.fraction_digits(),
+        ) {
+            Ok(rules) if rules.version_hash() == hash => pipeline.know_rules(rules),
+            Ok(rules) => {
+                warn!(partition, version = rules.version(), "A rules text in the history topic is filed under another version's hash: not used.");
+            }
+            Err(error) => {
+                warn!(partition, %error, "A rules text read from the history topic is invalid now: a replay cannot use it.");
+            }
+        }
+    }
 }
 
 /// Fills `claim`'s replay fields from the published position: changes published from input

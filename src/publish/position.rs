@@ -27,6 +27,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -59,6 +60,17 @@ const METADATA_BUDGET: usize = 3500;
 /// moves of the pyramid fit in the rest of the default).
 fn passes_budget(budget: usize) -> usize {
     budget.saturating_mul(13) / 35
+}
+
+/// What a partition's history records hold for a replay: the published position completed
+/// from them ([`Published::with_history`]) and the texts of the rules versions they name
+/// ([`HistoryRecord::rules`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    /// The published position with what its metadata dropped put back.
+    pub published: Published,
+    /// Rules texts by version hash.
+    pub rules: BTreeMap<u32, String>,
 }
 
 /// One publish round's cut-offs switches, timer passes and rules sweeps, as written to the
@@ -95,6 +107,11 @@ pub struct HistoryRecord {
     /// The round's rules sweeps, in order.
     #[serde(rename = "s", default, skip_serializing_if = "Vec::is_empty")]
     pub sweeps: Vec<RulesSweep>,
+    /// The texts of the rules the round's sweeps moved customers to and from (those the
+    /// publishing process knows), by version hash: a replay over several rules changes finds
+    /// every version it needs here, also one no running process has a file of any more.
+    #[serde(rename = "r", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rules: BTreeMap<u32, String>,
 }
 
 impl HistoryRecord {
@@ -385,6 +402,7 @@ impl Published {
             switches: switches.to_vec(),
             passes: passes.to_vec(),
             sweeps: sweeps.to_vec(),
+            rules: BTreeMap::new(),
         }
     }
 
@@ -687,9 +705,9 @@ impl OutboxPositions {
     }
 
     /// `published` with what its metadata dropped for room put back from the history topic
-    /// (see [`Published::with_history`]): reads the records of the partition whose outbox
-    /// key is `key` from the start of their history partition to its end, until `give_up`
-    /// at the latest or until `abort` is set. Blocks.
+    /// (see [`Published::with_history`]), with the rules texts the records hold: reads the
+    /// records of the partition whose outbox key is `key` from the start of their history
+    /// partition to its end, until `give_up` at the latest or until `abort` is set. Blocks.
     ///
     /// # Errors
     /// No history topic is configured, the broker did not answer in time or reported an
@@ -701,7 +719,7 @@ impl OutboxPositions {
         published: &Published,
         give_up: Instant,
         abort: &AtomicBool,
-    ) -> Result<Published, String> {
+    ) -> Result<History, String> {
         let (Some(history), Some(target)) =
             (self.history.as_ref(), self.history_target(partition, key))
         else {
@@ -776,7 +794,13 @@ impl OutboxPositions {
                 }
             }
         }
-        published.with_history(&records)
+        let full = published.with_history(&records)?;
+        // Every text read counts, in or out of the run used: a text is its version's.
+        let rules = records.into_iter().flat_map(|r| r.rules).collect();
+        Ok(History {
+            published: full,
+            rules,
+        })
     }
 
     /// The bytes a position's metadata may take (`publish.position_metadata_bytes`).

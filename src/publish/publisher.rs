@@ -64,6 +64,10 @@ pub struct Publisher {
     pub parked_retry: Duration,
     /// Where each transaction records the last outbox id it published.
     pub positions: Arc<OutboxPositions>,
+    /// The text of a rules version by its hash, if this process knows it (the running rules,
+    /// an earlier version a claim or `rules.history` supplied): written with the sweeps of
+    /// that version to the history topic ([`super::position::HistoryRecord::rules`]).
+    pub rules_text: RulesTexts,
     /// Metrics.
     pub telemetry: Telemetry,
     /// Signalled when a producer cannot even be created or initialised for a reason retrying
@@ -71,6 +75,9 @@ pub struct Publisher {
     /// undelivered records stay in the outbox.
     pub fatal: Arc<Notify>,
 }
+
+/// Looks up the text of a rules version by its hash ([`Publisher::rules_text`]).
+pub type RulesTexts = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
 
 /// The partition a publisher publishes, and as whom.
 pub struct Target {
@@ -502,12 +509,21 @@ impl PartitionPublisher {
         }
         // What a replay needs of this round goes to the history topic too, in the same
         // transaction (`HistoryRecord`): the metadata below keeps only the newest of it.
-        let record = self.position.history_record(
+        let mut record = self.position.history_record(
             round[round.len() - 1].end_offset,
             &switches,
             &passes,
             &sweeps,
         );
+        for hash in sweeps
+            .iter()
+            .flat_map(|s| [Some(s.rules), s.from])
+            .flatten()
+        {
+            if let Some(text) = (self.shared.rules_text)(hash) {
+                record.rules.insert(hash, text);
+            }
+        }
         let target = self
             .shared
             .positions
