@@ -782,15 +782,31 @@ impl OutboxPositions {
                         if records.iter().any(|r| r.n == last) {
                             break;
                         }
-                        let since = *end_seen.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= HISTORY_END_GRACE {
+                        // Past the high watermark read before the read began (the position's
+                        // record was committed before it): no open transaction hides anything
+                        // from there, so the record is not in the topic (retention deleted it,
+                        // or it was never written there).
+                        let position = consumer.position().ok().and_then(|tpl| {
+                            tpl.find_partition(target.topic, target.partition)
+                                .and_then(|e| e.offset().to_raw())
+                        });
+                        if position.is_some_and(|at| at >= high) {
                             return Err(format!(
-                                "{} partition {}: its end reached without the partition's record number {last}",
+                                "{} partition {}: read to its end (offset {high}) without the partition's record number {last}",
                                 target.topic, target.partition
                             ));
                         }
+                        end_seen.get_or_insert_with(Instant::now);
                     }
                     Some(Err(e)) => return Err(format!("reading {}: {e}", target.topic)),
+                }
+                // Checked on every poll: librdkafka reports the end once, not again until
+                // more records arrive.
+                if end_seen.is_some_and(|since| since.elapsed() >= HISTORY_END_GRACE) {
+                    return Err(format!(
+                        "{} partition {}: its end reached without the partition's record number {last}",
+                        target.topic, target.partition
+                    ));
                 }
             }
         }

@@ -927,6 +927,21 @@ impl Broker {
         assert!(result.iter().all(Result::is_ok), "{result:?}");
     }
 
+    /// Deletes the records of `topic`'s `partition` before `offset` (`DeleteRecords`, what
+    /// retention does to old segments): its log start moves to `offset`.
+    pub fn delete_records(&self, topic: &str, partition: i32, offset: i64) {
+        let (admin, rt) = self.admin();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))
+            .unwrap();
+        let result = rt
+            .block_on(admin.delete_records(&tpl, &AdminOptions::new()))
+            .unwrap();
+        for e in result.elements() {
+            assert!(e.error().is_ok(), "deleting records of {topic}: {e:?}");
+        }
+    }
+
     /// Creates topics with a replication factor and topic configs, waiting until they exist.
     pub fn create_topics_with(
         &self,
