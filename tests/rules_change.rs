@@ -831,12 +831,14 @@ fn a_replay_missing_a_middle_rules_version_warns_naming_rules_history() {
 }
 
 /// A rules sweep still under way when the next version took over (`b2b-lifetime-2` stopped
-/// mid-sweep, then `-3`, whose sweep starts from `-1`, the version the partition had
-/// completed): the input between the two starts ran under a mix of `-1` and `-2`, which no
-/// replay can reproduce. The chain must not skip the unfinished sweep and replay that input
-/// under `-1`: it warns and replays under the running rules.
+/// mid-sweep, purchases under it, then `-3`): `-3` first completes `-2`'s sweep under `-2`
+/// (the partition keeps its text), then starts its own where that completes, so every stretch
+/// of input ran under one version. A Redis rollback to before `-2` then replays each stretch
+/// under its version and every change comes out as it first did. Before, `-3`'s sweep started
+/// at once from `-1`, the input between the two starts ran under a mix of `-1` and `-2`, and
+/// the replay fell back to the running rules with a warning (other bodies for those ids).
 #[test]
-fn a_replay_over_an_unfinished_rules_sweep_warns_instead_of_skipping_it() {
+fn a_new_rules_version_completes_an_unfinished_sweep_first_so_a_replay_over_both_is_exact() {
     let mut world = World::start(1);
     let mut tierd = Tierd::spawn(&world, "");
     tierd.wait_partitions(1, Duration::from_secs(60));
@@ -881,24 +883,28 @@ fn a_replay_over_an_unfinished_rules_sweep_warns_instead_of_skipping_it() {
     world.rules_extra = String::new();
     let tierd = Tierd::spawn(&world, "");
     wait_sweeps_done(&tierd, 1.0);
-    // Its sweep published (the published position records it) before Redis loses it all.
-    world.wait_applied(&BTreeMap::new(), Duration::from_secs(60));
+    assert!(
+        tierd
+            .log_text()
+            .contains("The previous rules version's sweep was still under way"),
+        "{}",
+        tierd.log_text()
+    );
+    let ends = world.produce_json(&purchases(
+        "h",
+        (1..N).step_by(4),
+        |_| "90000".into(),
+        "2026-11-03T10:00:00Z",
+    ));
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert!(swept_to_v3(&world));
+    let live = states(&world, N);
+    let published = world.read_all(&world.output).len();
     world.restore(&before);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !tierd
-        .log_text()
-        .contains("was still under way when the next rules version took over")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no warning:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_replayed_identically(&world, &tierd, &ends, swept_to_v3, &live, published);
     assert!(!tierd
         .log_text()
-        .contains("under the rules it first ran under"));
+        .contains("was still under way when the next rules version took over"));
 }
 
 /// Redis restored into the middle of `b2b-lifetime-2`'s sweep (its pages had reached some

@@ -93,6 +93,34 @@ fn replay_chain(
     }
 }
 
+/// The previous rules version's sweep with its rules, if it was still under way when the
+/// running version first claimed the partition (a rolling upgrade while it ran, or two
+/// changes in quick succession): it completes first, under its rules (its pages skip the
+/// customers it already reached), and the running version's sweep starts where it completes.
+/// So every stretch of input ran under one version, which a replay after Redis lost writes
+/// reproduces (before, the new sweep started at once, the stretch since the previous start
+/// had run under a mix of the two, and a replay over it fell back to the running rules).
+/// Not when either version ranks customers (the earlier one's pages would wait for its own
+/// cut-offs, which no one computes any more; while the earlier rules are in force the
+/// partition takes no new cut-offs of the running ones) nor when the earlier text is unknown:
+/// the running version's sweep starts at once, as before.
+fn unfinished_predecessor(
+    pipeline: &Pipeline,
+    claim: &Claim,
+    running: u32,
+) -> Option<(RulesSweep, Arc<Rules>)> {
+    if pipeline.rules.uses_ranks() {
+        return None;
+    }
+    let before = claim
+        .sweep
+        .filter(|s| s.rules != running && claim.swept_rules != Some(s.rules))?;
+    let rules = pipeline
+        .known_rules(before.rules)
+        .filter(|r| !r.uses_ranks())?;
+    Some((before, rules))
+}
+
 /// A published sweep a replay from `claim` would skip with `chain`: one started at or after
 /// the restored offset (one started right there counts too, unless the restored partition
 /// completed it) that is not on the chain.
@@ -265,6 +293,9 @@ pub struct Runner {
     /// During a replay: the running rules' sweep (the chain's last link) was never published,
     /// so it starts afresh where the published changes end (see `SweepState::after_claim`).
     pub(super) sweep_afresh: bool,
+    /// The previous rules version's sweep is completing first ([`unfinished_predecessor`]):
+    /// the running version's sweep starts where it completes.
+    pub(super) finish_predecessor: bool,
 }
 
 impl Runner {
@@ -297,7 +328,27 @@ impl Runner {
                 }
             }
         }
+        let predecessor = matches!(sweep, SweepState::Running(s) if s.record.is_some())
+            .then(|| unfinished_predecessor(&pipeline, claim, running))
+            .flatten();
+        let finish_predecessor = predecessor.is_some();
         let (replay_rules, replay_chain, sweep) = match sweep {
+            SweepState::Running(_) if predecessor.is_some() => {
+                let (before, rules) = predecessor.expect("checked");
+                tracing::info!(partition, offset = before.offset, version = rules.version(), "The previous rules version's sweep was still under way: it completes first, under its rules; this version's sweep starts where it completes.");
+                sweep_afresh = true;
+                let next = RulesSweep {
+                    rules: running,
+                    from: Some(before.rules),
+                    done: None,
+                    ..before
+                };
+                (
+                    Some(Arc::clone(&rules)),
+                    VecDeque::from([(before, Some(rules)), (next, None)]),
+                    SweepState::Running(Sweep::resumed(before)),
+                )
+            }
             SweepState::Pending(recorded) => {
                 let (rules, chain) = replay_chain(&pipeline, claim, partition, recorded);
                 if sweep_afresh && rules.is_none() {
@@ -347,6 +398,7 @@ impl Runner {
             replay_rules,
             replay_chain,
             sweep_afresh,
+            finish_predecessor,
             last_commit: Instant::now(),
         }
     }

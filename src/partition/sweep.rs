@@ -286,6 +286,14 @@ impl Runner {
                 self.fire_due(clock, &mut work, None).await?;
                 self.keep(work);
             }
+            if std::mem::take(&mut self.finish_predecessor) {
+                // The previous version's sweep completed: the running version's starts here.
+                let at = self.next_offset();
+                if let SweepState::Pending(next) = &mut self.sweep {
+                    next.offset = at;
+                }
+                self.resume_pending_sweep();
+            }
         }
         Ok(())
     }
