@@ -452,7 +452,7 @@ fn super_id(id: &str) -> (u64, u64) {
 /// transaction's state unknown. The producer must be replaced (fatal: a new producer's
 /// initialisation ends whatever is open), never reused as if its transaction were aborted.
 #[test]
-fn a_transactional_call_failing_in_an_unknown_state_replaces_the_producer() {
+fn a_transactional_call_failing_in_an_unknown_state_is_fatal_for_its_producer() {
     let broker = Broker::shared();
     let mut kafka = tierd::config::Config::default().kafka;
     kafka.brokers = broker.addr.clone();
@@ -471,4 +471,113 @@ fn a_transactional_call_failing_in_an_unknown_state_replaces_the_producer() {
         matches!(begun, Err(TxnError::Fatal(_))),
         "a begin inside an open transaction: {begun:?}"
     );
+}
+
+/// A history read whose partition holds another partition's transaction still open before the
+/// position's record (instances sharing a history partition; an owner killed mid-round): a
+/// `read_committed` reader stops at that transaction, and must wait for it (here it commits
+/// 3 s later) instead of taking the end it sees for the end of the topic. Before, the read
+/// compared its position with the last stable offset, took the record for missing at once,
+/// and the replay fell back to the metadata.
+#[test]
+fn a_history_read_waits_for_a_transaction_open_before_the_positions_record() {
+    use tierd::publish::position::{HistoryRecord, Published};
+    let broker = Broker::shared();
+    let history = support::unique("history");
+    broker.create_topics(&[&history], 1);
+    let transactional = |id: &str| {
+        let p: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &broker.addr)
+            .set("transactional.id", support::unique(id))
+            .create()
+            .unwrap();
+        p.init_transactions(Duration::from_secs(10)).unwrap();
+        p.begin_transaction().unwrap();
+        p
+    };
+    let send = |p: &FutureProducer, key: &str, record: &HistoryRecord| {
+        let value = serde_json::to_vec(record).unwrap();
+        let delivery = p
+            .send_result(
+                rdkafka::producer::FutureRecord::to(&history)
+                    .partition(0)
+                    .key(key.as_bytes())
+                    .payload(&value),
+            )
+            .unwrap_or_else(|(e, _)| panic!("{e}"));
+        futures::executor::block_on(delivery).unwrap().unwrap();
+    };
+    let record = |n: u64| HistoryRecord {
+        n,
+        through: Some(10 * n as i64),
+        ..HistoryRecord::default()
+    };
+    let ours = transactional("ours");
+    send(&ours, "our-outbox", &record(1));
+    ours.commit_transaction(Duration::from_secs(10)).unwrap();
+    // Another partition's round, open before our next one.
+    let open = transactional("other");
+    send(&open, "other-outbox", &record(1));
+    ours.begin_transaction().unwrap();
+    send(&ours, "our-outbox", &record(2));
+    ours.commit_transaction(Duration::from_secs(10)).unwrap();
+    let committer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        open.commit_transaction(Duration::from_secs(10)).unwrap();
+    });
+
+    let mut kafka = tierd::config::Config::default().kafka;
+    kafka.brokers = broker.addr.clone();
+    kafka.group_id = support::unique("g");
+    kafka.history_topic = history.clone();
+    let positions = OutboxPositions::new(&kafka, 3500).unwrap();
+    positions.set_history_partitions(1);
+    let published = Published {
+        history_records: 2,
+        ..Published::default()
+    };
+    let read = positions.with_history(
+        0,
+        "our-outbox",
+        &published,
+        std::time::Instant::now() + Duration::from_secs(60),
+        &std::sync::atomic::AtomicBool::new(false),
+    );
+    committer.join().unwrap();
+    assert!(read.is_ok(), "{read:?}");
+}
+
+/// An outbox entry the publisher cannot read (headers that are not JSON: corruption, or a
+/// binary that writes another layout) fails its round before the transaction begins. Before,
+/// the round began its transaction, failed inside it and left it open; the next round's
+/// begin then failed, the producer was replaced again and again, and the fifth replacement
+/// stopped the whole service. Now the partition's publisher retries (reported), the service
+/// runs on, and nothing is lost.
+#[test]
+fn an_unreadable_outbox_entry_does_not_stop_the_service() {
+    let s = setup(None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = s.redis.conn();
+    set_epoch(&mut conn, &s.keys.meta, 1);
+    let _: String = redis::cmd("XADD")
+        .arg(&s.keys.outbox)
+        .arg("*")
+        .arg("t")
+        .arg("c")
+        .arg("k")
+        .arg("dave")
+        .arg("v")
+        .arg("x")
+        .arg("h")
+        .arg("{not json")
+        .query(&mut conn)
+        .unwrap();
+    let fatal = Arc::clone(&s.publisher.fatal);
+    let (task, _wake, _stop) = spawn(&s, &rt, 1);
+    rt.block_on(async {
+        let stopped = tokio::time::timeout(Duration::from_secs(20), fatal.notified()).await;
+        assert!(stopped.is_err(), "the service was told to stop");
+    });
+    assert!(!task.is_finished(), "the publisher runs on");
+    assert_eq!(outbox_len(&mut conn, &s.keys.outbox), 1);
 }

@@ -790,7 +790,11 @@ fn after_a_restart_the_history_topic_supplies_the_rules_a_replay_needs() {
     );
     let log = tierd.log_text();
     assert!(log.contains("changes=2"), "{log}");
-    assert!(log.contains("rules_texts="), "{log}");
+    assert!(
+        log.contains("rules_texts=") && !log.contains("rules_texts=0"),
+        "{log}"
+    );
+    assert!(!log.contains("list its file in rules.history"), "{log}");
     drop(run.files);
 }
 

@@ -287,12 +287,23 @@ impl Supervisor {
     /// ([`crate::publish::position::HistoryRecord::rules`]).
     fn needs_rules_texts(&self, claim: &Claim, published: &Published) -> bool {
         let pipeline = &self.parts.pipeline;
+        // The partition's previous text counts as known (the runner makes it known).
+        let prior = claim.prior_rules.as_deref().and_then(|text| {
+            Rules::parse(text, "", pipeline.rules.fraction_digits())
+                .ok()
+                .map(|r| r.version_hash())
+        });
         let unknown = |hash: u32| {
-            hash != pipeline.rules.version_hash() && pipeline.known_rules(hash).is_none()
+            hash != pipeline.rules.version_hash()
+                && Some(hash) != prior
+                && pipeline.known_rules(hash).is_none()
         };
+        // Sweeps the restored partition had not completed (as `off_chain_sweep` counts them).
         published
             .sweeps()
-            .filter(|s| s.offset >= claim.next_offset.unwrap_or(-1))
+            .filter(|s| {
+                s.offset >= claim.next_offset.unwrap_or(-1) && Some(s.rules) != claim.swept_rules
+            })
             .any(|s| unknown(s.rules) || s.from.is_some_and(unknown))
     }
 
@@ -645,11 +656,12 @@ async fn read_history(
     None
 }
 
-/// Makes the rules texts read from the history topic known to `pipeline` for a replay
-/// (the running rules are not shadowed; a text that no longer parses is reported).
+/// Makes the rules texts read from the history topic known to `pipeline` for a replay, for
+/// versions it does not know yet (a text that no longer parses is reported).
 fn know_rules_texts(pipeline: &Pipeline, partition: i32, texts: &BTreeMap<u32, String>) {
     for (&hash, text) in texts {
-        if hash == pipeline.rules.version_hash() {
+        // A version known already keeps its text (a claim's or a `rules.history` file's).
+        if hash == pipeline.rules.version_hash() || pipeline.known_rules(hash).is_some() {
             continue;
         }
         match Rules::parse(

@@ -730,13 +730,23 @@ impl OutboxPositions {
             .create_with_context(crate::kafka::EofExpected)
             .map_err(|e| format!("creating a reader: {e}"))?;
         let left = || give_up.saturating_duration_since(Instant::now());
-        let (low, high) = consumer
+        let (low, _) = consumer
             .fetch_watermarks(
                 target.topic,
                 target.partition,
                 left().min(Duration::from_secs(10)),
             )
             .map_err(|e| format!("reading the watermarks of {}: {e}", target.topic))?;
+        // The high watermark itself (a read_committed query answers the last stable offset,
+        // which an open transaction holds back).
+        let (_, high) = self
+            .unstable
+            .fetch_watermarks(
+                target.topic,
+                target.partition,
+                left().min(Duration::from_secs(10)),
+            )
+            .map_err(|e| format!("reading the high watermark of {}: {e}", target.topic))?;
         let mut records = Vec::new();
         if high > low {
             let mut tpl = TopicPartitionList::new();
@@ -768,7 +778,11 @@ impl OutboxPositions {
                 match consumer.poll(left().min(Duration::from_millis(200))) {
                     Some(Ok(m)) if m.key() == Some(target.key.as_bytes()) => {
                         match serde_json::from_slice::<HistoryRecord>(m.payload().unwrap_or(b"")) {
-                            Ok(record) => records.push(record),
+                            Ok(record) => {
+                                records.push(record);
+                                // The end moved on: it is looked for again.
+                                end_seen = None;
+                            }
                             Err(e) => {
                                 return Err(format!(
                                     "{}: not a history record: {e}",
@@ -783,9 +797,9 @@ impl OutboxPositions {
                             break;
                         }
                         // Past the high watermark read before the read began (the position's
-                        // record was committed before it): no open transaction hides anything
-                        // from there, so the record is not in the topic (retention deleted it,
-                        // or it was never written there).
+                        // record was committed before it, so it is below): every transaction
+                        // below it is decided and visible, so the record is not in the topic
+                        // (retention deleted it, or it was never written there).
                         let position = consumer.position().ok().and_then(|tpl| {
                             tpl.find_partition(target.topic, target.partition)
                                 .and_then(|e| e.offset().to_raw())

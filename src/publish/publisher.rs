@@ -41,6 +41,10 @@ const ROUND_MAX_BYTES: usize = 512 * 1024;
 /// How long a stopping publisher keeps retrying its final drain.
 const FINAL_DRAIN: Duration = Duration::from_secs(10);
 
+/// The rules texts one history record carries at most, in bytes (see
+/// [`super::position::HistoryRecord::rules`]).
+const HISTORY_RULES_TEXTS_MAX: usize = 256 * 1024;
+
 /// Pause after a failed round or producer initialisation.
 const RETRY_DELAY: Duration = Duration::from_millis(200);
 
@@ -439,32 +443,18 @@ impl PartitionPublisher {
         round: &[StoredEntry],
         from_outbox: bool,
     ) -> Result<Round, DrainError> {
-        let producer = self.producer.clone().expect("producer initialised");
-        if let Err(e) = producer.begin() {
-            return Err(self.txn_failed(e).await);
-        }
-        let mut deliveries = Vec::with_capacity(round.len());
-        let mut failed: Option<(usize, KafkaError)> = None;
+        // Everything that can be malformed is read before the transaction begins (an error
+        // inside it would leave it open): the position entries and each record's headers.
         let mut switches = Vec::new();
         let mut passes = Vec::new();
         let mut sweeps: Vec<RulesSweep> = Vec::new();
-        for (index, stored) in round.iter().enumerate() {
-            let entry = &stored.entry;
-            let topic = match entry.kind {
-                EntryKind::Change | EntryKind::Erased => &self.shared.output_topic,
-                EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => {
-                    &self.shared.dead_letter_topic
-                }
-                EntryKind::AtRisk => &self.shared.at_risk_topic,
+        let mut headers = Vec::with_capacity(round.len());
+        for stored in round {
+            let mut pairs = Vec::new();
+            match stored.entry.kind {
                 // Not records: they go into the position committed with the round.
-                EntryKind::Cutoffs => {
-                    switches.push(position_entry::<CutoffsSwitch>(stored)?);
-                    continue;
-                }
-                EntryKind::TimerPass => {
-                    passes.push(position_entry::<TimerPass>(stored)?);
-                    continue;
-                }
+                EntryKind::Cutoffs => switches.push(position_entry::<CutoffsSwitch>(stored)?),
+                EntryKind::TimerPass => passes.push(position_entry::<TimerPass>(stored)?),
                 EntryKind::RulesSweep => {
                     let started = position_entry::<RulesSweep>(stored)?;
                     // The first one of a version counts, with its completion (see
@@ -474,8 +464,34 @@ impl PartitionPublisher {
                         Some(known) => known.done = known.done.or(started.done),
                         None => sweeps.push(started),
                     }
-                    continue;
                 }
+                _ => {
+                    pairs = stored
+                        .entry
+                        .header_pairs()
+                        .map_err(|e| PublishError::Malformed {
+                            id: stored.id.clone(),
+                            message: e.to_string(),
+                        })?;
+                }
+            }
+            headers.push(pairs);
+        }
+        let producer = self.producer.clone().expect("producer initialised");
+        if let Err(e) = producer.begin() {
+            return Err(self.txn_failed(e).await);
+        }
+        let mut deliveries = Vec::with_capacity(round.len());
+        let mut failed: Option<(usize, KafkaError)> = None;
+        for (index, (stored, pairs)) in round.iter().zip(&headers).enumerate() {
+            let entry = &stored.entry;
+            let topic = match entry.kind {
+                EntryKind::Change | EntryKind::Erased => &self.shared.output_topic,
+                EntryKind::DeadLetter | EntryKind::DeadLetterNoKey => {
+                    &self.shared.dead_letter_topic
+                }
+                EntryKind::AtRisk => &self.shared.at_risk_topic,
+                EntryKind::Cutoffs | EntryKind::TimerPass | EntryKind::RulesSweep => continue,
             };
             let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
             if entry.kind != EntryKind::Erased {
@@ -484,13 +500,9 @@ impl PartitionPublisher {
             if entry.kind != EntryKind::DeadLetterNoKey {
                 record = record.key(&entry.key);
             }
-            let pairs = entry.header_pairs().map_err(|e| PublishError::Malformed {
-                id: stored.id.clone(),
-                message: e.to_string(),
-            })?;
             if !pairs.is_empty() {
                 let mut h = OwnedHeaders::new_with_capacity(pairs.len());
-                for (k, v) in &pairs {
+                for (k, v) in pairs {
                     h = h.insert(Header {
                         key: k,
                         value: Some(v.as_bytes()),
@@ -515,13 +527,19 @@ impl PartitionPublisher {
             &passes,
             &sweeps,
         );
+        let mut texts = 0;
         for hash in sweeps
             .iter()
             .flat_map(|s| [Some(s.rules), s.from])
             .flatten()
         {
             if let Some(text) = (self.shared.rules_text)(hash) {
-                record.rules.insert(hash, text);
+                // Bounded, so a record stays far below Kafka's default 1 MB message limit; a
+                // text left out is looked for in `rules.history` (its absence is a warning).
+                texts += text.len();
+                if texts <= HISTORY_RULES_TEXTS_MAX {
+                    record.rules.insert(hash, text);
+                }
             }
         }
         let target = self
@@ -542,6 +560,11 @@ impl PartitionPublisher {
                     Err((e, _)) => {
                         if let Err(e) = producer.abort().await {
                             return Err(self.txn_failed(e).await);
+                        }
+                        if producer::is_permanent(&e) {
+                            // Refused when queued (too large for the producer): held, as
+                            // when the broker refuses it.
+                            return Ok(Round::HistoryRefused(e));
                         }
                         return Err(DrainError::Retry(PublishError::History(e)));
                     }
