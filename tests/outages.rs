@@ -78,7 +78,7 @@ fn redis_killed_and_restarted_mid_stream_loses_nothing() {
     // Redis dies while commits are in flight; acknowledged writes survive in its AOF.
     world.redis.restart_persistent();
     merge(&mut ends, world.produce_json(&events(10_000, 20_000)));
-    world.wait_applied(&ends, Duration::from_secs(180));
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(180));
     assert_each_counted_once(&world, 200);
     assert_eq!(world.read_all(&world.dlq).len(), 0);
     let failed_calls =

@@ -260,13 +260,8 @@ fn a_rollback_beyond_the_positions_metadata_replays_timer_passes_from_the_histor
     let (world, _rules) = lapse_world();
     let (tierd, run) = lapses(&world);
     // Redis loses everything; tierd notices by itself (no new input).
-    world.restore(&run.before);
-    wait_replayed(&world, &tierd, run.end);
-    let log = tierd.log_text();
-    assert!(
-        log.contains("Read the partition's replay history from the history topic"),
-        "{log}"
-    );
+    let log = roll_back(&world, &tierd, &run);
+    assert!(log.contains(HISTORY_READ), "{log}");
     assert_lapses_replayed(&world, &run, 0..LAPSES);
 }
 
@@ -291,13 +286,8 @@ fn a_rollback_beyond_the_history_topics_retention_replays_what_it_still_keeps() 
         .expect("a record with k3's lapse")
         .offset;
     world.broker.delete_records(&world.history, 0, first_kept);
-    world.restore(&run.before);
-    wait_replayed(&world, &tierd, run.end);
-    let log = tierd.log_text();
-    assert!(
-        log.contains("Read the partition's replay history from the history topic"),
-        "{log}"
-    );
+    let log = roll_back(&world, &tierd, &run);
+    assert!(log.contains(HISTORY_READ), "{log}");
     assert_lapses_replayed(&world, &run, 3..LAPSES);
 }
 
@@ -311,15 +301,23 @@ fn a_history_topic_read_that_fails_falls_back_to_the_metadata_and_goes_on() {
     let (tierd, run) = lapses(&world);
     let end = world.read_all(&world.history).last().unwrap().offset + 1;
     world.broker.delete_records(&world.history, 0, end);
-    world.restore(&run.before);
-    wait_replayed(&world, &tierd, run.end);
-    let log = tierd.log_text();
+    let log = roll_back(&world, &tierd, &run);
     assert!(
         log.contains("Cannot read the partition's replay history from the history topic (kafka.history_topic)"),
         "{log}"
     );
     assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
     assert_lapses_replayed(&world, &run, LAPSES - 6..LAPSES);
+}
+
+/// What tierd logs once it read a partition's history.
+const HISTORY_READ: &str = "Read the partition's replay history from the history topic";
+
+/// Redis loses everything [`lapses`] wrote; returns `tierd`'s log once it replayed.
+fn roll_back(world: &World, tierd: &Tierd, run: &LapseRun) -> String {
+    world.restore(&run.before);
+    wait_replayed(world, tierd, run.end);
+    tierd.log_text()
 }
 
 /// Customers lapsing one after the other in [`lapses`].

@@ -746,39 +746,21 @@ fn a_rollback_over_five_rules_changes_reads_the_oldest_sweep_from_the_history_to
 /// `rules.history` every change comes out as it first did.
 #[test]
 fn after_a_restart_rules_history_supplies_the_rules_a_replay_needs() {
-    let mut world = World::start(1);
-    let mut run = three_versions(&mut world);
-    assert_eq!(run.tierd.terminate(), Some(0));
-    world.restore(&run.before);
-    let v2 = run.files[0].path().display().to_string();
-    let tierd = Tierd::spawn(&world, &format!("[rules]\nhistory = [{v2:?}]\n"));
-    assert_replayed_identically_by(
-        &world,
-        &tierd,
-        &run.ends,
-        swept_to_v3,
-        &run.live,
-        run.published,
-        false,
-    );
-    assert!(
-        tierd.log_text().contains("changes=2"),
-        "{}",
-        tierd.log_text()
-    );
-    drop(run.files);
+    replayed_after_a_restart(|run| {
+        let v2 = run.files[0].path().display().to_string();
+        format!("[rules]\nhistory = [{v2:?}]\n")
+    });
 }
 
-/// The same with no `rules.history` at all: each sweep's record in the history topic carries
-/// the texts of its rules, and the claim reads the middle version's from there. Before, the
-/// replay warned (naming `rules.history`) and ran under the running rules.
-#[test]
-fn after_a_restart_the_history_topic_supplies_the_rules_a_replay_needs() {
+/// [`three_versions`], tierd stopped, Redis rolled back to before `-2` and tierd started again
+/// with the extra config `extra` gives: every change comes out as it first did, each stretch
+/// under its own rules. Returns the new tierd's log.
+fn replayed_after_a_restart(extra: impl Fn(&ThreeVersions) -> String) -> String {
     let mut world = World::start(1);
     let mut run = three_versions(&mut world);
     assert_eq!(run.tierd.terminate(), Some(0));
     world.restore(&run.before);
-    let tierd = Tierd::spawn(&world, "");
+    let tierd = Tierd::spawn(&world, &extra(&run));
     assert_replayed_identically_by(
         &world,
         &tierd,
@@ -790,12 +772,21 @@ fn after_a_restart_the_history_topic_supplies_the_rules_a_replay_needs() {
     );
     let log = tierd.log_text();
     assert!(log.contains("changes=2"), "{log}");
+    drop(run.files);
+    log
+}
+
+/// The same with no `rules.history` at all: each sweep's record in the history topic carries
+/// the texts of its rules, and the claim reads the middle version's from there. Before, the
+/// replay warned (naming `rules.history`) and ran under the running rules.
+#[test]
+fn after_a_restart_the_history_topic_supplies_the_rules_a_replay_needs() {
+    let log = replayed_after_a_restart(|_| String::new());
     assert!(
         log.contains("rules_texts=") && !log.contains("rules_texts=0"),
         "{log}"
     );
     assert!(!log.contains("list its file in rules.history"), "{log}");
-    drop(run.files);
 }
 
 /// Without the middle version's text anywhere (no history topic, no `rules.history`), the

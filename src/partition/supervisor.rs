@@ -287,24 +287,30 @@ impl Supervisor {
     /// ([`crate::publish::position::HistoryRecord::rules`]).
     fn needs_rules_texts(&self, claim: &Claim, published: &Published) -> bool {
         let pipeline = &self.parts.pipeline;
-        // The partition's previous text counts as known (the runner makes it known).
+        let unknown = |hash: u32| {
+            hash != pipeline.rules.version_hash() && pipeline.known_rules(hash).is_none()
+        };
+        // Sweeps the restored partition had not completed (as `off_chain_sweep` counts them).
+        let mut missing = published
+            .sweeps()
+            .filter(|s| {
+                s.offset >= claim.next_offset.unwrap_or(-1) && Some(s.rules) != claim.swept_rules
+            })
+            .flat_map(|s| [Some(s.rules), s.from])
+            .flatten()
+            .filter(|&hash| unknown(hash))
+            .peekable();
+        if missing.peek().is_none() {
+            return false;
+        }
+        // The partition's previous text counts as known (the runner makes it known); parsed
+        // only when some version is missing (claims run under the rebalance's deadline).
         let prior = claim.prior_rules.as_deref().and_then(|text| {
             Rules::parse(text, "", pipeline.rules.fraction_digits())
                 .ok()
                 .map(|r| r.version_hash())
         });
-        let unknown = |hash: u32| {
-            hash != pipeline.rules.version_hash()
-                && Some(hash) != prior
-                && pipeline.known_rules(hash).is_none()
-        };
-        // Sweeps the restored partition had not completed (as `off_chain_sweep` counts them).
-        published
-            .sweeps()
-            .filter(|s| {
-                s.offset >= claim.next_offset.unwrap_or(-1) && Some(s.rules) != claim.swept_rules
-            })
-            .any(|s| unknown(s.rules) || s.from.is_some_and(unknown))
+        missing.any(|hash| Some(hash) != prior)
     }
 
     /// Calls `attempt` until it succeeds (`Some(Some(value))`), reporting each failure and
@@ -657,7 +663,10 @@ async fn read_history(
 }
 
 /// Makes the rules texts read from the history topic known to `pipeline` for a replay, for
-/// versions it does not know yet (a text that no longer parses is reported).
+/// versions it does not know yet (a text that no longer parses is reported). A version
+/// known already keeps its text: a `rules.history` file of the same version name is taken
+/// to be the same rules (the partition's own kept text, applied by the runner after, wins
+/// over both).
 fn know_rules_texts(pipeline: &Pipeline, partition: i32, texts: &BTreeMap<u32, String>) {
     for (&hash, text) in texts {
         // A version known already keeps its text (a claim's or a `rules.history` file's).

@@ -533,11 +533,14 @@ impl PartitionPublisher {
             .flat_map(|s| [Some(s.rules), s.from])
             .flatten()
         {
+            if record.rules.contains_key(&hash) {
+                continue;
+            }
             if let Some(text) = (self.shared.rules_text)(hash) {
                 // Bounded, so a record stays far below Kafka's default 1 MB message limit; a
                 // text left out is looked for in `rules.history` (its absence is a warning).
-                texts += text.len();
-                if texts <= HISTORY_RULES_TEXTS_MAX {
+                if texts + text.len() <= HISTORY_RULES_TEXTS_MAX {
+                    texts += text.len();
                     record.rules.insert(hash, text);
                 }
             }

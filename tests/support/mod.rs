@@ -1459,6 +1459,17 @@ impl World {
         let () = pipe.query(&mut conn).unwrap();
     }
 
+    /// [`World::wait_applied`], with `tierd`'s log in the failure message.
+    pub fn wait_applied_by(&self, tierd: &Tierd, ends: &BTreeMap<i32, i64>, timeout: Duration) {
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.wait_applied(ends, timeout)
+        }));
+        if let Err(panic) = waited {
+            let why = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+            panic!("{why}\ntierd's log:\n{}", tierd.log_text());
+        }
+    }
+
     /// Waits until every partition has applied up to `ends` and its outbox is empty.
     pub fn wait_applied(&self, ends: &BTreeMap<i32, i64>, timeout: Duration) {
         let deadline = Instant::now() + timeout;
