@@ -10,6 +10,7 @@ use crate::partition::supervisor::{Supervisor, SupervisorParts};
 use crate::partition::{Ownership, Pipeline};
 use crate::publish::position::OutboxPositions;
 use crate::publish::publisher::Publisher;
+use crate::store::connection::Connection;
 use crate::telemetry::Telemetry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::future::Future;
@@ -354,19 +355,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
 /// A connection to Redis (multiplexed, reconnecting), made on the calling runtime: its I/O
 /// driver runs there.
-async fn connect(client: redis::Client) -> Result<redis::aio::ConnectionManager, StartError> {
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        redis::aio::ConnectionManager::new(client),
-    )
-    .await
-    .map_err(|_| {
-        StartError::Redis(redis::RedisError::from((
-            redis::ErrorKind::IoError,
-            "connect timed out",
-        )))
-    })?
-    .map_err(StartError::Redis)
+async fn connect(client: redis::Client) -> Result<Connection, StartError> {
+    tokio::time::timeout(Duration::from_secs(10), Connection::connect(client))
+        .await
+        .map_err(|_| {
+            StartError::Redis(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "connect timed out",
+            )))
+        })?
+        .map_err(StartError::Redis)
 }
 
 /// How long a stopping API may take to finish its requests in flight.
@@ -389,7 +387,7 @@ impl ApiThread {
     async fn start(
         listener: tokio::net::TcpListener,
         client: redis::Client,
-        state: impl FnOnce(redis::aio::ConnectionManager) -> ApiState + Send + 'static,
+        state: impl FnOnce(Connection) -> ApiState + Send + 'static,
     ) -> Result<Self, StartError> {
         use axum::serve::ListenerExt;
         let listener = listener

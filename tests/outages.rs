@@ -90,6 +90,66 @@ fn redis_killed_and_restarted_mid_stream_loses_nothing() {
     );
 }
 
+/// A Redis down for a few seconds (a restart, a failover) holds tierd up for about as long,
+/// not minutes. redis-rs's connection manager, left at its defaults, retries a lost connection
+/// after 1–2 s and then only every 60–120 s: every partition waited up to two minutes after
+/// Redis was back (this test failed with nothing applied 30 s after Redis returned), and the
+/// calls waiting on the reconnection reported nothing while Redis was down.
+#[test]
+fn a_redis_down_for_seconds_is_caught_up_seconds_after_it_returns() {
+    let world = World::start_with(2, Redis::start_persistent());
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let mut ends = world.produce_json(&events(0, 200));
+    world.wait_applied(&ends, Duration::from_secs(60));
+    world.redis.kill();
+    // Purchases arrive while Redis is down: tierd's calls fail and it reconnects, in vain.
+    merge(&mut ends, world.produce_json(&events(200, 400)));
+    std::thread::sleep(Duration::from_secs(8));
+    world.redis.start_again();
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(30));
+    assert_each_counted_once(&world, 4);
+    // Visible while it lasted: calls failed (and were retried) rather than waited silently.
+    assert!(
+        tierd.metric("tierd_redis_errors_total") > 0.0,
+        "the outage was reported as failed Redis calls"
+    );
+}
+
+/// tierd's Redis user deleted (its connections closed) and only created again 12 s later, as
+/// when an operator re-provisions ACL users or a managed Redis comes back before its users:
+/// tierd's reconnection is refused meanwhile, and once the user is back it goes on by itself.
+/// redis-rs's connection manager keeps the last refusal of a failed reconnection for good when
+/// it is not an I/O error (here "authentication failed"), so every call failed with it until
+/// tierd was restarted (this test failed with nothing applied 30 s after the user was back).
+#[test]
+fn tierds_redis_user_deleted_and_created_again_is_reconnected() {
+    let mut redis = Redis::start();
+    let admin_url = redis.url.clone();
+    let acl = |args: &[&str]| {
+        let mut admin = redis::Client::open(admin_url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: () = redis::cmd("ACL").arg(args).query(&mut admin).unwrap();
+    };
+    let create = || acl(&["SETUSER", "tierd", "on", ">pw", "~*", "&*", "+@all"]);
+    create();
+    redis.url = admin_url.replacen("redis://", "redis://tierd:pw@", 1);
+    let world = World::start_with(2, redis);
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let mut ends = world.produce_json(&events(0, 200));
+    world.wait_applied(&ends, Duration::from_secs(60));
+    // Deleting the user closes its connections: tierd reconnects and is refused.
+    acl(&["DELUSER", "tierd"]);
+    merge(&mut ends, world.produce_json(&events(200, 400)));
+    std::thread::sleep(Duration::from_secs(12));
+    create();
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(30));
+    assert_each_counted_once(&world, 4);
+}
+
 /// Issue 11, item 8: one partition that cannot make progress (here its Redis keys become
 /// forbidden to tierd's ACL user, as when one Redis Cluster shard is down) fills its queue.
 /// Only that partition waits (paused); the consumer keeps polling and the other partition is

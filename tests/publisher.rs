@@ -117,7 +117,9 @@ fn spawn(
     let publisher = s.publisher.clone();
     let w = Arc::clone(&wake);
     let task = rt.spawn(async move {
-        let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+        let conn = tierd::store::connection::Connection::connect(client)
+            .await
+            .unwrap();
         publisher.run(target, conn, w, stop_rx).await;
     });
     (task, wake, stop_tx)

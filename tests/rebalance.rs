@@ -133,10 +133,11 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         ..CommitBatch::default()
     };
     rt.block_on(async {
-        let mut conn =
-            redis::aio::ConnectionManager::new(redis::Client::open(redis.url.as_str()).unwrap())
-                .await
-                .unwrap();
+        let mut conn = tierd::store::connection::Connection::connect(
+            redis::Client::open(redis.url.as_str()).unwrap(),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             store::commit(
                 &mut conn,

@@ -11,18 +11,18 @@ use crate::api::error::ApiError;
 use crate::engine::rules::Rules;
 use crate::model::change::MoneyFormat;
 use crate::partition::Ownership;
+use crate::store::connection::Connection;
 use crate::store::keys::Keyspace;
 use crate::telemetry::Telemetry;
 use axum::routing::get;
 use axum::Router;
-use redis::aio::ConnectionManager;
 use std::sync::Arc;
 
 /// What the handlers need.
 #[derive(Clone)]
 pub struct ApiState {
     /// Redis, for lookups and readiness.
-    pub redis: ConnectionManager,
+    pub redis: Connection,
     /// Key names.
     pub keyspace: Keyspace,
     /// Number of input partitions (a customer may live in any of them).

@@ -11,6 +11,7 @@
 
 use crate::config::KafkaConfig;
 use crate::partition::Ownership;
+use crate::store::connection::Connection;
 use crate::store::keys::Keyspace;
 use crate::store::views;
 use crate::telemetry::Telemetry;
@@ -18,7 +19,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -135,7 +135,7 @@ impl StallAlarm {
 /// What the watch needs.
 pub struct Watch {
     /// Redis, for the stored offsets.
-    pub redis: ConnectionManager,
+    pub redis: Connection,
     /// Key names.
     pub keyspace: Keyspace,
     /// Partitions of the input topic.

@@ -193,8 +193,16 @@ impl Runner {
                 return true;
             }
         };
+        let current = match cutoffs::load_cutoffs(conn, &zero).await {
+            Ok(current) => current,
+            Err(e) => {
+                // Retried at the next check (still due). Taken as "none stored", it published
+                // the same cut-offs again as a new version, a switch for every partition.
+                self.store.failed(&mut Backoff::default(), &e).await;
+                return true;
+            }
+        };
         self.last_compute = Some((Instant::now(), population));
-        let current = cutoffs::load_cutoffs(conn, &zero).await.ok().flatten();
         // A new population is published too (even with the same values): the published
         // cut-offs always say over how many customers they hold.
         let changed = current.as_ref().is_none_or(|c| {

@@ -8,12 +8,12 @@ use super::{Ownership, PartitionStatus, Pipeline};
 use crate::engine::rules::Rules;
 use crate::publish::position::{History, OutboxPositions, Published};
 use crate::publish::publisher::{Publisher, Target};
+use crate::store::connection::Connection;
 use crate::store::partition::{
     self as store, Claim, ClaimError, OlderRules, PartitionStore, TopicRecreated,
 };
 use crate::store::retry::Backoff;
 use crate::telemetry::events;
-use redis::aio::ConnectionManager;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,12 +57,12 @@ pub struct SupervisorParts {
     /// Redis client (claims open their own synchronous connection from it).
     pub redis_client: redis::Client,
     /// Shared async connection for runners and publishers.
-    pub redis: ConnectionManager,
+    pub redis: Connection,
     /// A connection of its own for the rank cut-off duty (the computation over every
     /// partition, and each owner's check for new cut-offs): on the shared one it waited
     /// behind every commit sent before it (a recompute over 1M customers took ~0.4 s there
     /// while the search itself takes under 1 ms), with partition 0's runner waiting too.
-    pub duty_redis: ConnectionManager,
+    pub duty_redis: Connection,
     /// Rules, limits, metrics.
     pub pipeline: Arc<Pipeline>,
     /// Outbox publishing.

@@ -20,6 +20,7 @@ use super::health::PublishHealth;
 use super::position::{OutboxPositions, Published};
 use super::producer::{self, RoundPosition, TxnError, TxnProducer};
 use crate::engine::rules::rank::CutoffsSwitch;
+use crate::store::connection::Connection;
 use crate::store::keys::PartitionKeys;
 use crate::store::outbox::{self, EntryKind, OutboxError, RulesSweep, StoredEntry, TimerPass};
 use crate::telemetry::{events, Telemetry};
@@ -27,7 +28,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::ClientConfig;
-use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -45,8 +45,10 @@ const FINAL_DRAIN: Duration = Duration::from_secs(10);
 /// [`super::position::HistoryRecord::rules`]).
 const HISTORY_RULES_TEXTS_MAX: usize = 256 * 1024;
 
-/// Pause after a failed round or producer initialisation.
+/// Pause after a failed round or producer initialisation; doubled after each further
+/// failure in a row, up to [`RETRY_DELAY_MAX`].
 const RETRY_DELAY: Duration = Duration::from_millis(200);
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
 
 /// What every partition publisher shares.
 #[derive(Clone)]
@@ -168,7 +170,7 @@ struct PartitionPublisher {
     shared: Publisher,
     target: Target,
     label: String,
-    conn: ConnectionManager,
+    conn: Connection,
     producer: Option<TxnProducer>,
     blocked: Option<Blocked>,
     parked: i64,
@@ -194,7 +196,7 @@ impl Publisher {
     pub async fn run(
         self,
         target: Target,
-        conn: ConnectionManager,
+        conn: Connection,
         wake: Arc<Notify>,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -218,8 +220,13 @@ impl Publisher {
             label: p.label.clone(),
         };
         let mut stopping_since: Option<Instant> = None;
+        let mut failures = 0u32;
         loop {
-            match p.drain().await {
+            let drained = p.drain().await;
+            if drained.is_ok() {
+                failures = 0;
+            }
+            match drained {
                 Ok(()) if stopping_since.is_some() => return,
                 Ok(()) => {}
                 Err(DrainError::Stop(Stop::Fenced(error))) => {
@@ -248,7 +255,11 @@ impl Publisher {
                         );
                         return;
                     }
-                    tokio::time::sleep(RETRY_DELAY).await;
+                    // Doubling while the failures go on (a Redis or broker outage): a few lines
+                    // a second per partition at first, one every 2 s after.
+                    let delay = RETRY_DELAY * 2u32.pow(failures.min(4));
+                    failures += 1;
+                    tokio::time::sleep(delay.min(RETRY_DELAY_MAX)).await;
                     continue;
                 }
             }
@@ -275,8 +286,10 @@ impl PartitionPublisher {
     /// parked dead letter when due.
     async fn drain(&mut self) -> Result<(), DrainError> {
         if self.producer.is_none() {
-            self.init_producer().await?;
+            // Read before the producer is made: a failed read is tried again with it (read
+            // after it, a failure left the count unread while that producer lived).
             self.parked = outbox::len(&mut self.conn, &self.target.keys.parked).await?;
+            self.init_producer().await?;
             self.report();
         }
         if self.parked > 0 && Instant::now() >= self.next_parked_try {
@@ -389,6 +402,11 @@ impl PartitionPublisher {
         let id = self.target.keys.outbox.clone();
         let positions = Arc::clone(&self.shared.positions);
         let partition = self.target.partition;
+        // Initialising fences the outbox's earlier producer, which may be the rightful
+        // owner's: only while Redis answers that this instance's claim is current (with
+        // Redis down, each round would otherwise fence the owner, fail the check below and
+        // try again).
+        self.check_owner().await?;
         // Initialise, then read the published position: once this producer is initialised,
         // every earlier transaction of the outbox is either committed or aborted (one in
         // PrepareCommit is completed, not aborted), and no earlier producer can commit again,
@@ -408,13 +426,7 @@ impl PartitionPublisher {
         };
         // Initialising fenced whoever published before; if that was the rightful owner (this
         // instance's claim is no longer current), stand down: the owner re-initialises.
-        let epoch = outbox::owner_epoch(&mut self.conn, &self.target.keys.meta).await?;
-        if epoch != self.target.epoch {
-            return Err(DrainError::Stop(Stop::Fenced(format!(
-                "the partition was claimed again (epoch {epoch}, ours {})",
-                self.target.epoch
-            ))));
-        }
+        self.check_owner().await?;
         if let Some(id) = published.last_id.as_deref().and_then(stream_id) {
             if self.published.is_none_or(|p| p < id) {
                 self.published = Some(id);
@@ -652,6 +664,18 @@ impl PartitionPublisher {
             self.position = after;
         }
         Ok(Round::Committed(counts))
+    }
+
+    /// Stops (fenced) unless this instance's claim of the partition is still the current one.
+    async fn check_owner(&mut self) -> Result<(), DrainError> {
+        let epoch = outbox::owner_epoch(&mut self.conn, &self.target.keys.meta).await?;
+        if epoch != self.target.epoch {
+            return Err(DrainError::Stop(Stop::Fenced(format!(
+                "the partition was claimed again (epoch {epoch}, ours {})",
+                self.target.epoch
+            ))));
+        }
+        Ok(())
     }
 
     /// A transactional call failed: a fenced producer whose claim is gone stops; otherwise

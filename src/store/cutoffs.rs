@@ -14,14 +14,14 @@
 use super::keys::PartitionKeys;
 use crate::engine::rules::rank::{CutPoint, Cutoffs};
 use crate::engine::rules::Rules;
-use redis::aio::ConnectionManager;
+use crate::store::connection::Connection;
 
 /// Customers ranked per rank, summed over the partitions.
 ///
 /// # Errors
 /// The Redis error.
 pub async fn populations(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     partitions: &[PartitionKeys],
     rules: &Rules,
 ) -> Result<Vec<u64>, redis::RedisError> {
@@ -110,7 +110,7 @@ pub async fn count_at_or_above<C: redis::aio::ConnectionLike>(
 /// # Errors
 /// The Redis error.
 pub async fn compute(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     partitions: &[PartitionKeys],
     rules: &Rules,
 ) -> Result<Cutoffs, redis::RedisError> {
@@ -160,7 +160,7 @@ static PUBLISH_CUTOFFS: std::sync::LazyLock<redis::Script> =
 /// # Errors
 /// The Redis error.
 pub async fn publish_cutoffs(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     keys: &PartitionKeys,
     epoch: i64,
     floor: u64,

@@ -1,10 +1,11 @@
 //! Store: the only place that speaks to Redis. Key layout ([`keys`]), the client built from the
-//! configuration ([`client`]), a partition's fenced claim / load / commit ([`partition`]), the
+//! configuration ([`client`]) and the shared connection ([`connection`]), a partition's fenced claim / load / commit ([`partition`]), the
 //! rank cut-off search over all partitions ([`cutoffs`]), the outbox stream ([`outbox`]) and
 //! the Lua scripts they run (`lua/`), the one [`retry`] policy, and the read-only [`views`] the
 //! API and the tools share.
 
 pub mod client;
+pub mod connection;
 pub mod cutoffs;
 pub mod keys;
 pub mod outbox;

@@ -1,7 +1,7 @@
 //! A partition's outbox stream: the entry codec (what the commit script appends and the
 //! publisher turns into Kafka records), and the reads and trims the publisher makes.
 
-use redis::aio::ConnectionManager;
+use crate::store::connection::Connection;
 use redis::streams::StreamRangeReply;
 use redis::Value;
 
@@ -177,7 +177,7 @@ pub enum OutboxError {
 /// # Errors
 /// [`OutboxError`].
 pub async fn read(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     outbox: &str,
     count: usize,
 ) -> Result<Vec<StoredEntry>, OutboxError> {
@@ -227,7 +227,7 @@ pub async fn read(
 ///
 /// # Errors
 /// Redis errors.
-pub async fn len(conn: &mut ConnectionManager, outbox: &str) -> redis::RedisResult<i64> {
+pub async fn len(conn: &mut Connection, outbox: &str) -> redis::RedisResult<i64> {
     redis::cmd("XLEN").arg(outbox).query_async(conn).await
 }
 
@@ -236,7 +236,7 @@ pub async fn len(conn: &mut ConnectionManager, outbox: &str) -> redis::RedisResu
 /// # Errors
 /// Redis errors.
 pub async fn trim_through(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     outbox: &str,
     last_id: &str,
 ) -> redis::RedisResult<()> {
@@ -256,7 +256,7 @@ pub async fn trim_through(
 /// # Errors
 /// Redis errors.
 pub async fn park(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     outbox: &str,
     parked: &str,
     stored: &StoredEntry,
@@ -290,11 +290,7 @@ pub async fn park(
 ///
 /// # Errors
 /// Redis errors.
-pub async fn delete(
-    conn: &mut ConnectionManager,
-    stream: &str,
-    id: &str,
-) -> redis::RedisResult<()> {
+pub async fn delete(conn: &mut Connection, stream: &str, id: &str) -> redis::RedisResult<()> {
     let _: i64 = redis::cmd("XDEL")
         .arg(stream)
         .arg(id)
@@ -307,7 +303,7 @@ pub async fn delete(
 ///
 /// # Errors
 /// Redis errors.
-pub async fn owner_epoch(conn: &mut ConnectionManager, meta: &str) -> redis::RedisResult<i64> {
+pub async fn owner_epoch(conn: &mut Connection, meta: &str) -> redis::RedisResult<i64> {
     let epoch: Option<i64> = redis::cmd("HGET")
         .arg(meta)
         .arg("epoch")

@@ -221,7 +221,6 @@ impl Redis {
         }
     }
 
-    /// Kills Redis (SIGKILL) and starts it again on the same port from its append-only file.
     /// Freezes Redis (SIGSTOP): connections stay open and nothing answers, like a stalled or
     /// partitioned server. [`Redis::resume`] lets it go on with everything intact.
     pub fn pause(&self) {
@@ -249,10 +248,7 @@ impl Redis {
     /// acknowledged but not yet synced to disk (a killed process alone loses nothing: its
     /// writes are in the kernel's page cache) — and starts it again. Returns the bytes cut.
     pub fn crash_losing_tail(&self, bytes: u64) -> u64 {
-        if let Some(c) = self.child.lock().unwrap().as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill();
         let dir = self.dir.path().join("appendonlydir");
         let newest = std::fs::read_dir(&dir)
             .unwrap()
@@ -278,11 +274,22 @@ impl Redis {
         cut
     }
 
+    /// Kills Redis (SIGKILL) and starts it again on the same port from its append-only file.
     pub fn restart_persistent(&self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// Kills Redis (SIGKILL): down until [`Redis::start_again`].
+    pub fn kill(&self) {
         if let Some(c) = self.child.lock().unwrap().as_mut() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts a killed Redis again on the same port (from its append-only file, if it has one).
+    pub fn start_again(&self) {
         self.spawn();
     }
 

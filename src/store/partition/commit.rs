@@ -3,9 +3,9 @@
 //! only if the caller's epoch is current and the stored position is the one it expects.
 
 use super::ApplyError;
+use crate::store::connection::Connection;
 use crate::store::keys::PartitionKeys;
 use crate::store::outbox::OutboxEntry;
-use redis::aio::ConnectionManager;
 use std::sync::LazyLock;
 
 static COMMIT: LazyLock<redis::Script> =
@@ -83,7 +83,7 @@ impl SortedSet {
 /// [`ApplyError::Fenced`] (stop the partition), [`ApplyError::Diverged`] (reload) or
 /// [`ApplyError::Redis`] (retry: the call is idempotent).
 pub async fn commit(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     keys: &PartitionKeys,
     rank_keys: &[String],
     partition: i32,

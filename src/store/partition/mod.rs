@@ -9,9 +9,9 @@ pub use commit::{commit, CommitBatch, Committed, SortedSet};
 pub use owned::PartitionStore;
 
 use crate::engine::rules::rank::{Cutoffs, CutoffsSwitch};
+use crate::store::connection::Connection;
 use crate::store::keys::PartitionKeys;
 use crate::store::outbox::RulesSweep;
-use redis::aio::ConnectionManager;
 use std::sync::LazyLock;
 
 static CLAIM: LazyLock<redis::Script> =
@@ -223,7 +223,7 @@ pub fn claim(
 /// # Errors
 /// [`ApplyError::Redis`].
 pub async fn load(
-    conn: &mut ConnectionManager,
+    conn: &mut Connection,
     keys: &[String],
 ) -> Result<Vec<Option<Vec<u8>>>, ApplyError> {
     if keys.is_empty() {

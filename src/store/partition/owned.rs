@@ -2,10 +2,10 @@
 //! one [`Backoff`] policy while Redis fails.
 
 use super::{commit, load, ApplyError, CommitBatch, Committed};
+use crate::store::connection::Connection;
 use crate::store::keys::PartitionKeys;
 use crate::store::retry::Backoff;
 use crate::telemetry::{events, Telemetry};
-use redis::aio::ConnectionManager;
 
 /// Evaluates `$call` (a `Result<_, ApplyError>`) until it succeeds or fails for a reason
 /// retrying cannot fix, backing off in between. (A macro rather than a function taking an
@@ -28,9 +28,9 @@ macro_rules! retrying {
 /// Redis fails (a batch is never skipped); fencing, divergence and corrupt states are returned
 /// at once.
 pub struct PartitionStore {
-    conn: ConnectionManager,
+    conn: Connection,
     /// The cut-off duty's connection (see [`Self::connection`]).
-    duty: ConnectionManager,
+    duty: Connection,
     keys: PartitionKeys,
     rank_keys: Vec<String>,
     partition: i32,
@@ -42,8 +42,8 @@ impl PartitionStore {
     /// The store of `partition`, claimed with `epoch`; `rank_keys` are its rank sorted sets in
     /// the rules' rank order.
     pub fn new(
-        conn: ConnectionManager,
-        duty: ConnectionManager,
+        conn: Connection,
+        duty: Connection,
         keys: PartitionKeys,
         rank_keys: Vec<String>,
         partition: i32,
@@ -73,7 +73,7 @@ impl PartitionStore {
 
     /// A connection for calls the owner makes once and retries at its own pace (cut-off
     /// duty): not the commits' connection, so that they do not wait behind its commits.
-    pub fn connection(&mut self) -> &mut ConnectionManager {
+    pub fn connection(&mut self) -> &mut Connection {
         &mut self.duty
     }
 

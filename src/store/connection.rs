@@ -1,0 +1,151 @@
+//! tierd's connection to Redis: redis-rs's multiplexed, reconnecting `ConnectionManager`, with
+//! the reconnection tuned ([`manager_config`]) and one gap closed ([`Connection`]). Every
+//! long-lived Redis user of the service (partitions, publishers, rank duty, stall watch, API)
+//! holds a clone.
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// How tierd's connections to Redis reconnect after losing the server (a restart, a failover):
+/// a round of three attempts, 1–2 s then 2–4 s apart (a delay of 1 s doubled up to 2 s, each
+/// jittered by up to as much again), after which the calls waiting on it fail with the
+/// connection error — logged and counted (`tierd_redis_errors_total`, or
+/// `tierd_publish_errors_total` for a publisher) by the callers, whose retry starts the next
+/// round. A connection attempt that hangs (an unreachable host) is abandoned after
+/// [`CONNECT_TIMEOUT`].
+///
+/// redis-rs's defaults retry after 1–2 s and then only every 60–120 s (its backoff starts at
+/// 1 s and multiplies by the factor, 100, up to a 60 s cap, over six retries): a Redis down
+/// for eight seconds held every partition for up to two minutes after it was back, with every
+/// call waiting on the reconnection and nothing logged.
+///
+/// No response timeout: a command's outcome is then never in doubt because of tierd (a frozen
+/// Redis holds tierd until it answers or its connection drops; the API bounds its own waits).
+pub fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_factor(2)
+        .set_max_delay(2_000)
+        .set_number_of_retries(2)
+        .set_connection_timeout(CONNECT_TIMEOUT)
+}
+
+/// How long one connection attempt to Redis may take (TCP, TLS and the handshake).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often at most a refused connection is replaced (see [`Connection`]).
+const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// A shared connection to Redis: a `ConnectionManager` that is replaced by a new one when its
+/// reconnection was refused for good.
+///
+/// redis-rs's manager keeps the outcome of its last reconnection round and starts another only
+/// after an I/O error. A round whose last attempt reached Redis and was refused otherwise — its
+/// user or password not (yet) valid: a user deleted and created again, a Redis restarted or
+/// failed over before its ACL users are back — leaves that refusal in place: every call fails
+/// with it until the process restarts, while Redis may long be fine again. Such an error
+/// (authentication failed, or a reply that cannot be parsed: errors redis-rs itself answers by
+/// reconnecting, but not when they end a reconnection) makes this connection build a new
+/// manager in the background (at most once every [`REPLACE_AT_MOST_EVERY`]); the calls that
+/// follow use it once it is connected. The error is still returned: the callers' retries go
+/// on as for any failed call.
+#[derive(Clone)]
+pub struct Connection {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: redis::Client,
+    current: RwLock<ConnectionManager>,
+    /// The runtime the managers run on (their I/O driver and reconnections).
+    runtime: tokio::runtime::Handle,
+    replacing: AtomicBool,
+    last_replaced: Mutex<Option<Instant>>,
+}
+
+impl Connection {
+    /// Connects to Redis on the calling runtime (its I/O driver runs there), bounded by
+    /// [`CONNECT_TIMEOUT`] per attempt.
+    ///
+    /// # Errors
+    /// The last connection error.
+    pub async fn connect(client: redis::Client) -> RedisResult<Self> {
+        let manager = ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                client,
+                current: RwLock::new(manager),
+                runtime: tokio::runtime::Handle::current(),
+                replacing: AtomicBool::new(false),
+                last_replaced: Mutex::new(None),
+            }),
+        })
+    }
+
+    fn manager(&self) -> ConnectionManager {
+        self.shared.current.read().expect("connection lock").clone()
+    }
+
+    /// Replaces the manager after an error its own reconnection does not get past.
+    fn after<T>(&self, result: &RedisResult<T>) {
+        let Err(error) = result else { return };
+        if error.is_io_error() || !error.is_unrecoverable_error() {
+            return;
+        }
+        {
+            let mut last = self.shared.last_replaced.lock().expect("replaced lock");
+            if last.is_some_and(|t| t.elapsed() < REPLACE_AT_MOST_EVERY) {
+                return;
+            }
+            if self.shared.replacing.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        warn!(%error, "A Redis connection was refused; connecting afresh.");
+        let shared = Arc::clone(&self.shared);
+        self.shared.runtime.spawn(async move {
+            match ConnectionManager::new_with_config(shared.client.clone(), manager_config()).await
+            {
+                Ok(manager) => {
+                    *shared.current.write().expect("connection lock") = manager;
+                    info!("Connected to Redis afresh.");
+                }
+                Err(error) => {
+                    warn!(%error, "Connecting to Redis afresh failed; trying again at the next refused call.");
+                }
+            }
+            shared.replacing.store(false, Ordering::Release);
+        });
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let result = self.manager().req_packed_command(cmd).await;
+            self.after(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = self.manager().req_packed_commands(cmd, offset, count).await;
+            self.after(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.manager().get_db()
+    }
+}
