@@ -685,6 +685,22 @@ fn versions(world: &mut World, last: u32) -> ThreeVersions {
     }
 }
 
+/// A world whose `N` customers were placed under `b2b-lifetime-1` by a tierd since stopped.
+fn placed_under_v1() -> World {
+    let world = World::start(1);
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let first = purchases(
+        "e",
+        0..N,
+        |i| ((i * 7919) % 1_200_000).to_string(),
+        "2026-11-01T10:00:00Z",
+    );
+    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
+    assert_eq!(tierd.terminate(), Some(0));
+    world
+}
+
 /// The replay went through both recorded rules changes: every customer is under the third.
 fn swept_to_v3(world: &World) -> bool {
     let hash = tierd::model::state::rules_hash("b2b-lifetime-3");
@@ -902,6 +918,62 @@ fn a_new_rules_version_completes_an_unfinished_sweep_first_so_a_replay_over_both
         .contains("was still under way when the next rules version took over"));
 }
 
+/// Redis rolled back while `-3` was still completing `-2`'s unfinished sweep, before that
+/// completion was published (the changes of purchases meanwhile, applied under `-2`, were):
+/// the replay completes `-2`'s sweep again under `-2`, not before the input the published
+/// changes reach, and then starts `-3`'s; every change id keeps its one body. Before, `-3`'s
+/// rules replayed everything from the restored offset, with a warning, and the purchases
+/// first published under `-2` came out again under `-3` with the same ids.
+#[test]
+fn a_rollback_while_an_unfinished_sweep_is_completed_first_replays_it_under_its_rules() {
+    let mut world = placed_under_v1();
+
+    // `-2` sweeps 10 customers a second: stopped after its first pages.
+    let _v2 = use_rules(&mut world, V2);
+    world.rules_extra = "sweep_per_second = 10".into();
+    let mut tierd = Tierd::spawn(&world, "");
+    wait_swept(&tierd, 4.0);
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // `-3` completes `-2`'s sweep first, as slowly; Redis is snapshotted on the way.
+    let _v3 = use_rules(&mut world, &v3());
+    let tierd = Tierd::spawn(&world, "");
+    wait_swept(&tierd, 2.0);
+    let before = world.snapshot();
+    // Purchases crossing `-2`'s bounds while its sweep completes: applied under `-2`, published.
+    let ends = world.produce_json(&purchases(
+        "f",
+        (0..N).step_by(3),
+        |_| "120000".into(),
+        "2026-11-02T10:00:00Z",
+    ));
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let v1 = tierd::model::state::rules_hash("b2b-lifetime-1");
+    assert!(
+        states(&world, N).iter().any(|s| s.rules_hash == v1),
+        "`-2`'s sweep is still being completed"
+    );
+    world.restore(&before);
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while world.partition_meta(0).1 < ends[&0] || world.outbox_len(0) > 0 || !swept_to_v3(&world) {
+        assert!(
+            Instant::now() < deadline,
+            "not settled:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let log = tierd.log_text();
+    assert!(log.contains("Partition claimed again"), "{log}");
+    assert!(
+        !log.contains("Replaying the input before the rules change under the running rules"),
+        "{log}"
+    );
+    world.assert_one_body_per_change_id();
+}
+
 /// Redis restored into the middle of `b2b-lifetime-2`'s sweep (its pages had reached some
 /// customers), after which the sweep completed, purchases crossed `-2`'s bounds, and `-3` took
 /// over with its own sweep and purchases: the replay goes on with `-2`'s sweep from the
@@ -909,17 +981,7 @@ fn a_new_rules_version_completes_an_unfinished_sweep_first_so_a_replay_over_both
 /// version as it first ran — every change comes out as it first did.
 #[test]
 fn a_rollback_into_the_middle_of_an_earlier_rules_sweep_resumes_that_sweep() {
-    let mut world = World::start(1);
-    let mut tierd = Tierd::spawn(&world, "");
-    tierd.wait_partitions(1, Duration::from_secs(60));
-    let first = purchases(
-        "e",
-        0..N,
-        |i| ((i * 7919) % 1_200_000).to_string(),
-        "2026-11-01T10:00:00Z",
-    );
-    world.wait_applied(&world.produce_json(&first), Duration::from_secs(120));
-    assert_eq!(tierd.terminate(), Some(0));
+    let mut world = placed_under_v1();
 
     // `-2` sweeps 20 customers a second; Redis is snapshotted after its first pages.
     let mut files = vec![use_rules(&mut world, V2)];

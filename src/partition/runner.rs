@@ -328,13 +328,29 @@ impl Runner {
                 }
             }
         }
-        let predecessor = matches!(sweep, SweepState::Running(s) if s.record.is_some())
-            .then(|| unfinished_predecessor(&pipeline, claim, running))
-            .flatten();
+        let predecessor = match sweep {
+            SweepState::Running(s) if s.record.is_some() => {
+                unfinished_predecessor(&pipeline, claim, running).map(|(b, r)| (b, r, None))
+            }
+            // Redis lost writes while this version was completing the previous version's
+            // sweep first, before the completion was published (the changes of its pages and
+            // of the input meanwhile, all under the previous rules, were): the replay does the
+            // same, and completes that sweep no earlier than the input those changes reach.
+            SweepState::Pending(_) if sweep_afresh => {
+                unfinished_predecessor(&pipeline, claim, running)
+                    .filter(|(before, _)| {
+                        claim.published_sweep.is_some_and(|p| {
+                            p.rules == before.rules && p.offset == before.offset && p.done.is_none()
+                        })
+                    })
+                    .map(|(b, r)| (b, r, claim.replay_through))
+            }
+            _ => None,
+        };
         let finish_predecessor = predecessor.is_some();
         let (replay_rules, replay_chain, sweep) = match sweep {
-            SweepState::Running(_) if predecessor.is_some() => {
-                let (before, rules) = predecessor.expect("checked");
+            SweepState::Running(_) | SweepState::Pending(_) if predecessor.is_some() => {
+                let (before, rules, not_before) = predecessor.expect("checked");
                 tracing::info!(partition, offset = before.offset, version = rules.version(), "The previous rules version's sweep was still under way: it completes first, under its rules; this version's sweep starts where it completes.");
                 sweep_afresh = true;
                 let next = RulesSweep {
@@ -346,7 +362,10 @@ impl Runner {
                 (
                     Some(Arc::clone(&rules)),
                     VecDeque::from([(before, Some(rules)), (next, None)]),
-                    SweepState::Running(Sweep::resumed(before)),
+                    SweepState::Running(Sweep::resumed(RulesSweep {
+                        done: not_before,
+                        ..before
+                    })),
                 )
             }
             SweepState::Pending(recorded) => {

@@ -213,11 +213,12 @@ impl Runner {
     /// unpaced, so timers fire after it as they first did. If it cannot run (rank-based rules
     /// still without the new rules' cut-offs) it goes on paced.
     pub(super) async fn finish_sweep(&mut self) -> Result<(), ApplyError> {
-        while self.sweep_running().is_some() {
-            self.sweep_step().await?;
-        }
+        // Its completion is due now (see `sweep_step`).
         if let SweepState::Running(sweep) = &mut self.sweep {
             sweep.done = None;
+        }
+        while self.sweep_running().is_some() {
+            self.sweep_step().await?;
         }
         Ok(())
     }
@@ -245,7 +246,12 @@ impl Runner {
             self.reevaluate_at(&mut draft, id, loaded, Trigger::RulesChanged, sweep.at);
             swept += 1;
         }
-        let done = next == 0;
+        // A replayed sweep completes where it first completed, not before: its paced pages may
+        // run ahead of the input being replayed, and its completion releases the held timers
+        // and (finishing a previous version's sweep first) starts the next sweep. Until the
+        // input gets there its pages go round again (finding no one) and `finish_sweep`
+        // completes it.
+        let done = next == 0 && sweep.done.is_none_or(|at| self.next_offset() >= at);
         if done {
             draft.swept_rules = Some(hash);
             draft.outbox.push(sweep_entry(RulesSweep {

@@ -13,15 +13,15 @@ use tracing::{info, warn};
 /// How tierd's connections to Redis reconnect after losing the server (a restart, a failover):
 /// a round of three attempts, 1–2 s then 2–4 s apart (a delay of 1 s doubled up to 2 s, each
 /// jittered by up to as much again), after which the calls waiting on it fail with the
-/// connection error — logged and counted (`tierd_redis_errors_total`, or
-/// `tierd_publish_errors_total` for a publisher) by the callers, whose retry starts the next
-/// round. A connection attempt that hangs (an unreachable host) is abandoned after
+/// connection error, which the callers retry (starting the next round): a partition's calls
+/// log it and count it in `tierd_redis_errors_total`, a publisher's in
+/// `tierd_publish_errors_total`, the API answers 503. A connection attempt that hangs (an unreachable host) is abandoned after
 /// [`CONNECT_TIMEOUT`].
 ///
 /// redis-rs's defaults retry after 1–2 s and then only every 60–120 s (its backoff starts at
 /// 1 s and multiplies by the factor, 100, up to a 60 s cap, over six retries): a Redis down
-/// for eight seconds held every partition for up to two minutes after it was back, with every
-/// call waiting on the reconnection and nothing logged.
+/// for eight seconds held every partition for up to two minutes after it was back, every call
+/// waiting on the reconnection with nothing more logged after its first failure.
 ///
 /// No response timeout: a command's outcome is then never in doubt because of tierd (a frozen
 /// Redis holds tierd until it answers or its connection drops; the API bounds its own waits).
@@ -47,8 +47,9 @@ const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 /// user or password not (yet) valid: a user deleted and created again, a Redis restarted or
 /// failed over before its ACL users are back — leaves that refusal in place: every call fails
 /// with it until the process restarts, while Redis may long be fine again. Such an error
-/// (authentication failed, or a reply that cannot be parsed: errors redis-rs itself answers by
-/// reconnecting, but not when they end a reconnection) makes this connection build a new
+/// (authentication failed — `AUTH`'s refusal, or a `WRONGPASS`/`NOAUTH` reply, which redis-rs
+/// classifies otherwise under RESP3 — or a reply that cannot be parsed: errors redis-rs itself
+/// answers by reconnecting, but not when they end a reconnection) makes this connection build a new
 /// manager in the background (at most once every [`REPLACE_AT_MOST_EVERY`]); the calls that
 /// follow use it once it is connected. The error is still returned: the callers' retries go
 /// on as for any failed call.
@@ -92,7 +93,8 @@ impl Connection {
     /// Replaces the manager after an error its own reconnection does not get past.
     fn after<T>(&self, result: &RedisResult<T>) {
         let Err(error) = result else { return };
-        if error.is_io_error() || !error.is_unrecoverable_error() {
+        let refused = matches!(error.code(), Some("WRONGPASS" | "NOAUTH"));
+        if error.is_io_error() || !(error.is_unrecoverable_error() || refused) {
             return;
         }
         {
@@ -108,18 +110,32 @@ impl Connection {
         warn!(%error, "A Redis connection was refused; connecting afresh.");
         let shared = Arc::clone(&self.shared);
         self.shared.runtime.spawn(async move {
+            // Cleared however the task ends (a panic included): the next refusal tries again.
+            let _replacing = Replacing(&shared.replacing);
             match ConnectionManager::new_with_config(shared.client.clone(), manager_config()).await
             {
                 Ok(manager) => {
-                    *shared.current.write().expect("connection lock") = manager;
+                    let old = std::mem::replace(
+                        &mut *shared.current.write().expect("connection lock"),
+                        manager,
+                    );
+                    drop(old);
                     info!("Connected to Redis afresh.");
                 }
                 Err(error) => {
                     warn!(%error, "Connecting to Redis afresh failed; trying again at the next refused call.");
                 }
             }
-            shared.replacing.store(false, Ordering::Release);
         });
+    }
+}
+
+/// Clears the replacing flag when dropped.
+struct Replacing<'a>(&'a AtomicBool);
+
+impl Drop for Replacing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
