@@ -64,7 +64,13 @@ impl SweepState {
         let next_offset = claim.next_offset.unwrap_or(-1);
         match of_rules(claim.published_sweep).or(of_rules(claim.sweep)) {
             Some(recorded) if recorded.offset > next_offset => (Self::Pending(recorded), false),
-            Some(recorded) => (Self::Running(Sweep::resumed(recorded)), false),
+            Some(recorded) => (
+                Self::Running(Sweep::resumed(not_before_through(
+                    recorded,
+                    claim.replay_through,
+                ))),
+                false,
+            ),
             None => match claim
                 .replay_through
                 .filter(|&through| through > next_offset)
@@ -125,6 +131,17 @@ impl SweepState {
             Self::Running(sweep) => sweep.done,
             _ => None,
         }
+    }
+}
+
+/// A recorded sweep to start again in a replay, with the offset it completes at no earlier
+/// than `through`, the input the published changes reach, when its completion was not
+/// published: the publisher publishes the outbox in order, so that completion came at or after
+/// `through` (and the timers it held stayed held up to there).
+pub(super) fn not_before_through(recorded: RulesSweep, through: Option<i64>) -> RulesSweep {
+    RulesSweep {
+        done: recorded.done.or(through.filter(|&t| t > recorded.offset)),
+        ..recorded
     }
 }
 
@@ -205,7 +222,10 @@ impl Runner {
                 at: recorded.at,
             }
             .emit(&self.pipeline.telemetry);
-            self.sweep = SweepState::Running(Sweep::resumed(recorded));
+            self.sweep = SweepState::Running(Sweep::resumed(not_before_through(
+                recorded,
+                self.replay_through,
+            )));
         }
     }
 
@@ -246,12 +266,16 @@ impl Runner {
             self.reevaluate_at(&mut draft, id, loaded, Trigger::RulesChanged, sweep.at);
             swept += 1;
         }
-        // A replayed sweep completes where it first completed, not before: its paced pages may
-        // run ahead of the input being replayed, and its completion releases the held timers
-        // and (finishing a previous version's sweep first) starts the next sweep. Until the
-        // input gets there its pages go round again (finding no one) and `finish_sweep`
-        // completes it.
-        let done = next == 0 && sweep.done.is_none_or(|at| self.next_offset() >= at);
+        // A replayed sweep completes where it first completed (or, that unpublished, not
+        // before the input the published changes reach), not before: its paced pages may run
+        // ahead of the input being replayed, and its completion releases the held timers and
+        // (finishing a previous version's sweep first) starts the next sweep. Until the input
+        // gets there its pages go round again (finding no one) and `finish_sweep` completes
+        // it; so does reaching the log's end below that offset (a truncated log).
+        let done = next == 0
+            && sweep
+                .done
+                .is_none_or(|at| self.next_offset() >= at || self.status.caught_up());
         if done {
             draft.swept_rules = Some(hash);
             draft.outbox.push(sweep_entry(RulesSweep {
