@@ -67,6 +67,7 @@ impl SweepState {
             Some(recorded) => (
                 Self::Running(Sweep::resumed(not_before_through(
                     recorded,
+                    next_offset,
                     claim.replay_through,
                 ))),
                 false,
@@ -134,13 +135,19 @@ impl SweepState {
     }
 }
 
-/// A recorded sweep to start again in a replay, with the offset it completes at no earlier
-/// than `through`, the input the published changes reach, when its completion was not
-/// published: the publisher publishes the outbox in order, so that completion came at or after
-/// `through` (and the timers it held stayed held up to there).
-pub(super) fn not_before_through(recorded: RulesSweep, through: Option<i64>) -> RulesSweep {
+/// A recorded sweep going on from input offset `from`, with the offset it completes at no
+/// earlier than `through`, the input the published changes reach, when its completion was not
+/// published and `from` is below it (a replay: Redis lost writes): the publisher publishes the
+/// outbox in order, so that completion came at or after `through` (and the timers it held
+/// stayed held up to there). Outside a replay (`through` at or below `from`, as after any
+/// handover) nothing is held: the sweep goes on paced.
+pub(super) fn not_before_through(
+    recorded: RulesSweep,
+    from: i64,
+    through: Option<i64>,
+) -> RulesSweep {
     RulesSweep {
-        done: recorded.done.or(through.filter(|&t| t > recorded.offset)),
+        done: recorded.done.or(through.filter(|&t| t > from)),
         ..recorded
     }
 }
@@ -224,6 +231,7 @@ impl Runner {
             .emit(&self.pipeline.telemetry);
             self.sweep = SweepState::Running(Sweep::resumed(not_before_through(
                 recorded,
+                recorded.offset,
                 self.replay_through,
             )));
         }
@@ -391,6 +399,23 @@ pub(super) mod tests {
             record: Some(start),
             ..Sweep::resumed(start)
         })
+    }
+
+    #[test]
+    fn a_resumed_sweep_is_held_to_the_published_input_only_in_a_replay() {
+        let resumed = |through| {
+            let mut c = claim(through, Some(sweep(50, 3, None)));
+            c.sweep = Some(sweep(50, 3, None));
+            SweepState::after_claim(&c, 3, 9).0.completes_at()
+        };
+        // A handover mid-sweep (the published changes reach no further than the claimed
+        // offset, 100): the sweep goes on paced, not completed at once.
+        assert_eq!(resumed(Some(80)), None);
+        assert_eq!(resumed(Some(100)), None);
+        assert_eq!(resumed(None), None);
+        // A replay (Redis lost writes the published changes reach up to 150), the completion
+        // unpublished: it first completed at 150 or after.
+        assert_eq!(resumed(Some(150)), Some(150));
     }
 
     #[test]
