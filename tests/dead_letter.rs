@@ -395,6 +395,62 @@ fn a_dead_letter_kafka_refuses_is_parked_and_the_rest_flows_exactly_once() {
     assert_eq!(world.read_all(&world.output).len(), 10);
 }
 
+/// A parked dead letter retried while the dead-letter topic still refuses it does not hold
+/// up what comes after it: dead letters and changes published after the parking go out while
+/// the retries go on (every 100 ms here). Before: a refused record left the producer's
+/// sequence numbers for that topic partition one ahead of the broker's, so the next dead
+/// letter's transaction failed (out of order, purged), and with the retry due before every
+/// outbox round, nothing after the parked letter was published again.
+#[test]
+fn retrying_a_parked_dead_letter_does_not_hold_the_dead_letters_after_it() {
+    use rand::distr::{Alphanumeric, SampleString};
+    let world = World::start(1);
+    let dlq = support::unique("dlq-small");
+    world
+        .broker
+        .create_topics_with(&[&dlq], 1, 1, &[("max.message.bytes", "2000")]);
+    let tierd = Tierd::spawn(
+        &world,
+        &format!("[kafka]\ndead_letter_topic = \"{dlq}\"\n[publish]\nparked_retry_ms = 100\n"),
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
+    let ends = world.produce(&[(Some("c9".into()), big.into_bytes())]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") < 1.0 || world.outbox_len(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "not parked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let at = "2026-11-10T10:00:00Z";
+    let json = |e: serde_json::Value| serde_json::to_vec(&e).unwrap();
+    for round in 0..3 {
+        let ends = world.produce(&[
+            (Some("d".into()), format!("{{bad {round}").into_bytes()),
+            (
+                Some(format!("c{round}")),
+                json(purchase(
+                    &format!("a{round}"),
+                    &format!("c{round}"),
+                    "1.00",
+                    at,
+                )),
+            ),
+        ]);
+        world.wait_applied(&ends, Duration::from_secs(30));
+        let letters = support::read_all(&world.broker.addr, &dlq, 1);
+        assert_eq!(
+            letters.len(),
+            round + 1,
+            "every small dead letter so far went through"
+        );
+        assert_eq!(world.read_all(&world.output).len(), round + 1);
+    }
+    assert_eq!(tierd.metric("tierd_outbox_parked"), 1.0, "still parked");
+    assert!(tierd.metric("tierd_publish_refused_total") >= 1.0);
+}
+
 /// A tier change the output topic refuses for good (here: larger than its `max.message.bytes`)
 /// holds its partition's outbox: the changes before it are published once, the one after it
 /// waits (a customer's order matters more than progress), `tierd_outbox_blocked`,

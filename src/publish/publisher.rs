@@ -455,6 +455,27 @@ impl PartitionPublisher {
         round: &[StoredEntry],
         from_outbox: bool,
     ) -> Result<Round, DrainError> {
+        if self.producer.is_none() {
+            self.init_producer().await?;
+        }
+        let result = self.transaction(round, from_outbox).await;
+        if let Ok(Round::Refused { .. } | Round::HistoryRefused(_)) = result {
+            // A record the broker refused keeps its sequence number in the producer (librdkafka
+            // does not bump the epoch after a refusal), so the producer's next transaction to
+            // that topic partition fails as out of order, is purged and aborted: each retry of
+            // a parked letter would then cost the next round of the outbox. A new producer
+            // (a new epoch, sequences from 0) starts clean.
+            self.producer = None;
+        }
+        result
+    }
+
+    /// [`Self::round`]'s transaction, on the initialised producer.
+    async fn transaction(
+        &mut self,
+        round: &[StoredEntry],
+        from_outbox: bool,
+    ) -> Result<Round, DrainError> {
         // Everything that can be malformed is read before the transaction begins (an error
         // inside it would leave it open): the position entries and each record's headers.
         let mut switches = Vec::new();
@@ -592,7 +613,13 @@ impl PartitionPublisher {
             match delivery.await {
                 Ok(Ok(_)) => counts[kind_index(kind)] += 1,
                 Ok(Err((e, _))) => {
-                    if failed.as_ref().is_none_or(|(i, _)| index < *i) {
+                    // The cause first: a refusal fails the whole transaction, and librdkafka
+                    // then purges the round's other records (`PurgeQueue`), earlier ones too.
+                    let cause = |i: usize, e: &KafkaError| (!producer::is_permanent(e), i);
+                    if failed
+                        .as_ref()
+                        .is_none_or(|(i, f)| cause(index, &e) < cause(*i, f))
+                    {
                         failed = Some((index, e));
                     }
                 }
@@ -748,7 +775,21 @@ impl PartitionPublisher {
             self.report();
             return Ok(());
         };
-        match self.round(std::slice::from_ref(&stored), false).await? {
+        let round = match self.round(std::slice::from_ref(&stored), false).await {
+            Ok(round) => round,
+            // Parking exists so that a letter Kafka refuses never holds up the outbox: a retry
+            // that fails for another reason is reported and tried again when next due.
+            Err(DrainError::Retry(error)) => {
+                events::PublishFailed {
+                    partition: self.target.partition,
+                    error: &error,
+                }
+                .emit(&self.shared.telemetry);
+                return Ok(());
+            }
+            Err(stop) => return Err(stop),
+        };
+        match round {
             Round::Committed(counts) => {
                 outbox::delete(&mut self.conn, &parked_key, &stored.id).await?;
                 self.count(counts);
