@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-use support::{purchase, Tierd, World};
+use support::{purchase, Redis, Tierd, World};
 
 #[test]
 fn every_bad_input_class_is_dead_lettered_with_its_reason_and_nothing_stops() {
@@ -449,6 +449,78 @@ fn retrying_a_parked_dead_letter_does_not_hold_the_dead_letters_after_it() {
     }
     assert_eq!(tierd.metric("tierd_outbox_parked"), 1.0, "still parked");
     assert!(tierd.metric("tierd_publish_refused_total") >= 1.0);
+}
+
+/// A parked dead letter Kafka took, whose removal from Redis then fails, is not published
+/// again: the transaction that delivers it also commits its id with the outbox position, and
+/// the next retry finds it there and only removes it. Here the delete is refused (tierd's ACL
+/// user loses XDEL on the parked stream for a while); in production, Redis going down between
+/// Kafka's commit and the delete. Before: every retry delivered it again.
+#[test]
+fn a_parked_dead_letter_delivered_is_not_delivered_again_when_removing_it_fails() {
+    use rand::distr::{Alphanumeric, SampleString};
+    let mut redis = Redis::start();
+    let admin_url = redis.url.clone();
+    let acl = |rules: &[&str]| {
+        let mut admin = redis::Client::open(admin_url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("tierd")
+            .arg(rules)
+            .query(&mut admin)
+            .unwrap();
+    };
+    acl(&["on", ">pw", "~*", "&*", "+@all"]);
+    redis.url = admin_url.replacen("redis://", "redis://tierd:pw@", 1);
+    let world = World::start_with(1, redis);
+    let dlq = support::unique("dlq-small");
+    world
+        .broker
+        .create_topics_with(&[&dlq], 1, 1, &[("max.message.bytes", "2000")]);
+    let tierd = Tierd::spawn(
+        &world,
+        &format!("[kafka]\ndead_letter_topic = \"{dlq}\"\n[publish]\nparked_retry_ms = 100\n"),
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
+    let ends = world.produce(&[(Some("c9".into()), big.clone().into_bytes())]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") < 1.0 || world.outbox_len(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "not parked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // XDEL stays allowed on the outbox only: the parked letter cannot be removed.
+    acl(&["-xdel", "(~*:outbox +xdel)"]);
+    world
+        .broker
+        .alter_topic_config(&dlq, "max.message.bytes", "1000000");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while support::read_all(&world.broker.addr, &dlq, 1).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never delivered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Retries due every 100 ms (between the failure backoff's) for a few seconds.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        tierd.metric("tierd_redis_errors_total") + tierd.metric("tierd_publish_errors_total")
+            >= 1.0,
+        "removing it was refused"
+    );
+    assert_eq!(tierd.metric("tierd_outbox_parked"), 1.0, "not removed yet");
+    acl(&["+xdel", "clearselectors"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never removed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let letters = support::read_all(&world.broker.addr, &dlq, 1);
+    assert_eq!(letters.len(), 1, "delivered once");
+    assert_eq!(letters[0].value, big.as_bytes());
 }
 
 /// A tier change the output topic refuses for good (here: larger than its `max.message.bytes`)

@@ -162,6 +162,10 @@ pub struct Published {
     /// (0: the last round with anything to record wrote none; see [`HistoryRecord`]).
     #[serde(rename = "hn", default, skip_serializing_if = "is_zero")]
     pub history_records: u64,
+    /// The last parked dead letter delivered (its id in the parked stream): a retry finds it
+    /// here if removing it from Redis failed after Kafka took it, and only removes it.
+    #[serde(rename = "pk", default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -312,12 +316,31 @@ impl Published {
                 next.switches.push(s.clone());
             }
         }
-        while over(next) && !next.switches.is_empty() {
-            let dropped = next.switches.remove(0);
-            next.forgotten = next.forgotten.max(Some(dropped.offset));
+        if let Some(budget) = budget {
+            next.make_room(budget);
         }
-        while over(next) && !next.earlier_sweeps.is_empty() {
-            next.earlier_sweeps.remove(0);
+    }
+
+    /// The position after a round that delivered the parked dead letter `id` (the outbox is
+    /// where it was), within `budget` bytes of metadata.
+    #[must_use]
+    pub fn after_parked(&self, id: &str, budget: usize) -> Self {
+        let mut next = self.clone();
+        next.parked = Some(id.to_owned());
+        next.make_room(budget);
+        next
+    }
+
+    /// Drops the oldest switches (remembered in `forgotten`), then the oldest earlier sweeps,
+    /// until the metadata fits in `budget` bytes.
+    fn make_room(&mut self, budget: usize) {
+        let over = |p: &Self| p.metadata().len() > budget;
+        while over(self) && !self.switches.is_empty() {
+            let dropped = self.switches.remove(0);
+            self.forgotten = self.forgotten.max(Some(dropped.offset));
+        }
+        while over(self) && !self.earlier_sweeps.is_empty() {
+            self.earlier_sweeps.remove(0);
         }
     }
 
@@ -548,6 +571,7 @@ impl Published {
             && self.forgotten.is_none()
             && self.through.is_none()
             && self.history_records == 0
+            && self.parked.is_none()
         {
             return self.last_id.clone().unwrap_or_default();
         }
@@ -1159,6 +1183,47 @@ mod tests {
         assert!(kept >= 8, "room for a useful history: {kept}");
         assert_eq!(back.switches.last(), Some(&switch(1990, 199)));
         assert_eq!(back.forgotten, Some(back.switches[0].offset - 10));
+    }
+
+    #[test]
+    fn a_delivered_parked_letter_is_kept_within_the_budget_and_carried_on() {
+        assert_eq!(
+            Published::parse(&Published::default().after_parked("5-0", 3500).metadata())
+                .parked
+                .as_deref(),
+            Some("5-0"),
+            "kept with nothing else recorded"
+        );
+        let mut p = Published::default();
+        for i in 0..200 {
+            p = p.after(
+                &format!("{i}-0"),
+                Some(i * 10),
+                &[switch(i * 10, i as u64)],
+                &[],
+                None,
+                METADATA_BUDGET,
+            );
+        }
+        let full = p.switches.len();
+        // No room to spare: the parked id takes the oldest switch's.
+        let budget = p.metadata().len() + 5;
+        let parked = p.after_parked("1700000000000-12", budget);
+        assert!(parked.metadata().len() <= budget);
+        assert_eq!(
+            parked.switches.len(),
+            full - 1,
+            "the oldest switch gave way"
+        );
+        assert_eq!(
+            parked.last_id, p.last_id,
+            "the outbox position is unchanged"
+        );
+        let back = Published::parse(&parked.metadata());
+        assert_eq!(back.parked.as_deref(), Some("1700000000000-12"));
+        // The outbox's next rounds carry it on.
+        let next = back.after("201-0", Some(2010), &[], &[], None, METADATA_BUDGET);
+        assert_eq!(next.parked.as_deref(), Some("1700000000000-12"));
     }
 
     fn pass(offset: i64, upto: i64, cutoffs: u64) -> TimerPass {

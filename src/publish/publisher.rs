@@ -448,8 +448,9 @@ impl PartitionPublisher {
         DrainError::Retry(PublishError::Producer(error))
     }
 
-    /// Publishes `round` in one transaction; with `from_outbox`, the transaction also commits
-    /// the round's last outbox id as the published position.
+    /// Publishes `round` in one transaction, which also commits the position it leaves the
+    /// outbox at: the round's last outbox id, or (a parked dead letter's round) the parked id
+    /// delivered.
     async fn round(
         &mut self,
         round: &[StoredEntry],
@@ -662,7 +663,7 @@ impl PartitionPublisher {
             }
             return Err(DrainError::Retry(error.into()));
         }
-        let position = from_outbox.then(|| {
+        let position = if from_outbox {
             let mut published = self.position.after_sweeps(
                 &round[round.len() - 1].id,
                 round[round.len() - 1].end_offset,
@@ -677,19 +678,21 @@ impl PartitionPublisher {
                 // Recorded without a history record: the next one starts a new run.
                 published.history_records = 0;
             }
-            RoundPosition {
-                positions: Arc::clone(&self.shared.positions),
-                partition: self.target.partition,
-                published,
-            }
-        });
-        let after = position.as_ref().map(|p| p.published.clone());
-        if let Err(e) = producer.commit(position).await {
+            published
+        } else {
+            // A parked dead letter: alone in its round.
+            self.position
+                .after_parked(&round[0].id, self.shared.positions.budget())
+        };
+        let committed = RoundPosition {
+            positions: Arc::clone(&self.shared.positions),
+            partition: self.target.partition,
+            published: position.clone(),
+        };
+        if let Err(e) = producer.commit(Some(committed)).await {
             return Err(self.txn_failed(e).await);
         }
-        if let Some(after) = after {
-            self.position = after;
-        }
+        self.position = position;
         Ok(Round::Committed(counts))
     }
 
@@ -775,6 +778,20 @@ impl PartitionPublisher {
             self.report();
             return Ok(());
         };
+        let delivered = self.position.parked.as_deref().and_then(stream_id);
+        if delivered.is_some_and(|at| stream_id(&stored.id).is_some_and(|id| id <= at)) {
+            // Kafka took it, and removing it failed (Redis went away after the commit).
+            outbox::delete(&mut self.conn, &parked_key, &stored.id).await?;
+            info!(
+                partition = self.target.partition,
+                id = stored.id,
+                "A parked dead letter delivered before is removed (not delivered again)."
+            );
+            self.parked = outbox::len(&mut self.conn, &parked_key).await?;
+            self.next_parked_try = Instant::now();
+            self.report();
+            return Ok(());
+        }
         let round = match self.round(std::slice::from_ref(&stored), false).await {
             Ok(round) => round,
             // Parking exists so that a letter Kafka refuses never holds up the outbox: a retry
