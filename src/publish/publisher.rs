@@ -23,6 +23,7 @@ use crate::engine::rules::rank::CutoffsSwitch;
 use crate::store::connection::Connection;
 use crate::store::keys::PartitionKeys;
 use crate::store::outbox::{self, EntryKind, OutboxError, RulesSweep, StoredEntry, TimerPass};
+use crate::store::retry::Backoff;
 use crate::telemetry::{events, Telemetry};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -45,10 +46,9 @@ const FINAL_DRAIN: Duration = Duration::from_secs(10);
 /// [`super::position::HistoryRecord::rules`]).
 const HISTORY_RULES_TEXTS_MAX: usize = 256 * 1024;
 
-/// Pause after a failed round or producer initialisation; doubled after each further
-/// failure in a row, up to [`RETRY_DELAY_MAX`].
+/// Pause after a failed round or producer initialisation (jittered); doubled after each
+/// further failure in a row, up to 2 s ([`Backoff`]).
 const RETRY_DELAY: Duration = Duration::from_millis(200);
-const RETRY_DELAY_MAX: Duration = Duration::from_secs(2);
 
 /// What every partition publisher shares.
 #[derive(Clone)]
@@ -220,11 +220,11 @@ impl Publisher {
             label: p.label.clone(),
         };
         let mut stopping_since: Option<Instant> = None;
-        let mut failures = 0u32;
+        let mut backoff = Backoff::starting_at(RETRY_DELAY);
         loop {
             let drained = p.drain().await;
             if drained.is_ok() {
-                failures = 0;
+                backoff = Backoff::starting_at(RETRY_DELAY);
             }
             match drained {
                 Ok(()) if stopping_since.is_some() => return,
@@ -256,10 +256,8 @@ impl Publisher {
                         return;
                     }
                     // Doubling while the failures go on (a Redis or broker outage): a few lines
-                    // a second per partition at first, one every 2 s after.
-                    let delay = RETRY_DELAY * 2u32.pow(failures.min(4));
-                    failures += 1;
-                    tokio::time::sleep(delay.min(RETRY_DELAY_MAX)).await;
+                    // a second per partition at first, one every 1–2 s after.
+                    backoff.wait().await;
                     continue;
                 }
             }

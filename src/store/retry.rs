@@ -23,6 +23,14 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// Delays that start at `first` (rather than 50 ms), for retries that each cost more
+    /// than a Redis call (a publish round, a producer).
+    pub fn starting_at(first: Duration) -> Self {
+        Self {
+            ceiling: first.min(MAX),
+        }
+    }
+
     /// The next delay: uniform in `[ceiling / 2, ceiling]`, then the ceiling doubles (up to
     /// 2 s). Half the ceiling at least, so a retry storm never degenerates into a busy loop.
     pub fn next_delay(&mut self) -> Duration {
