@@ -318,15 +318,7 @@ fn a_record_dated_in_the_far_future_is_refused_against_tierds_clock() {
 fn a_dead_letter_kafka_refuses_is_parked_and_the_rest_flows_exactly_once() {
     use rand::distr::{Alphanumeric, SampleString};
     let world = World::start(1);
-    let dlq = support::unique("dlq-small");
-    world
-        .broker
-        .create_topics_with(&[&dlq], 1, 1, &[("max.message.bytes", "2000")]);
-    let tierd = Tierd::spawn(
-        &world,
-        &format!("[kafka]\ndead_letter_topic = \"{dlq}\"\n[publish]\nparked_retry_ms = 500\n"),
-    );
-    tierd.wait_partitions(1, Duration::from_secs(60));
+    let (dlq, tierd) = small_dead_letter_topic(&world, 500);
 
     let json = |e: serde_json::Value| serde_json::to_vec(&e).unwrap();
     let at = "2026-11-10T10:00:00Z";
@@ -403,25 +395,9 @@ fn a_dead_letter_kafka_refuses_is_parked_and_the_rest_flows_exactly_once() {
 /// outbox round, nothing after the parked letter was published again.
 #[test]
 fn retrying_a_parked_dead_letter_does_not_hold_the_dead_letters_after_it() {
-    use rand::distr::{Alphanumeric, SampleString};
     let world = World::start(1);
-    let dlq = support::unique("dlq-small");
-    world
-        .broker
-        .create_topics_with(&[&dlq], 1, 1, &[("max.message.bytes", "2000")]);
-    let tierd = Tierd::spawn(
-        &world,
-        &format!("[kafka]\ndead_letter_topic = \"{dlq}\"\n[publish]\nparked_retry_ms = 100\n"),
-    );
-    tierd.wait_partitions(1, Duration::from_secs(60));
-    let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
-    let ends = world.produce(&[(Some("c9".into()), big.into_bytes())]);
-    world.wait_applied(&ends, Duration::from_secs(60));
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_outbox_parked") < 1.0 || world.outbox_len(0) > 0 {
-        assert!(std::time::Instant::now() < deadline, "not parked");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (dlq, tierd) = small_dead_letter_topic(&world, 100);
+    park_a_big_dead_letter(&world, &tierd);
 
     let at = "2026-11-10T10:00:00Z";
     let json = |e: serde_json::Value| serde_json::to_vec(&e).unwrap();
@@ -458,41 +434,11 @@ fn retrying_a_parked_dead_letter_does_not_hold_the_dead_letters_after_it() {
 /// Kafka's commit and the delete. Before: every retry delivered it again.
 #[test]
 fn a_parked_dead_letter_delivered_is_not_delivered_again_when_removing_it_fails() {
-    use rand::distr::{Alphanumeric, SampleString};
-    let mut redis = Redis::start();
-    let admin_url = redis.url.clone();
-    let acl = |rules: &[&str]| {
-        let mut admin = redis::Client::open(admin_url.as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("tierd")
-            .arg(rules)
-            .query(&mut admin)
-            .unwrap();
-    };
-    acl(&["on", ">pw", "~*", "&*", "+@all"]);
-    redis.url = admin_url.replacen("redis://", "redis://tierd:pw@", 1);
+    let (redis, admin) = Redis::start_as_acl_user();
+    let acl = |rules: &[&str]| support::acl(&admin, &[&["SETUSER", "tierd"], rules].concat());
     let world = World::start_with(1, redis);
-    let dlq = support::unique("dlq-small");
-    world
-        .broker
-        .create_topics_with(&[&dlq], 1, 1, &[("max.message.bytes", "2000")]);
-    let tierd = Tierd::spawn(
-        &world,
-        &format!("[kafka]\ndead_letter_topic = \"{dlq}\"\n[publish]\nparked_retry_ms = 100\n"),
-    );
-    tierd.wait_partitions(1, Duration::from_secs(60));
-    let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
-    let ends = world.produce(&[(Some("c9".into()), big.clone().into_bytes())]);
-    world.wait_applied(&ends, Duration::from_secs(60));
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_outbox_parked") < 1.0 || world.outbox_len(0) > 0 {
-        assert!(std::time::Instant::now() < deadline, "not parked");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (dlq, tierd) = small_dead_letter_topic(&world, 100);
+    let big = park_a_big_dead_letter(&world, &tierd);
 
     // XDEL stays allowed on the outbox only: the parked letter cannot be removed.
     acl(&["-xdel", "(~*:outbox +xdel)"]);
@@ -521,6 +467,38 @@ fn a_parked_dead_letter_delivered_is_not_delivered_again_when_removing_it_fails(
     let letters = support::read_all(&world.broker.addr, &dlq, 1);
     assert_eq!(letters.len(), 1, "delivered once");
     assert_eq!(letters[0].value, big.as_bytes());
+}
+
+/// A dead-letter topic that refuses records above 2000 bytes, and tierd writing to it,
+/// retrying parked letters every `parked_retry_ms`.
+fn small_dead_letter_topic(world: &World, parked_retry_ms: u64) -> (String, Tierd) {
+    let dlq = support::unique("dlq-small");
+    world
+        .broker
+        .create_topics_with(&[&dlq], 1, 1, &[("max.message.bytes", "2000")]);
+    let tierd = Tierd::spawn(
+        world,
+        &format!(
+            "[kafka]\ndead_letter_topic = \"{dlq}\"\n[publish]\nparked_retry_ms = {parked_retry_ms}\n"
+        ),
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    (dlq, tierd)
+}
+
+/// A bad input record the small dead-letter topic refuses: returns it once it is parked.
+fn park_a_big_dead_letter(world: &World, tierd: &Tierd) -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    // Incompressible, so that even lz4 leaves it above the topic's 2000 bytes.
+    let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
+    let ends = world.produce(&[(Some("c9".into()), big.clone().into_bytes())]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") < 1.0 || world.outbox_len(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "not parked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    big
 }
 
 /// A tier change the output topic refuses for good (here: larger than its `max.message.bytes`)

@@ -130,18 +130,9 @@ fn a_redis_down_for_seconds_is_caught_up_seconds_after_it_returns() {
 /// did the same.
 #[test]
 fn tierds_redis_user_deleted_and_created_again_is_reconnected() {
-    let mut redis = Redis::start();
-    let admin_url = redis.url.clone();
-    let acl = |args: &[&str]| {
-        let mut admin = redis::Client::open(admin_url.as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let _: () = redis::cmd("ACL").arg(args).query(&mut admin).unwrap();
-    };
+    let (redis, admin) = Redis::start_as_acl_user();
+    let acl = |args: &[&str]| support::acl(&admin, args);
     let create = || acl(&["SETUSER", "tierd", "on", ">pw", "~*", "&*", "+@all"]);
-    create();
-    redis.url = admin_url.replacen("redis://", "redis://tierd:pw@", 1);
     let world = World::start_with(2, redis);
     let tierd = Tierd::spawn(&world, "");
     tierd.wait_partitions(2, Duration::from_secs(60));
@@ -162,24 +153,8 @@ fn tierds_redis_user_deleted_and_created_again_is_reconnected() {
 /// applied. Once its keys are allowed again it catches up, every event counted once.
 #[test]
 fn one_stuck_partition_does_not_stall_the_others() {
-    let mut redis = Redis::start();
-    let admin_url = redis.url.clone();
-    let admin = || {
-        redis::Client::open(admin_url.as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap()
-    };
-    let acl = |rules: &[&str]| {
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("tierd")
-            .arg(rules)
-            .query(&mut admin())
-            .unwrap();
-    };
-    acl(&["on", ">pw", "~*", "&*", "+@all"]);
-    redis.url = admin_url.replacen("redis://", "redis://tierd:pw@", 1);
+    let (redis, admin) = Redis::start_as_acl_user();
+    let acl = |rules: &[&str]| support::acl(&admin, &[&["SETUSER", "tierd"], rules].concat());
     let world = World::start_with(2, redis);
     let [a, b]: [String; 2] = world.customer_per_partition().try_into().unwrap();
     let tierd = Tierd::spawn(
@@ -203,7 +178,10 @@ fn one_stuck_partition_does_not_stall_the_others() {
     std::thread::sleep(Duration::from_secs(3));
     let more = world.produce_json(&[purchase("b1", &b, "1", "2026-11-01T10:00:00Z")]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut conn = admin();
+    let mut conn = redis::Client::open(admin.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
     loop {
         let next: Option<i64> = redis::cmd("HGET")
             .arg(world.keys(1).meta)

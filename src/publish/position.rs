@@ -1157,19 +1157,23 @@ mod tests {
         assert_eq!(p.switches_from(Some(30), 3), vec![switch(30, 4)]);
     }
 
-    #[test]
-    fn the_metadata_stays_within_kafkas_bound_forgetting_the_oldest() {
-        let mut p = Published::default();
-        for i in 0..200 {
-            p = p.after(
+    /// The position after 200 rounds that each moved the cut-offs: full to the budget.
+    fn full_of_switches() -> Published {
+        (0..200).fold(Published::default(), |p, i| {
+            p.after(
                 &format!("{i}-0"),
                 Some(i * 10),
                 &[switch(i * 10, i as u64)],
                 &[],
                 None,
                 METADATA_BUDGET,
-            );
-        }
+            )
+        })
+    }
+
+    #[test]
+    fn the_metadata_stays_within_kafkas_bound_forgetting_the_oldest() {
+        let p = full_of_switches();
         let m = p.metadata();
         assert!(m.len() <= METADATA_BUDGET, "{}", m.len());
         assert_eq!(
@@ -1194,17 +1198,7 @@ mod tests {
             Some("5-0"),
             "kept with nothing else recorded"
         );
-        let mut p = Published::default();
-        for i in 0..200 {
-            p = p.after(
-                &format!("{i}-0"),
-                Some(i * 10),
-                &[switch(i * 10, i as u64)],
-                &[],
-                None,
-                METADATA_BUDGET,
-            );
-        }
+        let p = full_of_switches();
         let full = p.switches.len();
         // No room to spare: the parked id takes the oldest switch's.
         let budget = p.metadata().len() + 5;

@@ -55,6 +55,15 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// `ACL ARGS…` as the default user of the Redis at `admin_url`.
+pub fn acl(admin_url: &str, args: &[&str]) {
+    let mut admin = redis::Client::open(admin_url)
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("ACL").arg(args).query(&mut admin).unwrap();
+}
+
 /// A Redis server owned by the test (killed on drop), or an external one.
 pub struct Redis {
     child: Mutex<Option<Child>>,
@@ -74,6 +83,19 @@ impl Redis {
     /// A Redis without persistence (tests that never restart it).
     pub fn start() -> Self {
         Self::start_with(None)
+    }
+
+    /// A Redis whose `url` logs in as the ACL user `tierd` (every key and command), and the
+    /// default user's URL, for [`acl`] to change the user's rights while tierd runs.
+    pub fn start_as_acl_user() -> (Self, String) {
+        let mut redis = Self::start();
+        let admin = redis.url.clone();
+        acl(
+            &admin,
+            &["SETUSER", "tierd", "on", ">pw", "~*", "&*", "+@all"],
+        );
+        redis.url = admin.replacen("redis://", "redis://tierd:pw@", 1);
+        (redis, admin)
     }
 
     /// A Redis that fsyncs every write to its append-only file, so [`Redis::restart`] loses
