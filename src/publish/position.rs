@@ -904,15 +904,18 @@ impl OutboxPositions {
             tpl.add_partition(&self.topic, partition);
         }
         let committed = consumer.committed_offsets(tpl, timeout)?;
-        Ok(partitions
+        partitions
             .iter()
-            .map(|&partition| {
-                committed
-                    .find_partition(&self.topic, partition)
-                    .map(|e| Published::parse(e.metadata()))
-                    .unwrap_or_default()
-            })
-            .collect())
+            .map(
+                |&partition| match committed.find_partition(&self.topic, partition) {
+                    // A partition's own error (the request as a whole answered): taken as
+                    // "nothing published", the next round would commit a position that forgot
+                    // everything recorded.
+                    Some(e) => e.error().map(|()| Published::parse(e.metadata())),
+                    None => Ok(Published::default()),
+                },
+            )
+            .collect()
     }
 
     /// The input topic's id ([`crate::ingest::topic_id`]). Asked for at most once per

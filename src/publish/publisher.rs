@@ -331,7 +331,6 @@ impl PartitionPublisher {
                 match self.round(&rest[..n], true).await? {
                     Round::Committed(counts) => {
                         self.published = stream_id(&rest[n - 1].id);
-                        self.producer_failures = 0;
                         outbox::trim_through(&mut self.conn, &outbox_key, &rest[n - 1].id).await?;
                         self.count(counts);
                         debug!(
@@ -458,13 +457,20 @@ impl PartitionPublisher {
             self.init_producer().await?;
         }
         let result = self.transaction(round, from_outbox).await;
+        if result.is_ok() {
+            // The broker answered the transaction: the producer works.
+            self.producer_failures = 0;
+        }
         if let Ok(Round::Refused { .. } | Round::HistoryRefused(_)) = result {
             // A record the broker refused keeps its sequence number in the producer (librdkafka
             // does not bump the epoch after a refusal), so the producer's next transaction to
             // that topic partition fails as out of order, is purged and aborted: each retry of
             // a parked letter would then cost the next round of the outbox. A new producer
             // (a new epoch, sequences from 0) starts clean.
-            self.producer = None;
+            if let Some(old) = self.producer.take() {
+                // Dropping it joins librdkafka's threads: off the async workers.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
         }
         result
     }
@@ -764,8 +770,34 @@ impl PartitionPublisher {
     }
 
     /// Tries the oldest parked dead letter again (alone); delivered, it leaves the side stream.
+    /// Parking exists so that a letter Kafka refuses never holds up the outbox: a retry that
+    /// fails (Kafka or Redis) is reported and tried again when next due.
     async fn retry_parked(&mut self) -> Result<(), DrainError> {
         self.next_parked_try = Instant::now() + self.shared.parked_retry;
+        let result = match self.retry_first_parked().await {
+            Err(DrainError::Retry(error)) => {
+                events::PublishFailed {
+                    partition: self.target.partition,
+                    error: &error,
+                }
+                .emit(&self.shared.telemetry);
+                Ok(Some("failed"))
+            }
+            other => other,
+        };
+        if let Ok(Some(result)) = result {
+            self.shared
+                .telemetry
+                .parked_retries
+                .with_label_values(&[result])
+                .inc();
+        }
+        self.report();
+        result.map(|_| ())
+    }
+
+    /// [`Self::retry_parked`]'s attempt: what came of it, `None` if nothing is parked.
+    async fn retry_first_parked(&mut self) -> Result<Option<&'static str>, DrainError> {
         let parked_key = self.target.keys.parked.clone();
         let Some(stored) = outbox::read(&mut self.conn, &parked_key, 1)
             .await?
@@ -773,12 +805,12 @@ impl PartitionPublisher {
             .next()
         else {
             self.parked = 0;
-            self.report();
-            return Ok(());
+            return Ok(None);
         };
-        let delivered = self.position.parked.as_deref().and_then(stream_id);
-        if delivered.is_some_and(|at| stream_id(&stored.id).is_some_and(|id| id <= at)) {
-            // Kafka took it, and removing it failed (Redis went away after the commit).
+        // Kafka took it, and removing it failed (Redis went away after the commit): only
+        // removed. The very id only: a letter parked again after Redis lost the stream may
+        // have an id below it (another host's clock), and is delivered.
+        if self.position.parked.as_deref() == Some(stored.id.as_str()) {
             outbox::delete(&mut self.conn, &parked_key, &stored.id).await?;
             info!(
                 partition = self.target.partition,
@@ -787,45 +819,30 @@ impl PartitionPublisher {
             );
             self.parked = outbox::len(&mut self.conn, &parked_key).await?;
             self.next_parked_try = Instant::now();
-            self.report();
-            return Ok(());
+            return Ok(Some("delivered"));
         }
-        let round = match self.round(std::slice::from_ref(&stored), false).await {
-            Ok(round) => round,
-            // Parking exists so that a letter Kafka refuses never holds up the outbox: a retry
-            // that fails for another reason is reported and tried again when next due.
-            Err(DrainError::Retry(error)) => {
-                events::PublishFailed {
-                    partition: self.target.partition,
-                    error: &error,
-                }
-                .emit(&self.shared.telemetry);
-                return Ok(());
-            }
-            Err(stop) => return Err(stop),
-        };
-        match round {
+        match self.round(std::slice::from_ref(&stored), false).await? {
             Round::Committed(counts) => {
-                outbox::delete(&mut self.conn, &parked_key, &stored.id).await?;
                 self.count(counts);
                 info!(
                     partition = self.target.partition,
                     id = stored.id,
                     "A parked dead letter went through."
                 );
+                outbox::delete(&mut self.conn, &parked_key, &stored.id).await?;
                 self.parked = outbox::len(&mut self.conn, &parked_key).await?;
                 // Drain the rest of the side stream on the next attempts without waiting.
                 if self.parked > 0 {
                     self.next_parked_try = Instant::now();
                 }
+                Ok(Some("delivered"))
             }
             // Parked dead letters are not from the outbox: their rounds write no history.
             Round::Refused { error, .. } | Round::HistoryRefused(error) => {
                 self.parked_reason = error.to_string();
+                Ok(Some("refused"))
             }
         }
-        self.report();
-        Ok(())
     }
 
     /// Updates `/readyz`'s view and the gauges.

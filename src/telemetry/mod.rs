@@ -38,6 +38,8 @@ pub struct Telemetry {
     pub publish_refused: IntCounterVec,
     /// Dead letters set aside after a permanent refusal, awaiting a retry.
     pub outbox_parked: IntGaugeVec,
+    /// Retries of parked dead letters, by result (`delivered`, `refused`, `failed`).
+    pub parked_retries: IntCounterVec,
     /// 1 while a partition's outbox is blocked by a change Kafka refuses permanently.
     pub outbox_blocked: IntGaugeVec,
     /// `tierd_outbox_full{partition}`.
@@ -205,6 +207,11 @@ impl Telemetry {
                 "tierd_outbox_parked",
                 "Dead letters set aside after a permanent refusal, retried periodically.",
                 &["partition"],
+            ),
+            parked_retries: counter_vec(
+                "tierd_outbox_parked_retries_total",
+                "Retries of parked dead letters, by result (delivered, refused, failed).",
+                &["result"],
             ),
             outbox_blocked: gauge_vec(
                 "tierd_outbox_blocked",

@@ -20,8 +20,26 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A free loopback TCP port (bound and released; the OS does not hand it out again soon).
+/// A free loopback TCP port for a server a test starts: bound and released, and below the
+/// kernel's ephemeral range (`ip_local_port_range`), which every outgoing connection of every
+/// process takes its local port from. A port from `bind(0)` is in that range, and a node of a
+/// 3-node Kafka cluster once failed to start because a connection had taken its port
+/// meanwhile ("Address already in use"); below it, only another test's random pick can
+/// collide.
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 12_000 {
+        for _ in 0..100 {
+            let port = rand::rng().random_range(10_000..low);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1737,6 +1755,15 @@ impl Tierd {
         text.lines()
             .filter(|l| !l.starts_with('#'))
             .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The value of metric `name`'s series whose labels include `label` (`key="value"`).
+    pub fn metric_labeled(&self, name: &str, label: &str) -> f64 {
+        let text = self.get("/metrics").1;
+        text.lines()
+            .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
