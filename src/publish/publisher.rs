@@ -617,17 +617,7 @@ impl PartitionPublisher {
         for (index, kind, delivery) in deliveries {
             match delivery.await {
                 Ok(Ok(_)) => counts[kind_index(kind)] += 1,
-                Ok(Err((e, _))) => {
-                    // The cause first: a refusal fails the whole transaction, and librdkafka
-                    // then purges the round's other records (`PurgeQueue`), earlier ones too.
-                    let cause = |i: usize, e: &KafkaError| (!producer::is_permanent(e), i);
-                    if failed
-                        .as_ref()
-                        .is_none_or(|(i, f)| cause(index, &e) < cause(*i, f))
-                    {
-                        failed = Some((index, e));
-                    }
-                }
+                Ok(Err((e, _))) => keep_cause(&mut failed, index, e),
                 Err(_) => {
                     failed.get_or_insert((index, KafkaError::Canceled));
                 }
@@ -910,6 +900,19 @@ fn stream_id(id: &str) -> Option<(u64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
+/// Keeps in `failed` the failure a round is judged by: a permanent refusal before any other
+/// (it fails the whole transaction, and librdkafka then purges the round's other records with
+/// `PurgeQueue`, earlier ones too), then the earliest record.
+fn keep_cause(failed: &mut Option<(usize, KafkaError)>, index: usize, error: KafkaError) {
+    let rank = |i: usize, e: &KafkaError| (!producer::is_permanent(e), i);
+    if failed
+        .as_ref()
+        .is_none_or(|(i, f)| rank(index, &error) < rank(*i, f))
+    {
+        *failed = Some((index, error));
+    }
+}
+
 fn kind_index(kind: EntryKind) -> usize {
     match kind {
         EntryKind::Change | EntryKind::Erased => 0,
@@ -940,4 +943,46 @@ fn round_len(entries: &[StoredEntry]) -> usize {
         })
         .count();
     n.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    fn produce_error(code: RDKafkaErrorCode) -> KafkaError {
+        KafkaError::MessageProduction(code)
+    }
+
+    #[test]
+    fn a_round_is_judged_by_the_refusal_not_the_records_purged_because_of_it() {
+        let mut failed = None;
+        // Delivery reports arrive in record order: the purged earlier record first.
+        keep_cause(&mut failed, 0, produce_error(RDKafkaErrorCode::PurgeQueue));
+        keep_cause(
+            &mut failed,
+            3,
+            produce_error(RDKafkaErrorCode::MessageSizeTooLarge),
+        );
+        keep_cause(&mut failed, 4, produce_error(RDKafkaErrorCode::PurgeQueue));
+        let (index, error) = failed.as_ref().expect("a failure kept");
+        assert_eq!(*index, 3);
+        assert!(producer::is_permanent(error), "{error}");
+        // Two refusals: the earlier one.
+        keep_cause(
+            &mut failed,
+            1,
+            produce_error(RDKafkaErrorCode::MessageSizeTooLarge),
+        );
+        assert_eq!(failed.as_ref().map(|(i, _)| *i), Some(1));
+        // Without a refusal, the earliest failure.
+        let mut failed = None;
+        keep_cause(&mut failed, 2, produce_error(RDKafkaErrorCode::PurgeQueue));
+        keep_cause(
+            &mut failed,
+            1,
+            produce_error(RDKafkaErrorCode::MessageTimedOut),
+        );
+        assert_eq!(failed.as_ref().map(|(i, _)| *i), Some(1));
+    }
 }
