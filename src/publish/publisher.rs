@@ -181,12 +181,21 @@ struct PartitionPublisher {
     /// The last outbox id known published (committed by this publisher, or read from Kafka
     /// when its producer was initialised).
     published: Option<(u64, u64)>,
-    /// Producers replaced in a row without a round committed in between.
+    /// Producers replaced in a row without a round committed in between, each failure within
+    /// [`PRODUCER_FAILURES_WINDOW`] of the previous one.
     producer_failures: u32,
+    /// When the last of them failed.
+    last_producer_failure: Option<Instant>,
 }
 
 /// Producers replaced in a row (fatal, stuck) before the service is stopped instead.
 const MAX_PRODUCER_FAILURES: u32 = 5;
+
+/// A producer failure this long after the previous one starts a new count: a partition that
+/// commits nothing for days (its outbox blocked by a refused change, re-initialising its
+/// producer after each refusal) is not stopped by five unrelated failures over those days,
+/// while a producer stuck every 45 s still stops the service within minutes.
+const PRODUCER_FAILURES_WINDOW: Duration = Duration::from_secs(600);
 
 impl Publisher {
     /// Drains the target's outbox whenever woken (or every `interval`) until `stop` turns
@@ -214,6 +223,7 @@ impl Publisher {
             published: None,
             position: Published::default(),
             producer_failures: 0,
+            last_producer_failure: None,
         };
         let _gauges = GaugeCleanup {
             telemetry: p.shared.telemetry.clone(),
@@ -438,6 +448,13 @@ impl PartitionPublisher {
     /// failing (calls stuck in librdkafka, each leaving a thread behind) stops the service.
     fn producer_failed(&mut self, error: TxnError) -> DrainError {
         self.producer = None;
+        if self
+            .last_producer_failure
+            .is_some_and(|at| at.elapsed() >= PRODUCER_FAILURES_WINDOW)
+        {
+            self.producer_failures = 0;
+        }
+        self.last_producer_failure = Some(Instant::now());
         self.producer_failures += 1;
         if self.producer_failures >= MAX_PRODUCER_FAILURES {
             return DrainError::Stop(Stop::Fatal(error));
@@ -457,8 +474,9 @@ impl PartitionPublisher {
             self.init_producer().await?;
         }
         let result = self.transaction(round, from_outbox).await;
-        if result.is_ok() {
-            // The broker answered the transaction: the producer works.
+        if let Ok(Round::Committed(_)) = result {
+            // Not on a refusal: a parked letter refused every 30 s must not hide a producer
+            // that gets stuck committing every round.
             self.producer_failures = 0;
         }
         if let Ok(Round::Refused { .. } | Round::HistoryRefused(_)) = result {
@@ -801,15 +819,13 @@ impl PartitionPublisher {
         // removed. The very id only: a letter parked again after Redis lost the stream may
         // have an id below it (another host's clock), and is delivered.
         if self.position.parked.as_deref() == Some(stored.id.as_str()) {
-            outbox::delete(&mut self.conn, &parked_key, &stored.id).await?;
+            self.remove_parked(&stored.id).await?;
             info!(
                 partition = self.target.partition,
                 id = stored.id,
                 "A parked dead letter delivered before is removed (not delivered again)."
             );
-            self.parked = outbox::len(&mut self.conn, &parked_key).await?;
-            self.next_parked_try = Instant::now();
-            return Ok(Some("delivered"));
+            return Ok(Some("removed"));
         }
         match self.round(std::slice::from_ref(&stored), false).await? {
             Round::Committed(counts) => {
@@ -819,11 +835,14 @@ impl PartitionPublisher {
                     id = stored.id,
                     "A parked dead letter went through."
                 );
-                outbox::delete(&mut self.conn, &parked_key, &stored.id).await?;
-                self.parked = outbox::len(&mut self.conn, &parked_key).await?;
-                // Drain the rest of the side stream on the next attempts without waiting.
-                if self.parked > 0 {
-                    self.next_parked_try = Instant::now();
+                // Kafka has it: a removal that fails is done by the next attempt, which finds
+                // its id in the committed position.
+                if let Err(error) = self.remove_parked(&stored.id).await {
+                    events::PublishFailed {
+                        partition: self.target.partition,
+                        error: &error,
+                    }
+                    .emit(&self.shared.telemetry);
                 }
                 Ok(Some("delivered"))
             }
@@ -833,6 +852,21 @@ impl PartitionPublisher {
                 Ok(Some("refused"))
             }
         }
+    }
+
+    /// Removes the delivered parked letter `id`; the rest of the side stream is tried next
+    /// without waiting.
+    async fn remove_parked(&mut self, id: &str) -> redis::RedisResult<()> {
+        let parked_key = &self.target.keys.parked;
+        outbox::delete(&mut self.conn, parked_key, id).await?;
+        self.parked = (self.parked - 1).max(0);
+        if let Ok(n) = outbox::len(&mut self.conn, parked_key).await {
+            self.parked = n;
+        }
+        if self.parked > 0 {
+            self.next_parked_try = Instant::now();
+        }
+        Ok(())
     }
 
     /// Updates `/readyz`'s view and the gauges.

@@ -38,7 +38,8 @@ pub struct Telemetry {
     pub publish_refused: IntCounterVec,
     /// Dead letters set aside after a permanent refusal, awaiting a retry.
     pub outbox_parked: IntGaugeVec,
-    /// Retries of parked dead letters, by result (`delivered`, `refused`, `failed`).
+    /// Retries of parked dead letters, by result (`delivered`, `refused`, `failed`, and
+    /// `removed`: delivered before, its removal from Redis had failed).
     pub parked_retries: IntCounterVec,
     /// 1 while a partition's outbox is blocked by a change Kafka refuses permanently.
     pub outbox_blocked: IntGaugeVec,
@@ -210,7 +211,7 @@ impl Telemetry {
             ),
             parked_retries: counter_vec(
                 "tierd_outbox_parked_retries_total",
-                "Retries of parked dead letters, by result (delivered, refused, failed).",
+                "Retries of parked dead letters, by result (delivered, refused, failed, removed).",
                 &["result"],
             ),
             outbox_blocked: gauge_vec(
