@@ -484,6 +484,118 @@ fn a_parked_dead_letter_delivered_is_not_delivered_again_when_removing_it_fails(
     assert_eq!(letters[0].value, big.as_bytes());
 }
 
+/// A parked dead letter whose parking Redis then loses (rolled back to before it: a restored
+/// backup, a failover to a lagging replica) is parked again and delivered, while tierd keeps
+/// running: its publisher reads the letter back at or before what it already trimmed.
+/// Before: the letter was back in the outbox below the published position, taken for one
+/// that went out, and trimmed: lost.
+#[test]
+fn a_parked_dead_letter_redis_loses_is_parked_again_while_running() {
+    a_parked_dead_letter_redis_loses_is_parked_again(false);
+}
+
+/// The same, with tierd killed (kill -9) before the rollback and started again: the claim
+/// finds the outbox behind the published position and parks the dead letters among the
+/// entries it trims. Before: the claim trimmed it.
+#[test]
+fn a_parked_dead_letter_redis_loses_is_parked_again_by_the_next_claim() {
+    a_parked_dead_letter_redis_loses_is_parked_again(true);
+}
+
+fn a_parked_dead_letter_redis_loses_is_parked_again(restart: bool) {
+    use rand::distr::{Alphanumeric, SampleString};
+    let (redis, admin) = Redis::start_as_acl_user();
+    let acl = |rules: &[&str]| support::acl(&admin, &[&["SETUSER", "tierd"], rules].concat());
+    let world = World::start_with(1, redis);
+    let (dlq, mut tierd) = small_dead_letter_topic(&world, 100);
+
+    // The publisher cannot read the outbox for a while, so that a snapshot holds the letter
+    // in the outbox, before it is parked.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while world.outbox_len(0) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox never drained"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    acl(&["-xrange"]);
+    let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
+    let ends = world.produce(&[(Some("c9".into()), big.clone().into_bytes())]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while world.partition_meta(0).1 < ends[&0] {
+        assert!(std::time::Instant::now() < deadline, "not applied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let waiting = world.outbox_len(0);
+    assert!(waiting >= 1, "the letter waits in the outbox");
+    let before = world.snapshot();
+    acl(&["+xrange"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") < 1.0 || world.outbox_len(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "not parked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Rounds after it go out: the published position passes it.
+    let at = "2026-11-10T10:00:00Z";
+    let ends = world.produce(&[
+        (
+            Some("c1".into()),
+            serde_json::to_vec(&purchase("a1", "c1", "1.00", at)).unwrap(),
+        ),
+        (Some("d".into()), b"{small and bad".to_vec()),
+    ]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(world.read_all(&world.output).len(), 1);
+
+    if restart {
+        tierd.kill9();
+    }
+    world.restore(&before);
+    assert_eq!(
+        world.outbox_len(0),
+        waiting,
+        "the letter is back in the outbox"
+    );
+    if restart {
+        tierd = small_dead_letter_tierd(&world, &dlq, 100);
+    }
+    // The topic takes it now: delivered once it is parked again.
+    world
+        .broker
+        .alter_topic_config(&dlq, "max.message.bytes", "1000000");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let delivered = || {
+        support::read_all(&world.broker.addr, &dlq, 1)
+            .iter()
+            .filter(|l| l.value == big.as_bytes())
+            .count()
+    };
+    while delivered() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the letter Redis lost was never delivered\ntierd's log:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The input after the rollback point is applied again; nothing else is lost.
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "still parked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(delivered(), 1, "delivered once");
+    let c1 = world.customer_state("c1").unwrap();
+    assert_eq!((c1.count, c1.sum), (1, 100), "counted once");
+    let letters = support::read_all(&world.broker.addr, &dlq, 1);
+    assert!(
+        letters.iter().any(|l| l.value == b"{small and bad"),
+        "the later dead letter is there"
+    );
+}
+
 /// A dead-letter topic that refuses records above 2000 bytes, and tierd writing to it,
 /// retrying parked letters every `parked_retry_ms`.
 fn small_dead_letter_topic(world: &World, parked_retry_ms: u64) -> (String, Tierd) {

@@ -331,11 +331,16 @@ fn ids(conn: &mut redis::Connection, stream: &str) -> Vec<String> {
 }
 
 fn add_with_id(conn: &mut redis::Connection, outbox: &str, id: &str, body: &str) {
+    add_entry(conn, outbox, id, "c", body);
+}
+
+/// Adds an entry of kind `code` (`c` change, `d` dead letter) with the id `id`.
+fn add_entry(conn: &mut redis::Connection, outbox: &str, id: &str, code: &str, body: &str) {
     let _: String = redis::cmd("XADD")
         .arg(outbox)
         .arg(id)
         .arg("t")
-        .arg("c")
+        .arg(code)
         .arg("k")
         .arg("dave")
         .arg("v")
@@ -395,8 +400,15 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
     let values: Vec<String> = visible(&s).into_iter().map(|(_, v)| v).collect();
     assert_eq!(values, ["1", "2", "3"], "nothing published twice");
 
-    // A claim trims them too, before anyone publishes.
-    restore(&mut conn);
+    // A claim trims them too, before anyone publishes. A dead letter among them went out
+    // with its round: trimmed as well, not parked.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&s.keys.outbox)
+        .query(&mut conn)
+        .unwrap();
+    for (id, code) in written.iter().zip(["c", "d", "c"]) {
+        add_entry(&mut conn, &s.keys.outbox, id, code, "x");
+    }
     let claim = tierd::store::partition::claim(
         &mut conn,
         &s.keys,
@@ -411,6 +423,8 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         ids(&mut conn, &s.keys.outbox).is_empty(),
         "published entries trimmed"
     );
+    assert_eq!(claim.parked_again, 0);
+    assert!(ids(&mut conn, &s.keys.parked).is_empty(), "nothing parked");
 
     // Redis lost writes: the stream is behind what Kafka has. The published id is put an hour
     // ahead, so that only the claim's XSETID can make a new entry sort after it.
@@ -420,10 +434,35 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         .query(&mut conn)
         .unwrap();
     add_with_id(&mut conn, &s.keys.outbox, &written[0], "1");
+    // A dead letter brought back may have been parked, its parking lost too: parked again.
+    add_entry(&mut conn, &s.keys.outbox, &written[1], "d", "bad");
     let claim =
         tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1", "", None).unwrap();
     assert!(claim.outbox_behind);
     assert!(ids(&mut conn, &s.keys.outbox).is_empty());
+    assert_eq!(claim.parked_again, 1);
+    let parked: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&s.keys.parked)
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(parked.ids.len(), 1, "the dead letter is parked again");
+    let field = |name: &str| -> String { parked.ids[0].get(name).unwrap() };
+    assert_eq!(
+        (field("t"), field("k"), field("v"), field("h")),
+        (
+            "d".to_owned(),
+            "dave".to_owned(),
+            "bad".to_owned(),
+            String::new()
+        )
+    );
+    assert!(field("e").contains("Redis losing writes"), "{}", field("e"));
+    let _: i64 = redis::cmd("DEL")
+        .arg(&s.keys.parked)
+        .query(&mut conn)
+        .unwrap();
     add_change(&mut conn, &s.keys.outbox, "dave", "4");
     let new = ids(&mut conn, &s.keys.outbox);
     assert!(

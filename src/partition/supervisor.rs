@@ -272,7 +272,7 @@ impl Supervisor {
         }
         match &claim {
             Ok(claim) if claim.outbox_behind => {
-                warn!(partition, published = published.last_id, replayed_cutoffs = claim.replay_cutoffs.len(), replayed_timer_passes = claim.replay_passes.len(), "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed; new ones follow the published position.");
+                warn!(partition, published = published.last_id, replayed_cutoffs = claim.replay_cutoffs.len(), replayed_timer_passes = claim.replay_passes.len(), dead_letters_parked_again = claim.parked_again, "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed (dead letters among them parked again: their parking may be lost too); new ones follow the published position.");
             }
             Ok(_) => {}
             Err(refused) => {

@@ -366,6 +366,7 @@ pub(super) mod tests {
             swept_rules: Some(1),
             cutoffs: None,
             outbox_behind: through.is_some(),
+            parked_again: 0,
             replay_cutoffs: Vec::new(),
             replay_passes: Vec::new(),
             replay_passes_from: None,

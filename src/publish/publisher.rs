@@ -46,6 +46,10 @@ const FINAL_DRAIN: Duration = Duration::from_secs(10);
 /// [`super::position::HistoryRecord::rules`]).
 const HISTORY_RULES_TEXTS_MAX: usize = 256 * 1024;
 
+/// The reason a dead letter brought back by Redis losing writes is parked with.
+const LOST_WRITES: &str =
+    "brought back by Redis losing writes, possibly delivered before (parked so it is not lost)";
+
 /// Pause after a failed round or producer initialisation (jittered); doubled after each
 /// further failure in a row, up to 2 s ([`Backoff`]).
 const RETRY_DELAY: Duration = Duration::from_millis(200);
@@ -181,6 +185,13 @@ struct PartitionPublisher {
     /// The last outbox id known published (committed by this publisher, or read from Kafka
     /// when its producer was initialised).
     published: Option<(u64, u64)>,
+    /// The last outbox id this publisher trimmed through (`None` until its first trim).
+    /// Entries at or before it that are read again were brought back by Redis losing writes:
+    /// among them may be dead letters that were parked, never delivered, and whose parking
+    /// Redis lost as well. Entries after it and at or before `published` were delivered and
+    /// only their trim is pending (a trim that failed, a claim read before a predecessor's
+    /// transaction completed).
+    trimmed: Option<(u64, u64)>,
     /// Producers replaced in a row without a round committed in between, each failure within
     /// [`PRODUCER_FAILURES_WINDOW`] of the previous one.
     producer_failures: u32,
@@ -221,6 +232,7 @@ impl Publisher {
             parked_reason: String::new(),
             next_parked_try: Instant::now(),
             published: None,
+            trimmed: None,
             position: Published::default(),
             producer_failures: 0,
             last_producer_failure: None,
@@ -308,20 +320,14 @@ impl PartitionPublisher {
             let entries = outbox::read(&mut self.conn, &outbox_key, self.shared.batch_max).await?;
             let read = entries.len();
             let mut rest = entries.as_slice();
-            // Entries at or before what this publisher committed can only be there again if
-            // Redis lost writes (it trims after every commit, and nothing can be appended
-            // before the partition is claimed again): they went out already, never again.
+            // Entries at or before what Kafka took went out already (nothing can be appended
+            // before them: new entries sort after the published position), never again.
             let stale = rest
                 .iter()
                 .take_while(|e| self.published.is_some_and(|p| stream_id(&e.id) <= Some(p)))
                 .count();
             if stale > 0 {
-                warn!(
-                    partition = self.target.partition,
-                    entries = stale,
-                    "Outbox entries already published reappeared (Redis lost writes); trimming them."
-                );
-                outbox::trim_through(&mut self.conn, &outbox_key, &rest[stale - 1].id).await?;
+                self.trim_stale(&rest[..stale]).await?;
                 rest = &rest[stale..];
             }
             // Entries the next round may take at most (a refused record's prefix, or itself).
@@ -342,6 +348,7 @@ impl PartitionPublisher {
                     Round::Committed(counts) => {
                         self.published = stream_id(&rest[n - 1].id);
                         outbox::trim_through(&mut self.conn, &outbox_key, &rest[n - 1].id).await?;
+                        self.trimmed = self.published;
                         self.count(counts);
                         debug!(
                             outbox = outbox_key,
@@ -402,6 +409,45 @@ impl PartitionPublisher {
         }
     }
 
+    /// Removes `stale`, the outbox's first entries, all at or before the published position.
+    /// Those after [`Self::trimmed`] were delivered and only their trim is pending. Those at
+    /// or before it were trimmed once and brought back by Redis losing writes: the changes
+    /// among them went out, but a dead letter may have been parked (never delivered) with its
+    /// parking lost too. Dead letters brought back are parked again, so none is lost; one
+    /// that had been delivered goes out once more, byte-identical (the claim does the same
+    /// when it finds the outbox behind the published position).
+    async fn trim_stale(&mut self, stale: &[StoredEntry]) -> Result<(), DrainError> {
+        let back = stale
+            .iter()
+            .take_while(|e| self.trimmed.is_some_and(|t| stream_id(&e.id) <= Some(t)))
+            .count();
+        let keys = &self.target.keys;
+        let mut parked = 0;
+        for e in stale[..back]
+            .iter()
+            .filter(|e| e.entry.kind.is_dead_letter())
+        {
+            outbox::park(&mut self.conn, &keys.outbox, &keys.parked, e, LOST_WRITES).await?;
+            parked += 1;
+        }
+        outbox::trim_through(&mut self.conn, &keys.outbox, &stale[stale.len() - 1].id).await?;
+        if back > 0 {
+            warn!(
+                partition = self.target.partition,
+                entries = back,
+                parked,
+                "Outbox entries already trimmed reappeared (Redis lost writes): the changes among them went out and are trimmed; the dead letters are parked again, since Redis may have lost their parking too."
+            );
+        }
+        if parked > 0 {
+            self.parked += parked;
+            self.parked_reason = LOST_WRITES.to_owned();
+            self.next_parked_try = Instant::now();
+            self.report();
+        }
+        Ok(())
+    }
+
     /// Creates and initialises the partition's producer, fencing any earlier producer of this
     /// outbox (which waits for, or aborts, that producer's open transaction).
     async fn init_producer(&mut self) -> Result<(), DrainError> {
@@ -447,7 +493,7 @@ impl PartitionPublisher {
     /// A producer could not be made or became unusable: retried, but a producer that keeps
     /// failing (calls stuck in librdkafka, each leaving a thread behind) stops the service.
     fn producer_failed(&mut self, error: TxnError) -> DrainError {
-        self.producer = None;
+        self.release_producer();
         if self
             .last_producer_failure
             .is_some_and(|at| at.elapsed() >= PRODUCER_FAILURES_WINDOW)
@@ -485,12 +531,18 @@ impl PartitionPublisher {
             // that topic partition fails as out of order, is purged and aborted: each retry of
             // a parked letter would then cost the next round of the outbox. A new producer
             // (a new epoch, sequences from 0) starts clean.
-            if let Some(old) = self.producer.take() {
-                // Dropping it joins librdkafka's threads: off the async workers.
-                tokio::task::spawn_blocking(move || drop(old));
-            }
+            self.release_producer();
         }
         result
+    }
+
+    /// Drops the partition's producer off the async workers: dropping the last handle
+    /// destroys the librdkafka client, which joins its threads (and one abandoned in a stuck
+    /// call may take long).
+    fn release_producer(&mut self) {
+        if let Some(old) = self.producer.take() {
+            tokio::task::spawn_blocking(move || drop(old));
+        }
     }
 
     /// [`Self::round`]'s transaction, on the initialised producer.
@@ -727,7 +779,7 @@ impl PartitionPublisher {
             TxnError::Failed(e) => DrainError::Retry(PublishError::Kafka(e)),
             TxnError::Fatal(_) | TxnError::Stuck(_) => self.producer_failed(error),
             TxnError::Fenced(_) => {
-                self.producer = None;
+                self.release_producer();
                 match outbox::owner_epoch(&mut self.conn, &self.target.keys.meta).await {
                     Ok(epoch) if epoch != self.target.epoch => {
                         DrainError::Stop(Stop::Fenced(error.to_string()))
@@ -745,7 +797,7 @@ impl PartitionPublisher {
     async fn refused(&mut self, head: &StoredEntry, error: &KafkaError) -> Result<(), DrainError> {
         let reason = error.to_string();
         let kind = head.entry.kind;
-        let parks = matches!(kind, EntryKind::DeadLetter | EntryKind::DeadLetterNoKey);
+        let parks = kind.is_dead_letter();
         events::PublishRefused {
             partition: self.target.partition,
             kind: kind_label(kind),
@@ -900,6 +952,16 @@ impl PartitionPublisher {
         let published = &self.shared.telemetry.outbox_published;
         for (kind, n) in ["change", "dead_letter", "at_risk"].iter().zip(counts) {
             published.with_label_values(&[kind]).inc_by(n);
+        }
+    }
+}
+
+impl Drop for PartitionPublisher {
+    fn drop(&mut self) {
+        // A publisher stops from inside its task (fenced, fatal, released): its producer goes
+        // the way every replaced one does.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.release_producer();
         }
     }
 }

@@ -83,6 +83,11 @@ pub struct RulesSweep {
 }
 
 impl EntryKind {
+    /// A dead letter (with or without a key).
+    pub fn is_dead_letter(self) -> bool {
+        matches!(self, Self::DeadLetter | Self::DeadLetterNoKey)
+    }
+
     /// The code stored in the stream's `t` field.
     pub fn code(self) -> &'static str {
         match self {

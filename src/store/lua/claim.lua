@@ -12,7 +12,10 @@
 -- entry left is then an old one, published already (nothing can be appended between the loss
 -- and this claim: commits check the stored offset), so they are trimmed as well, and the
 -- stream's id moves to the published one so that new entries sort after everything Kafka has.
--- The last value returned says which case happened ('trimmed', 'behind' or '').
+-- Dead letters among the entries trimmed in that case are moved to the parked stream
+-- (KEYS[3]) instead: Redis may have lost their parking too. The seventh value returned says
+-- which case happened ('trimmed', 'behind' or ''), the last how many dead letters were parked
+-- again.
 --
 -- ARGV[2] is the claimant's rules version. The partition remembers, in the order they first
 -- claimed it, the rules versions that ran it (field 'versions', a JSON array of the latest
@@ -35,7 +38,7 @@
 -- claim is refused and changes nothing, returning {'RECREATED', stored id, next offset}. An
 -- offset moved by anything else (an operator's HSET, an older tierd) no longer pairs, and is
 -- paired with the current id here.
--- KEYS[1] meta hash, KEYS[2] outbox stream
+-- KEYS[1] meta hash, KEYS[2] outbox stream, KEYS[3] parked stream
 local topic = ARGV[3]
 if topic ~= '' then
   local at = redis.call('HGET', KEYS[1], 'next_offset') or '-1'
@@ -89,6 +92,7 @@ local rules = redis.call('HGET', KEYS[1], 'rules') or ''
 local cutoffs = redis.call('HGET', KEYS[1], 'cutoffs') or ''
 
 local outbox = ''
+local parked_again = 0
 local published = ARGV[1]
 local pms, pseq = string.match(published, '^(%d+)-(%d+)$')
 if pms then
@@ -105,6 +109,34 @@ if pms then
   -- Millisecond parts have 13 digits: exact as Lua numbers.
   local behind = tonumber(lms) < tonumber(pms)
     or (tonumber(lms) == tonumber(pms) and tonumber(lseq) < tonumber(pseq))
+  if behind and exists then
+    -- Every entry left was trimmed once and brought back. The changes among them went out,
+    -- but a dead letter may have been parked instead (Kafka refused it), never delivered,
+    -- with its parking lost too: dead letters are parked again so that none is lost (one
+    -- that had been delivered goes out once more, byte-identical). Not when the stream is
+    -- not behind: entries up to the published id are then a round whose trim a crash
+    -- prevented, delivered.
+    local from = '-'
+    while true do
+      local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 1000)
+      if #batch == 0 then
+        break
+      end
+      for _, entry in ipairs(batch) do
+        local f = {}
+        local flat = entry[2]
+        for i = 1, #flat, 2 do
+          f[flat[i]] = flat[i + 1]
+        end
+        if f['t'] == 'd' or f['t'] == 'dn' then
+          redis.call('XADD', KEYS[3], '*', 't', f['t'], 'k', f['k'], 'v', f['v'], 'h', f['h'],
+            'e', 'brought back by Redis losing writes, possibly delivered before (parked so it is not lost)')
+          parked_again = parked_again + 1
+        end
+      end
+      from = '(' .. batch[#batch][1]
+    end
+  end
   redis.call('XTRIM', KEYS[2], 'MINID', pms .. '-' .. string.format('%d', tonumber(pseq) + 1))
   outbox = 'trimmed'
   if behind then
@@ -131,4 +163,4 @@ end
 local sweep = redis.call('HGET', KEYS[1], 'sweep') or ''
 local prior = redis.call('HGET', KEYS[1], 'prior_rules_text') or ''
 return {tostring(epoch), next_offset, commits, clock, rules, cutoffs, outbox, offset_epoch, sweep,
-  prior}
+  prior, tostring(parked_again)}

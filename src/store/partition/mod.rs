@@ -76,6 +76,9 @@ pub struct Claim {
     pub cutoffs: Option<Cutoffs>,
     /// Whether the outbox was behind what Kafka has published (Redis lost writes).
     pub outbox_behind: bool,
+    /// Dead letters the claim parked again because the outbox was behind (Redis may have
+    /// lost their parking): retried like every parked letter.
+    pub parked_again: u64,
     /// Cut-offs switches of changes already published from input at or after `next_offset`
     /// (Redis lost writes): the runner applies them at the same offsets (filled by the
     /// supervisor from the published position).
@@ -165,6 +168,7 @@ pub fn claim(
     let reply: Vec<String> = CLAIM
         .key(&keys.meta)
         .key(&keys.outbox)
+        .key(&keys.parked)
         .arg(published.unwrap_or(""))
         .arg(rules_version)
         .arg(topic.unwrap_or(""))
@@ -206,6 +210,7 @@ pub fn claim(
         swept_rules: field(4).parse().ok(),
         cutoffs: serde_json::from_str(field(5)).ok(),
         outbox_behind: field(6) == "behind",
+        parked_again: field(10).parse().unwrap_or(0),
         replay_cutoffs: Vec::new(),
         replay_passes: Vec::new(),
         replay_passes_from: None,
