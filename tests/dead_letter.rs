@@ -433,6 +433,69 @@ fn retrying_a_parked_dead_letter_does_not_hold_the_dead_letters_after_it() {
     assert_eq!(tierd.metric("tierd_outbox_parked"), 1.0, "still parked");
 }
 
+/// A parked dead letter is retried on time also while the outbox never empties: here one
+/// entry per round (`publish.batch_max = 1`) and hundreds of changes waiting, so every read
+/// of the outbox is full and the drain goes on for seconds. Before: the retry was due only
+/// when a drain started, and waited until the outbox was empty.
+#[test]
+fn a_parked_dead_letter_is_retried_while_the_outbox_stays_full() {
+    let world = World::start(1);
+    let dlq = support::unique("dlq-small");
+    world
+        .broker
+        .create_topics_with(&[&dlq], 1, 1, &[("max.message.bytes", "2000")]);
+    let tierd = Tierd::spawn(
+        &world,
+        &format!(
+            "[kafka]\ndead_letter_topic = \"{dlq}\"\n[publish]\nparked_retry_ms = 300\nbatch_max = 1\n"
+        ),
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    park_a_big_dead_letter(&world, &tierd);
+
+    let at = "2026-11-10T10:00:00Z";
+    let events: Vec<serde_json::Value> = (0..400)
+        .map(|i| purchase(&format!("a{i}"), &format!("c{i}"), "1.00", at))
+        .collect();
+    let ends = world.produce_json(&events);
+    // Measured once the drain is under way (a drain's start retried it before the fix too).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut peak = 0;
+    loop {
+        let len = world.outbox_len(0);
+        peak = peak.max(len);
+        if peak >= 200 && len <= peak - 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox never filled and drained: {len}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused =
+        || tierd.metric_labeled("tierd_outbox_parked_retries_total", "result=\"refused\"");
+    let before = refused();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = refused();
+    let left = world.outbox_len(0);
+    assert!(
+        left > 0,
+        "the outbox stayed full while the retries were counted"
+    );
+    assert!(
+        after > before,
+        "retried while the outbox stayed full: {before} then {after} ({left} left)"
+    );
+    world.wait_applied(&ends, Duration::from_secs(120));
+    assert_eq!(
+        world.read_all(&world.output).len(),
+        400,
+        "every change once"
+    );
+    assert_eq!(tierd.metric("tierd_outbox_parked"), 1.0, "still parked");
+}
+
 /// A parked dead letter Kafka took, whose removal from Redis then fails, is not published
 /// again: the transaction that delivers it also commits its id with the outbox position, and
 /// the next retry finds it there and only removes it — also in the next process, which reads

@@ -312,11 +312,13 @@ impl PartitionPublisher {
             self.init_producer().await?;
             self.report();
         }
-        if self.parked > 0 && Instant::now() >= self.next_parked_try {
-            self.retry_parked().await?;
-        }
         let outbox_key = self.target.keys.outbox.clone();
         loop {
+            // Before every read, not only when a drain starts: under sustained input every
+            // read is full and the drain does not return.
+            if self.parked > 0 && Instant::now() >= self.next_parked_try {
+                self.retry_parked().await?;
+            }
             let entries = outbox::read(&mut self.conn, &outbox_key, self.shared.batch_max).await?;
             let read = entries.len();
             let mut rest = entries.as_slice();
