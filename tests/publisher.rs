@@ -241,6 +241,47 @@ fn a_publisher_fenced_while_still_the_owner_replaces_its_producer() {
     assert_eq!(values, ["1", "2", "3"], "each change once, in order");
 }
 
+/// A publisher whose claim is no longer current (a newer owner claimed the partition while it
+/// started) stands down before it initialises a producer: initialising would fence the
+/// rightful owner's producer and abort its open transaction. Before: it initialised first
+/// and checked its claim after, and the owner's commit here failed, fenced.
+#[test]
+fn a_publisher_whose_claim_is_gone_does_not_fence_the_owner() {
+    use rdkafka::producer::FutureRecord;
+    let s = setup(None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut conn = s.redis.conn();
+    set_epoch(&mut conn, &s.keys.meta, 2);
+    // The owner (claim 2) has a transaction open.
+    let owner = fence(&s);
+    owner.begin_transaction().unwrap();
+    rt.block_on(owner.send(
+        FutureRecord::to(&s.topic).key("owner").payload("o1"),
+        Duration::from_secs(10),
+    ))
+    .unwrap();
+    add_change(&mut conn, &s.keys.outbox, "stale", "x");
+
+    // An earlier owner's publisher (claim 1) starts.
+    let (task, _wake, _stop) = spawn(&s, &rt, 1);
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await })
+        .expect("the stale publisher stands down")
+        .unwrap();
+    owner
+        .commit_transaction(Duration::from_secs(30))
+        .expect("the owner was not fenced");
+    assert_eq!(
+        visible(&s),
+        [("owner".to_owned(), "o1".to_owned())],
+        "only the owner's record"
+    );
+    assert_eq!(
+        outbox_len(&mut conn, &s.keys.outbox),
+        1,
+        "left to the owner"
+    );
+}
+
 /// A producer that cannot even be created (here: librdkafka refuses the settings) stops the
 /// service, naming the problem in the log, instead of retrying for ever; the outbox keeps the
 /// undelivered record.
