@@ -177,6 +177,41 @@ fn overtaken_vip_moves_down_once_with_rank_shift() {
     assert_eq!(t["cutoffs"]["version"], second.version);
 }
 
+/// Reading the cut-offs in force fails for a while (tierd's Redis user loses HMGET on the
+/// cut-offs hash; in production a timeout or a failover) while partition 0's owner keeps
+/// recomputing them over an unchanged population: the computation waits for the next check,
+/// and no new version is published. Before: a failed read was taken as "none stored" and the
+/// same cut-offs were published again as a new version at every check, a switch for every
+/// partition.
+#[test]
+fn a_failed_cut_offs_read_publishes_no_new_version() {
+    let (redis, admin) = Redis::start_as_acl_user();
+    let acl = |rules: &[&str]| support::acl(&admin, &[&["SETUSER", "tierd"], rules].concat());
+    let mut world = World::start_with(1, redis);
+    world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    let tierd = Tierd::spawn(&world, RANKS);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let settled = hundred_ranked(&world, &tierd);
+
+    // HMGET stays allowed on the partition's meta hash (an owner's quiet check) only.
+    acl(&["-hmget", "(~*:meta +hmget)"]);
+    // About ten recomputations due (every 300 ms, checked every 100 ms).
+    std::thread::sleep(Duration::from_secs(3));
+    acl(&["+hmget", "clearselectors"]);
+    assert!(
+        tierd.log_text().contains("NOPERM"),
+        "the reads were refused:\n{}",
+        tierd.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let now = world.cutoffs().unwrap();
+    assert_eq!(
+        now.version, settled.version,
+        "no new version over the same population and values"
+    );
+    assert_eq!(now.values, settled.values);
+}
+
 #[test]
 fn cutoffs_across_8_partitions_equal_a_full_sort() {
     let n: i64 = std::env::var("RANK_TEST_CUSTOMERS")
