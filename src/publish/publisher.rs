@@ -432,7 +432,10 @@ impl PartitionPublisher {
             outbox::park(&mut self.conn, &keys.outbox, &keys.parked, e, LOST_WRITES).await?;
             parked += 1;
         }
-        outbox::trim_through(&mut self.conn, &keys.outbox, &stale[stale.len() - 1].id).await?;
+        let last = &stale[stale.len() - 1].id;
+        outbox::trim_through(&mut self.conn, &keys.outbox, last).await?;
+        // Trimmed now, by this publisher: seen again, they too were brought back.
+        self.trimmed = self.trimmed.max(stream_id(last));
         if back > 0 {
             warn!(
                 partition = self.target.partition,
