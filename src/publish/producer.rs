@@ -96,10 +96,27 @@ pub fn is_permanent(error: &KafkaError) -> bool {
     )
 }
 
-/// One partition's transactional producer.
+/// One partition's transactional producer. Its handles share one librdkafka client; the
+/// last one dropped on an async worker destroys it on a blocking thread instead (destroying
+/// joins librdkafka's threads, and a client abandoned in a stuck call may take long).
 #[derive(Clone)]
 pub struct TxnProducer {
-    inner: FutureProducer,
+    /// `None` only while being dropped.
+    inner: Option<Arc<FutureProducer>>,
+}
+
+impl Drop for TxnProducer {
+    fn drop(&mut self) {
+        // Only the last handle gets the client back; a clone moved into a blocking call is
+        // dropped on that thread.
+        let Some(last) = self.inner.take().and_then(Arc::into_inner) else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(last))),
+            Err(_) => drop(last),
+        }
+    }
 }
 
 impl TxnProducer {
@@ -118,12 +135,18 @@ impl TxnProducer {
         inner
             .init_transactions(TXN_CALL_TIMEOUT)
             .map_err(TxnError::classify)?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner: Some(Arc::new(inner)),
+        })
+    }
+
+    fn client(&self) -> &FutureProducer {
+        self.inner.as_ref().expect("not dropped")
     }
 
     /// The producer, to queue records on.
     pub fn producer(&self) -> &FutureProducer {
-        &self.inner
+        self.client()
     }
 
     /// Begins a transaction (local, does not block).
@@ -131,7 +154,9 @@ impl TxnProducer {
     /// # Errors
     /// [`TxnError`].
     pub fn begin(&self) -> Result<(), TxnError> {
-        self.inner.begin_transaction().map_err(TxnError::unfinished)
+        self.client()
+            .begin_transaction()
+            .map_err(TxnError::unfinished)
     }
 
     /// Commits the open transaction (blocks until the broker took it; off the async workers),
@@ -143,7 +168,7 @@ impl TxnProducer {
     /// [`TxnError`]; on `Failed` the transaction has been aborted; on `Fatal` it may still be
     /// open (only a new producer ends it).
     pub async fn commit(&self, published: Option<RoundPosition>) -> Result<(), TxnError> {
-        let p = self.inner.clone();
+        let p = Arc::clone(self.inner.as_ref().expect("not dropped"));
         within_deadline(move || {
             if let Some(at) = published {
                 let offsets = at.positions.round_offsets(at.partition, &at.published);
@@ -185,7 +210,7 @@ impl TxnProducer {
     /// # Errors
     /// [`TxnError`].
     pub async fn abort(&self) -> Result<(), TxnError> {
-        let p = self.inner.clone();
+        let p = Arc::clone(self.inner.as_ref().expect("not dropped"));
         within_deadline(move || abort_blocking(&p)).await
     }
 }

@@ -423,12 +423,16 @@ impl PartitionPublisher {
             .iter()
             .take_while(|e| self.trimmed.is_some_and(|t| stream_id(&e.id) <= Some(t)))
             .count();
+        let letters = stale[..back]
+            .iter()
+            .filter(|e| e.entry.kind.is_dead_letter());
+        if letters.clone().next().is_some() {
+            // Not after a newer owner's claim, which parks them itself.
+            self.check_owner().await?;
+        }
         let keys = &self.target.keys;
         let mut parked = 0;
-        for e in stale[..back]
-            .iter()
-            .filter(|e| e.entry.kind.is_dead_letter())
-        {
+        for e in letters {
             outbox::park(&mut self.conn, &keys.outbox, &keys.parked, e, LOST_WRITES).await?;
             parked += 1;
         }
@@ -445,7 +449,7 @@ impl PartitionPublisher {
             );
         }
         if parked > 0 {
-            self.parked += parked;
+            self.parked = outbox::len(&mut self.conn, &keys.parked).await?;
             self.parked_reason = LOST_WRITES.to_owned();
             self.next_parked_try = Instant::now();
             self.report();
@@ -541,13 +545,10 @@ impl PartitionPublisher {
         result
     }
 
-    /// Drops the partition's producer off the async workers: dropping the last handle
-    /// destroys the librdkafka client, which joins its threads (and one abandoned in a stuck
-    /// call may take long).
+    /// Lets the partition's producer go (its last handle destroys the client off the async
+    /// workers, see [`TxnProducer`]).
     fn release_producer(&mut self) {
-        if let Some(old) = self.producer.take() {
-            tokio::task::spawn_blocking(move || drop(old));
-        }
+        self.producer = None;
     }
 
     /// [`Self::round`]'s transaction, on the initialised producer.
@@ -818,6 +819,9 @@ impl PartitionPublisher {
         if parks {
             let keys = &self.target.keys;
             outbox::park(&mut self.conn, &keys.outbox, &keys.parked, head, &reason).await?;
+            // Everything before it left the outbox already (rounds trimmed, letters parked):
+            // read again, it was brought back by Redis, its parking maybe lost.
+            self.trimmed = self.trimmed.max(stream_id(&head.id));
             self.parked += 1;
             self.parked_reason = reason;
             if self.parked == 1 {
@@ -957,16 +961,6 @@ impl PartitionPublisher {
         let published = &self.shared.telemetry.outbox_published;
         for (kind, n) in ["change", "dead_letter", "at_risk"].iter().zip(counts) {
             published.with_label_values(&[kind]).inc_by(n);
-        }
-    }
-}
-
-impl Drop for PartitionPublisher {
-    fn drop(&mut self) {
-        // A publisher stops from inside its task (fenced, fatal, released): its producer goes
-        // the way every replaced one does.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.release_producer();
         }
     }
 }

@@ -118,7 +118,8 @@ if pms then
     -- prevented, delivered.
     local from = '-'
     while true do
-      local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 1000)
+      -- Dead letters carry whole input records: a few at a time.
+      local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 100)
       if #batch == 0 then
         break
       end
@@ -129,8 +130,12 @@ if pms then
           f[flat[i]] = flat[i + 1]
         end
         if f['t'] == 'd' or f['t'] == 'dn' then
-          redis.call('XADD', KEYS[3], '*', 't', f['t'], 'k', f['k'], 'v', f['v'], 'h', f['h'],
+          -- Removed as it is parked: a script that fails part-way (Redis does not undo its
+          -- earlier writes) leaves no letter in both streams for the claim's retry.
+          redis.call('XADD', KEYS[3], '*', 't', f['t'], 'k', f['k'] or '', 'v', f['v'] or '',
+            'h', f['h'] or '',
             'e', 'brought back by Redis losing writes, possibly delivered before (parked so it is not lost)')
+          redis.call('XDEL', KEYS[2], entry[1])
           parked_again = parked_again + 1
         end
       end
