@@ -192,15 +192,46 @@ struct PartitionPublisher {
     /// only their trim is pending (a trim that failed, a claim read before a predecessor's
     /// transaction completed).
     trimmed: Option<(u64, u64)>,
-    /// Producers replaced in a row without a round committed in between, each failure within
-    /// [`PRODUCER_FAILURES_WINDOW`] of the previous one.
-    producer_failures: u32,
-    /// When the last of them failed.
-    last_producer_failure: Option<Instant>,
+    /// Producers replaced in a row.
+    producer_failures: ProducerFailures,
 }
 
 /// Producers replaced in a row (fatal, stuck) before the service is stopped instead.
 const MAX_PRODUCER_FAILURES: u32 = 5;
+
+/// Counts a partition's producers replaced in a row without a round committed in between,
+/// each failure within [`PRODUCER_FAILURES_WINDOW`] of the previous one. Clock-injected.
+#[derive(Debug, Default)]
+struct ProducerFailures {
+    count: u32,
+    last: Option<Instant>,
+}
+
+impl ProducerFailures {
+    /// Whether no failure is counted.
+    fn none(&self) -> bool {
+        self.count == 0
+    }
+
+    /// A producer failed at `now`: whether that makes [`MAX_PRODUCER_FAILURES`] in a row
+    /// (the service stops instead of replacing it again).
+    fn failed(&mut self, now: Instant) -> bool {
+        if self
+            .last
+            .is_some_and(|at| now.saturating_duration_since(at) >= PRODUCER_FAILURES_WINDOW)
+        {
+            self.count = 0;
+        }
+        self.last = Some(now);
+        self.count += 1;
+        self.count >= MAX_PRODUCER_FAILURES
+    }
+
+    /// A round committed: the producer works.
+    fn committed(&mut self) {
+        self.count = 0;
+    }
+}
 
 /// A producer failure this long after the previous one starts a new count: a partition that
 /// commits nothing for days (its outbox blocked by a refused change, re-initialising its
@@ -234,8 +265,7 @@ impl Publisher {
             published: None,
             trimmed: None,
             position: Published::default(),
-            producer_failures: 0,
-            last_producer_failure: None,
+            producer_failures: ProducerFailures::default(),
         };
         let _gauges = GaugeCleanup {
             telemetry: p.shared.telemetry.clone(),
@@ -481,7 +511,7 @@ impl PartitionPublisher {
         .await;
         let (created, published) = match created {
             Ok(ok) => ok,
-            Err(e @ TxnError::Fatal(_)) if self.producer_failures == 0 => {
+            Err(e @ TxnError::Fatal(_)) if self.producer_failures.none() => {
                 return Err(DrainError::Stop(Stop::Fatal(e)))
             }
             Err(e) => return Err(self.producer_failed(e)),
@@ -503,15 +533,7 @@ impl PartitionPublisher {
     /// failing (calls stuck in librdkafka, each leaving a thread behind) stops the service.
     fn producer_failed(&mut self, error: TxnError) -> DrainError {
         self.release_producer();
-        if self
-            .last_producer_failure
-            .is_some_and(|at| at.elapsed() >= PRODUCER_FAILURES_WINDOW)
-        {
-            self.producer_failures = 0;
-        }
-        self.last_producer_failure = Some(Instant::now());
-        self.producer_failures += 1;
-        if self.producer_failures >= MAX_PRODUCER_FAILURES {
+        if self.producer_failures.failed(Instant::now()) {
             return DrainError::Stop(Stop::Fatal(error));
         }
         DrainError::Retry(PublishError::Producer(error))
@@ -532,7 +554,7 @@ impl PartitionPublisher {
         if let Ok(Round::Committed(_)) = result {
             // Not on a refusal: a parked letter refused every 30 s must not hide a producer
             // that gets stuck committing every round.
-            self.producer_failures = 0;
+            self.producer_failures.committed();
         }
         if let Ok(Round::Refused { .. } | Round::HistoryRefused(_)) = result {
             // A record the broker refused keeps its sequence number in the producer (librdkafka
@@ -1047,6 +1069,41 @@ mod tests {
 
     fn produce_error(code: RDKafkaErrorCode) -> KafkaError {
         KafkaError::MessageProduction(code)
+    }
+
+    #[test]
+    fn five_producer_failures_in_a_row_stop_the_service_unless_far_apart_or_a_round_commits() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Stuck every 45 s: the fifth failure stops the service.
+        let mut f = ProducerFailures::default();
+        assert!(f.none());
+        let stops: Vec<bool> = (0..5).map(|i| f.failed(at(45 * i))).collect();
+        assert_eq!(stops, [false, false, false, false, true]);
+        // One failure every 11 minutes (a parked letter's producer replaced now and then, an
+        // init failing once a day) never adds up.
+        let mut f = ProducerFailures::default();
+        assert!((0..20).all(|i| !f.failed(at(660 * i))));
+        // A committed round starts the count again.
+        let mut f = ProducerFailures::default();
+        for i in 0..4 {
+            assert!(!f.failed(at(i)));
+        }
+        f.committed();
+        assert!(f.none());
+        assert!((4..8).all(|i| !f.failed(at(i))));
+        assert!(f.failed(at(8)), "the fifth since the commit");
+        // Exactly at the window the count starts again; just inside it, it goes on.
+        let mut f = ProducerFailures::default();
+        for i in 0..4 {
+            assert!(!f.failed(at(599 * i)));
+        }
+        assert!(f.failed(at(599 * 4)));
+        let mut f = ProducerFailures::default();
+        for i in 0..4 {
+            assert!(!f.failed(at(600 * i)));
+        }
+        assert!(!f.failed(at(600 * 4)));
     }
 
     #[test]
