@@ -467,6 +467,10 @@ fn a_parked_dead_letter_is_retried_while_the_outbox_stays_full() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let applied = world.outbox_len(0);
+    assert!(
+        applied >= 200,
+        "applied faster than published: {applied} waiting"
+    );
     while world.outbox_len(0) > applied - 20 {
         assert!(std::time::Instant::now() < deadline, "not draining");
         std::thread::sleep(Duration::from_millis(10));

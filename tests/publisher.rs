@@ -663,3 +663,61 @@ fn an_unreadable_outbox_entry_does_not_stop_the_service() {
     assert!(!task.is_finished(), "the publisher runs on");
     assert_eq!(outbox_len(&mut conn, &s.keys.outbox), 1);
 }
+
+/// The parking script (`src/store/lua/park.lua`): an entry moves to the parked stream once,
+/// with its fields and the reason, and only for the partition's current claim. A second
+/// parking of the same entry (a claim and a publisher racing after Redis lost writes) does
+/// nothing: parked twice, a letter would be delivered twice.
+#[test]
+fn parking_moves_an_entry_once_and_only_for_the_current_claim() {
+    use tierd::store::outbox::{self, Parked};
+    let redis = Redis::start();
+    let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
+    let mut conn = redis.conn();
+    set_epoch(&mut conn, &keys.meta, 3);
+    add_entry(&mut conn, &keys.outbox, "5-1", "d", "bad bytes");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let (fenced, first, again) = rt.block_on(async {
+        let mut c = tierd::store::connection::Connection::connect(client)
+            .await
+            .unwrap();
+        let entry = outbox::read(&mut c, &keys.outbox, 1)
+            .await
+            .unwrap()
+            .remove(0);
+        let fenced = outbox::park(&mut c, &keys, 2, &entry, "refused")
+            .await
+            .unwrap();
+        let first = outbox::park(&mut c, &keys, 3, &entry, "refused")
+            .await
+            .unwrap();
+        let again = outbox::park(&mut c, &keys, 3, &entry, "refused")
+            .await
+            .unwrap();
+        (fenced, first, again)
+    });
+    assert_eq!(
+        (fenced, first, again),
+        (Parked::Fenced, Parked::Parked, Parked::Gone)
+    );
+    assert!(ids(&mut conn, &keys.outbox).is_empty());
+    let parked: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&keys.parked)
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(parked.ids.len(), 1, "parked once");
+    let field = |name: &str| -> String { parked.ids[0].get(name).unwrap() };
+    assert_eq!(
+        (field("t"), field("k"), field("v"), field("h"), field("e")),
+        (
+            "d".to_owned(),
+            "dave".to_owned(),
+            "bad bytes".to_owned(),
+            String::new(),
+            "refused".to_owned()
+        )
+    );
+}

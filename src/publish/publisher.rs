@@ -453,21 +453,23 @@ impl PartitionPublisher {
             .iter()
             .take_while(|e| self.trimmed.is_some_and(|t| stream_id(&e.id) <= Some(t)))
             .count();
-        let letters = stale[..back]
-            .iter()
-            .filter(|e| e.entry.kind.is_dead_letter());
-        if letters.clone().next().is_some() {
-            // Not after a newer owner's claim, which parks them itself.
-            self.check_owner().await?;
-        }
-        let keys = &self.target.keys;
+        // Only by the current owner (a newer owner's claim parks them itself), and each once.
         let mut parked = 0;
-        for e in letters {
-            outbox::park(&mut self.conn, &keys.outbox, &keys.parked, e, LOST_WRITES).await?;
-            parked += 1;
+        for e in stale[..back]
+            .iter()
+            .filter(|e| e.entry.kind.is_dead_letter())
+        {
+            parked += u64::from(self.park(e, LOST_WRITES).await?);
+        }
+        if parked > 0 {
+            // Before the trim: a trim that fails leaves these letters out of the next read.
+            self.parked = outbox::len(&mut self.conn, &self.target.keys.parked).await?;
+            self.parked_reason = LOST_WRITES.to_owned();
+            self.next_parked_try = Instant::now();
+            self.report();
         }
         let last = &stale[stale.len() - 1].id;
-        outbox::trim_through(&mut self.conn, &keys.outbox, last).await?;
+        outbox::trim_through(&mut self.conn, &self.target.keys.outbox, last).await?;
         // Trimmed now, by this publisher: seen again, they too were brought back.
         self.trimmed = self.trimmed.max(stream_id(last));
         if back > 0 {
@@ -478,13 +480,21 @@ impl PartitionPublisher {
                 "Outbox entries already trimmed reappeared (Redis lost writes): the changes among them went out and are trimmed; the dead letters are parked again, since Redis may have lost their parking too."
             );
         }
-        if parked > 0 {
-            self.parked = outbox::len(&mut self.conn, &keys.parked).await?;
-            self.parked_reason = LOST_WRITES.to_owned();
-            self.next_parked_try = Instant::now();
-            self.report();
-        }
         Ok(())
+    }
+
+    /// Parks the outbox entry `e` with `reason` ([`outbox::park`]): whether it was parked
+    /// (false: no longer in the outbox, someone else parked or trimmed it).
+    async fn park(&mut self, e: &StoredEntry, reason: &str) -> Result<bool, DrainError> {
+        let keys = &self.target.keys;
+        match outbox::park(&mut self.conn, keys, self.target.epoch, e, reason).await? {
+            outbox::Parked::Parked => Ok(true),
+            outbox::Parked::Gone => Ok(false),
+            outbox::Parked::Fenced => Err(DrainError::Stop(Stop::Fenced(format!(
+                "the partition was claimed again (ours {})",
+                self.target.epoch
+            )))),
+        }
     }
 
     /// Creates and initialises the partition's producer, fencing any earlier producer of this
@@ -839,12 +849,11 @@ impl PartitionPublisher {
         }
         .emit(&self.shared.telemetry);
         if parks {
-            let keys = &self.target.keys;
-            outbox::park(&mut self.conn, &keys.outbox, &keys.parked, head, &reason).await?;
+            let parked = self.park(head, &reason).await?;
             // Everything before it left the outbox already (rounds trimmed, letters parked):
             // read again, it was brought back by Redis, its parking maybe lost.
             self.trimmed = self.trimmed.max(stream_id(&head.id));
-            self.parked += 1;
+            self.parked += i64::from(parked);
             self.parked_reason = reason;
             if self.parked == 1 {
                 self.next_parked_try = Instant::now() + self.shared.parked_retry;

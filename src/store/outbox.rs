@@ -254,41 +254,53 @@ pub async fn trim_through(
     Ok(())
 }
 
-/// Moves the entry `stored` of `outbox` to the `parked` stream with the reason Kafka gave,
-/// atomically (both keys share the partition's hash tag): the rest of the outbox flows on, and
-/// the entry is kept until a retry delivers it.
+static PARK: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/park.lua")));
+
+/// What [`park`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parked {
+    /// Moved to the parked stream.
+    Parked,
+    /// No longer in the outbox (parked or trimmed by someone else): nothing done.
+    Gone,
+    /// The partition's claim is no longer `epoch`: nothing done.
+    Fenced,
+}
+
+/// Moves the entry `stored` of `keys.outbox` to `keys.parked` with `reason`, atomically (the
+/// keys share the partition's hash tag) and only for the owner of claim `epoch` and while the
+/// entry is still in the outbox (`lua/park.lua`): the rest of the outbox flows on, and the
+/// entry is kept until a retry delivers it, never parked twice.
 ///
 /// # Errors
 /// Redis errors.
 pub async fn park(
     conn: &mut Connection,
-    outbox: &str,
-    parked: &str,
+    keys: &crate::store::keys::PartitionKeys,
+    epoch: i64,
     stored: &StoredEntry,
     reason: &str,
-) -> redis::RedisResult<()> {
+) -> redis::RedisResult<Parked> {
     let e = &stored.entry;
-    let _: (String, i64) = redis::pipe()
-        .atomic()
-        .cmd("XADD")
-        .arg(parked)
-        .arg("*")
-        .arg("t")
-        .arg(e.kind.code())
-        .arg("k")
-        .arg(&e.key)
-        .arg("v")
-        .arg(&e.value)
-        .arg("h")
-        .arg(&e.headers)
-        .arg("e")
-        .arg(reason)
-        .cmd("XDEL")
-        .arg(outbox)
+    let done: i64 = PARK
+        .key(&keys.outbox)
+        .key(&keys.parked)
+        .key(&keys.meta)
         .arg(&stored.id)
-        .query_async(conn)
+        .arg(epoch)
+        .arg(e.kind.code())
+        .arg(&e.key)
+        .arg(&e.value)
+        .arg(&e.headers)
+        .arg(reason)
+        .invoke_async(conn)
         .await?;
-    Ok(())
+    Ok(match done {
+        1 => Parked::Parked,
+        0 => Parked::Gone,
+        _ => Parked::Fenced,
+    })
 }
 
 /// Removes one entry (a parked entry that was finally delivered).

@@ -119,7 +119,7 @@ if pms then
     local from = '-'
     while true do
       -- Dead letters carry whole input records: a few at a time.
-      local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 100)
+      local batch = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', 10)
       if #batch == 0 then
         break
       end
