@@ -244,16 +244,31 @@ fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
     let world = World::start_on(8, Redis::start_everysec(), Broker::cluster(3));
     let events = stream(n, customers, 2026);
     let (expected_states, expected_changes) = reference(&events, &b2b_rules());
+    // One bad purchase in every 100 events: each must reach the dead-letter topic, whatever
+    // the faults (a Redis crash brings back letters it had parked, or published).
+    let mut input = Vec::with_capacity(events.len() + events.len() / 100);
+    let mut bad = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        if i % 100 == 50 {
+            let mut b = e.clone();
+            b["event_id"] = format!("bad{i}").into();
+            b["amount"] = "not money".into();
+            bad.push(serde_json::to_vec(&b).unwrap());
+            input.push(b);
+        }
+        input.push(e.clone());
+    }
     eprintln!(
-        "{} events (with re-sent duplicates) over {} customers; {} expected changes",
+        "{} events (with re-sent duplicates) over {} customers; {} expected changes; {} bad",
         events.len(),
         expected_states.len(),
-        expected_changes.values().map(Vec::len).sum::<usize>()
+        expected_changes.values().map(Vec::len).sum::<usize>(),
+        bad.len()
     );
     let run = chaos(
         &world,
         "[ingest]\nbatch_max_events = 500\n",
-        &events,
+        &input,
         rate,
         64 * 1024,
     );
@@ -262,6 +277,37 @@ fn chaos_run_loses_nothing_counts_everything_once_and_keeps_order() {
         &expected_states,
         &expected_changes,
         Duplicates::IdenticalOnly,
+    );
+    // Every bad purchase dead-lettered, nothing else; a letter repeated is byte-identical
+    // (value and headers: its reason and source position).
+    let mut letters: HashMap<Vec<u8>, BTreeMap<String, String>> = HashMap::new();
+    let mut repeated = 0;
+    for l in support::read_all(&world.broker.addr, &world.dlq, 8) {
+        assert!(
+            bad.contains(&l.value),
+            "an unexpected dead letter: {}",
+            String::from_utf8_lossy(&l.value)
+        );
+        if let Some(first) = letters.insert(l.value.clone(), l.headers.clone()) {
+            assert_eq!(first, l.headers, "a repeated dead letter is identical");
+            repeated += 1;
+        }
+    }
+    let missing: Vec<String> = bad
+        .iter()
+        .filter(|b| !letters.contains_key(*b))
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} bad purchases never dead-lettered, e.g. {:?}",
+        missing.len(),
+        bad.len(),
+        missing.first()
+    );
+    eprintln!(
+        "dead letters: {} bad purchases, each delivered ({repeated} repeated)",
+        bad.len()
     );
     eprintln!(
         "chaos run: {} events applied exactly in {:.0} s with {} faults; Redis divergences detected and replayed: {}; commits fenced: {}",
