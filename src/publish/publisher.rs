@@ -185,8 +185,10 @@ struct PartitionPublisher {
     /// The last outbox id known published (committed by this publisher, or read from Kafka
     /// when its producer was initialised).
     published: Option<(u64, u64)>,
-    /// The last outbox id this publisher trimmed through (`None` until its first trim).
-    /// Entries at or before it that are read again were brought back by Redis losing writes:
+    /// The last outbox id this publisher removed from the outbox itself (`None` until its
+    /// first): trimmed through after a round, or parked (every entry before a parked one was
+    /// trimmed or parked already). Entries at or before it that are read again were brought
+    /// back by Redis losing writes:
     /// among them may be dead letters that were parked, never delivered, and whose parking
     /// Redis lost as well. Entries after it and at or before `published` were delivered and
     /// only their trim is pending (a trim that failed, a claim read before a predecessor's
