@@ -46,10 +46,6 @@ const FINAL_DRAIN: Duration = Duration::from_secs(10);
 /// [`super::position::HistoryRecord::rules`]).
 const HISTORY_RULES_TEXTS_MAX: usize = 256 * 1024;
 
-/// The reason a dead letter brought back by Redis losing writes is parked with.
-const LOST_WRITES: &str =
-    "brought back by Redis losing writes, possibly delivered before (parked so it is not lost)";
-
 /// Pause after a failed round or producer initialisation (jittered); doubled after each
 /// further failure in a row, up to 2 s ([`Backoff`]).
 const RETRY_DELAY: Duration = Duration::from_millis(200);
@@ -461,7 +457,7 @@ impl PartitionPublisher {
             .iter()
             .filter(|e| e.entry.kind.is_dead_letter())
         {
-            parked += u64::from(self.park(e, LOST_WRITES).await?);
+            parked += u64::from(self.park(e, outbox::LOST_WRITES).await?);
         }
         if parked > 0 {
             // Before the trim: a trim that fails leaves these letters out of the next read.
@@ -469,7 +465,7 @@ impl PartitionPublisher {
             if let Ok(n) = outbox::len(&mut self.conn, &self.target.keys.parked).await {
                 self.parked = n;
             }
-            self.parked_reason = LOST_WRITES.to_owned();
+            self.parked_reason = outbox::LOST_WRITES.to_owned();
             self.next_parked_try = Instant::now();
             self.report();
         }

@@ -5,6 +5,11 @@ use crate::store::connection::Connection;
 use redis::streams::StreamRangeReply;
 use redis::Value;
 
+/// The reason a dead letter brought back by Redis losing writes is parked with (by the
+/// publisher, and by the claim script, which is given it).
+pub const LOST_WRITES: &str =
+    "brought back by Redis losing writes, possibly delivered before (parked so it is not lost)";
+
 /// What an outbox entry is, and so which topic it goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {

@@ -13,9 +13,9 @@
 -- and this claim: commits check the stored offset), so they are trimmed as well, and the
 -- stream's id moves to the published one so that new entries sort after everything Kafka has.
 -- Dead letters among the entries trimmed in that case are moved to the parked stream
--- (KEYS[3]) instead: Redis may have lost their parking too. The seventh value returned says
--- which case happened ('trimmed', 'behind' or ''), the last how many dead letters were parked
--- again.
+-- (KEYS[3]) instead, with the reason ARGV[5]: Redis may have lost their parking too. The
+-- seventh value returned says which case happened ('trimmed', 'behind' or ''), the last how
+-- many dead letters were parked again.
 --
 -- ARGV[2] is the claimant's rules version. The partition remembers, in the order they first
 -- claimed it, the rules versions that ran it (field 'versions', a JSON array of the latest
@@ -134,7 +134,7 @@ if pms then
           -- earlier writes) leaves no letter in both streams for the claim's retry.
           redis.call('XADD', KEYS[3], '*', 't', f['t'], 'k', f['k'] or '', 'v', f['v'] or '',
             'h', f['h'] or '',
-            'e', 'brought back by Redis losing writes, possibly delivered before (parked so it is not lost)')
+            'e', ARGV[5])
           redis.call('XDEL', KEYS[2], entry[1])
           parked_again = parked_again + 1
         end

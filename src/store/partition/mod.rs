@@ -173,6 +173,7 @@ pub fn claim(
         .arg(rules_version)
         .arg(topic.unwrap_or(""))
         .arg(rules_text)
+        .arg(super::outbox::LOST_WRITES)
         .invoke(conn)?;
     let field = |i: usize| reply.get(i).map_or("", String::as_str);
     if let (Some(current), "RECREATED") = (topic, field(0)) {
