@@ -219,17 +219,17 @@ fn main() {
         "| (c) tierd peak RSS (VmHWM) | {:.1} MiB |",
         rss_peak as f64 / 1024.0
     );
-    println!("| (d) Redis memory per customer | {per_customer:.0} B |");
+    println!("| (d) Redis memory per customer | {per_customer:.1} B |");
     println!(
         "| (d) of which the state key (`MEMORY USAGE`, sample) | {state_key:.0} B, its stored value {state_value:.0} B |"
     );
     println!("| tier changes published | {changes:.0} |");
     println!(
-        "| tierd CPU time (user+sys) | {tierd_cpu:.1} s = {:.1} µs per event |",
+        "| tierd CPU time (user+sys) | {tierd_cpu:.1} s = {:.2} µs per event |",
         tierd_cpu * 1e6 / events as f64
     );
     println!(
-        "| Redis CPU time (`INFO cpu`, during tierd's run) | {redis_cpu_secs:.1} s = {:.1} µs per event |",
+        "| Redis CPU time (`INFO cpu`, during tierd's run) | {redis_cpu_secs:.1} s = {:.2} µs per event |",
         redis_cpu_secs * 1e6 / events as f64
     );
     println!();

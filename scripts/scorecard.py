@@ -3,7 +3,8 @@
 figure, target, value and whether it is met.
 
     python3 scripts/scorecard.py            # the full run (~20 min on the 2-core machine)
-    python3 scripts/scorecard.py --quick    # smaller sizes and shorter phases (~8 min)
+    python3 scripts/scorecard.py --quick    # smaller sizes, shorter phases, nothing judged
+                                            # that the targets state at larger sizes (~8 min)
     python3 scripts/scorecard.py --write    # also writes the table into docs/performance.md
 
 Each bench starts its own broker and Redis (see docs/performance.md for what each measures);
@@ -18,6 +19,7 @@ kept apart from the test build).
 
 import argparse
 import datetime
+import json
 import os
 import pathlib
 import re
@@ -36,7 +38,10 @@ class BenchError(Exception):
 
 def bench(name, env):
     """Runs `cargo bench --bench NAME` with `env` added; returns its stdout."""
-    full = dict(os.environ, **{k: str(v) for k, v in env.items()})
+    # Only the script's own BENCH_* settings: one left exported in the shell would silently
+    # change a bench's input (the instructions bench's "fixed input" above all).
+    full = {k: v for k, v in os.environ.items() if not k.startswith("BENCH_")}
+    full.update({k: str(v) for k, v in env.items()})
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(f"scorecard: {shown} cargo bench --bench {name}", file=sys.stderr, flush=True)
     run = subprocess.run(
@@ -60,12 +65,20 @@ def figure(text, pattern, what):
     return float(found.group(1))
 
 
+def rules(name):
+    """tierd configuration running the rules preset `name` (config/rules/NAME.toml)."""
+    return "[rules]\npath = {}\n".format(json.dumps(str(ROOT / "config" / "rules" / f"{name}.toml")))
+
+
 def pipeline(events, customers, extra=""):
     """One pipeline run: its figures, and the broker it ran against."""
     out = bench(
         "pipeline",
         {"BENCH_EVENTS": events, "BENCH_CUSTOMERS": customers, "BENCH_TIERD_TOML": extra},
     )
+    broker = re.search(r"broker (Apache Kafka [\d.]+|external broker [^,\s]+)", out)
+    if not broker:
+        raise BenchError(f"no broker named in the output:\n{out}")
     return {
         "ceiling": figure(out, r"^\| \(a\) raw consume ceiling.*\| ([\d.]+) msg/s \|$", "ceiling"),
         "published": figure(out, r"^\| \(b'\) .*\| ([\d.]+) events/s \|$", "(b') throughput"),
@@ -73,20 +86,26 @@ def pipeline(events, customers, extra=""):
         "per_customer": figure(out, r"^\| \(d\) Redis memory per customer \| ([\d.]+) B \|$", "Redis per customer"),
         "tierd_us": figure(out, r"^\| tierd CPU time .*= ([\d.]+) µs per event \|$", "tierd CPU"),
         "redis_us": figure(out, r"^\| Redis CPU time .*= ([\d.]+) µs per event \|$", "Redis CPU"),
-        "broker": re.search(r"broker (Apache Kafka [\d.]+|external broker \S+)", out).group(1),
+        "broker": broker.group(1),
     }
 
 
-def p99(out):
-    return figure(out, r"^\| p99 \| ([\d.]+) ms \|$", "p99")
+def percentiles(out):
+    """p50, p99 and p99.9 of a latency bench's table, in ms."""
+    return [figure(out, rf"^\| {p} \| ([\d.]+) ms \|$", p) for p in ("p50", "p99", "p99\\.9")]
 
 
 def rank_rows(out):
-    """(customers, µs per crosser) of each row of the rank_scale table."""
-    rows = re.findall(r"^\| (\d+) \|.*\| ([\d.]+) µs \| [\d.]+ MiB \|$", out, re.MULTILINE)
+    """(customers, slowest of the three cut-off searches in ms, µs per crosser listed) of each
+    row of the rank_scale table."""
+    rows = re.findall(
+        r"^\| (\d+) \| ([\d.]+) ms \| ([\d.]+) ms \| ([\d.]+) ms \| \d+ × \d+ \|.*\| ([\d.]+) µs \| [\d.]+ MiB \|$",
+        out,
+        re.MULTILINE,
+    )
     if len(rows) < 2:
         raise BenchError(f"fewer than two sizes in the rank_scale output:\n{out}")
-    return [(int(n), float(us)) for n, us in rows]
+    return [(int(n), max(float(a), float(b), float(c)), float(us)) for n, a, b, c, us in rows]
 
 
 def k(n):
@@ -100,14 +119,16 @@ def main():
     args.add_argument("--write", action="store_true", help="write the table into docs/performance.md")
     opts = args.parse_args()
     q = opts.quick
+    if q and opts.write:
+        sys.exit("scorecard: --quick runs below the sizes the targets are stated at; not written")
     events, customers = (300_000, 30_000) if q else (1_000_000, 100_000)
     big_customers = 300_000 if q else 1_000_000
-    pyramid = '[rules]\npath = "{}"\n'.format(ROOT / "config" / "rules" / "pyramid.toml")
     started = datetime.datetime.now(datetime.timezone.utc)
 
-    default = pipeline(events, customers)
-    pyr = pipeline(events, customers, pyramid)
-    big = pipeline(2 * big_customers, big_customers)
+    # tierd's default rules (config/rules/b2b.toml: spend thresholds over a yearly window).
+    default = pipeline(events, customers, rules("b2b"))
+    pyr = pipeline(events, customers, rules("pyramid"))
+    big = pipeline(2 * big_customers, big_customers, rules("b2b"))
     instructions = figure(
         bench("instructions", {}),
         r"^\| instructions per event \(marginal\) \| ([\d.]+) \|$",
@@ -115,32 +136,41 @@ def main():
     )
     half = int(default["published"] / 2)
     warm = {"BENCH_WARMUP_SECS": 10 if q else 60, "BENCH_SECS": 10 if q else 20}
-    latency = p99(bench("latency", dict(warm, BENCH_RATE=half)))
-    api = p99(bench("api", dict(warm, BENCH_API_RATE=10_000)))
+    p50, p99, p999 = percentiles(bench("latency", dict(warm, BENCH_RATE=half)))
+    api = percentiles(bench("api", dict(warm, BENCH_API_RATE=10_000)))[1]
     sizes = "100000,1000000" if q else "1000000,10000000"
     ranks = rank_rows(bench("rank_scale", {"BENCH_RANK_SCALE_SIZES": sizes}))
 
     def pct(run):
         return 100.0 * run["published"] / run["ceiling"]
 
-    (n0, us0), (n1, us1) = ranks[0], ranks[-1]
+    def judged(met):
+        """`met`, or not judged in a quick run (below the sizes the target is stated at)."""
+        return None if q else met
+
+    (n0, search0, us0), (n1, search1, us1) = ranks[0], ranks[-1]
     rows = [
-        ("throughput until published / raw ceiling, default rules", "≥ 85 %",
-         f"{pct(default):.0f} % ({default['published']:,.0f} of {default['ceiling']:,.0f}/s)", pct(default) >= 85),
-        ("the same, pyramid rules", "≥ 85 %",
-         f"{pct(pyr):.0f} % ({pyr['published']:,.0f} of {pyr['ceiling']:,.0f}/s)", pct(pyr) >= 85),
-        ("tierd CPU per event", "≤ 3 µs", f"{default['tierd_us']:.1f} µs", default["tierd_us"] <= 3),
-        ("Redis CPU per event", "≤ 2 µs", f"{default['redis_us']:.1f} µs", default["redis_us"] <= 2),
-        ("instructions per event (callgrind, fixed input)", "tracked", f"{instructions:,.0f}", None),
-        (f"tierd peak RSS at {k(big_customers)} customers", "≤ 100 MiB (at 1M)",
-         f"{big['rss']:.0f} MiB", big["rss"] <= 100 if not q else None),
-        ("Redis per customer, default (threshold) rules", "≤ 200 B", f"{default['per_customer']:.0f} B",
+        ("throughput until published / raw ceiling, default rules (b2b)", "≥ 85 %",
+         f"{pct(default):.0f} % ({default['published']:,.0f} of {default['ceiling']:,.0f}/s)",
+         judged(pct(default) >= 85)),
+        ("the same, pyramid rules (the outboxes empty once; later rank moves not waited for)", "≥ 85 %",
+         f"{pct(pyr):.0f} % ({pyr['published']:,.0f} of {pyr['ceiling']:,.0f}/s)", judged(pct(pyr) >= 85)),
+        ("tierd CPU per event, default rules", "≤ 3 µs", f"{default['tierd_us']:.2f} µs", default["tierd_us"] <= 3),
+        ("Redis CPU per event, default rules", "≤ 2 µs", f"{default['redis_us']:.2f} µs", default["redis_us"] <= 2),
+        ("instructions per event (callgrind, fixed input, B2B lifetime rules)", "tracked", f"{instructions:,.0f}", None),
+        (f"tierd peak RSS at {k(big_customers)} customers ({k(2 * big_customers)} events)", "≤ 100 MiB at 1M",
+         f"{big['rss']:.0f} MiB", judged(big["rss"] <= 100)),
+        ("Redis per customer, default (threshold) rules", "≤ 200 B", f"{default['per_customer']:.1f} B",
          default["per_customer"] <= 200),
-        ("Redis per customer, pyramid rules", "reported", f"{pyr['per_customer']:.0f} B", None),
-        (f"purchase → change p99 at {half:,}/s (half the maximum)", "≤ 50 ms", f"{latency:.1f} ms", latency <= 50),
-        ("GET /v1/customers/{id} p99 at 10,000/s under ingestion", "< 1 ms", f"{api:.2f} ms", api < 1),
-        (f"rank re-evaluation per crosser, {k(n0)} → {k(n1)} customers", "proportional (≤ 2×)",
-         f"{us0:.1f} → {us1:.1f} µs", us1 <= 2 * us0),
+        ("Redis per customer, pyramid rules", "reported", f"{pyr['per_customer']:.1f} B", None),
+        (f"purchase → change p99 at {half:,}/s (half the maximum)", "≤ 50 ms", f"{p99:.1f} ms",
+         judged(p99 <= 50)),
+        ("… its p50 and p99.9", "reported", f"{p50:.1f} ms, {p999:.1f} ms", None),
+        ("GET /v1/customers/{id} p99 at 10,000/s under ingestion", "< 1 ms", f"{api:.2f} ms", judged(api < 1)),
+        (f"rank cut-off search (slowest of three), {k(n0)} → {k(n1)} customers", "flat (≤ 2×)",
+         f"{search0:.2f} → {search1:.2f} ms", judged(search1 <= 2 * search0)),
+        (f"rank re-evaluation per crosser listed, {k(n0)} → {k(n1)} customers", "proportional (≤ 2×)",
+         f"{us0:.1f} → {us1:.1f} µs", judged(us1 <= 2 * us0)),
     ]
     mark = {True: "**met**", False: "not met", None: "—"}
     mode = " --quick" if q else ""
@@ -156,9 +186,9 @@ def main():
     table = "\n".join(lines)
     print(table)
     if opts.write:
-        doc = DOC.read_text()
+        doc = DOC.read_text(encoding="utf-8")
         start, end = doc.index(BEGIN), doc.index(END)
-        DOC.write_text(doc[: start + len(BEGIN)] + "\n" + table + "\n" + doc[end:])
+        DOC.write_text(doc[: start + len(BEGIN)] + "\n" + table + "\n\n" + doc[end:], encoding="utf-8")
         print(f"scorecard: written to {DOC.relative_to(ROOT)}", file=sys.stderr)
 
 
