@@ -2,9 +2,9 @@
 """Issue 12's scorecard: runs every performance bench in one sitting and prints one table of
 figure, target, value and whether it is met.
 
-    python3 scripts/scorecard.py            # the full run (~20 min on the 2-core machine)
+    python3 scripts/scorecard.py            # the full run (~7 min on the 2-core machine)
     python3 scripts/scorecard.py --quick    # smaller sizes, shorter phases, nothing judged
-                                            # that the targets state at larger sizes (~8 min)
+                                            # that the targets state at larger sizes
     python3 scripts/scorecard.py --write    # also writes the table into docs/performance.md
 
 Each bench starts its own broker and Redis (see docs/performance.md for what each measures);
@@ -25,6 +25,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "performance.md"
@@ -36,8 +37,26 @@ class BenchError(Exception):
     """A bench failed, or printed no figure where one was expected."""
 
 
+def settle():
+    """Waits until the previous bench's broker, Redis and tierd are gone (up to a minute), then
+    a few seconds more: one run's API p99 was 1 s right after the latency bench, 34 ms alone."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = subprocess.run(
+            ["pgrep", "-f", r"kafka\.Kafka|redis-server|release/tierd"],
+            capture_output=True,
+            check=False,
+        )
+        if left.returncode != 0:
+            break
+        time.sleep(1)
+    time.sleep(5)
+
+
 def bench(name, env):
-    """Runs `cargo bench --bench NAME` with `env` added; returns its stdout."""
+    """Runs `cargo bench --bench NAME` with `env` added, on a settled machine; returns its
+    stdout."""
+    settle()
     # Only the script's own BENCH_* settings: one left exported in the shell would silently
     # change a bench's input (the instructions bench's "fixed input" above all).
     full = {k: v for k, v in os.environ.items() if not k.startswith("BENCH_")}
