@@ -7,7 +7,7 @@
 //! BENCH_CUSTOMERS, default 100000 — all of them stored before the lookups start;
 //! BENCH_WARMUP_SECS of ingestion before the lookups, default 60 (none without ingestion);
 //! BENCH_API_PATH, to request that one path instead, e.g. `/healthz` for the floor of HTTP
-//! on the machine without Redis). Starts its
+//! on the machine without Redis; BENCH_TIERD_TOML, extra tierd configuration). Starts its
 //! own redis-server, Apache Kafka broker and tierd, like the tests.
 
 #[path = "common/mod.rs"]
@@ -42,7 +42,10 @@ fn main() {
     let customers = env_or("BENCH_CUSTOMERS", 100_000).max(1);
     let partitions = 4;
     let world = World::start(partitions);
-    let tierd = Tierd::spawn(&world, "");
+    let extra = std::env::var("BENCH_TIERD_TOML")
+        .unwrap_or_default()
+        .replace("\\n", "\n");
+    let tierd = Tierd::spawn(&world, &extra);
     tierd.wait_partitions(i64::from(partitions), Duration::from_secs(120));
 
     // Every customer stored first (3 purchases each on average).
