@@ -583,11 +583,22 @@ fn a_parked_dead_letter_redis_loses_with_a_trim_pending_is_parked_again() {
     a_parked_dead_letter_redis_loses_is_parked_again(Loss::TrimPending);
 }
 
+/// The same with tierd killed (kill -9) and started again, when Redis comes back from a moment
+/// that held the letter and the round after it, the last Kafka took: the outbox is not behind
+/// the published position, so the claim found nothing to tell the letter from part of a round
+/// whose trim a crash prevented, trimmed it, and it was lost. The published position now
+/// records the ids of the letters parked, and the claim parks those again.
+#[test]
+fn a_parked_dead_letter_redis_loses_with_the_round_after_it_is_parked_again_by_the_next_claim() {
+    a_parked_dead_letter_redis_loses_is_parked_again(Loss::RestartWithTheRoundAfter);
+}
+
 #[derive(PartialEq)]
 enum Loss {
     Running,
     Restart,
     TrimPending,
+    RestartWithTheRoundAfter,
 }
 
 fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
@@ -615,7 +626,8 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
     acl(&["-xrange"]);
     let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
     let mut input = vec![(Some("c9".to_owned()), big.clone().into_bytes())];
-    if loss == Loss::TrimPending {
+    let round_after = matches!(loss, Loss::TrimPending | Loss::RestartWithTheRoundAfter);
+    if round_after {
         // The round after it is in the snapshot too.
         input.push(c1.clone());
     }
@@ -650,17 +662,20 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
             assert!(std::time::Instant::now() < deadline, "not parked");
             std::thread::sleep(Duration::from_millis(100));
         }
-        // Rounds after it go out: the published position passes it.
-        ends = world.produce(&[c1.clone(), (Some("d".into()), b"{small and bad".to_vec())]);
-        world.wait_applied(&ends, Duration::from_secs(60));
+        if !round_after {
+            // Rounds after it go out: the published position passes it.
+            ends = world.produce(&[c1.clone(), (Some("d".into()), b"{small and bad".to_vec())]);
+            world.wait_applied(&ends, Duration::from_secs(60));
+        }
     }
     assert_eq!(world.read_all(&world.output).len(), 1);
 
-    if loss == Loss::Restart {
+    let restart = matches!(loss, Loss::Restart | Loss::RestartWithTheRoundAfter);
+    if restart {
         tierd.kill9();
     }
     world.restore(&before);
-    if loss == Loss::Restart {
+    if restart {
         assert_eq!(world.outbox_len(0), waiting, "the letter is back");
         tierd = small_dead_letter_tierd(&world, &dlq, 100);
     }
@@ -696,7 +711,7 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
     assert_eq!(delivered(), 1, "delivered once");
     let state = world.customer_state("c1").unwrap();
     assert_eq!((state.count, state.sum), (1, 100), "counted once");
-    if loss == Loss::TrimPending {
+    if round_after {
         // Redis did not lose the state here: nothing is applied again, and the published
         // round is not published again.
         assert_eq!(world.read_all(&world.output).len(), 1, "not re-sent");

@@ -307,6 +307,7 @@ fn a_stale_claim_cannot_stop_the_rightful_owner() {
         &mut world.redis.conn(),
         &world.keys(0),
         None,
+        &[],
         "b2b-lifetime-1",
         "",
         None,

@@ -454,6 +454,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         &mut conn,
         &s.keys,
         published.last_id.as_deref(),
+        &[],
         "v1",
         "",
         None,
@@ -467,6 +468,47 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
     assert_eq!(claim.parked_again, 0);
     assert!(ids(&mut conn, &s.keys.parked).is_empty(), "nothing parked");
 
+    // The same entries brought back by a Redis restored from before the dead letter's parking
+    // (the stream not behind): the published position names it as parked, so it is parked
+    // again; a listed id after the published one is not published yet, left in the outbox.
+    let _: i64 = redis::cmd("DEL")
+        .arg(&s.keys.outbox)
+        .query(&mut conn)
+        .unwrap();
+    for (id, code) in written.iter().zip(["c", "d", "c"]) {
+        add_entry(&mut conn, &s.keys.outbox, id, code, "x");
+    }
+    let later = format!("{}-0", super_id(&written[2]).0 + 1000);
+    add_entry(&mut conn, &s.keys.outbox, &later, "d", "y");
+    let listed = [written[1].clone(), later.clone(), "1-0".to_owned()];
+    let claim = tierd::store::partition::claim(
+        &mut conn,
+        &s.keys,
+        published.last_id.as_deref(),
+        &listed,
+        "v1",
+        "",
+        None,
+    )
+    .unwrap();
+    assert!(!claim.outbox_behind);
+    assert_eq!(claim.parked_again, 1);
+    assert_eq!(
+        ids(&mut conn, &s.keys.outbox),
+        [later],
+        "published trimmed, the later kept"
+    );
+    assert_eq!(
+        ids(&mut conn, &s.keys.parked).len(),
+        1,
+        "the listed letter parked again"
+    );
+    let _: i64 = redis::cmd("DEL")
+        .arg(&s.keys.parked)
+        .arg(&s.keys.outbox)
+        .query(&mut conn)
+        .unwrap();
+
     // Redis lost writes: the stream is behind what Kafka has. The published id is put an hour
     // ahead, so that only the claim's XSETID can make a new entry sort after it.
     let ahead = format!("{}-5", super_id(&written[2]).0 + 3_600_000);
@@ -478,7 +520,8 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
     // A dead letter brought back may have been parked, its parking lost too: parked again.
     add_entry(&mut conn, &s.keys.outbox, &written[1], "d", "bad");
     let claim =
-        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1", "", None).unwrap();
+        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), &[], "v1", "", None)
+            .unwrap();
     assert!(claim.outbox_behind);
     assert!(ids(&mut conn, &s.keys.outbox).is_empty());
     assert_eq!(claim.parked_again, 1);
@@ -517,7 +560,8 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         .query(&mut conn)
         .unwrap();
     let claim =
-        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), "v1", "", None).unwrap();
+        tierd::store::partition::claim(&mut conn, &s.keys, Some(&ahead), &[], "v1", "", None)
+            .unwrap();
     assert!(claim.outbox_behind);
     add_change(&mut conn, &s.keys.outbox, "dave", "5");
     let new = ids(&mut conn, &s.keys.outbox);

@@ -122,7 +122,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         .unwrap();
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut sync = redis.conn();
-    let old = store::claim(&mut sync, &keys, None, "v1", "", None).unwrap();
+    let old = store::claim(&mut sync, &keys, None, &[], "v1", "", None).unwrap();
     assert_eq!(old.next_offset, None);
     let batch = |expected: i64, first: i64, end: i64, value: &str| CommitBatch {
         expected_offset: expected,
@@ -182,7 +182,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
         ));
 
         // A new owner claims the partition and resumes where the old one stopped.
-        let new = store::claim(&mut sync, &keys, None, "v1", "", None).unwrap();
+        let new = store::claim(&mut sync, &keys, None, &[], "v1", "", None).unwrap();
         assert_eq!(
             (new.epoch, new.next_offset, new.commits),
             (old.epoch + 1, Some(10), 1)
@@ -287,6 +287,7 @@ fn a_claim_by_an_older_rules_version_is_refused_and_changes_nothing() {
         conn,
         &keys,
         None,
+        &[],
         version,
         &format!("text of {version}"),
         None,
@@ -329,7 +330,7 @@ fn a_claim_returns_the_rules_text_the_partition_ran_before_its_latest_version() 
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut conn = redis.conn();
     let prior = |conn: &mut redis::Connection, version: &str, text: &str| {
-        store::claim(conn, &keys, None, version, text, None)
+        store::claim(conn, &keys, None, &[], version, text, None)
             .unwrap()
             .prior_rules
     };

@@ -170,8 +170,9 @@ impl Supervisor {
         let version = self.parts.pipeline.rules.version();
         let text = self.parts.pipeline.rules.text();
         // A refusal is an answer, not a failure to retry.
-        let claim = |conn: &mut redis::Connection, published: Option<&str>, topic: Option<&str>| {
-            match store::claim(conn, &keys, published, version, text, topic) {
+        let claim = |conn: &mut redis::Connection, published: &Published, topic: Option<&str>| {
+            let (last, parked) = (published.last_id.as_deref(), &published.parked_letters);
+            match store::claim(conn, &keys, last, parked, version, text, topic) {
                 Ok(claim) => Ok(Ok(claim)),
                 Err(ClaimError::OlderRules(refused)) => Ok(Err(NotClaimed::OlderRules(refused))),
                 Err(ClaimError::TopicRecreated(refused)) => {
@@ -214,11 +215,7 @@ impl Supervisor {
                         .set_read_timeout(Some(timeout))
                         .and_then(|()| conn.set_write_timeout(Some(timeout)))
                         .and_then(|()| {
-                            claim(
-                                conn,
-                                published.last_id.as_deref(),
-                                topic_id.as_ref().map(|t| t.0.as_str()),
-                            )
+                            claim(conn, &published, topic_id.as_ref().map(|t| t.0.as_str()))
                         }),
                     None => self
                         .parts
@@ -229,7 +226,7 @@ impl Supervisor {
                             conn.set_write_timeout(Some(timeout))?;
                             let claim = claim(
                                 &mut conn,
-                                published.last_id.as_deref(),
+                                &published,
                                 topic_id.as_ref().map(|t| t.0.as_str()),
                             );
                             *slot = Some(conn);

@@ -166,7 +166,18 @@ pub struct Published {
     /// here if removing it from Redis failed after Kafka took it, and only removes it.
     #[serde(rename = "pk", default, skip_serializing_if = "Option::is_none")]
     pub parked: Option<String>,
+    /// The outbox ids of the newest dead letters the partition's publishers parked (Kafka
+    /// refused them), oldest first, at most [`PARKED_LETTERS_KEPT`]. Redis restored from
+    /// before a parking brings the letter back into the outbox below the published id, where
+    /// it would be taken for one that went out and trimmed; a claim or publisher finding one
+    /// of these ids there parks it again instead.
+    #[serde(rename = "pd", default, skip_serializing_if = "Vec::is_empty")]
+    pub parked_letters: Vec<String>,
 }
+
+/// How many parked dead letters' outbox ids the published position keeps
+/// ([`Published::parked_letters`]; about 20 bytes each).
+pub const PARKED_LETTERS_KEPT: usize = 8;
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
@@ -329,6 +340,25 @@ impl Published {
         next.parked = Some(id.to_owned());
         next.make_room(budget);
         next
+    }
+
+    /// Records the outbox ids `ids` of dead letters parked since this position was committed
+    /// (kept: the newest [`PARKED_LETTERS_KEPT`]), within `budget` bytes of metadata.
+    pub fn add_parked_letters(&mut self, ids: &[String], budget: usize) {
+        if ids.is_empty() {
+            return;
+        }
+        for id in ids {
+            if !self.parked_letters.contains(id) {
+                self.parked_letters.push(id.clone());
+            }
+        }
+        let over = self
+            .parked_letters
+            .len()
+            .saturating_sub(PARKED_LETTERS_KEPT);
+        self.parked_letters.drain(..over);
+        self.make_room(budget);
     }
 
     /// Drops the oldest switches (remembered in `forgotten`), then the oldest earlier sweeps,
@@ -572,6 +602,7 @@ impl Published {
             && self.through.is_none()
             && self.history_records == 0
             && self.parked.is_none()
+            && self.parked_letters.is_empty()
         {
             return self.last_id.clone().unwrap_or_default();
         }
@@ -1190,6 +1221,40 @@ mod tests {
         assert!(kept >= 8, "room for a useful history: {kept}");
         assert_eq!(back.switches.last(), Some(&switch(1990, 199)));
         assert_eq!(back.forgotten, Some(back.switches[0].offset - 10));
+    }
+
+    #[test]
+    fn parked_letters_are_kept_newest_last_within_their_bound_and_the_budget() {
+        let mut p = Published::default();
+        p.add_parked_letters(&["5-0".to_owned()], 3500);
+        let back = Published::parse(&p.metadata());
+        assert_eq!(
+            back.parked_letters,
+            ["5-0"],
+            "kept with nothing else recorded"
+        );
+        let ids: Vec<String> = (0..20).map(|i| format!("17000000000{i:02}-{i}")).collect();
+        p.add_parked_letters(&ids, 3500);
+        p.add_parked_letters(&ids[19..], 3500);
+        assert_eq!(
+            p.parked_letters,
+            ids[20 - PARKED_LETTERS_KEPT..],
+            "the newest, once each"
+        );
+        // Carried on by the next round, within the budget (switches give way first).
+        let mut full = full_of_switches();
+        let switches = full.switches.len();
+        full.add_parked_letters(&ids, METADATA_BUDGET);
+        assert!(full.metadata().len() <= METADATA_BUDGET);
+        assert!(
+            full.switches.len() < switches,
+            "the oldest switches gave way"
+        );
+        let next = full.after("300-0", Some(3000), &[], &[], None, METADATA_BUDGET);
+        assert_eq!(
+            Published::parse(&next.metadata()).parked_letters,
+            ids[20 - PARKED_LETTERS_KEPT..]
+        );
     }
 
     #[test]

@@ -190,6 +190,10 @@ struct PartitionPublisher {
     /// only their trim is pending (a trim that failed, a claim read before a predecessor's
     /// transaction completed).
     trimmed: Option<(u64, u64)>,
+    /// Outbox ids of dead letters this publisher parked since its last committed round: the
+    /// next round's position records them ([`Published::parked_letters`]), so that a claim
+    /// after Redis lost the parking parks them again instead of trimming them.
+    parked_unrecorded: Vec<String>,
     /// Producers replaced in a row.
     producer_failures: ProducerFailures,
 }
@@ -258,6 +262,7 @@ impl Publisher {
             producer: None,
             blocked: None,
             parked: 0,
+            parked_unrecorded: Vec::new(),
             parked_reason: String::new(),
             next_parked_try: Instant::now(),
             published: None,
@@ -451,7 +456,8 @@ impl PartitionPublisher {
             .iter()
             .take_while(|e| self.trimmed.is_some_and(|t| stream_id(&e.id) <= Some(t)))
             .count();
-        // Only by the current owner (a newer owner's claim parks them itself), and each once.
+        // Only by the current owner (a newer owner's claim parks them itself, also those its
+        // published position records as parked), and each once.
         let mut parked = 0;
         for e in stale[..back]
             .iter()
@@ -489,7 +495,10 @@ impl PartitionPublisher {
     async fn park(&mut self, e: &StoredEntry, reason: &str) -> Result<bool, DrainError> {
         let keys = &self.target.keys;
         match outbox::park(&mut self.conn, keys, self.target.epoch, e, reason).await? {
-            outbox::Parked::Parked => Ok(true),
+            outbox::Parked::Parked => {
+                self.parked_unrecorded.push(e.id.clone());
+                Ok(true)
+            }
             outbox::Parked::Gone => Ok(false),
             outbox::Parked::Fenced => Err(DrainError::Stop(Stop::Fenced(format!(
                 "the partition was claimed again (ours {})",
@@ -766,7 +775,7 @@ impl PartitionPublisher {
             }
             return Err(DrainError::Retry(error.into()));
         }
-        let position = if from_outbox {
+        let mut position = if from_outbox {
             let mut published = self.position.after_sweeps(
                 &round[round.len() - 1].id,
                 round[round.len() - 1].end_offset,
@@ -787,6 +796,7 @@ impl PartitionPublisher {
             self.position
                 .after_parked(&round[0].id, self.shared.positions.budget())
         };
+        position.add_parked_letters(&self.parked_unrecorded, self.shared.positions.budget());
         let committed = RoundPosition {
             positions: Arc::clone(&self.shared.positions),
             partition: self.target.partition,
@@ -796,6 +806,7 @@ impl PartitionPublisher {
             return Err(self.txn_failed(e).await);
         }
         self.position = position;
+        self.parked_unrecorded.clear();
         Ok(Round::Committed(counts))
     }
 

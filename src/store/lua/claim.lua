@@ -15,7 +15,10 @@
 -- Dead letters among the entries trimmed in that case are moved to the parked stream
 -- (KEYS[3]) instead, with the reason ARGV[5]: Redis may have lost their parking too. The
 -- seventh value returned says which case happened ('trimmed', 'behind' or ''), the last how
--- many dead letters were parked again.
+-- many dead letters were parked again. ARGV[6] lists (space-separated) the outbox ids of the
+-- dead letters the published position records as parked: found at or before the published
+-- id when the stream is not behind (Redis restored from before a parking, from a moment that
+-- already held the round Kafka took last), they are parked again too, not trimmed.
 --
 -- ARGV[2] is the claimant's rules version. The partition remembers, in the order they first
 -- claimed it, the rules versions that ran it (field 'versions', a JSON array of the latest
@@ -109,13 +112,30 @@ if pms then
   -- Millisecond parts have 13 digits: exact as Lua numbers.
   local behind = tonumber(lms) < tonumber(pms)
     or (tonumber(lms) == tonumber(pms) and tonumber(lseq) < tonumber(pseq))
+  -- Parks the stream entry `entry` if it is a dead letter. Removed as it is parked: a script
+  -- that fails part-way (Redis does not undo its earlier writes) leaves no letter in both
+  -- streams for the claim's retry.
+  local function park(entry)
+    local f = {}
+    local flat = entry[2]
+    for i = 1, #flat, 2 do
+      f[flat[i]] = flat[i + 1]
+    end
+    if f['t'] == 'd' or f['t'] == 'dn' then
+      redis.call('XADD', KEYS[3], '*', 't', f['t'], 'k', f['k'] or '', 'v', f['v'] or '',
+        'h', f['h'] or '',
+        'e', ARGV[5])
+      redis.call('XDEL', KEYS[2], entry[1])
+      parked_again = parked_again + 1
+    end
+  end
   if behind and exists then
     -- Every entry left was trimmed once and brought back. The changes among them went out,
     -- but a dead letter may have been parked instead (Kafka refused it), never delivered,
     -- with its parking lost too: dead letters are parked again so that none is lost (one
     -- that had been delivered goes out once more, byte-identical). Not when the stream is
     -- not behind: entries up to the published id are then a round whose trim a crash
-    -- prevented, delivered.
+    -- prevented, delivered, except the dead letters Kafka records as parked (below).
     local from = '-'
     while true do
       -- Dead letters carry whole input records: a few at a time.
@@ -124,22 +144,20 @@ if pms then
         break
       end
       for _, entry in ipairs(batch) do
-        local f = {}
-        local flat = entry[2]
-        for i = 1, #flat, 2 do
-          f[flat[i]] = flat[i + 1]
-        end
-        if f['t'] == 'd' or f['t'] == 'dn' then
-          -- Removed as it is parked: a script that fails part-way (Redis does not undo its
-          -- earlier writes) leaves no letter in both streams for the claim's retry.
-          redis.call('XADD', KEYS[3], '*', 't', f['t'], 'k', f['k'] or '', 'v', f['v'] or '',
-            'h', f['h'] or '',
-            'e', ARGV[5])
-          redis.call('XDEL', KEYS[2], entry[1])
-          parked_again = parked_again + 1
-        end
+        park(entry)
       end
       from = '(' .. batch[#batch][1]
+    end
+  elseif exists then
+    for id in string.gmatch(ARGV[6] or '', '%S+') do
+      local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+      local upto = ms and (tonumber(ms) < tonumber(pms)
+        or (tonumber(ms) == tonumber(pms) and tonumber(seq) <= tonumber(pseq)))
+      if upto then
+        for _, entry in ipairs(redis.call('XRANGE', KEYS[2], id, id)) do
+          park(entry)
+        end
+      end
     end
   end
   redis.call('XTRIM', KEYS[2], 'MINID', pms .. '-' .. string.format('%d', tonumber(pseq) + 1))

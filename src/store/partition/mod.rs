@@ -149,7 +149,9 @@ pub enum ClaimError {
 /// Claims `keys`' partition synchronously (used in the rebalance callback, which runs on the
 /// consumer thread) for an instance running `rules_version`. `published` is the last outbox
 /// id a committed Kafka transaction holds ([`crate::publish::position`]): the entries up to it
-/// are trimmed, never published again. `rules_text` is the text of the rules named
+/// are trimmed, never published again, except the dead letters among them that
+/// `parked_letters` (the position's [`crate::publish::position::Published::parked_letters`])
+/// names: they are parked again. `rules_text` is the text of the rules named
 /// `rules_version` (kept with the partition, see [`Claim::prior_rules`]). `topic` is the input topic's id now (`None`: unknown,
 /// not checked); the stored offset is paired with the id it was read from.
 ///
@@ -161,6 +163,7 @@ pub fn claim(
     conn: &mut redis::Connection,
     keys: &PartitionKeys,
     published: Option<&str>,
+    parked_letters: &[String],
     rules_version: &str,
     rules_text: &str,
     topic: Option<&str>,
@@ -174,6 +177,7 @@ pub fn claim(
         .arg(topic.unwrap_or(""))
         .arg(rules_text)
         .arg(super::outbox::LOST_WRITES)
+        .arg(parked_letters.join(" "))
         .invoke(conn)?;
     let field = |i: usize| reply.get(i).map_or("", String::as_str);
     if let (Some(current), "RECREATED") = (topic, field(0)) {
