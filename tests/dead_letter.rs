@@ -593,12 +593,23 @@ fn a_parked_dead_letter_redis_loses_with_the_round_after_it_is_parked_again_by_t
     a_parked_dead_letter_redis_loses_is_parked_again(Loss::RestartWithTheRoundAfter);
 }
 
+/// The same moment restored while the next owner runs (tierd killed and started again first,
+/// its publisher up, with no parking of its own): that publisher reads the letter back before
+/// the partition is claimed again. The published position names the letter, so the publisher
+/// parks it (refused: the claim is no longer current, which stops the publisher) instead of
+/// trimming it, and the claim after it parks it. Before, that publisher trimmed it: lost.
+#[test]
+fn a_parked_dead_letter_redis_loses_under_the_next_owner_is_parked_again() {
+    a_parked_dead_letter_redis_loses_is_parked_again(Loss::UnderTheNextOwner);
+}
+
 #[derive(PartialEq)]
 enum Loss {
     Running,
     Restart,
     TrimPending,
     RestartWithTheRoundAfter,
+    UnderTheNextOwner,
 }
 
 fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
@@ -626,7 +637,10 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
     acl(&["-xrange"]);
     let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
     let mut input = vec![(Some("c9".to_owned()), big.clone().into_bytes())];
-    let round_after = matches!(loss, Loss::TrimPending | Loss::RestartWithTheRoundAfter);
+    let round_after = matches!(
+        loss,
+        Loss::TrimPending | Loss::RestartWithTheRoundAfter | Loss::UnderTheNextOwner
+    );
     if round_after {
         // The round after it is in the snapshot too.
         input.push(c1.clone());
@@ -647,7 +661,10 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
         {
             assert!(
                 std::time::Instant::now() < deadline,
-                "not parked and published"
+                "not parked and published (parked {}, outbox {})\ntierd's log:\n{}",
+                tierd.metric("tierd_outbox_parked"),
+                world.outbox_len(0),
+                tierd.log_text()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -673,6 +690,22 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
     let restart = matches!(loss, Loss::Restart | Loss::RestartWithTheRoundAfter);
     if restart {
         tierd.kill9();
+    }
+    if loss == Loss::UnderTheNextOwner {
+        tierd.kill9();
+        // Retries 5 s apart: a refused retry replaces the producer, and a publisher making a
+        // new one checks its claim first (a stale one stops it before it reads the outbox,
+        // leaving the letter to the claim). Between two retries it keeps its producer and
+        // reads the outbox straight away.
+        tierd = small_dead_letter_tierd(&world, &dlq, 5000);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while tierd.metric_labeled("tierd_outbox_parked_retries_total", "result=\"refused\"") < 1.0
+        {
+            assert!(std::time::Instant::now() < deadline, "no retry");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Three drains: the producer is made again and kept.
+        std::thread::sleep(Duration::from_millis(1500));
     }
     world.restore(&before);
     if restart {
@@ -725,6 +758,268 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
     }
 }
 
+/// A letter parked by an owner that was killed before any round recorded the parking: the next
+/// owner's first round records it (from the parked stream, where each parked entry keeps its
+/// outbox id), so that after Redis is restored from before the parking — a moment that held the
+/// letter and the round after it, the last Kafka took — the claim parks it again. Before: the
+/// next owner's round did not name it, and the claim after the rollback trimmed it: lost.
+#[test]
+fn a_letter_parked_by_an_owner_killed_before_recording_it_survives_a_rollback() {
+    let (redis, admin) = Redis::start_as_acl_user();
+    let acl = |rules: &[&str]| support::acl(&admin, &[&["SETUSER", "tierd"], rules].concat());
+    let world = World::start_with(1, redis);
+    let (dlq, mut tierd) = small_dead_letter_topic(&world, 100);
+    // The output topic refuses the change for now (set early: the broker applies it shortly
+    // after): the letter is parked and no round commits.
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "100");
+    let (big, before) = a_letter_and_a_change_waiting(&world, &acl);
+    acl(&["+xrange"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") < 1.0 || tierd.metric("tierd_outbox_blocked") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not parked and blocked\ntierd's log:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tierd.kill9();
+    // The next owner publishes the change (the letter stays parked: its topic still refuses).
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "1000000");
+    tierd = small_dead_letter_tierd(&world, &dlq, 100);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while world.read_all(&world.output).is_empty() || world.outbox_len(0) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change not published"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tierd.kill9();
+    world.restore(&before);
+    assert_eq!(world.outbox_len(0), 2, "the letter is back");
+    tierd = small_dead_letter_tierd(&world, &dlq, 100);
+    world
+        .broker
+        .alter_topic_config(&dlq, "max.message.bytes", "1000000");
+    let delivered = || {
+        support::read_all(&world.broker.addr, &dlq, 1)
+            .iter()
+            .filter(|l| l.value == big.as_bytes())
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while delivered() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the letter Redis lost was never delivered\ntierd's log:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "still parked");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(delivered(), 1, "delivered once");
+    let state = world.customer_state("c1").unwrap();
+    assert_eq!((state.count, state.sum), (1, 100), "counted once");
+    assert_eq!(
+        world.read_all(&world.output).len(),
+        1,
+        "the change not re-sent"
+    );
+}
+
+/// A big dead letter (the small topic refuses it) and a change after it, applied and waiting
+/// in the outbox while tierd's ACL user cannot read it (`-xrange`, left so): returns the
+/// letter and a snapshot of Redis holding both.
+fn a_letter_and_a_change_waiting(
+    world: &World,
+    acl: &dyn Fn(&[&str]),
+) -> (String, Vec<(String, Vec<u8>)>) {
+    use rand::distr::{Alphanumeric, SampleString};
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while world.outbox_len(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "never drained");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    acl(&["-xrange"]);
+    let big = Alphanumeric.sample_string(&mut rand::rng(), 8000);
+    let c1 = serde_json::to_vec(&purchase("a1", "c1", "1.00", "2026-11-10T10:00:00Z")).unwrap();
+    let ends = world.produce(&[
+        (Some("c9".to_owned()), big.clone().into_bytes()),
+        (Some("c1".to_owned()), c1),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while world.partition_meta(0).1 < ends[&0] {
+        assert!(std::time::Instant::now() < deadline, "not applied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(world.outbox_len(0), 2, "the letter and the change wait");
+    (big, world.snapshot())
+}
+
+/// A parked letter a retry delivered is forgotten by the published position: when Redis comes
+/// back from before its parking (a moment holding it and the round after it) and the claim
+/// reads the outbox, it is trimmed with that round, not parked and delivered again (recording
+/// the parked letters for the claim without forgetting the delivered ones delivered it twice).
+#[test]
+fn a_parked_letter_delivered_before_a_rollback_is_not_delivered_again() {
+    let (redis, admin) = Redis::start_as_acl_user();
+    let acl = |rules: &[&str]| support::acl(&admin, &[&["SETUSER", "tierd"], rules].concat());
+    let world = World::start_with(1, redis);
+    let (dlq, mut tierd) = small_dead_letter_topic(&world, 100);
+    let (big, before) = a_letter_and_a_change_waiting(&world, &acl);
+    acl(&["+xrange"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") < 1.0
+        || world.read_all(&world.output).is_empty()
+        || world.outbox_len(0) > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not parked and published"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    world
+        .broker
+        .alter_topic_config(&dlq, "max.message.bytes", "1000000");
+    let delivered = || {
+        support::read_all(&world.broker.addr, &dlq, 1)
+            .iter()
+            .filter(|l| l.value == big.as_bytes())
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while delivered() == 0 || tierd.metric("tierd_outbox_parked") > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the letter not delivered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tierd.kill9();
+    world.restore(&before);
+    assert_eq!(world.outbox_len(0), 2, "the letter is back");
+    tierd = small_dead_letter_tierd(&world, &dlq, 100);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.get("/readyz").0 != 200 || world.outbox_len(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "not ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Twenty retry periods: a letter parked again would be delivered by now.
+    std::thread::sleep(Duration::from_secs(2));
+    let parked: i64 = redis::cmd("XLEN")
+        .arg(&world.keys(0).parked)
+        .query(&mut world.redis.conn())
+        .unwrap();
+    assert_eq!(
+        (delivered(), parked),
+        (1, 0),
+        "delivered once, nothing parked"
+    );
+    let state = world.customer_state("c1").unwrap();
+    assert_eq!((state.count, state.sum), (1, 100), "counted once");
+    assert_eq!(
+        world.read_all(&world.output).len(),
+        1,
+        "the change not re-sent"
+    );
+}
+
+/// The same when removing the delivered letter from the parked stream failed and the next owner
+/// took over: that owner finds the letter still parked (with the outbox id it had) but the
+/// position names it as delivered, so it does not record it as parked again. Before, its first
+/// round recorded it, and after Redis came back from before the parking the claim parked it
+/// and it was delivered twice.
+#[test]
+fn a_parked_letter_delivered_whose_removal_failed_is_not_delivered_again_after_a_rollback() {
+    let (redis, admin) = Redis::start_as_acl_user();
+    let acl = |rules: &[&str]| support::acl(&admin, &[&["SETUSER", "tierd"], rules].concat());
+    let world = World::start_with(1, redis);
+    let (dlq, mut tierd) = small_dead_letter_topic(&world, 100);
+    // The change after the letter is held (its topic refuses it) until the next owner.
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "100");
+    let (big, before) = a_letter_and_a_change_waiting(&world, &acl);
+    // XDEL stays allowed on the outbox only: the delivered letter cannot be removed.
+    acl(&["+xrange", "-xdel", "(~*:outbox +xdel)"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") < 1.0 || tierd.metric("tierd_outbox_blocked") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not parked and blocked"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    world
+        .broker
+        .alter_topic_config(&dlq, "max.message.bytes", "1000000");
+    let delivered = || {
+        support::read_all(&world.broker.addr, &dlq, 1)
+            .iter()
+            .filter(|l| l.value == big.as_bytes())
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while delivered() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the letter not delivered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tierd.kill9();
+    // The next owner publishes the change; the letter is still in the parked stream.
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "1000000");
+    tierd = small_dead_letter_tierd(&world, &dlq, 100);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while world.read_all(&world.output).is_empty() || world.outbox_len(0) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change not published"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(tierd.metric("tierd_outbox_parked"), 1.0, "not removed");
+    tierd.kill9();
+    world.restore(&before);
+    acl(&["+xdel", "clearselectors"]);
+    assert_eq!(world.outbox_len(0), 2, "the letter is back");
+    tierd = small_dead_letter_tierd(&world, &dlq, 100);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.get("/readyz").0 != 200 || world.outbox_len(0) > 0 {
+        assert!(std::time::Instant::now() < deadline, "not ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Twenty retry periods: a letter parked again would be delivered by now.
+    std::thread::sleep(Duration::from_secs(2));
+    let parked: i64 = redis::cmd("XLEN")
+        .arg(&world.keys(0).parked)
+        .query(&mut world.redis.conn())
+        .unwrap();
+    assert_eq!(
+        (delivered(), parked),
+        (1, 0),
+        "delivered once, nothing parked"
+    );
+    assert_eq!(
+        world.read_all(&world.output).len(),
+        1,
+        "the change not re-sent"
+    );
+}
+
 /// A dead-letter topic that refuses records above 2000 bytes, and tierd writing to it,
 /// retrying parked letters every `parked_retry_ms`.
 fn small_dead_letter_topic(world: &World, parked_retry_ms: u64) -> (String, Tierd) {
@@ -745,6 +1040,16 @@ fn small_dead_letter_tierd(world: &World, dlq: &str, parked_retry_ms: u64) -> Ti
         ),
     );
     tierd.wait_partitions(1, Duration::from_secs(60));
+    // Its partition's rules sweep done: a new partition commits the sweep's start and end
+    // with no input, and the tests that hold the outbox count on those entries being out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_rules_sweep_partitions_done") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rules sweep never completed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     tierd
 }
 

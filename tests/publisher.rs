@@ -498,11 +498,15 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         [later],
         "published trimmed, the later kept"
     );
-    assert_eq!(
-        ids(&mut conn, &s.keys.parked).len(),
-        1,
-        "the listed letter parked again"
-    );
+    let parked: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&s.keys.parked)
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(parked.ids.len(), 1, "the listed letter parked again");
+    let origin: String = parked.ids[0].get("i").unwrap();
+    assert_eq!(origin, written[1], "with the outbox id it had");
     let _: i64 = redis::cmd("DEL")
         .arg(&s.keys.parked)
         .arg(&s.keys.outbox)
@@ -543,6 +547,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         )
     );
     assert!(field("e").contains("Redis losing writes"), "{}", field("e"));
+    assert_eq!(field("i"), written[1], "with the outbox id it had");
     let _: i64 = redis::cmd("DEL")
         .arg(&s.keys.parked)
         .query(&mut conn)
@@ -723,7 +728,7 @@ fn parking_moves_an_entry_once_and_only_for_the_current_claim() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let client = redis::Client::open(redis.url.as_str()).unwrap();
     let (fenced, first, again) = rt.block_on(async {
-        let mut c = tierd::store::connection::Connection::connect(client)
+        let mut c = tierd::store::connection::Connection::connect(client.clone())
             .await
             .unwrap();
         let entry = outbox::read(&mut c, &keys.outbox, 1)
@@ -764,4 +769,15 @@ fn parking_moves_an_entry_once_and_only_for_the_current_claim() {
             "refused".to_owned()
         )
     );
+    // With the outbox id it had, read back as the entry's origin.
+    assert_eq!(field("i"), "5-1");
+    let origin = rt.block_on(async {
+        let mut c = tierd::store::connection::Connection::connect(client)
+            .await
+            .unwrap();
+        outbox::read(&mut c, &keys.parked, 1).await.unwrap()[0]
+            .origin
+            .clone()
+    });
+    assert_eq!(origin.as_deref(), Some("5-1"));
 }

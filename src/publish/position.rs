@@ -349,9 +349,9 @@ impl Published {
             return;
         }
         for id in ids {
-            if !self.parked_letters.contains(id) {
-                self.parked_letters.push(id.clone());
-            }
+            // A letter parked again counts as the newest.
+            self.parked_letters.retain(|p| p != id);
+            self.parked_letters.push(id.clone());
         }
         let over = self
             .parked_letters
@@ -359,6 +359,13 @@ impl Published {
             .saturating_sub(PARKED_LETTERS_KEPT);
         self.parked_letters.drain(..over);
         self.make_room(budget);
+    }
+
+    /// Forgets the parked letter that had the outbox id `id`: Kafka has it (a retry delivered
+    /// it), so one Redis brings back is trimmed like the rest of its round, not parked and
+    /// delivered again.
+    pub fn forget_parked_letter(&mut self, id: &str) {
+        self.parked_letters.retain(|p| p != id);
     }
 
     /// Drops the oldest switches (remembered in `forgotten`), then the oldest earlier sweeps,
@@ -1241,6 +1248,16 @@ mod tests {
             ids[20 - PARKED_LETTERS_KEPT..],
             "the newest, once each"
         );
+        p.add_parked_letters(&ids[15..16], 3500);
+        assert_eq!(
+            p.parked_letters.last(),
+            Some(&ids[15]),
+            "parked again: the newest"
+        );
+        assert_eq!(p.parked_letters.len(), PARKED_LETTERS_KEPT);
+        p.forget_parked_letter(&ids[15]);
+        assert!(!p.parked_letters.contains(&ids[15]), "delivered: forgotten");
+        p.add_parked_letters(&ids[15..16], 3500);
         // Carried on by the next round, within the budget (switches give way first).
         let mut full = full_of_switches();
         let switches = full.switches.len();

@@ -17,7 +17,7 @@
 //! `/readyz` and in metrics; neither re-sends the records around it.
 
 use super::health::PublishHealth;
-use super::position::{OutboxPositions, Published};
+use super::position::{OutboxPositions, Published, PARKED_LETTERS_KEPT};
 use super::producer::{self, RoundPosition, TxnError, TxnProducer};
 use crate::engine::rules::rank::CutoffsSwitch;
 use crate::store::connection::Connection;
@@ -194,6 +194,9 @@ struct PartitionPublisher {
     /// next round's position records them ([`Published::parked_letters`]), so that a claim
     /// after Redis lost the parking parks them again instead of trimming them.
     parked_unrecorded: Vec<String>,
+    /// Whether the parked stream's letters were read for parkings no round recorded (once,
+    /// at the first producer: see `init_producer`).
+    origins_read: bool,
     /// Producers replaced in a row.
     producer_failures: ProducerFailures,
 }
@@ -263,6 +266,7 @@ impl Publisher {
             blocked: None,
             parked: 0,
             parked_unrecorded: Vec::new(),
+            origins_read: false,
             parked_reason: String::new(),
             next_parked_try: Instant::now(),
             published: None,
@@ -456,13 +460,17 @@ impl PartitionPublisher {
             .iter()
             .take_while(|e| self.trimmed.is_some_and(|t| stream_id(&e.id) <= Some(t)))
             .count();
-        // Only by the current owner (a newer owner's claim parks them itself, also those its
-        // published position records as parked), and each once.
+        // Only by the current owner (a newer owner's claim parks them itself), and each once.
+        // Also a letter the published position records as parked: brought back by a Redis
+        // restored from before its parking, from a moment that already held the round after
+        // it, and read by a publisher that did not park it (a restart, a handover).
         let mut parked = 0;
-        for e in stale[..back]
-            .iter()
-            .filter(|e| e.entry.kind.is_dead_letter())
-        {
+        for (i, e) in stale.iter().enumerate() {
+            let listed = self.position.parked_letters.contains(&e.id)
+                || self.parked_unrecorded.contains(&e.id);
+            if !e.entry.kind.is_dead_letter() || !(i < back || listed) {
+                continue;
+            }
             parked += u64::from(self.park(e, outbox::LOST_WRITES).await?);
         }
         if parked > 0 {
@@ -479,7 +487,7 @@ impl PartitionPublisher {
         outbox::trim_through(&mut self.conn, &self.target.keys.outbox, last).await?;
         // Trimmed now, by this publisher: seen again, they too were brought back.
         self.trimmed = self.trimmed.max(stream_id(last));
-        if back > 0 {
+        if back > 0 || parked > 0 {
             warn!(
                 partition = self.target.partition,
                 entries = back,
@@ -543,6 +551,39 @@ impl PartitionPublisher {
             if self.published.is_none_or(|p| p < id) {
                 self.published = Some(id);
             }
+        }
+        if !self.origins_read {
+            // Letters parked and not delivered yet whose parking no committed round recorded
+            // (an earlier owner stopped right after parking them): the next round records
+            // them. Read once this producer fenced every earlier one (no delivery can commit
+            // any more), and not the letter the position says was delivered (its removal
+            // from the parked stream may have failed): recorded again, a rollback would bring
+            // it back to be delivered twice. Once per publisher: later, this publisher's own
+            // parkings are in `parked_unrecorded` and the letters are large to read.
+            let origins = match outbox::parked_origins(
+                &mut self.conn,
+                &self.target.keys.parked,
+                PARKED_LETTERS_KEPT,
+            )
+            .await
+            {
+                Ok(origins) => origins,
+                Err(error) => {
+                    // Released off the async workers (see TxnProducer); the next round makes
+                    // another.
+                    drop(created);
+                    return Err(error.into());
+                }
+            };
+            for (parked_id, id) in origins {
+                if published.parked.as_deref() != Some(parked_id.as_str())
+                    && !published.parked_letters.contains(&id)
+                    && !self.parked_unrecorded.contains(&id)
+                {
+                    self.parked_unrecorded.push(id);
+                }
+            }
+            self.origins_read = true;
         }
         self.position = published;
         self.producer = Some(created);
@@ -796,7 +837,19 @@ impl PartitionPublisher {
             self.position
                 .after_parked(&round[0].id, self.shared.positions.budget())
         };
-        position.add_parked_letters(&self.parked_unrecorded, self.shared.positions.budget());
+        // A parked letter this round delivers is forgotten: brought back by Redis, it would
+        // otherwise be parked and delivered again.
+        let delivered = (!from_outbox).then(|| round[0].origin.as_deref()).flatten();
+        let unrecorded: Vec<String> = self
+            .parked_unrecorded
+            .iter()
+            .filter(|&u| Some(u.as_str()) != delivered)
+            .cloned()
+            .collect();
+        position.add_parked_letters(&unrecorded, self.shared.positions.budget());
+        if let Some(origin) = delivered {
+            position.forget_parked_letter(origin);
+        }
         let committed = RoundPosition {
             positions: Arc::clone(&self.shared.positions),
             partition: self.target.partition,

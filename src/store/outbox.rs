@@ -164,6 +164,9 @@ pub struct StoredEntry {
     /// The input offset the commit that wrote it left the partition at (absent in entries
     /// written by older versions, and in parked dead letters).
     pub end_offset: Option<i64>,
+    /// In a parked entry, the outbox id it had (field `i`; absent in the outbox, and in
+    /// entries parked by older binaries).
+    pub origin: Option<String>,
 }
 
 /// Why the outbox could not be read.
@@ -219,8 +222,10 @@ pub async fn read(
             let end_offset = field("o")
                 .ok()
                 .and_then(|o| std::str::from_utf8(&o).ok()?.parse().ok());
+            let origin = field("i").ok().and_then(|i| String::from_utf8(i).ok());
             Ok(StoredEntry {
                 end_offset,
+                origin,
                 id: stored.id,
                 entry: OutboxEntry {
                     kind,
@@ -231,6 +236,37 @@ pub async fn read(
             })
         })
         .collect()
+}
+
+/// The newest `count` parked entries of `parked`, oldest first: each one's id in `parked` and
+/// the outbox id it had before it was parked (field `i`; entries parked by older binaries,
+/// which have none, are left out). Reads the whole entries (letters up to
+/// `publish.dlq_max_bytes` each): called once per publisher.
+///
+/// # Errors
+/// Redis errors.
+pub async fn parked_origins(
+    conn: &mut Connection,
+    parked: &str,
+    count: usize,
+) -> redis::RedisResult<Vec<(String, String)>> {
+    let reply: StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(parked)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await?;
+    Ok(reply
+        .ids
+        .into_iter()
+        .rev()
+        .filter_map(|mut e| match e.map.remove("i") {
+            Some(Value::BulkString(b)) => Some((e.id, String::from_utf8(b).ok()?)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Entries left in `outbox`.

@@ -124,7 +124,7 @@ if pms then
     if f['t'] == 'd' or f['t'] == 'dn' then
       redis.call('XADD', KEYS[3], '*', 't', f['t'], 'k', f['k'] or '', 'v', f['v'] or '',
         'h', f['h'] or '',
-        'e', ARGV[5])
+        'e', ARGV[5], 'i', entry[1])
       redis.call('XDEL', KEYS[2], entry[1])
       parked_again = parked_again + 1
     end
