@@ -720,12 +720,7 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
         .broker
         .alter_topic_config(&dlq, "max.message.bytes", "1000000");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let delivered = || {
-        support::read_all(&world.broker.addr, &dlq, 1)
-            .iter()
-            .filter(|l| l.value == big.as_bytes())
-            .count()
-    };
+    let delivered = || copies(&world, &dlq, &big);
     while delivered() == 0 {
         assert!(
             std::time::Instant::now() < deadline,
@@ -785,20 +780,8 @@ fn a_letter_parked_by_an_owner_killed_before_recording_it_survives_a_rollback() 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    tierd.kill9();
     // The next owner publishes the change (the letter stays parked: its topic still refuses).
-    world
-        .broker
-        .alter_topic_config(&world.output, "max.message.bytes", "1000000");
-    tierd = small_dead_letter_tierd(&world, &dlq, 100);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while world.read_all(&world.output).is_empty() || world.outbox_len(0) > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the change not published"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tierd = the_next_owner_publishes_the_change(&world, &dlq, tierd);
     tierd.kill9();
     world.restore(&before);
     assert_eq!(world.outbox_len(0), 2, "the letter is back");
@@ -806,12 +789,7 @@ fn a_letter_parked_by_an_owner_killed_before_recording_it_survives_a_rollback() 
     world
         .broker
         .alter_topic_config(&dlq, "max.message.bytes", "1000000");
-    let delivered = || {
-        support::read_all(&world.broker.addr, &dlq, 1)
-            .iter()
-            .filter(|l| l.value == big.as_bytes())
-            .count()
-    };
+    let delivered = || copies(&world, &dlq, &big);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while delivered() == 0 {
         assert!(
@@ -891,12 +869,7 @@ fn a_parked_letter_delivered_before_a_rollback_is_not_delivered_again() {
     world
         .broker
         .alter_topic_config(&dlq, "max.message.bytes", "1000000");
-    let delivered = || {
-        support::read_all(&world.broker.addr, &dlq, 1)
-            .iter()
-            .filter(|l| l.value == big.as_bytes())
-            .count()
-    };
+    let delivered = || copies(&world, &dlq, &big);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while delivered() == 0 || tierd.metric("tierd_outbox_parked") > 0.0 {
         assert!(
@@ -908,23 +881,7 @@ fn a_parked_letter_delivered_before_a_rollback_is_not_delivered_again() {
     tierd.kill9();
     world.restore(&before);
     assert_eq!(world.outbox_len(0), 2, "the letter is back");
-    tierd = small_dead_letter_tierd(&world, &dlq, 100);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tierd.get("/readyz").0 != 200 || world.outbox_len(0) > 0 {
-        assert!(std::time::Instant::now() < deadline, "not ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Twenty retry periods: a letter parked again would be delivered by now.
-    std::thread::sleep(Duration::from_secs(2));
-    let parked: i64 = redis::cmd("XLEN")
-        .arg(&world.keys(0).parked)
-        .query(&mut world.redis.conn())
-        .unwrap();
-    assert_eq!(
-        (delivered(), parked),
-        (1, 0),
-        "delivered once, nothing parked"
-    );
+    let _tierd = restarted_with_the_letter_delivered_once(&world, &dlq, &big);
     let state = world.customer_state("c1").unwrap();
     assert_eq!((state.count, state.sum), (1, 100), "counted once");
     assert_eq!(
@@ -963,12 +920,7 @@ fn a_parked_letter_delivered_whose_removal_failed_is_not_delivered_again_after_a
     world
         .broker
         .alter_topic_config(&dlq, "max.message.bytes", "1000000");
-    let delivered = || {
-        support::read_all(&world.broker.addr, &dlq, 1)
-            .iter()
-            .filter(|l| l.value == big.as_bytes())
-            .count()
-    };
+    let delivered = || copies(&world, &dlq, &big);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while delivered() == 0 {
         assert!(
@@ -977,12 +929,29 @@ fn a_parked_letter_delivered_whose_removal_failed_is_not_delivered_again_after_a
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    tierd.kill9();
     // The next owner publishes the change; the letter is still in the parked stream.
+    tierd = the_next_owner_publishes_the_change(&world, &dlq, tierd);
+    assert_eq!(tierd.metric("tierd_outbox_parked"), 1.0, "not removed");
+    tierd.kill9();
+    world.restore(&before);
+    acl(&["+xdel", "clearselectors"]);
+    assert_eq!(world.outbox_len(0), 2, "the letter is back");
+    let _tierd = restarted_with_the_letter_delivered_once(&world, &dlq, &big);
+    assert_eq!(
+        world.read_all(&world.output).len(),
+        1,
+        "the change not re-sent"
+    );
+}
+
+/// Kills `tierd` (kill -9), lets the output topic take the change it held, and starts the next
+/// owner: returned once the change is published and the outbox is empty.
+fn the_next_owner_publishes_the_change(world: &World, dlq: &str, mut tierd: Tierd) -> Tierd {
+    tierd.kill9();
     world
         .broker
         .alter_topic_config(&world.output, "max.message.bytes", "1000000");
-    tierd = small_dead_letter_tierd(&world, &dlq, 100);
+    let tierd = small_dead_letter_tierd(world, dlq, 100);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while world.read_all(&world.output).is_empty() || world.outbox_len(0) > 0 {
         assert!(
@@ -991,33 +960,39 @@ fn a_parked_letter_delivered_whose_removal_failed_is_not_delivered_again_after_a
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(tierd.metric("tierd_outbox_parked"), 1.0, "not removed");
-    tierd.kill9();
-    world.restore(&before);
-    acl(&["+xdel", "clearselectors"]);
-    assert_eq!(world.outbox_len(0), 2, "the letter is back");
-    tierd = small_dead_letter_tierd(&world, &dlq, 100);
+    tierd
+}
+
+/// How many copies of the letter `big` the dead-letter topic `dlq` holds.
+fn copies(world: &World, dlq: &str, big: &str) -> usize {
+    support::read_all(&world.broker.addr, dlq, 1)
+        .iter()
+        .filter(|l| l.value == big.as_bytes())
+        .count()
+}
+
+/// tierd started again after a rollback brought the delivered letter `big` back into the
+/// outbox: once it is ready with the outbox empty, and twenty retry periods later (a letter
+/// parked again would be delivered by then), the letter was delivered once and nothing is
+/// parked.
+fn restarted_with_the_letter_delivered_once(world: &World, dlq: &str, big: &str) -> Tierd {
+    let tierd = small_dead_letter_tierd(world, dlq, 100);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while tierd.get("/readyz").0 != 200 || world.outbox_len(0) > 0 {
         assert!(std::time::Instant::now() < deadline, "not ready");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Twenty retry periods: a letter parked again would be delivered by now.
     std::thread::sleep(Duration::from_secs(2));
     let parked: i64 = redis::cmd("XLEN")
         .arg(&world.keys(0).parked)
         .query(&mut world.redis.conn())
         .unwrap();
     assert_eq!(
-        (delivered(), parked),
+        (copies(world, dlq, big), parked),
         (1, 0),
         "delivered once, nothing parked"
     );
-    assert_eq!(
-        world.read_all(&world.output).len(),
-        1,
-        "the change not re-sent"
-    );
+    tierd
 }
 
 /// A dead-letter topic that refuses records above 2000 bytes, and tierd writing to it,

@@ -362,13 +362,30 @@ fn a_sweeps_completion_and_the_next_start_published_together_are_both_recorded()
 }
 
 fn ids(conn: &mut redis::Connection, stream: &str) -> Vec<String> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+    entries(conn, stream)
+        .ids
+        .into_iter()
+        .map(|e| e.id)
+        .collect()
+}
+
+/// Empties `outbox` and writes the entries `written` back into it: a change, a dead letter and
+/// a change (as a Redis restored from before their trim would hold them).
+fn refill(conn: &mut redis::Connection, outbox: &str, written: &[String]) {
+    let _: i64 = redis::cmd("DEL").arg(outbox).query(conn).unwrap();
+    for (id, code) in written.iter().zip(["c", "d", "c"]) {
+        add_entry(conn, outbox, id, code, "x");
+    }
+}
+
+/// Every entry of `stream`, with its fields.
+fn entries(conn: &mut redis::Connection, stream: &str) -> redis::streams::StreamRangeReply {
+    redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
         .arg("+")
         .query(conn)
-        .unwrap();
-    reply.ids.into_iter().map(|e| e.id).collect()
+        .unwrap()
 }
 
 fn add_with_id(conn: &mut redis::Connection, outbox: &str, id: &str, body: &str) {
@@ -443,13 +460,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
 
     // A claim trims them too, before anyone publishes. A dead letter among them went out
     // with its round: trimmed as well, not parked.
-    let _: i64 = redis::cmd("DEL")
-        .arg(&s.keys.outbox)
-        .query(&mut conn)
-        .unwrap();
-    for (id, code) in written.iter().zip(["c", "d", "c"]) {
-        add_entry(&mut conn, &s.keys.outbox, id, code, "x");
-    }
+    refill(&mut conn, &s.keys.outbox, &written);
     let claim = tierd::store::partition::claim(
         &mut conn,
         &s.keys,
@@ -471,13 +482,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
     // The same entries brought back by a Redis restored from before the dead letter's parking
     // (the stream not behind): the published position names it as parked, so it is parked
     // again; a listed id after the published one is not published yet, left in the outbox.
-    let _: i64 = redis::cmd("DEL")
-        .arg(&s.keys.outbox)
-        .query(&mut conn)
-        .unwrap();
-    for (id, code) in written.iter().zip(["c", "d", "c"]) {
-        add_entry(&mut conn, &s.keys.outbox, id, code, "x");
-    }
+    refill(&mut conn, &s.keys.outbox, &written);
     let later = format!("{}-0", super_id(&written[2]).0 + 1000);
     add_entry(&mut conn, &s.keys.outbox, &later, "d", "y");
     let listed = [written[1].clone(), later.clone(), "1-0".to_owned()];
@@ -498,12 +503,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
         [later],
         "published trimmed, the later kept"
     );
-    let parked: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&s.keys.parked)
-        .arg("-")
-        .arg("+")
-        .query(&mut conn)
-        .unwrap();
+    let parked = entries(&mut conn, &s.keys.parked);
     assert_eq!(parked.ids.len(), 1, "the listed letter parked again");
     let origin: String = parked.ids[0].get("i").unwrap();
     assert_eq!(origin, written[1], "with the outbox id it had");
@@ -529,12 +529,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
     assert!(claim.outbox_behind);
     assert!(ids(&mut conn, &s.keys.outbox).is_empty());
     assert_eq!(claim.parked_again, 1);
-    let parked: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&s.keys.parked)
-        .arg("-")
-        .arg("+")
-        .query(&mut conn)
-        .unwrap();
+    let parked = entries(&mut conn, &s.keys.parked);
     assert_eq!(parked.ids.len(), 1, "the dead letter is parked again");
     let field = |name: &str| -> String { parked.ids[0].get(name).unwrap() };
     assert_eq!(
@@ -751,12 +746,7 @@ fn parking_moves_an_entry_once_and_only_for_the_current_claim() {
         (Parked::Fenced, Parked::Parked, Parked::Gone)
     );
     assert!(ids(&mut conn, &keys.outbox).is_empty());
-    let parked: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&keys.parked)
-        .arg("-")
-        .arg("+")
-        .query(&mut conn)
-        .unwrap();
+    let parked = entries(&mut conn, &keys.parked);
     assert_eq!(parked.ids.len(), 1, "parked once");
     let field = |name: &str| -> String { parked.ids[0].get(name).unwrap() };
     assert_eq!(
