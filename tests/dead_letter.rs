@@ -737,6 +737,15 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(delivered(), 1, "delivered once");
+    if loss == Loss::UnderTheNextOwner {
+        // The running publisher read it first and parked it (refused on its stale claim),
+        // rather than being stopped by its claim check before reading.
+        assert!(
+            tierd.log_text().contains("claimed again (ours "),
+            "the publisher's parking was not what stopped it:\n{}",
+            tierd.log_text()
+        );
+    }
     let state = world.customer_state("c1").unwrap();
     assert_eq!((state.count, state.sum), (1, 100), "counted once");
     if round_after {

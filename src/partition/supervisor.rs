@@ -271,6 +271,9 @@ impl Supervisor {
             Ok(claim) if claim.outbox_behind => {
                 warn!(partition, published = published.last_id, replayed_cutoffs = claim.replay_cutoffs.len(), replayed_timer_passes = claim.replay_passes.len(), dead_letters_parked_again = claim.parked_again, "The outbox is behind what Kafka has published: Redis lost writes. Entries already published were trimmed (dead letters among them parked again: their parking may be lost too); new ones follow the published position.");
             }
+            Ok(claim) if claim.parked_again > 0 => {
+                warn!(partition, published = published.last_id, dead_letters_parked_again = claim.parked_again, "Dead letters the published position records as parked were back in the outbox (Redis lost writes: restored from before their parking): parked again, not trimmed.");
+            }
             Ok(_) => {}
             Err(refused) => {
                 error!(partition, %refused, "Claim refused: the partition is left stopped.")

@@ -552,39 +552,6 @@ impl PartitionPublisher {
                 self.published = Some(id);
             }
         }
-        if !self.origins_read {
-            // Letters parked and not delivered yet whose parking no committed round recorded
-            // (an earlier owner stopped right after parking them): the next round records
-            // them. Read once this producer fenced every earlier one (no delivery can commit
-            // any more), and not the letter the position says was delivered (its removal
-            // from the parked stream may have failed): recorded again, a rollback would bring
-            // it back to be delivered twice. Once per publisher: later, this publisher's own
-            // parkings are in `parked_unrecorded` and the letters are large to read.
-            let origins = match outbox::parked_origins(
-                &mut self.conn,
-                &self.target.keys.parked,
-                PARKED_LETTERS_KEPT,
-            )
-            .await
-            {
-                Ok(origins) => origins,
-                Err(error) => {
-                    // Released off the async workers (see TxnProducer); the next round makes
-                    // another.
-                    drop(created);
-                    return Err(error.into());
-                }
-            };
-            for (parked_id, id) in origins {
-                if published.parked.as_deref() != Some(parked_id.as_str())
-                    && !published.parked_letters.contains(&id)
-                    && !self.parked_unrecorded.contains(&id)
-                {
-                    self.parked_unrecorded.push(id);
-                }
-            }
-            self.origins_read = true;
-        }
         self.position = published;
         self.producer = Some(created);
         Ok(())
@@ -611,6 +578,9 @@ impl PartitionPublisher {
         if self.producer.is_none() {
             self.init_producer().await?;
         }
+        if !self.origins_read {
+            self.read_origins().await?;
+        }
         let result = self.transaction(round, from_outbox).await;
         if let Ok(Round::Committed(_)) = result {
             // Not on a refusal: a parked letter refused every 30 s must not hide a producer
@@ -626,6 +596,33 @@ impl PartitionPublisher {
             self.release_producer();
         }
         result
+    }
+
+    /// Reads the letters parked and not delivered yet whose parking no committed round
+    /// recorded (an earlier owner stopped right after parking them), for the next round to
+    /// record. After this publisher's producer fenced every earlier one (no delivery can
+    /// commit any more), before its first round; not the letter the position names as
+    /// delivered (its removal may have failed: recorded again, a rollback would bring it back
+    /// to be delivered twice). Once per publisher: later, its own parkings are in
+    /// `parked_unrecorded`, and the letters are large to read. A failed read is retried
+    /// before the next round, with the producer kept.
+    async fn read_origins(&mut self) -> Result<(), DrainError> {
+        let origins = outbox::parked_origins(
+            &mut self.conn,
+            &self.target.keys.parked,
+            PARKED_LETTERS_KEPT,
+        )
+        .await?;
+        for (parked_id, id) in origins {
+            if self.position.parked.as_deref() != Some(parked_id.as_str())
+                && !self.position.parked_letters.contains(&id)
+                && !self.parked_unrecorded.contains(&id)
+            {
+                self.parked_unrecorded.push(id);
+            }
+        }
+        self.origins_read = true;
+        Ok(())
     }
 
     /// Lets the partition's producer go (its last handle destroys the client off the async
@@ -837,18 +834,27 @@ impl PartitionPublisher {
             self.position
                 .after_parked(&round[0].id, self.shared.positions.budget())
         };
-        // A parked letter this round delivers is forgotten: brought back by Redis, it would
-        // otherwise be parked and delivered again.
-        let delivered = (!from_outbox).then(|| round[0].origin.as_deref()).flatten();
+        // A listed letter this round delivers is forgotten (a parked one retried, or one Redis
+        // brought back after the published id and now published from the outbox): brought
+        // back by Redis again, it would otherwise be parked and delivered again.
+        let delivered: Vec<&str> = if from_outbox {
+            round
+                .iter()
+                .filter(|e| e.entry.kind.is_dead_letter())
+                .map(|e| e.id.as_str())
+                .collect()
+        } else {
+            round[0].origin.as_deref().into_iter().collect()
+        };
         let unrecorded: Vec<String> = self
             .parked_unrecorded
             .iter()
-            .filter(|&u| Some(u.as_str()) != delivered)
+            .filter(|u| !delivered.contains(&u.as_str()))
             .cloned()
             .collect();
         position.add_parked_letters(&unrecorded, self.shared.positions.budget());
-        if let Some(origin) = delivered {
-            position.forget_parked_letter(origin);
+        for id in delivered {
+            position.forget_parked_letter(id);
         }
         let committed = RoundPosition {
             positions: Arc::clone(&self.shared.positions),
