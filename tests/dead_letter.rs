@@ -738,8 +738,9 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
     }
     assert_eq!(delivered(), 1, "delivered once");
     if loss == Loss::UnderTheNextOwner {
-        // The running publisher read it first and parked it (refused on its stale claim),
-        // rather than being stopped by its claim check before reading.
+        // The running publisher read it first and tried to park it (refused on its stale
+        // claim, which stopped it), rather than being stopped by its claim check before
+        // reading.
         assert!(
             tierd.log_text().contains("claimed again (ours "),
             "the publisher's parking was not what stopped it:\n{}",

@@ -195,7 +195,7 @@ struct PartitionPublisher {
     /// after Redis lost the parking parks them again instead of trimming them.
     parked_unrecorded: Vec<String>,
     /// Whether the parked stream's letters were read for parkings no round recorded (once,
-    /// at the first producer: see `init_producer`).
+    /// before the first outbox read and the first round: see `read_origins`).
     origins_read: bool,
     /// Producers replaced in a row.
     producer_failures: ProducerFailures,
@@ -348,6 +348,10 @@ impl PartitionPublisher {
             self.parked = outbox::len(&mut self.conn, &self.target.keys.parked).await?;
             self.init_producer().await?;
             self.report();
+        }
+        if !self.origins_read {
+            // Before the outbox is read: `trim_stale` looks the letters up too.
+            self.read_origins().await?;
         }
         let outbox_key = self.target.keys.outbox.clone();
         loop {
@@ -601,7 +605,7 @@ impl PartitionPublisher {
     /// Reads the letters parked and not delivered yet whose parking no committed round
     /// recorded (an earlier owner stopped right after parking them), for the next round to
     /// record. After this publisher's producer fenced every earlier one (no delivery can
-    /// commit any more), before its first round; not the letter the position names as
+    /// commit any more), before its first outbox read and round; not the letter the position names as
     /// delivered (its removal may have failed: recorded again, a rollback would bring it back
     /// to be delivered twice). Once per publisher: later, its own parkings are in
     /// `parked_unrecorded`, and the letters are large to read. A failed read is retried

@@ -76,8 +76,9 @@ pub struct Claim {
     pub cutoffs: Option<Cutoffs>,
     /// Whether the outbox was behind what Kafka has published (Redis lost writes).
     pub outbox_behind: bool,
-    /// Dead letters the claim parked again because the outbox was behind (Redis may have
-    /// lost their parking): retried like every parked letter.
+    /// Dead letters the claim parked again because the outbox was behind, or because the
+    /// published position lists them as parked (Redis may have lost their parking): retried
+    /// like every parked letter.
     pub parked_again: u64,
     /// Cut-offs switches of changes already published from input at or after `next_offset`
     /// (Redis lost writes): the runner applies them at the same offsets (filled by the
