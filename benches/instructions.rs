@@ -85,7 +85,7 @@ struct Partition {
 fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usize {
     let p = &part.p;
     let mut work = Working::default();
-    let mut draft = Draft::at(first);
+    let mut draft = Draft::at(first, 0);
     for (offset, (key, value, at)) in (first..).zip(messages) {
         let decoded = decode::decode(Some(key.as_bytes()), Some(value), *at, &p.limits);
         draft.messages += 1;
@@ -125,7 +125,7 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
                     p,
                     &p.rules,
                     &event.customer_id,
-                    &loaded.state,
+                    &mut loaded.state,
                     &outcome,
                     Some(cause),
                 );

@@ -829,7 +829,10 @@ fn a_replay_missing_a_middle_rules_version_warns_naming_rules_history() {
         .contains("under the rules it first ran under"));
     // The replay under the running rules completes.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !swept_to_v3(&world) || world.partition_meta(0).1 < run.ends[&0] {
+    while !swept_to_v3(&world)
+        || world.partition_meta(0).1 < run.ends[&0]
+        || world.outbox_len(0) > 0
+    {
         assert!(
             Instant::now() < deadline,
             "not replayed:\n{}",
@@ -838,7 +841,28 @@ fn a_replay_missing_a_middle_rules_version_warns_naming_rules_history() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(tierd.metric("tierd_partitions_stopped"), 0.0);
+    assert_decided_again_under_new_ids(&world, &tierd, run.published, N);
     drop(run.files);
+}
+
+/// After a replay that could not reproduce the published changes (it ran under the running
+/// rules): what it decided again came out under new ids, numbered above every sequence
+/// published, so no id carries two bodies and no customer's sequence goes back on the output
+/// topic (more than `published` records now); and each of `c0..c{n-1}`'s last change places
+/// them in the tier Redis holds.
+fn assert_decided_again_under_new_ids(world: &World, tierd: &Tierd, published: usize, n: i64) {
+    let log = tierd.log_text();
+    assert!(log.contains("Changes are numbered above sequence"), "{log}");
+    assert_eq!(tierd.metric("tierd_sequence_floors_raised_total"), 1.0);
+    let (last, records) = world.assert_fresh_ids_in_order();
+    assert!(records > published, "changes were published again");
+    for (i, state) in states(world, n).iter().enumerate() {
+        assert_eq!(
+            last.get(&format!("c{i}")),
+            state.tier.as_ref(),
+            "c{i}: the last change published places them where Redis has them"
+        );
+    }
 }
 
 /// A rules sweep still under way when the next version took over (`b2b-lifetime-2` stopped
@@ -1373,6 +1397,20 @@ fn a_replay_under_earlier_rules_that_rank_otherwise_warns() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The replay under the running rules completes and the ranking settles.
+    let world = &run.world;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.partition_meta(0).1 < run.ends[&0] || !swept_to("pyramid-by-count", 200)(world) {
+        assert!(
+            Instant::now() < deadline,
+            "not replayed:\n{}",
+            run.tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_cutoffs_settled(world, &run.tierd, 200, "pyramid-by-count");
+    world.wait_outbox_drained(0, Duration::from_secs(60));
+    assert_decided_again_under_new_ids(world, &run.tierd, run.published, 200);
 }
 
 /// The pyramid's owner dies in the middle of a re-ranking pass whose switch (with its first

@@ -46,6 +46,23 @@ impl TierChange {
     }
 }
 
+/// Numbers the change just decided for `state` (its `seq` already counts it) above the
+/// partition's sequence floor `floor` (0: none), if it is not above it already.
+///
+/// A replay after Redis lost writes publishes again the changes of the input it re-applies.
+/// When it can reproduce them (the same rules, cut-offs and timer passes), they come out byte
+/// for byte with the same ids. When it cannot (it falls back to the running rules, or the
+/// record it needed is gone), a change numbered as before would carry an id already published
+/// for another body, and a sequence below the customer's last one published. So such a
+/// replay sets the floor to the highest sequence the partition ever published, and from then
+/// on every customer's next change is numbered above it: a new id, and a sequence that never
+/// goes backwards on the output topic (it jumps once per customer).
+pub fn number_above(state: &mut CustomerState, floor: u64) {
+    if state.seq <= floor {
+        state.seq = floor + 1;
+    }
+}
+
 /// Metric values and scores of an evaluation as JSON maps (for events and the API).
 pub fn evaluation_maps(
     rules: &Rules,
@@ -78,11 +95,18 @@ pub fn evaluation_maps(
 }
 
 impl AtRiskNotice {
-    /// The published notice, for the incarnation `origin` of the customer.
-    pub fn new(customer_id: &str, origin: Option<u64>, notice: &Notice, rules: &Rules) -> Self {
+    /// The published notice, for the incarnation `origin` of the customer, under the
+    /// partition's sequence floor `floor` (see [`number_above`]).
+    pub fn new(
+        customer_id: &str,
+        origin: Option<u64>,
+        notice: &Notice,
+        rules: &Rules,
+        floor: u64,
+    ) -> Self {
         Self {
             kind: "at_risk",
-            event_id: at_risk_id(customer_id, origin, notice.at),
+            event_id: at_risk_id(customer_id, origin, notice.at, floor),
             customer_id: customer_id.to_owned(),
             tier: rules.tiers()[notice.tier].name.clone(),
             falls_to: rules.tiers()[notice.falls_to].name.clone(),
@@ -92,5 +116,32 @@ impl AtRiskNotice {
             occurred_at: format_ms(notice.now),
             rules_version: rules.version().to_owned(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::number_above;
+    use crate::model::CustomerState;
+
+    #[test]
+    fn a_change_below_the_floor_is_numbered_above_it_once() {
+        let numbered = |seq: u64, floor: u64| {
+            let mut state = CustomerState {
+                seq,
+                ..CustomerState::default()
+            };
+            number_above(&mut state, floor);
+            state.seq
+        };
+        // No floor: numbered as decided.
+        assert_eq!(numbered(1, 0), 1);
+        assert_eq!(numbered(5, 0), 5);
+        // The first change at or below the floor jumps just above it (a new customer too)...
+        assert_eq!(numbered(1, 40), 41);
+        assert_eq!(numbered(40, 40), 41);
+        // ...and the customer's next ones follow on from there.
+        assert_eq!(numbered(42, 40), 42);
+        assert_eq!(numbered(41, 40), 41);
     }
 }

@@ -210,7 +210,7 @@ mod tests {
             "stored ids must not change"
         );
         assert_eq!(
-            at_risk_id("c1", Some(7), 1_764_000_000_000),
+            at_risk_id("c1", Some(7), 1_764_000_000_000, 0),
             "cb4503f4-de28-57d6-8869-b6d2b59a612b",
             "stored ids must not change"
         );
@@ -232,9 +232,24 @@ mod tests {
 
     #[test]
     fn notice_ids_differ_per_incarnation() {
-        assert_eq!(at_risk_id("c1", None, 5), at_risk_id("c1", None, 5));
-        assert_ne!(at_risk_id("c1", Some(1), 5), at_risk_id("c1", None, 5));
-        assert_ne!(at_risk_id("c1", Some(1), 5), at_risk_id("c1", Some(2), 5));
+        assert_eq!(at_risk_id("c1", None, 5, 0), at_risk_id("c1", None, 5, 0));
+        assert_ne!(
+            at_risk_id("c1", Some(1), 5, 0),
+            at_risk_id("c1", None, 5, 0)
+        );
+        assert_ne!(
+            at_risk_id("c1", Some(1), 5, 0),
+            at_risk_id("c1", Some(2), 5, 0)
+        );
+        // Under a sequence floor, a notice has an id of its own (per floor).
+        assert_ne!(
+            at_risk_id("c1", Some(1), 5, 9),
+            at_risk_id("c1", Some(1), 5, 0)
+        );
+        assert_ne!(
+            at_risk_id("c1", Some(1), 5, 9),
+            at_risk_id("c1", Some(1), 5, 10)
+        );
     }
 }
 
@@ -291,13 +306,24 @@ pub struct AtRiskNotice {
 }
 
 /// The id of the at-risk notice of the downgrade due at `downgrade_at_ms` (UUID v5), for the
-/// customer's incarnation `origin` (see [`change_id`]).
-pub fn at_risk_id(customer_id: &str, origin: Option<u64>, downgrade_at_ms: i64) -> String {
+/// customer's incarnation `origin` (see [`change_id`]), under the partition's sequence floor
+/// `floor` (0: none; see `engine::changes::number_above`): a notice decided again by a replay
+/// that could not reproduce what was published gets an id of its own.
+pub fn at_risk_id(
+    customer_id: &str,
+    origin: Option<u64>,
+    downgrade_at_ms: i64,
+    floor: u64,
+) -> String {
     let mut name = customer_id.as_bytes().to_vec();
     name.extend_from_slice(b"\0at_risk\0");
     name.extend_from_slice(&downgrade_at_ms.to_be_bytes());
     if let Some(origin) = origin {
         name.extend_from_slice(&origin.to_be_bytes());
+    }
+    if floor > 0 {
+        name.extend_from_slice(b"\0floor\0");
+        name.extend_from_slice(&floor.to_be_bytes());
     }
     v5(&name)
 }

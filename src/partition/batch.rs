@@ -60,7 +60,7 @@ impl Runner {
         let event_mode = p.clock.mode == ClockMode::Event;
         let cutoffs = Arc::clone(&self.cutoffs);
         let lateness = p.clock.lateness_ms;
-        let mut draft = Draft::at(first_offset);
+        let mut draft = Draft::at(first_offset, self.seq_floor);
         for (message, decoded) in messages.iter().zip(&decoded) {
             if let (true, Ok(event)) = (event_mode, decoded) {
                 let t = event.occurred_at_ms.saturating_sub(lateness);
@@ -70,7 +70,7 @@ impl Runner {
                         // sweep under way holds them until it completes).
                         if draft.messages > 0 {
                             self.commit(&mut draft, &mut work).await?;
-                            draft = Draft::at(message.offset());
+                            draft = Draft::at(message.offset(), self.seq_floor);
                         }
                         self.fire_due(t, &mut work, None).await?;
                     }
@@ -123,7 +123,7 @@ impl Runner {
                                     &p,
                                     self.rules(),
                                     &event.customer_id,
-                                    &loaded.state,
+                                    &mut loaded.state,
                                     &outcome,
                                     Some(cause),
                                 );

@@ -4,6 +4,7 @@
 //! is pure, and tested here without Redis.
 
 use super::Pipeline;
+use crate::engine::changes::number_above;
 use crate::engine::rules::Rules;
 use crate::engine::Outcome;
 use crate::model::change::{AtRiskNotice, Cause, TierChange};
@@ -159,14 +160,22 @@ pub struct Draft {
     pub rerank: Option<String>,
     /// Timer-index and rank-set entries without a stored customer, to remove.
     pub orphans: Vec<(SortedSet, String)>,
+    /// The partition's sequence floor (0: none): changes are numbered above it
+    /// ([`crate::engine::changes::number_above`]).
+    pub seq_floor: u64,
+    /// The highest sequence among the changes recorded (the publisher keeps the highest it
+    /// published, from which a later floor is set).
+    pub max_sequence: Option<u64>,
 }
 
 impl Draft {
-    /// An empty draft at input position `offset` (nothing consumed).
-    pub fn at(offset: i64) -> Self {
+    /// An empty draft at input position `offset` (nothing consumed), numbering changes
+    /// above the partition's sequence floor `seq_floor` (0: none).
+    pub fn at(offset: i64, seq_floor: u64) -> Self {
         Self {
             first_offset: offset,
             end_offset: offset,
+            seq_floor,
             ..Self::default()
         }
     }
@@ -179,11 +188,13 @@ impl Draft {
         p: &Pipeline,
         rules: &Rules,
         customer_id: &str,
-        state: &CustomerState,
+        state: &mut CustomerState,
         outcome: &Outcome,
         cause: Option<Cause>,
     ) {
         if let Some(t) = &outcome.transition {
+            number_above(state, self.seq_floor);
+            self.max_sequence = self.max_sequence.max(Some(state.seq));
             let change = TierChange::new(customer_id, state, t, rules, &p.money, cause);
             self.changes.push((
                 change
@@ -201,7 +212,7 @@ impl Draft {
             });
         }
         if let Some(n) = &outcome.notice {
-            let notice = AtRiskNotice::new(customer_id, state.origin, n, rules);
+            let notice = AtRiskNotice::new(customer_id, state.origin, n, rules, self.seq_floor);
             self.notices += 1;
             self.outbox.push(OutboxEntry {
                 kind: EntryKind::AtRisk,
@@ -248,6 +259,8 @@ impl Draft {
             swept_rules: self.swept_rules,
             applied_cutoffs: self.applied_cutoffs.take(),
             rerank: self.rerank.take(),
+            max_sequence: self.max_sequence.take(),
+            seq_floor: self.seq_floor,
             ..CommitBatch::default()
         };
         batch.zrem.append(&mut self.orphans);
@@ -347,7 +360,7 @@ mod tests {
             "a".into(),
             Loaded::new(Box::new(customer(Some(5), vec![Some(7)], Some("vip")))),
         );
-        let batch = Draft::at(10).take_batch(position(), &mut work, &keys(), 1);
+        let batch = Draft::at(10, 0).take_batch(position(), &mut work, &keys(), 1);
         assert!(batch.states.is_empty() && batch.zadd.is_empty() && batch.zrem.is_empty());
         assert!(batch.tier_deltas.is_empty());
         assert_eq!((batch.first_offset, batch.end_offset), (10, 10));
@@ -390,7 +403,7 @@ mod tests {
         erased.dirty = true;
         work.insert("e".into(), erased);
 
-        let mut draft = Draft::at(10);
+        let mut draft = Draft::at(10, 0);
         draft.orphans.push((SortedSet::Timers, "ghost".into()));
         draft.orphans.push((SortedSet::Rank(1), "gone".into()));
         let batch = draft.take_batch(position(), &mut work, &keys(), 2);
@@ -468,7 +481,7 @@ mod tests {
         );
         let mut work = Working::default();
         work.insert("a".into(), l);
-        let batch = Draft::at(0).take_batch(position(), &mut work, &keys(), 1);
+        let batch = Draft::at(0, 0).take_batch(position(), &mut work, &keys(), 1);
         assert!(batch.states.is_empty() && batch.zadd.is_empty() && batch.zrem.is_empty());
     }
 
@@ -498,7 +511,7 @@ mod tests {
         // Committed: the cache is given exactly what the commit wrote.
         let mut work = Working::default();
         work.insert("a".into(), l);
-        let batch = Draft::at(0).take_batch(position(), &mut work, &keys(), 1);
+        let batch = Draft::at(0, 0).take_batch(position(), &mut work, &keys(), 1);
         let mut l = work.remove("a").expect("kept");
         l.committed();
         assert_eq!(

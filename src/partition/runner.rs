@@ -296,6 +296,24 @@ pub struct Runner {
     /// The previous rules version's sweep is completing first ([`unfinished_predecessor`]):
     /// the running version's sweep starts where it completes.
     pub(super) finish_predecessor: bool,
+    /// The partition's sequence floor: changes are numbered above it (see
+    /// [`crate::engine::changes::number_above`] and [`sequence_floor`]).
+    pub(super) seq_floor: u64,
+}
+
+/// The sequence floor a claimed partition's changes are numbered above: the one Redis keeps,
+/// raised to the highest sequence the partition ever published when its replay cannot
+/// reproduce the changes it publishes again (`inexact`: it falls back to the running rules,
+/// or reaches back further than the records kept), or when Redis lost the commit that raised
+/// it (the published changes were numbered above a higher floor than Redis keeps: numbered
+/// from the lower one, the replay would reuse their ids). Otherwise a replay numbers its
+/// changes as they first were, and publishes them again byte for byte.
+fn sequence_floor(claim: &Claim, inexact: bool) -> u64 {
+    if inexact || claim.published_floor > claim.seq_floor {
+        claim.seq_floor.max(claim.published_sequence)
+    } else {
+        claim.seq_floor
+    }
 }
 
 impl Runner {
@@ -348,6 +366,8 @@ impl Runner {
             _ => None,
         };
         let finish_predecessor = predecessor.is_some();
+        // Whether the replay cannot reproduce what was published (see `sequence_floor`).
+        let mut inexact = claim.replay_forgotten;
         let (replay_rules, replay_chain, sweep) = match sweep {
             SweepState::Running(_) | SweepState::Pending(_) if predecessor.is_some() => {
                 let (before, rules, not_before) = predecessor.expect("checked");
@@ -370,6 +390,8 @@ impl Runner {
             }
             SweepState::Pending(recorded) => {
                 let (rules, chain) = replay_chain(&pipeline, claim, partition, recorded);
+                // No rules: the replay falls back to the running ones.
+                inexact |= rules.is_none();
                 if sweep_afresh && rules.is_none() {
                     // The fallback: the running rules replay the input from the claimed
                     // offset, and their sweep (never published) starts there.
@@ -392,6 +414,16 @@ impl Runner {
             }
             other => (None, VecDeque::new(), other),
         };
+        let seq_floor = sequence_floor(claim, inexact);
+        if seq_floor > claim.seq_floor {
+            events::SequenceFloorRaised {
+                partition,
+                from: claim.seq_floor,
+                to: seq_floor,
+                lost: !inexact,
+            }
+            .emit(&pipeline.telemetry);
+        }
         Self {
             partition,
             store,
@@ -418,6 +450,7 @@ impl Runner {
             replay_chain,
             sweep_afresh,
             finish_predecessor,
+            seq_floor,
             last_commit: Instant::now(),
         }
     }
@@ -800,7 +833,7 @@ impl Runner {
 
     /// An empty draft at the partition's position.
     pub(super) fn new_draft(&self) -> Draft {
-        Draft::at(self.next_offset())
+        Draft::at(self.next_offset(), self.seq_floor)
     }
 
     /// Engine time now for operator-level triggers: the wall clock, or the partition's
@@ -831,7 +864,7 @@ impl Runner {
         let rules = self.rules();
         let outcome = loaded.state.evaluate(rules, now, trigger, &self.cutoffs);
         loaded.dirty = true;
-        draft.record(&self.pipeline, rules, id, &loaded.state, &outcome, None);
+        draft.record(&self.pipeline, rules, id, &mut loaded.state, &outcome, None);
         outcome
     }
 
@@ -958,6 +991,28 @@ mod tests {
             sweep: Some(sweep(40, 1, Some(50))),
             ..restored(Some(150), Some(published))
         }
+    }
+
+    #[test]
+    fn the_sequence_floor_rises_to_the_highest_published_only_when_a_replay_cannot_reproduce() {
+        let claim = |seq_floor: u64, published_floor: u64| Claim {
+            seq_floor,
+            published_floor,
+            published_sequence: 90,
+            ..restored(Some(150), None)
+        };
+        // A replay that reproduces what was published numbers its changes as they first were.
+        assert_eq!(sequence_floor(&claim(0, 0), false), 0);
+        assert_eq!(sequence_floor(&claim(30, 30), false), 30);
+        // One that cannot numbers them above everything published.
+        assert_eq!(sequence_floor(&claim(0, 0), true), 90);
+        assert_eq!(sequence_floor(&claim(30, 30), true), 90);
+        // Redis lost the commit that raised the floor the published changes were numbered
+        // above: numbered from the one Redis keeps, they would reuse those changes' ids.
+        assert_eq!(sequence_floor(&claim(0, 30), false), 90);
+        assert_eq!(sequence_floor(&claim(20, 30), false), 90);
+        // Never lowered.
+        assert_eq!(sequence_floor(&claim(95, 30), true), 95);
     }
 
     #[test]

@@ -375,6 +375,10 @@ pub(super) mod tests {
             published_sweep: published,
             published_earlier_sweeps: Vec::new(),
             prior_rules: None,
+            seq_floor: 0,
+            published_sequence: 0,
+            published_floor: 0,
+            replay_forgotten: false,
         }
     }
 

@@ -100,7 +100,7 @@ impl Runner {
                             cause: cause.as_str(),
                         }
                         .emit(&p.telemetry);
-                        draft.record(&p, rules, id, &loaded.state, &outcome, None);
+                        draft.record(&p, rules, id, &mut loaded.state, &outcome, None);
                     }
                     // The index disagrees with the state (manual edits, a deleted state):
                     // re-index the state's real timer, or drop the entry.

@@ -21,7 +21,7 @@
 use crate::config::KafkaConfig;
 use crate::engine::rules::rank::CutoffsSwitch;
 use crate::ingest::topic_id::{topic_id, TopicId};
-use crate::store::outbox::{RulesSweep, TimerPass};
+use crate::store::outbox::{RulesSweep, StoredEntry, TimerPass};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -173,6 +173,21 @@ pub struct Published {
     /// of these ids there parks it again instead.
     #[serde(rename = "pd", default, skip_serializing_if = "Vec::is_empty")]
     pub parked_letters: Vec<String>,
+    /// The offset of the newest wall-clock timer pass dropped for room (`None`: none was): a
+    /// replay from at or before it that the history topic does not reach back for fires
+    /// timers as the backlog is applied, and cannot reproduce what they published
+    /// ([`Self::replay_inexact`]).
+    #[serde(rename = "td", default, skip_serializing_if = "Option::is_none")]
+    pub passes_dropped: Option<i64>,
+    /// The highest tier-change sequence the partition published (0: none recorded, or only by
+    /// older binaries): a replay that cannot reproduce what was published numbers its changes
+    /// above it (`engine::changes::number_above`).
+    #[serde(rename = "q", default, skip_serializing_if = "is_zero")]
+    pub max_sequence: u64,
+    /// The highest sequence floor published changes were numbered above (0: none): a claim
+    /// finding Redis keeps a lower one knows Redis lost the commit that raised it.
+    #[serde(rename = "sf", default, skip_serializing_if = "is_zero")]
+    pub sequence_floor: u64,
 }
 
 /// How many parked dead letters' outbox ids the published position keeps
@@ -315,6 +330,7 @@ impl Published {
             {
                 let dropped = next.passes.remove(0);
                 next.passes_from = next.passes_from.max(Some(dropped.offset + 1));
+                next.passes_dropped = next.passes_dropped.max(Some(dropped.offset));
             }
         }
         for s in switches {
@@ -329,6 +345,21 @@ impl Published {
         }
         if let Some(budget) = budget {
             next.make_room(budget);
+        }
+    }
+
+    /// Records the sequences of a round's published outbox entries (each carries the highest
+    /// sequence of the commit that wrote it, and the floor it was numbered above): both only
+    /// ever rise. Within `budget` bytes of metadata (the oldest switches and sweeps give way,
+    /// as in [`Self::after`]).
+    pub fn add_sequences(&mut self, round: &[StoredEntry], budget: usize) {
+        let before = (self.max_sequence, self.sequence_floor);
+        for e in round {
+            self.max_sequence = self.max_sequence.max(e.max_sequence.unwrap_or(0));
+            self.sequence_floor = self.sequence_floor.max(e.seq_floor.unwrap_or(0));
+        }
+        if (self.max_sequence, self.sequence_floor) != before {
+            self.make_room(budget);
         }
     }
 
@@ -433,6 +464,24 @@ impl Published {
                     .sweeps()
                     .next()
                     .is_some_and(|oldest| oldest.offset > from))
+    }
+
+    /// Whether a replay from `next_offset` (`None`: nothing applied) re-applies published
+    /// input further back than this position (after the history topic's records were put
+    /// back, [`Self::with_history`]) keeps what its changes were decided under: a cut-off
+    /// switch dropped for room at or after it (`forgotten`), or a wall-clock timer pass
+    /// dropped for room at or after it that the kept passes do not cover (timers fire as the
+    /// backlog is applied there). Such a replay cannot reproduce the changes it publishes
+    /// again: they are numbered above every published sequence
+    /// (`engine::changes::number_above`). Only a replay counts (the published changes reach
+    /// further than `next_offset`).
+    pub fn replay_inexact(&self, next_offset: Option<i64>) -> bool {
+        let from = next_offset.unwrap_or(-1);
+        let replaying = self.through.is_some_and(|through| through > from);
+        let switch_forgotten = self.forgotten.is_some_and(|f| f >= from.max(0));
+        let pass_dropped = self.passes_from.is_some_and(|f| f > from)
+            && self.passes_dropped.is_some_and(|d| d >= from);
+        replaying && (switch_forgotten || pass_dropped)
     }
 
     /// The history record of a round that records `switches`, `passes` and `sweeps` on top
@@ -610,6 +659,9 @@ impl Published {
             && self.history_records == 0
             && self.parked.is_none()
             && self.parked_letters.is_empty()
+            && self.passes_dropped.is_none()
+            && self.max_sequence == 0
+            && self.sequence_floor == 0
         {
             return self.last_id.clone().unwrap_or_default();
         }
@@ -1231,6 +1283,55 @@ mod tests {
     }
 
     #[test]
+    fn the_highest_sequence_and_floor_published_only_rise_and_survive_the_metadata() {
+        use crate::store::outbox::{EntryKind, OutboxEntry};
+        let entry = |q: Option<u64>, f: Option<u64>| StoredEntry {
+            id: "1-0".into(),
+            entry: OutboxEntry {
+                kind: EntryKind::Change,
+                key: b"c".to_vec(),
+                value: b"{}".to_vec(),
+                headers: Vec::new(),
+            },
+            end_offset: Some(1),
+            origin: None,
+            max_sequence: q,
+            seq_floor: f,
+        };
+        let mut p = Published::default();
+        p.add_sequences(
+            &[
+                entry(Some(7), None),
+                entry(None, None),
+                entry(Some(4), None),
+            ],
+            METADATA_BUDGET,
+        );
+        assert_eq!((p.max_sequence, p.sequence_floor), (7, 0));
+        p.add_sequences(&[entry(Some(3), Some(2))], METADATA_BUDGET);
+        assert_eq!((p.max_sequence, p.sequence_floor), (7, 2), "never lowered");
+        p.add_sequences(&[entry(Some(12), Some(7))], METADATA_BUDGET);
+        let back = Published::parse(&p.metadata());
+        assert_eq!((back.max_sequence, back.sequence_floor), (12, 7));
+        // Carried on by the next round, and absent from positions that never recorded one
+        // (an older binary's read as none).
+        let next = back.after("2-0", Some(2), &[], &[], None, METADATA_BUDGET);
+        assert_eq!((next.max_sequence, next.sequence_floor), (12, 7));
+        assert!(!Published::default()
+            .after("1-0", None, &[], &[], None, 100)
+            .metadata()
+            .contains("\"q\""));
+        assert_eq!(Published::parse("{\"id\":\"5-0\"}").max_sequence, 0);
+        // A position filled to its budget stays within it: the oldest switch gives way.
+        let mut full = full_of_switches();
+        let (switches, tight) = (full.switches.len(), full.metadata().len() + 10);
+        full.add_sequences(&[entry(Some(123_456_789), Some(99_999))], tight);
+        assert!(full.metadata().len() <= tight);
+        assert_eq!(full.switches.len(), switches - 1);
+        assert_eq!(Published::parse(&full.metadata()).max_sequence, 123_456_789);
+    }
+
+    #[test]
     fn parked_letters_are_kept_newest_last_within_their_bound_and_the_budget() {
         let mut p = Published::default();
         p.add_parked_letters(&["5-0".to_owned()], 3500);
@@ -1389,6 +1490,25 @@ mod tests {
         assert!(p.passes.len() >= 25, "{}", p.passes.len());
         assert_eq!(p.passes_from, Some(p.passes[0].offset));
         assert_eq!(p.passes.last(), Some(&pass(399, 399_000, 0)));
+        // The newest pass dropped is remembered: a replay from at or before it cannot fire
+        // the timers where they first fired; one from after the kept passes begin can.
+        let dropped = p.passes[0].offset - 1;
+        assert_eq!(
+            Published::parse(&p.metadata()).passes_dropped,
+            Some(dropped)
+        );
+        let passes_only = Published {
+            forgotten: None,
+            ..p.clone()
+        };
+        assert!(passes_only.replay_inexact(Some(dropped)));
+        assert!(passes_only.replay_inexact(Some(dropped - 100)));
+        assert!(!passes_only.replay_inexact(Some(p.passes[0].offset)));
+        // Only a replay counts: nothing published after the restored offset.
+        assert!(!p.replay_inexact(Some(400)));
+        // Passes recorded from the start (none dropped): a replay from before the first one
+        // fires what the first run fired, nothing earlier.
+        assert!(!back.replay_inexact(Some(5)));
     }
 
     #[test]

@@ -832,6 +832,7 @@ impl PartitionPublisher {
                 // Recorded without a history record: the next one starts a new run.
                 published.history_records = 0;
             }
+            published.add_sequences(round, self.shared.positions.budget());
             published
         } else {
             // A parked dead letter: alone in its round.

@@ -167,6 +167,11 @@ pub struct StoredEntry {
     /// In a parked entry, the outbox id it had (field `i`; absent in the outbox, and in
     /// entries parked by older binaries).
     pub origin: Option<String>,
+    /// The highest tier-change sequence of the commit that wrote it (field `q`; absent when
+    /// the commit had no change, and in entries of older binaries).
+    pub max_sequence: Option<u64>,
+    /// The sequence floor the commit's changes were numbered above (field `f`; absent: none).
+    pub seq_floor: Option<u64>,
 }
 
 /// Why the outbox could not be read.
@@ -223,9 +228,14 @@ pub async fn read(
                 .ok()
                 .and_then(|o| std::str::from_utf8(&o).ok()?.parse().ok());
             let origin = field("i").ok().and_then(|i| String::from_utf8(i).ok());
+            let number = |b: Vec<u8>| std::str::from_utf8(&b).ok()?.parse().ok();
+            let max_sequence = field("q").ok().and_then(number);
+            let seq_floor = field("f").ok().and_then(number);
             Ok(StoredEntry {
                 end_offset,
                 origin,
+                max_sequence,
+                seq_floor,
                 id: stored.id,
                 entry: OutboxEntry {
                     kind,

@@ -452,6 +452,38 @@ impl ReplayBeforeRulesChange<'_> {
     }
 }
 
+/// A claimed partition's sequence floor was raised (see `engine::changes::number_above`).
+pub struct SequenceFloorRaised {
+    /// The partition.
+    pub partition: i32,
+    /// The floor Redis kept.
+    pub from: u64,
+    /// The floor now: the highest sequence the partition published.
+    pub to: u64,
+    /// Raised because Redis lost the commit that had raised it (not because the replay
+    /// cannot reproduce what was published).
+    pub lost: bool,
+}
+
+impl SequenceFloorRaised {
+    /// Counts and logs it.
+    pub fn emit(self, t: &Telemetry) {
+        t.sequence_floors_raised.inc();
+        warn!(
+            partition = self.partition,
+            from = self.from,
+            to = self.to,
+            "Changes are numbered above sequence {} from now on: {}, so a change decided again could carry an id already published for another body. Each customer's next change gets a new id and a sequence above every one published (it jumps once).",
+            self.to,
+            if self.lost {
+                "Redis lost the commit that had raised the partition's sequence floor"
+            } else {
+                "the replay cannot reproduce the changes already published"
+            }
+        );
+    }
+}
+
 /// A partition finished moving to new cut-offs.
 pub struct CutoffsApplied {
     /// The partition.

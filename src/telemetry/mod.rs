@@ -81,6 +81,9 @@ pub struct Telemetry {
     pub rank_reevaluated: IntCounter,
     /// Published cut-offs switches applied again by a replay after Redis lost writes.
     pub cutoffs_replayed: IntCounter,
+    /// Claims whose replay after Redis lost writes could not reproduce the published changes
+    /// (or whose Redis lost a raised floor): the partition's sequence floor was raised.
+    pub sequence_floors_raised: IntCounter,
     /// Time to compute rank cut-offs (partition 0's owner).
     pub rank_recompute_seconds: Histogram,
 }
@@ -301,6 +304,10 @@ impl Telemetry {
             rank_reevaluated: counter(
                 "tierd_rank_reevaluated_total",
                 "Customers re-evaluated because rank cut-offs moved.",
+            ),
+            sequence_floors_raised: counter(
+                "tierd_sequence_floors_raised_total",
+                "Claims whose replay could not reproduce the published changes: later changes are numbered above every published sequence.",
             ),
             rank_recompute_seconds: {
                 let h = Histogram::with_opts(HistogramOpts::new(

@@ -1414,6 +1414,18 @@ impl World {
         (epoch.unwrap_or(0), next.unwrap_or(-1))
     }
 
+    /// Waits until `partition`'s outbox is empty (everything committed was published).
+    pub fn wait_outbox_drained(&self, partition: i32, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.outbox_len(partition) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the outbox of partition {partition} did not drain"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn outbox_len(&self, partition: i32) -> i64 {
         let key = self.keys(partition).outbox;
         redis::cmd("XLEN")
@@ -1435,6 +1447,53 @@ impl World {
             }
         }
         records
+    }
+
+    /// Reads the output topic as a `read_committed` consumer does and checks what a consumer
+    /// relies on after any replay, on every record: each id (a change's or an at-risk
+    /// notice's) carries one body, byte for byte; a customer's change sequence rises along
+    /// the topic, except where a change is repeated byte for byte (a replay that reproduced
+    /// it). Returns the tier of each customer's last change (by sequence) and the number of
+    /// records read.
+    pub fn assert_fresh_ids_in_order(&self) -> (HashMap<String, String>, usize) {
+        let records = self.read_all(&self.output);
+        let mut sorted = records.clone();
+        sorted.sort_by_key(|r| (r.partition, r.offset));
+        let mut bodies: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut last: HashMap<String, (u64, String)> = HashMap::new();
+        for r in sorted.iter().filter(|r| !r.value.is_empty()) {
+            let v = r.json();
+            let id = v["event_id"].as_str().unwrap().to_owned();
+            if let Some(first) = bodies.get(&id) {
+                assert!(
+                    *first == r.value,
+                    "id {id} published with two bodies: {} then {v} (partition {} offset {})",
+                    String::from_utf8_lossy(first),
+                    r.partition,
+                    r.offset
+                );
+                continue;
+            }
+            bodies.insert(id, r.value.clone());
+            let Some(seq) = v["sequence"].as_u64() else {
+                continue; // an at-risk notice
+            };
+            let customer = v["customer_id"].as_str().unwrap().to_owned();
+            let tier = v["tier"].as_str().unwrap().to_owned();
+            if let Some((before, _)) = last.get(&customer) {
+                assert!(
+                    seq > *before,
+                    "{customer}: a new change with sequence {seq} after {before} (partition {} offset {}): {v}",
+                    r.partition,
+                    r.offset
+                );
+            }
+            last.insert(customer, (seq, tier));
+        }
+        (
+            last.into_iter().map(|(c, (_, tier))| (c, tier)).collect(),
+            records.len(),
+        )
     }
 
     /// The rank cut-offs published in partition 0's keys, with their version.

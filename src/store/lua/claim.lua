@@ -32,7 +32,10 @@
 -- ('prior_rules_text', moved there when a newer version first claims; none if the text kept
 -- was not the latest version's): after Redis lost writes back to before a rules change, the input
 -- applied before the change is replayed under the rules it first ran under. The prior text is
--- returned last ('' if none).
+-- returned tenth ('' if none).
+--
+-- The partition's sequence floor (meta 'seq_floor', '0' if none: see commit.lua) is returned
+-- last.
 --
 -- ARGV[3] is the input topic's id now ('' : unknown, not checked). The stored offset is paired
 -- with the id of the topic it was read from (field 'offset_topic', '<next_offset>:<id>', kept
@@ -185,5 +188,6 @@ if paired then
 end
 local sweep = redis.call('HGET', KEYS[1], 'sweep') or ''
 local prior = redis.call('HGET', KEYS[1], 'prior_rules_text') or ''
+local seq_floor = redis.call('HGET', KEYS[1], 'seq_floor') or '0'
 return {tostring(epoch), next_offset, commits, clock, rules, cutoffs, outbox, offset_epoch, sweep,
-  prior, tostring(parked_again)}
+  prior, tostring(parked_again), seq_floor}

@@ -2,7 +2,7 @@
 -- script only checks ownership and position, then writes. All keys share one hash tag.
 --
 -- KEYS[1] meta hash {epoch, next_offset, offset_epoch, offset_topic, commits, clock, rules,
--- sweep, cutoffs, rerank, versions}
+-- sweep, cutoffs, rerank, versions, seq_floor}
 -- KEYS[2] outbox stream   KEYS[3] tier counts hash   KEYS[4..s-1] sorted sets (timers, ranks)
 -- KEYS[s..] customer state keys, one per value at the end of ARGV (s = ARGV[9])
 -- ARGV[1] owner epoch   ARGV[2] the next offset the owner believes is stored (-1: none)
@@ -16,7 +16,12 @@
 -- ARGV[11] leader epoch of the batch's last input record ('-' : no input, unchanged; '' :
 -- unknown, forget the stored one); stored as '<next_offset>:<epoch>' so that an offset moved
 -- by anything else (an operator's HSET, an older tierd) never pairs with a stale epoch
--- ARGV[12] n outbox entries, then n x (kind, key, value, headers)
+-- ARGV[12] the highest tier-change sequence among the outbox entries ('' : none), written on
+-- each entry as field 'q' (the publisher keeps the highest published: a replay that cannot
+-- reproduce what was published numbers changes above it)
+-- ARGV[13] the partition's sequence floor the changes were numbered above ('' : none),
+-- stored as meta 'seq_floor' and written on each entry as field 'f'
+-- ARGV[14] n outbox entries, then n x (kind, key, value, headers)
 -- then a sorted-set upserts, then a x (key index, score, member)
 -- then r sorted-set removals, then r x (key index, member)
 -- then c tier-count deltas, then c x (tier, delta)
@@ -44,12 +49,19 @@ if stored ~= expected or commits ~= expected_commits or first < expected then
   return {'DIVERGED', tostring(stored)}
 end
 local first_state = tonumber(ARGV[9])
-local i = 12
+local i = 14
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   -- 'o': the input offset this commit leaves the partition at (a replay after Redis lost
   -- writes knows how far the published changes reach into the input).
-  redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3], 'o', ARGV[4])
+  local fields = {'t', ARGV[i], 'k', ARGV[i + 1], 'v', ARGV[i + 2], 'h', ARGV[i + 3], 'o', ARGV[4]}
+  if ARGV[12] ~= '' then
+    fields[#fields + 1] = 'q'; fields[#fields + 1] = ARGV[12]
+  end
+  if ARGV[13] ~= '' then
+    fields[#fields + 1] = 'f'; fields[#fields + 1] = ARGV[13]
+  end
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
   if ARGV[i] == 's' then
     -- A rules sweep started: a resumed sweep keeps its time (see store::outbox::RulesSweep).
     redis.call('HSET', meta, 'sweep', ARGV[i + 2])
@@ -101,6 +113,9 @@ elseif ARGV[11] ~= '-' then
 end
 if ARGV[8] ~= '' then
   redis.call('HSET', meta, 'cutoffs', ARGV[8])
+end
+if ARGV[13] ~= '' and redis.call('HGET', meta, 'seq_floor') ~= ARGV[13] then
+  redis.call('HSET', meta, 'seq_floor', ARGV[13])
 end
 if ARGV[10] == '-' then
   redis.call('HDEL', meta, 'rerank')

@@ -54,6 +54,12 @@ pub struct CommitBatch {
     pub rerank: Option<String>,
     /// Customer states to write: (key, stored form; empty: delete the key).
     pub states: Vec<(String, Vec<u8>)>,
+    /// The highest sequence among the batch's tier changes, written with its outbox entries
+    /// (field `q`) for the publisher to keep in the published position.
+    pub max_sequence: Option<u64>,
+    /// The partition's sequence floor the batch's changes were numbered above (0: none),
+    /// stored in the meta hash and written with its outbox entries (field `f`).
+    pub seq_floor: u64,
 }
 
 /// One of a partition's sorted sets, each keyed by customer id.
@@ -121,6 +127,16 @@ pub async fn commit(
             Some(None) => String::new(),
             Some(Some(epoch)) => epoch.to_string(),
         });
+    inv.arg(
+        batch
+            .max_sequence
+            .map(|q| q.to_string())
+            .unwrap_or_default(),
+    )
+    .arg(match batch.seq_floor {
+        0 => String::new(),
+        floor => floor.to_string(),
+    });
     inv.arg(batch.outbox.len());
     for e in &batch.outbox {
         inv.arg(e.kind.code())

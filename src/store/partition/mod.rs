@@ -105,6 +105,19 @@ pub struct Claim {
     /// partition kept it: a replay from before the latest rules change applies the input up
     /// to the change under it.
     pub prior_rules: Option<String>,
+    /// The partition's sequence floor as Redis keeps it (0: none): changes are numbered above
+    /// it (see `engine::changes::number_above`).
+    pub seq_floor: u64,
+    /// The highest change sequence the partition ever published (filled by the supervisor
+    /// from the published position): the floor a replay that cannot reproduce what was
+    /// published numbers its changes above.
+    pub published_sequence: u64,
+    /// The highest sequence floor the published changes were numbered above (filled by the
+    /// supervisor): above the floor Redis keeps, Redis lost the commit that raised it.
+    pub published_floor: u64,
+    /// Whether the replay reaches further back than what was recorded of the published
+    /// changes keeps (filled by the supervisor): it cannot reproduce them.
+    pub replay_forgotten: bool,
 }
 
 /// A claim refused because a newer rules version already ran the partition.
@@ -225,6 +238,10 @@ pub fn claim(
         published_sweep: None,
         published_earlier_sweeps: Vec::new(),
         prior_rules: Some(field(9)).filter(|t| !t.is_empty()).map(str::to_owned),
+        seq_floor: field(11).parse().unwrap_or(0),
+        published_sequence: 0,
+        published_floor: 0,
+        replay_forgotten: false,
     })
 }
 
