@@ -680,43 +680,6 @@ fn a_rollback_beyond_the_positions_metadata_replays_the_moves_from_the_history_t
     );
 }
 
-/// Past what is kept of the cut-off moves (no history topic, and the smallest metadata
-/// budget: about five moves of the pyramid kept of twelve), a replay cannot decide the changes
-/// of the oldest moves as they first were. The claim says so (an error) and raises the
-/// partition's sequence floor: every customer's next change is numbered above the highest
-/// sequence the partition published, so no id comes back with another body, no customer's
-/// sequence goes back on the output topic, and each customer's last change is their stored
-/// tier. (Before: changes came back under their ids with other bodies.)
-#[test]
-fn a_rollback_past_the_kept_moves_numbers_what_it_decides_again_above_the_published() {
-    let world = pyramid(2);
-    let (tierd, _) = cutoff_moves_rolled_back(
-        &world,
-        "[publish]\nposition_metadata_bytes = 1000\n[kafka]\nhistory_topic = \"\"\n",
-        12,
-    );
-    for partition in 0..2 {
-        world.wait_outbox_drained(partition, Duration::from_secs(60));
-    }
-    let log = tierd.log_text();
-    assert!(log.contains("Redis lost writes further back"), "{log}");
-    assert!(log.contains("Changes are numbered above sequence"), "{log}");
-    assert!(tierd.metric("tierd_sequence_floors_raised_total") >= 1.0);
-    let (last, records) = world.assert_fresh_ids_in_order();
-    assert!(records > 0);
-    let customers = (1..=100)
-        .map(|i| format!("c{i}"))
-        .chain((0..12 * 20).map(|j| format!("n{}", 1000 + j)));
-    for customer in customers {
-        let stored = world.customer_state(&customer).and_then(|s| s.tier);
-        assert_eq!(
-            last.get(&customer),
-            stored.as_ref(),
-            "{customer}: the last change published places them where Redis has them"
-        );
-    }
-}
-
 /// A history topic that refuses the partition's history record for good (here: a message
 /// size limit below it) holds the outbox at the round that needs it — no change decided under
 /// a cut-off move goes out without its history — and says so (`/readyz`,
@@ -766,15 +729,10 @@ fn a_history_topic_that_refuses_the_record_holds_the_outbox_visibly() {
     wait_settled(&world, &tierd, 20);
 }
 
-/// 100 ranked customers `c1..=c100`, then, with Redis snapshotted, `waves` waves of 20
-/// newcomers above everyone so far, each moving the cut-offs; Redis rolled back to the
-/// snapshot and the replay settled. Returns the running tierd and the first run's changes by
-/// id.
-fn cutoff_moves_rolled_back(
-    world: &World,
-    extra: &str,
-    waves: i64,
-) -> (Tierd, HashMap<String, serde_json::Value>) {
+/// 100 ranked customers, then, with Redis snapshotted, `waves` waves of newcomers that each
+/// move the cut-offs; Redis is rolled back to the snapshot and the replay must re-publish
+/// every change id with the body it first had. Returns the running tierd.
+fn rollback_over_cutoff_moves(world: &World, extra: &str, waves: i64) -> Tierd {
     let config = format!("[ranks]\nrecompute_interval_ms = 200\ncheck_interval_ms = 50\n{extra}");
     let tierd = Tierd::spawn(world, &config);
     tierd.wait_partitions(2, Duration::from_secs(60));
@@ -824,13 +782,6 @@ fn cutoff_moves_rolled_back(
         "the divergence was detected"
     );
 
-    (tierd, first_run)
-}
-
-/// [`cutoff_moves_rolled_back`], and the replay must re-publish every change id with the
-/// body it first had. Returns the running tierd.
-fn rollback_over_cutoff_moves(world: &World, extra: &str, waves: i64) -> Tierd {
-    let (tierd, first_run) = cutoff_moves_rolled_back(world, extra, waves);
     // Every change id carries one body, however often it was published.
     let records = world.read_all(&world.output);
     let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();

@@ -304,7 +304,7 @@ pub struct Runner {
 /// The sequence floor a claimed partition's changes are numbered above: the one Redis keeps,
 /// raised to the highest sequence the partition ever published when its replay cannot
 /// reproduce the changes it publishes again (`inexact`: it falls back to the running rules,
-/// or reaches back further than the records kept), or when Redis lost the commit that raised
+/// so none of them is decided as it first was), or when Redis lost the commit that raised
 /// it (the published changes were numbered above a higher floor than Redis keeps: numbered
 /// from the lower one, the replay would reuse their ids). Otherwise a replay numbers its
 /// changes as they first were, and publishes them again byte for byte.
@@ -367,7 +367,7 @@ impl Runner {
         };
         let finish_predecessor = predecessor.is_some();
         // Whether the replay cannot reproduce what was published (see `sequence_floor`).
-        let mut inexact = claim.replay_forgotten;
+        let mut inexact = false;
         let (replay_rules, replay_chain, sweep) = match sweep {
             SweepState::Running(_) | SweepState::Pending(_) if predecessor.is_some() => {
                 let (before, rules, not_before) = predecessor.expect("checked");

@@ -703,8 +703,15 @@ fn fill_replay(partition: i32, claim: &mut Claim, published: &Published) {
     claim.published_earlier_sweeps = published.earlier_sweeps.clone();
     claim.published_sequence = published.max_sequence;
     claim.published_floor = published.sequence_floor;
-    if published.replay_inexact(claim.next_offset) {
-        claim.replay_forgotten = true;
-        error!(partition, forgotten_switch = ?published.forgotten, dropped_pass = ?published.passes_dropped, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position and the history topic: rank-based and wall-clock time-driven changes published before that offset may be decided again otherwise (they are published under new ids, numbered above every published sequence). Keep the history topic (kafka.history_topic) as long as the oldest Redis backup you may restore.");
+    // Only a replay counts (Redis lost writes: the published changes reach further than the
+    // restored offset); a claim that applied everything published re-decides nothing.
+    let replaying = published
+        .through
+        .is_some_and(|through| through > claim.next_offset.unwrap_or(-1));
+    if let Some(forgotten) = published
+        .forgotten
+        .filter(|&f| replaying && f >= claim.next_offset.unwrap_or(0))
+    {
+        error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position and the history topic: rank-based and wall-clock time-driven changes published before that offset may be published again with other contents. Keep the history topic (kafka.history_topic) as long as the oldest Redis backup you may restore.");
     }
 }

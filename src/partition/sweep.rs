@@ -378,7 +378,6 @@ pub(super) mod tests {
             seq_floor: 0,
             published_sequence: 0,
             published_floor: 0,
-            replay_forgotten: false,
         }
     }
 

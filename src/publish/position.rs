@@ -173,12 +173,6 @@ pub struct Published {
     /// of these ids there parks it again instead.
     #[serde(rename = "pd", default, skip_serializing_if = "Vec::is_empty")]
     pub parked_letters: Vec<String>,
-    /// The offset of the newest wall-clock timer pass dropped for room (`None`: none was): a
-    /// replay from at or before it that the history topic does not reach back for fires
-    /// timers as the backlog is applied, and cannot reproduce what they published
-    /// ([`Self::replay_inexact`]).
-    #[serde(rename = "td", default, skip_serializing_if = "Option::is_none")]
-    pub passes_dropped: Option<i64>,
     /// The highest tier-change sequence the partition published (0: none recorded, or only by
     /// older binaries): a replay that cannot reproduce what was published numbers its changes
     /// above it (`engine::changes::number_above`).
@@ -330,7 +324,6 @@ impl Published {
             {
                 let dropped = next.passes.remove(0);
                 next.passes_from = next.passes_from.max(Some(dropped.offset + 1));
-                next.passes_dropped = next.passes_dropped.max(Some(dropped.offset));
             }
         }
         for s in switches {
@@ -464,24 +457,6 @@ impl Published {
                     .sweeps()
                     .next()
                     .is_some_and(|oldest| oldest.offset > from))
-    }
-
-    /// Whether a replay from `next_offset` (`None`: nothing applied) re-applies published
-    /// input further back than this position (after the history topic's records were put
-    /// back, [`Self::with_history`]) keeps what its changes were decided under: a cut-off
-    /// switch dropped for room at or after it (`forgotten`), or a wall-clock timer pass
-    /// dropped for room at or after it that the kept passes do not cover (timers fire as the
-    /// backlog is applied there). Such a replay cannot reproduce the changes it publishes
-    /// again: they are numbered above every published sequence
-    /// (`engine::changes::number_above`). Only a replay counts (the published changes reach
-    /// further than `next_offset`).
-    pub fn replay_inexact(&self, next_offset: Option<i64>) -> bool {
-        let from = next_offset.unwrap_or(-1);
-        let replaying = self.through.is_some_and(|through| through > from);
-        let switch_forgotten = self.forgotten.is_some_and(|f| f >= from.max(0));
-        let pass_dropped = self.passes_from.is_some_and(|f| f > from)
-            && self.passes_dropped.is_some_and(|d| d >= from);
-        replaying && (switch_forgotten || pass_dropped)
     }
 
     /// The history record of a round that records `switches`, `passes` and `sweeps` on top
@@ -659,7 +634,6 @@ impl Published {
             && self.history_records == 0
             && self.parked.is_none()
             && self.parked_letters.is_empty()
-            && self.passes_dropped.is_none()
             && self.max_sequence == 0
             && self.sequence_floor == 0
         {
@@ -1490,25 +1464,6 @@ mod tests {
         assert!(p.passes.len() >= 25, "{}", p.passes.len());
         assert_eq!(p.passes_from, Some(p.passes[0].offset));
         assert_eq!(p.passes.last(), Some(&pass(399, 399_000, 0)));
-        // The newest pass dropped is remembered: a replay from at or before it cannot fire
-        // the timers where they first fired; one from after the kept passes begin can.
-        let dropped = p.passes[0].offset - 1;
-        assert_eq!(
-            Published::parse(&p.metadata()).passes_dropped,
-            Some(dropped)
-        );
-        let passes_only = Published {
-            forgotten: None,
-            ..p.clone()
-        };
-        assert!(passes_only.replay_inexact(Some(dropped)));
-        assert!(passes_only.replay_inexact(Some(dropped - 100)));
-        assert!(!passes_only.replay_inexact(Some(p.passes[0].offset)));
-        // Only a replay counts: nothing published after the restored offset.
-        assert!(!p.replay_inexact(Some(400)));
-        // Passes recorded from the start (none dropped): a replay from before the first one
-        // fires what the first run fired, nothing earlier.
-        assert!(!back.replay_inexact(Some(5)));
     }
 
     #[test]

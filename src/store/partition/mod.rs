@@ -115,9 +115,6 @@ pub struct Claim {
     /// The highest sequence floor the published changes were numbered above (filled by the
     /// supervisor): above the floor Redis keeps, Redis lost the commit that raised it.
     pub published_floor: u64,
-    /// Whether the replay reaches further back than what was recorded of the published
-    /// changes keeps (filled by the supervisor): it cannot reproduce them.
-    pub replay_forgotten: bool,
 }
 
 /// A claim refused because a newer rules version already ran the partition.
@@ -241,7 +238,6 @@ pub fn claim(
         seq_floor: field(11).parse().unwrap_or(0),
         published_sequence: 0,
         published_floor: 0,
-        replay_forgotten: false,
     })
 }
 
