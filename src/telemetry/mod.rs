@@ -81,8 +81,8 @@ pub struct Telemetry {
     pub rank_reevaluated: IntCounter,
     /// Published cut-offs switches applied again by a replay after Redis lost writes.
     pub cutoffs_replayed: IntCounter,
-    /// Claims whose replay after Redis lost writes could not reproduce the published changes
-    /// (or whose Redis lost a raised floor): the partition's sequence floor was raised.
+    /// Claims whose replay after Redis lost writes fell back to the running rules (or whose
+    /// Redis lost a raised floor): the partition's sequence floor was raised.
     pub sequence_floors_raised: IntCounter,
     /// Time to compute rank cut-offs (partition 0's owner).
     pub rank_recompute_seconds: Histogram,
@@ -307,7 +307,7 @@ impl Telemetry {
             ),
             sequence_floors_raised: counter(
                 "tierd_sequence_floors_raised_total",
-                "Claims whose replay could not reproduce the published changes: later changes are numbered above every published sequence.",
+                "Claims whose replay could not reproduce the published changes, or that found Redis had lost a raised floor: later changes are numbered above every published sequence.",
             ),
             rank_recompute_seconds: {
                 let h = Histogram::with_opts(HistogramOpts::new(
