@@ -51,12 +51,12 @@ impl TierChange {
 ///
 /// A replay after Redis lost writes publishes again the changes of the input it re-applies.
 /// When it can reproduce them (the same rules, cut-offs and timer passes), they come out byte
-/// for byte with the same ids. When it cannot (it falls back to the running rules, or the
-/// record it needed is gone), a change numbered as before would carry an id already published
-/// for another body, and a sequence below the customer's last one published. So such a
-/// replay sets the floor to the highest sequence the partition ever published, and from then
-/// on every customer's next change is numbered above it: a new id, and a sequence that never
-/// goes backwards on the output topic (it jumps once per customer).
+/// for byte with the same ids. When it falls back to the running rules, none is decided as
+/// it first was, and a change numbered as before would carry an id already published for
+/// another body, and a sequence below the customer's last one published. So such a replay
+/// sets the floor to the highest sequence the partition ever published, and from then on
+/// every customer's next change is numbered above it: a new id, and a sequence that never
+/// goes backwards on the output topic (it jumps once per customer and raise).
 pub fn number_above(state: &mut CustomerState, floor: u64) {
     if state.seq <= floor {
         state.seq = floor + 1;

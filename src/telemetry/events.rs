@@ -473,7 +473,7 @@ impl SequenceFloorRaised {
             partition = self.partition,
             from = self.from,
             to = self.to,
-            "Changes are numbered above sequence {} from now on: {}, so a change decided again could carry an id already published for another body. Each customer's next change gets a new id and a sequence above every one published (it jumps once).",
+            "Changes are numbered above sequence {} from now on: {}, so a change decided again could carry an id already published for another body. Each customer's next change gets a new id and a sequence above every one published (it jumps).",
             self.to,
             if self.lost {
                 "Redis lost the commit that had raised the partition's sequence floor"
