@@ -1703,6 +1703,7 @@ fn a_rollback_during_partition_0s_rank_rules_sweep_never_reuses_a_cut_offs_versi
     // Partition 1's customers jump to the top, five per round, in three rounds: each moves
     // the cut-offs, and partition 1 applies and publishes each move.
     for round in 0..3 {
+        let moved_from = world.cutoffs().unwrap().version;
         let late: Vec<_> = one
             .iter()
             .skip(round * 5)
@@ -1720,8 +1721,12 @@ fn a_rollback_during_partition_0s_rank_rules_sweep_never_reuses_a_cut_offs_versi
             .collect();
         ends.extend(world.produce_json(&late));
         world.wait_applied(&ends, Duration::from_secs(60));
+        // The round's move is computed (every 300 ms), then applied and published by
+        // partition 1. (Waiting only for partition 1 to hold the latest version could end
+        // before the move was computed: in one CI run two rounds' moves came as one.)
         let deadline = Instant::now() + Duration::from_secs(30);
-        while world.applied_cutoffs_version(1) != world.cutoffs().unwrap().version
+        while world.cutoffs().unwrap().version <= moved_from
+            || world.applied_cutoffs_version(1) != world.cutoffs().unwrap().version
             || world.outbox_len(1) > 0
         {
             assert!(
