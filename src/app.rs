@@ -232,6 +232,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             max_wait: Duration::from_millis(config.ingest.batch_max_wait_ms),
             queue: config.ingest.queue_batches,
         },
+        Duration::from_secs(config.ingest.seek_deadline_s),
         Arc::clone(&stop),
     );
     let consumer: BaseConsumer<IngestContext> = crate::kafka::consumer_config(&config.kafka)

@@ -443,6 +443,115 @@ fn a_start_deferred_by_an_offset_commit_is_still_validated() {
     drop(owner);
 }
 
+/// A seek librdkafka keeps refusing does not leave a newly claimed partition paused while it
+/// looks owned: after `ingest.seek_deadline_s` it is stopped (`tierd_partitions_stopped`, the
+/// reason on `/readyz`) and claimed again 3 s later, and once librdkafka accepts the seek it
+/// is processed from the offset stored in Redis, nothing lost or counted twice.
+///
+/// librdkafka refuses the seek (`__STATE`) while it defers a new assignment's fetch start,
+/// which it does while an offset commit of the consumer is unanswered. The broker's answers
+/// to offset commits are held back here by a proxy in front of its listener (everything else
+/// passes), while the instance that takes the partition over has its commit in flight. (Under
+/// the cooperative assignor tierd uses, gaining a partition needs no unassign, which would
+/// wait for the commit too.)
+#[test]
+fn a_seek_refused_past_its_deadline_stops_the_partition_until_it_is_accepted() {
+    let port = support::free_port();
+    let proxy = support::kafka_proxy::KafkaProxy::start(port);
+    let broker = Broker::start_on_port(
+        port,
+        &format!(
+            "advertised.listeners=PLAINTEXT://127.0.0.1:{},CONTROLLER://127.0.0.1:{{controller_port}}\n",
+            proxy.port
+        ),
+        &[],
+    );
+    let world = World::start_on(2, Redis::start(), broker);
+    let [a, b]: [String; 2] = world.customer_per_partition().try_into().unwrap();
+    // The tests' 6 s sessions: the group hands the dead owner's partition over within seconds.
+    // Commits all the time, so the taker always has one in flight; held back longer than
+    // librdkafka's default request timeout (60 s) would let it wait.
+    let consumer = "\"socket.timeout.ms\" = \"300000\"\n";
+    let named = |id: &str| format!("{consumer}\"client.id\" = \"{id}\"\n");
+    let extra = "[ingest]\nkafka_commit_interval_ms = 0\nseek_deadline_s = 5\n";
+    let first = Tierd::spawn_with(&world, &named("first"), extra);
+    first.wait_partitions(2, Duration::from_secs(60));
+    let second = Tierd::spawn_with(&world, &named("second"), extra);
+    second.wait_partitions(1, Duration::from_secs(60));
+    first.wait_partitions(1, Duration::from_secs(60));
+    let ends = world.produce_json(&[
+        purchase("a0", &a, "100", "2026-11-01T10:00:00Z"),
+        purchase("b0", &b, "100", "2026-11-01T10:00:00Z"),
+    ]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    let (owner, taker, taker_id) = if applied_on(&first, 1) > 0.0 {
+        (first, second, "second")
+    } else {
+        (second, first, "first")
+    };
+
+    // The taker's next offset commit goes unanswered; then partition 1's owner dies.
+    proxy.hold_commits();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.commits_held(taker_id) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no offset commit of the taker held back:\n{}",
+            taker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    owner.signal("-KILL");
+    let more = world.produce_json(&[
+        purchase("b1", &b, "100", "2026-11-02T10:00:00Z"),
+        purchase("b2", &b, "100", "2026-11-03T10:00:00Z"),
+    ]);
+
+    // Claimed, refused its seek past the deadline: stopped, visibly, with the reason.
+    let body = wait_stopped(&taker, 1.0);
+    assert!(
+        body.contains(
+            "partition 1: assigned but not processed: seeking to the offset stored in Redis failed"
+        ) && body.contains("Erroneous state"),
+        "not stopped by the deadline on librdkafka's `__STATE` refusal: {body}"
+    );
+    assert_eq!(
+        world.partition_meta(1).1,
+        1,
+        "nothing of partition 1 applied while its seek is refused"
+    );
+    assert!(
+        taker.log_text().contains("Seek deferred"),
+        "the seek was not deferred:\n{}",
+        taker.log_text()
+    );
+
+    // The commit answered: claimed again, sought, processed from the stored offset.
+    proxy.release();
+    world.wait_applied_by(&taker, &more, Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while taker.metric("tierd_partitions_stopped") > 0.0 || taker.get("/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "partition 1 still shown stopped: {:?}",
+            taker.get("/readyz")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        world.customer_state(&b).unwrap().count,
+        3,
+        "b0, b1, b2 once each"
+    );
+    assert_eq!(world.customer_state(&a).unwrap().count, 1);
+    assert_eq!(
+        taker.metric_labeled("tierd_events_deduplicated_total", "partition=\"1\""),
+        0.0,
+        "partition 1 read again from before the stored offset"
+    );
+    drop(owner);
+}
+
 /// Waits until the group's committed offsets of the input's partitions equal `want`
 /// (partition order).
 fn wait_committed(world: &World, want: &[i64]) {

@@ -57,6 +57,9 @@ pub(super) fn default_min_occurred_at() -> String {
 pub(super) const fn default_stall_alarm_s() -> u64 {
     90
 }
+pub(super) const fn default_seek_deadline_s() -> u64 {
+    60
+}
 pub(super) const fn default_commit_interval_ms() -> u64 {
     5000
 }

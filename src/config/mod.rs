@@ -195,6 +195,16 @@ pub struct IngestConfig {
     /// timeout plus a rebalance, so a normal takeover never raises it. Seconds. Default 90.
     #[serde(default = "default_stall_alarm_s")]
     pub stall_alarm_s: u64,
+    /// How long a newly claimed partition waits for librdkafka to accept the seek to the
+    /// offset stored in Redis (counted from the first try, after the assignment) before it is
+    /// stopped (`/readyz`, `tierd_partitions_stopped`) and claimed again 3 s later, instead
+    /// of staying paused while shown as processed. librdkafka refuses the seek while it defers
+    /// the partition's fetch start (an offset commit in flight at a slow group coordinator,
+    /// partitions still stopping). An unanswered commit ends at the consumer's
+    /// `socket.timeout.ms` (60 s by default): only a deadline below it stops the partition
+    /// for that cause. Seconds, 5..=3600. Default 60.
+    #[serde(default = "default_seek_deadline_s")]
+    pub seek_deadline_s: u64,
 }
 
 /// The one currency of this deployment: sums across currencies are not meaningful without
@@ -419,6 +429,7 @@ mod tests {
         let cfg = from("").unwrap();
         assert_eq!(cfg.api.listen, "127.0.0.1:8080");
         assert_eq!(cfg.dedup.horizon_s, 604_800);
+        assert_eq!(cfg.ingest.seek_deadline_s, 60);
         assert_eq!(cfg.max_amount_minor(), 100_000_000_000);
     }
 
@@ -432,6 +443,8 @@ mod tests {
         );
         assert!(msg("[kafka]\nbrokr = \"x\"").contains("brokr"));
         assert!(msg("[ingest]\nbatch_max_events = 0").contains("`ingest.batch_max_events`"));
+        assert!(msg("[ingest]\nseek_deadline_s = 4").contains("`ingest.seek_deadline_s`"));
+        assert!(msg("[ingest]\nseek_deadline_s = 3601").contains("`ingest.seek_deadline_s`"));
         assert!(msg("[money]\ncurrency = \"euro\"").contains("`money.currency`"));
         assert!(msg("[api]\nlisten = \"localhost\"").contains("`api.listen`"));
         assert!(msg("[kafka.consumer]\n\"group.id\" = \"x\"").contains("`kafka.consumer`"));

@@ -127,6 +127,9 @@ impl Config {
         if !(5..=86_400).contains(&i.stall_alarm_s) {
             return bad("ingest.stall_alarm_s", "must be 5..=86400");
         }
+        if !(5..=3600).contains(&i.seek_deadline_s) {
+            return bad("ingest.seek_deadline_s", "must be 5..=3600");
+        }
         if i.cache_customers_per_partition == 0 {
             return bad("ingest.cache_customers_per_partition", "must be at least 1");
         }

@@ -107,8 +107,9 @@ struct Seek {
     /// The leader epoch of the record before `offset`, if known: the seek then validates the
     /// start with the leader ([`add_position`]).
     leader_epoch: Option<i32>,
-    /// When the seek was first asked for.
-    since: Instant,
+    /// When the seek was first tried: after the assignment, since a rebalance's claims (up to
+    /// the rebalance callback's patience) come before it, so they do not use up the deadline.
+    since: Option<Instant>,
     /// Whether librdkafka refused it yet because the fetch had not started (logged once).
     deferred: bool,
 }
@@ -150,6 +151,10 @@ pub struct IngestContext {
     commits_in_flight: AtomicUsize,
     /// When the latest commit was sent (see [`COMMIT_ANSWER_DEADLINE`]).
     commit_sent: Mutex<Option<Instant>>,
+    /// How long a partition waits for librdkafka to accept the seek to its claimed start
+    /// before it is stopped (visibly: `/readyz`) instead of staying paused while shown as
+    /// processed (`ingest.seek_deadline_s`).
+    seek_deadline: Duration,
 }
 
 /// librdkafka answers every offset commit within the session and socket timeouts; one still
@@ -170,10 +175,6 @@ const RECLAIM_DELAY: Duration = Duration::from_secs(3);
 const FENCES_PER_WINDOW: usize = 3;
 const FENCE_WINDOW: Duration = Duration::from_secs(60);
 
-/// How long a partition waits for librdkafka to accept the seek to its claimed start before
-/// it is stopped (visibly: `/readyz`) instead of staying paused while shown as processed.
-const SEEK_DEADLINE: Duration = Duration::from_secs(60);
-
 /// How long one seek call waits for librdkafka's answer (the consumer thread waits with it).
 const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -181,11 +182,13 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
 const SEEK_RETRY: Duration = Duration::from_millis(100);
 
 impl IngestContext {
-    /// A context for `topic` over a supervisor.
+    /// A context for `topic` over a supervisor; a claimed partition whose seek librdkafka
+    /// has not accepted within `seek_deadline` is stopped.
     pub fn new(
         topic: String,
         supervisor: Supervisor,
         batching: Batching,
+        seek_deadline: Duration,
         shutdown: Arc<AtomicBool>,
     ) -> Self {
         Self {
@@ -202,6 +205,7 @@ impl IngestContext {
             seeks: Mutex::new(HashMap::new()),
             commits_in_flight: AtomicUsize::new(0),
             commit_sent: Mutex::new(None),
+            seek_deadline,
         }
     }
 
@@ -265,7 +269,7 @@ impl IngestContext {
             Seek {
                 offset,
                 leader_epoch,
-                since: Instant::now(),
+                since: None,
                 deferred: false,
             },
         );
@@ -283,16 +287,24 @@ impl IngestContext {
     /// Seeks every held partition to its start and resumes those librdkafka accepted. A seek
     /// refused because the partition's fetch has not started yet (`__STATE`), is still
     /// stopping (`__PREV_IN_PROGRESS`) or did not answer in time is tried again on the next
-    /// call; any other error, or no acceptance within [`SEEK_DEADLINE`], stops the partition
+    /// call; any other error, or no acceptance within `seek_deadline`, stops the partition
     /// (and claims it again after [`RECLAIM_DELAY`] if the group still assigns it here).
     fn seek_due(&self, consumer: &BaseConsumer<Self>) {
+        let now = Instant::now();
         let due: Vec<(i32, Seek)> = self
             .seeks
             .lock()
             .expect("seeks lock")
-            .iter()
-            .map(|(&p, &s)| (p, s))
+            .iter_mut()
+            .map(|(&p, s)| {
+                s.since.get_or_insert(now);
+                (p, *s)
+            })
             .collect();
+        let overdue = |seek: &Seek| {
+            seek.since
+                .is_some_and(|t| t.elapsed() >= self.seek_deadline)
+        };
         if due.is_empty() {
             return;
         }
@@ -316,7 +328,7 @@ impl IngestContext {
                 // partition): the deadline still applies to each.
                 warn!(%error, "Seeking to the claimed start offsets failed; trying again.");
                 for (partition, seek) in &due {
-                    if seek.since.elapsed() >= SEEK_DEADLINE {
+                    if overdue(seek) {
                         self.stop_unsought(consumer, *partition, &error.to_string());
                     }
                 }
@@ -335,10 +347,7 @@ impl IngestContext {
                     RDKafkaErrorCode::State
                     | RDKafkaErrorCode::PreviousInProgress
                     | RDKafkaErrorCode::OperationTimedOut,
-                )) if due
-                    .iter()
-                    .any(|(p, s)| *p == partition && s.since.elapsed() < SEEK_DEADLINE) =>
-                {
+                )) if due.iter().any(|(p, s)| *p == partition && !overdue(s)) => {
                     if let Some(seek) = self
                         .seeks
                         .lock()

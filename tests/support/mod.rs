@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod exact;
+pub mod kafka_proxy;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -714,11 +715,17 @@ impl Broker {
     /// `{port}` and `{controller_port}` stand for the node's PLAINTEXT and CONTROLLER ports)
     /// and extra `StorageTool format` arguments (e.g. SCRAM credentials).
     pub fn start_with(props: &str, format_args: &[String]) -> Self {
+        Self::start_on_port(free_port(), props, format_args)
+    }
+
+    /// [`Broker::start_with`] on a PLAINTEXT port chosen by the caller (e.g. one a proxy in
+    /// front of it forwards to).
+    pub fn start_on_port(port: u16, props: &str, format_args: &[String]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("tierd-kafka")
             .tempdir()
             .unwrap();
-        let (port, controller_port) = (free_port(), free_port());
+        let controller_port = free_port();
         let mut args: Vec<String> = vec!["--heap".into(), "384m".into()];
         if !props.is_empty() {
             let file = dir.path().join("extra.properties");
