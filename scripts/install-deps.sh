@@ -3,7 +3,8 @@
 # only once:
 #   - Debian packages: redis-server (tests start their own), the -dev packages librdkafka's
 #     ssl and zstd features build against, openssl (test certificates), Java 17 and Maven,
-#     gdb (a failing test dumps the threads of a tierd still running, for the post-mortem);
+#     gdb (a failing test dumps the threads of a tierd still running, for the post-mortem),
+#     prometheus for its promtool (tests check tierd's metrics and the alert rules with it);
 #   - Apache Kafka (pinned in scripts/kafka/version.sh): the broker jars and their
 #     dependencies from Maven Central into ~/.cache/tierd/kafka-VERSION/libs (KAFKA_CACHE_DIR
 #     moves the cache); nothing is built;
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
 need=()
+need_alone=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # Apache Kafka 4 needs Java 17 or newer.
@@ -27,11 +29,19 @@ command -v gdb >/dev/null 2>&1 || need+=(gdb)
 for p in libssl-dev libzstd-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
-if [ ${#need[@]} -gt 0 ]; then
-  echo "==> Installing Debian packages: ${need[*]}"
+# promtool alone: the package's recommended exporters are not needed.
+command -v promtool >/dev/null 2>&1 || need_alone+=(prometheus)
+if [ ${#need[@]} -gt 0 ] || [ ${#need_alone[@]} -gt 0 ]; then
+  echo "==> Installing Debian packages: ${need[*]} ${need_alone[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  if [ ${#need[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+  if [ ${#need_alone[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_alone[@]}" >/dev/null
+  fi
 fi
+promtool --version 2>&1 | head -1
 redis-server --version
 
 LIBS="$KAFKA_HOME_DEFAULT/libs"

@@ -163,6 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let telemetry = Telemetry::new();
+    telemetry.show_build(rules.version());
     let pipeline = Arc::new(Pipeline::new(
         &config,
         Arc::clone(&rules),

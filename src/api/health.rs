@@ -78,8 +78,42 @@ pub(super) async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
         .into_response()
 }
 
-/// The Prometheus text exposition.
+/// The Prometheus text exposition, with what this instance's owned partitions hold in Redis
+/// read now (customers per tier, pending timers; the rank cut-offs' time under rank-based
+/// rules), each read within `api.redis_timeout_ms` (left out when Redis does not answer).
 pub(super) async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
+    let owned: Vec<i32> = s
+        .ownership
+        .read()
+        .expect("ownership lock")
+        .keys()
+        .copied()
+        .collect();
+    let mut conn = s.redis.clone();
+    let ranks = s.rules.uses_ranks();
+    // Both reads within one `api.redis_timeout_ms`.
+    let read = s
+        .within(async {
+            let gauges = views::partition_gauges(&mut conn, &s.keyspace, &owned).await?;
+            let cutoffs = if ranks {
+                views::cutoffs(&mut conn, &s.keyspace).await?
+            } else {
+                None
+            };
+            Ok::<_, redis::RedisError>((gauges, cutoffs))
+        })
+        .await
+        .ok();
+    let tiers: Vec<&str> = s.rules.tiers().iter().map(|t| t.name.as_str()).collect();
+    s.telemetry
+        .show_partitions(read.as_ref().map(|(g, _)| g.as_slice()), &tiers);
+    if let Some((_, Some(cutoffs))) = &read {
+        #[allow(clippy::cast_precision_loss)] // Unix ms: far below 2^53
+        s.telemetry
+            .cutoffs_computed
+            .with_label_values(&[] as &[&str])
+            .set(cutoffs.computed_at as f64 / 1000.0);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.telemetry.render(),

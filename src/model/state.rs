@@ -290,6 +290,17 @@ pub enum TimeCause {
 }
 
 impl TimeCause {
+    /// Every cause (each has a `tierd_timers_fired_total` series from the start).
+    pub const ALL: [Self; 7] = [
+        Self::Recency,
+        Self::WindowExpiry,
+        Self::ValidityExpired,
+        Self::GraceEnded,
+        Self::MinStayEnded,
+        Self::ManualExpired,
+        Self::AtRisk,
+    ];
+
     /// The name used in metrics and events (as serialized).
     pub fn as_str(self) -> &'static str {
         match self {

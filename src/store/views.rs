@@ -6,6 +6,7 @@ use super::keys::{Keyspace, PartitionKeys};
 use crate::engine::rules::rank::Cutoffs;
 use crate::engine::rules::Rules;
 use crate::model::CustomerState;
+use crate::telemetry::PartitionGauges;
 use redis::aio::ConnectionLike;
 use std::collections::HashMap;
 
@@ -170,6 +171,42 @@ pub async fn tier_sizes<C: ConnectionLike>(
         }
     }
     Ok(sizes)
+}
+
+/// Customers per tier and pending timers of each of `partitions` (for `/metrics`), in one
+/// pipeline.
+///
+/// # Errors
+/// Redis errors.
+pub async fn partition_gauges<C: ConnectionLike>(
+    conn: &mut C,
+    keyspace: &Keyspace,
+    partitions: &[i32],
+) -> Result<Vec<PartitionGauges>, redis::RedisError> {
+    if partitions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    let keys: Vec<PartitionKeys> = partitions.iter().map(|&p| keyspace.partition(p)).collect();
+    for k in &keys {
+        pipe.hgetall(&k.tier_counts);
+    }
+    for k in &keys {
+        pipe.zcard(&k.timers);
+    }
+    let read: Vec<redis::Value> = pipe.query_async(conn).await?;
+    let (tiers, timers) = read.split_at(partitions.len().min(read.len()));
+    partitions
+        .iter()
+        .zip(tiers.iter().zip(timers))
+        .map(|(&partition, (tiers, timers))| {
+            Ok(PartitionGauges {
+                partition,
+                tiers: redis::from_redis_value(tiers)?,
+                timers: redis::from_redis_value(timers)?,
+            })
+        })
+        .collect()
 }
 
 /// How many partitions have stored state (numbered from 0: meta keys are probed in chunks

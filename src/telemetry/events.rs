@@ -65,6 +65,20 @@ pub enum StopCause {
     Corrupt,
 }
 
+impl StopCause {
+    /// Every cause, for the metric's series.
+    pub const ALL: [Self; 3] = [Self::Fenced, Self::Diverged, Self::Corrupt];
+
+    /// The `cause` label of `tierd_partition_stops_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fenced => "fenced",
+            Self::Diverged => "diverged",
+            Self::Corrupt => "corrupt",
+        }
+    }
+}
+
 /// A partition's runner stopped on an error.
 pub struct PartitionStopped<'a> {
     /// The partition.
@@ -79,6 +93,9 @@ impl PartitionStopped<'_> {
     /// Logs and counts it.
     pub fn emit(self, t: &Telemetry) {
         let (partition, error) = (self.partition, self.error);
+        t.partition_stops
+            .with_label_values(&[self.cause.as_str()])
+            .inc();
         match self.cause {
             StopCause::Fenced => {
                 t.apply_fenced.inc();

@@ -4,9 +4,10 @@
 pub mod events;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::collections::HashMap;
 
 /// All of tierd's metrics. Labels come from small fixed sets: partition, reason, tier names.
 #[derive(Debug, Clone)]
@@ -86,6 +87,37 @@ pub struct Telemetry {
     pub sequence_floors_raised: IntCounter,
     /// Time to compute rank cut-offs (partition 0's owner).
     pub rank_recompute_seconds: Histogram,
+    /// 1, labelled with tierd's version and the rules version it runs.
+    pub build_info: IntGaugeVec,
+    /// Time to answer an HTTP request, by route (the matched pattern) and status code.
+    pub http_request_seconds: HistogramVec,
+    /// Customers per tier in each owned partition (read from Redis at each scrape: the
+    /// pyramid is the sum over partitions, and so over instances).
+    pub tier_customers: IntGaugeVec,
+    /// Customers of each owned partition with a pending time-driven evaluation (read from
+    /// Redis at each scrape).
+    pub timers_pending: IntGaugeVec,
+    /// When the rank cut-offs in force were computed, Unix seconds (read from Redis at each
+    /// scrape, under rank-based rules only: no series otherwise, nor before the first
+    /// computation).
+    pub cutoffs_computed: GaugeVec,
+    /// Partitions that stopped processing while assigned, by cause (`fenced`: another owner
+    /// claimed it; `diverged`: Redis holds another offset than this owner committed, e.g. it
+    /// lost writes; `corrupt`: a stored state cannot be read).
+    pub partition_stops: IntCounterVec,
+    /// Every metric name registered, for checks that dashboards and alerts only use real ones.
+    names: Vec<String>,
+}
+
+/// What an instance reads from Redis for `/metrics` about one owned partition.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionGauges {
+    /// The partition.
+    pub partition: i32,
+    /// Customers per tier name.
+    pub tiers: HashMap<String, i64>,
+    /// Members of the partition's timer index.
+    pub timers: i64,
 }
 
 impl Default for Telemetry {
@@ -101,25 +133,26 @@ impl Telemetry {
     /// Never in practice: metric names are static and registered once per registry.
     pub fn new() -> Self {
         let registry = Registry::new();
+        let names = std::cell::RefCell::new(Vec::<String>::new());
+        let register = |c: Box<dyn prometheus::core::Collector>| {
+            names
+                .borrow_mut()
+                .extend(c.desc().iter().map(|d| d.fq_name.clone()));
+            registry.register(c).expect("unique metric");
+        };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            register(Box::new(c.clone()));
             c
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
+            register(Box::new(c.clone()));
             c
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
+            register(Box::new(g.clone()));
             g
         };
         let batch_apply_seconds = Histogram::with_opts(
@@ -132,9 +165,7 @@ impl Telemetry {
             ]),
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(batch_apply_seconds.clone()))
-            .expect("unique metric");
+        register(Box::new(batch_apply_seconds.clone()));
         let batch_events = Histogram::with_opts(
             HistogramOpts::new(
                 "tierd_batch_events",
@@ -143,18 +174,19 @@ impl Telemetry {
             .buckets(vec![1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 5000.0]),
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(batch_events.clone()))
-            .expect("unique metric");
+        register(Box::new(batch_events.clone()));
         let partitions_assigned = IntGauge::new(
             "tierd_partitions_assigned",
             "Input partitions owned by this instance.",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(partitions_assigned.clone()))
-            .expect("unique metric");
+        register(Box::new(partitions_assigned.clone()));
 
+        // Process CPU, memory, open file descriptors and threads (`process_*`).
+        #[cfg(target_os = "linux")]
+        register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
         let t = Self {
             events_consumed: counter_vec(
                 "tierd_events_consumed_total",
@@ -253,9 +285,7 @@ impl Telemetry {
                     "Input partitions assigned to this instance but not processed (fenced or failed; see /readyz).",
                 )
                 .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
+                register(Box::new(g.clone()));
                 g
             },
             input_partitions_stalled: {
@@ -264,9 +294,7 @@ impl Telemetry {
                     "Input partitions with records to apply whose stored offset has not moved for ingest.stall_alarm_s (owned by any member of the group, or by none).",
                 )
                 .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
+                register(Box::new(g.clone()));
                 g
             },
             kafka_commits_in_flight: {
@@ -275,9 +303,7 @@ impl Telemetry {
                     "Offset commits to Kafka (for lag dashboards) not answered yet.",
                 )
                 .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
+                register(Box::new(g.clone()));
                 g
             },
             offset_gaps: counter(
@@ -315,9 +341,7 @@ impl Telemetry {
                     "Time to compute the rank cut-offs over all partitions.",
                 ))
                 .expect("valid metric");
-                registry
-                    .register(Box::new(h.clone()))
-                    .expect("unique metric");
+                register(Box::new(h.clone()));
                 h
             },
             rules_sweep_done: {
@@ -326,17 +350,110 @@ impl Telemetry {
                     "Owned partitions whose rules-version sweep is complete.",
                 )
                 .expect("valid metric");
-                registry
-                    .register(Box::new(g.clone()))
-                    .expect("unique metric");
+                register(Box::new(g.clone()));
                 g
             },
+            build_info: gauge_vec(
+                "tierd_build_info",
+                "1, labelled with tierd's version and the rules version it runs.",
+                &["version", "rules_version"],
+            ),
+            http_request_seconds: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "tierd_http_request_duration_seconds",
+                        "Time to answer an HTTP request, by route pattern and status code.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    ]),
+                    &["route", "code"],
+                )
+                .expect("valid metric");
+                register(Box::new(h.clone()));
+                h
+            },
+            tier_customers: gauge_vec(
+                "tierd_tier_customers",
+                "Customers per tier in each partition this instance owns (read from Redis at each scrape; sum over partitions for the pyramid).",
+                &["partition", "tier"],
+            ),
+            timers_pending: gauge_vec(
+                "tierd_timers_pending",
+                "Customers of each owned partition with a pending time-driven evaluation (read from Redis at each scrape).",
+                &["partition"],
+            ),
+            cutoffs_computed: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "tierd_rank_cutoffs_computed_timestamp_seconds",
+                        "When the rank cut-offs in force were computed, Unix seconds (rank-based rules only; read from Redis at each scrape).",
+                    ),
+                    &[],
+                )
+                .expect("valid metric");
+                register(Box::new(g.clone()));
+                g
+            },
+            partition_stops: counter_vec(
+                "tierd_partition_stops_total",
+                "Partitions that stopped processing while assigned, by cause (fenced, diverged, corrupt).",
+                &["cause"],
+            ),
+            names: Vec::new(),
             registry,
         };
+        let mut t = t;
+        t.names = names.take();
         for reason in crate::ingest::decode::Reason::ALL {
             t.events_dead_lettered.with_label_values(&[reason.as_str()]);
         }
+        for cause in events::StopCause::ALL {
+            t.partition_stops.with_label_values(&[cause.as_str()]);
+        }
+        for cause in crate::model::state::TimeCause::ALL {
+            t.timers_fired.with_label_values(&[cause.as_str()]);
+        }
+        // Records the outbox holds, as labelled by the publisher.
+        for kind in ["change", "dead_letter", "at_risk"] {
+            t.outbox_published.with_label_values(&[kind]);
+            t.publish_refused.with_label_values(&[kind]);
+        }
         t
+    }
+
+    /// Every metric name registered (histograms without their `_bucket`/`_sum`/`_count`).
+    pub fn metric_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Sets `tierd_build_info` for the rules version `rules_version`.
+    pub fn show_build(&self, rules_version: &str) {
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), rules_version])
+            .set(1);
+    }
+
+    /// Shows what was read from Redis for this scrape about the owned partitions: customers
+    /// per tier (every tier of `tiers` has a series, 0 if empty) and pending timers. `None`
+    /// (Redis did not answer): no series, rather than stale figures, and partitions no longer
+    /// owned drop out either way.
+    pub fn show_partitions(&self, read: Option<&[PartitionGauges]>, tiers: &[&str]) {
+        self.tier_customers.reset();
+        self.timers_pending.reset();
+        for p in read.unwrap_or_default() {
+            let partition = p.partition.to_string();
+            for tier in tiers {
+                let n = p.tiers.get(*tier).copied().unwrap_or(0);
+                self.tier_customers
+                    .with_label_values(&[partition.as_str(), tier])
+                    .set(n);
+            }
+            self.timers_pending
+                .with_label_values(&[partition.as_str()])
+                .set(p.timers);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,0 +1,421 @@
+//! What an operator's tools read from tierd, checked by those tools (issue 14): the metrics a
+//! running tierd exposes pass `promtool check metrics` and show what dashboards need, and the
+//! alert rules in `deploy/prometheus/` pass `promtool check rules` and their unit tests
+//! (`promtool test rules`), every alert tested firing, on metrics tierd really registers.
+
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{purchase, Tierd, World};
+
+const ALERTS: &str = "deploy/prometheus/alerts.yml";
+const ALERT_TESTS: &str = "deploy/prometheus/alerts.test.yml";
+
+/// Runs `promtool args…` (with `stdin` on its input); returns (success, stdout + stderr).
+fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (Debian package prometheus; bash scripts/install-deps.sh installs it)");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
+}
+
+/// The alert rules are valid, each fires in its unit tests (with the labels and annotations an
+/// operator reads), and they use only metrics tierd registers: an alert on a misspelled or
+/// removed metric would never fire, and no tool would say so.
+#[test]
+fn alert_rules_pass_promtool_and_each_fires_in_its_unit_tests_on_real_metrics() {
+    let (ok, out) = promtool(&["check", "rules", ALERTS], None);
+    assert!(ok, "promtool check rules:\n{out}");
+    let (ok, out) = promtool(&["test", "rules", ALERT_TESTS], None);
+    assert!(ok, "promtool test rules:\n{out}");
+
+    let rules = read(ALERTS);
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 10, "{alerts:?}");
+    // Alerts some test expects firing: an `exp_labels` under its `alertname`.
+    let mut fired = BTreeSet::new();
+    let mut current = "";
+    for line in read(ALERT_TESTS).lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("alertname: ") {
+            current = name;
+        } else if line.starts_with("- exp_labels:") {
+            fired.insert(current.to_owned());
+        }
+    }
+    for alert in &alerts {
+        assert!(
+            fired.contains(*alert),
+            "{alert} has no unit test in which it fires"
+        );
+    }
+
+    let registered = tierd::telemetry::Telemetry::new();
+    let known: BTreeSet<&str> = registered
+        .metric_names()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let used: BTreeSet<String> = rules
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|w| w.starts_with("tierd_"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!used.is_empty());
+    for metric in &used {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| metric.strip_suffix(s))
+            .filter(|b| known.contains(b))
+            .unwrap_or(metric);
+        assert!(
+            known.contains(base),
+            "{ALERTS} uses {metric}, which tierd does not register"
+        );
+    }
+}
+
+/// `/metrics` of a tierd that applied purchases and answered lookups passes `promtool check
+/// metrics` (exposition format and Prometheus naming conventions), and has what dashboards
+/// need: the build, the process (CPU, memory, open files), HTTP request times by route and
+/// status, the pyramid (customers per tier, summing to the customers stored) and the pending
+/// timers of the partitions it owns.
+#[test]
+fn metrics_pass_promtool_and_show_build_process_http_pyramid_and_timers() {
+    let mut world = World::start(2);
+    // Spend over a yearly window: a customer above the base tier has a timer for when the
+    // purchase leaves the window.
+    world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/b2b.toml");
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let customers = world.customer_per_partition();
+    let at = "2026-11-01T10:00:00Z";
+    let events = vec![
+        purchase("e1", &customers[0], "300000", at),
+        purchase("e2", &customers[1], "100", at),
+        purchase("e3", "m-small", "50", at),
+    ];
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    assert_eq!(tierd.get(&format!("/v1/customers/{}", customers[0])).0, 200);
+    assert_eq!(tierd.get("/v1/customers/nobody").0, 404);
+    assert_eq!(tierd.get("/v1/tiers").0, 200);
+    assert_eq!(tierd.get("/no/such/route").0, 404);
+
+    let (status, text) = tierd.get("/metrics");
+    assert_eq!(status, 200);
+    let (ok, out) = promtool(&["check", "metrics"], Some(&text));
+    assert!(
+        ok && out.trim().is_empty(),
+        "promtool check metrics:\n{out}"
+    );
+
+    let series = |name: &str| -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| {
+                let (labels, value) = l.rsplit_once(' ')?;
+                Some((labels.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    };
+    let build = series("tierd_build_info");
+    assert_eq!(build.len(), 1, "{build:?}");
+    assert!(
+        build[0]
+            .0
+            .contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && build[0].0.contains("rules_version=\"b2b-")
+            && build[0].1 == 1.0,
+        "{build:?}"
+    );
+    // The crate counts CPU in whole seconds: present, maybe 0 this early.
+    assert_eq!(series("process_cpu_seconds_total").len(), 1);
+    for process in [
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            series(process).first().is_some_and(|(_, v)| *v > 0.0),
+            "{process} missing or 0"
+        );
+    }
+    let http = series("tierd_http_request_duration_seconds_count");
+    let count = |route: &str, code: &str| -> f64 {
+        http.iter()
+            .filter(|(l, _)| {
+                l.contains(&format!("route=\"{route}\"")) && l.contains(&format!("code=\"{code}\""))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert_eq!(count("/v1/customers/{customer_id}", "200"), 1.0, "{http:?}");
+    assert_eq!(count("/v1/customers/{customer_id}", "404"), 1.0, "{http:?}");
+    assert_eq!(count("/v1/tiers", "200"), 1.0, "{http:?}");
+    assert_eq!(count("unmatched", "404"), 1.0, "{http:?}");
+
+    // The pyramid: every tier of the rules has a series per owned partition, and they sum to
+    // the customers stored, tier by tier (as `/v1/tiers` counts them).
+    let tiers: serde_json::Value = serde_json::from_str(&tierd.get("/v1/tiers").1).unwrap();
+    let mut want: HashMap<String, f64> = HashMap::new();
+    for t in tiers["tiers"].as_array().unwrap() {
+        want.insert(
+            t["name"].as_str().unwrap().to_owned(),
+            t["customers"].as_f64().unwrap(),
+        );
+    }
+    let pyramid = series("tierd_tier_customers");
+    assert_eq!(pyramid.len(), 2 * want.len(), "{pyramid:?}");
+    let mut got: HashMap<String, f64> = HashMap::new();
+    for (labels, n) in &pyramid {
+        let tier = labels
+            .split("tier=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        *got.entry(tier.to_owned()).or_default() += n;
+    }
+    assert_eq!(got, want);
+    assert_eq!(got.values().sum::<f64>(), 3.0, "{got:?}");
+
+    let timers: f64 = series("tierd_timers_pending").iter().map(|(_, v)| v).sum();
+    let stored: i64 = (0..2)
+        .map(|p| {
+            redis::cmd("ZCARD")
+                .arg(world.keys(p).timers)
+                .query::<i64>(&mut world.redis.conn())
+                .unwrap()
+        })
+        .sum();
+    assert!(stored > 0, "the customer above the base tier has a timer");
+    assert_eq!(timers, stored as f64);
+}
+
+/// A Prometheus server (the Debian package's binary) scraping `target` every second, with
+/// the alert rules loaded; killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: tierd\n    static_configs:\n      - targets: ['{target}']\n",
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(ALERTS).display()
+            ),
+        )
+        .unwrap();
+        let port = support::free_port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus must be installed (Debian package prometheus; bash scripts/install-deps.sh installs it)");
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `GET /api/v1/<path>` with `params`; the JSON answer (`Null` while not answering).
+    fn api(&self, path: &str, params: &[(&str, &str)]) -> serde_json::Value {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let answer = reqwest::Client::new()
+                .get(format!("{}/api/v1/{path}", self.url))
+                .query(params)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await;
+            match answer {
+                Ok(r) => r.json().await.unwrap_or(serde_json::Value::Null),
+                Err(_) => serde_json::Value::Null,
+            }
+        })
+    }
+
+    /// The series an instant query returns (`None`: Prometheus refused the query).
+    fn query(&self, expr: &str) -> Option<Vec<serde_json::Value>> {
+        let answer = self.api("query", &[("query", expr)]);
+        (answer["status"] == "success").then(|| {
+            answer["data"]["result"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Grafana dashboard (`deploy/grafana/tierd.json`) shows data: a real Prometheus scrapes
+/// a tierd ingesting purchases under the pyramid rules, and every query of every panel
+/// returns series. The dashboard's queries use only metrics tierd registers, and that
+/// Prometheus loads the alert rules and evaluates each without an error.
+#[test]
+fn every_dashboard_query_returns_data_from_a_real_prometheus_scraping_tierd_under_load() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/tierd.json")).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut ids = BTreeSet::new();
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap().to_owned();
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "{title}: id reused"
+        );
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        for t in targets {
+            queries.push((title.clone(), t["expr"].as_str().unwrap().to_owned()));
+        }
+    }
+    let registered = tierd::telemetry::Telemetry::new();
+    for (title, expr) in &queries {
+        for metric in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("tierd_"))
+        {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| metric.strip_suffix(s))
+                .unwrap_or(metric);
+            assert!(
+                registered.metric_names().iter().any(|n| n == base),
+                "panel {title:?} queries {metric}, which tierd does not register"
+            );
+        }
+    }
+
+    let mut world = World::start(2);
+    world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    let tierd = Tierd::spawn(
+        &world,
+        "[ranks]\nrecompute_interval_ms = 500\ncheck_interval_ms = 100\n",
+    );
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let prometheus = Prometheus::start(tierd.api.trim_start_matches("http://"));
+
+    // Purchases of 60 customers (and one message tierd refuses) every 300 ms while the
+    // queries are asked.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, producer) = (std::sync::Arc::clone(&stop), world.producer());
+        let input = world.input.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rt.block_on(async {
+                    for c in 0..60 {
+                        let event = purchase(
+                            &format!("r{round}-c{c}"),
+                            &format!("c{c}"),
+                            &((c * 37 + round * 11) % 5000 + 1).to_string(),
+                            "2026-11-01T10:00:00Z",
+                        )
+                        .to_string();
+                        let key = format!("c{c}");
+                        let record = rdkafka::producer::FutureRecord::to(&input)
+                            .key(&key)
+                            .payload(&event);
+                        let _ = producer.send(record, Duration::from_secs(5)).await;
+                    }
+                    let bad = rdkafka::producer::FutureRecord::to(&input)
+                        .key("c0")
+                        .payload("not json");
+                    let _ = producer.send(bad, Duration::from_secs(5)).await;
+                });
+                round += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut empty: Vec<&(String, String)> = queries.iter().collect();
+    while !empty.is_empty() && Instant::now() < deadline {
+        empty.retain(|(_, expr)| prometheus.query(expr).is_none_or(|r| r.is_empty()));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.join().unwrap();
+    assert!(
+        empty.is_empty(),
+        "dashboard queries without data after 90 s: {empty:#?}\nprometheus log:\n{}",
+        prometheus.log()
+    );
+
+    let rules = prometheus.api("rules", &[]);
+    let loaded: Vec<&serde_json::Value> = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
+    let alerts = read(ALERTS)
+        .lines()
+        .filter(|l| l.trim().starts_with("- alert: "))
+        .count();
+    assert_eq!(loaded.len(), alerts, "{rules}");
+    for rule in loaded {
+        assert_eq!(rule["health"], "ok", "{rule}");
+    }
+}
