@@ -29,8 +29,8 @@ command -v gdb >/dev/null 2>&1 || need+=(gdb)
 for p in libssl-dev libzstd-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
-# promtool alone: the package's recommended exporters are not needed.
-command -v promtool >/dev/null 2>&1 || need_alone+=(prometheus)
+# Prometheus and promtool alone: the package's recommended exporters are not needed.
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need_alone+=(prometheus)
 if [ ${#need[@]} -gt 0 ] || [ ${#need_alone[@]} -gt 0 ]; then
   echo "==> Installing Debian packages: ${need[*]} ${need_alone[*]}"
   $SUDO apt-get update -qq
@@ -38,7 +38,17 @@ if [ ${#need[@]} -gt 0 ] || [ ${#need_alone[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
   fi
   if [ ${#need_alone[@]} -gt 0 ]; then
+    # The prometheus package starts its service when installed; the tests start their own
+    # server. Where no policy forbids it, forbid starting services for this install only.
+    policy=/usr/sbin/policy-rc.d
+    own_policy=""
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+      $SUDO chmod +x "$policy"
+      own_policy=1
+    fi
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_alone[@]}" >/dev/null
+    if [ -n "$own_policy" ]; then $SUDO rm -f "$policy"; fi
   fi
 fi
 promtool --version 2>&1 | head -1

@@ -73,12 +73,6 @@ fn alert_rules_pass_promtool_and_each_fires_in_its_unit_tests_on_real_metrics() 
         );
     }
 
-    let registered = tierd::telemetry::Telemetry::new();
-    let known: BTreeSet<&str> = registered
-        .metric_names()
-        .iter()
-        .map(String::as_str)
-        .collect();
     let used: BTreeSet<String> = rules
         .lines()
         .filter(|l| !l.trim_start().starts_with('#'))
@@ -88,16 +82,23 @@ fn alert_rules_pass_promtool_and_each_fires_in_its_unit_tests_on_real_metrics() 
         .collect();
     assert!(!used.is_empty());
     for metric in &used {
-        let base = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| metric.strip_suffix(s))
-            .filter(|b| known.contains(b))
-            .unwrap_or(metric);
         assert!(
-            known.contains(base),
+            registered(metric),
             "{ALERTS} uses {metric}, which tierd does not register"
         );
     }
+}
+
+/// Whether tierd registers `metric`: one of its metric names, or a histogram's with its
+/// `_bucket`, `_sum` or `_count` suffix.
+fn registered(metric: &str) -> bool {
+    let telemetry = tierd::telemetry::Telemetry::new();
+    telemetry.metric_names().iter().any(|n| n == metric)
+        || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+            metric
+                .strip_suffix(suffix)
+                .is_some_and(|base| telemetry.histogram_names().iter().any(|h| h == base))
+        })
 }
 
 /// `/metrics` of a tierd that applied purchases and answered lookups passes `promtool check
@@ -111,7 +112,8 @@ fn metrics_pass_promtool_and_show_build_process_http_pyramid_and_timers() {
     // Spend over a yearly window: a customer above the base tier has a timer for when the
     // purchase leaves the window.
     world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/b2b.toml");
-    let tierd = Tierd::spawn(&world, "");
+    // Lookups may wait long for Redis; a scrape waits 2 s at most.
+    let tierd = Tierd::spawn(&world, "[api]\nredis_timeout_ms = 8000\n");
     tierd.wait_partitions(2, Duration::from_secs(60));
     let customers = world.customer_per_partition();
     let at = "2026-11-01T10:00:00Z";
@@ -158,6 +160,7 @@ fn metrics_pass_promtool_and_show_build_process_http_pyramid_and_timers() {
     // The crate counts CPU in whole seconds: present, maybe 0 this early.
     assert_eq!(series("process_cpu_seconds_total").len(), 1);
     for process in [
+        "process_threads",
         "process_resident_memory_bytes",
         "process_open_fds",
         "process_max_fds",
@@ -219,6 +222,28 @@ fn metrics_pass_promtool_and_show_build_process_http_pyramid_and_timers() {
         .sum();
     assert!(stored > 0, "the customer above the base tier has a timer");
     assert_eq!(timers, stored as f64);
+
+    // Redis frozen: the scrape still answers, within its 2 s wait for Redis (not the lookups'
+    // 8 s), without the series it reads there rather than with stale ones.
+    world.redis.pause();
+    let started = Instant::now();
+    let (status, frozen) = tierd.get("/metrics");
+    let took = started.elapsed();
+    world.redis.resume();
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(6), "a scrape took {took:?}");
+    assert!(frozen.contains("tierd_build_info{"), "{frozen}");
+    for read_from_redis in ["tierd_tier_customers{", "tierd_timers_pending{"] {
+        assert!(
+            !frozen.contains(read_from_redis),
+            "{read_from_redis} shown stale"
+        );
+    }
+    let (_, text) = tierd.get("/metrics");
+    assert!(
+        text.contains("tierd_tier_customers{"),
+        "back once Redis answers"
+    );
 }
 
 /// A Prometheus server (the Debian package's binary) scraping `target` every second, with
@@ -324,18 +349,13 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus_scraping_tierd_unde
             queries.push((title.clone(), t["expr"].as_str().unwrap().to_owned()));
         }
     }
-    let registered = tierd::telemetry::Telemetry::new();
     for (title, expr) in &queries {
         for metric in expr
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .filter(|w| w.starts_with("tierd_"))
         {
-            let base = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|s| metric.strip_suffix(s))
-                .unwrap_or(metric);
             assert!(
-                registered.metric_names().iter().any(|n| n == base),
+                registered(metric),
                 "panel {title:?} queries {metric}, which tierd does not register"
             );
         }
@@ -389,17 +409,56 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus_scraping_tierd_unde
         })
     };
 
+    // Every query returns series with finite values; those of what the load exercises, a
+    // value above zero (not just the zero series of a counter nothing increments).
+    let exercised = [
+        "tierd_tier_customers",
+        "tierd_tier_changes_total",
+        "tierd_events_consumed_total",
+        "tierd_events_applied_total",
+        "tierd_outbox_published_total",
+        "tierd_batch_apply_duration_seconds_bucket",
+        "tierd_events_dead_lettered_total",
+        "tierd_http_request_duration_seconds_bucket",
+        "tierd_partitions_assigned",
+        "tierd_rank_recompute_seconds_bucket",
+        "tierd_rank_cutoffs_computed_timestamp_seconds",
+        "process_resident_memory_bytes",
+    ];
+    let shows_data = |expr: &str| -> bool {
+        // Grafana's interval variable, as Grafana would fill it in for a 1 s scrape.
+        let expr = expr.replace("$__rate_interval", "1m");
+        let Some(series) = prometheus.query(&expr) else {
+            return false;
+        };
+        let values: Vec<f64> = series
+            .iter()
+            .filter_map(|s| s["value"][1].as_str()?.parse().ok())
+            .collect();
+        !values.is_empty()
+            && values.len() == series.len()
+            && values.iter().all(|v| v.is_finite())
+            && (!exercised.iter().any(|m| expr.contains(m)) || values.iter().any(|v| *v > 0.0))
+    };
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut empty: Vec<&(String, String)> = queries.iter().collect();
     while !empty.is_empty() && Instant::now() < deadline {
-        empty.retain(|(_, expr)| prometheus.query(expr).is_none_or(|r| r.is_empty()));
+        empty.retain(|(_, expr)| !shows_data(expr));
         std::thread::sleep(Duration::from_millis(500));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.join().unwrap();
     assert!(
         empty.is_empty(),
-        "dashboard queries without data after 90 s: {empty:#?}\nprometheus log:\n{}",
+        "dashboard queries without data after 90 s: {:#?}\nprometheus log:\n{}",
+        empty
+            .iter()
+            .map(|(title, expr)| (
+                title,
+                expr,
+                prometheus.query(&expr.replace("$__rate_interval", "1m"))
+            ))
+            .collect::<Vec<_>>(),
         prometheus.log()
     );
 

@@ -269,6 +269,10 @@ fn a_partition_that_stops_is_shown_by_readyz_and_a_metric() {
     }
     assert_eq!(tierd.metric("tierd_partitions_stopped"), 1.0);
     assert_eq!(tierd.metric("tierd_partitions_assigned"), 2.0);
+    assert_eq!(
+        tierd.metric_labeled("tierd_partition_stops_total", "cause=\"corrupt\""),
+        1.0
+    );
     // The other partition is still processed.
     let other = 1 - stopped;
     let customer = ["ann", "bob", "cat", "dan", "eve", "fay", "gus", "hal"]
@@ -335,6 +339,10 @@ fn a_stale_claim_cannot_stop_the_rightful_owner() {
         .log_text()
         .contains("Partition claimed again (after a fence"));
     assert_eq!(tierd.metric("tierd_apply_fenced_total"), 1.0);
+    assert_eq!(
+        tierd.metric_labeled("tierd_partition_stops_total", "cause=\"fenced\""),
+        1.0
+    );
     // Published once each, in order.
     let seqs: Vec<(String, u64)> = world
         .read_all(&world.output)

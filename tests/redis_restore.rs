@@ -78,6 +78,10 @@ fn a_redis_rollback_is_detected_and_replayed_exactly() {
         "the divergence was detected"
     );
     assert!(
+        tierd.metric_labeled("tierd_partition_stops_total", "cause=\"diverged\"") >= 1.0,
+        "the divergence was counted"
+    );
+    assert!(
         tierd.metric("tierd_partitions_assigned") >= 2.0,
         "the partitions were claimed again"
     );

@@ -78,9 +78,13 @@ pub(super) async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
         .into_response()
 }
 
+/// The longest a scrape waits for Redis (less if `api.redis_timeout_ms` is shorter).
+const METRICS_REDIS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The Prometheus text exposition, with what this instance's owned partitions hold in Redis
 /// read now (customers per tier, pending timers; the rank cut-offs' time under rank-based
-/// rules), each read within `api.redis_timeout_ms` (left out when Redis does not answer).
+/// rules), read within `api.redis_timeout_ms` (at most 2 s; left out when Redis does not
+/// answer in time).
 pub(super) async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
     let owned: Vec<i32> = s
         .ownership
@@ -91,28 +95,32 @@ pub(super) async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
         .collect();
     let mut conn = s.redis.clone();
     let ranks = s.rules.uses_ranks();
-    // Both reads within one `api.redis_timeout_ms`.
-    let read = s
-        .within(async {
-            let gauges = views::partition_gauges(&mut conn, &s.keyspace, &owned).await?;
-            let cutoffs = if ranks {
-                views::cutoffs(&mut conn, &s.keyspace).await?
-            } else {
-                None
-            };
-            Ok::<_, redis::RedisError>((gauges, cutoffs))
-        })
-        .await
-        .ok();
+    // Both reads within one `api.redis_timeout_ms`, at most 2 s: a scrape must not time out
+    // (Prometheus's default is 10 s) and lose every other metric while Redis is slow.
+    let read = tokio::time::timeout(s.redis_timeout.min(METRICS_REDIS_WAIT), async {
+        let gauges = views::partition_gauges(&mut conn, &s.keyspace, &owned).await?;
+        let cutoffs = if ranks {
+            views::cutoffs(&mut conn, &s.keyspace).await?
+        } else {
+            None
+        };
+        Ok::<_, redis::RedisError>((gauges, cutoffs))
+    })
+    .await
+    .ok()
+    .and_then(Result::ok);
     let tiers: Vec<&str> = s.rules.tiers().iter().map(|t| t.name.as_str()).collect();
     s.telemetry
         .show_partitions(read.as_ref().map(|(g, _)| g.as_slice()), &tiers);
-    if let Some((_, Some(cutoffs))) = &read {
-        #[allow(clippy::cast_precision_loss)] // Unix ms: far below 2^53
-        s.telemetry
-            .cutoffs_computed
-            .with_label_values(&[] as &[&str])
-            .set(cutoffs.computed_at as f64 / 1000.0);
+    match &read {
+        Some((_, Some(cutoffs))) => {
+            #[allow(clippy::cast_precision_loss)] // Unix ms: far below 2^53
+            s.telemetry
+                .cutoffs_computed
+                .with_label_values(&[] as &[&str])
+                .set(cutoffs.computed_at as f64 / 1000.0);
+        }
+        _ => s.telemetry.cutoffs_computed.reset(),
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -68,7 +68,7 @@ impl ApiState {
 /// The router. Handlers share the state behind one `Arc` (axum clones it per request).
 /// Every request's time is observed by route pattern and status code.
 pub fn router(state: ApiState) -> Router {
-    let telemetry = state.telemetry.clone();
+    let seconds = state.telemetry.http_request_seconds.clone();
     Router::new()
         .route("/v1/customers/{customer_id}", get(customers::get))
         .route("/v1/tiers", get(tiers::get))
@@ -77,7 +77,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(health::metrics))
         .with_state(Arc::new(state))
         .layer(axum::middleware::from_fn(move |request, next| {
-            timed(telemetry.clone(), request, next)
+            timed(seconds.clone(), request, next)
         }))
 }
 
@@ -85,7 +85,7 @@ pub fn router(state: ApiState) -> Router {
 /// labelled with the route pattern (not the path: one series per route, whatever the ids)
 /// or `unmatched`.
 async fn timed(
-    telemetry: Telemetry,
+    seconds: prometheus::HistogramVec,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -95,8 +95,7 @@ async fn timed(
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    telemetry
-        .http_request_seconds
+    seconds
         .with_label_values(&[route.as_str(), response.status().as_str()])
         .observe(started.elapsed().as_secs_f64());
     response

@@ -526,10 +526,16 @@ impl Runner {
             self.bound_outbox();
         }
         info!(partition = self.partition, "Partition runner finished.");
-        if self.sweep == SweepState::Done {
-            p.telemetry.rules_sweep_done.dec();
-        }
+        self.uncount_sweep();
         RunnerExit::Finished
+    }
+
+    /// A runner whose sweep is complete counts in `tierd_rules_sweep_partitions_done` (from
+    /// its start, or from the sweep's completion) until it ends, however it ends.
+    fn uncount_sweep(&self) {
+        if self.sweep == SweepState::Done {
+            self.pipeline.telemetry.rules_sweep_done.dec();
+        }
     }
 
     /// A partition that has not committed for [`VERIFY_EVERY`] checks that Redis still holds
@@ -742,6 +748,7 @@ impl Runner {
             error,
         }
         .emit(&self.pipeline.telemetry);
+        self.uncount_sweep();
         exit
     }
 

@@ -572,10 +572,12 @@ pub struct PartitionReleased<'a> {
 }
 
 impl PartitionReleased<'_> {
-    /// Logs it and drops the partition's lag and cache series.
+    /// Logs it and drops the partition's lag, cache and outbox-bound series (another
+    /// instance reports them now: a stale 1 would keep `TierdOutboxBlocked` firing).
     pub fn emit(self, t: &Telemetry) {
         let label = self.partition.to_string();
         let _ = t.consumer_lag.remove_label_values(&[&label]);
+        let _ = t.outbox_full.remove_label_values(&[&label]);
         let _ = t.state_cache_bytes.remove_label_values(&[&label]);
         let _ = t.state_cache_customers.remove_label_values(&[&label]);
         info!(partition = self.partition, exit = ?self.exit, "Partition released.");

@@ -427,6 +427,22 @@ impl Telemetry {
         &self.names
     }
 
+    /// The names of the histograms among them (the ones exposed as `_bucket`, `_sum` and
+    /// `_count` series).
+    pub fn histogram_names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        let histograms: [&dyn Collector; 4] = [
+            &self.batch_apply_seconds,
+            &self.batch_events,
+            &self.rank_recompute_seconds,
+            &self.http_request_seconds,
+        ];
+        histograms
+            .iter()
+            .flat_map(|h| h.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect()
+    }
+
     /// Sets `tierd_build_info` for the rules version `rules_version`.
     pub fn show_build(&self, rules_version: &str) {
         self.build_info.reset();
