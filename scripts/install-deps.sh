@@ -43,12 +43,17 @@ if [ ${#need[@]} -gt 0 ] || [ ${#need_alone[@]} -gt 0 ]; then
     policy=/usr/sbin/policy-rc.d
     own_policy=""
     if [ ! -e "$policy" ]; then
+      # Removed however the install ends.
+      trap '$SUDO rm -f "$policy"' EXIT
       printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
       $SUDO chmod +x "$policy"
       own_policy=1
     fi
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_alone[@]}" >/dev/null
-    if [ -n "$own_policy" ]; then $SUDO rm -f "$policy"; fi
+    if [ -n "$own_policy" ]; then
+      $SUDO rm -f "$policy"
+      trap - EXIT
+    fi
   fi
 fi
 promtool --version 2>&1 | head -1

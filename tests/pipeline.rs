@@ -273,6 +273,8 @@ fn a_partition_that_stops_is_shown_by_readyz_and_a_metric() {
         tierd.metric_labeled("tierd_partition_stops_total", "cause=\"corrupt\""),
         1.0
     );
+    // Only the running partition counts as swept (the stopped runner gave its count back).
+    assert_eq!(tierd.metric("tierd_rules_sweep_partitions_done"), 1.0);
     // The other partition is still processed.
     let other = 1 - stopped;
     let customer = ["ann", "bob", "cat", "dan", "eve", "fay", "gus", "hal"]

@@ -299,6 +299,34 @@ pub struct Runner {
     /// The partition's sequence floor: changes are numbered above it (see
     /// [`crate::engine::changes::number_above`] and [`sequence_floor`]).
     pub(super) seq_floor: u64,
+    /// This runner's count in `tierd_rules_sweep_partitions_done`.
+    pub(super) sweep_done: SweepDoneGauge,
+}
+
+/// Counts a runner in `tierd_rules_sweep_partitions_done` once its sweep is complete (at its
+/// start, or when the sweep completes) and gives the count back when the runner ends, however
+/// it ends: returned, stopped on an error, aborted or panicked (dropped).
+pub(super) struct SweepDoneGauge {
+    gauge: prometheus::IntGauge,
+    counted: bool,
+}
+
+impl SweepDoneGauge {
+    /// Counts the runner, once.
+    pub(super) fn count(&mut self) {
+        if !self.counted {
+            self.gauge.inc();
+            self.counted = true;
+        }
+    }
+}
+
+impl Drop for SweepDoneGauge {
+    fn drop(&mut self) {
+        if self.counted {
+            self.gauge.dec();
+        }
+    }
 }
 
 /// The sequence floor a claimed partition's changes are numbered above: the one Redis keeps,
@@ -424,6 +452,7 @@ impl Runner {
             }
             .emit(&pipeline.telemetry);
         }
+        let telemetry_sweep_done = pipeline.telemetry.rules_sweep_done.clone();
         Self {
             partition,
             store,
@@ -452,6 +481,10 @@ impl Runner {
             finish_predecessor,
             seq_floor,
             last_commit: Instant::now(),
+            sweep_done: SweepDoneGauge {
+                gauge: telemetry_sweep_done,
+                counted: false,
+            },
         }
     }
 
@@ -476,7 +509,7 @@ impl Runner {
         let mut outbox_tick = interval(OUTBOX_CHECK);
         let mut verify_tick = interval(VERIFY_EVERY);
         match self.sweep {
-            SweepState::Done => p.telemetry.rules_sweep_done.inc(),
+            SweepState::Done => self.sweep_done.count(),
             SweepState::Running(sweep) if sweep.record.is_none() => events::SweepResumed {
                 partition: self.partition,
                 offset: self.next_offset(),
@@ -526,16 +559,7 @@ impl Runner {
             self.bound_outbox();
         }
         info!(partition = self.partition, "Partition runner finished.");
-        self.uncount_sweep();
         RunnerExit::Finished
-    }
-
-    /// A runner whose sweep is complete counts in `tierd_rules_sweep_partitions_done` (from
-    /// its start, or from the sweep's completion) until it ends, however it ends.
-    fn uncount_sweep(&self) {
-        if self.sweep == SweepState::Done {
-            self.pipeline.telemetry.rules_sweep_done.dec();
-        }
     }
 
     /// A partition that has not committed for [`VERIFY_EVERY`] checks that Redis still holds
@@ -748,7 +772,6 @@ impl Runner {
             error,
         }
         .emit(&self.pipeline.telemetry);
-        self.uncount_sweep();
         exit
     }
 

@@ -301,12 +301,16 @@ impl Runner {
         if let SweepState::Running(s) = &mut self.sweep {
             s.cursor = next;
         }
+        // The running rules' sweep (not one replayed on the way to it).
+        let completed =
+            (done && self.replay_rules.is_none()).then(|| self.rules().version().to_owned());
+        if completed.is_some() {
+            self.sweep_done.count();
+        }
         events::RulesSwept {
             partition: self.partition,
             customers: swept,
-            // The running rules' sweep (not one replayed on the way to it).
-            completed: (done && self.replay_rules.is_none())
-                .then(|| self.rules().version().to_owned()),
+            completed,
         }
         .emit(&p.telemetry);
         if done {

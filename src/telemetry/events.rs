@@ -259,8 +259,9 @@ impl RulesSwept {
     /// Counts it; logs the sweep's completion.
     pub fn emit(self, t: &Telemetry) {
         t.rules_sweep_customers.inc_by(self.customers);
+        // Counted in `tierd_rules_sweep_partitions_done` by the runner (it gives the count
+        // back when it ends).
         if let Some(version) = self.completed {
-            t.rules_sweep_done.inc();
             info!(partition = self.partition, version, "Rules sweep complete.");
         }
     }
