@@ -49,11 +49,7 @@ fn alert_rules_pass_promtool_and_each_fires_in_its_unit_tests_on_real_metrics() 
     let (ok, out) = promtool(&["test", "rules", ALERT_TESTS], None);
     assert!(ok, "promtool test rules:\n{out}");
 
-    let rules = read(ALERTS);
-    let alerts: Vec<&str> = rules
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- alert: "))
-        .collect();
+    let alerts = alert_names();
     assert!(alerts.len() >= 10, "{alerts:?}");
     // Alerts some test expects firing: an `exp_labels` under its `alertname`.
     let mut fired = BTreeSet::new();
@@ -68,40 +64,59 @@ fn alert_rules_pass_promtool_and_each_fires_in_its_unit_tests_on_real_metrics() 
     }
     for alert in &alerts {
         assert!(
-            fired.contains(*alert),
+            fired.contains(alert),
             "{alert} has no unit test in which it fires"
         );
     }
 
-    let used: BTreeSet<String> = rules
+    let used = tierd_metrics_in(&read(ALERTS));
+    assert!(!used.is_empty());
+    let unknown = unregistered(&used);
+    assert!(
+        unknown.is_empty(),
+        "{ALERTS} uses {unknown:?}, which tierd does not register"
+    );
+}
+
+/// The names of the alerts in the rule file.
+fn alert_names() -> Vec<String> {
+    read(ALERTS)
         .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `tierd_*` names `text` uses (comment lines left out).
+fn tierd_metrics_in(text: &str) -> BTreeSet<String> {
+    text.lines()
         .filter(|l| !l.trim_start().starts_with('#'))
         .flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
         .filter(|w| w.starts_with("tierd_"))
         .map(str::to_owned)
-        .collect();
-    assert!(!used.is_empty());
-    for metric in &used {
-        assert!(
-            registered(metric),
-            "{ALERTS} uses {metric}, which tierd does not register"
-        );
-    }
+        .collect()
 }
 
-/// Whether tierd exposes series named `metric`: one of its metric names other than a
-/// histogram's (a histogram has no series under its bare name), or a histogram's with its
-/// `_bucket`, `_sum` or `_count` suffix.
-fn registered(metric: &str) -> bool {
+/// Those of `metrics` tierd exposes no series under: a series name is one of its metric
+/// names other than a histogram's (a histogram has none under its bare name), or a
+/// histogram's with its `_bucket`, `_sum` or `_count` suffix.
+fn unregistered(metrics: &BTreeSet<String>) -> Vec<String> {
     let telemetry = tierd::telemetry::Telemetry::new();
     let histograms = telemetry.histogram_names();
-    (telemetry.metric_names().iter().any(|n| n == metric)
-        && !histograms.iter().any(|h| h == metric))
-        || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
-            metric
-                .strip_suffix(suffix)
-                .is_some_and(|base| histograms.iter().any(|h| h == base))
-        })
+    let registered = |metric: &str| {
+        (telemetry.metric_names().iter().any(|n| n == metric)
+            && !histograms.iter().any(|h| h == metric))
+            || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                metric
+                    .strip_suffix(suffix)
+                    .is_some_and(|base| histograms.iter().any(|h| h == base))
+            })
+    };
+    metrics
+        .iter()
+        .filter(|m| !registered(m.as_str()))
+        .cloned()
+        .collect()
 }
 
 /// `/metrics` of a tierd that applied purchases and answered lookups passes `promtool check
@@ -353,15 +368,11 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus_scraping_tierd_unde
         }
     }
     for (title, expr) in &queries {
-        for metric in expr
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .filter(|w| w.starts_with("tierd_"))
-        {
-            assert!(
-                registered(metric),
-                "panel {title:?} queries {metric}, which tierd does not register"
-            );
-        }
+        let unknown = unregistered(&tierd_metrics_in(expr));
+        assert!(
+            unknown.is_empty(),
+            "panel {title:?} queries {unknown:?}, which tierd does not register"
+        );
     }
 
     let mut world = World::start(2);
@@ -472,11 +483,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus_scraping_tierd_unde
         .flatten()
         .flat_map(|g| g["rules"].as_array().into_iter().flatten())
         .collect();
-    let alerts = read(ALERTS)
-        .lines()
-        .filter(|l| l.trim().starts_with("- alert: "))
-        .count();
-    assert_eq!(loaded.len(), alerts, "{rules}");
+    assert_eq!(loaded.len(), alert_names().len(), "{rules}");
     for rule in loaded {
         assert_eq!(rule["health"], "ok", "{rule}");
     }

@@ -92,7 +92,7 @@ pub struct Telemetry {
     /// Time to answer an HTTP request, by route (the matched pattern) and status code.
     pub http_request_seconds: HistogramVec,
     /// Customers per tier in each owned partition (read from Redis at each scrape: the
-    /// pyramid is the sum over partitions, and so over instances).
+    /// pyramid is the sum over partitions, of the max over the instances reporting each).
     pub tier_customers: IntGaugeVec,
     /// Customers of each owned partition with a pending time-driven evaluation (read from
     /// Redis at each scrape).
@@ -375,7 +375,7 @@ impl Telemetry {
             },
             tier_customers: gauge_vec(
                 "tierd_tier_customers",
-                "Customers per tier in each partition this instance owns (read from Redis at each scrape; sum over partitions for the pyramid).",
+                "Customers per tier in each partition this instance owns (read from Redis at each scrape; the pyramid: sum by tier of the max by partition and tier, as old and new owner may both report a partition during a handover).",
                 &["partition", "tier"],
             ),
             timers_pending: gauge_vec(
