@@ -66,7 +66,7 @@ sleep 3
 
 echo; echo "==> API: GET /v1/customers/cust-000042"
 curl -s "http://127.0.0.1:$API_PORT/v1/customers/cust-000042" | python3 -m json.tool
-echo "==> GET /readyz: $(curl -s "http://127.0.0.1:$API_PORT/readyz")"
+echo "==> GET /readyz/ingest: $(curl -s "http://127.0.0.1:$API_PORT/readyz/ingest")"
 echo "==> Metrics:"
 curl -s "http://127.0.0.1:$API_PORT/metrics" | grep -E '^tierd_(events_applied_total|events_deduplicated_total|tier_changes_total|partitions_assigned)' | head -20
 [ "${DEMO_EXIT:-0}" = 1 ] && exit 0

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::engine::rules::{Rules, RulesError};
 use crate::ingest::consumer::{self, Batching, IngestContext};
 use crate::ingest::stalls::{Probe, StallAlarm, Watch};
+use crate::liveness::Liveness;
 use crate::partition::supervisor::{Supervisor, SupervisorParts};
 use crate::partition::{Ownership, Pipeline};
 use crate::publish::position::OutboxPositions;
@@ -175,6 +176,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (money, keyspace) = (pipeline.money.clone(), pipeline.keyspace.clone());
 
     let fatal = Arc::new(tokio::sync::Notify::new());
+    let liveness = Liveness::new(
+        crate::kafka::max_poll_interval(&config.kafka),
+        telemetry.clone(),
+    );
     let producer_config = crate::kafka::producer_config(&config.kafka);
     let positions = Arc::new(
         OutboxPositions::new(&config.kafka, config.publish.position_metadata_bytes).map_err(
@@ -223,6 +228,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         queue: config.ingest.queue_batches,
         shutdown: Arc::clone(&stop),
         callback_patience: crate::kafka::callback_patience(&config.kafka),
+        liveness: Arc::clone(&liveness),
     });
     let context = IngestContext::new(
         config.kafka.input_topic.clone(),
@@ -312,6 +318,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.clock.mode == crate::config::ClockMode::Wall,
         Duration::from_millis(config.api.redis_timeout_ms),
     );
+    let api_liveness = Arc::clone(&liveness);
     let api = ApiThread::start(listener, client, move |redis| ApiState {
         redis,
         keyspace,
@@ -324,6 +331,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         telemetry,
         wall_clock,
         stall_alarm,
+        liveness: api_liveness,
     })
     .await
     .inspect_err(|_| watch.abort())?;
@@ -331,9 +339,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let ingest = {
         let topic = config.kafka.input_topic.clone();
         let commit_interval = Duration::from_millis(config.ingest.kafka_commit_interval_ms);
+        let liveness = Arc::clone(&liveness);
         std::thread::Builder::new()
             .name("tierd-ingest".into())
-            .spawn(move || consumer::run(consumer, &topic, commit_interval))
+            .spawn(move || consumer::run(consumer, &topic, commit_interval, &liveness))
             .map_err(|e| StartError::Internal(e.to_string()))?
     };
 
@@ -343,12 +352,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ok(())
         }
         () = fatal.notified() => Err(StartError::Fatal("an outbox producer could not be created or initialised (the log says why); fix it and restart tierd".into())),
+        () = liveness.consumer_ended() => Err(StartError::Fatal("the Kafka consumer thread ended (the log says why): nothing would be consumed; restart tierd (nothing is lost)".into())),
     };
+    liveness.stopping();
     stop.store(true, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || ingest.join())
+    let joined = tokio::task::spawn_blocking(move || ingest.join())
         .await
-        .map_err(|e| StartError::Internal(e.to_string()))?
-        .map_err(|_| StartError::Internal("ingest thread panicked".into()))?;
+        .map_err(|e| StartError::Internal(e.to_string()))?;
+    if joined.is_err() && outcome.is_ok() {
+        return Err(StartError::Internal("ingest thread panicked".into()));
+    }
     watch.abort();
     api.stop().await;
     info!("Stopped.");

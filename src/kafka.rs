@@ -63,12 +63,20 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
 /// partition not claimed in time is held, reported as not processed, and claimed again a few
 /// seconds later.
 pub fn callback_patience(kafka: &KafkaConfig) -> std::time::Duration {
-    let max_poll_ms = kafka
-        .consumer
-        .get("max.poll.interval.ms")
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(300_000);
+    let max_poll_ms = u64::try_from(max_poll_interval(kafka).as_millis()).unwrap_or(u64::MAX);
     std::time::Duration::from_millis((max_poll_ms / 3).clamp(1_000, 30_000))
+}
+
+/// The consumer's `max.poll.interval.ms` (`[kafka.consumer]`, librdkafka's default 300 s):
+/// the group evicts a member that does not poll for that long.
+pub fn max_poll_interval(kafka: &KafkaConfig) -> std::time::Duration {
+    std::time::Duration::from_millis(
+        kafka
+            .consumer
+            .get("max.poll.interval.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(300_000),
+    )
 }
 
 /// Producer settings: idempotent, fully acknowledged, ordered. Each partition's publisher

@@ -19,7 +19,8 @@
 //! - [`publish`]: the Redis outbox drained to Kafka by an idempotent producer.
 //! - [`api`]: customer lookup, health, readiness, metrics; [`tools`]: read-only operator tools
 //!   (`tierd rules explain`, `tierd simulate`).
-//! - [`telemetry`]: metrics and the internal events that log and count together; [`shutdown`];
+//! - [`telemetry`]: metrics and the internal events that log and count together; [`liveness`]:
+//!   what `/healthz` reports (the tasks that must keep running); [`shutdown`];
 //!   [`app`]: the wiring.
 
 pub mod api;
@@ -28,6 +29,7 @@ pub mod config;
 pub mod engine;
 pub mod ingest;
 pub mod kafka;
+pub mod liveness;
 pub mod model;
 pub mod partition;
 pub mod publish;

@@ -113,6 +113,10 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Run { config } => {
+            // The test suite's fault injection: `FAILPOINTS` in the environment, read only
+            // by a build with `--features failpoints` (never a release build).
+            #[cfg(feature = "failpoints")]
+            let _failpoints = fail::FailScenario::setup();
             let config = Config::load(Some(&config))
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let runtime = tokio::runtime::Builder::new_multi_thread()

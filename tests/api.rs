@@ -1,6 +1,7 @@
 //! The HTTP API's answers at its edges, through the real tierd, Kafka and Redis: a bad id, an
 //! unknown customer, a frozen Redis (a lookup is answered 503 within `api.redis_timeout_ms`,
-//! never held), and readiness against `api.ready_max_lag`.
+//! never held), readiness against `api.ready_max_lag`, and readiness to serve lookups apart
+//! from readiness of ingestion.
 
 mod support;
 
@@ -68,6 +69,7 @@ fn lookups_are_answered_in_bounded_time_also_while_redis_is_frozen() {
     world.redis.pause();
     let (status, body, took) = get(&tierd, "/v1/customers/ann");
     let (ready, ready_body, ready_took) = get(&tierd, "/readyz");
+    let (ingest, ingest_body, _) = get(&tierd, "/readyz/ingest");
     let (tiers, tiers_body, _) = get(&tierd, "/v1/tiers");
     world.redis.resume();
     assert_eq!(
@@ -81,6 +83,11 @@ fn lookups_are_answered_in_bounded_time_also_while_redis_is_frozen() {
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert_eq!(ready, 503, "{ready_body} after {ready_took:?}");
     assert!(ready_body.starts_with("redis unreachable"), "{ready_body}");
+    assert_eq!(ingest, 503, "{ingest_body}");
+    assert!(
+        ingest_body.starts_with("redis unreachable"),
+        "{ingest_body}"
+    );
     assert_eq!(
         (tiers, error_code(&tiers_body)),
         (503, "redis_unavailable".into()),
@@ -101,8 +108,9 @@ fn lookups_are_answered_in_bounded_time_also_while_redis_is_frozen() {
     }
 }
 
-/// `/readyz` holds an instance back while a partition lags more than `api.ready_max_lag`
-/// and names the lag; at or under the bound it is ready. (A transactional producer's commit
+/// `/readyz/ingest` holds an instance back while a partition lags more than
+/// `api.ready_max_lag` and names the lag; at or under the bound it is ready. `/readyz` (ready
+/// to serve lookups) stays 200 meanwhile: a catching-up instance still serves lookups. (A transactional producer's commit
 /// marker is an offset no consumer receives: the lag stays 1 after it, which the bound of 0
 /// here shows, until a plain record follows it.)
 #[test]
@@ -115,13 +123,13 @@ fn readiness_names_a_lag_over_the_bound() {
     let wait_for = |want: u16, text: &str| {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let (status, body, _) = get(&tierd, "/readyz");
+            let (status, body, _) = get(&tierd, "/readyz/ingest");
             if status == want && body.contains(text) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "/readyz never {want} {text:?}: {status} {body}"
+                "/readyz/ingest never {want} {text:?}: {status} {body}"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -132,6 +140,12 @@ fn readiness_names_a_lag_over_the_bound() {
         Duration::from_secs(60),
     );
     wait_for(503, "partition 0: lag 1 > 0");
+    let (status, body, _) = get(&tierd, "/readyz");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ready to serve lookups\n"),
+        "lookups are served while ingestion lags"
+    );
     // A plain record after the marker: applied, the lag is 0.
     world.produce_json(&[purchase("t2", "tom", "10", "2026-11-01T11:00:00Z")]);
     wait_for(200, "ready: 1 partitions");
@@ -144,4 +158,46 @@ fn readiness_names_a_lag_over_the_bound() {
             .any(|l| l.contains("WARN") && l.contains("Offset gap")),
         "{log}"
     );
+}
+
+/// With more instances than partitions, the one owning none is not ready to ingest
+/// (`/readyz/ingest` 503, saying so) but is ready to serve lookups (`/readyz` 200) and answers
+/// them: a Kubernetes Service routing on `/readyz` keeps it in rotation.
+#[test]
+fn an_instance_owning_no_partition_still_serves_lookups() {
+    let world = World::start(1);
+    let owner = Tierd::spawn(&world, "");
+    owner.wait_partitions(1, Duration::from_secs(60));
+    let spare = Tierd::spawn(&world, "");
+    let ends = world.produce_json(&[purchase("s1", "sue", "10", "2026-11-01T10:00:00Z")]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    // One of the two owns the partition (the cooperative assignor leaves it with the first).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (owner, spare) = loop {
+        let (a, b) = (
+            owner.metric("tierd_partitions_assigned"),
+            spare.metric("tierd_partitions_assigned"),
+        );
+        if a + b == 1.0 {
+            break if a == 1.0 {
+                (owner, spare)
+            } else {
+                (spare, owner)
+            };
+        }
+        assert!(Instant::now() < deadline, "no settled split: {a} {b}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (status, body, _) = get(&spare, "/readyz/ingest");
+    assert_eq!((status, body.as_str()), (503, "no partitions assigned\n"));
+    let (status, body, _) = get(&spare, "/readyz");
+    assert_eq!((status, body.as_str()), (200, "ready to serve lookups\n"));
+    let (status, body, _) = get(&spare, "/v1/customers/sue");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["customer_id"],
+        "sue"
+    );
+    let (status, body, _) = get(&owner, "/readyz/ingest");
+    assert_eq!((status, body.as_str()), (200, "ready: 1 partitions\n"));
 }

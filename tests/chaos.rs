@@ -208,7 +208,7 @@ fn chaos_from(
                     "instance {i} assigned {} stopped {}, /readyz {:?}",
                     t.metric("tierd_partitions_assigned"),
                     t.metric("tierd_partitions_stopped"),
-                    t.get("/readyz")
+                    t.get("/readyz/ingest")
                 ))
                 .collect::<Vec<_>>()
                 .join("; ")

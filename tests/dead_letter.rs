@@ -310,7 +310,7 @@ fn a_record_dated_in_the_far_future_is_refused_against_tierds_clock() {
 }
 
 /// A dead letter the dead-letter topic refuses for good (larger than its `max.message.bytes`):
-/// it is parked with Kafka's reason, `/readyz` and `tierd_outbox_parked` say so, the records
+/// it is parked with Kafka's reason, `/readyz/ingest` and `tierd_outbox_parked` say so, the records
 /// around it are published exactly once (before: the whole round was produced again every
 /// 200 ms, for ever, and the outbox never drained), and once the topic accepts it, the retry
 /// delivers it and readiness returns.
@@ -350,7 +350,7 @@ fn a_dead_letter_kafka_refuses_is_parked_and_the_rest_flows_exactly_once() {
         assert!(std::time::Instant::now() < deadline, "not parked");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (code, body) = tierd.get("/readyz");
+    let (code, body) = tierd.get("/readyz/ingest");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("parked"), "{body}");
     assert!(tierd.metric("tierd_publish_refused_total") >= 1.0);
@@ -374,7 +374,7 @@ fn a_dead_letter_kafka_refuses_is_parked_and_the_rest_flows_exactly_once() {
         .broker
         .alter_topic_config(&dlq, "max.message.bytes", "1000000");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz").0 != 200 {
+    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz/ingest").0 != 200 {
         assert!(
             std::time::Instant::now() < deadline,
             "parked letter never delivered"
@@ -546,7 +546,7 @@ fn a_parked_dead_letter_delivered_is_not_delivered_again_when_removing_it_fails(
     );
     acl(&["+xdel", "clearselectors"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz").0 != 200 {
+    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz/ingest").0 != 200 {
         assert!(std::time::Instant::now() < deadline, "never removed");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -732,7 +732,7 @@ fn a_parked_dead_letter_redis_loses_is_parked_again(loss: Loss) {
     // The input after the rollback point is applied again; nothing else is lost.
     world.wait_applied(&ends, Duration::from_secs(60));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz").0 != 200 {
+    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz/ingest").0 != 200 {
         assert!(std::time::Instant::now() < deadline, "still parked");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -810,7 +810,7 @@ fn a_letter_parked_by_an_owner_killed_before_recording_it_survives_a_rollback() 
         std::thread::sleep(Duration::from_millis(200));
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz").0 != 200 {
+    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz/ingest").0 != 200 {
         assert!(std::time::Instant::now() < deadline, "still parked");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -988,7 +988,7 @@ fn copies(world: &World, dlq: &str, big: &str) -> usize {
 fn restarted_with_the_letter_delivered_once(world: &World, dlq: &str, big: &str) -> Tierd {
     let tierd = small_dead_letter_tierd(world, dlq, 100);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tierd.get("/readyz").0 != 200 || world.outbox_len(0) > 0 {
+    while tierd.get("/readyz/ingest").0 != 200 || world.outbox_len(0) > 0 {
         assert!(std::time::Instant::now() < deadline, "not ready");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -1056,7 +1056,7 @@ fn park_a_big_dead_letter(world: &World, tierd: &Tierd) -> String {
 /// A tier change the output topic refuses for good (here: larger than its `max.message.bytes`)
 /// holds its partition's outbox: the changes before it are published once, the one after it
 /// waits (a customer's order matters more than progress), `tierd_outbox_blocked`,
-/// `tierd_publish_refused_total` and `/readyz` say so; once the topic accepts it, it and the
+/// `tierd_publish_refused_total` and `/readyz/ingest` say so; once the topic accepts it, it and the
 /// held change go out in order, and nothing is published twice.
 #[test]
 fn a_change_kafka_refuses_holds_the_outbox_in_order_and_nothing_is_sent_twice() {
@@ -1120,7 +1120,7 @@ fn a_change_kafka_refuses_holds_the_outbox_in_order_and_nothing_is_sent_twice() 
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (code, body) = tierd.get("/readyz");
+    let (code, body) = tierd.get("/readyz/ingest");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("outbox blocked at entry"), "{body}");
     assert!(tierd.metric("tierd_publish_refused_total") >= 1.0);
@@ -1144,7 +1144,7 @@ fn a_change_kafka_refuses_holds_the_outbox_in_order_and_nothing_is_sent_twice() 
         .broker
         .alter_topic_config(&world.output, "max.message.bytes", "1048588");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_outbox_blocked") > 0.0 || tierd.get("/readyz").0 != 200 {
+    while tierd.metric("tierd_outbox_blocked") > 0.0 || tierd.get("/readyz/ingest").0 != 200 {
         assert!(
             std::time::Instant::now() < deadline,
             "the outbox never flowed again"

@@ -141,7 +141,7 @@ fn kip848_one_of_two_instances_killed() {
 
 /// A member of tierd's group that holds the input's only partition and never processes it
 /// (what a wedged or stuck member looks like from the outside). An instance that owns nothing
-/// meanwhile must say so loudly (metric, log, `/readyz` reason), not look merely idle — and
+/// meanwhile must say so loudly (metric, log, `/readyz/ingest` reason), not look merely idle — and
 /// must not cry wolf once everything is applied, although a transactional producer's log ends
 /// with a commit marker that no consumer ever receives (the stored offset then stays one below
 /// the log end for good).
@@ -164,7 +164,7 @@ fn an_idle_instance_says_loudly_when_the_group_leaves_partitions_unprocessed() {
     // Held elsewhere and not processed: the idle instance raises the alarm.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (status, body) = tierd.get("/readyz");
+        let (status, body) = tierd.get("/readyz/ingest");
         if tierd.metric("tierd_input_partitions_stalled") == 1.0
             && status == 503
             && body.contains("owns no partition while partitions [0] have records waiting")
@@ -218,7 +218,7 @@ fn an_idle_instance_says_loudly_when_the_group_leaves_partitions_unprocessed() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(tierd.get("/readyz").0, 200);
+    assert_eq!(tierd.get("/readyz/ingest").0, 200);
     // The probe (which read up to the end of the partition meanwhile) and the consumer
     // report the partition's end: expected, never logged as errors.
     let log = tierd.log_text();

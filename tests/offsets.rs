@@ -10,7 +10,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 use support::{purchase, unique, Broker, Redis, Tierd, World};
 
-/// Waits until `tierd` reports `n` partitions assigned but not processed; returns `/readyz`.
+/// Waits until `tierd` reports `n` partitions assigned but not processed; returns `/readyz/ingest`.
 fn wait_stopped(tierd: &Tierd, n: f64) -> String {
     let deadline = Instant::now() + Duration::from_secs(120);
     while tierd.metric("tierd_partitions_stopped") < n {
@@ -21,7 +21,7 @@ fn wait_stopped(tierd: &Tierd, n: f64) -> String {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (status, body) = tierd.get("/readyz");
+    let (status, body) = tierd.get("/readyz/ingest");
     assert_eq!(status, 503, "{body}");
     body
 }
@@ -349,7 +349,7 @@ fn a_stored_offset_moved_by_hand_is_not_taken_for_a_truncation() {
         assert!(
             Instant::now() < deadline,
             "offsets 5 and 6 not applied (readyz: {:?}):\n{}",
-            tierd.get("/readyz"),
+            tierd.get("/readyz/ingest"),
             tierd.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -445,7 +445,7 @@ fn a_start_deferred_by_an_offset_commit_is_still_validated() {
 
 /// A seek librdkafka keeps refusing does not leave a newly claimed partition paused while it
 /// looks owned: after `ingest.seek_deadline_s` it is stopped (`tierd_partitions_stopped`, the
-/// reason on `/readyz`) and claimed again 3 s later, and once librdkafka accepts the seek it
+/// reason on `/readyz/ingest`) and claimed again 3 s later, and once librdkafka accepts the seek it
 /// is processed from the offset stored in Redis, nothing lost or counted twice.
 ///
 /// librdkafka refuses the seek (`__STATE`) while it defers a new assignment's fetch start,
@@ -530,11 +530,11 @@ fn a_seek_refused_past_its_deadline_stops_the_partition_until_it_is_accepted() {
     proxy.release();
     world.wait_applied_by(&taker, &more, Duration::from_secs(60));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while taker.metric("tierd_partitions_stopped") > 0.0 || taker.get("/readyz").0 != 200 {
+    while taker.metric("tierd_partitions_stopped") > 0.0 || taker.get("/readyz/ingest").0 != 200 {
         assert!(
             Instant::now() < deadline,
             "partition 1 still shown stopped: {:?}",
-            taker.get("/readyz")
+            taker.get("/readyz/ingest")
         );
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -209,7 +209,7 @@ fn one_stuck_partition_does_not_stall_the_others() {
 
 /// Issue 11, item 11: while publishing cannot keep up (here every change is refused by the
 /// output topic), the outbox in Redis grows only to about `publish.outbox_max_entries`: the
-/// partition then takes no input, says so on `/readyz` and `tierd_outbox_full`,
+/// partition then takes no input, says so on `/readyz/ingest` and `tierd_outbox_full`,
 /// and resumes when the outbox drains — every event still counted once, every change
 /// published once.
 #[test]
@@ -236,7 +236,7 @@ fn an_outbox_that_cannot_drain_pauses_input_at_its_bound() {
     let ends = world.produce_json(&events);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let (status, body) = tierd.get("/readyz");
+        let (status, body) = tierd.get("/readyz/ingest");
         if status == 503 && body.contains("over publish.outbox_max_entries") {
             break;
         }
@@ -432,7 +432,7 @@ fn a_reclaim_after_an_outage_does_not_use_up_the_fence_allowance() {
         Duration::from_secs(20),
         || tierd.metric("tierd_partitions_stopped") == 1.0,
     );
-    let (status, body) = tierd.get("/readyz");
+    let (status, body) = tierd.get("/readyz/ingest");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("fenced 3 times within 60 s"), "{body}");
 }

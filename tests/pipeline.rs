@@ -148,11 +148,11 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
     assert_eq!(tierd.get("/v1/customers/nobody").0, 404);
     assert_eq!(tierd.get("/healthz").0, 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while tierd.get("/readyz").0 != 200 {
+    while tierd.get("/readyz/ingest").0 != 200 {
         assert!(
             std::time::Instant::now() < deadline,
             "never ready: {}",
-            tierd.get("/readyz").1
+            tierd.get("/readyz/ingest").1
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -215,10 +215,10 @@ fn purchases_refunds_duplicates_and_late_events_give_the_exact_states_and_change
 }
 
 /// A partition whose runner stops for good (here: a customer's stored state is corrupt) stays
-/// assigned to this instance without being processed. That must be visible: `/readyz` fails
+/// assigned to this instance without being processed. That must be visible: `/readyz/ingest` fails
 /// naming the partition and why, and `tierd_partitions_stopped` counts it — while the other
 /// partition keeps being processed. (Before, the stopped partition simply vanished from the
-/// instance's view and `/readyz` answered 200.)
+/// instance's view and `/readyz/ingest` answered 200.)
 #[test]
 fn a_partition_that_stops_is_shown_by_readyz_and_a_metric() {
     let world = World::start(2);
@@ -230,11 +230,11 @@ fn a_partition_that_stops_is_shown_by_readyz_and_a_metric() {
     ]);
     world.wait_applied(&ends, Duration::from_secs(60));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while tierd.get("/readyz").0 != 200 {
+    while tierd.get("/readyz/ingest").0 != 200 {
         assert!(
             std::time::Instant::now() < deadline,
             "{}",
-            tierd.get("/readyz").1
+            tierd.get("/readyz/ingest").1
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -252,7 +252,7 @@ fn a_partition_that_stops_is_shown_by_readyz_and_a_metric() {
     let (&stopped, _) = zed.iter().next().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (status, body) = tierd.get("/readyz");
+        let (status, body) = tierd.get("/readyz/ingest");
         if status == 503 && body.contains("not processed") {
             assert!(
                 body.contains(&format!("partition {stopped}")) && body.contains("cannot be read"),
@@ -329,11 +329,11 @@ fn a_stale_claim_cannot_stop_the_rightful_owner() {
     assert_eq!(world.customer_state("ann").unwrap().count, 2);
     assert_eq!(world.customer_state("bob").unwrap().count, 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while tierd.get("/readyz").0 != 200 || tierd.metric("tierd_partitions_stopped") != 0.0 {
+    while tierd.get("/readyz/ingest").0 != 200 || tierd.metric("tierd_partitions_stopped") != 0.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "{}",
-            tierd.get("/readyz").1
+            tierd.get("/readyz/ingest").1
         );
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -682,7 +682,7 @@ fn a_rollback_beyond_the_positions_metadata_replays_the_moves_from_the_history_t
 
 /// A history topic that refuses the partition's history record for good (here: a message
 /// size limit below it) holds the outbox at the round that needs it — no change decided under
-/// a cut-off move goes out without its history — and says so (`/readyz`,
+/// a cut-off move goes out without its history — and says so (`/readyz/ingest`,
 /// `tierd_outbox_blocked`) instead of retrying unseen; once the topic takes it, everything
 /// flows and the record is there.
 #[test]
@@ -707,7 +707,7 @@ fn a_history_topic_that_refuses_the_record_holds_the_outbox_visibly() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (code, body) = tierd.get("/readyz");
+    let (code, body) = tierd.get("/readyz/ingest");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("kafka.history_topic"), "{body}");
     assert!(world.outbox_len(0) > 0, "the outbox holds");
@@ -717,7 +717,7 @@ fn a_history_topic_that_refuses_the_record_holds_the_outbox_visibly() {
         .alter_topic_config(&world.history, "max.message.bytes", "1048588");
     world.wait_applied(&ends, Duration::from_secs(60));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while tierd.metric("tierd_outbox_blocked") > 0.0 || tierd.get("/readyz").0 != 200 {
+    while tierd.metric("tierd_outbox_blocked") > 0.0 || tierd.get("/readyz/ingest").0 != 200 {
         assert!(
             Instant::now() < deadline,
             "the outbox never flowed again:\n{}",

@@ -357,7 +357,7 @@ fn an_older_rules_version_cannot_take_back_a_partition_a_newer_one_ran() {
     for c in &upgraded {
         assert_eq!(tier_of(c), "B", "{c} moved back to v1");
     }
-    let (status, body) = old.get("/readyz");
+    let (status, body) = old.get("/readyz/ingest");
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("\"b2b-lifetime-1\" is older than \"b2b-lifetime-2\""),

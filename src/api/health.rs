@@ -1,7 +1,12 @@
-//! Liveness (`/healthz`, in the router), readiness (`/readyz`: Redis answers and every owned
-//! partition's lag is known and within `api.ready_max_lag`, none is stopped and
-//! every outbox flows; an instance owning none says why, loudly when input partitions are
-//! stalled) and `/metrics`.
+//! Liveness (`/healthz`: the tasks that must keep running do, see [`crate::liveness`]),
+//! readiness to serve lookups (`/readyz`: Redis answers), readiness of ingestion
+//! (`/readyz/ingest`: Redis answers and every owned partition's lag is known and within
+//! `api.ready_max_lag`, none is stopped and every outbox flows; an instance owning none says
+//! why, loudly when input partitions are stalled) and `/metrics`.
+//!
+//! The two readinesses are apart so that a load balancer (a Kubernetes Service) keeps sending
+//! lookups to an instance that owns no partition (more replicas than partitions) or is
+//! catching up: lookups read Redis, whoever owns the customer.
 
 use super::ApiState;
 use crate::store::views;
@@ -10,8 +15,29 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
-/// Readiness, as plain text.
+/// Liveness, as plain text: 503 naming what died or is stuck (see [`crate::liveness`]).
+pub(super) async fn healthz(State(s): State<Arc<ApiState>>) -> Response {
+    match s.liveness.check() {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")).into_response(),
+    }
+}
+
+/// Readiness to serve lookups, as plain text: Redis answers within `api.redis_timeout_ms`.
 pub(super) async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
+    let mut conn = s.redis.clone();
+    match s.within(views::ping(&mut conn)).await {
+        Ok(()) => (StatusCode::OK, "ready to serve lookups\n").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("redis unreachable: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// Readiness of ingestion, as plain text.
+pub(super) async fn readyz_ingest(State(s): State<Arc<ApiState>>) -> Response {
     let mut conn = s.redis.clone();
     if let Err(e) = s.within(views::ping(&mut conn)).await {
         return (

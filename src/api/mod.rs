@@ -43,6 +43,8 @@ pub struct ApiState {
     pub wall_clock: bool,
     /// Raised while this instance owns nothing and input partitions are stalled.
     pub stall_alarm: Arc<crate::ingest::stalls::StallAlarm>,
+    /// Whether the tasks that must keep running do (`/healthz`).
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 impl ApiState {
@@ -72,8 +74,9 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/customers/{customer_id}", get(customers::get))
         .route("/v1/tiers", get(tiers::get))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/readyz/ingest", get(health::readyz_ingest))
         .route("/metrics", get(health::metrics))
         .with_state(Arc::new(state))
         .layer(axum::middleware::from_fn(move |request, next| {

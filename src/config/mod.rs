@@ -191,13 +191,13 @@ pub struct IngestConfig {
     /// A partition of the input topic whose stored offset has not moved for this long while
     /// it holds records to apply is reported as stalled (`tierd_input_partitions_stalled`, a
     /// log line); an instance that owns no partition while some are stalled says so on
-    /// `/readyz` (the group is not handing them to a live member). Longer than a session
+    /// `/readyz/ingest` (the group is not handing them to a live member). Longer than a session
     /// timeout plus a rebalance, so a normal takeover never raises it. Seconds. Default 90.
     #[serde(default = "default_stall_alarm_s")]
     pub stall_alarm_s: u64,
     /// How long a newly claimed partition waits for librdkafka to accept the seek to the
     /// offset stored in Redis (counted from the first try, after the assignment) before it is
-    /// stopped (`/readyz`, `tierd_partitions_stopped`) and claimed again 3 s later, instead
+    /// stopped (`/readyz/ingest`, `tierd_partitions_stopped`) and claimed again 3 s later, instead
     /// of staying paused while shown as processed. librdkafka refuses the seek while it defers
     /// the partition's fetch start (an offset commit in flight at a slow group coordinator,
     /// partitions still stopping). An unanswered commit ends at the consumer's
@@ -357,7 +357,7 @@ pub struct ApiConfig {
     /// Listen address. Default `127.0.0.1:8080` (loopback only).
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// `/readyz` fails while any owned partition lags more than this many messages.
+    /// `/readyz/ingest` fails while any owned partition lags more than this many messages.
     /// Default 10000.
     #[serde(default = "default_ready_lag")]
     pub ready_max_lag: i64,

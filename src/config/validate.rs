@@ -92,7 +92,7 @@ impl Config {
             return bad(
                 "kafka.consumer",
                 "`statistics.interval.ms` = 0 turns off the lag reports that tell a partition it \
-                 is caught up (wall-clock timers wait for that, and /readyz needs the lag)",
+                 is caught up (wall-clock timers wait for that, and /readyz/ingest needs the lag)",
             );
         }
         if k.producer.contains_key("transactional.id") {

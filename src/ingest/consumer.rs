@@ -9,6 +9,7 @@
 //! is released.
 
 use super::record::{add_position, Record};
+use crate::liveness::Liveness;
 use crate::partition::runner::{Batch, RunnerExit};
 use crate::partition::supervisor::{NotClaimed, Released, Supervisor};
 use crate::partition::NOT_DRAINED;
@@ -152,7 +153,7 @@ pub struct IngestContext {
     /// When the latest commit was sent (see [`COMMIT_ANSWER_DEADLINE`]).
     commit_sent: Mutex<Option<Instant>>,
     /// How long a partition waits for librdkafka to accept the seek to its claimed start
-    /// before it is stopped (visibly: `/readyz`) instead of staying paused while shown as
+    /// before it is stopped (visibly: `/readyz/ingest`) instead of staying paused while shown as
     /// processed (`ingest.seek_deadline_s`).
     seek_deadline: Duration,
 }
@@ -171,7 +172,7 @@ const OFFSET_ERROR_WINDOW: Duration = Duration::from_secs(30);
 const RECLAIM_DELAY: Duration = Duration::from_secs(3);
 
 /// Re-claims after fences allowed per partition within [`FENCE_WINDOW`]; beyond, the
-/// partition stays stopped (something keeps claiming it: visible on `/readyz`).
+/// partition stays stopped (something keeps claiming it: visible on `/readyz/ingest`).
 const FENCES_PER_WINDOW: usize = 3;
 const FENCE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -431,7 +432,7 @@ impl IngestContext {
     /// stale claim by an instance that no longer holds it, or Redis restoring an older epoch)
     /// is claimed again after [`RECLAIM_DELAY`] if the group still gives it to this instance,
     /// at most [`FENCES_PER_WINDOW`] times a minute. Until then, and a failed one for good,
-    /// it stays stopped — paused, and shown by `/readyz` and `tierd_partitions_stopped` —
+    /// it stays stopped — paused, and shown by `/readyz/ingest` and `tierd_partitions_stopped` —
     /// until the group hands it over (or an operator intervenes).
     fn recover(&self, consumer: &BaseConsumer<Self>, dead: &[i32]) {
         for released in self.release(consumer, dead) {
@@ -484,6 +485,9 @@ impl IngestContext {
                     "failed: its state in Redis cannot be read (see the log)".to_owned()
                 }
                 RunnerExit::Finished => "its runner finished unexpectedly".to_owned(),
+                RunnerExit::Panicked => {
+                    "its runner panicked (a bug: the log has the message); /healthz fails so that tierd is restarted".to_owned()
+                }
             };
             self.supervisor.mark_stopped(&released, reason);
             self.pause(consumer, partition);
@@ -1062,7 +1066,15 @@ fn commit_answered(
 
 /// Polls until the context's shutdown flag is set, then finishes in-flight work and leaves
 /// the group.
-pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: Duration) {
+pub fn run(
+    consumer: BaseConsumer<IngestContext>,
+    topic: &str,
+    commit_interval: Duration,
+    liveness: &Arc<Liveness>,
+) {
+    // Dropped however this thread ends (a return, or unwinding from a panic): `/healthz`
+    // fails and tierd stops, unless it is stopping anyway.
+    let _alive = liveness.consumer_guard();
     if let Err(error) = consumer.subscribe(&[topic]) {
         error!(%error, "Subscribing to the input topic failed.");
         return;
@@ -1072,8 +1084,11 @@ pub fn run(consumer: BaseConsumer<IngestContext>, topic: &str, commit_interval: 
     let mut last_commit = Instant::now();
     let mut last_seek = Instant::now();
     while !ctx.shutdown.load(Ordering::Relaxed) {
+        liveness.polled();
         match consumer.poll(Duration::from_millis(5)) {
             Some(Ok(message)) => {
+                // Fault injection for the tests (`--features failpoints`).
+                fail::fail_point!("ingest-record");
                 if let Some(dead) = ctx.push(Record::detach(&message)) {
                     ctx.recover(&consumer, &[dead]);
                 }

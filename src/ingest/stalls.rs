@@ -3,7 +3,7 @@
 //! after it is *stalled* — its owner is stuck, or the group hands it to no live member (a dead
 //! member kept as leader, a wedged coordinator). Each instance counts them
 //! (`tierd_input_partitions_stalled`) and logs them; one that owns no partition while some are
-//! stalled says so loudly — an error in the log and the reason on `/readyz` — instead of
+//! stalled says so loudly — an error in the log and the reason on `/readyz/ingest` — instead of
 //! looking merely idle (issue 11, item 15).
 //!
 //! "Records wait" is decided by reading one: the log end alone cannot tell, because the last
@@ -115,7 +115,7 @@ impl Probe {
     }
 }
 
-/// Why this instance, owning no partition, is not just idle (shared with `/readyz`).
+/// Why this instance, owning no partition, is not just idle (shared with `/readyz/ingest`).
 #[derive(Debug, Default)]
 pub struct StallAlarm {
     reason: Mutex<Option<String>>,

@@ -234,6 +234,9 @@ pub enum RunnerExit {
     },
     /// A customer state in Redis is unreadable: the partition stays stopped (operator action).
     Failed,
+    /// The runner panicked (a bug): the partition stays stopped and `/healthz` fails, so the
+    /// instance is restarted.
+    Panicked,
 }
 
 /// The owner of one partition's customers and commits.
@@ -531,7 +534,11 @@ impl Runner {
                 // once its queue fills); timers, sweeps and re-rankings add little and go on.
                 batch = batches.recv(), if !full => match batch {
                     Some(batch) if batch.is_empty() => continue,
-                    Some(batch) => self.apply_input(batch).await,
+                    Some(batch) => {
+                        // Fault injection for the tests (`--features failpoints`).
+                        fail::fail_point!("runner-batch");
+                        self.apply_input(batch).await
+                    }
                     None => break,
                 },
                 // While a replay is inside the published changes' input, timers fire only at

@@ -6,6 +6,7 @@
 use super::runner::{Batch, Runner, RunnerExit};
 use super::{Ownership, PartitionStatus, Pipeline};
 use crate::engine::rules::Rules;
+use crate::liveness::{Liveness, Task};
 use crate::publish::position::{History, OutboxPositions, Published};
 use crate::publish::publisher::{Publisher, Target};
 use crate::store::connection::Connection;
@@ -25,8 +26,47 @@ use tracing::{error, info, warn};
 /// The tasks of a started partition.
 struct Running {
     runner: JoinHandle<RunnerExit>,
-    publisher: JoinHandle<()>,
+    publisher: JoinHandle<Option<()>>,
     stop_publisher: watch::Sender<bool>,
+}
+
+/// Runs a partition's `task`; a panic is caught, recorded in `liveness` (`/healthz` fails) and
+/// turned into `T::PANICKED` (a runner's [`RunnerExit::Panicked`]: the partition is then
+/// reported stopped, not just released).
+async fn watched<T: Died>(
+    liveness: Arc<Liveness>,
+    task: Task,
+    partition: i32,
+    run: impl std::future::Future<Output = T>,
+) -> T {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+        Ok(done) => done,
+        Err(panic) => {
+            liveness.died(
+                task,
+                format!(
+                    "partition {partition}'s {} panicked: {}",
+                    task.as_str(),
+                    crate::liveness::panic_message(panic.as_ref())
+                ),
+            );
+            T::PANICKED
+        }
+    }
+}
+
+/// What a task that panicked returns.
+trait Died {
+    const PANICKED: Self;
+}
+
+impl Died for RunnerExit {
+    const PANICKED: Self = RunnerExit::Panicked;
+}
+
+impl Died for Option<()> {
+    const PANICKED: Self = None;
 }
 
 /// The ownership gauges' event for the current map.
@@ -81,6 +121,8 @@ pub struct SupervisorParts {
     /// an open publish transaction). Both run on the consumer thread, which must poll again
     /// within `max.poll.interval.ms` or the instance is evicted from its group.
     pub callback_patience: Duration,
+    /// What `/healthz` reports: a runner or publisher that panics is recorded there.
+    pub liveness: Arc<Liveness>,
 }
 
 /// Why a partition was not claimed.
@@ -389,41 +431,50 @@ impl Supervisor {
         let epoch = claim.epoch;
         let mut claim = claim.clone();
         let outbox_key = keys.outbox.clone();
-        let runner = p.rt.spawn(async move {
-            if let Some(published) = history {
-                let full = read_history(&positions, partition, &outbox_key, &published, &rx).await;
-                if rx.is_closed() {
-                    // Released while reading: nothing to apply, nothing to commit.
-                    return RunnerExit::Finished;
+        let liveness = Arc::clone(&p.liveness);
+        let runner =
+            p.rt.spawn(watched(liveness, Task::Runner, partition, async move {
+                if let Some(published) = history {
+                    let full =
+                        read_history(&positions, partition, &outbox_key, &published, &rx).await;
+                    if rx.is_closed() {
+                        // Released while reading: nothing to apply, nothing to commit.
+                        return RunnerExit::Finished;
+                    }
+                    if let Some(history) = &full {
+                        know_rules_texts(&pipeline, partition, &history.rules);
+                    }
+                    let full = full.map(|h| h.published);
+                    fill_replay(partition, &mut claim, full.as_ref().unwrap_or(&published));
                 }
-                if let Some(history) = &full {
-                    know_rules_texts(&pipeline, partition, &history.rules);
-                }
-                let full = full.map(|h| h.published);
-                fill_replay(partition, &mut claim, full.as_ref().unwrap_or(&published));
-            }
-            let runner = Runner::new(
-                store,
-                pipeline,
-                status,
-                wake_runner,
-                positions,
-                &claim,
-                partition,
-            );
-            runner.run(rx).await
-        });
+                let runner = Runner::new(
+                    store,
+                    pipeline,
+                    status,
+                    wake_runner,
+                    positions,
+                    &claim,
+                    partition,
+                );
+                runner.run(rx).await
+            }));
         let target = Target {
             partition,
             keys: keys.clone(),
             epoch,
             health,
         };
-        let publisher = p.rt.spawn(
-            p.publisher
-                .clone()
-                .run(target, p.redis.clone(), wake, stop_rx),
-        );
+        let publisher = p.rt.spawn(watched(
+            Arc::clone(&p.liveness),
+            Task::Publisher,
+            partition,
+            futures::FutureExt::map(
+                p.publisher
+                    .clone()
+                    .run(target, p.redis.clone(), wake, stop_rx),
+                Some,
+            ),
+        ));
         self.running.lock().expect("running lock").insert(
             partition,
             Running {
@@ -527,7 +578,7 @@ impl Supervisor {
     }
 
     /// Records that a released partition stays assigned to this instance without being
-    /// processed (its runner stopped for `reason` and is not restarted): `/readyz` and
+    /// processed (its runner stopped for `reason` and is not restarted): `/readyz/ingest` and
     /// `tierd_partitions_stopped` show it until the group takes it away ([`Self::forget`]).
     pub fn mark_stopped(&self, released: &Released, reason: String) {
         self.mark_not_processed(released.partition, released.next_offset, reason);

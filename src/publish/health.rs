@@ -1,4 +1,4 @@
-//! What a partition's publisher reports to `/readyz`: a record Kafka refuses permanently,
+//! What a partition's publisher reports to `/readyz/ingest`: a record Kafka refuses permanently,
 //! blocking the outbox, or dead letters parked after such a refusal.
 
 use std::sync::Mutex;

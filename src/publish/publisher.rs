@@ -14,7 +14,7 @@
 //! dead letter is parked in a side stream (retried every `publish.parked_retry_ms`) so the
 //! rest flows on; a change or at-risk notice blocks its partition's outbox (its customers'
 //! order matters more than progress) and is retried alone at the same pace. Both show on
-//! `/readyz` and in metrics; neither re-sends the records around it.
+//! `/readyz/ingest` and in metrics; neither re-sends the records around it.
 
 use super::health::PublishHealth;
 use super::position::{OutboxPositions, Published, PARKED_LETTERS_KEPT};
@@ -579,6 +579,8 @@ impl PartitionPublisher {
         round: &[StoredEntry],
         from_outbox: bool,
     ) -> Result<Round, DrainError> {
+        // Fault injection for the tests (`--features failpoints`).
+        fail::fail_point!("publisher-round");
         if self.producer.is_none() {
             self.init_producer().await?;
         }
@@ -1037,7 +1039,7 @@ impl PartitionPublisher {
         Ok(())
     }
 
-    /// Updates `/readyz`'s view and the gauges.
+    /// Updates `/readyz/ingest`'s view and the gauges.
     fn report(&self) {
         let t = &self.shared.telemetry;
         t.outbox_parked

@@ -559,7 +559,7 @@ impl PartitionNotProcessed<'_> {
         error!(
             partition = self.partition,
             reason = self.reason,
-            "Partition assigned to this instance but not processed; /readyz fails until the group moves it or tierd restarts."
+            "Partition assigned to this instance but not processed; /readyz/ingest fails until the group moves it or tierd restarts."
         );
     }
 }

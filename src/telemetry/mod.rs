@@ -105,6 +105,9 @@ pub struct Telemetry {
     /// claimed it; `diverged`: Redis holds another offset than this owner committed, e.g. it
     /// lost writes; `corrupt`: a stored state cannot be read).
     pub partition_stops: IntCounterVec,
+    /// Tasks that died (`consumer`: the Kafka consumer thread; `runner`, `publisher`: a
+    /// partition's), each also failing `/healthz` (see [`crate::liveness`]).
+    pub tasks_died: IntCounterVec,
     /// Every metric name registered, for checks that dashboards and alerts only use real ones.
     names: Vec<String>,
 }
@@ -236,7 +239,7 @@ impl Telemetry {
             ),
             publish_refused: counter_vec(
                 "tierd_publish_refused_total",
-                "Outbox records Kafka refused permanently (parked or blocking; see /readyz).",
+                "Outbox records Kafka refused permanently (parked or blocking; see /readyz/ingest).",
                 &["kind"],
             ),
             outbox_parked: gauge_vec(
@@ -282,7 +285,7 @@ impl Telemetry {
             partitions_stopped: {
                 let g = IntGauge::new(
                     "tierd_partitions_stopped",
-                    "Input partitions assigned to this instance but not processed (fenced or failed; see /readyz).",
+                    "Input partitions assigned to this instance but not processed (fenced or failed; see /readyz/ingest).",
                 )
                 .expect("valid metric");
                 register(Box::new(g.clone()));
@@ -400,6 +403,11 @@ impl Telemetry {
                 "Partitions that stopped processing while assigned, by cause (fenced, diverged, corrupt).",
                 &["cause"],
             ),
+            tasks_died: counter_vec(
+                "tierd_tasks_died_total",
+                "Tasks that died (panicked or ended unexpectedly), by task (consumer, runner, publisher); /healthz fails after one.",
+                &["task"],
+            ),
             names: Vec::new(),
             registry,
         };
@@ -410,6 +418,9 @@ impl Telemetry {
         }
         for cause in events::StopCause::ALL {
             t.partition_stops.with_label_values(&[cause.as_str()]);
+        }
+        for task in crate::liveness::Task::ALL {
+            t.tasks_died.with_label_values(&[task.as_str()]);
         }
         for cause in crate::model::state::TimeCause::ALL {
             t.timers_fired.with_label_values(&[cause.as_str()]);

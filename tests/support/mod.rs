@@ -1758,6 +1758,12 @@ impl Tierd {
 
     /// Spawns with extra `[kafka.consumer]` properties (e.g. an eager assignor).
     pub fn spawn_with(world: &World, consumer: &str, extra: &str) -> Self {
+        Self::spawn_env(world, consumer, extra, &[])
+    }
+
+    /// Spawns with extra environment variables too (e.g. `FAILPOINTS`: the tests' tierd is
+    /// built with `--features failpoints`).
+    pub fn spawn_env(world: &World, consumer: &str, extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let config = dir.path().join("tierd.toml");
@@ -1776,6 +1782,7 @@ impl Tierd {
                     .unwrap_or_else(|_| "info,librdkafka=warn".into()),
             )
             .env("TIERD_PUBLISH__INTERVAL_MS", "100")
+            .envs(env.iter().copied())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -1866,6 +1873,20 @@ impl Tierd {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself: its exit code (`None`: still
+    /// running, or killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// SIGTERM, then waits for a clean exit; returns the exit code.
