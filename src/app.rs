@@ -131,6 +131,21 @@ pub fn load_history(config: &Config) -> Result<Vec<Rules>, RulesError> {
         .collect()
 }
 
+/// The API's bearer tokens (`api.token_file`), if any.
+///
+/// # Errors
+/// [`crate::config::ConfigError`] naming `api.token_file`.
+pub fn load_tokens(
+    config: &Config,
+) -> Result<Option<crate::api::auth::Tokens>, crate::config::ConfigError> {
+    config
+        .api
+        .token_file
+        .as_deref()
+        .map(crate::api::auth::Tokens::load)
+        .transpose()
+}
+
 /// Runs tierd until `shutdown` resolves.
 ///
 /// # Errors
@@ -146,6 +161,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "Rules loaded."
     );
     let history = load_history(&config)?;
+    let tokens = load_tokens(&config)?;
 
     crate::kafka::check_clients(&config.kafka)?;
     let client = crate::store::client::client(&config.redis)?;
@@ -332,6 +348,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         wall_clock,
         stall_alarm,
         liveness: api_liveness,
+        tokens,
     })
     .await
     .inspect_err(|_| watch.abort())?;

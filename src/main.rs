@@ -131,6 +131,8 @@ fn main() -> anyhow::Result<()> {
             let rules =
                 tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
             tierd::app::load_history(&cfg)?;
+            tierd::app::load_tokens(&cfg)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
             // Build (without connecting) every client the service would: a property that
             // cannot work is refused here, naming the field.
             tierd::kafka::check_clients(&cfg.kafka)

@@ -2,7 +2,8 @@
 //! SASL_SSL listener (SCRAM-SHA-512, a certificate made here with openssl), decodes
 //! zstd-compressed input, and keeps its state in a Redis that speaks only TLS and admits only an
 //! ACL user (`rediss://user:password@…` with `redis.tls_ca_file`). A config that cannot work is
-//! refused by `tierd check-config`, naming the field.
+//! refused by `tierd check-config`, naming the field. The API's customer routes need a bearer
+//! token once `api.token_file` is set, and an API reachable from other hosts needs one.
 
 mod support;
 
@@ -244,4 +245,87 @@ fn tierd_presents_its_client_certificate_to_a_redis_that_requires_one() {
     let ends = world.produce_json(&[purchase("m1", "mia", "10", "2026-11-01T10:00:00Z")]);
     world.wait_applied(&ends, Duration::from_secs(60));
     assert_eq!(world.customer_state("mia").unwrap().count, 1);
+}
+
+/// The routes serving customer data need a bearer token from `api.token_file` once one is set
+/// (401 with `WWW-Authenticate: Bearer` without it or with another); health, readiness,
+/// metrics stay open. `check-config` refuses a `listen` reachable from other hosts without a
+/// token and a token file it cannot use, naming `api.token_file`.
+#[test]
+fn the_customer_routes_need_a_bearer_token_from_the_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (
+        "0123456789abcdef0123456789abcdef",
+        "fedcba9876543210fedcba9876543210ff",
+    );
+    let tokens = dir.path().join("api-tokens");
+    std::fs::write(&tokens, format!("# rotating: both valid\n{old}\n{new}\n")).unwrap();
+    let world = World::start(1);
+    let tierd = Tierd::spawn(
+        &world,
+        &format!("[api]\ntoken_file = \"{}\"\n", tokens.display()),
+    );
+    tierd.wait_partitions(1, std::time::Duration::from_secs(60));
+    let ends = world.produce_json(&[purchase("k1", "kim", "10", "2026-11-01T10:00:00Z")]);
+    world.wait_applied(&ends, std::time::Duration::from_secs(60));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let get = |path: &str, token: Option<&str>| {
+        rt.block_on(async {
+            let mut request = reqwest::Client::new().get(format!("{}{path}", tierd.api));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let r = request.send().await.unwrap();
+            let challenge = r
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), challenge, r.text().await.unwrap())
+        })
+    };
+    for path in ["/v1/customers/kim", "/v1/tiers"] {
+        let (status, challenge, body) = get(path, None);
+        assert_eq!(status, 401, "{path} without a token: {body}");
+        assert_eq!(challenge.as_deref(), Some("Bearer realm=\"tierd\""));
+        assert!(body.contains("\"error\":\"unauthorized\""), "{body}");
+        let (status, _, body) = get(path, Some(&old[..31]));
+        assert_eq!(status, 401, "{path} with a wrong token: {body}");
+        assert!(body.contains("not one of api.token_file's"), "{body}");
+        for token in [old, new] {
+            let (status, _, body) = get(path, Some(token));
+            assert_eq!(status, 200, "{path} with a token of the file: {body}");
+        }
+    }
+    let (_, _, body) = get("/v1/customers/kim", Some(new));
+    assert!(body.contains("\"customer_id\":\"kim\""), "{body}");
+    for path in ["/healthz", "/readyz", "/readyz/ingest", "/metrics"] {
+        let (status, _, body) = get(path, None);
+        assert_eq!(status, 200, "{path} stays open: {body}");
+    }
+
+    let rules = "[rules]\npath = \"config/rules/b2b-lifetime.toml\"\n";
+    let (ok, stderr) = check_config(&format!("{rules}[api]\nlisten = \"0.0.0.0:8080\"\n"));
+    assert!(
+        !ok && stderr.contains("`api.token_file`") && stderr.contains("reachable from other hosts"),
+        "{stderr}"
+    );
+    let (ok, stderr) = check_config(&format!(
+        "{rules}[api]\nlisten = \"0.0.0.0:8080\"\ntoken_file = \"{}\"\n",
+        tokens.display()
+    ));
+    assert!(ok, "{stderr}");
+    let short = dir.path().join("short-token");
+    std::fs::write(&short, "secret\n").unwrap();
+    let (ok, stderr) = check_config(&format!(
+        "{rules}[api]\ntoken_file = \"{}\"\n",
+        short.display()
+    ));
+    assert!(
+        !ok && stderr.contains("`api.token_file`") && stderr.contains("too short"),
+        "{stderr}"
+    );
 }

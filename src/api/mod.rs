@@ -2,6 +2,7 @@
 //! (`customers`, `tiers`, `health`: liveness, readiness, metrics) and one error type
 //! ([`error::ApiError`]).
 
+pub mod auth;
 mod customers;
 pub mod error;
 mod health;
@@ -45,6 +46,8 @@ pub struct ApiState {
     pub stall_alarm: Arc<crate::ingest::stalls::StallAlarm>,
     /// Whether the tasks that must keep running do (`/healthz`).
     pub liveness: Arc<crate::liveness::Liveness>,
+    /// The bearer tokens `/v1/…` requires (`api.token_file`); `None`: open.
+    pub tokens: Option<auth::Tokens>,
 }
 
 impl ApiState {
@@ -71,9 +74,17 @@ impl ApiState {
 /// Every request's time is observed by route pattern and status code.
 pub fn router(state: ApiState) -> Router {
     let seconds = state.telemetry.http_request_seconds.clone();
-    Router::new()
+    let mut customer_data = Router::new()
         .route("/v1/customers/{customer_id}", get(customers::get))
-        .route("/v1/tiers", get(tiers::get))
+        .route("/v1/tiers", get(tiers::get));
+    if let Some(tokens) = state.tokens.clone() {
+        customer_data = customer_data.route_layer(axum::middleware::from_fn_with_state(
+            tokens,
+            auth::require_token,
+        ));
+    }
+    Router::new()
+        .merge(customer_data)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/readyz/ingest", get(health::readyz_ingest))

@@ -366,6 +366,20 @@ pub struct ApiConfig {
     /// partitioned Redis must not hold a caller that routes on the answer). Default 1000.
     #[serde(default = "default_api_redis_timeout_ms")]
     pub redis_timeout_ms: u64,
+    /// File holding the bearer tokens that the routes serving customer data (`/v1/…`)
+    /// require as `Authorization: Bearer <token>`: one per line (blank lines and `#`
+    /// comments ignored), each at least 32 printable characters. Several lines let a token
+    /// be rotated: add the new one, restart, move the clients over, remove the old one. Read
+    /// at startup. Health, readiness, metrics and the OpenAPI document stay open (no customer
+    /// data). Required when `listen` is not a loopback address, unless
+    /// `allow_unauthenticated`. Default: none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Serve `/v1/…` without a token on a `listen` address other than loopback (behind a
+    /// proxy that authenticates, say). Default false: such a configuration is refused at
+    /// startup, naming `api.token_file`.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
 }
 
 impl Config {
@@ -447,6 +461,20 @@ mod tests {
         assert!(msg("[ingest]\nseek_deadline_s = 3601").contains("`ingest.seek_deadline_s`"));
         assert!(msg("[money]\ncurrency = \"euro\"").contains("`money.currency`"));
         assert!(msg("[api]\nlisten = \"localhost\"").contains("`api.listen`"));
+        // Reachable from other hosts: a token, or an explicit opt-out.
+        let open = msg("[api]\nlisten = \"0.0.0.0:8080\"");
+        assert!(
+            open.contains("`api.token_file`") && open.contains("0.0.0.0:8080"),
+            "{open}"
+        );
+        assert!(msg("[api]\nlisten = \"[::]:8080\"").contains("`api.token_file`"));
+        for ok in [
+            "[api]\nlisten = \"0.0.0.0:8080\"\ntoken_file = \"/run/secrets/tierd-api\"",
+            "[api]\nlisten = \"0.0.0.0:8080\"\nallow_unauthenticated = true",
+            "[api]\nlisten = \"[::1]:8080\"",
+        ] {
+            assert!(from(ok).is_ok(), "{ok}");
+        }
         assert!(msg("[kafka.consumer]\n\"group.id\" = \"x\"").contains("`kafka.consumer`"));
         let eof = msg("[kafka.consumer]\n\"enable.partition.eof\" = \"false\"");
         assert!(

@@ -221,8 +221,17 @@ impl Config {
                 "must be 1024..=900000 (key, headers and value must fit Kafka's default 1 MB record limit)",
             );
         }
-        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+        let Ok(listen) = self.api.listen.parse::<std::net::SocketAddr>() else {
             return bad("api.listen", "must be an IP:port socket address");
+        };
+        if !listen.ip().is_loopback()
+            && self.api.token_file.is_none()
+            && !self.api.allow_unauthenticated
+        {
+            return bad(
+                "api.token_file",
+                &format!("api.listen {listen} is reachable from other hosts and the API serves customers' spend: set api.token_file (bearer tokens), or api.allow_unauthenticated = true behind a proxy that authenticates"),
+            );
         }
         if self.api.ready_max_lag < 0 {
             return bad("api.ready_max_lag", "must not be negative");
