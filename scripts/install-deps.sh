@@ -26,6 +26,7 @@ java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v gdb >/dev/null 2>&1 || need+=(gdb)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 for p in libssl-dev libzstd-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
@@ -73,6 +74,18 @@ if ! ls "$LIBS"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null 2>&1; then
   echo "    done in $(( $(date +%s) - start )) s"
 fi
 echo "Apache Kafka $KAFKA_VERSION: $LIBS ($(ls "$LIBS" | wc -l) jars)"
+
+# Python tools the tests run, pinned, in a virtualenv of their own: schemathesis checks the
+# API against its OpenAPI document (tests/operate.rs).
+PY_TOOLS="${PY_TOOLS_DIR:-$HOME/.cache/tierd/py-tools}"
+PY_PINS=(schemathesis==4.32.5)
+pinned=$("$PY_TOOLS/bin/pip" freeze 2>/dev/null | grep -cxF -f <(printf '%s\n' "${PY_PINS[@]}") || true)
+if [ "${pinned:-0}" -ne ${#PY_PINS[@]} ]; then
+  echo "==> Installing ${PY_PINS[*]} into $PY_TOOLS"
+  python3 -m venv "$PY_TOOLS"
+  "$PY_TOOLS/bin/pip" install -q --disable-pip-version-check "${PY_PINS[@]}"
+fi
+echo "Python tools: $("$PY_TOOLS/bin/schemathesis" --version)"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> Installing cargo-nextest"

@@ -89,10 +89,23 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/readyz/ingest", get(health::readyz_ingest))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi))
         .with_state(Arc::new(state))
         .layer(axum::middleware::from_fn(move |request, next| {
             timed(seconds.clone(), request, next)
         }))
+}
+
+/// The API's OpenAPI 3.0 document (`src/api/openapi.json`, checked against this server by
+/// schemathesis in `tests/operate.rs`).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// `GET /openapi.json`.
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
 }
 
 /// Answers `request` and observes how long it took in `tierd_http_request_duration_seconds`,
