@@ -4,7 +4,12 @@
 #   - Debian packages: redis-server (tests start their own), the -dev packages librdkafka's
 #     ssl and zstd features build against, openssl (test certificates), Java 17 and Maven,
 #     gdb (a failing test dumps the threads of a tierd still running, for the post-mortem),
-#     prometheus for its promtool (tests check tierd's metrics and the alert rules with it);
+#     prometheus for its promtool (tests check tierd's metrics and the alert rules with it),
+#     docker-compose (its `config` checks deploy/compose.yaml; no engine), python3-venv,
+#     nodejs and npm;
+#   - pinned Python tools in a virtualenv (~/.cache/tierd/py-tools, PY_TOOLS_DIR moves it):
+#     schemathesis (the API against its OpenAPI document), kubernetes-validate; pinned npm
+#     packages (~/.cache/tierd/node-tools, NODE_TOOLS_DIR): kubernetes-models' schemas;
 #   - Apache Kafka (pinned in scripts/kafka/version.sh): the broker jars and their
 #     dependencies from Maven Central into ~/.cache/tierd/kafka-VERSION/libs (KAFKA_CACHE_DIR
 #     moves the cache); nothing is built;
@@ -32,6 +37,9 @@ for p in libssl-dev libzstd-dev; do
 done
 # Prometheus and promtool alone: the package's recommended exporters are not needed.
 { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need_alone+=(prometheus)
+# `docker-compose config` checks deploy/compose.yaml (no Docker engine: not its recommends).
+command -v docker-compose >/dev/null 2>&1 || need_alone+=(docker-compose)
+command -v node >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ] || [ ${#need_alone[@]} -gt 0 ]; then
   echo "==> Installing Debian packages: ${need[*]} ${need_alone[*]}"
   $SUDO apt-get update -qq
@@ -76,16 +84,28 @@ fi
 echo "Apache Kafka $KAFKA_VERSION: $LIBS ($(ls "$LIBS" | wc -l) jars)"
 
 # Python tools the tests run, pinned, in a virtualenv of their own: schemathesis checks the
-# API against its OpenAPI document (tests/operate.rs).
+# API against its OpenAPI document (tests/operate.rs), kubernetes-validate the Kubernetes
+# manifests (tests/deploy.rs).
 PY_TOOLS="${PY_TOOLS_DIR:-$HOME/.cache/tierd/py-tools}"
-PY_PINS=(schemathesis==4.32.5)
+PY_PINS=(schemathesis==4.32.5 kubernetes-validate==1.37.0 PyYAML==6.0.3)
 pinned=$("$PY_TOOLS/bin/pip" freeze 2>/dev/null | grep -cxF -f <(printf '%s\n' "${PY_PINS[@]}") || true)
 if [ "${pinned:-0}" -ne ${#PY_PINS[@]} ]; then
   echo "==> Installing ${PY_PINS[*]} into $PY_TOOLS"
   python3 -m venv "$PY_TOOLS"
   "$PY_TOOLS/bin/pip" install -q --disable-pip-version-check "${PY_PINS[@]}"
 fi
-echo "Python tools: $("$PY_TOOLS/bin/schemathesis" --version)"
+echo "Python tools: $("$PY_TOOLS/bin/schemathesis" --version), kubernetes-validate $("$PY_TOOLS/bin/kubernetes-validate" --version)"
+
+# Node tools, pinned: kubernetes-models' schemas (core, KEDA, Prometheus Operator kinds) for
+# scripts/k8s/validate-models.mjs (tests/deploy.rs).
+NODE_TOOLS="${NODE_TOOLS_DIR:-$HOME/.cache/tierd/node-tools}"
+NODE_PINS=(kubernetes-models@5.1.0 @kubernetes-models/keda@2.0.0 @kubernetes-models/prometheus-operator@6.0.0 js-yaml@5.5.0)
+if [ "$(cat "$NODE_TOOLS/.pins" 2>/dev/null)" != "${NODE_PINS[*]}" ]; then
+  echo "==> Installing ${NODE_PINS[*]} into $NODE_TOOLS"
+  mkdir -p "$NODE_TOOLS"
+  npm install --prefix "$NODE_TOOLS" --no-audit --no-fund --silent "${NODE_PINS[@]}"
+  echo "${NODE_PINS[*]}" > "$NODE_TOOLS/.pins"
+fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> Installing cargo-nextest"
