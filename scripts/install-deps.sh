@@ -6,7 +6,7 @@
 #     gdb (a failing test dumps the threads of a tierd still running, for the post-mortem),
 #     prometheus for its promtool (tests check tierd's metrics and the alert rules with it),
 #     docker-compose (its `config` checks deploy/compose.yaml; no engine), python3-venv,
-#     nodejs and npm;
+#     nodejs and npm, chromium (headless: the status page) with a CJK font;
 #   - pinned Python tools in a virtualenv (~/.cache/tierd/py-tools, PY_TOOLS_DIR moves it):
 #     schemathesis (the API against its OpenAPI document), kubernetes-validate; pinned npm
 #     packages (~/.cache/tierd/node-tools, NODE_TOOLS_DIR): kubernetes-models' schemas;
@@ -40,6 +40,10 @@ done
 # `docker-compose config` checks deploy/compose.yaml (no Docker engine: not its recommends).
 command -v docker-compose >/dev/null 2>&1 || need_alone+=(docker-compose)
 command -v node >/dev/null 2>&1 || need+=(nodejs npm)
+# Headless Chromium renders the status page in tests/operate.rs; a CJK font shows the
+# source material's Chinese tier names in its screenshot.
+command -v chromium >/dev/null 2>&1 || need_alone+=(chromium)
+dpkg -s fonts-wqy-microhei >/dev/null 2>&1 || need_alone+=(fonts-wqy-microhei)
 if [ ${#need[@]} -gt 0 ] || [ ${#need_alone[@]} -gt 0 ]; then
   echo "==> Installing Debian packages: ${need[*]} ${need_alone[*]}"
   $SUDO apt-get update -qq

@@ -329,6 +329,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         .run(),
     );
+    // The status page's flows over the last hour: a snapshot of the tier-change counter a
+    // minute.
+    let flow_snapshots = {
+        let telemetry = telemetry.clone();
+        tokio::spawn(async move {
+            let mut minute = tokio::time::interval(Duration::from_secs(60));
+            minute.tick().await;
+            loop {
+                minute.tick().await;
+                let totals = crate::telemetry::recent::FlowHistory::totals(&telemetry.tier_changes);
+                telemetry.flows.snapshot(std::time::Instant::now(), totals);
+            }
+        })
+    };
     let (ready_max_lag, wall_clock, redis_timeout) = (
         config.api.ready_max_lag,
         config.clock.mode == crate::config::ClockMode::Wall,
@@ -351,7 +365,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tokens,
     })
     .await
-    .inspect_err(|_| watch.abort())?;
+    .inspect_err(|_| {
+        watch.abort();
+        flow_snapshots.abort();
+    })?;
 
     let ingest = {
         let topic = config.kafka.input_topic.clone();
@@ -380,6 +397,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         return Err(StartError::Internal("ingest thread panicked".into()));
     }
     watch.abort();
+    flow_snapshots.abort();
     api.stop().await;
     info!("Stopped.");
     outcome

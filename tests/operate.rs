@@ -564,6 +564,8 @@ fn the_openapi_document_matches_the_real_server_under_schemathesis() {
     for operation in [
         "/v1/customers/{customer_id}",
         "/v1/tiers",
+        "/v1/status",
+        "/status",
         "/healthz",
         "/readyz/ingest",
         "/metrics",
@@ -596,4 +598,187 @@ fn the_openapi_document_matches_the_real_server_under_schemathesis() {
 /// Now as RFC 3339 (UTC, seconds).
 fn time_now_rfc3339() -> String {
     tierd::model::time::format_ms(tierd::model::time::now_ms())
+}
+
+/// Runs headless Chromium (Debian's) on `url`: the DOM once the page's script has run
+/// (`--dump-dom`), or a screenshot into `screenshot`.
+fn chromium(url: &str, screenshot: Option<&Path>) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(["--virtual-time-budget=8000", "--window-size=1280,1000"]);
+    match screenshot {
+        Some(path) => cmd.arg(format!("--screenshot={}", path.display())),
+        None => cmd.arg("--dump-dom"),
+    };
+    let out = cmd
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("chromium must be installed (bash scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The attribute values `name="…"` of the DOM, in order.
+fn attributes(dom: &str, name: &str) -> Vec<String> {
+    dom.split(&format!(" {name}=\""))
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next().map(str::to_owned))
+        .collect()
+}
+
+/// The status page, rendered by headless Chromium from a running tierd that requires a token
+/// (taken from the URL fragment), shows the right numbers: each tier's count as the customers'
+/// stored states place them, every customer counted once, the rules version, the cut-offs, the
+/// instance's partitions, its flows (summing to the changes it decided) and its latest 20
+/// changes (of these customers, the newest first). A screenshot is written (to
+/// docs/status-page.png with `UPDATE_SCREENSHOT=1`).
+#[test]
+fn the_status_page_shows_the_right_numbers_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "0123456789abcdef0123456789abcdef";
+    let tokens = dir.path().join("api-tokens");
+    std::fs::write(&tokens, format!("{token}\n")).unwrap();
+    let mut world = World::start(2);
+    world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
+    let tierd = Tierd::spawn(
+        &world,
+        &format!(
+            "[api]\ntoken_file = \"{}\"\n[ranks]\nrecompute_interval_ms = 500\ncheck_interval_ms = 100\n",
+            tokens.display()
+        ),
+    );
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    let now = time_now_rfc3339();
+    let customers = 40;
+    let events: Vec<serde_json::Value> = (0..customers)
+        .map(|i| {
+            purchase(
+                &format!("s{i}"),
+                &format!("vip-{i:02}"),
+                &((i * i * 97) % 20_000 + 10).to_string(),
+                &now,
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    // Let the cut-offs settle (recomputed every 500 ms) and the re-rankings apply.
+    std::thread::sleep(Duration::from_secs(3));
+    let placed = || -> HashMap<String, usize> {
+        let mut placed = HashMap::new();
+        for i in 0..customers {
+            let state = world
+                .customer_state(&format!("vip-{i:02}"))
+                .expect("stored");
+            *placed.entry(state.tier.unwrap_or_default()).or_default() += 1;
+        }
+        placed
+    };
+    let settle = Instant::now() + Duration::from_secs(30);
+    let truth = loop {
+        let first = placed();
+        std::thread::sleep(Duration::from_millis(1500));
+        if first == placed() || Instant::now() > settle {
+            break first;
+        }
+    };
+    assert_eq!(truth.values().sum::<usize>(), customers);
+
+    let url = format!("{}/status#token={token}", tierd.api);
+    let dom = chromium(&url, None);
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "the page did not load its data:\n{dom}"
+    );
+    assert!(
+        dom.contains("<div id=\"error\" hidden=\"\">"),
+        "an error is shown:\n{dom}"
+    );
+    assert!(
+        dom.contains(&format!(
+            "id=\"rules-version\">{}<",
+            rules_version_of(&world)
+        )),
+        "rules version not shown:\n{dom}"
+    );
+
+    // The pyramid: tier by tier as the stored states place the customers.
+    let tiers = attributes(&dom, "data-tier");
+    let counts: Vec<usize> = attributes(&dom, "data-count")
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert_eq!(tiers.len(), counts.len(), "{dom}");
+    assert!(tiers.len() >= 3, "{tiers:?}");
+    for (tier, count) in tiers.iter().zip(&counts) {
+        assert_eq!(
+            *count,
+            truth.get(tier).copied().unwrap_or(0),
+            "tier {tier}: the page shows {count}, the states {truth:?}"
+        );
+    }
+    assert_eq!(counts.iter().sum::<usize>(), customers);
+    assert!(
+        dom.contains(&format!("id=\"population\">{customers}<")),
+        "{dom}"
+    );
+
+    // Partitions, flows, latest changes: this instance's.
+    assert_eq!(attributes(&dom, "data-partition"), ["0", "1"]);
+    let decided = tierd.metric("tierd_tier_changes_total");
+    let flows: f64 = dom
+        .split("data-flow=\"")
+        .skip(1)
+        .map(|row| {
+            let cells: Vec<&str> = row.split("<td").skip(1).collect();
+            cells[2]
+                .split('>')
+                .nth(1)
+                .and_then(|c| c.split('<').next())
+                .unwrap()
+                .parse::<f64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        flows, decided,
+        "flows on the page vs tierd_tier_changes_total\n{dom}"
+    );
+    assert!(decided >= 40.0, "{decided}");
+    let recent = attributes(&dom, "data-customer");
+    assert_eq!(recent.len(), 20, "{dom}");
+    assert!(recent.iter().all(|c| c.starts_with("vip-")), "{recent:?}");
+
+    // A screenshot, for the docs.
+    let shot = if std::env::var("UPDATE_SCREENSHOT").is_ok() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status-page.png")
+    } else {
+        dir.path().join("status-page.png")
+    };
+    chromium(&url, Some(&shot));
+    let png = std::fs::read(&shot).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+}
+
+/// The `version` of the world's rules file.
+fn rules_version_of(world: &World) -> String {
+    let rules: toml::Table =
+        toml::from_str(&std::fs::read_to_string(&world.rules).unwrap()).unwrap();
+    rules["version"].as_str().unwrap().to_owned()
 }

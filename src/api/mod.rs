@@ -6,6 +6,7 @@ pub mod auth;
 mod customers;
 pub mod error;
 mod health;
+mod status;
 mod tiers;
 
 use crate::api::error::ApiError;
@@ -76,7 +77,8 @@ pub fn router(state: ApiState) -> Router {
     let seconds = state.telemetry.http_request_seconds.clone();
     let mut customer_data = Router::new()
         .route("/v1/customers/{customer_id}", get(customers::get))
-        .route("/v1/tiers", get(tiers::get));
+        .route("/v1/tiers", get(tiers::get))
+        .route("/v1/status", get(status::get));
     if let Some(tokens) = state.tokens.clone() {
         customer_data = customer_data.route_layer(axum::middleware::from_fn_with_state(
             tokens,
@@ -90,6 +92,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz/ingest", get(health::readyz_ingest))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi))
+        .route("/status", get(status::page))
         .with_state(Arc::new(state))
         .layer(axum::middleware::from_fn(move |request, next| {
             timed(seconds.clone(), request, next)

@@ -12,6 +12,11 @@ use std::sync::Arc;
 pub(super) async fn get(
     State(s): State<Arc<ApiState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    view(&s).await.map(Json)
+}
+
+/// The pyramid as `/v1/tiers` answers it (also part of `/v1/status`).
+pub(super) async fn view(s: &ApiState) -> Result<serde_json::Value, ApiError> {
     let mut conn = s.redis.clone();
     // Both reads within one `api.redis_timeout_ms`.
     let (counts, cutoffs) = s
@@ -54,7 +59,7 @@ pub(super) async fn get(
             })
         })
         .collect();
-    Ok(Json(serde_json::json!({
+    Ok(serde_json::json!({
         "rules_version": s.rules.version(),
         "tiers": s.rules.tiers().iter().map(|t| serde_json::json!({
             "name": t.name, "display_name": t.display(), "customers": sizes[&t.name],
@@ -65,5 +70,5 @@ pub(super) async fn get(
             "population": cutoffs.as_ref().map(|c| c.population.clone()),
             "points": points,
         },
-    })))
+    }))
 }

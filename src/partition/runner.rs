@@ -22,7 +22,7 @@ use crate::model::state::rules_hash;
 use crate::model::stored::StoredStateError;
 use crate::model::time;
 use crate::publish::position::OutboxPositions;
-use crate::store::outbox::{RulesSweep, TimerPass};
+use crate::store::outbox::{EntryKind, RulesSweep, TimerPass};
 use crate::store::partition::{ApplyError, Claim, Committed, PartitionStore};
 use crate::telemetry::events::{self, StopCause};
 use std::collections::VecDeque;
@@ -954,6 +954,14 @@ impl Runner {
                 outbox_len,
             }
             .emit(&p.telemetry);
+            p.telemetry.recent.record(
+                batch
+                    .outbox
+                    .iter()
+                    .rev()
+                    .filter(|e| e.kind == EntryKind::Change)
+                    .map(|e| e.value.as_slice()),
+            );
         }
         if !batch.outbox.is_empty() {
             self.published.notify_one();

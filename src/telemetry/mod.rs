@@ -2,6 +2,7 @@
 //! their log line ([`events`]), so logs and metrics never drift apart.
 
 pub mod events;
+pub mod recent;
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -108,6 +109,10 @@ pub struct Telemetry {
     /// Tasks that died (`consumer`: the Kafka consumer thread; `runner`, `publisher`: a
     /// partition's), each also failing `/healthz` (see [`crate::liveness`]).
     pub tasks_died: IntCounterVec,
+    /// The latest tier changes this instance committed (the status page).
+    pub recent: std::sync::Arc<recent::RecentChanges>,
+    /// Flows between tiers over the last hour (the status page).
+    pub flows: std::sync::Arc<recent::FlowHistory>,
     /// Every metric name registered, for checks that dashboards and alerts only use real ones.
     names: Vec<String>,
 }
@@ -408,6 +413,8 @@ impl Telemetry {
                 "Tasks that died (panicked or ended unexpectedly), by task (consumer, runner, publisher); /healthz fails after one.",
                 &["task"],
             ),
+            recent: std::sync::Arc::default(),
+            flows: std::sync::Arc::default(),
             names: Vec::new(),
             registry,
         };
