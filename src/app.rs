@@ -162,6 +162,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let history = load_history(&config)?;
     let tokens = load_tokens(&config)?;
+    let tls = crate::api::tls::server_config(&config.api)?;
 
     crate::kafka::check_clients(&config.kafka)?;
     let client = crate::store::client::client(&config.redis)?;
@@ -349,7 +350,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Duration::from_millis(config.api.redis_timeout_ms),
     );
     let api_liveness = Arc::clone(&liveness);
-    let api = ApiThread::start(listener, client, move |redis| ApiState {
+    let api = ApiThread::start(listener, client, tls, move |redis| ApiState {
         redis,
         keyspace,
         partitions,
@@ -437,6 +438,7 @@ impl ApiThread {
     async fn start(
         listener: tokio::net::TcpListener,
         client: redis::Client,
+        tls: Option<Arc<rustls::ServerConfig>>,
         state: impl FnOnce(Connection) -> ApiState + Send + 'static,
     ) -> Result<Self, StartError> {
         use axum::serve::ListenerExt;
@@ -474,6 +476,10 @@ impl ApiThread {
                         }
                     };
                     let _ = started.send(Ok(()));
+                    if let Some(tls) = tls {
+                        serve_tls(listener, tls, api::router(state(redis)), stopped).await;
+                        return;
+                    }
                     // Answers are written whole: no Nagle delay waiting for an ACK.
                     let listener = listener.tap_io(|tcp| {
                         let _ = tcp.set_nodelay(true);
@@ -515,6 +521,43 @@ impl ApiThread {
                 "The API did not stop in time (a connection still open, or a lookup waiting for Redis); not waiting for it."
             );
         }
+    }
+}
+
+/// Serves `router` over TLS (`api.tls_cert_file`, and client certificates when
+/// `api.tls_client_ca_file` is set) until `stopped` resolves; requests in flight get
+/// [`API_STOP_PATIENCE`].
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: axum::Router,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = match listener.into_std() {
+        Ok(listener) => listener,
+        Err(error) => {
+            warn!(%error, "The API cannot serve TLS.");
+            return;
+        }
+    };
+    let handle = axum_server::Handle::new();
+    let stop = handle.clone();
+    tokio::spawn(async move {
+        let _ = stopped.await;
+        stop.graceful_shutdown(Some(API_STOP_PATIENCE));
+    });
+    let config = axum_server::tls_rustls::RustlsConfig::from_config(tls);
+    let served = match axum_server::tls_rustls::from_tcp_rustls(listener, config) {
+        Ok(server) => {
+            server
+                .handle(handle)
+                .serve(router.into_make_service())
+                .await
+        }
+        Err(error) => Err(error),
+    };
+    if let Err(error) = served {
+        warn!(%error, "The API stopped serving.");
     }
 }
 

@@ -133,6 +133,8 @@ fn main() -> anyhow::Result<()> {
             tierd::app::load_history(&cfg)?;
             tierd::app::load_tokens(&cfg)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
+            tierd::api::tls::server_config(&cfg.api)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
             // Build (without connecting) every client the service would: a property that
             // cannot work is refused here, naming the field.
             tierd::kafka::check_clients(&cfg.kafka)

@@ -329,3 +329,117 @@ fn the_customer_routes_need_a_bearer_token_from_the_token_file() {
         "{stderr}"
     );
 }
+
+/// `curl` over HTTPS to the API (`extra` arguments: the client certificate or not): the HTTP
+/// status, or `None` when no answer came (a refused handshake).
+fn curl_https(tierd: &Tierd, certs: &Certs, path: &str, extra: &[&str]) -> (Option<u16>, String) {
+    let url = format!("{}{path}", tierd.api.replacen("http://", "https://", 1));
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"])
+        .arg("--cacert")
+        .arg(&certs.ca)
+        .args(extra)
+        .arg(&url)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "000"));
+    let code: u16 = code.trim().parse().unwrap_or(0);
+    (
+        (code != 0).then_some(code),
+        format!("{body}{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// With `api.tls_cert_file`/`tls_key_file` the API serves HTTPS only; with
+/// `api.tls_client_ca_file` it admits only clients presenting a certificate of that CA
+/// (mutual TLS, every route), and such an API may listen beyond loopback without a token.
+/// Files it cannot use are refused by `check-config`, naming the field.
+#[test]
+fn the_api_serves_https_and_admits_only_clients_with_a_certificate_of_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::make(dir.path());
+    let tls = format!(
+        "[api]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntls_client_ca_file = \"{}\"\n",
+        certs.server_cert.display(),
+        certs.server_key.display(),
+        certs.ca.display()
+    );
+    let world = World::start(1);
+    let tierd = Tierd::spawn(&world, &tls);
+    let ends = world.produce_json(&[purchase("m1", "mia", "10", "2026-11-01T10:00:00Z")]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+
+    let client = [
+        "--cert",
+        certs.client_cert.to_str().unwrap(),
+        "--key",
+        certs.client_key.to_str().unwrap(),
+    ];
+    let (code, body) = curl_https(&tierd, &certs, "/v1/customers/mia", &client);
+    assert_eq!(code, Some(200), "{body}");
+    assert!(body.contains("\"customer_id\":\"mia\""), "{body}");
+    let (code, body) = curl_https(&tierd, &certs, "/healthz", &client);
+    assert_eq!((code, body.trim()), (Some(200), "ok"));
+    // No client certificate: no answer, on any route.
+    for path in ["/v1/customers/mia", "/healthz", "/metrics"] {
+        let (code, body) = curl_https(&tierd, &certs, path, &[]);
+        assert_eq!(
+            code, None,
+            "{path} answered without a client certificate: {body}"
+        );
+    }
+    // A certificate of another CA: refused too.
+    let other = tempfile::tempdir().unwrap();
+    let stranger = Certs::make(other.path());
+    let foreign = [
+        "--cert",
+        stranger.client_cert.to_str().unwrap(),
+        "--key",
+        stranger.client_key.to_str().unwrap(),
+    ];
+    let (code, body) = curl_https(&tierd, &certs, "/healthz", &foreign);
+    assert_eq!(
+        code, None,
+        "a foreign client certificate was admitted: {body}"
+    );
+    // Plain HTTP gets no HTTP answer.
+    assert_eq!(tierd.get("/healthz").0, 0);
+
+    let rules = "[rules]\npath = \"config/rules/b2b-lifetime.toml\"\n";
+    let open = tls.replacen("[api]\n", "[api]\nlisten = \"0.0.0.0:8080\"\n", 1);
+    let (ok, stderr) = check_config(&format!("{rules}{open}"));
+    assert!(ok, "client certificates suffice beyond loopback: {stderr}");
+    for (config, field) in [
+        (
+            format!(
+                "[api]\ntls_cert_file = \"{}\"\n",
+                certs.server_cert.display()
+            ),
+            "`api.tls_key_file`",
+        ),
+        (
+            format!("[api]\ntls_client_ca_file = \"{}\"\n", certs.ca.display()),
+            "`api.tls_client_ca_file`",
+        ),
+        (
+            tls.replacen(
+                &certs.server_key.display().to_string(),
+                &certs.client_key.display().to_string(),
+                1,
+            ),
+            "`api.tls_key_file`",
+        ),
+        (
+            tls.replacen(
+                &certs.ca.display().to_string(),
+                &certs.server_key.display().to_string(),
+                1,
+            ),
+            "`api.tls_client_ca_file`",
+        ),
+    ] {
+        let (ok, stderr) = check_config(&format!("{rules}{config}"));
+        assert!(!ok && stderr.contains(field), "{config}: {stderr}");
+    }
+}

@@ -8,6 +8,7 @@ pub mod error;
 mod health;
 mod status;
 mod tiers;
+pub mod tls;
 
 use crate::api::error::ApiError;
 use crate::engine::rules::Rules;

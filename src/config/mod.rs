@@ -380,6 +380,19 @@ pub struct ApiConfig {
     /// startup, naming `api.token_file`.
     #[serde(default)]
     pub allow_unauthenticated: bool,
+    /// PEM certificate chain the API presents: with `tls_key_file`, the API serves HTTPS
+    /// only. Read at startup. Default: none (plain HTTP).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (set together). Default: none.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s): with TLS on, only clients presenting a certificate signed by
+    /// one of them are admitted (mutual TLS, for every route). Such an API needs no token
+    /// on an address other than loopback (the tokens still apply when `token_file` is set).
+    /// Default: none.
+    #[serde(default)]
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 impl Config {

@@ -224,13 +224,26 @@ impl Config {
         let Ok(listen) = self.api.listen.parse::<std::net::SocketAddr>() else {
             return bad("api.listen", "must be an IP:port socket address");
         };
+        if self.api.tls_cert_file.is_some() != self.api.tls_key_file.is_some() {
+            return bad(
+                "api.tls_key_file",
+                "api.tls_cert_file and api.tls_key_file are set together (the API's certificate)",
+            );
+        }
+        if self.api.tls_client_ca_file.is_some() && self.api.tls_cert_file.is_none() {
+            return bad(
+                "api.tls_client_ca_file",
+                "client certificates need TLS: set api.tls_cert_file and api.tls_key_file too",
+            );
+        }
         if !listen.ip().is_loopback()
             && self.api.token_file.is_none()
+            && self.api.tls_client_ca_file.is_none()
             && !self.api.allow_unauthenticated
         {
             return bad(
                 "api.token_file",
-                &format!("api.listen {listen} is reachable from other hosts and the API serves customers' spend: set api.token_file (bearer tokens), or api.allow_unauthenticated = true behind a proxy that authenticates"),
+                &format!("api.listen {listen} is reachable from other hosts and the API serves customers' spend: set api.token_file (bearer tokens) or api.tls_client_ca_file (client certificates), or api.allow_unauthenticated = true behind a proxy that authenticates"),
             );
         }
         if self.api.ready_max_lag < 0 {
