@@ -9,7 +9,8 @@
 #     nodejs and npm, chromium (headless: the status page) with a CJK font;
 #   - pinned Python tools in a virtualenv (~/.cache/tierd/py-tools, PY_TOOLS_DIR moves it):
 #     schemathesis (the API against its OpenAPI document), kubernetes-validate; pinned npm
-#     packages (~/.cache/tierd/node-tools, NODE_TOOLS_DIR): kubernetes-models' schemas;
+#     packages (~/.cache/tierd/node-tools, NODE_TOOLS_DIR): kubernetes-models' schemas and types,
+#     TypeScript (checks the manifests against those types: unknown fields refused);
 #   - Apache Kafka (pinned in scripts/kafka/version.sh): the broker jars and their
 #     dependencies from Maven Central into ~/.cache/tierd/kafka-VERSION/libs (KAFKA_CACHE_DIR
 #     moves the cache); nothing is built;
@@ -103,7 +104,7 @@ echo "Python tools: $("$PY_TOOLS/bin/schemathesis" --version), kubernetes-valida
 # Node tools, pinned: kubernetes-models' schemas (core, KEDA, Prometheus Operator kinds) for
 # scripts/k8s/validate-models.mjs (tests/deploy.rs).
 NODE_TOOLS="${NODE_TOOLS_DIR:-$HOME/.cache/tierd/node-tools}"
-NODE_PINS=(kubernetes-models@5.1.0 @kubernetes-models/keda@2.0.0 @kubernetes-models/prometheus-operator@6.0.0 js-yaml@5.5.0)
+NODE_PINS=(kubernetes-models@5.1.0 @kubernetes-models/keda@2.0.0 @kubernetes-models/prometheus-operator@6.0.0 js-yaml@5.5.0 typescript@5.9.3)
 if [ "$(cat "$NODE_TOOLS/.pins" 2>/dev/null)" != "${NODE_PINS[*]}" ]; then
   echo "==> Installing ${NODE_PINS[*]} into $NODE_TOOLS"
   mkdir -p "$NODE_TOOLS"

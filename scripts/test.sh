@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
 cargo clippy --all-targets --features failpoints --locked -- -D warnings
 cargo nextest run --all-targets --features failpoints --locked --no-fail-fast
 bash scripts/fuzz.sh

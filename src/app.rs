@@ -5,7 +5,7 @@ use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::engine::rules::{Rules, RulesError};
 use crate::ingest::consumer::{self, Batching, IngestContext};
-use crate::ingest::stalls::{Probe, StallAlarm, Watch};
+use crate::ingest::stalls::{LogEnds, Probe, StallAlarm, Watch};
 use crate::liveness::Liveness;
 use crate::partition::supervisor::{Supervisor, SupervisorParts};
 use crate::partition::{Ownership, Pipeline};
@@ -313,6 +313,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         })?;
     info!(addr = %config.api.listen, "API listening.");
     let stall_alarm = Arc::new(StallAlarm::default());
+    let log_ends = Arc::new(LogEnds::default());
     let probe = Probe::new(&config.kafka).map_err(|error| StartError::KafkaClient {
         client: "consumer",
         error,
@@ -327,6 +328,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             probe,
             alarm: Arc::clone(&stall_alarm),
             telemetry: telemetry.clone(),
+            log_ends: Arc::clone(&log_ends),
         }
         .run(),
     );
@@ -364,6 +366,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stall_alarm,
         liveness: api_liveness,
         tokens,
+        log_ends,
     })
     .await
     .inspect_err(|_| {

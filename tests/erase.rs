@@ -89,6 +89,21 @@ fn an_erased_customer_is_gone_and_a_new_one_never_reuses_an_id() {
     );
     assert!(world.customer_state("nobody").is_none(), "nothing created");
     assert_eq!(tierd.get("/v1/customers/ann").0, 404);
+    // Gone from the status page's latest changes too (bob's stay).
+    let (code, status) = tierd.get("/v1/status");
+    assert_eq!(code, 200, "{status}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let shown: Vec<&str> = status["recent_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["customer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        shown,
+        ["bob"],
+        "the erased customer's changes are not shown"
+    );
     // Counted as a move to "erased" (once: the re-sent erase is a duplicate).
     let erased: f64 = tierd
         .get("/metrics")

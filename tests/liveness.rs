@@ -61,6 +61,11 @@ fn healthy_tierd_applies_each_once(
     let told = last.keys().filter(|c| c.starts_with(prefix)).count();
     assert_eq!(told, n, "every customer's initial change published");
     assert_eq!(tierd.get("/healthz"), (200, "ok\n".into()));
+    // An orderly stop is no death.
+    let mut tierd = tierd;
+    assert_eq!(tierd.terminate(), Some(0));
+    let log = tierd.log_text();
+    assert!(!log.contains("A task of tierd died"), "{log}");
 }
 
 #[test]

@@ -560,13 +560,15 @@ fn the_openapi_document_matches_the_real_server_under_schemathesis() {
         "schemathesis found problems:\n{report}"
     );
     let tested = std::fs::read_to_string(&junit).unwrap();
-    // Not vacuous: every operation was tested, and the full customer view was among the answers.
+    // Not vacuous: every operation was tested (schemathesis leaves out the document's own
+    // route), and the full customer view was among the answers.
     for operation in [
         "/v1/customers/{customer_id}",
         "/v1/tiers",
         "/v1/status",
         "/status",
         "/healthz",
+        "/readyz",
         "/readyz/ingest",
         "/metrics",
     ] {
@@ -655,7 +657,7 @@ fn the_status_page_shows_the_right_numbers_in_headless_chromium() {
     let tierd = Tierd::spawn(
         &world,
         &format!(
-            "[api]\ntoken_file = \"{}\"\n[ranks]\nrecompute_interval_ms = 500\ncheck_interval_ms = 100\n",
+            "[api]\ntoken_file = \"{}\"\n[ranks]\nrecompute_interval_ms = 500\ncheck_interval_ms = 100\n[ingest]\nstall_alarm_s = 6\n",
             tokens.display()
         ),
     );
@@ -696,6 +698,8 @@ fn the_status_page_shows_the_right_numbers_in_headless_chromium() {
     };
     assert_eq!(truth.values().sum::<usize>(), customers);
 
+    // The log ends the page shows were read after the purchases (every second here).
+    std::thread::sleep(Duration::from_secs(2));
     let url = format!("{}/status#token={token}", tierd.api);
     let dom = chromium(&url, None);
     assert!(
@@ -735,8 +739,22 @@ fn the_status_page_shows_the_right_numbers_in_headless_chromium() {
         "{dom}"
     );
 
-    // Partitions, flows, latest changes: this instance's.
+    // Every input partition's lag: applied to the end of each log (read after the purchases).
     assert_eq!(attributes(&dom, "data-partition"), ["0", "1"]);
+    for (p, end) in &ends {
+        let row = dom
+            .split(&format!("data-partition=\"{p}\">"))
+            .nth(1)
+            .unwrap()
+            .split("</tr>")
+            .next()
+            .unwrap();
+        let want = format!(
+            "<td>{p}</td><td class=\"num\">0</td><td class=\"num\">{end}</td><td class=\"num\">{end}</td><td>processing</td>"
+        );
+        assert_eq!(row, want, "partition {p}");
+    }
+    // Flows and latest changes: this instance's.
     let decided = tierd.metric("tierd_tier_changes_total");
     let flows: f64 = dom
         .split("data-flow=\"")
@@ -760,6 +778,63 @@ fn the_status_page_shows_the_right_numbers_in_headless_chromium() {
     let recent = attributes(&dom, "data-customer");
     assert_eq!(recent.len(), 20, "{dom}");
     assert!(recent.iter().all(|c| c.starts_with("vip-")), "{recent:?}");
+    // Newest first: each row's time (its last cell) at or before the one above it.
+    let times: Vec<&str> = dom
+        .split("data-customer=\"")
+        .skip(1)
+        .map(|row| {
+            let row = row.split("</tr>").next().unwrap();
+            let last = row.rsplit("<td").next().unwrap();
+            last.split('>').nth(1).unwrap().split('<').next().unwrap()
+        })
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "not newest first: {times:?}"
+    );
+    // The cut-offs table: the cut-offs in force, as /v1/status gives them.
+    let status: serde_json::Value = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            reqwest::Client::new()
+                .get(format!("{}/v1/status", tierd.api))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    };
+    let points = status["cutoffs"]["points"].as_array().unwrap();
+    assert_eq!(points.len(), 3, "{status}");
+    let table = dom
+        .split("id=\"cutoffs\"")
+        .nth(1)
+        .unwrap()
+        .split("</tbody>")
+        .next()
+        .unwrap();
+    for p in points {
+        let row = format!(
+            "<td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>",
+            p["rank"].as_str().unwrap(),
+            p["top"].as_str().unwrap(),
+            p["cutoff"].as_str().unwrap(),
+            p["at_or_above"]
+        );
+        assert!(table.contains(&row), "cut-off {row} not shown:\n{table}");
+    }
+    // A wrong token: the page says so and asks for one.
+    let refused = chromium(&format!("{}/status#token=not-the-token", tierd.api), None);
+    assert!(
+        refused.contains("the token was refused") && refused.contains("<form id=\"token-form\">"),
+        "{refused}"
+    );
 
     // A screenshot, for the docs.
     let shot = if std::env::var("UPDATE_SCREENSHOT").is_ok() {

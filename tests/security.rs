@@ -302,10 +302,24 @@ fn the_customer_routes_need_a_bearer_token_from_the_token_file() {
     }
     let (_, _, body) = get("/v1/customers/kim", Some(new));
     assert!(body.contains("\"customer_id\":\"kim\""), "{body}");
-    for path in ["/healthz", "/readyz", "/readyz/ingest", "/metrics"] {
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/status",
+    ] {
         let (status, _, body) = get(path, None);
         assert_eq!(status, 200, "{path} stays open: {body}");
     }
+    // Open too (its answer depends on the partitions' lag being known yet).
+    let (status, challenge, body) = get("/readyz/ingest", None);
+    assert!(
+        matches!(status, 200 | 503) && challenge.is_none(),
+        "{status} {body}"
+    );
+    let (status, _, body) = get("/v1/status", None);
+    assert_eq!(status, 401, "/v1/status holds customer ids: {body}");
 
     let rules = "[rules]\npath = \"config/rules/b2b-lifetime.toml\"\n";
     let (ok, stderr) = check_config(&format!("{rules}[api]\nlisten = \"0.0.0.0:8080\"\n"));

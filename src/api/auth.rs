@@ -78,13 +78,23 @@ impl Tokens {
     }
 }
 
+/// The token of an `Authorization` value `Bearer <token>` (the scheme is case-insensitive,
+/// RFC 7235), if it is one.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| rest.trim_ascii())
+}
+
 /// Middleware: answers 401 `unauthorized` (with `WWW-Authenticate: Bearer`) unless the
 /// request carries one of the tokens.
 pub async fn require_token(State(tokens): State<Tokens>, request: Request, next: Next) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        .and_then(|v| bearer_token(v.as_bytes()));
     match presented {
         Some(token) if tokens.accepts(token) => next.run(request).await,
         other => {
@@ -148,6 +158,10 @@ mod tests {
                 "{e}"
             );
         }
+        assert_eq!(bearer_token(b"Bearer abc"), Some(b"abc".as_slice()));
+        assert_eq!(bearer_token(b"bearer  abc "), Some(b"abc".as_slice()));
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"Bearerabc"), None);
         let e = Tokens::load(Path::new("/nonexistent/token"))
             .unwrap_err()
             .to_string();

@@ -50,6 +50,8 @@ pub struct ApiState {
     pub liveness: Arc<crate::liveness::Liveness>,
     /// The bearer tokens `/v1/…` requires (`api.token_file`); `None`: open.
     pub tokens: Option<auth::Tokens>,
+    /// Every input partition's log end, as last read (the status page's lag).
+    pub log_ends: Arc<crate::ingest::stalls::LogEnds>,
 }
 
 impl ApiState {

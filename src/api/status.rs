@@ -1,7 +1,8 @@
 //! The status page: `GET /status` is a self-contained HTML page (no external assets, no data
 //! in it) that shows what `GET /v1/status` answers — the pyramid, the rank cut-offs and rules
-//! version (from Redis: every instance's customers), and this instance's partitions with their
-//! lag, the flows between tiers it decided over the last hour and its latest tier changes.
+//! version (from Redis: every instance's customers), every input partition's lag (its stored
+//! offset against its log end, whoever owns it), and this instance's partitions, the flows
+//! between tiers it decided over the last hour and its latest tier changes.
 //! `/v1/status` holds customer data and so needs the bearer token like every `/v1/…` route;
 //! the page takes it from the URL's fragment (`/status#token=…`, never sent to a server or
 //! logged) or asks for it, and refreshes every 5 s.
@@ -9,6 +10,7 @@
 use super::error::ApiError;
 use super::ApiState;
 use crate::model::time;
+use crate::store::views;
 use crate::telemetry::recent::FlowHistory;
 use axum::extract::State;
 use axum::http::header;
@@ -41,6 +43,28 @@ pub(super) async fn get(
     State(s): State<Arc<ApiState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let mut body = super::tiers::view(&s).await?;
+    let mut conn = s.redis.clone();
+    let stored = s
+        .within(views::stored_offsets(&mut conn, &s.keyspace, s.partitions))
+        .await?;
+    let (ends_at, ends) = s
+        .log_ends
+        .latest()
+        .map_or((None, Vec::new()), |(at, ends)| (Some(at), ends));
+    let input: Vec<serde_json::Value> = stored
+        .iter()
+        .enumerate()
+        .map(|(p, next)| {
+            let end = ends.get(p).copied().flatten();
+            serde_json::json!({
+                "partition": p,
+                "next_offset": next,
+                "log_end": end,
+                // The log end is read every few seconds: never below 0 meanwhile.
+                "lag": end.map(|end| (end - next.unwrap_or(0)).max(0)),
+            })
+        })
+        .collect();
     let partitions: Vec<serde_json::Value> = s
         .ownership
         .read()
@@ -62,6 +86,12 @@ pub(super) async fn get(
     body["instance"] = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "partitions": partitions,
+    });
+    body["input"] = serde_json::json!({
+        "log_ends_at": ends_at.map(|at| time::format_ms(
+            i64::try_from(at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX)
+        )),
+        "partitions": input,
     });
     body["flows"] = serde_json::json!({
         "seconds": covered.as_secs(),

@@ -81,6 +81,19 @@ impl Probe {
     }
 
     /// Whether a record is readable at or after `from` (none: the log start) in `partition`;
+    /// The end offset of each partition's log (`None` where the broker did not tell in
+    /// time). Blocks.
+    pub fn log_ends(&self, partitions: i32) -> Vec<Option<i64>> {
+        (0..partitions)
+            .map(|p| {
+                self.consumer
+                    .fetch_watermarks(&self.topic, p, PROBE_TIMEOUT)
+                    .ok()
+                    .map(|(_, high)| high)
+            })
+            .collect()
+    }
+
     /// `None` when the broker did not tell in time. An offset before the log start counts as
     /// waiting: those records were deleted before anyone applied them. Blocks.
     pub fn waiting(&self, partition: i32, from: Option<i64>) -> Option<bool> {
@@ -132,6 +145,22 @@ impl StallAlarm {
     }
 }
 
+/// Each input partition's log end as the watch last read it (for the status page's lag of
+/// every partition, whoever owns it).
+#[derive(Debug, Default)]
+pub struct LogEnds(Mutex<Option<(std::time::SystemTime, Vec<Option<i64>>)>>);
+
+impl LogEnds {
+    /// When read, and the end offset of each partition.
+    pub fn latest(&self) -> Option<(std::time::SystemTime, Vec<Option<i64>>)> {
+        self.0.lock().expect("log ends lock").clone()
+    }
+
+    fn set(&self, ends: Vec<Option<i64>>) {
+        *self.0.lock().expect("log ends lock") = Some((std::time::SystemTime::now(), ends));
+    }
+}
+
 /// What the watch needs.
 pub struct Watch {
     /// Redis, for the stored offsets.
@@ -150,6 +179,8 @@ pub struct Watch {
     pub alarm: Arc<StallAlarm>,
     /// The gauge.
     pub telemetry: Telemetry,
+    /// Where each round's log ends are kept.
+    pub log_ends: Arc<LogEnds>,
 }
 
 impl Watch {
@@ -168,6 +199,13 @@ impl Watch {
                     // Redis trouble is reported by every other path; nothing can be judged now.
                     Err(_) => continue,
                 };
+            let ends = {
+                let (probe, partitions) = (Arc::clone(&probe), self.partitions);
+                tokio::task::spawn_blocking(move || probe.log_ends(partitions)).await
+            };
+            if let Ok(ends) = ends {
+                self.log_ends.set(ends);
+            }
             let now = Instant::now();
             let suspects: Vec<(i32, Option<i64>)> = (0..self.partitions)
                 .zip(stored)

@@ -954,7 +954,8 @@ impl Runner {
                 outbox_len,
             }
             .emit(&p.telemetry);
-            p.telemetry.recent.record(
+            let recent = &p.telemetry.recent;
+            recent.record(
                 batch
                     .outbox
                     .iter()
@@ -962,6 +963,9 @@ impl Runner {
                     .filter(|e| e.kind == EntryKind::Change)
                     .map(|e| e.value.as_slice()),
             );
+            for erased in batch.outbox.iter().filter(|e| e.kind == EntryKind::Erased) {
+                recent.forget(&erased.key);
+            }
         }
         if !batch.outbox.is_empty() {
             self.published.notify_one();

@@ -30,6 +30,16 @@ impl RecentChanges {
         kept.truncate(RECENT);
     }
 
+    /// Forgets every kept change of `customer_id` (an erased customer leaves the status page
+    /// with the rest of their data).
+    pub fn forget(&self, customer_id: &[u8]) {
+        self.0.lock().expect("recent lock").retain(|body| {
+            serde_json::from_slice::<serde_json::Value>(body).map_or(true, |v| {
+                v["customer_id"].as_str().map(str::as_bytes) != Some(customer_id)
+            })
+        });
+    }
+
     /// The kept changes, newest first, parsed.
     pub fn latest(&self) -> Vec<serde_json::Value> {
         self.0
@@ -138,6 +148,18 @@ mod tests {
         assert_eq!(latest.len(), RECENT);
         assert_eq!(latest[0]["n"], 29);
         assert_eq!(latest[19]["n"], 10);
+
+        let erased = RecentChanges::default();
+        let bodies = [
+            br#"{"customer_id":"ann","n":2}"#.as_slice(),
+            br#"{"customer_id":"bob","n":1}"#.as_slice(),
+            br#"{"customer_id":"ann","n":0}"#.as_slice(),
+        ];
+        erased.record(bodies.into_iter());
+        erased.forget(b"ann");
+        let left = erased.latest();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0]["customer_id"], "bob");
     }
 
     #[test]
