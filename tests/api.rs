@@ -71,6 +71,7 @@ fn lookups_are_answered_in_bounded_time_also_while_redis_is_frozen() {
     let (ready, ready_body, ready_took) = get(&tierd, "/readyz");
     let (ingest, ingest_body, _) = get(&tierd, "/readyz/ingest");
     let (tiers, tiers_body, _) = get(&tierd, "/v1/tiers");
+    let (status_code, status_body, status_took) = get(&tierd, "/v1/status");
     world.redis.resume();
     assert_eq!(
         (status, error_code(&body)),
@@ -93,6 +94,12 @@ fn lookups_are_answered_in_bounded_time_also_while_redis_is_frozen() {
         (503, "redis_unavailable".into()),
         "{tiers_body}"
     );
+    assert_eq!(
+        (status_code, error_code(&status_body)),
+        (503, "redis_unavailable".into()),
+        "{status_body}"
+    );
+    assert!(status_took < Duration::from_secs(10), "{status_took:?}");
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -433,13 +433,14 @@ fn the_kubernetes_manifests_fit_together_and_tierd_accepts_their_configuration()
             .all(|(k, v)| labels.get(k) == Some(v))
     };
     assert!(selects(&deployment["spec"]["selector"]["matchLabels"]));
-    // KEDA owns the replica count, and a rollout never adds a pod beyond it.
+    // KEDA owns the replica count; a rollout starts a new pod before stopping an old one, and
+    // at least two run (a drain or a crash never leaves lookups unanswered).
     assert!(
         deployment["spec"]["replicas"].is_null(),
         "replicas would fight KEDA"
     );
     assert_eq!(
-        deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"],
+        deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
         0
     );
     assert!(selects(&docs["Service/tierd"]["spec"]["selector"]));
@@ -575,7 +576,11 @@ fn the_kubernetes_manifests_fit_together_and_tierd_accepts_their_configuration()
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap();
     assert!(scaled["maxReplicaCount"].as_u64().unwrap() <= partitions);
-    assert!(scaled["minReplicaCount"].as_u64().unwrap() >= 1);
+    assert!(scaled["minReplicaCount"].as_u64().unwrap() >= 2);
+    assert_eq!(
+        docs["PodDisruptionBudget/tierd"]["spec"]["maxUnavailable"],
+        1
+    );
     assert!(docs.contains_key(&format!(
         "TriggerAuthentication/{}",
         s(&trigger["authenticationRef"]["name"])

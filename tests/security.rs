@@ -299,6 +299,18 @@ fn the_customer_routes_need_a_bearer_token_from_the_token_file() {
             let (status, _, body) = get(path, Some(token));
             assert_eq!(status, 200, "{path} with a token of the file: {body}");
         }
+        // The scheme is case-insensitive (RFC 7235).
+        let lower = rt.block_on(async {
+            reqwest::Client::new()
+                .get(format!("{}{path}", tierd.api))
+                .header("authorization", format!("bearer {new}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+        assert_eq!(lower, 200, "{path} with `bearer`");
     }
     let (_, _, body) = get("/v1/customers/kim", Some(new));
     assert!(body.contains("\"customer_id\":\"kim\""), "{body}");
@@ -332,6 +344,10 @@ fn the_customer_routes_need_a_bearer_token_from_the_token_file() {
         tokens.display()
     ));
     assert!(ok, "{stderr}");
+    let (ok, stderr) = check_config(&format!(
+        "{rules}[api]\nlisten = \"0.0.0.0:8080\"\nallow_unauthenticated = true\n"
+    ));
+    assert!(ok, "an explicit opt-out is accepted: {stderr}");
     let short = dir.path().join("short-token");
     std::fs::write(&short, "secret\n").unwrap();
     let (ok, stderr) = check_config(&format!(
@@ -380,7 +396,14 @@ fn the_api_serves_https_and_admits_only_clients_with_a_certificate_of_its_ca() {
         certs.ca.display()
     );
     let world = World::start(1);
-    let tierd = Tierd::spawn(&world, &tls);
+    // Tokens too: both apply.
+    let token = "0123456789abcdef0123456789abcdef";
+    let tokens = dir.path().join("api-tokens");
+    std::fs::write(&tokens, format!("{token}\n")).unwrap();
+    let tierd = Tierd::spawn(
+        &world,
+        &format!("{tls}token_file = \"{}\"\n", tokens.display()),
+    );
     let ends = world.produce_json(&[purchase("m1", "mia", "10", "2026-11-01T10:00:00Z")]);
     world.wait_applied(&ends, Duration::from_secs(60));
 
@@ -390,9 +413,17 @@ fn the_api_serves_https_and_admits_only_clients_with_a_certificate_of_its_ca() {
         "--key",
         certs.client_key.to_str().unwrap(),
     ];
-    let (code, body) = curl_https(&tierd, &certs, "/v1/customers/mia", &client);
+    let bearer = format!("Authorization: Bearer {token}");
+    let with_token = [&client[..], &["-H", bearer.as_str()]].concat();
+    let (code, body) = curl_https(&tierd, &certs, "/v1/customers/mia", &with_token);
     assert_eq!(code, Some(200), "{body}");
     assert!(body.contains("\"customer_id\":\"mia\""), "{body}");
+    let (code, body) = curl_https(&tierd, &certs, "/v1/customers/mia", &client);
+    assert_eq!(
+        code,
+        Some(401),
+        "a client certificate without the token: {body}"
+    );
     let (code, body) = curl_https(&tierd, &certs, "/healthz", &client);
     assert_eq!((code, body.trim()), (Some(200), "ok"));
     // No client certificate: no answer, on any route.
@@ -419,11 +450,25 @@ fn the_api_serves_https_and_admits_only_clients_with_a_certificate_of_its_ca() {
     );
     // Plain HTTP gets no HTTP answer.
     assert_eq!(tierd.get("/healthz").0, 0);
+    drop(tierd);
+
+    // Server-only TLS: any client over HTTPS, none over HTTP.
+    let server_only = tls
+        .lines()
+        .filter(|l| !l.starts_with("tls_client_ca_file"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let tierd = Tierd::spawn(&world, &format!("{server_only}\n"));
+    let (code, body) = curl_https(&tierd, &certs, "/v1/customers/mia", &[]);
+    assert_eq!(code, Some(200), "{body}");
+    assert_eq!(tierd.get("/healthz").0, 0);
 
     let rules = "[rules]\npath = \"config/rules/b2b-lifetime.toml\"\n";
     let open = tls.replacen("[api]\n", "[api]\nlisten = \"0.0.0.0:8080\"\n", 1);
     let (ok, stderr) = check_config(&format!("{rules}{open}"));
     assert!(ok, "client certificates suffice beyond loopback: {stderr}");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
     for (config, field) in [
         (
             format!(
@@ -431,6 +476,22 @@ fn the_api_serves_https_and_admits_only_clients_with_a_certificate_of_its_ca() {
                 certs.server_cert.display()
             ),
             "`api.tls_key_file`",
+        ),
+        (
+            tls.replacen(
+                &certs.server_cert.display().to_string(),
+                "/nonexistent/api.crt",
+                1,
+            ),
+            "`api.tls_cert_file`",
+        ),
+        (
+            tls.replacen(
+                &certs.server_cert.display().to_string(),
+                &empty.display().to_string(),
+                1,
+            ),
+            "`api.tls_cert_file`",
         ),
         (
             format!("[api]\ntls_client_ca_file = \"{}\"\n", certs.ca.display()),

@@ -42,10 +42,24 @@ pub(super) async fn page() -> impl IntoResponse {
 pub(super) async fn get(
     State(s): State<Arc<ApiState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut body = super::tiers::view(&s).await?;
-    let mut conn = s.redis.clone();
-    let stored = s
-        .within(views::stored_offsets(&mut conn, &s.keyspace, s.partitions))
+    let recent = s.telemetry.recent.latest();
+    // Both Redis reads within one `api.redis_timeout_ms`.
+    let (mut body, stored, present) = s
+        .within(async {
+            let body = super::tiers::view(&s).await?;
+            let mut conn = s.redis.clone();
+            let stored = views::stored_offsets(&mut conn, &s.keyspace, s.partitions).await?;
+            // Customers erased since (on whichever instance): their changes are not shown.
+            let present = views::customers_exist(
+                &mut conn,
+                &s.keyspace,
+                recent
+                    .iter()
+                    .map(|(p, c)| (*p, c["customer_id"].as_str().unwrap_or_default())),
+            )
+            .await?;
+            Ok::<_, ApiError>((body, stored, present))
+        })
         .await?;
     let (ends_at, ends) = s
         .log_ends
@@ -99,6 +113,11 @@ pub(super) async fn get(
             "from": from, "to": to, "count": count,
         })).collect::<Vec<_>>(),
     });
-    body["recent_changes"] = s.telemetry.recent.latest().into();
+    body["recent_changes"] = recent
+        .into_iter()
+        .zip(present)
+        .filter_map(|((_, change), present)| present.then_some(change))
+        .collect::<Vec<_>>()
+        .into();
     Ok(Json(body))
 }

@@ -80,20 +80,32 @@ impl Probe {
         })
     }
 
-    /// Whether a record is readable at or after `from` (none: the log start) in `partition`;
-    /// The end offset of each partition's log (`None` where the broker did not tell in
-    /// time). Blocks.
+    /// The end offset of each partition's log (`None` where the broker did not tell): one
+    /// `ListOffsets` request per leader for all partitions, within [`PROBE_TIMEOUT`] in all.
+    /// Blocks.
     pub fn log_ends(&self, partitions: i32) -> Vec<Option<i64>> {
+        let mut latest = TopicPartitionList::new();
+        for p in 0..partitions {
+            if latest
+                .add_partition_offset(&self.topic, p, Offset::End)
+                .is_err()
+            {
+                return vec![None; usize::try_from(partitions).unwrap_or(0)];
+            }
+        }
+        let found = self.consumer.offsets_for_times(latest, PROBE_TIMEOUT).ok();
         (0..partitions)
             .map(|p| {
-                self.consumer
-                    .fetch_watermarks(&self.topic, p, PROBE_TIMEOUT)
-                    .ok()
-                    .map(|(_, high)| high)
+                let element = found.as_ref()?.find_partition(&self.topic, p)?;
+                match (element.error(), element.offset()) {
+                    (Ok(()), Offset::Offset(end)) => Some(end),
+                    _ => None,
+                }
             })
             .collect()
     }
 
+    /// Whether a record is readable at or after `from` (none: the log start) in `partition`;
     /// `None` when the broker did not tell in time. An offset before the log start counts as
     /// waiting: those records were deleted before anyone applied them. Blocks.
     pub fn waiting(&self, partition: i32, from: Option<i64>) -> Option<bool> {
@@ -203,7 +215,8 @@ impl Watch {
                 let (probe, partitions) = (Arc::clone(&probe), self.partitions);
                 tokio::task::spawn_blocking(move || probe.log_ends(partitions)).await
             };
-            if let Ok(ends) = ends {
+            // Kept only when the broker told something (the time says when).
+            if let Some(ends) = ends.ok().filter(|e| e.iter().any(Option::is_some)) {
                 self.log_ends.set(ends);
             }
             let now = Instant::now();

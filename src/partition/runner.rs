@@ -956,6 +956,7 @@ impl Runner {
             .emit(&p.telemetry);
             let recent = &p.telemetry.recent;
             recent.record(
+                self.partition,
                 batch
                     .outbox
                     .iter()
@@ -963,9 +964,6 @@ impl Runner {
                     .filter(|e| e.kind == EntryKind::Change)
                     .map(|e| e.value.as_slice()),
             );
-            for erased in batch.outbox.iter().filter(|e| e.kind == EntryKind::Erased) {
-                recent.forget(&erased.key);
-            }
         }
         if !batch.outbox.is_empty() {
             self.published.notify_one();

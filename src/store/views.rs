@@ -236,6 +236,27 @@ pub async fn stored_partitions<C: ConnectionLike>(
     }
 }
 
+/// Whether each `(partition, customer_id)` has a stored state (one pipeline of `EXISTS`).
+///
+/// # Errors
+/// Redis errors.
+pub async fn customers_exist<'a, C: ConnectionLike>(
+    conn: &mut C,
+    keyspace: &Keyspace,
+    customers: impl Iterator<Item = (i32, &'a str)>,
+) -> Result<Vec<bool>, redis::RedisError> {
+    let mut pipe = redis::pipe();
+    let mut n = 0;
+    for (partition, customer_id) in customers {
+        pipe.exists(keyspace.customer(partition, customer_id));
+        n += 1;
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    pipe.query_async(conn).await
+}
+
 /// The next offset to apply stored for each of partitions `0..partitions` (none for a
 /// partition never claimed).
 ///

@@ -11,42 +11,34 @@ use std::time::{Duration, Instant};
 /// How many recent changes are kept.
 pub const RECENT: usize = 20;
 
-/// The latest tier changes this instance committed, as their JSON bodies (newest first).
+/// The latest tier changes this instance committed: their input partition and JSON body
+/// (newest first). Whoever shows them leaves out customers erased since (their state is gone
+/// from Redis: `/v1/status` checks).
 #[derive(Debug, Default)]
-pub struct RecentChanges(Mutex<VecDeque<Vec<u8>>>);
+pub struct RecentChanges(Mutex<VecDeque<(i32, Vec<u8>)>>);
 
 impl RecentChanges {
-    /// Records a commit's changes (`bodies` newest first; at most [`RECENT`] are read, so a
-    /// commit of many changes costs no more than a small one).
-    pub fn record<'a>(&self, bodies: impl Iterator<Item = &'a [u8]>) {
+    /// Records a commit's changes in `partition` (`bodies` newest first; at most [`RECENT`]
+    /// are read, so a commit of many changes costs no more than a small one).
+    pub fn record<'a>(&self, partition: i32, bodies: impl Iterator<Item = &'a [u8]>) {
         let newest: Vec<Vec<u8>> = bodies.take(RECENT).map(<[u8]>::to_vec).collect();
         if newest.is_empty() {
             return;
         }
         let mut kept = self.0.lock().expect("recent lock");
         for body in newest.into_iter().rev() {
-            kept.push_front(body);
+            kept.push_front((partition, body));
         }
         kept.truncate(RECENT);
     }
 
-    /// Forgets every kept change of `customer_id` (an erased customer leaves the status page
-    /// with the rest of their data).
-    pub fn forget(&self, customer_id: &[u8]) {
-        self.0.lock().expect("recent lock").retain(|body| {
-            serde_json::from_slice::<serde_json::Value>(body).map_or(true, |v| {
-                v["customer_id"].as_str().map(str::as_bytes) != Some(customer_id)
-            })
-        });
-    }
-
-    /// The kept changes, newest first, parsed.
-    pub fn latest(&self) -> Vec<serde_json::Value> {
+    /// The kept changes, newest first, parsed, with their partition.
+    pub fn latest(&self) -> Vec<(i32, serde_json::Value)> {
         self.0
             .lock()
             .expect("recent lock")
             .iter()
-            .filter_map(|b| serde_json::from_slice(b).ok())
+            .filter_map(|(p, b)| Some((*p, serde_json::from_slice(b).ok()?)))
             .collect()
     }
 }
@@ -142,24 +134,12 @@ mod tests {
                 .rev()
                 .map(|i| format!("{{\"n\":{}}}", commit * 10 + i).into_bytes())
                 .collect();
-            recent.record(bodies.iter().map(Vec::as_slice));
+            recent.record(0, bodies.iter().map(Vec::as_slice));
         }
         let latest = recent.latest();
         assert_eq!(latest.len(), RECENT);
-        assert_eq!(latest[0]["n"], 29);
-        assert_eq!(latest[19]["n"], 10);
-
-        let erased = RecentChanges::default();
-        let bodies = [
-            br#"{"customer_id":"ann","n":2}"#.as_slice(),
-            br#"{"customer_id":"bob","n":1}"#.as_slice(),
-            br#"{"customer_id":"ann","n":0}"#.as_slice(),
-        ];
-        erased.record(bodies.into_iter());
-        erased.forget(b"ann");
-        let left = erased.latest();
-        assert_eq!(left.len(), 1);
-        assert_eq!(left[0]["customer_id"], "bob");
+        assert_eq!(latest[0].1["n"], 29);
+        assert_eq!(latest[19].1["n"], 10);
     }
 
     #[test]
