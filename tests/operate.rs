@@ -505,6 +505,31 @@ fn py_tool(name: &str) -> std::path::PathBuf {
     tool
 }
 
+/// The bearer token of [`with_token`].
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+/// A tierd over 2 partitions with the rules `config/rules/RULES`, rank cut-offs recomputed
+/// every 500 ms, requiring [`TOKEN`] (its token file in the returned directory), and `extra`
+/// configuration; it owns both partitions.
+fn with_token(rules: &str, extra: &str) -> (tempfile::TempDir, World, Tierd) {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("api-tokens");
+    std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
+    let mut world = World::start(2);
+    world.rules = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/rules")
+        .join(rules);
+    let tierd = Tierd::spawn(
+        &world,
+        &format!(
+            "[api]\ntoken_file = \"{}\"\n[ranks]\nrecompute_interval_ms = 500\ncheck_interval_ms = 100\n{extra}",
+            tokens.display()
+        ),
+    );
+    tierd.wait_partitions(2, Duration::from_secs(60));
+    (dir, world, tierd)
+}
+
 /// The OpenAPI document tierd serves at `/openapi.json` describes the real server:
 /// schemathesis (PyPI) generates requests from it — documented examples, boundary values, then
 /// random ones, valid and invalid — against a tierd that ingested purchases under rules with
@@ -514,20 +539,8 @@ fn py_tool(name: &str) -> std::path::PathBuf {
 /// is a stored customer, so a full customer view is checked too.
 #[test]
 fn the_openapi_document_matches_the_real_server_under_schemathesis() {
-    let dir = tempfile::tempdir().unwrap();
-    let token = "0123456789abcdef0123456789abcdef";
-    let tokens = dir.path().join("api-tokens");
-    std::fs::write(&tokens, format!("{token}\n")).unwrap();
-    let mut world = World::start(2);
-    world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/rfm-quintiles.toml");
-    let tierd = Tierd::spawn(
-        &world,
-        &format!(
-            "[api]\ntoken_file = \"{}\"\n[ranks]\nrecompute_interval_ms = 500\ncheck_interval_ms = 100\n",
-            tokens.display()
-        ),
-    );
-    tierd.wait_partitions(2, Duration::from_secs(60));
+    let (dir, world, tierd) = with_token("rfm-quintiles.toml", "");
+    let token = TOKEN;
     let now = time_now_rfc3339();
     let events: Vec<serde_json::Value> = (0..20)
         .map(|i| {
@@ -645,25 +658,14 @@ fn attributes(dom: &str, name: &str) -> Vec<String> {
 /// The status page, rendered by headless Chromium from a running tierd that requires a token
 /// (taken from the URL fragment), shows the right numbers: each tier's count as the customers'
 /// stored states place them, every customer counted once, the rules version, the cut-offs, the
-/// instance's partitions, its flows (summing to the changes it decided) and its latest 20
-/// changes (of these customers, the newest first). A screenshot is written (to
-/// docs/status-page.png with `UPDATE_SCREENSHOT=1`).
+/// partitions' offsets and lag, its flows (summing to the changes it decided), its latest 20
+/// changes (of these customers), the page's Content-Security-Policy, and a wrong token
+/// refused. A screenshot is written (to docs/status-page.png with `UPDATE_SCREENSHOT=1`).
 #[test]
 fn the_status_page_shows_the_right_numbers_in_headless_chromium() {
-    let dir = tempfile::tempdir().unwrap();
-    let token = "0123456789abcdef0123456789abcdef";
-    let tokens = dir.path().join("api-tokens");
-    std::fs::write(&tokens, format!("{token}\n")).unwrap();
-    let mut world = World::start(2);
-    world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
-    let tierd = Tierd::spawn(
-        &world,
-        &format!(
-            "[api]\ntoken_file = \"{}\"\n[ranks]\nrecompute_interval_ms = 500\ncheck_interval_ms = 100\n[ingest]\nstall_alarm_s = 6\n",
-            tokens.display()
-        ),
-    );
-    tierd.wait_partitions(2, Duration::from_secs(60));
+    // Log ends read every second (`ingest.stall_alarm_s` / 6).
+    let (dir, world, tierd) = with_token("pyramid.toml", "[ingest]\nstall_alarm_s = 6\n");
+    let token = TOKEN;
     let now = time_now_rfc3339();
     let customers = 40;
     let events: Vec<serde_json::Value> = (0..customers)
