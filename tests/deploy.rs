@@ -6,37 +6,18 @@
 //! accepts the configuration they give it (`tierd check-config`), and that the compose
 //! services use the configuration the tests use.
 
+mod support;
+
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+use support::{py_tool, tools_dir};
 
 const K8S: &str = "deploy/kubernetes";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A tool `scripts/install-deps.sh` installs: a Python one (`$PY_TOOLS_DIR/bin`, by default
-/// `$HOME/.cache/tierd/py-tools`) or the Node tools' directory (`$NODE_TOOLS_DIR`, by default
-/// `$HOME/.cache/tierd/node-tools`).
-fn tools_path(var: &str, default: &str) -> PathBuf {
-    let path = std::env::var(var).map_or_else(
-        |_| Path::new(&std::env::var("HOME").unwrap()).join(default),
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} is missing: bash scripts/install-deps.sh installs it",
-        path.display()
-    );
-    path
-}
-
-fn py_tool(name: &str) -> PathBuf {
-    tools_path("PY_TOOLS_DIR", ".cache/tierd/py-tools")
-        .join("bin")
-        .join(name)
 }
 
 /// Runs `cmd` from the project root: (success, stdout + stderr).
@@ -330,7 +311,7 @@ fn validate_k8s(files: &[String]) -> (bool, String) {
             .args(["--strict", "--no-warn"])
             .args(&core))
     };
-    let tools = tools_path("NODE_TOOLS_DIR", ".cache/tierd/node-tools");
+    let tools = tools_dir("NODE_TOOLS_DIR", ".cache/tierd/node-tools");
     let (models, models_out) = run(Command::new("node")
         .arg("scripts/k8s/validate-models.mjs")
         .arg(&tools)

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{purchase, Tierd, World};
+use support::{purchase, py_tool, Tierd, World};
 
 const ALERTS: &str = "deploy/prometheus/alerts.yml";
 const ALERT_TESTS: &str = "deploy/prometheus/alerts.test.yml";
@@ -487,22 +487,6 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus_scraping_tierd_unde
     for rule in loaded {
         assert_eq!(rule["health"], "ok", "{rule}");
     }
-}
-
-/// The Python tools `scripts/install-deps.sh` installs into a virtualenv of their own
-/// (`$PY_TOOLS_DIR`, by default `$HOME/.cache/tierd/py-tools`).
-fn py_tool(name: &str) -> std::path::PathBuf {
-    let venv = std::env::var("PY_TOOLS_DIR").map_or_else(
-        |_| Path::new(&std::env::var("HOME").unwrap()).join(".cache/tierd/py-tools"),
-        std::path::PathBuf::from,
-    );
-    let tool = venv.join("bin").join(name);
-    assert!(
-        tool.exists(),
-        "{} is missing: bash scripts/install-deps.sh installs it",
-        tool.display()
-    );
-    tool
 }
 
 /// The bearer token of [`with_token`].

@@ -2060,3 +2060,26 @@ impl Drop for GroupHolder {
         self.stop_now();
     }
 }
+
+/// A directory `scripts/install-deps.sh` installs tools into: `$var` if set, else
+/// `$HOME/default` (the Python tools' virtualenv: `PY_TOOLS_DIR`, `.cache/tierd/py-tools`; the
+/// npm packages: `NODE_TOOLS_DIR`, `.cache/tierd/node-tools`).
+pub fn tools_dir(var: &str, default: &str) -> PathBuf {
+    let path = std::env::var(var).map_or_else(
+        |_| Path::new(&std::env::var("HOME").unwrap()).join(default),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: bash scripts/install-deps.sh installs it",
+        path.display()
+    );
+    path
+}
+
+/// A command of the Python tools' virtualenv (schemathesis, kubernetes-validate, python).
+pub fn py_tool(name: &str) -> PathBuf {
+    tools_dir("PY_TOOLS_DIR", ".cache/tierd/py-tools")
+        .join("bin")
+        .join(name)
+}
