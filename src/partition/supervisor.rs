@@ -26,17 +26,18 @@ use tracing::{error, info, warn};
 /// The tasks of a started partition.
 struct Running {
     runner: JoinHandle<RunnerExit>,
-    publisher: JoinHandle<Option<()>>,
+    publisher: JoinHandle<()>,
     stop_publisher: watch::Sender<bool>,
 }
 
 /// Runs a partition's `task`; a panic is caught, recorded in `liveness` (`/healthz` fails) and
-/// turned into `T::PANICKED` (a runner's [`RunnerExit::Panicked`]: the partition is then
+/// turned into `panicked` (a runner's [`RunnerExit::Panicked`]: the partition is then
 /// reported stopped, not just released).
-async fn watched<T: Died>(
+async fn watched<T>(
     liveness: Arc<Liveness>,
     task: Task,
     partition: i32,
+    panicked: T,
     run: impl std::future::Future<Output = T>,
 ) -> T {
     use futures::FutureExt;
@@ -51,22 +52,9 @@ async fn watched<T: Died>(
                     crate::liveness::panic_message(panic.as_ref())
                 ),
             );
-            T::PANICKED
+            panicked
         }
     }
-}
-
-/// What a task that panicked returns.
-trait Died {
-    const PANICKED: Self;
-}
-
-impl Died for RunnerExit {
-    const PANICKED: Self = RunnerExit::Panicked;
-}
-
-impl Died for Option<()> {
-    const PANICKED: Self = None;
 }
 
 /// The ownership gauges' event for the current map.
@@ -432,8 +420,12 @@ impl Supervisor {
         let mut claim = claim.clone();
         let outbox_key = keys.outbox.clone();
         let liveness = Arc::clone(&p.liveness);
-        let runner =
-            p.rt.spawn(watched(liveness, Task::Runner, partition, async move {
+        let runner = p.rt.spawn(watched(
+            liveness,
+            Task::Runner,
+            partition,
+            RunnerExit::Panicked,
+            async move {
                 if let Some(published) = history {
                     let full =
                         read_history(&positions, partition, &outbox_key, &published, &rx).await;
@@ -457,7 +449,8 @@ impl Supervisor {
                     partition,
                 );
                 runner.run(rx).await
-            }));
+            },
+        ));
         let target = Target {
             partition,
             keys: keys.clone(),
@@ -468,12 +461,10 @@ impl Supervisor {
             Arc::clone(&p.liveness),
             Task::Publisher,
             partition,
-            futures::FutureExt::map(
-                p.publisher
-                    .clone()
-                    .run(target, p.redis.clone(), wake, stop_rx),
-                Some,
-            ),
+            (),
+            p.publisher
+                .clone()
+                .run(target, p.redis.clone(), wake, stop_rx),
         ));
         self.running.lock().expect("running lock").insert(
             partition,
