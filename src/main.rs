@@ -55,6 +55,47 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Send purchase history (JSON Lines or CSV, gzip accepted) into the input topic, keyed
+    /// by customer: every row checked as tierd would, rejected rows written with their reason,
+    /// resumable from a checkpoint, counted once by `event_id` (README "Backfilling history").
+    Backfill {
+        /// Configuration file of the deployment (TOML): the input topic, Kafka settings,
+        /// money and ingest limits, the rules (an override must name one of their tiers).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The partitioner the live producers of the input topic use: a customer's history
+        /// must land on the partition of their live events.
+        #[arg(long, value_enum)]
+        partitioner: Partitioner,
+        /// Format of the files (default: from each name: .jsonl/.ndjson/.json, .csv; .gz).
+        #[arg(long, value_parser = ["jsonl", "csv"])]
+        format: Option<String>,
+        /// Where a contract field is: `FIELD=COLUMN` (CSV column or JSON field), repeatable,
+        /// e.g. `--map customer_id=member_no --map occurred_at=paid_at`.
+        #[arg(long = "map", value_name = "FIELD=COLUMN")]
+        map: Vec<String>,
+        /// CSV field delimiter (one ASCII character).
+        #[arg(long, default_value = ",")]
+        delimiter: char,
+        /// How far each file got: read to resume, written after every acknowledged chunk.
+        #[arg(long, default_value = "tierd-backfill.checkpoint.json")]
+        checkpoint: PathBuf,
+        /// Rejected rows with their reason are appended here (JSON Lines).
+        #[arg(long, default_value = "tierd-backfill.rejects.jsonl")]
+        rejects: PathBuf,
+        /// Stop after this many rows (resume later with the same command).
+        #[arg(long)]
+        stop_after: Option<u64>,
+        /// Rows per acknowledged chunk: the most a killed run sends again.
+        #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        chunk_rows: u64,
+        /// Check the rows only: nothing is produced and no checkpoint written.
+        #[arg(long)]
+        dry_run: bool,
+        /// The history files, sent in this order.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Rules files and how they place customers.
     Rules {
         #[command(subcommand)]
@@ -73,6 +114,28 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         sample: usize,
     },
+}
+
+/// librdkafka's partitioners (`partitioner`) for keyed records, by the clients that use
+/// each by default.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Partitioner {
+    /// Java clients, Kafka Connect, Kafka Streams, kafka-console-producer (murmur2 of the key).
+    #[value(name = "murmur2_random")]
+    Murmur2,
+    /// librdkafka-based clients: confluent-kafka (Python, Go, .NET), rust-rdkafka, kcat
+    /// (CRC32 of the key).
+    #[value(name = "consistent_random")]
+    Crc32,
+}
+
+impl Partitioner {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Murmur2 => "murmur2_random",
+            Self::Crc32 => "consistent_random",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -195,6 +258,98 @@ fn main() -> anyhow::Result<()> {
                 tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
             let view = tierd::tools::explain::run(&cfg, &rules, &customer_id)?;
             println!("{}", serde_json::to_string_pretty(&view)?);
+            Ok(())
+        }
+        Command::Backfill {
+            config,
+            partitioner,
+            format,
+            map,
+            delimiter,
+            checkpoint,
+            rejects,
+            stop_after,
+            chunk_rows,
+            dry_run,
+            files,
+        } => {
+            use tierd::tools::backfill::{self, rows};
+            let cfg = Config::load(Some(&config))
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            let rules =
+                tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            let mapping = rows::Mapping::parse(&map).map_err(anyhow::Error::msg)?;
+            let delimiter = u8::try_from(delimiter)
+                .ok()
+                .filter(u8::is_ascii)
+                .context("--delimiter must be one ASCII character")?;
+            let opts = backfill::Options {
+                files,
+                format: format.map(|f| {
+                    if f == "csv" {
+                        rows::Format::Csv
+                    } else {
+                        rows::Format::Jsonl
+                    }
+                }),
+                mapping,
+                delimiter,
+                partitioner: partitioner.name().to_owned(),
+                checkpoint,
+                rejects: rejects.clone(),
+                stop_after,
+                chunk_rows,
+                dry_run,
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {bytes}/{total_bytes} {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let started = std::time::Instant::now();
+            let report = backfill::run(&cfg, &rules, &opts, |p| {
+                bar.set_length(p.total_bytes);
+                bar.set_position(p.bytes);
+                let secs = started.elapsed().as_secs_f64().max(1e-3);
+                bar.set_message(format!("{} rows ({:.0}/s)", p.rows, p.rows as f64 / secs));
+            })?;
+            bar.finish_and_clear();
+            let secs = report.elapsed.as_secs_f64().max(1e-3);
+            println!(
+                "{} {} rows into {} in {:.1} s ({:.0} rows/s): {} produced, {} rejected{}",
+                if dry_run { "checked" } else { "backfilled" },
+                report.rows,
+                cfg.kafka.input_topic,
+                secs,
+                report.rows as f64 / secs,
+                report.produced,
+                report.rejected_total(),
+                if dry_run {
+                    " (dry run: nothing produced)"
+                } else {
+                    ""
+                },
+            );
+            if report.resumed > 0 || report.files_done_before > 0 {
+                println!(
+                    "resumed: {} rows and {} whole files were done by an earlier run",
+                    report.resumed, report.files_done_before
+                );
+            }
+            for (reason, n) in &report.rejected {
+                println!("  rejected {reason}: {n}");
+            }
+            if report.rejected_total() > 0 {
+                println!("rejected rows, each with its reason: {}", rejects.display());
+            }
+            if report.stopped_early {
+                println!(
+                    "stopped after {} rows (--stop-after): run the same command again to go on",
+                    report.rows
+                );
+            }
             Ok(())
         }
         Command::Simulate {

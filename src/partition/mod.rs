@@ -75,18 +75,7 @@ impl Pipeline {
                 &config.kafka.group_id,
                 &config.kafka.input_topic,
             ),
-            limits: DecodeLimits {
-                max_message_bytes: config.ingest.max_message_bytes,
-                currency: config.money.currency.clone(),
-                fraction_digits: config.money.fraction_digits,
-                max_amount_minor: config.max_amount_minor(),
-                min_occurred_at_ms: config.min_occurred_at_ms(),
-                max_future_skew_ms: i64::try_from(
-                    config.ingest.max_future_skew_s.saturating_mul(1000),
-                )
-                .unwrap_or(i64::MAX),
-                tiers: rules.tiers().iter().map(|t| t.name.clone()).collect(),
-            },
+            limits: DecodeLimits::new(config, &rules),
             rules,
             clock: Clock::from(&config.clock),
             sweep_page: sweep_page(config.rules.sweep_per_second),

@@ -1,6 +1,8 @@
-//! Operator tools that read the live state in Redis without changing it:
-//! `tierd rules explain` ([`explain`]) and `tierd simulate` ([`simulate`]).
+//! Operator tools. Reading the live state in Redis without changing it: `tierd rules explain`
+//! ([`explain`]) and `tierd simulate` ([`simulate`]). Writing the input topic: `tierd
+//! backfill` ([`backfill`]).
 
+pub mod backfill;
 pub mod explain;
 pub mod simulate;
 

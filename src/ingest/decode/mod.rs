@@ -30,6 +30,23 @@ pub struct DecodeLimits {
     pub tiers: Vec<String>,
 }
 
+impl DecodeLimits {
+    /// The limits of `config` under `rules` (the service's and every tool's: `tierd backfill`
+    /// validates rows with the same).
+    pub fn new(config: &crate::config::Config, rules: &crate::engine::rules::Rules) -> Self {
+        Self {
+            max_message_bytes: config.ingest.max_message_bytes,
+            currency: config.money.currency.clone(),
+            fraction_digits: config.money.fraction_digits,
+            max_amount_minor: config.max_amount_minor(),
+            min_occurred_at_ms: config.min_occurred_at_ms(),
+            max_future_skew_ms: i64::try_from(config.ingest.max_future_skew_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            tiers: rules.tiers().iter().map(|t| t.name.clone()).collect(),
+        }
+    }
+}
+
 /// Maximum length of `event_id` and `customer_id`, in characters.
 pub const MAX_ID_CHARS: usize = 128;
 
