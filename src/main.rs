@@ -96,6 +96,22 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Every stored customer as JSON Lines (tier, metrics, scores, rule, next move: what the
+    /// API shows, plus `partition`), read-only, each partition a consistent snapshot.
+    Export {
+        /// Configuration file of the running deployment (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where to write (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Reads of a partition that committed during its read, before giving up.
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+        /// Write a partition that committed during every read anyway (marked in the report).
+        #[arg(long)]
+        allow_inconsistent: bool,
+    },
     /// Rules files and how they place customers.
     Rules {
         #[command(subcommand)]
@@ -348,6 +364,56 @@ fn main() -> anyhow::Result<()> {
                 println!(
                     "stopped after {} rows (--stop-after): run the same command again to go on",
                     report.rows
+                );
+            }
+            Ok(())
+        }
+        Command::Export {
+            config,
+            output,
+            retries,
+            allow_inconsistent,
+        } => {
+            let cfg = Config::load(Some(&config))
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            let rules =
+                tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            let mut out: Box<dyn std::io::Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("--output {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {pos} customers {per_sec}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            let report = tierd::tools::export::run(
+                &cfg,
+                &rules,
+                &mut out,
+                retries,
+                allow_inconsistent,
+                |n| bar.set_position(n),
+            )?;
+            bar.finish_and_clear();
+            drop(out);
+            for p in &report {
+                eprintln!(
+                    "partition {}: {} customers, input applied before offset {} ({}, {} read{})",
+                    p.partition,
+                    p.customers,
+                    p.next_offset
+                        .map_or_else(|| "none".to_owned(), |o| o.to_string()),
+                    if p.consistent {
+                        "consistent"
+                    } else {
+                        "INCONSISTENT: committed during the read"
+                    },
+                    p.reads,
+                    if p.reads == 1 { "" } else { "s" },
                 );
             }
             Ok(())

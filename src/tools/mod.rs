@@ -1,9 +1,10 @@
 //! Operator tools. Reading the live state in Redis without changing it: `tierd rules explain`
-//! ([`explain`]) and `tierd simulate` ([`simulate`]). Writing the input topic: `tierd
+//! ([`explain`]), `tierd simulate` ([`simulate`]) and `tierd export` ([`export`]). Writing the input topic: `tierd
 //! backfill` ([`backfill`]).
 
 pub mod backfill;
 pub mod explain;
+pub mod export;
 pub mod simulate;
 
 use crate::config::Config;
@@ -158,25 +159,55 @@ impl Store {
         mut each: impl FnMut(&str, CustomerState),
     ) -> Result<(), ToolError> {
         for p in 0..self.partitions {
-            let keys = self.keyspace.partition(p);
-            let mut cursor: u64 = 0;
-            loop {
-                let found = self.runtime.block_on(views::scan_customers(
-                    &mut self.conn,
-                    &keys,
-                    cursor,
-                    page,
-                ));
-                let (next, customers) = found.map_err(|e| self.view_err(e))?;
-                for (id, state) in customers {
-                    each(&id, state);
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
+            self.for_each_customer_of(p, page, &mut each)?;
         }
         Ok(())
+    }
+
+    /// [`Self::for_each_customer`] over one partition.
+    ///
+    /// # Errors
+    /// [`ToolError::Corrupt`] or [`ToolError::Redis`].
+    pub fn for_each_customer_of(
+        &mut self,
+        partition: i32,
+        page: usize,
+        mut each: impl FnMut(&str, CustomerState),
+    ) -> Result<(), ToolError> {
+        let keys = self.keyspace.partition(partition);
+        let mut cursor: u64 = 0;
+        loop {
+            let found =
+                self.runtime
+                    .block_on(views::scan_customers(&mut self.conn, &keys, cursor, page));
+            let (next, customers) = found.map_err(|e| self.view_err(e))?;
+            for (id, state) in customers {
+                each(&id, state);
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// A partition's commit count and stored next offset (`commits`, `next_offset` of its
+    /// meta): equal before and after a read, no commit happened in between.
+    ///
+    /// # Errors
+    /// [`ToolError::Redis`].
+    pub fn commit_mark(&mut self, partition: i32) -> Result<(Option<i64>, Option<i64>), ToolError> {
+        let meta = self.keyspace.partition(partition).meta;
+        let found = self.runtime.block_on(
+            redis::cmd("HMGET")
+                .arg(&meta)
+                .arg("commits")
+                .arg("next_offset")
+                .query_async::<(Option<i64>, Option<i64>)>(&mut self.conn),
+        );
+        found.map_err(|source| ToolError::Redis {
+            url: self.url.clone(),
+            source,
+        })
     }
 }
