@@ -157,6 +157,7 @@ fn a_backfill_then_live_traffic_gives_the_tiers_of_the_whole_history_streamed_li
     assert!(out.contains("resumed: 700 rows"), "{out}");
     std::fs::write(dir.path().join("cp.json"), first_checkpoint).unwrap();
     let (code, out, err) = backfill(&config, dir.path(), &[], &file);
+    eprintln!("the resumed run's report:\n{out}");
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("resumed: 700 rows"), "{out}");
     // 2,003 rows in the file: 700 done before, 1,303 read by this run (bad2 and bad3 in them).
