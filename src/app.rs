@@ -352,8 +352,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Duration::from_millis(config.api.redis_timeout_ms),
     );
     let api_liveness = Arc::clone(&liveness);
+    let history_changes = config.api.history_changes;
     let api = ApiThread::start(listener, client, tls, move |redis| ApiState {
         redis,
+        history_changes,
         keyspace,
         partitions,
         ownership,

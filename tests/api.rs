@@ -208,3 +208,76 @@ fn an_instance_owning_no_partition_still_serves_lookups() {
     let (status, body, _) = get(&owner, "/readyz/ingest");
     assert_eq!((status, body.as_str()), (200, "ready: 1 partitions\n"));
 }
+
+/// `GET /v1/customers/{id}/history`: the latest `api.history_changes` tier changes the
+/// customer's state keeps, newest first, each equal to the change event published for it
+/// (id, sequence, tiers, direction, reason, time); gone with the customer when erased.
+#[test]
+fn a_customers_history_is_their_latest_published_changes_newest_first() {
+    let world = World::start(1);
+    let tierd = Tierd::spawn(&world, "[api]\nhistory_changes = 3\n");
+    let at = |i: u32| format!("2026-11-01T00:{i:02}:00Z");
+    // D (initial) → C → B → A, then a refund back to C: five changes; c2 is placed once.
+    let mut events = vec![
+        purchase("h1", "c1", "100", &at(1)),
+        purchase("h2", "c1", "200000", &at(2)),
+        purchase("h3", "c1", "300000", &at(3)),
+        purchase("h4", "c1", "600000", &at(4)),
+        support::refund("h5", "c1", "800000", &at(5)),
+        purchase("k1", "c2", "5", &at(6)),
+    ];
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(60));
+
+    let published: Vec<serde_json::Value> = world
+        .read_all(&world.output)
+        .iter()
+        .map(support::Record::json)
+        .filter(|c| c["customer_id"] == "c1")
+        .collect();
+    assert_eq!(published.len(), 5, "{published:#?}");
+    let (status, body, _) = get(&tierd, "/v1/customers/c1/history");
+    assert_eq!(status, 200, "{body}");
+    let history: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(history["kept"], 3);
+    assert_eq!(history["partition"], 0);
+    let changes = history["changes"].as_array().unwrap();
+    let newest_first: Vec<&serde_json::Value> = published.iter().rev().take(3).collect();
+    assert_eq!(changes.len(), 3, "{body}");
+    for (kept, change) in changes.iter().zip(newest_first) {
+        for field in [
+            "event_id",
+            "sequence",
+            "occurred_at",
+            "previous_tier",
+            "tier",
+            "direction",
+            "reason",
+        ] {
+            assert_eq!(kept[field], change[field], "{field}: {kept} vs {change}");
+        }
+    }
+    assert_eq!(changes[0]["reason"], "refund");
+    assert_eq!(changes[0]["tier"], "C");
+    assert_eq!(changes[2]["tier"], "B");
+
+    let (status, body, _) = get(&tierd, "/v1/customers/c2/history");
+    assert_eq!(status, 200, "{body}");
+    let c2: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(c2["changes"].as_array().unwrap().len(), 1);
+    assert_eq!(c2["changes"][0]["direction"], "initial");
+    assert_eq!(c2["changes"][0]["previous_tier"], serde_json::Value::Null);
+
+    // Unknown, refused and erased customers.
+    let (status, body, _) = get(&tierd, "/v1/customers/nobody/history");
+    assert_eq!((status, error_code(&body).as_str()), (404, "not_found"));
+    let long = "x".repeat(129);
+    let (status, body, _) = get(&tierd, &format!("/v1/customers/{long}/history"));
+    assert_eq!((status, error_code(&body).as_str()), (400, "invalid_id"));
+    events.clear();
+    events.push(serde_json::json!({"event_id": "x1", "customer_id": "c1", "type": "erase", "occurred_at": at(7)}));
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(60));
+    let (status, _, _) = get(&tierd, "/v1/customers/c1/history");
+    assert_eq!(status, 404);
+}

@@ -52,6 +52,8 @@ pub struct ApiState {
     pub tokens: Option<auth::Tokens>,
     /// Every input partition's log end, as last read (the status page's lag).
     pub log_ends: Arc<crate::ingest::stalls::LogEnds>,
+    /// Tier changes each customer's state keeps (`api.history_changes`).
+    pub history_changes: usize,
 }
 
 impl ApiState {
@@ -80,6 +82,10 @@ pub fn router(state: ApiState) -> Router {
     let seconds = state.telemetry.http_request_seconds.clone();
     let mut customer_data = Router::new()
         .route("/v1/customers/{customer_id}", get(customers::get))
+        .route(
+            "/v1/customers/{customer_id}/history",
+            get(customers::history),
+        )
         .route("/v1/tiers", get(tiers::get))
         .route("/v1/status", get(status::get));
     if let Some(tokens) = state.tokens.clone() {

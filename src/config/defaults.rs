@@ -136,6 +136,10 @@ pub(super) const fn default_api_redis_timeout_ms() -> u64 {
     1000
 }
 
+pub(super) const fn default_history_changes() -> usize {
+    5
+}
+
 macro_rules! default_from_serde {
     ($($t:ty),*) => {$(
         impl Default for $t {

@@ -393,6 +393,13 @@ pub struct ApiConfig {
     /// Default: none.
     #[serde(default)]
     pub tls_client_ca_file: Option<PathBuf>,
+    /// How many of a customer's latest tier changes their state keeps, for
+    /// `GET /v1/customers/{id}/history` (0–100; 0 keeps none). Each costs about 12 bytes
+    /// plus its two tier names in the customer's stored state (README "Memory"); a state
+    /// keeping none is stored exactly as before (older binaries read it). Lowering it trims
+    /// each customer's list at their next change. Default 5.
+    #[serde(default = "default_history_changes")]
+    pub history_changes: usize,
 }
 
 impl Config {

@@ -221,6 +221,9 @@ impl Config {
                 "must be 1024..=900000 (key, headers and value must fit Kafka's default 1 MB record limit)",
             );
         }
+        if self.api.history_changes > 100 {
+            return bad("api.history_changes", "must be 0..=100");
+        }
         let Ok(listen) = self.api.listen.parse::<std::net::SocketAddr>() else {
             return bad("api.listen", "must be an IP:port socket address");
         };

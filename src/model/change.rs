@@ -7,7 +7,7 @@ const CHANGE_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x7d1e_4c2a_9b3f_4e61_a0c8_5f2d_3b9e_1a47);
 
 /// Which way a customer moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// First placement of a new customer (`previous_tier` is null).
@@ -19,6 +19,23 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// Every direction, in the order of their stored codes (a customer's tier history stores
+    /// the position: append, never reorder).
+    pub const ALL: [Self; 3] = [Self::Initial, Self::Up, Self::Down];
+
+    /// The stored code (position in [`Self::ALL`]).
+    pub fn code(self) -> u8 {
+        Self::ALL
+            .iter()
+            .position(|d| *d == self)
+            .unwrap_or_default() as u8
+    }
+
+    /// The direction of a stored code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code)).copied()
+    }
+
     /// Label value for metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -30,7 +47,7 @@ impl Direction {
 }
 
 /// Why a tier changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeReason {
     /// A purchase of the customer.
@@ -58,6 +75,35 @@ pub enum ChangeReason {
 }
 
 impl ChangeReason {
+    /// Every reason, in the order of their stored codes (a customer's tier history stores
+    /// the position: append, never reorder).
+    pub const ALL: [Self; 11] = [
+        Self::Purchase,
+        Self::Refund,
+        Self::Recency,
+        Self::WindowExpiry,
+        Self::ValidityExpired,
+        Self::GraceEnded,
+        Self::MinStayEnded,
+        Self::Manual,
+        Self::ManualExpired,
+        Self::RulesChanged,
+        Self::RankShift,
+    ];
+
+    /// The stored code (position in [`Self::ALL`]).
+    pub fn code(self) -> u8 {
+        Self::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or_default() as u8
+    }
+
+    /// The reason of a stored code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code)).copied()
+    }
+
     /// Label value for metrics.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -77,6 +77,25 @@ pub enum PinRequest {
     Clear,
 }
 
+/// One of a customer's latest tier changes, kept in their state for the API
+/// (`GET /v1/customers/{id}/history`; at most `api.history_changes` of them, oldest first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierStep {
+    /// The change's sequence (its id is derived from it and the customer's origin).
+    pub seq: u64,
+    /// When it happened, engine time (Unix ms).
+    pub at: i64,
+    /// Tier before (none: the first placement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    /// Tier after.
+    pub tier: String,
+    /// Which way.
+    pub direction: super::change::Direction,
+    /// Why.
+    pub reason: super::change::ChangeReason,
+}
+
 /// Persistent state of one customer, stored in Redis in a binary form ([`super::stored`]; the
 /// serde attributes here are its JSON form, which older binaries stored and which is still
 /// read).
@@ -172,6 +191,9 @@ pub struct CustomerState {
     /// before it is about an earlier incarnation (a re-sent or late erase) and does nothing.
     #[serde(rename = "b", default, skip_serializing_if = "Option::is_none")]
     pub born: Option<i64>,
+    /// The latest tier changes, oldest first (at most `api.history_changes`; none when 0).
+    #[serde(rename = "h", default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<TierStep>,
 }
 
 impl Default for CustomerState {
@@ -202,6 +224,7 @@ impl Default for CustomerState {
             floor: i64::MIN,
             origin: None,
             born: None,
+            history: Vec::new(),
         }
     }
 }
@@ -356,6 +379,7 @@ mod tests {
             floor: 18,
             origin: Some(19),
             born: Some(20),
+            history: Vec::new(),
         };
         let json = r#"{"first":1,"last":2,"count":3,"sum":400,"refunds":1,"refunded":50,"wd":[[20000,2,350]],"wm":[[660,3,400]],"tier":"vip","since":5,"review":6,"pending":7,"timer":[8,"grace_ended"],"notified":9,"pin":{"tier":"key","mode":"floor","until":10,"by":"ov-1"},"rv":11,"rk":[350,null],"cv":12,"at":13,"seq":14,"clock":15,"ids":"EAAAAAAAAAAi","floor":18,"o":19,"b":20}"#;
         assert_eq!(serde_json::to_string(&state).unwrap(), json);

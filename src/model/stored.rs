@@ -14,12 +14,18 @@
 //! States stored as JSON (by an older tierd) are still read, and written in this form the next
 //! time the customer changes. An older tierd cannot read this form: roll binaries forward only.
 
+use super::change::{ChangeReason, Direction};
 use super::packed_ids::{self, PackedIdsError};
-use super::state::{Bucket, CustomerState, Pin, PinMode, TimeCause};
+use super::state::{Bucket, CustomerState, Pin, PinMode, TierStep, TimeCause};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The first byte of the binary form, version 1 (a JSON state starts with `{`).
 const V1: u8 = 1;
+
+/// Version 2: version 1's fields, then the customer's tier history ([`StepV2`] list). Written
+/// only for a state that keeps history (`api.history_changes` > 0): without it a state is
+/// stored as version 1, byte for byte as before, which older binaries read.
+const V2: u8 = 2;
 
 /// Why stored bytes are not a customer state.
 #[derive(Debug, thiserror::Error)]
@@ -28,14 +34,24 @@ pub enum StoredStateError {
     #[error("stored JSON state: {0}")]
     Json(#[from] serde_json::Error),
     /// The binary form, damaged.
-    #[error("stored binary state (version {V1}): {0}")]
+    #[error("stored binary state: {0}")]
     Binary(#[from] postcard::Error),
     /// The binary form, with bytes after the state.
-    #[error("stored binary state (version {V1}): {0} bytes after the state")]
+    #[error("stored binary state: {0} bytes after the state")]
     Trailing(usize),
     /// Its remembered ids, damaged.
-    #[error("stored binary state (version {V1}): {0}")]
+    #[error("stored binary state: {0}")]
     Ids(#[from] PackedIdsError),
+    /// A tier history entry with a direction or reason code this binary does not know.
+    #[error(
+        "stored binary state (version {V2}): tier history entry with unknown {what} code {code}"
+    )]
+    HistoryCode {
+        /// `direction` or `reason`.
+        what: &'static str,
+        /// The code.
+        code: u8,
+    },
     /// Neither form: empty, or a version this binary does not know (a newer tierd wrote it).
     #[error("stored state starts with byte {0:?}: neither JSON nor a binary form this tierd knows (written by a newer tierd?)")]
     Unknown(Option<u8>),
@@ -79,11 +95,26 @@ pub fn encode(state: &CustomerState, out: &mut Vec<u8>) {
         origin: state.origin.map(u64::to_le_bytes),
         born: state.born.map(rel),
     };
-    // The version byte, then the state. Writing into a Vec cannot fail, and every field has a
-    // postcard form.
-    out.reserve(96 + ids.len());
-    out.push(V1);
-    postcard::serialize_with_flavor(&v1, Appended(out)).expect("states encode");
+    // The version byte, then the state (then, in version 2, the history). Writing into a Vec
+    // cannot fail, and every field has a postcard form.
+    out.reserve(96 + ids.len() + 24 * state.history.len());
+    out.push(if state.history.is_empty() { V1 } else { V2 });
+    postcard::serialize_with_flavor(&v1, Appended(&mut *out)).expect("states encode");
+    if !state.history.is_empty() {
+        let steps: Vec<StepV2<&str>> = state
+            .history
+            .iter()
+            .map(|h| StepV2 {
+                seq: h.seq,
+                at: rel(h.at),
+                previous: h.previous.as_deref(),
+                tier: h.tier.as_str(),
+                direction: h.direction.code(),
+                reason: h.reason.code(),
+            })
+            .collect();
+        postcard::serialize_with_flavor(&steps, Appended(out)).expect("states encode");
+    }
 }
 
 /// A postcard output appending to a Vec we size up front (`postcard::to_allocvec` starts
@@ -121,13 +152,39 @@ pub fn to_vec(state: &CustomerState) -> Vec<u8> {
 /// [`StoredStateError`] naming what is wrong.
 pub fn decode(bytes: &[u8]) -> Result<CustomerState, StoredStateError> {
     match bytes.first() {
-        Some(&V1) => {
-            let (v1, rest): (OwnedV1<'_>, _) = postcard::take_from_bytes(&bytes[1..])?;
+        Some(&version @ (V1 | V2)) => {
+            let (v1, mut rest): (OwnedV1<'_>, _) = postcard::take_from_bytes(&bytes[1..])?;
+            let clock = v1.clock;
+            let abs = |d: i64| d.wrapping_add(clock);
+            let mut history = Vec::new();
+            if version == V2 {
+                let (steps, after): (Vec<StepV2<String>>, _) = postcard::take_from_bytes(rest)?;
+                rest = after;
+                history.reserve(steps.len());
+                for step in steps {
+                    history.push(TierStep {
+                        seq: step.seq,
+                        at: abs(step.at),
+                        previous: step.previous,
+                        tier: step.tier,
+                        direction: Direction::from_code(step.direction).ok_or(
+                            StoredStateError::HistoryCode {
+                                what: "direction",
+                                code: step.direction,
+                            },
+                        )?,
+                        reason: ChangeReason::from_code(step.reason).ok_or(
+                            StoredStateError::HistoryCode {
+                                what: "reason",
+                                code: step.reason,
+                            },
+                        )?,
+                    });
+                }
+            }
             if !rest.is_empty() {
                 return Err(StoredStateError::Trailing(rest.len()));
             }
-            let clock = v1.clock;
-            let abs = |d: i64| d.wrapping_add(clock);
             Ok(CustomerState {
                 first: v1.first.map(abs),
                 last: v1.last.map(abs),
@@ -159,6 +216,7 @@ pub fn decode(bytes: &[u8]) -> Result<CustomerState, StoredStateError> {
                 floor: abs(v1.floor),
                 origin: v1.origin.map(u64::from_le_bytes),
                 born: v1.born.map(abs),
+                history,
             })
         }
         Some(b'{') => Ok(serde_json::from_slice(bytes)?),
@@ -208,6 +266,18 @@ struct PinV1<S> {
     mode: PinMode,
     until: Option<i64>,
     by: S,
+}
+
+/// A tier history entry (version 2), its time relative to the clock, direction and reason
+/// by their codes ([`Direction::code`], [`ChangeReason::code`]).
+#[derive(Serialize, Deserialize)]
+struct StepV2<S> {
+    seq: u64,
+    at: i64,
+    previous: Option<S>,
+    tier: S,
+    direction: u8,
+    reason: u8,
 }
 
 /// Bytes written as one length-prefixed run (a `&[u8]` would go through serde byte by byte).
@@ -262,6 +332,7 @@ mod tests {
             floor: 1_795_733_522_999,
             origin: Some(0x0123_4567_89ab_cdef),
             born: Some(1_793_527_200_000),
+            history: Vec::new(),
         }
     }
 
@@ -296,8 +367,8 @@ mod tests {
         }
         assert!(matches!(decode(b""), Err(StoredStateError::Unknown(None))));
         assert!(matches!(
-            decode(&[2, 0]),
-            Err(StoredStateError::Unknown(Some(2)))
+            decode(&[3, 0]),
+            Err(StoredStateError::Unknown(Some(3)))
         ));
         assert!(matches!(
             decode(b"{not json"),
@@ -328,6 +399,62 @@ mod tests {
             .map(|i| u8::from_str_radix(&PINNED[i..i + 2], 16).unwrap())
             .collect();
         assert_eq!(decode(&pinned).unwrap(), state);
+    }
+
+    fn with_history() -> CustomerState {
+        let mut state = sample();
+        state.history = vec![
+            TierStep {
+                seq: 3,
+                at: 1_796_000_000_000,
+                previous: Some("key".into()),
+                tier: "vip".into(),
+                direction: Direction::Up,
+                reason: ChangeReason::Purchase,
+            },
+            TierStep {
+                seq: 4,
+                at: 1_796_338_323_000,
+                previous: None,
+                tier: "vip".into(),
+                direction: Direction::Initial,
+                reason: ChangeReason::RankShift,
+            },
+        ];
+        state
+    }
+
+    /// A state keeping tier history is version 2: version 1's bytes, then the history; one
+    /// without is version 1, unchanged (older binaries read it).
+    #[test]
+    fn tier_history_is_version_2_after_version_1s_bytes() {
+        let state = with_history();
+        let bytes = to_vec(&state);
+        assert_eq!(bytes[0], V2);
+        assert_eq!(decode(&bytes).unwrap(), state);
+        let plain = to_vec(&sample());
+        assert_eq!(plain[0], V1);
+        assert_eq!(bytes[1..plain.len()], plain[1..]);
+        let hex: String = bytes[plain.len()..]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        // Two steps: seq, at (relative), previous, tier, direction code, reason code.
+        assert_eq!(
+            hex, "0203ef98d3c20201036b657903766970010004000003766970000a",
+            "{hex}"
+        );
+        for cut in plain.len()..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut unknown = bytes.clone();
+        let last = unknown.len() - 1;
+        unknown[last] = 200;
+        let err = decode(&unknown).unwrap_err();
+        assert!(err.to_string().contains("unknown reason code 200"), "{err}");
+        // The JSON form (older binaries' states, and tools) keeps it too.
+        let json = serde_json::to_vec(&state).unwrap();
+        assert_eq!(decode(&json).unwrap(), state);
     }
 
     const PINNED: &str = concat!(

@@ -8,6 +8,7 @@ use crate::engine::changes::number_above;
 use crate::engine::rules::Rules;
 use crate::engine::Outcome;
 use crate::model::change::{AtRiskNotice, Cause, TierChange};
+use crate::model::state::TierStep;
 use crate::model::stored::{self, StoredStateError};
 use crate::model::CustomerState;
 use crate::store::keys::PartitionKeys;
@@ -168,6 +169,23 @@ pub struct Draft {
     pub max_sequence: Option<u64>,
 }
 
+/// Appends `change` (decided at engine time `at`) to the state's tier history, keeping the
+/// latest `keep` (none when 0: the list is dropped, and the state stored without it).
+fn keep_in_history(state: &mut CustomerState, change: &TierChange, at: i64, keep: usize) {
+    if keep > 0 {
+        state.history.push(TierStep {
+            seq: change.sequence,
+            at,
+            previous: change.previous_tier.clone(),
+            tier: change.tier.clone(),
+            direction: change.direction,
+            reason: change.reason,
+        });
+    }
+    let over = state.history.len().saturating_sub(keep);
+    state.history.drain(..over);
+}
+
 impl Draft {
     /// An empty draft at input position `offset` (nothing consumed), numbering changes
     /// above the partition's sequence floor `seq_floor` (0: none).
@@ -196,6 +214,7 @@ impl Draft {
             number_above(state, self.seq_floor);
             self.max_sequence = self.max_sequence.max(Some(state.seq));
             let change = TierChange::new(customer_id, state, t, rules, &p.money, cause);
+            keep_in_history(state, &change, t.at, p.history_changes);
             self.changes.push((
                 change
                     .previous_tier
@@ -330,6 +349,57 @@ mod tests {
 
     fn keys() -> PartitionKeys {
         Keyspace::new("t", "g", "in").partition(0)
+    }
+
+    #[test]
+    fn the_history_keeps_the_latest_changes_and_none_when_off() {
+        use crate::model::change::{ChangeReason, Direction};
+        let change = |seq: u64| TierChange {
+            event_id: String::new(),
+            customer_id: "c".into(),
+            sequence: seq,
+            previous_tier: None,
+            tier: format!("t{seq}"),
+            tier_display_name: String::new(),
+            direction: Direction::Up,
+            reason: ChangeReason::Purchase,
+            occurred_at: String::new(),
+            rules_version: String::new(),
+            rule: String::new(),
+            policy: String::new(),
+            metrics: crate::model::change::MetricsView {
+                frequency: 0,
+                monetary: String::new(),
+                refund_count: 0,
+                refunded: String::new(),
+                currency: String::new(),
+                first_purchase_at: None,
+                last_purchase_at: None,
+            },
+            values: serde_json::Map::new(),
+            scores: serde_json::Map::new(),
+            ranks: serde_json::Map::new(),
+            cutoffs_version: None,
+            cause: None,
+        };
+        let mut state = CustomerState::default();
+        for seq in 1..=4 {
+            keep_in_history(&mut state, &change(seq), i64::from(seq as u32) * 10, 2);
+        }
+        let kept: Vec<(u64, i64, &str)> = state
+            .history
+            .iter()
+            .map(|h| (h.seq, h.at, h.tier.as_str()))
+            .collect();
+        assert_eq!(kept, [(3, 30, "t3"), (4, 40, "t4")]);
+        // Turned off: the list is dropped at the customer's next change.
+        keep_in_history(&mut state, &change(5), 50, 0);
+        assert!(state.history.is_empty());
+        assert_eq!(
+            stored::to_vec(&state)[0],
+            1,
+            "a state without history is version 1"
+        );
     }
 
     fn customer(

@@ -60,6 +60,8 @@ pub struct Pipeline {
     pub partitions: std::sync::atomic::AtomicI32,
     /// Metrics.
     pub telemetry: Telemetry,
+    /// Tier changes each customer's state keeps (`api.history_changes`).
+    pub history_changes: usize,
     /// Earlier rules versions by version hash (`rules.history`, and every version a claim
     /// returned the text of): a replay over several rules changes applies each stretch of
     /// input under its own.
@@ -96,6 +98,7 @@ impl Pipeline {
             cache_customers: config.ingest.cache_customers_per_partition,
             cache_budget: cache::CacheBudget::new(config.ingest.cache_bytes),
             telemetry,
+            history_changes: config.api.history_changes,
             known_rules: std::sync::Mutex::default(),
         }
     }
