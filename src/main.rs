@@ -334,19 +334,20 @@ fn main() -> anyhow::Result<()> {
             bar.finish_and_clear();
             let secs = report.elapsed.as_secs_f64().max(1e-3);
             println!(
-                "{} {} rows into {} in {:.1} s ({:.0} rows/s): {} produced, {} rejected{}",
+                "{} {} rows {} {} in {:.1} s ({:.0} rows/s): {} {}, {} rejected",
                 if dry_run { "checked" } else { "backfilled" },
                 report.rows,
+                if dry_run { "for" } else { "into" },
                 cfg.kafka.input_topic,
                 secs,
                 report.rows as f64 / secs,
                 report.produced,
-                report.rejected_total(),
                 if dry_run {
-                    " (dry run: nothing produced)"
+                    "valid (dry run: nothing sent)"
                 } else {
-                    ""
+                    "produced"
                 },
+                report.rejected_total(),
             );
             if report.resumed > 0 || report.files_done_before > 0 {
                 println!(
@@ -378,7 +379,14 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let rules =
                 tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
-            let mut out: Box<dyn std::io::Write> = match &output {
+            // A file is written beside its name and renamed over it once the export is
+            // whole: a failed export never leaves a partial file that looks complete.
+            let staged = output.as_ref().map(|path| {
+                let mut tmp = path.as_os_str().to_owned();
+                tmp.push(".partial");
+                std::path::PathBuf::from(tmp)
+            });
+            let mut out: Box<dyn std::io::Write> = match &staged {
                 Some(path) => Box::new(std::io::BufWriter::new(
                     std::fs::File::create(path)
                         .with_context(|| format!("--output {}", path.display()))?,
@@ -390,16 +398,29 @@ fn main() -> anyhow::Result<()> {
                 indicatif::ProgressStyle::with_template("{spinner} {pos} customers {per_sec}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
             );
-            let report = tierd::tools::export::run(
+            let exported = tierd::tools::export::run(
                 &cfg,
                 &rules,
                 &mut out,
                 retries,
                 allow_inconsistent,
                 |n| bar.set_position(n),
-            )?;
+            );
             bar.finish_and_clear();
             drop(out);
+            let report = match exported {
+                Ok(report) => report,
+                Err(e) => {
+                    if let Some(staged) = &staged {
+                        let _ = std::fs::remove_file(staged);
+                    }
+                    return Err(e.into());
+                }
+            };
+            if let (Some(staged), Some(path)) = (&staged, &output) {
+                std::fs::rename(staged, path)
+                    .with_context(|| format!("--output {}", path.display()))?;
+            }
             for p in &report {
                 eprintln!(
                     "partition {}: {} customers, input applied before offset {} ({}, {} read{})",

@@ -199,14 +199,31 @@ fn a_backfill_then_live_traffic_gives_the_tiers_of_the_whole_history_streamed_li
         "{:?}",
         rejects[0]
     );
+    // Each with the row as it was in the file.
+    assert_eq!(
+        rejects[0]["row"],
+        "bad1,c1,purchase,-5.00,2026-10-01T00:00:00Z,app"
+    );
+    assert_eq!(
+        rejects[3]["row"],
+        "bad3,,purchase,5.00,2026-10-01T00:00:00Z,app"
+    );
 
     // Replayed on the event clock (the documented way to load history), then run live.
     let mut loader = Tierd::spawn(&world, "[clock]\nmode = \"event\"\n");
     world.wait_applied_by(&loader, &input_ends(&world), Duration::from_secs(120));
-    assert!(
-        loader.metric("tierd_events_deduplicated_total") >= 600.0,
-        "the rows sent twice were not recognised: {}",
-        loader.metric("tierd_events_deduplicated_total")
+    // Every duplicate recognised: the stream's own re-sent events, and the 599 valid rows of
+    // the stretch sent twice (rows 701–1,300, bad2 among them).
+    let own = history.len()
+        - history
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap())
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+    assert_eq!(
+        loader.metric("tierd_events_deduplicated_total"),
+        (own + 599) as f64,
+        "the rows sent twice were not all recognised ({own} re-sent by the stream itself)"
     );
     assert_eq!(loader.terminate(), Some(0));
     let tierd = Tierd::spawn(&world, "");
@@ -304,7 +321,8 @@ fn backfill_refuses_what_it_cannot_send_right_and_names_it() {
     let (code, out, err) = base(&["--dry-run"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("checked 2 rows") && out.contains("1 produced, 1 rejected"),
+        out.contains("checked 2 rows")
+            && out.contains("1 valid (dry run: nothing sent), 1 rejected"),
         "{out}"
     );
     assert!(out.contains("rejected invalid_amount: 1"), "{out}");
@@ -315,7 +333,10 @@ fn backfill_refuses_what_it_cannot_send_right_and_names_it() {
     );
     assert!(!checkpoint.exists(), "a dry run wrote a checkpoint");
 
-    // Sent; then the file changes under its checkpoint: refused, naming both.
+    let dry_rejects = std::fs::read_to_string(&rejects).unwrap();
+    assert_eq!(dry_rejects.lines().count(), 1, "{dry_rejects}");
+
+    // Sent; a row appended later is sent by the next run, the first two skipped (checked).
     let (code, _, err) = base(&[]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(input_ends(&world), BTreeMap::from([(0, 1)]));
@@ -323,10 +344,88 @@ fn backfill_refuses_what_it_cannot_send_right_and_names_it() {
         .append(true)
         .open(&jsonl)
         .unwrap();
-    f.write_all(b"{\"event_id\":\"e3\"}\n").unwrap();
+    f.write_all(
+        b"{\"event_id\":\"e3\",\"customer_id\":\"c1\",\"amount\":\"7.00\",\"occurred_at\":\"2026-10-02T00:00:00Z\"}\n",
+    )
+    .unwrap();
+    let (code, out, err) = base(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("resumed: 2 rows") && out.contains("1 produced, 0 rejected"),
+        "{out}"
+    );
+    assert_eq!(input_ends(&world), BTreeMap::from([(0, 2)]));
+
+    // A row edited in place (the same size, past nothing but the rows already sent): refused,
+    // naming the file and the checkpoint; nothing sent.
+    let edited = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .replacen("5.00", "6.00", 1);
+    std::fs::write(&jsonl, edited).unwrap();
     let (code, _, err) = base(&[]);
     assert_eq!(code, 1);
-    assert!(err.contains("changed since checkpoint"), "{err}");
+    assert!(
+        err.contains("changed since checkpoint") && err.contains("first 3 rows"),
+        "{err}"
+    );
+    assert_eq!(input_ends(&world), BTreeMap::from([(0, 2)]));
+    // The rejected row: once by the dry run, once by the first real run (the later ones
+    // skipped it).
+    let all_rejects = std::fs::read_to_string(&rejects).unwrap();
+    assert_eq!(all_rejects.lines().count(), 2, "{all_rejects}");
+
+    // A row the topic refuses for its size (`max.message.bytes` 1,000; the row ~3 KB of
+    // incompressible text): rejected as `refused_by_kafka`, every other row sent, also those
+    // batched with it (each refused row is sent again alone before it is rejected).
+    world
+        .broker
+        .alter_topic_config(&world.input, "max.message.bytes", "1000");
+    let big = dir.path().join("big.jsonl");
+    let noise: String = (0..400u64)
+        .map(|i| format!("{:08x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32))
+        .collect();
+    let rows: Vec<String> = (0..20)
+        .map(|i| {
+            let mut e = serde_json::json!({"event_id": format!("b{i}"), "customer_id": format!("k{i}"),
+                "amount": "1.00", "occurred_at": "2026-10-03T00:00:00Z"});
+            if i == 9 {
+                e["note"] = noise.clone().into();
+            }
+            e.to_string()
+        })
+        .collect();
+    std::fs::write(&big, rows.join("\n")).unwrap();
+    let (code, out, err) = support::tierd_cli(&[
+        "backfill",
+        "--config",
+        &config,
+        "--partitioner",
+        "murmur2_random",
+        "--checkpoint",
+        &dir.path().join("cp3.json").display().to_string(),
+        "--rejects",
+        &rejects,
+        &big.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("19 produced, 1 rejected") && out.contains("rejected refused_by_kafka: 1"),
+        "{out}"
+    );
+    assert_eq!(input_ends(&world), BTreeMap::from([(0, 21)]));
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&rejects)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (last["reason"].as_str(), last["line"].as_u64()),
+        (Some("refused_by_kafka"), Some(10))
+    );
+    assert!(last["row"].as_str().unwrap().contains("\"b9\""), "{last}");
 
     // An input topic that does not exist.
     let other = dir.path().join("other.toml");

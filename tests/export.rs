@@ -176,3 +176,87 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
         ends.values().sum::<i64>()
     );
 }
+
+/// A partition that commits during every read (its commit count moved on meanwhile, here
+/// by hand, deterministically) is read again up to `--retries`, then the export stops naming
+/// it and leaves no output file; `--allow-inconsistent` writes it marked as such.
+#[test]
+fn a_partition_that_commits_during_every_read_is_refused_or_marked() {
+    let world = World::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tierd.toml");
+    std::fs::write(&config, world.config(support::free_port(), "")).unwrap();
+    let config = config.display().to_string();
+    let mut tierd = Tierd::spawn(&world, "");
+    let events: Vec<_> = (0..400)
+        .map(|i| {
+            purchase(
+                &format!("a{i}"),
+                &format!("c{i}"),
+                "100.00",
+                "2026-11-01T00:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // Partition 0's commit count moves on without pause, as under a commit per millisecond.
+    let stop = Arc::new(AtomicBool::new(false));
+    let bumper = {
+        let stop = stop.clone();
+        let meta = world.keys(0).meta;
+        let mut conn = world.redis.conn();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _: i64 = redis::cmd("HINCRBY")
+                    .arg(&meta)
+                    .arg("commits")
+                    .arg(1)
+                    .query(&mut conn)
+                    .unwrap();
+            }
+        })
+    };
+    let out = dir.path().join("export.jsonl");
+    let out_arg = out.display().to_string();
+    let (code, _, _, err) = export(&config, &["--retries", "2", "--output", &out_arg]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("partition 0 committed during each of its 3 reads"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a failed export left {}", out.display());
+    assert!(
+        !dir.path().join("export.jsonl.partial").exists(),
+        "a failed export left its partial file"
+    );
+
+    let (code, _, report, err) = export(
+        &config,
+        &[
+            "--retries",
+            "1",
+            "--allow-inconsistent",
+            "--output",
+            &out_arg,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("INCONSISTENT: committed during the read, 2 reads"),
+        "{err}"
+    );
+    assert!(!report[&0].2 && report[&1].2, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().lines().count(),
+        400,
+        "every customer once"
+    );
+    stop.store(true, Ordering::Relaxed);
+    bumper.join().unwrap();
+    let (code, _, report, err) = export(&config, &["--output", &out_arg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(report.values().all(|r| r.2), "{err}");
+}

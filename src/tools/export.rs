@@ -1,10 +1,13 @@
 //! `tierd export`: every stored customer as JSON Lines (tier, metrics, scores, the rule that
 //! placed them, their next move: what the API shows), read-only, consistent per partition.
 //!
-//! A partition is read with `SCAN` while tierd may commit to it. Every commit of a partition
-//! goes through the commit script, which counts it in the partition's meta (`commits`), so a
-//! partition whose count (and stored offset) is the same before and after its read was read
-//! between two commits: a consistent snapshot of the state after input offset `next_offset`.
+//! A partition is read with `SCAN` while tierd may commit to it. Every write of a customer's
+//! state goes through the commit script, which counts it in the partition's meta (`commits`),
+//! so a partition whose count (and stored offset) is the same before and after its read was
+//! read between two commits: a consistent snapshot of its stored states after the input before
+//! `next_offset`. Under rank rules the values and scores shown are computed under the cut-offs
+//! published when the read began, and a read during which new ones were published counts as
+//! raced too.
 //! A partition that committed meanwhile is read again (its lines are staged in a temporary
 //! file and written out only once a read was consistent), up to `retries` times; then the
 //! export fails naming it, unless inconsistent partitions are allowed (marked in the report).
@@ -78,16 +81,19 @@ pub fn run(
             reads += 1;
             let before = store.commit_mark(partition)?;
             // Cut-offs in force for the ranks this read shows (rules without ranks: none).
-            let cutoffs = if rules.ranks().is_empty() {
-                Default::default()
-            } else {
+            let ranked = !rules.ranks().is_empty();
+            let cutoffs = if ranked {
                 store.cutoffs()?
+            } else {
+                Default::default()
             };
+            // SCAN may return a key twice (the keyspace resized meanwhile): one line each.
+            let mut seen = std::collections::HashSet::new();
             let mut staged = std::io::BufWriter::new(tempfile::tempfile()?);
             let mut customers = 0u64;
             let mut failed: Option<std::io::Error> = None;
             store.for_each_customer_of(partition, 1000, |id, state| {
-                if failed.is_some() {
+                if failed.is_some() || !seen.insert(xxhash_rust::xxh3::xxh3_128(id.as_bytes())) {
                     return;
                 }
                 let view =
@@ -106,7 +112,10 @@ pub fn run(
                 return Err(e.into());
             }
             let after = store.commit_mark(partition)?;
-            let consistent = before == after;
+            // The values and scores shown were computed under `cutoffs`: new ones published
+            // during the read make it another moment's too.
+            let same_cutoffs = !ranked || store.cutoffs()?.version == cutoffs.version;
+            let consistent = before == after && same_cutoffs;
             if consistent || reads > retries {
                 if !consistent && !allow_inconsistent {
                     return Err(ExportError::Busy { partition, reads });

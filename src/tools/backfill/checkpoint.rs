@@ -1,7 +1,11 @@
 //! How far a backfill got: per file, the rows whose records the broker acknowledged (or that
 //! were rejected), saved after every chunk, so a run stopped or killed resumes where its last
-//! acknowledged chunk ended. A file is recognised by its path, size and the hash of its first
-//! 64 KiB: a file changed since is refused, never resumed at a position that means another row.
+//! acknowledged chunk ended. With the count goes a hash of those rows' bytes: a resumed run
+//! reads the rows it skips again and checks them against it, so a file changed since (a row
+//! edited, removed or added before the mark, whatever its size) is refused, never resumed at
+//! a position that means another row; rows appended after the mark are sent. A file done
+//! whole is skipped while its size and the hash of its first 64 KiB are unchanged (else it is
+//! read again, its done rows checked the same way).
 
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -31,6 +35,8 @@ pub struct FileMark {
     pub head: String,
     /// Rows done (acknowledged by the broker, or rejected), from the start of the file.
     pub rows: u64,
+    /// xxh3 of those rows' bytes as read (hex).
+    pub prefix: String,
     /// The whole file is done.
     pub done: bool,
 }
@@ -42,6 +48,14 @@ pub enum CheckpointError {
     #[error("checkpoint {path}: {source}")]
     Io {
         /// The checkpoint file (or the history file being identified).
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A history file cannot be read to identify it.
+    #[error("{path}: {source}")]
+    File {
+        /// The history file.
         path: PathBuf,
         /// The error.
         source: std::io::Error,
@@ -65,7 +79,7 @@ pub enum CheckpointError {
         wanted: String,
     },
     /// A file changed since it was started.
-    #[error("{file} changed since checkpoint {path} recorded {rows} rows of it (size or first 64 KiB differ): resuming would skip other rows. Restore the file, or pass another --checkpoint to send it whole again (the rows already sent are counted once by their event_id within dedup.horizon_s)")]
+    #[error("{file} changed since checkpoint {path} recorded its first {rows} rows as sent (they are not the same rows now): resuming would skip other rows. Restore the file, or pass another --checkpoint to send it whole again (the rows already sent are counted once by their event_id within dedup.horizon_s)")]
     Changed {
         /// The history file.
         file: PathBuf,
@@ -120,32 +134,40 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
-    /// The mark of `file` (canonical path), started afresh if it has none.
+    /// The mark of `file` (canonical path), started afresh if it has none, and whether the
+    /// file is done and unchanged since (then it is skipped unread).
     ///
     /// # Errors
-    /// [`CheckpointError::Changed`] when the file differs from the one recorded, or
-    /// [`CheckpointError::Io`] when it cannot be read.
-    pub fn mark(&mut self, file: &Path, checkpoint: &Path) -> Result<usize, CheckpointError> {
+    /// [`CheckpointError::File`] when the file cannot be read.
+    pub fn mark(&mut self, file: &Path) -> Result<(usize, bool), CheckpointError> {
         let (size, head) = identify(file)?;
         if let Some(i) = self.files.iter().position(|m| m.path == file) {
-            let m = &self.files[i];
-            if m.size != size || m.head != head {
-                return Err(CheckpointError::Changed {
-                    file: file.to_owned(),
-                    path: checkpoint.to_owned(),
-                    rows: m.rows,
-                });
-            }
-            return Ok(i);
+            let m = &mut self.files[i];
+            let unchanged = m.done && m.size == size && m.head == head;
+            // Read again (changed, or not done): the rows done are checked as they are
+            // skipped, and the identity is the file's as it is now.
+            m.size = size;
+            m.head = head;
+            return Ok((i, unchanged));
         }
         self.files.push(FileMark {
             path: file.to_owned(),
             size,
             head,
             rows: 0,
+            prefix: prefix_hex(&xxhash_rust::xxh3::Xxh3Default::new()),
             done: false,
         });
-        Ok(self.files.len() - 1)
+        Ok((self.files.len() - 1, false))
+    }
+
+    /// The error for file `mark` whose first rows are not the ones recorded.
+    pub fn changed(&self, mark: usize, checkpoint: &Path) -> CheckpointError {
+        CheckpointError::Changed {
+            file: self.files[mark].path.clone(),
+            path: checkpoint.to_owned(),
+            rows: self.files[mark].rows,
+        }
     }
 
     /// Writes the checkpoint to `path` atomically (a temporary file, synced, renamed over it).
@@ -167,13 +189,26 @@ impl Checkpoint {
             f.write_all(&text).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
-        std::fs::rename(&tmp, path).map_err(io)
+        std::fs::rename(&tmp, path).map_err(io)?;
+        // The rename itself is durable once its directory is synced.
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)
     }
+}
+
+/// The recorded form of a prefix hash.
+pub fn prefix_hex(prefix: &xxhash_rust::xxh3::Xxh3Default) -> String {
+    format!("{:016x}", prefix.digest())
 }
 
 /// A file's size and the xxh3 of its first 64 KiB (hex).
 fn identify(file: &Path) -> Result<(u64, String), CheckpointError> {
-    let io = |source| CheckpointError::Io {
+    let io = |source| CheckpointError::File {
         path: file.to_owned(),
         source,
     };
@@ -189,27 +224,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_checkpoint_resumes_its_files_and_refuses_a_changed_one_or_another_topic() {
+    fn a_checkpoint_keeps_its_marks_and_refuses_another_topic_or_a_foreign_file() {
         let dir = tempfile::tempdir().unwrap();
         let cp = dir.path().join("cp.json");
         let file = dir.path().join("h.csv");
         std::fs::write(&file, "a,b\n1,2\n").unwrap();
         let mut c = Checkpoint::load(&cp, "in").unwrap();
-        let i = c.mark(&file, &cp).unwrap();
+        let (i, done) = c.mark(&file).unwrap();
+        assert!(!done);
         c.files[i].rows = 1;
+        c.files[i].done = true;
         c.save(&cp).unwrap();
 
         let mut again = Checkpoint::load(&cp, "in").unwrap();
         assert_eq!(again, c);
-        assert_eq!(again.mark(&file, &cp).unwrap(), i);
+        assert_eq!(
+            again.mark(&file).unwrap(),
+            (i, true),
+            "done and unchanged: skipped"
+        );
+        std::fs::write(&file, "a,b\n1,3\n").unwrap();
+        assert_eq!(
+            again.mark(&file).unwrap(),
+            (i, false),
+            "changed: read again"
+        );
         assert!(matches!(
             Checkpoint::load(&cp, "other"),
             Err(CheckpointError::OtherTopic { .. })
         ));
-        std::fs::write(&file, "a,b\n1,3\n").unwrap();
-        let err = again.mark(&file, &cp).unwrap_err();
+        let err = again.mark(&dir.path().join("missing.csv")).unwrap_err();
         assert!(
-            err.to_string().contains("changed since checkpoint"),
+            err.to_string()
+                .starts_with(&format!("{}", dir.path().join("missing.csv").display())),
             "{err}"
         );
         std::fs::write(&cp, "{}").unwrap();

@@ -145,11 +145,29 @@ fn open(path: &Path, read: Arc<AtomicU64>) -> Result<Box<dyn std::io::BufRead>, 
     })
 }
 
-/// The producer and the deliveries not yet awaited.
+/// The producer, the deliveries not yet awaited (with their rows' line numbers) and the rows
+/// the broker refused for good.
 struct Sender {
     producer: FutureProducer,
     topic: String,
-    pending: Vec<DeliveryFuture>,
+    pending: Vec<(DeliveryFuture, u64)>,
+    /// (line, the row as sent, the broker's error) of rows refused for a reason sending them
+    /// again cannot change: rejected, like a row tierd would refuse.
+    refused: Vec<(u64, String, String)>,
+}
+
+/// Whether the broker refused one record for what it is (too large, invalid): the row is
+/// rejected and the backfill goes on. Any other error (authorization, a broker down, a
+/// timeout) stops the run, naming the row: the next run sends the same rows again.
+fn refuses_the_row(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
 }
 
 impl Sender {
@@ -180,33 +198,78 @@ impl Sender {
             producer,
             topic,
             pending: Vec::new(),
+            refused: Vec::new(),
         })
     }
 
-    fn send(&mut self, key: &str, value: &[u8]) -> Result<(), BackfillError> {
+    /// Sends the row at `line` of `file`.
+    fn send(
+        &mut self,
+        file: &Path,
+        line: u64,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), BackfillError> {
         loop {
             let record = FutureRecord::to(&self.topic).key(key).payload(value);
             match self.producer.send_result(record) {
                 Ok(delivery) => {
-                    self.pending.push(delivery);
+                    self.pending.push((delivery, line));
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    self.acknowledged()?;
+                    self.acknowledged(file)?;
                 }
-                Err((e, _)) => return Err(BackfillError::Kafka(e.to_string())),
+                Err((e, _)) if refuses_the_row(&e) => {
+                    let raw = String::from_utf8_lossy(value).into_owned();
+                    self.refused.push((line, raw, e.to_string()));
+                    return Ok(());
+                }
+                Err((e, _)) => {
+                    return Err(BackfillError::Kafka(format!(
+                        "{}:{line}: {e}",
+                        file.display()
+                    )))
+                }
             }
         }
     }
 
-    /// Waits until the broker acknowledged every record sent.
-    fn acknowledged(&mut self) -> Result<(), BackfillError> {
-        for delivery in
-            futures::executor::block_on(futures::future::join_all(self.pending.drain(..)))
-        {
+    /// Waits until the broker acknowledged every record sent (of `file`), or refused its row
+    /// for good (kept in `refused`). The broker judges a batch of records as a whole (its
+    /// size against the topic's `max.message.bytes`), so each refused row is sent again
+    /// alone, and rejected only if refused alone too (it then comes after rows sent after
+    /// it: a customer's events may arrive out of order, which tierd accepts within
+    /// `dedup.horizon_s`).
+    ///
+    /// # Errors
+    /// Any other failure, naming the first row it hit.
+    fn acknowledged(&mut self, file: &Path) -> Result<(), BackfillError> {
+        use rdkafka::Message;
+        let (deliveries, lines): (Vec<_>, Vec<_>) = self.pending.drain(..).unzip();
+        let delivered = futures::executor::block_on(futures::future::join_all(deliveries));
+        let failed = |line: u64, e: &KafkaError| {
+            BackfillError::Kafka(format!("{}:{line}: {e}", file.display()))
+        };
+        for (delivery, line) in delivered.into_iter().zip(lines) {
             match delivery {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(BackfillError::Kafka(e.to_string())),
+                Ok(Err((e, message))) if refuses_the_row(&e) => {
+                    let key = message.key().unwrap_or_default();
+                    let value = message.payload().unwrap_or_default();
+                    let alone = FutureRecord::to(&self.topic).key(key).payload(value);
+                    match futures::executor::block_on(
+                        self.producer.send(alone, Duration::from_secs(60)),
+                    ) {
+                        Ok(_) => {}
+                        Err((e, _)) if refuses_the_row(&e) => {
+                            let raw = String::from_utf8_lossy(value).into_owned();
+                            self.refused.push((line, raw, e.to_string()));
+                        }
+                        Err((e, _)) => return Err(failed(line, &e)),
+                    }
+                }
+                Ok(Err((e, _))) => return Err(failed(line, &e)),
                 Err(_) => return Err(BackfillError::Kafka("the producer was dropped".into())),
             }
         }
@@ -249,16 +312,23 @@ impl Rejects {
         out.write_all(b"\n").map_err(io)
     }
 
+    /// Writes the rows rejected so far to disk (synced: the checkpoint saved after it says
+    /// they are done).
     fn flush(&mut self) -> Result<(), BackfillError> {
         if let Some(out) = &mut self.out {
-            out.flush().map_err(|source| BackfillError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+            out.flush()
+                .and_then(|()| out.get_ref().sync_data())
+                .map_err(|source| BackfillError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }
 }
+
+/// The reason code of rows the broker refused for good.
+pub const REFUSED_BY_KAFKA: &str = "refused_by_kafka";
 
 /// Runs a backfill of `opts.files` into `config`'s input topic, checking rows as tierd under
 /// `rules` would; `progress` is called after every chunk.
@@ -298,7 +368,16 @@ pub fn run(
         Checkpoint::load(&opts.checkpoint, &config.kafka.input_topic)?
     };
     let mut sender = if opts.dry_run {
-        None
+        // A dry run's rejects file is this run's findings alone.
+        match std::fs::remove_file(&opts.rejects) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(BackfillError::Io {
+                    path: opts.rejects.clone(),
+                    source: e,
+                })
+            }
+            _ => None,
+        }
     } else {
         Some(Sender::new(config, &opts.partitioner)?)
     };
@@ -311,8 +390,8 @@ pub fn run(
     let now_ms = || crate::model::time::now_ms();
     'files: for (path, format) in &files {
         let size = std::fs::metadata(path).map_or(0, |m| m.len());
-        let mark = checkpoint.mark(path, &opts.checkpoint)?;
-        if checkpoint.files[mark].done {
+        let (mark, unchanged) = checkpoint.mark(path)?;
+        if unchanged {
             report.files_done_before += 1;
             bytes_before += size;
             continue;
@@ -327,10 +406,40 @@ pub fn run(
                 }
             })?;
         let skip = checkpoint.files[mark].rows;
+        let recorded = checkpoint.files[mark].prefix.clone();
+        let mut prefix = xxhash_rust::xxh3::Xxh3Default::new();
         let (mut n, mut line, mut in_chunk) = (0u64, 0u64, 0u64);
+        let mut at = |sender: &mut Option<Sender>,
+                      rejects: &mut Rejects,
+                      report: &mut Report,
+                      checkpoint: &mut Checkpoint,
+                      n: u64,
+                      prefix: &xxhash_rust::xxh3::Xxh3Default,
+                      done: bool|
+         -> Result<(), BackfillError> {
+            record(sender, rejects, report, path, opts.dry_run)?;
+            if !opts.dry_run {
+                let m = &mut checkpoint.files[mark];
+                m.rows = n;
+                m.prefix = checkpoint::prefix_hex(prefix);
+                m.done = done;
+                checkpoint.save(&opts.checkpoint)?;
+            }
+            progress(&Progress {
+                bytes: bytes_before
+                    + if done {
+                        size
+                    } else {
+                        read.load(Ordering::Relaxed)
+                    },
+                total_bytes,
+                rows: report.rows,
+            });
+            Ok(())
+        };
         loop {
             let row = rows
-                .next_row(&opts.mapping, now_ms(), &limits, &mut line)
+                .next_row(&opts.mapping, now_ms(), &limits, &mut line, &mut prefix)
                 .map_err(|source| BackfillError::Io {
                     path: path.clone(),
                     source,
@@ -339,6 +448,9 @@ pub fn run(
             n += 1;
             if n <= skip {
                 report.resumed += 1;
+                if n == skip && checkpoint::prefix_hex(&prefix) != recorded {
+                    return Err(checkpoint.changed(mark, &opts.checkpoint).into());
+                }
                 continue;
             }
             report.rows += 1;
@@ -346,7 +458,7 @@ pub fn run(
             match row {
                 Row::Event { key, value } => {
                     if let Some(sender) = &mut sender {
-                        sender.send(&key, &value)?;
+                        sender.send(path, line, &key, &value)?;
                     }
                     report.produced += 1;
                 }
@@ -361,66 +473,58 @@ pub fn run(
             }
             let stop = opts.stop_after.is_some_and(|s| report.rows >= s);
             if in_chunk >= opts.chunk_rows || stop {
-                record(
+                at(
                     &mut sender,
                     &mut rejects,
+                    &mut report,
                     &mut checkpoint,
-                    opts,
-                    mark,
                     n,
+                    &prefix,
                     false,
                 )?;
                 in_chunk = 0;
-                progress(&Progress {
-                    bytes: bytes_before + read.load(Ordering::Relaxed),
-                    total_bytes,
-                    rows: report.rows,
-                });
             }
             if stop {
                 report.stopped_early = true;
                 break 'files;
             }
         }
-        record(
+        if n < skip {
+            // The file ends before the rows recorded as done.
+            return Err(checkpoint.changed(mark, &opts.checkpoint).into());
+        }
+        at(
             &mut sender,
             &mut rejects,
+            &mut report,
             &mut checkpoint,
-            opts,
-            mark,
             n,
+            &prefix,
             true,
         )?;
         bytes_before += size;
-        progress(&Progress {
-            bytes: bytes_before,
-            total_bytes,
-            rows: report.rows,
-        });
     }
     report.elapsed = started.elapsed();
     Ok(report)
 }
 
-/// Waits for the broker to acknowledge everything sent, then records `rows` of file `mark`
-/// as done (`done`: the whole file).
+/// Waits for the broker to acknowledge everything sent of `file` and writes the rejected rows
+/// (those the broker refused for good too) to disk: what the next checkpoint may record.
 fn record(
     sender: &mut Option<Sender>,
     rejects: &mut Rejects,
-    checkpoint: &mut Checkpoint,
-    opts: &Options,
-    mark: usize,
-    rows: u64,
-    done: bool,
+    report: &mut Report,
+    file: &Path,
+    dry_run: bool,
 ) -> Result<(), BackfillError> {
+    debug_assert!(sender.is_some() != dry_run);
     if let Some(sender) = sender {
-        sender.acknowledged()?;
+        sender.acknowledged(file)?;
+        for (line, raw, error) in sender.refused.drain(..) {
+            report.produced -= 1;
+            *report.rejected.entry(REFUSED_BY_KAFKA).or_default() += 1;
+            rejects.write(file, line, REFUSED_BY_KAFKA, &error, &raw)?;
+        }
     }
-    rejects.flush()?;
-    if !opts.dry_run {
-        checkpoint.files[mark].rows = rows;
-        checkpoint.files[mark].done = done;
-        checkpoint.save(&opts.checkpoint)?;
-    }
-    Ok(())
+    rejects.flush()
 }

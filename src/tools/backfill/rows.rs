@@ -229,9 +229,16 @@ pub enum Rows<R: BufRead> {
         /// The mapped columns.
         columns: CsvColumns,
         /// The record being read.
-        record: csv::StringRecord,
+        record: csv::ByteRecord,
+        /// The delimiter (to write a rejected row back as it was).
+        delimiter: u8,
     },
 }
+
+/// Separators fed to the prefix hash between a CSV record's fields and after each record (ASCII
+/// unit and record separators), so that `a,bc` and `ab,c` hash differently.
+const UNIT: &[u8] = &[0x1f];
+const RECORD: &[u8] = &[0x1e];
 
 impl<R: BufRead> Rows<R> {
     /// Starts reading `reader` as `format` (for CSV: reads the header and finds the columns).
@@ -262,13 +269,16 @@ impl<R: BufRead> Rows<R> {
                 Ok(Self::Csv {
                     reader,
                     columns,
-                    record: csv::StringRecord::new(),
+                    record: csv::ByteRecord::new(),
+                    delimiter,
                 })
             }
         }
     }
 
-    /// The next row and its line number in the file (1-based), or `None` at the end.
+    /// The next row and its line number in the file (1-based), or `None` at the end. The row's
+    /// bytes as read are fed to `prefix` (a resumed run checks that the rows it skips are the
+    /// ones a checkpoint recorded).
     ///
     /// # Errors
     /// An I/O error reading the file (a malformed row is a [`Row::Bad`], not an error).
@@ -278,6 +288,7 @@ impl<R: BufRead> Rows<R> {
         now_ms: i64,
         limits: &DecodeLimits,
         line_no: &mut u64,
+        prefix: &mut xxhash_rust::xxh3::Xxh3Default,
     ) -> std::io::Result<Option<Row>> {
         match self {
             Self::Jsonl { reader, line } => loop {
@@ -288,31 +299,75 @@ impl<R: BufRead> Rows<R> {
                 *line_no += 1;
                 let text = line.trim_ascii();
                 if !text.is_empty() {
-                    return Ok(Some(jsonl_row(text, mapping, now_ms, limits)));
+                    prefix.update(text);
+                    prefix.update(RECORD);
+                    return Ok(Some(match jsonl_row(text, mapping, now_ms, limits) {
+                        Row::Bad { reason, detail, .. } => Row::Bad {
+                            reason,
+                            detail,
+                            raw: String::from_utf8_lossy(text).into_owned(),
+                        },
+                        ok => ok,
+                    }));
                 }
             },
             Self::Csv {
                 reader,
                 columns,
                 record,
-            } => match reader.read_record(record) {
+                delimiter,
+            } => match reader.read_byte_record(record) {
                 Ok(false) => Ok(None),
                 Ok(true) => {
                     *line_no = record.position().map_or(*line_no + 1, |p| p.line());
-                    let fields = reader.headers().map_or(0, csv::StringRecord::len);
+                    for field in record.iter() {
+                        prefix.update(field);
+                        prefix.update(UNIT);
+                    }
+                    prefix.update(RECORD);
+                    let raw = || {
+                        let mut w = csv::WriterBuilder::new()
+                            .delimiter(*delimiter)
+                            .terminator(csv::Terminator::Any(b'\n'))
+                            .from_writer(Vec::new());
+                        let _ = w.write_byte_record(record);
+                        let bytes = w.into_inner().unwrap_or_default();
+                        String::from_utf8_lossy(bytes.strip_suffix(b"\n").unwrap_or(&bytes))
+                            .into_owned()
+                    };
+                    let fields = reader.byte_headers().map_or(0, csv::ByteRecord::len);
                     if record.len() != fields {
                         return Ok(Some(Row::Bad {
                             reason: "invalid_csv",
                             detail: format!("{} fields, the header has {fields}", record.len()),
-                            raw: record.iter().collect::<Vec<_>>().join(","),
+                            raw: raw(),
                         }));
                     }
-                    Ok(Some(columns.row(record, now_ms, limits)))
+                    let text = match csv::StringRecord::from_byte_record(record.clone()) {
+                        Ok(text) => text,
+                        Err(e) => {
+                            return Ok(Some(Row::Bad {
+                                reason: "invalid_csv",
+                                detail: format!("not UTF-8 (convert the file to UTF-8): {e}"),
+                                raw: raw(),
+                            }))
+                        }
+                    };
+                    Ok(Some(match columns.row(&text, now_ms, limits) {
+                        Row::Bad { reason, detail, .. } => Row::Bad {
+                            reason,
+                            detail,
+                            raw: raw(),
+                        },
+                        ok => ok,
+                    }))
                 }
                 Err(e) => match e.kind() {
                     csv::ErrorKind::Io(_) => Err(std::io::Error::other(e.to_string())),
                     _ => {
                         *line_no = e.position().map_or(*line_no + 1, csv::Position::line);
+                        prefix.update(e.to_string().as_bytes());
+                        prefix.update(RECORD);
                         Ok(Some(Row::Bad {
                             reason: "invalid_csv",
                             detail: e.to_string(),
@@ -346,7 +401,11 @@ mod tests {
         let mut rows = Rows::new(text.as_bytes(), format, mapping, b',')?;
         let mut out = Vec::new();
         let mut line = 0;
-        while let Some(row) = rows.next_row(mapping, NOW, &limits(), &mut line).unwrap() {
+        let mut prefix = xxhash_rust::xxh3::Xxh3Default::new();
+        while let Some(row) = rows
+            .next_row(mapping, NOW, &limits(), &mut line, &mut prefix)
+            .unwrap()
+        {
             out.push((line, row));
         }
         Ok(out)
@@ -388,6 +447,15 @@ mod tests {
                 (7, "invalid_amount"),
             ]
         );
+        // A rejected row is kept as it was in the file (quoted where it must be).
+        let Row::Bad { raw, .. } = &rows[5].1 else {
+            unreachable!()
+        };
+        assert_eq!(raw, "o6,m3,\"1,000.00\",2024-03-01T10:00:00Z,x");
+        let Row::Bad { raw, .. } = &rows[1].1 else {
+            unreachable!()
+        };
+        assert_eq!(raw, "o2,m1,-3,2024-03-01T10:00:00+08:00,north");
         let Row::Event { key, value } = &rows[0].1 else {
             unreachable!()
         };
@@ -398,6 +466,58 @@ mod tests {
             serde_json::json!({"event_id": "o1", "customer_id": "m1", "amount": "12.50",
                 "occurred_at": "2024-03-01T10:00:00+08:00"})
         );
+    }
+
+    #[test]
+    fn a_csv_row_that_is_not_utf8_is_rejected_with_its_bytes_shown() {
+        let mut text = b"event_id,customer_id,amount,occurred_at\n".to_vec();
+        text.extend_from_slice(b"e1,\xc0\xeb,5,2024-03-01T10:00:00Z\n");
+        text.extend_from_slice(b"e2,c2,5,2024-03-01T10:00:00Z\n");
+        let map = Mapping::default();
+        let mut rows = Rows::new(text.as_slice(), Format::Csv, &map, b',').unwrap();
+        let (mut line, mut prefix) = (0, xxhash_rust::xxh3::Xxh3Default::new());
+        let first = rows
+            .next_row(&map, NOW, &limits(), &mut line, &mut prefix)
+            .unwrap();
+        let Some(Row::Bad {
+            reason,
+            detail,
+            raw,
+        }) = first
+        else {
+            panic!("{first:?}")
+        };
+        assert_eq!((reason, line), ("invalid_csv", 2));
+        assert!(detail.contains("not UTF-8"), "{detail}");
+        assert_eq!(raw, "e1,\u{fffd}\u{fffd},5,2024-03-01T10:00:00Z");
+        let second = rows
+            .next_row(&map, NOW, &limits(), &mut line, &mut prefix)
+            .unwrap();
+        assert!(matches!(second, Some(Row::Event { .. })), "{second:?}");
+    }
+
+    #[test]
+    fn the_prefix_hash_tells_rows_apart_whatever_their_split() {
+        let digest = |text: &str| {
+            let map = Mapping::default();
+            let mut rows = Rows::new(text.as_bytes(), Format::Csv, &map, b',').unwrap();
+            let (mut line, mut prefix) = (0, xxhash_rust::xxh3::Xxh3Default::new());
+            while rows
+                .next_row(&map, NOW, &limits(), &mut line, &mut prefix)
+                .unwrap()
+                .is_some()
+            {}
+            prefix.digest()
+        };
+        let head = "event_id,customer_id,amount,occurred_at\n";
+        let a = digest(&format!("{head}e1,c1,5,t\n"));
+        assert_eq!(
+            a,
+            digest(&format!("{head}\"e1\",c1,5,t\r\n")),
+            "the same fields"
+        );
+        assert_ne!(a, digest(&format!("{head}e1,c15,,t\n")));
+        assert_ne!(a, digest(&format!("{head}e1,c1,6,t\n")));
     }
 
     #[test]
