@@ -144,7 +144,13 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
         messages.len(),
         "every purchase is applied"
     );
-    let batch = draft.take_batch(position, &mut work, &part.keys, p.rules.ranks().len());
+    let batch = draft.take_batch(
+        position,
+        &mut work,
+        &part.keys,
+        p.rules.ranks().len(),
+        p.history_changes,
+    );
     part.commits += 1;
     for (id, mut loaded) in work {
         loaded.committed();

@@ -506,7 +506,7 @@ fn with_token(rules: &str, extra: &str) -> (tempfile::TempDir, World, Tierd) {
     let tierd = Tierd::spawn(
         &world,
         &format!(
-            "[api]\ntoken_file = \"{}\"\n[ranks]\nrecompute_interval_ms = 500\ncheck_interval_ms = 100\n{extra}",
+            "[api]\ntoken_file = \"{}\"\nhistory_changes = 5\n[ranks]\nrecompute_interval_ms = 500\ncheck_interval_ms = 100\n{extra}",
             tokens.display()
         ),
     );
@@ -563,6 +563,7 @@ fn the_openapi_document_matches_the_real_server_under_schemathesis() {
     // route), and the full customer view was among the answers.
     for operation in [
         "/v1/customers/{customer_id}",
+        "/v1/customers/{customer_id}/history",
         "/v1/tiers",
         "/v1/status",
         "/status",

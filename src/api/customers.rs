@@ -71,6 +71,8 @@ pub(super) async fn history(
         .history
         .iter()
         .rev()
+        // A list written under a larger setting is trimmed at the customer's next write.
+        .take(s.history_changes)
         .map(|step| {
             serde_json::json!({
                 "event_id": crate::model::change::change_id(&customer_id, state.origin, step.seq),

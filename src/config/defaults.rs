@@ -137,7 +137,7 @@ pub(super) const fn default_api_redis_timeout_ms() -> u64 {
 }
 
 pub(super) const fn default_history_changes() -> usize {
-    5
+    0
 }
 
 macro_rules! default_from_serde {

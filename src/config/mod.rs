@@ -394,10 +394,12 @@ pub struct ApiConfig {
     #[serde(default)]
     pub tls_client_ca_file: Option<PathBuf>,
     /// How many of a customer's latest tier changes their state keeps, for
-    /// `GET /v1/customers/{id}/history` (0–100; 0 keeps none). Each costs about 12 bytes
-    /// plus its two tier names in the customer's stored state (README "Memory"); a state
-    /// keeping none is stored exactly as before (older binaries read it). Lowering it trims
-    /// each customer's list at their next change. Default 5.
+    /// `GET /v1/customers/{id}/history` (0–100; 0 keeps none). Each costs 8–14 bytes plus
+    /// its two tier names in the customer's stored state (README "Memory"). A state keeping
+    /// history is stored in version 2 of the binary form, which tierd binaries older than
+    /// this field cannot read: raise it only once every instance runs a binary that has it
+    /// (a rollback to an older binary needs it back at 0 and every state rewritten). Lowered,
+    /// each customer's list is trimmed the next time their state is written. Default 0.
     #[serde(default = "default_history_changes")]
     pub history_changes: usize,
 }
@@ -525,6 +527,17 @@ mod tests {
                 .kafka
                 .history_topic,
             ""
+        );
+    }
+
+    #[test]
+    fn a_history_longer_than_100_changes_is_refused_naming_the_field() {
+        let m = from("[api]\nhistory_changes = 101")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("`api.history_changes`") && m.contains("0..=100"),
+            "{m}"
         );
     }
 }

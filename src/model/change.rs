@@ -23,12 +23,14 @@ impl Direction {
     /// the position: append, never reorder).
     pub const ALL: [Self; 3] = [Self::Initial, Self::Up, Self::Down];
 
-    /// The stored code (position in [`Self::ALL`]).
+    /// The stored code (its position in [`Self::ALL`]; a new variant fails to compile here
+    /// until it has one).
     pub fn code(self) -> u8 {
-        Self::ALL
-            .iter()
-            .position(|d| *d == self)
-            .unwrap_or_default() as u8
+        match self {
+            Self::Initial => 0,
+            Self::Up => 1,
+            Self::Down => 2,
+        }
     }
 
     /// The direction of a stored code.
@@ -91,12 +93,22 @@ impl ChangeReason {
         Self::RankShift,
     ];
 
-    /// The stored code (position in [`Self::ALL`]).
+    /// The stored code (its position in [`Self::ALL`]; a new variant fails to compile here
+    /// until it has one).
     pub fn code(self) -> u8 {
-        Self::ALL
-            .iter()
-            .position(|r| *r == self)
-            .unwrap_or_default() as u8
+        match self {
+            Self::Purchase => 0,
+            Self::Refund => 1,
+            Self::Recency => 2,
+            Self::WindowExpiry => 3,
+            Self::ValidityExpired => 4,
+            Self::GraceEnded => 5,
+            Self::MinStayEnded => 6,
+            Self::Manual => 7,
+            Self::ManualExpired => 8,
+            Self::RulesChanged => 9,
+            Self::RankShift => 10,
+        }
     }
 
     /// The reason of a stored code.
@@ -236,6 +248,20 @@ fn v5(name: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_codes_are_the_positions_in_all_and_round_trip() {
+        for (i, d) in Direction::ALL.iter().enumerate() {
+            assert_eq!(usize::from(d.code()), i);
+            assert_eq!(Direction::from_code(d.code()), Some(*d));
+        }
+        for (i, r) in ChangeReason::ALL.iter().enumerate() {
+            assert_eq!(usize::from(r.code()), i);
+            assert_eq!(ChangeReason::from_code(r.code()), Some(*r));
+        }
+        assert_eq!(Direction::from_code(3), None);
+        assert_eq!(ChangeReason::from_code(11), None);
+    }
 
     #[test]
     fn change_ids_are_deterministic_and_distinct() {

@@ -259,13 +259,16 @@ impl Draft {
 
     /// The commit of this draft (its outbox and markers are moved into it): every dirty
     /// customer's state, and only the timer-index entries, rank-set entries and tier counts
-    /// that differ from what Redis holds. `ranks` is the number of ranks of the rules.
+    /// that differ from what Redis holds. `ranks` is the number of ranks of the rules;
+    /// `history_keep` the tier changes a state keeps (`api.history_changes`: a list written
+    /// under a larger setting is trimmed here, so that 0 brings states back to version 1).
     pub fn take_batch(
         &mut self,
         position: Position,
         work: &mut Working,
         keys: &PartitionKeys,
         ranks: usize,
+        history_keep: usize,
     ) -> CommitBatch {
         let mut batch = CommitBatch {
             expected_offset: position.expected_offset,
@@ -284,6 +287,8 @@ impl Draft {
         };
         batch.zrem.append(&mut self.orphans);
         for (id, loaded) in work.iter_mut().filter(|(_, l)| l.dirty) {
+            let over = loaded.state.history.len().saturating_sub(history_keep);
+            loaded.state.history.drain(..over);
             let value = encode(&loaded.state);
             // What Redis will hold once the batch is committed (the cache keeps it).
             loaded.stored = Some(value.as_slice().into());
@@ -430,7 +435,7 @@ mod tests {
             "a".into(),
             Loaded::new(Box::new(customer(Some(5), vec![Some(7)], Some("vip")))),
         );
-        let batch = Draft::at(10, 0).take_batch(position(), &mut work, &keys(), 1);
+        let batch = Draft::at(10, 0).take_batch(position(), &mut work, &keys(), 1, 0);
         assert!(batch.states.is_empty() && batch.zadd.is_empty() && batch.zrem.is_empty());
         assert!(batch.tier_deltas.is_empty());
         assert_eq!((batch.first_offset, batch.end_offset), (10, 10));
@@ -476,7 +481,7 @@ mod tests {
         let mut draft = Draft::at(10, 0);
         draft.orphans.push((SortedSet::Timers, "ghost".into()));
         draft.orphans.push((SortedSet::Rank(1), "gone".into()));
-        let batch = draft.take_batch(position(), &mut work, &keys(), 2);
+        let batch = draft.take_batch(position(), &mut work, &keys(), 2, 0);
 
         let mut states: Vec<_> = batch
             .states
@@ -551,7 +556,7 @@ mod tests {
         );
         let mut work = Working::default();
         work.insert("a".into(), l);
-        let batch = Draft::at(0, 0).take_batch(position(), &mut work, &keys(), 1);
+        let batch = Draft::at(0, 0).take_batch(position(), &mut work, &keys(), 1, 0);
         assert!(batch.states.is_empty() && batch.zadd.is_empty() && batch.zrem.is_empty());
     }
 
@@ -581,7 +586,7 @@ mod tests {
         // Committed: the cache is given exactly what the commit wrote.
         let mut work = Working::default();
         work.insert("a".into(), l);
-        let batch = Draft::at(0, 0).take_batch(position(), &mut work, &keys(), 1);
+        let batch = Draft::at(0, 0).take_batch(position(), &mut work, &keys(), 1, 0);
         let mut l = work.remove("a").expect("kept");
         l.committed();
         assert_eq!(

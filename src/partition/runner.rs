@@ -934,7 +934,7 @@ impl Runner {
             draft.outbox.insert(0, record);
         }
         let ranks = self.store.rank_keys().len();
-        let batch = draft.take_batch(position, work, self.store.keys(), ranks);
+        let batch = draft.take_batch(position, work, self.store.keys(), ranks, p.history_changes);
         let committed = self.store.commit(&batch).await?;
         self.commits += 1;
         self.last_commit = Instant::now();
