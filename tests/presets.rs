@@ -146,6 +146,42 @@ fn telecom_average_monthly_spend() {
     );
 }
 
+/// The bank preset with `time_zone = "Asia/Shanghai"`: the quarterly reviews fall at 00:00
+/// Beijing time, 16:00 UTC the day before (with UTC, below, on the 1st at 00:00 UTC).
+#[test]
+fn a_program_time_zone_counts_quarters_from_local_midnight() {
+    let dir = tempfile::tempdir().unwrap();
+    let preset = dir.path().join("bank-shanghai.toml");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/bank.toml"),
+    )
+    .unwrap();
+    let version = text.lines().find(|l| l.starts_with("version = ")).unwrap();
+    let text = text.replacen(
+        version,
+        "version = \"bank-shanghai-1\"\ntime_zone = \"Asia/Shanghai\"",
+        1,
+    );
+    std::fs::write(&preset, text).unwrap();
+    // `replay` joins the preset to config/rules: an absolute path stands for itself.
+    let (log, _) = replay(
+        preset.to_str().unwrap(),
+        &[
+            purchase("w1", "wang", "1200000", "2026-01-10T10:00:00Z"),
+            refund("w2", "wang", "1150000", "2026-02-01T10:00:00Z"),
+        ],
+    );
+    expect(
+        &log,
+        "wang",
+        &[
+            ("black_gold", "purchase", "2026-01-10"),
+            ("platinum", "validity_expired", "2026-03-31"),
+            ("gold", "validity_expired", "2026-06-30"),
+        ],
+    );
+}
+
 #[test]
 fn bank_cards_step_down_one_level_per_quarterly_review() {
     let (log, _) = replay(

@@ -51,7 +51,10 @@ impl CustomerState {
                 if reviewing
                     || (self.review.is_none() && rules.policy(c).review != Review::Continuous)
                 {
-                    self.review = rules.policy(c).review.next(now, self.first);
+                    self.review = rules
+                        .policy(c)
+                        .review
+                        .next(rules.calendar(), now, self.first);
                 }
                 c
             }
@@ -136,7 +139,10 @@ impl CustomerState {
             // customer is re-placed at once (`manual_expired`).
             self.review = None;
         } else if !keep_review {
-            self.review = rules.policy(new).review.next(now, self.first);
+            self.review = rules
+                .policy(new)
+                .review
+                .next(rules.calendar(), now, self.first);
         }
         // A step down that still leaves the customer above their placement waits out the new
         // tier's grace period before the next step (review and minimum stay pace it too).

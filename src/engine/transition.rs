@@ -9,7 +9,7 @@
 use super::rules::operand::Facts;
 use super::rules::rank::Cutoffs;
 use super::rules::{Evaluation, Rules};
-use crate::model::calendar::{self, Unit};
+use crate::model::calendar::Unit;
 use crate::model::change::{ChangeReason, Direction};
 use crate::model::event::{Event, EventKind};
 use crate::model::state::{Bucket, CustomerState, DedupPolicy, PinRequest, TimeCause};
@@ -235,7 +235,7 @@ impl CustomerState {
             if rules.keep_buckets(unit) == 0 {
                 continue;
             }
-            let i = calendar::index(unit, at);
+            let i = rules.calendar().index(unit, at);
             let pos = buckets.partition_point(|b| b.index < i);
             match buckets.get_mut(pos) {
                 Some(b) if b.index == i => {

@@ -8,7 +8,7 @@ use super::operand::{self, Facts, Operand};
 use super::rank::Cutoffs;
 use super::value::{Ratio, Value};
 use super::{describe, Rules, ScoreDef, TimeCause};
-use crate::model::calendar::{self, Unit, DAY_MS};
+use crate::model::calendar::{Unit, DAY_MS};
 
 /// The result of evaluating the rules for one customer at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +41,10 @@ impl Rules {
             .iter()
             .map(|r| match r.metric {
                 Operand::Product => None,
-                m => facts.read(m, &self.windows, now).num().map(Ratio::floor),
+                m => facts
+                    .read(m, &self.windows, &self.calendar, now)
+                    .num()
+                    .map(Ratio::floor),
             })
             .collect();
         let mut in_top: Vec<bool> = self
@@ -54,7 +57,9 @@ impl Rules {
             .scores
             .iter()
             .map(|s| match s {
-                ScoreDef::Fixed(s) => s.score(&facts.read(s.metric, &self.windows, now)),
+                ScoreDef::Fixed(s) => {
+                    s.score(&facts.read(s.metric, &self.windows, &self.calendar, now))
+                }
                 ScoreDef::Ranked { bins, .. } => bins
                     .iter()
                     .find(|(_, point)| point.is_none_or(|p| in_top[p]))
@@ -87,7 +92,7 @@ impl Rules {
                     Operand::Rank(r) => {
                         ranks[r].map_or(Value::Undefined, |v| Value::Num(Ratio::int(v)))
                     }
-                    base => facts.read(base, &self.windows, now),
+                    base => facts.read(base, &self.windows, &self.calendar, now),
                 };
                 (op, v)
             })
@@ -204,7 +209,7 @@ impl Rules {
                 Unit::Day => facts.days,
                 Unit::Month => facts.months,
             };
-            if let Some(t) = w.next_change(buckets, now) {
+            if let Some(t) = w.next_change(buckets, &self.calendar, now) {
                 consider(t, TimeCause::WindowExpiry);
             }
         }
@@ -214,7 +219,7 @@ impl Rules {
     /// The lowest bucket index worth keeping at `now` for a unit.
     pub fn bucket_floor(&self, unit: Unit, now: i64) -> i32 {
         let keep = self.keep_buckets(unit);
-        let cur = calendar::index(unit, now);
+        let cur = self.calendar.index(unit, now);
         match unit {
             Unit::Day => cur.saturating_sub(i32::try_from(keep).unwrap_or(i32::MAX) - 1),
             // Calendar windows need their period's first month, which is never older than

@@ -133,6 +133,8 @@ pub struct Rules {
     version: String,
     version_hash: u32,
     description: Option<String>,
+    /// The program's time zone (`time_zone`; UTC by default).
+    calendar: crate::model::calendar::Calendar,
     windows: Vec<Window>,
     score_names: Vec<String>,
     scores: Vec<ScoreDef>,
@@ -178,6 +180,12 @@ fn describe(
 }
 
 impl Rules {
+    /// The program's calendar (`time_zone`): day and month buckets, calendar windows and
+    /// reviews, anniversaries.
+    pub fn calendar(&self) -> &crate::model::calendar::Calendar {
+        &self.calendar
+    }
+
     /// Loads and validates a rules file. `fraction_digits` is the currency's minor-unit
     /// exponent, used to read monetary bounds exactly.
     ///

@@ -189,7 +189,13 @@ pub struct Facts<'a> {
 
 impl Facts<'_> {
     /// Reads a base metric (not a score, cell or product) at `now`.
-    pub fn read(&self, op: Operand, windows: &[Window], now: i64) -> Value {
+    pub fn read(
+        &self,
+        op: Operand,
+        windows: &[Window],
+        cal: &crate::model::calendar::Calendar,
+        now: i64,
+    ) -> Value {
         let avg = |sum: i128, count: u64| {
             Ratio::new(sum, i128::from(count)).map_or(Value::Undefined, Value::Num)
         };
@@ -206,7 +212,7 @@ impl Facts<'_> {
                     Unit::Day => self.days,
                     Unit::Month => self.months,
                 };
-                let t = w.totals(buckets, now);
+                let t = w.totals(buckets, cal, now);
                 match field {
                     WindowField::Count => Value::Num(Ratio::int(i128::from(t.count))),
                     WindowField::Sum => Value::Num(Ratio::int(t.sum)),

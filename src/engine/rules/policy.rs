@@ -1,7 +1,7 @@
 //! Downgrade policy: how and when a customer leaves a tier (upgrades are always immediate).
 
 use super::condition::Condition;
-use crate::model::calendar::{self, Period, DAY_MS};
+use crate::model::calendar::{Calendar, Period, DAY_MS};
 
 /// Where a downgrade lands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -88,16 +88,16 @@ impl Review {
 
     /// The next review after `now` for a customer entering or renewing the tier at `now`
     /// (`first_purchase` anchors anniversaries). `None`: continuous.
-    pub fn next(self, now: i64, first_purchase: Option<i64>) -> Option<i64> {
+    pub fn next(self, cal: &Calendar, now: i64, first_purchase: Option<i64>) -> Option<i64> {
         match self {
             Self::Continuous => None,
             Self::Days(n) => Some(now.saturating_add(i64::from(n) * DAY_MS)),
-            Self::Calendar(p) => Some(p.next_start(now)),
+            Self::Calendar(p) => Some(p.next_start(cal, now)),
             Self::Anniversary => {
-                let (m, d) = calendar::month_day(first_purchase.unwrap_or(now));
-                Some(calendar::next_yearly(now, m, d))
+                let (m, d) = cal.month_day(first_purchase.unwrap_or(now));
+                Some(cal.next_yearly(now, m, d))
             }
-            Self::Date { month, day } => Some(calendar::next_yearly(now, month, day)),
+            Self::Date { month, day } => Some(cal.next_yearly(now, month, day)),
         }
     }
 

@@ -4,7 +4,7 @@
 use super::*;
 use crate::engine::rules::rank::Cutoffs;
 use crate::engine::{Applied, Outcome, Trigger};
-use crate::model::calendar::DAY_MS;
+use crate::model::calendar::{Calendar, DAY_MS};
 use crate::model::change::ChangeReason;
 use crate::model::state::{CustomerState, DedupPolicy, Pin, PinMode, PinRequest};
 use crate::model::time::parse_rfc3339_ms;
@@ -415,15 +415,19 @@ name = "normal"
 #[test]
 fn anniversary_and_fixed_date_reviews() {
     assert_eq!(
-        Review::parse("anniversary")
-            .unwrap()
-            .next(at("2026-05-01T00:00:00Z"), Some(at("2024-07-15T08:00:00Z"))),
+        Review::parse("anniversary").unwrap().next(
+            &Calendar::utc(),
+            at("2026-05-01T00:00:00Z"),
+            Some(at("2024-07-15T08:00:00Z"))
+        ),
         Some(at("2026-07-15T00:00:00Z"))
     );
     assert_eq!(
-        Review::parse("date:04-01")
-            .unwrap()
-            .next(at("2026-05-01T00:00:00Z"), None),
+        Review::parse("date:04-01").unwrap().next(
+            &Calendar::utc(),
+            at("2026-05-01T00:00:00Z"),
+            None
+        ),
         Some(at("2027-04-01T00:00:00Z"))
     );
     assert!(Review::parse("date:02-30").is_err());
@@ -911,4 +915,62 @@ fn erasing_leaves_nothing_of_the_customer() {
         }
     ));
     assert_eq!(state, before);
+}
+
+/// `time_zone`: a calendar quarter starts at local midnight. In Shanghai, 31 March 16:30 UTC
+/// is already 1 April: two purchases half an hour before and after it fall in two quarters
+/// there, in one in UTC.
+#[test]
+fn a_calendar_window_counts_the_program_time_zones_quarters() {
+    let text = |zone: &str| {
+        format!(
+            r#"
+version = "q1"
+{zone}
+[windows.q]
+calendar = "quarter"
+[[tiers]]
+name = "gold"
+when = ["window.q.sum >= 1000"]
+[[tiers]]
+name = "basic"
+"#
+        )
+    };
+    let run = |rules: &Rules| {
+        let mut sim = Sim::new(rules);
+        sim.buy("2026-03-31T15:30:00Z", 600);
+        sim.buy("2026-03-31T16:30:00Z", 600);
+        sim.advance(at("2026-12-31T00:00:00Z"));
+        sim.log.clone()
+    };
+    let utc = rules(&text(""));
+    let shanghai = rules(&text("time_zone = \"Asia/Shanghai\""));
+    assert_eq!(shanghai.calendar().name(), "Asia/Shanghai");
+    let tiers = |log: Vec<(String, ChangeReason, String)>| -> Vec<(String, String)> {
+        log.into_iter()
+            .map(|(t, r, d)| (t, format!("{} {d}", r.as_str())))
+            .collect()
+    };
+    assert_eq!(
+        tiers(run(&utc)),
+        [
+            ("basic".into(), "purchase 2026-03-31".into()),
+            ("gold".into(), "purchase 2026-03-31".into()),
+            // The UTC quarter ends 1 April 00:00 UTC.
+            ("basic".into(), "window_expiry 2026-04-01".into()),
+        ]
+    );
+    assert_eq!(
+        tiers(run(&shanghai)),
+        [("basic".into(), "purchase 2026-03-31".into())]
+    );
+    let p = problems(&text("time_zone = \"Asia/Beijing\""));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].field, "time_zone");
+    assert!(
+        p[0].message.contains("not an IANA time zone name"),
+        "{}",
+        p[0].message
+    );
 }

@@ -1,6 +1,6 @@
 //! Rolling and calendar windows over bucketed purchase history.
 
-use crate::model::calendar::{self, Period, Unit};
+use crate::model::calendar::{Calendar, Period, Unit};
 use crate::model::state::Bucket;
 
 /// What a window covers.
@@ -45,27 +45,28 @@ impl Window {
         }
     }
 
-    /// Lowest bucket index inside the window at `now`.
-    pub fn low(&self, now: i64) -> i32 {
+    /// Lowest bucket index inside the window at `now` (in `cal`).
+    pub fn low(&self, cal: &Calendar, now: i64) -> i32 {
         match self.span {
-            Span::Rolling { unit, length } => calendar::index(unit, now)
+            Span::Rolling { unit, length } => cal
+                .index(unit, now)
                 .saturating_sub(i32::try_from(length).unwrap_or(i32::MAX) - 1),
-            Span::Calendar(p) => p.of_month(calendar::month_index(now)) * p.months(),
+            Span::Calendar(p) => p.of_month(cal.month_index(now)) * p.months(),
         }
     }
 
     /// Highest bucket index inside the window at `now` (rolling windows include buckets
     /// ahead of `now`, i.e. events within the allowed lateness ahead of the clock).
-    fn high(&self, now: i64) -> i32 {
+    fn high(&self, cal: &Calendar, now: i64) -> i32 {
         match self.span {
             Span::Rolling { .. } => i32::MAX,
-            Span::Calendar(p) => (p.of_month(calendar::month_index(now)) + 1) * p.months() - 1,
+            Span::Calendar(p) => (p.of_month(cal.month_index(now)) + 1) * p.months() - 1,
         }
     }
 
     /// Totals at `now` over `buckets` (of this window's unit).
-    pub fn totals(&self, buckets: &[Bucket], now: i64) -> Totals {
-        let (lo, hi) = (self.low(now), self.high(now));
+    pub fn totals(&self, buckets: &[Bucket], cal: &Calendar, now: i64) -> Totals {
+        let (lo, hi) = (self.low(cal, now), self.high(cal, now));
         buckets
             .iter()
             .filter(|b| b.index >= lo && b.index <= hi)
@@ -91,8 +92,8 @@ impl Window {
 
     /// The first moment after `now` at which the window's totals change by time alone:
     /// the oldest non-empty bucket leaving it, or a later bucket's period starting.
-    pub fn next_change(&self, buckets: &[Bucket], now: i64) -> Option<i64> {
-        let (lo, hi) = (self.low(now), self.high(now));
+    pub fn next_change(&self, buckets: &[Bucket], cal: &Calendar, now: i64) -> Option<i64> {
+        let (lo, hi) = (self.low(cal, now), self.high(cal, now));
         let unit = self.unit();
         let mut next: Option<i64> = None;
         let mut consider = |t: i64| {
@@ -109,12 +110,12 @@ impl Window {
                     .min()
                 {
                     let leaves = oldest.saturating_add(i32::try_from(length).unwrap_or(i32::MAX));
-                    consider(calendar::bucket_start(unit, leaves));
+                    consider(cal.bucket_start(unit, leaves));
                 }
             }
             Span::Calendar(p) => {
                 if buckets.iter().any(|b| b.index >= lo && b.index <= hi) {
-                    consider(p.next_start(now));
+                    consider(p.next_start(cal, now));
                 }
                 if let Some(ahead) = buckets
                     .iter()
@@ -122,7 +123,7 @@ impl Window {
                     .map(|b| b.index)
                     .min()
                 {
-                    consider(calendar::month_start(p.of_month(ahead) * p.months()));
+                    consider(cal.month_start(p.of_month(ahead) * p.months()));
                 }
             }
         }
@@ -133,7 +134,19 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::calendar::{day_index, month_index, DAY_MS};
+    use crate::model::calendar::{Calendar, DAY_MS};
+
+    fn utc() -> Calendar {
+        Calendar::utc()
+    }
+
+    fn day_index(ms: i64) -> i32 {
+        utc().day_index(ms)
+    }
+
+    fn month_index(ms: i64) -> i32 {
+        utc().month_index(ms)
+    }
     use crate::model::time::parse_rfc3339_ms;
 
     fn at(s: &str) -> i64 {
@@ -155,16 +168,22 @@ mod tests {
             Bucket::from((day_index(t0) + 5, 2, 50)),
         ];
         assert_eq!(
-            w.totals(&buckets, t0 + 5 * DAY_MS),
+            w.totals(&buckets, &utc(), t0 + 5 * DAY_MS),
             Totals { count: 3, sum: 150 }
         );
         // The first bucket leaves when its day + 30 starts.
         let leaves = at("2026-02-09T00:00:00Z");
-        assert_eq!(w.next_change(&buckets, t0), Some(leaves));
-        assert_eq!(w.totals(&buckets, leaves - 1).count, 3);
-        assert_eq!(w.totals(&buckets, leaves), Totals { count: 2, sum: 50 });
-        assert_eq!(w.next_change(&buckets, leaves), Some(leaves + 5 * DAY_MS));
-        assert_eq!(w.next_change(&buckets, leaves + 5 * DAY_MS), None);
+        assert_eq!(w.next_change(&buckets, &utc(), t0), Some(leaves));
+        assert_eq!(w.totals(&buckets, &utc(), leaves - 1).count, 3);
+        assert_eq!(
+            w.totals(&buckets, &utc(), leaves),
+            Totals { count: 2, sum: 50 }
+        );
+        assert_eq!(
+            w.next_change(&buckets, &utc(), leaves),
+            Some(leaves + 5 * DAY_MS)
+        );
+        assert_eq!(w.next_change(&buckets, &utc(), leaves + 5 * DAY_MS), None);
     }
 
     #[test]
@@ -179,8 +198,11 @@ mod tests {
             Bucket::from((month_index(t), 1, 10)),
             Bucket::from((month_index(at("2026-06-30T00:00:00Z")), 1, 20)),
         ];
-        assert_eq!(w.totals(&buckets, t), Totals { count: 2, sum: 30 });
-        assert_eq!(w.next_change(&buckets, t), Some(at("2026-07-01T00:00:00Z")));
+        assert_eq!(w.totals(&buckets, &utc(), t), Totals { count: 2, sum: 30 });
+        assert_eq!(
+            w.next_change(&buckets, &utc(), t),
+            Some(at("2026-07-01T00:00:00Z"))
+        );
         assert_eq!(w.months(), Some(3));
     }
 }

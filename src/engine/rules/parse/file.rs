@@ -14,6 +14,10 @@ pub struct RulesFile {
     /// Free text.
     #[serde(default)]
     pub description: Option<String>,
+    /// The program's time zone (IANA name, e.g. `"Asia/Shanghai"`): calendar windows, day and
+    /// month buckets, calendar reviews and anniversaries follow its local dates. Default UTC.
+    #[serde(default)]
+    pub time_zone: Option<Spanned<String>>,
     /// Scores making up the RFM cell and product, in digit order (e.g. `["R", "F", "M"]`).
     #[serde(default)]
     pub cell: Option<Spanned<Vec<String>>>,

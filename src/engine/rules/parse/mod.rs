@@ -16,6 +16,7 @@ use super::rank::{CutPoint, Rank};
 use super::value::Ratio;
 use super::window::{Span, Window};
 use super::{BucketsKept, Problem, Rules, RulesError, ScoreDef, Tier};
+use crate::model::calendar::Calendar;
 use crate::model::calendar::{Period, Unit, DAY_MS};
 use crate::model::money;
 use std::cell::RefCell;
@@ -66,6 +67,13 @@ pub(super) fn parse(text: &str, file: &str, fraction_digits: u32) -> Result<Rule
             "must be 1-64 characters".into(),
         );
     }
+    let calendar = match &raw.time_zone {
+        None => Calendar::utc(),
+        Some(zone) => Calendar::named(zone.get_ref()).unwrap_or_else(|message| {
+            p.problem(Some(zone.span()), "time_zone".into(), message);
+            Calendar::utc()
+        }),
+    };
     p.windows(&raw.windows);
     p.ranks(&raw.ranks);
     p.scores(&raw.scores);
@@ -94,6 +102,7 @@ pub(super) fn parse(text: &str, file: &str, fraction_digits: u32) -> Result<Rule
         version_hash: crate::model::state::rules_hash(raw.version.get_ref()),
         version: raw.version.into_inner(),
         description: raw.description,
+        calendar,
         windows: p.windows,
         score_names: p.score_names,
         scores: p.scores,
