@@ -250,6 +250,15 @@ fn a_backfill_then_live_traffic_gives_the_tiers_of_the_whole_history_streamed_li
     }
 }
 
+/// `tierd backfill --config CONFIG ARGS… FILE`.
+fn cli(config: &str, args: &[&str], file: &Path) -> (i32, String, String) {
+    let file = file.display().to_string();
+    let mut all = vec!["backfill", "--config", config];
+    all.extend_from_slice(args);
+    all.push(&file);
+    support::tierd_cli(&all)
+}
+
 #[test]
 fn backfill_refuses_what_it_cannot_send_right_and_names_it() {
     let world = World::start(1);
@@ -259,35 +268,23 @@ fn backfill_refuses_what_it_cannot_send_right_and_names_it() {
     std::fs::write(&csv, "id,who,amount,at\n1,c1,5,2026-10-01T00:00:00Z\n").unwrap();
 
     // A required column missing from the header: the flag that maps it.
-    let (code, _, err) = support::tierd_cli(&[
-        "backfill",
-        "--config",
+    let (code, _, err) = cli(
         &config,
-        "--partitioner",
-        "murmur2_random",
-        "--dry-run",
-        &csv.display().to_string(),
-    ]);
+        &["--partitioner", "murmur2_random", "--dry-run"],
+        &csv,
+    );
     assert_eq!(code, 1);
     assert!(err.contains("--map event_id=COLUMN"), "{err}");
 
     // No partitioner: the live producers' must be named.
-    let (code, _, err) =
-        support::tierd_cli(&["backfill", "--config", &config, &csv.display().to_string()]);
+    let (code, _, err) = cli(&config, &[], &csv);
     assert_eq!(code, 2);
     assert!(err.contains("--partitioner"), "{err}");
 
     // An unknown format.
     let txt = dir.path().join("h.txt");
     std::fs::write(&txt, "x").unwrap();
-    let (code, _, err) = support::tierd_cli(&[
-        "backfill",
-        "--config",
-        &config,
-        "--partitioner",
-        "murmur2_random",
-        &txt.display().to_string(),
-    ]);
+    let (code, _, err) = cli(&config, &["--partitioner", "murmur2_random"], &txt);
     assert_eq!(code, 1);
     assert!(err.contains("--format jsonl|csv"), "{err}");
 
@@ -301,22 +298,12 @@ fn backfill_refuses_what_it_cannot_send_right_and_names_it() {
          {\"event_id\":\"e2\",\"customer_id\":\"c1\",\"amount\":\"5.001\",\"occurred_at\":\"2026-10-01T00:00:00Z\"}\n",
     )
     .unwrap();
+    let checkpoint_arg = checkpoint.display().to_string();
     let base = |extra: &[&str]| {
-        let mut args = vec![
-            "backfill".to_owned(),
-            "--config".into(),
-            config.clone(),
-            "--partitioner".into(),
-            "murmur2_random".into(),
-            "--rejects".into(),
-            rejects.clone(),
-            "--checkpoint".into(),
-            checkpoint.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        args.push(jsonl.display().to_string());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        support::tierd_cli(&args)
+        let mut args = vec!["--partitioner", "murmur2_random", "--rejects", &rejects];
+        args.extend_from_slice(&["--checkpoint", &checkpoint_arg]);
+        args.extend_from_slice(extra);
+        cli(&config, &args, &jsonl)
     };
     let (code, out, err) = base(&["--dry-run"]);
     assert_eq!(code, 0, "{err}");
@@ -395,18 +382,19 @@ fn backfill_refuses_what_it_cannot_send_right_and_names_it() {
         })
         .collect();
     std::fs::write(&big, rows.join("\n")).unwrap();
-    let (code, out, err) = support::tierd_cli(&[
-        "backfill",
-        "--config",
+    let cp3 = dir.path().join("cp3.json").display().to_string();
+    let (code, out, err) = cli(
         &config,
-        "--partitioner",
-        "murmur2_random",
-        "--checkpoint",
-        &dir.path().join("cp3.json").display().to_string(),
-        "--rejects",
-        &rejects,
-        &big.display().to_string(),
-    ]);
+        &[
+            "--partitioner",
+            "murmur2_random",
+            "--checkpoint",
+            &cp3,
+            "--rejects",
+            &rejects,
+        ],
+        &big,
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("19 produced, 1 rejected") && out.contains("rejected refused_by_kafka: 1"),
@@ -433,16 +421,12 @@ fn backfill_refuses_what_it_cannot_send_right_and_names_it() {
         .unwrap()
         .replace(&world.input, "no-such-topic");
     std::fs::write(&other, text).unwrap();
-    let (code, _, err) = support::tierd_cli(&[
-        "backfill",
-        "--config",
+    let cp2 = dir.path().join("cp2.json").display().to_string();
+    let (code, _, err) = cli(
         &other.display().to_string(),
-        "--partitioner",
-        "murmur2_random",
-        "--checkpoint",
-        &dir.path().join("cp2.json").display().to_string(),
-        &jsonl.display().to_string(),
-    ]);
+        &["--partitioner", "murmur2_random", "--checkpoint", &cp2],
+        &jsonl,
+    );
     assert_eq!(code, 1);
     assert!(
         err.contains("\"no-such-topic\" (kafka.input_topic) does not exist"),
