@@ -12,7 +12,8 @@
 //! bench's CPU figures.
 //!
 //! `cargo bench --bench instructions` (env BENCH_EVENTS, default 100000; BENCH_CUSTOMERS,
-//! default 10000; BENCH_RULES, default `config/rules/b2b-lifetime.toml`). The figure is the
+//! default 10000; BENCH_RULES, default `config/rules/b2b-lifetime.toml`; BENCH_HISTORY, the
+//! tier changes each state keeps, `api.history_changes`, default 0). The figure is the
 //! difference between a run of 2N events and one of N, divided by N, counting only the
 //! instructions inside `process_batch` (callgrind `--toggle-collect`): generating the input
 //! and loading the rules are not in it, and customers' first purchases weigh as in a steady
@@ -165,8 +166,9 @@ fn process_batch(part: &mut Partition, messages: &[Message], first: i64) -> usiz
 /// Runs `events` purchases of `customers` customers through the per-event path, in batches;
 /// returns the bytes written (so that nothing is optimised away).
 fn workload(events: u64, customers: u64, rules_path: &str) -> usize {
+    let history = env_or("BENCH_HISTORY", 0);
     let config = Config::from_figment(Figment::from(Toml::string(&format!(
-        "[rules]\npath = {rules_path:?}\n[money]\ncurrency = \"CNY\"\n"
+        "[rules]\npath = {rules_path:?}\n[money]\ncurrency = \"CNY\"\n[api]\nhistory_changes = {history}\n"
     ))))
     .expect("configuration");
     let rules = Arc::new(
@@ -205,6 +207,7 @@ fn instructions(events: u64, customers: u64, rules: &str) -> u64 {
         .env("INSTRUCTIONS_CHILD", events.to_string())
         .env("BENCH_CUSTOMERS", customers.to_string())
         .env("BENCH_RULES", rules)
+        .env("BENCH_HISTORY", env_or("BENCH_HISTORY", 0).to_string())
         .status()
         .expect("valgrind runs (Debian package `valgrind`)");
     assert!(status.success(), "the workload under callgrind failed");
@@ -241,7 +244,7 @@ fn main() {
     let per_event = twice.saturating_sub(once) as f64 / events as f64;
     println!("## tierd instructions per event (callgrind)");
     println!();
-    println!("- workload: decode, apply, record the changes, serialise the touched states; batches of {BATCH}; {customers} customers; rules {rules}");
+    println!("- workload: decode, apply, record the changes, serialise the touched states; batches of {BATCH}; {customers} customers; rules {rules}; tier history kept: {}", env_or("BENCH_HISTORY", 0));
     println!(
         "- {events} events: {once} instructions; {} events: {twice}",
         2 * events

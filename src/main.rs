@@ -112,6 +112,13 @@ enum Command {
         #[arg(long)]
         allow_inconsistent: bool,
     },
+    /// Where each input partition stands: the offset tierd stored in Redis with the state,
+    /// the log's start and end, the lag, how far published changes reach, the group's
+    /// members.
+    Offsets {
+        #[command(subcommand)]
+        command: OffsetsCommand,
+    },
     /// Rules files and how they place customers.
     Rules {
         #[command(subcommand)]
@@ -152,6 +159,44 @@ impl Partitioner {
             Self::Crc32 => "consistent_random",
         }
     }
+}
+
+#[derive(Subcommand)]
+enum OffsetsCommand {
+    /// Every partition of the input topic (read-only).
+    Show {
+        /// Configuration file of the deployment (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move the stored offsets of a stopped group (every tierd instance stopped): forward
+    /// keeps the state (the input skipped is never applied); backward needs --clear-state
+    /// (the partitions' state is removed and their input counted again).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["to_earliest", "to_offset", "to_time"])))]
+    Reset {
+        /// Configuration file of the deployment (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// To the log's first offset still held.
+        #[arg(long)]
+        to_earliest: bool,
+        /// To this offset (within the log).
+        #[arg(long)]
+        to_offset: Option<i64>,
+        /// To the first record at or after this time (RFC 3339; the log end if none).
+        #[arg(long)]
+        to_time: Option<String>,
+        /// Only this partition (repeatable; default: every partition).
+        #[arg(long)]
+        partition: Vec<i32>,
+        /// Remove each partition's state (customers, timers, rank entries, tier counts) so
+        /// its input is counted again from the new offset.
+        #[arg(long)]
+        clear_state: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -436,6 +481,62 @@ fn main() -> anyhow::Result<()> {
                     p.reads,
                     if p.reads == 1 { "" } else { "s" },
                 );
+            }
+            Ok(())
+        }
+        Command::Offsets {
+            command:
+                OffsetsCommand::Reset {
+                    config,
+                    to_earliest,
+                    to_offset,
+                    to_time,
+                    partition,
+                    clear_state,
+                },
+        } => {
+            use tierd::tools::offsets::{self, Target};
+            let cfg = Config::load(Some(&config))
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            let rules =
+                tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
+            let target = match (to_earliest, to_offset, to_time) {
+                (true, _, _) => Target::Earliest,
+                (_, Some(o), _) => Target::Offset(o),
+                (_, _, Some(t)) => Target::Time(
+                    tierd::model::time::parse_rfc3339_ms(&t)
+                        .map_err(|e| anyhow::anyhow!("--to-time {t:?}: {e}"))?,
+                ),
+                _ => unreachable!("clap requires one target"),
+            };
+            for m in offsets::reset(&cfg, &rules, target, &partition, clear_state)? {
+                println!(
+                    "partition {}: {} -> {}{}",
+                    m.partition,
+                    m.from.map_or_else(|| "-".to_owned(), |o| o.to_string()),
+                    m.to,
+                    if clear_state {
+                        format!(
+                            " ({} customers removed; changes numbered above sequence {})",
+                            m.customers_removed, m.sequence_floor
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Ok(())
+        }
+        Command::Offsets {
+            command: OffsetsCommand::Show { config, json },
+        } => {
+            let cfg = Config::load(Some(&config))
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            let offsets = tierd::tools::offsets::show(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&offsets)?);
+            } else {
+                print!("{}", offsets.render());
             }
             Ok(())
         }

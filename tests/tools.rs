@@ -226,3 +226,176 @@ name = "D"
         "tools must not change the stored state"
     );
 }
+
+/// `tierd offsets show` against a real deployment: where each input partition stands (the
+/// offset stored in Redis, the log's ends, the lag, how far published changes reach) and
+/// whether the group has members — before anything is stored, while tierd runs, after it stops.
+#[test]
+fn offsets_show_tells_where_each_partition_stands() {
+    let world = World::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tierd.toml");
+    std::fs::write(&config, world.config(support::free_port(), "")).unwrap();
+    let config = config.display().to_string();
+    let show = || -> serde_json::Value {
+        let (code, out, err) = tierd(&["offsets", "show", "--config", &config, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let fresh = show();
+    assert_eq!(fresh["members"], 0, "{fresh}");
+    let parts = fresh["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 2);
+    assert!(
+        parts
+            .iter()
+            .all(|p| p["stored"].is_null() && p["log_end"] == 0),
+        "{fresh}"
+    );
+
+    let mut running = Tierd::spawn(&world, "");
+    running.wait_partitions(2, Duration::from_secs(60));
+    let events: Vec<_> = (0..100)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{}", i % 30),
+                "300000",
+                "2026-11-01T00:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&running, &ends, Duration::from_secs(60));
+    let live = show();
+    assert_eq!(
+        (live["group_state"].as_str(), live["members"].as_u64()),
+        (Some("Stable"), Some(1)),
+        "{live}"
+    );
+    for p in live["partitions"].as_array().unwrap() {
+        let end = ends[&(p["partition"].as_i64().unwrap() as i32)];
+        assert_eq!(p["stored"], end, "{p}");
+        assert_eq!(p["log_end"], end, "{p}");
+        assert_eq!(p["lag"], 0, "{p}");
+        let published = p["published_through"]
+            .as_i64()
+            .expect("changes were published");
+        assert!(published > 0 && published <= end, "{p}");
+    }
+    let (code, table, _) = tierd(&["offsets", "show", "--config", &config]);
+    eprintln!("{table}");
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("partition") && table.contains("Stable (1 member)"),
+        "{table}"
+    );
+
+    assert_eq!(running.terminate(), Some(0));
+    let stopped = show();
+    assert_eq!(
+        (stopped["group_state"].as_str(), stopped["members"].as_u64()),
+        (Some("Empty"), Some(0)),
+        "{stopped}"
+    );
+    assert_eq!(
+        stopped["partitions"][0]["stored"],
+        live["partitions"][0]["stored"]
+    );
+}
+
+/// `tierd offsets reset` on a stopped deployment: refused while an instance runs, backward
+/// without `--clear-state`, or outside the log; with `--clear-state` the partition's input is
+/// counted again from the start — once, not on top of the old counts — and every change it
+/// publishes again has a new id (numbered above the published ones), in sequence; a forward
+/// move skips the input in between.
+#[test]
+fn offsets_reset_recounts_a_stopped_partition_once_with_new_change_ids() {
+    let world = World::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tierd.toml");
+    std::fs::write(&config, world.config(support::free_port(), "")).unwrap();
+    let config = config.display().to_string();
+    let reset = |args: &[&str]| {
+        let mut all = vec!["offsets", "reset", "--config", &config];
+        all.extend_from_slice(args);
+        tierd(&all)
+    };
+    // Ten customers, four purchases of 300,000 each: C, then B, then A (three changes).
+    let events: Vec<_> = (0..40)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{}", i % 10),
+                "300000",
+                "2026-11-01T00:00:00Z",
+            )
+        })
+        .collect();
+    let mut running = Tierd::spawn(&world, "");
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&running, &ends, Duration::from_secs(60));
+
+    let (code, _, err) = reset(&["--to-earliest", "--clear-state"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("has 1 member") && err.contains("stop every tierd instance"),
+        "{err}"
+    );
+    assert_eq!(running.terminate(), Some(0));
+    let (code, _, err) = reset(&["--to-earliest"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("would move back from 40 to 0") && err.contains("--clear-state"),
+        "{err}"
+    );
+    let (code, _, err) = reset(&["--to-offset", "41", "--clear-state"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("partition 0 holds offsets 0..40"), "{err}");
+    assert_eq!(
+        world.customer_state("c0").unwrap().count,
+        4,
+        "a refused reset changed nothing"
+    );
+
+    let (code, out, err) = reset(&["--to-earliest", "--clear-state"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "partition 0: 40 -> 0 (10 customers removed; changes numbered above sequence 3)"
+        ),
+        "{out}"
+    );
+    assert!(world.customer_state("c0").is_none());
+
+    let running = Tierd::spawn(&world, "");
+    world.wait_applied_by(&running, &ends, Duration::from_secs(60));
+    for c in 0..10 {
+        let s = world.customer_state(&format!("c{c}")).unwrap();
+        assert_eq!(
+            (s.count, s.sum, s.tier.as_deref()),
+            (4, 120_000_000, Some("A")),
+            "c{c}"
+        );
+        assert_eq!(s.seq, 6, "c{c}: three changes numbered above 3");
+    }
+    // Every id one body; each customer's changes rise along the topic (the new ones after).
+    world.assert_one_body_per_change_id();
+    let (last, records) = world.assert_fresh_ids_in_order();
+    assert_eq!(records, 60);
+    assert!(last.values().all(|t| t == "A"), "{last:?}");
+
+    // Forward: the input in between is never applied, the state kept.
+    let mut running = running;
+    assert_eq!(running.terminate(), Some(0));
+    let skipped: Vec<_> = (0..5)
+        .map(|i| purchase(&format!("s{i}"), "c0", "300000", "2026-11-02T00:00:00Z"))
+        .collect();
+    let ends = world.produce_json(&skipped);
+    let (code, out, err) = reset(&["--to-offset", "45"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("partition 0: 40 -> 45"), "{out}");
+    let running = Tierd::spawn(&world, "");
+    world.wait_applied_by(&running, &ends, Duration::from_secs(60));
+    assert_eq!(world.customer_state("c0").unwrap().count, 4);
+}

@@ -1,10 +1,12 @@
 //! Operator tools. Reading the live state in Redis without changing it: `tierd rules explain`
-//! ([`explain`]), `tierd simulate` ([`simulate`]) and `tierd export` ([`export`]). Writing the input topic: `tierd
+//! ([`explain`]), `tierd simulate` ([`simulate`]), `tierd export` ([`export`]) and `tierd
+//! offsets show` ([`offsets`]). Writing the input topic: `tierd
 //! backfill` ([`backfill`]).
 
 pub mod backfill;
 pub mod explain;
 pub mod export;
+pub mod offsets;
 pub mod simulate;
 
 use crate::config::Config;
@@ -189,6 +191,26 @@ impl Store {
             }
             cursor = next;
         }
+    }
+
+    /// The deployment's key names.
+    pub fn keyspace(&self) -> &Keyspace {
+        &self.keyspace
+    }
+
+    /// Runs `pipe` (a write: only tools that require the group stopped use it).
+    ///
+    /// # Errors
+    /// [`ToolError::Redis`].
+    pub fn query<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, ToolError> {
+        let found = self.runtime.block_on(pipe.query_async(&mut self.conn));
+        found.map_err(|source| ToolError::Redis {
+            url: self.url.clone(),
+            source,
+        })
     }
 
     /// A partition's commit count and stored next offset (`commits`, `next_offset` of its
