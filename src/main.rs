@@ -498,8 +498,6 @@ fn main() -> anyhow::Result<()> {
             use tierd::tools::offsets::{self, Target};
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
-            let rules =
-                tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
             let target = match (to_earliest, to_offset, to_time) {
                 (true, _, _) => Target::Earliest,
                 (_, Some(o), _) => Target::Offset(o),
@@ -509,7 +507,7 @@ fn main() -> anyhow::Result<()> {
                 ),
                 _ => unreachable!("clap requires one target"),
             };
-            for m in offsets::reset(&cfg, &rules, target, &partition, clear_state)? {
+            for m in offsets::reset(&cfg, target, &partition, clear_state)? {
                 println!(
                     "partition {}: {} -> {}{}",
                     m.partition,

@@ -395,7 +395,28 @@ fn offsets_reset_recounts_a_stopped_partition_once_with_new_change_ids() {
     let (code, out, err) = reset(&["--to-offset", "45"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("partition 0: 40 -> 45"), "{out}");
-    let running = Tierd::spawn(&world, "");
+    let mut running = Tierd::spawn(&world, "");
     world.wait_applied_by(&running, &ends, Duration::from_secs(60));
     assert_eq!(world.customer_state("c0").unwrap().count, 4);
+
+    // By time: before the first record is the log's start (backward: refused without
+    // `--clear-state`); after the last, its end (here where it stands). A partition named
+    // twice is reset once.
+    assert_eq!(running.terminate(), Some(0));
+    let (code, _, err) = reset(&["--to-time", "2000-01-01T00:00:00Z", "--partition", "0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("would move back from 45 to 0"), "{err}");
+    let (code, out, err) = reset(&[
+        "--to-time",
+        "2100-01-01T00:00:00Z",
+        "--partition",
+        "0",
+        "--partition",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "partition 0: 45 -> 45", "{out}");
+    let (code, _, err) = reset(&["--to-earliest", "--partition", "3"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--partition 3: the input topic"), "{err}");
 }

@@ -6,9 +6,11 @@
 //! local date, a month starts at local midnight of its first day (08:00 the previous day UTC
 //! in Shanghai), and a day can be 23 or 25 hours long across a DST change. Local midnights that
 //! do not exist (a zone whose clocks skip from 00:00 to 01:00) start at the first local time
-//! after the gap (jiff's "compatible" rule); in a zone whose clocks go back across midnight,
-//! the repeated hour belongs to the earlier date. The zone database is compiled in (jiff's
-//! bundled tzdb), so every instance and every replay of one binary computes the same
+//! after the gap (jiff's "compatible" rule). Where clocks go back across midnight, an instant
+//! belongs to the local date its offset gives (the day index can step back for the repeated
+//! stretch) and a window expiry at that midnight may be decided late, at the customer's next
+//! event: untested, and no zone is known to do this today. The zone database is compiled in
+//! (jiff's bundled tzdb), so every instance and every replay of one binary computes the same
 //! boundaries whatever the host's `/usr/share/zoneinfo` says.
 
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
@@ -44,7 +46,12 @@ impl Calendar {
         if name == "UTC" {
             return Ok(Self::utc());
         }
-        let zone = jiff::tz::db().get(name).map_err(|e| {
+        // The bundled database explicitly (not `jiff::tz::db()`, which would prefer the host's
+        // zoneinfo if another crate enabled jiff's `tzdb-zoneinfo`): every instance and
+        // replay of one binary must draw the same boundaries.
+        static BUNDLED: std::sync::LazyLock<jiff::tz::TimeZoneDatabase> =
+            std::sync::LazyLock::new(jiff::tz::TimeZoneDatabase::bundled);
+        let zone = BUNDLED.get(name).map_err(|e| {
             format!("{name:?} is not an IANA time zone name (e.g. \"Asia/Shanghai\", \"Europe/Berlin\", \"UTC\"): {e}")
         })?;
         Ok(Self {

@@ -193,6 +193,44 @@ impl Store {
         }
     }
 
+    /// The highest change sequence among a partition's stored states, and the keys of those
+    /// that cannot be read (their sequence unknown).
+    ///
+    /// # Errors
+    /// [`ToolError::Redis`].
+    pub fn highest_sequence(&mut self, partition: i32) -> Result<(u64, Vec<String>), ToolError> {
+        let keys = self.keyspace.partition(partition);
+        let (mut cursor, mut highest, mut unreadable) = (0u64, 0u64, Vec::new());
+        loop {
+            let (next, found): (u64, Vec<String>) = self
+                .query(
+                    redis::pipe()
+                        .cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(keys.customer_pattern())
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .map(|(page,): ((u64, Vec<String>),)| page)?;
+            if !found.is_empty() {
+                let (values,): (Vec<Option<Vec<u8>>>,) =
+                    self.query(redis::pipe().cmd("MGET").arg(&found))?;
+                for (key, value) in found.into_iter().zip(values) {
+                    match value.map(|v| crate::model::stored::decode(&v)) {
+                        Some(Ok(state)) => highest = highest.max(state.seq),
+                        Some(Err(_)) => unreadable.push(key),
+                        None => {}
+                    }
+                }
+            }
+            if next == 0 {
+                return Ok((highest, unreadable));
+            }
+            cursor = next;
+        }
+    }
+
     /// The deployment's key names.
     pub fn keyspace(&self) -> &Keyspace {
         &self.keyspace
@@ -207,6 +245,21 @@ impl Store {
         pipe: &redis::Pipeline,
     ) -> Result<T, ToolError> {
         let found = self.runtime.block_on(pipe.query_async(&mut self.conn));
+        found.map_err(|source| ToolError::Redis {
+            url: self.url.clone(),
+            source,
+        })
+    }
+
+    /// Runs a script invocation (a write: only tools that require the group stopped use it).
+    ///
+    /// # Errors
+    /// [`ToolError::Redis`].
+    pub fn invoke<T: redis::FromRedisValue>(
+        &mut self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, ToolError> {
+        let found = self.runtime.block_on(call.invoke_async(&mut self.conn));
         found.map_err(|source| ToolError::Redis {
             url: self.url.clone(),
             source,

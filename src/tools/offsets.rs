@@ -95,184 +95,35 @@ pub struct Moved {
     pub sequence_floor: u64,
 }
 
-/// Moves the stored offsets of `partitions` (all when empty) of a stopped group to `target`;
-/// `clear_state` removes each partition's state first (required to move backward). `rules`
-/// names the rank sets to clear.
-///
-/// # Errors
-/// [`OffsetsError::Refused`] naming what makes it unsafe (a member in the group, an offset
-/// outside the log, a backward move without `clear_state`, changes not published yet), or
-/// Kafka and Redis errors. A reset that fails half-way is finished by running it again
-/// before tierd starts.
-pub fn reset(
-    config: &Config,
-    rules: &crate::engine::rules::Rules,
-    target: Target,
-    partitions: &[i32],
-    clear_state: bool,
-) -> Result<Vec<Moved>, OffsetsError> {
-    let kafka = |e: rdkafka::error::KafkaError| OffsetsError::Kafka(e.to_string());
-    let now = show(config)?;
-    if now.members > 0 {
-        return Err(OffsetsError::Refused(format!(
-            "the group {} has {} member{} ({}): stop every tierd instance of the deployment first",
-            now.group,
-            now.members,
-            if now.members == 1 { "" } else { "s" },
-            now.group_state
-        )));
-    }
-    let selected: Vec<&PartitionOffsets> = if partitions.is_empty() {
-        now.partitions.iter().collect()
-    } else {
-        partitions
-            .iter()
-            .map(|p| {
-                now.partitions
-                    .get(usize::try_from(*p).unwrap_or(usize::MAX))
-                    .ok_or_else(|| {
-                        OffsetsError::Refused(format!(
-                            "--partition {p}: the input topic {} has {} partitions",
-                            now.topic,
-                            now.partitions.len()
-                        ))
-                    })
-            })
-            .collect::<Result<_, _>>()?
-    };
-    let consumer: BaseConsumer = crate::kafka::consumer_config(&config.kafka)
-        .set("statistics.interval.ms", "0")
-        .create()
-        .map_err(kafka)?;
-    let positions = OutboxPositions::new(&config.kafka, config.publish.position_metadata_bytes)
-        .map_err(kafka)?;
-    let mut store = Store::open(config).map_err(|e| match e {
-        ToolError::NoPartitions(_) => OffsetsError::Refused(
-            "nothing is stored for this deployment: there is no offset to move".into(),
-        ),
-        e => e.into(),
-    })?;
-    // Every partition is checked before any is changed.
-    let mut plan = Vec::with_capacity(selected.len());
-    for p in selected {
-        let to = match target {
-            Target::Earliest => p.log_start,
-            Target::Offset(o) if (p.log_start..=p.log_end).contains(&o) => o,
-            Target::Offset(o) => {
-                return Err(OffsetsError::Refused(format!(
-                    "--to-offset {o}: partition {} holds offsets {}..{}",
-                    p.partition, p.log_start, p.log_end
-                )))
-            }
-            Target::Time(ms) => {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&now.topic, p.partition, rdkafka::Offset::Offset(ms))
-                    .map_err(kafka)?;
-                let found = consumer.offsets_for_times(tpl, TIMEOUT).map_err(kafka)?;
-                found
-                    .find_partition(&now.topic, p.partition)
-                    .and_then(|e| e.offset().to_raw())
-                    .filter(|o| *o >= 0)
-                    .unwrap_or(p.log_end)
-            }
-        };
-        let backward = p.stored.is_none_or(|s| to < s);
-        if backward && !clear_state && p.stored.is_some() {
-            return Err(OffsetsError::Refused(format!(
-                "partition {} would move back from {} to {to} over a state that counted that input (events older than the dedup memory would count twice): pass --clear-state to remove the partition's state and count again from {to}",
-                p.partition,
-                p.stored.unwrap_or_default()
-            )));
-        }
-        let keys = store.keyspace().partition(p.partition);
-        if clear_state {
-            let outbox: u64 = store
-                .query(redis::pipe().cmd("XLEN").arg(&keys.outbox))
-                .map(|(n,): (u64,)| n)?;
-            if outbox > 0 {
-                return Err(OffsetsError::Refused(format!(
-                    "partition {} has {outbox} changes not published yet: start tierd until its outbox is empty (tierd_outbox_depth 0), stop it, then reset",
-                    p.partition
-                )));
-            }
-        }
-        plan.push((p.partition, p.stored, to, keys));
-    }
-    let mut moved = Vec::with_capacity(plan.len());
-    for (partition, from, to, keys) in plan {
-        let published = positions.published(partition).map_err(kafka)?;
-        let (floor,): (Option<u64>,) =
-            store.query(redis::pipe().cmd("HGET").arg(&keys.meta).arg("seq_floor"))?;
-        let sequence_floor = if clear_state {
-            floor
-                .unwrap_or(0)
-                .max(published.max_sequence)
-                .max(published.sequence_floor)
-        } else {
-            floor.unwrap_or(0)
-        };
-        // The position first (one atomic step): a reset that fails after it is run again,
-        // finding the offset already moved and removing what is left.
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HSET")
-            .arg(&keys.meta)
-            .arg("next_offset")
-            .arg(to)
-            .ignore();
-        // The stored leader epoch and topic id were paired with the old offset.
-        pipe.cmd("HDEL")
-            .arg(&keys.meta)
-            .arg("offset_epoch")
-            .arg("offset_topic")
-            .ignore();
-        if clear_state {
-            pipe.cmd("HSET")
-                .arg(&keys.meta)
-                .arg("seq_floor")
-                .arg(sequence_floor)
-                .ignore();
-            // What belonged to the removed state: its event clock, a rules sweep or
-            // re-ranking under way, the cut-offs it applied last.
-            pipe.cmd("HDEL")
-                .arg(&keys.meta)
-                .arg("clock")
-                .arg("sweep")
-                .arg("rerank")
-                .arg("cutoffs")
-                .ignore();
-        }
-        store.query::<()>(&pipe)?;
-        let mut customers_removed = 0;
-        if clear_state {
-            let mut doomed = Vec::new();
-            store.for_each_customer_of(partition, 1000, |id, _| doomed.push(keys.customer(id)))?;
-            for chunk in doomed.chunks(1000) {
-                store.query::<()>(redis::pipe().cmd("DEL").arg(chunk).ignore())?;
-            }
-            customers_removed = doomed.len() as u64;
-            let mut pipe = redis::pipe();
-            pipe.cmd("DEL")
-                .arg(&keys.timers)
-                .arg(&keys.tier_counts)
-                .ignore();
-            for rank in rules.ranks() {
-                pipe.cmd("DEL").arg(keys.rank(&rank.name)).ignore();
-            }
-            store.query::<()>(&pipe)?;
-        }
-        moved.push(Moved {
-            partition,
-            from,
-            to,
-            customers_removed,
-            sequence_floor,
-        });
-    }
-    Ok(moved)
-}
-
 const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `ask` again while the group's coordinator is moving or loading (a broker answers
+/// `NOT_COORDINATOR` or `COORDINATOR_LOAD_IN_PROGRESS` for a while after a group or the
+/// broker starts), for at most [`TIMEOUT`].
+fn coordinated<T>(
+    mut ask: impl FnMut() -> Result<T, rdkafka::error::KafkaError>,
+) -> Result<T, rdkafka::error::KafkaError> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        match ask() {
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            Code::NotCoordinator
+                                | Code::CoordinatorLoadInProgress
+                                | Code::CoordinatorNotAvailable
+                        )
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
 
 /// Reads where every partition of `config`'s input topic stands.
 ///
@@ -299,8 +150,7 @@ pub fn show(config: &Config) -> Result<Offsets, OffsetsError> {
         )));
     }
     let count = i32::try_from(count).unwrap_or(i32::MAX);
-    let groups = consumer
-        .fetch_group_list(Some(&config.kafka.group_id), TIMEOUT)
+    let groups = coordinated(|| consumer.fetch_group_list(Some(&config.kafka.group_id), TIMEOUT))
         .map_err(kafka)?;
     let (group_state, members) = groups
         .groups()
@@ -313,9 +163,8 @@ pub fn show(config: &Config) -> Result<Offsets, OffsetsError> {
     for p in 0..count {
         assigned.add_partition(&topic, p);
     }
-    let committed = consumer
-        .committed_offsets(assigned, TIMEOUT)
-        .map_err(kafka)?;
+    let committed =
+        coordinated(|| consumer.committed_offsets(assigned.clone(), TIMEOUT)).map_err(kafka)?;
     let positions = OutboxPositions::new(&config.kafka, config.publish.position_metadata_bytes)
         .map_err(kafka)?;
     // A deployment that never stored anything shows every partition unclaimed.
@@ -356,6 +205,201 @@ pub fn show(config: &Config) -> Result<Offsets, OffsetsError> {
         members,
         partitions,
     })
+}
+
+/// The reset of one partition, in one atomic script (`src/store/lua/reset.lua`).
+static RESET: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("../store/lua/reset.lua")));
+
+/// Moves the stored offsets of `partitions` (all when empty) of a stopped group to `target`;
+/// `clear_state` removes each partition's state (required to move backward). Every partition
+/// is checked before any is changed; each is then reset in one atomic step, which re-checks
+/// that no instance claimed or committed it since.
+///
+/// # Errors
+/// [`OffsetsError::Refused`] naming what makes it unsafe (a member in the group, an offset
+/// outside the log, a backward move without `clear_state`, changes not published yet, an
+/// instance that claimed the partition meanwhile, unreadable states whose sequences are
+/// unknown), or Kafka and Redis errors.
+pub fn reset(
+    config: &Config,
+    target: Target,
+    partitions: &[i32],
+    clear_state: bool,
+) -> Result<Vec<Moved>, OffsetsError> {
+    let kafka = |e: rdkafka::error::KafkaError| OffsetsError::Kafka(e.to_string());
+    let now = show(config)?;
+    if now.members > 0 {
+        return Err(OffsetsError::Refused(format!(
+            "the group {} has {} member{} ({}): stop every tierd instance of the deployment first",
+            now.group,
+            now.members,
+            if now.members == 1 { "" } else { "s" },
+            now.group_state
+        )));
+    }
+    let mut wanted: Vec<i32> = partitions.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let selected: Vec<&PartitionOffsets> = if wanted.is_empty() {
+        now.partitions.iter().collect()
+    } else {
+        wanted
+            .iter()
+            .map(|p| {
+                now.partitions
+                    .get(usize::try_from(*p).unwrap_or(usize::MAX))
+                    .ok_or_else(|| {
+                        OffsetsError::Refused(format!(
+                            "--partition {p}: the input topic {} has {} partitions",
+                            now.topic,
+                            now.partitions.len()
+                        ))
+                    })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let consumer: BaseConsumer = crate::kafka::consumer_config(&config.kafka)
+        .set("statistics.interval.ms", "0")
+        .create()
+        .map_err(kafka)?;
+    let positions = OutboxPositions::new(&config.kafka, config.publish.position_metadata_bytes)
+        .map_err(kafka)?;
+    let mut store = Store::open(config).map_err(|e| match e {
+        ToolError::NoPartitions(_) => OffsetsError::Refused(
+            "nothing is stored for this deployment: there is no offset to move".into(),
+        ),
+        e => e.into(),
+    })?;
+    let mut plan = Vec::with_capacity(selected.len());
+    for p in selected {
+        let to = match target {
+            Target::Earliest => p.log_start,
+            Target::Offset(o) if (p.log_start..=p.log_end).contains(&o) => o,
+            Target::Offset(o) => {
+                return Err(OffsetsError::Refused(format!(
+                    "--to-offset {o}: partition {} holds offsets {}..{}",
+                    p.partition, p.log_start, p.log_end
+                )))
+            }
+            Target::Time(ms) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&now.topic, p.partition, rdkafka::Offset::Offset(ms))
+                    .map_err(kafka)?;
+                let found = consumer.offsets_for_times(tpl, TIMEOUT).map_err(kafka)?;
+                let element = found.find_partition(&now.topic, p.partition);
+                if let Some(Err(e)) = element
+                    .as_ref()
+                    .map(rdkafka::topic_partition_list::TopicPartitionListElem::error)
+                {
+                    return Err(OffsetsError::Kafka(format!(
+                        "the offset of partition {} at --to-time: {e}",
+                        p.partition
+                    )));
+                }
+                element
+                    .and_then(|e| e.offset().to_raw())
+                    .filter(|o| *o >= 0)
+                    .unwrap_or(p.log_end)
+            }
+        };
+        if p.stored.is_some_and(|s| to < s) && !clear_state {
+            return Err(OffsetsError::Refused(format!(
+                "partition {} would move back from {} to {to} over a state that counted that input (events older than the dedup memory would count twice): pass --clear-state to remove the partition's state and count again from {to}",
+                p.partition,
+                p.stored.unwrap_or_default()
+            )));
+        }
+        let keys = store.keyspace().partition(p.partition);
+        let (epoch, stored, commits): (Option<String>, Option<String>, Option<String>) = store
+            .query(
+                redis::pipe()
+                    .cmd("HMGET")
+                    .arg(&keys.meta)
+                    .arg("epoch")
+                    .arg("next_offset")
+                    .arg("commits"),
+            )
+            .map(|(fields,): ((Option<String>, Option<String>, Option<String>),)| fields)?;
+        let floor = if clear_state {
+            // Changes the recount publishes are numbered above every sequence the partition
+            // used: the published position's highest (kept in Kafka, which expires it after
+            // `offsets.retention.minutes` without a commit) and every stored state's.
+            let published = positions.published(p.partition).map_err(kafka)?;
+            let (highest, unreadable) = store.highest_sequence(p.partition)?;
+            if let Some(key) = unreadable.first() {
+                if published.max_sequence == 0 {
+                    return Err(OffsetsError::Refused(format!(
+                        "partition {}: {} stored state{} cannot be read (e.g. {key:?}) and the published position records no sequence: the changes of the recount could reuse their ids. Delete those keys by hand if that is acceptable, then reset",
+                        p.partition,
+                        unreadable.len(),
+                        if unreadable.len() == 1 { "" } else { "s" }
+                    )));
+                }
+            }
+            let (stored_floor,): (Option<u64>,) =
+                store.query(redis::pipe().cmd("HGET").arg(&keys.meta).arg("seq_floor"))?;
+            Some(
+                stored_floor
+                    .unwrap_or(0)
+                    .max(published.max_sequence)
+                    .max(published.sequence_floor)
+                    .max(highest),
+            )
+        } else {
+            None
+        };
+        plan.push((
+            p.partition,
+            p.stored,
+            to,
+            keys,
+            (epoch, stored, commits),
+            floor,
+        ));
+    }
+    let mut moved = Vec::with_capacity(plan.len());
+    for (partition, from, to, keys, (epoch, stored, commits), floor) in plan {
+        let mut rank_pattern = keys.customer_pattern();
+        // `…:c:*` → `…:rank:*` (the escaped base is the same).
+        rank_pattern.truncate(rank_pattern.len() - 3);
+        rank_pattern.push_str("rank:*");
+        let mut call = RESET.key(&keys.meta);
+        call.key(&keys.outbox)
+            .key(&keys.timers)
+            .key(&keys.tier_counts)
+            .arg(to)
+            .arg(if clear_state { "1" } else { "0" })
+            .arg(epoch.unwrap_or_default())
+            .arg(stored.unwrap_or_default())
+            .arg(commits.unwrap_or_default())
+            .arg(keys.customer_pattern())
+            .arg(rank_pattern)
+            .arg(floor.map_or_else(String::new, |f| f.to_string()));
+        let reply: Vec<String> = store.invoke(&call)?;
+        match reply.first().map(String::as_str) {
+            Some("OK") => {}
+            Some("OUTBOX") => {
+                return Err(OffsetsError::Refused(format!(
+                    "partition {partition} has {} changes not published yet: start tierd until its outbox is empty (tierd_outbox_depth 0), stop it, then reset",
+                    reply.get(1).map_or("some", String::as_str)
+                )))
+            }
+            _ => {
+                return Err(OffsetsError::Refused(format!(
+                    "partition {partition} was claimed or committed by an instance since the group was checked (now {reply:?}): stop every instance and run the reset again; partitions reset before it stay reset"
+                )))
+            }
+        }
+        moved.push(Moved {
+            partition,
+            from,
+            to,
+            customers_removed: reply.get(1).and_then(|n| n.parse().ok()).unwrap_or(0),
+            sequence_floor: floor.unwrap_or(0),
+        });
+    }
+    Ok(moved)
 }
 
 impl Offsets {
