@@ -239,6 +239,7 @@ fn a_customers_history_is_their_latest_published_changes_newest_first() {
     let (status, body, _) = get(&tierd, "/v1/customers/c1/history");
     assert_eq!(status, 200, "{body}");
     let history: serde_json::Value = serde_json::from_str(&body).unwrap();
+    eprintln!("GET /v1/customers/c1/history:\n{history:#}");
     assert_eq!(history["kept"], 3);
     assert_eq!(history["partition"], 0);
     let changes = history["changes"].as_array().unwrap();
