@@ -30,13 +30,6 @@ fn input_ends(world: &World) -> BTreeMap<i32, i64> {
         .collect()
 }
 
-/// A tierd config file for `world` (the backfill reads its Kafka, money, ingest and rules).
-fn config_file(world: &World, dir: &Path) -> String {
-    let path = dir.join("tierd.toml");
-    std::fs::write(&path, world.config(support::free_port(), "")).unwrap();
-    path.display().to_string()
-}
-
 fn backfill(config: &str, dir: &Path, extra: &[&str], file: &Path) -> (i32, String, String) {
     let checkpoint = dir.join("cp.json").display().to_string();
     let rejects = dir.join("rejects.jsonl").display().to_string();
@@ -134,7 +127,7 @@ fn a_backfill_then_live_traffic_gives_the_tiers_of_the_whole_history_streamed_li
     }
 
     let world = World::start(2);
-    let config = config_file(&world, dir.path());
+    let config = world.config_file(dir.path());
     // The first run stops after 700 rows; the second goes on to 1,300; then its checkpoint
     // is put back to the first one's, as a kill after the broker acknowledged rows 701–1,300
     // but before their checkpoint was written would leave it: the third run sends them again.
@@ -263,7 +256,7 @@ fn cli(config: &str, args: &[&str], file: &Path) -> (i32, String, String) {
 fn backfill_refuses_what_it_cannot_send_right_and_names_it() {
     let world = World::start(1);
     let dir = tempfile::tempdir().unwrap();
-    let config = config_file(&world, dir.path());
+    let config = world.config_file(dir.path());
     let csv = dir.path().join("h.csv");
     std::fs::write(&csv, "id,who,amount,at\n1,c1,5,2026-10-01T00:00:00Z\n").unwrap();
 

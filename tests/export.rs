@@ -48,10 +48,7 @@ fn export(
 fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_ingestion() {
     let world = World::start(2);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tierd.toml");
-    let port = support::free_port();
-    std::fs::write(&config, world.config(port, "")).unwrap();
-    let config = config.display().to_string();
+    let config = world.config_file(dir.path());
     let tierd = Tierd::spawn(&world, "");
 
     // 3,000 customers placed, then purchases keep arriving in bursts while exports run.
@@ -184,9 +181,7 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
 fn a_partition_that_commits_during_every_read_is_refused_or_marked() {
     let world = World::start(2);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tierd.toml");
-    std::fs::write(&config, world.config(support::free_port(), "")).unwrap();
-    let config = config.display().to_string();
+    let config = world.config_file(dir.path());
     let mut tierd = Tierd::spawn(&world, "");
     let events: Vec<_> = (0..400)
         .map(|i| {

@@ -234,9 +234,7 @@ name = "D"
 fn offsets_show_tells_where_each_partition_stands() {
     let world = World::start(2);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tierd.toml");
-    std::fs::write(&config, world.config(support::free_port(), "")).unwrap();
-    let config = config.display().to_string();
+    let config = world.config_file(dir.path());
     let show = || -> serde_json::Value {
         let (code, out, err) = tierd(&["offsets", "show", "--config", &config, "--json"]);
         assert_eq!(code, 0, "{err}");
@@ -313,9 +311,7 @@ fn offsets_show_tells_where_each_partition_stands() {
 fn offsets_reset_recounts_a_stopped_partition_once_with_new_change_ids() {
     let world = World::start(1);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tierd.toml");
-    std::fs::write(&config, world.config(support::free_port(), "")).unwrap();
-    let config = config.display().to_string();
+    let config = world.config_file(dir.path());
     let reset = |args: &[&str]| {
         let mut all = vec!["offsets", "reset", "--config", &config];
         all.extend_from_slice(args);

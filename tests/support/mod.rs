@@ -1183,6 +1183,14 @@ impl World {
         }
     }
 
+    /// [`World::config`] (on a free API port, nothing extra) written to `dir/tierd.toml`, for
+    /// the operator tools' `--config`: its path.
+    pub fn config_file(&self, dir: &Path) -> String {
+        let path = dir.join("tierd.toml");
+        std::fs::write(&path, self.config(free_port(), "")).unwrap();
+        path.display().to_string()
+    }
+
     /// The tierd config for this world; `extra` is appended verbatim (more TOML tables).
     pub fn config(&self, api_port: u16, extra: &str) -> String {
         self.config_with(api_port, "", extra)
