@@ -412,6 +412,14 @@ fn offsets_reset_recounts_a_stopped_partition_once_with_new_change_ids() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "partition 0: 45 -> 45", "{out}");
+    // Clearing the state without moving back would drop counts nothing re-counts.
+    let (code, _, err) = reset(&["--to-offset", "45", "--clear-state"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("would remove the state of input that is not counted again"),
+        "{err}"
+    );
+    assert_eq!(world.customer_state("c0").unwrap().count, 4);
     let (code, _, err) = reset(&["--to-earliest", "--partition", "3"]);
     assert_eq!(code, 1);
     assert!(err.contains("--partition 3: the input topic"), "{err}");

@@ -303,6 +303,13 @@ pub fn reset(
                     .unwrap_or(p.log_end)
             }
         };
+        // (A partition never claimed has no state: it is only moved.)
+        if let Some(stored) = p.stored.filter(|s| clear_state && to >= *s) {
+            return Err(OffsetsError::Refused(format!(
+                "partition {}: --clear-state with a move to {to}, not before the stored offset {stored}, would remove the state of input that is not counted again: clear the state only to re-count from an earlier offset",
+                p.partition
+            )));
+        }
         if p.stored.is_some_and(|s| to < s) && !clear_state {
             return Err(OffsetsError::Refused(format!(
                 "partition {} would move back from {} to {to} over a state that counted that input (events older than the dedup memory would count twice): pass --clear-state to remove the partition's state and count again from {to}",
