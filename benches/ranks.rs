@@ -106,6 +106,8 @@ fn main() {
                 amount_minor: rng.random_range(1..100_000_000),
                 occurred_at_ms: t0,
                 pin: None,
+                points: 0,
+                attributes: Vec::new(),
             };
             s.apply(
                 &e,

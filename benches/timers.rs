@@ -78,6 +78,8 @@ fn main() {
         amount_minor: 60_000,
         occurred_at_ms: t0,
         pin: None,
+        points: 0,
+        attributes: Vec::new(),
     };
     template.apply(&event, &rules, dedup, t0, &Default::default());
     let json = tierd::model::stored::to_vec(&template);

@@ -43,6 +43,8 @@ fuzz_target!(|data: &[u8]| {
             amount_minor: amount,
             occurred_at_ms: START + day * DAY,
             pin: None,
+            points: 0,
+            attributes: Vec::new(),
         };
         let _ = state.apply(
             &event,

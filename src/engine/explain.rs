@@ -237,6 +237,8 @@ name = "basic"
                 amount_minor: *amount,
                 occurred_at_ms: at(when),
                 pin: None,
+                points: 0,
+                attributes: Vec::new(),
             };
             s.apply(
                 &e,

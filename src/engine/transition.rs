@@ -12,7 +12,9 @@ use super::rules::{Evaluation, Rules};
 use crate::model::calendar::Unit;
 use crate::model::change::{ChangeReason, Direction};
 use crate::model::event::{Event, EventKind};
-use crate::model::state::{Bucket, CustomerState, DedupPolicy, PinRequest, TimeCause};
+use crate::model::state::{
+    Bucket, CustomerState, DedupPolicy, PinRequest, Series, SeriesBucket, TimeCause,
+};
 
 /// What made tierd evaluate a customer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,13 +43,15 @@ pub enum Applied {
         /// The customer's floor the event fell at or below (Unix ms).
         floor_ms: i64,
     },
-    /// Counting it would take the customer's lifetime purchases or refunds beyond
-    /// [`MAX_EXACT_TOTAL`]: not counted, dead-lettered by the caller.
+    /// Counting it would take the customer's lifetime purchases or refunds (or the points of
+    /// either) beyond [`MAX_EXACT_TOTAL`]: not counted, dead-lettered by the caller.
     BeyondExactRange {
-        /// The total the event would have made, minor units.
+        /// The total the event would have made, minor units (or points).
         total_minor: i128,
-        /// `"purchases"` or `"refunds"`.
+        /// `"purchases"`, `"refunds"`, `"purchase points"` or `"refunded points"`.
         total: &'static str,
+        /// Whether the total is of points (the event's `points` field), not money.
+        points: bool,
     },
     /// An `erase` event: the state is now the default (what an absent customer loads as).
     Erased {
@@ -143,6 +147,8 @@ impl CustomerState {
             last_purchase: self.last,
             days: &self.day_buckets,
             months: &self.month_buckets,
+            points: self.points_earned - self.points_refunded,
+            series: &self.series,
         }
     }
 
@@ -186,13 +192,26 @@ impl CustomerState {
             };
         }
         let amount = i128::from(event.amount_minor);
+        let points = i128::from(event.points);
         let beyond = match event.kind {
-            EventKind::Purchase => Some((self.sum + amount, "purchases")),
-            EventKind::Refund => Some((self.refunded + amount, "refunds")),
-            EventKind::Override | EventKind::Erase => None,
+            EventKind::Purchase => [
+                (self.sum + amount, "purchases", false),
+                (self.points_earned + points, "purchase points", true),
+            ],
+            EventKind::Refund => [
+                (self.refunded + amount, "refunds", false),
+                (self.points_refunded + points, "refunded points", true),
+            ],
+            EventKind::Override | EventKind::Erase => [(0, "", false); 2],
         };
-        if let Some((total_minor, total)) = beyond.filter(|(t, _)| *t > MAX_EXACT_TOTAL) {
-            return Applied::BeyondExactRange { total_minor, total };
+        if let Some(&(total_minor, total, points)) =
+            beyond.iter().find(|(t, _, _)| *t > MAX_EXACT_TOTAL)
+        {
+            return Applied::BeyondExactRange {
+                total_minor,
+                total,
+                points,
+            };
         }
         let trigger = match (&event.kind, &event.pin) {
             (EventKind::Purchase, _) => {
@@ -200,13 +219,15 @@ impl CustomerState {
                 self.sum += i128::from(event.amount_minor);
                 self.first = Some(self.first.map_or(at, |f| f.min(at)));
                 self.last = Some(self.last.map_or(at, |l| l.max(at)));
-                self.add_to_buckets(rules, at, 1, i128::from(event.amount_minor));
+                self.points_earned += points;
+                self.add_to_buckets(rules, event, 1, amount, points);
                 Trigger::Event(EventKind::Purchase)
             }
             (EventKind::Refund, _) => {
                 self.refunds += 1;
                 self.refunded += i128::from(event.amount_minor);
-                self.add_to_buckets(rules, at, 0, -i128::from(event.amount_minor));
+                self.points_refunded += points;
+                self.add_to_buckets(rules, event, 0, -amount, -points);
                 Trigger::Event(EventKind::Refund)
             }
             (EventKind::Override | EventKind::Erase, pin) => {
@@ -227,7 +248,36 @@ impl CustomerState {
         )))
     }
 
-    fn add_to_buckets(&mut self, rules: &Rules, at: i64, n: u64, s: i128) {
+    /// Adds an event (`n` purchases, net `s` minor units and `p` points) to the buckets of
+    /// its day and month, and to every window series whose filter admits it.
+    fn add_to_buckets(&mut self, rules: &Rules, event: &Event, n: u64, s: i128, p: i128) {
+        let at = event.occurred_at_ms;
+        for def in rules.series() {
+            if !def.filter.admits(&event.attributes) {
+                continue;
+            }
+            let i = rules.calendar().index(def.unit, at);
+            let series = match self.series.iter().position(|x| x.key == def.key) {
+                Some(pos) => &mut self.series[pos],
+                None => {
+                    self.series.push(Series {
+                        key: def.key,
+                        buckets: Vec::new(),
+                    });
+                    self.series.last_mut().expect("just pushed")
+                }
+            };
+            let buckets = &mut series.buckets;
+            let pos = buckets.partition_point(|b| b.index < i);
+            match buckets.get_mut(pos) {
+                Some(b) if b.index == i => {
+                    b.purchases += n;
+                    b.net_minor += s;
+                    b.points += p;
+                }
+                _ => buckets.insert(pos, SeriesBucket::from((i, n, s, p))),
+            }
+        }
         for (unit, buckets) in [
             (Unit::Day, &mut self.day_buckets),
             (Unit::Month, &mut self.month_buckets),
@@ -259,6 +309,23 @@ impl CustomerState {
             let floor = rules.bucket_floor(unit, now);
             let expired = buckets.partition_point(|b| b.index < floor);
             buckets.drain(..expired);
+        }
+        // Series the rules no longer keep go (a rules change); the rest lose their expired
+        // buckets, and a series left empty is not stored. Kept in the rules' order, so that
+        // equal histories store equal bytes.
+        if !self.series.is_empty() {
+            let defs = rules.series();
+            self.series.retain_mut(|x| {
+                let Some(def) = defs.iter().find(|d| d.key == x.key) else {
+                    return false;
+                };
+                let floor = rules.floor_of(def.unit, def.keep, now);
+                let expired = x.buckets.partition_point(|b| b.index < floor);
+                x.buckets.drain(..expired);
+                !x.buckets.is_empty()
+            });
+            self.series
+                .sort_by_key(|x| defs.iter().position(|d| d.key == x.key));
         }
     }
 
@@ -336,6 +403,8 @@ name = "basic"
             amount_minor: amount,
             occurred_at_ms: at,
             pin: None,
+            points: 0,
+            attributes: Vec::new(),
         }
     }
 
@@ -344,6 +413,62 @@ name = "basic"
             Applied::Counted(o) => o.transition.clone(),
             other => panic!("not counted: {other:?}"),
         }
+    }
+
+    #[test]
+    fn lifetime_points_stop_below_2_pow_53() {
+        let rules = rules();
+        let mut s = CustomerState::default();
+        let with_points = |id: &str, kind: EventKind, points: i64, at: i64| Event {
+            points,
+            ..ev(id, kind, 100, at)
+        };
+        // 10^15 points (the most one event carries), nine times: 9×10^15 ≤ 2^53 − 1.
+        for i in 0..9 {
+            change(
+                &mut s,
+                &with_points(
+                    &format!("p{i}"),
+                    EventKind::Purchase,
+                    1_000_000_000_000_000,
+                    DAY + i,
+                ),
+                &rules,
+            );
+        }
+        let before = s.clone();
+        let refused = s.apply(
+            &with_points("p9", EventKind::Purchase, 1_000_000_000_000_000, DAY + 9),
+            &rules,
+            POLICY,
+            0,
+            &Cutoffs::default(),
+        );
+        assert_eq!(
+            refused,
+            Applied::BeyondExactRange {
+                total_minor: 10_000_000_000_000_000,
+                total: "purchase points",
+                points: true,
+            }
+        );
+        assert_eq!(s, before, "a refused event changes nothing");
+        // Refunded points have their own total, checked alike.
+        s.points_refunded = MAX_EXACT_TOTAL;
+        assert!(matches!(
+            s.apply(
+                &with_points("r1", EventKind::Refund, 1, DAY + 10),
+                &rules,
+                POLICY,
+                0,
+                &Cutoffs::default()
+            ),
+            Applied::BeyondExactRange {
+                total: "refunded points",
+                points: true,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -370,7 +495,8 @@ name = "basic"
             refused,
             Applied::BeyondExactRange {
                 total_minor: 10 * i128::from(big),
-                total: "purchases"
+                total: "purchases",
+                points: false,
             }
         );
         assert_eq!(

@@ -43,6 +43,49 @@ impl From<Bucket> for (i32, u64, i128) {
     }
 }
 
+/// One bucket of a window series: purchases, net spend and net points of the events a
+/// series counts. Stored compactly as `[index, purchases, net, points]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "(i32, u64, i128, i128)", into = "(i32, u64, i128, i128)")]
+pub struct SeriesBucket {
+    /// The day or month index (`calendar::index`).
+    pub index: i32,
+    /// Purchases in the bucket.
+    pub purchases: u64,
+    /// Net spend in the bucket (purchases − refunds), minor units.
+    pub net_minor: i128,
+    /// Net points in the bucket (purchases' points − refunds' points).
+    pub points: i128,
+}
+
+impl From<(i32, u64, i128, i128)> for SeriesBucket {
+    fn from((index, purchases, net_minor, points): (i32, u64, i128, i128)) -> Self {
+        Self {
+            index,
+            purchases,
+            net_minor,
+            points,
+        }
+    }
+}
+
+impl From<SeriesBucket> for (i32, u64, i128, i128) {
+    fn from(b: SeriesBucket) -> Self {
+        (b.index, b.purchases, b.net_minor, b.points)
+    }
+}
+
+/// The bucketed history of the events one window series counts (a window with an attribute
+/// filter, or one read for points): the rules' series key (its unit and filter hashed), then
+/// the buckets, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Series {
+    /// Which series of the rules (`Rules::series`): unit and filter, hashed.
+    pub key: u64,
+    /// Buckets with at least one event, oldest first.
+    pub buckets: Vec<SeriesBucket>,
+}
+
 /// How a manual pin holds a customer. The binary state form stores the variant's position:
 /// append new variants, never reorder (pinned by `model::stored`'s tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,6 +237,16 @@ pub struct CustomerState {
     /// The latest tier changes, oldest first (at most `api.history_changes`; none when 0).
     #[serde(rename = "h", default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<TierStep>,
+    /// Lifetime points of purchases (their optional `points` field).
+    #[serde(rename = "pe", default, skip_serializing_if = "is_zero_i128")]
+    pub points_earned: i128,
+    /// Lifetime points of refunds (points taken back).
+    #[serde(rename = "pr", default, skip_serializing_if = "is_zero_i128")]
+    pub points_refunded: i128,
+    /// Window series (only when the rules filter a window by event attributes or read a
+    /// window's points), in the rules' series order.
+    #[serde(rename = "ws", default, skip_serializing_if = "Vec::is_empty")]
+    pub series: Vec<Series>,
 }
 
 impl Default for CustomerState {
@@ -225,6 +278,9 @@ impl Default for CustomerState {
             origin: None,
             born: None,
             history: Vec::new(),
+            points_earned: 0,
+            points_refunded: 0,
+            series: Vec::new(),
         }
     }
 }
@@ -255,6 +311,10 @@ fn floor_min() -> i64 {
 }
 
 fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_i128(v: &i128) -> bool {
     *v == 0
 }
 
@@ -380,6 +440,9 @@ mod tests {
             origin: Some(19),
             born: Some(20),
             history: Vec::new(),
+            points_earned: 0,
+            points_refunded: 0,
+            series: Vec::new(),
         };
         let json = r#"{"first":1,"last":2,"count":3,"sum":400,"refunds":1,"refunded":50,"wd":[[20000,2,350]],"wm":[[660,3,400]],"tier":"vip","since":5,"review":6,"pending":7,"timer":[8,"grace_ended"],"notified":9,"pin":{"tier":"key","mode":"floor","until":10,"by":"ov-1"},"rv":11,"rk":[350,null],"cv":12,"at":13,"seq":14,"clock":15,"ids":"EAAAAAAAAAAi","floor":18,"o":19,"b":20}"#;
         assert_eq!(serde_json::to_string(&state).unwrap(), json);

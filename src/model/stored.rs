@@ -16,7 +16,9 @@
 
 use super::change::{ChangeReason, Direction};
 use super::packed_ids::{self, PackedIdsError};
-use super::state::{Bucket, CustomerState, Pin, PinMode, TierStep, TimeCause};
+use super::state::{
+    Bucket, CustomerState, Pin, PinMode, Series, SeriesBucket, TierStep, TimeCause,
+};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The first byte of the binary form, version 1 (a JSON state starts with `{`).
@@ -26,6 +28,12 @@ const V1: u8 = 1;
 /// only for a state that keeps history (`api.history_changes` > 0): without it a state is
 /// stored as version 1, byte for byte as before, which older binaries read.
 const V2: u8 = 2;
+
+/// Version 3: version 2's fields (the history list, possibly empty), then the customer's
+/// points and window series ([`ExtrasV3`]). Written only for a state that has points or
+/// series (rules reading `points` or filtering windows by attributes): any other state is
+/// stored as version 1 or 2, byte for byte as before.
+const V3: u8 = 3;
 
 /// Why stored bytes are not a customer state.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +52,7 @@ pub enum StoredStateError {
     Ids(#[from] PackedIdsError),
     /// A tier history entry with a direction or reason code this binary does not know.
     #[error(
-        "stored binary state (version {V2}): tier history entry with unknown {what} code {code}"
+        "stored binary state (version {V2} or later): tier history entry with unknown {what} code {code}"
     )]
     HistoryCode {
         /// `direction` or `reason`.
@@ -97,10 +105,15 @@ pub fn encode(state: &CustomerState, out: &mut Vec<u8>) {
     };
     // The version byte, then the state (then, in version 2, the history). Writing into a Vec
     // cannot fail, and every field has a postcard form.
+    let extras = state.points_earned != 0 || state.points_refunded != 0 || !state.series.is_empty();
     out.reserve(96 + ids.len() + 24 * state.history.len());
-    out.push(if state.history.is_empty() { V1 } else { V2 });
+    out.push(match (extras, state.history.is_empty()) {
+        (true, _) => V3,
+        (false, true) => V1,
+        (false, false) => V2,
+    });
     postcard::serialize_with_flavor(&v1, Appended(&mut *out)).expect("states encode");
-    if !state.history.is_empty() {
+    if extras || !state.history.is_empty() {
         let steps: Vec<StepV2<&str>> = state
             .history
             .iter()
@@ -113,7 +126,23 @@ pub fn encode(state: &CustomerState, out: &mut Vec<u8>) {
                 reason: h.reason.code(),
             })
             .collect();
-        postcard::serialize_with_flavor(&steps, Appended(out)).expect("states encode");
+        postcard::serialize_with_flavor(&steps, Appended(&mut *out)).expect("states encode");
+    }
+    if extras {
+        let series: Vec<SeriesV3<&[SeriesBucket]>> = state
+            .series
+            .iter()
+            .map(|x| SeriesV3 {
+                key: x.key.to_le_bytes(),
+                buckets: x.buckets.as_slice(),
+            })
+            .collect();
+        let extras = ExtrasV3 {
+            points_earned: state.points_earned,
+            points_refunded: state.points_refunded,
+            series,
+        };
+        postcard::serialize_with_flavor(&extras, Appended(out)).expect("states encode");
     }
 }
 
@@ -152,12 +181,12 @@ pub fn to_vec(state: &CustomerState) -> Vec<u8> {
 /// [`StoredStateError`] naming what is wrong.
 pub fn decode(bytes: &[u8]) -> Result<CustomerState, StoredStateError> {
     match bytes.first() {
-        Some(&version @ (V1 | V2)) => {
+        Some(&version @ (V1 | V2 | V3)) => {
             let (v1, mut rest): (OwnedV1<'_>, _) = postcard::take_from_bytes(&bytes[1..])?;
             let clock = v1.clock;
             let abs = |d: i64| d.wrapping_add(clock);
             let mut history = Vec::new();
-            if version == V2 {
+            if version >= V2 {
                 let (steps, after): (Vec<StepV2<String>>, _) = postcard::take_from_bytes(rest)?;
                 rest = after;
                 history.reserve(steps.len());
@@ -181,6 +210,13 @@ pub fn decode(bytes: &[u8]) -> Result<CustomerState, StoredStateError> {
                         )?,
                     });
                 }
+            }
+            let mut extras = ExtrasV3::<Vec<SeriesBucket>>::default();
+            if version == V3 {
+                let (read, after): (ExtrasV3<Vec<SeriesBucket>>, _) =
+                    postcard::take_from_bytes(rest)?;
+                rest = after;
+                extras = read;
             }
             if !rest.is_empty() {
                 return Err(StoredStateError::Trailing(rest.len()));
@@ -217,6 +253,16 @@ pub fn decode(bytes: &[u8]) -> Result<CustomerState, StoredStateError> {
                 origin: v1.origin.map(u64::from_le_bytes),
                 born: v1.born.map(abs),
                 history,
+                points_earned: extras.points_earned,
+                points_refunded: extras.points_refunded,
+                series: extras
+                    .series
+                    .into_iter()
+                    .map(|x| Series {
+                        key: u64::from_le_bytes(x.key),
+                        buckets: x.buckets,
+                    })
+                    .collect(),
             })
         }
         Some(b'{') => Ok(serde_json::from_slice(bytes)?),
@@ -280,6 +326,32 @@ struct StepV2<S> {
     reason: u8,
 }
 
+/// Version 3's additions: lifetime points, then the window series (each its key as 8
+/// little-endian bytes, then its buckets as `[index, purchases, net, points]`).
+#[derive(Serialize, Deserialize)]
+struct ExtrasV3<B> {
+    points_earned: i128,
+    points_refunded: i128,
+    series: Vec<SeriesV3<B>>,
+}
+
+impl<B> Default for ExtrasV3<B> {
+    fn default() -> Self {
+        Self {
+            points_earned: 0,
+            points_refunded: 0,
+            series: Vec::new(),
+        }
+    }
+}
+
+/// One window series (version 3).
+#[derive(Serialize, Deserialize)]
+struct SeriesV3<B> {
+    key: [u8; 8],
+    buckets: B,
+}
+
 /// Bytes written as one length-prefixed run (a `&[u8]` would go through serde byte by byte).
 struct Bytes<'a>(&'a [u8]);
 
@@ -333,6 +405,9 @@ mod tests {
             origin: Some(0x0123_4567_89ab_cdef),
             born: Some(1_793_527_200_000),
             history: Vec::new(),
+            points_earned: 0,
+            points_refunded: 0,
+            series: Vec::new(),
         }
     }
 
@@ -367,8 +442,8 @@ mod tests {
         }
         assert!(matches!(decode(b""), Err(StoredStateError::Unknown(None))));
         assert!(matches!(
-            decode(&[3, 0]),
-            Err(StoredStateError::Unknown(Some(3)))
+            decode(&[4, 0]),
+            Err(StoredStateError::Unknown(Some(4)))
         ));
         assert!(matches!(
             decode(b"{not json"),
@@ -455,6 +530,50 @@ mod tests {
         // The JSON form (older binaries' states, and tools) keeps it too.
         let json = serde_json::to_vec(&state).unwrap();
         assert_eq!(decode(&json).unwrap(), state);
+    }
+
+    /// A state with points or window series is version 3: version 1's bytes, the history
+    /// list (here empty), then the points and the series; pinned byte for byte.
+    #[test]
+    fn points_and_series_are_version_3_after_the_history() {
+        let mut state = sample();
+        state.points_earned = 1_500;
+        state.points_refunded = 200;
+        state.series = vec![Series {
+            key: 0x0102_0304_0506_0708,
+            buckets: vec![SeriesBucket::from((670, 2, 9_000, 1_300))],
+        }];
+        let bytes = to_vec(&state);
+        assert_eq!(bytes[0], V3);
+        assert_eq!(decode(&bytes).unwrap(), state);
+        let plain = to_vec(&sample());
+        assert_eq!(bytes[1..plain.len()], plain[1..]);
+        let hex: String = bytes[plain.len()..]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        // No steps; earned 1500 and refunded 200 (zigzag varints); one series: its key's 8
+        // bytes, one bucket [670, 2, 9000, 1300].
+        assert_eq!(
+            hex, "00b817900301080706050403020101bc0a02d08c01a814",
+            "{hex}"
+        );
+        for cut in plain.len()..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        // With history too: the steps sit between version 1's bytes and the extras.
+        let mut both = with_history();
+        both.points_earned = 7;
+        both.series = state.series.clone();
+        assert_eq!(decode(&to_vec(&both)).unwrap(), both);
+        // Points alone, or an empty state: no series list needed.
+        let points = CustomerState {
+            points_refunded: 3,
+            ..CustomerState::default()
+        };
+        assert_eq!(decode(&to_vec(&points)).unwrap(), points);
+        let json = serde_json::to_vec(&both).unwrap();
+        assert_eq!(decode(&json).unwrap(), both);
     }
 
     const PINNED: &str = concat!(

@@ -144,10 +144,24 @@ impl Runner {
                             }
                             None
                         }
-                        Applied::BeyondExactRange { total_minor, total } => Some(Rejection {
+                        Applied::BeyondExactRange {
+                            total_minor,
+                            total,
+                            points: false,
+                        } => Some(Rejection {
                             reason: Reason::AmountOutOfRange,
                             detail: format!(
                                 "field `amount`: the customer's lifetime {total} would reach {total_minor} minor units, above {MAX_EXACT_TOTAL} (2^53 - 1), the most ranks order exactly"
+                            ),
+                        }),
+                        Applied::BeyondExactRange {
+                            total_minor,
+                            total,
+                            points: true,
+                        } => Some(Rejection {
+                            reason: Reason::PointsOutOfRange,
+                            detail: format!(
+                                "field `points`: the customer's lifetime {total} would reach {total_minor}, above {MAX_EXACT_TOTAL} (2^53 - 1), the most ranks order exactly"
                             ),
                         }),
                         Applied::TooLate { floor_ms } => Some(Rejection {

@@ -86,6 +86,15 @@ pub fn reference(
             .unwrap(),
             occurred_at_ms: time::parse_rfc3339_ms(e["occurred_at"].as_str().unwrap()).unwrap(),
             pin: None,
+            points: e["points"].as_i64().unwrap_or(0),
+            attributes: e["attributes"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         let state = states.entry(event.customer_id.clone()).or_default();
         let now = event.occurred_at_ms;

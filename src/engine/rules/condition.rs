@@ -254,3 +254,69 @@ impl Condition {
         }
     }
 }
+
+/// An entry (`when`) or hysteresis (`stay`) condition as written: one comparison, or a group
+/// (`{ any = [...] }`: at least one holds; `{ all = [...] }`: every one holds). A tier's list
+/// is itself an `all` group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Clause {
+    /// One comparison.
+    One(Condition),
+    /// Holds when at least one member holds ("miles OR segments").
+    Any(Vec<Clause>),
+    /// Holds when every member holds (inside an `any`: "50,000 miles AND 30 segments").
+    All(Vec<Clause>),
+}
+
+impl Clause {
+    /// Whether the clause holds, reading each comparison's metric with `value`.
+    pub fn holds<'v>(&self, value: &dyn Fn(Operand) -> &'v Value, in_top: &[bool]) -> bool {
+        match self {
+            Self::One(c) => c.holds(value(c.operand()), in_top),
+            Self::Any(members) => members.iter().any(|m| m.holds(value, in_top)),
+            Self::All(members) => members.iter().all(|m| m.holds(value, in_top)),
+        }
+    }
+
+    /// Every comparison in the clause, depth first.
+    pub fn leaves(&self) -> Vec<&Condition> {
+        let mut out = Vec::new();
+        self.collect(&mut out);
+        out
+    }
+
+    fn collect<'a>(&'a self, out: &mut Vec<&'a Condition>) {
+        match self {
+            Self::One(c) => out.push(c),
+            Self::Any(members) | Self::All(members) => {
+                for m in members {
+                    m.collect(out);
+                }
+            }
+        }
+    }
+
+    /// The comparison, when the clause is a single one.
+    pub fn single(&self) -> Option<&Condition> {
+        match self {
+            Self::One(c) => Some(c),
+            Self::Any(_) | Self::All(_) => None,
+        }
+    }
+
+    /// As a rule description: comparisons by `one`, groups as `(a or b)` / `(a and b)`.
+    pub fn describe(&self, one: &dyn Fn(&Condition) -> String) -> String {
+        match self {
+            Self::One(c) => one(c),
+            Self::Any(members) | Self::All(members) => {
+                let join = if matches!(self, Self::Any(_)) {
+                    " or "
+                } else {
+                    " and "
+                };
+                let parts: Vec<String> = members.iter().map(|m| m.describe(one)).collect();
+                format!("({})", parts.join(join))
+            }
+        }
+    }
+}

@@ -3,7 +3,7 @@
 //! conditions place them in; whether they may stay (hysteresis), what they miss to stay, and
 //! when time alone next changes a metric.
 
-use super::condition::{self, Condition};
+use super::condition::{self, Clause, Condition};
 use super::operand::{self, Facts, Operand};
 use super::rank::Cutoffs;
 use super::value::{Ratio, Value};
@@ -120,10 +120,10 @@ impl Rules {
             .map_or(&Value::Undefined, |(_, v)| v)
     }
 
-    fn all_hold(conds: &[Condition], values: &[(Operand, Value)], in_top: &[bool]) -> bool {
+    fn all_hold(conds: &[Clause], values: &[(Operand, Value)], in_top: &[bool]) -> bool {
         conds
             .iter()
-            .all(|c| c.holds(Self::value(values, c.operand()), in_top))
+            .all(|c| c.holds(&|op| Self::value(values, op), in_top))
     }
 
     /// Whether a customer in `tier` keeps it by its hysteresis (`stay`) conditions.
@@ -144,46 +144,73 @@ impl Rules {
         };
         conds
             .iter()
-            .filter(|c| !c.holds(Self::value(&eval.values, c.operand()), &eval.in_top))
-            .map(|c| {
-                let op = c.operand();
-                let current = Self::value(&eval.values, op);
-                let mut out = serde_json::json!({
-                    "condition": describe(c, &self.windows, &self.score_names, &self.rank_names, &self.cut_points, self.fraction_digits),
-                    "value": self.show(op, current),
-                });
-                if let (
-                    Condition::Compare {
-                        cmp: condition::Cmp::Ge | condition::Cmp::Gt,
-                        value,
-                        ..
-                    },
-                    Some(cur),
-                ) = (c, current.num())
-                {
-                    if matches!(
-                        op,
-                        Operand::Count
-                            | Operand::Sum
-                            | Operand::Window(
-                                _,
-                                operand::WindowField::Count | operand::WindowField::Sum
-                            )
-                    ) {
-                        let strict = matches!(
-                            c,
-                            Condition::Compare {
-                                cmp: condition::Cmp::Gt,
-                                ..
-                            }
-                        );
-                        let missing = value.floor() - cur.floor() + i128::from(strict);
-                        out["missing"] = self.show(op, &Value::Num(Ratio::int(missing)));
-                    }
-                }
-                out
-            })
+            .filter(|c| !c.holds(&|op| Self::value(&eval.values, op), &eval.in_top))
+            .map(|c| self.missing(c, eval))
             .collect()
+    }
+
+    /// What a clause that does not hold misses: a comparison's current value and, for
+    /// `>=`/`>` bounds on money, counts and points, how much is missing; a group's
+    /// description with what each of its failing members misses (`any`: every member fails).
+    fn missing(&self, clause: &Clause, eval: &Evaluation) -> serde_json::Value {
+        let c = match clause {
+            Clause::One(c) => c,
+            Clause::Any(members) | Clause::All(members) => {
+                let key = if matches!(clause, Clause::Any(_)) {
+                    "any"
+                } else {
+                    "all"
+                };
+                let failing: Vec<serde_json::Value> = members
+                    .iter()
+                    .filter(|m| !m.holds(&|op| Self::value(&eval.values, op), &eval.in_top))
+                    .map(|m| self.missing(m, eval))
+                    .collect();
+                return serde_json::json!({
+                    "condition": self.describe_clause(clause),
+                    key: failing,
+                });
+            }
+        };
+        let op = c.operand();
+        let current = Self::value(&eval.values, op);
+        let mut out = serde_json::json!({
+            "condition": describe(c, &self.windows, &self.score_names, &self.rank_names, &self.cut_points, self.fraction_digits),
+            "value": self.show(op, current),
+        });
+        if let (
+            Condition::Compare {
+                cmp: condition::Cmp::Ge | condition::Cmp::Gt,
+                value,
+                ..
+            },
+            Some(cur),
+        ) = (c, current.num())
+        {
+            if matches!(
+                op,
+                Operand::Count
+                    | Operand::Sum
+                    | Operand::Points
+                    | Operand::Window(
+                        _,
+                        operand::WindowField::Count
+                            | operand::WindowField::Sum
+                            | operand::WindowField::Points
+                    )
+            ) {
+                let strict = matches!(
+                    c,
+                    Condition::Compare {
+                        cmp: condition::Cmp::Gt,
+                        ..
+                    }
+                );
+                let missing = value.floor() - cur.floor() + i128::from(strict);
+                out["missing"] = self.show(op, &Value::Num(Ratio::int(missing)));
+            }
+        }
+        out
     }
 
     /// The first moment after `now` at which time alone changes a metric the rules read.
@@ -205,11 +232,7 @@ impl Rules {
             }
         }
         for w in &self.windows {
-            let buckets = match w.unit() {
-                Unit::Day => facts.days,
-                Unit::Month => facts.months,
-            };
-            if let Some(t) = w.next_change(buckets, &self.calendar, now) {
+            if let Some(t) = facts.next_change(w, &self.calendar, now) {
                 consider(t, TimeCause::WindowExpiry);
             }
         }
@@ -218,7 +241,11 @@ impl Rules {
 
     /// The lowest bucket index worth keeping at `now` for a unit.
     pub fn bucket_floor(&self, unit: Unit, now: i64) -> i32 {
-        let keep = self.keep_buckets(unit);
+        self.floor_of(unit, self.keep_buckets(unit), now)
+    }
+
+    /// The lowest bucket index worth keeping at `now` for `keep` buckets of a unit.
+    pub fn floor_of(&self, unit: Unit, keep: u32, now: i64) -> i32 {
         let cur = self.calendar.index(unit, now);
         match unit {
             Unit::Day => cur.saturating_sub(i32::try_from(keep).unwrap_or(i32::MAX) - 1),

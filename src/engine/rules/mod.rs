@@ -9,6 +9,7 @@
 
 pub mod condition;
 mod evaluate;
+pub mod filter;
 pub mod operand;
 mod parse;
 pub mod policy;
@@ -20,7 +21,7 @@ pub mod window;
 use crate::model::calendar::Unit;
 use crate::model::money;
 pub use crate::model::state::TimeCause;
-use condition::Condition;
+use condition::{Clause, Condition};
 use operand::{Operand, Type};
 use policy::{Review, TierPolicy};
 use rank::{CutPoint, Rank};
@@ -50,7 +51,7 @@ impl TierDef {
 #[derive(Debug)]
 struct Tier {
     def: TierDef,
-    when: Vec<Condition>,
+    when: Vec<Clause>,
     rule: String,
     policy: TierPolicy,
 }
@@ -136,6 +137,8 @@ pub struct Rules {
     /// The program's time zone (`time_zone`; UTC by default).
     calendar: crate::model::calendar::Calendar,
     windows: Vec<Window>,
+    /// The window series customers keep (filtered windows, windows read for points).
+    series: Vec<window::SeriesDef>,
     score_names: Vec<String>,
     scores: Vec<ScoreDef>,
     rank_names: Vec<String>,
@@ -180,6 +183,20 @@ fn describe(
 }
 
 impl Rules {
+    /// A clause as shown in rule texts (`(a or b)` for a group).
+    fn describe_clause(&self, clause: &Clause) -> String {
+        clause.describe(&|c| {
+            describe(
+                c,
+                &self.windows,
+                &self.score_names,
+                &self.rank_names,
+                &self.cut_points,
+                self.fraction_digits,
+            )
+        })
+    }
+
     /// The program's calendar (`time_zone`): day and month buckets, calendar windows and
     /// reviews, anniversaries.
     pub fn calendar(&self) -> &crate::model::calendar::Calendar {
@@ -264,6 +281,11 @@ impl Rules {
             Unit::Day => self.keep.days,
             Unit::Month => self.keep.months,
         }
+    }
+
+    /// The window series a customer keeps, in order.
+    pub fn series(&self) -> &[window::SeriesDef] {
+        &self.series
     }
 
     /// Whether time alone can change anything for anyone under these rules.

@@ -6,6 +6,8 @@
 //! | `sum` | money | lifetime purchases − refunds |
 //! | `avg` | money | `sum / count` (undefined with no purchase) |
 //! | `recency_days` | days | whole days from the last purchase to now (undefined with none) |
+//! | `points` | count | lifetime points: purchases' `points` − refunds' `points` |
+//! | `window.<w>.points` | count | the same inside window `<w>` |
 //! | `window.<w>.count` / `.sum` / `.avg` | count / money | the same inside window `<w>` |
 //! | `window.<w>.monthly_avg` | money | `sum` of a month or calendar window / its months |
 //! | `score.<S>` | score | fixed-bin score `<S>` |
@@ -17,7 +19,7 @@
 use super::value::{Ratio, Value};
 use super::window::Window;
 use crate::model::calendar::{Unit, DAY_MS};
-use crate::model::state::Bucket;
+use crate::model::state::{Bucket, Series};
 
 /// What a window metric reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,6 +32,8 @@ pub enum WindowField {
     Avg,
     /// Net spend per month of the window.
     MonthlyAvg,
+    /// Net points in the window.
+    Points,
 }
 
 /// A metric a rule can name.
@@ -43,6 +47,8 @@ pub enum Operand {
     Avg,
     /// Whole days since the last purchase.
     RecencyDays,
+    /// Lifetime net points.
+    Points,
     /// A window metric (index into the rules' windows).
     Window(usize, WindowField),
     /// A score (index into the rules' scores).
@@ -92,13 +98,14 @@ impl Operand {
             "sum" => Self::Sum,
             "avg" => Self::Avg,
             "recency_days" => Self::RecencyDays,
+            "points" => Self::Points,
             "cell" => Self::Cell,
             "product" => Self::Product,
             "last_purchase" => Self::LastPurchase,
             _ => {
                 if let Some(rest) = name.strip_prefix("window.") {
                     let (w, field) = rest.rsplit_once('.').ok_or_else(|| {
-                        format!("unknown metric {name:?}: window metrics are window.<name>.count|sum|avg|monthly_avg")
+                        format!("unknown metric {name:?}: window metrics are window.<name>.count|sum|avg|monthly_avg|points")
                     })?;
                     let index = windows.iter().position(|x| x.name == w).ok_or_else(|| {
                         format!("unknown window {w:?} in {name:?}: declare it under [windows.{w}]")
@@ -107,13 +114,14 @@ impl Operand {
                         "count" => WindowField::Count,
                         "sum" => WindowField::Sum,
                         "avg" => WindowField::Avg,
+                        "points" => WindowField::Points,
                         "monthly_avg" => {
                             if windows[index].months().is_none() {
                                 return Err(format!("{name:?}: monthly_avg needs a month or calendar window, {w:?} is in days"));
                             }
                             WindowField::MonthlyAvg
                         }
-                        other => return Err(format!("unknown window metric {other:?} in {name:?}: count, sum, avg or monthly_avg")),
+                        other => return Err(format!("unknown window metric {other:?} in {name:?}: count, sum, avg, monthly_avg or points")),
                     };
                     Self::Window(index, field)
                 } else if let Some(r) = name.strip_prefix("rank.") {
@@ -126,7 +134,7 @@ impl Operand {
                     })?)
                 } else {
                     return Err(format!(
-                        "unknown metric {name:?}: one of count, sum, avg, recency_days, last_purchase, window.<w>.<count|sum|avg|monthly_avg>, score.<s>, cell, product, rank.<r>"
+                        "unknown metric {name:?}: one of count, sum, avg, recency_days, points, last_purchase, window.<w>.<count|sum|avg|monthly_avg|points>, score.<s>, cell, product, rank.<r>"
                     ));
                 }
             }
@@ -136,7 +144,9 @@ impl Operand {
     /// The metric's type.
     pub fn kind(self) -> Type {
         match self {
-            Self::Count | Self::Window(_, WindowField::Count) => Type::Count,
+            Self::Count
+            | Self::Points
+            | Self::Window(_, WindowField::Count | WindowField::Points) => Type::Count,
             Self::Sum | Self::Avg | Self::Window(..) => Type::Money,
             Self::RecencyDays => Type::Days,
             Self::Score(_) | Self::Product => Type::Score,
@@ -153,6 +163,7 @@ impl Operand {
             Self::Sum => "sum".into(),
             Self::Avg => "avg".into(),
             Self::RecencyDays => "recency_days".into(),
+            Self::Points => "points".into(),
             Self::Cell => "cell".into(),
             Self::Product => "product".into(),
             Self::LastPurchase => "last_purchase".into(),
@@ -166,6 +177,7 @@ impl Operand {
                     WindowField::Sum => "sum",
                     WindowField::Avg => "avg",
                     WindowField::MonthlyAvg => "monthly_avg",
+                    WindowField::Points => "points",
                 }
             ),
         }
@@ -185,6 +197,10 @@ pub struct Facts<'a> {
     pub days: &'a [Bucket],
     /// Month buckets (only kept when a month or calendar window is declared).
     pub months: &'a [Bucket],
+    /// Lifetime net points.
+    pub points: i128,
+    /// Window series (filtered windows and windows read for points), by key.
+    pub series: &'a [Series],
 }
 
 impl Facts<'_> {
@@ -206,18 +222,16 @@ impl Facts<'_> {
             Operand::RecencyDays => self.last_purchase.map_or(Value::Undefined, |last| {
                 Value::Num(Ratio::int(i128::from((now - last).max(0) / DAY_MS)))
             }),
+            Operand::Points => Value::Num(Ratio::int(self.points)),
             Operand::Window(i, field) => {
                 let w = &windows[i];
-                let buckets = match w.unit() {
-                    Unit::Day => self.days,
-                    Unit::Month => self.months,
-                };
-                let t = w.totals(buckets, cal, now);
+                let t = self.totals(w, cal, now);
                 match field {
                     WindowField::Count => Value::Num(Ratio::int(i128::from(t.count))),
                     WindowField::Sum => Value::Num(Ratio::int(t.sum)),
                     WindowField::Avg => avg(t.sum, t.count),
                     WindowField::MonthlyAvg => avg(t.sum, u64::from(w.months().unwrap_or(1))),
+                    WindowField::Points => Value::Num(Ratio::int(t.points)),
                 }
             }
             Operand::LastPurchase => self
@@ -226,6 +240,56 @@ impl Facts<'_> {
             Operand::Score(_) | Operand::Cell | Operand::Product | Operand::Rank(_) => {
                 Value::Undefined
             }
+        }
+    }
+}
+
+impl Facts<'_> {
+    /// The buckets window `w` reads: its series (none yet: empty) or the plain buckets.
+    pub fn series_of(&self, key: u64) -> &[crate::model::state::SeriesBucket] {
+        self.series
+            .iter()
+            .find(|x| x.key == key)
+            .map_or(&[], |x| x.buckets.as_slice())
+    }
+
+    /// Window `w`'s totals at `now`.
+    pub fn totals(
+        &self,
+        w: &Window,
+        cal: &crate::model::calendar::Calendar,
+        now: i64,
+    ) -> super::window::Totals {
+        match w.series {
+            Some(key) => w.totals(self.series_of(key), cal, now),
+            None => w.totals(
+                match w.unit() {
+                    Unit::Day => self.days,
+                    Unit::Month => self.months,
+                },
+                cal,
+                now,
+            ),
+        }
+    }
+
+    /// The first moment after `now` at which window `w`'s totals change by time alone.
+    pub fn next_change(
+        &self,
+        w: &Window,
+        cal: &crate::model::calendar::Calendar,
+        now: i64,
+    ) -> Option<i64> {
+        match w.series {
+            Some(key) => w.next_change(self.series_of(key), cal, now),
+            None => w.next_change(
+                match w.unit() {
+                    Unit::Day => self.days,
+                    Unit::Month => self.months,
+                },
+                cal,
+                now,
+            ),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Downgrade policy: how and when a customer leaves a tier (upgrades are always immediate).
 
-use super::condition::Condition;
+use super::condition::Clause;
 use crate::model::calendar::{Calendar, Period, DAY_MS};
 
 /// Where a downgrade lands.
@@ -134,7 +134,7 @@ pub struct TierPolicy {
     pub review: Review,
     /// Hysteresis: once in the tier, the customer stays while these all hold (a lower bar
     /// than the tier's entry conditions). Empty: the entry conditions.
-    pub stay: Vec<Condition>,
+    pub stay: Vec<Clause>,
     /// Whether an upgrade into this tier starts a new validity period (otherwise the
     /// current review date is kept).
     pub upgrade_restarts_review: bool,

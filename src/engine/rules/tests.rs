@@ -75,6 +75,19 @@ impl<'r> Sim<'r> {
     }
 
     fn event(&mut self, when: &str, kind: EventKind, amount: i64, pin: Option<PinRequest>) {
+        self.event_with(when, kind, amount, pin, 0, &[]);
+    }
+
+    /// An event with points and attributes.
+    fn event_with(
+        &mut self,
+        when: &str,
+        kind: EventKind,
+        amount: i64,
+        pin: Option<PinRequest>,
+        points: i64,
+        attributes: &[(&str, &str)],
+    ) {
         let t = at(when);
         self.advance(t);
         self.n += 1;
@@ -85,6 +98,11 @@ impl<'r> Sim<'r> {
             amount_minor: amount,
             occurred_at_ms: t,
             pin,
+            points,
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         match self
             .state
@@ -675,6 +693,8 @@ fn state_size_per_preset_is_bounded_by_buckets() {
                 amount_minor: 12_345,
                 occurred_at_ms: t,
                 pin: None,
+                points: 0,
+                attributes: Vec::new(),
             };
             s.apply(
                 &e,
@@ -873,6 +893,8 @@ fn erasing_leaves_nothing_of_the_customer() {
         amount_minor: if kind == EventKind::Erase { 0 } else { 50_000 },
         occurred_at_ms: at("2026-05-01T10:00:00Z"),
         pin: None,
+        points: 0,
+        attributes: Vec::new(),
     };
     let none = Cutoffs::default();
     // Nothing stored: nothing to erase.
@@ -973,4 +995,292 @@ name = "basic"
         "{}",
         p[0].message
     );
+}
+
+/// An airline-style ladder: a tier by points OR segments, or by both at lower bars (`any`
+/// groups with a nested `all`).
+const MILES: &str = r#"
+version = "air-1"
+[windows.year]
+length = "12 months"
+[[tiers]]
+name = "gold"
+when = [{ any = ["window.year.points >= 50000", "window.year.count >= 30", { all = ["window.year.points >= 25000", "window.year.count >= 15"] }] }]
+[[tiers]]
+name = "silver"
+when = [{ any = ["window.year.points >= 25000", "window.year.count >= 15"] }]
+[[tiers]]
+name = "member"
+"#;
+
+#[test]
+fn any_groups_qualify_by_points_or_segments() {
+    let r = rules(MILES);
+    assert_eq!(
+        r.rule(0),
+        "tiers[0] gold: (window.year.points >= 50000 or window.year.count >= 30 or (window.year.points >= 25000 and window.year.count >= 15))"
+    );
+    // Points alone.
+    let mut flyer = Sim::new(&r);
+    flyer.event_with(
+        "2026-01-05T10:00:00Z",
+        EventKind::Purchase,
+        100,
+        None,
+        30_000,
+        &[],
+    );
+    flyer.event_with(
+        "2026-02-05T10:00:00Z",
+        EventKind::Purchase,
+        100,
+        None,
+        20_000,
+        &[],
+    );
+    assert_eq!(
+        flyer.tiers(),
+        [
+            ("silver", "purchase", "2026-01-05"),
+            ("gold", "purchase", "2026-02-05")
+        ]
+    );
+    assert_eq!(flyer.state.points_earned, 50_000);
+    // A refund takes points back: below 50,000 and one segment, silver.
+    flyer.event_with("2026-03-01T10:00:00Z", EventKind::Refund, 100, None, 1, &[]);
+    assert_eq!(flyer.tiers()[2], ("silver", "refund", "2026-03-01"));
+    // The year's points leave the window: member, by time alone.
+    flyer.advance(at("2027-03-01T00:00:00Z"));
+    assert_eq!(
+        flyer.tiers()[3..],
+        [("member", "window_expiry", "2027-01-01"),],
+        "{:?}",
+        flyer.tiers()
+    );
+    // Segments alone: 15 cheap flights with no points.
+    let mut commuter = Sim::new(&r);
+    for day in 1..=15 {
+        commuter.buy(&format!("2026-01-{day:02}T08:00:00Z"), 1);
+    }
+    assert_eq!(commuter.tiers().last().unwrap().0, "silver");
+    // Both at the lower bars (the nested `all`): 15 segments and 25,000 points.
+    commuter.event_with(
+        "2026-01-20T08:00:00Z",
+        EventKind::Purchase,
+        100,
+        None,
+        25_000,
+        &[],
+    );
+    assert_eq!(
+        commuter.tiers().last().unwrap(),
+        &("gold", "purchase", "2026-01-20")
+    );
+    // What a silver flyer misses for gold: the group, with each alternative's shortfall.
+    let mut silver = Sim::new(&r);
+    silver.event_with(
+        "2026-01-05T10:00:00Z",
+        EventKind::Purchase,
+        100,
+        None,
+        26_000,
+        &[],
+    );
+    let eval = r.evaluate(
+        &silver.state.facts(),
+        at("2026-01-06T00:00:00Z"),
+        &Cutoffs::default(),
+    );
+    assert_eq!(eval.tier, 1);
+    let missing = r.shortfall(0, &eval);
+    assert_eq!(missing.len(), 1, "{missing:?}");
+    assert_eq!(
+        missing[0]["condition"],
+        r.rule(0).split(": ").nth(1).unwrap()
+    );
+    let any = missing[0]["any"].as_array().unwrap();
+    assert_eq!(any.len(), 3, "every alternative fails: {any:?}");
+    assert_eq!(any[0]["missing"], 24_000);
+    assert_eq!(any[1]["missing"], 29);
+    assert_eq!(
+        any[2]["all"].as_array().unwrap().len(),
+        1,
+        "only the count fails"
+    );
+    assert_eq!(any[2]["all"][0]["missing"], 14);
+}
+
+#[test]
+fn groups_are_checked_and_named_by_their_path() {
+    let p = problems(
+        r#"version = "x"
+[windows.y]
+length = "12 months"
+[[tiers]]
+name = "a"
+when = [{ any = [] }]
+[[tiers]]
+name = "b"
+when = [{ any = ["window.y.count >= 3", { all = ["window.y.miles >= 5"] }] }]
+[[tiers]]
+name = "c"
+"#,
+    );
+    let find = |f: &str| {
+        p.iter()
+            .find(|x| x.field == f)
+            .unwrap_or_else(|| panic!("{f}: {p:?}"))
+    };
+    assert!(find("tiers[0].when[0].any")
+        .message
+        .contains("at least one condition"));
+    assert_eq!(find("tiers[0].when[0].any").line, Some(6));
+    assert!(find("tiers[1].when[0].any[1].all[0]")
+        .message
+        .contains("unknown window metric"));
+    // An unknown group key is a schema error, with its line.
+    let Err(RulesError::Parse { message, .. }) = Rules::parse(
+        "version = \"x\"\n[[tiers]]\nname = \"a\"\nwhen = [{ either = [\"count >= 1\"] }]\n[[tiers]]\nname = \"b\"\n",
+        "t.toml",
+        2,
+    ) else {
+        panic!("expected a parse error")
+    };
+    assert!(
+        message.contains("unknown key `either`") && message.contains("line 4"),
+        "{message}"
+    );
+    // A later tier whose conditions imply an earlier tier's `any` group is unreachable; one
+    // that does not is fine.
+    let implied = |gold: &str| {
+        Rules::parse(
+            &format!(
+                "version = \"x\"\n[windows.y]\nlength = \"12 months\"\n[[tiers]]\nname = \"gold\"\nwhen = [{{ any = [\"window.y.count >= {gold}\", \"points >= 100\"] }}]\n[[tiers]]\nname = \"silver\"\nwhen = [\"window.y.count >= 10\"]\n[[tiers]]\nname = \"base\"\n"
+            ),
+            "t.toml",
+            2,
+        )
+    };
+    let Err(RulesError::Invalid { problems, .. }) = implied("5") else {
+        panic!("expected unreachable")
+    };
+    assert!(
+        problems[0].message.contains("taken first by tiers[0]"),
+        "{problems:?}"
+    );
+    assert!(implied("20").is_ok());
+}
+
+const FILTERED: &str = r#"
+version = "f-1"
+[windows.qualifying]
+length = "12 months"
+exclude = { category = ["gift_card"] }
+[windows.store]
+length = "30 days"
+only = { channel = ["store"] }
+[[tiers]]
+name = "gold"
+when = ["window.qualifying.sum >= 1000", "window.store.count >= 2"]
+[[tiers]]
+name = "silver"
+when = ["window.qualifying.sum >= 500"]
+[[tiers]]
+name = "basic"
+"#;
+
+#[test]
+fn attribute_filters_leave_events_out_of_a_window() {
+    let r = rules(FILTERED);
+    assert_eq!(r.series().len(), 2);
+    let mut s = Sim::new(&r);
+    let buy = |s: &mut Sim<'_>, when: &str, units: i64, attrs: &[(&str, &str)]| {
+        s.event_with(when, EventKind::Purchase, units * 100, None, 0, attrs);
+    };
+    buy(
+        &mut s,
+        "2026-01-02T10:00:00Z",
+        2000,
+        &[("category", "gift_card"), ("channel", "store")],
+    );
+    buy(
+        &mut s,
+        "2026-01-03T10:00:00Z",
+        600,
+        &[("category", "fuel"), ("channel", "web")],
+    );
+    buy(&mut s, "2026-01-04T10:00:00Z", 300, &[("channel", "store")]);
+    buy(&mut s, "2026-01-05T10:00:00Z", 200, &[("channel", "app")]);
+    // The gift card counts in the store window only; the store window has two purchases.
+    assert_eq!(
+        s.tiers(),
+        [
+            ("basic", "purchase", "2026-01-02"),
+            ("silver", "purchase", "2026-01-03"),
+            ("gold", "purchase", "2026-01-05"),
+        ]
+    );
+    // Refunding the gift card changes nothing the qualifying window counts.
+    s.event_with(
+        "2026-01-06T10:00:00Z",
+        EventKind::Refund,
+        200_000,
+        None,
+        0,
+        &[("category", "gift_card"), ("channel", "store")],
+    );
+    assert_eq!(s.tiers().len(), 3);
+    // 30 days after the store purchases the store window empties: silver, with no event.
+    s.advance(at("2026-03-01T00:00:00Z"));
+    assert_eq!(s.tiers()[3], ("silver", "window_expiry", "2026-02-01"));
+    // Only series are kept (no plain window): the store series lost its expired days.
+    assert!(s.state.day_buckets.is_empty() && s.state.month_buckets.is_empty());
+    assert_eq!(s.state.series.len(), 1, "{:?}", s.state.series);
+    // Rules without the filters drop the series at the next evaluation.
+    let plain = rules(LADDER);
+    s.state.evaluate(
+        &plain,
+        at("2026-03-02T00:00:00Z"),
+        Trigger::RulesChanged,
+        &Cutoffs::default(),
+    );
+    assert!(s.state.series.is_empty());
+}
+
+#[test]
+fn attribute_filters_are_checked() {
+    let p = problems(
+        r#"version = "x"
+[windows.a]
+length = "3 months"
+only = { "sales channel" = ["store"], category = [] }
+exclude = { category = ["gift_card"] }
+[windows.b]
+length = "3 months"
+exclude = {}
+[[tiers]]
+name = "gold"
+when = ["window.a.sum >= 10", "window.b.points >= 3"]
+[[tiers]]
+name = "base"
+"#,
+    );
+    let find = |f: &str| {
+        p.iter()
+            .find(|x| x.field == f)
+            .unwrap_or_else(|| panic!("{f}: {p:?}"))
+    };
+    assert!(find("windows.a.only.sales channel")
+        .message
+        .contains("no whitespace"));
+    assert!(find("windows.a.only.category")
+        .message
+        .contains("lists no value"));
+    assert!(find("windows.a.exclude.category")
+        .message
+        .contains("also in `only`"));
+    assert!(find("windows.b.exclude")
+        .message
+        .contains("lists no attribute"));
+    assert_eq!(p.len(), 4, "{p:?}");
 }

@@ -1,7 +1,8 @@
 //! Rolling and calendar windows over bucketed purchase history.
 
+use super::filter::Filter;
 use crate::model::calendar::{Calendar, Period, Unit};
-use crate::model::state::Bucket;
+use crate::model::state::{Bucket, SeriesBucket};
 
 /// What a window covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,18 +26,103 @@ pub struct Window {
     pub name: String,
     /// What it covers.
     pub span: Span,
+    /// Which events it counts (`only` / `exclude`; default: all).
+    pub filter: Filter,
+    /// The key of the window series it reads, when it has a filter or its points are read
+    /// (`None`: the customer's plain day or month buckets).
+    pub series: Option<u64>,
 }
 
-/// Count and net sum inside a window.
+/// Count, net sum and net points inside a window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
     /// Purchases.
     pub count: u64,
     /// Purchases minus refunds, minor units.
     pub sum: i128,
+    /// Purchases' points minus refunds' points (0 for plain buckets, which keep no points).
+    pub points: i128,
+}
+
+/// A bucket a window can total: the plain buckets, or a series' buckets (with points).
+pub trait Counts {
+    /// The day or month index.
+    fn index(&self) -> i32;
+    /// Purchases in the bucket.
+    fn purchases(&self) -> u64;
+    /// Net spend, minor units.
+    fn net_minor(&self) -> i128;
+    /// Net points.
+    fn points(&self) -> i128;
+}
+
+impl Counts for Bucket {
+    fn index(&self) -> i32 {
+        self.index
+    }
+    fn purchases(&self) -> u64 {
+        self.purchases
+    }
+    fn net_minor(&self) -> i128 {
+        self.net_minor
+    }
+    fn points(&self) -> i128 {
+        0
+    }
+}
+
+impl Counts for SeriesBucket {
+    fn index(&self) -> i32 {
+        self.index
+    }
+    fn purchases(&self) -> u64 {
+        self.purchases
+    }
+    fn net_minor(&self) -> i128 {
+        self.net_minor
+    }
+    fn points(&self) -> i128 {
+        self.points
+    }
+}
+
+/// A window series the rules keep per customer: the buckets of the events one filter admits,
+/// in one unit, as many as its longest window needs. Windows with the same unit and filter
+/// share a series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesDef {
+    /// Hash of the unit and the filter's canonical text: stored with the series, so a rules
+    /// change that alters either starts a new series (and the old one is dropped).
+    pub key: u64,
+    /// Bucket granularity.
+    pub unit: Unit,
+    /// Which events it counts.
+    pub filter: Filter,
+    /// Buckets kept (the longest window reading it).
+    pub keep: u32,
+}
+
+impl SeriesDef {
+    /// The key of a series of `unit` and `filter`.
+    pub fn key_of(unit: Unit, filter: &Filter) -> u64 {
+        let unit = match unit {
+            Unit::Day => "day",
+            Unit::Month => "month",
+        };
+        xxhash_rust::xxh3::xxh3_64(format!("{unit}|{}", filter.describe()).as_bytes())
+    }
 }
 
 impl Window {
+    /// How many buckets of its unit the window needs (a calendar month, quarter or year
+    /// window: 1, 3 or 12 months).
+    pub fn kept(&self) -> u32 {
+        match self.span {
+            Span::Rolling { length, .. } => length,
+            Span::Calendar(p) => p.months().unsigned_abs(),
+        }
+    }
+
     /// The bucket unit this window reads.
     pub fn unit(&self) -> Unit {
         match self.span {
@@ -65,14 +151,15 @@ impl Window {
     }
 
     /// Totals at `now` over `buckets` (of this window's unit).
-    pub fn totals(&self, buckets: &[Bucket], cal: &Calendar, now: i64) -> Totals {
+    pub fn totals<B: Counts>(&self, buckets: &[B], cal: &Calendar, now: i64) -> Totals {
         let (lo, hi) = (self.low(cal, now), self.high(cal, now));
         buckets
             .iter()
-            .filter(|b| b.index >= lo && b.index <= hi)
+            .filter(|b| b.index() >= lo && b.index() <= hi)
             .fold(Totals::default(), |t, b| Totals {
-                count: t.count + b.purchases,
-                sum: t.sum + b.net_minor,
+                count: t.count + b.purchases(),
+                sum: t.sum + b.net_minor(),
+                points: t.points + b.points(),
             })
     }
 
@@ -92,7 +179,7 @@ impl Window {
 
     /// The first moment after `now` at which the window's totals change by time alone:
     /// the oldest non-empty bucket leaving it, or a later bucket's period starting.
-    pub fn next_change(&self, buckets: &[Bucket], cal: &Calendar, now: i64) -> Option<i64> {
+    pub fn next_change<B: Counts>(&self, buckets: &[B], cal: &Calendar, now: i64) -> Option<i64> {
         let (lo, hi) = (self.low(cal, now), self.high(cal, now));
         let unit = self.unit();
         let mut next: Option<i64> = None;
@@ -105,8 +192,11 @@ impl Window {
             Span::Rolling { length, .. } => {
                 if let Some(oldest) = buckets
                     .iter()
-                    .filter(|b| b.index >= lo && (b.purchases > 0 || b.net_minor != 0))
-                    .map(|b| b.index)
+                    .filter(|b| {
+                        b.index() >= lo
+                            && (b.purchases() > 0 || b.net_minor() != 0 || b.points() != 0)
+                    })
+                    .map(Counts::index)
                     .min()
                 {
                     let leaves = oldest.saturating_add(i32::try_from(length).unwrap_or(i32::MAX));
@@ -114,13 +204,13 @@ impl Window {
                 }
             }
             Span::Calendar(p) => {
-                if buckets.iter().any(|b| b.index >= lo && b.index <= hi) {
+                if buckets.iter().any(|b| b.index() >= lo && b.index() <= hi) {
                     consider(p.next_start(cal, now));
                 }
                 if let Some(ahead) = buckets
                     .iter()
-                    .filter(|b| b.index > hi)
-                    .map(|b| b.index)
+                    .filter(|b| b.index() > hi)
+                    .map(Counts::index)
                     .min()
                 {
                     consider(cal.month_start(p.of_month(ahead) * p.months()));
@@ -161,6 +251,8 @@ mod tests {
                 unit: Unit::Day,
                 length: 30,
             },
+            filter: Filter::default(),
+            series: None,
         };
         let t0 = at("2026-01-10T12:00:00Z");
         let buckets = vec![
@@ -169,7 +261,11 @@ mod tests {
         ];
         assert_eq!(
             w.totals(&buckets, &utc(), t0 + 5 * DAY_MS),
-            Totals { count: 3, sum: 150 }
+            Totals {
+                count: 3,
+                sum: 150,
+                points: 0
+            }
         );
         // The first bucket leaves when its day + 30 starts.
         let leaves = at("2026-02-09T00:00:00Z");
@@ -177,7 +273,11 @@ mod tests {
         assert_eq!(w.totals(&buckets, &utc(), leaves - 1).count, 3);
         assert_eq!(
             w.totals(&buckets, &utc(), leaves),
-            Totals { count: 2, sum: 50 }
+            Totals {
+                count: 2,
+                sum: 50,
+                points: 0
+            }
         );
         assert_eq!(
             w.next_change(&buckets, &utc(), leaves),
@@ -191,6 +291,8 @@ mod tests {
         let w = Window {
             name: "q".into(),
             span: Span::Calendar(Period::Quarter),
+            filter: Filter::default(),
+            series: None,
         };
         let t = at("2026-05-17T00:00:00Z");
         let buckets = vec![
@@ -198,7 +300,14 @@ mod tests {
             Bucket::from((month_index(t), 1, 10)),
             Bucket::from((month_index(at("2026-06-30T00:00:00Z")), 1, 20)),
         ];
-        assert_eq!(w.totals(&buckets, &utc(), t), Totals { count: 2, sum: 30 });
+        assert_eq!(
+            w.totals(&buckets, &utc(), t),
+            Totals {
+                count: 2,
+                sum: 30,
+                points: 0
+            }
+        );
         assert_eq!(
             w.next_change(&buckets, &utc(), t),
             Some(at("2026-07-01T00:00:00Z"))

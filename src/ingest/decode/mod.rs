@@ -1,6 +1,7 @@
 //! Decoding and validation of one input message against the input contract (README "Contracts").
 //! Pure: bad input is a [`Rejection`] value with a reason code, never an error or a panic.
 
+use crate::model::event::{check_attribute_key, check_attribute_value, MAX_ATTRIBUTES, MAX_POINTS};
 use crate::model::state::{Pin, PinMode, PinRequest};
 use crate::model::{money, time, Event, EventKind};
 use serde_json::value::RawValue;
@@ -174,6 +175,9 @@ pub fn decode(
         }
     }
 
+    let points = points(fields.points)?;
+    let attributes = attributes(fields.attributes)?;
+
     let occurred_text = required_string(&fields.occurred_at, "occurred_at")?;
     let occurred_at_ms = time::parse_rfc3339_ms(&occurred_text).map_err(|e| {
         reject(
@@ -227,6 +231,8 @@ pub fn decode(
         amount_minor,
         occurred_at_ms,
         pin,
+        points,
+        attributes,
     })
 }
 
@@ -289,6 +295,151 @@ struct Fields<'a> {
     mode: Option<Text<'a>>,
     #[serde(borrow)]
     expires_at: Option<Text<'a>>,
+    #[serde(borrow)]
+    points: Option<&'a RawValue>,
+    #[serde(borrow)]
+    attributes: Option<Attributes<'a>>,
+}
+
+/// The `attributes` field as read: its entries (values as [`Text`], so that a wrong type is a
+/// rejection naming the attribute, not a parse error), or the JSON type it has instead.
+enum Attributes<'a> {
+    Object(Vec<(Cow<'a, str>, Text<'a>)>),
+    Other,
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Attributes<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(AttributesVisitor(std::marker::PhantomData))
+    }
+}
+
+struct AttributesVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> serde::de::Visitor<'de> for AttributesVisitor<'a> {
+    type Value = Attributes<'a>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<Attributes<'a>, A::Error> {
+        let mut entries = Vec::new();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            // Read at most one more than allowed: the rest is skipped, the event rejected.
+            if entries.len() > MAX_ATTRIBUTES {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
+            let value: Text<'a> = map.next_value()?;
+            entries.push((key, value));
+        }
+        Ok(Attributes::Object(entries))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Attributes<'a>, E> {
+        Ok(Attributes::Other)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Attributes<'a>, E> {
+        Ok(Attributes::Other)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Attributes<'a>, E> {
+        Ok(Attributes::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Attributes<'a>, E> {
+        Ok(Attributes::Other)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Attributes<'a>, E> {
+        Ok(Attributes::Other)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<Attributes<'a>, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Attributes::Other)
+    }
+}
+
+/// Reads `points`: absent or null is 0; a JSON integer or a string of digits, 0..=10^15.
+fn points(field: Option<&RawValue>) -> Result<i64, Rejection> {
+    let Some(raw) = field else { return Ok(0) };
+    let raw = raw.get();
+    let text: Cow<'_, str> = if raw.starts_with('"') {
+        serde_json::from_str::<String>(raw)
+            .map_err(|e| reject(Reason::InvalidPoints, format!("field `points`: {e}")))?
+            .into()
+    } else {
+        raw.into()
+    };
+    let (negative, digits) = text
+        .strip_prefix('-')
+        .map_or((false, &*text), |d| (true, d));
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(reject(
+            Reason::InvalidPoints,
+            format!("field `points`: {text} is not a whole number of points"),
+        ));
+    }
+    let value = digits.trim_start_matches('0');
+    let too_large = value.len() > 16 || value.parse::<i64>().map_or(true, |v| v > MAX_POINTS);
+    if negative && !value.is_empty() {
+        return Err(reject(
+            Reason::PointsOutOfRange,
+            format!("field `points`: {text} is negative (a refund takes points back with a positive number)"),
+        ));
+    }
+    if too_large {
+        return Err(reject(
+            Reason::PointsOutOfRange,
+            format!("field `points`: {text} is above {MAX_POINTS}, the most one event may carry"),
+        ));
+    }
+    Ok(value.parse::<i64>().unwrap_or(0))
+}
+
+/// Reads `attributes`: absent or null is none; an object of at most 32 string values with
+/// valid names and values, each name once.
+fn attributes(field: Option<Attributes<'_>>) -> Result<Vec<(String, String)>, Rejection> {
+    let bad = |m: String| {
+        reject(
+            Reason::InvalidAttributes,
+            format!("field `attributes`: {m}"),
+        )
+    };
+    let entries = match field {
+        None => return Ok(Vec::new()),
+        Some(Attributes::Other) => {
+            return Err(bad(
+                "must be an object of string values, e.g. {\"category\": \"fuel\"}".into(),
+            ))
+        }
+        Some(Attributes::Object(entries)) => entries,
+    };
+    if entries.len() > MAX_ATTRIBUTES {
+        return Err(bad(format!("more than {MAX_ATTRIBUTES} attributes")));
+    }
+    let mut out: Vec<(String, String)> = Vec::with_capacity(entries.len());
+    for (key, value) in entries {
+        check_attribute_key(&key).map_err(bad)?;
+        let Text::Str(value) = value else {
+            return Err(bad(format!("attribute {key:?}: must be a string")));
+        };
+        check_attribute_value(&value).map_err(|m| bad(format!("attribute {key:?}: {m}")))?;
+        if out.iter().any(|(k, _)| **k == *key) {
+            return Err(bad(format!("attribute {key:?} given twice")));
+        }
+        out.push((key.into_owned(), value.into_owned()));
+    }
+    Ok(out)
 }
 
 /// A field the contract wants as a string, as read: the string (borrowed from the message when

@@ -39,11 +39,19 @@ pub enum Reason {
     KeyMismatch,
     /// Older than the dedup horizon behind the customer's latest event (decided at apply).
     TooLate,
+    /// `points` is not a whole number of points (a JSON integer or a string of digits).
+    InvalidPoints,
+    /// `points` is negative or above 10^15, or counting it would take the customer's
+    /// lifetime purchase points or refunded points above 2^53 − 1 (decided at apply).
+    PointsOutOfRange,
+    /// `attributes` is not an object of string values, or has too many, too long or empty
+    /// names or values.
+    InvalidAttributes,
 }
 
 impl Reason {
     /// All reasons, for metric pre-registration and docs.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 19] = [
         Self::Oversize,
         Self::InvalidJson,
         Self::NotObject,
@@ -60,6 +68,9 @@ impl Reason {
         Self::InvalidOverride,
         Self::KeyMismatch,
         Self::TooLate,
+        Self::InvalidPoints,
+        Self::PointsOutOfRange,
+        Self::InvalidAttributes,
     ];
 
     /// The machine-readable code.
@@ -81,6 +92,9 @@ impl Reason {
             Self::InvalidOverride => "invalid_override",
             Self::KeyMismatch => "key_mismatch",
             Self::TooLate => "too_late",
+            Self::InvalidPoints => "invalid_points",
+            Self::PointsOutOfRange => "points_out_of_range",
+            Self::InvalidAttributes => "invalid_attributes",
         }
     }
 }

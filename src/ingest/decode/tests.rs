@@ -281,6 +281,130 @@ fn details_name_the_field() {
     );
 }
 
+#[test]
+fn points_and_attributes_are_read_and_checked() {
+    let with = |extra: &str| {
+        dec(
+            "c1",
+            &format!(
+                r#"{{"event_id":"e1","customer_id":"c1","amount":"10.00","occurred_at":"2026-05-01T10:00:00Z"{extra}}}"#
+            ),
+        )
+    };
+    let e =
+        with(r#","points":1500,"attributes":{"category":"fuel","channel":"st\u006fre"}"#).unwrap();
+    assert_eq!(e.points, 1500);
+    assert_eq!(
+        e.attributes,
+        [
+            ("category".to_owned(), "fuel".to_owned()),
+            ("channel".to_owned(), "store".to_owned())
+        ]
+    );
+    assert_eq!(with(r#","points":"20""#).unwrap().points, 20);
+    assert_eq!(
+        with(r#","points":null,"attributes":null"#).unwrap().points,
+        0
+    );
+    let none = with("").unwrap();
+    assert_eq!((none.points, none.attributes.len()), (0, 0));
+    let cases: &[(&str, Reason, &str)] = &[
+        (
+            r#","points":1.5"#,
+            Reason::InvalidPoints,
+            "field `points`: 1.5 is not a whole number",
+        ),
+        (
+            r#","points":"ten""#,
+            Reason::InvalidPoints,
+            "field `points`",
+        ),
+        (r#","points":true"#, Reason::InvalidPoints, "field `points`"),
+        (r#","points":1e3"#, Reason::InvalidPoints, "field `points`"),
+        (r#","points":-5"#, Reason::PointsOutOfRange, "is negative"),
+        (
+            r#","points":1000000000000001"#,
+            Reason::PointsOutOfRange,
+            "above 1000000000000000",
+        ),
+        (
+            r#","points":123456789012345678901234567890"#,
+            Reason::PointsOutOfRange,
+            "above",
+        ),
+        (
+            r#","attributes":["fuel"]"#,
+            Reason::InvalidAttributes,
+            "must be an object of string values",
+        ),
+        (
+            r#","attributes":"fuel""#,
+            Reason::InvalidAttributes,
+            "must be an object",
+        ),
+        (
+            r#","attributes":{"category":3}"#,
+            Reason::InvalidAttributes,
+            "attribute \"category\": must be a string",
+        ),
+        (
+            r#","attributes":{"category":""}"#,
+            Reason::InvalidAttributes,
+            "attribute \"category\": attribute value \"\"",
+        ),
+        (
+            r#","attributes":{"":"x"}"#,
+            Reason::InvalidAttributes,
+            "attribute name \"\"",
+        ),
+        (
+            r#","attributes":{"sales channel":"x"}"#,
+            Reason::InvalidAttributes,
+            "no whitespace",
+        ),
+        (
+            r#","attributes":{"a":"x","a":"y"}"#,
+            Reason::InvalidAttributes,
+            "given twice",
+        ),
+    ];
+    for (extra, reason, detail) in cases {
+        let r = with(extra).unwrap_err();
+        assert_eq!(r.reason, *reason, "{extra}: {r:?}");
+        assert!(r.detail.contains(detail), "{extra}: {}", r.detail);
+    }
+    let many: Vec<String> = (0..=MAX_ATTRIBUTES)
+        .map(|i| format!(r#""k{i}":"v""#))
+        .collect();
+    let r = with(&format!(r#","attributes":{{{}}}"#, many.join(","))).unwrap_err();
+    assert_eq!(r.reason, Reason::InvalidAttributes);
+    assert!(r.detail.contains("more than 32 attributes"), "{}", r.detail);
+    let exactly: Vec<String> = (0..MAX_ATTRIBUTES)
+        .map(|i| format!(r#""k{i}":"v""#))
+        .collect();
+    assert_eq!(
+        with(&format!(r#","attributes":{{{}}}"#, exactly.join(",")))
+            .unwrap()
+            .attributes
+            .len(),
+        MAX_ATTRIBUTES
+    );
+    // The codes are part of the dead-letter contract.
+    assert_eq!(
+        [
+            Reason::InvalidPoints,
+            Reason::PointsOutOfRange,
+            Reason::InvalidAttributes
+        ]
+        .map(Reason::as_str),
+        [
+            "invalid_points",
+            "points_out_of_range",
+            "invalid_attributes"
+        ]
+    );
+}
+
 proptest::proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {

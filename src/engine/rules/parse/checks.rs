@@ -4,7 +4,7 @@
 
 use super::file::RulesFile;
 use super::Parser;
-use crate::engine::rules::condition::{self, Condition};
+use crate::engine::rules::condition::{self, Clause, Condition};
 use crate::engine::rules::operand::Operand;
 use crate::engine::rules::value::Ratio;
 
@@ -46,13 +46,19 @@ impl Parser<'_> {
     }
 
     /// A tier whose conditions contradict each other, or imply an earlier tier's, can never
-    /// be reached.
+    /// be reached. Groups are judged conservatively: a later tier's groups are not used to
+    /// prove it unreachable (only its single comparisons and identical groups are), and an
+    /// earlier tier's `any` group is implied when one of its members is.
     fn reachability(&mut self, raw: &RulesFile) {
         let mut found = Vec::new();
         for j in 0..self.tiers.len().saturating_sub(1) {
             let tj = &self.tiers[j];
-            let ops: Vec<Operand> = tj.when.iter().map(Condition::operand).collect();
-            if ops.iter().any(|&o| Interval::of(&tj.when, o).empty()) {
+            let singles: Vec<Condition> =
+                tj.when.iter().filter_map(Clause::single).cloned().collect();
+            if singles
+                .iter()
+                .any(|c| Interval::of(&singles, c.operand()).empty())
+            {
                 found.push((
                     j,
                     "the conditions contradict each other: the tier is unreachable".to_owned(),
@@ -61,17 +67,7 @@ impl Parser<'_> {
             }
             for (i, ti) in self.tiers.iter().enumerate().take(j) {
                 let implied = !ti.when.is_empty()
-                    && ti.when.iter().all(|c| match c {
-                        Condition::CellIn { .. } => tj.when.contains(c),
-                        Condition::InTop { rank, point, negate: false } => {
-                            let points = self.cut_points.borrow();
-                            tj.when.iter().any(|d| matches!(d, Condition::InTop { rank: r2, point: q, negate: false } if r2 == rank && points[*q].pct <= points[*point].pct))
-                        }
-                        Condition::InTop { .. } => tj.when.contains(c),
-                        Condition::Compare { operand, .. } => {
-                            Interval::of(&tj.when, *operand).implies(c)
-                        }
-                    });
+                    && ti.when.iter().all(|c| self.implied(c, &tj.when, &singles));
                 if implied {
                     found.push((j, format!("every customer it takes is taken first by tiers[{i}] ({:?}): the tier is unreachable (order tiers best first, with stricter bounds first)", ti.def.name)));
                     break;
@@ -84,6 +80,31 @@ impl Parser<'_> {
                 format!("tiers[{j}].when"),
                 message,
             );
+        }
+    }
+
+    /// Whether every customer meeting a tier's conditions (`when`, with its single comparisons
+    /// `singles`) meets `c`.
+    fn implied(&self, c: &Clause, when: &[Clause], singles: &[Condition]) -> bool {
+        if when.contains(c) {
+            return true;
+        }
+        match c {
+            Clause::Any(members) => members.iter().any(|m| self.implied(m, when, singles)),
+            Clause::All(members) => members.iter().all(|m| self.implied(m, when, singles)),
+            Clause::One(c) => match c {
+                Condition::CellIn { .. } => singles.contains(c),
+                Condition::InTop {
+                    rank,
+                    point,
+                    negate: false,
+                } => {
+                    let points = self.cut_points.borrow();
+                    singles.iter().any(|d| matches!(d, Condition::InTop { rank: r2, point: q, negate: false } if r2 == rank && points[*q].pct <= points[*point].pct))
+                }
+                Condition::InTop { .. } => singles.contains(c),
+                Condition::Compare { operand, .. } => Interval::of(singles, *operand).implies(c),
+            },
         }
     }
 }

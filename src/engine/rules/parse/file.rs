@@ -50,6 +50,14 @@ pub struct WindowFile {
     /// Calendar period to date: `"month"`, `"quarter"` or `"year"`.
     #[serde(default)]
     pub calendar: Option<String>,
+    /// Count only events whose attributes have, for every key listed, one of its values
+    /// (e.g. `{ channel = ["store", "app"] }`).
+    #[serde(default)]
+    pub only: Option<BTreeMap<String, Vec<String>>>,
+    /// Leave out events whose attribute, for any key listed, has one of its values (e.g.
+    /// `{ category = ["gift_card"] }`).
+    #[serde(default)]
+    pub exclude: Option<BTreeMap<String, Vec<String>>>,
 }
 
 /// `[ranks.<name>]`.
@@ -140,10 +148,10 @@ pub struct TierFile {
     pub display_name: Option<String>,
     /// Entry conditions, all must hold. Omitted on the last tier only (it takes the rest).
     #[serde(default)]
-    pub when: Option<Vec<Spanned<String>>>,
+    pub when: Option<Vec<Spanned<ClauseFile>>>,
     /// Hysteresis: conditions to keep the tier once in it (a lower bar than `when`).
     #[serde(default)]
-    pub stay: Option<Vec<Spanned<String>>>,
+    pub stay: Option<Vec<Spanned<ClauseFile>>>,
     // The policy overrides repeat `PolicyFile`'s fields because serde's `flatten` cannot be
     // combined with `deny_unknown_fields` (a typo must stay an error).
     /// Overrides `[policy].downgrade` for this tier.
@@ -161,4 +169,64 @@ pub struct TierFile {
     /// Overrides `[policy].upgrade_restarts_review` for this tier.
     #[serde(default)]
     pub upgrade_restarts_review: Option<bool>,
+}
+
+/// One entry of a `when` or `stay` list: a condition string, or a group table
+/// `{ any = [...] }` (at least one member holds) / `{ all = [...] }` (every member holds),
+/// whose members are again strings or groups.
+#[derive(Debug)]
+pub enum ClauseFile {
+    /// `"<metric> <op> <value>"`.
+    Text(String),
+    /// `{ any = [...] }`.
+    Any(Vec<Spanned<ClauseFile>>),
+    /// `{ all = [...] }`.
+    All(Vec<Spanned<ClauseFile>>),
+}
+
+impl<'de> Deserialize<'de> for ClauseFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ClauseVisitor)
+    }
+}
+
+struct ClauseVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ClauseVisitor {
+    type Value = ClauseFile;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a condition string or a group { any = [...] } / { all = [...] }")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ClauseFile, E> {
+        Ok(ClauseFile::Text(v.to_owned()))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ClauseFile, A::Error> {
+        use serde::de::Error;
+        let Some(key) = map.next_key::<String>()? else {
+            return Err(A::Error::custom(
+                "an empty table is not a condition: write { any = [...] } or { all = [...] }",
+            ));
+        };
+        let members: Vec<Spanned<ClauseFile>> = match key.as_str() {
+            "any" | "all" => map.next_value()?,
+            other => {
+                return Err(A::Error::custom(format!(
+                    "unknown key `{other}` in a condition group: expected `any` or `all`"
+                )))
+            }
+        };
+        if let Some(more) = map.next_key::<String>()? {
+            return Err(A::Error::custom(format!(
+                "a condition group has one key, `any` or `all` (found `{key}` and `{more}`): nest a group to combine them"
+            )));
+        }
+        Ok(if key == "any" {
+            ClauseFile::Any(members)
+        } else {
+            ClauseFile::All(members)
+        })
+    }
 }

@@ -11,10 +11,10 @@ mod scores;
 mod tiers;
 mod windows;
 
-use super::operand::{Operand, Type};
+use super::operand::{Operand, Type, WindowField};
 use super::rank::{CutPoint, Rank};
 use super::value::Ratio;
-use super::window::{Span, Window};
+use super::window::{SeriesDef, Window};
 use super::{BucketsKept, Problem, Rules, RulesError, ScoreDef, Tier};
 use crate::model::calendar::Calendar;
 use crate::model::calendar::{Period, Unit, DAY_MS};
@@ -95,6 +95,7 @@ pub(super) fn parse(text: &str, file: &str, fraction_digits: u32) -> Result<Rule
             problems: p.problems,
         });
     }
+    let series = p.series();
     let recency_points = p.recency_points();
     let keep = p.buckets_kept();
     let tier_defs = p.tiers.iter().map(|t| t.def.clone()).collect();
@@ -104,6 +105,7 @@ pub(super) fn parse(text: &str, file: &str, fraction_digits: u32) -> Result<Rule
         description: raw.description,
         calendar,
         windows: p.windows,
+        series,
         score_names: p.score_names,
         scores: p.scores,
         rank_names: p.rank_names,
@@ -181,6 +183,7 @@ impl Parser<'_> {
                 .when
                 .iter()
                 .chain(&t.policy.stay)
+                .flat_map(|c| c.leaves())
                 .filter(|c| c.operand() == Operand::RecencyDays)
             {
                 points.extend(
@@ -196,24 +199,44 @@ impl Parser<'_> {
         points
     }
 
-    /// How many day and month buckets the longest window of each unit needs.
+    /// How many plain day and month buckets the longest window of each unit needs (windows
+    /// reading a series need none).
     fn buckets_kept(&self) -> BucketsKept {
         let mut keep = BucketsKept::default();
-        for w in &self.windows {
-            let (slot, n) = match w.span {
-                Span::Rolling {
-                    unit: Unit::Day,
-                    length,
-                } => (&mut keep.days, length),
-                Span::Rolling {
-                    unit: Unit::Month,
-                    length,
-                } => (&mut keep.months, length),
-                Span::Calendar(p) => (&mut keep.months, p.months().unsigned_abs()),
+        for w in self.windows.iter().filter(|w| w.series.is_none()) {
+            let slot = match w.unit() {
+                Unit::Day => &mut keep.days,
+                Unit::Month => &mut keep.months,
             };
-            *slot = (*slot).max(n);
+            *slot = (*slot).max(w.kept());
         }
         keep
+    }
+
+    /// The window series the rules keep: one per unit and filter of the windows that have a
+    /// filter or whose points are read; each such window is pointed at its series.
+    fn series(&mut self) -> Vec<SeriesDef> {
+        let mut series: Vec<SeriesDef> = Vec::new();
+        for (i, w) in self.windows.iter_mut().enumerate() {
+            let points = self
+                .operands
+                .contains(&Operand::Window(i, WindowField::Points));
+            if w.filter.is_empty() && !points {
+                continue;
+            }
+            let key = SeriesDef::key_of(w.unit(), &w.filter);
+            match series.iter_mut().find(|x| x.key == key) {
+                Some(x) => x.keep = x.keep.max(w.kept()),
+                None => series.push(SeriesDef {
+                    key,
+                    unit: w.unit(),
+                    filter: w.filter.clone(),
+                    keep: w.kept(),
+                }),
+            }
+            w.series = Some(key);
+        }
+        series
     }
 }
 

@@ -2,9 +2,9 @@
 //! hysteresis (`stay`), and its downgrade policy (review, grace, minimum stay, step / replace /
 //! base), with the rule text shown on change events.
 
-use super::file::{PolicyFile, TierFile};
+use super::file::{ClauseFile, PolicyFile, TierFile};
 use super::Parser;
-use crate::engine::rules::condition::Condition;
+use crate::engine::rules::condition::{Clause, Condition};
 use crate::engine::rules::operand::Operand;
 use crate::engine::rules::policy::{Downgrade, Review, TierPolicy};
 use crate::engine::rules::{describe, Tier, TierDef};
@@ -12,6 +12,9 @@ use crate::model::calendar::DAY_MS;
 use std::collections::HashSet;
 use std::ops::Range;
 use toml::Spanned;
+
+/// How deep condition groups may nest (`any` in `all` in `any` …): deeper is refused.
+const MAX_GROUP_DEPTH: usize = 4;
 
 impl Parser<'_> {
     /// Parses every tier, with `defaults` from `[policy]` (at `default_span`).
@@ -138,53 +141,101 @@ impl Parser<'_> {
     }
 
     /// Parses the conditions `list` of `<field>.<key>`.
-    fn conditions(&mut self, field: &str, key: &str, list: &[Spanned<String>]) -> Vec<Condition> {
-        let mut out = Vec::new();
-        for (j, c) in list.iter().enumerate() {
-            let cspan = Some(c.span());
-            let parsed = Condition::parse(
-                c.get_ref(),
-                &|name| self.resolve(name),
-                &|kind, text| self.literal(kind, text),
-                &|rank, text| self.cut_point(rank, text),
-                self.cell.len(),
+    fn conditions(&mut self, field: &str, key: &str, list: &[Spanned<ClauseFile>]) -> Vec<Clause> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(j, c)| self.clause(&format!("{field}.{key}[{j}]"), c, 0))
+            .collect()
+    }
+
+    /// Parses one entry of a condition list (`field` names it), a group's members under
+    /// `field.any[k]` / `field.all[k]`.
+    fn clause(&mut self, field: &str, c: &Spanned<ClauseFile>, depth: usize) -> Option<Clause> {
+        let cspan = Some(c.span());
+        let (key, members) = match c.get_ref() {
+            ClauseFile::Text(text) => return self.comparison(field, cspan, text),
+            ClauseFile::Any(members) => ("any", members),
+            ClauseFile::All(members) => ("all", members),
+        };
+        if depth >= MAX_GROUP_DEPTH {
+            self.problem(
+                cspan,
+                field.to_owned(),
+                format!("condition groups nest at most {MAX_GROUP_DEPTH} deep"),
             );
-            match parsed {
-                Ok(cond) => {
-                    if cond.operand() == Operand::Cell && self.cell.is_empty() {
-                        self.problem(
-                            cspan,
-                            format!("{field}.{key}[{j}]"),
-                            "`cell` needs declared scores".into(),
-                        );
-                    }
-                    self.intern(cond.operand());
-                    out.push(cond);
+            return None;
+        }
+        if members.is_empty() {
+            self.problem(
+                cspan,
+                format!("{field}.{key}"),
+                "a group needs at least one condition".into(),
+            );
+            return None;
+        }
+        let parsed: Vec<Option<Clause>> = members
+            .iter()
+            .enumerate()
+            .map(|(k, m)| self.clause(&format!("{field}.{key}[{k}]"), m, depth + 1))
+            .collect();
+        let parsed: Vec<Clause> = parsed.into_iter().collect::<Option<_>>()?;
+        Some(if key == "any" {
+            Clause::Any(parsed)
+        } else {
+            Clause::All(parsed)
+        })
+    }
+
+    /// Parses one comparison `text` at `field`.
+    fn comparison(
+        &mut self,
+        field: &str,
+        cspan: Option<Range<usize>>,
+        text: &str,
+    ) -> Option<Clause> {
+        let parsed = Condition::parse(
+            text,
+            &|name| self.resolve(name),
+            &|kind, text| self.literal(kind, text),
+            &|rank, text| self.cut_point(rank, text),
+            self.cell.len(),
+        );
+        match parsed {
+            Ok(cond) => {
+                if cond.operand() == Operand::Cell && self.cell.is_empty() {
+                    self.problem(
+                        cspan,
+                        field.to_owned(),
+                        "`cell` needs declared scores".into(),
+                    );
                 }
-                Err(m) => self.problem(cspan, format!("{field}.{key}[{j}]"), m),
+                self.intern(cond.operand());
+                Some(Clause::One(cond))
+            }
+            Err(m) => {
+                self.problem(cspan, field.to_owned(), m);
+                None
             }
         }
-        out
     }
 
     /// The rule text of tier `i` shown on change events: its conditions, or "otherwise".
-    fn rule_text(&self, i: usize, name: &str, when: &[Condition]) -> String {
+    fn rule_text(&self, i: usize, name: &str, when: &[Clause]) -> String {
         if when.is_empty() {
             return format!("tiers[{i}] {name}: otherwise");
         }
-        let parts: Vec<String> = when
-            .iter()
-            .map(|c| {
-                describe(
-                    c,
-                    &self.windows,
-                    &self.score_names,
-                    &self.rank_names,
-                    &self.cut_points.borrow(),
-                    self.fraction_digits,
-                )
-            })
-            .collect();
+        let cut_points = self.cut_points.borrow();
+        let one = |c: &Condition| {
+            describe(
+                c,
+                &self.windows,
+                &self.score_names,
+                &self.rank_names,
+                &cut_points,
+                self.fraction_digits,
+            )
+        };
+        let parts: Vec<String> = when.iter().map(|c| c.describe(&one)).collect();
         format!("tiers[{i}] {name}: {}", parts.join(" and "))
     }
 }
