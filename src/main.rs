@@ -74,6 +74,10 @@ enum Command {
         /// e.g. `--map customer_id=member_no --map occurred_at=paid_at`.
         #[arg(long = "map", value_name = "FIELD=COLUMN")]
         map: Vec<String>,
+        /// An event attribute read from a column (CSV) or field (JSON Lines): `NAME=COLUMN`,
+        /// repeatable, e.g. `--attribute category=product_group --attribute channel=channel`.
+        #[arg(long = "attribute", value_name = "NAME=COLUMN")]
+        attribute: Vec<String>,
         /// CSV field delimiter (one ASCII character).
         #[arg(long, default_value = ",")]
         delimiter: char,
@@ -326,6 +330,7 @@ fn main() -> anyhow::Result<()> {
             partitioner,
             format,
             map,
+            attribute,
             delimiter,
             checkpoint,
             rejects,
@@ -339,7 +344,9 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             let rules =
                 tierd::engine::rules::Rules::load(&cfg.rules.path, cfg.money.fraction_digits)?;
-            let mapping = rows::Mapping::parse(&map).map_err(anyhow::Error::msg)?;
+            let mapping = rows::Mapping::parse(&map)
+                .and_then(|m| m.with_attributes(&attribute))
+                .map_err(anyhow::Error::msg)?;
             let delimiter = u8::try_from(delimiter)
                 .ok()
                 .filter(u8::is_ascii)

@@ -15,10 +15,19 @@ type Log = BTreeMap<String, Vec<(String, String, String)>>;
 /// Runs `events` (in order, on one partition) through tierd with `preset`; returns the
 /// changes per customer as (tier, reason, date of occurred_at) and the at-risk notices.
 fn replay(preset: &str, events: &[serde_json::Value]) -> (Log, Vec<serde_json::Value>) {
+    let (log, notices, _) = replay_in(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config/rules")
+            .join(preset),
+        events,
+    );
+    (log, notices)
+}
+
+/// [`replay`] with the rules file `rules`, also giving the world (its topics and Redis).
+fn replay_in(rules: &Path, events: &[serde_json::Value]) -> (Log, Vec<serde_json::Value>, World) {
     let mut world = World::start(1);
-    world.rules = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("config/rules")
-        .join(preset);
+    world.rules = rules.to_path_buf();
     let mut tierd = Tierd::spawn(&world, "[clock]\nmode = \"event\"\nlateness_s = 0\n");
     tierd.wait_partitions(1, Duration::from_secs(60));
     let mut all = events.to_vec();
@@ -54,7 +63,7 @@ fn replay(preset: &str, events: &[serde_json::Value]) -> (Log, Vec<serde_json::V
         ));
     }
     assert_eq!(tierd.terminate(), Some(0));
-    (log, notices)
+    (log, notices, world)
 }
 
 fn expect(log: &Log, customer: &str, want: &[(&str, &str, &str)]) {
@@ -143,6 +152,131 @@ fn telecom_average_monthly_spend() {
             ("vip", "purchase", "2026-03-01"),
             ("ordinary", "window_expiry", "2026-09-01"),
         ],
+    );
+}
+
+/// Richer conditions (docs/rules.md §4): an `any` group of points OR segments (with a nested
+/// `all` at lower bars), a qualifying spend that leaves gift cards out (`exclude`), and a
+/// store-only window (`only`) — events carry `points` and `attributes`; bad ones are
+/// dead-lettered with their reason and nothing else stops.
+#[test]
+fn points_or_segments_and_attribute_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("status.toml");
+    std::fs::write(
+        &rules,
+        r#"
+version = "status-1"
+[windows.year]
+length = "12 months"
+[windows.qualifying]
+length = "12 months"
+exclude = { category = ["gift_card"] }
+[windows.store]
+length = "30 days"
+only = { channel = ["store"] }
+[[tiers]]
+name = "gold"
+when = [{ any = ["window.year.points >= 50000", "window.year.count >= 30", { all = ["window.year.points >= 25000", "window.year.count >= 15"] }] }, "window.qualifying.sum >= 1000"]
+[[tiers]]
+name = "silver"
+when = [{ any = ["window.year.points >= 25000", "window.store.count >= 3"] }]
+[[tiers]]
+name = "member"
+"#,
+    )
+    .unwrap();
+    let with = |mut v: serde_json::Value, extra: serde_json::Value| {
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v
+    };
+    let store = serde_json::json!({"attributes": {"channel": "store"}});
+    let events = [
+        with(
+            purchase("a1", "ana", "2000", "2026-01-10T10:00:00Z"),
+            serde_json::json!({"points": 60000, "attributes": {"category": "gift_card"}}),
+        ),
+        with(
+            purchase("a2", "ana", "1000", "2026-01-20T10:00:00Z"),
+            serde_json::json!({"attributes": {"category": "fuel", "channel": "web"}}),
+        ),
+        with(
+            refund("a3", "ana", "2000", "2026-02-01T10:00:00Z"),
+            serde_json::json!({"points": "40000", "attributes": {"category": "gift_card"}}),
+        ),
+        with(
+            purchase("b1", "bo", "10", "2026-03-01T10:00:00Z"),
+            store.clone(),
+        ),
+        with(
+            purchase("b2", "bo", "10", "2026-03-02T10:00:00Z"),
+            store.clone(),
+        ),
+        with(purchase("b3", "bo", "10", "2026-03-03T10:00:00Z"), store),
+        with(
+            purchase("x1", "cy", "10", "2026-03-04T10:00:00Z"),
+            serde_json::json!({"attributes": {"category": 5}}),
+        ),
+        with(
+            purchase("x2", "cy", "10", "2026-03-04T11:00:00Z"),
+            serde_json::json!({"points": -3}),
+        ),
+        with(
+            purchase("x3", "cy", "10", "2026-03-04T12:00:00Z"),
+            serde_json::json!({"points": 1.5}),
+        ),
+    ];
+    let (log, _, world) = replay_in(&rules, &events);
+    // ana: 60,000 points make her silver, not gold (the gift card is no qualifying spend);
+    // 1,000 of fuel qualifies her; the refund takes 40,000 points back.
+    expect(
+        &log,
+        "ana",
+        &[
+            ("silver", "purchase", "2026-01-10"),
+            ("gold", "purchase", "2026-01-20"),
+            ("member", "refund", "2026-02-01"),
+        ],
+    );
+    // bo: three store purchases in 30 days; the first leaves the store window on 31 March.
+    expect(
+        &log,
+        "bo",
+        &[
+            ("member", "purchase", "2026-03-01"),
+            ("silver", "purchase", "2026-03-03"),
+            ("member", "window_expiry", "2026-03-31"),
+        ],
+    );
+    expect(&log, "cy", &[]);
+    let dead: Vec<(String, String)> = world
+        .read_all(&world.dlq)
+        .iter()
+        .map(|r| {
+            (
+                r.json()["event_id"].as_str().unwrap().to_owned(),
+                r.headers["tierd.reason"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        dead,
+        [
+            ("x1".to_owned(), "invalid_attributes".to_owned()),
+            ("x2".to_owned(), "points_out_of_range".to_owned()),
+            ("x3".to_owned(), "invalid_points".to_owned()),
+        ]
+    );
+    // The points and the series are stored in Redis (binary version 3) and read back.
+    let ana = world.customer_state("ana").expect("ana is stored");
+    assert_eq!((ana.points_earned, ana.points_refunded), (60_000, 40_000));
+    assert_eq!(
+        ana.series.len(),
+        2,
+        "year (points) and qualifying: {:?}",
+        ana.series
     );
 }
 

@@ -168,7 +168,7 @@ pub fn explain(
     });
     let to_reach = current.filter(|&c| c > 0).map(|c| Target {
         tier: rules.tiers()[c - 1].name.clone(),
-        missing: rules.shortfall(c - 1, &eval),
+        missing: rules.missing_to_enter(c - 1, &eval),
     });
     Explanation {
         customer_id: customer_id.to_owned(),
@@ -211,6 +211,8 @@ length = "30 days"
 [[tiers]]
 name = "gold"
 when = ["window.d30.sum >= 1000"]
+# What it takes to climb is the entry bar, never the lower bar of staying.
+stay = ["window.d30.sum >= 200"]
 [[tiers]]
 name = "silver"
 when = ["window.d30.sum >= 300"]

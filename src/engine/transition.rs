@@ -194,24 +194,30 @@ impl CustomerState {
         let amount = i128::from(event.amount_minor);
         let points = i128::from(event.points);
         let beyond = match event.kind {
-            EventKind::Purchase => [
-                (self.sum + amount, "purchases", false),
-                (self.points_earned + points, "purchase points", true),
-            ],
-            EventKind::Refund => [
-                (self.refunded + amount, "refunds", false),
-                (self.points_refunded + points, "refunded points", true),
-            ],
-            EventKind::Override | EventKind::Erase => [(0, "", false); 2],
+            EventKind::Purchase => (self.sum + amount, "purchases"),
+            EventKind::Refund => (self.refunded + amount, "refunds"),
+            EventKind::Override | EventKind::Erase => (0, ""),
         };
-        if let Some(&(total_minor, total, points)) =
-            beyond.iter().find(|(t, _, _)| *t > MAX_EXACT_TOTAL)
-        {
+        if beyond.0 > MAX_EXACT_TOTAL {
             return Applied::BeyondExactRange {
-                total_minor,
-                total,
-                points,
+                total_minor: beyond.0,
+                total: beyond.1,
+                points: false,
             };
+        }
+        if points != 0 {
+            let beyond = match event.kind {
+                EventKind::Purchase => (self.points_earned + points, "purchase points"),
+                EventKind::Refund => (self.points_refunded + points, "refunded points"),
+                EventKind::Override | EventKind::Erase => (0, ""),
+            };
+            if beyond.0 > MAX_EXACT_TOTAL {
+                return Applied::BeyondExactRange {
+                    total_minor: beyond.0,
+                    total: beyond.1,
+                    points: true,
+                };
+            }
         }
         let trigger = match (&event.kind, &event.pin) {
             (EventKind::Purchase, _) => {

@@ -30,9 +30,9 @@ const V1: u8 = 1;
 const V2: u8 = 2;
 
 /// Version 3: version 2's fields (the history list, possibly empty), then the customer's
-/// points and window series ([`ExtrasV3`]). Written only for a state that has points or
-/// series (rules reading `points` or filtering windows by attributes): any other state is
-/// stored as version 1 or 2, byte for byte as before.
+/// points and window series ([`ExtrasV3`]). Written only for a state that has points (events
+/// that carried `points`) or series (rules filtering windows by attributes, or reading a
+/// window's points): any other state is stored as version 1 or 2, byte for byte as before.
 const V3: u8 = 3;
 
 /// Why stored bytes are not a customer state.

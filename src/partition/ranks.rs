@@ -126,7 +126,7 @@ impl Runner {
         (cutoffs.rules != rules_hash(self.rules().version()))
             .then(|| p.known_rules(cutoffs.rules))
             .flatten()
-            .filter(|r| r.ranks() == p.rules.ranks())
+            .filter(|r| r.ranks_like(&p.rules))
     }
 
     /// [`Self::apply_cutoffs`] under the rules `cutoffs` were computed under: cut-offs of

@@ -158,7 +158,7 @@ fn chain_first(
         // rules that rank may rank only as they do (the same ranks, metrics and ties) for a
         // replay under them to keep those sets as the first run did (rules that rank no one
         // write none, as they first did).
-        Some(r) if r.uses_ranks() && r.ranks() != pipeline.rules.ranks() => Err(format!(
+        Some(r) if r.uses_ranks() && !r.ranks_like(&pipeline.rules) => Err(format!(
             "the earlier rules {:?} rank customers other than the running rules do: replays under earlier rules with other ranks are not supported yet",
             r.version()
         )),

@@ -147,6 +147,27 @@ pub fn warnings(current: &Rules, new: &Rules) -> Vec<String> {
             ));
         }
     }
+    for def in new.series() {
+        if current.series().iter().any(|c| c.key == def.key) {
+            continue;
+        }
+        let windows: Vec<&str> = new
+            .windows()
+            .iter()
+            .filter(|w| w.series == Some(def.key))
+            .map(|w| w.name.as_str())
+            .collect();
+        let what = if def.filter.is_empty() {
+            "points".to_owned()
+        } else {
+            format!("the events of filter `{}`", def.filter.describe())
+        };
+        out.push(format!(
+            "window {} counts {what}, which stored customers have not kept (under {}): it starts from zero for the events applied before the change (a full re-count fills it: tierd offsets reset --to-earliest --clear-state)",
+            windows.join(", "),
+            current.version()
+        ));
+    }
     out
 }
 

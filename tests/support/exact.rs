@@ -86,7 +86,10 @@ pub fn reference(
             .unwrap(),
             occurred_at_ms: time::parse_rfc3339_ms(e["occurred_at"].as_str().unwrap()).unwrap(),
             pin: None,
-            points: e["points"].as_i64().unwrap_or(0),
+            points: e["points"]
+                .as_i64()
+                .or_else(|| e["points"].as_str().and_then(|p| p.parse().ok()))
+                .unwrap_or(0),
             attributes: e["attributes"]
                 .as_object()
                 .map(|m| {

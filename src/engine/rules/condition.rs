@@ -270,7 +270,7 @@ pub enum Clause {
 
 impl Clause {
     /// Whether the clause holds, reading each comparison's metric with `value`.
-    pub fn holds<'v>(&self, value: &dyn Fn(Operand) -> &'v Value, in_top: &[bool]) -> bool {
+    pub fn holds<'v, F: Fn(Operand) -> &'v Value>(&self, value: &F, in_top: &[bool]) -> bool {
         match self {
             Self::One(c) => c.holds(value(c.operand()), in_top),
             Self::Any(members) => members.iter().any(|m| m.holds(value, in_top)),

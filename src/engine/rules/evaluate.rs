@@ -133,8 +133,8 @@ impl Rules {
     }
 
     /// The conditions of `tier` (its `stay` conditions if it has them, else `when`) that do
-    /// not hold in `eval`, each with its current value and, for `>=`/`>` bounds on money or
-    /// counts, how much is missing.
+    /// not hold in `eval`, each with its current value and, for `>=`/`>` bounds on money,
+    /// counts or points, how much is missing: what a customer in the tier misses to stay.
     pub fn shortfall(&self, tier: usize, eval: &Evaluation) -> Vec<serde_json::Value> {
         let t = &self.tiers[tier];
         let conds = if t.policy.stay.is_empty() {
@@ -142,6 +142,16 @@ impl Rules {
         } else {
             &t.policy.stay
         };
+        self.failing(conds, eval)
+    }
+
+    /// The entry conditions (`when`) of `tier` that do not hold in `eval`, as
+    /// [`Self::shortfall`]: what a customer below the tier misses to enter it.
+    pub fn missing_to_enter(&self, tier: usize, eval: &Evaluation) -> Vec<serde_json::Value> {
+        self.failing(&self.tiers[tier].when, eval)
+    }
+
+    fn failing(&self, conds: &[Clause], eval: &Evaluation) -> Vec<serde_json::Value> {
         conds
             .iter()
             .filter(|c| !c.holds(&|op| Self::value(&eval.values, op), &eval.in_top))

@@ -283,6 +283,11 @@ impl Rules {
         }
     }
 
+    /// The declared windows.
+    pub fn windows(&self) -> &[Window] {
+        &self.windows
+    }
+
     /// The window series a customer keeps, in order.
     pub fn series(&self) -> &[window::SeriesDef] {
         &self.series
@@ -312,6 +317,27 @@ impl Rules {
     /// The cut points the rules use (each needs a cut-off value).
     pub fn cut_points(&self) -> &[CutPoint] {
         &self.cut_points
+    }
+
+    /// Whether these rules rank customers exactly as `other` does: the same ranks, ties and
+    /// metrics, a window metric's window defined alike (span, filter and points series; its
+    /// name and position in the file may differ).
+    pub fn ranks_like(&self, other: &Rules) -> bool {
+        self.ranks.len() == other.ranks.len()
+            && self.ranks.iter().zip(&other.ranks).all(|(a, b)| {
+                a.name == b.name
+                    && a.ties == b.ties
+                    && match (a.metric, b.metric) {
+                        (Operand::Window(i, f), Operand::Window(j, g)) => {
+                            let (w, v) = (&self.windows[i], &other.windows[j]);
+                            f == g
+                                && w.span == v.span
+                                && w.filter == v.filter
+                                && w.series == v.series
+                        }
+                        (m, n) => m == n,
+                    }
+            })
     }
 
     /// Whether any tier or score is rank-based.

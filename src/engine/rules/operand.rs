@@ -245,7 +245,7 @@ impl Facts<'_> {
 }
 
 impl Facts<'_> {
-    /// The buckets window `w` reads: its series (none yet: empty) or the plain buckets.
+    /// The buckets of series `key` (none yet: empty).
     pub fn series_of(&self, key: u64) -> &[crate::model::state::SeriesBucket] {
         self.series
             .iter()
@@ -253,7 +253,17 @@ impl Facts<'_> {
             .map_or(&[], |x| x.buckets.as_slice())
     }
 
-    /// Window `w`'s totals at `now`.
+    /// The plain buckets of a window's unit.
+    fn plain(&self, w: &Window) -> &[Bucket] {
+        match w.unit() {
+            Unit::Day => self.days,
+            Unit::Month => self.months,
+        }
+    }
+
+    /// Window `w`'s totals at `now`: a filtered window's from its series; any other's count
+    /// and sum from the plain buckets (so reading a window's points never hides the history
+    /// it counted before), its points from its points series.
     pub fn totals(
         &self,
         w: &Window,
@@ -261,15 +271,14 @@ impl Facts<'_> {
         now: i64,
     ) -> super::window::Totals {
         match w.series {
-            Some(key) => w.totals(self.series_of(key), cal, now),
-            None => w.totals(
-                match w.unit() {
-                    Unit::Day => self.days,
-                    Unit::Month => self.months,
-                },
-                cal,
-                now,
-            ),
+            Some(key) if !w.filter.is_empty() => w.totals(self.series_of(key), cal, now),
+            series => {
+                let mut t = w.totals(self.plain(w), cal, now);
+                if let Some(key) = series {
+                    t.points = w.totals(self.series_of(key), cal, now).points;
+                }
+                t
+            }
         }
     }
 
@@ -281,15 +290,15 @@ impl Facts<'_> {
         now: i64,
     ) -> Option<i64> {
         match w.series {
-            Some(key) => w.next_change(self.series_of(key), cal, now),
-            None => w.next_change(
-                match w.unit() {
-                    Unit::Day => self.days,
-                    Unit::Month => self.months,
-                },
-                cal,
-                now,
-            ),
+            Some(key) if !w.filter.is_empty() => w.next_change(self.series_of(key), cal, now),
+            series => {
+                let plain = w.next_change(self.plain(w), cal, now);
+                let points = series.and_then(|key| w.next_change(self.series_of(key), cal, now));
+                match (plain, points) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
         }
     }
 }

@@ -1284,3 +1284,96 @@ name = "base"
         .contains("lists no attribute"));
     assert_eq!(p.len(), 4, "{p:?}");
 }
+
+/// Reading a window's points (a rules change) keeps what the window counted: its count and
+/// sum stay on the plain buckets, only the points start from the change; the tool warns.
+#[test]
+fn reading_a_windows_points_keeps_what_it_counted() {
+    let v1 = rules(
+        r#"
+version = "v1"
+[windows.year]
+length = "12 months"
+[[tiers]]
+name = "gold"
+when = ["window.year.count >= 3"]
+[[tiers]]
+name = "member"
+"#,
+    );
+    let v2_text = r#"
+version = "v2"
+[windows.year]
+length = "12 months"
+[[tiers]]
+name = "gold"
+when = [{ any = ["window.year.count >= 3", "window.year.points >= 100"] }]
+[[tiers]]
+name = "member"
+"#;
+    let v2 = rules(v2_text);
+    let mut s = Sim::new(&v1);
+    for day in 1..=3 {
+        s.event_with(
+            &format!("2026-01-0{day}T10:00:00Z"),
+            EventKind::Purchase,
+            100,
+            None,
+            40,
+            &[],
+        );
+    }
+    assert_eq!(s.tiers().last().unwrap().0, "gold");
+    let o = s.state.evaluate(
+        &v2,
+        at("2026-01-05T00:00:00Z"),
+        Trigger::RulesChanged,
+        &Cutoffs::default(),
+    );
+    assert_eq!(o.transition, None, "still gold by its three purchases");
+    let eval = v2.evaluate(
+        &s.state.facts(),
+        at("2026-01-05T00:00:00Z"),
+        &Cutoffs::default(),
+    );
+    let value = |name: &str| {
+        eval.values
+            .iter()
+            .find(|(op, _)| v2.operand_name(*op) == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    assert_eq!(value("window.year.count").num().unwrap().floor(), 3);
+    assert_eq!(
+        value("window.year.points").num().unwrap().floor(),
+        0,
+        "points start now"
+    );
+    // Lifetime points were counted all along (events carried them).
+    assert_eq!(s.state.points_earned, 120);
+    let warned = crate::tools::simulate::warnings(&v1, &v2);
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].contains("window year counts points"),
+        "{}",
+        warned[0]
+    );
+    // Back to v1: the plain buckets were kept all along.
+    s.state.evaluate(
+        &v1,
+        at("2026-01-06T00:00:00Z"),
+        Trigger::RulesChanged,
+        &Cutoffs::default(),
+    );
+    assert!(s.state.series.is_empty());
+    assert_eq!(s.state.month_buckets.len(), 1);
+    // Filters with values that would read alike as text are different series.
+    let f = |values: &str| {
+        rules(&format!(
+            "version = \"f\"\n[windows.w]\nlength = \"3 months\"\nonly = {{ channel = {values} }}\n[[tiers]]\nname = \"a\"\nwhen = [\"window.w.count >= 1\"]\n[[tiers]]\nname = \"b\"\n"
+        ))
+        .series()[0]
+        .key
+    };
+    assert_ne!(f(r#"["app|store"]"#), f(r#"["app", "store"]"#));
+}

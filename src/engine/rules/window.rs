@@ -28,8 +28,9 @@ pub struct Window {
     pub span: Span,
     /// Which events it counts (`only` / `exclude`; default: all).
     pub filter: Filter,
-    /// The key of the window series it reads, when it has a filter or its points are read
-    /// (`None`: the customer's plain day or month buckets).
+    /// The key of the window series it reads: with a filter, everything it counts; without,
+    /// only its points, when they are read (its count and sum always come from the
+    /// customer's plain day or month buckets). `None`: no series.
     pub series: Option<u64>,
 }
 
@@ -109,7 +110,11 @@ impl SeriesDef {
             Unit::Day => "day",
             Unit::Month => "month",
         };
-        xxhash_rust::xxh3::xxh3_64(format!("{unit}|{}", filter.describe()).as_bytes())
+        // JSON: names and values are quoted and escaped, so no two filters share a text
+        // (a value "app|store" is not the values "app" and "store").
+        let text =
+            serde_json::to_string(&(unit, &filter.only, &filter.exclude)).expect("strings encode");
+        xxhash_rust::xxh3::xxh3_64(text.as_bytes())
     }
 }
 

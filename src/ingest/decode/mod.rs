@@ -175,8 +175,14 @@ pub fn decode(
         }
     }
 
-    let points = points(fields.points)?;
-    let attributes = attributes(fields.attributes)?;
+    // Points and attributes mean something for purchases and refunds only: on an override or
+    // an erase they are not read (a producer's other fields never stop an erase).
+    let (points, attributes) = match kind {
+        EventKind::Purchase | EventKind::Refund => {
+            (points(fields.points)?, attributes(fields.attributes)?)
+        }
+        EventKind::Override | EventKind::Erase => (0, Vec::new()),
+    };
 
     let occurred_text = required_string(&fields.occurred_at, "occurred_at")?;
     let occurred_at_ms = time::parse_rfc3339_ms(&occurred_text).map_err(|e| {
@@ -480,6 +486,11 @@ impl<'de: 'a, 'a> serde::de::Visitor<'de> for TextVisitor<'a> {
     }
 
     fn visit_bool<E>(self, _: bool) -> Result<Text<'a>, E> {
+        Ok(Text::Other)
+    }
+
+    fn visit_unit<E>(self) -> Result<Text<'a>, E> {
+        // Only an attribute's value reaches here as null (a contract field's null is `None`).
         Ok(Text::Other)
     }
 

@@ -348,6 +348,11 @@ fn points_and_attributes_are_read_and_checked() {
             "attribute \"category\": must be a string",
         ),
         (
+            r#","attributes":{"category":null}"#,
+            Reason::InvalidAttributes,
+            "attribute \"category\": must be a string",
+        ),
+        (
             r#","attributes":{"category":""}"#,
             Reason::InvalidAttributes,
             "attribute \"category\": attribute value \"\"",
@@ -389,6 +394,13 @@ fn points_and_attributes_are_read_and_checked() {
             .len(),
         MAX_ATTRIBUTES
     );
+    // An override or an erase does not read them: another consumer's fields never stop one.
+    let erase = dec(
+        "c1",
+        r#"{"event_id":"x1","customer_id":"c1","type":"erase","occurred_at":"2026-05-01T10:00:00Z","points":12.5,"attributes":{"qty":2}}"#,
+    )
+    .unwrap();
+    assert_eq!((erase.points, erase.attributes.len()), (0, 0));
     // The codes are part of the dead-letter contract.
     assert_eq!(
         [

@@ -2,13 +2,13 @@
 //! (JSON Lines and CSV) and the check of each row against the input contract. Pure apart
 //! from reading: a bad row is a value ([`Row::Bad`] with a reason code), never an error.
 
-use crate::ingest::decode::{decode, DecodeLimits};
+use crate::ingest::decode::{decode, DecodeLimits, Reason};
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::Path;
 
 /// The fields of the input contract a row can carry (README "Contracts": input).
-pub const FIELDS: [&str; 9] = [
+pub const FIELDS: [&str; 10] = [
     "event_id",
     "customer_id",
     "amount",
@@ -18,6 +18,7 @@ pub const FIELDS: [&str; 9] = [
     "tier",
     "mode",
     "expires_at",
+    "points",
 ];
 
 /// The format of a history file.
@@ -56,6 +57,8 @@ pub fn is_gzip(path: &Path) -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mapping {
     sources: BTreeMap<&'static str, String>,
+    /// Attributes read from columns (`--attribute NAME=COLUMN`): name, source column.
+    attributes: Vec<(String, String)>,
 }
 
 impl Mapping {
@@ -81,7 +84,32 @@ impl Mapping {
                 return Err(format!("--map: {field} is mapped twice"));
             }
         }
-        Ok(Self { sources })
+        Ok(Self {
+            sources,
+            attributes: Vec::new(),
+        })
+    }
+
+    /// Adds attributes read from columns or fields (`--attribute NAME=COLUMN` flags): the
+    /// column's text becomes the event's attribute `NAME` (an empty CSV cell: absent).
+    ///
+    /// # Errors
+    /// A message naming the pair: not `NAME=COLUMN`, an invalid attribute name, or a name
+    /// given twice.
+    pub fn with_attributes(mut self, pairs: &[String]) -> Result<Self, String> {
+        for pair in pairs {
+            let (name, column) = pair
+                .split_once('=')
+                .filter(|(n, c)| !n.is_empty() && !c.is_empty())
+                .ok_or_else(|| format!("--attribute {pair:?}: expected NAME=COLUMN"))?;
+            crate::model::event::check_attribute_key(name)
+                .map_err(|m| format!("--attribute {pair:?}: {m}"))?;
+            if self.attributes.iter().any(|(n, _)| n == name) {
+                return Err(format!("--attribute: {name} is given twice"));
+            }
+            self.attributes.push((name.to_owned(), column.to_owned()));
+        }
+        Ok(self)
     }
 
     /// The source column or field of `field`.
@@ -139,6 +167,36 @@ pub fn jsonl_row(line: &[u8], mapping: &Mapping, now_ms: i64, limits: &DecodeLim
         // Not an object: the decoder names what it is.
         return checked(None, line.to_vec(), now_ms, limits);
     };
+    // Attribute fields move into `attributes` first: a field is read once, as an attribute
+    // or as a contract field.
+    for (name, source) in &mapping.attributes {
+        let Some(v) = object.remove(source) else {
+            continue;
+        };
+        let slot = object
+            .entry("attributes")
+            .or_insert(serde_json::Value::Null);
+        if slot.is_null() {
+            *slot = serde_json::Value::Object(serde_json::Map::new());
+        }
+        let problem = match slot.as_object_mut() {
+            Some(map) if map.contains_key(name) => format!(
+                "field `attributes`: attribute {name:?} is in the row's attributes and mapped from field {source:?} too: give it once"
+            ),
+            Some(map) => {
+                map.insert(name.clone(), v);
+                continue;
+            }
+            None => format!(
+                "field `attributes`: must be an object to add field {source:?} to it as attribute {name:?}"
+            ),
+        };
+        return Row::Bad {
+            reason: Reason::InvalidAttributes.as_str(),
+            detail: problem,
+            raw: String::from_utf8_lossy(line).into_owned(),
+        };
+    }
     for field in FIELDS {
         let source = mapping.source(field);
         if source != field {
@@ -159,6 +217,8 @@ pub fn jsonl_row(line: &[u8], mapping: &Mapping, now_ms: i64, limits: &DecodeLim
 #[derive(Debug, Clone)]
 pub struct CsvColumns {
     index: Vec<(&'static str, usize)>,
+    /// Attribute name and column.
+    attributes: Vec<(String, usize)>,
 }
 
 impl CsvColumns {
@@ -192,7 +252,17 @@ impl CsvColumns {
                 }
             }
         }
-        Ok(Self { index })
+        let mut attributes = Vec::new();
+        for (name, source) in &mapping.attributes {
+            let i = header.iter().position(|h| h.trim() == source).ok_or_else(|| {
+                format!(
+                    "no column {source:?} (for attribute `{name}`) in the header ({}): name the column with --attribute {name}=COLUMN",
+                    header.iter().collect::<Vec<_>>().join(", ")
+                )
+            })?;
+            attributes.push((name.clone(), i));
+        }
+        Ok(Self { index, attributes })
     }
 
     /// One CSV record as an input event: each mapped column's text under its field's name
@@ -203,6 +273,15 @@ impl CsvColumns {
             if let Some(cell) = record.get(*i).map(str::trim).filter(|c| !c.is_empty()) {
                 object.insert((*field).to_owned(), cell.into());
             }
+        }
+        let mut attributes = serde_json::Map::new();
+        for (name, i) in &self.attributes {
+            if let Some(cell) = record.get(*i).map(str::trim).filter(|c| !c.is_empty()) {
+                attributes.insert(name.clone(), cell.into());
+            }
+        }
+        if !attributes.is_empty() {
+            object.insert("attributes".into(), attributes.into());
         }
         let key = object
             .get("customer_id")
@@ -466,6 +545,82 @@ mod tests {
             serde_json::json!({"event_id": "o1", "customer_id": "m1", "amount": "12.50",
                 "occurred_at": "2024-03-01T10:00:00+08:00"})
         );
+    }
+
+    #[test]
+    fn points_and_attribute_columns_become_the_events_points_and_attributes() {
+        let map = Mapping::parse(&["points=miles".into()])
+            .unwrap()
+            .with_attributes(&["category=product_group".into(), "channel=channel".into()])
+            .unwrap();
+        let text = "event_id,customer_id,amount,occurred_at,miles,product_group,channel\n\
+                    e1,c1,5,2024-03-01T10:00:00Z,1500,fuel,store\n\
+                    e2,c1,5,2024-03-01T11:00:00Z,,,app\n\
+                    e3,c1,5,2024-03-01T12:00:00Z,1.5,fuel,store\n";
+        let rows = all(text, Format::Csv, &map).unwrap();
+        let value = |i: usize| match &rows[i].1 {
+            Row::Event { value, .. } => serde_json::from_slice::<serde_json::Value>(value).unwrap(),
+            bad => panic!("{bad:?}"),
+        };
+        assert_eq!(value(0)["points"], "1500");
+        assert_eq!(
+            value(0)["attributes"],
+            serde_json::json!({"category": "fuel", "channel": "store"})
+        );
+        // Empty cells are absent.
+        assert_eq!(value(1).get("points"), None);
+        assert_eq!(
+            value(1)["attributes"],
+            serde_json::json!({"channel": "app"})
+        );
+        assert_eq!(reason(&rows[2].1), "invalid_points");
+        // JSON Lines: fields moved into `attributes`, next to any the row already has.
+        let line = br#"{"event_id":"j1","customer_id":"c1","amount":"5","occurred_at":"2024-03-01T10:00:00Z","miles":20,"product_group":"gift_card","attributes":{"store":"s-12"}}"#;
+        let Row::Event { value, .. } = jsonl_row(line, &map, NOW, &limits()) else {
+            panic!("valid")
+        };
+        let v: serde_json::Value = serde_json::from_slice(&value).unwrap();
+        assert_eq!(v["points"], 20);
+        assert_eq!(
+            v["attributes"],
+            serde_json::json!({"store": "s-12", "category": "gift_card"})
+        );
+        // An attribute given twice, or `attributes` that is no object: the row is rejected
+        // (null counts as absent).
+        for (row, want) in [
+            (
+                r#"{"event_id":"j2","customer_id":"c1","amount":"5","occurred_at":"2024-03-01T10:00:00Z","product_group":"x","attributes":{"category":"y"}}"#,
+                "invalid_attributes",
+            ),
+            (
+                r#"{"event_id":"j3","customer_id":"c1","amount":"5","occurred_at":"2024-03-01T10:00:00Z","product_group":"x","attributes":"y"}"#,
+                "invalid_attributes",
+            ),
+            (
+                r#"{"event_id":"j4","customer_id":"c1","amount":"5","occurred_at":"2024-03-01T10:00:00Z","product_group":"x","attributes":null}"#,
+                "ok",
+            ),
+        ] {
+            assert_eq!(
+                reason(&jsonl_row(row.as_bytes(), &map, NOW, &limits())),
+                want,
+                "{row}"
+            );
+        }
+        // A missing attribute column names its flag; bad flags are refused.
+        let header = "event_id,customer_id,amount,occurred_at\n";
+        let err = Rows::new(header.as_bytes(), Format::Csv, &map, b',')
+            .err()
+            .unwrap();
+        assert!(err.contains("--attribute category=COLUMN"), "{err}");
+        for bad in ["category", "=x", "sales channel=x"] {
+            assert!(
+                Mapping::default().with_attributes(&[bad.into()]).is_err(),
+                "{bad}"
+            );
+        }
+        let twice = Mapping::default().with_attributes(&["a=x".into(), "a=y".into()]);
+        assert!(twice.unwrap_err().contains("given twice"));
     }
 
     #[test]

@@ -199,11 +199,11 @@ impl Parser<'_> {
         points
     }
 
-    /// How many plain day and month buckets the longest window of each unit needs (windows
-    /// reading a series need none).
+    /// How many plain day and month buckets the longest window of each unit needs (filtered
+    /// windows, which read only their series, need none).
     fn buckets_kept(&self) -> BucketsKept {
         let mut keep = BucketsKept::default();
-        for w in self.windows.iter().filter(|w| w.series.is_none()) {
+        for w in self.windows.iter().filter(|w| w.filter.is_empty()) {
             let slot = match w.unit() {
                 Unit::Day => &mut keep.days,
                 Unit::Month => &mut keep.months,
@@ -214,7 +214,8 @@ impl Parser<'_> {
     }
 
     /// The window series the rules keep: one per unit and filter of the windows that have a
-    /// filter or whose points are read; each such window is pointed at its series.
+    /// filter or whose points are read (an unfiltered window's series serves its points
+    /// only); each such window is pointed at its series.
     fn series(&mut self) -> Vec<SeriesDef> {
         let mut series: Vec<SeriesDef> = Vec::new();
         for (i, w) in self.windows.iter_mut().enumerate() {
