@@ -109,10 +109,11 @@ enum Command {
         /// Where to write (default: standard output).
         #[arg(long, short)]
         output: Option<PathBuf>,
-        /// Reads of a partition that committed during its read, before giving up.
+        /// Reads of a partition again after an inconsistent one (new rank cut-offs published
+        /// during it, or its snapshot lease lapsed), before giving up.
         #[arg(long, default_value_t = 5)]
         retries: u32,
-        /// Write a partition that committed during every read anyway (marked in the report).
+        /// Write a partition whose every read was inconsistent anyway (marked in the report).
         #[arg(long)]
         allow_inconsistent: bool,
     },
@@ -483,7 +484,7 @@ fn main() -> anyhow::Result<()> {
                     if p.consistent {
                         "consistent"
                     } else {
-                        "INCONSISTENT: committed during the read"
+                        "INCONSISTENT: new cut-offs or a lapsed snapshot during the read"
                     },
                     p.reads,
                     if p.reads == 1 { "" } else { "s" },

@@ -51,9 +51,10 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
     let config = world.config_file(dir.path());
     let tierd = Tierd::spawn(&world, "");
 
-    // 3,000 customers placed, then purchases keep arriving in bursts while exports run.
-    // Every event is a distinct purchase, so a partition that applied input up to offset O
-    // has counted exactly O purchases: the frequencies of a consistent snapshot sum to O.
+    // 3,000 customers placed, then input that never pauses while exports run: purchases,
+    // and erases of customers (some bought again after), so that customers change, appear
+    // and disappear during every read. Erases are dated after every purchase, so each one
+    // removes the customer whatever incarnation they are in.
     let at = "2026-11-01T00:00:00Z";
     let first: Vec<_> = (0..3000)
         .map(|i| purchase(&format!("a{i}"), &format!("c{i}"), "100.00", at))
@@ -74,9 +75,15 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
                 .unwrap();
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                for _ in 0..300 {
-                    let c = format!("c{}", i % 3000);
-                    let e = purchase(&format!("b{i}"), &c, "7000.00", at).to_string();
+                for _ in 0..40 {
+                    let c = format!("c{}", (i * 7) % 3000);
+                    let e = if i % 10 == 9 {
+                        serde_json::json!({"event_id": format!("x{i}"), "customer_id": c,
+                            "type": "erase", "occurred_at": "2026-11-04T00:00:00Z"})
+                    } else {
+                        purchase(&format!("b{i}"), &c, "7000.00", "2026-11-03T00:00:00Z")
+                    }
+                    .to_string();
                     producer
                         .send(
                             rdkafka::producer::BaseRecord::to(&input)
@@ -87,45 +94,78 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
                     i += 1;
                 }
                 producer.poll(Duration::from_millis(0));
-                std::thread::sleep(Duration::from_millis(700));
+                std::thread::sleep(Duration::from_millis(5));
             }
             producer.flush(Duration::from_secs(30)).unwrap();
             i
         })
     };
-    let (mut consistent, mut inconsistent) = (0, 0);
-    for _ in 0..8 {
+    let mut exports = Vec::new();
+    for _ in 0..6 {
         let started = std::time::Instant::now();
-        let (code, customers, report, err) =
-            export(&config, &["--allow-inconsistent", "--retries", "0"]);
+        let (code, customers, report, err) = export(&config, &["--retries", "0"]);
         eprintln!("export took {:?}: {err}", started.elapsed());
         assert_eq!(code, 0, "{err}");
         assert_eq!(report.len(), 2, "{err}");
-        for (p, (n, offset, is_consistent)) in &report {
-            let mine: Vec<&serde_json::Value> = customers
-                .values()
-                .filter(|v| v["partition"] == *p)
-                .collect();
-            assert_eq!(mine.len() as u64, *n);
-            let counted: u64 = mine
-                .iter()
-                .map(|v| v["metrics"]["frequency"].as_u64().unwrap())
-                .sum();
-            if *is_consistent {
-                consistent += 1;
-                assert_eq!(
-                    counted as i64, *offset,
-                    "partition {p} reported consistent but its customers counted {counted} purchases, not the {offset} before its offset"
-                );
-            } else {
-                inconsistent += 1;
-            }
-        }
+        assert!(report.values().all(|r| r.2), "{err}");
+        assert!(err.contains("(consistent, 1 read)"), "{err}");
+        exports.push((customers, report));
     }
     stop.store(true, Ordering::Relaxed);
     let sent = feeder.join().unwrap();
-    assert!(consistent > 0, "no read was consistent");
-    eprintln!("{consistent} consistent, {inconsistent} inconsistent partition reads; {sent} purchases sent");
+
+    // Every export is, per partition, exactly the customers the input before its reported
+    // offset leaves (purchases counted, erased customers gone), read back from the topic.
+    let input = world.read_all(&world.input);
+    let mut moved = 0;
+    for (customers, report) in &exports {
+        for (p, (n, offset, _)) in report {
+            let mut expected: HashMap<String, u64> = HashMap::new();
+            for r in input
+                .iter()
+                .filter(|r| r.partition == *p && r.offset < *offset)
+            {
+                let v = r.json();
+                let c = v["customer_id"].as_str().unwrap().to_owned();
+                if v["type"] == "erase" {
+                    expected.remove(&c);
+                } else {
+                    *expected.entry(c).or_default() += 1;
+                }
+            }
+            let got: HashMap<String, u64> = customers
+                .iter()
+                .filter(|(_, v)| v["partition"] == *p)
+                .map(|(c, v)| (c.clone(), v["metrics"]["frequency"].as_u64().unwrap()))
+                .collect();
+            assert_eq!(got.len() as u64, *n);
+            assert!(
+                got == expected,
+                "partition {p} at offset {offset}: {} customers exported, {} expected; first differences: {:?}",
+                got.len(),
+                expected.len(),
+                expected
+                    .iter()
+                    .filter(|(c, f)| got.get(*c) != Some(f))
+                    .take(5)
+                    .map(|(c, f)| (c, f, got.get(c)))
+                    .collect::<Vec<_>>()
+            );
+            moved += 1;
+        }
+    }
+    // The snapshots are closed: nothing is left saved in Redis.
+    let mut conn = world.redis.conn();
+    for p in 0..world.partitions {
+        let keys = world.keys(p);
+        let left: i64 = redis::cmd("EXISTS")
+            .arg(&keys.snapshot)
+            .arg(&keys.snapshot_lease)
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(left, 0, "partition {p} left a snapshot");
+    }
+    eprintln!("{moved} partition snapshots equal the input before their offsets; {sent} events sent during the exports");
 
     // Quiet: the export is every stored customer as the API shows them.
     let ends: BTreeMap<i32, i64> = (0..world.partitions)
@@ -154,12 +194,23 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 3000);
+    let mut expected: HashMap<String, u64> = HashMap::new();
+    for r in &input {
+        let v = r.json();
+        let c = v["customer_id"].as_str().unwrap().to_owned();
+        if v["type"] == "erase" {
+            expected.remove(&c);
+        } else {
+            *expected.entry(c).or_default() += 1;
+        }
+    }
+    assert_eq!(lines.len(), expected.len());
     for line in &lines {
         let id = line["customer_id"].as_str().unwrap();
         let state = world.customer_state(id).unwrap();
         assert_eq!(line["tier"].as_str(), state.tier.as_deref(), "{id}");
         assert_eq!(line["metrics"]["frequency"], state.count, "{id}");
+        assert_eq!(Some(state.count), expected.get(id).copied(), "{id}");
         let (_, api) = tierd.get(&format!("/v1/customers/{id}"));
         let api: serde_json::Value = serde_json::from_str(&api).unwrap();
         assert_eq!(api["tier"], line["tier"], "{id}");
@@ -167,18 +218,20 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
         assert_eq!(api["partition"], line["partition"], "{id}");
     }
     let total: u64 = report.values().map(|r| r.0).sum();
-    assert_eq!(total, 3000);
+    assert_eq!(total as usize, expected.len());
     assert_eq!(
         report.values().map(|r| r.1).sum::<i64>(),
         ends.values().sum::<i64>()
     );
 }
 
-/// A partition that commits during every read (its commit count moved on meanwhile, here
-/// by hand, deterministically) is read again up to `--retries`, then the export stops naming
-/// it and leaves no output file; `--allow-inconsistent` writes it marked as such.
+/// A partition whose snapshot lease is lost during every read (deleted by hand, without
+/// pause, as if the export stalled past its time to live each time) is read again up to
+/// `--retries`, then the export stops naming it and leaves no output file;
+/// `--allow-inconsistent` writes it marked as such. A partition another export holds is
+/// refused naming that export.
 #[test]
-fn a_partition_that_commits_during_every_read_is_refused_or_marked() {
+fn a_partition_whose_snapshot_lapses_during_every_read_is_refused_or_marked() {
     let world = World::start(2);
     let dir = tempfile::tempdir().unwrap();
     let config = world.config_file(dir.path());
@@ -197,29 +250,60 @@ fn a_partition_that_commits_during_every_read_is_refused_or_marked() {
     world.wait_applied_by(&tierd, &ends, Duration::from_secs(60));
     assert_eq!(tierd.terminate(), Some(0));
 
-    // Partition 0's commit count moves on without pause, as under a commit per millisecond.
+    let out = dir.path().join("export.jsonl");
+    let out_arg = out.display().to_string();
+    // Another export's lease on partition 1.
+    let mut conn = world.redis.conn();
+    let lease = world.keys(1).snapshot_lease;
+    let _: () = redis::cmd("SET")
+        .arg(&lease)
+        .arg("tierd-export:other")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut conn)
+        .unwrap();
+    let (code, _, _, err) = export(&config, &["--output", &out_arg]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("partition 1: another export (tierd-export:other) is reading it"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a failed export left {}", out.display());
+    // A reset that would remove the state under an export's snapshot waits for it.
+    let (code, _, err) = support::tierd_cli(&[
+        "offsets",
+        "reset",
+        "--config",
+        &config,
+        "--to-earliest",
+        "--clear-state",
+        "--partition",
+        "1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("partition 1 is being read by an export (tierd-export:other)"),
+        "{err}"
+    );
+    assert!(world.customer_state("c1").is_some() || world.customer_state("c0").is_some());
+    let _: () = redis::cmd("DEL").arg(&lease).query(&mut conn).unwrap();
+
+    // Partition 0's lease disappears without pause.
     let stop = Arc::new(AtomicBool::new(false));
-    let bumper = {
+    let remover = {
         let stop = stop.clone();
-        let meta = world.keys(0).meta;
+        let lease = world.keys(0).snapshot_lease;
         let mut conn = world.redis.conn();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let _: i64 = redis::cmd("HINCRBY")
-                    .arg(&meta)
-                    .arg("commits")
-                    .arg(1)
-                    .query(&mut conn)
-                    .unwrap();
+                let _: i64 = redis::cmd("DEL").arg(&lease).query(&mut conn).unwrap();
             }
         })
     };
-    let out = dir.path().join("export.jsonl");
-    let out_arg = out.display().to_string();
     let (code, _, _, err) = export(&config, &["--retries", "2", "--output", &out_arg]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("partition 0 committed during each of its 3 reads"),
+        err.contains("partition 0: each of its 3 reads was inconsistent"),
         "{err}"
     );
     assert!(!out.exists(), "a failed export left {}", out.display());
@@ -240,7 +324,7 @@ fn a_partition_that_commits_during_every_read_is_refused_or_marked() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        err.contains("INCONSISTENT: committed during the read, 2 reads"),
+        err.contains("INCONSISTENT: new cut-offs or a lapsed snapshot during the read, 2 reads"),
         "{err}"
     );
     assert!(!report[&0].2 && report[&1].2, "{err}");
@@ -250,7 +334,7 @@ fn a_partition_that_commits_during_every_read_is_refused_or_marked() {
         "every customer once"
     );
     stop.store(true, Ordering::Relaxed);
-    bumper.join().unwrap();
+    remover.join().unwrap();
     let (code, _, report, err) = export(&config, &["--output", &out_arg]);
     assert_eq!(code, 0, "{err}");
     assert!(report.values().all(|r| r.2), "{err}");

@@ -27,6 +27,12 @@ pub struct PartitionKeys {
     pub tier_counts: String,
     /// Hash (meaningful on partition 0 only): the rank cut-offs in force, `version` + `data`.
     pub cutoffs: String,
+    /// String with a TTL: the id of the `tierd export` reading a snapshot of the partition
+    /// (`store::snapshot`); while it exists, commits save what they overwrite.
+    pub snapshot_lease: String,
+    /// Hash: state key → its value when the snapshot opened (`''`: absent then), saved by
+    /// the first commit that writes the key while the lease exists.
+    pub snapshot: String,
     /// Base of the key names (`<prefix>:{<group>:<topic>:<partition>}`).
     base: String,
     /// Prefix of customer state keys (`<prefix><customer_id>`), each one state in its stored form (`model::stored`).
@@ -83,6 +89,8 @@ impl Keyspace {
             timers: format!("{base}:timers"),
             tier_counts: format!("{base}:tiers"),
             cutoffs: format!("{base}:cutoffs"),
+            snapshot_lease: format!("{base}:snapshot:lease"),
+            snapshot: format!("{base}:snapshot"),
             customer_prefix: format!("{base}:c:"),
             base,
         }
@@ -134,6 +142,8 @@ mod tests {
             &k.outbox,
             &k.parked,
             &k.timers,
+            &k.snapshot_lease,
+            &k.snapshot,
             &k.customer("c{1}"),
         ] {
             assert!(key.starts_with("tierd:{g:purchases:3}:"), "{key}");
@@ -151,6 +161,8 @@ mod tests {
         assert_eq!(k.timers, "tierd:{g:purchases:3}:timers");
         assert_eq!(k.tier_counts, "tierd:{g:purchases:3}:tiers");
         assert_eq!(k.cutoffs, "tierd:{g:purchases:3}:cutoffs");
+        assert_eq!(k.snapshot_lease, "tierd:{g:purchases:3}:snapshot:lease");
+        assert_eq!(k.snapshot, "tierd:{g:purchases:3}:snapshot");
         assert_eq!(k.rank("value"), "tierd:{g:purchases:3}:rank:value");
         assert_eq!(k.customer("c1"), "tierd:{g:purchases:3}:c:c1");
         assert_eq!(k.customer_id("tierd:{g:purchases:3}:c:c1"), Some("c1"));

@@ -1,20 +1,22 @@
 //! `tierd export`: every stored customer as JSON Lines (tier, metrics, scores, the rule that
 //! placed them, their next move: what the API shows), read-only, consistent per partition.
 //!
-//! A partition is read with `SCAN` while tierd may commit to it. Every write of a customer's
-//! state goes through the commit script, which counts it in the partition's meta (`commits`),
-//! so a partition whose count (and stored offset) is the same before and after its read was
-//! read between two commits: a consistent snapshot of its stored states after the input before
-//! `next_offset`. Under rank rules the values and scores shown are computed under the cut-offs
-//! published when the read began, and a read during which new ones were published counts as
-//! raced too.
-//! A partition that committed meanwhile is read again (its lines are staged in a temporary
-//! file and written out only once a read was consistent), up to `retries` times; then the
-//! export fails naming it, unless inconsistent partitions are allowed (marked in the report).
+//! Each partition is read through a snapshot ([`crate::store::snapshot`]): opened in one
+//! atomic step with the partition's position (its stored next offset), read while tierd keeps
+//! committing (a commit saves what it overwrites first), so every partition's lines are its
+//! stored states after exactly the input before that offset, however busy its input. Under rank
+//! rules the values and scores shown are computed under the cut-offs published when the read
+//! began; a read during which new ones were published, or whose snapshot lease lapsed (the
+//! export stalled for longer than its time to live), is not consistent and is read again (its
+//! lines are staged in a temporary file and written out only once a read was consistent), up
+//! to `retries` times; then the export fails naming the partition, unless inconsistent
+//! partitions are allowed (marked in the report).
 
 use super::{Store, ToolError};
 use crate::config::{ClockMode, Config};
 use crate::engine::rules::Rules;
+use crate::model::CustomerState;
+use crate::store::snapshot::{Opened, SnapshotError};
 use std::io::{Seek, Write};
 
 /// How one partition was exported.
@@ -41,13 +43,31 @@ pub enum ExportError {
     /// Writing the output failed.
     #[error("writing the export: {0}")]
     Io(#[from] std::io::Error),
-    /// A partition committed during every read.
-    #[error("partition {partition} committed during each of its {reads} reads: export while its input is quieter, raise --retries, or pass --allow-inconsistent (the partition is then marked inconsistent in the report)")]
+    /// Every read of a partition was inconsistent.
+    #[error("partition {partition}: each of its {reads} reads was inconsistent (new rank cut-offs published during it, or its snapshot lease lapsed): raise --retries, or pass --allow-inconsistent (the partition is then marked inconsistent in the report)")]
     Busy {
         /// The partition.
         partition: i32,
         /// Reads tried.
         reads: u32,
+    },
+    /// Another export holds the partition's snapshot.
+    #[error("partition {partition}: another export ({holder}) is reading it: wait for it to finish (its lease lapses {lease_s} s after it stops)")]
+    Exporting {
+        /// The partition.
+        partition: i32,
+        /// The other export's id.
+        holder: String,
+        /// The lease's time to live, seconds.
+        lease_s: u64,
+    },
+    /// The snapshot script replied something unexpected.
+    #[error("partition {partition}: {message}")]
+    Snapshot {
+        /// The partition.
+        partition: i32,
+        /// What happened.
+        message: String,
     },
 }
 
@@ -75,11 +95,17 @@ pub fn run(
     };
     let mut report = Vec::new();
     let mut written = 0;
+    // Unique per run: a lease left by a dead export is never taken for this one's.
+    let id = format!(
+        "tierd-export:{}:{}:{}",
+        std::process::id(),
+        crate::model::time::now_ms(),
+        hostname()
+    );
     for partition in 0..store.partitions {
         let mut reads = 0;
         let (staged, customers, next_offset, consistent) = loop {
             reads += 1;
-            let before = store.commit_mark(partition)?;
             // Cut-offs in force for the ranks this read shows (rules without ranks: none).
             let ranked = !rules.ranks().is_empty();
             let cutoffs = if ranked {
@@ -87,40 +113,31 @@ pub fn run(
             } else {
                 Default::default()
             };
-            // SCAN may return a key twice (the keyspace resized meanwhile): one line each.
-            let mut seen = std::collections::HashSet::new();
             let mut staged = std::io::BufWriter::new(tempfile::tempfile()?);
             let mut customers = 0u64;
-            let mut failed: Option<std::io::Error> = None;
-            store.for_each_customer_of(partition, 1000, |id, state| {
-                if failed.is_some() || !seen.insert(xxhash_rust::xxh3::xxh3_128(id.as_bytes())) {
-                    return;
-                }
-                let view =
-                    crate::engine::explain::explain(id, &state, rules, &money, now, &cutoffs);
+            let mut emit = |id: &str, state: &CustomerState| -> std::io::Result<()> {
+                let view = crate::engine::explain::explain(id, state, rules, &money, now, &cutoffs);
                 let mut line = serde_json::to_value(view).unwrap_or_default();
                 line["partition"] = partition.into();
-                let result = serde_json::to_writer(&mut staged, &line)
-                    .map_err(std::io::Error::from)
-                    .and_then(|()| staged.write_all(b"\n"));
-                match result {
-                    Ok(()) => customers += 1,
-                    Err(e) => failed = Some(e),
-                }
-            })?;
-            if let Some(e) = failed {
-                return Err(e.into());
-            }
-            let after = store.commit_mark(partition)?;
+                serde_json::to_writer(&mut staged, &line)?;
+                staged.write_all(b"\n")?;
+                customers += 1;
+                Ok(())
+            };
+            let read = read_partition(&mut store, partition, &id, &mut emit);
+            // Closed whatever happened (a lease left behind would lapse by itself).
+            let closed = store.snapshot_close(partition, &id);
+            let (opened, held) = read?;
+            closed.map_err(|e| snapshot_error(&store, partition, e))?;
             // The values and scores shown were computed under `cutoffs`: new ones published
             // during the read make it another moment's too.
             let same_cutoffs = !ranked || store.cutoffs()?.version == cutoffs.version;
-            let consistent = before == after && same_cutoffs;
+            let consistent = held && same_cutoffs;
             if consistent || reads > retries {
                 if !consistent && !allow_inconsistent {
                     return Err(ExportError::Busy { partition, reads });
                 }
-                break (staged, customers, after.1, consistent);
+                break (staged, customers, opened.next_offset, consistent);
             }
         };
         let mut file = staged.into_inner().map_err(|e| e.into_error())?;
@@ -138,4 +155,99 @@ pub fn run(
     }
     out.flush()?;
     Ok(report)
+}
+
+/// Customer keys read per page (and per snapshot read).
+const PAGE: usize = 1000;
+
+/// Reads every customer of `partition` as of a snapshot opened now, passing each to `emit`:
+/// the keys `SCAN` finds, read through the snapshot, then the saved values of keys it did not
+/// find (erased during the read). Returns the snapshot's position and whether its lease held
+/// throughout (else the values are partly current ones).
+fn read_partition(
+    store: &mut Store,
+    partition: i32,
+    id: &str,
+    emit: &mut dyn FnMut(&str, &CustomerState) -> std::io::Result<()>,
+) -> Result<(Opened, bool), ExportError> {
+    let opened = store
+        .snapshot_open(partition, id)
+        .map_err(|e| snapshot_error(store, partition, e))?;
+    let keys = store.partition_keys(partition);
+    // SCAN may return a key twice (the keyspace resized meanwhile): one line each.
+    let mut seen = std::collections::HashSet::new();
+    let mut held = true;
+    let mut each = |key: &str, bytes: &[u8]| -> Result<(), ExportError> {
+        let Some(customer) = keys.customer_id(key) else {
+            return Ok(());
+        };
+        if !seen.insert(xxhash_rust::xxh3::xxh3_128(key.as_bytes())) {
+            return Ok(());
+        }
+        let state = crate::model::stored::decode(bytes).map_err(|e| ToolError::Corrupt {
+            key: key.to_owned(),
+            message: e.to_string(),
+        })?;
+        emit(customer, &state)?;
+        Ok(())
+    };
+    let mut cursor = 0;
+    loop {
+        let (next, found) = store.customer_keys(partition, cursor, PAGE)?;
+        if !found.is_empty() {
+            let (ok, values) = store
+                .snapshot_read(partition, id, &found)
+                .map_err(|e| snapshot_error(store, partition, e))?;
+            held &= ok;
+            for (key, value) in found.iter().zip(values) {
+                if let Some(bytes) = value {
+                    each(key, &bytes)?;
+                }
+            }
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut cursor = 0;
+    loop {
+        let (next, saved) = store
+            .snapshot_saved(partition, cursor, PAGE)
+            .map_err(|e| snapshot_error(store, partition, e))?;
+        for (key, bytes) in saved {
+            each(&key, &bytes)?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    // The saved values live as long as the lease: held now, they were there for the scan.
+    let (ok, _) = store
+        .snapshot_read(partition, id, &[])
+        .map_err(|e| snapshot_error(store, partition, e))?;
+    Ok((opened, held && ok))
+}
+
+fn snapshot_error(store: &Store, partition: i32, e: SnapshotError) -> ExportError {
+    match e {
+        SnapshotError::Redis(source) => ExportError::Tool(ToolError::Redis {
+            url: store.url().to_owned(),
+            source,
+        }),
+        SnapshotError::Busy(holder) => ExportError::Exporting {
+            partition,
+            holder,
+            lease_s: crate::store::snapshot::LEASE_MS / 1000,
+        },
+        SnapshotError::Reply(message) => ExportError::Snapshot { partition, message },
+    }
+}
+
+/// This host's name, for the export's id (empty if unknown).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }

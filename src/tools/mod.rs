@@ -12,6 +12,7 @@ pub mod simulate;
 use crate::config::Config;
 use crate::model::CustomerState;
 use crate::store::keys::Keyspace;
+use crate::store::snapshot::{self, SnapshotError};
 use crate::store::views::{self, ViewError};
 
 /// Why a tool failed.
@@ -264,6 +265,98 @@ impl Store {
             url: self.url.clone(),
             source,
         })
+    }
+
+    /// Opens a snapshot of `partition` for the export `id` ([`snapshot::open`]).
+    ///
+    /// # Errors
+    /// [`SnapshotError`].
+    pub fn snapshot_open(
+        &mut self,
+        partition: i32,
+        id: &str,
+    ) -> Result<snapshot::Opened, SnapshotError> {
+        let keys = self.keyspace.partition(partition);
+        self.runtime
+            .block_on(snapshot::open(&mut self.conn, &keys, id))
+    }
+
+    /// The next page of `partition`'s customer keys from `cursor` (0 to start; SCAN's
+    /// guarantees): (next cursor, 0 at the end; the keys).
+    ///
+    /// # Errors
+    /// [`ToolError::Redis`].
+    pub fn customer_keys(
+        &mut self,
+        partition: i32,
+        cursor: u64,
+        page: usize,
+    ) -> Result<(u64, Vec<String>), ToolError> {
+        let pattern = self.keyspace.partition(partition).customer_pattern();
+        let found = self.runtime.block_on(
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(page)
+                .query_async::<(u64, Vec<String>)>(&mut self.conn),
+        );
+        found.map_err(|source| ToolError::Redis {
+            url: self.url.clone(),
+            source,
+        })
+    }
+
+    /// Reads state keys of `partition` through the export `id`'s snapshot
+    /// ([`snapshot::read`]).
+    ///
+    /// # Errors
+    /// [`SnapshotError`].
+    pub fn snapshot_read(
+        &mut self,
+        partition: i32,
+        id: &str,
+        state_keys: &[String],
+    ) -> Result<snapshot::Read, SnapshotError> {
+        let keys = self.keyspace.partition(partition);
+        self.runtime
+            .block_on(snapshot::read(&mut self.conn, &keys, id, state_keys))
+    }
+
+    /// A page of the values saved for `partition`'s snapshot ([`snapshot::saved`]).
+    ///
+    /// # Errors
+    /// [`SnapshotError`].
+    pub fn snapshot_saved(
+        &mut self,
+        partition: i32,
+        cursor: u64,
+        page: usize,
+    ) -> Result<snapshot::SavedPage, SnapshotError> {
+        let keys = self.keyspace.partition(partition);
+        self.runtime
+            .block_on(snapshot::saved(&mut self.conn, &keys, cursor, page))
+    }
+
+    /// Closes the export `id`'s snapshot of `partition`.
+    ///
+    /// # Errors
+    /// [`SnapshotError`].
+    pub fn snapshot_close(&mut self, partition: i32, id: &str) -> Result<(), SnapshotError> {
+        let keys = self.keyspace.partition(partition);
+        self.runtime
+            .block_on(snapshot::close(&mut self.conn, &keys, id))
+    }
+
+    /// The keys of `partition`.
+    pub fn partition_keys(&self, partition: i32) -> crate::store::keys::PartitionKeys {
+        self.keyspace.partition(partition)
+    }
+
+    /// `redis.url`, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// A partition's commit count and stored next offset (`commits`, `next_offset` of its

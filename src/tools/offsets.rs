@@ -375,6 +375,7 @@ pub fn reset(
         call.key(&keys.outbox)
             .key(&keys.timers)
             .key(&keys.tier_counts)
+            .key(&keys.snapshot_lease)
             .arg(to)
             .arg(if clear_state { "1" } else { "0" })
             .arg(epoch.unwrap_or_default())
@@ -386,6 +387,12 @@ pub fn reset(
         let reply: Vec<String> = store.invoke(&call)?;
         match reply.first().map(String::as_str) {
             Some("OK") => {}
+            Some("EXPORTING") => {
+                return Err(OffsetsError::Refused(format!(
+                    "partition {partition} is being read by an export ({}): let it finish, then reset",
+                    reply.get(1).map_or("?", String::as_str)
+                )))
+            }
             Some("OUTBOX") => {
                 return Err(OffsetsError::Refused(format!(
                     "partition {partition} has {} changes not published yet: start tierd until its outbox is empty (tierd_outbox_depth 0), stop it, then reset",

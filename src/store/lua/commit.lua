@@ -3,7 +3,8 @@
 --
 -- KEYS[1] meta hash {epoch, next_offset, offset_epoch, offset_topic, commits, clock, rules,
 -- sweep, cutoffs, rerank, versions, seq_floor}
--- KEYS[2] outbox stream   KEYS[3] tier counts hash   KEYS[4..s-1] sorted sets (timers, ranks)
+-- KEYS[2] outbox stream   KEYS[3] tier counts hash   KEYS[4] export snapshot lease
+-- KEYS[5] export snapshot hash (snapshot.lua)   KEYS[6..s-1] sorted sets (timers, ranks)
 -- KEYS[s..] customer state keys, one per value at the end of ARGV (s = ARGV[9])
 -- ARGV[1] owner epoch   ARGV[2] the next offset the owner believes is stored (-1: none)
 -- ARGV[3] batch first offset   ARGV[4] batch end offset (exclusive; equal to the first for a
@@ -84,13 +85,23 @@ for _ = 1, c do
   redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
+-- While a `tierd export` reads a snapshot of the partition (its lease exists), the value a
+-- state key had when the snapshot opened is saved before its first overwrite or deletion
+-- ('' : absent then), with the lease's time to live.
+local saving = redis.call('EXISTS', KEYS[4]) == 1
 for k = first_state, #KEYS do
+  if saving and redis.call('HEXISTS', KEYS[5], KEYS[k]) == 0 then
+    redis.call('HSET', KEYS[5], KEYS[k], redis.call('GET', KEYS[k]) or '')
+  end
   if ARGV[i] == '' then
     redis.call('DEL', KEYS[k])
   else
     redis.call('SET', KEYS[k], ARGV[i])
   end
   i = i + 1
+end
+if saving then
+  redis.call('PEXPIRE', KEYS[5], math.max(redis.call('PTTL', KEYS[4]), 1))
 end
 redis.call('HSET', meta, 'next_offset', ARGV[4], 'commits', tostring(commits + 1))
 -- The topic id the offset was read from stays paired with it (see claim.lua).

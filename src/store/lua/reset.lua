@@ -2,6 +2,8 @@
 -- of it happens or none (no claim or commit can interleave, no half-done reset is left).
 --
 -- KEYS[1] meta hash   KEYS[2] outbox stream   KEYS[3] timer index   KEYS[4] tier counts
+-- KEYS[5] the lease of an export's snapshot (snapshot.lua): a state removed under it would
+-- be missing from the export, so nothing is changed while it exists
 -- ARGV[1] the new next offset
 -- ARGV[2] '1': remove the partition's state (customers, timers, rank sets, tier counts) and
 --         what belonged to it in meta; '0': keep it
@@ -11,13 +13,17 @@
 -- ARGV[6] SCAN pattern of the partition's customer keys, ARGV[7] of its rank sets
 -- ARGV[8] the sequence floor to store ('' : unchanged)
 -- Returns {'OK', customers removed} | {'MOVED', epoch, next offset, commits}
---       | {'OUTBOX', entries not published yet}
+--       | {'OUTBOX', entries not published yet} | {'EXPORTING', the export's id}
 local meta = KEYS[1]
 local epoch = redis.call('HGET', meta, 'epoch') or ''
 local stored = redis.call('HGET', meta, 'next_offset') or ''
 local commits = redis.call('HGET', meta, 'commits') or ''
 if epoch ~= ARGV[3] or stored ~= ARGV[4] or commits ~= ARGV[5] then
   return {'MOVED', epoch, stored, commits}
+end
+local exporting = redis.call('GET', KEYS[5])
+if exporting and ARGV[2] == '1' then
+  return {'EXPORTING', exporting}
 end
 local removed = 0
 if ARGV[2] == '1' then

@@ -72,12 +72,12 @@ pub enum SortedSet {
 }
 
 impl SortedSet {
-    /// Its 1-based position among the commit script's `KEYS` (meta, outbox, tier counts, then
-    /// the timer index and the rank sets).
+    /// Its 1-based position among the commit script's `KEYS` (meta, outbox, tier counts,
+    /// the export snapshot's lease and hash, then the timer index and the rank sets).
     fn key_index(self) -> usize {
         match self {
-            Self::Timers => 4,
-            Self::Rank(r) => 5 + r,
+            Self::Timers => 6,
+            Self::Rank(r) => 7 + r,
         }
     }
 }
@@ -100,11 +100,13 @@ pub async fn commit(
     inv.key(&keys.meta)
         .key(&keys.outbox)
         .key(&keys.tier_counts)
+        .key(&keys.snapshot_lease)
+        .key(&keys.snapshot)
         .key(&keys.timers);
     for k in rank_keys {
         inv.key(k);
     }
-    let first_state = 5 + rank_keys.len();
+    let first_state = 7 + rank_keys.len();
     for (k, _) in &batch.states {
         inv.key(k);
     }
