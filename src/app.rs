@@ -33,7 +33,7 @@ pub enum StartError {
     #[error("redis.url: cannot use Redis: {0}")]
     Redis(redis::RedisError),
     /// Redis may evict tierd's keys under memory pressure.
-    #[error("redis.url: the server's maxmemory-policy is `{policy}`, which may evict tierd's keys (customer state, partition offsets, the outbox) and lose them without a trace; set maxmemory-policy to `noeviction` (or a `volatile-*` policy: tierd's keys have no TTL)")]
+    #[error("redis.url: the server's maxmemory-policy is `{policy}`, which may evict tierd's keys (customer state, partition offsets, the outbox) and lose them without a trace; set maxmemory-policy to `noeviction` (or a `volatile-*` policy: tierd's keys have no TTL, but for an export's snapshot, whose eviction only makes the export read again)")]
     Eviction {
         /// The server's policy.
         policy: String,

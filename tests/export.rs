@@ -52,9 +52,9 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
     let tierd = Tierd::spawn(&world, "");
 
     // 3,000 customers placed, then input that never pauses while exports run: purchases,
-    // and erases of customers (some bought again after), so that customers change, appear
-    // and disappear during every read. Erases are dated after every purchase, so each one
-    // removes the customer whatever incarnation they are in.
+    // and erases of customers who buy again after, so that customers change, appear and
+    // disappear during every read. Erases are dated after every purchase, so each one removes
+    // the customer whatever incarnation they are in.
     let at = "2026-11-01T00:00:00Z";
     let first: Vec<_> = (0..3000)
         .map(|i| purchase(&format!("a{i}"), &format!("c{i}"), "100.00", at))
@@ -76,12 +76,22 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 for _ in 0..40 {
+                    // Each customer gets both purchases and erases (11 is prime to the 3,000
+                    // customers), so customers are erased, created again and changed during
+                    // the reads; purchases are a millisecond apart (none too late for the
+                    // dedup memory) and erases dated after all of them.
                     let c = format!("c{}", (i * 7) % 3000);
-                    let e = if i % 10 == 9 {
+                    let e = if i % 11 == 10 {
                         serde_json::json!({"event_id": format!("x{i}"), "customer_id": c,
                             "type": "erase", "occurred_at": "2026-11-04T00:00:00Z"})
                     } else {
-                        purchase(&format!("b{i}"), &c, "7000.00", "2026-11-03T00:00:00Z")
+                        let ms = 1_793_664_000_000 + i64::try_from(i).unwrap(); // 2026-11-03
+                        purchase(
+                            &format!("b{i}"),
+                            &c,
+                            "7000.00",
+                            &tierd::model::time::format_ms(ms),
+                        )
                     }
                     .to_string();
                     producer
@@ -335,6 +345,27 @@ fn a_partition_whose_snapshot_lapses_during_every_read_is_refused_or_marked() {
     );
     stop.store(true, Ordering::Relaxed);
     remover.join().unwrap();
+    // The saved copies evicted (a `volatile-*` policy may evict them; the lease stays): the
+    // read is void too.
+    let stop = Arc::new(AtomicBool::new(false));
+    let evictor = {
+        let stop = stop.clone();
+        let hash = world.keys(0).snapshot;
+        let mut conn = world.redis.conn();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _: i64 = redis::cmd("DEL").arg(&hash).query(&mut conn).unwrap();
+            }
+        })
+    };
+    let (code, _, _, err) = export(&config, &["--retries", "0", "--output", &out_arg]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("partition 0: each of its 1 reads was inconsistent"),
+        "{err}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    evictor.join().unwrap();
     let (code, _, report, err) = export(&config, &["--output", &out_arg]);
     assert_eq!(code, 0, "{err}");
     assert!(report.values().all(|r| r.2), "{err}");

@@ -229,6 +229,9 @@ name = "member"
         ),
     ];
     let (log, _, world) = replay_in(&rules, &events);
+    for (customer, changes) in &log {
+        eprintln!("{customer}: {changes:?}");
+    }
     // ana: 60,000 points make her silver, not gold (the gift card is no qualifying spend);
     // 1,000 of fuel qualifies her; the refund takes 40,000 points back.
     expect(
@@ -261,6 +264,7 @@ name = "member"
             )
         })
         .collect();
+    eprintln!("dead letters: {dead:?}");
     assert_eq!(
         dead,
         [

@@ -138,6 +138,27 @@ impl ChangeReason {
     }
 }
 
+/// The refusal of an event whose `add` would take the lifetime purchases or refunds total
+/// (`totals`, named `names`; of points when `points`) beyond [`MAX_EXACT_TOTAL`].
+fn beyond(
+    kind: EventKind,
+    (bought, refunded): (i128, i128),
+    add: i128,
+    names: [&'static str; 2],
+    points: bool,
+) -> Option<Applied> {
+    let (total_minor, total) = match kind {
+        EventKind::Purchase => (bought + add, names[0]),
+        EventKind::Refund => (refunded + add, names[1]),
+        EventKind::Override | EventKind::Erase => return None,
+    };
+    (total_minor > MAX_EXACT_TOTAL).then_some(Applied::BeyondExactRange {
+        total_minor,
+        total,
+        points,
+    })
+}
+
 impl CustomerState {
     /// What the rules read.
     pub fn facts(&self) -> Facts<'_> {
@@ -193,31 +214,22 @@ impl CustomerState {
         }
         let amount = i128::from(event.amount_minor);
         let points = i128::from(event.points);
-        let beyond = match event.kind {
-            EventKind::Purchase => (self.sum + amount, "purchases"),
-            EventKind::Refund => (self.refunded + amount, "refunds"),
-            EventKind::Override | EventKind::Erase => (0, ""),
-        };
-        if beyond.0 > MAX_EXACT_TOTAL {
-            return Applied::BeyondExactRange {
-                total_minor: beyond.0,
-                total: beyond.1,
-                points: false,
-            };
-        }
-        if points != 0 {
-            let beyond = match event.kind {
-                EventKind::Purchase => (self.points_earned + points, "purchase points"),
-                EventKind::Refund => (self.points_refunded + points, "refunded points"),
-                EventKind::Override | EventKind::Erase => (0, ""),
-            };
-            if beyond.0 > MAX_EXACT_TOTAL {
-                return Applied::BeyondExactRange {
-                    total_minor: beyond.0,
-                    total: beyond.1,
-                    points: true,
-                };
-            }
+        let refused = beyond(
+            event.kind,
+            (self.sum, self.refunded),
+            amount,
+            ["purchases", "refunds"],
+            false,
+        )
+        .or_else(|| {
+            let totals = (self.points_earned, self.points_refunded);
+            let names = ["purchase points", "refunded points"];
+            (points != 0)
+                .then(|| beyond(event.kind, totals, points, names, true))
+                .flatten()
+        });
+        if let Some(refused) = refused {
+            return refused;
         }
         let trigger = match (&event.kind, &event.pin) {
             (EventKind::Purchase, _) => {

@@ -4,7 +4,9 @@
 //! Each partition is read through a snapshot ([`crate::store::snapshot`]): opened in one
 //! atomic step with the partition's position (its stored next offset), read while tierd keeps
 //! committing (a commit saves what it overwrites first), so every partition's lines are its
-//! stored states after exactly the input before that offset, however busy its input. Under rank
+//! stored states at the moment that offset was stored (the input before it applied; timers,
+//! a rules sweep or a re-ranking may also have changed states since the offset last moved),
+//! however busy its input. Under rank
 //! rules the values and scores shown are computed under the cut-offs published when the read
 //! began; a read during which new ones were published, or whose snapshot lease lapsed (the
 //! export stalled for longer than its time to live), is not consistent and is read again (its
@@ -95,12 +97,18 @@ pub fn run(
     };
     let mut report = Vec::new();
     let mut written = 0;
-    // Unique per run: a lease left by a dead export is never taken for this one's.
+    // Unique per run (a random part: two containers may share a pid, a host name and a
+    // millisecond): a lease is only ever this run's or another's.
     let id = format!(
-        "tierd-export:{}:{}:{}",
+        "tierd-export:{}:{}:{:016x}",
+        hostname(),
         std::process::id(),
-        crate::model::time::now_ms(),
-        hostname()
+        {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_i64(crate::model::time::now_ms());
+            h.finish()
+        }
     );
     for partition in 0..store.partitions {
         let mut reads = 0;
@@ -191,18 +199,17 @@ fn read_partition(
         emit(customer, &state)?;
         Ok(())
     };
+    // Every page renews the lease (a page of SCAN may find no key of this partition).
     let mut cursor = 0;
     loop {
         let (next, found) = store.customer_keys(partition, cursor, PAGE)?;
-        if !found.is_empty() {
-            let (ok, values) = store
-                .snapshot_read(partition, id, &found)
-                .map_err(|e| snapshot_error(store, partition, e))?;
-            held &= ok;
-            for (key, value) in found.iter().zip(values) {
-                if let Some(bytes) = value {
-                    each(key, &bytes)?;
-                }
+        let (ok, values) = store
+            .snapshot_read(partition, id, &found)
+            .map_err(|e| snapshot_error(store, partition, e))?;
+        held &= ok;
+        for (key, value) in found.iter().zip(values) {
+            if let Some(bytes) = value {
+                each(key, &bytes)?;
             }
         }
         if next == 0 {
@@ -218,16 +225,18 @@ fn read_partition(
         for (key, bytes) in saved {
             each(&key, &bytes)?;
         }
+        // Renewed, and checked: the saved values live as long as the lease, so held after
+        // this page, they were all there for it.
+        let (ok, _) = store
+            .snapshot_read(partition, id, &[])
+            .map_err(|e| snapshot_error(store, partition, e))?;
+        held &= ok;
         if next == 0 {
             break;
         }
         cursor = next;
     }
-    // The saved values live as long as the lease: held now, they were there for the scan.
-    let (ok, _) = store
-        .snapshot_read(partition, id, &[])
-        .map_err(|e| snapshot_error(store, partition, e))?;
-    Ok((opened, held && ok))
+    Ok((opened, held))
 }
 
 fn snapshot_error(store: &Store, partition: i32, e: SnapshotError) -> ExportError {

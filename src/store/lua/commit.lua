@@ -87,8 +87,13 @@ for _ = 1, c do
 end
 -- While a `tierd export` reads a snapshot of the partition (its lease exists), the value a
 -- state key had when the snapshot opened is saved before its first overwrite or deletion
--- ('' : absent then), with the lease's time to live.
+-- ('' : absent then), with the lease's time to live. A hash without its '~open' field was
+-- evicted: the snapshot is void, its lease removed (the export sees it lapsed).
 local saving = redis.call('EXISTS', KEYS[4]) == 1
+if saving and redis.call('HEXISTS', KEYS[5], '~open') == 0 then
+  redis.call('DEL', KEYS[4], KEYS[5])
+  saving = false
+end
 for k = first_state, #KEYS do
   if saving and redis.call('HEXISTS', KEYS[5], KEYS[k]) == 0 then
     redis.call('HSET', KEYS[5], KEYS[k], redis.call('GET', KEYS[k]) or '')
