@@ -217,10 +217,27 @@ fn day_index(ms: i64) -> i32 {
     i32::try_from(ms.div_euclid(DAY_MS)).unwrap_or(if ms < 0 { i32::MIN } else { i32::MAX })
 }
 
-/// Month bucket index (`year * 12 + month - 1`) of a UTC reading.
+/// Month bucket index (`year * 12 + month - 1`) of a UTC reading; readings beyond the years
+/// ±9999 (the `time` crate's range) count as January 1970, as they always did.
+///
+/// Integer arithmetic (H. Hinnant's `civil_from_days`, exact over the proleptic Gregorian
+/// calendar) rather than a `time` date: it runs several times per event for every month
+/// window (bucket, window bounds, expiry), and the date conversion was ~8 % of the
+/// per-event instructions under rules with three month windows (docs/performance.md).
+/// Pinned against `time` by a property test.
 fn month_index(ms: i64) -> i32 {
-    let t = datetime(ms);
-    t.year() * 12 + i32::from(u8::from(t.month())) - 1
+    let z = ms.div_euclid(DAY_MS) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    if !(-9999..=9999).contains(&year) {
+        return 1970 * 12;
+    }
+    i32::try_from(year * 12 + month - 1).expect("years within ±9999")
 }
 
 /// Start (Unix ms) of a month bucket, UTC.
@@ -233,6 +250,43 @@ fn month_start(month_index: i32) -> i64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn month_index_at_the_edges_of_the_range() {
+        let last = datetime(0)
+            .replace_date(Date::from_calendar_date(9999, Month::December, 31).unwrap())
+            .unix_timestamp()
+            * 1000
+            + DAY_MS
+            - 1;
+        let first = Date::from_calendar_date(-9999, Month::January, 1)
+            .map(to_ms)
+            .unwrap();
+        for ms in [last, last + 1, first, first - 1, i64::MIN, i64::MAX, 0, -1] {
+            let t = datetime(ms);
+            assert_eq!(
+                month_index(ms),
+                t.year() * 12 + i32::from(u8::from(t.month())) - 1,
+                "{ms}"
+            );
+        }
+        assert_eq!(month_index(last), 9999 * 12 + 11);
+        assert_eq!(month_index(last + 1), 1970 * 12);
+    }
+
+    proptest::proptest! {
+        /// The arithmetic month index equals the `time` crate's date, over its whole range
+        /// and beyond (where both give January 1970).
+        #[test]
+        fn month_index_is_the_calendar_month(ms in proptest::prelude::any::<i64>(), near in -400_000_000_000_000i64..400_000_000_000_000) {
+            for ms in [ms, near, near - near.rem_euclid(DAY_MS), near - near.rem_euclid(DAY_MS) - 1] {
+                let t = datetime(ms);
+                let expected = t.year() * 12 + i32::from(u8::from(t.month())) - 1;
+                proptest::prop_assert_eq!(month_index(ms), expected, "{}", ms);
+            }
+        }
+    }
+
     use super::*;
     use crate::model::time::parse_rfc3339_ms;
 

@@ -225,7 +225,7 @@ impl Facts<'_> {
             Operand::Points => Value::Num(Ratio::int(self.points)),
             Operand::Window(i, field) => {
                 let w = &windows[i];
-                let t = self.totals(w, cal, now);
+                let t = self.totals(w, field == WindowField::Points, cal, now);
                 match field {
                     WindowField::Count => Value::Num(Ratio::int(i128::from(t.count))),
                     WindowField::Sum => Value::Num(Ratio::int(t.sum)),
@@ -263,22 +263,18 @@ impl Facts<'_> {
 
     /// Window `w`'s totals at `now`: a filtered window's from its series; any other's count
     /// and sum from the plain buckets (so reading a window's points never hides the history
-    /// it counted before), its points from its points series.
+    /// it counted before), or, when `points` are asked, from its points series (then only
+    /// `points` is meaningful).
     pub fn totals(
         &self,
         w: &Window,
+        points: bool,
         cal: &crate::model::calendar::Calendar,
         now: i64,
     ) -> super::window::Totals {
         match w.series {
-            Some(key) if !w.filter.is_empty() => w.totals(self.series_of(key), cal, now),
-            series => {
-                let mut t = w.totals(self.plain(w), cal, now);
-                if let Some(key) = series {
-                    t.points = w.totals(self.series_of(key), cal, now).points;
-                }
-                t
-            }
+            Some(key) if points || !w.filter.is_empty() => w.totals(self.series_of(key), cal, now),
+            _ => w.totals(self.plain(w), cal, now),
         }
     }
 
