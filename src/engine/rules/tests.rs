@@ -1377,3 +1377,42 @@ name = "member"
     };
     assert_ne!(f(r#"["app|store"]"#), f(r#"["app", "store"]"#));
 }
+
+/// A recency bound inside a group moves customers by time like any other: its flip point is
+/// a timer (the recency points are gathered from every group's members).
+#[test]
+fn recency_inside_a_group_sets_its_timer() {
+    let r = rules(
+        r#"
+version = "g1"
+[[tiers]]
+name = "active"
+when = [{ any = ["recency_days < 30", { all = ["count >= 5", "recency_days < 90"] }] }]
+[[tiers]]
+name = "lapsed"
+"#,
+    );
+    let mut s = Sim::new(&r);
+    s.buy("2026-01-01T10:00:00Z", 10);
+    s.advance(at("2026-06-01T00:00:00Z"));
+    assert_eq!(
+        s.tiers(),
+        [
+            ("active", "purchase", "2026-01-01"),
+            ("lapsed", "recency", "2026-01-31"),
+        ]
+    );
+    // Five purchases: the `all` member holds until day 90 after the last.
+    let mut loyal = Sim::new(&r);
+    for day in 1..=5 {
+        loyal.buy(&format!("2026-01-0{day}T10:00:00Z"), 10);
+    }
+    loyal.advance(at("2026-06-01T00:00:00Z"));
+    assert_eq!(
+        loyal.tiers(),
+        [
+            ("active", "purchase", "2026-01-01"),
+            ("lapsed", "recency", "2026-04-05"),
+        ]
+    );
+}
