@@ -1150,6 +1150,29 @@ name = "c"
         message.contains("unknown key `either`") && message.contains("line 4"),
         "{message}"
     );
+    // Both keys in one table, and groups nested deeper than 4.
+    let Err(RulesError::Parse { message, .. }) = Rules::parse(
+        "version = \"x\"\n[[tiers]]\nname = \"a\"\nwhen = [{ any = [\"count >= 1\"], all = [\"count >= 2\"] }]\n[[tiers]]\nname = \"b\"\n",
+        "t.toml",
+        2,
+    ) else {
+        panic!("expected a parse error")
+    };
+    assert!(
+        message.contains("a condition group has one key"),
+        "{message}"
+    );
+    let deep = (0..5).fold("\"count >= 1\"".to_owned(), |inner, _| {
+        format!("{{ any = [{inner}] }}")
+    });
+    let p = problems(&format!(
+        "version = \"x\"\n[[tiers]]\nname = \"a\"\nwhen = [{deep}]\n[[tiers]]\nname = \"b\"\n"
+    ));
+    assert!(
+        p.iter().any(|x| x.message.contains("nest at most 4 deep")
+            && x.field == "tiers[0].when[0].any[0].any[0].any[0].any[0]"),
+        "{p:?}"
+    );
     // A later tier whose conditions imply an earlier tier's `any` group is unreachable; one
     // that does not is fine.
     let implied = |gold: &str| {
