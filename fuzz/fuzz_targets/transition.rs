@@ -1,4 +1,5 @@
-//! The state transition on arbitrary event sequences under every shipped rule preset: never a
+//! The state transition on arbitrary event sequences under every shipped rule preset (and the
+//! richer conditions' bench rules): never a
 //! panic or a hang; re-applying what was applied counts nothing again; the state survives its
 //! round trip through the JSON stored in Redis; time only moves a customer forward; the next
 //! timer is never in the past.
@@ -11,7 +12,7 @@ use tierd::engine::rules::Rules;
 use tierd::engine::transition::{Applied, Trigger};
 use tierd::model::{CustomerState, DedupPolicy, Event, EventKind};
 
-const PRESETS: [&str; 13] = [
+const PRESETS: [&str; 14] = [
     include_str!("../../config/rules/abc.toml"),
     include_str!("../../config/rules/airline.toml"),
     include_str!("../../config/rules/b2b-lifetime.toml"),
@@ -25,6 +26,8 @@ const PRESETS: [&str; 13] = [
     include_str!("../../config/rules/rfm-segments.toml"),
     include_str!("../../config/rules/telecom.toml"),
     include_str!("../../config/rules/travel.toml"),
+    // Groups, points and attribute-filtered windows (window series in the stored state).
+    include_str!("../../benches/rules/richer.toml"),
 ];
 
 fn presets() -> &'static [Rules] {
@@ -65,6 +68,13 @@ fuzz_target!(|data: &[u8]| {
             amount_minor: i64::from(u16::from_le_bytes([c[2], c[3]])) * 97,
             occurred_at_ms: START + i64::from(u16::from_le_bytes([c[4], c[5]])) * 3_600_000,
             pin: None,
+            // Points and attributes for the rules that read them (the last preset).
+            points: i64::from(c[0] % 4) * 20_000,
+            attributes: match c[0] % 3 {
+                0 => Vec::new(),
+                1 => vec![("category".into(), "gift_card".into())],
+                _ => vec![("channel".into(), "store".into())],
+            },
         })
         .collect();
     let cutoffs = Cutoffs::default();
