@@ -1777,3 +1777,195 @@ fn a_rollback_during_partition_0s_rank_rules_sweep_never_reuses_a_cut_offs_versi
     }
     assert_one_body_per_change_id(&world, published);
 }
+
+/// `gold` from `gold_from` spent (minimum stay in gold: 30 days), else `basic`.
+fn gold_from(version: &str, gold_from: &str) -> String {
+    format!(
+        "version = \"{version}\"\n[[tiers]]\nname = \"gold\"\nwhen = [\"sum >= {gold_from}\"]\nmin_stay_days = 30\n[[tiers]]\nname = \"basic\"\n"
+    )
+}
+
+/// `c0` moved by the first run and not by a replay that falls back (see
+/// [`a_replay_that_falls_back_tells_customers_the_tier_it_leaves_them_in`]): Redis restored
+/// to before it all, no tierd running.
+struct FellBack {
+    world: World,
+    no_history: &'static str,
+    /// The input offsets the published changes reach.
+    ends: BTreeMap<i32, i64>,
+    /// Records on the output topic before the replay.
+    published: usize,
+    _files: Vec<tempfile::NamedTempFile>,
+}
+
+fn fell_back() -> FellBack {
+    let mut world = World::start(1);
+    let no_history = "[kafka]\nhistory_topic = \"\"\n";
+    let mut files = vec![use_rules(&mut world, &gold_from("gold-1", "100000"))];
+    let mut tierd = Tierd::spawn(&world, no_history);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let at = "2026-11-01T10:00:00Z";
+    let placed = [
+        purchase("e0", "c0", "50000", at),
+        purchase("e1", "c1", "200000", at),
+    ];
+    world.wait_applied(&world.produce_json(&placed), Duration::from_secs(60));
+    world.wait_outbox_drained(0, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+    // Redis will lose everything from here on.
+    let before = world.snapshot();
+    tierd = Tierd::spawn(&world, no_history);
+    let ends = world.produce_json(&[purchase("e2", "c0", "30000", at)]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+    for (version, bound) in [("gold-2", "70000"), ("gold-3", "100000")] {
+        files.push(use_rules(&mut world, &gold_from(version, bound)));
+        let mut t = Tierd::spawn(&world, no_history);
+        wait_sweeps_done(&t, 1.0);
+        world.wait_outbox_drained(0, Duration::from_secs(60));
+        assert_eq!(t.terminate(), Some(0));
+    }
+    let (told, published) = world.assert_fresh_ids_in_order();
+    assert_eq!(
+        told["c0"], "gold",
+        "-2 moved c0 up, -3 kept them (minimum stay)"
+    );
+    assert_eq!(
+        world.customer_state("c0").unwrap().tier.as_deref(),
+        Some("gold")
+    );
+    world.restore(&before);
+    FellBack {
+        world,
+        no_history,
+        ends,
+        published,
+        _files: files,
+    }
+}
+
+impl FellBack {
+    /// Waits until `tierd` replayed the published input under `-3`, then (at most 30 s) for
+    /// `restated` customers told their tier; then checks that every customer's last change
+    /// names the tier Redis holds (`c0`: `basic`, told by a `rules_changed` change from
+    /// `gold`), with ids and sequences as ever, and that nothing is left recorded.
+    fn assert_restated(&self, tierd: &Tierd, restated: f64) {
+        let world = &self.world;
+        let replayed = |world: &World| {
+            let hash = tierd::model::state::rules_hash("gold-3");
+            ["c0", "c1"]
+                .iter()
+                .all(|c| world.customer_state(c).unwrap().rules_hash == hash)
+                && world.partition_meta(0).1 >= self.ends[&0]
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !replayed(world) {
+            assert!(
+                Instant::now() < deadline,
+                "not replayed:\n{}",
+                tierd.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tierd.metric("tierd_tiers_restated_total") < restated && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        world.wait_outbox_drained(0, Duration::from_secs(60));
+        let log = tierd.log_text();
+        // Without the restatement, these fail (`c0`: `gold`, Redis `basic`).
+        let (last, records) = world.assert_fresh_ids_in_order();
+        for c in ["c0", "c1"] {
+            let state = world.customer_state(c).unwrap();
+            assert_eq!(
+                last.get(c),
+                state.tier.as_ref(),
+                "{c}: told the tier Redis holds"
+            );
+        }
+        assert!(records > self.published);
+        assert_eq!(last["c0"], "basic");
+        let c0: Vec<serde_json::Value> = world
+            .read_all(&world.output)
+            .iter()
+            .filter(|r| !r.value.is_empty())
+            .map(support::Record::json)
+            .filter(|c| c["customer_id"] == "c0")
+            .collect();
+        let change = c0.last().unwrap();
+        assert_eq!(change["previous_tier"], "gold", "{change}");
+        assert_eq!(change["tier"], "basic", "{change}");
+        assert_eq!(change["direction"], "down", "{change}");
+        assert_eq!(change["reason"], "rules_changed", "{change}");
+        assert_eq!(change["rules_version"], "gold-3", "{change}");
+        // c0's initial placement and this one: c1 was told nothing again.
+        assert_eq!(c0.iter().filter(|c| c["tier"] == "basic").count(), 2);
+        assert!(log.contains("were told their tier"), "{log}");
+        assert_eq!(tierd.metric("tierd_tiers_restated_total"), restated);
+        assert_eq!(self.pending_restatement(), None);
+    }
+
+    /// The restatement the partition's meta hash records.
+    fn pending_restatement(&self) -> Option<String> {
+        redis::cmd("HGET")
+            .arg(self.world.keys(0).meta)
+            .arg("restate")
+            .query(&mut self.world.redis.conn())
+            .unwrap()
+    }
+}
+
+/// The fallback's residual (issue 11): a replay that falls back to the running rules leaves a
+/// customer the first run moved, and it does not, with a last change naming the first run's
+/// tier. `c0` is in `basic` when Redis is snapshotted; the first run's `-2` (a lower bound)
+/// sweeps them up to `gold`, and `-3` (the old bound again) keeps them there for the minimum
+/// stay. Redis restored, restarted without `-2`'s text anywhere, the replay runs under `-3`:
+/// `c0` never reached `gold` and no change is decided for them. After the replay tierd reads
+/// the output topic back and tells `c0` `basic` (a `rules_changed` change from `gold`, with a
+/// new id above every sequence published); `c1`, told the tier it is in, is not told again.
+#[test]
+fn a_replay_that_falls_back_tells_customers_the_tier_it_leaves_them_in() {
+    let run = fell_back();
+    let tierd = Tierd::spawn(&run.world, run.no_history);
+    run.assert_restated(&tierd, 1.0);
+    let log = tierd.log_text();
+    assert!(log.contains("list its file in rules.history"), "{log}");
+    assert_eq!(tierd.metric("tierd_restate_failures_total"), 0.0);
+}
+
+/// While the output topic cannot be read back, the failure is counted and logged, input flows
+/// again, and the restatement stays recorded with the partition; the next owner (here after
+/// a restart) does it.
+#[test]
+fn a_restatement_that_cannot_read_the_output_topic_is_left_to_the_next_owner() {
+    let run = fell_back();
+    let world = &run.world;
+    let mut tierd = Tierd::spawn_env(
+        world,
+        "",
+        run.no_history,
+        &[("FAILPOINTS", "restate-read=return")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while tierd.metric("tierd_restate_failures_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no failure:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(tierd
+        .log_text()
+        .contains("Cannot read back the output topic"));
+    assert!(run.pending_restatement().is_some(), "recorded");
+    // Input is not held while the read-back waits for its next attempt.
+    let later = world.produce_json(&[purchase("e3", "c1", "10", "2026-11-02T10:00:00Z")]);
+    world.wait_applied(&later, Duration::from_secs(60));
+    assert_eq!(tierd.metric("tierd_tiers_restated_total"), 0.0);
+    assert_eq!(tierd.terminate(), Some(0));
+    assert!(run.pending_restatement().is_some(), "still recorded");
+
+    let tierd = Tierd::spawn(world, run.no_history);
+    run.assert_restated(&tierd, 1.0);
+}

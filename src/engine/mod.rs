@@ -8,10 +8,12 @@
 //! - [`decide`]: the tier policy that turns a target tier into a placement, a timer and notices.
 //! - [`changes`]: the published tier-change and at-risk events of an evaluation.
 //! - [`explain`]: why a customer is where they are (API and tools).
+//! - [`restate`]: the change that tells consumers a tier they were not told (after a replay).
 
 pub mod changes;
 pub mod decide;
 pub mod explain;
+pub mod restate;
 pub mod rules;
 pub mod transition;
 

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod cache;
 pub mod draft;
 pub mod ranks;
+mod restate;
 pub mod runner;
 pub mod supervisor;
 pub mod sweep;

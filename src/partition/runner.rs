@@ -10,6 +10,7 @@
 
 use super::cache::StateCache;
 use super::draft::{Draft, Loaded, Position, Working};
+use super::restate::{Restate, RESTATE_TICK};
 use super::sweep::{Sweep, SweepState};
 use super::timers::EarliestDue;
 use super::{PartitionStatus, Pipeline};
@@ -302,6 +303,8 @@ pub struct Runner {
     /// The partition's sequence floor: changes are numbered above it (see
     /// [`crate::engine::changes::number_above`] and [`sequence_floor`]).
     pub(super) seq_floor: u64,
+    /// A restatement the partition owes its customers ([`super::restate`]).
+    pub(super) restate: Option<Restate>,
     /// This runner's count in `tierd_rules_sweep_partitions_done`.
     pub(super) sweep_done: SweepDoneGauge,
 }
@@ -483,6 +486,7 @@ impl Runner {
             sweep_afresh,
             finish_predecessor,
             seq_floor,
+            restate: Restate::after_claim(claim, inexact),
             last_commit: Instant::now(),
             sweep_done: SweepDoneGauge {
                 gauge: telemetry_sweep_done,
@@ -511,6 +515,7 @@ impl Runner {
         let mut rank_tick = interval(p.ranks.check_every);
         let mut outbox_tick = interval(OUTBOX_CHECK);
         let mut verify_tick = interval(VERIFY_EVERY);
+        let mut restate_tick = interval(RESTATE_TICK);
         match self.sweep {
             SweepState::Done => self.sweep_done.count(),
             SweepState::Running(sweep) if sweep.record.is_none() => events::SweepResumed {
@@ -521,6 +526,9 @@ impl Runner {
             .emit(&p.telemetry),
             _ => {}
         }
+        if let Err(error) = self.record_restate().await {
+            return self.exit(&error);
+        }
         if let Err(error) = self.finish_stored_pass().await {
             return self.exit(&error);
         }
@@ -529,10 +537,12 @@ impl Runner {
         }
         loop {
             let full = self.status.outbox_full.load(Ordering::Relaxed) > 0;
+            // While a restatement waits for the outbox to be published, nothing is decided.
+            let held = self.restate.as_ref().is_some_and(Restate::holds_input);
             let result = tokio::select! {
                 // Past the outbox bound no input is taken (the consumer pauses the partition
                 // once its queue fills); timers, sweeps and re-rankings add little and go on.
-                batch = batches.recv(), if !full => match batch {
+                batch = batches.recv(), if !full && !held => match batch {
                     Some(batch) if batch.is_empty() => continue,
                     Some(batch) => {
                         // Fault injection for the tests (`--features failpoints`).
@@ -543,14 +553,17 @@ impl Runner {
                 },
                 // While a replay is inside the published changes' input, timers fire only at
                 // the recorded passes (see `replay_switches_through`).
-                _ = tick.tick(), if ticking && !self.ticks_held() => {
+                _ = tick.tick(), if ticking && !held && !self.ticks_held() => {
                     let upto = self.wall_timer_horizon(time::now_ms());
                     self.fire_pass(upto).await
                 }
                 _ = sweep_tick.tick(), if self.sweep_running().is_some() => {
                     self.sweep_step().await
                 }
-                _ = rank_tick.tick(), if ranked => self.rank_step().await,
+                _ = rank_tick.tick(), if ranked && !held => self.rank_step().await,
+                _ = restate_tick.tick(), if self.restate.is_some() => {
+                    self.restate_step(&batches).await
+                }
                 _ = outbox_tick.tick(), if full => self.recheck_outbox().await,
                 _ = verify_tick.tick() => {
                     // A quiet partition gives back what its share lost to partitions started

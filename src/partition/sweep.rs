@@ -370,6 +370,8 @@ pub(super) mod tests {
             swept_rules: Some(1),
             cutoffs: None,
             outbox_behind: through.is_some(),
+            restored_outbox_ms: through.map(|_| 0),
+            restate_since: None,
             parked_again: 0,
             replay_cutoffs: Vec::new(),
             replay_passes: Vec::new(),

@@ -6,3 +6,4 @@ pub mod health;
 pub mod position;
 pub mod producer;
 pub mod publisher;
+pub mod readback;

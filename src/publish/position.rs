@@ -699,6 +699,8 @@ pub struct OutboxPositions {
     budget: usize,
     /// The history topic, if one is configured.
     history: Option<HistoryTopic>,
+    /// The settings of the output topic's readers ([`Self::last_told`]) and its name.
+    output: (rdkafka::ClientConfig, String),
 }
 
 /// The history topic (`kafka.history_topic`): an input partition's records go to the
@@ -770,7 +772,21 @@ impl OutboxPositions {
             topic_id: std::sync::Mutex::new((None, None)),
             budget,
             history,
+            output: (
+                super::readback::reader_config(kafka),
+                kafka.output_topic.clone(),
+            ),
         })
+    }
+
+    /// The output topic's reader settings and name.
+    pub(super) fn output_reader(&self) -> (&rdkafka::ClientConfig, &str) {
+        (&self.output.0, &self.output.1)
+    }
+
+    /// The client that reads without waiting for transactions in flight (high watermarks).
+    pub(super) fn unstable_consumer(&self) -> &BaseConsumer {
+        &self.unstable
     }
 
     /// Records the history topic's partition count (read at startup).

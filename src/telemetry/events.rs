@@ -502,6 +502,49 @@ impl SequenceFloorRaised {
     }
 }
 
+/// A partition read back what the output topic last told of its customers and told the
+/// ones it named another tier the tier they are in.
+pub struct TiersRestated {
+    /// The partition.
+    pub partition: i32,
+    /// Customers the output topic named since the time read from (of every partition).
+    pub read: usize,
+    /// Of them, customers of this partition told their tier again.
+    pub restated: u64,
+}
+
+impl TiersRestated {
+    /// Counts and logs it.
+    pub fn emit(self, t: &Telemetry) {
+        t.tiers_restated.inc_by(self.restated);
+        let (partition, read, restated) = (self.partition, self.read, self.restated);
+        if restated > 0 {
+            warn!(partition, read, restated, "Customers the replay left in another tier than the last change published for them were told their tier (rules_changed changes).");
+        } else {
+            info!(partition, read, "Every customer's last published change names the tier they are in: nothing to restate.");
+        }
+    }
+}
+
+/// A read-back of the output topic for a restatement failed.
+pub struct RestateFailed<'a> {
+    /// The partition.
+    pub partition: i32,
+    /// Why.
+    pub error: &'a str,
+    /// Consecutive failures so far.
+    pub failures: u32,
+}
+
+impl RestateFailed<'_> {
+    /// Counts and logs it.
+    pub fn emit(self, t: &Telemetry) {
+        t.restate_failures.inc();
+        let (partition, failures) = (self.partition, self.failures);
+        error!(partition, failures, error = self.error, "Cannot read back the output topic after a replay that could not reproduce the published changes: customers it left in another tier than the last change published for them are not told yet (retried).");
+    }
+}
+
 /// A partition finished moving to new cut-offs.
 pub struct CutoffsApplied {
     /// The partition.

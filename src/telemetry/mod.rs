@@ -86,6 +86,10 @@ pub struct Telemetry {
     /// Claims whose replay after Redis lost writes fell back to the running rules (or whose
     /// Redis lost a raised floor): the partition's sequence floor was raised.
     pub sequence_floors_raised: IntCounter,
+    /// Customers told their tier again after a replay (see [`crate::engine::restate`]).
+    pub tiers_restated: IntCounter,
+    /// Read-backs of the output topic for a restatement that failed (retried).
+    pub restate_failures: IntCounter,
     /// Time to compute rank cut-offs (partition 0's owner).
     pub rank_recompute_seconds: Histogram,
     /// 1, labelled with tierd's version and the rules version it runs.
@@ -342,6 +346,14 @@ impl Telemetry {
             sequence_floors_raised: counter(
                 "tierd_sequence_floors_raised_total",
                 "Claims whose replay could not reproduce the published changes, or that found Redis had lost a raised floor: later changes are numbered above every published sequence.",
+            ),
+            tiers_restated: counter(
+                "tierd_tiers_restated_total",
+                "Customers told their tier again after a replay that could not reproduce the published changes: the last change published for them named another tier.",
+            ),
+            restate_failures: counter(
+                "tierd_restate_failures_total",
+                "Read-backs of the output topic for a restatement after a replay that failed (retried).",
             ),
             rank_recompute_seconds: {
                 let h = Histogram::with_opts(HistogramOpts::new(

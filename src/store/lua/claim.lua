@@ -173,6 +173,10 @@ if pms then
       redis.call('XDEL', KEYS[2], published)
     end
     outbox = 'behind'
+    -- The millisecond part of the last id the restored stream had generated (0: no stream):
+    -- every change Redis lost was added after it. Kept until Redis loses writes again (a
+    -- replay a later owner goes on with reads the output topic back from there).
+    redis.call('HSET', KEYS[1], 'restored_at', lms)
   end
 end
 -- The leader epoch counts only for the offset it was stored with: a next_offset moved since
@@ -190,4 +194,5 @@ local sweep = redis.call('HGET', KEYS[1], 'sweep') or ''
 local prior = redis.call('HGET', KEYS[1], 'prior_rules_text') or ''
 local seq_floor = redis.call('HGET', KEYS[1], 'seq_floor') or '0'
 return {tostring(epoch), next_offset, commits, clock, rules, cutoffs, outbox, offset_epoch, sweep,
-  prior, tostring(parked_again), seq_floor}
+  prior, tostring(parked_again), seq_floor, redis.call('HGET', KEYS[1], 'restored_at') or '',
+  redis.call('HGET', KEYS[1], 'restate') or ''}

@@ -76,6 +76,13 @@ pub struct Claim {
     pub cutoffs: Option<Cutoffs>,
     /// Whether the outbox was behind what Kafka has published (Redis lost writes).
     pub outbox_behind: bool,
+    /// The Redis time (Unix ms) of the last entry the outbox had added when a claim last
+    /// found it behind (0: it had none; meta `restored_at`): every change Redis lost then was
+    /// added, and published, after it.
+    pub restored_outbox_ms: Option<i64>,
+    /// A restatement an earlier owner recorded and did not complete: the time from which
+    /// the output topic is read back (see [`crate::engine::restate`]).
+    pub restate_since: Option<i64>,
     /// Dead letters the claim parked again because the outbox was behind, or because the
     /// published position lists them as parked (Redis may have lost their parking): retried
     /// like every parked letter.
@@ -226,6 +233,8 @@ pub fn claim(
         swept_rules: field(4).parse().ok(),
         cutoffs: serde_json::from_str(field(5)).ok(),
         outbox_behind: field(6) == "behind",
+        restored_outbox_ms: field(12).parse().ok(),
+        restate_since: field(13).parse().ok(),
         parked_again: field(10).parse().unwrap_or(0),
         replay_cutoffs: Vec::new(),
         replay_passes: Vec::new(),

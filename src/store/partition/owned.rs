@@ -266,6 +266,33 @@ impl PartitionStore {
         Ok(())
     }
 
+    /// Records (`Some`: the time from which the output topic is read back) or clears
+    /// (`None`) the partition's pending restatement (see [`crate::engine::restate`]), kept
+    /// with the partition so that a restart before it is done does it again; only while
+    /// this owner's epoch is stored (a later owner keeps its own).
+    ///
+    /// # Errors
+    /// None in practice (Redis errors are retried).
+    pub async fn set_restate(&mut self, since_ms: Option<i64>) -> Result<(), ApplyError> {
+        static SET: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                "if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 0 end \
+                 if ARGV[2] == '' then redis.call('HDEL', KEYS[1], 'restate') \
+                 else redis.call('HSET', KEYS[1], 'restate', ARGV[2]) end return 1",
+            )
+        });
+        let value = since_ms.map(|ms| ms.to_string()).unwrap_or_default();
+        let _: i64 = retrying!(self, {
+            SET.key(&self.keys.meta)
+                .arg(self.epoch)
+                .arg(&value)
+                .invoke_async(&mut self.conn)
+                .await
+                .map_err(ApplyError::from)
+        })?;
+        Ok(())
+    }
+
     /// The stored progress of the re-ranking under way (`None` if none).
     ///
     /// # Errors

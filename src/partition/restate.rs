@@ -1,0 +1,310 @@
+//! Telling customers their tier again after a replay that could not reproduce what was
+//! published (see [`crate::engine::restate`]).
+//!
+//! When Redis lost writes and the replay falls back to the running rules, the changes the
+//! first run published for the lost input stay on the output topic, and a customer the first
+//! run moved but the replay does not is left with a last change naming another tier than the
+//! one they are in. Once the replay is through the published input (and the running rules'
+//! sweep is complete), the partition stops taking input until its outbox is published, reads
+//! back what the output topic last told of each customer since a little before the restored
+//! outbox's last entry, and publishes a `rules_changed` change for each of its customers told
+//! another tier. The restatement is recorded in the partition's meta hash (`restate`) when it
+//! is decided, and cleared when done: an owner that stops before then leaves it to the next.
+//! It is idempotent (a customer told their tier is not told again), so doing it twice costs a
+//! read only.
+
+use super::draft::Working;
+use super::runner::{Batch, Runner};
+use super::sweep::SweepState;
+use crate::engine::Outcome;
+use crate::store::partition::{ApplyError, Claim};
+use crate::telemetry::events;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How far before the restored outbox's last entry the output topic is read from: a margin for
+/// the clocks of Redis (which dates the outbox's entries) and of the producers (which date
+/// the records) differing.
+const CLOCK_MARGIN_MS: i64 = 5 * 60_000;
+
+/// How long input is held for the outbox to be published before a read-back; longer (Kafka
+/// down), the partition takes input again and tries later.
+const DRAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// How long one read-back of the output topic may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often a pending restatement is looked at.
+pub(super) const RESTATE_TICK: Duration = Duration::from_millis(200);
+
+/// A restatement pending on a partition.
+#[derive(Debug, Clone)]
+pub(super) struct Restate {
+    /// Read the output topic from this record time on (Unix ms).
+    since_ms: i64,
+    /// Whether Redis keeps it (meta `restate`).
+    recorded: bool,
+    /// Since when input is held for the outbox to drain.
+    holding: Option<Instant>,
+    /// Not tried again before this (after a failure).
+    not_before: Option<Instant>,
+    /// Consecutive failures.
+    failures: u32,
+}
+
+impl Restate {
+    /// The restatement a claimed partition owes: one an earlier owner recorded, or one its
+    /// replay makes necessary (`inexact`: it falls back to the running rules over input whose
+    /// changes were published, after Redis lost writes); both read from the earlier of their
+    /// times.
+    pub(super) fn after_claim(claim: &Claim, inexact: bool) -> Option<Self> {
+        let replaying = claim
+            .replay_through
+            .is_some_and(|through| through > claim.next_offset.unwrap_or(-1));
+        let lost = (inexact && replaying).then(|| {
+            claim
+                .restored_outbox_ms
+                .unwrap_or(0)
+                .saturating_sub(CLOCK_MARGIN_MS)
+                .max(0)
+        });
+        let since_ms = match (lost, claim.restate_since) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(Self {
+            since_ms,
+            recorded: claim.restate_since == Some(since_ms),
+            holding: None,
+            not_before: None,
+            failures: 0,
+        })
+    }
+
+    /// Whether input (and timers) wait: the outbox is being published for a read-back.
+    pub(super) fn holds_input(&self) -> bool {
+        self.holding.is_some()
+    }
+}
+
+impl Runner {
+    /// Whether the partition is where a restatement can be decided: the replay is through the
+    /// published input (or the log ends first) and no rules sweep is pending or running, so
+    /// every customer is in the running rules' tier.
+    fn restate_due(&self) -> bool {
+        matches!(self.sweep, SweepState::Done)
+            && self.replay_chain.is_empty()
+            && self.replay_rules.is_none()
+            && (self
+                .replay_through
+                .is_none_or(|through| self.next_offset() >= through)
+                || self.status.caught_up())
+    }
+
+    /// Records a restatement decided at the claim in the partition's meta hash, before the
+    /// replay commits anything (the next claim may not find Redis behind any more).
+    pub(super) async fn record_restate(&mut self) -> Result<(), ApplyError> {
+        if let Some(r) = self.restate.as_mut().filter(|r| !r.recorded) {
+            let since = r.since_ms;
+            r.recorded = true;
+            self.store.set_restate(Some(since)).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves a pending restatement on: once it is due, holds input until the outbox is
+    /// published, reads the output topic back and commits the changes. `batches` is only
+    /// watched: a partition released meanwhile aborts the read.
+    pub(super) async fn restate_step(
+        &mut self,
+        batches: &mpsc::Receiver<Batch>,
+    ) -> Result<(), ApplyError> {
+        let Some(mut r) = self.restate.take() else {
+            return Ok(());
+        };
+        let result = self.restate_with(&mut r, batches).await;
+        if !matches!(result, Ok(true)) {
+            self.restate = Some(r);
+        }
+        result.map(|_| ())
+    }
+
+    /// [`Self::restate_step`] on `r`; `Ok(true)` once it is done.
+    async fn restate_with(
+        &mut self,
+        r: &mut Restate,
+        batches: &mpsc::Receiver<Batch>,
+    ) -> Result<bool, ApplyError> {
+        let since = match r.holding {
+            Some(since) => since,
+            None => {
+                if !self.restate_due() || r.not_before.is_some_and(|t| Instant::now() < t) {
+                    return Ok(false);
+                }
+                *r.holding.insert(Instant::now())
+            }
+        };
+        // Everything this partition decided is on the output topic before it is read.
+        if self.store.outbox_len().await? > 0 {
+            if since.elapsed() >= DRAIN_WAIT {
+                self.restate_failed(r, "the outbox was not published within 30 s");
+            }
+            return Ok(false);
+        }
+        let abort = Arc::new(AtomicBool::new(false));
+        let read = {
+            let (positions, abort, since_ms) =
+                (Arc::clone(&self.positions), Arc::clone(&abort), r.since_ms);
+            tokio::task::spawn_blocking(move || {
+                // Fault injection for the tests (`--features failpoints`).
+                fail::fail_point!("restate-read", |_| Err("injected".to_owned()));
+                positions.last_told(since_ms, Instant::now() + READ_TIMEOUT, &abort)
+            })
+        };
+        tokio::pin!(read);
+        let told = loop {
+            tokio::select! {
+                result = &mut read => break result,
+                () = tokio::time::sleep(RESTATE_TICK) => {
+                    if batches.is_closed() {
+                        abort.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        };
+        let told = match told {
+            Ok(Ok(told)) => told,
+            Ok(Err(error)) => {
+                self.restate_failed(r, &error);
+                return Ok(false);
+            }
+            Err(join) => {
+                self.restate_failed(r, &join.to_string());
+                return Ok(false);
+            }
+        };
+        let mut ids: Vec<&String> = told.keys().collect();
+        ids.sort_unstable();
+        let page = usize::try_from(self.pipeline.sweep_page)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let mut restated = 0u64;
+        for chunk in ids.chunks(page) {
+            let mut work = Working::default();
+            self.load(chunk.iter().map(|id| (*id).clone()), &mut work)
+                .await?;
+            let mut draft = self.new_draft();
+            let now = self.engine_now();
+            for &id in chunk {
+                let loaded = work.get_mut(id.as_str()).expect("loaded above");
+                // Another partition's customer (or one erased here and on the topic alike).
+                if loaded.state.is_new() {
+                    continue;
+                }
+                let tier = told[id].tier.as_deref();
+                let rules = self.rules();
+                let Some(t) = loaded.state.restate(rules, tier, now, &self.cutoffs) else {
+                    continue;
+                };
+                loaded.dirty = true;
+                let outcome = Outcome {
+                    transition: Some(t),
+                    notice: None,
+                };
+                draft.record(&self.pipeline, rules, id, &mut loaded.state, &outcome, None);
+                restated += 1;
+            }
+            if let Some(max) = draft.max_sequence {
+                // Raised over these changes: if Redis loses this commit, the next claim finds
+                // the published floor above its own and numbers every change above them (a
+                // replay does not decide them again, and would reuse their ids).
+                self.seq_floor = self.seq_floor.max(max);
+                draft.seq_floor = self.seq_floor;
+                self.commit(&mut draft, &mut work).await?;
+            }
+            self.keep(work);
+        }
+        self.store.set_restate(None).await?;
+        events::TiersRestated {
+            partition: self.partition,
+            read: told.len(),
+            restated,
+        }
+        .emit(&self.pipeline.telemetry);
+        Ok(true)
+    }
+
+    /// Reports a failed attempt; input flows again and the next attempt waits a while.
+    fn restate_failed(&self, r: &mut Restate, error: &str) {
+        r.failures += 1;
+        r.holding = None;
+        let wait = Duration::from_secs(5 * u64::from(r.failures.min(12)));
+        r.not_before = Some(Instant::now() + wait);
+        events::RestateFailed {
+            partition: self.partition,
+            error,
+            failures: r.failures,
+        }
+        .emit(&self.pipeline.telemetry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::sweep::tests::claim;
+    use super::*;
+
+    #[test]
+    fn only_a_replay_that_falls_back_after_lost_writes_or_a_recorded_one_restates() {
+        // Redis lost writes (the outbox was behind), the replay reproduces them: nothing.
+        assert!(Restate::after_claim(&claim(Some(150), None), false).is_none());
+        // It falls back to the running rules: from the restored outbox's time, less the margin.
+        let lost = Claim {
+            restored_outbox_ms: Some(1_000_000_000),
+            ..claim(Some(150), None)
+        };
+        let r = Restate::after_claim(&lost, true).expect("owed");
+        assert_eq!(r.since_ms, 1_000_000_000 - CLOCK_MARGIN_MS);
+        assert!(!r.recorded && !r.holds_input());
+        // An outbox that never had an entry: from the start.
+        let empty = Claim {
+            restored_outbox_ms: Some(0),
+            ..claim(Some(150), None)
+        };
+        assert_eq!(Restate::after_claim(&empty, true).unwrap().since_ms, 0);
+        // Nothing lost (no replay): an inexact chain alone restates nothing.
+        assert!(Restate::after_claim(&claim(None, None), true).is_none());
+        // A replay going on after an earlier claim (not behind any more, its time kept).
+        let again = Claim {
+            outbox_behind: false,
+            ..lost.clone()
+        };
+        let r = Restate::after_claim(&again, true).expect("owed");
+        assert_eq!(r.since_ms, 1_000_000_000 - CLOCK_MARGIN_MS);
+        // Through the published input: nothing is replayed.
+        let through = Claim {
+            next_offset: Some(150),
+            ..lost.clone()
+        };
+        assert!(Restate::after_claim(&through, true).is_none());
+        // One an earlier owner recorded is taken up, already recorded.
+        let recorded = Claim {
+            restate_since: Some(7),
+            ..claim(None, None)
+        };
+        let r = Restate::after_claim(&recorded, false).unwrap();
+        assert_eq!((r.since_ms, r.recorded), (7, true));
+        // Both: the earlier time, recorded again if it is the new one.
+        let both = Claim {
+            restate_since: Some(1_000_000_000),
+            ..lost
+        };
+        let r = Restate::after_claim(&both, true).unwrap();
+        assert_eq!(
+            (r.since_ms, r.recorded),
+            (1_000_000_000 - CLOCK_MARGIN_MS, false)
+        );
+    }
+}
