@@ -1795,12 +1795,21 @@ struct FellBack {
     ends: BTreeMap<i32, i64>,
     /// Records on the output topic before the replay.
     published: usize,
+    /// `c0`'s and `c1`'s states before Redis was restored.
+    live: HashMap<String, tierd::model::CustomerState>,
     _files: Vec<tempfile::NamedTempFile>,
 }
 
 fn fell_back() -> FellBack {
+    rolled_back(false, "[kafka]\nhistory_topic = \"\"\n")
+}
+
+/// The run of [`fell_back`], tierd configured with `extra`; Redis snapshotted before `c0`'s
+/// second purchase, or (`after_input`) after it: then the two sweeps Redis loses both start
+/// right at the restored offset.
+fn rolled_back(after_input: bool, extra: &'static str) -> FellBack {
     let mut world = World::start(1);
-    let no_history = "[kafka]\nhistory_topic = \"\"\n";
+    let no_history = extra;
     let mut files = vec![use_rules(&mut world, &gold_from("gold-1", "100000"))];
     let mut tierd = Tierd::spawn(&world, no_history);
     tierd.wait_partitions(1, Duration::from_secs(60));
@@ -1813,11 +1822,14 @@ fn fell_back() -> FellBack {
     world.wait_outbox_drained(0, Duration::from_secs(60));
     assert_eq!(tierd.terminate(), Some(0));
     // Redis will lose everything from here on.
-    let before = world.snapshot();
+    let mut before = world.snapshot();
     tierd = Tierd::spawn(&world, no_history);
     let ends = world.produce_json(&[purchase("e2", "c0", "30000", at)]);
     world.wait_applied(&ends, Duration::from_secs(60));
     assert_eq!(tierd.terminate(), Some(0));
+    if after_input {
+        before = world.snapshot();
+    }
     for (version, bound) in [("gold-2", "70000"), ("gold-3", "100000")] {
         files.push(use_rules(&mut world, &gold_from(version, bound)));
         let mut t = Tierd::spawn(&world, no_history);
@@ -1834,12 +1846,17 @@ fn fell_back() -> FellBack {
         world.customer_state("c0").unwrap().tier.as_deref(),
         Some("gold")
     );
+    let live = ["c0", "c1"]
+        .iter()
+        .map(|c| ((*c).to_owned(), world.customer_state(c).unwrap()))
+        .collect();
     world.restore(&before);
     FellBack {
         world,
         no_history,
         ends,
         published,
+        live,
         _files: files,
     }
 }
@@ -1968,4 +1985,148 @@ fn a_restatement_that_cannot_read_the_output_topic_is_left_to_the_next_owner() {
 
     let tierd = Tierd::spawn(world, run.no_history);
     run.assert_restated(&tierd, 1.0);
+}
+
+/// Redis snapshotted after the last input, so both rules changes Redis loses start right at
+/// the restored offset (the partition was quiet). Without `-2`'s text the replay cannot go
+/// through `-2`'s sweep: it falls back (numbered above, restated). Before, the claim resumed
+/// `-3`'s recorded sweep at once from `-1`, skipping `-2`'s without a word: no renumbering,
+/// no restatement (`c0` told gold, Redis basic).
+#[test]
+fn two_rules_changes_at_the_restored_offset_without_the_first_ones_text_are_restated() {
+    let run = rolled_back(true, "[kafka]\nhistory_topic = \"\"\n");
+    let tierd = Tierd::spawn(&run.world, run.no_history);
+    run.assert_restated(&tierd, 1.0);
+    let log = tierd.log_text();
+    assert!(log.contains("list its file in rules.history"), "{log}");
+    assert!(log.contains("Changes are numbered above sequence"), "{log}");
+}
+
+/// The same with `-2`'s text known (the history topic keeps it): the replay goes through
+/// `-2`'s sweep, then `-3`'s, both at the restored offset, as the first run did — every
+/// change comes out again byte for byte and `c0` ends in gold again. Before, `-2`'s sweep was
+/// skipped: `c0` stayed basic (`seq` 1 instead of 2).
+#[test]
+fn two_rules_changes_at_the_restored_offset_are_replayed_in_turn() {
+    let run = rolled_back(true, "");
+    let world = &run.world;
+    let live: Vec<tierd::model::CustomerState> =
+        ["c0", "c1"].iter().map(|c| run.live[*c].clone()).collect();
+    let tierd = Tierd::spawn(world, "");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let hash = tierd::model::state::rules_hash("gold-3");
+    while ["c0", "c1"]
+        .iter()
+        .any(|c| world.customer_state(c).unwrap().rules_hash != hash)
+        || world.outbox_len(0) > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not replayed:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = tierd.log_text();
+    assert!(!log.contains("under the running rules"), "{log}");
+    for (c, live) in ["c0", "c1"].iter().zip(&live) {
+        assert_eq!(
+            &world.customer_state(c).unwrap(),
+            live,
+            "{c}: the replay ends in the live state"
+        );
+    }
+    world.assert_fresh_ids_in_order();
+    assert_eq!(tierd.metric("tierd_sequence_floors_raised_total"), 0.0);
+    assert_eq!(tierd.metric("tierd_tiers_restated_total"), 0.0);
+}
+
+/// `event` mode: a Redis snapshot taken between a sweep's completion commit and the commit of
+/// the timers it held (they fire right after, under its rules), then a new version claiming
+/// the quiet partition (its sweep starts at the same input offset). A replay from that
+/// snapshot fires the held timers first, under the rules whose sweep completed, then runs the
+/// new version's sweep, as the first run did. Before, the new sweep ran first and the timers
+/// fired after it, under the new rules: the lapses published under `ev-2` were never decided
+/// again and every customer ended in another state (`seq` 1 instead of 3).
+#[test]
+fn a_snapshot_between_a_sweep_and_the_timers_it_held_replays_them_under_its_rules() {
+    let mut world = World::start(1);
+    let n = 60i64;
+    let event = "[clock]\nmode = \"event\"\nlateness_s = 0\n";
+    let recency = |version: &str, days: u32| {
+        format!("version = \"{version}\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < {days}\"]\n[[tiers]]\nname = \"lapsed\"\n")
+    };
+    let mut files = vec![use_rules(&mut world, &recency("ev-1", 1))];
+    let mut tierd = Tierd::spawn(&world, event);
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let bought = "2026-11-01T10:00:00Z";
+    let events = purchases("e", 0..n, |_| "10".into(), bought);
+    world.wait_applied(&world.produce_json(&events), Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // `ev-2` sweeps 10 customers a second; meanwhile one purchase three days later moves the
+    // partition's clock past everyone's lapse under `ev-2`: held until the sweep completes.
+    files.push(use_rules(&mut world, &recency("ev-2", 2)));
+    world.rules_extra = "sweep_per_second = 10".into();
+    let mut tierd = Tierd::spawn_env(
+        &world,
+        "",
+        event,
+        &[("FAILPOINTS", "sweep-completed=1*sleep(4000)")],
+    );
+    wait_swept(&tierd, 1.0);
+    let ends = world.produce_json(&[purchase("z0", "z", "10", "2026-11-04T10:00:00Z")]);
+    world.wait_applied(&ends, Duration::from_secs(60));
+    assert!(
+        tierd.metric("tierd_rules_sweep_partitions_done") < 1.0,
+        "the clock moved during the sweep"
+    );
+    let lapsed = |world: &World| {
+        (0..n)
+            .filter(|i| {
+                world
+                    .customer_state(&format!("c{i}"))
+                    .is_some_and(|s| s.tier.as_deref() == Some("lapsed"))
+            })
+            .count() as i64
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !tierd.log_text().contains("Rules sweep complete.") {
+        assert!(
+            Instant::now() < deadline,
+            "no completion:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Redis will lose everything from here on: the sweep is complete, its held timers not
+    // fired yet (the fault holds them back 4 s).
+    let before = world.snapshot();
+    assert_eq!(lapsed(&world), 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lapsed(&world) < n {
+        assert!(Instant::now() < deadline, "no lapse:\n{}", tierd.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    world.wait_outbox_drained(0, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // `ev-3` claims the quiet partition: its sweep makes everyone active again at once.
+    files.push(use_rules(&mut world, &recency("ev-3", 5)));
+    world.rules_extra = String::new();
+    let tierd = Tierd::spawn(&world, event);
+    wait_sweeps_done(&tierd, 1.0);
+    world.wait_outbox_drained(0, Duration::from_secs(60));
+    assert_eq!(lapsed(&world), 0, "active under ev-3");
+    let live = states(&world, n);
+    assert!(
+        live.iter().all(|s| s.seq == 3),
+        "placed, lapsed, active again"
+    );
+    let published = world.read_all(&world.output).len();
+
+    world.restore(&before);
+    let swept = swept_to("ev-3", n);
+    assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
+    drop(files);
 }

@@ -63,7 +63,9 @@ impl Restate {
         let replaying = claim
             .replay_through
             .is_some_and(|through| through > claim.next_offset.unwrap_or(-1));
-        let lost = (inexact && replaying).then(|| {
+        // Redis found behind at this claim (its lost writes may be sweeps alone, at the
+        // restored offset), or a replay an earlier claim began going on.
+        let lost = (inexact && (claim.outbox_behind || replaying)).then(|| {
             claim
                 .restored_outbox_ms
                 .unwrap_or(0)
@@ -283,12 +285,18 @@ mod tests {
         };
         let r = Restate::after_claim(&again, true).expect("owed");
         assert_eq!(r.since_ms, 1_000_000_000 - CLOCK_MARGIN_MS);
-        // Through the published input: nothing is replayed.
+        // Through the published input, Redis not behind: nothing is replayed.
         let through = Claim {
+            next_offset: Some(150),
+            ..again.clone()
+        };
+        assert!(Restate::after_claim(&through, true).is_none());
+        // Behind with nothing to replay but sweeps at the restored offset: owed.
+        let sweeps_only = Claim {
             next_offset: Some(150),
             ..lost.clone()
         };
-        assert!(Restate::after_claim(&through, true).is_none());
+        assert!(Restate::after_claim(&sweeps_only, true).is_some());
         // One an earlier owner recorded is taken up, already recorded.
         let recorded = Claim {
             restate_since: Some(7),

@@ -178,7 +178,13 @@ fn chain_first(
             return usable(rules, from, sweep.offset);
         }
         match published_sweeps(claim).rev().find(|e| e.rules == from) {
-            Some(earlier) if earlier.offset > next_offset => {
+            // Started after the restored offset, or right at it by an owner after the restored
+            // partition's (which had not started it).
+            Some(earlier)
+                if earlier.offset > next_offset
+                    || (earlier.offset == next_offset
+                        && claim.sweep.is_none_or(|s| s.rules != from)) =>
+            {
                 match usable(rules, from, sweep.offset) {
                     Ok(r) => chain.push_front((*earlier, Some(r))),
                     Err(reason) => return Err(reason),
@@ -305,6 +311,9 @@ pub struct Runner {
     pub(super) seq_floor: u64,
     /// A restatement the partition owes its customers ([`super::restate`]).
     pub(super) restate: Option<Restate>,
+    /// `event` mode: the rules whose completed sweep the claimed partition ends with, if the
+    /// timers it held may not have fired yet ([`Self::fire_held_timers`]).
+    held_timers: Option<Arc<Rules>>,
     /// This runner's count in `tierd_rules_sweep_partitions_done`.
     pub(super) sweep_done: SweepDoneGauge,
 }
@@ -348,6 +357,22 @@ fn sequence_floor(claim: &Claim, inexact: bool) -> u64 {
     } else {
         claim.seq_floor
     }
+}
+
+/// `event` mode: the rules of the sweep the claimed partition completed last, if no later one
+/// started (see [`Runner::fire_held_timers`]) and this process knows them.
+fn held_timers_rules(pipeline: &Pipeline, claim: &Claim) -> Option<Arc<Rules>> {
+    if pipeline.clock.mode != ClockMode::Event || claim.clock.is_none() {
+        return None;
+    }
+    let swept = claim.swept_rules?;
+    if claim.sweep.is_some_and(|s| s.rules != swept) {
+        return None;
+    }
+    if swept == pipeline.rules.version_hash() {
+        return Some(Arc::clone(&pipeline.rules));
+    }
+    pipeline.known_rules(swept)
 }
 
 impl Runner {
@@ -400,6 +425,7 @@ impl Runner {
             _ => None,
         };
         let finish_predecessor = predecessor.is_some();
+        let held_timers = held_timers_rules(&pipeline, claim);
         // Whether the replay cannot reproduce what was published (see `sequence_floor`).
         let mut inexact = false;
         let (replay_rules, replay_chain, sweep) = match sweep {
@@ -437,8 +463,12 @@ impl Runner {
                     )
                 } else {
                     let front = chain.front().expect("non-empty").0;
-                    // A sweep the restored partition was in the middle of goes on at once.
-                    let first = if front.offset <= claim.next_offset.unwrap_or(-1) {
+                    // A sweep the restored partition was in the middle of goes on at once; one
+                    // recorded right at its offset that it had not started starts there, as a
+                    // pending one does.
+                    let next = claim.next_offset.unwrap_or(-1);
+                    let started = claim.sweep.is_some_and(|s| s.rules == front.rules);
+                    let first = if front.offset < next || (front.offset == next && started) {
                         SweepState::Running(Sweep::resumed(front))
                     } else {
                         SweepState::Pending(front)
@@ -487,6 +517,7 @@ impl Runner {
             finish_predecessor,
             seq_floor,
             restate: Restate::after_claim(claim, inexact),
+            held_timers,
             last_commit: Instant::now(),
             sweep_done: SweepDoneGauge {
                 gauge: telemetry_sweep_done,
@@ -527,6 +558,9 @@ impl Runner {
             _ => {}
         }
         if let Err(error) = self.record_restate().await {
+            return self.exit(&error);
+        }
+        if let Err(error) = self.fire_held_timers().await {
             return self.exit(&error);
         }
         if let Err(error) = self.finish_stored_pass().await {
@@ -607,6 +641,32 @@ impl Runner {
         self.replay_passes_from.is_some_and(|from| next >= from)
             && (!self.replay_passes.is_empty()
                 || self.replay_through.is_some_and(|through| next < through))
+    }
+
+    /// `event` mode: fires the timers due by the claimed partition's clock under the rules
+    /// whose sweep it last completed, before anything else — a sweep may have been completed
+    /// by the partition's last commit, and the timers it held fire right after it, under its
+    /// rules (see `sweep_step`). An owner stopped (or a Redis snapshot taken) between the two
+    /// commits would otherwise leave them to the next version's sweep, which a new owner
+    /// starts at once on a quiet partition: a replay after Redis lost the timers' commit then
+    /// decided them after that sweep, under the newer rules, and published their ids with
+    /// other bodies. Otherwise nothing is due by the clock at a claim (timers due before an
+    /// event fire ahead of it), so this fires nothing.
+    async fn fire_held_timers(&mut self) -> Result<(), ApplyError> {
+        let (Some(rules), Some(clock)) = (self.held_timers.take(), self.clock) else {
+            return Ok(());
+        };
+        // Before the sweep a new version (or a replay of it) starts here: as if not started
+        // yet (its start is recorded with its first commit after these).
+        let in_force = std::mem::replace(&mut self.replay_rules, Some(rules));
+        let sweep = std::mem::replace(&mut self.sweep, SweepState::Done);
+        let mut work = Working::default();
+        let fired = self.fire_due(clock, &mut work, None).await;
+        self.replay_rules = in_force;
+        self.sweep = sweep;
+        fired?;
+        self.keep(work);
+        Ok(())
     }
 
     /// Fires the timers due up to `upto` (a wall-clock pass), recording the pass with its

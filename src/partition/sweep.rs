@@ -64,6 +64,17 @@ impl SweepState {
         let next_offset = claim.next_offset.unwrap_or(-1);
         match of_rules(claim.published_sweep).or(of_rules(claim.sweep)) {
             Some(recorded) if recorded.offset > next_offset => (Self::Pending(recorded), false),
+            // Recorded right at the restored offset, moving customers from rules the restored
+            // partition had not completed (two versions took over one after the other with no
+            // input between them, and Redis lost the first one's sweep): the replay goes
+            // through the sweeps in between first, as the first run did.
+            Some(recorded)
+                if recorded.offset == next_offset
+                    && claim.sweep.is_none_or(|s| s.rules != rules)
+                    && recorded.from.is_some_and(|f| Some(f) != claim.swept_rules) =>
+            {
+                (Self::Pending(recorded), false)
+            }
             Some(recorded) => (
                 Self::Running(Sweep::resumed(not_before_through(
                     recorded,
@@ -321,8 +332,12 @@ impl Runner {
                 Some((next, _)) => SweepState::Pending(*next),
                 None => SweepState::Done,
             };
+            // Fault injection for the tests (`--features failpoints`): a moment between the
+            // completion's commit and the held timers'.
+            fail::fail_point!("sweep-completed");
             // The timers that waited for the sweep: in `event` mode those due by the
-            // partition's clock fire now (in `wall` mode the next tick fires them).
+            // partition's clock fire now (in `wall` mode the next tick fires them; a new
+            // owner fires them first, see `Runner::fire_held_timers`).
             if let (ClockMode::Event, Some(clock)) = (p.clock.mode, self.clock) {
                 let mut work = Working::default();
                 self.fire_due(clock, &mut work, None).await?;
