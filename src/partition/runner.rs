@@ -658,7 +658,7 @@ impl Runner {
         };
         // Before the sweep a new version (or a replay of it) starts here: as if not started
         // yet (its start is recorded with its first commit after these).
-        let in_force = std::mem::replace(&mut self.replay_rules, Some(rules));
+        let in_force = self.replay_rules.replace(rules);
         let sweep = std::mem::replace(&mut self.sweep, SweepState::Done);
         let mut work = Working::default();
         let fired = self.fire_due(clock, &mut work, None).await;
