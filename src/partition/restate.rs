@@ -17,12 +17,16 @@ use super::draft::Working;
 use super::runner::{Batch, Runner};
 use super::sweep::SweepState;
 use crate::engine::Outcome;
+use crate::publish::readback::Told;
+use crate::store::outbox::{EntryKind, OutboxEntry};
 use crate::store::partition::{ApplyError, Claim};
 use crate::telemetry::events;
-use std::sync::atomic::AtomicBool;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 /// How far before the restored outbox's last entry the output topic is read from: a margin for
 /// the clocks of Redis (which dates the outbox's entries) and of the producers (which date
@@ -33,32 +37,63 @@ const CLOCK_MARGIN_MS: i64 = 5 * 60_000;
 /// down), the partition takes input again and tries later.
 const DRAIN_WAIT: Duration = Duration::from_secs(30);
 
-/// How long one read-back of the output topic may take.
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one read-back of the output topic may take (it runs beside the partition's
+/// work: a restore from long ago reads much of the topic).
+const READ_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Attempts one owner makes before it leaves the restatement (recorded) to the next owner or
+/// a restart.
+const ATTEMPTS: u32 = 5;
 
 /// How often a pending restatement is looked at.
 pub(super) const RESTATE_TICK: Duration = Duration::from_millis(200);
 
 /// A restatement pending on a partition.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Restate {
     /// Read the output topic from this record time on (Unix ms).
     since_ms: i64,
     /// Whether Redis keeps it (meta `restate`).
     recorded: bool,
-    /// Since when input is held for the outbox to drain.
-    holding: Option<Instant>,
+    /// Where it stands.
+    phase: Phase,
     /// Not tried again before this (after a failure).
     not_before: Option<Instant>,
-    /// Consecutive failures.
+    /// Failed attempts.
     failures: u32,
+}
+
+/// Where a restatement stands.
+#[derive(Debug)]
+enum Phase {
+    /// Not started (or to be tried again).
+    Waiting,
+    /// Input held since then, for the outbox to be published.
+    Draining(Instant),
+    /// The output topic being read beside the partition's work.
+    Reading(Reading),
+}
+
+/// A read-back under way; dropped (the partition released, the runner gone), it is aborted.
+#[derive(Debug)]
+struct Reading {
+    read: JoinHandle<Result<HashMap<String, Told>, String>>,
+    abort: Arc<AtomicBool>,
+    /// Customers with a change committed since the read began: their last change names the
+    /// tier they are in, whatever the read finds.
+    touched: HashSet<String>,
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.abort.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Restate {
     /// The restatement a claimed partition owes: one an earlier owner recorded, or one its
-    /// replay makes necessary (`inexact`: it falls back to the running rules over input whose
-    /// changes were published, after Redis lost writes); both read from the earlier of their
-    /// times.
+    /// replay makes necessary (`inexact`: it falls back to the running rules after Redis lost
+    /// writes); both read from the earlier of their times.
     pub(super) fn after_claim(claim: &Claim, inexact: bool) -> Option<Self> {
         let replaying = claim
             .replay_through
@@ -79,7 +114,7 @@ impl Restate {
         Some(Self {
             since_ms,
             recorded: claim.restate_since == Some(since_ms),
-            holding: None,
+            phase: Phase::Waiting,
             not_before: None,
             failures: 0,
         })
@@ -87,7 +122,21 @@ impl Restate {
 
     /// Whether input (and timers) wait: the outbox is being published for a read-back.
     pub(super) fn holds_input(&self) -> bool {
-        self.holding.is_some()
+        matches!(self.phase, Phase::Draining(_))
+    }
+
+    /// Notes the customers a commit published a change (or an erasure) of, while a read is
+    /// under way.
+    pub(super) fn committed(&mut self, outbox: &[OutboxEntry]) {
+        if let Phase::Reading(reading) = &mut self.phase {
+            for e in outbox {
+                if matches!(e.kind, EntryKind::Change | EntryKind::Erased) {
+                    reading
+                        .touched
+                        .insert(String::from_utf8_lossy(&e.key).into_owned());
+                }
+            }
+        }
     }
 }
 
@@ -117,8 +166,9 @@ impl Runner {
     }
 
     /// Moves a pending restatement on: once it is due, holds input until the outbox is
-    /// published, reads the output topic back and commits the changes. `batches` is only
-    /// watched: a partition released meanwhile aborts the read.
+    /// published, then reads the output topic back beside the partition's work, and once the
+    /// read is done commits the changes. `batches` is only looked at: a partition being
+    /// released is not held.
     pub(super) async fn restate_step(
         &mut self,
         batches: &mpsc::Receiver<Batch>,
@@ -139,55 +189,83 @@ impl Runner {
         r: &mut Restate,
         batches: &mpsc::Receiver<Batch>,
     ) -> Result<bool, ApplyError> {
-        let since = match r.holding {
-            Some(since) => since,
-            None => {
-                if !self.restate_due() || r.not_before.is_some_and(|t| Instant::now() < t) {
+        match &r.phase {
+            Phase::Waiting => {
+                // Not while the partition is being released, nor while the outbox is blocked
+                // (the publisher reports why) or after this owner's last attempt.
+                if !batches.is_closed()
+                    && r.failures < ATTEMPTS
+                    && r.not_before.is_none_or(|t| Instant::now() >= t)
+                    && self.status.publishing.problem().is_none()
+                    && self.restate_due()
+                {
+                    r.phase = Phase::Draining(Instant::now());
+                }
+                Ok(false)
+            }
+            Phase::Draining(since) => {
+                if batches.is_closed() {
+                    r.phase = Phase::Waiting;
                     return Ok(false);
                 }
-                *r.holding.insert(Instant::now())
+                // Everything this partition decided is on the output topic before the read.
+                if self.store.outbox_len().await? > 0 {
+                    if since.elapsed() >= DRAIN_WAIT {
+                        self.restate_failed(r, "the outbox was not published within 30 s");
+                    }
+                    return Ok(false);
+                }
+                let abort = Arc::new(AtomicBool::new(false));
+                let (positions, stop, since_ms) =
+                    (Arc::clone(&self.positions), Arc::clone(&abort), r.since_ms);
+                let read = tokio::task::spawn_blocking(move || {
+                    // Fault injection for the tests (`--features failpoints`).
+                    fail::fail_point!("restate-read", |_| Err("injected".to_owned()));
+                    positions.last_told(since_ms, Instant::now() + READ_TIMEOUT, &stop)
+                });
+                r.phase = Phase::Reading(Reading {
+                    read,
+                    abort,
+                    touched: HashSet::new(),
+                });
+                Ok(false)
             }
-        };
-        // Everything this partition decided is on the output topic before it is read.
-        if self.store.outbox_len().await? > 0 {
-            if since.elapsed() >= DRAIN_WAIT {
-                self.restate_failed(r, "the outbox was not published within 30 s");
-            }
-            return Ok(false);
-        }
-        let abort = Arc::new(AtomicBool::new(false));
-        let read = {
-            let (positions, abort, since_ms) =
-                (Arc::clone(&self.positions), Arc::clone(&abort), r.since_ms);
-            tokio::task::spawn_blocking(move || {
-                // Fault injection for the tests (`--features failpoints`).
-                fail::fail_point!("restate-read", |_| Err("injected".to_owned()));
-                positions.last_told(since_ms, Instant::now() + READ_TIMEOUT, &abort)
-            })
-        };
-        tokio::pin!(read);
-        let told = loop {
-            tokio::select! {
-                result = &mut read => break result,
-                () = tokio::time::sleep(RESTATE_TICK) => {
-                    if batches.is_closed() {
-                        abort.store(true, std::sync::atomic::Ordering::Relaxed);
+            Phase::Reading(reading) => {
+                if !reading.read.is_finished() {
+                    return Ok(false);
+                }
+                let Phase::Reading(mut reading) = std::mem::replace(&mut r.phase, Phase::Waiting)
+                else {
+                    unreachable!("matched above");
+                };
+                let touched = std::mem::take(&mut reading.touched);
+                match (&mut reading.read).await {
+                    Ok(Ok(told)) => {
+                        self.restate_from(&told, &touched).await?;
+                        Ok(true)
+                    }
+                    Ok(Err(error)) => {
+                        self.restate_failed(r, &error);
+                        Ok(false)
+                    }
+                    Err(join) => {
+                        self.restate_failed(r, &join.to_string());
+                        Ok(false)
                     }
                 }
             }
-        };
-        let told = match told {
-            Ok(Ok(told)) => told,
-            Ok(Err(error)) => {
-                self.restate_failed(r, &error);
-                return Ok(false);
-            }
-            Err(join) => {
-                self.restate_failed(r, &join.to_string());
-                return Ok(false);
-            }
-        };
-        let mut ids: Vec<&String> = told.keys().collect();
+        }
+    }
+
+    /// Tells each of the partition's customers in `told` (but those in `touched`, told since)
+    /// whose last change names another tier the one they are in, a page of customers per
+    /// commit; then clears the record.
+    async fn restate_from(
+        &mut self,
+        told: &HashMap<String, Told>,
+        touched: &HashSet<String>,
+    ) -> Result<(), ApplyError> {
+        let mut ids: Vec<&String> = told.keys().filter(|id| !touched.contains(*id)).collect();
         ids.sort_unstable();
         let page = usize::try_from(self.pipeline.sweep_page)
             .unwrap_or(usize::MAX)
@@ -226,6 +304,8 @@ impl Runner {
                 draft.seq_floor = self.seq_floor;
                 self.commit(&mut draft, &mut work).await?;
             }
+            // Other partitions' customers are not cached here.
+            work.retain(|_, loaded| !loaded.state.is_new());
             self.keep(work);
         }
         self.store.set_restate(None).await?;
@@ -235,19 +315,21 @@ impl Runner {
             restated,
         }
         .emit(&self.pipeline.telemetry);
-        Ok(true)
+        Ok(())
     }
 
-    /// Reports a failed attempt; input flows again and the next attempt waits a while.
+    /// Reports a failed attempt; input flows again and the next attempt waits a while (after
+    /// the last one this owner makes, the record waits for the next owner or a restart).
     fn restate_failed(&self, r: &mut Restate, error: &str) {
         r.failures += 1;
-        r.holding = None;
+        r.phase = Phase::Waiting;
         let wait = Duration::from_secs(5 * u64::from(r.failures.min(12)));
         r.not_before = Some(Instant::now() + wait);
         events::RestateFailed {
             partition: self.partition,
             error,
             failures: r.failures,
+            last: r.failures >= ATTEMPTS,
         }
         .emit(&self.pipeline.telemetry);
     }
@@ -257,6 +339,52 @@ impl Runner {
 mod tests {
     use super::super::sweep::tests::claim;
     use super::*;
+
+    #[tokio::test]
+    async fn a_read_under_way_notes_the_customers_told_since_and_is_aborted_when_dropped() {
+        let mut r = Restate::after_claim(
+            &Claim {
+                restate_since: Some(1),
+                ..claim(None, None)
+            },
+            false,
+        )
+        .unwrap();
+        let entry = |kind: EntryKind, key: &str| OutboxEntry {
+            kind,
+            key: key.as_bytes().to_vec(),
+            value: Vec::new(),
+            headers: Vec::new(),
+        };
+        let outbox = [
+            entry(EntryKind::Change, "a"),
+            entry(EntryKind::AtRisk, "b"),
+            entry(EntryKind::Erased, "c"),
+            entry(EntryKind::DeadLetter, "d"),
+        ];
+        // Before the read, nothing is noted.
+        r.committed(&outbox);
+        let abort = Arc::new(AtomicBool::new(false));
+        r.phase = Phase::Reading(Reading {
+            read: tokio::task::spawn_blocking(|| Ok(HashMap::new())),
+            abort: Arc::clone(&abort),
+            touched: HashSet::new(),
+        });
+        r.committed(&outbox);
+        let Phase::Reading(reading) = &r.phase else {
+            unreachable!()
+        };
+        let mut touched: Vec<&str> = reading.touched.iter().map(String::as_str).collect();
+        touched.sort_unstable();
+        assert_eq!(
+            touched,
+            ["a", "c"],
+            "changes and erasures, not notices or letters"
+        );
+        assert!(!r.holds_input());
+        drop(r);
+        assert!(abort.load(Ordering::Relaxed), "a dropped read is aborted");
+    }
 
     #[test]
     fn only_a_replay_that_falls_back_after_lost_writes_or_a_recorded_one_restates() {
@@ -270,6 +398,7 @@ mod tests {
         let r = Restate::after_claim(&lost, true).expect("owed");
         assert_eq!(r.since_ms, 1_000_000_000 - CLOCK_MARGIN_MS);
         assert!(!r.recorded && !r.holds_input());
+        assert!(matches!(r.phase, Phase::Waiting));
         // An outbox that never had an entry: from the start.
         let empty = Claim {
             restored_outbox_ms: Some(0),

@@ -1009,6 +1009,9 @@ impl Runner {
         let ranks = self.store.rank_keys().len();
         let batch = draft.take_batch(position, work, self.store.keys(), ranks, p.history_changes);
         let committed = self.store.commit(&batch).await?;
+        if let Some(r) = self.restate.as_mut() {
+            r.committed(&batch.outbox);
+        }
         self.commits += 1;
         self.last_commit = Instant::now();
         work.values_mut().for_each(Loaded::committed);

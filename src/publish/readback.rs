@@ -33,10 +33,13 @@ pub struct Told {
     at: (i32, i64),
 }
 
-/// The part of a change read back.
+/// The part of a record read back: a tier change's tier (an at-risk notice, on a shared
+/// topic, says `"type": "at_risk"` and is not a change).
 #[derive(Deserialize)]
 struct Body {
     tier: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
 }
 
 /// How the reader of the output topic is configured (see [`OutboxPositions::new`]).
@@ -101,8 +104,14 @@ impl OutboxPositions {
                 .unstable_consumer()
                 .fetch_watermarks(topic, p, step())
                 .map_err(|e| format!("reading the high watermark of {topic} {p}: {e}"))?;
-            let start = starts
-                .find_partition(topic, p)
+            let element = starts.find_partition(topic, p);
+            if let Some(Err(e)) = element.as_ref().map(|e| e.error()) {
+                return Err(format!(
+                    "looking up the offset of {topic} {p} at {since_ms}: {e}"
+                ));
+            }
+            // No record at or after the time (`End`): nothing to read there.
+            let start = element
                 .and_then(|e| e.offset().to_raw())
                 .filter(|&o| o >= 0)
                 .unwrap_or(high);
@@ -156,6 +165,7 @@ impl OutboxPositions {
                     let tier = match m.payload() {
                         None => None,
                         Some(payload) => match serde_json::from_slice::<Body>(payload) {
+                            Ok(body) if body.kind.is_some() => continue,
                             Ok(body) => Some(body.tier),
                             Err(e) => {
                                 return Err(format!(
@@ -205,6 +215,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(body.tier, "gold");
+        assert_eq!(body.kind, None);
         assert!(serde_json::from_str::<Body>(r#"{"customer_id":"c"}"#).is_err());
+        // An at-risk notice names a tier too: told apart by its type.
+        let notice: Body =
+            serde_json::from_str(r#"{"type":"at_risk","customer_id":"c","tier":"gold"}"#).unwrap();
+        assert_eq!(notice.kind.as_deref(), Some("at_risk"));
     }
 }

@@ -532,8 +532,10 @@ pub struct RestateFailed<'a> {
     pub partition: i32,
     /// Why.
     pub error: &'a str,
-    /// Consecutive failures so far.
+    /// Failures so far.
     pub failures: u32,
+    /// Whether it was this owner's last attempt.
+    pub last: bool,
 }
 
 impl RestateFailed<'_> {
@@ -541,7 +543,11 @@ impl RestateFailed<'_> {
     pub fn emit(self, t: &Telemetry) {
         t.restate_failures.inc();
         let (partition, failures) = (self.partition, self.failures);
-        error!(partition, failures, error = self.error, "Cannot read back the output topic after a replay that could not reproduce the published changes: customers it left in another tier than the last change published for them are not told yet (retried).");
+        if self.last {
+            error!(partition, failures, error = self.error, "Cannot read back the output topic after a replay that could not reproduce the published changes: customers it left in another tier than the last change published for them are not told. This owner gives up; the restatement stays recorded with the partition for the next owner or a restart.");
+        } else {
+            error!(partition, failures, error = self.error, "Cannot read back the output topic after a replay that could not reproduce the published changes: customers it left in another tier than the last change published for them are not told yet (retried).");
+        }
     }
 }
 

@@ -20,8 +20,9 @@
 -- ARGV[12] the highest tier-change sequence among the outbox entries ('' : none), written on
 -- each entry as field 'q' (the publisher keeps the highest published: a replay that cannot
 -- reproduce what was published numbers changes above it)
--- ARGV[13] the partition's sequence floor the changes were numbered above ('' : none),
--- stored as meta 'seq_floor' and written on each entry as field 'f'
+-- ARGV[13] the partition's sequence floor the changes were numbered above, or that was raised
+-- over them (a restatement, src/partition/restate.rs) ('' : none), stored as meta 'seq_floor'
+-- and written on each entry as field 'f'
 -- ARGV[14] n outbox entries, then n x (kind, key, value, headers)
 -- then a sorted-set upserts, then a x (key index, score, member)
 -- then r sorted-set removals, then r x (key index, member)
