@@ -516,7 +516,7 @@ impl Runner {
             sweep_afresh,
             finish_predecessor,
             seq_floor,
-            restate: Restate::after_claim(claim, inexact),
+            restate: Restate::after_claim(claim, inexact || claim.beyond_history),
             held_timers,
             last_commit: Instant::now(),
             sweep_done: SweepDoneGauge {

@@ -754,6 +754,7 @@ fn fill_replay(partition: i32, claim: &mut Claim, published: &Published) {
         .forgotten
         .filter(|&f| replaying && f >= claim.next_offset.unwrap_or(0))
     {
+        claim.beyond_history = true;
         error!(partition, forgotten, next_offset = ?claim.next_offset, "Redis lost writes further back than the cut-offs switches and timer passes kept in the published position and the history topic: rank-based and wall-clock time-driven changes published before that offset may be published again with other contents. Keep the history topic (kafka.history_topic) as long as the oldest Redis backup you may restore.");
     }
 }

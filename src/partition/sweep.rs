@@ -387,6 +387,7 @@ pub(super) mod tests {
             outbox_behind: through.is_some(),
             restored_outbox_ms: through.map(|_| 0),
             restate_since: None,
+            beyond_history: false,
             parked_again: 0,
             replay_cutoffs: Vec::new(),
             replay_passes: Vec::new(),

@@ -80,6 +80,10 @@ pub struct Claim {
     /// found it behind (0: it had none; meta `restored_at`): every change Redis lost then was
     /// added, and published, after it.
     pub restored_outbox_ms: Option<i64>,
+    /// Whether the replay reaches back further than the published position and the history
+    /// topic keep (filled by the supervisor): it may not decide the earliest changes as they
+    /// first were, so it is followed by a restatement.
+    pub beyond_history: bool,
     /// A restatement an earlier owner recorded and did not complete: the time from which
     /// the output topic is read back (see [`crate::engine::restate`]).
     pub restate_since: Option<i64>,
@@ -235,6 +239,7 @@ pub fn claim(
         outbox_behind: field(6) == "behind",
         restored_outbox_ms: field(12).parse().ok(),
         restate_since: field(13).parse().ok(),
+        beyond_history: false,
         parked_again: field(10).parse().unwrap_or(0),
         replay_cutoffs: Vec::new(),
         replay_passes: Vec::new(),
