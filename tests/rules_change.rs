@@ -27,6 +27,22 @@ name = "D"
 /// Recency rules: active within a day of the last purchase, lapsed after.
 const RECENCY_2: &str = "version = \"recency-2\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < 1\"]\n[[tiers]]\nname = \"lapsed\"\n";
 
+/// Recency rules `version`: active within `days` of the last purchase, lapsed after.
+fn recency(version: &str, days: u32) -> String {
+    format!("version = \"{version}\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < {days}\"]\n[[tiers]]\nname = \"lapsed\"\n")
+}
+
+/// How many of `c0..c{n-1}` are stored as lapsed.
+fn lapsed_of(world: &World, n: i64) -> i64 {
+    (0..n)
+        .filter(|i| {
+            world
+                .customer_state(&format!("c{i}"))
+                .is_some_and(|s| s.tier.as_deref() == Some("lapsed"))
+        })
+        .count() as i64
+}
+
 /// Writes `text` to a rules file `world`'s next tierd runs (kept while the file lives).
 fn use_rules(world: &mut World, text: &str) -> tempfile::NamedTempFile {
     let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
@@ -1100,9 +1116,6 @@ fn a_rollback_to_before_a_rules_change_fires_the_earlier_rules_timers_where_they
     let mut world = World::start(1);
     let n = 50i64;
     let wall = "[clock]\nmode = \"wall\"\ntick_ms = 100\n";
-    let recency = |version: &str, days: u32| {
-        format!("version = \"{version}\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < {days}\"]\n[[tiers]]\nname = \"lapsed\"\n")
-    };
     let _v1 = use_rules(&mut world, &recency("recency-1", 1));
     let mut tierd = Tierd::spawn(&world, wall);
     tierd.wait_partitions(1, Duration::from_secs(60));
@@ -1119,15 +1132,7 @@ fn a_rollback_to_before_a_rules_change_fires_the_earlier_rules_timers_where_they
     let events = purchases("e", 0..n, |_| "10".into(), &time::format_ms(bought));
     let ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(60));
-    let lapsed = |world: &World| {
-        (0..n)
-            .filter(|i| {
-                world
-                    .customer_state(&format!("c{i}"))
-                    .is_some_and(|s| s.tier.as_deref() == Some("lapsed"))
-            })
-            .count() as i64
-    };
+    let lapsed = |world: &World| lapsed_of(world, n);
     let deadline = Instant::now() + Duration::from_secs(60);
     while lapsed(&world) < n {
         assert!(Instant::now() < deadline, "no lapse:\n{}", tierd.log_text());
@@ -1194,15 +1199,7 @@ fn a_rollback_during_a_rules_sweep_that_sets_timers_republishes_identically() {
     let now = time::format_ms(time::now_ms());
     let late = purchases("f", (0..n).step_by(5), |_| "10".into(), &now);
     let ends = world.produce_json(&late);
-    let lapsed = |world: &World| {
-        (0..n)
-            .filter(|i| {
-                world
-                    .customer_state(&format!("c{i}"))
-                    .is_some_and(|s| s.tier.as_deref() == Some("lapsed"))
-            })
-            .count() as i64
-    };
+    let lapsed = |world: &World| lapsed_of(world, n);
     let deadline = Instant::now() + Duration::from_secs(120);
     while tierd.metric("tierd_rules_sweep_partitions_done") < 1.0 || lapsed(&world) < n - n / 5 {
         assert!(
@@ -2051,11 +2048,8 @@ fn two_rules_changes_at_the_restored_offset_are_replayed_in_turn() {
 #[test]
 fn a_snapshot_between_a_sweep_and_the_timers_it_held_replays_them_under_its_rules() {
     let mut world = World::start(1);
-    let n = 60i64;
+    let n = 150i64;
     let event = "[clock]\nmode = \"event\"\nlateness_s = 0\n";
-    let recency = |version: &str, days: u32| {
-        format!("version = \"{version}\"\n[[tiers]]\nname = \"active\"\nwhen = [\"recency_days < {days}\"]\n[[tiers]]\nname = \"lapsed\"\n")
-    };
     let mut files = vec![use_rules(&mut world, &recency("ev-1", 1))];
     let mut tierd = Tierd::spawn(&world, event);
     tierd.wait_partitions(1, Duration::from_secs(60));
@@ -2064,7 +2058,7 @@ fn a_snapshot_between_a_sweep_and_the_timers_it_held_replays_them_under_its_rule
     world.wait_applied(&world.produce_json(&events), Duration::from_secs(60));
     assert_eq!(tierd.terminate(), Some(0));
 
-    // `ev-2` sweeps 10 customers a second; meanwhile one purchase three days later moves the
+    // `ev-2` sweeps 150 customers 10 a second; meanwhile one purchase three days later moves the
     // partition's clock past everyone's lapse under `ev-2`: held until the sweep completes.
     files.push(use_rules(&mut world, &recency("ev-2", 2)));
     world.rules_extra = "sweep_per_second = 10".into();
@@ -2072,7 +2066,7 @@ fn a_snapshot_between_a_sweep_and_the_timers_it_held_replays_them_under_its_rule
         &world,
         "",
         event,
-        &[("FAILPOINTS", "sweep-completed=1*sleep(4000)")],
+        &[("FAILPOINTS", "sweep-completed=1*sleep(15000)")],
     );
     wait_swept(&tierd, 1.0);
     let ends = world.produce_json(&[purchase("z0", "z", "10", "2026-11-04T10:00:00Z")]);
@@ -2081,15 +2075,7 @@ fn a_snapshot_between_a_sweep_and_the_timers_it_held_replays_them_under_its_rule
         tierd.metric("tierd_rules_sweep_partitions_done") < 1.0,
         "the clock moved during the sweep"
     );
-    let lapsed = |world: &World| {
-        (0..n)
-            .filter(|i| {
-                world
-                    .customer_state(&format!("c{i}"))
-                    .is_some_and(|s| s.tier.as_deref() == Some("lapsed"))
-            })
-            .count() as i64
-    };
+    let lapsed = |world: &World| lapsed_of(world, n);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !tierd.log_text().contains("Rules sweep complete.") {
         assert!(
@@ -2100,7 +2086,7 @@ fn a_snapshot_between_a_sweep_and_the_timers_it_held_replays_them_under_its_rule
         std::thread::sleep(Duration::from_millis(20));
     }
     // Redis will lose everything from here on: the sweep is complete, its held timers not
-    // fired yet (the fault holds them back 4 s).
+    // fired yet (the fault holds them back 15 s).
     let before = world.snapshot();
     assert_eq!(lapsed(&world), 0);
     let deadline = Instant::now() + Duration::from_secs(60);

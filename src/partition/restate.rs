@@ -53,6 +53,10 @@ pub(super) const RESTATE_TICK: Duration = Duration::from_millis(200);
 pub(super) struct Restate {
     /// Read the output topic from this record time on (Unix ms).
     since_ms: i64,
+    /// The highest sequence the partition published, as the claim knew it: the changes are
+    /// numbered above it (a replay that reaches past forgotten history without falling back
+    /// keeps the floor it had, and may have decided fewer changes than were published).
+    published_sequence: u64,
     /// Whether Redis keeps it (meta `restate`).
     recorded: bool,
     /// Where it stands.
@@ -113,6 +117,7 @@ impl Restate {
         };
         Some(Self {
             since_ms,
+            published_sequence: claim.published_sequence,
             recorded: claim.restate_since == Some(since_ms),
             phase: Phase::Waiting,
             not_before: None,
@@ -241,7 +246,8 @@ impl Runner {
                 let touched = std::mem::take(&mut reading.touched);
                 match (&mut reading.read).await {
                     Ok(Ok(told)) => {
-                        self.restate_from(&told, &touched).await?;
+                        self.restate_from(&told, &touched, r.published_sequence)
+                            .await?;
                         Ok(true)
                     }
                     Ok(Err(error)) => {
@@ -259,12 +265,17 @@ impl Runner {
 
     /// Tells each of the partition's customers in `told` (but those in `touched`, told since)
     /// whose last change names another tier the one they are in, a page of customers per
-    /// commit; then clears the record.
+    /// commit, numbered above `published` (the highest sequence published as the claim knew
+    /// it) and the partition's floor; then clears the record.
     async fn restate_from(
         &mut self,
         told: &HashMap<String, Told>,
         touched: &HashSet<String>,
+        published: u64,
     ) -> Result<(), ApplyError> {
+        // Every restated change gets a new id and a sequence above the customer's last one on
+        // the topic, whatever the replay before it decided.
+        self.seq_floor = self.seq_floor.max(published);
         let mut ids: Vec<&String> = told.keys().filter(|id| !touched.contains(*id)).collect();
         ids.sort_unstable();
         let page = usize::try_from(self.pipeline.sweep_page)

@@ -372,7 +372,11 @@ fn held_timers_rules(pipeline: &Pipeline, claim: &Claim) -> Option<Arc<Rules>> {
     if swept == pipeline.rules.version_hash() {
         return Some(Arc::clone(&pipeline.rules));
     }
-    pipeline.known_rules(swept)
+    // Earlier rules that rank otherwise would write their values into the running rules'
+    // rank sets (as the replay chain, these are not used).
+    pipeline
+        .known_rules(swept)
+        .filter(|r| !r.uses_ranks() || r.ranks_like(&pipeline.rules))
 }
 
 impl Runner {

@@ -336,8 +336,9 @@ impl Runner {
             // completion's commit and the held timers'.
             fail::fail_point!("sweep-completed");
             // The timers that waited for the sweep: in `event` mode those due by the
-            // partition's clock fire now (in `wall` mode the next tick fires them; a new
-            // owner fires them first, see `Runner::fire_held_timers`).
+            // partition's clock fire now (an owner claiming the partition right after the
+            // completion's commit fires them first, see `Runner::fire_held_timers`); in
+            // `wall` mode the next tick fires them.
             if let (ClockMode::Event, Some(clock)) = (p.clock.mode, self.clock) {
                 let mut work = Working::default();
                 self.fire_due(clock, &mut work, None).await?;

@@ -104,17 +104,26 @@ impl OutboxPositions {
                 .unstable_consumer()
                 .fetch_watermarks(topic, p, step())
                 .map_err(|e| format!("reading the high watermark of {topic} {p}: {e}"))?;
-            let element = starts.find_partition(topic, p);
-            if let Some(Err(e)) = element.as_ref().map(|e| e.error()) {
+            let Some(element) = starts.find_partition(topic, p) else {
+                return Err(format!(
+                    "looking up the offset of {topic} {p} at {since_ms}: no answer for it"
+                ));
+            };
+            if let Err(e) = element.error() {
                 return Err(format!(
                     "looking up the offset of {topic} {p} at {since_ms}: {e}"
                 ));
             }
-            // No record at or after the time (`End`): nothing to read there.
-            let start = element
-                .and_then(|e| e.offset().to_raw())
-                .filter(|&o| o >= 0)
-                .unwrap_or(high);
+            let start = match element.offset() {
+                Offset::Offset(o) if o >= 0 => o,
+                // No record at or after the time: nothing to read there.
+                Offset::End => high,
+                other => {
+                    return Err(format!(
+                        "looking up the offset of {topic} {p} at {since_ms}: {other:?}"
+                    ))
+                }
+            };
             if start >= high {
                 continue;
             }
