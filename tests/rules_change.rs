@@ -1145,17 +1145,29 @@ fn a_rollback_to_before_a_rules_change_fires_the_earlier_rules_timers_where_they
     let tierd = Tierd::spawn(&world, wall);
     wait_sweeps_done(&tierd, 1.0);
     std::thread::sleep(Duration::from_secs(1)); // ticks after the sweep
-    assert_eq!(lapsed(&world), 0, "active under the new rules");
-    let live = states(&world, n);
+    assert_active_again_then_replayed(&world, &tierd, "recency-2", n, &before, &ends);
+}
+
+/// Checks that `c0..c{n-1}` are active under `version` after being placed and lapsed (three
+/// changes each); then restores Redis to `before` and checks that `tierd` replays up to `ends`
+/// into the same states, every change id with one body.
+fn assert_active_again_then_replayed(
+    world: &World,
+    tierd: &Tierd,
+    version: &str,
+    n: i64,
+    before: &[(String, Vec<u8>)],
+    ends: &BTreeMap<i32, i64>,
+) {
+    assert_eq!(lapsed_of(world, n), 0, "active under {version}");
+    let live = states(world, n);
     assert!(
         live.iter().all(|s| s.seq == 3),
         "placed, lapsed, active again"
     );
     let published = world.read_all(&world.output).len();
-
-    world.restore(&before);
-    let swept = swept_to("recency-2", n);
-    assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
+    world.restore(before);
+    assert_replayed_identically(world, tierd, ends, swept_to(version, n), &live, published);
 }
 
 /// The same with timers: pages set new timers (here, when a customer's recency lapses under
@@ -2103,16 +2115,6 @@ fn a_snapshot_between_a_sweep_and_the_timers_it_held_replays_them_under_its_rule
     let tierd = Tierd::spawn(&world, event);
     wait_sweeps_done(&tierd, 1.0);
     world.wait_outbox_drained(0, Duration::from_secs(60));
-    assert_eq!(lapsed(&world), 0, "active under ev-3");
-    let live = states(&world, n);
-    assert!(
-        live.iter().all(|s| s.seq == 3),
-        "placed, lapsed, active again"
-    );
-    let published = world.read_all(&world.output).len();
-
-    world.restore(&before);
-    let swept = swept_to("ev-3", n);
-    assert_replayed_identically(&world, &tierd, &ends, swept, &live, published);
+    assert_active_again_then_replayed(&world, &tierd, "ev-3", n, &before, &ends);
     drop(files);
 }
