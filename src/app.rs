@@ -151,6 +151,7 @@ pub fn load_tokens(
 /// # Errors
 /// [`StartError`] naming the configuration field to fix.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let mut shutdown = std::pin::pin!(shutdown);
     let rules = Arc::new(Rules::load(
         &config.rules.path,
         config.money.fraction_digits,
@@ -376,18 +377,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         flow_snapshots.abort();
     })?;
 
+    // Fault injection for the tests (`--features failpoints`): a slow start.
+    fail::fail_point!("starting");
+    // Stopped while starting: the consumer never joins the group (a member that joined and
+    // left mid-join could be kept by the broker until its session times out).
+    if futures::FutureExt::now_or_never(shutdown.as_mut()).is_some() {
+        info!("Shutdown requested while starting.");
+        watch.abort();
+        flow_snapshots.abort();
+        api.stop().await;
+        info!("Stopped.");
+        return Ok(());
+    }
     let ingest = {
         let topic = config.kafka.input_topic.clone();
         let commit_interval = Duration::from_millis(config.ingest.kafka_commit_interval_ms);
+        let leave_patience = crate::kafka::leave_patience(&config.kafka);
         let liveness = Arc::clone(&liveness);
         std::thread::Builder::new()
             .name("tierd-ingest".into())
-            .spawn(move || consumer::run(consumer, &topic, commit_interval, &liveness))
+            .spawn(move || {
+                consumer::run(consumer, &topic, commit_interval, leave_patience, &liveness)
+            })
             .map_err(|e| StartError::Internal(e.to_string()))?
     };
 
     let outcome = tokio::select! {
-        () = shutdown => {
+        () = shutdown.as_mut() => {
             info!("Shutdown requested.");
             Ok(())
         }

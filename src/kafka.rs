@@ -79,6 +79,19 @@ pub fn max_poll_interval(kafka: &KafkaConfig) -> std::time::Duration {
     )
 }
 
+/// How long a stopping instance lets a rebalance in progress finish before it leaves the
+/// group: the classic protocol's `session.timeout.ms` (tierd's 10 s unless set in
+/// `[kafka.consumer]`) — a member left behind would not be kept longer — at most 30 s; under
+/// KIP-848 (the broker's session timing) 10 s.
+pub fn leave_patience(kafka: &KafkaConfig) -> std::time::Duration {
+    let session_ms = kafka
+        .consumer
+        .get("session.timeout.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(10_000);
+    std::time::Duration::from_millis(session_ms.min(30_000))
+}
+
 /// Producer settings: idempotent, fully acknowledged, ordered. Each partition's publisher
 /// adds its own `transactional.id` (see [`crate::publish::producer`]).
 pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {

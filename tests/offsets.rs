@@ -493,7 +493,7 @@ fn a_seek_refused_past_its_deadline_stops_the_partition_until_it_is_accepted() {
     // The taker's next offset commit goes unanswered; then partition 1's owner dies.
     proxy.hold_commits();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy.commits_held(taker_id) < 1 {
+    while proxy.requests_held(taker_id) < 1 {
         assert!(
             Instant::now() < deadline,
             "no offset commit of the taker held back:\n{}",

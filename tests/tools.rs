@@ -6,7 +6,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
-use support::{purchase, Tierd, World};
+use std::time::Instant;
+use support::kafka_proxy::{self, KafkaProxy};
+use support::{purchase, Broker, Redis, Tierd, World};
 
 fn tierd(args: &[&str]) -> (i32, String, String) {
     support::tierd_cli(args)
@@ -423,4 +425,94 @@ fn offsets_reset_recounts_a_stopped_partition_once_with_new_change_ids() {
     let (code, _, err) = reset(&["--to-earliest", "--partition", "3"]);
     assert_eq!(code, 1);
     assert!(err.contains("--partition 3: the input topic"), "{err}");
+}
+
+/// An instance stopped in the middle of joining its group (the coordinator's answer to its
+/// SyncGroup held back by a proxy) still leaves the group, so that `offsets reset` can run
+/// at once. librdkafka closed mid-join terminates without its LeaveGroup: the coordinator
+/// would keep the member until its session times out, refusing the reset and leaving the
+/// partitions the group gave it to no one. tierd lets the join finish, takes nothing, leaves.
+#[test]
+fn an_instance_stopped_while_joining_its_group_leaves_it() {
+    let port = support::free_port();
+    let proxy = KafkaProxy::start(port);
+    let broker = Broker::start_on_port(
+        port,
+        &format!(
+            "advertised.listeners=PLAINTEXT://127.0.0.1:{},CONTROLLER://127.0.0.1:{{controller_port}}\n",
+            proxy.port
+        ),
+        &[],
+    );
+    let world = World::start_on(1, Redis::start(), broker);
+    let dir = tempfile::tempdir().unwrap();
+    let config = world.config_file(dir.path());
+    let show = || -> serde_json::Value {
+        let (code, out, err) = tierd(&["offsets", "show", "--config", &config, "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+
+    proxy.hold(kafka_proxy::SYNC_GROUP);
+    let mut running = Tierd::spawn_with(&world, "\"client.id\" = \"joining\"\n", "");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.requests_held("joining") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "tierd sent no SyncGroup:\n{}",
+            running.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    running.signal("-TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut exited = None;
+    while exited.is_none()
+        && Instant::now() < deadline
+        && !running
+            .log_text()
+            .contains("letting the group's rebalance finish")
+    {
+        exited = running.wait_exit(Duration::from_millis(50));
+    }
+    proxy.release();
+    let exited = exited.or_else(|| running.wait_exit(Duration::from_secs(30)));
+    assert_eq!(exited, Some(0), "{}", running.log_text());
+    let stopped = show();
+    assert_eq!(
+        (stopped["group_state"].as_str(), stopped["members"].as_u64()),
+        (Some("Empty"), Some(0)),
+        "the stopped instance is still a member: {stopped}\n{}",
+        running.log_text()
+    );
+    let log = running.log_text();
+    assert!(!log.contains("Partition assigned"), "{log}");
+    // Not refused for a member in the group (nothing is stored: nothing to move).
+    let (_, _, err) = tierd(&["offsets", "reset", "--config", &config, "--to-earliest"]);
+    assert!(err.contains("nothing is stored"), "{err}");
+}
+
+/// SIGTERM while tierd starts (here held before its consumer starts) stops it cleanly:
+/// exit 0, the consumer never joins the group. (The signal was listened for only from the
+/// end of the start: until then it killed the process.)
+#[test]
+fn a_stop_while_starting_stops_cleanly_before_joining_the_group() {
+    let world = World::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = world.config_file(dir.path());
+    let mut running = Tierd::spawn_env(&world, "", "", &[("FAILPOINTS", "starting=sleep(3000)")]);
+    running.signal("-TERM");
+    assert_eq!(
+        running.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        running.log_text()
+    );
+    let log = running.log_text();
+    assert!(log.contains("Shutdown requested while starting."), "{log}");
+    assert!(!log.contains("Partition assigned"), "{log}");
+    let (code, out, err) = tierd(&["offsets", "show", "--config", &config, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["members"], 0, "{shown}");
 }

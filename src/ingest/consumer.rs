@@ -156,6 +156,10 @@ pub struct IngestContext {
     /// before it is stopped (visibly: `/readyz/ingest`) instead of staying paused while shown as
     /// processed (`ingest.seek_deadline_s`).
     seek_deadline: Duration,
+    /// A rebalance of the group is under way for this member: from the subscription, a
+    /// revocation, or statistics showing a join in progress, until the next assignment
+    /// callback (every rebalance ends with one, possibly empty). See [`Self::finish_rebalance`].
+    rebalancing: AtomicBool,
 }
 
 /// librdkafka answers every offset commit within the session and socket timeouts; one still
@@ -207,6 +211,7 @@ impl IngestContext {
             commits_in_flight: AtomicUsize::new(0),
             commit_sent: Mutex::new(None),
             seek_deadline,
+            rebalancing: AtomicBool::new(false),
         }
     }
 
@@ -425,6 +430,35 @@ impl IngestContext {
 
     fn release_all(&self, consumer: &BaseConsumer<Self>) {
         self.release(consumer, &self.supervisor.started());
+    }
+
+    /// Lets a rebalance in progress finish before the instance leaves its group, for at most
+    /// `patience`, taking nothing it is given (see the assignment callback).
+    ///
+    /// librdkafka (2.12, classic protocol) closed in the middle of a join — between its
+    /// JoinGroup and the SyncGroup answer — terminates without the LeaveGroup it owes: the
+    /// coordinator keeps the member until its session times out, and meanwhile the partitions
+    /// the group gave it are processed by no one (and `tierd offsets reset` refuses, a member
+    /// being in the group). Once the rebalance has ended, the unsubscription leaves the group
+    /// at once.
+    fn finish_rebalance(&self, consumer: &BaseConsumer<Self>, patience: Duration) {
+        if !self.rebalancing.load(Ordering::Relaxed) {
+            return;
+        }
+        info!("Shutting down: letting the group's rebalance finish before leaving the group.");
+        let deadline = Instant::now() + patience;
+        while self.rebalancing.load(Ordering::Relaxed) && Instant::now() < deadline {
+            // A record polled now is dropped: the partition's next owner reads it again from
+            // the offset stored in Redis.
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+        if self.rebalancing.load(Ordering::Relaxed) {
+            warn!(
+                waited_ms = u64::try_from(patience.as_millis()).unwrap_or(u64::MAX),
+                "The group's rebalance did not finish: the group may keep this instance as a \
+                 member until its session times out."
+            );
+        }
     }
 
     /// Restarts partitions whose runner stopped while we still own them: a diverged one is
@@ -887,6 +921,13 @@ impl ClientContext for IngestContext {
     }
 
     fn stats(&self, statistics: Statistics) {
+        // Served in order with the rebalance callbacks: a report of a join in progress comes
+        // before the assignment that ends it.
+        if let Some(group) = &statistics.cgrp {
+            if !matches!(group.join_state.as_str(), "steady" | "init") {
+                self.rebalancing.store(true, Ordering::Relaxed);
+            }
+        }
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
@@ -972,7 +1013,24 @@ impl ConsumerContext for IngestContext {
         // below): what it fetched and tierd has not polled is dropped and fetched again.
         self.undrain(None);
         match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS
+                if self.shutdown.load(Ordering::Relaxed) =>
+            {
+                // Stopping (the end of a rebalance the shutdown waited for): nothing is
+                // claimed; the partitions are taken paused, only to be revoked as the
+                // instance leaves the group.
+                self.rebalancing.store(false, Ordering::Relaxed);
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(error) = result.and_then(|()| consumer.pause(tpl)) {
+                    warn!(%error, "Taking the last assignment while stopping failed.");
+                }
+            }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.rebalancing.store(false, Ordering::Relaxed);
                 let Claimed { assign, refused } = self.claim_all(tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(&assign)
@@ -1016,6 +1074,8 @@ impl ConsumerContext for IngestContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                // A revocation is followed by a (re)join and an assignment.
+                self.rebalancing.store(true, Ordering::Relaxed);
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 info!(
                     ?partitions,
@@ -1033,6 +1093,7 @@ impl ConsumerContext for IngestContext {
                 }
             }
             other => {
+                self.rebalancing.store(false, Ordering::Relaxed);
                 error!(error = ?other, "Rebalance failed; releasing all partitions.");
                 self.release_all(consumer);
                 let _ = consumer.unassign();
@@ -1070,6 +1131,7 @@ pub fn run(
     consumer: BaseConsumer<IngestContext>,
     topic: &str,
     commit_interval: Duration,
+    leave_patience: Duration,
     liveness: &Arc<Liveness>,
 ) {
     // Dropped however this thread ends (a return, or unwinding from a panic): `/healthz`
@@ -1080,6 +1142,7 @@ pub fn run(
         return;
     }
     let ctx = consumer.context();
+    ctx.rebalancing.store(true, Ordering::Relaxed);
     let mut last_flush_check = Instant::now();
     let mut last_commit = Instant::now();
     let mut last_seek = Instant::now();
@@ -1135,6 +1198,7 @@ pub fn run(
         }
     }
     info!("Shutting down: finishing in-flight batches and flushing outboxes.");
+    ctx.finish_rebalance(&consumer, leave_patience);
     ctx.release_all(&consumer);
     consumer.unsubscribe();
 }

@@ -1,8 +1,9 @@
 //! A TCP proxy in front of a broker's advertised listener that can hold back the broker's
-//! answers to offset commits (Kafka API key 8), and only those: every other answer on the
-//! same connection (heartbeats, the group's join and sync, fetches) passes. librdkafka matches
-//! answers to requests by correlation id, so one answer held while later ones pass is taken
-//! as a slow request, as from a group coordinator that takes long to write the offsets topic.
+//! answers to one kind of request (e.g. offset commits, Kafka API key 8), and only those:
+//! every other answer on the same connection (heartbeats, the group's join and sync,
+//! fetches) passes. librdkafka matches answers to requests by correlation id, so one answer
+//! held while later ones pass is taken as a slow request, as from a group coordinator that
+//! takes long to write the offsets topic.
 //!
 //! Start it before the broker, on the broker's port-to-be (the broker advertises the proxy's
 //! port: every connection after the bootstrap goes through it).
@@ -10,19 +11,27 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Kafka's OffsetCommit request.
-const OFFSET_COMMIT: i16 = 8;
+pub const OFFSET_COMMIT: i16 = 8;
+/// Kafka's SyncGroup request (the end of a classic group's join).
+pub const SYNC_GROUP: i16 = 14;
 
-#[derive(Default)]
 struct Shared {
     upstream: u16,
-    hold: AtomicBool,
-    /// Offset commits sent while holding, per client id.
+    /// The API key whose answers are held back (-1: none).
+    hold: AtomicI32,
+    /// Requests of that key sent while holding, per client id.
     held: Mutex<HashMap<String, usize>>,
+}
+
+impl Shared {
+    fn holding(&self) -> bool {
+        self.hold.load(Ordering::SeqCst) >= 0
+    }
 }
 
 pub struct KafkaProxy {
@@ -38,7 +47,8 @@ impl KafkaProxy {
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             upstream,
-            ..Shared::default()
+            hold: AtomicI32::new(-1),
+            held: Mutex::default(),
         });
         let accepting = Arc::clone(&shared);
         std::thread::spawn(move || {
@@ -52,17 +62,22 @@ impl KafkaProxy {
 
     /// From now on, answers to offset commits are held back until [`Self::release`].
     pub fn hold_commits(&self) {
-        self.shared.hold.store(true, Ordering::SeqCst);
+        self.hold(OFFSET_COMMIT);
+    }
+
+    /// From now on, answers to requests with `api_key` are held back until [`Self::release`].
+    pub fn hold(&self, api_key: i16) {
+        self.shared.hold.store(i32::from(api_key), Ordering::SeqCst);
     }
 
     /// Delivers the held answers, and lets later ones through.
     pub fn release(&self) {
-        self.shared.hold.store(false, Ordering::SeqCst);
+        self.shared.hold.store(-1, Ordering::SeqCst);
     }
 
-    /// Offset commits the client `client_id` sent while holding (their answers held back, or
-    /// delivered since).
-    pub fn commits_held(&self, client_id: &str) -> usize {
+    /// Requests of the held kind the client `client_id` sent while holding (their answers
+    /// held back, or delivered since).
+    pub fn requests_held(&self, client_id: &str) -> usize {
         let held = self.shared.held.lock().unwrap();
         held.get(client_id).copied().unwrap_or(0)
     }
@@ -81,8 +96,8 @@ fn serve(client: TcpStream, shared: &Arc<Shared>) {
     forward_answers(broker, client, &held_ids, shared);
 }
 
-/// Client to broker: every request as it comes; notes the correlation ids of offset commits
-/// sent while holding.
+/// Client to broker: every request as it comes; notes the correlation ids of requests of the
+/// held kind sent while holding.
 fn forward_requests(
     mut from: TcpStream,
     mut to: TcpStream,
@@ -92,9 +107,9 @@ fn forward_requests(
     while let Some(frame) = read_frame(&mut from) {
         // Request header (v1 and v2): size, api key (i16), api version (i16), correlation id
         // (i32), client id (i16 length, then the bytes; -1: none).
-        if frame.len() >= 14 && shared.hold.load(Ordering::SeqCst) {
+        if frame.len() >= 14 && shared.holding() {
             let api_key = i16::from_be_bytes([frame[4], frame[5]]);
-            if api_key == OFFSET_COMMIT {
+            if i32::from(api_key) == shared.hold.load(Ordering::SeqCst) {
                 let id = i32::from_be_bytes([frame[8], frame[9], frame[10], frame[11]]);
                 let len = usize::try_from(i16::from_be_bytes([frame[12], frame[13]])).unwrap_or(0);
                 let client = frame
@@ -112,7 +127,7 @@ fn forward_requests(
     let _ = to.shutdown(Shutdown::Write);
 }
 
-/// Broker to client: every answer as it comes, except those to held commits while holding;
+/// Broker to client: every answer as it comes, except those to held requests while holding;
 /// those go out once released.
 fn forward_answers(
     mut from: TcpStream,
@@ -126,7 +141,7 @@ fn forward_answers(
     let mut held: Vec<Vec<u8>> = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
     loop {
-        if !shared.hold.load(Ordering::SeqCst) {
+        if !shared.holding() {
             for frame in held.drain(..) {
                 if to.write_all(&frame).is_err() {
                     return;
@@ -148,7 +163,7 @@ fn forward_answers(
             }
             let frame: Vec<u8> = buf.drain(..4 + size).collect();
             let id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
-            let hold = held_ids.lock().unwrap().remove(&id) && shared.hold.load(Ordering::SeqCst);
+            let hold = held_ids.lock().unwrap().remove(&id) && shared.holding();
             if hold {
                 held.push(frame);
             } else if to.write_all(&frame).is_err() {
