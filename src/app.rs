@@ -259,6 +259,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
         Duration::from_secs(config.ingest.seek_deadline_s),
         Arc::clone(&stop),
+        crate::kafka::classic_protocol(&config.kafka),
     );
     let consumer: BaseConsumer<IngestContext> = crate::kafka::consumer_config(&config.kafka)
         // Reports of a partition's end tell wall-clock timers the backlog is applied
@@ -306,6 +307,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         partitions, "Input topic found."
     );
 
+    // The shutdown signal's listeners are registered when its future is first polled: from
+    // here on SIGTERM/SIGINT stops tierd cleanly. Until now their default action ends the
+    // process at once, which holds nothing yet (no API, no claim, not in the group) — and
+    // a start waiting on an unreachable Kafka or Redis can be interrupted.
+    if futures::FutureExt::now_or_never(shutdown.as_mut()).is_some() {
+        info!("Shutdown requested while starting.");
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(&config.api.listen)
         .await
         .map_err(|error| StartError::Listen {
@@ -379,8 +388,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     // Fault injection for the tests (`--features failpoints`): a slow start.
     fail::fail_point!("starting");
-    // Stopped while starting: the consumer never joins the group (a member that joined and
-    // left mid-join could be kept by the broker until its session times out).
+    // Stopped while starting: the consumer never joins the group. (Polled only from the
+    // `select!` below, a signal arriving after the consumer thread subscribed would be seen
+    // once the group join is under way.)
     if futures::FutureExt::now_or_never(shutdown.as_mut()).is_some() {
         info!("Shutdown requested while starting.");
         watch.abort();

@@ -18,11 +18,7 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
         .set("group.id", &kafka.group_id)
         .set("statistics.interval.ms", "2000")
         .set("enable.partition.eof", "false");
-    let kip848 = kafka
-        .consumer
-        .get("group.protocol")
-        .is_some_and(|p| p.eq_ignore_ascii_case("consumer"));
-    if !kip848 {
+    if classic_protocol(kafka) {
         c.set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000");
@@ -79,10 +75,19 @@ pub fn max_poll_interval(kafka: &KafkaConfig) -> std::time::Duration {
     )
 }
 
+/// Whether the consumer uses the classic group protocol (not KIP-848's
+/// `group.protocol = "consumer"`).
+pub fn classic_protocol(kafka: &KafkaConfig) -> bool {
+    !kafka
+        .consumer
+        .get("group.protocol")
+        .is_some_and(|p| p.eq_ignore_ascii_case("consumer"))
+}
+
 /// How long a stopping instance lets a rebalance in progress finish before it leaves the
-/// group: the classic protocol's `session.timeout.ms` (tierd's 10 s unless set in
-/// `[kafka.consumer]`) — a member left behind would not be kept longer — at most 30 s; under
-/// KIP-848 (the broker's session timing) 10 s.
+/// group (classic protocol): `session.timeout.ms` (tierd's 10 s unless set in
+/// `[kafka.consumer]`) — a member that joined and then went silent is kept that long — at
+/// most 30 s.
 pub fn leave_patience(kafka: &KafkaConfig) -> std::time::Duration {
     let session_ms = kafka
         .consumer

@@ -251,12 +251,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            // Listening from here on: a SIGTERM while starting stops tierd cleanly.
-            let shutdown = {
-                let _runtime = runtime.enter();
-                tierd::shutdown::signal()
-            };
-            runtime.block_on(tierd::app::run(config, shutdown))?;
+            runtime.block_on(tierd::app::run(config, tierd::shutdown::signal()))?;
             Ok(())
         }
         Command::CheckConfig { config } => {

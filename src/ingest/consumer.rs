@@ -157,9 +157,16 @@ pub struct IngestContext {
     /// processed (`ingest.seek_deadline_s`).
     seek_deadline: Duration,
     /// A rebalance of the group is under way for this member: from the subscription, a
-    /// revocation, or statistics showing a join in progress, until the next assignment
-    /// callback (every rebalance ends with one, possibly empty). See [`Self::finish_rebalance`].
+    /// revocation, or statistics showing a join round in progress, until the assignment
+    /// callback that ends it (every classic rebalance ends with one, possibly empty) or
+    /// statistics showing it steady. See [`Self::finish_rebalance`].
     rebalancing: AtomicBool,
+    /// A cooperative revocation (not a loss) was served: librdkafka follows the assignment
+    /// after it with a second join round, to hand the revoked partitions over; that round's
+    /// assignment ends the rebalance.
+    rejoin_expected: AtomicBool,
+    /// The classic group protocol (not KIP-848): see [`Self::finish_rebalance`].
+    classic: bool,
 }
 
 /// librdkafka answers every offset commit within the session and socket timeouts; one still
@@ -195,6 +202,7 @@ impl IngestContext {
         batching: Batching,
         seek_deadline: Duration,
         shutdown: Arc<AtomicBool>,
+        classic: bool,
     ) -> Self {
         Self {
             topic,
@@ -212,6 +220,8 @@ impl IngestContext {
             commit_sent: Mutex::new(None),
             seek_deadline,
             rebalancing: AtomicBool::new(false),
+            rejoin_expected: AtomicBool::new(false),
+            classic,
         }
     }
 
@@ -432,17 +442,27 @@ impl IngestContext {
         self.release(consumer, &self.supervisor.started());
     }
 
+    /// The assignment callback is through: the rebalance is over, unless a second join round
+    /// follows a cooperative revocation.
+    fn rebalance_step_done(&self) {
+        if !self.rejoin_expected.swap(false, Ordering::Relaxed) {
+            self.rebalancing.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Lets a rebalance in progress finish before the instance leaves its group, for at most
     /// `patience`, taking nothing it is given (see the assignment callback).
     ///
     /// librdkafka (2.12, classic protocol) closed in the middle of a join — between its
-    /// JoinGroup and the SyncGroup answer — terminates without the LeaveGroup it owes: the
-    /// coordinator keeps the member until its session times out, and meanwhile the partitions
-    /// the group gave it are processed by no one (and `tierd offsets reset` refuses, a member
-    /// being in the group). Once the rebalance has ended, the unsubscription leaves the group
-    /// at once.
+    /// JoinGroup and the SyncGroup answer — terminates without the LeaveGroup it owes (the
+    /// unsubscription is postponed while a rebalance is in progress, and the termination
+    /// skips both the rejoin and the leave): the coordinator keeps the member until its
+    /// session times out, and meanwhile the partitions the group gave it are processed by no
+    /// one (and `tierd offsets reset` refuses, a member being in the group). Once the
+    /// rebalance has ended, the unsubscription leaves the group at once.
     fn finish_rebalance(&self, consumer: &BaseConsumer<Self>, patience: Duration) {
-        if !self.rebalancing.load(Ordering::Relaxed) {
+        // KIP-848 leaves by a heartbeat, from any state.
+        if !self.classic || !self.rebalancing.load(Ordering::Relaxed) {
             return;
         }
         info!("Shutting down: letting the group's rebalance finish before leaving the group.");
@@ -921,11 +941,23 @@ impl ClientContext for IngestContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        // Served in order with the rebalance callbacks: a report of a join in progress comes
-        // before the assignment that ends it.
+        // A report is served ahead of the events queued when it was taken (librdkafka queues
+        // statistics first): one showing a join round comes before the assignment that ends
+        // it. While a rebalance callback is pending or running (`wait-*-call`) the callback
+        // tells; `init` is not telling (not joined yet, or between two rounds).
         if let Some(group) = &statistics.cgrp {
-            if !matches!(group.join_state.as_str(), "steady" | "init") {
-                self.rebalancing.store(true, Ordering::Relaxed);
+            match group.join_state.as_str() {
+                "wait-join"
+                | "wait-metadata"
+                | "wait-sync"
+                | "wait-unassign-to-complete"
+                | "wait-incr-unassign-to-complete" => {
+                    self.rebalancing.store(true, Ordering::Relaxed);
+                }
+                "steady" if !self.rejoin_expected.load(Ordering::Relaxed) => {
+                    self.rebalancing.store(false, Ordering::Relaxed);
+                }
+                _ => {}
             }
         }
         let Some(topic) = statistics.topics.get(&self.topic) else {
@@ -1017,20 +1049,23 @@ impl ConsumerContext for IngestContext {
                 if self.shutdown.load(Ordering::Relaxed) =>
             {
                 // Stopping (the end of a rebalance the shutdown waited for): nothing is
-                // claimed; the partitions are taken paused, only to be revoked as the
-                // instance leaves the group.
-                self.rebalancing.store(false, Ordering::Relaxed);
+                // claimed; the partitions are taken paused at their end (no committed offset
+                // looked up, none missing), only to be revoked as the instance leaves.
+                let mut taken = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    let _ = taken.add_partition_offset(e.topic(), e.partition(), Offset::End);
+                }
                 let result = if cooperative {
-                    consumer.incremental_assign(tpl)
+                    consumer.incremental_assign(&taken)
                 } else {
-                    consumer.assign(tpl)
+                    consumer.assign(&taken)
                 };
-                if let Err(error) = result.and_then(|()| consumer.pause(tpl)) {
+                if let Err(error) = result.and_then(|()| consumer.pause(&taken)) {
                     warn!(%error, "Taking the last assignment while stopping failed.");
                 }
+                self.rebalance_step_done();
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.rebalancing.store(false, Ordering::Relaxed);
                 let Claimed { assign, refused } = self.claim_all(tpl);
                 let result = if cooperative {
                     consumer.incremental_assign(&assign)
@@ -1072,10 +1107,16 @@ impl ConsumerContext for IngestContext {
                         warn!(%error, "Pausing partitions whose claim was refused failed.");
                     }
                 }
+                self.rebalance_step_done();
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                // A revocation is followed by a (re)join and an assignment.
+                // A revocation is followed by a (re)join and an assignment; a cooperative one
+                // (not a loss) by two (see `rejoin_expected`).
                 self.rebalancing.store(true, Ordering::Relaxed);
+                self.rejoin_expected.store(
+                    cooperative && !consumer.assignment_lost(),
+                    Ordering::Relaxed,
+                );
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 info!(
                     ?partitions,
@@ -1093,7 +1134,6 @@ impl ConsumerContext for IngestContext {
                 }
             }
             other => {
-                self.rebalancing.store(false, Ordering::Relaxed);
                 error!(error = ?other, "Rebalance failed; releasing all partitions.");
                 self.release_all(consumer);
                 let _ = consumer.unassign();
