@@ -220,6 +220,12 @@ impl Runner {
                     }
                     return Ok(false);
                 }
+                tracing::info!(
+                    partition = self.partition,
+                    since_ms = r.since_ms,
+                    "Reading back the output topic (every partition, to its end when the read \
+                     begins) for the tier last published to each customer."
+                );
                 let abort = Arc::new(AtomicBool::new(false));
                 let (positions, stop, since_ms) =
                     (Arc::clone(&self.positions), Arc::clone(&abort), r.since_ms);

@@ -1629,7 +1629,74 @@ impl World {
 
     /// Every record on `topic` from the beginning up to the current high watermarks.
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
-        read_all(&self.broker.addr, topic, self.partitions)
+        read_all(&self.broker.addr, topic, self.topic_partitions(topic))
+    }
+
+    /// How many partitions `topic` has (the input's count when the broker does not say).
+    pub fn topic_partitions(&self, topic: &str) -> i32 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.broker.addr)
+            .create()
+            .unwrap();
+        consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .ok()
+            .and_then(|m| {
+                m.topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map(|t| i32::try_from(t.partitions().len()).unwrap())
+            })
+            .filter(|n| *n > 0)
+            .unwrap_or(self.partitions)
+    }
+
+    /// Opens a transaction of a producer of its own on the output topic (as another
+    /// instance's publisher has while it publishes) with one change of an unrelated customer
+    /// in each of the topic's partitions, and keeps it open: every `read_committed` reader
+    /// stops at it until [`OpenTransaction::commit`].
+    pub fn open_output_transaction(&self) -> OpenTransaction {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.broker.addr)
+            .set("transactional.id", unique("open"))
+            .set("transaction.timeout.ms", "300000")
+            .create()
+            .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        for p in 0..self.topic_partitions(&self.output) {
+            let customer = format!("zz-open-{p}");
+            let change = serde_json::json!({
+                "event_id": format!("open-{p}"),
+                "customer_id": customer,
+                "sequence": 1,
+                "tier": "basic",
+            });
+            producer
+                .send(
+                    BaseRecord::to(&self.output)
+                        .partition(p)
+                        .key(&customer)
+                        .payload(&serde_json::to_vec(&change).unwrap()),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+        OpenTransaction(producer)
+    }
+}
+
+/// A transaction left open on the output topic ([`World::open_output_transaction`]).
+pub struct OpenTransaction(
+    rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+);
+
+impl OpenTransaction {
+    pub fn commit(self) {
+        use rdkafka::producer::Producer;
+        self.0.commit_transaction(Duration::from_secs(30)).unwrap();
     }
 }
 
