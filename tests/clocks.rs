@@ -364,11 +364,7 @@ fn ids_with_control_characters_are_logged_escaped() {
         .unwrap();
     let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 100\n");
     tierd.wait_partitions(1, Duration::from_secs(60));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !tierd.log_text().contains("out of step") {
-        assert!(Instant::now() < deadline, "{}", tierd.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tierd.wait_log("out of step", Duration::from_secs(30));
     let log = tierd.log_text();
     assert!(
         !log.lines().any(|l| l.starts_with("FORGED")),

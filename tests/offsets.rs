@@ -456,16 +456,7 @@ fn a_start_deferred_by_an_offset_commit_is_still_validated() {
 /// wait for the commit too.)
 #[test]
 fn a_seek_refused_past_its_deadline_stops_the_partition_until_it_is_accepted() {
-    let port = support::free_port();
-    let proxy = support::kafka_proxy::KafkaProxy::start(port);
-    let broker = Broker::start_on_port(
-        port,
-        &format!(
-            "advertised.listeners=PLAINTEXT://127.0.0.1:{},CONTROLLER://127.0.0.1:{{controller_port}}\n",
-            proxy.port
-        ),
-        &[],
-    );
+    let (proxy, broker) = support::kafka_proxy::KafkaProxy::with_broker();
     let world = World::start_on(2, Redis::start(), broker);
     let [a, b]: [String; 2] = world.customer_per_partition().try_into().unwrap();
     // The tests' 6 s sessions: the group hands the dead owner's partition over within seconds.
@@ -492,15 +483,7 @@ fn a_seek_refused_past_its_deadline_stops_the_partition_until_it_is_accepted() {
 
     // The taker's next offset commit goes unanswered; then partition 1's owner dies.
     proxy.hold_commits();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxy.requests_held(taker_id) < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "no offset commit of the taker held back:\n{}",
-            taker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    proxy.wait_held(taker_id, || taker.log_text());
     owner.signal("-KILL");
     let more = world.produce_json(&[
         purchase("b1", &b, "100", "2026-11-02T10:00:00Z"),

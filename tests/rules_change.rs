@@ -831,15 +831,7 @@ fn a_replay_missing_a_middle_rules_version_warns_naming_rules_history() {
     assert_eq!(run.tierd.terminate(), Some(0));
     world.restore(&run.before);
     let tierd = Tierd::spawn(&world, "[kafka]\nhistory_topic = \"\"\n");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !tierd.log_text().contains("list its file in rules.history") {
-        assert!(
-            Instant::now() < deadline,
-            "no warning:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tierd.wait_log("list its file in rules.history", Duration::from_secs(60));
     assert!(!tierd
         .log_text()
         .contains("under the rules it first ran under"));
@@ -2029,15 +2021,7 @@ fn a_restatement_reads_every_output_partition_past_an_open_transaction() {
     let mut run = rolled_back_on(world, false, "[kafka]\nhistory_topic = \"\"\n", true);
     let open = run.open.take().expect("a transaction left open");
     let tierd = Tierd::spawn(&run.world, run.no_history);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !tierd.log_text().contains("Reading back the output topic") {
-        assert!(
-            Instant::now() < deadline,
-            "no read-back began:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tierd.wait_log("Reading back the output topic", Duration::from_secs(90));
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         tierd.metric("tierd_tiers_restated_total"),
@@ -2152,15 +2136,7 @@ fn a_snapshot_between_a_sweep_and_the_timers_it_held_replays_them_under_its_rule
         "the clock moved during the sweep"
     );
     let lapsed = |world: &World| lapsed_of(world, n);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !tierd.log_text().contains("Rules sweep complete.") {
-        assert!(
-            Instant::now() < deadline,
-            "no completion:\n{}",
-            tierd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tierd.wait_log("Rules sweep complete.", Duration::from_secs(60));
     // Redis will lose everything from here on: the sweep is complete, its held timers not
     // fired yet (the fault holds them back 15 s).
     let before = world.snapshot();

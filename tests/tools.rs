@@ -5,13 +5,19 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::time::Duration;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use support::kafka_proxy::{self, KafkaProxy};
-use support::{purchase, Broker, Redis, Tierd, World};
+use support::{purchase, Redis, Tierd, World};
 
 fn tierd(args: &[&str]) -> (i32, String, String) {
     support::tierd_cli(args)
+}
+
+/// `tierd offsets show --json` of the deployment `config` describes.
+fn offsets_show(config: &str) -> serde_json::Value {
+    let (code, out, err) = tierd(&["offsets", "show", "--config", config, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
 }
 
 #[test]
@@ -237,11 +243,7 @@ fn offsets_show_tells_where_each_partition_stands() {
     let world = World::start(2);
     let dir = tempfile::tempdir().unwrap();
     let config = world.config_file(dir.path());
-    let show = || -> serde_json::Value {
-        let (code, out, err) = tierd(&["offsets", "show", "--config", &config, "--json"]);
-        assert_eq!(code, 0, "{err}");
-        serde_json::from_str(&out).unwrap()
-    };
+    let show = || offsets_show(&config);
     let fresh = show();
     assert_eq!(fresh["members"], 0, "{fresh}");
     let parts = fresh["partitions"].as_array().unwrap();
@@ -434,36 +436,14 @@ fn offsets_reset_recounts_a_stopped_partition_once_with_new_change_ids() {
 /// partitions the group gave it to no one. tierd lets the join finish, takes nothing, leaves.
 #[test]
 fn an_instance_stopped_while_joining_its_group_leaves_it() {
-    let port = support::free_port();
-    let proxy = KafkaProxy::start(port);
-    let broker = Broker::start_on_port(
-        port,
-        &format!(
-            "advertised.listeners=PLAINTEXT://127.0.0.1:{},CONTROLLER://127.0.0.1:{{controller_port}}\n",
-            proxy.port
-        ),
-        &[],
-    );
+    let (proxy, broker) = KafkaProxy::with_broker();
     let world = World::start_on(1, Redis::start(), broker);
     let dir = tempfile::tempdir().unwrap();
     let config = world.config_file(dir.path());
-    let show = || -> serde_json::Value {
-        let (code, out, err) = tierd(&["offsets", "show", "--config", &config, "--json"]);
-        assert_eq!(code, 0, "{err}");
-        serde_json::from_str(&out).unwrap()
-    };
 
     proxy.hold(kafka_proxy::SYNC_GROUP);
     let mut running = Tierd::spawn_with(&world, "\"client.id\" = \"joining\"\n", "");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while proxy.requests_held("joining") < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "tierd sent no SyncGroup:\n{}",
-            running.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    proxy.wait_held("joining", || running.log_text());
     running.signal("-TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut exited = None;
@@ -478,7 +458,7 @@ fn an_instance_stopped_while_joining_its_group_leaves_it() {
     proxy.release();
     let exited = exited.or_else(|| running.wait_exit(Duration::from_secs(30)));
     assert_eq!(exited, Some(0), "{}", running.log_text());
-    let stopped = show();
+    let stopped = offsets_show(&config);
     assert_eq!(
         (stopped["group_state"].as_str(), stopped["members"].as_u64()),
         (Some("Empty"), Some(0)),
@@ -511,8 +491,6 @@ fn a_stop_while_starting_stops_cleanly_before_joining_the_group() {
     let log = running.log_text();
     assert!(log.contains("Shutdown requested while starting."), "{log}");
     assert!(!log.contains("Partition assigned"), "{log}");
-    let (code, out, err) = tierd(&["offsets", "show", "--config", &config, "--json"]);
-    assert_eq!(code, 0, "{err}");
-    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let shown = offsets_show(&config);
     assert_eq!(shown["members"], 0, "{shown}");
 }

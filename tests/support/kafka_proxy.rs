@@ -60,6 +60,36 @@ impl KafkaProxy {
         Self { port, shared }
     }
 
+    /// A broker of its own behind a proxy: the broker advertises the proxy's port, so every
+    /// connection after the bootstrap goes through it.
+    pub fn with_broker() -> (Self, super::Broker) {
+        let port = super::free_port();
+        let proxy = Self::start(port);
+        let broker = super::Broker::start_on_port(
+            port,
+            &format!(
+                "advertised.listeners=PLAINTEXT://127.0.0.1:{},CONTROLLER://127.0.0.1:{{controller_port}}\n",
+                proxy.port
+            ),
+            &[],
+        );
+        (proxy, broker)
+    }
+
+    /// Waits (at most 60 s) until the client `client_id` sent a request of the held kind;
+    /// `log` tells what it did instead.
+    pub fn wait_held(&self, client_id: &str, log: impl Fn() -> String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.requests_held(client_id) < 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no request of {client_id} held back:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// From now on, answers to offset commits are held back until [`Self::release`].
     pub fn hold_commits(&self) {
         self.hold(OFFSET_COMMIT);
