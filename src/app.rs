@@ -403,11 +403,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let topic = config.kafka.input_topic.clone();
         let commit_interval = Duration::from_millis(config.ingest.kafka_commit_interval_ms);
         let leave_patience = crate::kafka::leave_patience(&config.kafka);
+        let report_every = crate::kafka::statistics_interval(&config.kafka);
         let liveness = Arc::clone(&liveness);
         std::thread::Builder::new()
             .name("tierd-ingest".into())
             .spawn(move || {
-                consumer::run(consumer, &topic, commit_interval, leave_patience, &liveness)
+                consumer::run(
+                    consumer,
+                    &topic,
+                    commit_interval,
+                    leave_patience,
+                    report_every,
+                    &liveness,
+                )
             })
             .map_err(|e| StartError::Internal(e.to_string()))?
     };

@@ -16,7 +16,7 @@ pub fn consumer_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &kafka.brokers)
         .set("group.id", &kafka.group_id)
-        .set("statistics.interval.ms", "2000")
+        .set("statistics.interval.ms", "2000") // see `statistics_interval`
         .set("enable.partition.eof", "false");
     if classic_protocol(kafka) {
         c.set("partition.assignment.strategy", "cooperative-sticky")
@@ -95,6 +95,18 @@ pub fn leave_patience(kafka: &KafkaConfig) -> std::time::Duration {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(10_000);
     std::time::Duration::from_millis(session_ms.min(30_000))
+}
+
+/// How often the consumer's statistics come (`statistics.interval.ms`, tierd's 2 s unless
+/// set in `[kafka.consumer]`).
+pub fn statistics_interval(kafka: &KafkaConfig) -> std::time::Duration {
+    std::time::Duration::from_millis(
+        kafka
+            .consumer
+            .get("statistics.interval.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(2_000),
+    )
 }
 
 /// Producer settings: idempotent, fully acknowledged, ordered. Each partition's publisher

@@ -21,7 +21,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -161,10 +161,14 @@ pub struct IngestContext {
     /// callback that ends it (every classic rebalance ends with one, possibly empty) or
     /// statistics showing it steady. See [`Self::finish_rebalance`].
     rebalancing: AtomicBool,
-    /// A cooperative revocation (not a loss) was served: librdkafka follows the assignment
-    /// after it with a second join round, to hand the revoked partitions over; that round's
-    /// assignment ends the rebalance.
-    rejoin_expected: AtomicBool,
+    /// Assignment callbacks still to come in the rebalance under way: one per join round;
+    /// two after a cooperative revocation (not a loss), as librdkafka follows the assignment
+    /// after it with a second join round to hand the revoked partitions over.
+    assigns_expected: AtomicU8,
+    /// An assignment callback was served since the subscription (a first join completed).
+    joined: AtomicBool,
+    /// Statistics reports served (see [`Self::finish_rebalance`]).
+    reports: AtomicU64,
     /// The classic group protocol (not KIP-848): see [`Self::finish_rebalance`].
     classic: bool,
 }
@@ -220,7 +224,9 @@ impl IngestContext {
             commit_sent: Mutex::new(None),
             seek_deadline,
             rebalancing: AtomicBool::new(false),
-            rejoin_expected: AtomicBool::new(false),
+            assigns_expected: AtomicU8::new(0),
+            joined: AtomicBool::new(false),
+            reports: AtomicU64::new(0),
             classic,
         }
     }
@@ -442,10 +448,22 @@ impl IngestContext {
         self.release(consumer, &self.supervisor.started());
     }
 
-    /// The assignment callback is through: the rebalance is over, unless a second join round
+    /// A rebalance begins for this member, ending after `assigns` assignment callbacks.
+    fn rebalance_begins(&self, assigns: u8) {
+        self.rebalancing.store(true, Ordering::Relaxed);
+        self.assigns_expected.store(assigns, Ordering::Relaxed);
+    }
+
+    /// An assignment callback is through: the rebalance is over, unless a second join round
     /// follows a cooperative revocation.
     fn rebalance_step_done(&self) {
-        if !self.rejoin_expected.swap(false, Ordering::Relaxed) {
+        self.joined.store(true, Ordering::Relaxed);
+        let left = self
+            .assigns_expected
+            .load(Ordering::Relaxed)
+            .saturating_sub(1);
+        self.assigns_expected.store(left, Ordering::Relaxed);
+        if left == 0 {
             self.rebalancing.store(false, Ordering::Relaxed);
         }
     }
@@ -460,16 +478,35 @@ impl IngestContext {
     /// session times out, and meanwhile the partitions the group gave it are processed by no
     /// one (and `tierd offsets reset` refuses, a member being in the group). Once the
     /// rebalance has ended, the unsubscription leaves the group at once.
-    fn finish_rebalance(&self, consumer: &BaseConsumer<Self>, patience: Duration) {
+    ///
+    /// A rebalance another member starts shows only in librdkafka's statistics: what is queued
+    /// is served first, then one report taken now (at most `report_every` and a margin) tells.
+    /// What remains is the moment between that report and the unsubscription.
+    fn finish_rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        patience: Duration,
+        report_every: Duration,
+    ) {
         // KIP-848 leaves by a heartbeat, from any state.
-        if !self.classic || !self.rebalancing.load(Ordering::Relaxed) {
+        if !self.classic {
+            return;
+        }
+        // A record polled now is dropped: the partition's next owner reads it again from the
+        // offset stored in Redis.
+        let drained_by = Instant::now() + Duration::from_millis(200);
+        while consumer.poll(Duration::ZERO).is_some() && Instant::now() < drained_by {}
+        let served = self.reports.load(Ordering::Relaxed);
+        let fresh_by = Instant::now() + report_every + Duration::from_millis(500);
+        while self.reports.load(Ordering::Relaxed) == served && Instant::now() < fresh_by {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+        if !self.rebalancing.load(Ordering::Relaxed) {
             return;
         }
         info!("Shutting down: letting the group's rebalance finish before leaving the group.");
         let deadline = Instant::now() + patience;
         while self.rebalancing.load(Ordering::Relaxed) && Instant::now() < deadline {
-            // A record polled now is dropped: the partition's next owner reads it again from
-            // the offset stored in Redis.
             let _ = consumer.poll(Duration::from_millis(50));
         }
         if self.rebalancing.load(Ordering::Relaxed) {
@@ -944,8 +981,11 @@ impl ClientContext for IngestContext {
         // A report is served ahead of the events queued when it was taken (librdkafka queues
         // statistics first): one showing a join round comes before the assignment that ends
         // it. While a rebalance callback is pending or running (`wait-*-call`) the callback
-        // tells; `init` is not telling (not joined yet, or between two rounds).
+        // tells; `steady` only once no assignment is expected (between the two rounds of a
+        // cooperative rebalance the member is steady while it commits); `init` only before the
+        // first join (e.g. no coordinator: nothing to leave; later, between two rounds).
         if let Some(group) = &statistics.cgrp {
+            self.reports.fetch_add(1, Ordering::Relaxed);
             match group.join_state.as_str() {
                 "wait-join"
                 | "wait-metadata"
@@ -953,8 +993,12 @@ impl ClientContext for IngestContext {
                 | "wait-unassign-to-complete"
                 | "wait-incr-unassign-to-complete" => {
                     self.rebalancing.store(true, Ordering::Relaxed);
+                    self.assigns_expected.fetch_max(1, Ordering::Relaxed);
                 }
-                "steady" if !self.rejoin_expected.load(Ordering::Relaxed) => {
+                "steady" if self.assigns_expected.load(Ordering::Relaxed) == 0 => {
+                    self.rebalancing.store(false, Ordering::Relaxed);
+                }
+                "init" if !self.joined.load(Ordering::Relaxed) => {
                     self.rebalancing.store(false, Ordering::Relaxed);
                 }
                 _ => {}
@@ -1111,12 +1155,12 @@ impl ConsumerContext for IngestContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 // A revocation is followed by a (re)join and an assignment; a cooperative one
-                // (not a loss) by two (see `rejoin_expected`).
-                self.rebalancing.store(true, Ordering::Relaxed);
-                self.rejoin_expected.store(
-                    cooperative && !consumer.assignment_lost(),
-                    Ordering::Relaxed,
-                );
+                // (not a loss) by two (see `assigns_expected`).
+                self.rebalance_begins(if cooperative && !consumer.assignment_lost() {
+                    2
+                } else {
+                    1
+                });
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 info!(
                     ?partitions,
@@ -1172,6 +1216,7 @@ pub fn run(
     topic: &str,
     commit_interval: Duration,
     leave_patience: Duration,
+    report_every: Duration,
     liveness: &Arc<Liveness>,
 ) {
     // Dropped however this thread ends (a return, or unwinding from a panic): `/healthz`
@@ -1182,7 +1227,7 @@ pub fn run(
         return;
     }
     let ctx = consumer.context();
-    ctx.rebalancing.store(true, Ordering::Relaxed);
+    ctx.rebalance_begins(1);
     let mut last_flush_check = Instant::now();
     let mut last_commit = Instant::now();
     let mut last_seek = Instant::now();
@@ -1238,7 +1283,7 @@ pub fn run(
         }
     }
     info!("Shutting down: finishing in-flight batches and flushing outboxes.");
-    ctx.finish_rebalance(&consumer, leave_patience);
     ctx.release_all(&consumer);
+    ctx.finish_rebalance(&consumer, leave_patience, report_every);
     consumer.unsubscribe();
 }
