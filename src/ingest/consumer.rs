@@ -21,7 +21,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -167,8 +167,9 @@ pub struct IngestContext {
     assigns_expected: AtomicU8,
     /// An assignment callback was served since the subscription (a first join completed).
     joined: AtomicBool,
-    /// Statistics reports served (see [`Self::finish_rebalance`]).
-    reports: AtomicU64,
+    /// When the latest statistics report served was taken, on librdkafka's clock (see
+    /// [`Self::finish_rebalance`]).
+    report_taken_us: AtomicI64,
     /// The classic group protocol (not KIP-848): see [`Self::finish_rebalance`].
     classic: bool,
 }
@@ -177,6 +178,24 @@ pub struct IngestContext {
 /// unanswered after this long is taken as lost (a warning), so that commits for the lag
 /// dashboards do not stop for good.
 const COMMIT_ANSWER_DEADLINE: Duration = Duration::from_secs(300);
+
+/// At most how long a stop waits for a statistics report taken at the stop (see
+/// [`IngestContext::finish_rebalance`]).
+const FRESH_REPORT_WAIT: Duration = Duration::from_secs(3);
+
+/// librdkafka's clock (`rd_clock()`: `CLOCK_MONOTONIC` in microseconds on Linux), the one its
+/// statistics' `ts` is taken on.
+fn librdkafka_clock_us() -> i64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_MONOTONIC is always available.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now);
+    }
+    now.tv_sec * 1_000_000 + now.tv_nsec / 1_000
+}
 
 /// How long an unattributed offset-out-of-range report is looked for in the statistics.
 const OFFSET_ERROR_WINDOW: Duration = Duration::from_secs(30);
@@ -226,7 +245,7 @@ impl IngestContext {
             rebalancing: AtomicBool::new(false),
             assigns_expected: AtomicU8::new(0),
             joined: AtomicBool::new(false),
-            reports: AtomicU64::new(0),
+            report_taken_us: AtomicI64::new(i64::MIN),
             classic,
         }
     }
@@ -479,9 +498,10 @@ impl IngestContext {
     /// one (and `tierd offsets reset` refuses, a member being in the group). Once the
     /// rebalance has ended, the unsubscription leaves the group at once.
     ///
-    /// A rebalance another member starts shows only in librdkafka's statistics: what is queued
-    /// is served first, then one report taken now (at most `report_every` and a margin) tells.
-    /// What remains is the moment between that report and the unsubscription.
+    /// A rebalance another member starts shows only in librdkafka's statistics: the decision
+    /// waits for a report taken now (at most `report_every` and a margin, at most 3 s; with
+    /// longer intervals the latest report tells). What remains is the moment between that
+    /// report and the unsubscription.
     fn finish_rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -492,13 +512,16 @@ impl IngestContext {
         if !self.classic {
             return;
         }
-        // A record polled now is dropped: the partition's next owner reads it again from the
-        // offset stored in Redis.
-        let drained_by = Instant::now() + Duration::from_millis(200);
-        while consumer.poll(Duration::ZERO).is_some() && Instant::now() < drained_by {}
-        let served = self.reports.load(Ordering::Relaxed);
-        let fresh_by = Instant::now() + report_every + Duration::from_millis(500);
-        while self.reports.load(Ordering::Relaxed) == served && Instant::now() < fresh_by {
+        // Fetching stops (the partitions stay assigned: membership is untouched); a record
+        // polled now is dropped, the partition's next owner reads it again from the offset
+        // stored in Redis.
+        if let Ok(assigned) = consumer.assignment() {
+            let _ = consumer.pause(&assigned);
+        }
+        let now = librdkafka_clock_us();
+        let fresh_by =
+            Instant::now() + (report_every + Duration::from_millis(500)).min(FRESH_REPORT_WAIT);
+        while self.report_taken_us.load(Ordering::Relaxed) <= now && Instant::now() < fresh_by {
             let _ = consumer.poll(Duration::from_millis(50));
         }
         if !self.rebalancing.load(Ordering::Relaxed) {
@@ -985,7 +1008,8 @@ impl ClientContext for IngestContext {
         // cooperative rebalance the member is steady while it commits); `init` only before the
         // first join (e.g. no coordinator: nothing to leave; later, between two rounds).
         if let Some(group) = &statistics.cgrp {
-            self.reports.fetch_add(1, Ordering::Relaxed);
+            self.report_taken_us
+                .fetch_max(statistics.ts, Ordering::Relaxed);
             match group.join_state.as_str() {
                 "wait-join"
                 | "wait-metadata"
@@ -1286,4 +1310,50 @@ pub fn run(
     ctx.release_all(&consumer);
     ctx.finish_rebalance(&consumer, leave_patience, report_every);
     consumer.unsubscribe();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::librdkafka_clock_us;
+    use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+    use rdkafka::statistics::Statistics;
+    use rdkafka::ClientContext;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    #[derive(Default)]
+    struct Reports(Mutex<Vec<i64>>);
+
+    impl ClientContext for Reports {
+        fn stats(&self, statistics: Statistics) {
+            self.0.lock().unwrap().push(statistics.ts);
+        }
+    }
+    impl ConsumerContext for Reports {}
+
+    /// The statistics' `ts` is on the clock `librdkafka_clock_us` reads: a report taken
+    /// between two readings falls between them (a shutdown waits for a report taken after
+    /// its stop on that comparison). No broker is needed: the reports come regardless.
+    #[test]
+    fn statistics_are_timed_on_the_clock_a_stop_compares_with() {
+        let consumer: BaseConsumer<Reports> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "clock-check")
+            .set("statistics.interval.ms", "100")
+            .set("log_level", "0")
+            .create_with_context(Reports::default())
+            .unwrap();
+        let before = librdkafka_clock_us();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while consumer.context().0.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "no statistics report");
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+        let after = librdkafka_clock_us();
+        let ts = consumer.context().0.lock().unwrap()[0];
+        assert!(
+            before <= ts && ts <= after,
+            "report at {ts}, not between {before} and {after}"
+        );
+    }
 }
