@@ -66,12 +66,18 @@ pub fn callback_patience(kafka: &KafkaConfig) -> std::time::Duration {
 /// The consumer's `max.poll.interval.ms` (`[kafka.consumer]`, librdkafka's default 300 s):
 /// the group evicts a member that does not poll for that long.
 pub fn max_poll_interval(kafka: &KafkaConfig) -> std::time::Duration {
+    consumer_ms(kafka, "max.poll.interval.ms", 300_000)
+}
+
+/// A duration property of `[kafka.consumer]` in milliseconds, `default` when unset (or not
+/// a number: the client refuses it at creation).
+fn consumer_ms(kafka: &KafkaConfig, key: &str, default: u64) -> std::time::Duration {
     std::time::Duration::from_millis(
         kafka
             .consumer
-            .get("max.poll.interval.ms")
+            .get(key)
             .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(300_000),
+            .unwrap_or(default),
     )
 }
 
@@ -89,24 +95,13 @@ pub fn classic_protocol(kafka: &KafkaConfig) -> bool {
 /// `[kafka.consumer]`) — a member that joined and then went silent is kept that long — at
 /// most 30 s.
 pub fn leave_patience(kafka: &KafkaConfig) -> std::time::Duration {
-    let session_ms = kafka
-        .consumer
-        .get("session.timeout.ms")
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(10_000);
-    std::time::Duration::from_millis(session_ms.min(30_000))
+    consumer_ms(kafka, "session.timeout.ms", 10_000).min(std::time::Duration::from_secs(30))
 }
 
 /// How often the consumer's statistics come (`statistics.interval.ms`, tierd's 2 s unless
 /// set in `[kafka.consumer]`).
 pub fn statistics_interval(kafka: &KafkaConfig) -> std::time::Duration {
-    std::time::Duration::from_millis(
-        kafka
-            .consumer
-            .get("statistics.interval.ms")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(2_000),
-    )
+    consumer_ms(kafka, "statistics.interval.ms", 2_000)
 }
 
 /// Producer settings: idempotent, fully acknowledged, ordered. Each partition's publisher

@@ -1336,6 +1336,7 @@ mod tests {
     /// its stop on that comparison). No broker is needed: the reports come regardless.
     #[test]
     fn statistics_are_timed_on_the_clock_a_stop_compares_with() {
+        let before = librdkafka_clock_us();
         let consumer: BaseConsumer<Reports> = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", "127.0.0.1:1")
             .set("group.id", "clock-check")
@@ -1343,7 +1344,6 @@ mod tests {
             .set("log_level", "0")
             .create_with_context(Reports::default())
             .unwrap();
-        let before = librdkafka_clock_us();
         let deadline = Instant::now() + Duration::from_secs(10);
         while consumer.context().0.lock().unwrap().is_empty() {
             assert!(Instant::now() < deadline, "no statistics report");
