@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::exact::{assert_exact_with, b2b_rules, counted, reference, stream, Duplicates};
+use support::exact::{assert_exact_with, b2b_rules, counted, reference, stream, Duplicates, Order};
 use support::{Broker, Redis, Tierd, World};
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -467,9 +467,16 @@ impl Published {
             last: HashMap::new(),
             repeats: 0,
         };
+        let mut order = Order::default();
         for r in &records {
             let v = r.json();
             let id = v["event_id"].as_str().unwrap().to_owned();
+            order.record(
+                v["customer_id"].as_str().unwrap(),
+                v["sequence"].as_u64().unwrap(),
+                !out.bodies.contains_key(&id),
+                &format!("partition {} offset {}", r.partition, r.offset),
+            );
             if let Some(first) = out.bodies.get(&id) {
                 assert_eq!(
                     String::from_utf8_lossy(first),
@@ -487,6 +494,7 @@ impl Published {
             out.last
                 .insert(customer, (seq, v["tier"].as_str().unwrap().to_owned()));
         }
+        order.assert_settled();
         out
     }
 
@@ -730,4 +738,59 @@ fn chaos_run_on_the_wall_clock_fires_every_timer_once_and_replays_identically() 
         published.repeats,
         run.logs.matches("Redis diverged from this owner's state").count()
     );
+}
+
+// The order check itself, on hand-made sequences.
+
+/// [`Order`] over one customer's records: (sequence, first record of its id).
+fn order_of(records: &[(u64, bool)]) -> Order {
+    let mut order = Order::default();
+    for (i, (seq, first)) in records.iter().enumerate() {
+        order.record("c", *seq, *first, &i.to_string());
+    }
+    order
+}
+
+#[test]
+fn replays_climb_back_to_the_newest() {
+    order_of(&[
+        (1, true),
+        (2, true),
+        (3, true),
+        (2, false),
+        (3, false),
+        (4, true),
+    ])
+    .assert_settled();
+    // A second loss during the replay starts it over.
+    order_of(&[
+        (1, true),
+        (2, true),
+        (3, true),
+        (2, false),
+        (1, false),
+        (2, false),
+        (3, false),
+    ])
+    .assert_settled();
+    // The newest alone again.
+    order_of(&[(1, true), (2, true), (2, false)]).assert_settled();
+}
+
+#[test]
+#[should_panic(expected = "left on a stale change")]
+fn a_stale_repeat_last_fails() {
+    order_of(&[(1, true), (2, true), (3, true), (2, false)]).assert_settled();
+}
+
+#[test]
+#[should_panic(expected = "while a replay")]
+fn a_new_change_during_a_replay_fails() {
+    order_of(&[(1, true), (2, true), (3, true), (2, false), (4, true)]);
+}
+
+#[test]
+#[should_panic(expected = "skips")]
+fn a_replay_skipping_a_change_fails() {
+    order_of(&[(1, true), (2, true), (3, true), (1, false), (3, false)]);
 }

@@ -6,6 +6,7 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::time::{Duration, Instant};
+use support::kafka_proxy::{self, KafkaProxy};
 use support::{purchase, Tierd, World};
 use tierd::model::time;
 
@@ -2043,6 +2044,77 @@ fn a_restatement_reads_every_output_partition_past_an_open_transaction() {
     assert!(
         !c0.is_empty() && !c0.contains(&0),
         "c0's changes on partitions {c0:?}"
+    );
+}
+
+/// Input flows while the output topic is read back: `c1` (told `gold`) is pinned to `basic`
+/// by an operator during the read, and that change is committed but not yet on the topic
+/// when the read reaches the end (the broker's answer to tierd's produce is held back by a
+/// proxy). The read still finds `c1` told `gold`, but `c1`'s last change names the tier they
+/// are in: `c1` is not told `basic` a second time; `c0` is restated as ever.
+#[test]
+fn a_restatement_leaves_out_customers_told_during_the_read() {
+    let (proxy, broker) = KafkaProxy::with_broker();
+    let mut world = World::start_on(1, support::Redis::start(), broker);
+    world.output = support::unique("changes");
+    world.broker.create_topics(&[&world.output], 4);
+    let extra = "[kafka]\nhistory_topic = \"\"\n[kafka.producer]\n\"client.id\" = \"publisher\"\n";
+    let mut run = rolled_back_on(world, false, extra, true);
+    let open = run.open.take().expect("a transaction left open");
+    let tierd = Tierd::spawn(&run.world, run.no_history);
+    tierd.wait_log("Reading back the output topic", Duration::from_secs(90));
+    // The read has taken each partition's end and waits for the open transaction; tierd's
+    // next round stays open (its records written, the answers held).
+    proxy.hold_client(kafka_proxy::PRODUCE, "publisher", 0);
+    let pin = serde_json::json!({
+        "event_id": "o1", "customer_id": "c1", "type": "override",
+        "occurred_at": "2026-11-02T10:00:00Z", "tier": "basic", "mode": "fixed",
+    });
+    let world = &run.world;
+    let pinned = world.produce_json(&[pin])[&0];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.partition_meta(0).1 < pinned {
+        assert!(
+            Instant::now() < deadline,
+            "not applied:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        world.customer_state("c1").unwrap().tier.as_deref(),
+        Some("basic")
+    );
+    proxy.wait_held("publisher", || tierd.log_text());
+    open.commit();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tierd.metric("tierd_tiers_restated_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "not restated:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.release();
+    run.assert_restated(&tierd, 1.0);
+    let c1: Vec<(String, String)> = world
+        .read_all(&world.output)
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(b"c1".as_slice()) && !r.value.is_empty())
+        .map(support::Record::json)
+        .filter(|v| v["sequence"].is_u64())
+        .map(|v| {
+            (
+                v["tier"].as_str().unwrap().to_owned(),
+                v["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        c1.last().map(|(t, r)| (t.as_str(), r.as_str())),
+        Some(("basic", "manual")),
+        "c1 told basic once, by the pin: {c1:?}"
     );
 }
 

@@ -226,13 +226,19 @@ pub fn assert_exact_with(
     let mut sorted = records.clone();
     sorted.sort_by_key(|r| (r.partition, r.offset));
     let mut twice = 0usize;
+    let mut order = Order::default();
     for r in &sorted {
         let v = r.json();
         let id = v["event_id"].as_str().unwrap().to_owned();
-        let seqs = first_seen
-            .entry(v["customer_id"].as_str().unwrap().to_owned())
-            .or_default();
+        let customer = v["customer_id"].as_str().unwrap().to_owned();
         let seq = v["sequence"].as_u64().unwrap();
+        order.record(
+            &customer,
+            seq,
+            !by_id.contains_key(&id),
+            &format!("partition {} offset {}", r.partition, r.offset),
+        );
+        let seqs = first_seen.entry(customer).or_default();
         if let Some(first) = by_id.get(&id) {
             assert!(
                 duplicates == Duplicates::IdenticalOnly
@@ -261,6 +267,7 @@ pub fn assert_exact_with(
         first_bytes.insert(id.clone(), r.value.clone());
         by_id.insert(id, v);
     }
+    order.assert_settled();
     let expected_total: usize = expected_changes.values().map(Vec::len).sum();
     assert_eq!(by_id.len(), expected_total, "distinct changes published");
     for (customer, changes) in expected_changes {
@@ -285,4 +292,66 @@ pub fn assert_exact_with(
         records.len(),
         by_id.len()
     );
+}
+
+/// Per-customer order as a consumer reads the output topic, on every record, repeats
+/// included. A customer's changes rise in sequence; a replay after Redis lost writes may
+/// publish a stretch again (byte for byte, checked elsewhere): it goes back to a change
+/// published before and climbs, one published change after the next, to the newest again
+/// (or starts over, a second loss during the replay) before anything new is published. So a
+/// consumer keeping each customer's latest record (a compacted topic, a KTable) is never left
+/// on a stale change, and a stale repeat after newer changes (1 2 3 2) fails.
+#[derive(Default)]
+pub struct Order {
+    /// Per customer: the sequences first published, in order, and the index among them of the
+    /// last repeat while a replay has not reached the newest.
+    customers: HashMap<String, (Vec<u64>, Option<usize>)>,
+}
+
+impl Order {
+    /// The next record of `customer` on the topic, with sequence `seq`; `first`: the first
+    /// record of its change id. `at` names the record.
+    pub fn record(&mut self, customer: &str, seq: u64, first: bool, at: &str) {
+        let (seqs, replay) = self.customers.entry(customer.to_owned()).or_default();
+        if first {
+            assert!(
+                replay.is_none(),
+                "{customer}: new change {seq} ({at}) while a replay of {seqs:?} stands at #{}",
+                replay.map_or(0, |i| seqs[i])
+            );
+            assert!(
+                seqs.last().is_none_or(|last| *last < seq),
+                "{customer}: sequence {seq} after {seqs:?} ({at})"
+            );
+            seqs.push(seq);
+            return;
+        }
+        let Some(i) = seqs.iter().position(|s| *s == seq) else {
+            panic!("{customer}: change {seq} repeated before it was first published ({at})");
+        };
+        // Going on with the replay, or (re)starting one at or before where it stands.
+        let next = replay.map_or(seqs.len(), |r| r + 1);
+        assert!(
+            i <= next,
+            "{customer}: repeat of {seq} ({at}) skips {:?} of the replay of {seqs:?}",
+            &seqs[next..i]
+        );
+        *replay = (i + 1 < seqs.len()).then_some(i);
+    }
+
+    /// Every replay reached the customer's newest change: each customer's last record is it.
+    pub fn assert_settled(&self) {
+        let stale: Vec<String> = self
+            .customers
+            .iter()
+            .filter_map(|(c, (seqs, replay))| {
+                replay.map(|i| format!("{c}: last record #{} of {seqs:?}", seqs[i]))
+            })
+            .take(10)
+            .collect();
+        assert!(
+            stale.is_empty(),
+            "customers left on a stale change: {stale:?}"
+        );
+    }
 }

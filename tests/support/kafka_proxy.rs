@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Kafka's Produce request.
+pub const PRODUCE: i16 = 0;
 /// Kafka's OffsetCommit request.
 pub const OFFSET_COMMIT: i16 = 8;
 /// Kafka's SyncGroup request (the end of a classic group's join).
@@ -24,6 +26,9 @@ struct Shared {
     upstream: u16,
     /// The API key whose answers are held back (-1: none).
     hold: AtomicI32,
+    /// Only this client's requests are held (`None`: every client's), once as many as the
+    /// count have passed.
+    only: Mutex<Option<(String, usize)>>,
     /// Requests of that key sent while holding, per client id.
     held: Mutex<HashMap<String, usize>>,
 }
@@ -48,6 +53,7 @@ impl KafkaProxy {
         let shared = Arc::new(Shared {
             upstream,
             hold: AtomicI32::new(-1),
+            only: Mutex::default(),
             held: Mutex::default(),
         });
         let accepting = Arc::clone(&shared);
@@ -76,7 +82,7 @@ impl KafkaProxy {
         (proxy, broker)
     }
 
-    /// Waits (at most 60 s) until the client `client_id` sent a request of the held kind;
+    /// Waits (at most 60 s) until an answer to the client `client_id` is held back;
     /// `log` tells what it did instead.
     pub fn wait_held(&self, client_id: &str, log: impl Fn() -> String) {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -97,6 +103,15 @@ impl KafkaProxy {
 
     /// From now on, answers to requests with `api_key` are held back until [`Self::release`].
     pub fn hold(&self, api_key: i16) {
+        *self.shared.only.lock().unwrap() = None;
+        self.shared.hold.store(i32::from(api_key), Ordering::SeqCst);
+    }
+
+    /// From now on, answers to the client `client_id`'s requests with `api_key` are held back
+    /// until [`Self::release`], once its next `pass` such requests have been answered as
+    /// usual. Other clients' answers pass.
+    pub fn hold_client(&self, api_key: i16, client_id: &str, pass: usize) {
+        *self.shared.only.lock().unwrap() = Some((client_id.to_owned(), pass));
         self.shared.hold.store(i32::from(api_key), Ordering::SeqCst);
     }
 
@@ -146,8 +161,19 @@ fn forward_requests(
                     .get(14..14 + len)
                     .map(|b| String::from_utf8_lossy(b).into_owned())
                     .unwrap_or_default();
-                held_ids.lock().unwrap().insert(id);
-                *shared.held.lock().unwrap().entry(client).or_default() += 1;
+                let held = match &mut *shared.only.lock().unwrap() {
+                    None => true,
+                    Some((only, _)) if *only != client => false,
+                    Some((_, pass)) if *pass > 0 => {
+                        *pass -= 1;
+                        false
+                    }
+                    Some(_) => true,
+                };
+                if held {
+                    held_ids.lock().unwrap().insert(id);
+                    *shared.held.lock().unwrap().entry(client).or_default() += 1;
+                }
             }
         }
         if to.write_all(&frame).is_err() {
