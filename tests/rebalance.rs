@@ -275,6 +275,47 @@ fn a_zombie_resumed_after_its_partitions_moved_publishes_nothing() {
     support::exact::assert_exact(&world, &states, &changes);
 }
 
+/// The old owner's rounds stuck behind a stalled broker during a handover (issue 11, item 5):
+/// on a 3-node cluster the node leading output partition 0 is frozen (SIGSTOP) while the
+/// only instance is in the middle of publishing a backlog, and a second instance joins, so
+/// one input partition is handed over while the first one's rounds to the frozen node are
+/// queued or in flight. The controller moves the frozen node's leaderships (after its 4 s
+/// broker session), the new owner publishes newer changes, then the node resumes and the
+/// queued requests reach it. Only the current owner's records become visible: the new
+/// owner's producer initialisation fenced the old one's `transactional.id` and aborted its
+/// open transaction (its late records are refused or land aborted). Exact state, and on
+/// the output topic every change exactly once, in per-customer order on every record.
+#[test]
+fn a_handover_while_a_broker_is_stalled_keeps_every_change_once_and_in_order() {
+    let world = World::start_on(2, Redis::start(), support::Broker::cluster(3));
+    let events = support::exact::stream(12_000, 1_000, 17);
+    let (states, changes) = support::exact::reference(&events, &support::exact::b2b_rules());
+    let consumer = "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n";
+    // Small batches and rounds: many commits and publish rounds in flight at any moment.
+    let extra = "[ingest]\nbatch_max_events = 100\n[publish]\nbatch_max = 50\n";
+    let first = Tierd::spawn_with(&world, consumer, extra);
+    first.wait_partitions(2, Duration::from_secs(60));
+    let mut chunks = events.chunks(4_000);
+    let mut ends = BTreeMap::new();
+    ends.extend(world.produce_json(chunks.next().unwrap()));
+    std::thread::sleep(Duration::from_millis(400));
+    let stalled = world.broker.leader(&world.output, 0);
+    assert!(stalled > 0, "output partition 0 has a leader");
+    world.broker.freeze_node(stalled);
+    let second = Tierd::spawn_with(&world, consumer, extra);
+    second.wait_partitions(1, Duration::from_secs(90));
+    first.wait_partitions(1, Duration::from_secs(90));
+    ends.extend(world.produce_json(chunks.next().unwrap()));
+    // The new owner publishes newer changes while the node is still frozen.
+    std::thread::sleep(Duration::from_secs(3));
+    world.broker.thaw_node(stalled);
+    for chunk in chunks {
+        ends.extend(world.produce_json(chunk));
+    }
+    world.wait_applied(&ends, Duration::from_secs(180));
+    support::exact::assert_exact(&world, &states, &changes);
+}
+
 /// `claim.lua`'s rules-version fence: versions are ordered by their first claim of the
 /// partition; an older one is refused without touching the epoch; a version never seen is
 /// newer (a rollback is a new version string).

@@ -518,3 +518,181 @@ fn the_api_serves_https_and_admits_only_clients_with_a_certificate_of_its_ca() {
         assert!(!ok && stderr.contains(field), "{config}: {stderr}");
     }
 }
+
+/// `scripts/kafka/acl.sh BOOTSTRAP BINDING…` (as the broker's super user, on its PLAINTEXT
+/// listener): each binding `PRINCIPAL|RESOURCE_TYPE|PATTERN_TYPE|NAME|OPERATION|PERMISSION`.
+fn create_acls(bootstrap: &str, bindings: &[String]) {
+    let out = std::process::Command::new("bash")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka/acl.sh"))
+        .arg(bootstrap)
+        .args(bindings)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "acl.sh: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// tierd against a broker that enforces ACLs (KRaft's StandardAuthorizer; tierd
+/// authenticates as `User:tierd` over SASL_PLAINTEXT SCRAM-SHA-512; the test's own clients
+/// are the super user on the PLAINTEXT listener), holding only the ACLs the README lists:
+/// it starts, consumes, commits, publishes its changes transactionally and keeps its
+/// published position. Write on the dead-letter topic is left out: a dead letter Kafka
+/// refuses as not authorized is isolated like one refused for its size — parked with the
+/// reason, `/readyz/ingest` 503 and `tierd_outbox_parked` 1, every change around it
+/// published once — and delivered once the permission is granted.
+#[test]
+fn tierd_runs_under_an_authorizer_with_the_documented_acls_and_parks_a_refused_dead_letter() {
+    let sasl_port = support::free_port();
+    let props = format!(
+        "listeners=PLAINTEXT://127.0.0.1:{{port}},CONTROLLER://127.0.0.1:{{controller_port}},SASL_PLAINTEXT://127.0.0.1:{sasl_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{{port}},CONTROLLER://127.0.0.1:{{controller_port}},SASL_PLAINTEXT://127.0.0.1:{sasl_port}
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:ANONYMOUS
+"
+    );
+    let broker = Broker::start_with(
+        &props,
+        &[
+            "--add-scram".into(),
+            format!("SCRAM-SHA-512=[name={SCRAM_USER},password={SCRAM_PASSWORD}]"),
+        ],
+    );
+    let mut world = World::start_on(1, Redis::start(), broker);
+    let acl = |resource: &str, pattern: &str, name: &str, operations: &[&str]| -> Vec<String> {
+        operations
+            .iter()
+            .map(|op| format!("User:{SCRAM_USER}|{resource}|{pattern}|{name}|{op}|ALLOW"))
+            .collect()
+    };
+    let mut bindings = Vec::new();
+    bindings.extend(acl(
+        "TOPIC",
+        "LITERAL",
+        &world.input,
+        &["READ", "DESCRIBE", "DESCRIBE_CONFIGS"],
+    ));
+    bindings.extend(acl(
+        "TOPIC",
+        "LITERAL",
+        &world.output,
+        &["WRITE", "READ", "DESCRIBE", "DESCRIBE_CONFIGS"],
+    ));
+    bindings.extend(acl(
+        "TOPIC",
+        "LITERAL",
+        &world.history,
+        &["WRITE", "READ", "DESCRIBE", "DESCRIBE_CONFIGS"],
+    ));
+    // No WRITE on the dead-letter topic.
+    bindings.extend(acl(
+        "TOPIC",
+        "LITERAL",
+        &world.dlq,
+        &["DESCRIBE", "DESCRIBE_CONFIGS"],
+    ));
+    bindings.extend(acl(
+        "GROUP",
+        "PREFIXED",
+        &world.group,
+        &["READ", "DESCRIBE"],
+    ));
+    bindings.extend(acl(
+        "TRANSACTIONAL_ID",
+        "PREFIXED",
+        &format!("{}:", world.prefix),
+        &["WRITE", "DESCRIBE"],
+    ));
+    bindings.extend(acl(
+        "CLUSTER",
+        "LITERAL",
+        "kafka-cluster",
+        &["DESCRIBE_CONFIGS"],
+    ));
+    create_acls(&world.broker.addr, &bindings);
+
+    world.tierd_brokers = Some(format!("127.0.0.1:{sasl_port}"));
+    let client = vec![
+        ("security.protocol", "SASL_PLAINTEXT".to_owned()),
+        ("sasl.mechanisms", "SCRAM-SHA-512".into()),
+        ("sasl.username", SCRAM_USER.into()),
+        ("sasl.password", SCRAM_PASSWORD.into()),
+    ];
+    let producer_table = format!("[kafka.producer]\n{}", toml_table(&client));
+    let tierd = Tierd::spawn_with(&world, &toml_table(&client), &producer_table);
+    tierd.wait_partitions(1, Duration::from_secs(90));
+
+    let json = |e: serde_json::Value| serde_json::to_vec(&e).unwrap();
+    let at = "2026-11-10T10:00:00Z";
+    let mut records: Vec<(Option<String>, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let c = format!("c{i}");
+            (
+                Some(c.clone()),
+                json(purchase(&format!("a{i}"), &c, "1.00", at)),
+            )
+        })
+        .collect();
+    records.push((Some("c9".into()), b"{not json".to_vec()));
+    records.extend((5..10).map(|i| {
+        let c = format!("c{i}");
+        (
+            Some(c.clone()),
+            json(purchase(&format!("a{i}"), &c, "1.00", at)),
+        )
+    }));
+    let ends = world.produce(&records);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(90));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") < 1.0 || world.outbox_len(0) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not parked:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, body) = tierd.get("/readyz/ingest");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("parked"), "{body}");
+    assert!(body.to_lowercase().contains("authoriz"), "{body}");
+    // The retries go on a while: nothing around the refused record is produced again.
+    std::thread::sleep(Duration::from_secs(3));
+    let ids = |world: &World| -> Vec<String> {
+        world
+            .read_all(&world.output)
+            .iter()
+            .map(|r| r.json()["event_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut published = ids(&world);
+    assert_eq!(published.len(), 10, "one first-tier change per customer");
+    published.sort();
+    published.dedup();
+    assert_eq!(published.len(), 10, "none published twice");
+    assert!(world.read_all(&world.dlq).is_empty());
+
+    // The permission is granted: the parked dead letter goes out on its next retry.
+    create_acls(
+        &world.broker.addr,
+        &acl("TOPIC", "LITERAL", &world.dlq, &["WRITE"]),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz/ingest").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "parked letter never delivered:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let letters = world.read_all(&world.dlq);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].value, b"{not json");
+    assert_eq!(ids(&world).len(), 10);
+}

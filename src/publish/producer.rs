@@ -159,6 +159,20 @@ impl TxnProducer {
             .map_err(TxnError::unfinished)
     }
 
+    /// The error the open transaction failed with, when librdkafka holds it in its abortable
+    /// state: then `begin_transaction` is refused, changing nothing, with the transaction's
+    /// own error. When a topic partition cannot be added to the transaction (e.g. a topic
+    /// the producer may not write to: `TOPIC_AUTHORIZATION_FAILED`), librdkafka fails the
+    /// whole transaction and every record's delivery report says only that it was purged;
+    /// this is where the reason is. `None` when the transaction has not failed (the call is
+    /// then refused as out of state; it is only made inside a transaction).
+    pub fn failed_transaction_error(&self) -> Option<KafkaError> {
+        match self.client().begin_transaction() {
+            Err(e @ KafkaError::Transaction(_)) if requires_abort(&e) => Some(e),
+            _ => None,
+        }
+    }
+
     /// Commits the open transaction (blocks until the broker took it; off the async workers),
     /// together with the outbox position `published` when given ([`RoundPosition`]).
     /// A retriable failure (a timeout) is retried as librdkafka requires: the transaction is

@@ -807,9 +807,30 @@ impl PartitionPublisher {
             }
             return Err(DrainError::Retry(PublishError::History(error)));
         }
-        if let Some((index, error)) = failed {
+        if let Some((mut index, mut error)) = failed {
+            // Every record purged: the transaction failed as a whole, and its own error may
+            // be a permanent refusal (a topic partition it could not add: a topic this
+            // producer may not write to). Which of the round's topics refused is not told: the
+            // round is split at a suspect, and a record is judged only once refused alone
+            // (see `drain`), so a wrong suspect costs rounds, never a wrong judgement.
+            if !producer::is_permanent(&error) {
+                if let Some(txn) = producer
+                    .failed_transaction_error()
+                    .filter(producer::is_permanent)
+                {
+                    index = suspect(round);
+                    error = txn;
+                }
+            }
             if let Err(e) = producer.abort().await {
-                return Err(self.txn_failed(e).await);
+                // After such a refusal librdkafka 2.12 ends the transaction with an EndTxn the
+                // coordinator refuses (`INVALID_TXN_STATE`: no partition was ever added), a
+                // fatal error: the producer is replaced after a refusal anyway (`round`).
+                let refused = producer::is_permanent(&error) && !matches!(e, TxnError::Fenced(_));
+                if !refused {
+                    return Err(self.txn_failed(e).await);
+                }
+                warn!(partition = self.target.partition, error = %e, "Aborting the refused round's transaction failed; the producer is replaced.");
             }
             if producer::is_fence(&error) {
                 return Err(self.txn_failed(TxnError::Fenced(error)).await);
@@ -1102,6 +1123,20 @@ fn position_entry<T: serde::de::DeserializeOwned>(stored: &StoredEntry) -> Resul
 fn stream_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The record of `round` suspected first when its transaction was refused as a whole: the
+/// first one for another topic than the tier changes' (a dead letter or an at-risk notice: the
+/// output topic is the one every round writes), else the first record.
+fn suspect(round: &[StoredEntry]) -> usize {
+    let record = |kinds: &[EntryKind]| round.iter().position(|s| kinds.contains(&s.entry.kind));
+    record(&[
+        EntryKind::DeadLetter,
+        EntryKind::DeadLetterNoKey,
+        EntryKind::AtRisk,
+    ])
+    .or_else(|| record(&[EntryKind::Change, EntryKind::Erased]))
+    .unwrap_or(0)
 }
 
 /// Keeps in `failed` the failure a round is judged by: a permanent refusal before any other
