@@ -8,6 +8,7 @@
 mod support;
 
 use std::time::{Duration, Instant};
+use support::kafka_proxy::{self, KafkaProxy};
 use support::{purchase, Broker, Redis, Tierd, World};
 
 /// Classic protocol: tierd's `session.timeout.ms` default.
@@ -80,14 +81,36 @@ fn restart_at_once((consumer, session): (&str, u64)) {
     assert_counted_once(&world, 8);
 }
 
+/// The first instance is killed in the middle of its join: the coordinator's answer that ends
+/// it (classic: SyncGroup; KIP-848: the joining heartbeat) is held back by a proxy, so the
+/// coordinator holds the member while it never learns its assignment.
 fn kill_during_the_join((consumer, session): (&str, u64)) {
-    let world = world(consumer);
+    let kip848 = consumer.contains("group.protocol");
+    let (proxy, broker) =
+        KafkaProxy::with_broker_props(if kip848 { KAFKA_GROUP_DEFAULTS } else { "" });
+    let mut world = World::start_on(4, Redis::start(), broker);
+    world.default_sessions = true;
     let ends = purchases(&world, 0, 400);
-    let mut first = Tierd::spawn_with(&world, consumer, "");
-    // Killed while joining (before it owns anything, or just as it claims).
-    std::thread::sleep(Duration::from_millis(700));
+    let join_answer = if kip848 {
+        kafka_proxy::CONSUMER_GROUP_HEARTBEAT
+    } else {
+        kafka_proxy::SYNC_GROUP
+    };
+    proxy.hold_client(join_answer, "first", 0);
+    let mut first = Tierd::spawn_with(
+        &world,
+        &format!("{consumer}\n\"client.id\" = \"first\"\n"),
+        "",
+    );
+    proxy.wait_held("first", || first.log_text());
     first.kill9();
     let killed = Instant::now();
+    proxy.release();
+    assert!(
+        !first.log_text().contains("Partition assigned"),
+        "{}",
+        first.log_text()
+    );
     let second = Tierd::spawn_with(&world, consumer, "");
     owns_all(&second, killed, session);
     world.wait_applied(&ends, Duration::from_secs(60));

@@ -207,6 +207,93 @@ fn one_stuck_partition_does_not_stall_the_others() {
     assert_eq!(world.customer_state(&b).unwrap().count, 1);
 }
 
+/// Issue 11, item 11, for what tierd decides without input: a rules change re-evaluates every
+/// customer (a sweep), and here it moves all 600 of them while the output topic refuses every
+/// change. The sweep stops at the outbox bound like input does, and goes on as the outbox
+/// drains: the outbox stays near `publish.outbox_max_entries` (before: timers, sweeps and
+/// re-rankings went on past it, and the outbox took one change per customer, 600 here).
+#[test]
+fn a_rules_sweep_stops_at_the_outbox_bound_while_changes_cannot_be_published() {
+    let mut world = World::start(1);
+    let rules = |version: &str, gold: &str| {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        std::io::Write::write_all(
+            &mut file,
+            format!("version = \"{version}\"\n[[tiers]]\nname = \"gold\"\nwhen = [\"sum >= {gold}\"]\n[[tiers]]\nname = \"basic\"\n").as_bytes(),
+        )
+        .unwrap();
+        file
+    };
+    let first = rules("sweep-1", "100");
+    world.rules = first.path().to_owned();
+    let mut tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    let events: Vec<serde_json::Value> = (0..600)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                "50.00",
+                "2026-11-10T00:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(60));
+    assert_eq!(tierd.terminate(), Some(0));
+
+    // Every customer moves up under the new rules; the output topic refuses every change.
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "100");
+    let second = rules("sweep-2", "10");
+    world.rules = second.path().to_owned();
+    tierd = Tierd::spawn(
+        &world,
+        "[publish]\noutbox_max_entries = 100\nparked_retry_ms = 300\n[rules]\nsweep_per_second = 500\n",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while tierd.metric("tierd_outbox_full") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox never reached its bound:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The sweep holds at the bound (plus the page it was committing), and stays there.
+    std::thread::sleep(Duration::from_secs(3));
+    let depth = world.outbox_len(0);
+    assert!(
+        depth < 200,
+        "the outbox grew to {depth}:\n{}",
+        tierd.log_text()
+    );
+    assert_eq!(tierd.metric("tierd_rules_sweep_partitions_done"), 0.0);
+
+    // The topic takes the changes again: the sweep completes, every customer told once.
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "1048588");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while tierd.metric("tierd_rules_sweep_partitions_done") < 1.0 || world.outbox_len(0) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep did not complete:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let moved = world
+        .read_all(&world.output)
+        .iter()
+        .map(support::Record::json)
+        .filter(|v| v["reason"] == "rules_changed" && v["tier"] == "gold")
+        .count();
+    assert_eq!(moved, 600, "every customer moved once");
+    world.assert_one_body_per_change_id();
+}
+
 /// Issue 11, item 11: while publishing cannot keep up (here every change is refused by the
 /// output topic), the outbox in Redis grows only to about `publish.outbox_max_entries`: the
 /// partition then takes no input, says so on `/readyz/ingest` and `tierd_outbox_full`,

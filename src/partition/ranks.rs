@@ -38,8 +38,9 @@ impl Runner {
     /// Computes (partition 0's owner) and applies (every owner) new cut-offs when due. A
     /// failed Redis call is retried at the next check. While a replay is still inside the
     /// published changes' input (switches to apply, or offsets below what they reach), it
-    /// waits: the first run had no other cut-offs there.
-    pub(super) async fn rank_step(&mut self) -> Result<(), ApplyError> {
+    /// waits: the first run had no other cut-offs there. With the outbox over its bound
+    /// (`outbox_full`) it applies none.
+    pub(super) async fn rank_step(&mut self, outbox_full: bool) -> Result<(), ApplyError> {
         // (A replay under earlier rules takes only their recorded cut-offs.)
         if !self.replay.is_empty()
             || self.replay_rules.is_some()
@@ -53,6 +54,11 @@ impl Runner {
         let partitions = p.partitions.load(Ordering::Relaxed);
         let zero = p.keyspace.partition(0);
         if self.partition == 0 && partitions > 0 && !self.compute_cutoffs(partitions).await {
+            return Ok(());
+        }
+        // Past the outbox bound no re-ranking decides changes (partition 0 still computes the
+        // cut-offs for the others): the newer cut-offs apply once the outbox drains.
+        if outbox_full {
             return Ok(());
         }
         // A rules sweep under way keeps the partition on the cut-offs its pages evaluate with

@@ -578,8 +578,10 @@ impl Runner {
             // While a restatement waits for the outbox to be published, nothing is decided.
             let held = self.restate.as_ref().is_some_and(Restate::holds_input);
             let result = tokio::select! {
-                // Past the outbox bound no input is taken (the consumer pauses the partition
-                // once its queue fills); timers, sweeps and re-rankings add little and go on.
+                // Past the outbox bound nothing new is decided (the consumer pauses the
+                // partition once its queue fills): no input, and no timer pass, sweep page or
+                // re-ranking either — a sweep or a re-ranking may move every customer, and a
+                // day of wall-clock timers as many. Each goes on once the outbox drains to half.
                 batch = batches.recv(), if !full && !held => match batch {
                     Some(batch) if batch.is_empty() => continue,
                     Some(batch) => {
@@ -591,14 +593,14 @@ impl Runner {
                 },
                 // While a replay is inside the published changes' input, timers fire only at
                 // the recorded passes (see `replay_switches_through`).
-                _ = tick.tick(), if ticking && !held && !self.ticks_held() => {
+                _ = tick.tick(), if ticking && !full && !held && !self.ticks_held() => {
                     let upto = self.wall_timer_horizon(time::now_ms());
                     self.fire_pass(upto).await
                 }
-                _ = sweep_tick.tick(), if self.sweep_running().is_some() => {
+                _ = sweep_tick.tick(), if !full && self.sweep_running().is_some() => {
                     self.sweep_step().await
                 }
-                _ = rank_tick.tick(), if ranked && !held => self.rank_step().await,
+                _ = rank_tick.tick(), if ranked && !held => self.rank_step(full).await,
                 _ = restate_tick.tick(), if self.restate.is_some() => {
                     self.restate_step(&batches).await
                 }

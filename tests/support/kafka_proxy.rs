@@ -21,6 +21,8 @@ pub const PRODUCE: i16 = 0;
 pub const OFFSET_COMMIT: i16 = 8;
 /// Kafka's SyncGroup request (the end of a classic group's join).
 pub const SYNC_GROUP: i16 = 14;
+/// KIP-848's ConsumerGroupHeartbeat request (a member joins, and learns its assignment, by it).
+pub const CONSUMER_GROUP_HEARTBEAT: i16 = 68;
 
 struct Shared {
     upstream: u16,
@@ -69,12 +71,17 @@ impl KafkaProxy {
     /// A broker of its own behind a proxy: the broker advertises the proxy's port, so every
     /// connection after the bootstrap goes through it.
     pub fn with_broker() -> (Self, super::Broker) {
+        Self::with_broker_props("")
+    }
+
+    /// [`Self::with_broker`] with extra server properties.
+    pub fn with_broker_props(props: &str) -> (Self, super::Broker) {
         let port = super::free_port();
         let proxy = Self::start(port);
         let broker = super::Broker::start_on_port(
             port,
             &format!(
-                "advertised.listeners=PLAINTEXT://127.0.0.1:{},CONTROLLER://127.0.0.1:{{controller_port}}\n",
+                "advertised.listeners=PLAINTEXT://127.0.0.1:{},CONTROLLER://127.0.0.1:{{controller_port}}\n{props}",
                 proxy.port
             ),
             &[],
