@@ -232,6 +232,17 @@ fn every_bad_input_class_is_dead_lettered_with_its_reason_and_nothing_stops() {
 /// dead-lettered `timestamp_out_of_range`, and the customer's real purchase counts.
 #[test]
 fn a_record_dated_in_the_far_future_is_refused_against_tierds_clock() {
+    far_future("");
+}
+
+/// The same on the event clock (`clock.mode = "event"`), where the record would have moved
+/// the partition's clock: the clock stays where the real purchase put it.
+#[test]
+fn a_record_dated_in_the_far_future_does_not_move_the_event_clock() {
+    far_future("[clock]\nmode = \"event\"\n");
+}
+
+fn far_future(extra: &str) {
     use rdkafka::producer::{FutureRecord, Producer};
     let mut world = World::start(1);
     // Apache Kafka 4 refuses message timestamps more than an hour ahead by default
@@ -245,7 +256,7 @@ fn a_record_dated_in_the_far_future_is_refused_against_tierds_clock() {
         &[("message.timestamp.after.max.ms", "9223372036854775807")],
     );
     world.input = input;
-    let tierd = Tierd::spawn(&world, "");
+    let tierd = Tierd::spawn(&world, extra);
     tierd.wait_partitions(1, Duration::from_secs(60));
     let year_2100 = tierd::model::time::parse_rfc3339_ms("2100-01-01T00:00:00Z").unwrap();
     let now = tierd::model::time::now_ms();
@@ -307,6 +318,21 @@ fn a_record_dated_in_the_far_future_is_refused_against_tierds_clock() {
     );
     let tara = world.customer_state("tara").unwrap();
     assert_eq!((tara.count, tara.sum), (1, 700), "the real purchase counts");
+    if !extra.is_empty() {
+        // The partition's event clock: by the real purchase's time, an hour ago (less the
+        // allowed lateness), not 2100.
+        let clock: Option<String> = redis::cmd("HGET")
+            .arg(world.keys(0).meta)
+            .arg("clock")
+            .query(&mut world.redis.conn())
+            .unwrap();
+        let clock: i64 = clock.expect("an event clock").parse().unwrap();
+        assert!(
+            clock < now && clock > now - 7 * 86_400_000,
+            "the partition's clock moved to {}",
+            tierd::model::time::format_ms(clock)
+        );
+    }
 }
 
 /// A dead letter the dead-letter topic refuses for good (larger than its `max.message.bytes`):
