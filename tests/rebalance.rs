@@ -302,6 +302,13 @@ fn a_handover_while_a_broker_is_stalled_keeps_every_change_once_and_in_order() {
     let stalled = world.broker.leader(&world.output, 0);
     assert!(stalled > 0, "output partition 0 has a leader");
     world.broker.freeze_node(stalled);
+    // Rounds are stuck behind the frozen node: the outboxes hold what they could not publish.
+    std::thread::sleep(Duration::from_secs(1));
+    let stuck: i64 = (0..2).map(|p| world.outbox_len(p)).sum();
+    assert!(
+        stuck > 0,
+        "nothing was waiting to be published when the node froze"
+    );
     let second = Tierd::spawn_with(&world, consumer, extra);
     second.wait_partitions(1, Duration::from_secs(90));
     first.wait_partitions(1, Duration::from_secs(90));

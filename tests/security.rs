@@ -536,16 +536,35 @@ fn create_acls(bootstrap: &str, bindings: &[String]) {
     );
 }
 
-/// tierd against a broker that enforces ACLs (KRaft's StandardAuthorizer; tierd
-/// authenticates as `User:tierd` over SASL_PLAINTEXT SCRAM-SHA-512; the test's own clients
-/// are the super user on the PLAINTEXT listener), holding only the ACLs the README lists:
-/// it starts, consumes, commits, publishes its changes transactionally and keeps its
-/// published position. Write on the dead-letter topic is left out: a dead letter Kafka
-/// refuses as not authorized is isolated like one refused for its size — parked with the
-/// reason, `/readyz/ingest` 503 and `tierd_outbox_parked` 1, every change around it
-/// published once — and delivered once the permission is granted.
-#[test]
-fn tierd_runs_under_an_authorizer_with_the_documented_acls_and_parks_a_refused_dead_letter() {
+/// A topic of the world that tierd's principal is not allowed to write at first.
+#[derive(Clone, Copy)]
+enum NoWrite {
+    DeadLetters,
+    History,
+}
+
+impl NoWrite {
+    fn topic(self, world: &World) -> &str {
+        match self {
+            Self::DeadLetters => &world.dlq,
+            Self::History => &world.history,
+        }
+    }
+}
+
+/// The ACL bindings `User:tierd` is allowed `operations` on a resource.
+fn allow(resource: &str, pattern: &str, name: &str, operations: &[&str]) -> Vec<String> {
+    operations
+        .iter()
+        .map(|op| format!("User:{SCRAM_USER}|{resource}|{pattern}|{name}|{op}|ALLOW"))
+        .collect()
+}
+
+/// A broker that enforces ACLs (KRaft's StandardAuthorizer; tierd authenticates as
+/// `User:tierd` over SASL_PLAINTEXT SCRAM-SHA-512; the test's own clients are the super user
+/// on the PLAINTEXT listener) and a world on it where `User:tierd` holds the ACLs the README
+/// lists under `kafka.producer`, but Write on the `no_write` topic; tierd started on it.
+fn under_acls(no_write: NoWrite) -> (World, Tierd) {
     let sasl_port = support::free_port();
     let props = format!(
         "listeners=PLAINTEXT://127.0.0.1:{{port}},CONTROLLER://127.0.0.1:{{controller_port}},SASL_PLAINTEXT://127.0.0.1:{sasl_port}
@@ -564,51 +583,36 @@ super.users=User:ANONYMOUS
         ],
     );
     let mut world = World::start_on(1, Redis::start(), broker);
-    let acl = |resource: &str, pattern: &str, name: &str, operations: &[&str]| -> Vec<String> {
-        operations
-            .iter()
-            .map(|op| format!("User:{SCRAM_USER}|{resource}|{pattern}|{name}|{op}|ALLOW"))
-            .collect()
-    };
+    let written = ["WRITE", "READ", "DESCRIBE", "DESCRIBE_CONFIGS"];
     let mut bindings = Vec::new();
-    bindings.extend(acl(
+    bindings.extend(allow(
         "TOPIC",
         "LITERAL",
         &world.input,
         &["READ", "DESCRIBE", "DESCRIBE_CONFIGS"],
     ));
-    bindings.extend(acl(
-        "TOPIC",
-        "LITERAL",
-        &world.output,
-        &["WRITE", "READ", "DESCRIBE", "DESCRIBE_CONFIGS"],
-    ));
-    bindings.extend(acl(
-        "TOPIC",
-        "LITERAL",
-        &world.history,
-        &["WRITE", "READ", "DESCRIBE", "DESCRIBE_CONFIGS"],
-    ));
-    // No WRITE on the dead-letter topic.
-    bindings.extend(acl(
-        "TOPIC",
-        "LITERAL",
-        &world.dlq,
-        &["DESCRIBE", "DESCRIBE_CONFIGS"],
-    ));
-    bindings.extend(acl(
+    for topic in [&world.output, &world.history, &world.dlq] {
+        let refused = topic.as_str() == no_write.topic(&world);
+        bindings.extend(allow(
+            "TOPIC",
+            "LITERAL",
+            topic,
+            &written[usize::from(refused)..],
+        ));
+    }
+    bindings.extend(allow(
         "GROUP",
         "PREFIXED",
         &world.group,
         &["READ", "DESCRIBE"],
     ));
-    bindings.extend(acl(
+    bindings.extend(allow(
         "TRANSACTIONAL_ID",
         "PREFIXED",
         &format!("{}:", world.prefix),
         &["WRITE", "DESCRIBE"],
     ));
-    bindings.extend(acl(
+    bindings.extend(allow(
         "CLUSTER",
         "LITERAL",
         "kafka-cluster",
@@ -625,6 +629,28 @@ super.users=User:ANONYMOUS
     ];
     let producer_table = format!("[kafka.producer]\n{}", toml_table(&client));
     let tierd = Tierd::spawn_with(&world, &toml_table(&client), &producer_table);
+    (world, tierd)
+}
+
+/// Grants `User:tierd` Write on the `no_write` topic.
+fn grant_write(world: &World, no_write: NoWrite) {
+    create_acls(
+        &world.broker.addr,
+        &allow("TOPIC", "LITERAL", no_write.topic(world), &["WRITE"]),
+    );
+}
+
+/// tierd against a broker that enforces ACLs (KRaft's StandardAuthorizer; tierd
+/// authenticates as `User:tierd` over SASL_PLAINTEXT SCRAM-SHA-512; the test's own clients
+/// are the super user on the PLAINTEXT listener), holding only the ACLs the README lists:
+/// it starts, consumes, commits, publishes its changes transactionally and keeps its
+/// published position. Write on the dead-letter topic is left out: a dead letter Kafka
+/// refuses as not authorized is isolated like one refused for its size — parked with the
+/// reason, `/readyz/ingest` 503 and `tierd_outbox_parked` 1, every change around it
+/// published once — and delivered once the permission is granted.
+#[test]
+fn tierd_runs_under_an_authorizer_with_the_documented_acls_and_parks_a_refused_dead_letter() {
+    let (world, tierd) = under_acls(NoWrite::DeadLetters);
     tierd.wait_partitions(1, Duration::from_secs(90));
 
     let json = |e: serde_json::Value| serde_json::to_vec(&e).unwrap();
@@ -678,10 +704,7 @@ super.users=User:ANONYMOUS
     assert!(world.read_all(&world.dlq).is_empty());
 
     // The permission is granted: the parked dead letter goes out on its next retry.
-    create_acls(
-        &world.broker.addr,
-        &acl("TOPIC", "LITERAL", &world.dlq, &["WRITE"]),
-    );
+    grant_write(&world, NoWrite::DeadLetters);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while tierd.metric("tierd_outbox_parked") > 0.0 || tierd.get("/readyz/ingest").0 != 200 {
         assert!(
@@ -695,4 +718,59 @@ super.users=User:ANONYMOUS
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].value, b"{not json");
     assert_eq!(ids(&world).len(), 10);
+}
+
+/// A history topic tierd's principal may not write: the first round that records a rules
+/// sweep (the partition's first rules) needs its history record, which the topic refuses as
+/// not authorized. The outbox is held, visibly (`/readyz/ingest` 503 naming the history topic,
+/// `tierd_outbox_blocked` 1), tierd keeps running, and once Write is granted every change
+/// goes out once. (Before, the abort after the refusal failed fatally and each retry
+/// recreated the producer until the service stopped.)
+#[test]
+fn a_history_topic_tierd_may_not_write_holds_the_outbox_visibly_until_granted() {
+    let (world, mut tierd) = under_acls(NoWrite::History);
+    tierd.wait_partitions(1, Duration::from_secs(90));
+    let at = "2026-11-10T10:00:00Z";
+    let events: Vec<_> = (0..10)
+        .map(|i| purchase(&format!("a{i}"), &format!("c{i}"), "1.00", at))
+        .collect();
+    let ends = world.produce_json(&events);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = tierd.get("/readyz/ingest");
+        if code == 503 && body.contains("history topic") {
+            assert!(body.to_lowercase().contains("authoriz"), "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not held: {code} {body}\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(tierd.metric("tierd_outbox_blocked"), 1.0);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        tierd.wait_exit(Duration::from_millis(10)),
+        None,
+        "tierd keeps running"
+    );
+    assert!(
+        world.read_all(&world.output).is_empty(),
+        "nothing goes out without its history"
+    );
+
+    grant_write(&world, NoWrite::History);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(60));
+    let mut ids: Vec<String> = world
+        .read_all(&world.output)
+        .iter()
+        .map(|r| r.json()["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 10, "one first-tier change per customer");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "none published twice");
+    assert_eq!(tierd.get("/readyz/ingest").0, 200);
 }

@@ -581,7 +581,8 @@ impl Runner {
                 // Past the outbox bound nothing new is decided (the consumer pauses the
                 // partition once its queue fills): no input, and no timer pass, sweep page or
                 // re-ranking either — a sweep or a re-ranking may move every customer, and a
-                // day of wall-clock timers as many. Each goes on once the outbox drains to half.
+                // day of wall-clock timers as many. Each goes on once the outbox drains to half
+                // (a timer pass or re-ranking already started runs to its end).
                 batch = batches.recv(), if !full && !held => match batch {
                     Some(batch) if batch.is_empty() => continue,
                     Some(batch) => {

@@ -796,9 +796,8 @@ impl PartitionPublisher {
         if let (None, Some(error)) = (&failed, history_failed) {
             // Not a record of the round's own: nothing to isolate. The round is tried again
             // whole; a history topic that refuses for good holds the outbox, reported.
-            if let Err(e) = producer.abort().await {
-                return Err(self.txn_failed(e).await);
-            }
+            let (error, from_txn) = judged_by(&producer, error);
+            self.abort_failed(&producer, from_txn).await?;
             if producer::is_fence(&error) {
                 return Err(self.txn_failed(TxnError::Fenced(error)).await);
             }
@@ -807,31 +806,14 @@ impl PartitionPublisher {
             }
             return Err(DrainError::Retry(PublishError::History(error)));
         }
-        if let Some((mut index, mut error)) = failed {
-            // Every record purged: the transaction failed as a whole, and its own error may
-            // be a permanent refusal (a topic partition it could not add: a topic this
-            // producer may not write to). Which of the round's topics refused is not told: the
-            // round is split at a suspect, and a record is judged only once refused alone
-            // (see `drain`), so a wrong suspect costs rounds, never a wrong judgement.
-            if !producer::is_permanent(&error) {
-                if let Some(txn) = producer
-                    .failed_transaction_error()
-                    .filter(producer::is_permanent)
-                {
-                    index = suspect(round);
-                    error = txn;
-                }
-            }
-            if let Err(e) = producer.abort().await {
-                // After such a refusal librdkafka 2.12 ends the transaction with an EndTxn the
-                // coordinator refuses (`INVALID_TXN_STATE`: no partition was ever added), a
-                // fatal error: the producer is replaced after a refusal anyway (`round`).
-                let refused = producer::is_permanent(&error) && !matches!(e, TxnError::Fenced(_));
-                if !refused {
-                    return Err(self.txn_failed(e).await);
-                }
-                warn!(partition = self.target.partition, error = %e, "Aborting the refused round's transaction failed; the producer is replaced.");
-            }
+        if let Some((index, error)) = failed {
+            // Every record purged, the transaction refused as a whole: which of the round's
+            // topics refused is not told, so the round is split at a suspect, and a record is
+            // judged only once refused alone (see `drain`): a wrong suspect costs rounds,
+            // never a wrong judgement.
+            let (error, from_txn) = judged_by(&producer, error);
+            let index = if from_txn { suspect(round) } else { index };
+            self.abort_failed(&producer, from_txn).await?;
             if producer::is_fence(&error) {
                 return Err(self.txn_failed(TxnError::Fenced(error)).await);
             }
@@ -907,6 +889,25 @@ impl PartitionPublisher {
             ))));
         }
         Ok(())
+    }
+
+    /// Aborts a failed round's transaction. After a refusal read from the transaction itself
+    /// (`from_txn`, see [`judged_by`]), librdkafka 2.12 ends it with an EndTxn the coordinator
+    /// refuses (`INVALID_TXN_STATE`: the transaction has no partition added), a fatal error:
+    /// tolerated there, as the producer is replaced after every refusal (`round`).
+    async fn abort_failed(
+        &mut self,
+        producer: &TxnProducer,
+        from_txn: bool,
+    ) -> Result<(), DrainError> {
+        match producer.abort().await {
+            Ok(()) => Ok(()),
+            Err(TxnError::Fatal(e)) if from_txn => {
+                warn!(partition = self.target.partition, error = %e, "Aborting the refused round's transaction failed; the producer is replaced.");
+                Ok(())
+            }
+            Err(e) => Err(self.txn_failed(e).await),
+        }
     }
 
     /// A transactional call failed: a fenced producer whose claim is gone stops; otherwise
@@ -1123,6 +1124,24 @@ fn position_entry<T: serde::de::DeserializeOwned>(stored: &StoredEntry) -> Resul
 fn stream_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The error a failed round is judged by: `error` (a record's delivery report, or the history
+/// record's), or, when that is no permanent refusal, the transaction's own error if it is one
+/// (`true`: read from the transaction). When a topic partition cannot be added to the
+/// transaction (a topic this producer may not write to), librdkafka fails it as a whole and
+/// reports every record only as purged (see [`TxnProducer::failed_transaction_error`]).
+fn judged_by(producer: &TxnProducer, error: KafkaError) -> (KafkaError, bool) {
+    if producer::is_permanent(&error) {
+        return (error, false);
+    }
+    match producer
+        .failed_transaction_error()
+        .filter(producer::is_permanent)
+    {
+        Some(txn) => (txn, true),
+        None => (error, false),
+    }
 }
 
 /// The record of `round` suspected first when its transaction was refused as a whole: the
