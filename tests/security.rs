@@ -653,25 +653,7 @@ fn tierd_runs_under_an_authorizer_with_the_documented_acls_and_parks_a_refused_d
     let (world, tierd) = under_acls(NoWrite::DeadLetters);
     tierd.wait_partitions(1, Duration::from_secs(90));
 
-    let json = |e: serde_json::Value| serde_json::to_vec(&e).unwrap();
-    let at = "2026-11-10T10:00:00Z";
-    let mut records: Vec<(Option<String>, Vec<u8>)> = (0..5)
-        .map(|i| {
-            let c = format!("c{i}");
-            (
-                Some(c.clone()),
-                json(purchase(&format!("a{i}"), &c, "1.00", at)),
-            )
-        })
-        .collect();
-    records.push((Some("c9".into()), b"{not json".to_vec()));
-    records.extend((5..10).map(|i| {
-        let c = format!("c{i}");
-        (
-            Some(c.clone()),
-            json(purchase(&format!("a{i}"), &c, "1.00", at)),
-        )
-    }));
+    let records = support::ten_purchases_around(vec![(Some("c9".into()), b"{not json".to_vec())]);
     let ends = world.produce(&records);
     world.wait_applied_by(&tierd, &ends, Duration::from_secs(90));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -689,18 +671,7 @@ fn tierd_runs_under_an_authorizer_with_the_documented_acls_and_parks_a_refused_d
     assert!(body.to_lowercase().contains("authoriz"), "{body}");
     // The retries go on a while: nothing around the refused record is produced again.
     std::thread::sleep(Duration::from_secs(3));
-    let ids = |world: &World| -> Vec<String> {
-        world
-            .read_all(&world.output)
-            .iter()
-            .map(|r| r.json()["event_id"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    let mut published = ids(&world);
-    assert_eq!(published.len(), 10, "one first-tier change per customer");
-    published.sort();
-    published.dedup();
-    assert_eq!(published.len(), 10, "none published twice");
+    world.assert_changes_once(10);
     assert!(world.read_all(&world.dlq).is_empty());
 
     // The permission is granted: the parked dead letter goes out on its next retry.
@@ -717,7 +688,7 @@ fn tierd_runs_under_an_authorizer_with_the_documented_acls_and_parks_a_refused_d
     let letters = world.read_all(&world.dlq);
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].value, b"{not json");
-    assert_eq!(ids(&world).len(), 10);
+    world.assert_changes_once(10);
 }
 
 /// A history topic tierd's principal may not write: the first round that records a rules
@@ -730,11 +701,7 @@ fn tierd_runs_under_an_authorizer_with_the_documented_acls_and_parks_a_refused_d
 fn a_history_topic_tierd_may_not_write_holds_the_outbox_visibly_until_granted() {
     let (world, mut tierd) = under_acls(NoWrite::History);
     tierd.wait_partitions(1, Duration::from_secs(90));
-    let at = "2026-11-10T10:00:00Z";
-    let events: Vec<_> = (0..10)
-        .map(|i| purchase(&format!("a{i}"), &format!("c{i}"), "1.00", at))
-        .collect();
-    let ends = world.produce_json(&events);
+    let ends = world.produce(&support::ten_purchases_around(Vec::new()));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (code, body) = tierd.get("/readyz/ingest");
@@ -763,14 +730,6 @@ fn a_history_topic_tierd_may_not_write_holds_the_outbox_visibly_until_granted() 
 
     grant_write(&world, NoWrite::History);
     world.wait_applied_by(&tierd, &ends, Duration::from_secs(60));
-    let mut ids: Vec<String> = world
-        .read_all(&world.output)
-        .iter()
-        .map(|r| r.json()["event_id"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(ids.len(), 10, "one first-tier change per customer");
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), 10, "none published twice");
+    world.assert_changes_once(10);
     assert_eq!(tierd.get("/readyz/ingest").0, 200);
 }

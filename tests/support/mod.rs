@@ -1449,6 +1449,19 @@ impl World {
             .unwrap()
     }
 
+    /// Reads the output topic and checks that it holds `n` changes, each once (no id twice).
+    pub fn assert_changes_once(&self, n: usize) {
+        let mut ids: Vec<String> = self
+            .read_all(&self.output)
+            .iter()
+            .map(|r| r.json()["event_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids.len(), n, "changes on the output topic: {ids:?}");
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "a change published twice");
+    }
+
     /// Reads the output topic and checks that every change id on it carries one body (a
     /// change published again, after Redis lost writes, is identical); returns the records.
     pub fn assert_one_body_per_change_id(&self) -> Vec<Record> {
@@ -2063,6 +2076,23 @@ pub fn tierd_cli(args: &[&str]) -> (i32, String, String) {
 }
 
 /// A purchase event as JSON.
+/// Keyed input records: first purchases `a0`..`a9` by `c0`..`c9` (1.00 each, one first-tier
+/// change each), with `middle` between the fifth and the sixth (a record refused downstream,
+/// with changes on both sides of it).
+pub fn ten_purchases_around(
+    middle: Vec<(Option<String>, Vec<u8>)>,
+) -> Vec<(Option<String>, Vec<u8>)> {
+    let record = |i: usize| {
+        let c = format!("c{i}");
+        let e = purchase(&format!("a{i}"), &c, "1.00", "2026-11-10T10:00:00Z");
+        (Some(c), serde_json::to_vec(&e).unwrap())
+    };
+    let mut records: Vec<_> = (0..5).map(record).collect();
+    records.extend(middle);
+    records.extend((5..10).map(record));
+    records
+}
+
 pub fn purchase(event_id: &str, customer: &str, amount: &str, at: &str) -> serde_json::Value {
     serde_json::json!({"event_id": event_id, "customer_id": customer, "amount": amount, "currency": "CNY", "occurred_at": at})
 }
