@@ -1213,6 +1213,36 @@ mod tests {
     }
 
     #[test]
+    fn a_round_refused_as_a_whole_is_split_at_its_first_record_for_another_topic() {
+        use crate::store::outbox::OutboxEntry;
+        let round = |kinds: &[EntryKind]| -> Vec<StoredEntry> {
+            kinds
+                .iter()
+                .enumerate()
+                .map(|(i, kind)| StoredEntry {
+                    id: format!("1-{i}"),
+                    entry: OutboxEntry {
+                        kind: *kind,
+                        key: Vec::new(),
+                        value: Vec::new(),
+                        headers: Vec::new(),
+                    },
+                    end_offset: None,
+                    origin: None,
+                    max_sequence: None,
+                    seq_floor: None,
+                })
+                .collect()
+        };
+        use EntryKind::{AtRisk, Change, Cutoffs, DeadLetter, Erased, TimerPass};
+        assert_eq!(suspect(&round(&[Change, Change, DeadLetter, Change])), 2);
+        assert_eq!(suspect(&round(&[Cutoffs, Change, AtRisk])), 2);
+        // Changes only: the first record, not the position entry before it.
+        assert_eq!(suspect(&round(&[TimerPass, Erased, Change])), 1);
+        assert_eq!(suspect(&round(&[Cutoffs])), 0);
+    }
+
+    #[test]
     fn five_producer_failures_in_a_row_stop_the_service_unless_far_apart_or_a_round_commits() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
