@@ -355,3 +355,106 @@ impl Order {
         );
     }
 }
+
+/// What the pure engine gives an event-clock run: every customer's state and every change
+/// (by id, as published, the input topic left out of its cause).
+pub struct EventClockReference {
+    pub states: HashMap<String, CustomerState>,
+    pub changes: HashMap<String, serde_json::Value>,
+}
+
+/// The reference of a run in `event` clock mode, computed without Kafka, Redis or tierd's
+/// runner: each partition's records, as the broker holds them, decoded and applied in
+/// offset order by the engine's pure functions. A partition's engine time is its latest
+/// event time minus the allowed lateness (it never goes back); before an event that moves
+/// it, every timer due at or before the new time fires, evaluated at its own due time; the
+/// event is then applied at the engine time. This is the order tierd documents for the
+/// event clock, written out independently of the runner it checks. `extra` is the TOML the
+/// instances ran with (lateness, money, dedup); the world's rules file is the rules.
+pub fn event_clock_reference(world: &World, extra: &str) -> EventClockReference {
+    use std::sync::Arc;
+    use tierd::config::Config;
+    use tierd::engine::rules::rank::Cutoffs;
+    use tierd::engine::Trigger;
+    use tierd::model::state::origin_of;
+    use tierd::model::Cause;
+    use tierd::partition::draft::Draft;
+    use tierd::partition::Pipeline;
+    use tierd::store::outbox::EntryKind;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tierd.toml");
+    std::fs::write(&path, world.config(0, extra)).unwrap();
+    let config = Config::load(Some(&path)).expect("the run's config");
+    assert_eq!(config.clock.mode, tierd::config::ClockMode::Event);
+    let rules =
+        Arc::new(Rules::load(&world.rules, config.money.fraction_digits).expect("the run's rules"));
+    let p = Pipeline::new(&config, Arc::clone(&rules), Default::default());
+    let cutoffs = Cutoffs::default();
+    assert!(
+        rules.ranks().is_empty(),
+        "an event-clock reference without rank sets"
+    );
+
+    let mut records = world.read_all(&world.input);
+    records.sort_by_key(|r| (r.partition, r.offset));
+    let mut states: HashMap<String, CustomerState> = HashMap::new();
+    let mut draft = Draft::at(0, 0);
+    for partition in records.chunk_by(|a, b| a.partition == b.partition) {
+        let mut clock: Option<i64> = None;
+        let mut customers: Vec<String> = Vec::new();
+        for r in partition {
+            let Ok(event) = tierd::ingest::decode::decode(
+                r.key.as_deref(),
+                Some(&r.value),
+                r.timestamp.unwrap_or(i64::MAX),
+                &p.limits,
+            ) else {
+                continue;
+            };
+            let t = event.occurred_at_ms.saturating_sub(p.clock.lateness_ms);
+            if clock.is_none_or(|c| t > c) {
+                for id in &customers {
+                    let state = states.get_mut(id).unwrap();
+                    while let Some((due, cause)) = state.timer.filter(|(due, _)| *due <= t) {
+                        let outcome = state.evaluate(&rules, due, Trigger::Time(cause), &cutoffs);
+                        draft.record(&p, &rules, id, state, &outcome, None);
+                    }
+                }
+                clock = Some(t);
+            }
+            let id = event.customer_id.clone();
+            let state = states.entry(id.clone()).or_insert_with(|| {
+                customers.push(id.clone());
+                CustomerState::default()
+            });
+            let fresh = state.is_new();
+            if let Applied::Counted(outcome) =
+                state.apply(&event, &rules, p.dedup, clock.unwrap(), &cutoffs)
+            {
+                if fresh {
+                    state.origin = Some(origin_of(&event.event_id, r.offset));
+                    state.born = Some(event.occurred_at_ms);
+                }
+                let cause = Cause {
+                    event_id: event.event_id.clone(),
+                    topic: world.input.clone(),
+                    partition: r.partition,
+                    offset: r.offset,
+                };
+                draft.record(&p, &rules, &id, state, &outcome, Some(cause));
+            }
+        }
+    }
+    let changes = draft
+        .outbox
+        .iter()
+        .filter(|e| e.kind == EntryKind::Change)
+        .map(|e| {
+            let mut v: serde_json::Value = serde_json::from_slice(&e.value).unwrap();
+            v["cause"].as_object_mut().map(|c| c.remove("topic"));
+            (v["event_id"].as_str().unwrap().to_owned(), v)
+        })
+        .collect();
+    EventClockReference { states, changes }
+}

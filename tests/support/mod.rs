@@ -1733,6 +1733,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
     pub headers: BTreeMap<String, String>,
+    /// The message timestamp (ms), when it has one.
+    pub timestamp: Option<i64>,
 }
 
 impl Record {
@@ -1816,6 +1818,7 @@ pub fn read_all(brokers: &str, topic: &str, partitions: i32) -> Vec<Record> {
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().unwrap_or_default().to_vec(),
                     headers,
+                    timestamp: m.timestamp().to_millis(),
                 });
                 if m.offset() + 1 >= highs[&m.partition()] {
                     done.insert(m.partition(), ());
