@@ -5,7 +5,7 @@
 use super::{purchase, refund, World};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use tierd::engine::rules::Rules;
 use tierd::engine::Applied;
 use tierd::model::{time, CustomerState, DedupPolicy, Event, EventKind};
@@ -356,10 +356,11 @@ impl Order {
     }
 }
 
-/// What the pure engine gives an event-clock run: every customer's state and every change
-/// (by id, as published, the input topic left out of its cause).
+/// What the pure engine gives an event-clock run: every partition's customers and their
+/// whole states, and every change (by id, as published, the input topic left out of its
+/// cause).
 pub struct EventClockReference {
-    pub states: HashMap<String, CustomerState>,
+    pub states: BTreeMap<i32, HashMap<String, CustomerState>>,
     pub changes: HashMap<String, serde_json::Value>,
 }
 
@@ -369,9 +370,11 @@ pub struct EventClockReference {
 /// event time minus the allowed lateness (it never goes back); before an event that moves
 /// it, every timer due at or before the new time fires, evaluated at its own due time; the
 /// event is then applied at the engine time. This is the order tierd documents for the
-/// event clock, written out independently of the runner it checks. `extra` is the TOML the
-/// instances ran with (lateness, money, dedup); the world's rules file is the rules.
+/// event clock, written out independently of the runner it checks (a run without rules
+/// changes: no sweep holds timers). `extra` is the TOML the instances ran with (lateness,
+/// money, dedup); the world's rules file is the rules.
 pub fn event_clock_reference(world: &World, extra: &str) -> EventClockReference {
+    use std::collections::BTreeSet;
     use std::sync::Arc;
     use tierd::config::Config;
     use tierd::engine::rules::rank::Cutoffs;
@@ -398,11 +401,16 @@ pub fn event_clock_reference(world: &World, extra: &str) -> EventClockReference 
 
     let mut records = world.read_all(&world.input);
     records.sort_by_key(|r| (r.partition, r.offset));
-    let mut states: HashMap<String, CustomerState> = HashMap::new();
+    let mut out = EventClockReference {
+        states: BTreeMap::new(),
+        changes: HashMap::new(),
+    };
     let mut draft = Draft::at(0, 0);
     for partition in records.chunk_by(|a, b| a.partition == b.partition) {
+        let states = out.states.entry(partition[0].partition).or_default();
         let mut clock: Option<i64> = None;
-        let mut customers: Vec<String> = Vec::new();
+        // The partition's timer index: (due, customer).
+        let mut timers: BTreeSet<(i64, String)> = BTreeSet::new();
         for r in partition {
             let Ok(event) = tierd::ingest::decode::decode(
                 r.key.as_deref(),
@@ -414,21 +422,22 @@ pub fn event_clock_reference(world: &World, extra: &str) -> EventClockReference 
             };
             let t = event.occurred_at_ms.saturating_sub(p.clock.lateness_ms);
             if clock.is_none_or(|c| t > c) {
-                for id in &customers {
-                    let state = states.get_mut(id).unwrap();
-                    while let Some((due, cause)) = state.timer.filter(|(due, _)| *due <= t) {
-                        let outcome = state.evaluate(&rules, due, Trigger::Time(cause), &cutoffs);
-                        draft.record(&p, &rules, id, state, &outcome, None);
+                while timers.first().is_some_and(|(due, _)| *due <= t) {
+                    let (due, id) = timers.pop_first().unwrap();
+                    let state = states.get_mut(&id).unwrap();
+                    let (at, cause) = state.timer.unwrap();
+                    assert_eq!(at, due, "{id}: the index follows the state");
+                    let outcome = state.evaluate(&rules, due, Trigger::Time(cause), &cutoffs);
+                    draft.record(&p, &rules, &id, state, &outcome, None);
+                    if let Some((next, _)) = state.timer {
+                        timers.insert((next, id));
                     }
                 }
                 clock = Some(t);
             }
             let id = event.customer_id.clone();
-            let state = states.entry(id.clone()).or_insert_with(|| {
-                customers.push(id.clone());
-                CustomerState::default()
-            });
-            let fresh = state.is_new();
+            let state = states.entry(id.clone()).or_default();
+            let (fresh, before) = (state.is_new(), state.timer);
             if let Applied::Counted(outcome) =
                 state.apply(&event, &rules, p.dedup, clock.unwrap(), &cutoffs)
             {
@@ -444,9 +453,19 @@ pub fn event_clock_reference(world: &World, extra: &str) -> EventClockReference 
                 };
                 draft.record(&p, &rules, &id, state, &outcome, Some(cause));
             }
+            if state.timer != before {
+                if let Some((due, _)) = before {
+                    timers.remove(&(due, id.clone()));
+                }
+                if let Some((due, _)) = state.timer {
+                    timers.insert((due, id));
+                }
+            }
         }
+        // A customer never stored (their only events refused) is no state.
+        states.retain(|_, s| !s.is_new());
     }
-    let changes = draft
+    out.changes = draft
         .outbox
         .iter()
         .filter(|e| e.kind == EntryKind::Change)
@@ -456,5 +475,5 @@ pub fn event_clock_reference(world: &World, extra: &str) -> EventClockReference 
             (v["event_id"].as_str().unwrap().to_owned(), v)
         })
         .collect();
-    EventClockReference { states, changes }
+    out
 }

@@ -1640,6 +1640,35 @@ impl World {
         None
     }
 
+    /// Every customer state stored under `partition`'s keys, by customer id.
+    pub fn stored_customers(&self, partition: i32) -> HashMap<String, tierd::model::CustomerState> {
+        let keys = self.keys(partition);
+        let mut conn = self.redis.conn();
+        let mut out = HashMap::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(keys.customer_pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut conn)
+                .unwrap();
+            if !found.is_empty() {
+                let values: Vec<Vec<u8>> = redis::cmd("MGET").arg(&found).query(&mut conn).unwrap();
+                for (key, v) in found.iter().zip(values) {
+                    let id = keys.customer_id(key).expect("a customer key").to_owned();
+                    out.insert(id, tierd::model::stored::decode(&v).unwrap());
+                }
+            }
+            if next == 0 {
+                return out;
+            }
+            cursor = next;
+        }
+    }
+
     /// Every record on `topic` from the beginning up to the current high watermarks.
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
         read_all(&self.broker.addr, topic, self.topic_partitions(topic))
