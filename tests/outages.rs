@@ -294,6 +294,101 @@ fn a_rules_sweep_stops_at_the_outbox_bound_while_changes_cannot_be_published() {
     world.assert_one_body_per_change_id();
 }
 
+/// The same bound for wall-clock timers: 600 customers' recency timers come due one every
+/// 30 ms while the output topic refuses every change. Timer passes stop at the outbox bound
+/// (the pass under way runs to its end) and go on as the outbox drains: the outbox stays near
+/// `publish.outbox_max_entries`, where without the bound it takes every lapse (600 here).
+#[test]
+fn wall_clock_timers_stop_at_the_outbox_bound_while_changes_cannot_be_published() {
+    let mut world = World::start(1);
+    let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    // `active` while the latest purchase is under two days old.
+    std::io::Write::write_all(
+        &mut rules,
+        b"version = \"timers-bound-1\"\n[scores.R]\nmetric = \"recency_days\"\nbins = [{ score = 2, max = 1 }, { score = 1 }]\n[[tiers]]\nname = \"active\"\nwhen = [\"score.R >= 2\"]\n[[tiers]]\nname = \"none\"\n",
+    )
+    .unwrap();
+    world.rules = rules.path().to_owned();
+    let tierd = Tierd::spawn(
+        &world,
+        "[publish]\noutbox_max_entries = 100\nparked_retry_ms = 300\n[clock]\ntick_ms = 200\n",
+    );
+    tierd.wait_partitions(1, Duration::from_secs(60));
+    // Customer i's timer comes due 30 s + i × 30 ms from now (two days after the purchase).
+    let first_due = tierd::model::time::now_ms() + 30_000;
+    let events: Vec<serde_json::Value> = (0..600)
+        .map(|i| {
+            purchase(
+                &format!("e{i}"),
+                &format!("c{i}"),
+                "10.00",
+                &tierd::model::time::format_ms(first_due - 2 * 86_400_000 + i * 30),
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(60));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while world.outbox_len(0) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first changes were not published:\n{}",
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        tierd::model::time::now_ms() < first_due - 2_000,
+        "too slow to refuse the changes before the first timer is due"
+    );
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "100");
+
+    // Every timer is due 48 s from the start; the passes stop at the bound.
+    let all_due = first_due + 600 * 30;
+    let mut deepest = 0;
+    while tierd::model::time::now_ms() < all_due + 3_000 {
+        deepest = deepest.max(world.outbox_len(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        tierd.metric("tierd_outbox_full") >= 1.0,
+        "the outbox never reached its bound:\n{}",
+        tierd.log_text()
+    );
+    assert!(
+        deepest < 200,
+        "the outbox grew to {deepest}:\n{}",
+        tierd.log_text()
+    );
+
+    // The topic takes the changes again: every customer's lapse is published once.
+    world
+        .broker
+        .alter_topic_config(&world.output, "max.message.bytes", "1048588");
+    let lapsed = || {
+        world
+            .read_all(&world.output)
+            .iter()
+            .map(support::Record::json)
+            .filter(|v| v["reason"] == "recency" && v["tier"] == "none")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while world.outbox_len(0) > 0 || lapsed() < 600 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lapses were not all published ({} of 600):\n{}",
+            lapsed(),
+            tierd.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(lapsed(), 600, "every customer's lapse once");
+    world.assert_one_body_per_change_id();
+}
+
 /// Issue 11, item 11: while publishing cannot keep up (here every change is refused by the
 /// output topic), the outbox in Redis grows only to about `publish.outbox_max_entries`: the
 /// partition then takes no input, says so on `/readyz/ingest` and `tierd_outbox_full`,
