@@ -98,7 +98,12 @@ fn main() {
 
         let client = redis.client();
         let (searches, rounds, paging) = rt.block_on(async {
-            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(
+                    &tierd::store::connection::direct_config(),
+                )
+                .await
+                .unwrap();
             let mut searches = Vec::new();
             let mut twenty = None;
             for &(num, den) in &bands {

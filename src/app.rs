@@ -450,7 +450,7 @@ async fn connect(client: redis::Client) -> Result<Connection, StartError> {
         .await
         .map_err(|_| {
             StartError::Redis(redis::RedisError::from((
-                redis::ErrorKind::IoError,
+                redis::ErrorKind::Io,
                 "connect timed out",
             )))
         })?

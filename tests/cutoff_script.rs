@@ -75,7 +75,9 @@ fn redis_and_runtime() -> (
         .build()
         .unwrap();
     let shared = rt
-        .block_on(redis.client().get_multiplexed_async_connection())
+        .block_on(redis.client().get_multiplexed_async_connection_with_config(
+            &tierd::store::connection::direct_config(),
+        ))
         .unwrap();
     (redis, rt, shared)
 }
@@ -143,7 +145,9 @@ fn the_cutoff_script_refuses_values_beyond_2_pow_53_instead_of_hanging() {
         .build()
         .unwrap();
     let mut aconn = rt
-        .block_on(redis.client().get_multiplexed_async_connection())
+        .block_on(redis.client().get_multiplexed_async_connection_with_config(
+            &tierd::store::connection::direct_config(),
+        ))
         .unwrap();
     for parts in [
         vec![vec![EXACT + 1, EXACT + 3]],

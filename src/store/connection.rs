@@ -27,10 +27,23 @@ use tracing::{info, warn};
 /// Redis holds tierd until it answers or its connection drops; the API bounds its own waits).
 pub fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
-        .set_factor(2)
-        .set_max_delay(2_000)
+        .set_min_delay(Duration::from_secs(1))
+        .set_exponent_base(2.0)
+        .set_max_delay(Duration::from_secs(2))
         .set_number_of_retries(2)
-        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        // redis-rs 1.x times responses out after 500 ms by default: a commit or cut-off
+        // script may run longer, and its outcome must never be in doubt because of tierd.
+        .set_response_timeout(None)
+}
+
+/// The configuration of a plain multiplexed connection (the tools', the benches'): like
+/// [`manager_config`], no response timeout (redis-rs 1.x would otherwise give a script
+/// 500 ms) and connection attempts bounded by [`CONNECT_TIMEOUT`].
+pub fn direct_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(None)
 }
 
 /// How long one connection attempt to Redis may take (TCP, TLS and the handshake).

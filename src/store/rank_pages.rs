@@ -45,7 +45,7 @@ pub async fn page<C: redis::aio::ConnectionLike>(
 
 fn malformed(what: &str) -> redis::RedisError {
     redis::RedisError::from((
-        redis::ErrorKind::TypeError,
+        redis::ErrorKind::UnexpectedReturnType,
         "unexpected ranked_after reply",
         what.to_owned(),
     ))

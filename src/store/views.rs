@@ -89,13 +89,16 @@ pub async fn find_customer<C: ConnectionLike>(
     let mut replies: Vec<redis::Value> = pipe.query_async(conn).await?;
     let cutoffs = if with_cutoffs {
         let (version, data): (Option<u64>, Option<String>) =
-            redis::from_redis_value(&replies.pop().unwrap_or(redis::Value::Nil))?;
+            redis::from_redis_value_ref(&replies.pop().unwrap_or(redis::Value::Nil))
+                .map_err(redis::RedisError::from)?;
         super::cutoffs::parse_cutoffs(version, data.as_deref())
     } else {
         None
     };
     for (p, reply) in replies.into_iter().enumerate() {
-        let Some(bytes) = redis::from_redis_value::<Option<Vec<u8>>>(&reply)? else {
+        let Some(bytes) = redis::from_redis_value_ref::<Option<Vec<u8>>>(&reply)
+            .map_err(redis::RedisError::from)?
+        else {
             continue;
         };
         let p = i32::try_from(p).unwrap_or(0);
@@ -202,8 +205,8 @@ pub async fn partition_gauges<C: ConnectionLike>(
         .map(|(&partition, (tiers, timers))| {
             Ok(PartitionGauges {
                 partition,
-                tiers: redis::from_redis_value(tiers)?,
-                timers: redis::from_redis_value(timers)?,
+                tiers: redis::from_redis_value_ref(tiers).map_err(redis::RedisError::from)?,
+                timers: redis::from_redis_value_ref(timers).map_err(redis::RedisError::from)?,
             })
         })
         .collect()

@@ -79,14 +79,11 @@ impl Store {
         );
         let (conn, partitions) = runtime
             .block_on(async {
-                let mut conn = tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    client.get_multiplexed_async_connection(),
-                )
-                .await
-                .map_err(|_| {
-                    redis::RedisError::from((redis::ErrorKind::IoError, "connect timed out"))
-                })??;
+                let mut conn = client
+                    .get_multiplexed_async_connection_with_config(
+                        &crate::store::connection::direct_config(),
+                    )
+                    .await?;
                 let partitions = views::stored_partitions(&mut conn, &keyspace).await?;
                 Ok::<_, redis::RedisError>((conn, partitions))
             })

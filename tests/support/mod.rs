@@ -1562,8 +1562,8 @@ impl World {
         .unwrap();
         flat.chunks(2)
             .map(|kv| {
-                let key: String = redis::from_redis_value(&kv[0]).unwrap();
-                let dump: Vec<u8> = redis::from_redis_value(&kv[1]).unwrap();
+                let key: String = redis::from_redis_value_ref(&kv[0]).unwrap();
+                let dump: Vec<u8> = redis::from_redis_value_ref(&kv[1]).unwrap();
                 (key, dump)
             })
             .collect()

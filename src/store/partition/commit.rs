@@ -184,7 +184,7 @@ pub async fn commit(
             expected: batch.expected_offset,
         }),
         _ => Err(ApplyError::Redis(redis::RedisError::from((
-            redis::ErrorKind::TypeError,
+            redis::ErrorKind::UnexpectedReturnType,
             "unexpected commit script reply",
             format!("{reply:?}"),
         )))),

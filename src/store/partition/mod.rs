@@ -221,7 +221,7 @@ pub fn claim(
     let number = |i: usize| {
         field(i).parse::<i64>().map_err(|_| {
             redis::RedisError::from((
-                redis::ErrorKind::TypeError,
+                redis::ErrorKind::UnexpectedReturnType,
                 "unexpected claim reply",
                 format!("{reply:?}"),
             ))
