@@ -18,10 +18,12 @@ use tracing::{info, warn};
 /// `tierd_publish_errors_total`, the API answers 503. A connection attempt that hangs (an unreachable host) is abandoned after
 /// [`CONNECT_TIMEOUT`].
 ///
-/// redis-rs's defaults retry after 1–2 s and then only every 60–120 s (its backoff starts at
-/// 1 s and multiplies by the factor, 100, up to a 60 s cap, over six retries): a Redis down
-/// for eight seconds held every partition for up to two minutes after it was back, every call
-/// waiting on the reconnection with nothing more logged after its first failure.
+/// Not redis-rs's defaults: 0.32's retried after 1–2 s and then only every 60–120 s (a
+/// backoff from 1 s multiplied by 100, capped at 60 s, over six retries), so a Redis down for
+/// eight seconds held every partition for up to two minutes after it was back, every call
+/// waiting on the reconnection with nothing more logged after its first failure; 1.x's
+/// (six retries from 100 ms, doubling, no cap: a round of 6–13 s) hold the calls waiting on
+/// a round three times as long as this one.
 ///
 /// No response timeout: a command's outcome is then never in doubt because of tierd (a frozen
 /// Redis holds tierd until it answers or its connection drops; the API bounds its own waits).
