@@ -22,8 +22,8 @@ use tracing::{info, warn};
 /// backoff from 1 s multiplied by 100, capped at 60 s, over six retries), so a Redis down for
 /// eight seconds held every partition for up to two minutes after it was back, every call
 /// waiting on the reconnection with nothing more logged after its first failure; 1.x's
-/// (six retries from 100 ms, doubling, no cap: a round of 6–13 s) hold the calls waiting on
-/// a round three times as long as this one.
+/// (six retries from 100 ms, doubling: a round of 6–13 s) hold the calls waiting on a round
+/// about twice as long as this one (3–6 s).
 ///
 /// No response timeout: a command's outcome is then never in doubt because of tierd (a frozen
 /// Redis holds tierd until it answers or its connection drops; the API bounds its own waits).

@@ -371,7 +371,8 @@ pub struct EventClockReference {
 /// it, every timer due at or before the new time fires, evaluated at its own due time; the
 /// event is then applied at the engine time. This is the order tierd documents for the
 /// event clock, written out independently of the runner it checks (a run without rules
-/// changes: no sweep holds timers). `extra` is the TOML the instances ran with (lateness,
+/// changes: no sweep holds timers); the per-customer code (decoder, engine, change builder)
+/// is tierd's own, checked by the engine's tests and the threshold run's reference. `extra` is the TOML the instances ran with (lateness,
 /// money, dedup); the world's rules file is the rules.
 pub fn event_clock_reference(world: &World, extra: &str) -> EventClockReference {
     use std::collections::BTreeSet;
