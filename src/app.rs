@@ -167,6 +167,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     crate::kafka::check_clients(&config.kafka)?;
     let client = crate::store::client::client(&config.redis)?;
+    crate::store::client::supports(&client, &rules)?;
     let redis = connect(client.clone()).await?;
     match crate::store::client::eviction_policy(&mut redis.clone()).await {
         Ok(policy) if crate::store::client::may_evict_tierd_keys(&policy) => {
@@ -445,7 +446,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
 /// A connection to Redis (multiplexed, reconnecting), made on the calling runtime: its I/O
 /// driver runs there.
-async fn connect(client: redis::Client) -> Result<Connection, StartError> {
+async fn connect(client: crate::store::client::RedisClient) -> Result<Connection, StartError> {
     tokio::time::timeout(Duration::from_secs(10), Connection::connect(client))
         .await
         .map_err(|_| {
@@ -476,7 +477,7 @@ impl ApiThread {
     /// connection is made; `state` builds the handlers' state around it.
     async fn start(
         listener: tokio::net::TcpListener,
-        client: redis::Client,
+        client: crate::store::client::RedisClient,
         tls: Option<Arc<rustls::ServerConfig>>,
         state: impl FnOnce(Connection) -> ApiState + Send + 'static,
     ) -> Result<Self, StartError> {

@@ -12,7 +12,7 @@ use tierd::engine::rules::value::Ratio;
 use tierd::store::cutoffs::{count_at_or_above, search};
 
 /// Writes `parts` (one list of values per partition) as sorted sets under fresh keys.
-fn write(conn: &mut redis::Connection, parts: &[Vec<i64>]) -> Vec<String> {
+fn write(conn: &mut tierd::store::client::SyncConnection, parts: &[Vec<i64>]) -> Vec<String> {
     let prefix = support::unique("rank");
     parts
         .iter()

@@ -10,21 +10,29 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use support::exact::{assert_exact, b2b_rules, reference, stream};
-use support::{Tierd, World};
+use support::{Redis, Tierd, World};
 
 #[test]
 fn kill_9_repeatedly_loses_nothing_and_counts_everything_once() {
-    kill_9_repeatedly("");
+    kill_9_repeatedly("", World::start(4));
 }
 
 /// The same under the KIP-848 consumer group protocol (Kafka 4, broker-side assignment).
 #[test]
 fn kill_9_repeatedly_under_kip848_loses_nothing_and_counts_everything_once() {
-    kill_9_repeatedly("\"group.protocol\" = \"consumer\"");
+    kill_9_repeatedly("\"group.protocol\" = \"consumer\"", World::start(4));
 }
 
-fn kill_9_repeatedly(consumer: &str) {
-    let world = World::start(4);
+/// The same on a Redis Cluster (3 masters, 3 replicas) over 8 partitions, whose keys the
+/// cluster spreads over its masters.
+#[test]
+fn kill_9_repeatedly_on_a_redis_cluster_loses_nothing_and_counts_everything_once() {
+    let world = World::start_with(8, Redis::start_cluster());
+    kill_9_repeatedly("", world);
+}
+
+fn kill_9_repeatedly(consumer: &str, world: World) {
+    let partitions = world.partitions;
     let events = stream(30_000, 3_000, 7);
     let (expected_states, expected_changes) = reference(&events, &b2b_rules());
     assert!(
@@ -54,7 +62,7 @@ fn kill_9_repeatedly(consumer: &str) {
         while kills < 4 || !producer.is_finished() {
             // Kill while it works: after it owns the partitions (a killed member's partitions
             // come back only after the session timeout) and has been processing for a while.
-            tierd.wait_partitions(4, Duration::from_secs(60));
+            tierd.wait_partitions(i64::from(partitions), Duration::from_secs(60));
             std::thread::sleep(Duration::from_millis(rng.random_range(100..2000)));
             tierd.kill9();
             kills += 1;
@@ -68,7 +76,7 @@ fn kill_9_repeatedly(consumer: &str) {
         producer.join().unwrap()
     });
     world.wait_applied(&ends, Duration::from_secs(180));
-    for p in 0..4 {
+    for p in 0..partitions {
         assert!(
             world.partition_meta(p).0 >= 5,
             "partition {p} was claimed by every restarted instance"
@@ -76,6 +84,13 @@ fn kill_9_repeatedly(consumer: &str) {
     }
 
     assert_exact(&world, &expected_states, &expected_changes);
+    if !world.redis.nodes().is_empty() {
+        let masters = world.redis.masters_holding(&format!("{}:*", world.prefix));
+        assert!(
+            masters >= 2,
+            "the partitions' keys are on {masters} master(s)"
+        );
+    }
 }
 
 /// Leader failover of a replicated cluster: 3 Apache Kafka nodes, every topic with
@@ -143,4 +158,11 @@ fn leader_failover_on_a_replicated_cluster_loses_nothing_and_doubles_nothing() {
     assert_eq!(kills.len(), 2);
     world.wait_applied(&ends, Duration::from_secs(180));
     assert_exact(&world, &expected_states, &expected_changes);
+    if !world.redis.nodes().is_empty() {
+        let masters = world.redis.masters_holding(&format!("{}:*", world.prefix));
+        assert!(
+            masters >= 2,
+            "the partitions' keys are on {masters} master(s)"
+        );
+    }
 }

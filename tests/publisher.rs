@@ -66,7 +66,12 @@ fn setup(producer_config: Option<ClientConfig>) -> Setup {
     }
 }
 
-fn add_change(conn: &mut redis::Connection, outbox: &str, customer: &str, body: &str) {
+fn add_change(
+    conn: &mut tierd::store::client::SyncConnection,
+    outbox: &str,
+    customer: &str,
+    body: &str,
+) {
     let _: String = redis::cmd("XADD")
         .arg(outbox)
         .arg("*")
@@ -82,7 +87,7 @@ fn add_change(conn: &mut redis::Connection, outbox: &str, customer: &str, body: 
         .unwrap();
 }
 
-fn set_epoch(conn: &mut redis::Connection, meta: &str, epoch: i64) {
+fn set_epoch(conn: &mut tierd::store::client::SyncConnection, meta: &str, epoch: i64) {
     let _: () = redis::cmd("HSET")
         .arg(meta)
         .arg("epoch")
@@ -91,7 +96,7 @@ fn set_epoch(conn: &mut redis::Connection, meta: &str, epoch: i64) {
         .unwrap();
 }
 
-fn outbox_len(conn: &mut redis::Connection, outbox: &str) -> i64 {
+fn outbox_len(conn: &mut tierd::store::client::SyncConnection, outbox: &str) -> i64 {
     redis::cmd("XLEN").arg(outbox).query(conn).unwrap()
 }
 
@@ -113,7 +118,7 @@ fn spawn(
     };
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let client = redis::Client::open(s.redis.url.as_str()).unwrap();
+    let client = tierd::store::client::RedisClient::Single(s.redis.client());
     let publisher = s.publisher.clone();
     let w = Arc::clone(&wake);
     let task = rt.spawn(async move {
@@ -311,7 +316,7 @@ fn a_producer_that_cannot_be_created_stops_the_service_and_keeps_the_outbox() {
 }
 
 /// Adds a rules-sweep record (never produced: it goes into the published position).
-fn add_sweep(conn: &mut redis::Connection, outbox: &str, sweep: &RulesSweep) {
+fn add_sweep(conn: &mut tierd::store::client::SyncConnection, outbox: &str, sweep: &RulesSweep) {
     let _: String = redis::cmd("XADD")
         .arg(outbox)
         .arg("*")
@@ -361,7 +366,7 @@ fn a_sweeps_completion_and_the_next_start_published_together_are_both_recorded()
     assert_eq!(published.sweep, Some(sweep(30, 8, None)));
 }
 
-fn ids(conn: &mut redis::Connection, stream: &str) -> Vec<String> {
+fn ids(conn: &mut tierd::store::client::SyncConnection, stream: &str) -> Vec<String> {
     entries(conn, stream)
         .ids
         .into_iter()
@@ -371,7 +376,7 @@ fn ids(conn: &mut redis::Connection, stream: &str) -> Vec<String> {
 
 /// Empties `outbox` and writes the entries `written` back into it: a change, a dead letter and
 /// a change (as a Redis restored from before their trim would hold them).
-fn refill(conn: &mut redis::Connection, outbox: &str, written: &[String]) {
+fn refill(conn: &mut tierd::store::client::SyncConnection, outbox: &str, written: &[String]) {
     let _: i64 = redis::cmd("DEL").arg(outbox).query(conn).unwrap();
     for (id, code) in written.iter().zip(["c", "d", "c"]) {
         add_entry(conn, outbox, id, code, "x");
@@ -379,7 +384,10 @@ fn refill(conn: &mut redis::Connection, outbox: &str, written: &[String]) {
 }
 
 /// Every entry of `stream`, with its fields.
-fn entries(conn: &mut redis::Connection, stream: &str) -> redis::streams::StreamRangeReply {
+fn entries(
+    conn: &mut tierd::store::client::SyncConnection,
+    stream: &str,
+) -> redis::streams::StreamRangeReply {
     redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
@@ -388,12 +396,23 @@ fn entries(conn: &mut redis::Connection, stream: &str) -> redis::streams::Stream
         .unwrap()
 }
 
-fn add_with_id(conn: &mut redis::Connection, outbox: &str, id: &str, body: &str) {
+fn add_with_id(
+    conn: &mut tierd::store::client::SyncConnection,
+    outbox: &str,
+    id: &str,
+    body: &str,
+) {
     add_entry(conn, outbox, id, "c", body);
 }
 
 /// Adds an entry of kind `code` (`c` change, `d` dead letter) with the id `id`.
-fn add_entry(conn: &mut redis::Connection, outbox: &str, id: &str, code: &str, body: &str) {
+fn add_entry(
+    conn: &mut tierd::store::client::SyncConnection,
+    outbox: &str,
+    id: &str,
+    code: &str,
+    body: &str,
+) {
     let _: String = redis::cmd("XADD")
         .arg(outbox)
         .arg(id)
@@ -437,7 +456,7 @@ fn the_published_position_lives_in_kafka_and_a_claim_trims_what_went_out() {
     assert_eq!(published.last_id.as_deref(), Some(written[2].as_str()));
 
     // The trim "did not happen": the same entries are back (a crash between commit and trim).
-    let restore = |conn: &mut redis::Connection| {
+    let restore = |conn: &mut tierd::store::client::SyncConnection| {
         let _: i64 = redis::cmd("DEL").arg(&s.keys.outbox).query(conn).unwrap();
         for (id, body) in written.iter().zip(["1", "2", "3"]) {
             add_with_id(conn, &s.keys.outbox, id, body);
@@ -721,7 +740,7 @@ fn parking_moves_an_entry_once_and_only_for_the_current_claim() {
     set_epoch(&mut conn, &keys.meta, 3);
     add_entry(&mut conn, &keys.outbox, "5-1", "d", "bad bytes");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let client = tierd::store::client::RedisClient::Single(redis.client());
     let (fenced, first, again) = rt.block_on(async {
         let mut c = tierd::store::connection::Connection::connect(client.clone())
             .await

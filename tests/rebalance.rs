@@ -134,7 +134,7 @@ fn a_stale_owner_is_fenced_and_a_lost_reply_is_not_applied_twice() {
     };
     rt.block_on(async {
         let mut conn = tierd::store::connection::Connection::connect(
-            redis::Client::open(redis.url.as_str()).unwrap(),
+            tierd::store::client::RedisClient::Single(redis.client()),
         )
         .await
         .unwrap();
@@ -331,19 +331,20 @@ fn a_claim_by_an_older_rules_version_is_refused_and_changes_nothing() {
     let redis = Redis::start();
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut conn = redis.conn();
-    let refused = |conn: &mut redis::Connection, version: &str| match store::claim(
-        conn,
-        &keys,
-        None,
-        &[],
-        version,
-        &format!("text of {version}"),
-        None,
-    ) {
-        Err(store::ClaimError::OlderRules(o)) => Some(o.latest),
-        Ok(_) => None,
-        Err(e) => panic!("{e}"),
-    };
+    let refused =
+        |conn: &mut tierd::store::client::SyncConnection, version: &str| match store::claim(
+            conn,
+            &keys,
+            None,
+            &[],
+            version,
+            &format!("text of {version}"),
+            None,
+        ) {
+            Err(store::ClaimError::OlderRules(o)) => Some(o.latest),
+            Ok(_) => None,
+            Err(e) => panic!("{e}"),
+        };
     assert_eq!(refused(&mut conn, "v1"), None);
     assert_eq!(refused(&mut conn, "v1"), None, "the same version again");
     assert_eq!(refused(&mut conn, "v2"), None, "a new version");
@@ -377,7 +378,7 @@ fn a_claim_returns_the_rules_text_the_partition_ran_before_its_latest_version() 
     let redis = Redis::start();
     let keys = Keyspace::new(&support::unique("t"), "g", "in").partition(0);
     let mut conn = redis.conn();
-    let prior = |conn: &mut redis::Connection, version: &str, text: &str| {
+    let prior = |conn: &mut tierd::store::client::SyncConnection, version: &str, text: &str| {
         store::claim(conn, &keys, None, &[], version, text, None)
             .unwrap()
             .prior_rules

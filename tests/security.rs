@@ -96,7 +96,7 @@ fn tierd_runs_over_kafka_sasl_ssl_scram_and_redis_tls_with_an_acl_user_and_decod
         };
         tierd::store::client::client(&cfg)
             .unwrap()
-            .get_connection()
+            .sync_connection(std::time::Duration::from_secs(5))
             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
     };
     assert!(refused.is_err(), "the default user must be refused");
@@ -223,7 +223,7 @@ fn tierd_presents_its_client_certificate_to_a_redis_that_requires_one() {
     let ping = |cfg: &tierd::config::RedisConfig| {
         tierd::store::client::client(cfg)
             .unwrap()
-            .get_connection()
+            .sync_connection(std::time::Duration::from_secs(5))
             .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
     };
     let with_cert = redis.config("tierd");

@@ -55,7 +55,7 @@ pub fn print_percentiles(what: &str, latencies: &[Duration]) {
 }
 
 /// Redis's own CPU so far (`used_cpu_user` + `used_cpu_sys` of `INFO cpu`), in seconds.
-pub fn redis_cpu(conn: &mut redis::Connection) -> f64 {
+pub fn redis_cpu(conn: &mut impl redis::ConnectionLike) -> f64 {
     let info: String = redis::cmd("INFO").arg("cpu").query(conn).unwrap();
     ["used_cpu_user:", "used_cpu_sys:"]
         .iter()

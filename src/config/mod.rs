@@ -122,8 +122,10 @@ pub struct KafkaConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// Connection URL (`redis://`, `rediss://` for TLS, with user/password if needed).
-    /// Default `redis://127.0.0.1:6379`.
+    /// Connection URL: one server (`redis://`, `rediss://` for TLS, with user/password if
+    /// needed), or a Redis Cluster (`redis+cluster://[user:password@]host:port,host:port,…`,
+    /// `rediss+cluster://` for TLS: seed nodes, the rest of the cluster is discovered; no
+    /// database number). Default `redis://127.0.0.1:6379`.
     #[serde(default = "default_redis_url")]
     pub url: String,
     /// Prefix of every key tierd writes. Default `tierd`.

@@ -102,13 +102,19 @@ impl Config {
                  (the outbox key name), which fences the partition's previous owner",
             );
         }
-        if !self.redis.url.starts_with("redis://")
-            && !self.redis.url.starts_with("rediss://")
-            && !self.redis.url.starts_with("unix://")
+        if ![
+            "redis://",
+            "rediss://",
+            "unix://",
+            "redis+cluster://",
+            "rediss+cluster://",
+        ]
+        .iter()
+        .any(|scheme| self.redis.url.starts_with(scheme))
         {
             return bad(
                 "redis.url",
-                "must start with redis://, rediss:// or unix://",
+                "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://",
             );
         }
         let i = &self.ingest;

@@ -83,7 +83,7 @@ pub struct SupervisorParts {
     /// Runtime the partition tasks run on.
     pub rt: tokio::runtime::Handle,
     /// Redis client (claims open their own synchronous connection from it).
-    pub redis_client: redis::Client,
+    pub redis_client: crate::store::client::RedisClient,
     /// Shared async connection for runners and publishers.
     pub redis: Connection,
     /// A connection of its own for the rank cut-off duty (the computation over every
@@ -150,7 +150,7 @@ pub struct Supervisor {
     parts: SupervisorParts,
     /// Synchronous connection for claims (rebalance callbacks run on the consumer thread);
     /// `None` after an error, reopened on the next claim.
-    claims: Mutex<Option<redis::Connection>>,
+    claims: Mutex<Option<crate::store::client::SyncConnection>>,
     running: Mutex<HashMap<i32, Running>>,
     /// Published positions of claimed partitions whose replay reaches further back than
     /// their metadata keeps, for [`Self::start`] to complete from the history topic.
@@ -200,7 +200,9 @@ impl Supervisor {
         let version = self.parts.pipeline.rules.version();
         let text = self.parts.pipeline.rules.text();
         // A refusal is an answer, not a failure to retry.
-        let claim = |conn: &mut redis::Connection, published: &Published, topic: Option<&str>| {
+        let claim = |conn: &mut crate::store::client::SyncConnection,
+                     published: &Published,
+                     topic: Option<&str>| {
             let (last, parked) = (published.last_id.as_deref(), &published.parked_letters);
             match store::claim(conn, &keys, last, parked, version, text, topic) {
                 Ok(claim) => Ok(Ok(claim)),
@@ -241,19 +243,15 @@ impl Supervisor {
                 let mut slot = self.claims.lock().expect("claims lock");
                 let timeout = io_timeout();
                 let result = match slot.as_mut() {
-                    Some(conn) => conn
-                        .set_read_timeout(Some(timeout))
-                        .and_then(|()| conn.set_write_timeout(Some(timeout)))
-                        .and_then(|()| {
-                            claim(conn, &published, topic_id.as_ref().map(|t| t.0.as_str()))
-                        }),
+                    Some(conn) => conn.set_timeouts(timeout).and_then(|()| {
+                        claim(conn, &published, topic_id.as_ref().map(|t| t.0.as_str()))
+                    }),
                     None => self
                         .parts
                         .redis_client
-                        .get_connection_with_timeout(timeout.min(Duration::from_secs(5)))
+                        .sync_connection(timeout.min(Duration::from_secs(5)))
                         .and_then(|mut conn| {
-                            conn.set_read_timeout(Some(timeout))?;
-                            conn.set_write_timeout(Some(timeout))?;
+                            conn.set_timeouts(timeout)?;
                             let claim = claim(
                                 &mut conn,
                                 &published,

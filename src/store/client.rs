@@ -1,9 +1,195 @@
-//! The one place the Redis client is built: the URL, and for `rediss://` the TLS trust
-//! (`redis.tls_ca_file`) and an optional client certificate (`redis.tls_cert_file` +
-//! `redis.tls_key_file`). Used by the service and the operator tools alike.
+//! The one place the Redis client is built: the URL (one server, or a Redis Cluster's seed
+//! nodes), and for `rediss://` / `rediss+cluster://` the TLS trust (`redis.tls_ca_file`) and an
+//! optional client certificate (`redis.tls_cert_file` + `redis.tls_key_file`). Used by the
+//! service and the operator tools alike.
 
 use crate::config::{ConfigError, RedisConfig};
 use std::path::Path;
+use std::time::Duration;
+
+/// The Redis deployment tierd talks to: one server, or a Redis Cluster.
+///
+/// Every key of one input partition carries the partition's hash tag
+/// ([`crate::store::keys`]), so each partition lives in one cluster slot: a partition's
+/// commit, claim, timers and outbox are single-slot scripts and commands wherever its slot is.
+#[derive(Clone)]
+pub enum RedisClient {
+    /// One server (`redis://`, `rediss://`, `unix://`).
+    Single(redis::Client),
+    /// A Redis Cluster (`redis+cluster://`, `rediss+cluster://`), reached through its seed
+    /// nodes.
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A synchronous connection (the claims', which run on the consumer thread).
+pub enum SyncConnection {
+    /// To one server.
+    Single(redis::Connection),
+    /// To a Redis Cluster (routed by key).
+    Cluster(redis::cluster::ClusterConnection),
+}
+
+impl RedisClient {
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// A synchronous connection, each attempt bounded by `timeout`.
+    ///
+    /// # Errors
+    /// The connection error.
+    pub fn sync_connection(&self, timeout: Duration) -> redis::RedisResult<SyncConnection> {
+        match self {
+            Self::Single(c) => c
+                .get_connection_with_timeout(timeout)
+                .map(SyncConnection::Single),
+            Self::Cluster(c) => c.get_connection().map(SyncConnection::Cluster),
+        }
+    }
+}
+
+impl SyncConnection {
+    /// Bounds every read and write of this connection by `timeout`.
+    ///
+    /// # Errors
+    /// The socket's error.
+    pub fn set_timeouts(&mut self, timeout: Duration) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(c) => {
+                c.set_read_timeout(Some(timeout))?;
+                c.set_write_timeout(Some(timeout))
+            }
+            Self::Cluster(c) => {
+                c.set_read_timeout(Some(timeout))?;
+                c.set_write_timeout(Some(timeout))
+            }
+        }
+    }
+}
+
+impl redis::ConnectionLike for SyncConnection {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Self::Single(c) => c.check_connection(),
+            Self::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Self::Single(c) => c.is_open(),
+            Self::Cluster(c) => c.is_open(),
+        }
+    }
+}
+
+/// The seed nodes of a `redis+cluster://` or `rediss+cluster://` URL as one URL each
+/// (`redis://[user:password@]host:port`), with TLS or not; `None` for a single server's URL.
+///
+/// # Errors
+/// What is wrong with the URL.
+fn cluster_nodes(url: &str) -> Result<Option<(Vec<String>, bool)>, String> {
+    let (rest, tls) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        (rest, false)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        (rest, true)
+    } else {
+        return Ok(None);
+    };
+    // Credentials end at the last `@` (a password may hold one; hosts cannot).
+    let (user_info, hosts) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    let hosts = hosts.strip_suffix('/').unwrap_or(hosts);
+    if hosts.contains('/') || hosts.contains('?') {
+        return Err(
+            "a Redis Cluster has no database number or options after its nodes: \
+             redis+cluster://[user:password@]host:port,host:port"
+                .into(),
+        );
+    }
+    let scheme = if tls { "rediss" } else { "redis" };
+    let mut nodes = Vec::new();
+    for host in hosts.split(',') {
+        let host = host.trim();
+        let port_ok = host
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !port_ok {
+            return Err(format!(
+                "cluster node {host:?} is not host:port (redis+cluster://host:port,host:port)"
+            ));
+        }
+        nodes.push(match user_info {
+            Some(user_info) => format!("{scheme}://{user_info}@{host}"),
+            None => format!("{scheme}://{host}"),
+        });
+    }
+    Ok(Some((nodes, tls)))
+}
+
+/// Refuses what tierd does not yet do on a Redis Cluster: rank-based tiers (their cut-offs are
+/// searched by one script over every partition's ranked sets, which a cluster spreads over
+/// its nodes).
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `redis.url`.
+pub fn supports(
+    client: &RedisClient,
+    rules: &crate::engine::rules::Rules,
+) -> Result<(), ConfigError> {
+    if client.is_cluster() && !rules.ranks().is_empty() {
+        return Err(ConfigError::Invalid {
+            field: "redis.url",
+            message: format!(
+                "is a Redis Cluster, and the rules rank customers ({}): rank-based tiers are \
+                 not yet supported on a Redis Cluster (use a single Redis, or rules without ranks)",
+                rules
+                    .ranks()
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// How a cluster client retries a request that failed on a node (a connection lost, a
+/// `MOVED`/`ASK`, `TRYAGAIN`, `CLUSTERDOWN` while a replica is promoted): up to
+/// `CLUSTER_RETRIES` times, waits from 100 ms growing to 2 s (redis-rs's defaults are 16
+/// retries with waits up to 655 s, which would hold a partition for minutes after a failover);
+/// after that the caller's own retries take over, as on a single server.
+const CLUSTER_RETRIES: u32 = 6;
 
 /// Builds the Redis client (no connection yet): a bad URL or an unreadable certificate file is
 /// refused here, naming the field.
@@ -11,16 +197,20 @@ use std::path::Path;
 /// # Errors
 /// [`ConfigError::Invalid`] naming `redis.url`, `redis.tls_ca_file`, `redis.tls_cert_file` or
 /// `redis.tls_key_file`.
-pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
+pub fn client(cfg: &RedisConfig) -> Result<RedisClient, ConfigError> {
     // rustls needs a process-wide crypto provider; only `ring` is built in. Installing it
     // twice is harmless (the second call reports the first and changes nothing).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let invalid = |field, message: String| ConfigError::Invalid { field, message };
     let tls_files = cfg.tls_ca_file.is_some() || cfg.tls_cert_file.is_some();
-    let tls_url = cfg
-        .url
-        .get(..9)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"));
+    let cluster = cluster_nodes(&cfg.url).map_err(|m| invalid("redis.url", m))?;
+    let tls_url = match &cluster {
+        Some((_, tls)) => *tls,
+        None => cfg
+            .url
+            .get(..9)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://")),
+    };
     if tls_files && !tls_url {
         let field = if cfg.tls_ca_file.is_some() {
             "redis.tls_ca_file"
@@ -29,7 +219,7 @@ pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
         };
         return Err(invalid(
             field,
-            "is set but redis.url is not rediss:// (TLS)".into(),
+            "is set but redis.url is not rediss:// or rediss+cluster:// (TLS)".into(),
         ));
     }
     if cfg.tls_cert_file.is_some() != cfg.tls_key_file.is_some() {
@@ -39,14 +229,64 @@ pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
                 .into(),
         ));
     }
+    let url_error = |e: redis::RedisError| invalid("redis.url", e.to_string());
+    if let Some((nodes, _)) = cluster {
+        let certs = if tls_files {
+            Some(certificates(cfg)?)
+        } else {
+            None
+        };
+        return cluster_client(nodes, certs).map_err(|e| tls_error(e.to_string()));
+    }
+    if !tls_files {
+        return redis::Client::open(cfg.url.as_str())
+            .map(RedisClient::Single)
+            .map_err(url_error);
+    }
+    redis::Client::build_with_tls(cfg.url.as_str(), certificates(cfg)?)
+        .map(RedisClient::Single)
+        .map_err(|e| tls_error(e.to_string()))
+}
+
+/// A cluster client over `nodes` (with `certs` for TLS), its retries and connection attempts
+/// bounded as tierd's single-server connections are.
+fn cluster_client(
+    nodes: Vec<String>,
+    certs: Option<redis::TlsCertificates>,
+) -> redis::RedisResult<RedisClient> {
+    let mut builder = redis::cluster::ClusterClient::builder(nodes)
+        .connection_timeout(crate::store::connection::CONNECT_TIMEOUT)
+        .retries(CLUSTER_RETRIES)
+        .min_retry_wait(100)
+        .max_retry_wait(2_000);
+    if let Some(certs) = certs {
+        builder = builder.certs(certs);
+    }
+    builder.build().map(RedisClient::Cluster)
+}
+
+/// The field a TLS setup error is about, from redis-rs's message.
+fn tls_error(message: String) -> ConfigError {
+    let field = if message.contains("root certificate") || message.contains("trust") {
+        "redis.tls_ca_file"
+    } else if message.contains("client certificate") {
+        "redis.tls_cert_file"
+    } else if message.contains("private key") {
+        "redis.tls_key_file"
+    } else {
+        "redis.url"
+    };
+    ConfigError::Invalid { field, message }
+}
+
+/// The TLS trust and client certificate the `redis.tls_*` files name, each checked to hold what
+/// it should.
+fn certificates(cfg: &RedisConfig) -> Result<redis::TlsCertificates, ConfigError> {
+    let invalid = |field, message: String| ConfigError::Invalid { field, message };
     let read = |field, path: &Path| {
         std::fs::read(path)
             .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))
     };
-    let url_error = |e: redis::RedisError| invalid("redis.url", e.to_string());
-    if !tls_files {
-        return redis::Client::open(cfg.url.as_str()).map_err(url_error);
-    }
     let root_cert = cfg
         .tls_ca_file
         .as_deref()
@@ -82,25 +322,9 @@ pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
         }
         _ => None,
     };
-    redis::Client::build_with_tls(
-        cfg.url.as_str(),
-        redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(|e| {
-        let message = e.to_string();
-        let field = if message.contains("root certificate") || message.contains("trust") {
-            "redis.tls_ca_file"
-        } else if message.contains("client certificate") {
-            "redis.tls_cert_file"
-        } else if message.contains("private key") {
-            "redis.tls_key_file"
-        } else {
-            "redis.url"
-        };
-        invalid(field, message)
+    Ok(redis::TlsCertificates {
+        client_tls,
+        root_cert,
     })
 }
 
@@ -112,13 +336,33 @@ pub fn client(cfg: &RedisConfig) -> Result<redis::Client, ConfigError> {
 pub async fn eviction_policy<C: redis::aio::ConnectionLike>(
     conn: &mut C,
 ) -> Result<String, redis::RedisError> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("maxmemory_policy:"))
-        .unwrap_or("unknown")
-        .trim()
-        .to_owned())
+    // A cluster client asks every master and answers with each node's text by address.
+    let reply: redis::Value = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    let texts: Vec<String> = match reply {
+        redis::Value::Map(nodes) => nodes
+            .into_iter()
+            .map(|(_, text)| redis::from_redis_value(text))
+            .collect::<Result<_, _>>()
+            .map_err(redis::RedisError::from)?,
+        single => vec![redis::from_redis_value(single).map_err(redis::RedisError::from)?],
+    };
+    let policies: Vec<String> = texts
+        .iter()
+        .map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                .unwrap_or("unknown")
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    // On a cluster, the worst node's: one node that may evict is enough to lose keys.
+    Ok(policies
+        .iter()
+        .find(|p| may_evict_tierd_keys(p))
+        .or(policies.first())
+        .cloned()
+        .unwrap_or_else(|| "unknown".to_owned()))
 }
 
 /// Whether a `maxmemory-policy` may evict tierd's keys. They carry no TTL, so `noeviction` and

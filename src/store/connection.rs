@@ -1,9 +1,15 @@
 //! tierd's connection to Redis: redis-rs's multiplexed, reconnecting `ConnectionManager`, with
-//! the reconnection tuned ([`manager_config`]) and one gap closed ([`Connection`]). Every
-//! long-lived Redis user of the service (partitions, publishers, rank duty, stall watch, API)
-//! holds a clone.
+//! the reconnection tuned ([`manager_config`]) and one gap closed ([`Connection`]), or on a
+//! Redis Cluster redis-rs's cluster connection, with the requests that span partitions routed
+//! slot by slot (see [`Connection`]). Every long-lived Redis user of the service (partitions,
+//! publishers, rank duty, stall watch, API) holds a clone; the operator tools hold one too.
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use super::client::RedisClient;
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -55,7 +61,21 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
 /// A shared connection to Redis: a `ConnectionManager` that is replaced by a new one when its
-/// reconnection was refused for good.
+/// reconnection was refused for good; on a Redis Cluster, a cluster connection.
+///
+/// **On a Redis Cluster** every key of one partition is in one slot, and most requests name one
+/// partition: the cluster connection routes them by their key. Two kinds of request span
+/// partitions, and this connection routes them itself:
+/// - a pipeline (not a transaction) whose commands name keys in several slots (a customer
+///   looked up in every partition, the tier sizes of all partitions) is split by slot, the
+///   parts sent at once, the replies put back in the pipeline's order (redis-rs refuses such a
+///   pipeline);
+/// - a `SCAN` is sent to the master of the slot its `MATCH` pattern's hash tag names (every
+///   scan tierd makes is of one partition's keys); a `SCAN` without one is refused rather than
+///   sent to a node at random (which would see a part of the keys).
+///
+/// A cursor of `SCAN` is one node's: a scan that runs while its slot migrates to another node
+/// (`redis-cli --cluster reshard`) may miss keys.
 ///
 /// redis-rs's manager keeps the outcome of its last reconnection round and starts another only
 /// after an I/O error. A round whose last attempt reached Redis and was refused otherwise — its
@@ -74,26 +94,71 @@ pub struct Connection {
 }
 
 struct Shared {
-    client: redis::Client,
-    current: RwLock<ConnectionManager>,
+    client: RedisClient,
+    /// A plain multiplexed connection to one server ([`Connection::connect_direct`]).
+    direct: bool,
+    current: RwLock<Link>,
     /// The runtime the managers run on (their I/O driver and reconnections).
     runtime: tokio::runtime::Handle,
     replacing: AtomicBool,
     last_replaced: Mutex<Option<Instant>>,
 }
 
+/// One link to Redis (cheap to clone: each is a handle to a multiplexed connection).
+#[derive(Clone)]
+enum Link {
+    /// One server, reconnecting.
+    Managed(ConnectionManager),
+    /// One server, without reconnection (the operator tools: a call fails when the connection
+    /// is lost).
+    Direct(MultiplexedConnection),
+    /// A Redis Cluster (redis-rs reconnects to its nodes and follows `MOVED`/`ASK`).
+    Cluster(ClusterConnection),
+}
+
+impl Link {
+    async fn open(client: &RedisClient, direct: bool) -> RedisResult<Self> {
+        Ok(match client {
+            RedisClient::Single(client) if direct => Self::Direct(
+                client
+                    .get_multiplexed_async_connection_with_config(&direct_config())
+                    .await?,
+            ),
+            RedisClient::Single(client) => Self::Managed(
+                ConnectionManager::new_with_config(client.clone(), manager_config()).await?,
+            ),
+            RedisClient::Cluster(client) => Self::Cluster(client.get_async_connection().await?),
+        })
+    }
+}
+
 impl Connection {
     /// Connects to Redis on the calling runtime (its I/O driver runs there), bounded by
-    /// [`CONNECT_TIMEOUT`] per attempt.
+    /// [`CONNECT_TIMEOUT`] per attempt; a single server's connection reconnects
+    /// ([`manager_config`]).
     ///
     /// # Errors
     /// The last connection error.
-    pub async fn connect(client: redis::Client) -> RedisResult<Self> {
-        let manager = ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
+    pub async fn connect(client: RedisClient) -> RedisResult<Self> {
+        Self::open(client, false).await
+    }
+
+    /// Like [`Connection::connect`], but to a single server without reconnection
+    /// ([`direct_config`]): the operator tools', which fail rather than wait for Redis.
+    ///
+    /// # Errors
+    /// The connection error.
+    pub async fn connect_direct(client: RedisClient) -> RedisResult<Self> {
+        Self::open(client, true).await
+    }
+
+    async fn open(client: RedisClient, direct: bool) -> RedisResult<Self> {
+        let link = Link::open(&client, direct).await?;
         Ok(Self {
             shared: Arc::new(Shared {
                 client,
-                current: RwLock::new(manager),
+                direct,
+                current: RwLock::new(link),
                 runtime: tokio::runtime::Handle::current(),
                 replacing: AtomicBool::new(false),
                 last_replaced: Mutex::new(None),
@@ -101,7 +166,12 @@ impl Connection {
         })
     }
 
-    fn manager(&self) -> ConnectionManager {
+    /// Whether this is a connection to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.shared.client.is_cluster()
+    }
+
+    fn link(&self) -> Link {
         self.shared.current.read().expect("connection lock").clone()
     }
 
@@ -127,12 +197,11 @@ impl Connection {
         self.shared.runtime.spawn(async move {
             // Cleared however the task ends (a panic included): the next refusal tries again.
             let _replacing = Replacing(&shared.replacing);
-            match ConnectionManager::new_with_config(shared.client.clone(), manager_config()).await
-            {
-                Ok(manager) => {
+            match Link::open(&shared.client, shared.direct).await {
+                Ok(link) => {
                     let old = std::mem::replace(
                         &mut *shared.current.write().expect("connection lock"),
-                        manager,
+                        link,
                     );
                     drop(old);
                     info!("Connected to Redis afresh.");
@@ -157,7 +226,25 @@ impl Drop for Replacing<'_> {
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let result = self.manager().req_packed_command(cmd).await;
+            let result = match self.link() {
+                Link::Managed(mut c) => c.req_packed_command(cmd).await,
+                Link::Direct(mut c) => c.req_packed_command(cmd).await,
+                Link::Cluster(mut c) => match command_name(cmd).as_deref() {
+                    Some(b"SCAN") => match scan_route(cmd) {
+                        Some(route) => {
+                            c.route_command(
+                                cmd.clone(),
+                                redis::cluster_routing::RoutingInfo::SingleNode(
+                                    SingleNodeRoutingInfo::SpecificNode(route),
+                                ),
+                            )
+                            .await
+                        }
+                        None => Err(unscoped_scan()),
+                    },
+                    _ => c.req_packed_command(cmd).await,
+                },
+            };
             self.after(&result);
             result
         })
@@ -170,13 +257,144 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let result = self.manager().req_packed_commands(cmd, offset, count).await;
+            let result = match self.link() {
+                Link::Managed(mut c) => c.req_packed_commands(cmd, offset, count).await,
+                Link::Direct(mut c) => c.req_packed_commands(cmd, offset, count).await,
+                Link::Cluster(c) => cluster_pipeline(c, cmd, offset, count).await,
+            };
             self.after(&result);
             result
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.manager().get_db()
+        match self.link() {
+            Link::Managed(c) => c.get_db(),
+            Link::Direct(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
+        }
     }
+}
+
+/// A command's name, upper case.
+fn command_name(cmd: &Cmd) -> Option<Vec<u8>> {
+    match cmd.args_iter().next()? {
+        redis::Arg::Simple(name) => Some(name.to_ascii_uppercase()),
+        _ => None,
+    }
+}
+
+/// The `n`th argument of a command (0: its name).
+fn argument(cmd: &Cmd, n: usize) -> Option<&[u8]> {
+    match cmd.args_iter().nth(n)? {
+        redis::Arg::Simple(arg) => Some(arg),
+        _ => None,
+    }
+}
+
+/// The master of the slot a `SCAN`'s `MATCH` pattern names by its hash tag (`{…}`), the glob
+/// escapes of the pattern undone (a key name holds the character itself).
+fn scan_route(cmd: &Cmd) -> Option<Route> {
+    let at = cmd
+        .args_iter()
+        .position(|a| matches!(a, redis::Arg::Simple(a) if a.eq_ignore_ascii_case(b"MATCH")))?;
+    let pattern = argument(cmd, at + 1)?;
+    let (open, close) = (
+        pattern.iter().position(|&b| b == b'{')?,
+        pattern.iter().position(|&b| b == b'}')?,
+    );
+    if close <= open + 1 {
+        return None;
+    }
+    let mut tag = Vec::with_capacity(close - open + 1);
+    let mut escaped = false;
+    for &b in &pattern[open..=close] {
+        if b == b'\\' && !escaped {
+            escaped = true;
+            continue;
+        }
+        escaped = false;
+        tag.push(b);
+    }
+    Some(Route::with_key(tag, SlotAddr::Master))
+}
+
+/// The error of a `SCAN` on a cluster whose pattern names no slot.
+fn unscoped_scan() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::InvalidClientConfig,
+        "a SCAN on a Redis Cluster must match one hash tag (one partition's keys)",
+    ))
+}
+
+/// The master of the slot a command's keys are in, by its first key; `None` for a command
+/// without keys.
+fn command_route(cmd: &Cmd) -> Option<Route> {
+    let name = command_name(cmd)?;
+    let key = match name.as_slice() {
+        b"SCAN" => return scan_route(cmd),
+        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO" => {
+            let keys: usize = std::str::from_utf8(argument(cmd, 2)?).ok()?.parse().ok()?;
+            if keys == 0 {
+                return None;
+            }
+            argument(cmd, 3)?
+        }
+        b"PING" | b"INFO" | b"SCRIPT" | b"FUNCTION" | b"TIME" | b"DBSIZE" | b"CLUSTER"
+        | b"CONFIG" | b"CLIENT" | b"ACL" | b"MEMORY" | b"WAIT" | b"MULTI" | b"EXEC" => return None,
+        _ => argument(cmd, 1)?,
+    };
+    Some(Route::with_key(key, SlotAddr::Master))
+}
+
+/// A pipeline on a cluster: as is when it is a transaction or its commands are in one slot (or
+/// name none); otherwise split by slot, the parts sent to their masters at once and the replies
+/// put back in order.
+async fn cluster_pipeline(
+    mut conn: ClusterConnection,
+    pipeline: &Pipeline,
+    offset: usize,
+    count: usize,
+) -> RedisResult<Vec<Value>> {
+    let slots: Vec<Option<Route>> = pipeline.cmd_iter().map(command_route).collect();
+    let first = slots.first().copied().flatten();
+    let one_slot = slots.iter().all(|s| s.is_none() || *s == first);
+    if pipeline.is_transaction() || one_slot || slots.iter().any(Option::is_none) {
+        // A transaction is one slot's by nature (Redis refuses it otherwise); a keyless
+        // command in a multi-slot pipeline cannot be placed, and redis-rs says so.
+        return conn.req_packed_commands(pipeline, offset, count).await;
+    }
+    let mut parts: Vec<(Route, Vec<usize>, Pipeline)> = Vec::new();
+    for (i, (cmd, slot)) in pipeline.cmd_iter().zip(&slots).enumerate() {
+        let slot = slot.expect("every command has a slot");
+        let at = match parts.iter().position(|(s, ..)| *s == slot) {
+            Some(at) => at,
+            None => {
+                parts.push((slot, Vec::new(), redis::pipe()));
+                parts.len() - 1
+            }
+        };
+        parts[at].1.push(i);
+        parts[at].2.add_command(cmd.clone());
+    }
+    let replies = futures::future::try_join_all(parts.iter().map(|(route, positions, part)| {
+        let mut conn = conn.clone();
+        async move {
+            conn.route_pipeline(
+                part.clone(),
+                0,
+                positions.len(),
+                SingleNodeRoutingInfo::SpecificNode(*route),
+            )
+            .await
+        }
+    }))
+    .await?;
+    let mut out = vec![Value::Nil; slots.len()];
+    for ((_, positions, _), values) in parts.iter().zip(replies) {
+        for (&i, v) in positions.iter().zip(values) {
+            out[i] = v;
+        }
+    }
+    Ok(out.into_iter().skip(offset).take(count).collect())
 }

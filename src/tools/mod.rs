@@ -49,7 +49,7 @@ pub enum ToolError {
 /// ([`crate::store::views`]), driven by a private single-thread runtime.
 pub struct Store {
     runtime: tokio::runtime::Runtime,
-    conn: redis::aio::MultiplexedConnection,
+    conn: crate::store::connection::Connection,
     url: String,
     keyspace: Keyspace,
     /// Partitions with stored state (0..n).
@@ -79,11 +79,7 @@ impl Store {
         );
         let (conn, partitions) = runtime
             .block_on(async {
-                let mut conn = client
-                    .get_multiplexed_async_connection_with_config(
-                        &crate::store::connection::direct_config(),
-                    )
-                    .await?;
+                let mut conn = crate::store::connection::Connection::connect_direct(client).await?;
                 let partitions = views::stored_partitions(&mut conn, &keyspace).await?;
                 Ok::<_, redis::RedisError>((conn, partitions))
             })

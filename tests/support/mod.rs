@@ -96,6 +96,67 @@ pub struct Redis {
     client_certs: bool,
     /// `appendfsync` of the append-only file, if persistent.
     appendfsync: Option<&'static str>,
+    /// The nodes of a Redis Cluster ([`Redis::start_cluster`]; empty for one server).
+    cluster: Vec<ClusterNode>,
+}
+
+/// One node of a test's Redis Cluster.
+pub struct ClusterNode {
+    pub port: u16,
+    /// The cluster bus port (given explicitly: the default, port + 10000, may not exist).
+    bus_port: u16,
+    dir: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl ClusterNode {
+    fn spawn(&self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--cluster-port", &self.bus_port.to_string()])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            // A master that stops answering is failed over after 2 s (default 15 s).
+            .args(["--cluster-node-timeout", "2000"])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (bash scripts/test.sh installs it)");
+        *self.child.lock().unwrap() = Some(child);
+        wait_port(
+            self.port,
+            "redis-server (cluster node)",
+            Duration::from_secs(10),
+        );
+    }
+
+    /// A plain connection to this node alone.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .unwrap()
+    }
+
+    /// Whether this node is a master now (`ROLE`).
+    pub fn is_master(&self) -> bool {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut self.conn()).unwrap();
+        matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master")
+            || matches!(role.first(), Some(redis::Value::SimpleString(r)) if r == "master")
+    }
+
+    /// Kills this node (SIGKILL).
+    pub fn kill(&self) {
+        if let Some(c) = self.child.lock().unwrap().as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Redis {
@@ -140,6 +201,7 @@ impl Redis {
                 tls: None,
                 client_certs: false,
                 appendfsync,
+                cluster: Vec::new(),
             };
         }
         let port = free_port();
@@ -151,6 +213,7 @@ impl Redis {
             tls: None,
             client_certs: false,
             appendfsync,
+            cluster: Vec::new(),
         };
         r.spawn();
         r
@@ -178,6 +241,7 @@ impl Redis {
             tls: Some((certs.clone(), user.to_owned(), password.to_owned())),
             client_certs,
             appendfsync: None,
+            cluster: Vec::new(),
         };
         r.spawn();
         r
@@ -334,13 +398,167 @@ impl Redis {
         self.spawn();
     }
 
-    /// The client tierd would build for this server (TLS trust included).
+    /// The client tierd would build for this server (TLS trust included); not for a cluster.
     pub fn client(&self) -> redis::Client {
-        tierd::store::client::client(&self.config("tierd")).unwrap()
+        match tierd::store::client::client(&self.config("tierd")).unwrap() {
+            tierd::store::client::RedisClient::Single(client) => client,
+            tierd::store::client::RedisClient::Cluster(_) => {
+                panic!("Redis::client is one server's: use Redis::conn on a cluster")
+            }
+        }
     }
 
-    pub fn conn(&self) -> redis::Connection {
-        self.client().get_connection().unwrap()
+    /// A connection as tierd's claims make it (a cluster connection on a cluster).
+    pub fn conn(&self) -> tierd::store::client::SyncConnection {
+        tierd::store::client::client(&self.config("tierd"))
+            .unwrap()
+            .sync_connection(Duration::from_secs(5))
+            .unwrap()
+    }
+
+    /// A Redis Cluster of 3 masters and 3 replicas (`redis-cli --cluster create
+    /// --cluster-replicas 1`) on loopback, without persistence; `url` is its
+    /// `redis+cluster://` form with the three first nodes as seeds.
+    pub fn start_cluster() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster: Vec<ClusterNode> = (0..6)
+            .map(|i| {
+                let node_dir = dir.path().join(format!("node{i}"));
+                std::fs::create_dir(&node_dir).unwrap();
+                ClusterNode {
+                    port: free_port(),
+                    bus_port: free_port(),
+                    dir: node_dir,
+                    child: Mutex::new(None),
+                }
+            })
+            .collect();
+        for node in &cluster {
+            node.spawn();
+        }
+        let addrs: Vec<String> = cluster
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let redis = Self {
+            child: Mutex::new(None),
+            port: cluster[0].port,
+            url: format!("redis+cluster://{}", addrs[..3].join(",")),
+            dir,
+            tls: None,
+            client_certs: false,
+            appendfsync: None,
+            cluster,
+        };
+        redis.wait_cluster_ok(Duration::from_secs(60));
+        redis
+    }
+
+    /// The nodes of a cluster (empty for one server).
+    pub fn nodes(&self) -> &[ClusterNode] {
+        &self.cluster
+    }
+
+    /// Waits until every running node of the cluster says `cluster_state:ok`, and 3 of them
+    /// are masters with a replica each in sync.
+    pub fn wait_cluster_ok(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let states: Vec<String> = self
+                .cluster
+                .iter()
+                .filter(|n| n.child.lock().unwrap().is_some())
+                .map(|n| {
+                    redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query::<String>(&mut n.conn())
+                        .map(|i| {
+                            i.lines()
+                                .find(|l| l.starts_with("cluster_state:"))
+                                .unwrap_or("")
+                                .trim()
+                                .to_owned()
+                        })
+                        .unwrap_or_else(|e| e.to_string())
+                })
+                .collect();
+            if states.iter().all(|s| s == "cluster_state:ok") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster is not ok within {timeout:?}: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// How many masters of the cluster hold a key matching `pattern`.
+    pub fn masters_holding(&self, pattern: &str) -> usize {
+        self.cluster
+            .iter()
+            .filter(|n| n.child.lock().unwrap().is_some() && n.is_master())
+            .filter(|n| {
+                let (_, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(0)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(100_000)
+                    .query(&mut n.conn())
+                    .unwrap();
+                !found.is_empty()
+            })
+            .count()
+    }
+
+    /// Every key matching `pattern`: one SCAN over the server, or over each master of a
+    /// cluster (each node asked directly, not through tierd's routing).
+    pub fn scan(&self, pattern: &str) -> Vec<String> {
+        fn scan_one(conn: &mut impl redis::ConnectionLike, pattern: &str) -> Vec<String> {
+            let (mut cursor, mut out) = (0u64, Vec::new());
+            loop {
+                let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query(conn)
+                    .unwrap();
+                out.extend(found);
+                if next == 0 {
+                    return out;
+                }
+                cursor = next;
+            }
+        }
+        if self.cluster.is_empty() {
+            return scan_one(&mut self.conn(), pattern);
+        }
+        let mut out = Vec::new();
+        for node in self
+            .cluster
+            .iter()
+            .filter(|n| n.child.lock().unwrap().is_some())
+        {
+            if node.is_master() {
+                out.extend(scan_one(&mut node.conn(), pattern));
+            }
+        }
+        out
     }
 }
 
@@ -349,6 +567,9 @@ impl Drop for Redis {
         if let Some(c) = self.child.lock().unwrap().as_mut() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for node in &self.cluster {
+            node.kill();
         }
     }
 }
@@ -1645,28 +1866,15 @@ impl World {
         let keys = self.keys(partition);
         let mut conn = self.redis.conn();
         let mut out = HashMap::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(keys.customer_pattern())
-                .arg("COUNT")
-                .arg(1000)
-                .query(&mut conn)
-                .unwrap();
-            if !found.is_empty() {
-                let values: Vec<Vec<u8>> = redis::cmd("MGET").arg(&found).query(&mut conn).unwrap();
-                for (key, v) in found.iter().zip(values) {
-                    let id = keys.customer_id(key).expect("a customer key").to_owned();
-                    out.insert(id, tierd::model::stored::decode(&v).unwrap());
-                }
+        let found = self.redis.scan(&keys.customer_pattern());
+        for page in found.chunks(1000) {
+            let values: Vec<Vec<u8>> = redis::cmd("MGET").arg(page).query(&mut conn).unwrap();
+            for (key, v) in page.iter().zip(values) {
+                let id = keys.customer_id(key).expect("a customer key").to_owned();
+                out.insert(id, tierd::model::stored::decode(&v).unwrap());
             }
-            if next == 0 {
-                return out;
-            }
-            cursor = next;
         }
+        out
     }
 
     /// Every record on `topic` from the beginning up to the current high watermarks.

@@ -182,7 +182,7 @@ pub enum ClaimError {
 /// [`ClaimError::TopicRecreated`] if the stored offset was read from another topic of the same
 /// name (nothing changed in either case), or the Redis error.
 pub fn claim(
-    conn: &mut redis::Connection,
+    conn: &mut impl redis::ConnectionLike,
     keys: &PartitionKeys,
     published: Option<&str>,
     parked_letters: &[String],
