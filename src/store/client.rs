@@ -18,7 +18,7 @@ pub enum RedisClient {
     Single(redis::Client),
     /// A Redis Cluster (`redis+cluster://`, `rediss+cluster://`), reached through its seed
     /// nodes.
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 /// A synchronous connection (the claims', which run on the consumer thread).
@@ -26,7 +26,7 @@ pub enum SyncConnection {
     /// To one server.
     Single(redis::Connection),
     /// To a Redis Cluster (routed by key).
-    Cluster(redis::cluster::ClusterConnection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 impl RedisClient {
@@ -44,7 +44,9 @@ impl RedisClient {
             Self::Single(c) => c
                 .get_connection_with_timeout(timeout)
                 .map(SyncConnection::Single),
-            Self::Cluster(c) => c.get_connection().map(SyncConnection::Cluster),
+            Self::Cluster(c) => c
+                .get_connection()
+                .map(|c| SyncConnection::Cluster(Box::new(c))),
         }
     }
 }
@@ -262,7 +264,7 @@ fn cluster_client(
     if let Some(certs) = certs {
         builder = builder.certs(certs);
     }
-    builder.build().map(RedisClient::Cluster)
+    builder.build().map(|c| RedisClient::Cluster(Box::new(c)))
 }
 
 /// The field a TLS setup error is about, from redis-rs's message.
