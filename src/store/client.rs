@@ -13,12 +13,13 @@ use std::time::Duration;
 /// ([`crate::store::keys`]), so each partition lives in one cluster slot: a partition's
 /// commit, claim, timers and outbox are single-slot scripts and commands wherever its slot is.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // built a few times per process, never in a hot path
 pub enum RedisClient {
     /// One server (`redis://`, `rediss://`, `unix://`).
     Single(redis::Client),
     /// A Redis Cluster (`redis+cluster://`, `rediss+cluster://`), reached through its seed
     /// nodes.
-    Cluster(Box<redis::cluster::ClusterClient>),
+    Cluster(redis::cluster::ClusterClient),
 }
 
 /// A synchronous connection (the claims', which run on the consumer thread).
@@ -264,7 +265,7 @@ fn cluster_client(
     if let Some(certs) = certs {
         builder = builder.certs(certs);
     }
-    builder.build().map(|c| RedisClient::Cluster(Box::new(c)))
+    builder.build().map(RedisClient::Cluster)
 }
 
 /// The field a TLS setup error is about, from redis-rs's message.
