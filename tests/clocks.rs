@@ -23,6 +23,19 @@ fn rules_file(text: &str) -> tempfile::NamedTempFile {
 
 #[test]
 fn wall_clock_timers_downgrade_at_wall_time() {
+    wall_clock_timers_downgrade_at_wall_time_on(World::start(1));
+}
+
+/// The same on a Redis Cluster (the timer index is the partition's sorted set, in its slot).
+#[test]
+fn wall_clock_timers_downgrade_at_wall_time_on_a_redis_cluster() {
+    wall_clock_timers_downgrade_at_wall_time_on(World::start_with(
+        1,
+        support::Redis::start_cluster(),
+    ));
+}
+
+fn wall_clock_timers_downgrade_at_wall_time_on(mut world: World) {
     let rules = rules_file(
         r#"
 version = "wall-1"
@@ -35,7 +48,6 @@ when = ["recency_days < 1"]
 name = "lapsed"
 "#,
     );
-    let mut world = World::start(1);
     world.rules = rules.path().to_owned();
     let tierd = Tierd::spawn(&world, "[clock]\nmode = \"wall\"\ntick_ms = 200\n");
     tierd.wait_partitions(1, Duration::from_secs(60));
@@ -154,14 +166,19 @@ fn history() -> Vec<serde_json::Value> {
 /// Runs the history; returns every published change and notice by id (contents without
 /// the run-specific topic name), checking that duplicates are identical.
 fn run(batch: usize, kills: usize) -> BTreeMap<String, serde_json::Value> {
+    run_on(batch, kills, World::start(2))
+}
+
+/// [`run`] in `world`.
+fn run_on(batch: usize, kills: usize, mut world: World) -> BTreeMap<String, serde_json::Value> {
     let rules = rules_file(DETERMINISM_RULES);
-    let mut world = World::start(2);
+    let partitions = world.partitions;
     world.rules = rules.path().to_owned();
     let extra = format!(
         "[clock]\nmode = \"event\"\nlateness_s = 7200\n[ingest]\nbatch_max_events = {batch}\n"
     );
     let mut tierd = Tierd::spawn(&world, &extra);
-    tierd.wait_partitions(2, Duration::from_secs(60));
+    tierd.wait_partitions(i64::from(partitions), Duration::from_secs(60));
     let events = history();
     let ends = world.produce_json(&events);
     let total: i64 = ends.values().sum();
@@ -169,7 +186,7 @@ fn run(batch: usize, kills: usize) -> BTreeMap<String, serde_json::Value> {
         // Kill at k/(kills+1) of the input, mid-stream.
         let target = total * k as i64 / (kills as i64 + 1);
         let deadline = Instant::now() + Duration::from_secs(120);
-        while (0..2)
+        while (0..partitions)
             .map(|p| world.partition_meta(p).1.max(0))
             .sum::<i64>()
             < target
@@ -228,6 +245,26 @@ fn event_clock_replays_identically_however_batched_or_interrupted() {
     );
     for (id, v) in &one_go {
         assert_eq!(Some(v), interrupted.get(id), "change {id} differs");
+    }
+}
+
+/// The event clock's history on a Redis Cluster over 4 partitions, interrupted by kills,
+/// publishes exactly the changes it publishes on a single Redis in one go.
+#[test]
+fn event_clock_on_a_redis_cluster_replays_as_on_a_single_redis() {
+    let single = run_on(2000, 0, World::start(4));
+    let cluster = run_on(
+        100,
+        2,
+        World::start_with(4, support::Redis::start_cluster()),
+    );
+    assert_eq!(
+        single.len(),
+        cluster.len(),
+        "same number of distinct changes"
+    );
+    for (id, v) in &single {
+        assert_eq!(Some(v), cluster.get(id), "change {id} differs");
     }
 }
 

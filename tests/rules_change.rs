@@ -175,11 +175,25 @@ fn assert_one_body_per_change_id(world: &World, published: usize) {
 
 #[test]
 fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
-    let mut world = World::start(2);
+    sweeps_every_customer_once_across_a_crash(World::start(2));
+}
+
+/// The same on a Redis Cluster over 8 partitions: each partition's sweep scans its keys on the
+/// master of its slot.
+#[test]
+fn a_rules_change_on_a_redis_cluster_sweeps_every_customer_once_across_a_crash() {
+    sweeps_every_customer_once_across_a_crash(World::start_with(
+        8,
+        support::Redis::start_cluster(),
+    ));
+}
+
+fn sweeps_every_customer_once_across_a_crash(mut world: World) {
+    let partitions = world.partitions;
     let n = 3000i64;
     let amount = |i: i64| (i * 7919) % 1_200_000;
     let mut tierd = Tierd::spawn(&world, "");
-    tierd.wait_partitions(2, Duration::from_secs(60));
+    tierd.wait_partitions(i64::from(partitions), Duration::from_secs(60));
     let events = purchases("e", 0..n, |i| amount(i).to_string(), "2026-11-01T10:00:00Z");
     let ends = world.produce_json(&events);
     world.wait_applied(&ends, Duration::from_secs(120));
@@ -195,7 +209,7 @@ fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
     tierd.kill9();
     world.rules_extra = "sweep_per_second = 5000".into();
     let tierd = Tierd::spawn(&world, "");
-    wait_sweeps_done(&tierd, 2.0);
+    wait_sweeps_done(&tierd, f64::from(partitions));
     // Every stored customer is now placed by v2.
     let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
     let mut expected_changes = HashMap::new();
