@@ -150,9 +150,30 @@ impl ClusterNode {
             || matches!(role.first(), Some(redis::Value::SimpleString(r)) if r == "master")
     }
 
-    /// Kills this node (SIGKILL).
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) this node.
+    pub fn signal(&self, sig: &str) {
+        let pid = self
+            .child
+            .lock()
+            .unwrap()
+            .as_ref()
+            .expect("a running node")
+            .id();
+        signal(pid, sig);
+    }
+
+    /// The port of the master this node replicates (`None`: it is a master).
+    pub fn master_port(&self) -> Option<u16> {
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut self.conn()).unwrap();
+        if self.is_master() {
+            return None;
+        }
+        redis::from_redis_value_ref::<u16>(&role[2]).ok()
+    }
+
+    /// Kills this node (SIGKILL): not running from then on.
     pub fn kill(&self) {
-        if let Some(c) = self.child.lock().unwrap().as_mut() {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
             let _ = c.kill();
             let _ = c.wait();
         }
