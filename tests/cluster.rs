@@ -241,3 +241,108 @@ fn a_master_killed_during_ingestion_fails_over_and_loses_nothing() {
     );
     assert_eq!(tierd.metric("tierd_partitions_assigned") as i64, 8);
 }
+
+/// Every slot of the master holding partition 0 moved to another master
+/// (`redis-cli --cluster reshard`) while events flow: keys move one by one, commands on a
+/// slot in migration are redirected (`ASK`) or told to try again (`TRYAGAIN`, a script whose
+/// keys are split between the two nodes), and tierd's calls follow. Nothing is lost or
+/// counted twice.
+#[test]
+fn a_slot_migration_during_ingestion_loses_nothing() {
+    let world = World::start_with(8, Redis::start_cluster());
+    let events = stream(20_000, 2_000, 29);
+    let (expected, changes) = reference(&events, &b2b_rules());
+    let tierd = Tierd::spawn(&world, "[ingest]\nbatch_max_events = 200\n");
+    tierd.wait_partitions(8, Duration::from_secs(60));
+    let meta = world.keys(0).meta;
+    let holds_meta = |n: &support::ClusterNode| {
+        redis::cmd("EXISTS")
+            .arg(&meta)
+            .query::<i64>(&mut n.conn())
+            .is_ok()
+    };
+    let node_id = |n: &support::ClusterNode| -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut n.conn())
+            .unwrap()
+    };
+    // The slots a node serves, from `CLUSTER NODES` (ranges `a-b` or single slots).
+    let slots_of = |n: &support::ClusterNode, id: &str| -> u32 {
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut n.conn())
+            .unwrap();
+        let line = text.lines().find(|l| l.starts_with(id)).unwrap().to_owned();
+        line.split_whitespace()
+            .skip(8)
+            .filter(|r| !r.starts_with('['))
+            .map(|r| match r.split_once('-') {
+                Some((a, b)) => b.parse::<u32>().unwrap() - a.parse::<u32>().unwrap() + 1,
+                None => 1,
+            })
+            .sum()
+    };
+    let (from, to, ends) = std::thread::scope(|s| {
+        let producer = s.spawn(|| {
+            let mut ends = std::collections::BTreeMap::new();
+            for chunk in events.chunks(1_000) {
+                ends.extend(world.produce_json(chunk));
+                std::thread::sleep(Duration::from_millis(400));
+            }
+            ends
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        let nodes = world.redis.nodes();
+        let from = nodes
+            .iter()
+            .find(|n| n.is_master() && holds_meta(n))
+            .expect("the master of partition 0");
+        let to = nodes
+            .iter()
+            .find(|n| n.is_master() && n.port != from.port)
+            .expect("another master");
+        assert!(
+            !producer.is_finished(),
+            "the migration starts while events flow"
+        );
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{}", from.port)])
+            .args([
+                "--cluster-from",
+                &node_id(from),
+                "--cluster-to",
+                &node_id(to),
+            ])
+            .args([
+                "--cluster-slots",
+                &slots_of(from, &node_id(from)).to_string(),
+            ])
+            .arg("--cluster-yes")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "reshard failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!(
+            "moved every slot of {} to {} in {:?}; events still flowing: {}",
+            from.port,
+            to.port,
+            started.elapsed(),
+            !producer.is_finished()
+        );
+        (from.port, to.port, producer.join().unwrap())
+    });
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(180));
+    assert_exact(&world, &expected, &changes);
+    let nodes = world.redis.nodes();
+    let node = |port: u16| nodes.iter().find(|n| n.port == port).unwrap();
+    assert!(
+        !holds_meta(node(from)) && holds_meta(node(to)),
+        "partition 0's slot moved from {from} to {to}"
+    );
+}
