@@ -346,3 +346,43 @@ fn a_slot_migration_during_ingestion_loses_nothing() {
         "partition 0's slot moved from {from} to {to}"
     );
 }
+
+/// A cluster that speaks only TLS (clients, replication and the cluster bus) and admits only
+/// an ACL user: `rediss+cluster://user:password@…` with `redis.tls_ca_file`. The nodes tierd
+/// discovers beyond its seeds are reached the same way.
+#[test]
+fn a_cluster_with_tls_and_an_acl_user_is_run_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = support::Certs::make(dir.path());
+    let world = World::start_with(
+        8,
+        Redis::start_cluster_tls(&certs, "tierd-app", "cluster-secret"),
+    );
+    assert!(world
+        .redis
+        .url
+        .starts_with("rediss+cluster://tierd-app:cluster-secret@"));
+    // The nodes really require TLS and the user: the default user is refused.
+    let node = &world.redis.nodes()[3];
+    let refused = tierd::store::client::client(&tierd::config::RedisConfig {
+        url: format!("rediss://127.0.0.1:{}", node.port),
+        tls_ca_file: Some(certs.ca.clone()),
+        ..tierd::config::RedisConfig::default()
+    })
+    .unwrap()
+    .sync_connection(Duration::from_secs(5))
+    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+    assert!(refused.is_err(), "the default user must be refused");
+
+    let events = stream(3_000, 300, 31);
+    let (expected, changes) = reference(&events, &b2b_rules());
+    let tierd = Tierd::spawn(&world, "");
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(120));
+    assert_exact(&world, &expected, &changes);
+    let (status, body) = tierd.get(&format!(
+        "/v1/customers/{}",
+        expected.keys().next().unwrap()
+    ));
+    assert_eq!(status, 200, "{body}");
+}

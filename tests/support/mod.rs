@@ -107,12 +107,54 @@ pub struct ClusterNode {
     bus_port: u16,
     dir: PathBuf,
     child: Mutex<Option<Child>>,
+    /// `Some((certs, user, password))`: TLS only (clients, replication and the cluster bus)
+    /// and an ACL user; the default user is disabled.
+    tls: Option<(Certs, String, String)>,
 }
 
 impl ClusterNode {
     fn spawn(&self) {
+        let mut security: Vec<String> = vec!["--port".into(), self.port.to_string()];
+        if let Some((certs, user, password)) = &self.tls {
+            security = [
+                "--port",
+                "0",
+                "--tls-port",
+                &self.port.to_string(),
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+                "--tls-cert-file",
+                &certs.server_cert.display().to_string(),
+                "--tls-key-file",
+                &certs.server_key.display().to_string(),
+                "--tls-ca-cert-file",
+                &certs.ca.display().to_string(),
+                "--tls-auth-clients",
+                "no",
+                "--user",
+                "default",
+                "off",
+                "--user",
+                user,
+                "on",
+                &format!(">{password}"),
+                "~*",
+                "&*",
+                "+@all",
+                // Replicas log in to their master as that user.
+                "--masteruser",
+                user,
+                "--masterauth",
+                password,
+            ]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+        }
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+            .args(&security)
             .args(["--cluster-port", &self.bus_port.to_string()])
             .args([
                 "--cluster-enabled",
@@ -135,12 +177,25 @@ impl ClusterNode {
         );
     }
 
-    /// A plain connection to this node alone.
+    /// A connection to this node alone (over TLS as the ACL user on a TLS cluster).
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
-            .unwrap()
-            .get_connection_with_timeout(Duration::from_secs(5))
-            .unwrap()
+        let config = match &self.tls {
+            None => tierd::config::RedisConfig {
+                url: format!("redis://127.0.0.1:{}", self.port),
+                ..tierd::config::RedisConfig::default()
+            },
+            Some((certs, user, password)) => tierd::config::RedisConfig {
+                url: format!("rediss://{user}:{password}@127.0.0.1:{}", self.port),
+                tls_ca_file: Some(certs.ca.clone()),
+                ..tierd::config::RedisConfig::default()
+            },
+        };
+        match tierd::store::client::client(&config).unwrap() {
+            tierd::store::client::RedisClient::Single(c) => c
+                .get_connection_with_timeout(Duration::from_secs(5))
+                .unwrap(),
+            tierd::store::client::RedisClient::Cluster(_) => unreachable!("one node's URL"),
+        }
     }
 
     /// Whether this node is a master now (`ROLE`).
@@ -441,6 +496,17 @@ impl Redis {
     /// --cluster-replicas 1`) on loopback, without persistence; `url` is its
     /// `redis+cluster://` form with the three first nodes as seeds.
     pub fn start_cluster() -> Self {
+        Self::start_cluster_with(None)
+    }
+
+    /// [`Redis::start_cluster`] speaking only TLS (clients, replication, cluster bus;
+    /// certificates signed by `certs`' CA) and admitting only the ACL user `user`; `url` is
+    /// `rediss+cluster://user:password@…`.
+    pub fn start_cluster_tls(certs: &Certs, user: &str, password: &str) -> Self {
+        Self::start_cluster_with(Some((certs.clone(), user.to_owned(), password.to_owned())))
+    }
+
+    fn start_cluster_with(tls: Option<(Certs, String, String)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cluster: Vec<ClusterNode> = (0..6)
             .map(|i| {
@@ -451,6 +517,7 @@ impl Redis {
                     bus_port: free_port(),
                     dir: node_dir,
                     child: Mutex::new(None),
+                    tls: tls.clone(),
                 }
             })
             .collect();
@@ -461,7 +528,17 @@ impl Redis {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let mut cli = Command::new("redis-cli");
+        if let Some((certs, user, password)) = &tls {
+            cli.args(["--tls", "--cacert"]).arg(&certs.ca).args([
+                "--user",
+                user,
+                "--pass",
+                password,
+                "--no-auth-warning",
+            ]);
+        }
+        let out = cli
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -473,12 +550,21 @@ impl Redis {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let url = match &tls {
+            None => format!("redis+cluster://{}", addrs[..3].join(",")),
+            Some((_, user, password)) => {
+                format!(
+                    "rediss+cluster://{user}:{password}@{}",
+                    addrs[..3].join(",")
+                )
+            }
+        };
         let redis = Self {
             child: Mutex::new(None),
             port: cluster[0].port,
-            url: format!("redis+cluster://{}", addrs[..3].join(",")),
+            url,
             dir,
-            tls: None,
+            tls,
             client_certs: false,
             appendfsync: None,
             cluster,
