@@ -386,3 +386,48 @@ fn a_cluster_with_tls_and_an_acl_user_is_run_exactly() {
     ));
     assert_eq!(status, 200, "{body}");
 }
+
+/// Four tierd instances in one group over 8 partitions on the cluster, joining one by one and
+/// leaving (two cleanly, one killed) while events flow: every partition's state moves with its
+/// ownership through the cluster, and the result is exact.
+#[test]
+fn four_instances_join_and_leave_under_load_on_a_cluster() {
+    let world = World::start_with(8, Redis::start_cluster());
+    let events = stream(24_000, 2_400, 37);
+    let (expected, changes) = reference(&events, &b2b_rules());
+    let extra = "[ingest]\nbatch_max_events = 200\n";
+    let first = Tierd::spawn(&world, extra);
+    first.wait_partitions(8, Duration::from_secs(60));
+    let ends = std::thread::scope(|s| {
+        let producer = s.spawn(|| {
+            let mut ends = std::collections::BTreeMap::new();
+            for chunk in events.chunks(1_000) {
+                ends.extend(world.produce_json(chunk));
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            ends
+        });
+        let mut others: Vec<Tierd> = Vec::new();
+        for _ in 0..3 {
+            others.push(Tierd::spawn(&world, extra));
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        // All four share the partitions: two each.
+        for t in std::iter::once(&first).chain(&others) {
+            t.wait_partitions(2, Duration::from_secs(60));
+        }
+        assert!(
+            !producer.is_finished(),
+            "the group changed while events flowed"
+        );
+        let mut killed = others.pop().unwrap();
+        killed.kill9();
+        for mut t in others {
+            assert_eq!(t.terminate(), Some(0));
+        }
+        first.wait_partitions(8, Duration::from_secs(60));
+        producer.join().unwrap()
+    });
+    world.wait_applied_by(&first, &ends, Duration::from_secs(180));
+    assert_exact(&world, &expected, &changes);
+}
