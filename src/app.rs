@@ -167,7 +167,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     crate::kafka::check_clients(&config.kafka)?;
     let client = crate::store::client::client(&config.redis)?;
-    crate::store::client::supports(&client, &rules)?;
     let redis = connect(client.clone()).await?;
     match crate::store::client::eviction_policy(&mut redis.clone()).await {
         Ok(policy) if crate::store::client::may_evict_tierd_keys(&policy) => {

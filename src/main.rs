@@ -268,9 +268,7 @@ fn main() -> anyhow::Result<()> {
             // cannot work is refused here, naming the field.
             tierd::kafka::check_clients(&cfg.kafka)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
-            let client = tierd::store::client::client(&cfg.redis)
-                .with_context(|| format!("invalid configuration {}", config.display()))?;
-            tierd::store::client::supports(&client, &rules)
+            tierd::store::client::client(&cfg.redis)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             println!(
                 "ok: {} (rules {} version {}, {} tiers)",

@@ -9,7 +9,8 @@ use proptest::prelude::*;
 use support::Redis;
 use tierd::engine::rules::rank::{cutoff, cutoffs_from_values, CutPoint, Ties};
 use tierd::engine::rules::value::Ratio;
-use tierd::store::cutoffs::{count_at_or_above, search};
+use tierd::store::connection::Connection;
+use tierd::store::cutoffs::{count_at_or_above, search, search_across_nodes, Search};
 
 /// Writes `parts` (one list of values per partition) as sorted sets under fresh keys.
 fn write(conn: &mut tierd::store::client::SyncConnection, parts: &[Vec<i64>]) -> Vec<String> {
@@ -82,13 +83,58 @@ fn redis_and_runtime() -> (
     (redis, rt, shared)
 }
 
+/// A Redis Cluster, a runtime, and tierd's connection to it.
+fn cluster_and_runtime() -> (Redis, tokio::runtime::Runtime, Connection) {
+    let redis = Redis::start_cluster();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = tierd::store::client::client(&redis.config("t")).unwrap();
+    let conn = rt.block_on(Connection::connect(client)).unwrap();
+    (redis, rt, conn)
+}
+
+/// The search a deployment runs: the script on one Redis, the verified search across the
+/// nodes on a cluster.
+async fn run_search<C: redis::aio::ConnectionLike>(
+    across_nodes: bool,
+    conn: &mut C,
+    keys: &[String],
+    pct: Ratio,
+) -> redis::RedisResult<Option<Search>> {
+    if across_nodes {
+        search_across_nodes(conn, keys, pct).await
+    } else {
+        search(conn, keys, pct).await
+    }
+}
+
 /// The script's cut-off equals the k-th value of a full sort (and the in-memory cut-offs
 /// `tierd simulate` uses); "value >= cut-off" is exactly the band a full sort gives when ties
 /// go to the higher band; the lower tie rule never gives a band more than its share.
 #[test]
 fn the_cutoff_script_equals_a_full_sort() {
     let (redis, rt, shared) = redis_and_runtime();
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(200));
+    equals_a_full_sort(&redis, &rt, shared, false, 200);
+}
+
+/// The same for the search across a Redis Cluster's nodes (its bisection in Rust, verified
+/// per partition), over sorted sets the cluster spreads over its masters.
+#[test]
+fn the_search_across_a_clusters_nodes_equals_a_full_sort() {
+    let (redis, rt, conn) = cluster_and_runtime();
+    equals_a_full_sort(&redis, &rt, conn, true, 80);
+}
+
+fn equals_a_full_sort<C: redis::aio::ConnectionLike + Clone>(
+    redis: &Redis,
+    rt: &tokio::runtime::Runtime,
+    shared: C,
+    across_nodes: bool,
+    cases: u32,
+) {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(cases));
     let result = runner.run(&(values(), 1u32..=100), |(parts, pct)| {
         let (mut conn, mut aconn) = (redis.conn(), shared.clone());
         let keys = write(&mut conn, &parts);
@@ -97,7 +143,9 @@ fn the_cutoff_script_equals_a_full_sort() {
             rank: 0,
             pct: Ratio::new(i128::from(pct), 100).unwrap(),
         };
-        let found = rt.block_on(search(&mut aconn, &keys, point.pct)).unwrap();
+        let found = rt
+            .block_on(run_search(across_nodes, &mut aconn, &keys, point.pct))
+            .unwrap();
         if all.is_empty() {
             prop_assert!(found.is_none());
             return Ok(());
@@ -112,6 +160,9 @@ fn the_cutoff_script_equals_a_full_sort() {
         prop_assert_eq!(found.k, k);
         prop_assert_eq!(found.kth, kth);
         prop_assert_eq!(found.at_or_above_kth, count_ge(kth));
+        if let Some(above) = found.above_kth {
+            prop_assert_eq!(above, count_ge(kth + 1));
+        }
         let in_memory = cutoffs_from_values(&[point], &[Ties::Higher], 0, &mut [all.clone()]);
         prop_assert_eq!(in_memory.values[0], Some(found.kth));
         // Band by full sort: the first k, plus everyone tied with the k-th.
@@ -139,16 +190,23 @@ fn the_cutoff_script_equals_a_full_sort() {
 /// midpoint 2^53 + 1 rounds back to 2^53, the lower end.
 #[test]
 fn the_cutoff_script_refuses_values_beyond_2_pow_53_instead_of_hanging() {
-    let redis = Redis::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut aconn = rt
-        .block_on(redis.client().get_multiplexed_async_connection_with_config(
-            &tierd::store::connection::direct_config(),
-        ))
-        .unwrap();
+    let (redis, rt, aconn) = redis_and_runtime();
+    refuses_values_beyond_2_pow_53(&redis, &rt, aconn, false);
+}
+
+/// The same for the search across a cluster's nodes.
+#[test]
+fn the_search_across_a_clusters_nodes_refuses_values_beyond_2_pow_53() {
+    let (redis, rt, conn) = cluster_and_runtime();
+    refuses_values_beyond_2_pow_53(&redis, &rt, conn, true);
+}
+
+fn refuses_values_beyond_2_pow_53<C: redis::aio::ConnectionLike>(
+    redis: &Redis,
+    rt: &tokio::runtime::Runtime,
+    mut aconn: C,
+    across_nodes: bool,
+) {
     for parts in [
         vec![vec![EXACT + 1, EXACT + 3]],
         vec![vec![-EXACT - 1], vec![5]],
@@ -159,7 +217,7 @@ fn the_cutoff_script_refuses_values_beyond_2_pow_53_instead_of_hanging() {
         let result = rt.block_on(async {
             tokio::time::timeout(
                 std::time::Duration::from_secs(10),
-                search(&mut aconn, &keys, pct),
+                run_search(across_nodes, &mut aconn, &keys, pct),
             )
             .await
         });
@@ -182,7 +240,12 @@ fn the_cutoff_script_refuses_values_beyond_2_pow_53_instead_of_hanging() {
     let result = rt.block_on(async {
         tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            search(&mut aconn, &[key], Ratio::new(1, 100).unwrap()),
+            run_search(
+                across_nodes,
+                &mut aconn,
+                &[key],
+                Ratio::new(1, 100).unwrap(),
+            ),
         )
         .await
     });
@@ -281,4 +344,83 @@ fn rank_pages_by_cursor_equal_a_full_sort() {
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+/// The verification of the search across a cluster's nodes, under commits that race it:
+/// partitions' ranked sets each flip, in one transaction, between a low and a high population
+/// (a few milliseconds apart, so some searches run between flips and others across them).
+/// Every cut-off the search returns is the exact cut-off of one combination of the
+/// partitions' states (a cut): never a value bisected from different moments of a partition,
+/// which can lie in a gap no population has. A search that cannot verify says so (an error),
+/// and the caller keeps the cut-offs in force.
+#[test]
+fn the_search_across_nodes_under_racing_commits_returns_only_cut_offs_of_a_cut() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (redis, rt, mut conn) = cluster_and_runtime();
+    let prefix = support::unique("flip");
+    let parts = 4usize;
+    let keys: Vec<String> = (0..parts).map(|p| format!("{prefix}:{p}")).collect();
+    let values = |p: usize, high: bool| -> Vec<i64> {
+        let base = if high { 1_000_000 } else { 0 };
+        (0..200)
+            .map(|i| base + (p as i64) * 1_000 + i * 3)
+            .collect()
+    };
+    let write = |conn: &mut tierd::store::client::SyncConnection, p: usize, high: bool| {
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&keys[p]).ignore();
+        for (i, v) in values(p, high).into_iter().enumerate() {
+            pipe.zadd(&keys[p], format!("c{i}"), v).ignore();
+        }
+        let () = pipe.query(conn).unwrap();
+    };
+    let mut sync = redis.conn();
+    for p in 0..parts {
+        write(&mut sync, p, false);
+    }
+    let pct = Ratio::new(1, 2).unwrap();
+    let point = CutPoint { rank: 0, pct };
+    // The cut-off of every combination of low and high partitions.
+    let valid: std::collections::BTreeSet<i128> = (0..1u32 << parts)
+        .map(|combo| {
+            let mut all: Vec<i128> = (0..parts)
+                .flat_map(|p| values(p, combo & (1 << p) != 0))
+                .map(i128::from)
+                .collect();
+            all.sort_unstable_by(|a, b| b.cmp(a));
+            all[usize::try_from(point.k(all.len() as u64)).unwrap() - 1]
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let (verified, refused) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+            let mut sync = redis.conn();
+            while !stop.load(Ordering::Relaxed) {
+                let p = rng.random_range(0..parts);
+                write(&mut sync, p, rng.random_bool(0.5));
+                std::thread::sleep(std::time::Duration::from_micros(rng.random_range(0..6_000)));
+            }
+        });
+        let (mut verified, mut refused) = (0, 0);
+        for _ in 0..60 {
+            match rt.block_on(search_across_nodes(&mut conn, &keys, pct)) {
+                Ok(Some(found)) => {
+                    assert!(
+                        valid.contains(&found.kth),
+                        "{} is the cut-off of no combination of the partitions' states: {valid:?}",
+                        found.kth
+                    );
+                    verified += 1;
+                }
+                Err(e) if e.to_string().contains("moved around the value") => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        (verified, refused)
+    });
+    eprintln!("{verified} searches verified, {refused} gave up");
+    assert!(verified > 0, "no search verified");
 }

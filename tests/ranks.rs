@@ -13,7 +13,11 @@ use tierd::engine::rules::rank::Cutoffs;
 const RANKS: &str = "[ranks]\nrecompute_interval_ms = 300\ncheck_interval_ms = 100\n[clock]\nmode = \"event\"\nlateness_s = 0\n";
 
 fn pyramid(partitions: i32) -> World {
-    let mut world = World::start(partitions);
+    pyramid_on(World::start(partitions))
+}
+
+/// `world` under the pyramid rules.
+fn pyramid_on(mut world: World) -> World {
     world.rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/rules/pyramid.toml");
     world
 }
@@ -219,9 +223,23 @@ fn cutoffs_across_8_partitions_equal_a_full_sort() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
-    let world = pyramid(8);
+    cutoffs_equal_a_full_sort(pyramid(8), n);
+}
+
+/// The same on a Redis Cluster (3 masters, 3 replicas), where the cut-offs are searched across
+/// the nodes and verified per partition (`store::cutoffs::search_across_nodes`) while the
+/// partitions commit: once the stream settles, every tier equals a full sort's.
+#[test]
+fn cutoffs_across_a_redis_clusters_nodes_equal_a_full_sort() {
+    cutoffs_equal_a_full_sort(
+        pyramid_on(World::start_with(8, Redis::start_cluster())),
+        60_000,
+    );
+}
+
+fn cutoffs_equal_a_full_sort(world: World, n: i64) {
     let tierd = Tierd::spawn(&world, RANKS);
-    tierd.wait_partitions(8, Duration::from_secs(60));
+    tierd.wait_partitions(i64::from(world.partitions), Duration::from_secs(60));
     // Values with many ties: 20,000 distinct amounts for 200,000 customers.
     let amount = |i: i64| (i * 7_919 + 13) % 20_000 + 1;
     let events: Vec<serde_json::Value> = (0..n)
@@ -254,50 +272,29 @@ fn cutoffs_across_8_partitions_equal_a_full_sort() {
         ["vip", "key", "ordinary", "small"][bounds.iter().position(|&b| v >= b).unwrap_or(3)]
     };
 
-    let mut conn = world.redis.conn();
     let mut checked = 0;
     let mut sizes: HashMap<String, i64> = HashMap::new();
-    for p in 0..8 {
-        let pattern = world.keys(p).customer_pattern();
-        let mut cursor = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(5000)
-                .query(&mut conn)
-                .unwrap();
-            if !keys.is_empty() {
-                let states: Vec<Vec<u8>> = redis::cmd("MGET").arg(&keys).query(&mut conn).unwrap();
-                for (key, stored) in keys.iter().zip(states) {
-                    let s = tierd::model::stored::decode(&stored).unwrap();
-                    let i: i64 = key.rsplit_once(":c:c").unwrap().1.parse().unwrap();
-                    let want = expected(amount(i) * 100);
-                    assert_eq!(
-                        s.tier.as_deref(),
-                        Some(want),
-                        "customer c{i} with {}",
-                        amount(i)
-                    );
-                    // Customers no cut-off crossed keep the version of their last evaluation.
-                    assert!(s.cutoffs_version <= cut.version);
-                    *sizes.entry(want.to_owned()).or_default() += 1;
-                    checked += 1;
-                }
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
+    for p in 0..world.partitions {
+        for (id, s) in world.stored_customers(p) {
+            let i: i64 = id.strip_prefix('c').unwrap().parse().unwrap();
+            let want = expected(amount(i) * 100);
+            assert_eq!(
+                s.tier.as_deref(),
+                Some(want),
+                "customer c{i} with {}",
+                amount(i)
+            );
+            // Customers no cut-off crossed keep the version of their last evaluation.
+            assert!(s.cutoffs_version <= cut.version);
+            *sizes.entry(want.to_owned()).or_default() += 1;
+            checked += 1;
         }
     }
     assert_eq!(checked, n);
     // Ties make bands hold at least their share, never less.
     assert!(sizes["vip"] >= n / 100, "{sizes:?}");
     let reevaluated = tierd.metric("tierd_rank_reevaluated_total");
-    eprintln!("{n} customers over 8 partitions: cut-offs {:?}, sizes {sizes:?}, re-evaluated {reevaluated}", cut.values);
+    eprintln!("{n} customers over {} partitions: cut-offs {:?}, sizes {sizes:?}, re-evaluated {reevaluated}", world.partitions, cut.values);
 }
 
 #[test]

@@ -159,34 +159,6 @@ fn cluster_nodes(url: &str) -> Result<Option<(Vec<String>, bool)>, String> {
     Ok(Some((nodes, tls)))
 }
 
-/// Refuses what tierd does not yet do on a Redis Cluster: rank-based tiers (their cut-offs are
-/// searched by one script over every partition's ranked sets, which a cluster spreads over
-/// its nodes).
-///
-/// # Errors
-/// [`ConfigError::Invalid`] naming `redis.url`.
-pub fn supports(
-    client: &RedisClient,
-    rules: &crate::engine::rules::Rules,
-) -> Result<(), ConfigError> {
-    if client.is_cluster() && !rules.ranks().is_empty() {
-        return Err(ConfigError::Invalid {
-            field: "redis.url",
-            message: format!(
-                "is a Redis Cluster, and the rules rank customers ({}): rank-based tiers are \
-                 not yet supported on a Redis Cluster (use a single Redis, or rules without ranks)",
-                rules
-                    .ranks()
-                    .iter()
-                    .map(|r| r.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        });
-    }
-    Ok(())
-}
-
 /// How a cluster client retries a request that failed on a node (a connection lost, a
 /// `MOVED`/`ASK`, `TRYAGAIN`, `CLUSTERDOWN` while a replica is promoted): up to
 /// `CLUSTER_RETRIES` times, waits from 100 ms growing to 2 s (redis-rs's defaults are 16

@@ -52,6 +52,9 @@ pub struct Search {
     pub kth: i128,
     /// Customers whose value is at least `kth` (more than `k` when tied at it).
     pub at_or_above_kth: u64,
+    /// Customers whose value is above `kth`, when the search read it with the other counts
+    /// (the search across a cluster's nodes does; the script does not).
+    pub above_kth: Option<u64>,
 }
 
 /// Runs the cut-off search (`lua/cutoff.lua`) over one rank's sorted sets (`keys`, one per
@@ -82,10 +85,126 @@ pub async fn search<C: redis::aio::ConnectionLike>(
                 k,
                 kth,
                 at_or_above_kth,
+                above_kth: None,
             })
         }
         _ => None,
     })
+}
+
+/// How many times a search across a cluster's nodes is repeated when its verification finds
+/// the counts moved (see [`search_across_nodes`]) before the computation gives up for this
+/// round (the cut-offs in force are kept; the next check computes again).
+pub const VERIFY_ATTEMPTS: usize = 8;
+
+/// The search of `lua/cutoff.lua` on a Redis Cluster, where one script cannot read every
+/// partition's sorted set (they are in different slots, on different nodes).
+///
+/// The bisection runs here, each step asking every partition's count at once (one pipeline,
+/// split by slot: a partition's count comes from its node). The steps are not one moment:
+/// partitions commit between them, and a bisection over counts that change can end on a
+/// value that is no cut-off at all (on a single Redis this once placed 3,475 of 1M customers
+/// wrongly until the next computation; there the script makes it one moment). So its result
+/// is **verified**: each partition's population, and its customers at and above the value,
+/// are read in one transaction per partition (one slot, one moment of that partition), and
+/// the value is kept only if it is exactly the k-th largest of the population those counts
+/// describe: `above < k <= at_or_above` with `k = ceil(pct * population)`. That population is
+/// each partition at one of its own committed states: the cut-off is exact for a cut of the
+/// partitions (each a stream of its own, as Kafka orders them), never a mixture within one.
+/// When the verification fails (a commit moved the counts around the value meanwhile) the
+/// search is repeated, up to [`VERIFY_ATTEMPTS`] times; then the round fails with an error and
+/// the cut-offs in force stay. Once the stream settles nothing moves and the first attempt
+/// verifies: the cut-offs are exact, as on a single Redis.
+///
+/// # Errors
+/// The Redis error; [`redis::ErrorKind::Client`] when no attempt verified; a value beyond
+/// ±(2^53 − 1) or not whole is refused as the script refuses it.
+pub async fn search_across_nodes<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    keys: &[String],
+    pct: crate::engine::rules::value::Ratio,
+) -> Result<Option<Search>, redis::RedisError> {
+    const EXACT: f64 = 9_007_199_254_740_991.0;
+    let point = CutPoint { rank: 0, pct };
+    for _ in 0..VERIFY_ATTEMPTS {
+        // The population and the extremes (each partition's lowest and highest value).
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.zcard(k);
+            pipe.zrange_withscores(k, 0, 0);
+            pipe.zrange_withscores(k, -1, -1);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+        let (mut population, mut bounds) = (0u64, None::<(f64, f64)>);
+        for part in replies.chunks(3) {
+            population +=
+                redis::from_redis_value_ref::<u64>(&part[0]).map_err(redis::RedisError::from)?;
+            let first: Vec<(String, f64)> =
+                redis::from_redis_value_ref(&part[1]).map_err(redis::RedisError::from)?;
+            let last: Vec<(String, f64)> =
+                redis::from_redis_value_ref(&part[2]).map_err(redis::RedisError::from)?;
+            if let (Some((_, a)), Some((_, b))) = (first.first(), last.first()) {
+                bounds = Some(match bounds {
+                    None => (*a, *b),
+                    Some((lo, hi)) => (lo.min(*a), hi.max(*b)),
+                });
+            }
+        }
+        let Some((lo, hi)) = bounds.filter(|_| population > 0) else {
+            return Ok(None);
+        };
+        if lo < -EXACT || hi > EXACT || lo.fract() != 0.0 || hi.fract() != 0.0 {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "ranked value beyond +-(2^53 - 1) or not whole in a rank sorted set",
+                format!("{lo:.0} .. {hi:.0}"),
+            )));
+        }
+        // Whole numbers within +-(2^53 - 1): exact as f64 and as i128.
+        let (mut lo, mut hi) = (lo as i128, hi as i128);
+        let k = point.k(population);
+        // The largest v with count_ge(v) >= k (the script's bisection).
+        while lo < hi {
+            let mid = lo + (hi - lo + 1) / 2;
+            if count_at_or_above(conn, keys, mid).await? >= k {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        // The verification: each partition's population and counts at one of its moments.
+        let mut pipes = Vec::with_capacity(keys.len());
+        for key in keys {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .zcard(key)
+                .zcount(key, lo.to_string(), "+inf")
+                .zcount(key, (lo + 1).to_string(), "+inf");
+            pipes.push(pipe);
+        }
+        let (mut n, mut at_or_above, mut above) = (0u64, 0u64, 0u64);
+        for pipe in &pipes {
+            let (card, ge, gt): (u64, u64, u64) = pipe.query_async(conn).await?;
+            n += card;
+            at_or_above += ge;
+            above += gt;
+        }
+        let k = point.k(n);
+        if n > 0 && above < k && k <= at_or_above {
+            return Ok(Some(Search {
+                population: n,
+                k,
+                kth: lo,
+                at_or_above_kth: at_or_above,
+                above_kth: Some(above),
+            }));
+        }
+    }
+    Err(redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "rank cut-off search across the cluster's nodes: the counts moved around the value in every verification; the cut-offs in force are kept and computed again at the next check",
+        format!("{VERIFY_ATTEMPTS} attempts"),
+    )))
 }
 
 /// Customers whose value in one rank is at least `v`, over every partition.
@@ -120,8 +239,14 @@ pub async fn compute(
     for &CutPoint { rank, pct } in rules.cut_points() {
         let name = &rules.ranks()[rank].name;
         let keys: Vec<String> = partitions.iter().map(|p| p.rank(name)).collect();
-        // One atomic script per cut-off: population, extremes and counts from one moment.
-        let Some(found) = search(conn, &keys, pct).await? else {
+        // On one Redis, one atomic script per cut-off: population, extremes and counts from
+        // one moment. On a cluster, verified per partition (see `search_across_nodes`).
+        let found = if conn.is_cluster() {
+            search_across_nodes(conn, &keys, pct).await?
+        } else {
+            search(conn, &keys, pct).await?
+        };
+        let Some(found) = found else {
             values.push(None);
             at_or_above.push(0);
             continue;
@@ -134,10 +259,11 @@ pub async fn compute(
             rules.ranks()[rank].ties,
         );
         values.push(Some(value));
-        at_or_above.push(if value == found.kth {
-            found.at_or_above_kth
-        } else {
-            count_at_or_above(conn, &keys, value).await?
+        at_or_above.push(match found.above_kth {
+            _ if value == found.kth => found.at_or_above_kth,
+            // Ties to the lower band: the cut-off is one above the k-th value.
+            Some(above) if value == found.kth + 1 => above,
+            _ => count_at_or_above(conn, &keys, value).await?,
         });
     }
     Ok(Cutoffs {

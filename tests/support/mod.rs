@@ -508,13 +508,21 @@ impl Redis {
 
     fn start_cluster_with(tls: Option<(Certs, String, String)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        // Twelve distinct ports (each picked free, but none bound until the nodes start).
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < 12 {
+            let port = free_port();
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
         let cluster: Vec<ClusterNode> = (0..6)
             .map(|i| {
                 let node_dir = dir.path().join(format!("node{i}"));
                 std::fs::create_dir(&node_dir).unwrap();
                 ClusterNode {
-                    port: free_port(),
-                    bus_port: free_port(),
+                    port: ports[2 * i],
+                    bus_port: ports[2 * i + 1],
                     dir: node_dir,
                     child: Mutex::new(None),
                     tls: tls.clone(),
