@@ -1,7 +1,9 @@
 //! The rank cut-off search is the one piece of logic that lives in Lua (it must read every
 //! partition's sorted sets at one atomic moment). This property test runs that script itself,
 //! through a real redis-server, against a full sort: over values split across partitions, with
-//! ties, small and wide value ranges, every band share.
+//! ties, small and wide value ranges, every band share. The same for the search a Redis
+//! Cluster runs instead (the bisection in Rust, verified per partition), on a real cluster,
+//! and under commits racing it.
 
 mod support;
 

@@ -8,7 +8,9 @@
 //! however many customers there are. The search runs inside one Lua script per cut-off, so
 //! the population and every count come from one consistent moment even while partitions keep
 //! committing (a search spread over many round trips would mix moments and place customers
-//! around the cut-off wrongly until the next computation). Mergeable histograms would be cheaper still but
+//! around the cut-off wrongly until the next computation). On a Redis Cluster no script can
+//! read every partition, and [`search_across_nodes`] runs the bisection here and verifies its
+//! result per partition instead. Mergeable histograms would be cheaper still but
 //! approximate at the cut-off; an exact band was chosen (see docs/rules.md).
 
 use super::keys::PartitionKeys;
