@@ -4,7 +4,9 @@
 //!   (c) tierd's peak RSS, (d) Redis memory per customer.
 //!
 //! `cargo bench --bench pipeline` (env: BENCH_EVENTS=1000000 BENCH_CUSTOMERS=100000
-//! BENCH_PARTITIONS=4). Starts its own redis-server and Apache Kafka broker (scripts/kafka/broker.sh).
+//! BENCH_PARTITIONS=4; BENCH_INSTANCES=1 tierd processes in one group; BENCH_REDIS=cluster for a
+//! local 6-node Redis Cluster instead of one redis-server). Starts its own Redis and Apache
+//! Kafka broker (scripts/kafka/broker.sh).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -17,7 +19,7 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 use std::time::{Duration, Instant};
-use support::{Tierd, World};
+use support::{Redis, Tierd, World};
 
 /// Reads `n` messages of `topic` from the beginning as fast as possible; returns msgs/s and
 /// the average value size.
@@ -48,17 +50,55 @@ fn raw_consume(brokers: &str, topic: &str, partitions: i32, n: u64) -> (f64, usi
     (read as f64 / secs, bytes / read.max(1) as usize)
 }
 
+/// `INFO section` of the server, or of each master of a cluster.
+fn infos(world: &World, section: &str) -> Vec<String> {
+    if world.redis.nodes().is_empty() {
+        return vec![redis::cmd("INFO")
+            .arg(section)
+            .query(&mut world.redis.conn())
+            .unwrap()];
+    }
+    world
+        .redis
+        .nodes()
+        .iter()
+        .filter(|n| n.is_master())
+        .map(|n| {
+            redis::cmd("INFO")
+                .arg(section)
+                .query(&mut n.conn())
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `used_memory` of the server (summed over a cluster's masters).
 fn redis_used_memory(world: &World) -> i64 {
-    let info: String = redis::cmd("INFO")
-        .arg("memory")
-        .query(&mut world.redis.conn())
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    infos(world, "memory")
+        .iter()
+        .map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .unwrap()
+                .trim()
+                .parse::<i64>()
+                .unwrap()
+        })
+        .sum()
+}
+
+/// Redis's CPU seconds so far: the server's, or every node's of a cluster (masters and the
+/// replicas they feed).
+fn redis_cpu_all(world: &World) -> f64 {
+    if world.redis.nodes().is_empty() {
+        return redis_cpu(&mut world.redis.conn());
+    }
+    world
+        .redis
+        .nodes()
+        .iter()
+        .map(|n| redis_cpu(&mut n.conn()))
+        .sum()
 }
 
 /// Where a customer's Redis bytes are: the mean `MEMORY USAGE` and value length of up to 500
@@ -67,14 +107,7 @@ fn redis_used_memory(world: &World) -> i64 {
 fn state_key_sample(world: &World) -> (f64, f64) {
     let pattern = world.keys(0).customer_pattern();
     let mut conn = world.redis.conn();
-    let (_, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-        .arg(0)
-        .arg("MATCH")
-        .arg(&pattern)
-        .arg("COUNT")
-        .arg(5000)
-        .query(&mut conn)
-        .unwrap();
+    let keys = world.redis.scan(&pattern);
     let keys = &keys[..keys.len().min(500)];
     let (mut usage, mut len) = (0i64, 0i64);
     for key in keys {
@@ -148,24 +181,61 @@ fn main() {
     let events = env_or("BENCH_EVENTS", 1_000_000);
     let customers = env_or("BENCH_CUSTOMERS", 100_000);
     let partitions = env_or("BENCH_PARTITIONS", 4) as i32;
-    let world = World::start(partitions);
-    eprintln!("producing {events} events for {customers} customers into {partitions} partitions…");
-    let produced = produce(&world.broker.addr, &world.input, events, customers, 0, 1).wait();
-    assert!(produced.unwrap().success());
-    let (ceiling, sample) = raw_consume(&world.broker.addr, &world.input, partitions, events);
+    let instances = env_or("BENCH_INSTANCES", 1) as usize;
+    let cluster = std::env::var("BENCH_REDIS").is_ok_and(|r| r == "cluster");
+    let world = if cluster {
+        World::start_with(partitions, Redis::start_cluster())
+    } else {
+        World::start(partitions)
+    };
+    // Live: the instances join the group on the empty topic and the stream is produced while
+    // they run (several instances: otherwise the first would apply nearly everything before
+    // the others joined). Else the stream is in the topic before tierd starts.
+    let live = instances > 1 || std::env::var("BENCH_LIVE").is_ok();
+    let mut measured_first = None;
+    if !live {
+        eprintln!(
+            "producing {events} events for {customers} customers into {partitions} partitions…"
+        );
+        let produced = produce(&world.broker.addr, &world.input, events, customers, 0, 1).wait();
+        assert!(produced.unwrap().success());
+        measured_first = Some(raw_consume(
+            &world.broker.addr,
+            &world.input,
+            partitions,
+            events,
+        ));
+    }
 
     let redis_before = redis_used_memory(&world);
-    let redis_cpu_before = redis_cpu(&mut world.redis.conn());
+    let redis_cpu_before = redis_cpu_all(&world);
     let extra = std::env::var("BENCH_TIERD_TOML")
         .unwrap_or_default()
         .replace("\\n", "\n");
-    let tierd = Tierd::spawn(&world, &extra);
+    let all: Vec<Tierd> = (0..instances)
+        .map(|_| Tierd::spawn(&world, &extra))
+        .collect();
+    // Every instance owns its share before the input is counted from.
+    for t in &all {
+        t.wait_partitions(
+            i64::from(partitions) / instances as i64,
+            Duration::from_secs(120),
+        );
+    }
+    let tierd = &all[0];
     let pid = tierd.pid().unwrap();
     let applied = || -> i64 {
         (0..partitions)
             .map(|p| world.partition_meta(p).1.max(0))
             .sum()
     };
+    let producer = live.then(|| {
+        eprintln!(
+            "producing {events} events for {customers} customers into {partitions} partitions while {instances} instance(s) run…"
+        );
+        produce(&world.broker.addr, &world.input, events, customers, 0, 1)
+    });
+    // Counted from the first applied batch (the group join excluded).
     let mut first: Option<(Instant, i64)> = None;
     loop {
         let done = applied();
@@ -187,21 +257,49 @@ fn main() {
     // Until every change is published too (the outboxes are empty).
     let published_secs = t0.elapsed().as_secs_f64();
     let published_throughput = (events as i64 - at_t0) as f64 / published_secs;
-    let rss_peak = proc_status_kib(pid, "VmHWM:");
-    let tierd_cpu = process_cpu(&pid.to_string());
+    if let Some(mut producer) = producer {
+        assert!(producer.wait().unwrap().success());
+    }
+    let (ceiling, sample) = measured_first
+        .unwrap_or_else(|| raw_consume(&world.broker.addr, &world.input, partitions, events));
+    let rss_peak = all
+        .iter()
+        .map(|t| proc_status_kib(t.pid().unwrap(), "VmHWM:"))
+        .max()
+        .unwrap_or(0);
+    let tierd_cpu: f64 = all
+        .iter()
+        .map(|t| process_cpu(&t.pid().unwrap().to_string()))
+        .sum();
     let threads = thread_cpu(pid);
     if std::env::var("BENCH_KEEP_LOG").is_ok() {
         let _ = std::fs::copy(&tierd.log, "/tmp/bench-tierd.log");
     }
     let redis_after = redis_used_memory(&world);
-    let redis_cpu_secs = redis_cpu(&mut world.redis.conn()) - redis_cpu_before;
-    let changes = tierd.metric("tierd_tier_changes_total");
+    let redis_cpu_secs = redis_cpu_all(&world) - redis_cpu_before;
+    let changes: f64 = all
+        .iter()
+        .map(|t| t.metric("tierd_tier_changes_total"))
+        .sum();
     let per_customer = (redis_after - redis_before) as f64 / customers as f64;
     let (state_key, state_value) = state_key_sample(&world);
 
     println!("## tierd pipeline bench");
     println!();
-    println!("- scenario: {events} events (~{sample} B JSON each), {customers} customers, {partitions} partitions, broker {}, Redis 7 on loopback", support::broker_description());
+    println!(
+        "- scenario: {events} events (~{sample} B JSON each), {customers} customers, {partitions} partitions, {instances} tierd instance(s){}, broker {}, {} on loopback",
+        if live {
+            " (live: produced while tierd ran)"
+        } else {
+            ""
+        },
+        support::broker_description(),
+        if cluster {
+            "a Redis 7 Cluster (3 masters, 3 replicas)"
+        } else {
+            "Redis 7"
+        }
+    );
     println!(
         "- machine: {} cores",
         std::thread::available_parallelism().map_or(0, usize::from)
@@ -216,7 +314,7 @@ fn main() {
         "| (b') tierd sustained throughput until every change is published | {published_throughput:.0} events/s |"
     );
     println!(
-        "| (c) tierd peak RSS (VmHWM) | {:.1} MiB |",
+        "| (c) tierd peak RSS (VmHWM, the largest instance) | {:.1} MiB |",
         rss_peak as f64 / 1024.0
     );
     println!("| (d) Redis memory per customer | {per_customer:.1} B |");
@@ -225,11 +323,11 @@ fn main() {
     );
     println!("| tier changes published | {changes:.0} |");
     println!(
-        "| tierd CPU time (user+sys) | {tierd_cpu:.1} s = {:.2} µs per event |",
+        "| tierd CPU time (user+sys, every instance) | {tierd_cpu:.1} s = {:.2} µs per event |",
         tierd_cpu * 1e6 / events as f64
     );
     println!(
-        "| Redis CPU time (`INFO cpu`, during tierd's run) | {redis_cpu_secs:.1} s = {:.2} µs per event |",
+        "| Redis CPU time (`INFO cpu`, during tierd's run; every node of a cluster) | {redis_cpu_secs:.1} s = {:.2} µs per event |",
         redis_cpu_secs * 1e6 / events as f64
     );
     println!();

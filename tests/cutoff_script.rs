@@ -99,7 +99,7 @@ fn cluster_and_runtime() -> (Redis, tokio::runtime::Runtime, Connection) {
 
 /// The search a deployment runs: the script on one Redis, the verified search across the
 /// nodes on a cluster.
-async fn run_search<C: redis::aio::ConnectionLike>(
+async fn run_search<C: redis::aio::ConnectionLike + Clone>(
     across_nodes: bool,
     conn: &mut C,
     keys: &[String],
@@ -203,7 +203,7 @@ fn the_search_across_a_clusters_nodes_refuses_values_beyond_2_pow_53() {
     refuses_values_beyond_2_pow_53(&redis, &rt, conn, true);
 }
 
-fn refuses_values_beyond_2_pow_53<C: redis::aio::ConnectionLike>(
+fn refuses_values_beyond_2_pow_53<C: redis::aio::ConnectionLike + Clone>(
     redis: &Redis,
     rt: &tokio::runtime::Runtime,
     mut aconn: C,

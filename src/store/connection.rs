@@ -230,15 +230,13 @@ impl ConnectionLike for Connection {
                 Link::Managed(mut c) => c.req_packed_command(cmd).await,
                 Link::Direct(mut c) => c.req_packed_command(cmd).await,
                 Link::Cluster(mut c) => match command_name(cmd).as_deref() {
-                    Some(b"SCAN") => match scan_route(cmd) {
-                        Some(route) => {
-                            c.route_command(
-                                cmd.clone(),
-                                redis::cluster_routing::RoutingInfo::SingleNode(
-                                    SingleNodeRoutingInfo::SpecificNode(route),
-                                ),
-                            )
-                            .await
+                    Some(b"SCAN") => match scan_tag(cmd) {
+                        Some(tag) => {
+                            let mut pipe = redis::pipe();
+                            pipe.add_command(cmd.clone());
+                            guarded_scan(c, &pipe, &tag, 0, 1)
+                                .await
+                                .map(|mut v| v.pop().unwrap_or(Value::Nil))
                         }
                         None => Err(unscoped_scan()),
                     },
@@ -292,9 +290,9 @@ fn argument(cmd: &Cmd, n: usize) -> Option<&[u8]> {
     }
 }
 
-/// The master of the slot a `SCAN`'s `MATCH` pattern names by its hash tag (`{…}`), the glob
-/// escapes of the pattern undone (a key name holds the character itself).
-fn scan_route(cmd: &Cmd) -> Option<Route> {
+/// The hash tag (`{…}`, braces included) a `SCAN`'s `MATCH` pattern names, the glob escapes of
+/// the pattern undone (a key name holds the character itself): a key of that slot.
+fn scan_tag(cmd: &Cmd) -> Option<Vec<u8>> {
     let at = cmd
         .args_iter()
         .position(|a| matches!(a, redis::Arg::Simple(a) if a.eq_ignore_ascii_case(b"MATCH")))?;
@@ -316,7 +314,42 @@ fn scan_route(cmd: &Cmd) -> Option<Route> {
         escaped = false;
         tag.push(b);
     }
-    Some(Route::with_key(tag, SlotAddr::Master))
+    Some(tag)
+}
+
+/// The master of the slot a `SCAN`'s pattern names ([`scan_tag`]).
+fn scan_route(cmd: &Cmd) -> Option<Route> {
+    scan_tag(cmd).map(|tag| Route::with_key(tag, SlotAddr::Master))
+}
+
+/// A pipeline holding `SCAN`s of the slot of `tag`, sent to that slot's master behind an
+/// `EXISTS tag`: a `SCAN` names no key, so a node that does not serve the slot (redis-rs falls
+/// back to a replica or another node while the master's connection is down; a slot that moved)
+/// would answer it from its own keys; the `EXISTS` makes such a node answer `MOVED`, and the
+/// pipeline is sent again to the slot's master. Returns the replies of `pipeline`'s own
+/// commands from `offset`, `count` of them.
+async fn guarded_scan(
+    mut conn: ClusterConnection,
+    pipeline: &Pipeline,
+    tag: &[u8],
+    offset: usize,
+    count: usize,
+) -> RedisResult<Vec<Value>> {
+    let mut guarded = redis::pipe();
+    guarded.cmd("EXISTS").arg(tag);
+    for cmd in pipeline.cmd_iter() {
+        guarded.add_command(cmd.clone());
+    }
+    let n = guarded.cmd_iter().count();
+    let values = conn
+        .route_pipeline(
+            guarded,
+            0,
+            n,
+            SingleNodeRoutingInfo::SpecificNode(Route::with_key(tag, SlotAddr::Master)),
+        )
+        .await?;
+    Ok(values.into_iter().skip(1 + offset).take(count).collect())
 }
 
 /// The error of a `SCAN` on a cluster whose pattern names no slot.
@@ -359,6 +392,21 @@ async fn cluster_pipeline(
     let slots: Vec<Option<Route>> = pipeline.cmd_iter().map(command_route).collect();
     let first = slots.first().copied().flatten();
     let one_slot = slots.iter().all(|s| s.is_none() || *s == first);
+    let scan = pipeline
+        .cmd_iter()
+        .find(|c| command_name(c).as_deref() == Some(b"SCAN"));
+    if let Some(scan) = scan {
+        // Only one slot's commands may go with a SCAN, and not in a transaction.
+        return match scan_tag(scan) {
+            Some(tag)
+                if !pipeline.is_transaction()
+                    && slots.iter().all(|s| *s == first && s.is_some()) =>
+            {
+                guarded_scan(conn, pipeline, &tag, offset, count).await
+            }
+            _ => Err(unscoped_scan()),
+        };
+    }
     if pipeline.is_transaction() || one_slot || slots.iter().any(Option::is_none) {
         // A transaction is one slot's by nature (Redis refuses it otherwise); a keyless
         // command in a multi-slot pipeline cannot be placed, and redis-rs says so.

@@ -121,7 +121,7 @@ pub const VERIFY_ATTEMPTS: usize = 8;
 /// # Errors
 /// The Redis error; [`redis::ErrorKind::Client`] when no attempt verified; a value beyond
 /// ±(2^53 − 1) or not whole is refused as the script refuses it.
-pub async fn search_across_nodes<C: redis::aio::ConnectionLike>(
+pub async fn search_across_nodes<C: redis::aio::ConnectionLike + Clone>(
     conn: &mut C,
     keys: &[String],
     pct: crate::engine::rules::value::Ratio,
@@ -129,22 +129,19 @@ pub async fn search_across_nodes<C: redis::aio::ConnectionLike>(
     const EXACT: f64 = 9_007_199_254_740_991.0;
     let point = CutPoint { rank: 0, pct };
     for _ in 0..VERIFY_ATTEMPTS {
-        // The population and the extremes (each partition's lowest and highest value).
-        let mut pipe = redis::pipe();
-        for k in keys {
-            pipe.zcard(k);
-            pipe.zrange_withscores(k, 0, 0);
-            pipe.zrange_withscores(k, -1, -1);
-        }
-        let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+        // The population and the extremes (each partition's lowest and highest value), each
+        // partition's at one moment, all partitions at once.
+        let firsts = per_partition(conn, keys, |pipe, key| {
+            pipe.zcard(key)
+                .zrange_withscores(key, 0, 0)
+                .zrange_withscores(key, -1, -1);
+        })
+        .await?;
         let (mut population, mut bounds) = (0u64, None::<(f64, f64)>);
-        for part in replies.chunks(3) {
-            population +=
-                redis::from_redis_value_ref::<u64>(&part[0]).map_err(redis::RedisError::from)?;
-            let first: Vec<(String, f64)> =
-                redis::from_redis_value_ref(&part[1]).map_err(redis::RedisError::from)?;
-            let last: Vec<(String, f64)> =
-                redis::from_redis_value_ref(&part[2]).map_err(redis::RedisError::from)?;
+        for reply in firsts {
+            let (card, first, last): (u64, Vec<(String, f64)>, Vec<(String, f64)>) =
+                redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+            population += card;
             if let (Some((_, a)), Some((_, b))) = (first.first(), last.first()) {
                 bounds = Some(match bounds {
                     None => (*a, *b),
@@ -152,8 +149,11 @@ pub async fn search_across_nodes<C: redis::aio::ConnectionLike>(
                 });
             }
         }
-        let Some((lo, hi)) = bounds.filter(|_| population > 0) else {
-            return Ok(None);
+        let (lo, hi) = match bounds {
+            None if population == 0 => return Ok(None),
+            Some(bounds) if population > 0 => bounds,
+            // Each partition's reply is one moment, so this cannot happen; read again.
+            _ => continue,
         };
         if lo < -EXACT || hi > EXACT || lo.fract() != 0.0 || hi.fract() != 0.0 {
             return Err(redis::RedisError::from((
@@ -175,18 +175,18 @@ pub async fn search_across_nodes<C: redis::aio::ConnectionLike>(
             }
         }
         // The verification: each partition's population and counts at one of its moments.
-        let mut pipes = Vec::with_capacity(keys.len());
-        for key in keys {
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .zcard(key)
-                .zcount(key, lo.to_string(), "+inf")
-                .zcount(key, (lo + 1).to_string(), "+inf");
-            pipes.push(pipe);
-        }
+        let counts = per_partition(conn, keys, |pipe, key| {
+            pipe.zcard(key).zcount(key, lo.to_string(), "+inf").zcount(
+                key,
+                (lo + 1).to_string(),
+                "+inf",
+            );
+        })
+        .await?;
         let (mut n, mut at_or_above, mut above) = (0u64, 0u64, 0u64);
-        for pipe in &pipes {
-            let (card, ge, gt): (u64, u64, u64) = pipe.query_async(conn).await?;
+        for reply in counts {
+            let (card, ge, gt): (u64, u64, u64) =
+                redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
             n += card;
             at_or_above += ge;
             above += gt;
@@ -207,6 +207,29 @@ pub async fn search_across_nodes<C: redis::aio::ConnectionLike>(
         "rank cut-off search across the cluster's nodes: the counts moved around the value in every verification; the cut-offs in force are kept and computed again at the next check",
         format!("{VERIFY_ATTEMPTS} attempts"),
     )))
+}
+
+/// One transaction per key (so per partition: one slot, one moment of it) built by `build`,
+/// all sent at once; each transaction's replies as one value.
+async fn per_partition<C: redis::aio::ConnectionLike + Clone>(
+    conn: &C,
+    keys: &[String],
+    build: impl Fn(&mut redis::Pipeline, &str),
+) -> Result<Vec<redis::Value>, redis::RedisError> {
+    let pipes: Vec<redis::Pipeline> = keys
+        .iter()
+        .map(|key| {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            build(&mut pipe, key);
+            pipe
+        })
+        .collect();
+    futures::future::try_join_all(pipes.iter().map(|pipe| {
+        let mut conn = conn.clone();
+        async move { pipe.query_async::<redis::Value>(&mut conn).await }
+    }))
+    .await
 }
 
 /// Customers whose value in one rank is at least `v`, over every partition.

@@ -494,7 +494,7 @@ impl Redis {
 
     /// A Redis Cluster of 3 masters and 3 replicas (`redis-cli --cluster create
     /// --cluster-replicas 1`) on loopback, without persistence; `url` is its
-    /// `redis+cluster://` form with the three first nodes as seeds.
+    /// `redis+cluster://` form with the three replicas as seeds.
     pub fn start_cluster() -> Self {
         Self::start_cluster_with(None)
     }
@@ -558,12 +558,14 @@ impl Redis {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        // The seeds are the replicas (`redis-cli` makes the first three nodes the masters):
+        // the masters, which serve every command, are found through them.
         let url = match &tls {
-            None => format!("redis+cluster://{}", addrs[..3].join(",")),
+            None => format!("redis+cluster://{}", addrs[3..].join(",")),
             Some((_, user, password)) => {
                 format!(
                     "rediss+cluster://{user}:{password}@{}",
-                    addrs[..3].join(",")
+                    addrs[3..].join(",")
                 )
             }
         };
@@ -586,8 +588,7 @@ impl Redis {
         &self.cluster
     }
 
-    /// Waits until every running node of the cluster says `cluster_state:ok`, and 3 of them
-    /// are masters with a replica each in sync.
+    /// Waits until every running node of the cluster says `cluster_state:ok`.
     pub fn wait_cluster_ok(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
