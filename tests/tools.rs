@@ -313,7 +313,20 @@ fn offsets_show_tells_where_each_partition_stands() {
 /// move skips the input in between.
 #[test]
 fn offsets_reset_recounts_a_stopped_partition_once_with_new_change_ids() {
-    let world = World::start(1);
+    offsets_reset_recounts_once_with_new_change_ids(World::start(1));
+}
+
+/// The same on a Redis Cluster: the reset's scans (the highest stored sequence, and the
+/// clearing script's) read the partition's own slot on its master.
+#[test]
+fn offsets_reset_on_a_redis_cluster_recounts_once_with_new_change_ids() {
+    offsets_reset_recounts_once_with_new_change_ids(World::start_with(
+        1,
+        support::Redis::start_cluster(),
+    ));
+}
+
+fn offsets_reset_recounts_once_with_new_change_ids(world: World) {
     let dir = tempfile::tempdir().unwrap();
     let config = world.config_file(dir.path());
     let reset = |args: &[&str]| {

@@ -139,7 +139,7 @@ pub async fn search_across_nodes<C: redis::aio::ConnectionLike + Clone>(
         .await?;
         let (mut population, mut bounds) = (0u64, None::<(f64, f64)>);
         for reply in firsts {
-            let (card, first, last): (u64, Vec<(String, f64)>, Vec<(String, f64)>) =
+            let (card, first, last): (u64, Vec<Scored>, Vec<Scored>) =
                 redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
             population += card;
             if let (Some((_, a)), Some((_, b))) = (first.first(), last.first()) {
@@ -208,6 +208,9 @@ pub async fn search_across_nodes<C: redis::aio::ConnectionLike + Clone>(
         format!("{VERIFY_ATTEMPTS} attempts"),
     )))
 }
+
+/// A sorted-set member with its score, as `ZRANGE … WITHSCORES` returns it.
+type Scored = (String, f64);
 
 /// One transaction per key (so per partition: one slot, one moment of it) built by `build`,
 /// all sent at once; each transaction's replies as one value.

@@ -164,6 +164,9 @@ impl ClusterNode {
             ])
             // A master that stops answering is failed over after 2 s (default 15 s).
             .args(["--cluster-node-timeout", "2000"])
+            // A replica whose link to its master was cut for a while may still take over
+            // (the failover tests cut it on purpose).
+            .args(["--cluster-replica-validity-factor", "0"])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .current_dir(&self.dir)
             .stdout(Stdio::null())
