@@ -108,6 +108,21 @@ fn a_cluster_with_one_evicting_master_is_refused() {
     assert!(log.contains("maxmemory-policy is `allkeys-lru`"), "{log}");
 }
 
+/// Produces `events` 1,000 at a time, `pause_ms` apart (a stream that lasts while a test
+/// breaks things); the end offsets.
+fn produce_paced(
+    world: &World,
+    events: &[serde_json::Value],
+    pause_ms: u64,
+) -> std::collections::BTreeMap<i32, i64> {
+    let mut ends = std::collections::BTreeMap::new();
+    for chunk in events.chunks(1_000) {
+        ends.extend(world.produce_json(chunk));
+        std::thread::sleep(Duration::from_millis(pause_ms));
+    }
+    ends
+}
+
 /// `tierd run --config <config>`, expected to refuse to start: its exit code (`None`: still
 /// running after 60 s, then killed) and its output.
 fn run(config: &str) -> (Option<i32>, String) {
@@ -152,14 +167,7 @@ fn a_master_killed_during_ingestion_fails_over_and_loses_nothing() {
     // others answer MOVED).
     let meta = world.keys(0).meta;
     let ends = std::thread::scope(|s| {
-        let producer = s.spawn(|| {
-            let mut ends = std::collections::BTreeMap::new();
-            for chunk in events.chunks(1_000) {
-                ends.extend(world.produce_json(chunk));
-                std::thread::sleep(Duration::from_millis(400));
-            }
-            ends
-        });
+        let producer = s.spawn(|| produce_paced(&world, &events, 400));
         std::thread::sleep(Duration::from_secs(3));
         let victim = world
             .redis
@@ -281,14 +289,7 @@ fn a_slot_migration_during_ingestion_loses_nothing() {
             .sum()
     };
     let (from, to, ends) = std::thread::scope(|s| {
-        let producer = s.spawn(|| {
-            let mut ends = std::collections::BTreeMap::new();
-            for chunk in events.chunks(1_000) {
-                ends.extend(world.produce_json(chunk));
-                std::thread::sleep(Duration::from_millis(400));
-            }
-            ends
-        });
+        let producer = s.spawn(|| produce_paced(&world, &events, 400));
         std::thread::sleep(Duration::from_secs(3));
         let nodes = world.redis.nodes();
         let from = nodes
@@ -396,14 +397,7 @@ fn four_instances_join_and_leave_under_load_on_a_cluster() {
     let first = Tierd::spawn(&world, extra);
     first.wait_partitions(8, Duration::from_secs(60));
     let ends = std::thread::scope(|s| {
-        let producer = s.spawn(|| {
-            let mut ends = std::collections::BTreeMap::new();
-            for chunk in events.chunks(1_000) {
-                ends.extend(world.produce_json(chunk));
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            ends
-        });
+        let producer = s.spawn(|| produce_paced(&world, &events, 500));
         let mut others: Vec<Tierd> = Vec::new();
         for _ in 0..3 {
             others.push(Tierd::spawn(&world, extra));
