@@ -17,14 +17,15 @@ use crate::config::ClockMode;
 use crate::engine::Trigger;
 use crate::store::outbox::{EntryKind, OutboxEntry, RulesSweep};
 use crate::store::partition::{ApplyError, Claim};
+use crate::store::scan::ScanCursor;
 use crate::telemetry::events;
 use std::sync::Arc;
 
 /// A rules sweep under way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sweep {
-    /// The SCAN cursor of the next page.
-    pub cursor: u64,
+    /// Where the scan of the partition's customers stands.
+    pub cursor: ScanCursor,
     /// The input offset it started at.
     pub offset: i64,
     /// The engine time every customer is re-evaluated at.
@@ -167,7 +168,7 @@ impl Sweep {
     /// A recorded sweep, going on from its first page.
     pub(super) fn resumed(recorded: RulesSweep) -> Self {
         Self {
-            cursor: 0,
+            cursor: ScanCursor::start(),
             offset: recorded.offset,
             at: recorded.at,
             rules: recorded.rules,
@@ -270,7 +271,7 @@ impl Runner {
         let p = Arc::clone(&self.pipeline);
         let (next, ids) = self
             .store
-            .scan_customer_ids(sweep.cursor, p.sweep_page)
+            .scan_customer_ids(&sweep.cursor, p.sweep_page)
             .await?;
         let mut work = Working::default();
         self.load(ids.iter().cloned(), &mut work).await?;
@@ -291,7 +292,7 @@ impl Runner {
         // (finishing a previous version's sweep first) starts the next sweep. Until the input
         // gets there its pages go round again (finding no one) and `finish_sweep` completes
         // it; so does reaching the log's end below that offset (a truncated log).
-        let done = next == 0
+        let done = next.is_none()
             && sweep
                 .done
                 .is_none_or(|at| self.next_offset() >= at || self.status.caught_up());
@@ -310,7 +311,7 @@ impl Runner {
         }
         self.keep(work);
         if let SweepState::Running(s) = &mut self.sweep {
-            s.cursor = next;
+            s.cursor = next.unwrap_or_default();
         }
         // The running rules' sweep (not one replayed on the way to it).
         let completed =

@@ -74,8 +74,8 @@ const REPLACE_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 ///   scan tierd makes is of one partition's keys); a `SCAN` without one is refused rather than
 ///   sent to a node at random (which would see a part of the keys).
 ///
-/// A cursor of `SCAN` is one node's: a scan that runs while its slot migrates to another node
-/// (`redis-cli --cluster reshard`) may miss keys.
+/// A cursor of `SCAN` is one server process's: [`super::scan`] scans so that every key is
+/// seen across restarts, failovers and slot migrations.
 ///
 /// redis-rs's manager keeps the outcome of its last reconnection round and starts another only
 /// after an I/O error. A round whose last attempt reached Redis and was refused otherwise — its
@@ -396,11 +396,13 @@ async fn cluster_pipeline(
         .cmd_iter()
         .find(|c| command_name(c).as_deref() == Some(b"SCAN"));
     if let Some(scan) = scan {
-        // Only one slot's commands may go with a SCAN, and not in a transaction.
+        // Only one slot's commands (and commands without keys, answered by the same node) may
+        // go with a SCAN, and not in a transaction.
+        let route = scan_route(scan);
         return match scan_tag(scan) {
             Some(tag)
                 if !pipeline.is_transaction()
-                    && slots.iter().all(|s| *s == first && s.is_some()) =>
+                    && slots.iter().all(|s| s.is_none() || *s == route) =>
             {
                 guarded_scan(conn, pipeline, &tag, offset, count).await
             }

@@ -12,5 +12,6 @@ pub mod outbox;
 pub mod partition;
 pub mod rank_pages;
 pub mod retry;
+pub mod scan;
 pub mod snapshot;
 pub mod views;

@@ -2,7 +2,9 @@
 //! both show the same thing: a customer found across partitions, their exact rank positions,
 //! the cut-offs in force, tier sizes, and a paged scan of every stored customer.
 
+use super::connection::Connection;
 use super::keys::{Keyspace, PartitionKeys};
+use super::scan::{self, ScanCursor};
 use crate::engine::rules::rank::Cutoffs;
 use crate::engine::rules::Rules;
 use crate::model::CustomerState;
@@ -278,25 +280,20 @@ pub async fn stored_offsets<C: ConnectionLike>(
     Ok(stored.into_iter().map(|o| o.filter(|&o| o >= 0)).collect())
 }
 
-/// One page of a partition's stored customers: the next cursor (0 when done) and the
-/// `(customer_id, state)` pairs found.
+/// One page of a scan of a partition's stored customers ([`scan::customer_keys`]): where the
+/// next page starts (`None` when the scan is complete) and the `(customer_id, state)` pairs
+/// found (a customer may be found again on a later page).
 ///
 /// # Errors
 /// [`ViewError`].
-pub async fn scan_customers<C: ConnectionLike>(
-    conn: &mut C,
+pub async fn scan_customers(
+    conn: &mut Connection,
     keys: &PartitionKeys,
-    cursor: u64,
+    at: &ScanCursor,
     page: usize,
-) -> Result<(u64, Vec<(String, CustomerState)>), ViewError> {
-    let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-        .arg(cursor)
-        .arg("MATCH")
-        .arg(keys.customer_pattern())
-        .arg("COUNT")
-        .arg(page)
-        .query_async(conn)
-        .await?;
+) -> Result<(Option<ScanCursor>, Vec<(String, CustomerState)>), ViewError> {
+    let found = scan::customer_keys(conn, keys, at, page).await?;
+    let (next, found) = (found.next, found.keys);
     let mut out = Vec::with_capacity(found.len());
     if !found.is_empty() {
         let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&found).query_async(conn).await?;

@@ -18,6 +18,7 @@ use super::{Store, ToolError};
 use crate::config::{ClockMode, Config};
 use crate::engine::rules::Rules;
 use crate::model::CustomerState;
+use crate::store::scan::ScanCursor;
 use crate::store::snapshot::{Opened, SnapshotError};
 use std::io::{Seek, Write};
 
@@ -182,7 +183,8 @@ fn read_partition(
         .snapshot_open(partition, id)
         .map_err(|e| snapshot_error(store, partition, e))?;
     let keys = store.partition_keys(partition);
-    // SCAN may return a key twice (the keyspace resized meanwhile): one line each.
+    // A scan may return a key twice (the keyspace resized meanwhile, the scan started again
+    // after a failover or during a slot migration): one line each.
     let mut seen = std::collections::HashSet::new();
     let mut held = true;
     let mut each = |key: &str, bytes: &[u8]| -> Result<(), ExportError> {
@@ -200,9 +202,9 @@ fn read_partition(
         Ok(())
     };
     // Every page renews the lease (a page of SCAN may find no key of this partition).
-    let mut cursor = 0;
+    let mut at = ScanCursor::start();
     loop {
-        let (next, found) = store.customer_keys(partition, cursor, PAGE)?;
+        let (next, found) = store.customer_keys(partition, &at, PAGE)?;
         let (ok, values) = store
             .snapshot_read(partition, id, &found)
             .map_err(|e| snapshot_error(store, partition, e))?;
@@ -212,10 +214,10 @@ fn read_partition(
                 each(key, &bytes)?;
             }
         }
-        if next == 0 {
-            break;
+        match next {
+            Some(next) => at = next,
+            None => break,
         }
-        cursor = next;
     }
     let mut cursor = 0;
     loop {

@@ -12,6 +12,7 @@ pub mod simulate;
 use crate::config::Config;
 use crate::model::CustomerState;
 use crate::store::keys::Keyspace;
+use crate::store::scan::{self, ScanCursor};
 use crate::store::snapshot::{self, SnapshotError};
 use crate::store::views::{self, ViewError};
 
@@ -144,8 +145,9 @@ impl Store {
             .ok_or_else(|| ToolError::NotFound(id.to_owned()))
     }
 
-    /// Streams every stored customer of every partition, a page at a time (bounded memory):
-    /// calls `each(customer_id, state)`.
+    /// Streams every stored customer of every partition, a page at a time: calls
+    /// `each(customer_id, state)` once per customer. Memory: the pages, and 16 bytes per
+    /// customer of a partition (the customers already passed, as a scan may find one again).
     ///
     /// # Errors
     /// [`ToolError::Corrupt`] or [`ToolError::Redis`].
@@ -171,19 +173,25 @@ impl Store {
         mut each: impl FnMut(&str, CustomerState),
     ) -> Result<(), ToolError> {
         let keys = self.keyspace.partition(partition);
-        let mut cursor: u64 = 0;
+        let mut passed = std::collections::HashSet::new();
+        let mut at = ScanCursor::start();
         loop {
             let found =
                 self.runtime
-                    .block_on(views::scan_customers(&mut self.conn, &keys, cursor, page));
+                    .block_on(views::scan_customers(&mut self.conn, &keys, &at, page));
             let (next, customers) = found.map_err(|e| self.view_err(e))?;
             for (id, state) in customers {
-                each(&id, state);
+                if passed.insert(xxhash_rust::xxh3::xxh3_128(id.as_bytes())) {
+                    each(&id, state);
+                }
             }
-            if next == 0 {
-                return Ok(());
+            match next {
+                Some(next) => {
+                    pause_if_restarted(&next);
+                    at = next;
+                }
+                None => return Ok(()),
             }
-            cursor = next;
         }
     }
 
@@ -193,35 +201,24 @@ impl Store {
     /// # Errors
     /// [`ToolError::Redis`].
     pub fn highest_sequence(&mut self, partition: i32) -> Result<(u64, Vec<String>), ToolError> {
-        let keys = self.keyspace.partition(partition);
-        let (mut cursor, mut highest, mut unreadable) = (0u64, 0u64, Vec::new());
+        let (mut at, mut highest, mut unreadable) = (ScanCursor::start(), 0u64, Vec::new());
         loop {
-            let (next, found): (u64, Vec<String>) = self
-                .query(
-                    redis::pipe()
-                        .cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(keys.customer_pattern())
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .map(|(page,): ((u64, Vec<String>),)| page)?;
+            let (next, found) = self.customer_keys(partition, &at, 1000)?;
             if !found.is_empty() {
                 let (values,): (Vec<Option<Vec<u8>>>,) =
                     self.query(redis::pipe().cmd("MGET").arg(&found))?;
                 for (key, value) in found.into_iter().zip(values) {
                     match value.map(|v| crate::model::stored::decode(&v)) {
                         Some(Ok(state)) => highest = highest.max(state.seq),
-                        Some(Err(_)) => unreadable.push(key),
-                        None => {}
+                        Some(Err(_)) if !unreadable.contains(&key) => unreadable.push(key),
+                        _ => {}
                     }
                 }
             }
-            if next == 0 {
-                return Ok((highest, unreadable));
+            match next {
+                Some(next) => at = next,
+                None => return Ok((highest, unreadable)),
             }
-            cursor = next;
         }
     }
 
@@ -274,31 +271,30 @@ impl Store {
             .block_on(snapshot::open(&mut self.conn, &keys, id))
     }
 
-    /// The next page of `partition`'s customer keys from `cursor` (0 to start; SCAN's
-    /// guarantees): (next cursor, 0 at the end; the keys).
+    /// The next page of a scan of `partition`'s customer keys ([`scan::customer_keys`]): where
+    /// the next page starts (`None` when the scan is complete; after a pause if it starts
+    /// again) and the keys (some possibly found before).
     ///
     /// # Errors
     /// [`ToolError::Redis`].
     pub fn customer_keys(
         &mut self,
         partition: i32,
-        cursor: u64,
+        at: &ScanCursor,
         page: usize,
-    ) -> Result<(u64, Vec<String>), ToolError> {
-        let pattern = self.keyspace.partition(partition).customer_pattern();
-        let found = self.runtime.block_on(
-            redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(page)
-                .query_async::<(u64, Vec<String>)>(&mut self.conn),
-        );
-        found.map_err(|source| ToolError::Redis {
+    ) -> Result<(Option<ScanCursor>, Vec<String>), ToolError> {
+        let keys = self.keyspace.partition(partition);
+        let found = self
+            .runtime
+            .block_on(scan::customer_keys(&mut self.conn, &keys, at, page));
+        let found = found.map_err(|source| ToolError::Redis {
             url: self.url.clone(),
             source,
-        })
+        })?;
+        if let Some(next) = &found.next {
+            pause_if_restarted(next);
+        }
+        Ok((found.next, found.keys))
     }
 
     /// Reads state keys of `partition` through the export `id`'s snapshot
@@ -370,5 +366,13 @@ impl Store {
             url: self.url.clone(),
             source,
         })
+    }
+}
+
+/// A scan that starts again (its slot migrating, Redis failed over) goes round once more after
+/// a pause, rather than re-reading a partition in a tight loop while the migration runs.
+fn pause_if_restarted(next: &ScanCursor) {
+    if next.is_start() {
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

@@ -5,6 +5,7 @@ use super::{commit, load, ApplyError, CommitBatch, Committed};
 use crate::store::connection::Connection;
 use crate::store::keys::PartitionKeys;
 use crate::store::retry::Backoff;
+use crate::store::scan::{self, ScanCursor};
 use crate::telemetry::{events, Telemetry};
 
 /// Evaluates `$call` (a `Result<_, ApplyError>`) until it succeeds or fails for a reason
@@ -157,33 +158,35 @@ impl PartitionStore {
         Ok(first.first().map(|(_, due)| *due))
     }
 
-    /// One SCAN step over the partition's customer keys: the next cursor (0 when done) and
-    /// the customer ids found.
+    /// One page of a scan of the partition's customer keys ([`scan::customer_keys`]): where
+    /// the next page starts (`None` when the scan is complete) and the customer ids found.
     ///
     /// # Errors
     /// None in practice (Redis errors are retried).
     pub async fn scan_customer_ids(
         &mut self,
-        cursor: u64,
+        at: &ScanCursor,
         count: u64,
-    ) -> Result<(u64, Vec<String>), ApplyError> {
-        let pattern = self.keys.customer_pattern();
-        let (next, found): (u64, Vec<String>) = retrying!(self, {
-            redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(count)
-                .query_async(&mut self.conn)
+    ) -> Result<(Option<ScanCursor>, Vec<String>), ApplyError> {
+        let count = usize::try_from(count).unwrap_or(usize::MAX);
+        let page = retrying!(self, {
+            scan::customer_keys(&mut self.conn, &self.keys, at, count)
                 .await
                 .map_err(ApplyError::from)
         })?;
-        let ids = found
+        if let Some(why) = page.restarted {
+            tracing::info!(
+                partition = self.partition,
+                reason = why.as_str(),
+                "The scan of the partition's customers starts again."
+            );
+        }
+        let ids = page
+            .keys
             .iter()
             .filter_map(|k| self.keys.customer_id(k).map(str::to_owned))
             .collect();
-        Ok((next, ids))
+        Ok((page.next, ids))
     }
 
     /// The next page of the partition's rank `rank` between `lo` and `hi` after `cursor`

@@ -1,0 +1,267 @@
+//! A scan of a partition's customer keys (`store::scan`, what the rules sweep, `tierd export`,
+//! `simulate` and `offsets reset` read the partition by) returns every key present throughout
+//! it while its keys move: a Redis restarted from its append-only file between two pages, the
+//! partition's slot migrating to another master of a Redis Cluster (keys moved one by one)
+//! during the scan, and the slot moved back between two pages. A `SCAN` cursor is one server
+//! process's position: taken to another, it skips keys, and a scan of the old master misses
+//! the keys already migrated.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use support::{ClusterNode, Redis};
+use tierd::store::connection::Connection;
+use tierd::store::keys::{Keyspace, PartitionKeys};
+use tierd::store::scan::{self, Restart, ScanCursor};
+
+const CUSTOMERS: usize = 4_000;
+
+struct Scanner {
+    runtime: tokio::runtime::Runtime,
+    conn: Connection,
+    keys: PartitionKeys,
+}
+
+impl Scanner {
+    fn new(redis: &Redis) -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = tierd::store::client::client(&redis.config("tierd")).unwrap();
+        let conn = runtime.block_on(Connection::connect(client)).unwrap();
+        let keys = Keyspace::new("tierd", "g", "purchases").partition(0);
+        Self {
+            runtime,
+            conn,
+            keys,
+        }
+    }
+
+    /// Writes the partition's customer keys; returns them.
+    fn fill(&mut self, redis: &Redis) -> HashSet<String> {
+        let all: HashSet<String> = (0..CUSTOMERS)
+            .map(|i| self.keys.customer(&format!("c{i}")))
+            .collect();
+        let mut pipe = redis::pipe();
+        for key in &all {
+            pipe.set(key, "1").ignore();
+        }
+        pipe.query::<()>(&mut redis.conn()).unwrap();
+        all
+    }
+
+    /// The next page (a failed call, while Redis restarts, is tried again as tierd's callers do).
+    fn page(&mut self, at: &ScanCursor) -> scan::Page {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self
+                .runtime
+                .block_on(scan::customer_keys(&mut self.conn, &self.keys, at, 100))
+            {
+                Ok(page) => return page,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("page failed, tried again: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
+
+/// Pages until `stop(found, restarts)` says so after a page (or the scan is complete):
+/// where the scan stands.
+fn pages(
+    scanner: &mut Scanner,
+    mut at: ScanCursor,
+    found: &mut HashSet<String>,
+    restarts: &mut Vec<Restart>,
+    mut stop: impl FnMut(&HashSet<String>, &[Restart]) -> bool,
+) -> Option<ScanCursor> {
+    loop {
+        let page = scanner.page(&at);
+        found.extend(page.keys);
+        restarts.extend(page.restarted);
+        at = page.next?;
+        if stop(found, restarts) {
+            return Some(at);
+        }
+    }
+}
+
+fn missing(all: &HashSet<String>, found: &HashSet<String>) -> usize {
+    all.difference(found).count()
+}
+
+#[test]
+fn a_scan_sees_every_key_across_a_redis_restart() {
+    let redis = Redis::start_persistent();
+    let mut scanner = Scanner::new(&redis);
+    let all = scanner.fill(&redis);
+    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
+    let at = pages(
+        &mut scanner,
+        ScanCursor::start(),
+        &mut found,
+        &mut restarts,
+        |f, _| f.len() >= CUSTOMERS / 2,
+    )
+    .expect("the scan is half way");
+    // Another process, another hash seed: the cursor is a position in another table.
+    redis.restart_persistent();
+    let rest = pages(&mut scanner, at, &mut found, &mut restarts, |_, _| false);
+    assert_eq!(rest, None);
+    assert_eq!(missing(&all, &found), 0, "keys the scan did not return");
+    assert_eq!(restarts, vec![Restart::OtherConnection]);
+}
+
+#[test]
+fn a_scan_sees_every_key_while_its_slot_migrates_and_after_it_moved() {
+    let redis = Redis::start_cluster();
+    let mut scanner = Scanner::new(&redis);
+    let all = scanner.fill(&redis);
+    let pattern = scanner.keys.customer_pattern();
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&scanner.keys.meta)
+        .query(&mut redis.conn())
+        .unwrap();
+    let masters: Vec<&ClusterNode> = redis.nodes().iter().filter(|n| n.is_master()).collect();
+    let holds = |n: &ClusterNode| {
+        let count: u64 = redis::cmd("CLUSTER")
+            .arg("COUNTKEYSINSLOT")
+            .arg(slot)
+            .query(&mut n.conn())
+            .unwrap();
+        count > 0
+    };
+    let source = *masters
+        .iter()
+        .find(|n| holds(n))
+        .expect("the slot's master");
+    let target = *masters.iter().find(|n| n.port != source.port).unwrap();
+
+    // 1. The slot migrates during the scan: half its keys are moved while the scan reads the
+    //    old master, which the scan then completes; then the migration completes.
+    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
+    let at = pages(
+        &mut scanner,
+        ScanCursor::start(),
+        &mut found,
+        &mut restarts,
+        |f, _| f.len() >= CUSTOMERS / 4,
+    )
+    .expect("the scan is under way");
+    begin_migration(slot, source, target);
+    move_keys(slot, source, target, CUSTOMERS / 2);
+    // The pages go to either master (a request naming a key the old one no longer has is
+    // redirected to the new one) until a scan ends, complete without the check, with keys on
+    // the other master unseen.
+    let at = pages(&mut scanner, at, &mut found, &mut restarts, |_, r| {
+        r.contains(&Restart::SlotMigrating)
+    });
+    assert!(
+        restarts.contains(&Restart::SlotMigrating),
+        "the end of a scan of a migrating slot starts it again (restarts {restarts:?}, {} keys \
+         unseen)",
+        missing(&all, &found)
+    );
+    assert!(at.is_some_and(|at| at.is_start()));
+    move_keys(slot, source, target, usize::MAX);
+    end_migration(&redis, slot, target);
+    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
+    let rest = pages(
+        &mut scanner,
+        ScanCursor::start(),
+        &mut found,
+        &mut restarts,
+        |_, _| false,
+    );
+    assert_eq!(rest, None);
+    assert_eq!(missing(&all, &found), 0);
+    assert_eq!(redis.scan(&pattern).len(), CUSTOMERS);
+
+    // 2. The slot moves back between two pages: the cursor is the other master's.
+    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
+    let at = pages(
+        &mut scanner,
+        ScanCursor::start(),
+        &mut found,
+        &mut restarts,
+        |f, _| f.len() >= CUSTOMERS / 2,
+    )
+    .expect("the scan is half way");
+    begin_migration(slot, target, source);
+    move_keys(slot, target, source, usize::MAX);
+    end_migration(&redis, slot, source);
+    let rest = pages(&mut scanner, at, &mut found, &mut restarts, |_, _| false);
+    assert_eq!(rest, None);
+    assert_eq!(missing(&all, &found), 0, "keys the scan did not return");
+    assert_eq!(restarts, vec![Restart::OtherConnection]);
+}
+
+fn node_id(node: &ClusterNode) -> String {
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query(&mut node.conn())
+        .unwrap()
+}
+
+fn begin_migration(slot: u16, from: &ClusterNode, to: &ClusterNode) {
+    let setslot = |node: &ClusterNode, state: &str, id: &str| {
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(state)
+            .arg(id)
+            .query::<()>(&mut node.conn())
+            .unwrap();
+    };
+    setslot(to, "IMPORTING", &node_id(from));
+    setslot(from, "MIGRATING", &node_id(to));
+}
+
+/// Moves up to `at_most` of the slot's keys (`MIGRATE`, as `redis-cli --cluster reshard` does).
+fn move_keys(slot: u16, from: &ClusterNode, to: &ClusterNode, at_most: usize) {
+    let mut moved = 0;
+    while moved < at_most {
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(100.min(at_most - moved))
+            .query(&mut from.conn())
+            .unwrap();
+        if keys.is_empty() {
+            return;
+        }
+        redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(to.port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .query::<()>(&mut from.conn())
+            .unwrap();
+        moved += keys.len();
+    }
+}
+
+/// Gives the slot to `to` on every master (as `redis-cli --cluster reshard` ends), and waits
+/// until the cluster agrees.
+fn end_migration(redis: &Redis, slot: u16, to: &ClusterNode) {
+    let id = node_id(to);
+    for node in redis.nodes().iter().filter(|n| n.is_master()) {
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&id)
+            .query::<()>(&mut node.conn())
+            .unwrap();
+    }
+    redis.wait_cluster_ok(Duration::from_secs(30));
+}
