@@ -470,7 +470,20 @@ fn an_outbox_that_cannot_drain_pauses_input_at_its_bound() {
 /// Redis answers, they are claimed and every event counts once.
 #[test]
 fn partitions_assigned_while_redis_is_frozen_are_shown_and_claimed_when_it_returns() {
-    let world = World::start(4);
+    assigned_while_frozen(World::start(4));
+}
+
+/// The same on a Redis Cluster, every node frozen. redis-rs's synchronous cluster connection
+/// retries a timed-out call and, connecting again, sends a `PING` with no timeout, which a
+/// frozen node (its kernel accepts the connection) never answers: before each claim call ran
+/// on a thread of its own, given up at its deadline, the claim held the consumer thread until
+/// the cluster returned, past `max.poll.interval.ms`.
+#[test]
+fn partitions_assigned_while_a_redis_cluster_is_frozen_are_shown_and_claimed_when_it_returns() {
+    assigned_while_frozen(World::start_with(4, Redis::start_cluster()));
+}
+
+fn assigned_while_frozen(world: World) {
     let holder = support::GroupHolder::join(&world);
     let tierd = Tierd::spawn_with(&world, "\"max.poll.interval.ms\" = \"10000\"", "");
     tierd.wait_partitions(2, Duration::from_secs(60));
@@ -520,7 +533,16 @@ fn partitions_assigned_while_redis_is_frozen_are_shown_and_claimed_when_it_retur
 /// left the group). Every event still counts once.
 #[test]
 fn partitions_revoked_while_redis_is_frozen_are_released_in_time() {
-    let world = World::start(4);
+    revoked_while_frozen(World::start(4));
+}
+
+/// The same on a Redis Cluster, every node frozen.
+#[test]
+fn partitions_revoked_while_a_redis_cluster_is_frozen_are_released_in_time() {
+    revoked_while_frozen(World::start_with(4, Redis::start_cluster()));
+}
+
+fn revoked_while_frozen(world: World) {
     let tierd = Tierd::spawn_with(&world, "\"max.poll.interval.ms\" = \"10000\"", "");
     tierd.wait_partitions(4, Duration::from_secs(60));
     let mut ends = world.produce_json(&events(0, 400));

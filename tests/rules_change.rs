@@ -890,11 +890,26 @@ fn a_replay_missing_a_middle_rules_version_warns_naming_rules_history() {
     world.wait_outbox_drained(0, Duration::from_secs(60));
     let after = world.customer_state("c1").unwrap();
     assert_ne!(after.tier, before.tier, "the purchase moved c1");
-    assert_eq!(
-        after.seq,
-        before.seq.max(floor) + 1,
-        "numbered above the floor Redis kept, not raised again"
-    );
+    if after.seq != before.seq.max(floor) + 1 {
+        // Once seen in a loaded CI run (6 where 4 was expected), not reproduced: say what c1
+        // went through if it happens again.
+        let c1: Vec<String> = world
+            .read_all(&world.output)
+            .iter()
+            .filter(|r| !r.value.is_empty() && r.json()["customer_id"] == "c1")
+            .map(|r| r.json().to_string())
+            .collect();
+        panic!(
+            "numbered above the floor Redis kept ({floor}), not raised again: c1's sequence \
+             {} before the purchase, {} after; floors raised {}; c1's changes on the topic:\n{}\n\
+             log:\n{}",
+            before.seq,
+            after.seq,
+            tierd.metric("tierd_sequence_floors_raised_total"),
+            c1.join("\n"),
+            tierd.log_text()
+        );
+    }
     assert_eq!(tierd.metric("tierd_sequence_floors_raised_total"), 0.0);
     world.assert_fresh_ids_in_order();
     drop(run.files);

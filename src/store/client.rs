@@ -22,12 +22,77 @@ pub enum RedisClient {
     Cluster(redis::cluster::ClusterClient),
 }
 
-/// A synchronous connection (the claims', which run on the consumer thread).
+/// A synchronous connection (the claims', which run on the consumer thread), every call
+/// bounded by its timeout.
 pub enum SyncConnection {
-    /// To one server.
+    /// To one server (the socket's timeouts).
     Single(redis::Connection),
-    /// To a Redis Cluster (routed by key).
-    Cluster(Box<redis::cluster::ClusterConnection>),
+    /// To a Redis Cluster (routed by key; each call on a thread of its own, see
+    /// [`BoundedCluster`]).
+    Cluster(BoundedCluster),
+}
+
+/// A synchronous cluster connection whose every call, and its making, ends within a timeout.
+///
+/// Socket timeouts do not bound redis-rs's synchronous cluster connection: a call that times
+/// out is retried (up to [`CLUSTER_RETRIES`] times, reconnecting), and a node connection it
+/// makes sends a `PING` before any timeout is set — to a node that accepts connections but does
+/// not answer (a frozen or stalled process: its kernel still accepts), that `PING` waits for as
+/// long as the node is away, and the consumer thread with it (evicted from the group after
+/// `max.poll.interval.ms`). So each call runs on a thread of its own and is given up after the
+/// timeout: the connection is then dropped with that thread (which ends when the node answers
+/// or the socket fails), and the next call fails so the caller connects anew.
+pub struct BoundedCluster {
+    conn: Option<Box<redis::cluster::ClusterConnection>>,
+    timeout: Duration,
+}
+
+impl BoundedCluster {
+    /// Runs `call` on the connection on a thread of its own, within the timeout.
+    fn call<T: Send + 'static>(
+        &mut self,
+        call: impl FnOnce(&mut redis::cluster::ClusterConnection) -> redis::RedisResult<T>
+            + Send
+            + 'static,
+    ) -> redis::RedisResult<T> {
+        let mut conn = self.conn.take().ok_or_else(|| {
+            io_error(
+                std::io::ErrorKind::NotConnected,
+                "an earlier call on this Redis Cluster connection did not end in time",
+            )
+        })?;
+        let (conn, result) = within(self.timeout, move || {
+            let result = call(&mut conn);
+            (conn, result)
+        })?;
+        self.conn = Some(conn);
+        result
+    }
+}
+
+/// Runs `work` on a thread of its own; its result if it ends within `timeout` (else the thread
+/// is left to end by itself, its result dropped).
+fn within<T: Send + 'static>(
+    timeout: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> redis::RedisResult<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("tierd-claim-redis".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(redis::RedisError::from)?;
+    rx.recv_timeout(timeout).map_err(|_| {
+        io_error(
+            std::io::ErrorKind::TimedOut,
+            "the Redis Cluster did not answer in time",
+        )
+    })
+}
+
+fn io_error(kind: std::io::ErrorKind, message: &'static str) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(kind, message))
 }
 
 impl RedisClient {
@@ -45,9 +110,19 @@ impl RedisClient {
             Self::Single(c) => c
                 .get_connection_with_timeout(timeout)
                 .map(SyncConnection::Single),
-            Self::Cluster(c) => c
-                .get_connection()
-                .map(|c| SyncConnection::Cluster(Box::new(c))),
+            Self::Cluster(c) => {
+                let client = c.clone();
+                let conn = within(timeout, move || -> redis::RedisResult<_> {
+                    let conn = client.get_connection()?;
+                    conn.set_read_timeout(Some(timeout))?;
+                    conn.set_write_timeout(Some(timeout))?;
+                    Ok(Box::new(conn))
+                })??;
+                Ok(SyncConnection::Cluster(BoundedCluster {
+                    conn: Some(conn),
+                    timeout,
+                }))
+            }
         }
     }
 }
@@ -64,8 +139,14 @@ impl SyncConnection {
                 c.set_write_timeout(Some(timeout))
             }
             Self::Cluster(c) => {
-                c.set_read_timeout(Some(timeout))?;
-                c.set_write_timeout(Some(timeout))
+                c.timeout = timeout;
+                match &c.conn {
+                    Some(conn) => {
+                        conn.set_read_timeout(Some(timeout))?;
+                        conn.set_write_timeout(Some(timeout))
+                    }
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -75,7 +156,10 @@ impl redis::ConnectionLike for SyncConnection {
     fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => {
+                let cmd = cmd.to_vec();
+                c.call(move |conn| conn.req_packed_command(&cmd))
+            }
         }
     }
 
@@ -87,28 +171,31 @@ impl redis::ConnectionLike for SyncConnection {
     ) -> redis::RedisResult<Vec<redis::Value>> {
         match self {
             Self::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => {
+                let cmd = cmd.to_vec();
+                c.call(move |conn| conn.req_packed_commands(&cmd, offset, count))
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(_) => 0,
         }
     }
 
     fn check_connection(&mut self) -> bool {
         match self {
             Self::Single(c) => c.check_connection(),
-            Self::Cluster(c) => c.check_connection(),
+            Self::Cluster(c) => c.call(|conn| Ok(conn.check_connection())).unwrap_or(false),
         }
     }
 
     fn is_open(&self) -> bool {
         match self {
             Self::Single(c) => c.is_open(),
-            Self::Cluster(c) => c.is_open(),
+            Self::Cluster(c) => c.conn.as_ref().is_some_and(|conn| conn.is_open()),
         }
     }
 }

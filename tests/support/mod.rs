@@ -405,8 +405,9 @@ impl Redis {
         }
     }
 
-    /// Freezes Redis (SIGSTOP): connections stay open and nothing answers, like a stalled or
-    /// partitioned server. [`Redis::resume`] lets it go on with everything intact.
+    /// Freezes Redis (SIGSTOP; every node of a cluster): connections stay open (and new ones
+    /// are accepted by the kernel) and nothing answers, like a stalled or partitioned server.
+    /// [`Redis::resume`] lets it go on with everything intact.
     pub fn pause(&self) {
         self.signal("-STOP");
     }
@@ -417,6 +418,12 @@ impl Redis {
     }
 
     fn signal(&self, sig: &str) {
+        if !self.cluster.is_empty() {
+            for node in &self.cluster {
+                node.signal(sig);
+            }
+            return;
+        }
         let pid = self
             .child
             .lock()
