@@ -168,7 +168,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     crate::kafka::check_clients(&config.kafka)?;
     let client = crate::store::client::client(&config.redis)?;
     let redis = connect(client.clone()).await?;
-    match crate::store::client::eviction_policy(&mut redis.clone()).await {
+    match crate::store::client::eviction_policy(&redis).await {
         Ok(policy) if crate::store::client::may_evict_tierd_keys(&policy) => {
             return Err(StartError::Eviction { policy });
         }

@@ -84,28 +84,36 @@ fn the_api_and_the_tools_read_every_partition_across_the_cluster() {
 /// One master that may evict keys (`allkeys-lru`) is enough for tierd to refuse to start:
 /// the check reads every master's policy.
 #[test]
-fn a_cluster_with_one_evicting_master_is_refused() {
+fn a_cluster_with_one_evicting_node_is_refused_replicas_included() {
     let world = World::start_with(2, Redis::start_cluster());
-    let node = world
-        .redis
-        .nodes()
+    let policy = |node: &support::ClusterNode, policy: &str| {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .query(&mut node.conn())
+            .unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = world.config_file(dir.path());
+    let nodes = world.redis.nodes();
+    // A replica keeps its policy when it is promoted: checked too.
+    let replica = nodes.iter().find(|n| !n.is_master()).expect("a replica");
+    let master = nodes
         .iter()
         .rev()
         .find(|n| n.is_master())
         .expect("a master");
-    let () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("allkeys-lru")
-        .query(&mut node.conn())
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (code, log) = run(&world.config_file(dir.path()));
-    assert!(
-        matches!(code, Some(c) if c != 0),
-        "tierd started: {code:?}\n{log}"
-    );
-    assert!(log.contains("maxmemory-policy is `allkeys-lru`"), "{log}");
+    for (node, what) in [(replica, "replica"), (master, "master")] {
+        policy(node, "allkeys-lru");
+        let (code, log) = run(&config);
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "tierd started with an evicting {what}: {code:?}\n{log}"
+        );
+        assert!(log.contains("maxmemory-policy is `allkeys-lru`"), "{log}");
+        policy(node, "noeviction");
+    }
 }
 
 /// Produces `events` 1,000 at a time, `pause_ms` apart (a stream that lasts while a test

@@ -19,7 +19,33 @@ pub enum RedisClient {
     Single(redis::Client),
     /// A Redis Cluster (`redis+cluster://`, `rediss+cluster://`), reached through its seed
     /// nodes.
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(ClusterClients),
+}
+
+/// The clients of one Redis Cluster.
+#[derive(Clone)]
+pub struct ClusterClients {
+    /// Every request's: to the masters, routed by key.
+    pub routed: redis::cluster::ClusterClient,
+    /// A seed's URL up to its host (scheme and credentials): with a node's `host:port`, the
+    /// URL of that node alone.
+    node_prefix: String,
+    certs: Option<redis::TlsCertificates>,
+}
+
+impl ClusterClients {
+    /// A client of the one node at `host:port` (a check of every node, replicas included:
+    /// redis-rs's cluster client holds connections to the masters only).
+    ///
+    /// # Errors
+    /// The client's (a TLS setup error).
+    pub fn node(&self, host_port: &str) -> redis::RedisResult<redis::Client> {
+        let url = format!("{}{host_port}", self.node_prefix);
+        match &self.certs {
+            Some(certs) => redis::Client::build_with_tls(url, certs.clone()),
+            None => redis::Client::open(url),
+        }
+    }
 }
 
 /// A synchronous connection (the claims', which run on the consumer thread), every call
@@ -111,7 +137,7 @@ impl RedisClient {
                 .get_connection_with_timeout(timeout)
                 .map(SyncConnection::Single),
             Self::Cluster(c) => {
-                let client = c.clone();
+                let client = c.routed.clone();
                 let conn = within(timeout, move || -> redis::RedisResult<_> {
                     let conn = client.get_connection()?;
                     conn.set_read_timeout(Some(timeout))?;
@@ -318,15 +344,27 @@ fn cluster_client(
     nodes: Vec<String>,
     certs: Option<redis::TlsCertificates>,
 ) -> redis::RedisResult<RedisClient> {
-    let mut builder = redis::cluster::ClusterClient::builder(nodes)
-        .connection_timeout(crate::store::connection::CONNECT_TIMEOUT)
-        .retries(CLUSTER_RETRIES)
-        .min_retry_wait(100)
-        .max_retry_wait(2_000);
-    if let Some(certs) = certs {
-        builder = builder.certs(certs);
-    }
-    builder.build().map(RedisClient::Cluster)
+    let builder = || {
+        let builder = redis::cluster::ClusterClient::builder(nodes.clone())
+            .connection_timeout(crate::store::connection::CONNECT_TIMEOUT)
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(100)
+            .max_retry_wait(2_000);
+        match certs.clone() {
+            Some(certs) => builder.certs(certs),
+            None => builder,
+        }
+    };
+    let seed = nodes.first().map(String::as_str).unwrap_or_default();
+    let node_prefix = match seed.rfind('@') {
+        Some(at) => &seed[..=at],
+        None => &seed[..seed.find("://").map_or(0, |i| i + 3)],
+    };
+    Ok(RedisClient::Cluster(ClusterClients {
+        routed: builder().build()?,
+        node_prefix: node_prefix.to_owned(),
+        certs,
+    }))
 }
 
 /// The field a TLS setup error is about, from redis-rs's message.
@@ -397,19 +435,16 @@ fn certificates(cfg: &RedisConfig) -> Result<redis::TlsCertificates, ConfigError
 ///
 /// # Errors
 /// The Redis error.
-pub async fn eviction_policy<C: redis::aio::ConnectionLike>(
-    conn: &mut C,
+pub async fn eviction_policy(
+    conn: &crate::store::connection::Connection,
 ) -> Result<String, redis::RedisError> {
-    // A cluster client asks every master and answers with each node's text by address.
-    let reply: redis::Value = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-    let texts: Vec<String> = match reply {
-        redis::Value::Map(nodes) => nodes
-            .into_iter()
-            .map(|(_, text)| redis::from_redis_value(text))
-            .collect::<Result<_, _>>()
-            .map_err(redis::RedisError::from)?,
-        single => vec![redis::from_redis_value(single).map_err(redis::RedisError::from)?],
-    };
+    // On a cluster every node, replicas included: a replica promoted keeps its own policy.
+    let replies = conn.on_every_node(redis::cmd("INFO").arg("memory")).await?;
+    let texts: Vec<String> = replies
+        .into_iter()
+        .map(redis::from_redis_value)
+        .collect::<Result<_, _>>()
+        .map_err(redis::RedisError::from)?;
     let policies: Vec<String> = texts
         .iter()
         .map(|info| {

@@ -127,7 +127,9 @@ impl Link {
             RedisClient::Single(client) => Self::Managed(
                 ConnectionManager::new_with_config(client.clone(), manager_config()).await?,
             ),
-            RedisClient::Cluster(client) => Self::Cluster(client.get_async_connection().await?),
+            RedisClient::Cluster(clients) => {
+                Self::Cluster(clients.routed.get_async_connection().await?)
+            }
         })
     }
 }
@@ -169,6 +171,37 @@ impl Connection {
     /// Whether this is a connection to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.shared.client.is_cluster()
+    }
+
+    /// `cmd` (a command without keys) on every node, replicas included: each node's reply (one
+    /// on a single server).
+    ///
+    /// # Errors
+    /// Redis's; on a cluster, any node's.
+    pub async fn on_every_node(&self, cmd: &Cmd) -> RedisResult<Vec<Value>> {
+        match self.link() {
+            Link::Cluster(mut conn) => {
+                let RedisClient::Cluster(clients) = &self.shared.client else {
+                    unreachable!("a cluster link comes from a cluster client")
+                };
+                // The nodes as the cluster lists them, each asked on a connection of its own:
+                // redis-rs's cluster client holds connections to the masters only.
+                let nodes: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async(&mut conn)
+                    .await?;
+                let mut replies = Vec::new();
+                for address in node_addresses(&nodes) {
+                    let mut node = clients
+                        .node(&address)?
+                        .get_multiplexed_async_connection_with_config(&direct_config())
+                        .await?;
+                    replies.push(cmd.query_async(&mut node).await?);
+                }
+                Ok(replies)
+            }
+            _ => Ok(vec![cmd.query_async(&mut self.clone()).await?]),
+        }
     }
 
     fn link(&self) -> Link {
@@ -288,6 +321,30 @@ fn argument(cmd: &Cmd, n: usize) -> Option<&[u8]> {
         redis::Arg::Simple(arg) => Some(arg),
         _ => None,
     }
+}
+
+/// The `host:port` of each node `CLUSTER NODES` lists, but those marked failed or without an
+/// address.
+fn node_addresses(nodes: &str) -> Vec<String> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let address = fields.nth(1)?;
+            let flags = fields.next()?;
+            if flags
+                .split(',')
+                .any(|f| matches!(f, "fail" | "noaddr" | "handshake"))
+            {
+                return None;
+            }
+            // `host:port@bus-port[,hostname]`.
+            let address = address.split(['@', ',']).next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            (!host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+                .then(|| address.to_owned())
+        })
+        .collect()
 }
 
 /// The hash tag (`{…}`, braces included) a `SCAN`'s `MATCH` pattern names, the glob escapes of
@@ -447,4 +504,24 @@ async fn cluster_pipeline(
         }
     }
     Ok(out.into_iter().skip(offset).take(count).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_addresses;
+
+    #[test]
+    fn the_nodes_listed_with_an_address_and_not_failed() {
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002,node-b.example master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 slave a1 0 1 3 connected
+d4 127.0.0.1:7004@17004 master,fail - 0 1 4 disconnected
+e5 :0@0 master,noaddr - 0 1 5 disconnected
+";
+        assert_eq!(
+            node_addresses(nodes),
+            ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+        );
+    }
 }
