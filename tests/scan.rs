@@ -265,3 +265,48 @@ fn end_migration(redis: &Redis, slot: u16, to: &ClusterNode) {
     }
     redis.wait_cluster_ok(Duration::from_secs(30));
 }
+
+/// The scan reads its connection's identity and, on a cluster, the slot's state with commands
+/// a least-privileged user may run (`+@all -@dangerous`: no `INFO`, no `CLIENT LIST`).
+#[test]
+fn a_scan_runs_as_a_user_without_dangerous_commands() {
+    for mut redis in [Redis::start(), Redis::start_cluster()] {
+        let admin: Vec<redis::Connection> = if redis.nodes().is_empty() {
+            vec![redis::Client::open(redis.url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap()]
+        } else {
+            redis.nodes().iter().map(ClusterNode::conn).collect()
+        };
+        for mut conn in admin {
+            let () = redis::cmd("ACL")
+                .arg(&["SETUSER", "tierd-app", "on", ">app-secret", "~*", "&*"][..])
+                .arg(&["+@all", "-@dangerous"][..])
+                .query(&mut conn)
+                .unwrap();
+        }
+        let scheme = redis.url.split("://").next().unwrap().to_owned();
+        redis.url = redis.url.replacen(
+            &format!("{scheme}://"),
+            &format!("{scheme}://tierd-app:app-secret@"),
+            1,
+        );
+        let mut scanner = Scanner::new(&redis);
+        let all = scanner.fill(&redis);
+        let refused: redis::RedisResult<redis::Value> =
+            redis::cmd("CLIENT").arg("LIST").query(&mut redis.conn());
+        assert!(refused.is_err(), "the user must not run CLIENT LIST");
+        let (mut found, mut restarts) = (HashSet::new(), Vec::new());
+        let rest = pages(
+            &mut scanner,
+            ScanCursor::start(),
+            &mut found,
+            &mut restarts,
+            |_, _| false,
+        );
+        assert_eq!(rest, None);
+        assert_eq!(missing(&all, &found), 0);
+        assert!(restarts.is_empty());
+    }
+}
