@@ -294,7 +294,9 @@ fn cutoffs_equal_a_full_sort(world: World, n: i64) {
     // Ties make bands hold at least their share, never less.
     assert!(sizes["vip"] >= n / 100, "{sizes:?}");
     let reevaluated = tierd.metric("tierd_rank_reevaluated_total");
-    eprintln!("{n} customers over {} partitions: cut-offs {:?}, sizes {sizes:?}, re-evaluated {reevaluated}", world.partitions, cut.values);
+    let repeated = tierd.metric("tierd_rank_cutoff_searches_repeated_total");
+    let recomputes = tierd.metric("tierd_rank_recompute_seconds_count");
+    eprintln!("{n} customers over {} partitions: cut-offs {:?}, sizes {sizes:?}, re-evaluated {reevaluated}; {recomputes} recomputes, searches repeated (verification failed, cluster) {repeated}", world.partitions, cut.values);
 }
 
 #[test]

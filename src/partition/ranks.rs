@@ -192,9 +192,14 @@ impl Runner {
         };
         let conn = self.store.connection();
         let started = Instant::now();
-        let new = match cutoffs::compute(conn, &all, &p.rules).await {
+        let (new, repeated) = match cutoffs::compute(conn, &all, &p.rules).await {
             Ok(new) => new,
             Err(e) => {
+                if cutoffs::unverified(&e) {
+                    p.telemetry
+                        .cutoff_searches_repeated
+                        .inc_by(cutoffs::VERIFY_ATTEMPTS as u64);
+                }
                 self.store.failed(&mut Backoff::default(), &e).await;
                 return true;
             }
@@ -233,6 +238,7 @@ impl Runner {
         }
         events::CutoffsComputed {
             seconds: started.elapsed().as_secs_f64(),
+            repeated,
             published,
         }
         .emit(&p.telemetry);

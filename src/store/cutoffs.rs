@@ -57,6 +57,9 @@ pub struct Search {
     /// Customers whose value is above `kth`, when the search read it with the other counts
     /// (the search across a cluster's nodes does; the script does not).
     pub above_kth: Option<u64>,
+    /// Searches repeated before this one because their verification failed (across a
+    /// cluster's nodes; 0 on one Redis).
+    pub repeated: u32,
 }
 
 /// Runs the cut-off search (`lua/cutoff.lua`) over one rank's sorted sets (`keys`, one per
@@ -88,6 +91,7 @@ pub async fn search<C: redis::aio::ConnectionLike>(
                 kth,
                 at_or_above_kth,
                 above_kth: None,
+                repeated: 0,
             })
         }
         _ => None,
@@ -128,7 +132,7 @@ pub async fn search_across_nodes<C: redis::aio::ConnectionLike + Clone>(
 ) -> Result<Option<Search>, redis::RedisError> {
     const EXACT: f64 = 9_007_199_254_740_991.0;
     let point = CutPoint { rank: 0, pct };
-    for _ in 0..VERIFY_ATTEMPTS {
+    for attempt in 0..VERIFY_ATTEMPTS {
         // The population and the extremes (each partition's lowest and highest value), each
         // partition's at one moment, all partitions at once.
         let firsts = per_partition(conn, keys, |pipe, key| {
@@ -199,14 +203,22 @@ pub async fn search_across_nodes<C: redis::aio::ConnectionLike + Clone>(
                 kth: lo,
                 at_or_above_kth: at_or_above,
                 above_kth: Some(above),
+                repeated: u32::try_from(attempt).unwrap_or(u32::MAX),
             }));
         }
     }
     Err(redis::RedisError::from((
         redis::ErrorKind::Client,
-        "rank cut-off search across the cluster's nodes: the counts moved around the value in every verification; the cut-offs in force are kept and computed again at the next check",
+        UNVERIFIED,
         format!("{VERIFY_ATTEMPTS} attempts"),
     )))
+}
+
+const UNVERIFIED: &str = "rank cut-off search across the cluster's nodes: the counts moved around the value in every verification; the cut-offs in force are kept and computed again at the next check";
+
+/// Whether `error` is [`search_across_nodes`]'s when no attempt verified.
+pub fn unverified(error: &redis::RedisError) -> bool {
+    error.kind() == redis::ErrorKind::Client && error.to_string().contains(UNVERIFIED)
 }
 
 /// A sorted-set member with its score, as `ZRANGE … WITHSCORES` returns it.
@@ -252,7 +264,8 @@ pub async fn count_at_or_above<C: redis::aio::ConnectionLike>(
     Ok(counts.iter().sum())
 }
 
-/// Computes every cut-off of the rules over all partitions.
+/// Computes every cut-off of the rules over all partitions; also returns how many searches
+/// were repeated (their verification failed, on a cluster).
 ///
 /// # Errors
 /// The Redis error.
@@ -260,7 +273,8 @@ pub async fn compute(
     conn: &mut Connection,
     partitions: &[PartitionKeys],
     rules: &Rules,
-) -> Result<Cutoffs, redis::RedisError> {
+) -> Result<(Cutoffs, u64), redis::RedisError> {
+    let mut repeated = 0u64;
     let mut population = vec![0u64; rules.ranks().len()];
     let mut values = Vec::with_capacity(rules.cut_points().len());
     let mut at_or_above = Vec::with_capacity(rules.cut_points().len());
@@ -279,6 +293,7 @@ pub async fn compute(
             at_or_above.push(0);
             continue;
         };
+        repeated += u64::from(found.repeated);
         population[rank] = population[rank].max(found.population);
         let value = crate::engine::rules::rank::cutoff(
             found.kth,
@@ -294,14 +309,15 @@ pub async fn compute(
             _ => count_at_or_above(conn, &keys, value).await?,
         });
     }
-    Ok(Cutoffs {
+    let cutoffs = Cutoffs {
         version: 0,
         rules: rules.version_hash(),
         population,
         values,
         at_or_above,
         computed_at: crate::model::time::now_ms(),
-    })
+    };
+    Ok((cutoffs, repeated))
 }
 
 static PUBLISH_CUTOFFS: std::sync::LazyLock<redis::Script> =

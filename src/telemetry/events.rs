@@ -271,6 +271,8 @@ impl RulesSwept {
 pub struct CutoffsComputed {
     /// Seconds the computation (and publication) took.
     pub seconds: f64,
+    /// Searches repeated because their verification failed (on a Redis Cluster).
+    pub repeated: u64,
     /// The published version; `None` if the values were unchanged or not published.
     pub published: Option<u64>,
 }
@@ -279,6 +281,7 @@ impl CutoffsComputed {
     /// Measures it; logs a publication.
     pub fn emit(self, t: &Telemetry) {
         t.rank_recompute_seconds.observe(self.seconds);
+        t.cutoff_searches_repeated.inc_by(self.repeated);
         if let Some(version) = self.published {
             info!(version, seconds = self.seconds, "Rank cut-offs published.");
         }

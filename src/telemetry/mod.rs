@@ -81,6 +81,9 @@ pub struct Telemetry {
     pub rules_sweep_done: IntGauge,
     /// Customers re-evaluated because rank cut-offs moved.
     pub rank_reevaluated: IntCounter,
+    /// Rank cut-off searches across a Redis Cluster's nodes repeated because their
+    /// verification found the counts moved around the value (commits meanwhile).
+    pub cutoff_searches_repeated: IntCounter,
     /// Published cut-offs switches applied again by a replay after Redis lost writes.
     pub cutoffs_replayed: IntCounter,
     /// Claims whose replay after Redis lost writes fell back to the running rules (or whose
@@ -342,6 +345,10 @@ impl Telemetry {
             rank_reevaluated: counter(
                 "tierd_rank_reevaluated_total",
                 "Customers re-evaluated because rank cut-offs moved.",
+            ),
+            cutoff_searches_repeated: counter(
+                "tierd_rank_cutoff_searches_repeated_total",
+                "Rank cut-off searches across a Redis Cluster's nodes repeated because their verification found the counts moved around the value (commits meanwhile); after 8 in a row the round keeps the cut-offs in force.",
             ),
             sequence_floors_raised: counter(
                 "tierd_sequence_floors_raised_total",
