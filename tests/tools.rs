@@ -97,7 +97,15 @@ fn snapshot(world: &World) -> BTreeMap<Vec<u8>, Vec<u8>> {
 
 #[test]
 fn explain_and_simulate_read_the_live_state_without_changing_it() {
-    let world = World::start(2);
+    explain_and_simulate(World::start(2));
+}
+
+#[test]
+fn explain_and_simulate_read_the_live_state_without_changing_it_on_a_redis_cluster() {
+    explain_and_simulate(World::start_with(2, support::Redis::start_cluster()));
+}
+
+fn explain_and_simulate(world: World) {
     let mut service = Tierd::spawn(&world, "[clock]\nmode = \"event\"\nlateness_s = 0\n");
     service.wait_partitions(2, Duration::from_secs(60));
     // 100 customers with 10,000 × i units: D below 200k, C to 500k, B to 1M, A from 1M.
@@ -240,7 +248,15 @@ name = "D"
 /// whether the group has members — before anything is stored, while tierd runs, after it stops.
 #[test]
 fn offsets_show_tells_where_each_partition_stands() {
-    let world = World::start(2);
+    offsets_show_stands(World::start(2));
+}
+
+#[test]
+fn offsets_show_tells_where_each_partition_stands_on_a_redis_cluster() {
+    offsets_show_stands(World::start_with(2, support::Redis::start_cluster()));
+}
+
+fn offsets_show_stands(world: World) {
     let dir = tempfile::tempdir().unwrap();
     let config = world.config_file(dir.path());
     let show = || offsets_show(&config);
