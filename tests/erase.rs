@@ -35,13 +35,21 @@ fn tier_counts(world: &World) -> BTreeMap<String, i64> {
 
 #[test]
 fn an_erased_customer_is_gone_and_a_new_one_never_reuses_an_id() {
+    erased(World::start(1));
+}
+
+#[test]
+fn an_erased_customer_is_gone_and_a_new_one_never_reuses_an_id_on_a_redis_cluster() {
+    erased(World::start_with(1, support::Redis::start_cluster()));
+}
+
+fn erased(mut world: World) {
     let mut rules = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     rules
         .write_all(
             b"version = \"erase-1\"\n[[tiers]]\nname = \"gold\"\nwhen = [\"sum >= 1000\", \"recency_days < 30\"]\n[[tiers]]\nname = \"basic\"\n",
         )
         .unwrap();
-    let mut world = World::start(1);
     world.rules = rules.path().to_owned();
     let tierd = Tierd::spawn(&world, EVENT_CLOCK);
     tierd.wait_partitions(1, Duration::from_secs(60));

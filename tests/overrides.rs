@@ -21,7 +21,15 @@ fn override_event(
 
 #[test]
 fn pins_are_applied_once_shown_in_the_api_and_expire() {
-    let world = World::start(1);
+    pins(World::start(1));
+}
+
+#[test]
+fn pins_are_applied_once_shown_in_the_api_and_expire_on_a_redis_cluster() {
+    pins(World::start_with(1, support::Redis::start_cluster()));
+}
+
+fn pins(world: World) {
     let mut tierd = Tierd::spawn(&world, "[clock]\nmode = \"event\"\nlateness_s = 0\n");
     tierd.wait_partitions(1, Duration::from_secs(60));
     let pin = override_event(
