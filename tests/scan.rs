@@ -200,6 +200,36 @@ fn a_scan_sees_every_key_while_its_slot_migrates_and_after_it_moved() {
     assert_eq!(rest, None);
     assert_eq!(missing(&all, &found), 0, "keys the scan did not return");
     assert_eq!(restarts, vec![Restart::OtherConnection]);
+
+    // 3. A migration begins and ends during one scan: pages are read from the new master
+    //    (redirected) while keys still arrive there, and the last page finds no migration.
+    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
+    let at = pages(
+        &mut scanner,
+        ScanCursor::start(),
+        &mut found,
+        &mut restarts,
+        |f, _| f.len() >= CUSTOMERS / 4,
+    )
+    .expect("the scan is under way");
+    begin_migration(slot, source, target);
+    move_keys(slot, source, target, CUSTOMERS / 4);
+    let mut read = 0;
+    let at = pages(&mut scanner, at, &mut found, &mut restarts, |_, _| {
+        read += 1;
+        read == 8
+    })
+    .expect("the scan is under way on the new master");
+    move_keys(slot, source, target, usize::MAX);
+    end_migration(&redis, slot, target);
+    let rest = pages(&mut scanner, at, &mut found, &mut restarts, |_, _| false);
+    assert_eq!(rest, None);
+    assert_eq!(
+        missing(&all, &found),
+        0,
+        "keys the scan did not return (restarts {restarts:?})"
+    );
+    assert!(restarts.contains(&Restart::SlotMigrating), "{restarts:?}");
 }
 
 fn node_id(node: &ClusterNode) -> String {

@@ -11,13 +11,16 @@
 //! tag is not on the old one).
 //!
 //! So every page also reads the identity of the connection that served it (`CLIENT INFO`: its
-//! id and the addresses of both ends; a new process, another node or a reconnection each give a
-//! new one, and the least-privileged user tierd runs as may run it, unlike `INFO`), and on a
+//! id and the addresses of both ends; a new process, another node or a reconnection gives
+//! another one — the same only if a new connection got both the old one's id and its client
+//! port — and the least-privileged user tierd runs as may run it, unlike `INFO`), and on a
 //! cluster, after its `SCAN`, whether the slot is migrating from or to the node that answered
 //! (`CLUSTER NODES`). A cursor given out on another connection starts the scan again from 0; a
-//! scan that ends while its slot is migrating starts again, and so completes only once the
-//! migration is over, on the slot's master. A scan that starts again returns keys it returned
-//! before: callers tolerate repeats (`SCAN` itself may repeat a key).
+//! scan during which any page found its slot migrating starts again at its end, and so
+//! completes only with a pass that saw no migration, on the slot's master. A scan that starts
+//! again returns keys it returned before: callers tolerate repeats (`SCAN` itself may repeat a
+//! key). A slot left migrating (a reshard that died half-way, until `redis-cli --cluster fix`)
+//! keeps a scan going round: callers pause between rounds and say so.
 
 use super::connection::Connection;
 use super::keys::PartitionKeys;
@@ -30,6 +33,8 @@ pub struct ScanCursor {
     /// A hash of `CLIENT INFO`'s `id`, `addr` and `laddr` of the connection that gave out
     /// `position` (a hash: the cursor is `Copy`, and lives with a sweep's state).
     issuer: u64,
+    /// Whether a page of this scan found its slot migrating.
+    saw_migration: bool,
 }
 
 impl ScanCursor {
@@ -61,12 +66,12 @@ pub enum Restart {
     /// The cursor was given out on another connection (Redis restarted, failed over, the slot
     /// moved, or the connection was made again).
     OtherConnection,
-    /// The scan ended while the partition's slot was migrating between two masters.
+    /// A page of the scan found the partition's slot migrating between two masters.
     SlotMigrating,
 }
 
 impl Restart {
-    /// A short name for logs.
+    /// Why, in words, for logs.
     pub fn as_str(self) -> &'static str {
         match self {
             Restart::OtherConnection => "the cursor was given out on another connection",
@@ -99,7 +104,7 @@ pub async fn customer_keys(
             .arg("COUNT")
             .arg(count);
         if cluster {
-            // After the SCAN: a migration that began before it ended is seen.
+            // After the SCAN: a migration that began before its keys were read is seen.
             pipe.cmd("CLUSTER").arg("NODES");
             pipe.cmd("CLUSTER").arg("KEYSLOT").arg(&keys.meta);
         }
@@ -120,28 +125,37 @@ pub async fn customer_keys(
             restarted = Some(Restart::OtherConnection);
             continue;
         }
+        let migrating_now = match (nodes, slot) {
+            (Some(nodes), Some(slot)) => {
+                let nodes: String = redis::from_redis_value(nodes)
+                    .map_err(|_| unexpected("CLUSTER NODES' text"))?;
+                let slot: u16 = redis::from_redis_value(slot)
+                    .map_err(|_| unexpected("CLUSTER KEYSLOT's slot"))?;
+                migrating(&nodes, slot)
+            }
+            _ => false,
+        };
+        // Sticky: a migration seen at any page, even one that ended since (its last keys
+        // may have moved into the part of the new master's table this scan already passed,
+        // on a connection that served the scan before and after), starts the scan again.
+        let saw_migration = at.saw_migration || migrating_now;
         if next != 0 {
             return Ok(Page {
                 keys: found,
                 next: Some(ScanCursor {
                     position: next,
                     issuer,
+                    saw_migration,
                 }),
                 restarted,
             });
         }
-        if let (Some(nodes), Some(slot)) = (nodes, slot) {
-            let nodes: String =
-                redis::from_redis_value(nodes).map_err(|_| unexpected("CLUSTER NODES' text"))?;
-            let slot: u16 =
-                redis::from_redis_value(slot).map_err(|_| unexpected("CLUSTER KEYSLOT's slot"))?;
-            if migrating(&nodes, slot) {
-                return Ok(Page {
-                    keys: found,
-                    next: Some(ScanCursor::start()),
-                    restarted: Some(Restart::SlotMigrating),
-                });
-            }
+        if saw_migration {
+            return Ok(Page {
+                keys: found,
+                next: Some(ScanCursor::start()),
+                restarted: Some(Restart::SlotMigrating),
+            });
         }
         return Ok(Page {
             keys: found,
@@ -187,6 +201,7 @@ fn migrating(nodes: &str, slot: u16) -> bool {
         })
 }
 
+/// The error of a reply of an unexpected shape (`what` was expected).
 fn unexpected(what: &'static str) -> RedisError {
     RedisError::from((
         ErrorKind::UnexpectedReturnType,

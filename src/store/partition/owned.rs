@@ -25,6 +25,9 @@ macro_rules! retrying {
     }};
 }
 
+/// The pause before a scan goes round again because its slot was migrating.
+const MIGRATING_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A partition's store as its owner uses it: every call is retried with [`Backoff`] while
 /// Redis fails (a batch is never skipped); fencing, divergence and corrupt states are returned
 /// at once.
@@ -174,12 +177,23 @@ impl PartitionStore {
                 .await
                 .map_err(ApplyError::from)
         })?;
-        if let Some(why) = page.restarted {
-            tracing::info!(
+        match page.restarted {
+            Some(why @ scan::Restart::SlotMigrating) => {
+                // Round again after a pause: a slot left migrating would otherwise have the
+                // partition re-read its keys in a tight loop.
+                tracing::warn!(
+                    partition = self.partition,
+                    reason = why.as_str(),
+                    "The scan of the partition's customers starts again (a rules sweep completes only with a pass that saw no migration; a slot left migrating needs `redis-cli --cluster fix`)."
+                );
+                tokio::time::sleep(MIGRATING_PAUSE).await;
+            }
+            Some(why) => tracing::info!(
                 partition = self.partition,
                 reason = why.as_str(),
                 "The scan of the partition's customers starts again."
-            );
+            ),
+            None => {}
         }
         let ids = page
             .keys
