@@ -114,6 +114,19 @@ fn a_cluster_with_one_evicting_node_is_refused_replicas_included() {
         assert!(log.contains("maxmemory-policy is `allkeys-lru`"), "{log}");
         policy(node, "noeviction");
     }
+    // A node that does not answer (a frozen replica: its kernel still accepts connections)
+    // does not hold the start: its policy is unread (a warning, if the cluster does not
+    // already list it as failing).
+    replica.signal("-STOP");
+    let tierd = Tierd::spawn(&world, "");
+    tierd.wait_partitions(2, Duration::from_secs(45));
+    replica.signal("-CONT");
+    eprintln!(
+        "frozen replica's policy unread, warned: {}",
+        tierd
+            .log_text()
+            .contains("Cannot read this Redis node's maxmemory-policy")
+    );
 }
 
 /// Produces `events` 1,000 at a time, `pause_ms` apart (a stream that lasts while a test

@@ -96,19 +96,39 @@ impl BoundedCluster {
     }
 }
 
+/// Calls [`within`] runs at once at most (those given up on included, until the node answers
+/// or their socket fails): while the cluster does not answer, a claim retried every few
+/// hundred milliseconds would otherwise leave a thread and a socket behind each time.
+const MAX_RUNNING: usize = 16;
+
+/// Calls [`within`] is running.
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Runs `work` on a thread of its own; its result if it ends within `timeout` (else the thread
-/// is left to end by itself, its result dropped).
+/// is left to end by itself, its result dropped). Refused while [`MAX_RUNNING`] calls run.
 fn within<T: Send + 'static>(
     timeout: Duration,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> redis::RedisResult<T> {
+    use std::sync::atomic::Ordering;
+    if RUNNING.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+        return Err(io_error(
+            std::io::ErrorKind::WouldBlock,
+            "too many calls to the Redis Cluster still wait for an answer",
+        ));
+    }
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("tierd-claim-redis".into())
         .spawn(move || {
             let _ = tx.send(work());
-        })
-        .map_err(redis::RedisError::from)?;
+            RUNNING.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(error) = spawned {
+        RUNNING.fetch_sub(1, Ordering::SeqCst);
+        return Err(error.into());
+    }
     rx.recv_timeout(timeout).map_err(|_| {
         io_error(
             std::io::ErrorKind::TimedOut,
@@ -431,37 +451,45 @@ fn certificates(cfg: &RedisConfig) -> Result<redis::TlsCertificates, ConfigError
 }
 
 /// Redis's `maxmemory-policy` (from `INFO memory`, which managed Redis services keep even when
-/// they rename or block `CONFIG`).
+/// they rename or block `CONFIG`). On a cluster, every node's, replicas included (a replica
+/// promoted keeps its own policy): the first that may evict tierd's keys, else the first read;
+/// nodes that cannot be read are named in a warning, unless no node could be read at all.
 ///
 /// # Errors
-/// The Redis error.
+/// The Redis error (on a cluster: `CLUSTER NODES`', or the first node's when none answered).
 pub async fn eviction_policy(
     conn: &crate::store::connection::Connection,
 ) -> Result<String, redis::RedisError> {
-    // On a cluster every node, replicas included: a replica promoted keeps its own policy.
     let replies = conn.on_every_node(redis::cmd("INFO").arg("memory")).await?;
-    let texts: Vec<String> = replies
-        .into_iter()
-        .map(redis::from_redis_value)
-        .collect::<Result<_, _>>()
-        .map_err(redis::RedisError::from)?;
-    let policies: Vec<String> = texts
-        .iter()
-        .map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("maxmemory_policy:"))
-                .unwrap_or("unknown")
-                .trim()
-                .to_owned()
-        })
-        .collect();
-    // On a cluster, the worst node's: one node that may evict is enough to lose keys.
+    let (mut policies, mut unread) = (Vec::new(), Vec::new());
+    for (node, reply) in replies {
+        let text = reply.and_then(|v| redis::from_redis_value::<String>(v).map_err(Into::into));
+        match text {
+            Ok(info) => policies.push(
+                info.lines()
+                    .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                    .unwrap_or("unknown")
+                    .trim()
+                    .to_owned(),
+            ),
+            Err(error) => unread.push((node, error)),
+        }
+    }
+    if policies.is_empty() {
+        if let Some((_, error)) = unread.into_iter().next() {
+            return Err(error);
+        }
+        return Ok("unknown".to_owned());
+    }
+    for (node, error) in &unread {
+        tracing::warn!(%node, %error, "Cannot read this Redis node's maxmemory-policy; make sure it is `noeviction` or a `volatile-*` policy (an `allkeys-*` policy may evict tierd's keys).");
+    }
+    // The worst node's: one node that may evict is enough to lose keys.
     Ok(policies
         .iter()
         .find(|p| may_evict_tierd_keys(p))
-        .or(policies.first())
-        .cloned()
-        .unwrap_or_else(|| "unknown".to_owned()))
+        .unwrap_or(&policies[0])
+        .clone())
 }
 
 /// Whether a `maxmemory-policy` may evict tierd's keys. They carry no TTL, so `noeviction` and
@@ -473,7 +501,27 @@ pub fn may_evict_tierd_keys(policy: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::may_evict_tierd_keys;
+    use super::{may_evict_tierd_keys, within, MAX_RUNNING};
+    use std::time::Duration;
+
+    #[test]
+    fn a_call_given_up_on_keeps_its_thread_and_counts_until_it_ends() {
+        let slow = || {
+            within(Duration::from_millis(20), || {
+                std::thread::sleep(Duration::from_millis(1500))
+            })
+        };
+        for _ in 0..MAX_RUNNING {
+            let e = slow().unwrap_err();
+            assert_eq!(e.kind(), redis::ErrorKind::Io, "{e}");
+            assert!(e.to_string().contains("did not answer in time"), "{e}");
+        }
+        // Every slot is held by a call still waiting: refused at once.
+        let e = within(Duration::from_secs(5), || 1).unwrap_err();
+        assert!(e.to_string().contains("still wait for an answer"), "{e}");
+        std::thread::sleep(Duration::from_millis(1800));
+        assert_eq!(within(Duration::from_secs(5), || 7).unwrap(), 7);
+    }
 
     #[test]
     fn only_allkeys_policies_can_evict_keys_without_ttl() {

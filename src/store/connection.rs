@@ -173,35 +173,50 @@ impl Connection {
         self.shared.client.is_cluster()
     }
 
-    /// `cmd` (a command without keys) on every node, replicas included: each node's reply (one
-    /// on a single server).
+    /// `cmd` (a command without keys) on every node, replicas included: each node's address
+    /// and reply (on a single server, its one reply). On a cluster each node is asked on a
+    /// connection of its own, all at once, each within [`CONNECT_TIMEOUT`] to connect and as
+    /// long again to answer.
     ///
     /// # Errors
-    /// Redis's; on a cluster, any node's.
-    pub async fn on_every_node(&self, cmd: &Cmd) -> RedisResult<Vec<Value>> {
-        match self.link() {
-            Link::Cluster(mut conn) => {
-                let RedisClient::Cluster(clients) = &self.shared.client else {
-                    unreachable!("a cluster link comes from a cluster client")
-                };
-                // The nodes as the cluster lists them, each asked on a connection of its own:
-                // redis-rs's cluster client holds connections to the masters only.
-                let nodes: String = redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async(&mut conn)
-                    .await?;
-                let mut replies = Vec::new();
-                for address in node_addresses(&nodes) {
+    /// A single server's error; on a cluster, `CLUSTER NODES`' (each node's own error is its
+    /// reply's).
+    pub async fn on_every_node(&self, cmd: &Cmd) -> RedisResult<Vec<(String, RedisResult<Value>)>> {
+        let Link::Cluster(mut conn) = self.link() else {
+            return Ok(vec![(
+                "redis.url".to_owned(),
+                Ok(cmd.query_async(&mut self.clone()).await?),
+            )]);
+        };
+        let RedisClient::Cluster(clients) = &self.shared.client else {
+            unreachable!("a cluster link comes from a cluster client")
+        };
+        // The nodes as the cluster lists them: redis-rs's cluster client holds connections to
+        // the masters only.
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await?;
+        let asks = node_addresses(&nodes)
+            .into_iter()
+            .map(|address| async move {
+                let reply = async {
                     let mut node = clients
                         .node(&address)?
                         .get_multiplexed_async_connection_with_config(&direct_config())
                         .await?;
-                    replies.push(cmd.query_async(&mut node).await?);
-                }
-                Ok(replies)
-            }
-            _ => Ok(vec![cmd.query_async(&mut self.clone()).await?]),
-        }
+                    cmd.query_async(&mut node).await
+                };
+                let reply = match tokio::time::timeout(2 * CONNECT_TIMEOUT, reply).await {
+                    Ok(reply) => reply,
+                    Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the node did not answer in time",
+                    ))),
+                };
+                (address, reply)
+            });
+        Ok(futures::future::join_all(asks).await)
     }
 
     fn link(&self) -> Link {
@@ -334,15 +349,22 @@ fn node_addresses(nodes: &str) -> Vec<String> {
             let flags = fields.next()?;
             if flags
                 .split(',')
-                .any(|f| matches!(f, "fail" | "noaddr" | "handshake"))
+                .any(|f| matches!(f, "fail" | "fail?" | "noaddr" | "handshake"))
             {
                 return None;
             }
-            // `host:port@bus-port[,hostname]`.
+            // `host:port@bus-port[,hostname]`; an IPv6 host has colons of its own (bracketed
+            // for a URL).
             let address = address.split(['@', ',']).next()?;
             let (host, port) = address.rsplit_once(':')?;
-            (!host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
-                .then(|| address.to_owned())
+            if host.is_empty() || !port.parse::<u16>().is_ok_and(|p| p > 0) {
+                return None;
+            }
+            Some(if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                address.to_owned()
+            })
         })
         .collect()
 }
@@ -518,10 +540,17 @@ b2 127.0.0.1:7002@17002,node-b.example master - 0 1 2 connected 5461-10922
 c3 127.0.0.1:7003@17003 slave a1 0 1 3 connected
 d4 127.0.0.1:7004@17004 master,fail - 0 1 4 disconnected
 e5 :0@0 master,noaddr - 0 1 5 disconnected
+f6 127.0.0.1:7006@17006 slave,fail? a1 0 1 6 connected
+g7 ::1:7007@17007 slave b2 0 1 7 connected
 ";
         assert_eq!(
             node_addresses(nodes),
-            ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+            [
+                "127.0.0.1:7001",
+                "127.0.0.1:7002",
+                "127.0.0.1:7003",
+                "[::1]:7007"
+            ]
         );
     }
 }

@@ -146,8 +146,9 @@ impl Store {
     }
 
     /// Streams every stored customer of every partition, a page at a time: calls
-    /// `each(customer_id, state)` once per customer. Memory: the pages, and 16 bytes per
-    /// customer of a partition (the customers already passed, as a scan may find one again).
+    /// `each(customer_id, state)` once per customer. Memory: the pages, and a 16-byte hash per
+    /// customer of a partition in a hash set (about 32 bytes each: the customers already
+    /// passed, as a scan may find one again).
     ///
     /// # Errors
     /// [`ToolError::Corrupt`] or [`ToolError::Redis`].
