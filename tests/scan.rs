@@ -91,6 +91,35 @@ fn pages(
     }
 }
 
+/// A scan started and read until it found at least `keys` keys: (found, restarts, where it
+/// stands).
+fn begun(scanner: &mut Scanner, keys: usize) -> (HashSet<String>, Vec<Restart>, ScanCursor) {
+    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
+    let at = pages(
+        scanner,
+        ScanCursor::start(),
+        &mut found,
+        &mut restarts,
+        |f, _| f.len() >= keys,
+    )
+    .expect("the scan is under way");
+    (found, restarts, at)
+}
+
+/// A whole scan: (found, restarts).
+fn whole(scanner: &mut Scanner) -> (HashSet<String>, Vec<Restart>) {
+    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
+    let rest = pages(
+        scanner,
+        ScanCursor::start(),
+        &mut found,
+        &mut restarts,
+        |_, _| false,
+    );
+    assert_eq!(rest, None);
+    (found, restarts)
+}
+
 fn missing(all: &HashSet<String>, found: &HashSet<String>) -> usize {
     all.difference(found).count()
 }
@@ -100,15 +129,7 @@ fn a_scan_sees_every_key_across_a_redis_restart() {
     let redis = Redis::start_persistent();
     let mut scanner = Scanner::new(&redis);
     let all = scanner.fill(&redis);
-    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
-    let at = pages(
-        &mut scanner,
-        ScanCursor::start(),
-        &mut found,
-        &mut restarts,
-        |f, _| f.len() >= CUSTOMERS / 2,
-    )
-    .expect("the scan is half way");
+    let (mut found, mut restarts, at) = begun(&mut scanner, CUSTOMERS / 2);
     // Another process, another hash seed: the cursor is a position in another table.
     redis.restart_persistent();
     let rest = pages(&mut scanner, at, &mut found, &mut restarts, |_, _| false);
@@ -145,15 +166,7 @@ fn a_scan_sees_every_key_while_its_slot_migrates_and_after_it_moved() {
 
     // 1. The slot migrates during the scan: half its keys are moved while the scan reads the
     //    old master, which the scan then completes; then the migration completes.
-    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
-    let at = pages(
-        &mut scanner,
-        ScanCursor::start(),
-        &mut found,
-        &mut restarts,
-        |f, _| f.len() >= CUSTOMERS / 4,
-    )
-    .expect("the scan is under way");
+    let (mut found, mut restarts, at) = begun(&mut scanner, CUSTOMERS / 4);
     begin_migration(slot, source, target);
     move_keys(slot, source, target, CUSTOMERS / 2);
     // The pages go to either master (a request naming a key the old one no longer has is
@@ -171,28 +184,13 @@ fn a_scan_sees_every_key_while_its_slot_migrates_and_after_it_moved() {
     assert!(at.is_some_and(|at| at.is_start()));
     move_keys(slot, source, target, usize::MAX);
     end_migration(&redis, slot, target);
-    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
-    let rest = pages(
-        &mut scanner,
-        ScanCursor::start(),
-        &mut found,
-        &mut restarts,
-        |_, _| false,
-    );
-    assert_eq!(rest, None);
+    let (found, restarts) = whole(&mut scanner);
     assert_eq!(missing(&all, &found), 0);
+    assert!(restarts.is_empty(), "{restarts:?}");
     assert_eq!(redis.scan(&pattern).len(), CUSTOMERS);
 
     // 2. The slot moves back between two pages: the cursor is the other master's.
-    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
-    let at = pages(
-        &mut scanner,
-        ScanCursor::start(),
-        &mut found,
-        &mut restarts,
-        |f, _| f.len() >= CUSTOMERS / 2,
-    )
-    .expect("the scan is half way");
+    let (mut found, mut restarts, at) = begun(&mut scanner, CUSTOMERS / 2);
     begin_migration(slot, target, source);
     move_keys(slot, target, source, usize::MAX);
     end_migration(&redis, slot, source);
@@ -203,15 +201,7 @@ fn a_scan_sees_every_key_while_its_slot_migrates_and_after_it_moved() {
 
     // 3. A migration begins and ends during one scan: pages are read from the new master
     //    (redirected) while keys still arrive there, and the last page finds no migration.
-    let (mut found, mut restarts) = (HashSet::new(), Vec::new());
-    let at = pages(
-        &mut scanner,
-        ScanCursor::start(),
-        &mut found,
-        &mut restarts,
-        |f, _| f.len() >= CUSTOMERS / 4,
-    )
-    .expect("the scan is under way");
+    let (mut found, mut restarts, at) = begun(&mut scanner, CUSTOMERS / 4);
     begin_migration(slot, source, target);
     move_keys(slot, source, target, CUSTOMERS / 4);
     let mut read = 0;
@@ -327,15 +317,7 @@ fn a_scan_runs_as_a_user_without_dangerous_commands() {
         let refused: redis::RedisResult<redis::Value> =
             redis::cmd("CLIENT").arg("LIST").query(&mut redis.conn());
         assert!(refused.is_err(), "the user must not run CLIENT LIST");
-        let (mut found, mut restarts) = (HashSet::new(), Vec::new());
-        let rest = pages(
-            &mut scanner,
-            ScanCursor::start(),
-            &mut found,
-            &mut restarts,
-            |_, _| false,
-        );
-        assert_eq!(rest, None);
+        let (found, restarts) = whole(&mut scanner);
         assert_eq!(missing(&all, &found), 0);
         assert!(restarts.is_empty());
     }
