@@ -129,21 +129,6 @@ fn a_cluster_with_one_evicting_node_is_refused_replicas_included() {
     );
 }
 
-/// Produces `events` 1,000 at a time, `pause_ms` apart (a stream that lasts while a test
-/// breaks things); the end offsets.
-fn produce_paced(
-    world: &World,
-    events: &[serde_json::Value],
-    pause_ms: u64,
-) -> std::collections::BTreeMap<i32, i64> {
-    let mut ends = std::collections::BTreeMap::new();
-    for chunk in events.chunks(1_000) {
-        ends.extend(world.produce_json(chunk));
-        std::thread::sleep(Duration::from_millis(pause_ms));
-    }
-    ends
-}
-
 /// `tierd run --config <config>`, expected to refuse to start: its exit code (`None`: still
 /// running after 60 s, then killed) and its output.
 fn run(config: &str) -> (Option<i32>, String) {
@@ -188,63 +173,9 @@ fn a_master_killed_during_ingestion_fails_over_and_loses_nothing() {
     // others answer MOVED).
     let meta = world.keys(0).meta;
     let ends = std::thread::scope(|s| {
-        let producer = s.spawn(|| produce_paced(&world, &events, 400));
+        let producer = s.spawn(|| world.produce_paced(&events, 400));
         std::thread::sleep(Duration::from_secs(3));
-        let victim = world
-            .redis
-            .nodes()
-            .iter()
-            .find(|n| {
-                n.is_master()
-                    && redis::cmd("EXISTS")
-                        .arg(&meta)
-                        .query::<i64>(&mut n.conn())
-                        .is_ok()
-            })
-            .expect("the master of partition 0");
-        let replica = world
-            .redis
-            .nodes()
-            .iter()
-            .find(|n| n.master_port() == Some(victim.port))
-            .expect("the master's replica");
-        // The replica misses the master's last second of writes, then the master dies: frozen,
-        // and its replication link cut (what the kernel had buffered for it would otherwise
-        // still reach it).
-        replica.signal("-STOP");
-        let _: redis::Value = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("replica")
-            .query(&mut victim.conn())
-            .unwrap();
-        std::thread::sleep(Duration::from_secs(1));
-        eprintln!("killing the master on port {}", victim.port);
-        victim.kill();
-        replica.signal("-CONT");
-        // The failover: the other masters mark the dead one failed after the node timeout,
-        // and its replica takes over its slots.
-        let started = std::time::Instant::now();
-        let mut took_over = false;
-        while !replica.is_master() {
-            // Under a loaded machine an election can keep failing; the replica then takes
-            // over by itself, as an operator would make it (`CLUSTER FAILOVER TAKEOVER`).
-            if started.elapsed() > Duration::from_secs(30) && !took_over {
-                eprintln!("no election after 30 s: CLUSTER FAILOVER TAKEOVER");
-                let () = redis::cmd("CLUSTER")
-                    .arg("FAILOVER")
-                    .arg("TAKEOVER")
-                    .query(&mut replica.conn())
-                    .unwrap();
-                took_over = true;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(90),
-                "the replica was not promoted"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        eprintln!("replica promoted after {:?}", started.elapsed());
+        world.redis.fail_over_losing_writes(&meta);
         world.redis.wait_cluster_ok(Duration::from_secs(60));
         producer.join().unwrap()
     });
@@ -281,88 +212,28 @@ fn a_slot_migration_during_ingestion_loses_nothing() {
     let tierd = Tierd::spawn(&world, "[ingest]\nbatch_max_events = 200\n");
     tierd.wait_partitions(8, Duration::from_secs(60));
     let meta = world.keys(0).meta;
-    let holds_meta = |n: &support::ClusterNode| {
-        redis::cmd("EXISTS")
-            .arg(&meta)
-            .query::<i64>(&mut n.conn())
-            .is_ok()
-    };
-    let node_id = |n: &support::ClusterNode| -> String {
-        redis::cmd("CLUSTER")
-            .arg("MYID")
-            .query(&mut n.conn())
-            .unwrap()
-    };
-    // The slots a node serves, from `CLUSTER NODES` (ranges `a-b` or single slots).
-    let slots_of = |n: &support::ClusterNode, id: &str| -> u32 {
-        let text: String = redis::cmd("CLUSTER")
-            .arg("NODES")
-            .query(&mut n.conn())
-            .unwrap();
-        let line = text.lines().find(|l| l.starts_with(id)).unwrap().to_owned();
-        line.split_whitespace()
-            .skip(8)
-            .filter(|r| !r.starts_with('['))
-            .map(|r| match r.split_once('-') {
-                Some((a, b)) => b.parse::<u32>().unwrap() - a.parse::<u32>().unwrap() + 1,
-                None => 1,
-            })
-            .sum()
-    };
-    let (from, to, ends) = std::thread::scope(|s| {
-        let producer = s.spawn(|| produce_paced(&world, &events, 400));
+    let (moved, ends) = std::thread::scope(|s| {
+        let producer = s.spawn(|| world.produce_paced(&events, 400));
         std::thread::sleep(Duration::from_secs(3));
-        let nodes = world.redis.nodes();
-        let from = nodes
-            .iter()
-            .find(|n| n.is_master() && holds_meta(n))
-            .expect("the master of partition 0");
-        let to = nodes
-            .iter()
-            .find(|n| n.is_master() && n.port != from.port)
-            .expect("another master");
         assert!(
             !producer.is_finished(),
             "the migration starts while events flow"
         );
-        let started = std::time::Instant::now();
-        let out = std::process::Command::new("redis-cli")
-            .args(["--cluster", "reshard", &format!("127.0.0.1:{}", from.port)])
-            .args([
-                "--cluster-from",
-                &node_id(from),
-                "--cluster-to",
-                &node_id(to),
-            ])
-            .args([
-                "--cluster-slots",
-                &slots_of(from, &node_id(from)).to_string(),
-            ])
-            .arg("--cluster-yes")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "reshard failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let moved = world.redis.move_every_slot_of(&meta);
         eprintln!(
-            "moved every slot of {} to {} in {:?}; events still flowing: {}",
-            from.port,
-            to.port,
-            started.elapsed(),
+            "events still flowing after the move: {}",
             !producer.is_finished()
         );
-        (from.port, to.port, producer.join().unwrap())
+        (moved, producer.join().unwrap())
     });
     world.wait_applied_by(&tierd, &ends, Duration::from_secs(180));
     assert_exact(&world, &expected, &changes);
-    let nodes = world.redis.nodes();
-    let node = |port: u16| nodes.iter().find(|n| n.port == port).unwrap();
-    assert!(
-        !holds_meta(node(from)) && holds_meta(node(to)),
-        "partition 0's slot moved from {from} to {to}"
+    assert_eq!(
+        world.redis.master_holding(&meta).port,
+        moved.to,
+        "partition 0's slot moved from {} to {}",
+        moved.from,
+        moved.to
     );
 }
 
@@ -418,7 +289,7 @@ fn four_instances_join_and_leave_under_load_on_a_cluster() {
     let first = Tierd::spawn(&world, extra);
     first.wait_partitions(8, Duration::from_secs(60));
     let ends = std::thread::scope(|s| {
-        let producer = s.spawn(|| produce_paced(&world, &events, 500));
+        let producer = s.spawn(|| world.produce_paced(&events, 500));
         let mut others: Vec<Tierd> = Vec::new();
         for _ in 0..3 {
             others.push(Tierd::spawn(&world, extra));

@@ -237,12 +237,14 @@ fn cutoffs_across_a_redis_clusters_nodes_equal_a_full_sort() {
     );
 }
 
-fn cutoffs_equal_a_full_sort(world: World, n: i64) {
-    let tierd = Tierd::spawn(&world, RANKS);
-    tierd.wait_partitions(i64::from(world.partitions), Duration::from_secs(60));
-    // Values with many ties: 20,000 distinct amounts for 200,000 customers.
-    let amount = |i: i64| (i * 7_919 + 13) % 20_000 + 1;
-    let events: Vec<serde_json::Value> = (0..n)
+/// Customer `i`'s one purchase amount: many ties (20,000 distinct amounts).
+fn amount(i: i64) -> i64 {
+    (i * 7_919 + 13) % 20_000 + 1
+}
+
+/// One purchase each for `c0..c{n-1}` of [`amount`].
+fn spread(n: i64) -> Vec<serde_json::Value> {
+    (0..n)
         .map(|i| {
             purchase(
                 &format!("e{i}"),
@@ -251,10 +253,21 @@ fn cutoffs_equal_a_full_sort(world: World, n: i64) {
                 "2026-11-01T10:00:00Z",
             )
         })
-        .collect();
-    let ends = world.produce_json(&events);
+        .collect()
+}
+
+fn cutoffs_equal_a_full_sort(world: World, n: i64) {
+    let tierd = Tierd::spawn(&world, RANKS);
+    tierd.wait_partitions(i64::from(world.partitions), Duration::from_secs(60));
+    let ends = world.produce_json(&spread(n));
     world.wait_applied(&ends, Duration::from_secs(600));
-    let cut = wait_settled(&world, &tierd, n as u64);
+    assert_bands_equal_a_full_sort(&world, &tierd, n);
+}
+
+/// Once the cut-offs over `c0..c{n-1}` ([`spread`]) settle, every stored customer is in the
+/// band a full sort of the amounts places them in.
+fn assert_bands_equal_a_full_sort(world: &World, tierd: &Tierd, n: i64) {
+    let cut = wait_settled(world, tierd, n as u64);
 
     // The full sort, ties to the higher band.
     let mut values: Vec<i64> = (0..n).map(|i| amount(i) * 100).collect();
@@ -298,6 +311,139 @@ fn cutoffs_equal_a_full_sort(world: World, n: i64) {
     let recomputes = tierd.metric("tierd_rank_recompute_seconds_count");
     let seconds = tierd.metric("tierd_rank_recompute_seconds_sum");
     eprintln!("{n} customers over {} partitions: cut-offs {:?}, sizes {sizes:?}, re-evaluated {reevaluated}; {recomputes} recomputes ({:.1} ms each on average, 3 cut-offs), searches repeated (verification failed, cluster) {repeated}", world.partitions, cut.values, 1000.0 * seconds / recomputes.max(1.0));
+}
+
+/// The pyramid on a Redis Cluster through a master failover that loses acknowledged writes,
+/// while customers arrive and the cut-offs move: the partitions on the lost node are found
+/// diverged and replayed (their rank sets and re-rankings with them), and once the stream
+/// settles every customer is in the band a full sort places them in.
+#[test]
+fn rank_tiers_settle_exact_after_a_master_failover_on_a_cluster() {
+    let world = pyramid_on(World::start_with(8, Redis::start_cluster()));
+    let n = 30_000;
+    let config = format!("{RANKS}[ingest]\nbatch_max_events = 200\n");
+    let tierd = Tierd::spawn(&world, &config);
+    tierd.wait_partitions(8, Duration::from_secs(60));
+    let events = spread(n);
+    let meta = world.keys(0).meta;
+    let ends = std::thread::scope(|s| {
+        let producer = s.spawn(|| world.produce_paced(&events, 300));
+        std::thread::sleep(Duration::from_secs(3));
+        world.redis.fail_over_losing_writes(&meta);
+        producer.join().unwrap()
+    });
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(300));
+    assert!(
+        tierd.metric_labeled("tierd_partition_stops_total", "cause=\"diverged\"")
+            + tierd.metric_labeled("tierd_partition_stops_total", "cause=\"fenced\"")
+            >= 1.0,
+        "the lost writes were noticed"
+    );
+    assert_bands_equal_a_full_sort(&world, &tierd, n);
+}
+
+/// The pyramid on a Redis Cluster while every slot of partition 0's master moves to another
+/// master (`redis-cli --cluster reshard`) and customers arrive: partition 0's rank sets,
+/// timers and outbox move key by key under tierd's commits and cut-off searches (`ASK`,
+/// `TRYAGAIN`), and once the stream settles every customer is in the band a full sort
+/// places them in.
+#[test]
+fn rank_tiers_settle_exact_through_a_slot_migration_on_a_cluster() {
+    let world = pyramid_on(World::start_with(8, Redis::start_cluster()));
+    let n = 30_000;
+    let config = format!("{RANKS}[ingest]\nbatch_max_events = 200\n");
+    let tierd = Tierd::spawn(&world, &config);
+    tierd.wait_partitions(8, Duration::from_secs(60));
+    let events = spread(n);
+    let meta = world.keys(0).meta;
+    let (moved, ends) = std::thread::scope(|s| {
+        let producer = s.spawn(|| world.produce_paced(&events, 300));
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(
+            !producer.is_finished(),
+            "the migration starts while events flow"
+        );
+        let moved = world.redis.move_every_slot_of(&meta);
+        (moved, producer.join().unwrap())
+    });
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(300));
+    assert_eq!(
+        world.redis.master_holding(&meta).port,
+        moved.to,
+        "partition 0's slot moved"
+    );
+    assert_bands_equal_a_full_sort(&world, &tierd, n);
+}
+
+/// Three tierd instances in one group on a Redis Cluster: the cut-off duty goes with
+/// partition 0. Its owner is killed (`kill -9`) while customers arrive; the instance the
+/// group gives partition 0 to computes and publishes the cut-offs from then on, an instance
+/// that never held partition 0 never computes any, and once the stream settles every
+/// customer is in the band a full sort places them in.
+#[test]
+fn the_cut_off_duty_follows_partition_0_across_instances_on_a_cluster() {
+    let world = pyramid_on(World::start_with(8, Redis::start_cluster()));
+    let n = 24_000;
+    let config = format!("{RANKS}[ingest]\nbatch_max_events = 200\n");
+    let first = Tierd::spawn(&world, &config);
+    first.wait_partitions(8, Duration::from_secs(60));
+    let mut group = vec![
+        first,
+        Tierd::spawn(&world, &config),
+        Tierd::spawn(&world, &config),
+    ];
+    let assigned = |t: &Tierd| t.metric("tierd_partitions_assigned") as i64;
+    let wait_balanced = |group: &[Tierd]| {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while group.iter().map(assigned).sum::<i64>() != 8
+            || group.iter().any(|t| assigned(t) < 8 / group.len() as i64)
+            || !group.iter().any(|t| owns(t, 0))
+        {
+            assert!(Instant::now() < deadline, "the group did not settle");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_balanced(&group);
+    let computed = |t: &Tierd| t.metric("tierd_rank_recompute_seconds_count");
+    let ever_held_0 = |t: &Tierd| t.log_text().contains("Partition assigned. partition=0 ");
+    let events = spread(n);
+    let (victim, ends) = std::thread::scope(|s| {
+        let producer = s.spawn(|| world.produce_paced(&events, 500));
+        let owner = group.iter().position(|t| owns(t, 0)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while computed(&group[owner]) == 0.0 {
+            assert!(
+                Instant::now() < deadline,
+                "partition 0's owner computed no cut-offs"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let mut victim = group.remove(owner);
+        victim.kill9();
+        assert!(
+            !producer.is_finished(),
+            "partition 0's owner died while events flowed"
+        );
+        wait_balanced(&group);
+        (victim, producer.join().unwrap())
+    });
+    let successor = group.iter().find(|t| owns(t, 0)).unwrap();
+    world.wait_applied_by(successor, &ends, Duration::from_secs(300));
+    assert_bands_equal_a_full_sort(&world, successor, n);
+    assert!(
+        successor.log_text().contains("Rank cut-offs published."),
+        "partition 0's new owner published cut-offs:\n{}",
+        successor.log_text()
+    );
+    for t in &group {
+        assert!(
+            computed(t) == 0.0 || ever_held_0(t),
+            "an instance that never held partition 0 computed cut-offs:\n{}",
+            t.log_text()
+        );
+    }
+    drop(victim);
 }
 
 #[test]

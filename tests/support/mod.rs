@@ -112,6 +112,13 @@ pub struct ClusterNode {
     tls: Option<(Certs, String, String)>,
 }
 
+/// Where [`Redis::move_every_slot_of`] moved a master's slots: from and to which node
+/// (ports).
+pub struct Moved {
+    pub from: u16,
+    pub to: u16,
+}
+
 impl ClusterNode {
     fn spawn(&self) {
         let mut security: Vec<String> = vec!["--port".into(), self.port.to_string()];
@@ -199,6 +206,14 @@ impl ClusterNode {
                 .unwrap(),
             tierd::store::client::RedisClient::Cluster(_) => unreachable!("one node's URL"),
         }
+    }
+
+    /// This node's cluster id (`CLUSTER MYID`).
+    pub fn id(&self) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut self.conn())
+            .unwrap()
     }
 
     /// Whether this node is a master now (`ROLE`).
@@ -591,6 +606,125 @@ impl Redis {
         };
         redis.wait_cluster_ok(Duration::from_secs(60));
         redis
+    }
+
+    /// The running master of a cluster that serves `key` (the others answer `MOVED`).
+    pub fn master_holding(&self, key: &str) -> &ClusterNode {
+        self.nodes()
+            .iter()
+            .find(|n| {
+                n.child.lock().unwrap().is_some()
+                    && n.is_master()
+                    && redis::cmd("EXISTS")
+                        .arg(key)
+                        .query::<i64>(&mut n.conn())
+                        .is_ok()
+            })
+            .expect("the master holding the key")
+    }
+
+    /// Moves every slot of the master holding `key` to another master with
+    /// `redis-cli --cluster reshard` (keys move one by one with `MIGRATE`; commands on a slot
+    /// in migration are redirected with `ASK` or told `TRYAGAIN`); returns when it is done.
+    pub fn move_every_slot_of(&self, key: &str) -> Moved {
+        let from = self.master_holding(key);
+        let to = self
+            .nodes()
+            .iter()
+            .find(|n| n.child.lock().unwrap().is_some() && n.is_master() && n.port != from.port)
+            .expect("another master");
+        let id = from.id();
+        // The slots the node serves, from `CLUSTER NODES` (ranges `a-b` or single slots).
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut from.conn())
+            .unwrap();
+        let line = text.lines().find(|l| l.starts_with(&id)).unwrap();
+        let slots: u32 = line
+            .split_whitespace()
+            .skip(8)
+            .filter(|r| !r.starts_with('['))
+            .map(|r| match r.split_once('-') {
+                Some((a, b)) => b.parse::<u32>().unwrap() - a.parse::<u32>().unwrap() + 1,
+                None => 1,
+            })
+            .sum();
+        let started = Instant::now();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{}", from.port)])
+            .args(["--cluster-from", &id, "--cluster-to", &to.id()])
+            .args(["--cluster-slots", &slots.to_string()])
+            .arg("--cluster-yes")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "reshard failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!(
+            "moved the {slots} slots of {} to {} in {:?}",
+            from.port,
+            to.port,
+            started.elapsed()
+        );
+        Moved {
+            from: from.port,
+            to: to.port,
+        }
+    }
+
+    /// Fails over the master holding `key` (a cluster's) so that it loses its last
+    /// acknowledged writes: its replica is frozen and its replication link cut, a second
+    /// later the master is killed (`kill -9`) and the replica let go; waits until the replica
+    /// is promoted (`CLUSTER FAILOVER TAKEOVER` if no election within 30 s on a loaded
+    /// machine) and the cluster is ok.
+    pub fn fail_over_losing_writes(&self, key: &str) {
+        let victim = self.master_holding(key);
+        let replica = self
+            .nodes()
+            .iter()
+            .find(|n| n.master_port() == Some(victim.port))
+            .expect("the master's replica");
+        // The replica misses the master's last second of writes, then the master dies: frozen,
+        // and its replication link cut (what the kernel had buffered for it would otherwise
+        // still reach it).
+        replica.signal("-STOP");
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("replica")
+            .query(&mut victim.conn())
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        eprintln!("killing the master on port {}", victim.port);
+        victim.kill();
+        replica.signal("-CONT");
+        // The failover: the other masters mark the dead one failed after the node timeout,
+        // and its replica takes over its slots.
+        let started = std::time::Instant::now();
+        let mut took_over = false;
+        while !replica.is_master() {
+            // Under a loaded machine an election can keep failing; the replica then takes
+            // over by itself, as an operator would make it (`CLUSTER FAILOVER TAKEOVER`).
+            if started.elapsed() > Duration::from_secs(30) && !took_over {
+                eprintln!("no election after 30 s: CLUSTER FAILOVER TAKEOVER");
+                let () = redis::cmd("CLUSTER")
+                    .arg("FAILOVER")
+                    .arg("TAKEOVER")
+                    .query(&mut replica.conn())
+                    .unwrap();
+                took_over = true;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "the replica was not promoted"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("replica promoted after {:?}", started.elapsed());
+        self.wait_cluster_ok(Duration::from_secs(60));
     }
 
     /// The nodes of a cluster (empty for one server).
@@ -1703,6 +1837,17 @@ impl World {
             }
         });
         producer.flush(Duration::from_secs(10)).unwrap();
+        ends
+    }
+
+    /// Produces `events` 1,000 at a time, `pause_ms` apart (a stream that lasts while a test
+    /// breaks things); the end offsets.
+    pub fn produce_paced(&self, events: &[serde_json::Value], pause_ms: u64) -> BTreeMap<i32, i64> {
+        let mut ends = BTreeMap::new();
+        for chunk in events.chunks(1_000) {
+            ends.extend(self.produce_json(chunk));
+            std::thread::sleep(Duration::from_millis(pause_ms));
+        }
         ends
     }
 
