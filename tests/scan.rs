@@ -21,6 +21,9 @@ struct Scanner {
     runtime: tokio::runtime::Runtime,
     conn: Connection,
     keys: PartitionKeys,
+    /// Scans the fields of the partition's snapshot hash (an export's saved values) instead of
+    /// its customer keys.
+    hash: bool,
 }
 
 impl Scanner {
@@ -36,30 +39,58 @@ impl Scanner {
             runtime,
             conn,
             keys,
+            hash: false,
         }
     }
 
-    /// Writes the partition's customer keys; returns them.
+    /// A scanner of the partition's snapshot hash.
+    fn of_hash(redis: &Redis) -> Self {
+        Self {
+            hash: true,
+            ..Self::new(redis)
+        }
+    }
+
+    /// Writes the partition's customer keys (or, scanning the snapshot hash, its fields named
+    /// so); returns them.
     fn fill(&mut self, redis: &Redis) -> HashSet<String> {
         let all: HashSet<String> = (0..CUSTOMERS)
             .map(|i| self.keys.customer(&format!("c{i}")))
             .collect();
         let mut pipe = redis::pipe();
         for key in &all {
-            pipe.set(key, "1").ignore();
+            if self.hash {
+                pipe.hset(&self.keys.snapshot, key, "1").ignore();
+            } else {
+                pipe.set(key, "1").ignore();
+            }
         }
         pipe.query::<()>(&mut redis.conn()).unwrap();
         all
+    }
+
+    fn try_page(&mut self, at: &ScanCursor) -> redis::RedisResult<scan::Page> {
+        let (conn, keys) = (&mut self.conn, &self.keys);
+        if !self.hash {
+            return self
+                .runtime
+                .block_on(scan::customer_keys(conn, keys, at, 100));
+        }
+        let page =
+            self.runtime
+                .block_on(scan::hash_entries(conn, keys, &keys.snapshot, at, 100))?;
+        Ok(scan::Page {
+            keys: page.keys.into_iter().map(|(field, _)| field).collect(),
+            next: page.next,
+            restarted: page.restarted,
+        })
     }
 
     /// The next page (a failed call, while Redis restarts, is tried again as tierd's callers do).
     fn page(&mut self, at: &ScanCursor) -> scan::Page {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match self
-                .runtime
-                .block_on(scan::customer_keys(&mut self.conn, &self.keys, at, 100))
-            {
+            match self.try_page(at) {
                 Ok(page) => return page,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("page failed, tried again: {e}");
@@ -222,11 +253,44 @@ fn a_scan_sees_every_key_while_its_slot_migrates_and_after_it_moved() {
     assert!(restarts.contains(&Restart::SlotMigrating), "{restarts:?}");
 }
 
-fn node_id(node: &ClusterNode) -> String {
-    redis::cmd("CLUSTER")
-        .arg("MYID")
-        .query(&mut node.conn())
-        .unwrap()
+/// `tierd export`'s second pass reads the values a snapshot saved with `HSCAN` of one hash:
+/// its cursor is one server process's too, and the hash moves whole with its slot. A Redis
+/// restarted between two pages, and the slot moved to another master between two pages: the
+/// scan starts again and returns every field.
+#[test]
+fn a_hash_scan_sees_every_field_across_a_restart_and_a_move() {
+    let redis = Redis::start_persistent();
+    let mut scanner = Scanner::of_hash(&redis);
+    let all = scanner.fill(&redis);
+    let (mut found, mut restarts, at) = begun(&mut scanner, CUSTOMERS / 2);
+    redis.restart_persistent();
+    let rest = pages(&mut scanner, at, &mut found, &mut restarts, |_, _| false);
+    assert_eq!(rest, None);
+    assert_eq!(missing(&all, &found), 0, "fields the scan did not return");
+    assert_eq!(restarts, vec![Restart::OtherConnection]);
+
+    let redis = Redis::start_cluster();
+    let mut scanner = Scanner::of_hash(&redis);
+    let all = scanner.fill(&redis);
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&scanner.keys.snapshot)
+        .query(&mut redis.conn())
+        .unwrap();
+    let source = redis.master_holding(&scanner.keys.snapshot);
+    let target = redis
+        .nodes()
+        .iter()
+        .find(|n| n.is_master() && n.port != source.port)
+        .unwrap();
+    let (mut found, mut restarts, at) = begun(&mut scanner, CUSTOMERS / 2);
+    begin_migration(slot, source, target);
+    move_keys(slot, source, target, usize::MAX);
+    end_migration(&redis, slot, target);
+    let rest = pages(&mut scanner, at, &mut found, &mut restarts, |_, _| false);
+    assert_eq!(rest, None);
+    assert_eq!(missing(&all, &found), 0, "fields the scan did not return");
+    assert_eq!(restarts, vec![Restart::OtherConnection]);
 }
 
 fn begin_migration(slot: u16, from: &ClusterNode, to: &ClusterNode) {
@@ -239,8 +303,8 @@ fn begin_migration(slot: u16, from: &ClusterNode, to: &ClusterNode) {
             .query::<()>(&mut node.conn())
             .unwrap();
     };
-    setslot(to, "IMPORTING", &node_id(from));
-    setslot(from, "MIGRATING", &node_id(to));
+    setslot(to, "IMPORTING", &from.id());
+    setslot(from, "MIGRATING", &to.id());
 }
 
 /// Moves up to `at_most` of the slot's keys (`MIGRATE`, as `redis-cli --cluster reshard` does).
@@ -273,7 +337,7 @@ fn move_keys(slot: u16, from: &ClusterNode, to: &ClusterNode, at_most: usize) {
 /// Gives the slot to `to` on every master (as `redis-cli --cluster reshard` ends), and waits
 /// until the cluster agrees.
 fn end_migration(redis: &Redis, slot: u16, to: &ClusterNode) {
-    let id = node_id(to);
+    let id = to.id();
     for node in redis.nodes().iter().filter(|n| n.is_master()) {
         redis::cmd("CLUSTER")
             .arg("SETSLOT")

@@ -278,7 +278,7 @@ impl ConnectionLike for Connection {
                 Link::Managed(mut c) => c.req_packed_command(cmd).await,
                 Link::Direct(mut c) => c.req_packed_command(cmd).await,
                 Link::Cluster(mut c) => match command_name(cmd).as_deref() {
-                    Some(b"SCAN") => match scan_tag(cmd) {
+                    Some(b"SCAN") => match scan_key(cmd) {
                         Some(tag) => {
                             let mut pipe = redis::pipe();
                             pipe.add_command(cmd.clone());
@@ -396,13 +396,30 @@ fn scan_tag(cmd: &Cmd) -> Option<Vec<u8>> {
     Some(tag)
 }
 
-/// The master of the slot a `SCAN`'s pattern names ([`scan_tag`]).
-fn scan_route(cmd: &Cmd) -> Option<Route> {
-    scan_tag(cmd).map(|tag| Route::with_key(tag, SlotAddr::Master))
+/// Whether a command is a cursor scan of one slot: `SCAN` (its pattern names the slot) or
+/// `HSCAN` (of one key). A pipeline holding one goes whole to the slot's master
+/// ([`guarded_scan`]), so that the commands with it (`CLIENT INFO`, `CLUSTER NODES`, see
+/// [`super::scan`]) are answered by the node that gave out the cursor.
+fn is_scan(cmd: &Cmd) -> bool {
+    matches!(command_name(cmd).as_deref(), Some(b"SCAN" | b"HSCAN"))
 }
 
-/// A pipeline holding `SCAN`s of the slot of `tag`, sent to that slot's master behind an
-/// `EXISTS tag`: a `SCAN` names no key, so a node that does not serve the slot (redis-rs falls
+/// A key of the slot a scan reads: a `SCAN`'s pattern's hash tag ([`scan_tag`]), an `HSCAN`'s
+/// key.
+fn scan_key(cmd: &Cmd) -> Option<Vec<u8>> {
+    match command_name(cmd).as_deref() {
+        Some(b"HSCAN") => argument(cmd, 1).map(<[u8]>::to_vec),
+        _ => scan_tag(cmd),
+    }
+}
+
+/// The master of the slot a scan reads ([`scan_key`]).
+fn scan_route(cmd: &Cmd) -> Option<Route> {
+    scan_key(cmd).map(|key| Route::with_key(key, SlotAddr::Master))
+}
+
+/// A pipeline holding scans of the slot of `tag` (a key of it, [`scan_key`]), sent to that
+/// slot's master behind an `EXISTS tag`: a `SCAN` names no key, so a node that does not serve the slot (redis-rs falls
 /// back to a replica or another node while the master's connection is down; a slot that moved)
 /// would answer it from its own keys; the `EXISTS` makes such a node answer `MOVED`, and the
 /// pipeline is sent again to the slot's master. Returns the replies of `pipeline`'s own
@@ -471,14 +488,11 @@ async fn cluster_pipeline(
     let slots: Vec<Option<Route>> = pipeline.cmd_iter().map(command_route).collect();
     let first = slots.first().copied().flatten();
     let one_slot = slots.iter().all(|s| s.is_none() || *s == first);
-    let scan = pipeline
-        .cmd_iter()
-        .find(|c| command_name(c).as_deref() == Some(b"SCAN"));
-    if let Some(scan) = scan {
+    if let Some(scan) = pipeline.cmd_iter().find(|c| is_scan(c)) {
         // Only one slot's commands (and commands without keys, answered by the same node) may
-        // go with a SCAN, and not in a transaction.
+        // go with a scan, and not in a transaction.
         let route = scan_route(scan);
-        return match scan_tag(scan) {
+        return match scan_key(scan) {
             Some(tag)
                 if !pipeline.is_transaction()
                     && slots.iter().all(|s| s.is_none() || *s == route) =>

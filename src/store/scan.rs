@@ -1,5 +1,6 @@
-//! A scan of one partition's customer keys that returns every key present throughout it, on one
-//! Redis or a Redis Cluster, across Redis restarts, failovers and slot migrations.
+//! A scan of one partition's customer keys (or of a hash of its: an export's saved values) that
+//! returns every key present throughout it, on one Redis or a Redis Cluster, across Redis
+//! restarts, failovers and slot migrations.
 //!
 //! `SCAN`'s guarantee (every key present from the start to the end of a full iteration is
 //! returned) holds only on the server process that gave out the cursor: a cursor is a position
@@ -49,11 +50,11 @@ impl ScanCursor {
     }
 }
 
-/// One page of a scan.
+/// One page of a scan: of customer keys, or of a hash's entries (`T = (field, value)`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page {
-    /// The keys found (possibly some found before).
-    pub keys: Vec<String>,
+pub struct Page<T = String> {
+    /// The keys (or entries) found (possibly some found before).
+    pub keys: Vec<T>,
     /// Where the next page starts; `None` when the scan is complete.
     pub next: Option<ScanCursor>,
     /// Why the scan started again at this page, if it did.
@@ -90,19 +91,55 @@ pub async fn customer_keys(
     at: &ScanCursor,
     count: usize,
 ) -> RedisResult<Page> {
-    let cluster = conn.is_cluster();
     let pattern = keys.customer_pattern();
+    next_page(conn, keys, at, |position| {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(position)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(count);
+        scan
+    })
+    .await
+}
+
+/// The next page of the entries (field, value) of `hash`, one of `keys`' partition's keys
+/// (in its slot), from `at`, about `count` entries examined (`HSCAN`: the same guarantee as
+/// `SCAN`'s, on one server process's table, so the same checks).
+///
+/// # Errors
+/// Redis's, or a reply of an unexpected shape.
+pub async fn hash_entries(
+    conn: &mut Connection,
+    keys: &PartitionKeys,
+    hash: &str,
+    at: &ScanCursor,
+    count: usize,
+) -> RedisResult<Page<(String, Vec<u8>)>> {
+    next_page(conn, keys, at, |position| {
+        let mut scan = redis::cmd("HSCAN");
+        scan.arg(hash).arg(position).arg("COUNT").arg(count);
+        scan
+    })
+    .await
+}
+
+/// The next page from `at` of the scan `scan(cursor)` (a `SCAN` or `HSCAN` of `keys`'
+/// partition's slot), its cursor checked and started again as the module says.
+async fn next_page<T: redis::FromRedisValue>(
+    conn: &mut Connection,
+    keys: &PartitionKeys,
+    at: &ScanCursor,
+    scan: impl Fn(u64) -> redis::Cmd,
+) -> RedisResult<Page<T>> {
+    let cluster = conn.is_cluster();
     let mut at = *at;
     let mut restarted = None;
     loop {
         let mut pipe = redis::pipe();
         pipe.cmd("CLIENT").arg("INFO");
-        pipe.cmd("SCAN")
-            .arg(at.position)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(count);
+        pipe.add_command(scan(at.position));
         if cluster {
             // After the SCAN: a migration that began before its keys were read is seen.
             pipe.cmd("CLUSTER").arg("NODES");
@@ -114,9 +151,8 @@ pub async fn customer_keys(
         }
         let slot = cluster.then(|| replies.pop().expect("checked"));
         let nodes = cluster.then(|| replies.pop().expect("checked"));
-        let (next, found): (u64, Vec<String>) =
-            redis::from_redis_value(replies.pop().expect("checked"))
-                .map_err(|_| unexpected("SCAN's (cursor, keys)"))?;
+        let (next, found): (u64, Vec<T>) = redis::from_redis_value(replies.pop().expect("checked"))
+            .map_err(|_| unexpected("the scan's (cursor, keys)"))?;
         let info: String = redis::from_redis_value(replies.pop().expect("checked"))
             .map_err(|_| unexpected("CLIENT INFO's line"))?;
         let issuer = issuer(&info).ok_or_else(|| unexpected("CLIENT INFO's id, addr, laddr"))?;

@@ -13,7 +13,9 @@
 //! Why not compare commit counts before and after a read (the form before): a partition whose
 //! input never pauses for the length of a read could never be exported.
 
+use super::connection::Connection;
 use super::keys::PartitionKeys;
+use super::scan::{self, Page, ScanCursor};
 use redis::aio::ConnectionLike;
 use std::sync::LazyLock;
 
@@ -110,33 +112,23 @@ pub async fn read<C: ConnectionLike>(
     Ok((held, values))
 }
 
-/// A page of saved values: the next cursor (0 at the end) and (state key, its value at the
-/// snapshot) of keys present then.
-pub type SavedPage = (u64, Vec<(String, Vec<u8>)>);
-
 /// The values saved for state keys written since the snapshot opened, a page at a time from
-/// `cursor` (0 to start): (next cursor, 0 at the end; (key, value at the snapshot) of the keys
-/// present then).
+/// `at` ([`ScanCursor::start`] to start): the (key, value at the snapshot) of the keys present
+/// then. The scan starts again (its page says why) when its cursor comes from another
+/// connection or the partition's slot migrated during it ([`scan::hash_entries`]): a key may
+/// come twice.
 ///
 /// # Errors
 /// [`SnapshotError::Redis`].
-pub async fn saved<C: ConnectionLike>(
-    conn: &mut C,
+pub async fn saved(
+    conn: &mut Connection,
     keys: &PartitionKeys,
-    cursor: u64,
+    at: &ScanCursor,
     page: usize,
-) -> Result<SavedPage, SnapshotError> {
-    let (next, pairs): (u64, Vec<(String, Vec<u8>)>) = redis::cmd("HSCAN")
-        .arg(&keys.snapshot)
-        .arg(cursor)
-        .arg("COUNT")
-        .arg(page)
-        .query_async(conn)
-        .await?;
-    Ok((
-        next,
-        pairs.into_iter().filter(|(_, v)| !v.is_empty()).collect(),
-    ))
+) -> Result<Page<(String, Vec<u8>)>, SnapshotError> {
+    let mut found = scan::hash_entries(conn, keys, &keys.snapshot, at, page).await?;
+    found.keys.retain(|(_, v)| !v.is_empty());
+    Ok(found)
 }
 
 /// Closes the snapshot (removes the lease and the saved values, if still this export's).

@@ -219,12 +219,12 @@ fn read_partition(
             None => break,
         }
     }
-    let mut cursor = 0;
+    let mut at = ScanCursor::start();
     loop {
-        let (next, saved) = store
-            .snapshot_saved(partition, cursor, PAGE)
+        let saved = store
+            .snapshot_saved(partition, &at, PAGE)
             .map_err(|e| snapshot_error(store, partition, e))?;
-        for (key, bytes) in saved {
+        for (key, bytes) in saved.keys {
             each(&key, &bytes)?;
         }
         // Renewed, and checked: the saved values live as long as the lease, so held after
@@ -233,10 +233,10 @@ fn read_partition(
             .snapshot_read(partition, id, &[])
             .map_err(|e| snapshot_error(store, partition, e))?;
         held &= ok;
-        if next == 0 {
-            break;
+        match saved.next {
+            Some(next) => at = next,
+            None => break,
         }
-        cursor = next;
     }
     Ok((opened, held))
 }

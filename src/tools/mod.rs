@@ -314,19 +314,25 @@ impl Store {
             .block_on(snapshot::read(&mut self.conn, &keys, id, state_keys))
     }
 
-    /// A page of the values saved for `partition`'s snapshot ([`snapshot::saved`]).
+    /// A page of the values saved for `partition`'s snapshot ([`snapshot::saved`]), after a
+    /// pause if the scan starts again.
     ///
     /// # Errors
     /// [`SnapshotError`].
     pub fn snapshot_saved(
         &mut self,
         partition: i32,
-        cursor: u64,
+        at: &ScanCursor,
         page: usize,
-    ) -> Result<snapshot::SavedPage, SnapshotError> {
+    ) -> Result<scan::Page<(String, Vec<u8>)>, SnapshotError> {
         let keys = self.keyspace.partition(partition);
-        self.runtime
-            .block_on(snapshot::saved(&mut self.conn, &keys, cursor, page))
+        let found = self
+            .runtime
+            .block_on(snapshot::saved(&mut self.conn, &keys, at, page))?;
+        if let Some(next) = &found.next {
+            pause_if_restarted(next);
+        }
+        Ok(found)
     }
 
     /// Closes the export `id`'s snapshot of `partition`.
