@@ -175,20 +175,53 @@ fn assert_one_body_per_change_id(world: &World, published: usize) {
 
 #[test]
 fn a_rules_change_sweeps_every_customer_once_across_a_crash() {
-    sweeps_every_customer_once_across_a_crash(World::start(2));
+    sweeps_every_customer_once_through(World::start(2), Fault::Kill9);
 }
 
 /// The same on a Redis Cluster over 8 partitions: each partition's sweep scans its keys on the
 /// master of its slot.
 #[test]
 fn a_rules_change_on_a_redis_cluster_sweeps_every_customer_once_across_a_crash() {
-    sweeps_every_customer_once_across_a_crash(World::start_with(
-        8,
-        support::Redis::start_cluster(),
-    ));
+    sweeps_every_customer_once_through(
+        World::start_with(8, support::Redis::start_cluster()),
+        Fault::Kill9,
+    );
 }
 
-fn sweeps_every_customer_once_across_a_crash(mut world: World) {
+/// On a Redis Cluster, every slot of partition 0's master moves to another master
+/// (`redis-cli --cluster reshard`) while the partitions sweep: their scans start again on the
+/// new master and every customer is swept, its change published once.
+#[test]
+fn a_rules_change_on_a_redis_cluster_sweeps_every_customer_once_through_a_slot_migration() {
+    sweeps_every_customer_once_through(
+        World::start_with(8, support::Redis::start_cluster()),
+        Fault::SlotMigration,
+    );
+}
+
+/// On a Redis Cluster, partition 0's master is killed while the partitions sweep, and its
+/// replica, promoted, lacks the master's last second of writes (swept customers, the sweep's
+/// progress): the partitions on it are found diverged and replayed, their sweeps resumed, and
+/// every customer ends under the new rules, its change published once (a repeat identical).
+#[test]
+fn a_rules_change_on_a_redis_cluster_sweeps_every_customer_once_through_a_failover() {
+    sweeps_every_customer_once_through(
+        World::start_with(8, support::Redis::start_cluster()),
+        Fault::Failover,
+    );
+}
+
+/// What happens to a rules sweep under way.
+enum Fault {
+    /// Its instance is killed (`kill -9`) and another one finishes it.
+    Kill9,
+    /// Every slot of partition 0's master moves to another master.
+    SlotMigration,
+    /// Partition 0's master fails over to a replica that lacks its last writes.
+    Failover,
+}
+
+fn sweeps_every_customer_once_through(mut world: World, fault: Fault) {
     let partitions = world.partitions;
     let n = 3000i64;
     let amount = |i: i64| (i * 7919) % 1_200_000;
@@ -202,14 +235,47 @@ fn sweeps_every_customer_once_across_a_crash(mut world: World) {
     assert_eq!(before as i64, n, "one initial placement each");
 
     let _rules = use_rules(&mut world, V2);
-    // Slow sweep, killed in the middle.
-    world.rules_extra = "sweep_per_second = 300".into();
+    // A slow sweep, broken in the middle (a reshard takes seconds: slower still).
+    let rate = match fault {
+        Fault::Kill9 => 300,
+        Fault::SlotMigration | Fault::Failover => 20,
+    };
+    world.rules_extra = format!("sweep_per_second = {rate}");
     let mut tierd = Tierd::spawn(&world, "");
     wait_swept(&tierd, 600.0);
-    tierd.kill9();
-    world.rules_extra = "sweep_per_second = 5000".into();
-    let tierd = Tierd::spawn(&world, "");
+    let meta = world.keys(0).meta;
+    let tierd = match fault {
+        Fault::Kill9 => {
+            tierd.kill9();
+            world.rules_extra = "sweep_per_second = 5000".into();
+            Tierd::spawn(&world, "")
+        }
+        Fault::SlotMigration => {
+            world.redis.move_every_slot_of(&meta);
+            assert!(
+                tierd.metric("tierd_rules_sweep_partitions_done") < f64::from(partitions),
+                "the fault came while partitions swept"
+            );
+            tierd
+        }
+        Fault::Failover => {
+            world.redis.fail_over_losing_writes(&meta);
+            assert!(
+                tierd.metric("tierd_rules_sweep_partitions_done") < f64::from(partitions),
+                "the fault came while partitions swept"
+            );
+            tierd
+        }
+    };
     wait_sweeps_done(&tierd, f64::from(partitions));
+    if matches!(fault, Fault::Failover) {
+        assert!(
+            tierd.metric_labeled("tierd_partition_stops_total", "cause=\"diverged\"")
+                + tierd.metric_labeled("tierd_partition_stops_total", "cause=\"fenced\"")
+                >= 1.0,
+            "the lost writes were noticed"
+        );
+    }
     // Every stored customer is now placed by v2.
     let hash = tierd::model::state::rules_hash("b2b-lifetime-2");
     let mut expected_changes = HashMap::new();
