@@ -304,6 +304,22 @@ fn assert_bands_equal_a_full_sort(world: &World, tierd: &Tierd, n: i64) {
         }
     }
     assert_eq!(checked, n);
+    // The API's exact rank positions (counted over every partition, on a cluster every node):
+    // one more than the customers with strictly more.
+    for i in (0..n).step_by((n / 25).max(1) as usize) {
+        let (status, body) = tierd.get(&format!("/v1/customers/c{i}"));
+        assert_eq!(status, 200, "c{i}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let above = values.partition_point(|&w| w > amount(i) * 100);
+        assert_eq!(
+            (
+                v["ranks"]["value"]["position"].as_u64(),
+                v["ranks"]["value"]["population"].as_u64()
+            ),
+            (Some(above as u64 + 1), Some(n as u64)),
+            "c{i}: {body}"
+        );
+    }
     // Ties make bands hold at least their share, never less.
     assert!(sizes["vip"] >= n / 100, "{sizes:?}");
     let reevaluated = tierd.metric("tierd_rank_reevaluated_total");
