@@ -58,6 +58,41 @@ fn the_api_and_the_tools_read_every_partition_across_the_cluster() {
         );
     }
 
+    // The per-partition gauges of a scrape (one pipeline over the owned partitions, split
+    // by slot): every partition's tier counts, summed, are the tier sizes.
+    let (status, text) = tierd.get("/metrics");
+    assert_eq!(status, 200);
+    let mut scraped: HashMap<String, i64> = HashMap::new();
+    let mut partitions = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("tierd_tier_customers{") else {
+            continue;
+        };
+        let (labels, value) = rest.rsplit_once("} ").unwrap();
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|l| l.strip_prefix(&format!("{name}=\"")))
+                .unwrap()
+                .trim_end_matches('"')
+                .to_owned()
+        };
+        partitions.insert(label("partition").parse::<i32>().unwrap());
+        *scraped.entry(label("tier")).or_default() += value.parse::<i64>().unwrap();
+    }
+    assert_eq!(partitions.len(), 8, "{text}");
+    scraped.retain(|_, n| *n > 0);
+    assert_eq!(
+        scraped, sizes,
+        "tierd_tier_customers summed over partitions"
+    );
+    for p in 0..8 {
+        assert!(
+            text.contains(&format!("tierd_timers_pending{{partition=\"{p}\"}}")),
+            "partition {p}'s pending timers:\n{text}"
+        );
+    }
+
     // The export scans each partition on the master of its slot: every customer, once.
     let dir = tempfile::tempdir().unwrap();
     let config = world.config_file(dir.path());
