@@ -15,7 +15,10 @@
 //! O(log N)), a page is one O(log N + page) range read.
 //!
 //! `cargo bench --bench rank_scale` (env: BENCH_RANK_SCALE_SIZES, default 100000,1000000,10000000).
-//! Starts its own redis-server for each size.
+//! Starts its own redis-server for each size; with `BENCH_REDIS=cluster` a local Redis Cluster
+//! (3 masters, 3 replicas) instead, the partitions' sets in their own slots, and the search is
+//! the one tierd runs there (`store::cutoffs::search_across_nodes`: the bisection in tierd, a
+//! round trip to every partition's node per step, then a verification).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -35,6 +38,20 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// A connection to each server holding data: the one Redis, or each master of a cluster.
+fn servers(redis: &support::Redis) -> Vec<redis::Connection> {
+    if redis.nodes().is_empty() {
+        let client = redis::Client::open(redis.url.as_str()).unwrap();
+        return vec![client.get_connection().unwrap()];
+    }
+    redis
+        .nodes()
+        .iter()
+        .filter(|n| n.is_master())
+        .map(support::ClusterNode::conn)
+        .collect()
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return; // `cargo test --all-targets` / nextest probing the bench: nothing to list.
@@ -52,14 +69,24 @@ fn main() {
     let keys: Vec<String> = (0..PARTITIONS).map(|p| keyspace.rank(p, "value")).collect();
     let bands = [(1, 100), (20, 100), (50, 100)];
 
-    println!("## Rank cut-offs at scale (Redis only, tierd's search and paging code)");
+    let cluster = std::env::var("BENCH_REDIS").is_ok_and(|r| r == "cluster");
+    let on = if cluster {
+        "a Redis Cluster of 3 masters and 3 replicas"
+    } else {
+        "one Redis"
+    };
+    println!("## Rank cut-offs at scale ({on}, tierd's search and paging code)");
     println!();
     println!(
         "| customers | search, top 1 % | top 20 % | top 50 % | ZCOUNT rounds | list 1,000 crossers | list 10,000 crossers | per crosser (10,000) | Redis memory |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
-        let redis = support::Redis::start();
+        let redis = if cluster {
+            support::Redis::start_cluster()
+        } else {
+            support::Redis::start()
+        };
         let mut sync = redis.conn();
         let mut rng = Rng(0x5eed_0000 ^ n);
         let loading = Instant::now();
@@ -81,27 +108,27 @@ fn main() {
             pipe.query::<()>(&mut sync).unwrap();
             i = end;
         }
-        let info: String = redis::cmd("INFO").arg("memory").query(&mut sync).unwrap();
-        let used: u64 = info
-            .lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        let () = redis::cmd("CONFIG")
-            .arg("RESETSTAT")
-            .query(&mut sync)
-            .unwrap();
+        let used: u64 = servers(&redis)
+            .iter_mut()
+            .map(|c| {
+                let info: String = redis::cmd("INFO").arg("memory").query(c).unwrap();
+                info.lines()
+                    .find_map(|l| l.strip_prefix("used_memory:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum();
+        for mut c in servers(&redis) {
+            let () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut c).unwrap();
+        }
         eprintln!(
             "{n} customers loaded in {:.1} s",
             loading.elapsed().as_secs_f64()
         );
 
-        let client = redis.client();
+        let client = tierd::store::client::client(&redis.config("tierd")).unwrap();
         let (searches, rounds, paging) = rt.block_on(async {
-            let mut conn = client
-                .get_multiplexed_async_connection_with_config(
-                    &tierd::store::connection::direct_config(),
-                )
+            let mut conn = tierd::store::connection::Connection::connect(client)
                 .await
                 .unwrap();
             let mut searches = Vec::new();
@@ -111,10 +138,13 @@ fn main() {
                 let mut found = None;
                 for _ in 0..5 {
                     let t = Instant::now();
-                    found =
-                        tierd::store::cutoffs::search(&mut conn, &keys, Ratio { n: num, d: den })
-                            .await
-                            .unwrap();
+                    let pct = Ratio { n: num, d: den };
+                    found = if cluster {
+                        tierd::store::cutoffs::search_across_nodes(&mut conn, &keys, pct).await
+                    } else {
+                        tierd::store::cutoffs::search(&mut conn, &keys, pct).await
+                    }
+                    .unwrap();
                     runs.push(t.elapsed());
                 }
                 let found = found.expect("a population");
@@ -125,16 +155,17 @@ fn main() {
                 searches.push(median(runs));
             }
             // The bisection's rounds, counted by Redis: ZCOUNT calls per search and partition.
-            let stats: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let zcounts: u64 = stats
-                .lines()
-                .find_map(|l| l.strip_prefix("cmdstat_zcount:calls="))
-                .and_then(|v| v.split(',').next()?.parse().ok())
-                .unwrap_or(0);
+            let zcounts: u64 = servers(&redis)
+                .iter_mut()
+                .map(|c| {
+                    let stats: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
+                    stats
+                        .lines()
+                        .find_map(|l| l.strip_prefix("cmdstat_zcount:calls="))
+                        .and_then(|v| v.split(',').next()?.parse::<u64>().ok())
+                        .unwrap_or(0)
+                })
+                .sum();
             let rounds = zcounts / (5 * bands.len() as u64 * keys.len() as u64);
             // Crossers: the customers just below the top-20 % cut-off, as if it had moved down
             // past m of them. Listed from the new (lower) cut-off up to the old one, the way a
