@@ -312,6 +312,60 @@ fn a_cluster_with_tls_and_an_acl_user_is_run_exactly() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// The whole pipeline on a cluster as a least-privileged user (`+@all -@dangerous`, on every
+/// node: a cluster does not share its ACL users): commits, claims, scans, lookups and the
+/// startup check run with what that user may run (`CLUSTER SLOTS`, `CLUSTER NODES`,
+/// `CLUSTER KEYSLOT`, `CLIENT INFO`); `INFO` is refused on every node, and the eviction
+/// check warns once.
+#[test]
+fn the_pipeline_runs_on_a_cluster_as_a_user_without_dangerous_commands() {
+    let mut world = World::start_with(8, Redis::start_cluster());
+    for node in world.redis.nodes() {
+        let () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("tierd-app")
+            .arg("on")
+            .arg(">app-secret")
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .arg("-@dangerous")
+            .query(&mut node.conn())
+            .unwrap();
+    }
+    world.redis.url = world.redis.url.replacen(
+        "redis+cluster://",
+        "redis+cluster://tierd-app:app-secret@",
+        1,
+    );
+    let refused: redis::RedisResult<String> = redis::cmd("INFO")
+        .arg("memory")
+        .query(&mut world.redis.conn());
+    assert!(refused.is_err(), "the user must not run INFO");
+
+    let events = stream(4_000, 400, 41);
+    let (expected, changes) = reference(&events, &b2b_rules());
+    let tierd = Tierd::spawn(&world, "");
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(120));
+    assert_exact(&world, &expected, &changes);
+    let customer = expected.keys().next().unwrap();
+    let (status, body) = tierd.get(&format!("/v1/customers/{customer}"));
+    assert_eq!(status, 200, "{body}");
+    let log = tierd.log_text();
+    assert!(
+        log.contains("Cannot read Redis's maxmemory-policy; make sure it is `noeviction`")
+            && log.contains("NoPerm"),
+        "no node could be read: one warning\n{log}"
+    );
+    // The tools as that user: an export scans every partition.
+    let dir = tempfile::tempdir().unwrap();
+    let config = world.config_file(dir.path());
+    let (code, out, err) = support::tierd_cli(&["export", "--config", &config]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), expected.len(), "{err}");
+}
+
 /// Four tierd instances in one group over 8 partitions on the cluster, joining one by one and
 /// leaving (two cleanly, one killed) while events flow: every partition's state moves with its
 /// ownership through the cluster, and the result is exact.
