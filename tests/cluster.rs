@@ -277,27 +277,60 @@ fn a_slot_migration_during_ingestion_loses_nothing() {
 /// discovers beyond its seeds are reached the same way.
 #[test]
 fn a_cluster_with_tls_and_an_acl_user_is_run_exactly() {
+    run_exactly_over_tls(false);
+}
+
+/// The same cluster requiring a client certificate signed by its CA from every client
+/// (`tls-auth-clients yes`): tierd presents `redis.tls_cert_file` / `redis.tls_key_file` to
+/// every node it discovers; without them a node refuses the connection.
+#[test]
+fn a_cluster_requiring_client_certificates_is_run_exactly() {
+    run_exactly_over_tls(true);
+}
+
+fn run_exactly_over_tls(client_certs: bool) {
     let dir = tempfile::tempdir().unwrap();
     let certs = support::Certs::make(dir.path());
-    let world = World::start_with(
-        8,
-        Redis::start_cluster_tls(&certs, "tierd-app", "cluster-secret"),
-    );
+    let (user, password) = ("tierd-app", "cluster-secret");
+    let redis = if client_certs {
+        Redis::start_cluster_mutual_tls(&certs, user, password)
+    } else {
+        Redis::start_cluster_tls(&certs, user, password)
+    };
+    let world = World::start_with(8, redis);
     assert!(world
         .redis
         .url
         .starts_with("rediss+cluster://tierd-app:cluster-secret@"));
-    // The nodes really require TLS and the user: the default user is refused.
+    let config = world.redis.config("tierd");
+    assert_eq!(config.tls_cert_file.is_some(), client_certs);
+    // The nodes really require TLS and the user (the default user is refused), and a client
+    // certificate when they say so.
     let node = &world.redis.nodes()[3];
-    let refused = tierd::store::client::client(&tierd::config::RedisConfig {
-        url: format!("rediss://127.0.0.1:{}", node.port),
-        tls_ca_file: Some(certs.ca.clone()),
-        ..tierd::config::RedisConfig::default()
-    })
-    .unwrap()
-    .sync_connection(Duration::from_secs(5))
-    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-    assert!(refused.is_err(), "the default user must be refused");
+    let ping = |url: String, with_cert: bool| {
+        tierd::store::client::client(&tierd::config::RedisConfig {
+            url,
+            tls_ca_file: Some(certs.ca.clone()),
+            tls_cert_file: with_cert.then(|| certs.client_cert.clone()),
+            tls_key_file: with_cert.then(|| certs.client_key.clone()),
+            ..tierd::config::RedisConfig::default()
+        })
+        .unwrap()
+        .sync_connection(Duration::from_secs(5))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+    };
+    let as_user = format!("rediss://{user}:{password}@127.0.0.1:{}", node.port);
+    assert!(
+        ping(format!("rediss://127.0.0.1:{}", node.port), client_certs).is_err(),
+        "the default user must be refused"
+    );
+    assert_eq!(ping(as_user.clone(), client_certs).unwrap(), "PONG");
+    if client_certs {
+        assert!(
+            ping(as_user, false).is_err(),
+            "a client without a certificate must be refused"
+        );
+    }
 
     let events = stream(3_000, 300, 31);
     let (expected, changes) = reference(&events, &b2b_rules());

@@ -110,6 +110,9 @@ pub struct ClusterNode {
     /// `Some((certs, user, password))`: TLS only (clients, replication and the cluster bus)
     /// and an ACL user; the default user is disabled.
     tls: Option<(Certs, String, String)>,
+    /// With TLS: every client must present a certificate signed by the CA
+    /// (`tls-auth-clients yes`; the nodes present theirs to each other).
+    client_certs: bool,
 }
 
 /// Where [`Redis::move_every_slot_of`] moved a master's slots: from and to which node
@@ -139,7 +142,7 @@ impl ClusterNode {
                 "--tls-ca-cert-file",
                 &certs.ca.display().to_string(),
                 "--tls-auth-clients",
-                "no",
+                if self.client_certs { "yes" } else { "no" },
                 "--user",
                 "default",
                 "off",
@@ -197,6 +200,8 @@ impl ClusterNode {
             Some((certs, user, password)) => tierd::config::RedisConfig {
                 url: format!("rediss://{user}:{password}@127.0.0.1:{}", self.port),
                 tls_ca_file: Some(certs.ca.clone()),
+                tls_cert_file: self.client_certs.then(|| certs.client_cert.clone()),
+                tls_key_file: self.client_certs.then(|| certs.client_key.clone()),
                 ..tierd::config::RedisConfig::default()
             },
         };
@@ -521,17 +526,29 @@ impl Redis {
     /// --cluster-replicas 1`) on loopback, without persistence; `url` is its
     /// `redis+cluster://` form with the three replicas as seeds.
     pub fn start_cluster() -> Self {
-        Self::start_cluster_with(None)
+        Self::start_cluster_with(None, false)
     }
 
     /// [`Redis::start_cluster`] speaking only TLS (clients, replication, cluster bus;
     /// certificates signed by `certs`' CA) and admitting only the ACL user `user`; `url` is
     /// `rediss+cluster://user:password@…`.
     pub fn start_cluster_tls(certs: &Certs, user: &str, password: &str) -> Self {
-        Self::start_cluster_with(Some((certs.clone(), user.to_owned(), password.to_owned())))
+        Self::start_cluster_with(
+            Some((certs.clone(), user.to_owned(), password.to_owned())),
+            false,
+        )
     }
 
-    fn start_cluster_with(tls: Option<(Certs, String, String)>) -> Self {
+    /// [`Self::start_cluster_tls`], and every node requires a client certificate signed by
+    /// the CA (`tls-auth-clients yes`): `config` gives tierd's.
+    pub fn start_cluster_mutual_tls(certs: &Certs, user: &str, password: &str) -> Self {
+        Self::start_cluster_with(
+            Some((certs.clone(), user.to_owned(), password.to_owned())),
+            true,
+        )
+    }
+
+    fn start_cluster_with(tls: Option<(Certs, String, String)>, client_certs: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Twelve distinct ports (each picked free, but none bound until the nodes start).
         let mut ports: Vec<u16> = Vec::new();
@@ -551,6 +568,7 @@ impl Redis {
                     dir: node_dir,
                     child: Mutex::new(None),
                     tls: tls.clone(),
+                    client_certs,
                 }
             })
             .collect();
@@ -570,6 +588,12 @@ impl Redis {
                 password,
                 "--no-auth-warning",
             ]);
+            if client_certs {
+                cli.arg("--cert")
+                    .arg(&certs.client_cert)
+                    .arg("--key")
+                    .arg(&certs.client_key);
+            }
         }
         let out = cli
             .args(["--cluster", "create"])
@@ -600,7 +624,7 @@ impl Redis {
             url,
             dir,
             tls,
-            client_certs: false,
+            client_certs,
             appendfsync: None,
             cluster,
         };
