@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use tierd::config::Config;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// mimalloc instead of the system allocator: tierd allocates per event (decoded events, states,
 /// JSON buffers, Redis arguments) from several threads, and glibc malloc took ~29 % of its CPU
@@ -229,14 +230,31 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,librdkafka=warn".into());
+    // The service logs to standard output; the tools to standard error, as their output is
+    // data (an export's JSON lines, an explanation): a log line there (redis-rs warns when a
+    // cluster's slots move) corrupted it.
+    let service = matches!(cli.command, Command::Run { .. });
+    let (writer, terminal) = if service {
+        (
+            BoxMakeWriter::new(std::io::stdout),
+            std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        )
+    } else {
+        (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
+    };
     match cli.log_format {
         // Colours only on a terminal: log files and collectors get plain text.
         LogFormat::Text => tracing_subscriber::fmt()
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_ansi(terminal)
+            .with_writer(writer)
             .with_env_filter(filter)
             .init(),
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
+            .with_writer(writer)
             .with_env_filter(filter)
             .init(),
     }

@@ -240,6 +240,48 @@ fn an_export_is_every_customer_and_each_partition_a_consistent_snapshot_under_in
 /// `--retries`, then the export stops naming it and leaves no output file;
 /// `--allow-inconsistent` writes it marked as such. A partition another export holds is
 /// refused naming that export.
+/// The tools log to standard error: their standard output is data (JSON), also with every
+/// library's logging on (a log line there once broke an export's lines on a
+/// Redis Cluster whose slots moved: redis-rs warns then).
+#[test]
+fn the_tools_log_to_standard_error_and_their_output_stays_data() {
+    let world = World::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let config = world.config_file(dir.path());
+    let tierd = Tierd::spawn(&world, "");
+    let events: Vec<_> = (0..20)
+        .map(|i| {
+            purchase(
+                &format!("l{i}"),
+                &format!("c{i}"),
+                "10.00",
+                "2026-11-01T00:00:00Z",
+            )
+        })
+        .collect();
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(60));
+    // Every library's logging on: librdkafka's client (the offsets tool) logs at trace level.
+    let trace = [("RUST_LOG", "trace")];
+    let run = |args: &[&str]| {
+        let (code, out, err) = support::tierd_cli_env(args, &trace);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        (out, err)
+    };
+    let (out, err) = run(&["offsets", "show", "--config", &config, "--json"]);
+    assert!(err.contains(" TRACE "), "the tool logged nothing: {err}");
+    serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let (out, _) = run(&["rules", "explain", "c1", "--config", &config]);
+    serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let (out, _) = run(&["export", "--config", &config]);
+    assert_eq!(out.lines().count(), 20, "{out}");
+    for line in out.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["customer_id"].is_string(), "{line}");
+    }
+}
+
 #[test]
 fn a_partition_whose_snapshot_lapses_during_every_read_is_refused_or_marked() {
     let world = World::start(2);

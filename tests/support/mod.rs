@@ -243,10 +243,12 @@ impl ClusterNode {
     /// The port of the master this node replicates (`None`: it is a master).
     pub fn master_port(&self) -> Option<u16> {
         let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut self.conn()).unwrap();
-        if self.is_master() {
+        let replica = matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"slave")
+            || matches!(role.first(), Some(redis::Value::SimpleString(r)) if r == "slave");
+        if !replica {
             return None;
         }
-        redis::from_redis_value_ref::<u16>(&role[2]).ok()
+        redis::from_redis_value_ref::<u16>(role.get(2)?).ok()
     }
 
     /// Kills this node (SIGKILL): not running from then on.
@@ -632,7 +634,8 @@ impl Redis {
         redis
     }
 
-    /// The running master of a cluster that serves `key` (the others answer `MOVED`).
+    /// The running master of a cluster that serves `key` (the others answer `MOVED`); not
+    /// while its slot migrates (the old master answers `ASK` for a key it no longer has).
     pub fn master_holding(&self, key: &str) -> &ClusterNode {
         self.nodes()
             .iter()
@@ -650,6 +653,7 @@ impl Redis {
     /// Moves every slot of the master holding `key` to another master with
     /// `redis-cli --cluster reshard` (keys move one by one with `MIGRATE`; commands on a slot
     /// in migration are redirected with `ASK` or told `TRYAGAIN`); returns when it is done.
+    /// A cluster without TLS (`redis-cli` is given no certificates or user).
     pub fn move_every_slot_of(&self, key: &str) -> Moved {
         let from = self.master_holding(key);
         let to = self
@@ -706,15 +710,18 @@ impl Redis {
     /// machine) and the cluster is ok.
     pub fn fail_over_losing_writes(&self, key: &str) {
         let victim = self.master_holding(key);
-        let replica = self
+        let replicas: Vec<&ClusterNode> = self
             .nodes()
             .iter()
-            .find(|n| n.master_port() == Some(victim.port))
-            .expect("the master's replica");
-        // The replica misses the master's last second of writes, then the master dies: frozen,
-        // and its replication link cut (what the kernel had buffered for it would otherwise
-        // still reach it).
-        replica.signal("-STOP");
+            .filter(|n| n.child.lock().unwrap().is_some() && n.master_port() == Some(victim.port))
+            .collect();
+        let replica = *replicas.first().expect("the master's replica");
+        // Its replicas miss the master's last second of writes, then the master dies: frozen
+        // (all of them: any one may be elected), and their replication links cut (what the
+        // kernel had buffered for them would otherwise still reach them).
+        for r in &replicas {
+            r.signal("-STOP");
+        }
         let _: redis::Value = redis::cmd("CLIENT")
             .arg("KILL")
             .arg("TYPE")
@@ -724,12 +731,14 @@ impl Redis {
         std::thread::sleep(Duration::from_secs(1));
         eprintln!("killing the master on port {}", victim.port);
         victim.kill();
-        replica.signal("-CONT");
+        for r in &replicas {
+            r.signal("-CONT");
+        }
         // The failover: the other masters mark the dead one failed after the node timeout,
         // and its replica takes over its slots.
         let started = std::time::Instant::now();
         let mut took_over = false;
-        while !replica.is_master() {
+        while !replicas.iter().any(|r| r.is_master()) {
             // Under a loaded machine an election can keep failing; the replica then takes
             // over by itself, as an operator would make it (`CLUSTER FAILOVER TAKEOVER`).
             if started.elapsed() > Duration::from_secs(30) && !took_over {
@@ -2478,6 +2487,19 @@ impl Tierd {
     }
 
     /// Waits until this instance owns `n` partitions.
+    /// Asserts that a Redis that lost acknowledged writes was noticed: a partition was found
+    /// diverged (its stored offset went back) or its fence went back
+    /// (`tierd_partition_stops_total{cause="diverged"|"fenced"}`).
+    pub fn assert_lost_writes_noticed(&self) {
+        let stops = |cause: &str| {
+            self.metric_labeled("tierd_partition_stops_total", &format!("cause=\"{cause}\""))
+        };
+        assert!(
+            stops("diverged") + stops("fenced") >= 1.0,
+            "the lost writes were noticed (a partition diverged or its fence went back)"
+        );
+    }
+
     pub fn wait_partitions(&self, n: i64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.metric("tierd_partitions_assigned") as i64 != n {
@@ -2598,8 +2620,14 @@ fn thread_dump(pid: u32) -> String {
 
 /// Runs the `tierd` command with `args` (from the project root): (exit code, stdout, stderr).
 pub fn tierd_cli(args: &[&str]) -> (i32, String, String) {
+    tierd_cli_env(args, &[])
+}
+
+/// [`tierd_cli`] with environment variables set.
+pub fn tierd_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tierd"))
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
