@@ -349,12 +349,7 @@ fn rank_tiers_settle_exact_after_a_master_failover_on_a_cluster() {
         producer.join().unwrap()
     });
     world.wait_applied_by(&tierd, &ends, Duration::from_secs(300));
-    assert!(
-        tierd.metric_labeled("tierd_partition_stops_total", "cause=\"diverged\"")
-            + tierd.metric_labeled("tierd_partition_stops_total", "cause=\"fenced\"")
-            >= 1.0,
-        "the lost writes were noticed"
-    );
+    tierd.assert_lost_writes_noticed();
     assert_bands_equal_a_full_sort(&world, &tierd, n);
 }
 
@@ -393,9 +388,9 @@ fn rank_tiers_settle_exact_through_a_slot_migration_on_a_cluster() {
 
 /// Three tierd instances in one group on a Redis Cluster: the cut-off duty goes with
 /// partition 0. Its owner is killed (`kill -9`) while customers arrive; the instance the
-/// group gives partition 0 to computes and publishes the cut-offs from then on, an instance
-/// that never held partition 0 never computes any, and once the stream settles every
-/// customer is in the band a full sort places them in.
+/// group gives partition 0 to publishes the cut-offs from then on (the final ones, over
+/// every customer, among them), every instance published only while it held partition 0,
+/// and once the stream settles every customer is in the band a full sort places them in.
 #[test]
 fn the_cut_off_duty_follows_partition_0_across_instances_on_a_cluster() {
     let world = pyramid_on(World::start_with(8, Redis::start_cluster()));
@@ -420,26 +415,25 @@ fn the_cut_off_duty_follows_partition_0_across_instances_on_a_cluster() {
         }
     };
     wait_balanced(&group);
-    let computed = |t: &Tierd| t.metric("tierd_rank_recompute_seconds_count");
-    let ever_held_0 = |t: &Tierd| t.log_text().contains("Partition assigned. partition=0 ");
     let events = spread(n);
     let (victim, ends) = std::thread::scope(|s| {
         let producer = s.spawn(|| world.produce_paced(&events, 500));
         let owner = group.iter().position(|t| owns(t, 0)).unwrap();
+        // Its first cut-offs over some of the newcomers.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while computed(&group[owner]) == 0.0 {
-            assert!(
-                Instant::now() < deadline,
-                "partition 0's owner computed no cut-offs"
-            );
+        while world
+            .cutoffs()
+            .is_none_or(|c| c.population.first() == Some(&0))
+        {
+            assert!(Instant::now() < deadline, "no cut-offs over the newcomers");
             std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_secs(2));
         let mut victim = group.remove(owner);
         victim.kill9();
+        let population = world.cutoffs().unwrap().population[0];
         assert!(
-            !producer.is_finished(),
-            "partition 0's owner died while events flowed"
+            population < n as u64,
+            "partition 0's owner died before every customer arrived ({population} ranked)"
         );
         wait_balanced(&group);
         (victim, producer.join().unwrap())
@@ -447,19 +441,38 @@ fn the_cut_off_duty_follows_partition_0_across_instances_on_a_cluster() {
     let successor = group.iter().find(|t| owns(t, 0)).unwrap();
     world.wait_applied_by(successor, &ends, Duration::from_secs(300));
     assert_bands_equal_a_full_sort(&world, successor, n);
+    // The cut-offs over every customer came after the victim died: from the successor, after
+    // it was given partition 0.
+    let (_, since) = publications_holding_0(successor);
     assert!(
-        successor.log_text().contains("Rank cut-offs published."),
-        "partition 0's new owner published cut-offs:\n{}",
+        since >= 1,
+        "partition 0's new owner published no cut-offs:\n{}",
         successor.log_text()
     );
-    for t in &group {
-        assert!(
-            computed(t) == 0.0 || ever_held_0(t),
-            "an instance that never held partition 0 computed cut-offs:\n{}",
-            t.log_text()
-        );
+    for t in group.iter().chain([&victim]) {
+        publications_holding_0(t);
     }
-    drop(victim);
+}
+
+/// Checks that every cut-off publication in `tierd`'s log came while it held partition 0
+/// (between its assignment and its release); returns how many there were, and how many
+/// since its last assignment of partition 0.
+fn publications_holding_0(tierd: &Tierd) -> (usize, usize) {
+    let log = tierd.log_text();
+    let (mut held, mut all, mut since) = (false, 0, 0);
+    for line in log.lines() {
+        if line.contains("Partition assigned. partition=0 ") {
+            held = true;
+            since = 0;
+        } else if line.contains("Partition released. partition=0 ") {
+            held = false;
+        } else if line.contains("Rank cut-offs published.") {
+            assert!(held, "published without partition 0: {line}\n{log}");
+            all += 1;
+            since += 1;
+        }
+    }
+    (all, since)
 }
 
 #[test]

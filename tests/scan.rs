@@ -180,20 +180,8 @@ fn a_scan_sees_every_key_while_its_slot_migrates_and_after_it_moved() {
         .arg(&scanner.keys.meta)
         .query(&mut redis.conn())
         .unwrap();
-    let masters: Vec<&ClusterNode> = redis.nodes().iter().filter(|n| n.is_master()).collect();
-    let holds = |n: &ClusterNode| {
-        let count: u64 = redis::cmd("CLUSTER")
-            .arg("COUNTKEYSINSLOT")
-            .arg(slot)
-            .query(&mut n.conn())
-            .unwrap();
-        count > 0
-    };
-    let source = *masters
-        .iter()
-        .find(|n| holds(n))
-        .expect("the slot's master");
-    let target = *masters.iter().find(|n| n.port != source.port).unwrap();
+    let source = redis.master_holding(&scanner.keys.meta);
+    let target = other_master(&redis, source);
 
     // 1. The slot migrates during the scan: half its keys are moved while the scan reads the
     //    old master, which the scan then completes; then the migration completes.
@@ -278,11 +266,7 @@ fn a_hash_scan_sees_every_field_across_a_restart_and_a_move() {
         .query(&mut redis.conn())
         .unwrap();
     let source = redis.master_holding(&scanner.keys.snapshot);
-    let target = redis
-        .nodes()
-        .iter()
-        .find(|n| n.is_master() && n.port != source.port)
-        .unwrap();
+    let target = other_master(&redis, source);
     let (mut found, mut restarts, at) = begun(&mut scanner, CUSTOMERS / 2);
     begin_migration(slot, source, target);
     move_keys(slot, source, target, usize::MAX);
@@ -291,6 +275,15 @@ fn a_hash_scan_sees_every_field_across_a_restart_and_a_move() {
     assert_eq!(rest, None);
     assert_eq!(missing(&all, &found), 0, "fields the scan did not return");
     assert_eq!(restarts, vec![Restart::OtherConnection]);
+}
+
+/// A master of `redis` other than `node`.
+fn other_master<'a>(redis: &'a Redis, node: &ClusterNode) -> &'a ClusterNode {
+    redis
+        .nodes()
+        .iter()
+        .find(|n| n.is_master() && n.port != node.port)
+        .expect("another master")
 }
 
 fn begin_migration(slot: u16, from: &ClusterNode, to: &ClusterNode) {

@@ -448,11 +448,12 @@ async fn guarded_scan(
     Ok(values.into_iter().skip(1 + offset).take(count).collect())
 }
 
-/// The error of a `SCAN` on a cluster whose pattern names no slot.
+/// The error of a scan on a cluster that reads no single slot (a `SCAN` whose pattern names no
+/// slot, or a scan in a transaction or with another slot's commands).
 fn unscoped_scan() -> redis::RedisError {
     redis::RedisError::from((
         redis::ErrorKind::InvalidClientConfig,
-        "a SCAN on a Redis Cluster must match one hash tag (one partition's keys)",
+        "a scan on a Redis Cluster must read one slot (a SCAN must match one hash tag, one partition's keys; no transaction, no other slot's commands with it)",
     ))
 }
 

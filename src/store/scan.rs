@@ -92,7 +92,7 @@ pub async fn customer_keys(
     count: usize,
 ) -> RedisResult<Page> {
     let pattern = keys.customer_pattern();
-    next_page(conn, keys, at, |position| {
+    next_page(conn, keys, at, true, |position| {
         let mut scan = redis::cmd("SCAN");
         scan.arg(position)
             .arg("MATCH")
@@ -105,8 +105,10 @@ pub async fn customer_keys(
 }
 
 /// The next page of the entries (field, value) of `hash`, one of `keys`' partition's keys
-/// (in its slot), from `at`, about `count` entries examined (`HSCAN`: the same guarantee as
-/// `SCAN`'s, on one server process's table, so the same checks).
+/// (in its slot), from `at`, about `count` entries examined. `HSCAN` has `SCAN`'s guarantee
+/// on one server process's table only, so its cursor is checked the same way; a slot
+/// migration needs no check of its own: the hash moves whole (one `MIGRATE`), and the pages
+/// after it are answered by the new master, on another connection.
 ///
 /// # Errors
 /// Redis's, or a reply of an unexpected shape.
@@ -117,7 +119,7 @@ pub async fn hash_entries(
     at: &ScanCursor,
     count: usize,
 ) -> RedisResult<Page<(String, Vec<u8>)>> {
-    next_page(conn, keys, at, |position| {
+    next_page(conn, keys, at, false, |position| {
         let mut scan = redis::cmd("HSCAN");
         scan.arg(hash).arg(position).arg("COUNT").arg(count);
         scan
@@ -126,31 +128,33 @@ pub async fn hash_entries(
 }
 
 /// The next page from `at` of the scan `scan(cursor)` (a `SCAN` or `HSCAN` of `keys`'
-/// partition's slot), its cursor checked and started again as the module says.
+/// partition's slot), its cursor checked and started again as the module says; whether the
+/// slot is migrating is checked when `migrations` is set (on a cluster).
 async fn next_page<T: redis::FromRedisValue>(
     conn: &mut Connection,
     keys: &PartitionKeys,
     at: &ScanCursor,
+    migrations: bool,
     scan: impl Fn(u64) -> redis::Cmd,
 ) -> RedisResult<Page<T>> {
-    let cluster = conn.is_cluster();
+    let watch = migrations && conn.is_cluster();
     let mut at = *at;
     let mut restarted = None;
     loop {
         let mut pipe = redis::pipe();
         pipe.cmd("CLIENT").arg("INFO");
         pipe.add_command(scan(at.position));
-        if cluster {
+        if watch {
             // After the SCAN: a migration that began before its keys were read is seen.
             pipe.cmd("CLUSTER").arg("NODES");
             pipe.cmd("CLUSTER").arg("KEYSLOT").arg(&keys.meta);
         }
         let mut replies: Vec<Value> = pipe.query_async(conn).await?;
-        if replies.len() != if cluster { 4 } else { 2 } {
+        if replies.len() != if watch { 4 } else { 2 } {
             return Err(unexpected("a reply per command"));
         }
-        let slot = cluster.then(|| replies.pop().expect("checked"));
-        let nodes = cluster.then(|| replies.pop().expect("checked"));
+        let slot = watch.then(|| replies.pop().expect("checked"));
+        let nodes = watch.then(|| replies.pop().expect("checked"));
         let (next, found): (u64, Vec<T>) = redis::from_redis_value(replies.pop().expect("checked"))
             .map_err(|_| unexpected("the scan's (cursor, keys)"))?;
         let info: String = redis::from_redis_value(replies.pop().expect("checked"))

@@ -115,8 +115,8 @@ pub async fn read<C: ConnectionLike>(
 /// The values saved for state keys written since the snapshot opened, a page at a time from
 /// `at` ([`ScanCursor::start`] to start): the (key, value at the snapshot) of the keys present
 /// then. The scan starts again (its page says why) when its cursor comes from another
-/// connection or the partition's slot migrated during it ([`scan::hash_entries`]): a key may
-/// come twice.
+/// connection (a restart, a failover, the slot moved: [`scan::hash_entries`]): a key may come
+/// twice.
 ///
 /// # Errors
 /// [`SnapshotError::Redis`].

@@ -273,8 +273,8 @@ impl Store {
     }
 
     /// The next page of a scan of `partition`'s customer keys ([`scan::customer_keys`]): where
-    /// the next page starts (`None` when the scan is complete; after a pause if it starts
-    /// again) and the keys (some possibly found before).
+    /// the next page starts (`None` when the scan is complete; after a pause and a warning
+    /// if it starts again at its end) and the keys (some possibly found before).
     ///
     /// # Errors
     /// [`ToolError::Redis`].
@@ -292,9 +292,7 @@ impl Store {
             url: self.url.clone(),
             source,
         })?;
-        if let Some(next) = &found.next {
-            pause_if_restarted(next);
-        }
+        restarted(partition, &found);
         Ok((found.next, found.keys))
     }
 
@@ -314,8 +312,8 @@ impl Store {
             .block_on(snapshot::read(&mut self.conn, &keys, id, state_keys))
     }
 
-    /// A page of the values saved for `partition`'s snapshot ([`snapshot::saved`]), after a
-    /// pause if the scan starts again.
+    /// A page of the values saved for `partition`'s snapshot ([`snapshot::saved`]); a scan
+    /// that starts again is logged.
     ///
     /// # Errors
     /// [`SnapshotError`].
@@ -329,9 +327,7 @@ impl Store {
         let found = self
             .runtime
             .block_on(snapshot::saved(&mut self.conn, &keys, at, page))?;
-        if let Some(next) = &found.next {
-            pause_if_restarted(next);
-        }
+        restarted(partition, &found);
         Ok(found)
     }
 
@@ -376,8 +372,24 @@ impl Store {
     }
 }
 
-/// A scan that starts again (its slot migrating, Redis failed over) goes round once more after
-/// a pause, rather than re-reading a partition in a tight loop while the migration runs.
+/// Says why a scan of `partition` started again, if it did; one that starts again at its end
+/// (its slot was migrating) goes round once more after a pause, rather than re-reading a
+/// partition in a tight loop while the migration runs (a slot left migrating keeps it going
+/// round until `redis-cli --cluster fix`).
+fn restarted<T>(partition: i32, page: &scan::Page<T>) {
+    if let Some(why) = page.restarted {
+        tracing::warn!(
+            partition,
+            why = why.as_str(),
+            "A scan of the partition starts again."
+        );
+    }
+    if let Some(next) = &page.next {
+        pause_if_restarted(next);
+    }
+}
+
+/// The pause of [`restarted`] before a scan goes round once more.
 fn pause_if_restarted(next: &ScanCursor) {
     if next.is_start() {
         std::thread::sleep(std::time::Duration::from_millis(100));
