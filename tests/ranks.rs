@@ -336,21 +336,8 @@ fn assert_bands_equal_a_full_sort(world: &World, tierd: &Tierd, n: i64) {
 #[test]
 fn rank_tiers_settle_exact_after_a_master_failover_on_a_cluster() {
     let world = pyramid_on(World::start_with(8, Redis::start_cluster()));
-    let n = 30_000;
-    let config = format!("{RANKS}[ingest]\nbatch_max_events = 200\n");
-    let tierd = Tierd::spawn(&world, &config);
-    tierd.wait_partitions(8, Duration::from_secs(60));
-    let events = spread(n);
-    let meta = world.keys(0).meta;
-    let ends = std::thread::scope(|s| {
-        let producer = s.spawn(|| world.produce_paced(&events, 300));
-        std::thread::sleep(Duration::from_secs(3));
-        world.redis.fail_over_losing_writes(&meta);
-        producer.join().unwrap()
-    });
-    world.wait_applied_by(&tierd, &ends, Duration::from_secs(300));
+    let tierd = settled_through(&world, |meta| world.redis.fail_over_losing_writes(meta));
     tierd.assert_lost_writes_noticed();
-    assert_bands_equal_a_full_sort(&world, &tierd, n);
 }
 
 /// The pyramid on a Redis Cluster while every slot of partition 0's master moves to another
@@ -361,29 +348,39 @@ fn rank_tiers_settle_exact_after_a_master_failover_on_a_cluster() {
 #[test]
 fn rank_tiers_settle_exact_through_a_slot_migration_on_a_cluster() {
     let world = pyramid_on(World::start_with(8, Redis::start_cluster()));
-    let n = 30_000;
-    let config = format!("{RANKS}[ingest]\nbatch_max_events = 200\n");
-    let tierd = Tierd::spawn(&world, &config);
-    tierd.wait_partitions(8, Duration::from_secs(60));
-    let events = spread(n);
     let meta = world.keys(0).meta;
-    let (moved, ends) = std::thread::scope(|s| {
-        let producer = s.spawn(|| world.produce_paced(&events, 300));
-        std::thread::sleep(Duration::from_secs(3));
-        assert!(
-            !producer.is_finished(),
-            "the migration starts while events flow"
-        );
-        let moved = world.redis.move_every_slot_of(&meta);
-        (moved, producer.join().unwrap())
+    let mut moved = None;
+    settled_through(&world, |meta| {
+        moved = Some(world.redis.move_every_slot_of(meta))
     });
-    world.wait_applied_by(&tierd, &ends, Duration::from_secs(300));
+    let moved = moved.unwrap();
     assert_eq!(
         world.redis.master_holding(&meta).port,
         moved.to,
         "partition 0's slot moved"
     );
-    assert_bands_equal_a_full_sort(&world, &tierd, n);
+}
+
+/// 30,000 customers of the pyramid ([`spread`]) produced over ~10 s to 8 partitions on a
+/// cluster, `fault` done to the node of partition 0's meta key (given) 3 s in, while events
+/// flow; once applied, every band equals a full sort's ([`assert_bands_equal_a_full_sort`]).
+fn settled_through(world: &World, fault: impl FnOnce(&str)) -> Tierd {
+    let n = 30_000;
+    let config = format!("{RANKS}[ingest]\nbatch_max_events = 200\n");
+    let tierd = Tierd::spawn(world, &config);
+    tierd.wait_partitions(8, Duration::from_secs(60));
+    let events = spread(n);
+    let meta = world.keys(0).meta;
+    let ends = std::thread::scope(|s| {
+        let producer = s.spawn(|| world.produce_paced(&events, 300));
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(!producer.is_finished(), "the fault comes while events flow");
+        fault(&meta);
+        producer.join().unwrap()
+    });
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(300));
+    assert_bands_equal_a_full_sort(world, &tierd, n);
+    tierd
 }
 
 /// Three tierd instances in one group on a Redis Cluster: the cut-off duty goes with
