@@ -348,17 +348,7 @@ fn run_exactly_over_tls(client_certs: bool) {
 fn the_pipeline_runs_on_a_cluster_as_a_user_without_dangerous_commands() {
     let mut world = World::start_with(8, Redis::start_cluster());
     for node in world.redis.nodes() {
-        let () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("tierd-app")
-            .arg("on")
-            .arg(">app-secret")
-            .arg("~*")
-            .arg("&*")
-            .arg("+@all")
-            .arg("-@dangerous")
-            .query(&mut node.conn())
-            .unwrap();
+        support::add_user_without_dangerous_commands(&mut node.conn());
     }
     world.redis.url = world.redis.url.replacen(
         "redis+cluster://",

@@ -227,17 +227,7 @@ fn a_redis_user_without_info_gets_a_warning_and_the_pipeline_runs() {
         );
         return;
     }
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("tierd-app")
-        .arg("on")
-        .arg(">app-secret")
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .arg("-@dangerous")
-        .query(&mut world.redis.conn())
-        .unwrap();
+    support::add_user_without_dangerous_commands(&mut world.redis.conn());
     // tierd and this test's reads go through the restricted user (they need no more).
     world.redis.url = world
         .redis

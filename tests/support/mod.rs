@@ -74,6 +74,23 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Creates (or resets) the ACL user `tierd-app` / `app-secret` without the `@dangerous`
+/// commands (no `INFO`, no `CONFIG`) on the server `conn` reaches: the least privilege tierd
+/// runs with.
+pub fn add_user_without_dangerous_commands(conn: &mut impl redis::ConnectionLike) {
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("tierd-app")
+        .arg("on")
+        .arg(">app-secret")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-@dangerous")
+        .query(conn)
+        .unwrap();
+}
+
 /// `ACL ARGS…` as the default user of the Redis at `admin_url`.
 pub fn acl(admin_url: &str, args: &[&str]) {
     let mut admin = redis::Client::open(admin_url)
