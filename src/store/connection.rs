@@ -419,9 +419,9 @@ fn scan_route(cmd: &Cmd) -> Option<Route> {
 }
 
 /// A pipeline holding scans of the slot of `tag` (a key of it, [`scan_key`]), sent to that
-/// slot's master behind an `EXISTS tag`: a `SCAN` names no key, so a node that does not serve the slot (redis-rs falls
-/// back to a replica or another node while the master's connection is down; a slot that moved)
-/// would answer it from its own keys; the `EXISTS` makes such a node answer `MOVED`, and the
+/// slot's master behind an `EXISTS tag`: a `SCAN` names no key, so a node that does not
+/// serve the slot (redis-rs falls back to a replica or another node while the master's
+/// connection is down; a slot that moved) would answer it from its own keys; the `EXISTS` makes such a node answer `MOVED`, and the
 /// pipeline is sent again to the slot's master. Returns the replies of `pipeline`'s own
 /// commands from `offset`, `count` of them.
 async fn guarded_scan(
