@@ -113,7 +113,131 @@ enum Link {
     /// is lost).
     Direct(MultiplexedConnection),
     /// A Redis Cluster (redis-rs reconnects to its nodes and follows `MOVED`/`ASK`).
-    Cluster(ClusterConnection),
+    Cluster(ClusterLink),
+}
+
+/// How many requests at most one cluster connection has on its way at once (each part of a
+/// pipeline split by slot counts as one); the others wait their turn.
+///
+/// redis-rs 1.8's cluster connection can stop for good while the cluster's slots move: after a
+/// `MOVED` its task refreshes its slot map and stops polling its requests meanwhile, and a
+/// request it no longer polls can hold what the refresh waits for (a place in a node
+/// connection's queue of 50, the lock of the connection map: both are handed to the first
+/// waiter, polled or not; redis-rs pull request 882 fixed one case of it). Every call on the
+/// connection, and every later one, then waits forever, with nothing logged. Measured with a
+/// standalone program (256 single-slot `EXISTS` at once on a fresh connection, again and again,
+/// while `redis-cli --cluster reshard` moved 2,000 slots back and forth between two masters
+/// holding 250,000 keys): with no bound, or 48, 40 or 32 at once, it stopped in every run, after
+/// 20–82 s; with 16 at once it never stopped (two runs of 60 s and two of 120 s, ~11,000
+/// rounds). The bound makes a stop rare, not impossible: [`CLUSTER_CALL_TIMEOUT`] ends one.
+///
+/// The price: a master that does not answer (a frozen process: its connections stay open)
+/// holds the places its calls took, so calls to the other masters may wait for a place until
+/// those calls time out.
+pub const CLUSTER_CALLS_AT_ONCE: usize = 16;
+
+/// How long a call on a Redis Cluster (waiting for its place included) may go unanswered.
+/// Then it fails with a timeout, and the connection is replaced by a new one (at most once
+/// every [`REPLACE_AT_MOST_EVERY`]): a connection stopped for good ([`CLUSTER_CALLS_AT_ONCE`])
+/// is left behind, and the callers' retries go on on the new one. A timed-out call's outcome
+/// is in doubt like that of a call whose connection dropped, which every caller already
+/// handles (a partition's commit is fenced and replays what it cannot confirm). Far above any
+/// call tierd makes on a healthy cluster (a commit of a batch, a page of a scan, a step of a
+/// cut-off search: milliseconds).
+pub const CLUSTER_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A cluster connection and the places of its calls ([`CLUSTER_CALLS_AT_ONCE`]).
+#[derive(Clone)]
+struct ClusterLink {
+    conn: ClusterConnection,
+    calls: Arc<tokio::sync::Semaphore>,
+}
+
+impl ClusterLink {
+    fn new(conn: ClusterConnection) -> Self {
+        Self {
+            conn,
+            calls: Arc::new(tokio::sync::Semaphore::new(CLUSTER_CALLS_AT_ONCE)),
+        }
+    }
+
+    /// `call` once it has a place among the calls on their way, within
+    /// [`CLUSTER_CALL_TIMEOUT`].
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = RedisResult<T>>,
+    ) -> RedisResult<T> {
+        let placed = async {
+            let _place = self
+                .calls
+                .acquire()
+                .await
+                .map_err(|_| closed_cluster_link())?;
+            call.await
+        };
+        tokio::time::timeout(CLUSTER_CALL_TIMEOUT, placed)
+            .await
+            .unwrap_or_else(|_| Err(stalled_cluster_call()))
+    }
+
+    /// `cmd`, routed by redis-rs (by its key).
+    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let mut conn = self.conn.clone();
+        self.call(async move { conn.req_packed_command(cmd).await })
+            .await
+    }
+
+    /// `pipeline`, routed by redis-rs (one slot's, or keyless).
+    async fn pipeline(
+        &self,
+        pipeline: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        let mut conn = self.conn.clone();
+        self.call(async move { conn.req_packed_commands(pipeline, offset, count).await })
+            .await
+    }
+
+    /// `pipeline` sent to the master of `route`'s slot.
+    async fn pipeline_to(
+        &self,
+        pipeline: Pipeline,
+        offset: usize,
+        count: usize,
+        route: Route,
+    ) -> RedisResult<Vec<Value>> {
+        let mut conn = self.conn.clone();
+        self.call(async move {
+            conn.route_pipeline(
+                pipeline,
+                offset,
+                count,
+                SingleNodeRoutingInfo::SpecificNode(route),
+            )
+            .await
+        })
+        .await
+    }
+}
+
+/// The places of a cluster link are never closed; this is the error if they were.
+fn closed_cluster_link() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the cluster connection is closed",
+    ))
+}
+
+/// The error of a call on a Redis Cluster unanswered within [`CLUSTER_CALL_TIMEOUT`].
+fn stalled_cluster_call() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "no answer from the Redis Cluster within {} s (connecting afresh)",
+            CLUSTER_CALL_TIMEOUT.as_secs()
+        ),
+    ))
 }
 
 impl Link {
@@ -127,9 +251,13 @@ impl Link {
             RedisClient::Single(client) => Self::Managed(
                 ConnectionManager::new_with_config(client.clone(), manager_config()).await?,
             ),
-            RedisClient::Cluster(clients) => {
-                Self::Cluster(clients.routed.get_async_connection().await?)
-            }
+            // Bounded like a call: redis-rs's cluster connection may itself stop while the
+            // slots move (see [`CLUSTER_CALLS_AT_ONCE`]).
+            RedisClient::Cluster(clients) => Self::Cluster(ClusterLink::new(
+                tokio::time::timeout(CLUSTER_CALL_TIMEOUT, clients.routed.get_async_connection())
+                    .await
+                    .unwrap_or_else(|_| Err(stalled_cluster_call()))?,
+            )),
         })
     }
 }
@@ -182,7 +310,7 @@ impl Connection {
     /// A single server's error; on a cluster, `CLUSTER NODES`' (each node's own error is its
     /// reply's).
     pub async fn on_every_node(&self, cmd: &Cmd) -> RedisResult<Vec<(String, RedisResult<Value>)>> {
-        let Link::Cluster(mut conn) = self.link() else {
+        let Link::Cluster(link) = self.link() else {
             return Ok(vec![(
                 "redis.url".to_owned(),
                 Ok(cmd.query_async(&mut self.clone()).await?),
@@ -193,10 +321,8 @@ impl Connection {
         };
         // The nodes as the cluster lists them: redis-rs's cluster client holds connections to
         // the masters only.
-        let nodes: String = redis::cmd("CLUSTER")
-            .arg("NODES")
-            .query_async(&mut conn)
-            .await?;
+        let nodes: String =
+            redis::from_redis_value(link.command(redis::cmd("CLUSTER").arg("NODES")).await?)?;
         let asks = node_addresses(&nodes)
             .into_iter()
             .map(|address| async move {
@@ -223,11 +349,13 @@ impl Connection {
         self.shared.current.read().expect("connection lock").clone()
     }
 
-    /// Replaces the manager after an error its own reconnection does not get past.
+    /// Replaces the manager after an error its own reconnection does not get past, and a
+    /// cluster connection after a call it did not answer ([`CLUSTER_CALL_TIMEOUT`]).
     fn after<T>(&self, result: &RedisResult<T>) {
         let Err(error) = result else { return };
         let refused = matches!(error.code(), Some("WRONGPASS" | "NOAUTH"));
-        if error.is_io_error() || !(error.is_unrecoverable_error() || refused) {
+        let stalled = error.is_timeout() && matches!(self.link(), Link::Cluster(_));
+        if !stalled && (error.is_io_error() || !(error.is_unrecoverable_error() || refused)) {
             return;
         }
         {
@@ -240,7 +368,11 @@ impl Connection {
             }
             *last = Some(Instant::now());
         }
-        warn!(%error, "A Redis connection was refused; connecting afresh.");
+        if stalled {
+            warn!(%error, "A call on the Redis Cluster was not answered; connecting afresh.");
+        } else {
+            warn!(%error, "A Redis connection was refused; connecting afresh.");
+        }
         let shared = Arc::clone(&self.shared);
         self.shared.runtime.spawn(async move {
             // Cleared however the task ends (a panic included): the next refusal tries again.
@@ -277,18 +409,18 @@ impl ConnectionLike for Connection {
             let result = match self.link() {
                 Link::Managed(mut c) => c.req_packed_command(cmd).await,
                 Link::Direct(mut c) => c.req_packed_command(cmd).await,
-                Link::Cluster(mut c) => match command_name(cmd).as_deref() {
+                Link::Cluster(c) => match command_name(cmd).as_deref() {
                     Some(b"SCAN") => match scan_key(cmd) {
                         Some(tag) => {
                             let mut pipe = redis::pipe();
                             pipe.add_command(cmd.clone());
-                            guarded_scan(c, &pipe, &tag, 0, 1)
+                            guarded_scan(&c, &pipe, &tag, 0, 1)
                                 .await
                                 .map(|mut v| v.pop().unwrap_or(Value::Nil))
                         }
                         None => Err(unscoped_scan()),
                     },
-                    _ => c.req_packed_command(cmd).await,
+                    _ => c.command(cmd).await,
                 },
             };
             self.after(&result);
@@ -306,7 +438,7 @@ impl ConnectionLike for Connection {
             let result = match self.link() {
                 Link::Managed(mut c) => c.req_packed_commands(cmd, offset, count).await,
                 Link::Direct(mut c) => c.req_packed_commands(cmd, offset, count).await,
-                Link::Cluster(c) => cluster_pipeline(c, cmd, offset, count).await,
+                Link::Cluster(c) => cluster_pipeline(&c, cmd, offset, count).await,
             };
             self.after(&result);
             result
@@ -317,7 +449,7 @@ impl ConnectionLike for Connection {
         match self.link() {
             Link::Managed(c) => c.get_db(),
             Link::Direct(c) => c.get_db(),
-            Link::Cluster(c) => c.get_db(),
+            Link::Cluster(c) => c.conn.get_db(),
         }
     }
 }
@@ -425,7 +557,7 @@ fn scan_route(cmd: &Cmd) -> Option<Route> {
 /// pipeline is sent again to the slot's master. Returns the replies of `pipeline`'s own
 /// commands from `offset`, `count` of them.
 async fn guarded_scan(
-    mut conn: ClusterConnection,
+    link: &ClusterLink,
     pipeline: &Pipeline,
     tag: &[u8],
     offset: usize,
@@ -437,13 +569,8 @@ async fn guarded_scan(
         guarded.add_command(cmd.clone());
     }
     let n = guarded.cmd_iter().count();
-    let values = conn
-        .route_pipeline(
-            guarded,
-            0,
-            n,
-            SingleNodeRoutingInfo::SpecificNode(Route::with_key(tag, SlotAddr::Master)),
-        )
+    let values = link
+        .pipeline_to(guarded, 0, n, Route::with_key(tag, SlotAddr::Master))
         .await?;
     Ok(values.into_iter().skip(1 + offset).take(count).collect())
 }
@@ -481,7 +608,7 @@ fn command_route(cmd: &Cmd) -> Option<Route> {
 /// name none); otherwise split by slot, the parts sent to their masters at once and the replies
 /// put back in order.
 async fn cluster_pipeline(
-    mut conn: ClusterConnection,
+    link: &ClusterLink,
     pipeline: &Pipeline,
     offset: usize,
     count: usize,
@@ -498,7 +625,7 @@ async fn cluster_pipeline(
                 if !pipeline.is_transaction()
                     && slots.iter().all(|s| s.is_none() || *s == route) =>
             {
-                guarded_scan(conn, pipeline, &tag, offset, count).await
+                guarded_scan(link, pipeline, &tag, offset, count).await
             }
             _ => Err(unscoped_scan()),
         };
@@ -506,7 +633,7 @@ async fn cluster_pipeline(
     if pipeline.is_transaction() || one_slot || slots.iter().any(Option::is_none) {
         // A transaction is one slot's by nature (Redis refuses it otherwise); a keyless
         // command in a multi-slot pipeline cannot be placed, and redis-rs says so.
-        return conn.req_packed_commands(pipeline, offset, count).await;
+        return link.pipeline(pipeline, offset, count).await;
     }
     let mut parts: Vec<(Route, Vec<usize>, Pipeline)> = Vec::new();
     for (i, (cmd, slot)) in pipeline.cmd_iter().zip(&slots).enumerate() {
@@ -521,17 +648,10 @@ async fn cluster_pipeline(
         parts[at].1.push(i);
         parts[at].2.add_command(cmd.clone());
     }
+    // Each part takes a place of its own ([`CLUSTER_CALLS_AT_ONCE`]): a pipeline of 256
+    // partitions' keys goes out 32 parts at a time.
     let replies = futures::future::try_join_all(parts.iter().map(|(route, positions, part)| {
-        let mut conn = conn.clone();
-        async move {
-            conn.route_pipeline(
-                part.clone(),
-                0,
-                positions.len(),
-                SingleNodeRoutingInfo::SpecificNode(*route),
-            )
-            .await
-        }
+        link.pipeline_to(part.clone(), 0, positions.len(), *route)
     }))
     .await?;
     let mut out = vec![Value::Nil; slots.len()];
