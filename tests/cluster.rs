@@ -266,6 +266,62 @@ fn a_slot_migration_during_ingestion_loses_nothing() {
     );
 }
 
+/// `tierd export` run again and again while every slot of partition 0's master moves to
+/// another master (`redis-cli --cluster reshard`, keys moved one by one): each export ends
+/// within 2 minutes and holds every customer once, with their tier (its scans start again on
+/// the new master). Before the cluster connection bounded its requests
+/// (`store::connection::CLUSTER_CALLS_AT_ONCE`), an export hung for good in its first call in
+/// 3 of 4 runs.
+#[test]
+fn exports_during_a_slot_migration_end_and_hold_every_customer_once() {
+    let world = World::start_with(8, Redis::start_cluster());
+    let events = stream(6_000, 600, 43);
+    let (expected, changes) = reference(&events, &b2b_rules());
+    let tierd = Tierd::spawn(&world, "");
+    let ends = world.produce_json(&events);
+    world.wait_applied_by(&tierd, &ends, Duration::from_secs(120));
+    assert_exact(&world, &expected, &changes);
+    let dir = tempfile::tempdir().unwrap();
+    let config = world.config_file(dir.path());
+    let export = || {
+        // `timeout` (coreutils) ends an export that hangs: exit code 124.
+        let (code, out, err) = support::command_output(
+            std::process::Command::new("timeout")
+                .arg("120")
+                .arg(env!("CARGO_BIN_EXE_tierd"))
+                .args(["export", "--config", &config]),
+        );
+        assert_ne!(code, 124, "the export hung: {err}");
+        assert_eq!(code, 0, "{err}");
+        let mut exported: HashMap<String, Option<String>> = HashMap::new();
+        for line in out.lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            let id = v["customer_id"].as_str().unwrap().to_owned();
+            let tier = v["tier"].as_str().map(str::to_owned);
+            assert!(exported.insert(id.clone(), tier).is_none(), "{id} twice");
+        }
+        assert_eq!(exported.len(), expected.len(), "{err}");
+        for (customer, state) in &expected {
+            assert_eq!(exported[customer], state.tier, "{customer}");
+        }
+    };
+    let meta = world.keys(0).meta;
+    let during = std::thread::scope(|s| {
+        let moving = s.spawn(|| world.redis.move_every_slot_of(&meta));
+        let mut during = 0;
+        while !moving.is_finished() {
+            export();
+            during += 1;
+        }
+        moving.join().unwrap();
+        during
+    });
+    eprintln!("{during} exports during the migration");
+    assert!(during >= 2, "exports ran while the slots moved");
+    export();
+}
+
 /// A cluster that speaks only TLS (clients, replication and the cluster bus) and admits only
 /// an ACL user: `rediss+cluster://user:password@…` with `redis.tls_ca_file`. The nodes tierd
 /// discovers beyond its seeds are reached the same way.

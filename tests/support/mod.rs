@@ -2675,9 +2675,17 @@ pub fn tierd_cli(args: &[&str]) -> (i32, String, String) {
 
 /// [`tierd_cli`] with environment variables set.
 pub fn tierd_cli_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tierd"))
-        .args(args)
-        .envs(env.iter().copied())
+    command_output(
+        Command::new(env!("CARGO_BIN_EXE_tierd"))
+            .args(args)
+            .envs(env.iter().copied()),
+    )
+}
+
+/// Runs `command` in the crate's directory: its exit code (-1 if killed by a signal), standard
+/// output and standard error.
+pub fn command_output(command: &mut Command) -> (i32, String, String) {
+    let out = command
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
