@@ -11,16 +11,45 @@ use std::collections::HashMap;
 use std::time::Duration;
 use support::exact::{assert_exact, b2b_rules, reference, stream};
 use support::{Redis, Tierd, World};
+use tierd::model::CustomerState;
 
-#[test]
-fn the_api_and_the_tools_read_every_partition_across_the_cluster() {
+/// An export's output (`out`, its log `err`) holds every expected customer once, with their
+/// tier.
+fn assert_exported(out: &str, err: &str, expected: &HashMap<String, CustomerState>) {
+    let mut exported: HashMap<String, Option<String>> = HashMap::new();
+    for line in out.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let id = v["customer_id"].as_str().unwrap().to_owned();
+        let tier = v["tier"].as_str().map(str::to_owned);
+        assert!(exported.insert(id.clone(), tier).is_none(), "{id} twice");
+    }
+    assert_eq!(exported.len(), expected.len(), "{err}");
+    for (customer, state) in expected {
+        assert_eq!(exported[customer], state.tier, "{customer}");
+    }
+}
+
+/// `n` events of `customers` customers (`seed`) applied by one tierd on a cluster, 8
+/// partitions: exact. The world, the tierd and each customer's expected state.
+fn applied_on_a_cluster(
+    n: usize,
+    customers: u32,
+    seed: u64,
+) -> (World, Tierd, HashMap<String, CustomerState>) {
     let world = World::start_with(8, Redis::start_cluster());
-    let events = stream(4_000, 400, 13);
+    let events = stream(n, customers, seed);
     let (expected, changes) = reference(&events, &b2b_rules());
     let tierd = Tierd::spawn(&world, "");
     let ends = world.produce_json(&events);
     world.wait_applied_by(&tierd, &ends, Duration::from_secs(120));
     assert_exact(&world, &expected, &changes);
+    (world, tierd, expected)
+}
+
+#[test]
+fn the_api_and_the_tools_read_every_partition_across_the_cluster() {
+    let (world, tierd, expected) = applied_on_a_cluster(4_000, 400, 13);
     let masters = world.redis.masters_holding(&format!("{}:*", world.prefix));
     assert!(
         masters >= 2,
@@ -98,17 +127,7 @@ fn the_api_and_the_tools_read_every_partition_across_the_cluster() {
     let config = world.config_file(dir.path());
     let (code, out, err) = support::tierd_cli(&["export", "--config", &config]);
     assert_eq!(code, 0, "{err}");
-    let mut exported: HashMap<String, Option<String>> = HashMap::new();
-    for line in out.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let id = v["customer_id"].as_str().unwrap().to_owned();
-        let tier = v["tier"].as_str().map(str::to_owned);
-        assert!(exported.insert(id.clone(), tier).is_none(), "{id} twice");
-    }
-    assert_eq!(exported.len(), expected.len(), "{err}");
-    for (customer, state) in &expected {
-        assert_eq!(exported[customer], state.tier, "{customer}");
-    }
+    assert_exported(&out, &err, &expected);
     // A stored customer explained by the tool (found across the partitions).
     let customer = expected.keys().next().unwrap();
     let (code, out, err) = support::tierd_cli(&["rules", "explain", customer, "--config", &config]);
@@ -274,13 +293,7 @@ fn a_slot_migration_during_ingestion_loses_nothing() {
 /// 3 of 4 runs.
 #[test]
 fn exports_during_a_slot_migration_end_and_hold_every_customer_once() {
-    let world = World::start_with(8, Redis::start_cluster());
-    let events = stream(6_000, 600, 43);
-    let (expected, changes) = reference(&events, &b2b_rules());
-    let tierd = Tierd::spawn(&world, "");
-    let ends = world.produce_json(&events);
-    world.wait_applied_by(&tierd, &ends, Duration::from_secs(120));
-    assert_exact(&world, &expected, &changes);
+    let (world, _tierd, expected) = applied_on_a_cluster(6_000, 600, 43);
     let dir = tempfile::tempdir().unwrap();
     let config = world.config_file(dir.path());
     let export = || {
@@ -293,18 +306,7 @@ fn exports_during_a_slot_migration_end_and_hold_every_customer_once() {
         );
         assert_ne!(code, 124, "the export hung: {err}");
         assert_eq!(code, 0, "{err}");
-        let mut exported: HashMap<String, Option<String>> = HashMap::new();
-        for line in out.lines() {
-            let v: serde_json::Value =
-                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-            let id = v["customer_id"].as_str().unwrap().to_owned();
-            let tier = v["tier"].as_str().map(str::to_owned);
-            assert!(exported.insert(id.clone(), tier).is_none(), "{id} twice");
-        }
-        assert_eq!(exported.len(), expected.len(), "{err}");
-        for (customer, state) in &expected {
-            assert_eq!(exported[customer], state.tier, "{customer}");
-        }
+        assert_exported(&out, &err, &expected);
     };
     let meta = world.keys(0).meta;
     let during = std::thread::scope(|s| {
