@@ -433,3 +433,49 @@ fn the_search_across_nodes_under_racing_commits_returns_only_cut_offs_of_a_cut()
         "no verification failed: the commits did not race the searches"
     );
 }
+
+/// The publication of cut-offs (`publish_cutoffs.lua`): only under partition 0's owner's
+/// epoch, under a version above the stored one and the floor, and only while the stored
+/// version is still the one the cut-offs were computed after: a publication that arrives after
+/// a later one (a call on a cluster that timed out and ran late) changes nothing.
+#[test]
+fn a_publication_of_cut_offs_arriving_after_a_later_one_changes_nothing() {
+    use tierd::engine::rules::rank::Cutoffs;
+    use tierd::store::cutoffs::{load_cutoffs, publish_cutoffs, Publication};
+    let redis = Redis::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = tierd::store::client::client(&redis.config("t")).unwrap();
+    let mut conn = rt.block_on(Connection::connect(client)).unwrap();
+    let keys = tierd::store::keys::Keyspace::new("t", "g", "purchases").partition(0);
+    let () = redis::cmd("HSET")
+        .arg(&keys.meta)
+        .arg("epoch")
+        .arg(7)
+        .query(&mut redis.conn())
+        .unwrap();
+    let mut publish = |epoch: i64, floor: u64, after: u64, value: i128| {
+        let cutoffs = Cutoffs {
+            values: vec![Some(value)],
+            ..Cutoffs::default()
+        };
+        rt.block_on(publish_cutoffs(
+            &mut conn, &keys, epoch, floor, after, &cutoffs,
+        ))
+        .unwrap()
+    };
+    assert_eq!(publish(7, 0, 0, 100), Publication::Published(1));
+    // Computed when none was stored, arriving after version 1.
+    assert_eq!(publish(7, 0, 0, 50), Publication::Superseded);
+    assert_eq!(publish(7, 0, 1, 200), Publication::Published(2));
+    assert_eq!(publish(8, 0, 2, 300), Publication::Fenced);
+    assert_eq!(publish(7, 10, 2, 400), Publication::Published(11));
+    assert_eq!(publish(7, 0, 2, 500), Publication::Superseded);
+    let stored = rt
+        .block_on(load_cutoffs(&mut conn.clone(), &keys))
+        .unwrap()
+        .unwrap();
+    assert_eq!((stored.version, stored.values), (11, vec![Some(400)]));
+}

@@ -224,11 +224,21 @@ impl Runner {
             // Never at or below a version this or any partition applied and published: after
             // Redis lost writes, the replays apply versions Redis no longer counts up to.
             let floor = self.cutoffs.version.max(floor);
-            match cutoffs::publish_cutoffs(conn, &zero, self.status.epoch, floor, &new).await {
-                Ok(Some(version)) => published = Some(version),
-                Ok(None) => tracing::warn!(
+            let after = current.as_ref().map_or(0, |c| c.version);
+            let publication =
+                cutoffs::publish_cutoffs(conn, &zero, self.status.epoch, floor, after, &new).await;
+            match publication {
+                Ok(cutoffs::Publication::Published(version)) => published = Some(version),
+                Ok(cutoffs::Publication::Fenced) => tracing::warn!(
                     "Rank cut-offs not published: partition 0 has another owner now."
                 ),
+                Ok(cutoffs::Publication::Superseded) => {
+                    // Computed again at the next check, after what was published since.
+                    self.last_compute = None;
+                    tracing::warn!(
+                        "Rank cut-offs not published: other cut-offs were published since they were computed."
+                    );
+                }
                 Err(e) => {
                     // Retried at the next check (the computation is repeated).
                     self.last_compute = None;

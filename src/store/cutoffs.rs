@@ -323,9 +323,21 @@ pub async fn compute(
 static PUBLISH_CUTOFFS: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/publish_cutoffs.lua")));
 
+/// What became of a publication of cut-offs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publication {
+    /// Published under this version.
+    Published(u64),
+    /// Not published: another owner took partition 0.
+    Fenced,
+    /// Not published: the stored version is no longer the one the cut-offs were computed
+    /// after (another publication came first: this one arrived late).
+    Superseded,
+}
+
 /// Publishes rank cut-offs as the owner of partition 0 (`keys` are partition 0's) under a
-/// version above both the stored one and `floor`; returns the new version, `None` when fenced
-/// (another owner took partition 0).
+/// version above both the stored one and `floor`, if the stored version is still `after` (the
+/// one loaded before computing them; 0 for none).
 ///
 /// # Errors
 /// The Redis error.
@@ -334,8 +346,9 @@ pub async fn publish_cutoffs(
     keys: &PartitionKeys,
     epoch: i64,
     floor: u64,
+    after: u64,
     cutoffs: &Cutoffs,
-) -> Result<Option<u64>, redis::RedisError> {
+) -> Result<Publication, redis::RedisError> {
     let json = serde_json::to_string(cutoffs).expect("cut-offs serialize");
     let version: i64 = PUBLISH_CUTOFFS
         .key(&keys.meta)
@@ -343,9 +356,14 @@ pub async fn publish_cutoffs(
         .arg(epoch)
         .arg(json)
         .arg(floor)
+        .arg(after)
         .invoke_async(conn)
         .await?;
-    Ok(u64::try_from(version).ok())
+    Ok(match version {
+        -1 => Publication::Fenced,
+        -2 => Publication::Superseded,
+        v => Publication::Published(u64::try_from(v).unwrap_or_default()),
+    })
 }
 
 /// The cut-offs in force (partition 0's hash), with their version.
