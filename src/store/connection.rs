@@ -33,6 +33,8 @@ use tracing::{info, warn};
 ///
 /// No response timeout: a command's outcome is then never in doubt because of tierd (a frozen
 /// Redis holds tierd until it answers or its connection drops; the API bounds its own waits).
+/// A Redis Cluster's calls are bounded ([`CLUSTER_CALL_TIMEOUT`]): redis-rs's cluster
+/// connection can stop for good.
 pub fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_min_delay(Duration::from_secs(1))
@@ -131,53 +133,72 @@ enum Link {
 /// 20–82 s; with 16 at once it never stopped (two runs of 60 s and two of 120 s, ~11,000
 /// rounds). The bound makes a stop rare, not impossible: [`CLUSTER_CALL_TIMEOUT`] ends one.
 ///
-/// The price: a master that does not answer (a frozen process: its connections stay open)
-/// holds the places its calls took, so calls to the other masters may wait for a place until
-/// those calls time out.
+/// The price: the places are shared by every master's calls. A master that does not answer (a
+/// frozen process, its connections open) holds the places its calls took until they time out
+/// ([`CLUSTER_CALL_TIMEOUT`]); calls to the other masters wait for a place meanwhile if 16 of
+/// them wait on it (with 8 partitions over 3 masters, a master's partitions make 6 or so).
 pub const CLUSTER_CALLS_AT_ONCE: usize = 16;
 
-/// How long a call on a Redis Cluster (waiting for its place included) may go unanswered.
-/// Then it fails with a timeout, and the connection is replaced by a new one (at most once
-/// every [`REPLACE_AT_MOST_EVERY`]): a connection stopped for good ([`CLUSTER_CALLS_AT_ONCE`])
-/// is left behind, and the callers' retries go on on the new one. A timed-out call's outcome
-/// is in doubt like that of a call whose connection dropped, which every caller already
-/// handles (a partition's commit is fenced and replays what it cannot confirm). Far above any
-/// call tierd makes on a healthy cluster (a commit of a batch, a page of a scan, a step of a
-/// cut-off search: milliseconds).
+/// How long a call of the service on a Redis Cluster may go unanswered once it has its place
+/// ([`CLUSTER_CALLS_AT_ONCE`]). Then it fails with a timeout, and the connection is replaced by
+/// a new one (at most once every [`REPLACE_AT_MOST_EVERY`]): a connection stopped for good is
+/// left behind, and the callers' retries go on on the new one. A timed-out call's outcome is
+/// in doubt like that of a call whose connection dropped, and it may even run later (sent to a
+/// node that answers late): a commit recognises its own lost reply and refuses a stale
+/// position, a publication of cut-offs one that arrives after a later one, and trims, parks
+/// and snapshot closes only move forward. Far above any call tierd makes on a healthy cluster
+/// (a commit of a batch, a page of a scan, a step of a cut-off search: milliseconds).
 pub const CLUSTER_CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// [`CLUSTER_CALL_TIMEOUT`] for the operator tools, whose calls may run long (an
+/// `offsets reset` deletes a whole partition in one script).
+pub const CLUSTER_TOOL_CALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A cluster connection and the places of its calls ([`CLUSTER_CALLS_AT_ONCE`]).
 #[derive(Clone)]
 struct ClusterLink {
     conn: ClusterConnection,
     calls: Arc<tokio::sync::Semaphore>,
+    /// How long a call may go unanswered once it has its place: [`CLUSTER_CALL_TIMEOUT`], or
+    /// for the operator tools [`CLUSTER_TOOL_CALL_TIMEOUT`].
+    timeout: Duration,
+    /// Set when a call went unanswered (the link is then replaced, see [`Connection::after`]).
+    stalled: Arc<AtomicBool>,
 }
 
 impl ClusterLink {
-    fn new(conn: ClusterConnection) -> Self {
+    fn new(conn: ClusterConnection, timeout: Duration) -> Self {
         Self {
             conn,
             calls: Arc::new(tokio::sync::Semaphore::new(CLUSTER_CALLS_AT_ONCE)),
+            timeout,
+            stalled: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// `call` once it has a place among the calls on their way, within
-    /// [`CLUSTER_CALL_TIMEOUT`].
+    /// Whether `self` and `other` are the same cluster connection.
+    fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.calls, &other.calls)
+    }
+
+    /// `call` once it has a place among the calls on their way, within the link's timeout
+    /// from then (the wait for a place is not counted: it ends when a call on its way ends).
     async fn call<T>(
         &self,
         call: impl std::future::Future<Output = RedisResult<T>>,
     ) -> RedisResult<T> {
-        let placed = async {
-            let _place = self
-                .calls
-                .acquire()
-                .await
-                .map_err(|_| closed_cluster_link())?;
-            call.await
-        };
-        tokio::time::timeout(CLUSTER_CALL_TIMEOUT, placed)
+        let _place = self
+            .calls
+            .acquire()
             .await
-            .unwrap_or_else(|_| Err(stalled_cluster_call()))
+            .map_err(|_| closed_cluster_link())?;
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.stalled.store(true, Ordering::Release);
+                Err(stalled_cluster_call(self.timeout))
+            }
+        }
     }
 
     /// `cmd`, routed by redis-rs (by its key).
@@ -229,13 +250,13 @@ fn closed_cluster_link() -> redis::RedisError {
     ))
 }
 
-/// The error of a call on a Redis Cluster unanswered within [`CLUSTER_CALL_TIMEOUT`].
-fn stalled_cluster_call() -> redis::RedisError {
+/// The error of a call on a Redis Cluster unanswered within `timeout`.
+fn stalled_cluster_call(timeout: Duration) -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         format!(
             "no answer from the Redis Cluster within {} s (connecting afresh)",
-            CLUSTER_CALL_TIMEOUT.as_secs()
+            timeout.as_secs()
         ),
     ))
 }
@@ -253,11 +274,20 @@ impl Link {
             ),
             // Bounded like a call: redis-rs's cluster connection may itself stop while the
             // slots move (see [`CLUSTER_CALLS_AT_ONCE`]).
-            RedisClient::Cluster(clients) => Self::Cluster(ClusterLink::new(
-                tokio::time::timeout(CLUSTER_CALL_TIMEOUT, clients.routed.get_async_connection())
-                    .await
-                    .unwrap_or_else(|_| Err(stalled_cluster_call()))?,
-            )),
+            RedisClient::Cluster(clients) => {
+                let timeout = if direct {
+                    CLUSTER_TOOL_CALL_TIMEOUT
+                } else {
+                    CLUSTER_CALL_TIMEOUT
+                };
+                let conn = tokio::time::timeout(
+                    CLUSTER_CALL_TIMEOUT,
+                    clients.routed.get_async_connection(),
+                )
+                .await
+                .unwrap_or_else(|_| Err(stalled_cluster_call(CLUSTER_CALL_TIMEOUT)))?;
+                Self::Cluster(ClusterLink::new(conn, timeout))
+            }
         })
     }
 }
@@ -350,11 +380,17 @@ impl Connection {
     }
 
     /// Replaces the manager after an error its own reconnection does not get past, and a
-    /// cluster connection after a call it did not answer ([`CLUSTER_CALL_TIMEOUT`]).
-    fn after<T>(&self, result: &RedisResult<T>) {
+    /// cluster connection after a call it did not answer ([`CLUSTER_CALL_TIMEOUT`]) if that
+    /// connection (`used`) is still the current one.
+    fn after<T>(&self, used: &Link, result: &RedisResult<T>) {
         let Err(error) = result else { return };
         let refused = matches!(error.code(), Some("WRONGPASS" | "NOAUTH"));
-        let stalled = error.is_timeout() && matches!(self.link(), Link::Cluster(_));
+        let stalled = match (used, &self.link()) {
+            (Link::Cluster(used), Link::Cluster(current)) => {
+                used.stalled.load(Ordering::Acquire) && used.same(current)
+            }
+            _ => false,
+        };
         if !stalled && (error.is_io_error() || !(error.is_unrecoverable_error() || refused)) {
             return;
         }
@@ -406,15 +442,16 @@ impl Drop for Replacing<'_> {
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let result = match self.link() {
-                Link::Managed(mut c) => c.req_packed_command(cmd).await,
-                Link::Direct(mut c) => c.req_packed_command(cmd).await,
+            let link = self.link();
+            let result = match &link {
+                Link::Managed(c) => c.clone().req_packed_command(cmd).await,
+                Link::Direct(c) => c.clone().req_packed_command(cmd).await,
                 Link::Cluster(c) => match command_name(cmd).as_deref() {
                     Some(b"SCAN") => match scan_key(cmd) {
                         Some(tag) => {
                             let mut pipe = redis::pipe();
                             pipe.add_command(cmd.clone());
-                            guarded_scan(&c, &pipe, &tag, 0, 1)
+                            guarded_scan(c, &pipe, &tag, 0, 1)
                                 .await
                                 .map(|mut v| v.pop().unwrap_or(Value::Nil))
                         }
@@ -423,7 +460,7 @@ impl ConnectionLike for Connection {
                     _ => c.command(cmd).await,
                 },
             };
-            self.after(&result);
+            self.after(&link, &result);
             result
         })
     }
@@ -435,12 +472,13 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let result = match self.link() {
-                Link::Managed(mut c) => c.req_packed_commands(cmd, offset, count).await,
-                Link::Direct(mut c) => c.req_packed_commands(cmd, offset, count).await,
-                Link::Cluster(c) => cluster_pipeline(&c, cmd, offset, count).await,
+            let link = self.link();
+            let result = match &link {
+                Link::Managed(c) => c.clone().req_packed_commands(cmd, offset, count).await,
+                Link::Direct(c) => c.clone().req_packed_commands(cmd, offset, count).await,
+                Link::Cluster(c) => cluster_pipeline(c, cmd, offset, count).await,
             };
-            self.after(&result);
+            self.after(&link, &result);
             result
         })
     }
@@ -649,7 +687,7 @@ async fn cluster_pipeline(
         parts[at].2.add_command(cmd.clone());
     }
     // Each part takes a place of its own ([`CLUSTER_CALLS_AT_ONCE`]): a pipeline of 256
-    // partitions' keys goes out 32 parts at a time.
+    // partitions' keys goes out 16 parts at a time at most.
     let replies = futures::future::try_join_all(parts.iter().map(|(route, positions, part)| {
         link.pipeline_to(part.clone(), 0, positions.len(), *route)
     }))
