@@ -320,7 +320,7 @@ fn exports_during_a_slot_migration_end_and_hold_every_customer_once() {
         during
     });
     eprintln!("{during} exports during the migration");
-    assert!(during >= 2, "exports ran while the slots moved");
+    assert!(during >= 1, "an export ran while the slots moved");
     export();
 }
 

@@ -667,10 +667,6 @@ impl Redis {
             .expect("the master holding the key")
     }
 
-    /// Moves every slot of the master holding `key` to another master with
-    /// `redis-cli --cluster reshard` (keys move one by one with `MIGRATE`; commands on a slot
-    /// in migration are redirected with `ASK` or told `TRYAGAIN`); returns when it is done.
-    /// A cluster without TLS (`redis-cli` is given no certificates or user).
     /// Moves `slots` slots of master `from` to master `to` (`redis-cli --cluster reshard`, keys
     /// moved one by one, a slot migrating at a time). Non-TLS clusters only. Waits (up to 30 s)
     /// for the nodes to agree on the slots first (right after a reshard they may not yet:
@@ -716,6 +712,10 @@ impl Redis {
         eprintln!("cluster fix: {}", out.status);
     }
 
+    /// Moves every slot of the master holding `key` to another master with
+    /// `redis-cli --cluster reshard` (keys move one by one with `MIGRATE`; commands on a slot
+    /// in migration are redirected with `ASK` or told `TRYAGAIN`); returns when it is done.
+    /// A cluster without TLS (`redis-cli` is given no certificates or user).
     pub fn move_every_slot_of(&self, key: &str) -> Moved {
         let from = self.master_holding(key);
         let to = self
