@@ -87,7 +87,11 @@ fn redis_and_runtime() -> (
 
 /// A Redis Cluster, a runtime, and tierd's connection to it.
 fn cluster_and_runtime() -> (Redis, tokio::runtime::Runtime, Connection) {
-    let redis = Redis::start_cluster();
+    connected(Redis::start_cluster())
+}
+
+/// `redis`, a runtime, and tierd's connection to it.
+fn connected(redis: Redis) -> (Redis, tokio::runtime::Runtime, Connection) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -442,13 +446,7 @@ fn the_search_across_nodes_under_racing_commits_returns_only_cut_offs_of_a_cut()
 fn a_publication_of_cut_offs_arriving_after_a_later_one_changes_nothing() {
     use tierd::engine::rules::rank::Cutoffs;
     use tierd::store::cutoffs::{load_cutoffs, publish_cutoffs, Publication};
-    let redis = Redis::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = tierd::store::client::client(&redis.config("t")).unwrap();
-    let mut conn = rt.block_on(Connection::connect(client)).unwrap();
+    let (redis, rt, mut conn) = connected(Redis::start());
     let keys = tierd::store::keys::Keyspace::new("t", "g", "purchases").partition(0);
     let () = redis::cmd("HSET")
         .arg(&keys.meta)
